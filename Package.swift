@@ -1,0 +1,96 @@
+// swift-tools-version:6.1
+import PackageDescription
+
+let strict: [SwiftSetting] = [
+    .enableUpcomingFeature("ExistentialAny"),
+    .enableUpcomingFeature("InternalImportsByDefault"),
+]
+
+let package = Package(
+    name: "Cairn",
+    platforms: [.macOS(.v15)],
+    products: [
+        .library(name: "CairnCore", targets: ["CairnCore"]),
+        .library(name: "CairnRing", targets: ["CairnRing"]),
+        .library(name: "CairnWire", targets: ["CairnWire"]),
+        .library(name: "CairnNode", targets: ["CairnNode"]),
+        .library(name: "CairnClient", targets: ["CairnClient"]),
+        .executable(name: "cairnd", targets: ["cairnd"]),
+        .executable(name: "cairn", targets: ["cairn"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-metrics.git", from: "2.13.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.4.1"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-collections.git", from: "1.6.0"),
+        .package(url: "https://github.com/x-sheep/swift-property-based.git", from: "2.0.1"),
+    ],
+    targets: [
+        // Pure: no I/O, no NIO.
+        .target(name: "CairnCore", swiftSettings: strict),
+        .target(name: "CairnRing", dependencies: ["CairnCore"], swiftSettings: strict),
+        // Codec (pure over ByteBuffer) and NIO framing / multiplexing handlers.
+        .target(name: "CairnWire", dependencies: [
+            "CairnCore",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "DequeModule", package: "swift-collections"),
+        ], swiftSettings: strict),
+        // Shells: vnodes, coordinators, transport, supervisor, config, HTTP.
+        .target(name: "CairnNode", dependencies: [
+            "CairnCore", "CairnRing", "CairnWire",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
+            .product(name: "Logging", package: "swift-log"),
+            .product(name: "Metrics", package: "swift-metrics"),
+            .product(name: "Prometheus", package: "swift-prometheus"),
+            .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+        ], swiftSettings: strict),
+        .target(name: "CairnClient", dependencies: [
+            "CairnCore", "CairnWire",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "Logging", package: "swift-log"),
+        ], swiftSettings: strict),
+        .executableTarget(name: "cairnd", dependencies: [
+            "CairnNode",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            .product(name: "Logging", package: "swift-log"),
+            .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+        ], swiftSettings: strict),
+        .executableTarget(name: "cairn", dependencies: [
+            "CairnClient", "CairnCore",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ], swiftSettings: strict),
+
+        .testTarget(name: "CairnCoreTests", dependencies: [
+            "CairnCore", .product(name: "PropertyBased", package: "swift-property-based"),
+        ], swiftSettings: strict),
+        .testTarget(name: "CairnRingTests", dependencies: ["CairnRing", "CairnCore"], swiftSettings: strict),
+        .testTarget(name: "CairnWireTests", dependencies: [
+            "CairnWire", "CairnCore", .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOEmbedded", package: "swift-nio"),
+        ], swiftSettings: strict),
+        .testTarget(name: "CairnNodeTests", dependencies: [
+            "CairnNode", "CairnCore", "CairnRing", "CairnWire",
+        ], swiftSettings: strict),
+        .testTarget(name: "CairnClientTests", dependencies: [
+            "CairnClient", "CairnCore", "CairnWire",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+        ], swiftSettings: strict),
+        // Real nodes on loopback: in-process and as cairnd processes.
+        .testTarget(name: "CairnClusterTests", dependencies: [
+            "CairnNode", "CairnClient", "CairnCore", "CairnWire",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "Logging", package: "swift-log"),
+        ], swiftSettings: strict),
+    ],
+    swiftLanguageModes: [.v6]
+)

@@ -1,0 +1,279 @@
+public import CairnCore
+public import CairnWire
+public import NIOCore
+import NIOPosix
+import Synchronization
+
+/// Errors a Cairn call can end with. Each says whether the operation may have happened.
+public enum CairnError: Error, Sendable, Hashable, CustomStringConvertible {
+    /// `get`: no live value. The context covers any tombstones, so a following `put` supersedes them.
+    case notFound(context: CausalContext)
+    /// Too few replicas reachable; nothing was attempted. Certainly did not happen.
+    case unavailable(QuorumFailure)
+    /// Sent, but too few replicas answered in time. For writes: outcome unknown.
+    case quorumNotReached(QuorumFailure)
+    /// No answer in time. For writes: outcome unknown.
+    case timeout(String)
+    case invalidArgument(String)
+    /// Every node refused (overloaded, starting or shutting down); nothing was attempted.
+    case overloaded(String)
+    /// No node could be reached; nothing was attempted.
+    case noNodeReachable(String)
+    /// Any other server-side error (storage failure, protocol error).
+    case server(code: UInt16, message: String)
+
+    public var description: String {
+        switch self {
+        case .notFound: "not found"
+        case .unavailable(let f), .quorumNotReached(let f): f.description
+        case .timeout(let s), .invalidArgument(let s), .overloaded(let s), .noNodeReachable(let s): s
+        case .server(_, let s): s
+        }
+    }
+
+    /// True when the operation certainly did not take effect.
+    public var certainlyNotApplied: Bool {
+        switch self {
+        case .unavailable, .invalidArgument, .overloaded, .noNodeReachable, .notFound: true
+        case .quorumNotReached, .timeout, .server: false
+        }
+    }
+}
+
+/// What a `get` returns: every sibling (tombstones included, flagged) and the causal context to
+/// pass to the next write.
+public struct GetResult: Sendable, Hashable {
+    public var siblings: [Sibling]
+    public var context: CausalContext
+
+    /// The live (non-tombstone) values.
+    public var values: [[UInt8]] { siblings.filter { !$0.isTombstone }.map(\.value) }
+}
+
+/// The async Cairn client: a pool of multiplexed connections to the seed nodes.
+///
+/// Any node coordinates, so requests rotate over the seeds. A request that certainly was not
+/// delivered (connection refused, node starting, draining or overloaded) moves on to the next
+/// seed; a write whose outcome is unknown is never retried silently — the caller gets
+/// `timeout` / `quorumNotReached`. Reads are retried on another seed on connection loss.
+/// Thread-safe; share one client.
+public final class CairnClient: Sendable {
+    public struct Configuration: Sendable {
+        public var connectTimeoutMillis: Int64 = 1000
+        /// Used when a call does not set `RequestOptions.timeoutMillis`; the server's own
+        /// `request.timeout` applies on the server side.
+        public var defaultTimeoutMillis: UInt32 = 2000
+        /// Extra wait beyond the request timeout for the coordinator's answer.
+        public var replyMarginMillis: UInt32 = 1500
+        public var connectionsPerNode = 1
+        public var maxPendingPerConnection = 4096
+        public var limits = Limits()
+        public init() {}
+    }
+
+    private let seeds: [HostPortText]
+    private let configuration: Configuration
+    private let group: any EventLoopGroup
+    private let pool: Locked<[Int: [Connection]]>
+    private let cursor = Atomic<Int>(0)
+
+    struct HostPortText: Sendable {
+        let host: String
+        let port: Int
+        var text: String { host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)" }
+    }
+
+    private init(seeds: [HostPortText], configuration: Configuration, group: any EventLoopGroup) {
+        self.seeds = seeds
+        self.configuration = configuration
+        self.group = group
+        self.pool = Locked([:])
+    }
+
+    /// Creates a client for `seeds` ("host:port" each). Succeeds if at least one seed answers;
+    /// dead seeds are retried lazily on later calls.
+    public static func connect(seeds: [String], configuration: Configuration = .init(),
+                               group: (any EventLoopGroup)? = nil) async throws(CairnError) -> CairnClient {
+        var parsed: [HostPortText] = []
+        for s in seeds {
+            guard let hp = parseHostPort(s) else { throw .invalidArgument("seed '\(s)' is not host:port") }
+            parsed.append(hp)
+        }
+        guard !parsed.isEmpty else { throw .invalidArgument("no seeds given") }
+        let client = CairnClient(seeds: parsed, configuration: configuration, group: group ?? MultiThreadedEventLoopGroup.singleton)
+        var errors: [String] = []
+        for i in parsed.indices {
+            do throws(ConnectionError) {
+                let c = try await client.connection(i)
+                if case .pong = try await c.request(.ping, timeoutMillis: UInt32(clamping: configuration.connectTimeoutMillis)) { return client }
+            } catch {
+                errors.append("\(parsed[i].text): \(error)")
+            }
+        }
+        client.close()
+        throw .noNodeReachable("no seed answered: " + errors.joined(separator: "; "))
+    }
+
+    public func close() {
+        let all = pool.withLock { p in
+            defer { p = [:] }
+            return p.values.flatMap { $0 }
+        }
+        for c in all { c.close() }
+    }
+
+    // MARK: Operations
+
+    public func get(_ key: [UInt8], options: RequestOptions = .init()) async throws(CairnError) -> GetResult {
+        let reply = try await send(.get(GetRequest(key: key, options: options)), options: options, idempotent: true)
+        guard case .getReply(let r) = reply else { throw unexpected(reply) }
+        guard r.found else { throw .notFound(context: r.context) }
+        return GetResult(siblings: r.siblings, context: r.context)
+    }
+
+    /// Writes `value`, superseding exactly the siblings `context` covers (pass the context of the
+    /// read the value was derived from; `.empty` for a blind write). Returns the new context.
+    @discardableResult
+    public func put(_ key: [UInt8], value: [UInt8], context: CausalContext = .empty,
+                    options: RequestOptions = .init()) async throws(CairnError) -> CausalContext {
+        let reply = try await send(.put(PutRequest(key: key, value: value, context: context, options: options)), options: options, idempotent: false)
+        guard case .writeReply(let r) = reply else { throw unexpected(reply) }
+        return r.context
+    }
+
+    /// Writes a tombstone superseding what `context` covers. Returns the new context.
+    @discardableResult
+    public func delete(_ key: [UInt8], context: CausalContext = .empty,
+                       options: RequestOptions = .init()) async throws(CairnError) -> CausalContext {
+        let reply = try await send(.delete(DeleteRequest(key: key, context: context, options: options)), options: options, idempotent: false)
+        guard case .writeReply(let r) = reply else { throw unexpected(reply) }
+        return r.context
+    }
+
+    public func members() async throws(CairnError) -> [MemberInfo] {
+        let reply = try await send(.members, options: .init(), idempotent: true)
+        guard case .membersReply(let m) = reply else { throw unexpected(reply) }
+        return m
+    }
+
+    // MARK: Plumbing
+
+    private func unexpected(_ m: Message) -> CairnError {
+        if case .error(let e) = m { return Self.map(e) }
+        return .server(code: ErrorCode.internalError.rawValue, message: "unexpected reply \(m.type)")
+    }
+
+    static func map(_ e: ErrorReply) -> CairnError {
+        switch e.code {
+        case .unavailable: if let q = e.quorum { return .unavailable(q) }
+        case .notReached: if let q = e.quorum { return .quorumNotReached(q) }
+        case .timeout: return .timeout(e.message)
+        case .invalidArgument, .malformed, .frameTooLarge: return .invalidArgument(e.message)
+        case .overloaded, .notReady, .shuttingDown: return .overloaded(e.message)
+        default: break
+        }
+        return .server(code: e.code.rawValue, message: e.message)
+    }
+
+    /// Validates sizes locally so an oversized request fails before it is sent.
+    private func validate(_ m: Message) throws(CairnError) {
+        let limits = configuration.limits
+        switch m {
+        case .get(let g): try check(key: g.key, limits)
+        case .put(let p):
+            try check(key: p.key, limits)
+            guard p.value.count <= limits.maxValueBytes else {
+                throw .invalidArgument("value of \(p.value.count) bytes exceeds the \(limits.maxValueBytes)-byte limit")
+            }
+        case .delete(let d): try check(key: d.key, limits)
+        default: break
+        }
+    }
+
+    private func check(key: [UInt8], _ limits: Limits) throws(CairnError) {
+        guard !key.isEmpty else { throw .invalidArgument("key is empty") }
+        guard key.count <= limits.maxKeyBytes else { throw .invalidArgument("key of \(key.count) bytes exceeds the \(limits.maxKeyBytes)-byte limit") }
+    }
+
+    private func send(_ message: Message, options: RequestOptions, idempotent: Bool) async throws(CairnError) -> Message {
+        try validate(message)
+        let timeout = (options.timeoutMillis ?? configuration.defaultTimeoutMillis)
+        let wait = timeout.addingReportingOverflow(configuration.replyMarginMillis).partialValue
+        var message = message
+        if options.timeoutMillis == nil { message = Self.withTimeout(message, timeout) }
+        let start = cursor.wrappingAdd(1, ordering: .relaxed).oldValue & Int.max
+        var notes: [String] = []
+        var maybeDelivered = false
+        var allRefused = true
+        for step in 0..<seeds.count {
+            let i = (start % seeds.count + step) % seeds.count
+            do throws(ConnectionError) {
+                let c = try await connection(i)
+                let reply = try await c.request(message, timeoutMillis: wait)
+                if case .error(let e) = reply, [.overloaded, .notReady, .shuttingDown].contains(e.code) {
+                    notes.append("\(seeds[i].text): \(e.message)")
+                    continue  // refused before any work was done: safe to try another node
+                }
+                return reply
+            } catch {
+                notes.append("\(seeds[i].text): \(error)")
+                allRefused = false
+                if error.certainlyNotDelivered { continue }
+                if idempotent {
+                    maybeDelivered = true
+                    continue
+                }
+                throw .timeout("\(seeds[i].text): \(error); the write may have been applied")
+            }
+        }
+        let detail = notes.joined(separator: "; ")
+        if maybeDelivered { throw .timeout("no node answered in time: \(detail)") }
+        if allRefused { throw .overloaded("every node refused the request: \(detail)") }
+        throw .noNodeReachable("no node reachable: \(detail)")
+    }
+
+    private static func withTimeout(_ m: Message, _ ms: UInt32) -> Message {
+        switch m {
+        case .get(var g): g.options.timeoutMillis = ms; return .get(g)
+        case .put(var p): p.options.timeoutMillis = ms; return .put(p)
+        case .delete(var d): d.options.timeoutMillis = ms; return .delete(d)
+        default: return m
+        }
+    }
+
+    /// A live connection to seed `i`, connecting if needed.
+    private func connection(_ i: Int) async throws(ConnectionError) -> Connection {
+        let slot = cursor.load(ordering: .relaxed) % max(configuration.connectionsPerNode, 1)
+        let existing = pool.withLock { p -> Connection? in
+            let live = (p[i] ?? []).filter(\.isActive)
+            p[i] = live
+            return live.count >= configuration.connectionsPerNode ? live[abs(slot) % live.count] : nil
+        }
+        if let existing { return existing }
+        let seed = seeds[i]
+        let c = try await Connection.connect(host: seed.host, port: seed.port, group: group, limits: configuration.limits,
+                                             maxPending: configuration.maxPendingPerConnection,
+                                             connectTimeout: .milliseconds(configuration.connectTimeoutMillis))
+        pool.withLock { p in p[i, default: []].append(c) }
+        return c
+    }
+
+    static func parseHostPort(_ s: String) -> HostPortText? {
+        if s.hasPrefix("["), let close = s.firstIndex(of: "]") {
+            let host = String(s[s.index(after: s.startIndex)..<close])
+            let rest = s[s.index(after: close)...]
+            guard rest.hasPrefix(":"), let port = Int(rest.dropFirst()), (1...65535).contains(port) else { return nil }
+            return HostPortText(host: host, port: port)
+        }
+        guard let colon = s.lastIndex(of: ":"), let port = Int(s[s.index(after: colon)...]), (1...65535).contains(port) else { return nil }
+        let host = String(s[..<colon])
+        return host.isEmpty ? nil : HostPortText(host: host, port: port)
+    }
+}
+
+/// A value behind a `Mutex`, shared by reference. Critical sections must not suspend.
+final class Locked<Value: Sendable>: Sendable {
+    private let mutex: Mutex<Value>
+    init(_ value: sending Value) { mutex = Mutex(value) }
+    func withLock<R: Sendable>(_ body: (inout sending Value) throws -> sending R) rethrows -> R { try mutex.withLock(body) }
+}

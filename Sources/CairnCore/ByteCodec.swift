@@ -1,0 +1,147 @@
+/// Little helpers to encode and decode the byte grammars in `Docs/`.
+///
+/// `ByteReader` never traps on hostile input: every length is checked against the bytes that
+/// remain and against a caller-supplied limit *before* anything is allocated.
+
+/// An error raised while decoding bytes that came from a socket or a file.
+public struct DecodeError: Error, Sendable, Hashable, CustomStringConvertible {
+    public var reason: String
+    public init(_ reason: String) { self.reason = reason }
+    public var description: String { "malformed input: \(reason)" }
+}
+
+/// Appends big-endian integers, LEB128 varints and length-prefixed byte strings to a buffer.
+public struct ByteWriter: Sendable {
+    public private(set) var bytes: [UInt8]
+
+    public init(capacity: Int = 64) {
+        bytes = []
+        bytes.reserveCapacity(capacity)
+    }
+
+    public mutating func writeU8(_ v: UInt8) { bytes.append(v) }
+
+    public mutating func writeU16(_ v: UInt16) {
+        bytes.append(UInt8(truncatingIfNeeded: v >> 8))
+        bytes.append(UInt8(truncatingIfNeeded: v))
+    }
+
+    public mutating func writeU32(_ v: UInt32) {
+        for shift in stride(from: 24, through: 0, by: -8) { bytes.append(UInt8(truncatingIfNeeded: v >> UInt32(shift))) }
+    }
+
+    public mutating func writeU64(_ v: UInt64) {
+        for shift in stride(from: 56, through: 0, by: -8) { bytes.append(UInt8(truncatingIfNeeded: v >> UInt64(shift))) }
+    }
+
+    /// Unsigned LEB128: 7 bits per byte, least significant group first, high bit = more follows.
+    public mutating func writeVarint(_ v: UInt64) {
+        var rest = v
+        while rest >= 0x80 {
+            bytes.append(UInt8(truncatingIfNeeded: rest) | 0x80)
+            rest >>= 7
+        }
+        bytes.append(UInt8(truncatingIfNeeded: rest))
+    }
+
+    public mutating func writeVarint(_ v: Int) { writeVarint(UInt64(clamping: v)) }
+
+    /// `varint(length) bytes`.
+    public mutating func writeBlob(_ blob: some Collection<UInt8>) {
+        writeVarint(blob.count)
+        bytes.append(contentsOf: blob)
+    }
+
+    public mutating func writeString(_ s: String) { writeBlob(Array(s.utf8)) }
+
+    public mutating func writeRaw(_ raw: some Sequence<UInt8>) { bytes.append(contentsOf: raw) }
+}
+
+/// Reads what `ByteWriter` wrote from a borrowed byte collection. All reads are bounds-checked.
+public struct ByteReader: Sendable {
+    public let bytes: [UInt8]
+    public private(set) var offset: Int
+
+    public init(_ bytes: [UInt8]) {
+        self.bytes = bytes
+        self.offset = 0
+    }
+
+    public var remaining: Int { bytes.count - offset }
+    public var isAtEnd: Bool { offset >= bytes.count }
+
+    private mutating func need(_ n: Int, _ what: String) throws(DecodeError) {
+        if n < 0 || n > remaining { throw DecodeError("truncated \(what): need \(n) bytes, have \(remaining)") }
+    }
+
+    public mutating func readU8(_ what: String = "u8") throws(DecodeError) -> UInt8 {
+        try need(1, what)
+        defer { offset += 1 }
+        return bytes[offset]
+    }
+
+    public mutating func readU16(_ what: String = "u16") throws(DecodeError) -> UInt16 {
+        try need(2, what)
+        defer { offset += 2 }
+        return UInt16(bytes[offset]) << 8 | UInt16(bytes[offset + 1])
+    }
+
+    public mutating func readU32(_ what: String = "u32") throws(DecodeError) -> UInt32 {
+        try need(4, what)
+        var v: UInt32 = 0
+        for i in 0..<4 { v = v << 8 | UInt32(bytes[offset + i]) }
+        offset += 4
+        return v
+    }
+
+    public mutating func readU64(_ what: String = "u64") throws(DecodeError) -> UInt64 {
+        try need(8, what)
+        var v: UInt64 = 0
+        for i in 0..<8 { v = v << 8 | UInt64(bytes[offset + i]) }
+        offset += 8
+        return v
+    }
+
+    public mutating func readVarint(_ what: String = "varint") throws(DecodeError) -> UInt64 {
+        var result: UInt64 = 0
+        var shift: UInt64 = 0
+        while true {
+            let byte = try readU8(what)
+            if shift == 63 && byte > 1 { throw DecodeError("\(what) overflows 64 bits") }
+            result |= UInt64(byte & 0x7F) << shift
+            if byte & 0x80 == 0 { return result }
+            shift += 7
+            if shift > 63 { throw DecodeError("\(what) longer than 10 bytes") }
+        }
+    }
+
+    /// A varint that must be a count or length no greater than `limit`.
+    public mutating func readCount(_ what: String, limit: Int) throws(DecodeError) -> Int {
+        let raw = try readVarint(what)
+        guard raw <= UInt64(max(limit, 0)) else { throw DecodeError("\(what) \(raw) exceeds limit \(limit)") }
+        return Int(raw)
+    }
+
+    /// `varint(length) bytes` with `length <= limit`; the limit is checked before allocating.
+    public mutating func readBlob(_ what: String, limit: Int) throws(DecodeError) -> [UInt8] {
+        let n = try readCount("\(what) length", limit: limit)
+        try need(n, what)
+        defer { offset += n }
+        return Array(bytes[offset..<offset + n])
+    }
+
+    public mutating func readString(_ what: String, limit: Int) throws(DecodeError) -> String {
+        let raw = try readBlob(what, limit: limit)
+        guard let s = String(validating: raw, as: UTF8.self) else { throw DecodeError("\(what) is not valid UTF-8") }
+        return s
+    }
+
+    public mutating func readRemaining() -> [UInt8] {
+        defer { offset = bytes.count }
+        return Array(bytes[offset...])
+    }
+
+    public func expectEnd(_ what: String) throws(DecodeError) {
+        if !isAtEnd { throw DecodeError("\(remaining) trailing bytes after \(what)") }
+    }
+}

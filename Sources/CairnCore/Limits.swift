@@ -1,0 +1,24 @@
+/// Size and count bounds applied to every request, frame and stored object.
+///
+/// Every field has a config key (`limits.*` in cairn.conf, see Docs/configuration.md) and the
+/// defaults below. Limits are checked before any allocation sized by untrusted input.
+public struct Limits: Hashable, Sendable {
+    /// `limits.max_frame_bytes`: largest frame body accepted on a connection.
+    public var maxFrameBytes: Int = 16 << 20
+    /// `limits.max_key_bytes`.
+    public var maxKeyBytes: Int = 1 << 10
+    /// `limits.max_value_bytes`.
+    public var maxValueBytes: Int = 8 << 20
+    /// `limits.max_siblings`: live values kept per key; beyond it the oldest are pruned and counted
+    /// (`cairn_siblings_pruned_total`). Writes never fail because of it.
+    public var maxSiblings: Int = 64
+    /// Values accepted when decoding an object from a peer or disk (a peer may be configured with
+    /// a higher `max_siblings`; this guards memory, not policy).
+    public var maxSiblingsOnDecode: Int = 4096
+    /// `limits.max_actors_per_object`: dots in one version vector.
+    public var maxActorsPerObject: Int = 1024
+    /// `limits.max_context_bytes`.
+    public var maxContextBytes: Int = 64 << 10
+
+    public init() {}
+}

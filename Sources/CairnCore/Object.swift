@@ -1,0 +1,96 @@
+/// One value of a key as a replica stores it: bytes or a tombstone, with the writer's wall-clock
+/// time (informational: it never decides which value wins).
+public struct Sibling: Hashable, Sendable {
+    public var value: [UInt8]
+    public var isTombstone: Bool
+    public var timestampMillis: UInt64
+
+    public init(value: [UInt8], timestampMillis: UInt64) {
+        self.value = value
+        self.isTombstone = false
+        self.timestampMillis = timestampMillis
+    }
+
+    public static func tombstone(timestampMillis: UInt64) -> Sibling {
+        var s = Sibling(value: [], timestampMillis: timestampMillis)
+        s.isTombstone = true
+        return s
+    }
+}
+
+/// The replicated state of one key: its DVVSet of siblings.
+public typealias VersionedObject = DVVSet<Sibling>
+
+extension DVVSet where Value == Sibling {
+    /// Current object format (Docs/object-format.md).
+    public static var formatVersion: UInt8 { 1 }
+
+    /// Live values that are not tombstones.
+    public var liveValues: [Sibling] { values.filter { !$0.isTombstone } }
+
+    /// True when every value is a tombstone (the key reads as not found) or there is none.
+    public var isDeleted: Bool { values.allSatisfy(\.isTombstone) }
+
+    /// Encodes the object as in Docs/object-format.md.
+    public func encoded() -> [UInt8] {
+        var w = ByteWriter(capacity: 32 + values.reduce(0) { $0 + $1.value.count + 12 })
+        w.writeU8(Self.formatVersion)
+        w.writeVarint(entries.count)
+        for e in entries {
+            e.actor.encode(into: &w)
+            w.writeVarint(e.counter)
+            w.writeVarint(e.values.count)
+            for v in e.values { v.encode(into: &w) }
+        }
+        w.writeVarint(anonymous.count)
+        for v in anonymous { v.encode(into: &w) }
+        return w.bytes
+    }
+
+    /// Decodes and validates an object. Throws `DecodeError` for any input that is not exactly one
+    /// well-formed object within `limits`; never traps.
+    public static func decode(_ bytes: [UInt8], limits: Limits) throws(DecodeError) -> VersionedObject {
+        var r = ByteReader(bytes)
+        let version = try r.readU8("object format")
+        guard version == formatVersion else { throw DecodeError("unknown object format \(version)") }
+        // Every entry takes at least 11 bytes, every sibling at least 2: bound counts by what remains.
+        let entryCount = try r.readCount("entry count", limit: min(limits.maxActorsPerObject, r.remaining / 11))
+        var entries: [Entry] = []
+        entries.reserveCapacity(entryCount)
+        var total = 0
+        for _ in 0..<entryCount {
+            let actor = try ActorID.decode(from: &r)
+            let counter = try r.readVarint("counter")
+            let n = try r.readCount("value count", limit: min(limits.maxSiblingsOnDecode - total, r.remaining / 2))
+            guard UInt64(n) <= counter else { throw DecodeError("entry of \(actor) holds \(n) values but counter \(counter)") }
+            if let last = entries.last, !(last.actor < actor) { throw DecodeError("entries not sorted by actor") }
+            var values: [Sibling] = []
+            values.reserveCapacity(n)
+            for _ in 0..<n { values.append(try Sibling.decode(from: &r, limits: limits)) }
+            total += n
+            entries.append(Entry(actor: actor, counter: counter, values: values))
+        }
+        let anonCount = try r.readCount("anonymous count", limit: min(limits.maxSiblingsOnDecode - total, r.remaining / 2))
+        var anonymous: [Sibling] = []
+        for _ in 0..<anonCount { anonymous.append(try Sibling.decode(from: &r, limits: limits)) }
+        try r.expectEnd("object")
+        guard let object = DVVSet(entries: entries, anonymous: anonymous) else { throw DecodeError("object violates DVV invariants") }
+        return object
+    }
+}
+
+extension Sibling {
+    func encode(into w: inout ByteWriter) {
+        w.writeU8(isTombstone ? 1 : 0)
+        w.writeVarint(timestampMillis)
+        if !isTombstone { w.writeBlob(value) }
+    }
+
+    static func decode(from r: inout ByteReader, limits: Limits) throws(DecodeError) -> Sibling {
+        let flags = try r.readU8("sibling flags")
+        guard flags & ~1 == 0 else { throw DecodeError("unknown sibling flags \(flags)") }
+        let ts = try r.readVarint("timestamp")
+        if flags & 1 == 1 { return .tombstone(timestampMillis: ts) }
+        return Sibling(value: try r.readBlob("value", limit: limits.maxValueBytes), timestampMillis: ts)
+    }
+}

@@ -1,0 +1,268 @@
+public import CairnCore
+public import Logging
+public import NIOCore
+import NIOPosix
+import NIOHTTP1
+import CairnWire
+import CairnRing
+public import ServiceLifecycle
+
+/// A Cairn node: the listeners, the vnodes, the peer links, the request group and the
+/// supervisor that keeps them running. Run it as a `Service` (in a `ServiceGroup`), or drive it
+/// by hand in tests: `bind()` → `start(members:)` → `run()`.
+///
+/// Supervision tree:
+/// ```
+/// ServiceGroup ─ CairnNode.run
+///                 ├─ Supervisor "node" ─ Vnode × (partitions replicated here), PeerLink × (peers)
+///                 └─ RequestService ─ one task per request (WriteCoordinator / ReadCoordinator actors)
+/// ```
+/// Thread-safe.
+public final class CairnNode: Service, Sendable {
+    public struct BoundAddresses: Sendable {
+        public var client: HostPort
+        public var http: HostPort?
+    }
+
+    enum LifecycleEvent: Sendable {
+        case shutdown(graceful: Bool)
+        case escalated(any Error)
+    }
+
+    private struct Runtime {
+        var server: (any Channel)?
+        var http: (any Channel)?
+        var bound: BoundAddresses?
+        var started = false
+    }
+
+    public let config: NodeConfig
+    let core: NodeCore
+    private let group: any EventLoopGroup
+    private let runtime = Locked(Runtime())
+    private let connections = ConnectionRegistry()
+    private let supervisor: Supervisor
+    private let events: AsyncStream<LifecycleEvent>
+    private let eventSink: AsyncStream<LifecycleEvent>.Continuation
+
+    public init(config: NodeConfig, backend: (any StorageBackend)? = nil, logger: Logger? = nil, group: (any EventLoopGroup)? = nil) {
+        var log = logger ?? Logger(label: "cairn.node")
+        log[metadataKey: "node"] = "\(config.name)"
+        self.config = config
+        self.core = NodeCore(config: config, backend: backend ?? MemoryBackend(), logger: log)
+        self.group = group ?? MultiThreadedEventLoopGroup.singleton
+        let metrics = core.metrics
+        self.supervisor = Supervisor(name: "node", policy: config.restartPolicy, logger: log) { _ in metrics.supervisorRestarts.increment() }
+        (events, eventSink) = AsyncStream.makeStream(of: LifecycleEvent.self)
+    }
+
+    public var state: NodeState { core.state }
+    public var metrics: NodeMetrics { core.metrics }
+    public var actorID: ActorID { core.actor }
+    public var boundAddresses: BoundAddresses? { runtime.value.bound }
+
+    /// Binds the client/internode listener and the HTTP listener (port 0 picks a free port).
+    /// Requests that arrive before `run()` reaches `serving` are refused with `notReady`.
+    @discardableResult
+    public func bind() async throws -> BoundAddresses {
+        if let b = runtime.value.bound { return b }
+        let router = Router(core: core)
+        let (limits, registry) = (config.limits, connections)
+        let server = try await ServerBootstrap(group: group)
+            .serverChannelOption(.backlog, value: 256)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+            .childChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(ConnectionTracker(registry: registry))
+                    try channel.pipeline.syncOperations.addHandler(FrameDecoder.handler(limits: limits))
+                    try channel.pipeline.syncOperations.addHandler(ServerConnectionHandler(dispatcher: router, limits: limits))
+                }
+            }
+            .bind(host: config.listen.host, port: config.listen.port).get()
+        var http: (any Channel)?
+        if let h = config.http {
+            let core = core
+            do {
+                http = try await ServerBootstrap(group: group)
+                    .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+                    .childChannelInitializer { channel in
+                        channel.eventLoop.makeCompletedFuture {
+                            try channel.pipeline.syncOperations.configureHTTPServerPipeline()
+                            try channel.pipeline.syncOperations.addHandler(ConnectionTracker(registry: registry))
+                            try channel.pipeline.syncOperations.addHandler(HTTPHandler(core: core))
+                        }
+                    }
+                    .bind(host: h.host, port: h.port).get()
+            } catch {
+                try? await server.close()
+                throw error
+            }
+        }
+        let bound = BoundAddresses(client: HostPort(host: config.listen.host, port: server.localAddress?.port ?? config.listen.port),
+                                   http: http.map { HostPort(host: config.http?.host ?? "", port: $0.localAddress?.port ?? 0) })
+        runtime.withLock { r in
+            r.server = server
+            r.http = http
+            r.bound = bound
+        }
+        core.logger.info("listening", metadata: ["client": "\(bound.client)", "http": "\(bound.http?.description ?? "off")"])
+        return bound
+    }
+
+    /// Builds the cluster view from `members` (default: `cluster.members`), creates the vnodes for
+    /// every partition this node replicates and a link to every peer.
+    public func start(members: [MemberAddress]? = nil) throws {
+        let members = members ?? config.members
+        let view = try ClusterView(config: config, members: members)
+        guard view.addresses[config.name] != nil else { throw ValidationError("members do not include this node (\(config.name))") }
+        let alreadyStarted = runtime.withLock { r in
+            defer { r.started = true }
+            return r.started
+        }
+        guard !alreadyStarted else { return }
+        let hello = view.hello
+        let metrics = core.metrics
+        var links: [PeerLink] = []
+        let transportBox = Locked<PeerTransport?>(nil)
+        for m in members where m.name != config.name {
+            links.append(PeerLink(peer: m.name, address: m.address, hello: hello, config: config, group: group, logger: core.logger) {
+                if let t = transportBox.value { metrics.peersUp.record(t.upCount) }
+            })
+        }
+        let transport = PeerTransport(links: links)
+        transportBox.withLock { $0 = transport }
+        for p in view.ring.replicatedPartitions(of: config.name, n: view.n) {
+            core.vnodes.insert(Vnode(partition: p, backend: core.backend, limits: config.limits, metrics: metrics, logger: core.logger))
+        }
+        let ctx = CoordinatorContext(me: config.name, actor: core.actor, vnodes: core.vnodes, transport: transport,
+                                     metrics: metrics, logger: core.logger)
+        core.activate(Activation(view: view, transport: transport, coordinatorContext: ctx))
+        for p in core.vnodes.partitions {
+            if let v = core.vnodes.vnode(for: p) { supervisor.spawn(v) }
+        }
+        for l in links { supervisor.spawn(l) }
+        core.logger.info("cluster view built", metadata: [
+            "members": "\(members.count)", "ring_size": "\(view.ring.partitionCount)", "n_val": "\(view.n)",
+            "vnodes": "\(core.vnodes.count)", "ring_fingerprint": "\(String(view.ring.fingerprint, radix: 16))",
+            "actor": "\(core.actor)",
+        ])
+    }
+
+    /// Serves until a graceful shutdown (SIGTERM via ServiceGroup, or `shutdown()`), then drains
+    /// in-flight requests (at most `shutdown.drain_timeout`), closes listeners and storage, and
+    /// returns. Throws if the supervisor escalated.
+    public func run() async throws {
+        try await bind()
+        try start()
+        let (supervisor, requests, sink) = (supervisor, core.requests, eventSink)
+        try await withGracefulShutdownHandler {
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                group.addTask {
+                    do { try await supervisor.run() } catch { sink.yield(.escalated(error)) }
+                }
+                group.addTask { await requests.run() }
+                await waitForPeerAttempts()
+                if core.transition(from: .starting, to: .serving) {
+                    core.logger.info("serving")
+                }
+                var failure: (any Error)?
+                var graceful = true
+                for await event in events {
+                    switch event {
+                    case .shutdown(let g): graceful = g
+                    case .escalated(let e): failure = e; graceful = false
+                    }
+                    break
+                }
+                await stop(graceful: graceful)
+                group.cancelAll()
+                try await group.waitForAll()
+                try await core.backend.close()
+                core.logger.info("stopped", metadata: ["graceful": "\(graceful)"])
+                if let failure { throw failure }
+            }
+        } onGracefulShutdown: {
+            sink.yield(.shutdown(graceful: true))
+        }
+    }
+
+    /// Begins a graceful shutdown; `run()` returns once it completes.
+    public func shutdown() { eventSink.yield(.shutdown(graceful: true)) }
+
+    /// Stops at once, as a crash would look to peers and clients: every connection is closed
+    /// without draining. For tests.
+    public func crash() {
+        core.setState(.stopped)
+        let r = runtime.value
+        r.server?.close(promise: nil)
+        r.http?.close(promise: nil)
+        connections.closeAll()
+        if let t = core.current?.transport {
+            for l in t.links.values { l.closeConnection() }
+        }
+        eventSink.yield(.shutdown(graceful: false))
+    }
+
+    /// Waits (bounded) until every peer link has made its first connection attempt, so the node
+    /// does not report serving while it still believes every peer is down.
+    private func waitForPeerAttempts() async {
+        guard let t = core.current?.transport else { return }
+        let deadline = ContinuousClock.now + .milliseconds(config.connectTimeoutMillis + 1000)
+        while ContinuousClock.now < deadline, t.links.values.contains(where: { $0.attempts == 0 }) {
+            try? await Task.sleep(for: .milliseconds(5))
+        }
+    }
+
+    private func stop(graceful: Bool) async {
+        let r = runtime.value
+        if graceful, core.transition(from: .serving, to: .draining) || core.transition(from: .starting, to: .draining) {
+            core.logger.info("graceful shutdown: draining", metadata: ["inflight": "\(core.requests.inflightCount)"])
+            try? await r.server?.close()
+            let deadline = ContinuousClock.now + .milliseconds(config.drainTimeoutMillis)
+            while core.requests.inflightCount > 0, ContinuousClock.now < deadline {
+                try? await Task.sleep(for: .milliseconds(5))
+            }
+            if core.requests.inflightCount > 0 {
+                core.logger.warning("drain timeout; abandoning in-flight requests", metadata: ["inflight": "\(core.requests.inflightCount)"])
+            }
+        }
+        core.setState(.stopped)
+        r.server?.close(promise: nil)
+        r.http?.close(promise: nil)
+        connections.closeAll()
+        core.requests.finish()
+        supervisor.finish()
+    }
+}
+
+/// Every accepted connection, so shutdown can close them. Thread-safe.
+final class ConnectionRegistry: Sendable {
+    private let channels = Locked<[ObjectIdentifier: any Channel]>([:])
+
+    func add(_ c: any Channel) { channels.withLock { $0[ObjectIdentifier(c)] = c } }
+    func remove(_ c: any Channel) { channels.withLock { _ = $0.removeValue(forKey: ObjectIdentifier(c)) } }
+
+    func closeAll() {
+        let all = channels.withLock { c in
+            defer { c = [:] }
+            return Array(c.values)
+        }
+        for c in all { c.close(promise: nil) }
+    }
+}
+
+/// Registers its channel with a `ConnectionRegistry` while the channel is open.
+final class ConnectionTracker: ChannelInboundHandler {
+    typealias InboundIn = NIOAny
+    private let registry: ConnectionRegistry
+
+    init(registry: ConnectionRegistry) { self.registry = registry }
+
+    func handlerAdded(context: ChannelHandlerContext) { registry.add(context.channel) }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        registry.remove(context.channel)
+        context.fireChannelInactive()
+    }
+}

@@ -1,0 +1,116 @@
+public import CairnCore
+import CairnRing
+
+/// A `host:port` pair. IPv6 hosts are written in brackets: `[::1]:7401`.
+public struct HostPort: Hashable, Sendable, CustomStringConvertible {
+    public var host: String
+    public var port: Int
+
+    public init(host: String, port: Int) {
+        self.host = host
+        self.port = port
+    }
+
+    public init(parsing text: String) throws(ValidationError) {
+        let t = text.trimmingSpaces
+        var host: Substring
+        var portText: Substring
+        if t.hasPrefix("[") {
+            guard let close = t.firstIndex(of: "]"), t[t.index(after: close)...].hasPrefix(":") else {
+                throw ValidationError("'\(text)' is not [ipv6]:port")
+            }
+            host = t[t.index(after: t.startIndex)..<close]
+            portText = t[t.index(close, offsetBy: 2)...]
+        } else {
+            guard let colon = t.lastIndex(of: ":") else { throw ValidationError("'\(text)' is not host:port") }
+            host = t[..<colon]
+            portText = t[t.index(after: colon)...]
+        }
+        guard !host.isEmpty, let port = Int(portText), (0...65535).contains(port) else {
+            throw ValidationError("'\(text)' is not host:port with a port 0...65535")
+        }
+        self.host = String(host)
+        self.port = port
+    }
+
+    public var description: String { host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)" }
+}
+
+/// A cluster member as configured: its name and client/internode address.
+public struct MemberAddress: Hashable, Sendable {
+    public var name: NodeName
+    public var address: HostPort
+    public init(name: NodeName, address: HostPort) {
+        self.name = name
+        self.address = address
+    }
+}
+
+/// Everything a node is configured with. Every field maps to one key of `cairn.conf`
+/// (Docs/configuration.md lists them with defaults); `NodeConfig.parse` reads that file.
+public struct NodeConfig: Sendable {
+    // node.*
+    public var name: NodeName
+    public var listen = HostPort(host: "127.0.0.1", port: 7401)
+    /// `nil` disables the HTTP listener (`node.http = off`).
+    public var http: HostPort? = HostPort(host: "127.0.0.1", port: 8401)
+    public var dataDirectory = "./data"
+    // cluster.*
+    public var clusterName = "cairn"
+    public var ringSize = Ring.defaultPartitionCount
+    public var nVal = 3
+    /// In join order; the claim depends on this order, so every node must list the same members
+    /// in the same order (nodes compare ring fingerprints when they connect).
+    public var members: [MemberAddress] = []
+    // request.*
+    public var requestTimeoutMillis: UInt32 = 2000
+    public var defaultR: Quorum = .quorum
+    public var defaultW: Quorum = .quorum
+    public var defaultPR: Quorum = .count(0)
+    public var defaultPW: Quorum = .count(0)
+    public var maxInflightRequests = 10_000
+    // limits.*
+    public var limits = Limits()
+    // transport.*
+    public var maxPendingPerConnection = 4096
+    public var connectTimeoutMillis: Int64 = 1000
+    public var reconnectMinMillis: Int64 = 100
+    public var reconnectMaxMillis: Int64 = 2000
+    // supervisor.*
+    public var restartPolicy = RestartPolicy()
+    // shutdown.*
+    public var drainTimeoutMillis: Int64 = 10_000
+
+    public init(name: NodeName) { self.name = name }
+
+    /// The address peers and clients use for this node: its `cluster.members` entry, else `listen`.
+    public var advertised: HostPort {
+        members.first { $0.name == name }?.address ?? listen
+    }
+
+    /// Checks relations between keys that each parse fine on their own.
+    public func validate() throws(ValidationError) {
+        guard nVal >= 1, nVal <= 16 else { throw ValidationError("cluster.n_val = \(nVal) must be 1...16") }
+        guard !members.isEmpty else { throw ValidationError("cluster.members is empty") }
+        guard members.contains(where: { $0.name == name }) else {
+            throw ValidationError("cluster.members does not list this node (\(name))")
+        }
+        guard Set(members.map(\.name)).count == members.count else { throw ValidationError("cluster.members lists a node twice") }
+        guard requestTimeoutMillis >= 1 else { throw ValidationError("request.timeout must be positive") }
+        guard maxInflightRequests >= 1 else { throw ValidationError("limits.max_inflight_requests must be positive") }
+        guard limits.maxKeyBytes + limits.maxValueBytes + 1024 <= limits.maxFrameBytes else {
+            throw ValidationError("limits.max_frame_bytes must exceed max_key_bytes + max_value_bytes + 1024")
+        }
+        _ = try Ring(partitionCount: ringSize, members: members.map(\.name))
+    }
+}
+
+extension StringProtocol {
+    var trimmingSpaces: Substring {
+        let s = Substring(self)
+        guard let start = s.firstIndex(where: { !$0.isWhitespace }), let end = s.lastIndex(where: { !$0.isWhitespace }) else {
+            return s[s.endIndex...]
+        }
+        return s[start...end]
+    }
+}

@@ -1,0 +1,115 @@
+public import CairnCore
+
+/// Parses `cairn.conf`: one `key = value` per line, `#` starts a comment, dotted keys
+/// (riak.conf style). Unknown keys are errors (a typo must not silently fall back to a default).
+extension NodeConfig {
+    public struct ParseError: Error, Sendable, CustomStringConvertible {
+        public var line: Int
+        public var message: String
+        public var description: String { "cairn.conf line \(line): \(message)" }
+    }
+
+    public static func parse(_ text: String) throws(ParseError) -> NodeConfig {
+        var pairs: [(line: Int, key: String, value: String)] = []
+        for (i, raw) in text.split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
+            let line = raw.split(separator: "#", maxSplits: 1, omittingEmptySubsequences: false).first ?? ""
+            let trimmed = line.trimmingSpaces
+            if trimmed.isEmpty { continue }
+            guard let eq = trimmed.firstIndex(of: "=") else { throw ParseError(line: i + 1, message: "expected 'key = value'") }
+            pairs.append((i + 1, String(trimmed[..<eq].trimmingSpaces), String(trimmed[trimmed.index(after: eq)...].trimmingSpaces)))
+        }
+        guard let nameLine = pairs.last(where: { $0.key == "node.name" }) else {
+            throw ParseError(line: 0, message: "node.name is required")
+        }
+        var config: NodeConfig
+        do { config = NodeConfig(name: try NodeName(nameLine.value)) } catch { throw ParseError(line: nameLine.line, message: error.reason) }
+        for (line, key, value) in pairs {
+            do {
+                try config.set(key, value)
+            } catch {
+                throw ParseError(line: line, message: "\(key): \(error.reason)")
+            }
+        }
+        do { try config.validate() } catch { throw ParseError(line: 0, message: error.reason) }
+        return config
+    }
+
+    /// Sets one key. Keys and meanings: Docs/configuration.md.
+    public mutating func set(_ key: String, _ value: String) throws(ValidationError) {
+        switch key {
+        case "node.name": name = try NodeName(value)
+        case "node.listen": listen = try HostPort(parsing: value)
+        case "node.http": http = value == "off" ? nil : try HostPort(parsing: value)
+        case "node.data_dir": dataDirectory = value
+        case "cluster.name": clusterName = value
+        case "cluster.ring_size": ringSize = try Self.int(value, 1...(1 << 20))
+        case "cluster.n_val": nVal = try Self.int(value, 1...16)
+        case "cluster.members":
+            members = try value.split(separator: ",").map { entry throws(ValidationError) in
+                let parts = entry.trimmingSpaces.split(separator: "@", maxSplits: 1)
+                guard parts.count == 2 else { throw ValidationError("member '\(entry)' is not name@host:port") }
+                return MemberAddress(name: try NodeName(String(parts[0])), address: try HostPort(parsing: String(parts[1])))
+            }
+        case "request.timeout": requestTimeoutMillis = UInt32(clamping: try Self.millis(value))
+        case "request.default_r": defaultR = try Quorum(parsing: value)
+        case "request.default_w": defaultW = try Quorum(parsing: value)
+        case "request.default_pr": defaultPR = try Quorum(parsing: value)
+        case "request.default_pw": defaultPW = try Quorum(parsing: value)
+        case "limits.max_inflight_requests": maxInflightRequests = try Self.int(value, 1...1_000_000)
+        case "limits.max_frame_bytes": limits.maxFrameBytes = try Self.bytes(value, 1024...(1 << 30))
+        case "limits.max_key_bytes": limits.maxKeyBytes = try Self.bytes(value, 1...(64 << 10))
+        case "limits.max_value_bytes": limits.maxValueBytes = try Self.bytes(value, 1...(512 << 20))
+        case "limits.max_siblings": limits.maxSiblings = try Self.int(value, 1...4096)
+        case "limits.max_context_bytes": limits.maxContextBytes = try Self.bytes(value, 64...(16 << 20))
+        case "transport.max_pending_per_connection": maxPendingPerConnection = try Self.int(value, 1...1_000_000)
+        case "transport.connect_timeout": connectTimeoutMillis = try Self.millis(value)
+        case "transport.reconnect_min": reconnectMinMillis = try Self.millis(value)
+        case "transport.reconnect_max": reconnectMaxMillis = try Self.millis(value)
+        case "supervisor.max_restarts": restartPolicy.maxRestarts = try Self.int(value, 0...10_000)
+        case "supervisor.restart_window": restartPolicy.window = .milliseconds(try Self.millis(value))
+        case "supervisor.backoff_min": restartPolicy.backoffMin = .milliseconds(try Self.millis(value))
+        case "supervisor.backoff_max": restartPolicy.backoffMax = .milliseconds(try Self.millis(value))
+        case "shutdown.drain_timeout": drainTimeoutMillis = try Self.millis(value)
+        default: throw ValidationError("unknown key")
+        }
+    }
+
+    static func int(_ v: String, _ range: ClosedRange<Int>) throws(ValidationError) -> Int {
+        guard let n = Int(v.replacingUnderscores), range.contains(n) else {
+            throw ValidationError("'\(v)' is not an integer in \(range.lowerBound)...\(range.upperBound)")
+        }
+        return n
+    }
+
+    /// `250ms`, `2s`, `1m`, or a bare number of milliseconds.
+    static func millis(_ v: String) throws(ValidationError) -> Int64 {
+        let units: [(String, Int64)] = [("ms", 1), ("s", 1000), ("m", 60_000)]
+        for (suffix, scale) in units where v.hasSuffix(suffix) {
+            let digits = v.dropLast(suffix.count).trimmingSpaces
+            if let n = Int64(String(digits).replacingUnderscores), n >= 0, n <= Int64(Int32.max) { return n * scale }
+        }
+        if let n = Int64(v.replacingUnderscores), n >= 0, n <= Int64(Int32.max) { return n }
+        throw ValidationError("'\(v)' is not a duration (e.g. 250ms, 2s, 1m)")
+    }
+
+    /// `4096`, `64KiB`, `16MiB`, `1GiB`.
+    static func bytes(_ v: String, _ range: ClosedRange<Int>) throws(ValidationError) -> Int {
+        let units: [(String, Int)] = [("KiB", 1 << 10), ("MiB", 1 << 20), ("GiB", 1 << 30), ("B", 1)]
+        var n: Int?
+        for (suffix, scale) in units where v.hasSuffix(suffix) {
+            if let x = Int(String(v.dropLast(suffix.count).trimmingSpaces).replacingUnderscores) {
+                n = x.multipliedReportingOverflow(by: scale).overflow ? nil : x * scale
+            }
+            break
+        }
+        if n == nil { n = Int(v.replacingUnderscores) }
+        guard let value = n, range.contains(value) else {
+            throw ValidationError("'\(v)' is not a size in \(range.lowerBound)...\(range.upperBound) bytes (e.g. 4096, 64KiB, 16MiB)")
+        }
+        return value
+    }
+}
+
+extension String {
+    var replacingUnderscores: String { String(filter { $0 != "_" }) }
+}

@@ -1,0 +1,224 @@
+import CairnCore
+import CairnWire
+import Logging
+
+/// What a coordinator needs from its node. Immutable; thread-safe.
+struct CoordinatorContext: Sendable {
+    let me: NodeName
+    let actor: ActorID
+    let vnodes: VnodeTable
+    let transport: PeerTransport
+    let metrics: NodeMetrics
+    let logger: Logger
+}
+
+/// Maps a connection failure to what the coordinator reports for that replica.
+extension ReplicaOutcome {
+    init(_ error: ConnectionError) {
+        switch error {
+        case .connectFailed(let s), .notSent(let s): self = .notSent(s)
+        case .tooManyPending(let n): self = .notSent("\(n) requests pending on the connection")
+        case .timedOut(let ms): self = .timedOut(afterMillis: ms)
+        case .lost(let s): self = .connectionLost(s)
+        case .protocolViolation(let s): self = .failed(s)
+        }
+    }
+}
+
+/// The shell of one write (put or delete): performs `WriteCoordination`'s directives.
+///
+/// Isolation: actor, one per request; it lives until the machine finishes (every replica answered
+/// or the deadline passed), which may be after the client got its answer. Supervised by the
+/// node's request group.
+actor WriteCoordinator {
+    private enum Event: Sendable {
+        case localApplied(VersionedObject)
+        case localFailed(String)
+        case acked(NodeName)
+        case failed(NodeName, ReplicaOutcome)
+        case deadline
+    }
+
+    private var machine: WriteCoordination
+    private let ctx: CoordinatorContext
+    private let partition: PartitionID
+    private let key: [UInt8]
+    private let sibling: Sibling
+    private let context: VersionVector
+    private let timeoutMillis: UInt32
+    private let replicas: [ReplicaTarget]
+    private var object: VersionedObject?
+
+    init(ctx: CoordinatorContext, operation: OperationKind, requirement: QuorumRequirement, partition: PartitionID,
+         replicas: [ReplicaTarget], key: [UInt8], sibling: Sibling, context: VersionVector, timeoutMillis: UInt32) {
+        machine = WriteCoordination(operation: operation, requirement: requirement, replicas: replicas, timeoutMillis: timeoutMillis)
+        self.ctx = ctx
+        self.partition = partition
+        self.key = key
+        self.sibling = sibling
+        self.context = context
+        self.timeoutMillis = timeoutMillis
+        self.replicas = replicas
+    }
+
+    /// Runs the request to its end; `respond` is called exactly once, as soon as the outcome is known.
+    func run(respond: @escaping @Sendable (WriteCoordination.WriteOutcome, VersionedObject?) -> Void) async {
+        var directives = machine.start(down: ctx.transport.downReasons(replicas.filter { !$0.isLocal }.map(\.node)))
+        await withTaskGroup(of: Event.self) { group in
+            let ms = timeoutMillis
+            group.addTask {
+                do { try await Task.sleep(for: .milliseconds(Int64(ms))) } catch { /* finished first */ }
+                return .deadline
+            }
+            while true {
+                for d in directives { perform(d, group: &group, respond: respond) }
+                if machine.isFinished { break }
+                guard let event = await group.next() else { break }
+                switch event {
+                case .localApplied(let o):
+                    object = o
+                    directives = machine.localApplied()
+                case .localFailed(let why): directives = machine.localFailed(why)
+                case .acked(let n): directives = machine.replicaAcked(n)
+                case .failed(let n, let outcome):
+                    ctx.metrics.replicaFailures.increment()
+                    directives = machine.replicaFailed(n, outcome)
+                case .deadline: directives = machine.deadlinePassed()
+                }
+            }
+            group.cancelAll()
+        }
+    }
+
+    private func perform(_ d: WriteCoordination.Directive, group: inout TaskGroup<Event>,
+                         respond: @Sendable (WriteCoordination.WriteOutcome, VersionedObject?) -> Void) {
+        switch d {
+        case .applyLocally:
+            guard let vnode = ctx.vnodes.vnode(for: partition) else {
+                group.addTask { [partition] in .localFailed("this node has no vnode for partition \(partition.index)") }
+                return
+            }
+            let (key, sibling, context, actor) = (key, sibling, context, ctx.actor)
+            group.addTask {
+                do throws(VnodeError) {
+                    return .localApplied(try await vnode.coordinate(key: key, sibling: sibling, context: context, actor: actor))
+                } catch {
+                    return .localFailed(error.description)
+                }
+            }
+        case .replicate(let nodes):
+            guard let object else { return }
+            let message = Message.replicaPut(ReplicaPut(partition: partition, key: key, object: object))
+            for node in nodes {
+                let (transport, ms, metrics) = (ctx.transport, timeoutMillis, ctx.metrics)
+                group.addTask {
+                    metrics.replicaRequests.increment()
+                    do throws(ConnectionError) {
+                        switch try await transport.send(to: node, message, timeoutMillis: ms) {
+                        case .replicaPutAck: return .acked(node)
+                        case .error(let e): return .failed(node, .failed(e.message))
+                        case let other: return .failed(node, .failed("unexpected reply \(other.type)"))
+                        }
+                    } catch {
+                        return .failed(node, ReplicaOutcome(error))
+                    }
+                }
+            }
+        case .respond(let outcome):
+            respond(outcome, object)
+        case .finish:
+            break
+        }
+    }
+}
+
+/// The shell of one read: performs `ReadCoordination`'s directives.
+///
+/// Isolation: actor, one per request; lives until every replica answered or the deadline passed.
+actor ReadCoordinator {
+    private enum Event: Sendable {
+        case replied(NodeName, VersionedObject?)
+        case failed(NodeName, ReplicaOutcome)
+        case deadline
+    }
+
+    private var machine: ReadCoordination
+    private let ctx: CoordinatorContext
+    private let partition: PartitionID
+    private let key: [UInt8]
+    private let timeoutMillis: UInt32
+    private let replicas: [ReplicaTarget]
+
+    init(ctx: CoordinatorContext, requirement: QuorumRequirement, partition: PartitionID, replicas: [ReplicaTarget],
+         key: [UInt8], timeoutMillis: UInt32) {
+        machine = ReadCoordination(requirement: requirement, replicas: replicas, timeoutMillis: timeoutMillis)
+        self.ctx = ctx
+        self.partition = partition
+        self.key = key
+        self.timeoutMillis = timeoutMillis
+        self.replicas = replicas
+    }
+
+    func run(respond: @escaping @Sendable (ReadCoordination.ReadOutcome) -> Void) async {
+        var directives = machine.start(down: ctx.transport.downReasons(replicas.filter { !$0.isLocal }.map(\.node)))
+        await withTaskGroup(of: Event.self) { group in
+            let ms = timeoutMillis
+            group.addTask {
+                do { try await Task.sleep(for: .milliseconds(Int64(ms))) } catch { /* finished first */ }
+                return .deadline
+            }
+            while true {
+                for d in directives { perform(d, group: &group, respond: respond) }
+                if machine.isFinished { break }
+                guard let event = await group.next() else { break }
+                switch event {
+                case .replied(let n, let o): directives = machine.replied(n, o)
+                case .failed(let n, let outcome):
+                    ctx.metrics.replicaFailures.increment()
+                    directives = machine.replicaFailed(n, outcome)
+                case .deadline: directives = machine.deadlinePassed()
+                }
+            }
+            group.cancelAll()
+        }
+    }
+
+    private func perform(_ d: ReadCoordination.Directive, group: inout TaskGroup<Event>,
+                         respond: @Sendable (ReadCoordination.ReadOutcome) -> Void) {
+        switch d {
+        case .fetch(let nodes):
+            for node in nodes {
+                if node == ctx.me {
+                    guard let vnode = ctx.vnodes.vnode(for: partition) else {
+                        group.addTask { [partition] in .failed(node, .failed("no local vnode for partition \(partition.index)")) }
+                        continue
+                    }
+                    let key = key
+                    group.addTask {
+                        do throws(VnodeError) { return .replied(node, try await vnode.get(key)) } catch { return .failed(node, .failed(error.description)) }
+                    }
+                } else {
+                    let message = Message.replicaGet(ReplicaGet(partition: partition, key: key))
+                    let (transport, ms, metrics) = (ctx.transport, timeoutMillis, ctx.metrics)
+                    group.addTask {
+                        metrics.replicaRequests.increment()
+                        do throws(ConnectionError) {
+                            switch try await transport.send(to: node, message, timeoutMillis: ms) {
+                            case .replicaGetReply(let r): return .replied(node, r.object)
+                            case .error(let e): return .failed(node, .failed(e.message))
+                            case let other: return .failed(node, .failed("unexpected reply \(other.type)"))
+                            }
+                        } catch {
+                            return .failed(node, ReplicaOutcome(error))
+                        }
+                    }
+                }
+            }
+        case .respond(let outcome):
+            respond(outcome)
+        case .finish:
+            // `divergent` replicas are where read repair (a later capability) will write the merge.
+            break
+        }
+    }
+}

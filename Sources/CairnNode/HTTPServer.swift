@@ -1,0 +1,59 @@
+import NIOCore
+import NIOHTTP1
+
+/// `GET /health` (200 only while serving) and `GET /metrics` (Prometheus text format).
+///
+/// Isolation: a channel handler on its connection's event loop; reads the node state and the
+/// metrics registry, both thread-safe. Bound: request heads are capped by NIOHTTP1's parser;
+/// bodies are ignored.
+final class HTTPHandler: ChannelInboundHandler {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundOut = HTTPServerResponsePart
+
+    private let core: NodeCore
+    private var head: HTTPRequestHead?
+
+    init(core: NodeCore) { self.core = core }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .head(let h): head = h
+        case .body: break
+        case .end:
+            guard let h = head else { return }
+            head = nil
+            let (status, type, body) = respond(h)
+            var headers = HTTPHeaders()
+            headers.add(name: "Content-Type", value: type)
+            headers.add(name: "Content-Length", value: "\(body.utf8.count)")
+            headers.add(name: "Connection", value: h.isKeepAlive ? "keep-alive" : "close")
+            context.write(wrapOutboundOut(.head(HTTPResponseHead(version: h.version, status: status, headers: headers))), promise: nil)
+            var buf = context.channel.allocator.buffer(capacity: body.utf8.count)
+            buf.writeString(body)
+            context.write(wrapOutboundOut(.body(.byteBuffer(buf))), promise: nil)
+            let keepAlive = h.isKeepAlive
+            let channel = context.channel
+            context.writeAndFlush(wrapOutboundOut(.end(nil))).whenComplete { _ in
+                if !keepAlive { channel.close(promise: nil) }
+            }
+        }
+    }
+
+    private func respond(_ h: HTTPRequestHead) -> (HTTPResponseStatus, String, String) {
+        guard h.method == .GET || h.method == .HEAD else { return (.methodNotAllowed, "text/plain", "only GET\n") }
+        let path = h.uri.split(separator: "?", maxSplits: 1).first.map(String.init) ?? h.uri
+        switch path {
+        case "/health":
+            let state = core.state
+            return (state == .serving ? .ok : .serviceUnavailable, "text/plain", "\(state.rawValue)\n")
+        case "/metrics":
+            return (.ok, "text/plain; version=0.0.4", core.metrics.exposition())
+        default:
+            return (.notFound, "text/plain", "not found: try /health or /metrics\n")
+        }
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        context.close(promise: nil)
+    }
+}

@@ -1,0 +1,222 @@
+import CairnCore
+import CairnRing
+import CairnWire
+import Logging
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The parts of the cluster view that exist only after `CairnNode.start`.
+struct Activation: Sendable {
+    let view: ClusterView
+    let transport: PeerTransport
+    let coordinatorContext: CoordinatorContext
+}
+
+/// State and request handling shared by the node's shells. Thread-safe.
+final class NodeCore: Sendable {
+    let config: NodeConfig
+    let actor: ActorID
+    let backend: any StorageBackend
+    let metrics: NodeMetrics
+    let logger: Logger
+    let vnodes = VnodeTable()
+    let requests: RequestService
+    private let lifecycle = Locked(NodeState.starting)
+    private let activation = Locked<Activation?>(nil)
+
+    init(config: NodeConfig, backend: any StorageBackend, logger: Logger) {
+        self.config = config
+        self.backend = backend
+        self.logger = logger
+        metrics = NodeMetrics(maxInflight: config.maxInflightRequests)
+        requests = RequestService(limit: config.maxInflightRequests, metrics: metrics)
+        // A node whose data does not survive restarts must never reuse its dots: fresh epoch.
+        actor = ActorID(node: config.name.value, epoch: UInt64.random(in: 1...UInt64.max))
+    }
+
+    var state: NodeState { lifecycle.value }
+
+    func setState(_ s: NodeState) { lifecycle.withLock { $0 = s } }
+
+    /// Moves to `to` only from `from`; returns whether it did.
+    func transition(from: NodeState, to: NodeState) -> Bool {
+        lifecycle.withLock { s in
+            guard s == from else { return false }
+            s = to
+            return true
+        }
+    }
+
+    var view: ClusterView? { activation.value?.view }
+
+    func activate(_ a: Activation) { activation.withLock { $0 = a } }
+
+    var current: Activation? { activation.value }
+
+    // MARK: Request handling
+
+    func handle(_ message: Message, fromPeer: Bool, responder: Responder) async {
+        guard let a = current else {
+            return responder.fail(ErrorReply(code: .notReady, message: "node \(config.name) is starting"))
+        }
+        switch message {
+        case .get(let g):
+            await coordinateGet(g, a, responder)
+        case .put(let p):
+            await coordinateWrite(.put, key: p.key, sibling: Sibling(value: p.value, timestampMillis: Self.wallClockMillis()),
+                                  context: p.context, options: p.options, forwarded: p.forwarded, original: message, a, responder)
+        case .delete(let d):
+            await coordinateWrite(.delete, key: d.key, sibling: .tombstone(timestampMillis: Self.wallClockMillis()),
+                                  context: d.context, options: d.options, forwarded: d.forwarded, original: message, a, responder)
+        case .members:
+            responder.reply(.membersReply(members(a)))
+        case .replicaGet(let r) where fromPeer:
+            guard let vnode = vnodes.vnode(for: r.partition) else { return responder.fail(notAReplica(r.partition)) }
+            do throws(VnodeError) {
+                responder.reply(.replicaGetReply(ReplicaGetReply(object: try await vnode.get(r.key))))
+            } catch {
+                responder.fail(ErrorReply(code: .storage, message: error.description))
+            }
+        case .replicaPut(let r) where fromPeer:
+            guard let vnode = vnodes.vnode(for: r.partition) else { return responder.fail(notAReplica(r.partition)) }
+            do throws(VnodeError) {
+                _ = try await vnode.merge(key: r.key, object: r.object)
+                responder.reply(.replicaPutAck)
+            } catch {
+                responder.fail(ErrorReply(code: .storage, message: error.description))
+            }
+        default:
+            responder.fail(ErrorReply(code: .unknownMessage, message: "\(message.type) is not accepted here"))
+        }
+    }
+
+    private func notAReplica(_ p: PartitionID) -> ErrorReply {
+        ErrorReply(code: .notAReplica, message: "node \(config.name) does not replicate partition \(p.index); the nodes disagree about the ring")
+    }
+
+    private func timeout(_ options: RequestOptions) -> UInt32 {
+        min(options.timeoutMillis ?? config.requestTimeoutMillis, Self.maxTimeoutMillis)
+    }
+
+    /// Upper bound on any request's timeout (5 minutes).
+    static let maxTimeoutMillis: UInt32 = 300_000
+    /// How much longer than the request's own timeout a forwarding node or client waits.
+    static let forwardMarginMillis: UInt32 = 1000
+
+    private func coordinateGet(_ g: GetRequest, _ a: Activation, _ responder: Responder) async {
+        let start = ContinuousClock.now
+        let requirement: QuorumRequirement
+        do {
+            requirement = try QuorumRequirement(name: "R", quorum: g.options.r ?? config.defaultR,
+                                                primary: g.options.pr ?? config.defaultPR, n: a.view.n)
+        } catch {
+            metrics.record(.get, .invalid, since: start)
+            return responder.fail(ErrorReply(code: .invalidArgument, message: error.reason))
+        }
+        let (partition, replicas) = a.view.placement(forKey: g.key)
+        let coordinator = ReadCoordinator(ctx: a.coordinatorContext, requirement: requirement, partition: partition,
+                                          replicas: replicas, key: g.key, timeoutMillis: timeout(g.options))
+        let metrics = metrics
+        await coordinator.run { outcome in
+            switch outcome {
+            case .answered(let object):
+                let siblings = object?.values ?? []
+                let found = !(object?.isDeleted ?? true)
+                metrics.record(.get, found ? .ok : .notFound, since: start)
+                responder.reply(.getReply(GetReply(found: found, siblings: siblings, context: CausalContext(object?.context ?? VersionVector()))))
+            case .quorumFailed(let f):
+                metrics.record(.get, f.kind == .unavailable ? .unavailable : .notReached, since: start)
+                responder.fail(ErrorReply(f))
+            }
+        }
+    }
+
+    private func coordinateWrite(_ op: OperationKind, key: [UInt8], sibling: Sibling, context: CausalContext, options: RequestOptions,
+                                 forwarded: Bool, original: Message, _ a: Activation, _ responder: Responder) async {
+        let start = ContinuousClock.now
+        let requirement: QuorumRequirement
+        do {
+            requirement = try QuorumRequirement(name: "W", quorum: options.w ?? config.defaultW,
+                                                primary: options.pw ?? config.defaultPW, n: a.view.n)
+        } catch {
+            metrics.record(op, .invalid, since: start)
+            return responder.fail(ErrorReply(code: .invalidArgument, message: error.reason))
+        }
+        let (partition, replicas) = a.view.placement(forKey: key)
+        let ms = timeout(options)
+        guard replicas.contains(where: \.isLocal) else {
+            if forwarded {
+                metrics.record(op, .error, since: start)
+                return responder.fail(notAReplica(partition))
+            }
+            return await forward(op, original, replicas: replicas, requirement: requirement, timeoutMillis: ms, a, responder, start: start)
+        }
+        let coordinator = WriteCoordinator(ctx: a.coordinatorContext, operation: op, requirement: requirement, partition: partition,
+                                           replicas: replicas, key: key, sibling: sibling, context: context.vector, timeoutMillis: ms)
+        let (metrics, me) = (metrics, config.name)
+        await coordinator.run { outcome, object in
+            switch outcome {
+            case .acknowledged:
+                metrics.record(op, .ok, since: start)
+                responder.reply(.writeReply(WriteReply(context: CausalContext(object?.context ?? VersionVector()))))
+            case .quorumFailed(let f):
+                metrics.record(op, f.kind == .unavailable ? .unavailable : .notReached, since: start)
+                responder.fail(ErrorReply(f))
+            case .coordinatorFailed(let why):
+                metrics.record(op, .error, since: start)
+                responder.fail(ErrorReply(code: .storage, message: "coordinator \(me) could not apply the \(op): \(why); it was not replicated"))
+            }
+        }
+    }
+
+    /// Sends a write to the first reachable primary, which coordinates it; relays its answer.
+    /// Moves on to the next primary only when the request certainly was not delivered.
+    private func forward(_ op: OperationKind, _ original: Message, replicas: [ReplicaTarget], requirement: QuorumRequirement,
+                         timeoutMillis: UInt32, _ a: Activation, _ responder: Responder, start: ContinuousClock.Instant) async {
+        let message: Message
+        switch original {
+        case .put(var p): p.forwarded = true; message = .put(p)
+        case .delete(var d): d.forwarded = true; message = .delete(d)
+        default: return responder.fail(ErrorReply(code: .internalError, message: "cannot forward \(original.type)"))
+        }
+        var reports: [ReplicaReport] = []
+        for r in replicas {
+            metrics.forwarded.increment()
+            do throws(ConnectionError) {
+                let reply = try await a.transport.send(to: r.node, message, timeoutMillis: timeoutMillis + Self.forwardMarginMillis)
+                switch reply {
+                case .writeReply: metrics.record(op, .ok, since: start)
+                case .error(let e) where e.code == .unavailable: metrics.record(op, .unavailable, since: start)
+                case .error(let e) where e.code == .notReached: metrics.record(op, .notReached, since: start)
+                default: metrics.record(op, .error, since: start)
+                }
+                return responder.reply(reply)
+            } catch where error.certainlyNotDelivered {
+                reports.append(ReplicaReport(node: r.node.value, address: r.address, isPrimary: true, outcome: .notSent(error.description)))
+                continue
+            } catch {
+                metrics.record(op, .timeout, since: start)
+                return responder.fail(ErrorReply(code: .timeout, message:
+                    "\(op) forwarded to replica \(r.node) (\(r.address)): \(error); the write may have been applied"))
+            }
+        }
+        metrics.record(op, .unavailable, since: start)
+        responder.fail(ErrorReply(QuorumFailure(kind: .unavailable, operation: op, requirement: requirement.name,
+                                                required: requirement.required, achieved: 0, candidates: replicas.count, replicas: reports)))
+    }
+
+    private func members(_ a: Activation) -> [MemberInfo] {
+        a.view.ring.members.map { m in
+            let state: MemberInfo.State = m == config.name ? .this : (a.transport.links[m]?.downReason == nil ? .up : .down)
+            return MemberInfo(name: m.value, address: a.view.address(m), ownedPartitions: a.view.ring.partitions(ownedBy: m).count,
+                              replicatedPartitions: a.view.ring.replicatedPartitions(of: m, n: a.view.n).count, state: state)
+        }
+    }
+
+    static func wallClockMillis() -> UInt64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_REALTIME, &ts)
+        return UInt64(max(ts.tv_sec, 0)) * 1000 + UInt64(max(ts.tv_nsec, 0)) / 1_000_000
+    }
+}

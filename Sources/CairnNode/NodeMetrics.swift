@@ -1,0 +1,82 @@
+import CoreMetrics
+public import Prometheus
+
+
+
+import CairnCore
+
+/// The node's metrics, created once against the node's own Prometheus registry (so several
+/// in-process nodes never share counters). Names and meanings: Docs/metrics.md.
+public final class NodeMetrics: Sendable {
+    public let registry: PrometheusCollectorRegistry
+    let factory: PrometheusMetricsFactory
+
+    /// Request latency buckets: 100 µs ... 10 s.
+    public static let latencyBuckets: [Duration] = [
+        .microseconds(100), .microseconds(250), .microseconds(500), .milliseconds(1), .microseconds(2500),
+        .milliseconds(5), .milliseconds(10), .milliseconds(25), .milliseconds(50), .milliseconds(100),
+        .milliseconds(250), .milliseconds(500), .seconds(1), .milliseconds(2500), .seconds(5), .seconds(10),
+    ]
+
+    public enum Outcome: String, CaseIterable, Sendable {
+        case ok, notFound = "not_found", unavailable, notReached = "not_reached", timeout, invalid, overloaded, error
+    }
+
+    private let requests: [String: CoreMetrics.Counter]
+    private let latency: [String: CoreMetrics.Timer]
+    let inflight: CoreMetrics.Gauge
+    let inflightLimit: CoreMetrics.Gauge
+    let protocolErrors: CoreMetrics.Counter
+    let siblingsPruned: CoreMetrics.Counter
+    let supervisorRestarts: CoreMetrics.Counter
+    let forwarded: CoreMetrics.Counter
+    let peersUp: CoreMetrics.Gauge
+    let replicaRequests: CoreMetrics.Counter
+    let replicaFailures: CoreMetrics.Counter
+    let storageErrors: CoreMetrics.Counter
+
+    public init(maxInflight: Int) {
+        registry = PrometheusCollectorRegistry()
+        var f = PrometheusMetricsFactory(registry: registry)
+        f.defaultDurationHistogramBuckets = Self.latencyBuckets
+        factory = f
+        var requests: [String: CoreMetrics.Counter] = [:]
+        var latency: [String: CoreMetrics.Timer] = [:]
+        for op in ["get", "put", "delete"] {
+            for outcome in Outcome.allCases {
+                requests["\(op)/\(outcome.rawValue)"] = CoreMetrics.Counter(label: "cairn_requests_total",
+                                                                dimensions: [("op", op), ("outcome", outcome.rawValue)], factory: f)
+            }
+            latency[op] = CoreMetrics.Timer(label: "cairn_request_duration_seconds", dimensions: [("op", op)], factory: f)
+        }
+        self.requests = requests
+        self.latency = latency
+        inflight = CoreMetrics.Gauge(label: "cairn_inflight_requests", factory: f)
+        inflightLimit = CoreMetrics.Gauge(label: "cairn_inflight_requests_limit", factory: f)
+        inflightLimit.record(maxInflight)
+        protocolErrors = CoreMetrics.Counter(label: "cairn_protocol_errors_total", factory: f)
+        siblingsPruned = CoreMetrics.Counter(label: "cairn_siblings_pruned_total", factory: f)
+        supervisorRestarts = CoreMetrics.Counter(label: "cairn_supervisor_restarts_total", factory: f)
+        forwarded = CoreMetrics.Counter(label: "cairn_forwarded_requests_total", factory: f)
+        peersUp = CoreMetrics.Gauge(label: "cairn_peers_up", factory: f)
+        replicaRequests = CoreMetrics.Counter(label: "cairn_replica_requests_total", factory: f)
+        replicaFailures = CoreMetrics.Counter(label: "cairn_replica_request_failures_total", factory: f)
+        storageErrors = CoreMetrics.Counter(label: "cairn_storage_errors_total", factory: f)
+    }
+
+    func record(_ op: OperationKind, _ outcome: Outcome, since start: ContinuousClock.Instant) {
+        requests["\(op)/\(outcome.rawValue)"]?.increment()
+        latency["\(op)"]?.recordInterval(since: start)
+    }
+
+    /// The Prometheus text exposition of every metric.
+    public func exposition() -> String { registry.emitToString() }
+}
+
+extension CoreMetrics.Timer {
+    func recordInterval(since start: ContinuousClock.Instant) {
+        let d = ContinuousClock.now - start
+        let (s, atto) = d.components
+        recordNanoseconds(s.multipliedReportingOverflow(by: 1_000_000_000).partialValue &+ atto / 1_000_000_000)
+    }
+}

@@ -1,0 +1,127 @@
+import CairnCore
+import CairnWire
+import Logging
+import Synchronization
+
+/// The node's lifecycle as clients see it.
+public enum NodeState: String, Sendable {
+    /// Not yet serving: binding, recovering, connecting to peers.
+    case starting
+    case serving
+    /// Graceful shutdown: new requests are refused, in-flight ones finish.
+    case draining
+    case stopped
+}
+
+/// The bounded queue between connections and request work, and the group that runs it.
+///
+/// Bound: at most `limit` requests queued or running (`limits.max_inflight_requests`, gauge
+/// `cairn_inflight_requests`); beyond it requests are refused with `overloaded` at once.
+/// Supervision: every request (and the coordinator actor it creates) is a child task of `run()`,
+/// which returns after `finish()` once the last one has ended.
+final class RequestService: Sendable {
+    typealias Job = @Sendable () async -> Void
+    private let jobs: AsyncStream<Job>
+    private let continuation: AsyncStream<Job>.Continuation
+    private let inflight = Atomic<Int>(0)
+    let limit: Int
+    private let metrics: NodeMetrics
+
+    init(limit: Int, metrics: NodeMetrics) {
+        self.limit = limit
+        self.metrics = metrics
+        (jobs, continuation) = AsyncStream.makeStream(of: Job.self)
+    }
+
+    var inflightCount: Int { inflight.load(ordering: .relaxed) }
+
+    /// Queues `job`; false if the bound is reached or the service finished.
+    func submit(_ job: @escaping Job) -> Bool {
+        let now = inflight.wrappingAdd(1, ordering: .relaxed).newValue
+        if now > limit {
+            inflight.wrappingSubtract(1, ordering: .relaxed)
+            return false
+        }
+        metrics.inflight.record(now)
+        let wrapped: Job = { [self] in
+            await job()
+            let left = inflight.wrappingSubtract(1, ordering: .relaxed).newValue
+            metrics.inflight.record(left)
+        }
+        if case .terminated = continuation.yield(wrapped) {
+            inflight.wrappingSubtract(1, ordering: .relaxed)
+            return false
+        }
+        return true
+    }
+
+    func finish() { continuation.finish() }
+
+    func run() async {
+        await withDiscardingTaskGroup { group in
+            for await job in jobs {
+                group.addTask { await job() }
+            }
+        }
+    }
+}
+
+/// Implements the server side of the protocol: validates requests, routes them to a coordinator
+/// (or forwards writes to a replica), and serves internode replica operations.
+///
+/// Isolation: `dispatch` and `validateHello` run on a connection's event loop and only enqueue;
+/// the work runs in `RequestService`'s task group.
+final class Router: RequestDispatcher {
+    let core: NodeCore
+
+    init(core: NodeCore) { self.core = core }
+
+    func validateHello(_ hello: Hello) -> Result<Hello, ErrorReply> {
+        guard let view = core.view else { return .failure(ErrorReply(code: .notReady, message: "node \(core.config.name) is starting")) }
+        let mine = view.hello
+        guard hello.cluster == mine.cluster else {
+            return .failure(ErrorReply(code: .handshakeRejected, message: "cluster '\(hello.cluster)' is not this node's cluster '\(mine.cluster)'"))
+        }
+        guard let node = try? NodeName(hello.node), view.addresses[node] != nil else {
+            return .failure(ErrorReply(code: .handshakeRejected, message: "\(hello.node) is not a member of cluster \(mine.cluster)"))
+        }
+        guard hello.ringFingerprint == mine.ringFingerprint, hello.nVal == mine.nVal else {
+            return .failure(ErrorReply(code: .handshakeRejected, message:
+                "ring mismatch: \(hello.node) has fingerprint \(String(hello.ringFingerprint, radix: 16)) n_val \(hello.nVal), " +
+                "\(mine.node) has \(String(mine.ringFingerprint, radix: 16)) n_val \(mine.nVal); check cluster.members, ring_size and n_val"))
+        }
+        return .success(mine)
+    }
+
+    func recordProtocolError(_ error: WireError) {
+        core.metrics.protocolErrors.increment()
+        core.logger.debug("protocol error", metadata: ["error": "\(error)"])
+    }
+
+    func dispatch(_ envelope: Envelope, fromPeer: Bool, responder: Responder) {
+        switch core.state {
+        case .serving: break
+        case .starting: return responder.fail(ErrorReply(code: .notReady, message: "node \(core.config.name) is starting"))
+        case .draining, .stopped: return responder.fail(ErrorReply(code: .shuttingDown, message: "node \(core.config.name) is shutting down"))
+        }
+        let accepted = core.requests.submit { [core] in
+            await core.handle(envelope.message, fromPeer: fromPeer, responder: responder)
+        }
+        if !accepted {
+            if let op = envelope.message.operation { core.metrics.record(op, .overloaded, since: .now) }
+            responder.fail(ErrorReply(code: .overloaded, message:
+                "node \(core.config.name) has \(core.requests.limit) requests in flight (limits.max_inflight_requests); retry later"))
+        }
+    }
+}
+
+extension Message {
+    var operation: OperationKind? {
+        switch self {
+        case .get: .get
+        case .put: .put
+        case .delete: .delete
+        default: nil
+        }
+    }
+}

@@ -1,0 +1,64 @@
+public import CairnCore
+
+/// The seam between vnodes and the bytes on disk. One backend per node; keys are grouped by
+/// partition so a vnode's data is one contiguous range.
+///
+/// Contract:
+/// - `apply` makes a write visible to subsequent `get`s before it returns (it never suspends, so
+///   a vnode's read-modify-write is atomic within the vnode actor);
+/// - `waitDurable(token)` returns once that write is as durable as the backend's sync mode
+///   promises; a vnode acknowledges a write only after it returns;
+/// - any thrown error means the backend cannot be trusted: the vnode fails and is restarted by
+///   its supervisor.
+/// Implementations must be thread-safe.
+public protocol StorageBackend: Sendable {
+    func get(partition: PartitionID, key: [UInt8]) throws -> [UInt8]?
+    func apply(partition: PartitionID, key: [UInt8], value: [UInt8]) throws -> DurabilityToken
+    func waitDurable(_ token: DurabilityToken) async throws
+    /// Number of keys stored for `partition` (for metrics and tests).
+    func count(partition: PartitionID) throws -> Int
+    func close() async throws
+    /// Whether data survives a restart (decides whether the node keeps its actor epoch).
+    var isPersistent: Bool { get }
+}
+
+/// Identifies one applied write for `waitDurable`. Opaque to vnodes.
+public struct DurabilityToken: Hashable, Sendable {
+    public let sequence: UInt64
+    public init(sequence: UInt64) { self.sequence = sequence }
+}
+
+/// The in-memory backend: a dictionary per partition behind a lock. Not persistent: a node using
+/// it takes a fresh actor epoch on every start. Used by tests and by `node.storage = memory`.
+public final class MemoryBackend: StorageBackend {
+    private struct State {
+        var partitions: [PartitionID: [[UInt8]: [UInt8]]] = [:]
+        var sequence: UInt64 = 0
+    }
+
+    private let state = Locked(State())
+
+    public init() {}
+
+    public var isPersistent: Bool { false }
+
+    public func get(partition: PartitionID, key: [UInt8]) throws -> [UInt8]? {
+        state.withLock { $0.partitions[partition]?[key] }
+    }
+
+    public func apply(partition: PartitionID, key: [UInt8], value: [UInt8]) throws -> DurabilityToken {
+        state.withLock { s in
+            s.partitions[partition, default: [:]][key] = value
+            s.sequence &+= 1
+            return DurabilityToken(sequence: s.sequence)
+        }
+    }
+
+    public func waitDurable(_ token: DurabilityToken) async throws {}
+
+    public func count(partition: PartitionID) throws -> Int {
+        state.withLock { $0.partitions[partition]?.count ?? 0 }
+    }
+
+    public func close() async throws {}
+}

@@ -1,0 +1,158 @@
+public import CairnCore
+public import Logging
+
+/// The actor that serves one partition on this node: reads, coordinated (stamped) writes and
+/// replica merges for the keys of that partition.
+///
+/// Isolation: actor. A read-modify-write never suspends between its read and its `apply`, so
+/// writes to one key are serialized. Acknowledged only after the backend says durable.
+/// Supervision: `run()` lives as long as the vnode serves; a storage error marks the vnode failed
+/// and makes `run()` throw, so its supervisor restarts it with backoff (requests in between get
+/// `VnodeError.unavailable`).
+public actor Vnode: SupervisedChild {
+    public nonisolated let partition: PartitionID
+    public nonisolated let childName: String
+    private let backend: any StorageBackend
+    private let limits: Limits
+    private let metrics: NodeMetrics
+    private let logger: Logger
+    private var status: Status = .starting
+    private var failureSignal: AsyncStream<String>.Continuation?
+
+    enum Status: Equatable { case starting, serving, failed(String) }
+
+    public init(partition: PartitionID, backend: any StorageBackend, limits: Limits, metrics: NodeMetrics, logger: Logger) {
+        self.partition = partition
+        self.childName = "vnode-\(partition.index)"
+        self.backend = backend
+        self.limits = limits
+        self.metrics = metrics
+        self.logger = logger
+    }
+
+    public func run() async throws {
+        let (signals, continuation) = AsyncStream.makeStream(of: String.self)
+        failureSignal = continuation
+        status = .serving
+        for await reason in signals {
+            status = .failed(reason)
+            throw VnodeError.failed(partition: partition, reason: reason)
+        }
+        // Cancelled: stop serving.
+        status = .starting
+    }
+
+    // MARK: Operations
+
+    public func get(_ key: [UInt8]) throws(VnodeError) -> VersionedObject? {
+        try ensureServing()
+        return try load(key)
+    }
+
+    /// Stamps a client write with `actor` as the coordinator: the new value supersedes exactly
+    /// what `context` covers. Returns the stored object once durable.
+    public func coordinate(key: [UInt8], sibling: Sibling, context: VersionVector, actor: ActorID) async throws(VnodeError) -> VersionedObject {
+        try ensureServing()
+        var object = try load(key) ?? VersionedObject()
+        do {
+            try object.update(context: context, value: sibling, actor: actor)
+        } catch {
+            throw .rejected(error.description)
+        }
+        return try await store(key, object)
+    }
+
+    /// Merges a replica's object into ours (DVVSet sync). Returns the stored object once durable.
+    public func merge(key: [UInt8], object incoming: VersionedObject) async throws(VnodeError) -> VersionedObject {
+        try ensureServing()
+        let current = try load(key)
+        let merged = current.map { VersionedObject.sync($0, incoming) } ?? incoming
+        if merged == current, let current { return current }
+        return try await store(key, merged)
+    }
+
+    // MARK: Internals
+
+    private func ensureServing() throws(VnodeError) {
+        switch status {
+        case .serving: return
+        case .starting: throw .unavailable(partition: partition, reason: "starting")
+        case .failed(let why): throw .unavailable(partition: partition, reason: "restarting after: \(why)")
+        }
+    }
+
+    private func load(_ key: [UInt8]) throws(VnodeError) -> VersionedObject? {
+        let raw: [UInt8]?
+        do {
+            raw = try backend.get(partition: partition, key: key)
+        } catch {
+            throw fail("read failed: \(error)")
+        }
+        guard let raw else { return nil }
+        do {
+            return try VersionedObject.decode(raw, limits: limits)
+        } catch {
+            // A corrupt stored object is never served or spread; the vnode restarts.
+            throw fail("stored object for a key is corrupt: \(error)")
+        }
+    }
+
+    private func store(_ key: [UInt8], _ object: VersionedObject) async throws(VnodeError) -> VersionedObject {
+        var object = object
+        let pruned = object.prune(toAtMost: limits.maxSiblings)
+        if pruned > 0 {
+            metrics.siblingsPruned.increment(by: pruned)
+            logger.warning("sibling limit reached; oldest siblings pruned", metadata: [
+                "partition": "\(partition.index)", "pruned": "\(pruned)", "limit": "\(limits.maxSiblings)",
+            ])
+        }
+        do {
+            let token = try backend.apply(partition: partition, key: key, value: object.encoded())
+            try await backend.waitDurable(token)
+        } catch {
+            throw fail("write failed: \(error)")
+        }
+        return object
+    }
+
+    private func fail(_ reason: String) -> VnodeError {
+        metrics.storageErrors.increment()
+        logger.error("vnode storage failure", metadata: ["partition": "\(partition.index)", "reason": "\(reason)"])
+        if status == .serving {
+            status = .failed(reason)
+            failureSignal?.yield(reason)
+        }
+        return .storage(partition: partition, reason: reason)
+    }
+}
+
+public enum VnodeError: Error, Sendable, Hashable, CustomStringConvertible {
+    case unavailable(partition: PartitionID, reason: String)
+    case storage(partition: PartitionID, reason: String)
+    case failed(partition: PartitionID, reason: String)
+    case rejected(String)
+
+    public var description: String {
+        switch self {
+        case .unavailable(let p, let r): "vnode \(p.index) unavailable: \(r)"
+        case .storage(let p, let r): "vnode \(p.index) storage error: \(r)"
+        case .failed(let p, let r): "vnode \(p.index) failed: \(r)"
+        case .rejected(let r): "write rejected: \(r)"
+        }
+    }
+}
+
+/// The table of this node's vnodes, by partition. Thread-safe; lookups do not suspend.
+public final class VnodeTable: Sendable {
+    private let table = Locked<[PartitionID: Vnode]>([:])
+
+    public init() {}
+
+    public func vnode(for p: PartitionID) -> Vnode? { table.withLock { $0[p] } }
+
+    public func insert(_ v: Vnode) { table.withLock { $0[v.partition] = v } }
+
+    public var partitions: [PartitionID] { table.withLock { $0.keys.sorted() } }
+
+    public var count: Int { table.withLock { $0.count } }
+}

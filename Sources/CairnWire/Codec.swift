@@ -1,0 +1,332 @@
+public import CairnCore
+
+/// Why a frame could not be turned into a message. Carries the request id when the header was
+/// readable, so the receiver can answer the right request.
+public enum WireError: Error, Sendable, Hashable, CustomStringConvertible {
+    case frameTooLarge(length: UInt64, limit: Int)
+    case frameTooShort(length: Int)
+    case truncatedFrame(buffered: Int)
+    case unsupportedVersion(UInt8, requestID: UInt64)
+    case unknownType(UInt8, requestID: UInt64)
+    case malformed(String, requestID: UInt64)
+
+    public var description: String {
+        switch self {
+        case .frameTooLarge(let n, let limit): "frame of \(n) bytes exceeds limit \(limit)"
+        case .frameTooShort(let n): "frame of \(n) bytes is shorter than the \(WireCodec.headerBytes)-byte header"
+        case .truncatedFrame(let n): "connection closed inside a frame (\(n) bytes buffered)"
+        case .unsupportedVersion(let v, _): "unsupported protocol version \(v) (this node speaks \(WireCodec.protocolVersion))"
+        case .unknownType(let t, _): "unknown message type 0x\(String(t, radix: 16))"
+        case .malformed(let why, _): "malformed message: \(why)"
+        }
+    }
+
+    public var requestID: UInt64? {
+        switch self {
+        case .unsupportedVersion(_, let id), .unknownType(_, let id), .malformed(_, let id): id
+        default: nil
+        }
+    }
+
+    public var errorCode: ErrorCode {
+        switch self {
+        case .frameTooLarge: .frameTooLarge
+        case .frameTooShort, .truncatedFrame, .malformed: .malformed
+        case .unsupportedVersion: .unsupportedVersion
+        case .unknownType: .unknownMessage
+        }
+    }
+}
+
+/// The hand-written binary codec (Docs/wire-protocol.md). Pure: bytes in, messages out.
+public enum WireCodec {
+    public static let protocolVersion: UInt8 = 1
+    /// version:u8 type:u8 request-id:u64
+    public static let headerBytes = 10
+    /// The length prefix before each body.
+    public static let lengthBytes = 4
+
+    // MARK: Encoding
+
+    /// The whole frame: `length:u32be` then the body.
+    public static func encodeFrame(_ envelope: Envelope) -> [UInt8] {
+        let body = encodeBody(envelope)
+        var w = ByteWriter(capacity: body.count + lengthBytes)
+        w.writeU32(UInt32(clamping: body.count))
+        w.writeRaw(body)
+        return w.bytes
+    }
+
+    public static func encodeBody(_ envelope: Envelope) -> [UInt8] {
+        var w = ByteWriter(capacity: 64)
+        w.writeU8(protocolVersion)
+        w.writeU8(envelope.message.type.rawValue)
+        w.writeU64(envelope.requestID)
+        encodePayload(envelope.message, into: &w)
+        return w.bytes
+    }
+
+    static func encodePayload(_ m: Message, into w: inout ByteWriter) {
+        switch m {
+        case .get(let g):
+            w.writeBlob(g.key)
+            encode(g.options, into: &w)
+        case .put(let p):
+            w.writeU8(p.forwarded ? 1 : 0)
+            w.writeBlob(p.key)
+            w.writeBlob(p.context.vector.isEmpty ? [] : p.context.bytes)
+            w.writeBlob(p.value)
+            encode(p.options, into: &w)
+        case .delete(let d):
+            w.writeU8(d.forwarded ? 1 : 0)
+            w.writeBlob(d.key)
+            w.writeBlob(d.context.vector.isEmpty ? [] : d.context.bytes)
+            encode(d.options, into: &w)
+        case .members, .ping, .pong, .replicaPutAck:
+            break
+        case .getReply(let r):
+            w.writeU8(r.found ? 1 : 0)
+            w.writeBlob(r.context.vector.isEmpty ? [] : r.context.bytes)
+            w.writeVarint(r.siblings.count)
+            for s in r.siblings {
+                w.writeU8(s.isTombstone ? 1 : 0)
+                w.writeVarint(s.timestampMillis)
+                if !s.isTombstone { w.writeBlob(s.value) }
+            }
+        case .writeReply(let r):
+            w.writeBlob(r.context.vector.isEmpty ? [] : r.context.bytes)
+        case .membersReply(let members):
+            w.writeVarint(members.count)
+            for m in members {
+                w.writeString(m.name)
+                w.writeString(m.address)
+                w.writeVarint(m.ownedPartitions)
+                w.writeVarint(m.replicatedPartitions)
+                w.writeU8(m.state.rawValue)
+            }
+        case .error(let e):
+            w.writeU16(e.code.rawValue)
+            w.writeString(e.message)
+            if let q = e.quorum {
+                w.writeU8(1)
+                encode(q, into: &w)
+            } else {
+                w.writeU8(0)
+            }
+        case .hello(let h), .helloAck(let h):
+            w.writeString(h.cluster)
+            w.writeString(h.node)
+            w.writeU64(h.ringFingerprint)
+            w.writeVarint(h.nVal)
+        case .replicaGet(let g):
+            w.writeU32(g.partition.index)
+            w.writeBlob(g.key)
+        case .replicaGetReply(let r):
+            if let o = r.object {
+                w.writeU8(1)
+                w.writeBlob(o.encoded())
+            } else {
+                w.writeU8(0)
+            }
+        case .replicaPut(let p):
+            w.writeU32(p.partition.index)
+            w.writeBlob(p.key)
+            w.writeBlob(p.object.encoded())
+        }
+    }
+
+    static func encode(_ o: RequestOptions, into w: inout ByteWriter) {
+        for q in [o.r, o.w, o.pr, o.pw] {
+            switch q {
+            case nil: w.writeU8(0)
+            case .quorum: w.writeU8(1)
+            case .all: w.writeU8(2)
+            case .count(let n):
+                w.writeU8(3)
+                w.writeU8(UInt8(clamping: n))
+            }
+        }
+        w.writeU32(o.timeoutMillis ?? 0)
+    }
+
+    static func encode(_ q: QuorumFailure, into w: inout ByteWriter) {
+        w.writeU8(q.kind.rawValue)
+        w.writeU8(q.operation.rawValue)
+        w.writeString(q.requirement)
+        w.writeVarint(q.required)
+        w.writeVarint(q.achieved)
+        w.writeVarint(q.candidates)
+        w.writeVarint(q.replicas.count)
+        for r in q.replicas {
+            w.writeString(r.node)
+            w.writeString(r.address)
+            w.writeU8(r.isPrimary ? 1 : 0)
+            switch r.outcome {
+            case .acknowledged: w.writeU8(0)
+            case .notSent(let s): w.writeU8(1); w.writeString(s)
+            case .timedOut(let ms): w.writeU8(2); w.writeU32(ms)
+            case .connectionLost(let s): w.writeU8(3); w.writeString(s)
+            case .failed(let s): w.writeU8(4); w.writeString(s)
+            }
+        }
+    }
+
+    // MARK: Decoding
+
+    /// Decodes one frame body (everything after the length prefix). Throws `WireError`, never traps.
+    public static func decodeBody(_ body: [UInt8], limits: Limits) throws(WireError) -> Envelope {
+        guard body.count >= headerBytes else { throw .frameTooShort(length: body.count) }
+        var r = ByteReader(body)
+        do {
+            let version = try r.readU8()
+            let rawType = try r.readU8()
+            let id = try r.readU64()
+            guard version == protocolVersion else { throw WireError.unsupportedVersion(version, requestID: id) }
+            guard let type = MessageType(rawValue: rawType) else { throw WireError.unknownType(rawType, requestID: id) }
+            do {
+                let message = try decodePayload(type, &r, limits)
+                try r.expectEnd("\(type) message")
+                return Envelope(requestID: id, message: message)
+            } catch let e as DecodeError {
+                throw WireError.malformed(e.reason, requestID: id)
+            }
+        } catch let e as WireError {
+            throw e
+        } catch {
+            throw .frameTooShort(length: body.count)
+        }
+    }
+
+    static let maxShortString = 4096
+    static let maxMembers = 4096
+
+    static func decodePayload(_ type: MessageType, _ r: inout ByteReader, _ limits: Limits) throws -> Message {
+        switch type {
+        case .get:
+            let key = try readKey(&r, limits)
+            return .get(GetRequest(key: key, options: try decodeOptions(&r)))
+        case .put:
+            let flags = try r.readU8("flags")
+            let key = try readKey(&r, limits)
+            let ctx = try CausalContext(bytes: r.readBlob("context", limit: limits.maxContextBytes), limits: limits)
+            let value = try r.readBlob("value", limit: limits.maxValueBytes)
+            return .put(PutRequest(key: key, value: value, context: ctx, options: try decodeOptions(&r), forwarded: flags & 1 == 1))
+        case .delete:
+            let flags = try r.readU8("flags")
+            let key = try readKey(&r, limits)
+            let ctx = try CausalContext(bytes: r.readBlob("context", limit: limits.maxContextBytes), limits: limits)
+            return .delete(DeleteRequest(key: key, context: ctx, options: try decodeOptions(&r), forwarded: flags & 1 == 1))
+        case .members: return .members
+        case .ping: return .ping
+        case .pong: return .pong
+        case .replicaPutAck: return .replicaPutAck
+        case .getReply:
+            let found = try r.readU8("found") == 1
+            let ctx = try CausalContext(bytes: r.readBlob("context", limit: limits.maxContextBytes), limits: limits)
+            let n = try r.readCount("sibling count", limit: min(limits.maxSiblingsOnDecode, r.remaining / 2))
+            var siblings: [Sibling] = []
+            siblings.reserveCapacity(n)
+            for _ in 0..<n {
+                let flags = try r.readU8("sibling flags")
+                let ts = try r.readVarint("timestamp")
+                if flags & 1 == 1 {
+                    siblings.append(.tombstone(timestampMillis: ts))
+                } else {
+                    siblings.append(Sibling(value: try r.readBlob("value", limit: limits.maxValueBytes), timestampMillis: ts))
+                }
+            }
+            return .getReply(GetReply(found: found, siblings: siblings, context: ctx))
+        case .writeReply:
+            return .writeReply(WriteReply(context: try CausalContext(bytes: r.readBlob("context", limit: limits.maxContextBytes), limits: limits)))
+        case .membersReply:
+            let n = try r.readCount("member count", limit: min(maxMembers, r.remaining / 5))
+            var out: [MemberInfo] = []
+            for _ in 0..<n {
+                let name = try r.readString("name", limit: maxShortString)
+                let address = try r.readString("address", limit: maxShortString)
+                let owned = try r.readCount("owned", limit: Int(Int32.max))
+                let replicated = try r.readCount("replicated", limit: Int(Int32.max))
+                guard let state = MemberInfo.State(rawValue: try r.readU8("state")) else { throw DecodeError("unknown member state") }
+                out.append(MemberInfo(name: name, address: address, ownedPartitions: owned, replicatedPartitions: replicated, state: state))
+            }
+            return .membersReply(out)
+        case .error:
+            let raw = try r.readU16("error code")
+            let code = ErrorCode(rawValue: raw) ?? .internalError
+            let message = try r.readString("error message", limit: 1 << 16)
+            let hasQuorum = try r.readU8("quorum flag")
+            let quorum = hasQuorum == 1 ? try decodeQuorumFailure(&r) : nil
+            return .error(ErrorReply(code: code, message: message, quorum: quorum))
+        case .hello, .helloAck:
+            let cluster = try r.readString("cluster", limit: 255)
+            let node = try r.readString("node", limit: 255)
+            let fp = try r.readU64("ring fingerprint")
+            let nVal = try r.readCount("n_val", limit: 255)
+            let h = Hello(cluster: cluster, node: node, ringFingerprint: fp, nVal: nVal)
+            return type == .hello ? .hello(h) : .helloAck(h)
+        case .replicaGet:
+            let p = PartitionID(try r.readU32("partition"))
+            return .replicaGet(ReplicaGet(partition: p, key: try readKey(&r, limits)))
+        case .replicaGetReply:
+            if try r.readU8("found") == 1 {
+                let raw = try r.readBlob("object", limit: limits.maxFrameBytes)
+                return .replicaGetReply(ReplicaGetReply(object: try VersionedObject.decode(raw, limits: limits)))
+            }
+            return .replicaGetReply(ReplicaGetReply(object: nil))
+        case .replicaPut:
+            let p = PartitionID(try r.readU32("partition"))
+            let key = try readKey(&r, limits)
+            let raw = try r.readBlob("object", limit: limits.maxFrameBytes)
+            return .replicaPut(ReplicaPut(partition: p, key: key, object: try VersionedObject.decode(raw, limits: limits)))
+        }
+    }
+
+    static func readKey(_ r: inout ByteReader, _ limits: Limits) throws -> [UInt8] {
+        let key = try r.readBlob("key", limit: limits.maxKeyBytes)
+        guard !key.isEmpty else { throw DecodeError("key is empty") }
+        return key
+    }
+
+    static func decodeOptions(_ r: inout ByteReader) throws -> RequestOptions {
+        var qs: [Quorum?] = []
+        for name in ["r", "w", "pr", "pw"] {
+            switch try r.readU8(name) {
+            case 0: qs.append(nil)
+            case 1: qs.append(.quorum)
+            case 2: qs.append(.all)
+            case 3: qs.append(.count(Int(try r.readU8(name))))
+            case let t: throw DecodeError("unknown quorum tag \(t) for \(name)")
+            }
+        }
+        let timeout = try r.readU32("timeout")
+        return RequestOptions(r: qs[0], w: qs[1], pr: qs[2], pw: qs[3], timeoutMillis: timeout == 0 ? nil : timeout)
+    }
+
+    static func decodeQuorumFailure(_ r: inout ByteReader) throws -> QuorumFailure {
+        guard let kind = QuorumFailure.Kind(rawValue: try r.readU8("quorum kind")) else { throw DecodeError("unknown quorum failure kind") }
+        guard let op = OperationKind(rawValue: try r.readU8("operation")) else { throw DecodeError("unknown operation") }
+        let requirement = try r.readString("requirement", limit: 8)
+        let required = try r.readCount("required", limit: 255)
+        let achieved = try r.readCount("achieved", limit: 255)
+        let candidates = try r.readCount("candidates", limit: 255)
+        let n = try r.readCount("replica count", limit: min(255, r.remaining / 4))
+        var replicas: [ReplicaReport] = []
+        for _ in 0..<n {
+            let node = try r.readString("node", limit: maxShortString)
+            let address = try r.readString("address", limit: maxShortString)
+            let primary = try r.readU8("primary") == 1
+            let outcome: ReplicaOutcome
+            switch try r.readU8("outcome") {
+            case 0: outcome = .acknowledged
+            case 1: outcome = .notSent(try r.readString("reason", limit: maxShortString))
+            case 2: outcome = .timedOut(afterMillis: try r.readU32("timeout"))
+            case 3: outcome = .connectionLost(try r.readString("reason", limit: maxShortString))
+            case 4: outcome = .failed(try r.readString("reason", limit: maxShortString))
+            case let t: throw DecodeError("unknown replica outcome \(t)")
+            }
+            replicas.append(ReplicaReport(node: node, address: address, isPrimary: primary, outcome: outcome))
+        }
+        return QuorumFailure(kind: kind, operation: op, requirement: requirement, required: required, achieved: achieved,
+                             candidates: candidates, replicas: replicas)
+    }
+}

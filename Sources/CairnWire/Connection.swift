@@ -1,0 +1,213 @@
+public import NIOCore
+import NIOPosix
+public import CairnCore
+
+/// Why a request over a `Connection` got no reply. The cases separate "certainly not delivered"
+/// from "outcome unknown", which the coordinator and the client must report truthfully.
+public enum ConnectionError: Error, Sendable, Hashable, CustomStringConvertible {
+    /// Could not connect: nothing was sent.
+    case connectFailed(String)
+    /// The request was not written to the socket: it was certainly not delivered.
+    case notSent(String)
+    /// The connection closed after the request was written: it may have been delivered.
+    case lost(String)
+    /// No reply before the deadline: it may have been delivered.
+    case timedOut(afterMillis: UInt32)
+    /// Too many requests already waiting on this connection (`maxPending`): not sent.
+    case tooManyPending(Int)
+    /// The peer answered with bytes we could not decode.
+    case protocolViolation(String)
+
+    /// True when the request certainly did not reach the peer.
+    public var certainlyNotDelivered: Bool {
+        switch self {
+        case .connectFailed, .notSent, .tooManyPending: true
+        case .lost, .timedOut, .protocolViolation: false
+        }
+    }
+
+    public var description: String {
+        switch self {
+        case .connectFailed(let s): "connect failed: \(s)"
+        case .notSent(let s): "not sent: \(s)"
+        case .lost(let s): "connection lost: \(s)"
+        case .timedOut(let ms): "timed out after \(ms) ms"
+        case .tooManyPending(let n): "\(n) requests already pending on the connection"
+        case .protocolViolation(let s): "protocol violation: \(s)"
+        }
+    }
+}
+
+/// A request on its way into the multiplexer.
+struct OutboundRequest {
+    let message: Message
+    let timeoutMillis: UInt32
+    let promise: EventLoopPromise<Message>
+}
+
+/// Assigns request ids, writes frames, and matches replies to waiting requests by id; fails each
+/// waiting request exactly once on timeout or connection loss.
+///
+/// Isolation: a channel handler; all state is touched on the channel's event loop only.
+/// Bound: at most `maxPending` requests wait at once (`transport.max_pending_per_connection`).
+final class RequestMultiplexer: ChannelDuplexHandler {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundIn = OutboundRequest
+    typealias OutboundOut = ByteBuffer
+
+    private struct Waiting {
+        let promise: EventLoopPromise<Message>
+        let timeout: Scheduled<Void>
+    }
+
+    private var waiting: [UInt64: Waiting] = [:]
+    private var nextID: UInt64 = 1
+    private let maxPending: Int
+    private let limits: Limits
+    private var closed = false
+
+    init(maxPending: Int, limits: Limits) {
+        self.maxPending = maxPending
+        self.limits = limits
+    }
+
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        let request = unwrapOutboundIn(data)
+        if closed {
+            request.promise.fail(ConnectionError.notSent("connection closed"))
+            promise?.fail(ConnectionError.notSent("connection closed"))
+            return
+        }
+        if waiting.count >= maxPending {
+            request.promise.fail(ConnectionError.tooManyPending(waiting.count))
+            promise?.fail(ConnectionError.tooManyPending(waiting.count))
+            return
+        }
+        let id = nextID
+        nextID &+= 1  // 2^64 requests per connection will not happen; wrapping is harmless anyway.
+        let ms = request.timeoutMillis
+        let loop = context.eventLoop.assumeIsolated()
+        let timeout = loop.scheduleTask(in: .milliseconds(Int64(ms))) {
+            if let w = self.waiting.removeValue(forKey: id) { w.promise.fail(ConnectionError.timedOut(afterMillis: ms)) }
+        }
+        waiting[id] = Waiting(promise: request.promise, timeout: timeout)
+        let written = context.eventLoop.makePromise(of: Void.self)
+        written.futureResult.assumeIsolated().whenComplete { result in
+            if case .failure(let error) = result, let w = self.waiting.removeValue(forKey: id) {
+                w.timeout.cancel()
+                w.promise.fail(ConnectionError.notSent("\(error)"))
+            }
+            promise?.completeWith(result)
+        }
+        let frame = context.channel.allocator.frame(Envelope(requestID: id, message: request.message))
+        context.write(wrapOutboundOut(frame), promise: written)
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var body = unwrapInboundIn(data)
+        let bytes = body.readBytes(length: body.readableBytes) ?? []
+        do {
+            let envelope = try WireCodec.decodeBody(bytes, limits: limits)
+            if let w = waiting.removeValue(forKey: envelope.requestID) {
+                w.timeout.cancel()
+                w.promise.succeed(envelope.message)
+            }
+            // A reply for an id no longer waiting arrived after its timeout: dropped.
+        } catch {
+            if let id = error.requestID, let w = waiting.removeValue(forKey: id) {
+                w.timeout.cancel()
+                w.promise.fail(ConnectionError.protocolViolation(error.description))
+            } else {
+                context.close(promise: nil)
+            }
+        }
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        closed = true
+        let all = waiting
+        waiting = [:]
+        for w in all.values {
+            w.timeout.cancel()
+            w.promise.fail(ConnectionError.lost("connection closed"))
+        }
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        context.close(promise: nil)
+    }
+}
+
+/// One multiplexed TCP connection to a node: many requests in flight, replies matched by id.
+///
+/// Thread-safe. A `Connection` never reconnects; callers (the client pool, the node's peer links)
+/// replace it when `isActive` turns false.
+public final class Connection: Sendable {
+    public let channel: any Channel
+    /// "host:port" of the remote end, for messages.
+    public let remote: String
+
+    init(channel: any Channel, remote: String) {
+        self.channel = channel
+        self.remote = remote
+    }
+
+    public static func connect(host: String, port: Int, group: any EventLoopGroup, limits: Limits,
+                               maxPending: Int = 4096, connectTimeout: TimeAmount = .seconds(2)) async throws(ConnectionError) -> Connection {
+        let bootstrap = ClientBootstrap(group: group)
+            .connectTimeout(connectTimeout)
+            .channelOption(.socketOption(.tcp_nodelay), value: 1)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(FrameDecoder.handler(limits: limits))
+                    try channel.pipeline.syncOperations.addHandler(RequestMultiplexer(maxPending: maxPending, limits: limits))
+                }
+            }
+        do {
+            let channel = try await bootstrap.connect(host: host, port: port).get()
+            return Connection(channel: channel, remote: "\(host):\(port)")
+        } catch {
+            throw .connectFailed("\(host):\(port): \(Self.describe(error))")
+        }
+    }
+
+    public var isActive: Bool { channel.isActive }
+
+    /// Sends `message` and waits for its reply, at most `timeoutMillis`.
+    public func request(_ message: Message, timeoutMillis: UInt32) async throws(ConnectionError) -> Message {
+        let promise = channel.eventLoop.makePromise(of: Message.self)
+        let request = OutboundRequest(message: message, timeoutMillis: max(timeoutMillis, 1), promise: promise)
+        channel.writeAndFlush(request).whenFailure { error in
+            // Failed before the multiplexer took it (channel already closed): not delivered.
+            promise.fail((error as? ConnectionError) ?? ConnectionError.notSent(Self.describe(error)))
+        }
+        do {
+            return try await promise.futureResult.get()
+        } catch let e as ConnectionError {
+            throw e
+        } catch {
+            throw .lost(Self.describe(error))
+        }
+    }
+
+    public func close() {
+        channel.close(promise: nil)
+    }
+
+    static func describe(_ error: any Error) -> String {
+        if let e = error as? IOError { return e.description }
+        if let e = error as? ChannelError {
+            switch e {
+            case .connectTimeout(let t): return "connect timed out after \(t.nanoseconds / 1_000_000) ms"
+            case .ioOnClosedChannel, .alreadyClosed: return "connection closed"
+            default: return "\(e)"
+            }
+        }
+        if let e = error as? NIOConnectionError {
+            if let first = e.connectionErrors.first { return describe(first.error) }
+            return "could not resolve \(e.host)"
+        }
+        return "\(error)"
+    }
+}

@@ -1,0 +1,219 @@
+public import CairnCore
+
+/// One message enum for client and internode traffic. Every frame carries exactly one.
+/// Byte grammar: Docs/wire-protocol.md.
+public enum Message: Hashable, Sendable {
+    // Client requests (any node accepts them).
+    case get(GetRequest)
+    case put(PutRequest)
+    case delete(DeleteRequest)
+    case members
+    case ping
+    // Replies to clients.
+    case getReply(GetReply)
+    case writeReply(WriteReply)
+    case membersReply([MemberInfo])
+    case pong
+    case error(ErrorReply)
+    // Internode (only after a successful `hello` on the connection).
+    case hello(Hello)
+    case helloAck(Hello)
+    case replicaGet(ReplicaGet)
+    case replicaGetReply(ReplicaGetReply)
+    case replicaPut(ReplicaPut)
+    case replicaPutAck
+
+    public var type: MessageType {
+        switch self {
+        case .get: .get
+        case .put: .put
+        case .delete: .delete
+        case .members: .members
+        case .ping: .ping
+        case .getReply: .getReply
+        case .writeReply: .writeReply
+        case .membersReply: .membersReply
+        case .pong: .pong
+        case .error: .error
+        case .hello: .hello
+        case .helloAck: .helloAck
+        case .replicaGet: .replicaGet
+        case .replicaGetReply: .replicaGetReply
+        case .replicaPut: .replicaPut
+        case .replicaPutAck: .replicaPutAck
+        }
+    }
+}
+
+/// The message type byte. 0x01–0x1F client requests, 0x20–0x3F internode requests,
+/// 0x40–0x7F replies.
+public enum MessageType: UInt8, Sendable, CaseIterable {
+    case get = 0x01, put = 0x02, delete = 0x03, members = 0x04, ping = 0x05
+    case hello = 0x20, replicaGet = 0x21, replicaPut = 0x22
+    case getReply = 0x41, writeReply = 0x42, membersReply = 0x44, pong = 0x45
+    case helloAck = 0x60, replicaGetReply = 0x61, replicaPutAck = 0x62
+    case error = 0x7F
+
+    public var isInternode: Bool { rawValue >= 0x20 && rawValue < 0x40 }
+    public var isRequest: Bool { rawValue < 0x40 }
+}
+
+public struct GetRequest: Hashable, Sendable {
+    public var key: [UInt8]
+    public var options: RequestOptions
+    public init(key: [UInt8], options: RequestOptions = .init()) {
+        self.key = key
+        self.options = options
+    }
+}
+
+public struct PutRequest: Hashable, Sendable {
+    public var key: [UInt8]
+    public var value: [UInt8]
+    public var context: CausalContext
+    public var options: RequestOptions
+    /// Set by a node that forwarded the request to a replica: the receiver must coordinate it.
+    public var forwarded: Bool
+    public init(key: [UInt8], value: [UInt8], context: CausalContext = .empty, options: RequestOptions = .init(), forwarded: Bool = false) {
+        self.key = key
+        self.value = value
+        self.context = context
+        self.options = options
+        self.forwarded = forwarded
+    }
+}
+
+public struct DeleteRequest: Hashable, Sendable {
+    public var key: [UInt8]
+    public var context: CausalContext
+    public var options: RequestOptions
+    public var forwarded: Bool
+    public init(key: [UInt8], context: CausalContext = .empty, options: RequestOptions = .init(), forwarded: Bool = false) {
+        self.key = key
+        self.context = context
+        self.options = options
+        self.forwarded = forwarded
+    }
+}
+
+public struct GetReply: Hashable, Sendable {
+    /// False when no replica holds a value or every value is a tombstone.
+    public var found: Bool
+    /// Every sibling, tombstones included (so a caller can see a delete that raced a write).
+    public var siblings: [Sibling]
+    public var context: CausalContext
+    public init(found: Bool, siblings: [Sibling], context: CausalContext) {
+        self.found = found
+        self.siblings = siblings
+        self.context = context
+    }
+}
+
+public struct WriteReply: Hashable, Sendable {
+    public var context: CausalContext
+    public init(context: CausalContext) { self.context = context }
+}
+
+public struct MemberInfo: Hashable, Sendable {
+    public enum State: UInt8, Sendable { case up = 1, down = 2, this = 3 }
+    public var name: String
+    public var address: String
+    /// Partitions this node claims (owns as first in the preference list).
+    public var ownedPartitions: Int
+    /// Partitions whose preference list includes this node (its vnodes).
+    public var replicatedPartitions: Int
+    public var state: State
+    public init(name: String, address: String, ownedPartitions: Int, replicatedPartitions: Int, state: State) {
+        self.name = name
+        self.address = address
+        self.ownedPartitions = ownedPartitions
+        self.replicatedPartitions = replicatedPartitions
+        self.state = state
+    }
+}
+
+/// Error codes on the wire. Clients map them to typed errors.
+public enum ErrorCode: UInt16, Sendable, Hashable {
+    case malformed = 1
+    case unsupportedVersion = 2
+    case frameTooLarge = 3
+    case unknownMessage = 4
+    case invalidArgument = 5
+    case unavailable = 6
+    case notReached = 7
+    case timeout = 8
+    case overloaded = 9
+    case notReady = 10
+    case handshakeRequired = 11
+    case handshakeRejected = 12
+    case notAReplica = 13
+    case storage = 14
+    case shuttingDown = 15
+    case internalError = 16
+}
+
+public struct ErrorReply: Hashable, Sendable, Error, CustomStringConvertible {
+    public var code: ErrorCode
+    public var message: String
+    /// Present for `unavailable` and `notReached`.
+    public var quorum: QuorumFailure?
+    public init(code: ErrorCode, message: String, quorum: QuorumFailure? = nil) {
+        self.code = code
+        self.message = message
+        self.quorum = quorum
+    }
+
+    public init(_ failure: QuorumFailure) {
+        self.init(code: failure.kind == .unavailable ? .unavailable : .notReached, message: failure.description, quorum: failure)
+    }
+
+    public var description: String { message }
+}
+
+public struct Hello: Hashable, Sendable {
+    public var cluster: String
+    public var node: String
+    public var ringFingerprint: UInt64
+    public var nVal: Int
+    public init(cluster: String, node: String, ringFingerprint: UInt64, nVal: Int) {
+        self.cluster = cluster
+        self.node = node
+        self.ringFingerprint = ringFingerprint
+        self.nVal = nVal
+    }
+}
+
+public struct ReplicaGet: Hashable, Sendable {
+    public var partition: PartitionID
+    public var key: [UInt8]
+    public init(partition: PartitionID, key: [UInt8]) {
+        self.partition = partition
+        self.key = key
+    }
+}
+
+public struct ReplicaGetReply: Hashable, Sendable {
+    public var object: VersionedObject?
+    public init(object: VersionedObject?) { self.object = object }
+}
+
+public struct ReplicaPut: Hashable, Sendable {
+    public var partition: PartitionID
+    public var key: [UInt8]
+    public var object: VersionedObject
+    public init(partition: PartitionID, key: [UInt8], object: VersionedObject) {
+        self.partition = partition
+        self.key = key
+        self.object = object
+    }
+}
+
+/// A message with its frame header fields.
+public struct Envelope: Hashable, Sendable {
+    public var requestID: UInt64
+    public var message: Message
+    public init(requestID: UInt64, message: Message) {
+        self.requestID = requestID
+        self.message = message
+    }
+}

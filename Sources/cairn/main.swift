@@ -1,0 +1,313 @@
+import ArgumentParser
+import CairnClient
+import CairnCore
+import CairnWire
+import Foundation
+
+/// Options every data verb shares.
+struct ConnectionOptions: ParsableArguments {
+    @Option(name: .customLong("node"), help: "A node to talk to, host:port (repeatable or comma-separated). Default: $CAIRN_NODES or 127.0.0.1:7401.")
+    var nodes: [String] = []
+
+    @Option(help: "Request timeout in milliseconds.")
+    var timeout: UInt32?
+
+    @Flag(help: "Print one JSON object instead of text for people.")
+    var json = false
+
+    var seeds: [String] {
+        let given = nodes.flatMap { $0.split(separator: ",").map { String($0).trimmingCharacters(in: .whitespaces) } }
+        if !given.isEmpty { return given }
+        if let env = ProcessInfo.processInfo.environment["CAIRN_NODES"], !env.isEmpty {
+            return env.split(separator: ",").map(String.init)
+        }
+        return ["127.0.0.1:7401"]
+    }
+
+    func connect() async throws -> CairnClient {
+        var config = CairnClient.Configuration()
+        if let timeout { config.defaultTimeoutMillis = timeout }
+        do {
+            return try await CairnClient.connect(seeds: seeds, configuration: config)
+        } catch {
+            throw CLIFailure(error, json: json)
+        }
+    }
+}
+
+struct QuorumOption: ExpressibleByArgument {
+    let quorum: Quorum
+    init?(argument: String) {
+        guard let q = try? Quorum(parsing: argument) else { return nil }
+        quorum = q
+    }
+}
+
+/// A failure that maps to the documented exit codes: 2 not found, 3 quorum not reached /
+/// unavailable / outcome unknown, 1 anything else.
+struct CLIFailure: Error {
+    let error: CairnError
+    let json: Bool
+    init(_ error: CairnError, json: Bool) {
+        self.error = error
+        self.json = json
+    }
+
+    var exitCode: Int32 {
+        switch error {
+        case .notFound: 2
+        case .unavailable, .quorumNotReached, .timeout: 3
+        default: 1
+        }
+    }
+
+    var kind: String {
+        switch error {
+        case .notFound: "not_found"
+        case .unavailable: "unavailable"
+        case .quorumNotReached: "not_reached"
+        case .timeout: "timeout"
+        case .invalidArgument: "invalid_argument"
+        case .overloaded: "overloaded"
+        case .noNodeReachable: "no_node_reachable"
+        case .server: "server_error"
+        }
+    }
+}
+
+@main
+struct Cairn: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "cairn",
+        abstract: "Talk to a Cairn cluster.",
+        discussion: "Exit codes: 0 success, 2 not found (get), 3 quorum not reached or unavailable or outcome unknown, 1 other errors.",
+        subcommands: [Get.self, Put.self, Delete.self, Members.self])
+
+    /// `--node` may come before the verb (`cairn --node X get k`): move such options after it.
+    static func reorder(_ args: [String]) -> [String] {
+        var leading: [String] = []
+        var rest = args
+        while let first = rest.first, first.hasPrefix("--") {
+            if first.contains("=") || rest.count < 2 {
+                leading.append(rest.removeFirst())
+            } else if first == "--json" {
+                leading.append(rest.removeFirst())
+            } else {
+                leading.append(rest.removeFirst())
+                leading.append(rest.removeFirst())
+            }
+        }
+        guard let verb = rest.first else { return args }
+        return [verb] + leading + rest.dropFirst()
+    }
+
+    static func main() async {
+        let args = reorder(Array(CommandLine.arguments.dropFirst()))
+        do {
+            var command = try parseAsRoot(args)
+            if var async = command as? any AsyncParsableCommand {
+                try await async.run()
+            } else {
+                try command.run()
+            }
+        } catch let failure as CLIFailure {
+            let message = failure.error.description.replacingOccurrences(of: "\n", with: " ")
+            FileHandle.standardError.write(Data("cairn: \(message)\n".utf8))
+            if failure.json, case .notFound = failure.error {} else if failure.json {
+                print(JSON.object([("error", JSON.object([("kind", .string(failure.kind)), ("message", .string(message))]))]).text)
+            }
+            Foundation.exit(failure.exitCode)
+        } catch {
+            exit(withError: error)
+        }
+    }
+}
+
+struct Get: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Read a key: every sibling and the causal context.")
+    @OptionGroup var connection: ConnectionOptions
+    @Argument(help: "The key (UTF-8).") var key: String
+    @Option(help: "Replicas that must answer: a number, quorum, all.") var r: QuorumOption?
+    @Option(help: "Of those, how many must be primaries.") var pr: QuorumOption?
+
+    func run() async throws {
+        let client = try await connection.connect()
+        defer { client.close() }
+        let options = RequestOptions(r: r?.quorum, pr: pr?.quorum, timeoutMillis: connection.timeout)
+        do {
+            let result = try await client.get(Array(key.utf8), options: options)
+            if connection.json {
+                print(JSON.object([("found", .bool(true)), ("siblings", .array(result.siblings.map(JSON.sibling))),
+                                   ("context", .string(result.context.token))]).text)
+            } else {
+                if result.siblings.count == 1, let s = result.siblings.first {
+                    print(Self.show(s))
+                } else {
+                    print("\(result.siblings.count) siblings:")
+                    for (i, s) in result.siblings.enumerated() { print("  [\(i + 1)] \(Self.show(s))") }
+                }
+                print("context: \(result.context.token)")
+            }
+        } catch {
+            if case .notFound(let ctx) = error {
+                if connection.json {
+                    print(JSON.object([("found", .bool(false)), ("siblings", .array([])), ("context", .string(ctx.token))]).text)
+                } else if !ctx.vector.isEmpty {
+                    print("context: \(ctx.token)")
+                }
+            }
+            throw CLIFailure(error, json: connection.json)
+        }
+    }
+
+    static func show(_ s: Sibling) -> String {
+        if s.isTombstone { return "(deleted)" }
+        if let text = String(validating: s.value, as: UTF8.self) { return text }
+        return "base64:" + Base64URL.encodeStandard(s.value)
+    }
+}
+
+struct Put: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Write a value; pass --context from an earlier read to supersede what it saw.")
+    @OptionGroup var connection: ConnectionOptions
+    @Argument(help: "The key (UTF-8).") var key: String
+    @Argument(help: "The value, or - to read it from stdin.") var value: String
+    @Option(help: "The context token from an earlier get.") var context: String?
+    @Option(help: "Replicas that must acknowledge: a number, quorum, all.") var w: QuorumOption?
+    @Option(help: "Of those, how many must be primaries.") var pw: QuorumOption?
+
+    func run() async throws {
+        let bytes: [UInt8] = value == "-" ? Array(FileHandle.standardInput.readDataToEndOfFile()) : Array(value.utf8)
+        let ctx = try parseContext(context, json: connection.json)
+        let client = try await connection.connect()
+        defer { client.close() }
+        do {
+            let newContext = try await client.put(Array(key.utf8), value: bytes, context: ctx,
+                                                  options: RequestOptions(w: w?.quorum, pw: pw?.quorum, timeoutMillis: connection.timeout))
+            printWrite(newContext, json: connection.json, verb: "stored")
+        } catch {
+            throw CLIFailure(error, json: connection.json)
+        }
+    }
+}
+
+struct Delete: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Delete a key (writes a tombstone superseding what --context saw).")
+    @OptionGroup var connection: ConnectionOptions
+    @Argument(help: "The key (UTF-8).") var key: String
+    @Option(help: "The context token from an earlier get.") var context: String?
+    @Option(help: "Replicas that must acknowledge: a number, quorum, all.") var w: QuorumOption?
+    @Option(help: "Of those, how many must be primaries.") var pw: QuorumOption?
+
+    func run() async throws {
+        let ctx = try parseContext(context, json: connection.json)
+        let client = try await connection.connect()
+        defer { client.close() }
+        do {
+            let newContext = try await client.delete(Array(key.utf8), context: ctx,
+                                                     options: RequestOptions(w: w?.quorum, pw: pw?.quorum, timeoutMillis: connection.timeout))
+            printWrite(newContext, json: connection.json, verb: "deleted")
+        } catch {
+            throw CLIFailure(error, json: connection.json)
+        }
+    }
+}
+
+struct Members: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "List the cluster's nodes with addresses and partition counts.")
+    @OptionGroup var connection: ConnectionOptions
+
+    func run() async throws {
+        let client = try await connection.connect()
+        defer { client.close() }
+        let members: [MemberInfo]
+        do { members = try await client.members() } catch { throw CLIFailure(error, json: connection.json) }
+        if connection.json {
+            print(JSON.object([("members", .array(members.map { m in
+                JSON.object([("name", .string(m.name)), ("address", .string(m.address)), ("state", .string(Self.state(m.state))),
+                             ("owned_partitions", .int(m.ownedPartitions)), ("replicated_partitions", .int(m.replicatedPartitions))])
+            }))]).text)
+            return
+        }
+        let rows = [["NAME", "ADDRESS", "STATE", "OWNED", "REPLICATED"]] + members.map {
+            [$0.name, $0.address, Self.state($0.state), "\($0.ownedPartitions)", "\($0.replicatedPartitions)"]
+        }
+        let widths = (0..<5).map { c in rows.map { $0[c].count }.max() ?? 0 }
+        for row in rows {
+            print(row.enumerated().map { $1.padding(toLength: widths[$0] + 2, withPad: " ", startingAt: 0) }.joined()
+                .trimmingCharacters(in: .whitespaces))
+        }
+    }
+
+    static func state(_ s: MemberInfo.State) -> String {
+        switch s {
+        case .up: "up"
+        case .down: "down"
+        case .this: "this"
+        }
+    }
+}
+
+func parseContext(_ token: String?, json: Bool) throws -> CausalContext {
+    guard let token, !token.isEmpty else { return .empty }
+    do {
+        return try CausalContext(token: token)
+    } catch {
+        throw CLIFailure(.invalidArgument("--context is not a context token from cairn get: \(error.reason)"), json: json)
+    }
+}
+
+func printWrite(_ context: CausalContext, json: Bool, verb: String) {
+    if json {
+        print(JSON.object([("context", .string(context.token))]).text)
+    } else {
+        print("\(verb); context: \(context.token)")
+    }
+}
+
+/// A minimal JSON writer with stable key order.
+indirect enum JSON {
+    case string(String), int(Int), bool(Bool), array([JSON]), object([(String, JSON)])
+
+    static func sibling(_ s: Sibling) -> JSON {
+        var fields: [(String, JSON)] = []
+        if s.isTombstone {
+            fields.append(("value", .string("")))
+        } else if let text = String(validating: s.value, as: UTF8.self) {
+            fields.append(("value", .string(text)))
+        } else {
+            fields.append(("value_base64", .string(Base64URL.encodeStandard(s.value))))
+        }
+        fields.append(("deleted", .bool(s.isTombstone)))
+        fields.append(("timestamp_ms", .int(Int(clamping: s.timestampMillis))))
+        return .object(fields)
+    }
+
+    var text: String {
+        switch self {
+        case .string(let s): return Self.quote(s)
+        case .int(let i): return "\(i)"
+        case .bool(let b): return b ? "true" : "false"
+        case .array(let a): return "[" + a.map(\.text).joined(separator: ",") + "]"
+        case .object(let o): return "{" + o.map { Self.quote($0.0) + ":" + $0.1.text }.joined(separator: ",") + "}"
+        }
+    }
+
+    static func quote(_ s: String) -> String {
+        var out = "\""
+        for u in s.unicodeScalars {
+            switch u {
+            case "\"": out += "\\\""
+            case "\\": out += "\\\\"
+            case "\n": out += "\\n"
+            case "\r": out += "\\r"
+            case "\t": out += "\\t"
+            case let c where c.value < 0x20:
+                let hex = String(c.value, radix: 16)
+                out += "\\u" + String(repeating: "0", count: 4 - hex.count) + hex
+            default: out.unicodeScalars.append(u)
+            }
+        }
+        return out + "\""
+    }
+}
