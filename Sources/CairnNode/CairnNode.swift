@@ -153,8 +153,8 @@ public final class CairnNode: Service, Sendable {
     /// in-flight requests (at most `shutdown.drain_timeout`), closes listeners and storage, and
     /// returns. Throws if the supervisor escalated.
     public func run() async throws {
-        try await bind()
         try start()
+        try await bind()
         let (supervisor, requests, sink) = (supervisor, core.requests, eventSink)
         try await withGracefulShutdownHandler {
             try await withThrowingTaskGroup(of: Void.self) { group in

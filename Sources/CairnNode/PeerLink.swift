@@ -111,7 +111,11 @@ final class PeerLink: SupervisedChild {
             return "handshake mismatch: peer is \(ack.node) of cluster \(ack.cluster) with another ring"
         case .error(let e):
             connection.close()
-            logger.error("peer rejected handshake", metadata: ["peer": "\(peer)", "reason": "\(e.message)"])
+            if e.code == .notReady {
+                logger.debug("peer not ready yet", metadata: ["peer": "\(peer)"])
+            } else {
+                logger.error("peer rejected handshake", metadata: ["peer": "\(peer)", "reason": "\(e.message)"])
+            }
             return "handshake rejected: \(e.message)"
         default:
             connection.close()

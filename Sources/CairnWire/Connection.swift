@@ -1,5 +1,8 @@
 public import NIOCore
 import NIOPosix
+#if canImport(Glibc)
+import Glibc
+#endif
 public import CairnCore
 
 /// Why a request over a `Connection` got no reply. The cases separate "certainly not delivered"
@@ -196,7 +199,7 @@ public final class Connection: Sendable {
     }
 
     static func describe(_ error: any Error) -> String {
-        if let e = error as? IOError { return e.description }
+        if let e = error as? IOError { return String(cString: strerror(e.errnoCode)).lowercased() }
         if let e = error as? ChannelError {
             switch e {
             case .connectTimeout(let t): return "connect timed out after \(t.nanoseconds / 1_000_000) ms"

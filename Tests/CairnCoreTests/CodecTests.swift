@@ -1,0 +1,143 @@
+import Testing
+import PropertyBased
+@testable import CairnCore
+
+@Suite struct ByteCodecTests {
+    @Test func varintRoundTrip() async {
+        await propertyCheck(count: 500, input: Gen.uint64()) { v throws in
+            var w = ByteWriter()
+            w.writeVarint(v)
+            var r = ByteReader(w.bytes)
+            #expect(try r.readVarint() == v)
+            #expect(r.isAtEnd)
+        }
+    }
+
+    @Test func varintRejectsOverlongAndOverflowingEncodings() {
+        var r = ByteReader(Array(repeating: 0xFF, count: 11))
+        #expect(throws: DecodeError.self) { try r.readVarint() }
+        var r2 = ByteReader([0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x02])
+        #expect(throws: DecodeError.self) { try r2.readVarint() }
+    }
+
+    @Test func blobLengthIsCheckedBeforeAllocating() {
+        var w = ByteWriter()
+        w.writeVarint(UInt64(1) << 40)   // claims a terabyte
+        var r = ByteReader(w.bytes)
+        #expect(throws: DecodeError.self) { try r.readBlob("value", limit: 1 << 20) }
+        var w2 = ByteWriter()
+        w2.writeVarint(100)              // within the limit, but only 3 bytes follow
+        w2.writeRaw([1, 2, 3])
+        var r2 = ByteReader(w2.bytes)
+        #expect(throws: DecodeError.self) { try r2.readBlob("value", limit: 1 << 20) }
+    }
+
+    @Test func objectDecodeNeverTrapsOnRandomBytes() async {
+        await propertyCheck(count: 2000, input: Gen.uint8().array(of: 0...64)) { bytes in
+            _ = try? VersionedObject.decode(bytes, limits: Limits())
+            _ = try? CausalContext(bytes: bytes)
+        }
+    }
+
+    @Test func objectDecodeRejectsMutatedEncodings() throws {
+        var s = VersionedObject()
+        try s.update(context: VersionVector(), value: Sibling(value: Array("hello".utf8), timestampMillis: 5), actor: ActorID(node: "n1", epoch: 9))
+        try s.update(context: VersionVector(), value: .tombstone(timestampMillis: 6), actor: ActorID(node: "n2", epoch: 3))
+        let good = s.encoded()
+        #expect(try VersionedObject.decode(good, limits: Limits()) == s)
+        // Every truncation is an error, never a trap and never a different object.
+        for n in 0..<good.count {
+            #expect(throws: DecodeError.self) { try VersionedObject.decode(Array(good.prefix(n)), limits: Limits()) }
+        }
+        #expect(throws: DecodeError.self) { try VersionedObject.decode(good + [0], limits: Limits()) }
+        var badVersion = good
+        badVersion[0] = 9
+        #expect(throws: DecodeError.self) { try VersionedObject.decode(badVersion, limits: Limits()) }
+    }
+
+    @Test func objectDecodeRejectsBrokenInvariants() {
+        // One entry whose value count exceeds its counter.
+        var w = ByteWriter()
+        w.writeU8(1)
+        w.writeVarint(1)
+        ActorID(node: "n1", epoch: 1).encode(into: &w)
+        w.writeVarint(1)   // counter 1
+        w.writeVarint(2)   // two values
+        for _ in 0..<2 { w.writeU8(0); w.writeVarint(0); w.writeBlob([1]) }
+        w.writeVarint(0)
+        #expect(throws: DecodeError.self) { try VersionedObject.decode(w.bytes, limits: Limits()) }
+        // Entries out of order.
+        var w2 = ByteWriter()
+        w2.writeU8(1)
+        w2.writeVarint(2)
+        for name in ["b", "a"] {
+            ActorID(node: name, epoch: 1).encode(into: &w2)
+            w2.writeVarint(1)
+            w2.writeVarint(0)
+        }
+        w2.writeVarint(0)
+        #expect(throws: DecodeError.self) { try VersionedObject.decode(w2.bytes, limits: Limits()) }
+    }
+}
+
+@Suite struct CausalContextTests {
+    @Test func tokenRoundTrip() throws {
+        let v = VersionVector([(ActorID(node: "n1", epoch: 0x4b06_1803_bad5_54ec), 1), (ActorID(node: "n2", epoch: 2), 300)])
+        let ctx = CausalContext(v)
+        let again = try CausalContext(token: ctx.token)
+        #expect(again == ctx)
+        #expect(!ctx.token.contains("="))
+        #expect(CausalContext.empty.token == "")
+        #expect(try CausalContext(token: "") == .empty)
+    }
+
+    @Test func malformedTokensAreErrors() {
+        #expect(throws: DecodeError.self) { try CausalContext(token: "not base64!") }
+        #expect(throws: DecodeError.self) { try CausalContext(token: "AgE") }  // format 2
+        #expect(throws: DecodeError.self) { try CausalContext(bytes: Array(repeating: 1, count: 70_000)) }
+    }
+
+    @Test func base64MatchesRFC4648Vectors() {
+        let vectors = ["": "", "f": "Zg==", "fo": "Zm8=", "foo": "Zm9v", "foob": "Zm9vYg==", "fooba": "Zm9vYmE=", "foobar": "Zm9vYmFy"]
+        for (plain, encoded) in vectors {
+            #expect(Base64URL.encodeStandard(Array(plain.utf8)) == encoded)
+            #expect(Base64URL.decode(encoded) == Array(plain.utf8))
+        }
+        #expect(Base64URL.encode([0xFB, 0xFF]) == "-_8")
+        #expect(Base64URL.decode("-_8") == [0xFB, 0xFF])
+    }
+}
+
+@Suite struct QuorumTests {
+    @Test func parsingAndResolving() throws {
+        #expect(try Quorum(parsing: "quorum").resolve(n: 3) == 2)
+        #expect(try Quorum(parsing: "quorum").resolve(n: 5) == 3)
+        #expect(try Quorum(parsing: "all").resolve(n: 3) == 3)
+        #expect(try Quorum(parsing: "one").resolve(n: 3) == 1)
+        #expect(try Quorum(parsing: "2").resolve(n: 3) == 2)
+        #expect(throws: ValidationError.self) { try Quorum(parsing: "most") }
+        #expect(throws: ValidationError.self) { try Quorum(parsing: "-1") }
+    }
+
+    @Test func requirementsAreValidatedAgainstN() throws {
+        #expect(throws: ValidationError.self) { try QuorumRequirement(name: "W", quorum: .count(4), primary: .count(0), n: 3) }
+        #expect(throws: ValidationError.self) { try QuorumRequirement(name: "W", quorum: .count(0), primary: .count(0), n: 3) }
+        #expect(throws: ValidationError.self) { try QuorumRequirement(name: "R", quorum: .count(1), primary: .count(2), n: 3) }
+        let r = try QuorumRequirement(name: "R", quorum: .quorum, primary: .count(1), n: 3)
+        #expect(r.required == 2 && r.primaryRequired == 1)
+    }
+
+    @Test func failureMessagesSayWhatHappenedToTheData() {
+        let notReached = QuorumFailure(kind: .notReached, operation: .put, requirement: "W", required: 3, achieved: 2, candidates: 3, replicas: [
+            ReplicaReport(node: "n1", address: "127.0.0.1:7401", isPrimary: true, outcome: .acknowledged),
+            ReplicaReport(node: "n3", address: "127.0.0.1:7403", isPrimary: true, outcome: .timedOut(afterMillis: 1000)),
+        ])
+        #expect(notReached.description ==
+            "W=3 not reached: 2 of 3 replicas acknowledged; 127.0.0.1:7403 timed out after 1000 ms; the write may have been applied on the replicas that acknowledged")
+        let unavailable = QuorumFailure(kind: .unavailable, operation: .delete, requirement: "W", required: 2, achieved: 1, candidates: 3, replicas: [
+            ReplicaReport(node: "n3", address: "127.0.0.1:7403", isPrimary: true, outcome: .notSent("connection refused")),
+        ])
+        #expect(unavailable.description.hasSuffix("nothing was written"))
+        #expect(unavailable.description.contains("127.0.0.1:7403 is down (connection refused)"))
+    }
+}

@@ -1,0 +1,114 @@
+import Testing
+@testable import CairnWire
+import CairnCore
+
+private let actor1 = ActorID(node: "n1", epoch: 42)
+
+func sampleObject() throws -> VersionedObject {
+    var o = VersionedObject()
+    try o.update(context: VersionVector(), value: Sibling(value: [1, 2, 3], timestampMillis: 99), actor: actor1)
+    try o.update(context: VersionVector(), value: .tombstone(timestampMillis: 100), actor: ActorID(node: "n2", epoch: 1))
+    return o
+}
+
+func allMessages() throws -> [Message] {
+    let ctx = CausalContext(VersionVector([(actor1, 3)]))
+    let opts = RequestOptions(r: .count(2), w: .all, pr: .quorum, pw: nil, timeoutMillis: 1500)
+    let failure = QuorumFailure(kind: .notReached, operation: .put, requirement: "W", required: 3, achieved: 2, candidates: 3, replicas: [
+        ReplicaReport(node: "n1", address: "127.0.0.1:7401", isPrimary: true, outcome: .acknowledged),
+        ReplicaReport(node: "n2", address: "127.0.0.1:7402", isPrimary: true, outcome: .notSent("down")),
+        ReplicaReport(node: "n3", address: "127.0.0.1:7403", isPrimary: true, outcome: .timedOut(afterMillis: 1000)),
+        ReplicaReport(node: "n4", address: "[::1]:7404", isPrimary: false, outcome: .connectionLost("reset")),
+        ReplicaReport(node: "n5", address: "h:1", isPrimary: false, outcome: .failed("disk")),
+    ])
+    return [
+        .get(GetRequest(key: Array("k".utf8), options: opts)),
+        .put(PutRequest(key: Array("k".utf8), value: [0, 255], context: ctx, options: opts, forwarded: true)),
+        .put(PutRequest(key: Array("k".utf8), value: [])),
+        .delete(DeleteRequest(key: Array("k".utf8), context: ctx)),
+        .members, .ping, .pong, .replicaPutAck,
+        .getReply(GetReply(found: true, siblings: [Sibling(value: [9], timestampMillis: 1), .tombstone(timestampMillis: 2)], context: ctx)),
+        .getReply(GetReply(found: false, siblings: [], context: .empty)),
+        .writeReply(WriteReply(context: ctx)),
+        .membersReply([MemberInfo(name: "n1", address: "127.0.0.1:7401", ownedPartitions: 85, replicatedPartitions: 256, state: .this)]),
+        .error(ErrorReply(failure)),
+        .error(ErrorReply(code: .overloaded, message: "busy")),
+        .hello(Hello(cluster: "c", node: "n1", ringFingerprint: 0xDEAD_BEEF, nVal: 3)),
+        .helloAck(Hello(cluster: "c", node: "n2", ringFingerprint: 1, nVal: 3)),
+        .replicaGet(ReplicaGet(partition: PartitionID(17), key: [1])),
+        .replicaGetReply(ReplicaGetReply(object: try sampleObject())),
+        .replicaGetReply(ReplicaGetReply(object: nil)),
+        .replicaPut(ReplicaPut(partition: PartitionID(255), key: [1, 2], object: try sampleObject())),
+    ]
+}
+
+@Suite struct WireCodecTests {
+    @Test func everyMessageRoundTrips() throws {
+        let messages = try allMessages()
+        #expect(Set(messages.map(\.type)) == Set(MessageType.allCases))
+        for (i, m) in messages.enumerated() {
+            let frame = WireCodec.encodeFrame(Envelope(requestID: UInt64(i) * 1_000_003, message: m))
+            let length = Int(frame[0]) << 24 | Int(frame[1]) << 16 | Int(frame[2]) << 8 | Int(frame[3])
+            #expect(length == frame.count - 4)
+            let decoded = try WireCodec.decodeBody(Array(frame.dropFirst(4)), limits: Limits())
+            #expect(decoded == Envelope(requestID: UInt64(i) * 1_000_003, message: m))
+        }
+    }
+
+    @Test func everyTruncationOfEveryMessageIsAnErrorNotATrap() throws {
+        for m in try allMessages() {
+            let body = WireCodec.encodeBody(Envelope(requestID: 7, message: m))
+            for n in 0..<body.count {
+                #expect(throws: WireError.self) { try WireCodec.decodeBody(Array(body.prefix(n)), limits: Limits()) }
+            }
+            #expect(throws: WireError.self) { try WireCodec.decodeBody(body + [0], limits: Limits()) }
+        }
+    }
+
+    @Test func headerErrorsCarryTheRequestID() {
+        var badVersion = WireCodec.encodeBody(Envelope(requestID: 77, message: .ping))
+        badVersion[0] = 9
+        #expect(throws: WireError.unsupportedVersion(9, requestID: 77)) { try WireCodec.decodeBody(badVersion, limits: Limits()) }
+        var badType = WireCodec.encodeBody(Envelope(requestID: 78, message: .ping))
+        badType[1] = 0x3F
+        #expect(throws: WireError.unknownType(0x3F, requestID: 78)) { try WireCodec.decodeBody(badType, limits: Limits()) }
+    }
+
+    @Test func limitsAreEnforced() {
+        var limits = Limits()
+        limits.maxKeyBytes = 4
+        limits.maxValueBytes = 8
+        let longKey = WireCodec.encodeBody(Envelope(requestID: 1, message: .get(GetRequest(key: Array("12345".utf8)))))
+        #expect(throws: WireError.self) { try WireCodec.decodeBody(longKey, limits: limits) }
+        let bigValue = WireCodec.encodeBody(Envelope(requestID: 1, message: .put(PutRequest(key: [1], value: Array(repeating: 0, count: 9)))))
+        #expect(throws: WireError.self) { try WireCodec.decodeBody(bigValue, limits: limits) }
+        let emptyKey = WireCodec.encodeBody(Envelope(requestID: 1, message: .get(GetRequest(key: []))))
+        #expect(throws: WireError.self) { try WireCodec.decodeBody(emptyKey, limits: Limits()) }
+    }
+
+    @Test func randomBodiesNeverTrap() {
+        var rng = SplitMix(seed: 0xCA1B)
+        for _ in 0..<20_000 {
+            let n = Int(rng.next() % 48)
+            var body = (0..<n).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
+            if body.count > 2, rng.next() % 2 == 0 {
+                body[0] = WireCodec.protocolVersion
+                body[1] = MessageType.allCases[Int(rng.next() % UInt64(MessageType.allCases.count))].rawValue
+            }
+            _ = try? WireCodec.decodeBody(body, limits: Limits())
+        }
+    }
+}
+
+/// A small deterministic generator for fuzz-style loops.
+struct SplitMix {
+    var state: UInt64
+    init(seed: UInt64) { state = seed }
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}

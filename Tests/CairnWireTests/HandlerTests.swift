@@ -1,0 +1,168 @@
+import Testing
+import NIOCore
+import NIOEmbedded
+@testable import CairnWire
+import CairnCore
+
+/// Records what the server handler passes on; answers every request with `pong`-like replies.
+final class RecordingDispatcher: RequestDispatcher, @unchecked Sendable {
+    // Only touched on the embedded channel's (single) thread.
+    var dispatched: [Envelope] = []
+    var protocolErrors: [WireError] = []
+    let acceptHello: Bool
+
+    init(acceptHello: Bool = true) { self.acceptHello = acceptHello }
+
+    func validateHello(_ hello: Hello) -> Result<Hello, ErrorReply> {
+        acceptHello ? .success(Hello(cluster: hello.cluster, node: "me", ringFingerprint: hello.ringFingerprint, nVal: hello.nVal))
+            : .failure(ErrorReply(code: .handshakeRejected, message: "no"))
+    }
+
+    func dispatch(_ envelope: Envelope, fromPeer: Bool, responder: Responder) {
+        dispatched.append(envelope)
+        responder.reply(.writeReply(WriteReply(context: .empty)))
+    }
+
+    func recordProtocolError(_ error: WireError) { protocolErrors.append(error) }
+}
+
+private func makeChannel(_ dispatcher: RecordingDispatcher, limits: Limits = Limits()) throws -> EmbeddedChannel {
+    let channel = EmbeddedChannel()
+    try channel.pipeline.syncOperations.addHandler(FrameDecoder.handler(limits: limits))
+    try channel.pipeline.syncOperations.addHandler(ServerConnectionHandler(dispatcher: dispatcher, limits: limits))
+    try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 7401)).wait()
+    #expect(channel.isActive)
+    return channel
+}
+
+private func send(_ channel: EmbeddedChannel, _ bytes: [UInt8]) throws {
+    var buf = channel.allocator.buffer(capacity: bytes.count)
+    buf.writeBytes(bytes)
+    try channel.writeInbound(buf)
+}
+
+/// Every reply frame written so far, decoded.
+private func replies(_ channel: EmbeddedChannel) throws -> [Envelope] {
+    var out: [Envelope] = []
+    while var buf = try channel.readOutbound(as: ByteBuffer.self) {
+        while buf.readableBytes >= 4 {
+            let n = Int(buf.readInteger(as: UInt32.self) ?? 0)
+            guard let body = buf.readBytes(length: n) else { break }
+            out.append(try WireCodec.decodeBody(body, limits: Limits()))
+        }
+    }
+    return out
+}
+
+private func errorCode(_ e: Envelope) -> ErrorCode? {
+    if case .error(let r) = e.message { return r.code }
+    return nil
+}
+
+@Suite struct ServerHandlerTests {
+    @Test func wellFormedRequestsReachTheDispatcherInOrder() throws {
+        let d = RecordingDispatcher()
+        let ch = try makeChannel(d)
+        var bytes: [UInt8] = []
+        for i in 1...3 { bytes += WireCodec.encodeFrame(Envelope(requestID: UInt64(i), message: .get(GetRequest(key: [UInt8(i)])))) }
+        // Split the stream at awkward places: frames must reassemble.
+        try send(ch, Array(bytes[0..<3]))
+        try send(ch, Array(bytes[3..<17]))
+        try send(ch, Array(bytes[17...]))
+        #expect(d.dispatched.map(\.requestID) == [1, 2, 3])
+        #expect(try replies(ch).map(\.requestID) == [1, 2, 3])
+        #expect(ch.isActive)
+    }
+
+    @Test func garbageInsideAFrameGetsAnErrorAndTheConnectionContinues() throws {
+        let d = RecordingDispatcher()
+        let ch = try makeChannel(d)
+        // A frame with a valid header but a payload that is not a get request.
+        var w = ByteWriter()
+        w.writeU32(14)
+        w.writeU8(WireCodec.protocolVersion)
+        w.writeU8(MessageType.get.rawValue)
+        w.writeU64(5)
+        w.writeRaw([0xFF, 0xFF, 0xFF, 0xFF])
+        try send(ch, w.bytes)
+        let r = try replies(ch)
+        #expect(r.count == 1 && r[0].requestID == 5 && errorCode(r[0]) == .malformed)
+        #expect(ch.isActive)
+        try send(ch, WireCodec.encodeFrame(Envelope(requestID: 6, message: .ping)))
+        #expect(try replies(ch).map(\.message) == [.pong])
+    }
+
+    @Test func unknownVersionAndTypeGetErrorsWithTheirRequestID() throws {
+        let d = RecordingDispatcher()
+        let ch = try makeChannel(d)
+        var frame = WireCodec.encodeFrame(Envelope(requestID: 9, message: .ping))
+        frame[4] = 2
+        try send(ch, frame)
+        var frame2 = WireCodec.encodeFrame(Envelope(requestID: 10, message: .ping))
+        frame2[5] = 0x1F
+        try send(ch, frame2)
+        let r = try replies(ch)
+        #expect(r.map(\.requestID) == [9, 10])
+        #expect(r.map(errorCode) == [.unsupportedVersion, .unknownMessage])
+        #expect(d.dispatched.isEmpty)
+        #expect(ch.isActive)
+    }
+
+    @Test func aTwoGiBLengthPrefixIsRefusedWithoutAllocatingAndCloses() throws {
+        let d = RecordingDispatcher()
+        let ch = try makeChannel(d)
+        try send(ch, [0x80, 0x00, 0x00, 0x00, 1, 2, 3])
+        let r = try replies(ch)
+        #expect(r.count == 1 && errorCode(r[0]) == .frameTooLarge)
+        #expect(!ch.isActive)
+        #expect(d.protocolErrors == [.frameTooLarge(length: 0x8000_0000, limit: Limits().maxFrameBytes)])
+    }
+
+    @Test func aFrameShorterThanTheHeaderIsRefused() throws {
+        let d = RecordingDispatcher()
+        let ch = try makeChannel(d)
+        try send(ch, [0, 0, 0, 3, 1, 2, 3])
+        #expect(try replies(ch).map(errorCode) == [.malformed])
+        #expect(!ch.isActive)
+    }
+
+    @Test func aTruncatedFrameAtEOFIsReportedNotDispatched() throws {
+        let d = RecordingDispatcher()
+        let ch = try makeChannel(d)
+        let frame = WireCodec.encodeFrame(Envelope(requestID: 1, message: .get(GetRequest(key: [1, 2, 3]))))
+        try send(ch, Array(frame.dropLast(2)))
+        #expect(d.dispatched.isEmpty)
+        _ = try? ch.finish()
+        #expect(d.protocolErrors.contains { if case .truncatedFrame = $0 { true } else { false } })
+    }
+
+    @Test func internodeMessagesRequireAHandshake() throws {
+        let d = RecordingDispatcher()
+        let ch = try makeChannel(d)
+        let rg = Message.replicaGet(ReplicaGet(partition: PartitionID(1), key: [1]))
+        try send(ch, WireCodec.encodeFrame(Envelope(requestID: 1, message: rg)))
+        #expect(try replies(ch).map(errorCode) == [.handshakeRequired])
+        try send(ch, WireCodec.encodeFrame(Envelope(requestID: 2, message: .hello(Hello(cluster: "c", node: "n2", ringFingerprint: 5, nVal: 3)))))
+        let ack = try replies(ch)
+        #expect(ack.count == 1)
+        if case .helloAck = ack.first?.message {} else { Issue.record("expected helloAck, got \(ack)") }
+        try send(ch, WireCodec.encodeFrame(Envelope(requestID: 3, message: rg)))
+        #expect(d.dispatched.map(\.requestID) == [3])
+    }
+
+    @Test func aRejectedHandshakeClosesTheConnection() throws {
+        let d = RecordingDispatcher(acceptHello: false)
+        let ch = try makeChannel(d)
+        try send(ch, WireCodec.encodeFrame(Envelope(requestID: 1, message: .hello(Hello(cluster: "x", node: "n9", ringFingerprint: 5, nVal: 3)))))
+        #expect(try replies(ch).map(errorCode) == [.handshakeRejected])
+        #expect(!ch.isActive)
+    }
+
+    @Test func repliesAreNotAcceptedAsRequests() throws {
+        let d = RecordingDispatcher()
+        let ch = try makeChannel(d)
+        try send(ch, WireCodec.encodeFrame(Envelope(requestID: 4, message: .pong)))
+        #expect(try replies(ch).map(errorCode) == [.unknownMessage])
+        #expect(d.dispatched.isEmpty)
+    }
+}
