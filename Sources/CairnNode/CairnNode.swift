@@ -60,6 +60,8 @@ public final class CairnNode: Service, Sendable {
     public var metrics: NodeMetrics { core.metrics }
     public var actorID: ActorID { core.actor }
     public var boundAddresses: BoundAddresses? { runtime.value.bound }
+    /// Peers whose link is connected and handshaken.
+    public var connectedPeers: Int { core.current?.transport.upCount ?? 0 }
 
     /// Binds the client/internode listener and the HTTP listener (port 0 picks a free port).
     /// Requests that arrive before `run()` reaches `serving` are refused with `notReady`.
@@ -113,6 +115,7 @@ public final class CairnNode: Service, Sendable {
     /// Builds the cluster view from `members` (default: `cluster.members`), creates the vnodes for
     /// every partition this node replicates and a link to every peer.
     public func start(members: [MemberAddress]? = nil) throws {
+        guard !runtime.value.started else { return }
         let members = members ?? config.members
         let view = try ClusterView(config: config, members: members)
         guard view.addresses[config.name] != nil else { throw ValidationError("members do not include this node (\(config.name))") }

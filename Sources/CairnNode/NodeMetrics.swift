@@ -34,6 +34,7 @@ public final class NodeMetrics: Sendable {
     let replicaRequests: CoreMetrics.Counter
     let replicaFailures: CoreMetrics.Counter
     let storageErrors: CoreMetrics.Counter
+    let corruptObjects: CoreMetrics.Counter
 
     public init(maxInflight: Int) {
         registry = PrometheusCollectorRegistry()
@@ -62,6 +63,7 @@ public final class NodeMetrics: Sendable {
         replicaRequests = CoreMetrics.Counter(label: "cairn_replica_requests_total", factory: f)
         replicaFailures = CoreMetrics.Counter(label: "cairn_replica_request_failures_total", factory: f)
         storageErrors = CoreMetrics.Counter(label: "cairn_storage_errors_total", factory: f)
+        corruptObjects = CoreMetrics.Counter(label: "cairn_corrupt_objects_total", factory: f)
     }
 
     func record(_ op: OperationKind, _ outcome: Outcome, since start: ContinuousClock.Instant) {

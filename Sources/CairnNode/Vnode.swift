@@ -6,7 +6,7 @@ public import Logging
 ///
 /// Isolation: actor. A read-modify-write never suspends between its read and its `apply`, so
 /// writes to one key are serialized. Acknowledged only after the backend says durable.
-/// Supervision: `run()` lives as long as the vnode serves; a storage error marks the vnode failed
+/// Supervision: `run()` lives as long as the vnode serves; a backend I/O error marks the vnode failed
 /// and makes `run()` throw, so its supervisor restarts it with backoff (requests in between get
 /// `VnodeError.unavailable`).
 public actor Vnode: SupervisedChild {
@@ -41,6 +41,9 @@ public actor Vnode: SupervisedChild {
         // Cancelled: stop serving.
         status = .starting
     }
+
+    /// True while the vnode accepts requests.
+    public var isServing: Bool { status == .serving }
 
     // MARK: Operations
 
@@ -92,8 +95,12 @@ public actor Vnode: SupervisedChild {
         do {
             return try VersionedObject.decode(raw, limits: limits)
         } catch {
-            // A corrupt stored object is never served or spread; the vnode restarts.
-            throw fail("stored object for a key is corrupt: \(error)")
+            // A corrupt object is never served or spread. It fails requests for this key only
+            // (restarting would not fix it and would take the whole partition down); replicas
+            // answer reads meanwhile.
+            metrics.corruptObjects.increment()
+            logger.error("corrupt stored object", metadata: ["partition": "\(partition.index)", "error": "\(error)"])
+            throw .storage(partition: partition, reason: "stored object is corrupt: \(error)")
         }
     }
 

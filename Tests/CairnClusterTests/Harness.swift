@@ -1,0 +1,182 @@
+import Testing
+import CairnNode
+import CairnClient
+import CairnCore
+import CairnWire
+import Logging
+import NIOCore
+import NIOPosix
+import Synchronization
+import Foundation
+
+let quietLogger = Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() })
+
+/// Real nodes in this process, on loopback with kernel-chosen ports.
+final class TestCluster: Sendable {
+    let nodes: [CairnNode]
+    let members: [MemberAddress]
+    private let tasks: [Task<Void, any Error>]
+
+    private init(nodes: [CairnNode], members: [MemberAddress], tasks: [Task<Void, any Error>]) {
+        self.nodes = nodes
+        self.members = members
+        self.tasks = tasks
+    }
+
+    static func start(count: Int = 3, nVal: Int = 3, configure: (inout NodeConfig) -> Void = { _ in }) async throws -> TestCluster {
+        var nodes: [CairnNode] = []
+        var members: [MemberAddress] = []
+        for i in 1...count {
+            var c = NodeConfig(name: try NodeName("n\(i)"))
+            c.listen = HostPort(host: "127.0.0.1", port: 0)
+            c.http = HostPort(host: "127.0.0.1", port: 0)
+            c.clusterName = "test"
+            c.ringSize = 64
+            c.nVal = nVal
+            c.reconnectMinMillis = 20
+            c.reconnectMaxMillis = 200
+            c.requestTimeoutMillis = 2000
+            c.drainTimeoutMillis = 2000
+            configure(&c)
+            let node = CairnNode(config: c, logger: quietLogger)
+            let bound = try await node.bind()
+            nodes.append(node)
+            members.append(MemberAddress(name: c.name, address: bound.client))
+        }
+        for n in nodes { try n.start(members: members) }
+        let tasks = nodes.map { n in Task { try await n.run() } }
+        let cluster = TestCluster(nodes: nodes, members: members, tasks: tasks)
+        try await cluster.waitUntil("all nodes serving with every peer connected") {
+            nodes.allSatisfy { $0.state == .serving && $0.connectedPeers == count - 1 }
+        }
+        return cluster
+    }
+
+    func address(_ i: Int) -> String { members[i].address.description }
+
+    func client(_ indices: [Int]) async throws -> CairnClient {
+        try await CairnClient.connect(seeds: indices.map(address))
+    }
+
+    /// Polls `condition` every 5 ms for at most `seconds`; fails the test with `what` if it never holds.
+    func waitUntil(_ what: String, seconds: Int = 15, _ condition: () async -> Bool) async throws {
+        let deadline = ContinuousClock.now + .seconds(seconds)
+        while ContinuousClock.now < deadline {
+            if await condition() { return }
+            try await Task.sleep(for: .milliseconds(5))
+        }
+        Issue.record("timed out waiting until \(what)")
+        throw HarnessError.timeout(what)
+    }
+
+    func crash(_ i: Int) async {
+        nodes[i].crash()
+        _ = try? await tasks[i].value
+    }
+
+    func stop() async {
+        for n in nodes { n.shutdown() }
+        for t in tasks { _ = try? await t.value }
+    }
+
+    /// The result of `run()` for node `i`, after it ended.
+    func runResult(_ i: Int) async -> Result<Void, any Error> { await tasks[i].result }
+}
+
+enum HarnessError: Error { case timeout(String) }
+
+/// A raw TCP connection for sending arbitrary bytes and reading whatever comes back.
+final class RawSocket: Sendable {
+    final class Collector: ChannelInboundHandler, Sendable {
+        typealias InboundIn = ByteBuffer
+        let bytes = Mutex<[UInt8]>([])
+        let closed = Atomic<Bool>(false)
+        func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+            var b = unwrapInboundIn(data)
+            let chunk = b.readBytes(length: b.readableBytes) ?? []
+            bytes.withLock { $0 += chunk }
+        }
+        func channelInactive(context: ChannelHandlerContext) {
+            closed.store(true, ordering: .relaxed)
+            context.fireChannelInactive()
+        }
+    }
+
+    let channel: any Channel
+    let collector: Collector
+
+    private init(channel: any Channel, collector: Collector) {
+        self.channel = channel
+        self.collector = collector
+    }
+
+    static func connect(_ address: HostPort) async throws -> RawSocket {
+        let collector = Collector()
+        let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .channelInitializer { ch in ch.eventLoop.makeCompletedFuture { try ch.pipeline.syncOperations.addHandler(collector) } }
+            .connect(host: address.host, port: address.port).get()
+        return RawSocket(channel: channel, collector: collector)
+    }
+
+    func send(_ bytes: [UInt8]) async throws {
+        var buf = channel.allocator.buffer(capacity: bytes.count)
+        buf.writeBytes(bytes)
+        try await channel.writeAndFlush(buf)
+    }
+
+    var received: [UInt8] { collector.bytes.withLock { $0 } }
+    var isClosed: Bool { collector.closed.load(ordering: .relaxed) }
+
+    /// Complete reply frames received so far.
+    var frames: [Envelope] {
+        var out: [Envelope] = []
+        var r = ByteReader(received)
+        while let n = try? r.readU32(), let body = try? r.readRaw(Int(n)) {
+            if let e = try? WireCodec.decodeBody(body, limits: Limits()) { out.append(e) }
+        }
+        return out
+    }
+
+    func close() { channel.close(promise: nil) }
+}
+
+extension ByteReader {
+    mutating func readRaw(_ n: Int) throws -> [UInt8] {
+        var out: [UInt8] = []
+        out.reserveCapacity(n)
+        for _ in 0..<n { out.append(try readU8()) }
+        return out
+    }
+}
+
+/// One HTTP/1.1 GET over a raw socket; returns the status line and the body.
+func httpGet(_ address: HostPort, _ path: String, within cluster: TestCluster) async throws -> (status: String, body: String) {
+    let s = try await RawSocket.connect(address)
+    defer { s.close() }
+    try await s.send(Array("GET \(path) HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n".utf8))
+    try await cluster.waitUntil("HTTP response for \(path)") { s.isClosed }
+    let text = String(decoding: s.received, as: UTF8.self)
+    let status = text.split(separator: "\r\n", maxSplits: 1).first.map(String.init) ?? ""
+    let body = text.components(separatedBy: "\r\n\r\n").dropFirst().joined(separator: "\r\n\r\n")
+    return (status, body)
+}
+
+/// Runs `body`, which is expected to fail; returns its error (nil, and a recorded issue, if it
+/// succeeded).
+func failure<T>(_ what: String, _ body: () async throws(CairnError) -> T) async -> CairnError? {
+    do {
+        _ = try await body()
+        Issue.record("expected \(what) to fail, but it succeeded")
+        return nil
+    } catch {
+        return error
+    }
+}
+
+/// The value of an unlabelled metric line `name value` in a Prometheus exposition (0 if absent).
+func metricValue(_ exposition: String, _ name: String) -> Double {
+    for line in exposition.split(separator: "\n") where line.hasPrefix(name + " ") {
+        return Double(line.dropFirst(name.count + 1)) ?? 0
+    }
+    return 0
+}

@@ -1,0 +1,227 @@
+import Testing
+import CairnNode
+import CairnClient
+import CairnCore
+import CairnWire
+
+private let key = Array("user:42".utf8)
+private let cart = Array(#"{"cart":["apple"]}"#.utf8)
+
+/// Three real nodes in this process on loopback; each test gets its own cluster.
+@Suite(.timeLimit(.minutes(2)))
+struct InProcessClusterTests {
+    @Test func writeOnOneNodeReadFromAnother() async throws {
+        let cluster = try await TestCluster.start()
+        let writer = try await cluster.client([0])
+        let reader = try await cluster.client([1])
+        let ctx = try await writer.put(key, value: cart, options: RequestOptions(w: .count(2)))
+        #expect(!ctx.vector.isEmpty)
+        let got = try await reader.get(key, options: RequestOptions(r: .count(2)))
+        #expect(got.values == [cart])
+        #expect(got.context == ctx)
+        writer.close(); reader.close()
+        await cluster.stop()
+    }
+
+    @Test func sameContextGivesSiblingsAndTheMergedContextResolvesThem() async throws {
+        let cluster = try await TestCluster.start()
+        let a = try await cluster.client([0])
+        let b = try await cluster.client([2])
+        try await a.put(key, value: Array("v0".utf8))
+        let read = try await a.get(key)
+        try await a.put(key, value: Array("A".utf8), context: read.context)
+        try await b.put(key, value: Array("B".utf8), context: read.context)
+        let both = try await b.get(key, options: RequestOptions(r: .all))
+        #expect(Set(both.values) == [Array("A".utf8), Array("B".utf8)])
+        try await a.put(key, value: Array("AB".utf8), context: both.context)
+        let one = try await b.get(key, options: RequestOptions(r: .all))
+        #expect(one.values == [Array("AB".utf8)])
+        a.close(); b.close()
+        await cluster.stop()
+    }
+
+    @Test func deleteHidesTheValueAndItsContextSupersedesTheTombstone() async throws {
+        let cluster = try await TestCluster.start()
+        let c = try await cluster.client([0, 1, 2])
+        try await c.put(key, value: cart)
+        let read = try await c.get(key)
+        try await c.delete(key, context: read.context)
+        guard case .notFound(let tombstoneContext)? = await failure("get of a deleted key", { () async throws(CairnError) in
+            try await c.get(key, options: RequestOptions(r: .all))
+        }) else { Issue.record("deleted key not reported as not found"); return }
+        #expect(!tombstoneContext.vector.isEmpty)
+        try await c.put(key, value: Array("again".utf8), context: tombstoneContext)
+        #expect(try await c.get(key, options: RequestOptions(r: .all)).siblings.map(\.value) == [Array("again".utf8)])
+        guard case .notFound(let fresh)? = await failure("get of a missing key", { () async throws(CairnError) in
+            try await c.get(Array("never-written".utf8))
+        }) else { Issue.record("missing key not reported as not found"); return }
+        #expect(fresh.vector.isEmpty)
+        c.close()
+        await cluster.stop()
+    }
+
+    @Test func withOneNodeKilledQuorumsOfTwoWorkAndWAllFailsNamingIt() async throws {
+        let cluster = try await TestCluster.start()
+        let c = try await cluster.client([0])
+        try await c.put(key, value: cart, options: RequestOptions(w: .all))
+        await cluster.crash(2)
+        let dead = cluster.address(2)
+        try await c.put(key, value: Array("after".utf8), options: RequestOptions(w: .count(2)))
+        let got = try await c.get(key, options: RequestOptions(r: .count(2)))
+        #expect(got.values.contains(Array("after".utf8)))
+        do {
+            try await c.put(key, value: Array("w3".utf8), options: RequestOptions(w: .all, timeoutMillis: 1000))
+            Issue.record("W=3 succeeded with a node down")
+        } catch {
+            switch error {
+            case .unavailable(let f), .quorumNotReached(let f):
+                #expect(f.requirement == "W" && f.required == 3)
+                #expect(f.replicas.contains { $0.address == dead && $0.outcome != .acknowledged })
+                #expect(error.description.contains(dead))
+            default:
+                Issue.record("unexpected error \(error)")
+            }
+        }
+        // Once the node is known down, W=3 is refused before anything is sent.
+        try await cluster.waitUntil("n1 sees n3 down") { cluster.nodes[0].connectedPeers == 1 }
+        let w3 = await failure("W=3 with a node known down", { () async throws(CairnError) in
+            try await c.put(key, value: Array("w3".utf8), options: RequestOptions(w: .all))
+        })
+        guard case .unavailable(let f)? = w3 else { Issue.record("expected unavailable, got \(String(describing: w3))"); return }
+        #expect(f.description.hasSuffix("nothing was written"))
+        #expect(f.description.contains(dead))
+        let r3 = await failure("R=3 with a node known down", { () async throws(CairnError) in
+            try await c.get(key, options: RequestOptions(r: .all))
+        })
+        guard case .unavailable(let rf)? = r3 else { Issue.record("expected unavailable, got \(String(describing: r3))"); return }
+        #expect(rf.requirement == "R")
+        c.close()
+        await cluster.stop()
+    }
+
+    @Test func aNodeThatIsNotAReplicaForwardsWrites() async throws {
+        let cluster = try await TestCluster.start(nVal: 1)
+        let clients = [try await cluster.client([0]), try await cluster.client([1]), try await cluster.client([2])]
+        for i in 0..<30 {
+            let k = Array("k\(i)".utf8)
+            try await clients[i % 3].put(k, value: Array("v\(i)".utf8), options: RequestOptions(w: .count(1)))
+            for c in clients { #expect(try await c.get(k).values == [Array("v\(i)".utf8)]) }
+        }
+        // With N=1, a write sent to a node that does not own the key's partition is forwarded;
+        // 30 keys round-robin over 3 nodes certainly include such writes.
+        let forwarded = cluster.nodes.map { metricValue($0.metrics.exposition(), "cairn_forwarded_requests_total") }.reduce(0, +)
+        #expect(forwarded > 0)
+        for c in clients { c.close() }
+        await cluster.stop()
+    }
+
+    @Test func hostileBytesOnOneConnectionDoNotDisturbOthers() async throws {
+        let cluster = try await TestCluster.start()
+        let good = try await cluster.client([0])
+        let addr = cluster.members[0].address
+
+        // 1. Garbage inside a well-delimited frame: an error reply, and the connection stays usable.
+        let garbage = try await RawSocket.connect(addr)
+        try await garbage.send([0, 0, 0, 14, 1, 0x01, 0, 0, 0, 0, 0, 0, 0, 9, 0xFF, 0xFF, 0xFF, 0xFF])
+        try await cluster.waitUntil("error reply to garbage") { garbage.frames.count == 1 }
+        #expect(garbage.frames.first?.requestID == 9)
+        if case .error(let e) = garbage.frames.first?.message { #expect(e.code == .malformed) } else { Issue.record("no error reply") }
+        try await garbage.send(WireCodec.encodeFrame(Envelope(requestID: 10, message: .ping)))
+        try await cluster.waitUntil("pong after garbage") { garbage.frames.count == 2 }
+        #expect(garbage.frames.last?.message == .pong)
+        try await good.put(key, value: cart)
+
+        // 2. A 2 GiB length prefix: refused at once, connection closed, nothing allocated.
+        let huge = try await RawSocket.connect(addr)
+        try await huge.send([0x80, 0, 0, 0] + Array(repeating: 0x41, count: 64))
+        try await cluster.waitUntil("huge frame refused and closed") { huge.isClosed }
+        if case .error(let e) = huge.frames.first?.message { #expect(e.code == .frameTooLarge) } else { Issue.record("no error reply") }
+        #expect(try await good.get(key).values == [cart])
+
+        // 3. A truncated frame followed by a close: nothing is dispatched, the node keeps serving.
+        let truncated = try await RawSocket.connect(addr)
+        let frame = WireCodec.encodeFrame(Envelope(requestID: 3, message: .put(PutRequest(key: key, value: Array("evil".utf8)))))
+        try await truncated.send(Array(frame.dropLast(3)))
+        truncated.close()
+        // 4. Random bytes on a fresh connection.
+        let noise = try await RawSocket.connect(addr)
+        var rng: UInt64 = 0x5EED
+        try await noise.send((0..<4096).map { _ in
+            rng = rng &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407
+            return UInt8(truncatingIfNeeded: rng >> 56)
+        })
+        #expect(try await good.get(key, options: RequestOptions(r: .all)).values == [cart])
+        noise.close(); garbage.close(); huge.close()
+        let metrics = cluster.nodes[0].metrics.exposition()
+        #expect(metrics.contains("cairn_protocol_errors_total"))
+        good.close()
+        await cluster.stop()
+    }
+
+    @Test func healthAndMetricsOverHTTP() async throws {
+        let cluster = try await TestCluster.start()
+        let c = try await cluster.client([0])
+        try await c.put(key, value: cart)
+        _ = try await c.get(key)
+        let http = try #require(cluster.nodes[0].boundAddresses?.http)
+        let health = try await httpGet(http, "/health", within: cluster)
+        #expect(health.status.contains("200"))
+        #expect(health.body == "serving\n")
+        let metrics = try await httpGet(http, "/metrics", within: cluster)
+        #expect(metrics.status.contains("200"))
+        #expect(metrics.body.contains(#"cairn_requests_total{op="put",outcome="ok"} 1"#))
+        #expect(metrics.body.contains(#"cairn_request_duration_seconds_bucket{op="get",le="0.0001"}"#))
+        let missing = try await httpGet(http, "/nope", within: cluster)
+        #expect(missing.status.contains("404"))
+        c.close()
+        await cluster.stop()
+    }
+
+    @Test func membersListsEveryNodeWithPartitionCounts() async throws {
+        let cluster = try await TestCluster.start()
+        let c = try await cluster.client([1])
+        let members = try await c.members()
+        #expect(members.map(\.name) == ["n1", "n2", "n3"])
+        #expect(members.map(\.ownedPartitions).reduce(0, +) == 64)
+        #expect(members.allSatisfy { $0.replicatedPartitions == 64 })
+        #expect(members.map(\.state) == [.up, .this, .up])
+        #expect(members.map(\.address) == (0..<3).map(cluster.address))
+        c.close()
+        await cluster.stop()
+    }
+
+    @Test func aDeadSeedDoesNotFailTheClient() async throws {
+        let cluster = try await TestCluster.start()
+        await cluster.crash(0)
+        let c = try await CairnClient.connect(seeds: [cluster.address(0), cluster.address(1)])
+        for i in 0..<6 { try await c.put(Array("s\(i)".utf8), value: [1], options: RequestOptions(w: .count(2))) }
+        #expect(try await c.get(Array("s5".utf8)).values == [[1]])
+        c.close()
+        await cluster.stop()
+    }
+
+    @Test func gracefulShutdownStopsCleanlyWhileOthersServe() async throws {
+        let cluster = try await TestCluster.start()
+        let c = try await cluster.client([1])
+        try await c.put(key, value: cart)
+        cluster.nodes[0].shutdown()
+        let result = await cluster.runResult(0)
+        if case .failure(let e) = result { Issue.record("run() failed: \(e)") }
+        #expect(cluster.nodes[0].state == .stopped)
+        #expect(try await c.get(key, options: RequestOptions(r: .count(2))).values == [cart])
+        c.close()
+        await cluster.stop()
+    }
+
+    @Test func invalidQuorumsAreRejectedWithAClearError() async throws {
+        let cluster = try await TestCluster.start()
+        let c = try await cluster.client([0])
+        let e = await failure("W=4 with N=3", { () async throws(CairnError) in
+            try await c.put(key, value: cart, options: RequestOptions(w: .count(4)))
+        })
+        guard case .invalidArgument(let why)? = e else { Issue.record("expected invalid argument, got \(String(describing: e))"); return }
+        #expect(why.contains("N=3"))
+        c.close()
+        await cluster.stop()
+    }
+}

@@ -1,0 +1,191 @@
+import Testing
+import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Three `cairnd` processes and the `cairn` CLI, as a user runs them. Nodes listen on
+/// 127.0.0.21–23 (all of 127/8 is loopback on Linux), so fixed ports never collide with a local
+/// cluster on 127.0.0.1 or with other tests.
+@Suite(.serialized, .timeLimit(.minutes(3)))
+struct ProcessClusterTests {
+    static let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+
+    static func binary(_ name: String) throws -> String {
+        if let dir = ProcessInfo.processInfo.environment["CAIRN_BIN_DIR"] { return dir + "/" + name }
+        for candidate in [".build/debug", ".build/x86_64-unknown-linux-gnu/debug", ".build/release"] {
+            let path = root.appendingPathComponent(candidate).appendingPathComponent(name).path
+            if FileManager.default.isExecutableFile(atPath: path) { return path }
+        }
+        throw ProcessTestError("\(name) not built: run `swift build --build-tests` (the README's test command does) or set CAIRN_BIN_DIR")
+    }
+
+    struct ProcessTestError: Error, CustomStringConvertible {
+        let description: String
+        init(_ d: String) { description = d }
+    }
+
+    struct Result {
+        let status: Int32
+        let stdout: String
+        let stderr: String
+    }
+
+    /// Runs the CLI to completion (it has its own timeouts) and captures its output.
+    static func cairn(_ args: [String], stdin: String? = nil) throws -> Result {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: try binary("cairn"))
+        p.arguments = args
+        let out = Pipe(), err = Pipe(), input = Pipe()
+        p.standardOutput = out
+        p.standardError = err
+        p.standardInput = input
+        try p.run()
+        if let stdin { input.fileHandleForWriting.write(Data(stdin.utf8)) }
+        try input.fileHandleForWriting.close()
+        let o = out.fileHandleForReading.readDataToEndOfFile()
+        let e = err.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        return Result(status: p.terminationStatus, stdout: String(decoding: o, as: UTF8.self), stderr: String(decoding: e, as: UTF8.self))
+    }
+
+    final class Daemons {
+        var processes: [Process] = []
+        let dir: URL
+        init() throws {
+            dir = FileManager.default.temporaryDirectory.appendingPathComponent("cairn-proc-\(getpid())-\(UInt32.random(in: 0...UInt32.max))")
+            try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        }
+
+        func address(_ i: Int) -> String { "127.0.0.\(21 + i):7401" }
+
+        func start() throws {
+            let members = (0..<3).map { "n\($0 + 1)@\(address($0))" }.joined(separator: ",")
+            for i in 0..<3 {
+                let conf = dir.appendingPathComponent("n\(i + 1).conf")
+                try """
+                node.name = n\(i + 1)
+                node.listen = \(address(i))
+                node.http = 127.0.0.\(21 + i):8401
+                node.data_dir = \(dir.path)/n\(i + 1)
+                cluster.name = proctest
+                cluster.ring_size = 64
+                cluster.members = \(members)
+                transport.reconnect_min = 20ms
+                transport.reconnect_max = 200ms
+                """.write(to: conf, atomically: true, encoding: .utf8)
+                let p = Process()
+                p.executableURL = URL(fileURLWithPath: try ProcessClusterTests.binary("cairnd"))
+                p.arguments = ["--config", conf.path, "--log-level", "warning"]
+                p.standardOutput = FileHandle.nullDevice
+                p.standardError = FileHandle(forWritingAtPath: "/dev/null")
+                try p.run()
+                processes.append(p)
+            }
+        }
+
+        /// Waits (bounded) until every node reports all three members up or itself.
+        func waitHealthy() throws {
+            for i in 0..<3 {
+                var ok = false
+                for _ in 0..<300 {
+                    let r = try ProcessClusterTests.cairn(["members", "--node", address(i), "--json"])
+                    if r.status == 0, r.stdout.components(separatedBy: "\"down\"").count == 1 { ok = true; break }
+                    usleep(50_000)
+                }
+                if !ok { throw ProcessTestError("n\(i + 1) did not see every peer up within 15 s") }
+            }
+        }
+
+        func signal(_ i: Int, _ sig: Int32) { kill(processes[i].processIdentifier, sig) }
+
+        func stopAll() -> [Int32] {
+            for p in processes where p.isRunning { kill(p.processIdentifier, SIGCONT); kill(p.processIdentifier, SIGTERM) }
+            var statuses: [Int32] = []
+            for p in processes {
+                var waited = 0
+                while p.isRunning && waited < 200 { usleep(50_000); waited += 1 }
+                if p.isRunning { kill(p.processIdentifier, SIGKILL); p.waitUntilExit() }
+                statuses.append(p.terminationReason == .exit ? p.terminationStatus : -p.terminationStatus)
+            }
+            try? FileManager.default.removeItem(at: dir)
+            return statuses
+        }
+
+        deinit { _ = stopAll() }
+    }
+
+    @Test func threeDaemonsServeTheCLIAndSurviveAKilledNode() throws {
+        let d = try Daemons()
+        try d.start()
+        try d.waitHealthy()
+
+        // put on one node, get from another, as text and as JSON.
+        let put = try Self.cairn(["--node", d.address(0), "put", "user:42", #"{"cart":["apple"]}"#])
+        #expect(put.status == 0, "\(put.stderr)")
+        let get = try Self.cairn(["--node", d.address(1), "get", "user:42", "--r", "2"])
+        #expect(get.status == 0)
+        #expect(get.stdout.hasPrefix(#"{"cart":["apple"]}"#))
+        let json = try Self.cairn(["--node", d.address(2), "get", "user:42", "--json"])
+        let object = try JSONSerialization.jsonObject(with: Data(json.stdout.utf8)) as? [String: Any]
+        #expect(object?["found"] as? Bool == true)
+        let siblings = object?["siblings"] as? [[String: Any]]
+        #expect(siblings?.first?["value"] as? String == #"{"cart":["apple"]}"#)
+        #expect(siblings?.first?["deleted"] as? Bool == false)
+        let context = try #require(object?["context"] as? String)
+
+        // A value from stdin that is not UTF-8 comes back as base64.
+        let binary = try Self.cairn(["--node", d.address(0), "put", "bin", "-"], stdin: "\u{FF}")
+        #expect(binary.status == 0)
+        let binGet = try Self.cairn(["--node", d.address(1), "get", "bin", "--json"])
+        #expect(binGet.stdout.contains(#""value":"ÿ""#) || binGet.stdout.contains("value_base64"))
+
+        // delete with the context → get exits 2.
+        let del = try Self.cairn(["--node", d.address(1), "delete", "user:42", "--context", context, "--json"])
+        #expect(del.status == 0 && del.stdout.contains("\"context\""))
+        let gone = try Self.cairn(["--node", d.address(2), "get", "user:42"])
+        #expect(gone.status == 2)
+        #expect(gone.stderr.contains("not found"))
+
+        // SIGKILL one node: W=2 / R=2 still succeed, W=3 fails with exit 3 naming the node.
+        d.signal(2, SIGKILL)
+        d.processes[2].waitUntilExit()
+        let w2 = try Self.cairn(["--node", d.address(0), "put", "k", "v", "--w", "2"])
+        #expect(w2.status == 0, "\(w2.stderr)")
+        let r2 = try Self.cairn(["--node", d.address(1), "get", "k", "--r", "2"])
+        #expect(r2.status == 0 && r2.stdout.hasPrefix("v"))
+        let w3 = try Self.cairn(["--node", d.address(0), "put", "k", "v3", "--w", "3", "--timeout", "1000"])
+        #expect(w3.status == 3)
+        #expect(w3.stderr.contains("W=3"))
+        #expect(w3.stderr.contains(d.address(2)))
+
+        let statuses = d.stopAll()
+        #expect(statuses[0] == 0 && statuses[1] == 0, "graceful exits: \(statuses)")
+    }
+
+    @Test func aPausedReplicaMakesWAllNotReachedWithAnUnknownOutcome() throws {
+        let d = try Daemons()
+        try d.start()
+        try d.waitHealthy()
+        d.signal(1, SIGSTOP)
+        let w3 = try Self.cairn(["--node", d.address(0), "put", "p", "v", "--w", "all", "--timeout", "800"])
+        #expect(w3.status == 3)
+        #expect(w3.stderr.contains("W=3 not reached: 2 of 3 replicas acknowledged"))
+        #expect(w3.stderr.contains("\(d.address(1)) timed out after 800 ms"))
+        #expect(w3.stderr.contains("may have been applied"))
+        let w2 = try Self.cairn(["--node", d.address(0), "put", "p", "v2", "--w", "2", "--timeout", "800"])
+        #expect(w2.status == 0)
+        d.signal(1, SIGCONT)
+        // The paused node got both writes once resumed: R=all sees them.
+        var seen = ""
+        for _ in 0..<100 {
+            let r = try Self.cairn(["--node", d.address(1), "get", "p", "--r", "all"])
+            seen = r.stdout
+            if r.status == 0 && r.stdout.contains("v2") { break }
+            usleep(50_000)
+        }
+        #expect(seen.contains("v2"))
+        let statuses = d.stopAll()
+        #expect(statuses == [0, 0, 0], "graceful exits: \(statuses)")
+    }
+}

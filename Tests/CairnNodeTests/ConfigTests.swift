@@ -1,0 +1,53 @@
+import Testing
+@testable import CairnNode
+import CairnCore
+
+@Suite struct ConfigTests {
+    static let sample = """
+    # a node
+    node.name = n2
+    node.listen = 127.0.0.1:7402
+    node.http = off
+    cluster.name = prod
+    cluster.ring_size = 512
+    cluster.members = n1@10.0.0.1:7401, n2@10.0.0.2:7401 , n3@[::1]:7403
+    request.timeout = 1500ms
+    request.default_w = all
+    limits.max_value_bytes = 1MiB
+    supervisor.restart_window = 1m
+    """
+
+    @Test func parsesEveryKindOfValue() throws {
+        let c = try NodeConfig.parse(Self.sample)
+        #expect(c.name.value == "n2")
+        #expect(c.http == nil)
+        #expect(c.ringSize == 512)
+        #expect(c.members.map(\.address.description) == ["10.0.0.1:7401", "10.0.0.2:7401", "[::1]:7403"])
+        #expect(c.advertised == HostPort(host: "10.0.0.2", port: 7401))
+        #expect(c.requestTimeoutMillis == 1500)
+        #expect(c.defaultW == .all)
+        #expect(c.limits.maxValueBytes == 1 << 20)
+        #expect(c.restartPolicy.window == .seconds(60))
+    }
+
+    @Test func errorsNameTheLine() {
+        let cases: [(String, String)] = [
+            ("node.name = n1\ncluster.members = n1@h:1\nbogus.key = 1", "line 3"),
+            ("node.name = n1\ncluster.members = n1@h:1\ncluster.ring_size = 100", "line 0"),
+            ("node.name = n1\ncluster.members = n1@h:1\nrequest.timeout = soon", "line 3"),
+            ("node.name = n1\ncluster.members = n1@h:99999", "line 2"),
+            ("node.name = n1\ncluster.members = n2@h:1", "does not list this node"),
+            ("node.name = bad name\ncluster.members = x@h:1", "line 1"),
+            ("cluster.members = n1@h:1", "node.name is required"),
+            ("node.name = n1\nthis line has no equals", "line 2"),
+        ]
+        for (text, fragment) in cases {
+            do {
+                _ = try NodeConfig.parse(text)
+                Issue.record("accepted: \(text)")
+            } catch {
+                #expect(error.description.contains(fragment), "\(error.description) lacks \(fragment)")
+            }
+        }
+    }
+}

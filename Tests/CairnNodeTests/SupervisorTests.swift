@@ -1,0 +1,84 @@
+import Testing
+@testable import CairnNode
+import Logging
+import Synchronization
+
+@Suite struct RestartTrackerTests {
+    @Test func backoffDoublesUpToTheCapThenEscalatesPastTheIntensity() {
+        var policy = RestartPolicy()
+        policy.maxRestarts = 4
+        policy.window = .seconds(10)
+        policy.backoffMin = .milliseconds(100)
+        policy.backoffMax = .milliseconds(300)
+        var t = RestartTracker(policy: policy)
+        let t0 = ContinuousClock.now
+        #expect(t.onFailure(at: t0) == .restart(after: .milliseconds(100)))
+        #expect(t.onFailure(at: t0 + .seconds(1)) == .restart(after: .milliseconds(200)))
+        #expect(t.onFailure(at: t0 + .seconds(2)) == .restart(after: .milliseconds(300)))
+        #expect(t.onFailure(at: t0 + .seconds(3)) == .restart(after: .milliseconds(300)))
+        #expect(t.onFailure(at: t0 + .seconds(4)) == .escalate(failuresInWindow: 5))
+    }
+
+    @Test func failuresOutsideTheWindowAreForgotten() {
+        var policy = RestartPolicy()
+        policy.maxRestarts = 2
+        policy.window = .seconds(10)
+        var t = RestartTracker(policy: policy)
+        let t0 = ContinuousClock.now
+        _ = t.onFailure(at: t0)
+        _ = t.onFailure(at: t0 + .seconds(1))
+        #expect(t.onFailure(at: t0 + .seconds(30)) == .restart(after: policy.backoffMin))
+    }
+}
+
+/// A child that fails its first `failures` runs, then runs until cancelled.
+final class FlakyChild: SupervisedChild {
+    let childName = "flaky"
+    let failures: Int
+    let runs = Atomic<Int>(0)
+    init(failures: Int) { self.failures = failures }
+
+    func run() async throws {
+        let n = runs.wrappingAdd(1, ordering: .relaxed).newValue
+        if n <= failures { throw TestFailure(run: n) }
+        try await Task.sleep(for: .seconds(3600))
+    }
+
+    struct TestFailure: Error { let run: Int }
+}
+
+@Suite struct SupervisorTests {
+    private func policy(max: Int) -> RestartPolicy {
+        var p = RestartPolicy()
+        p.maxRestarts = max
+        p.window = .seconds(60)
+        p.backoffMin = .milliseconds(1)
+        p.backoffMax = .milliseconds(4)
+        return p
+    }
+
+    @Test func restartsAFailedChildUntilItRuns() async throws {
+        let restarts = Atomic<Int>(0)
+        let sup = Supervisor(name: "test", policy: policy(max: 5), logger: Logger(label: "test")) { _ in
+            restarts.wrappingAdd(1, ordering: .relaxed)
+        }
+        let child = FlakyChild(failures: 3)
+        sup.spawn(child)
+        let task = Task { try await sup.run() }
+        while child.runs.load(ordering: .relaxed) < 4 { try await Task.sleep(for: .milliseconds(1)) }
+        #expect(restarts.load(ordering: .relaxed) == 3)
+        sup.finish()
+        task.cancel()
+        try await task.value
+    }
+
+    @Test func escalatesPastTheRestartIntensity() async throws {
+        let sup = Supervisor(name: "test", policy: policy(max: 2), logger: Logger(label: "test"))
+        let bad = FlakyChild(failures: 100)
+        let good = FlakyChild(failures: 0)
+        sup.spawn(good)
+        sup.spawn(bad)
+        await #expect(throws: SupervisorEscalation.self) { try await sup.run() }
+        #expect(bad.runs.load(ordering: .relaxed) == 3)
+    }
+}
