@@ -61,6 +61,7 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            .product(name: "UnixSignals", package: "swift-service-lifecycle"),
             .product(name: "NIOPosix", package: "swift-nio"),
         ], swiftSettings: strict),
         .executableTarget(name: "cairn", dependencies: [
@@ -86,7 +87,7 @@ let package = Package(
         ], swiftSettings: strict),
         // Real nodes on loopback: in-process and as cairnd processes.
         .testTarget(name: "CairnClusterTests", dependencies: [
-            "CairnNode", "CairnClient", "CairnCore", "CairnWire",
+            "CairnNode", "CairnClient", "CairnCore", "CairnWire", "CairnRing",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),

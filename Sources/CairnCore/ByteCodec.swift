@@ -80,6 +80,15 @@ public struct ByteReader: Sendable {
         return bytes[offset]
     }
 
+    /// A byte that must be 0 (false) or 1 (true).
+    public mutating func readBool(_ what: String) throws(DecodeError) -> Bool {
+        switch try readU8(what) {
+        case 0: return false
+        case 1: return true
+        case let b: throw DecodeError("\(what) must be 0 or 1, not \(b)")
+        }
+    }
+
     public mutating func readU16(_ what: String = "u16") throws(DecodeError) -> UInt16 {
         try need(2, what)
         defer { offset += 2 }
@@ -109,7 +118,12 @@ public struct ByteReader: Sendable {
             let byte = try readU8(what)
             if shift == 63 && byte > 1 { throw DecodeError("\(what) overflows 64 bits") }
             result |= UInt64(byte & 0x7F) << shift
-            if byte & 0x80 == 0 { return result }
+            if byte & 0x80 == 0 {
+                // A final zero group after the first byte is an over-long encoding: every value has
+                // exactly one encoding, so equal objects have equal bytes.
+                if byte == 0 && shift > 0 { throw DecodeError("\(what) is not minimally encoded") }
+                return result
+            }
             shift += 7
             if shift > 63 { throw DecodeError("\(what) longer than 10 bytes") }
         }

@@ -50,7 +50,7 @@ public struct ActorID: Hashable, Comparable, Sendable, CustomStringConvertible {
 
     public var description: String { "\(node)#\(String(epoch, radix: 16))" }
 
-    static let maxNameBytes = 255
+    static let maxNameBytes = NodeName.maxBytes
 
     func encode(into w: inout ByteWriter) {
         w.writeString(node)
@@ -59,6 +59,7 @@ public struct ActorID: Hashable, Comparable, Sendable, CustomStringConvertible {
 
     static func decode(from r: inout ByteReader) throws(DecodeError) -> ActorID {
         let node = try r.readString("actor name", limit: maxNameBytes)
+        guard (try? NodeName(node)) != nil else { throw DecodeError("actor name '\(node)' is not a valid node name") }
         let epoch = try r.readU64("actor epoch")
         return ActorID(node: node, epoch: epoch)
     }

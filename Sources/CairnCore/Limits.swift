@@ -12,10 +12,16 @@ public struct Limits: Hashable, Sendable {
     /// `limits.max_siblings`: live values kept per key; beyond it the oldest are pruned and counted
     /// (`cairn_siblings_pruned_total`). Writes never fail because of it.
     public var maxSiblings: Int = 64
-    /// Values accepted when decoding an object from a peer or disk (a peer may be configured with
-    /// a higher `max_siblings`; this guards memory, not policy).
+    /// `limits.max_object_bytes`: encoded size of one key's object (all siblings and the clock).
+    /// Beyond it the oldest siblings are pruned like `max_siblings`; it keeps every object and
+    /// every reply inside one frame. Must be at least `max_value_bytes` + 64 KiB and at most
+    /// `max_frame_bytes` − 64 KiB.
+    public var maxObjectBytes: Int = 12 << 20
+    /// `limits.max_siblings_on_decode`: values accepted when decoding an object from a peer or
+    /// disk (a peer may be configured with a higher `max_siblings`; this guards memory, not policy).
     public var maxSiblingsOnDecode: Int = 4096
-    /// `limits.max_actors_per_object`: dots in one version vector.
+    /// `limits.max_actors_per_object`: entries in one object's clock or one context. A write that
+    /// would exceed it is refused (it would make the key unreadable).
     public var maxActorsPerObject: Int = 1024
     /// `limits.max_context_bytes`.
     public var maxContextBytes: Int = 64 << 10

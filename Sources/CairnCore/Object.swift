@@ -31,6 +31,37 @@ extension DVVSet where Value == Sibling {
     /// True when every value is a tombstone (the key reads as not found) or there is none.
     public var isDeleted: Bool { values.allSatisfy(\.isTombstone) }
 
+    /// Bounds the encoded size to `maxBytes` by pruning the oldest values (as `prune(toAtMost:)`)
+    /// until it fits or no entry value is left. Returns how many values were dropped.
+    @discardableResult
+    public mutating func prune(toEncodedBytes maxBytes: Int) -> Int {
+        var dropped = 0
+        var size = encodedSize
+        while size > maxBytes {
+            let before = valueCount
+            prune(toAtMost: before - 1)
+            if valueCount == before { break }
+            dropped += 1
+            size = encodedSize
+        }
+        return dropped
+    }
+
+    /// The length of `encoded()`, computed without encoding.
+    public var encodedSize: Int {
+        func varint(_ v: UInt64) -> Int { v < 0x80 ? 1 : (64 - v.leadingZeroBitCount + 6) / 7 }
+        func sibling(_ s: Sibling) -> Int {
+            1 + varint(s.timestampMillis) + (s.isTombstone ? 0 : varint(UInt64(s.value.count)) + s.value.count)
+        }
+        var n = 1 + varint(UInt64(entries.count)) + varint(UInt64(anonymous.count))
+        for e in entries {
+            n += varint(UInt64(e.actor.node.utf8.count)) + e.actor.node.utf8.count + 8
+            n += varint(e.counter) + varint(UInt64(e.values.count))
+            n += e.values.reduce(0) { $0 + sibling($1) }
+        }
+        return n + anonymous.reduce(0) { $0 + sibling($1) }
+    }
+
     /// Encodes the object as in Docs/object-format.md.
     public func encoded() -> [UInt8] {
         var w = ByteWriter(capacity: 32 + values.reduce(0) { $0 + $1.value.count + 12 })

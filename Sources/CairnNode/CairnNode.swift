@@ -34,6 +34,7 @@ public final class CairnNode: Service, Sendable {
         var http: (any Channel)?
         var bound: BoundAddresses?
         var started = false
+        var dataDirectory: DataDirectory?
     }
 
     public let config: NodeConfig
@@ -68,6 +69,10 @@ public final class CairnNode: Service, Sendable {
     @discardableResult
     public func bind() async throws -> BoundAddresses {
         if let b = runtime.value.bound { return b }
+        if let dir = config.dataDirectory {
+            let locked = try DataDirectory(path: dir)
+            runtime.withLock { $0.dataDirectory = locked }
+        }
         let router = Router(core: core)
         let (limits, registry) = (config.limits, connections)
         let server = try await ServerBootstrap(group: group)
@@ -182,6 +187,7 @@ public final class CairnNode: Service, Sendable {
                 group.cancelAll()
                 try await group.waitForAll()
                 try await core.backend.close()
+                runtime.value.dataDirectory?.release()
                 core.logger.info("stopped", metadata: ["graceful": "\(graceful)"])
                 if let failure { throw failure }
             }

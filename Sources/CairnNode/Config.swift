@@ -54,7 +54,9 @@ public struct NodeConfig: Sendable {
     public var listen = HostPort(host: "127.0.0.1", port: 7401)
     /// `nil` disables the HTTP listener (`node.http = off`).
     public var http: HostPort? = HostPort(host: "127.0.0.1", port: 8401)
-    public var dataDirectory = "./data"
+    /// Created and locked (`LOCK`, flock) at start so two nodes never share it; the storage
+    /// engine keeps its files here. `nil` (tests only) skips it.
+    public var dataDirectory: String? = "./data"
     // cluster.*
     public var clusterName = "cairn"
     public var ringSize = Ring.defaultPartitionCount
@@ -98,8 +100,30 @@ public struct NodeConfig: Sendable {
         guard Set(members.map(\.name)).count == members.count else { throw ValidationError("cluster.members lists a node twice") }
         guard requestTimeoutMillis >= 1 else { throw ValidationError("request.timeout must be positive") }
         guard maxInflightRequests >= 1 else { throw ValidationError("limits.max_inflight_requests must be positive") }
-        guard limits.maxKeyBytes + limits.maxValueBytes + 1024 <= limits.maxFrameBytes else {
-            throw ValidationError("limits.max_frame_bytes must exceed max_key_bytes + max_value_bytes + 1024")
+        let slack = 64 << 10
+        guard limits.maxValueBytes + limits.maxKeyBytes + slack <= limits.maxObjectBytes else {
+            throw ValidationError("limits.max_object_bytes must be at least max_value_bytes + max_key_bytes + 64KiB")
+        }
+        guard limits.maxObjectBytes + slack <= limits.maxFrameBytes else {
+            throw ValidationError("limits.max_frame_bytes must be at least max_object_bytes + 64KiB")
+        }
+        guard limits.maxSiblings <= limits.maxSiblingsOnDecode else {
+            throw ValidationError("limits.max_siblings must not exceed limits.max_siblings_on_decode")
+        }
+        guard clusterName.utf8.count <= 255, !clusterName.isEmpty else { throw ValidationError("cluster.name must be 1...255 bytes") }
+        for (key, q, pq) in [("r", defaultR, defaultPR), ("w", defaultW, defaultPW)] {
+            do {
+                _ = try QuorumRequirement(name: key.uppercased(), quorum: q, primary: pq, n: min(nVal, members.count))
+            } catch {
+                throw ValidationError("request.default_\(key) / default_p\(key): \(error.reason)")
+            }
+        }
+        guard reconnectMinMillis >= 1, reconnectMinMillis <= reconnectMaxMillis else {
+            throw ValidationError("transport.reconnect_min must be at least 1ms and at most transport.reconnect_max")
+        }
+        guard connectTimeoutMillis >= 1 else { throw ValidationError("transport.connect_timeout must be positive") }
+        guard restartPolicy.backoffMin > .zero, restartPolicy.backoffMin <= restartPolicy.backoffMax else {
+            throw ValidationError("supervisor.backoff_min must be positive and at most supervisor.backoff_max")
         }
         _ = try Ring(partitionCount: ringSize, members: members.map(\.name))
     }

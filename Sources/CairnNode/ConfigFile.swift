@@ -11,7 +11,8 @@ extension NodeConfig {
 
     public static func parse(_ text: String) throws(ParseError) -> NodeConfig {
         var pairs: [(line: Int, key: String, value: String)] = []
-        for (i, raw) in text.split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
+        // "\r\n" is one Character in Swift, and a newline: CRLF files parse like LF files.
+        for (i, raw) in text.split(omittingEmptySubsequences: false, whereSeparator: \.isNewline).enumerated() {
             let line = raw.split(separator: "#", maxSplits: 1, omittingEmptySubsequences: false).first ?? ""
             let trimmed = line.trimmingSpaces
             if trimmed.isEmpty { continue }
@@ -40,7 +41,9 @@ extension NodeConfig {
         case "node.name": name = try NodeName(value)
         case "node.listen": listen = try HostPort(parsing: value)
         case "node.http": http = value == "off" ? nil : try HostPort(parsing: value)
-        case "node.data_dir": dataDirectory = value
+        case "node.data_dir":
+            guard !value.isEmpty else { throw ValidationError("node.data_dir must not be empty") }
+            dataDirectory = value
         case "cluster.name": clusterName = value
         case "cluster.ring_size": ringSize = try Self.int(value, 1...(1 << 20))
         case "cluster.n_val": nVal = try Self.int(value, 1...16)
@@ -61,6 +64,9 @@ extension NodeConfig {
         case "limits.max_value_bytes": limits.maxValueBytes = try Self.bytes(value, 1...(512 << 20))
         case "limits.max_siblings": limits.maxSiblings = try Self.int(value, 1...4096)
         case "limits.max_context_bytes": limits.maxContextBytes = try Self.bytes(value, 64...(16 << 20))
+        case "limits.max_object_bytes": limits.maxObjectBytes = try Self.bytes(value, 1024...(1 << 30))
+        case "limits.max_siblings_on_decode": limits.maxSiblingsOnDecode = try Self.int(value, 1...1_000_000)
+        case "limits.max_actors_per_object": limits.maxActorsPerObject = try Self.int(value, 1...65_536)
         case "transport.max_pending_per_connection": maxPendingPerConnection = try Self.int(value, 1...1_000_000)
         case "transport.connect_timeout": connectTimeoutMillis = try Self.millis(value)
         case "transport.reconnect_min": reconnectMinMillis = try Self.millis(value)

@@ -116,8 +116,15 @@ public struct WriteCoordination: Sendable {
     public enum WriteOutcome: Hashable, Sendable {
         case acknowledged
         case quorumFailed(QuorumFailure)
-        /// The coordinator's own vnode could not apply the write; nothing was replicated.
+        /// The coordinator's own vnode failed while applying the write (a storage error); nothing
+        /// was replicated. Whether the local copy changed is unknown.
         case coordinatorFailed(String)
+        /// The local apply did not finish before the deadline; nothing was replicated, the local
+        /// write may still complete: outcome unknown.
+        case coordinatorTimedOut(afterMillis: UInt32)
+        /// The write is invalid for this key (e.g. its clock would exceed the actor limit): certainly
+        /// not applied.
+        case rejected(String)
     }
 
     private var tally: QuorumTally
@@ -155,6 +162,11 @@ public struct WriteCoordination: Sendable {
         return conclude(.coordinatorFailed(reason))
     }
 
+    public mutating func localRejected(_ reason: String) -> [Directive] {
+        guard !finished, !applied else { return [] }
+        return conclude(.rejected(reason))
+    }
+
     public mutating func replicaAcked(_ node: NodeName) -> [Directive] {
         guard !finished, applied, tally.record(node, .acknowledged) else { return [] }
         return evaluate()
@@ -168,7 +180,7 @@ public struct WriteCoordination: Sendable {
     public mutating func deadlinePassed() -> [Directive] {
         guard !finished else { return [] }
         tally.expire(afterMillis: timeoutMillis)
-        if !applied { return conclude(.coordinatorFailed("local apply did not finish within \(timeoutMillis) ms")) }
+        if !applied { return conclude(.coordinatorTimedOut(afterMillis: timeoutMillis)) }
         return evaluate()
     }
 

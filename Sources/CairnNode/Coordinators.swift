@@ -34,6 +34,7 @@ actor WriteCoordinator {
     private enum Event: Sendable {
         case localApplied(VersionedObject)
         case localFailed(String)
+        case localRejected(String)
         case acked(NodeName)
         case failed(NodeName, ReplicaOutcome)
         case deadline
@@ -79,6 +80,7 @@ actor WriteCoordinator {
                     object = o
                     directives = machine.localApplied()
                 case .localFailed(let why): directives = machine.localFailed(why)
+                case .localRejected(let why): directives = machine.localRejected(why)
                 case .acked(let n): directives = machine.replicaAcked(n)
                 case .failed(let n, let outcome):
                     ctx.metrics.replicaFailures.increment()
@@ -103,6 +105,7 @@ actor WriteCoordinator {
                 do throws(VnodeError) {
                     return .localApplied(try await vnode.coordinate(key: key, sibling: sibling, context: context, actor: actor))
                 } catch {
+                    if case .rejected(let why) = error { return .localRejected(why) }
                     return .localFailed(error.description)
                 }
             }
@@ -174,7 +177,7 @@ actor ReadCoordinator {
                 switch event {
                 case .replied(let n, let o): directives = machine.replied(n, o)
                 case .failed(let n, let outcome):
-                    ctx.metrics.replicaFailures.increment()
+                    if n != ctx.me { ctx.metrics.replicaFailures.increment() }
                     directives = machine.replicaFailed(n, outcome)
                 case .deadline: directives = machine.deadlinePassed()
                 }

@@ -72,6 +72,7 @@ final class NodeCore: Sendable {
         case .members:
             responder.reply(.membersReply(members(a)))
         case .replicaGet(let r) where fromPeer:
+            guard a.view.ring.partition(forKey: r.key) == r.partition else { return responder.fail(wrongPartition(r.partition)) }
             guard let vnode = vnodes.vnode(for: r.partition) else { return responder.fail(notAReplica(r.partition)) }
             do throws(VnodeError) {
                 responder.reply(.replicaGetReply(ReplicaGetReply(object: try await vnode.get(r.key))))
@@ -79,6 +80,7 @@ final class NodeCore: Sendable {
                 responder.fail(ErrorReply(code: .storage, message: error.description))
             }
         case .replicaPut(let r) where fromPeer:
+            guard a.view.ring.partition(forKey: r.key) == r.partition else { return responder.fail(wrongPartition(r.partition)) }
             guard let vnode = vnodes.vnode(for: r.partition) else { return responder.fail(notAReplica(r.partition)) }
             do throws(VnodeError) {
                 _ = try await vnode.merge(key: r.key, object: r.object)
@@ -89,6 +91,10 @@ final class NodeCore: Sendable {
         default:
             responder.fail(ErrorReply(code: .unknownMessage, message: "\(message.type) is not accepted here"))
         }
+    }
+
+    private func wrongPartition(_ p: PartitionID) -> ErrorReply {
+        ErrorReply(code: .invalidArgument, message: "the key does not belong to partition \(p.index)")
     }
 
     private func notAReplica(_ p: PartitionID) -> ErrorReply {
@@ -117,10 +123,15 @@ final class NodeCore: Sendable {
         let (partition, replicas) = a.view.placement(forKey: g.key)
         let coordinator = ReadCoordinator(ctx: a.coordinatorContext, requirement: requirement, partition: partition,
                                           replicas: replicas, key: g.key, timeoutMillis: timeout(g.options))
-        let metrics = metrics
+        let (metrics, limits) = (metrics, config.limits)
         await coordinator.run { outcome in
             switch outcome {
-            case .answered(let object):
+            case .answered(var object):
+                // Replicas each keep their object within max_object_bytes, but their merge may
+                // not be: bound it so the reply fits in a frame.
+                if let dropped = object?.prune(toEncodedBytes: limits.maxObjectBytes), dropped > 0 {
+                    metrics.siblingsPruned.increment(by: dropped)
+                }
                 let siblings = object?.values ?? []
                 let found = !(object?.isDeleted ?? true)
                 metrics.record(.get, found ? .ok : .notFound, since: start)
@@ -165,7 +176,15 @@ final class NodeCore: Sendable {
                 responder.fail(ErrorReply(f))
             case .coordinatorFailed(let why):
                 metrics.record(op, .error, since: start)
-                responder.fail(ErrorReply(code: .storage, message: "coordinator \(me) could not apply the \(op): \(why); it was not replicated"))
+                responder.fail(ErrorReply(code: .storage, message:
+                    "coordinator \(me) failed while applying the \(op): \(why); it was not replicated and its local outcome is unknown"))
+            case .coordinatorTimedOut(let ms):
+                metrics.record(op, .timeout, since: start)
+                responder.fail(ErrorReply(code: .timeout, message:
+                    "coordinator \(me) did not finish applying the \(op) within \(ms) ms; it was not replicated and may still be applied locally"))
+            case .rejected(let why):
+                metrics.record(op, .invalid, since: start)
+                responder.fail(ErrorReply(code: .invalidArgument, message: "\(op) rejected: \(why); nothing was written"))
             }
         }
     }

@@ -66,6 +66,11 @@ public final class NodeMetrics: Sendable {
         corruptObjects = CoreMetrics.Counter(label: "cairn_corrupt_objects_total", factory: f)
     }
 
+    /// Counts a request that was refused before any work (no latency sample).
+    func count(_ op: OperationKind, _ outcome: Outcome) {
+        requests["\(op)/\(outcome.rawValue)"]?.increment()
+    }
+
     func record(_ op: OperationKind, _ outcome: Outcome, since start: ContinuousClock.Instant) {
         requests["\(op)/\(outcome.rawValue)"]?.increment()
         latency["\(op)"]?.recordInterval(since: start)

@@ -148,7 +148,10 @@ final class PeerTransport: Sendable {
     func downReasons(_ nodes: [NodeName]) -> [NodeName: String] {
         var out: [NodeName: String] = [:]
         for n in nodes {
-            guard let link = links[n] else { continue }
+            guard let link = links[n] else {
+                out[n] = "not a known peer"
+                continue
+            }
             if let why = link.downReason { out[n] = why }
         }
         return out

@@ -82,7 +82,7 @@ final class Router: RequestDispatcher {
         guard hello.cluster == mine.cluster else {
             return .failure(ErrorReply(code: .handshakeRejected, message: "cluster '\(hello.cluster)' is not this node's cluster '\(mine.cluster)'"))
         }
-        guard let node = try? NodeName(hello.node), view.addresses[node] != nil else {
+        guard let node = try? NodeName(hello.node), view.addresses[node] != nil, node != view.me else {
             return .failure(ErrorReply(code: .handshakeRejected, message: "\(hello.node) is not a member of cluster \(mine.cluster)"))
         }
         guard hello.ringFingerprint == mine.ringFingerprint, hello.nVal == mine.nVal else {
@@ -108,7 +108,7 @@ final class Router: RequestDispatcher {
             await core.handle(envelope.message, fromPeer: fromPeer, responder: responder)
         }
         if !accepted {
-            if let op = envelope.message.operation { core.metrics.record(op, .overloaded, since: .now) }
+            if let op = envelope.message.operation { core.metrics.count(op, .overloaded) }
             responder.fail(ErrorReply(code: .overloaded, message:
                 "node \(core.config.name) has \(core.requests.limit) requests in flight (limits.max_inflight_requests); retry later"))
         }

@@ -57,10 +57,17 @@ public actor Vnode: SupervisedChild {
     public func coordinate(key: [UInt8], sibling: Sibling, context: VersionVector, actor: ActorID) async throws(VnodeError) -> VersionedObject {
         try ensureServing()
         var object = try load(key) ?? VersionedObject()
+        // Only this coordinator issues `actor`'s dots, so a context claiming more of them than
+        // stored is forged or corrupt; trusting it could push the counter to overflow.
+        let issued = object.context[actor]
+        let sane = VersionVector(context.dots.map { ($0.actor, $0.actor == actor ? min($0.counter, issued) : $0.counter) })
         do {
-            try object.update(context: context, value: sibling, actor: actor)
+            try object.update(context: sane, value: sibling, actor: actor)
         } catch {
             throw .rejected(error.description)
+        }
+        guard object.entries.count <= limits.maxActorsPerObject else {
+            throw .rejected("the key's clock would hold \(object.entries.count) actors, over limits.max_actors_per_object \(limits.maxActorsPerObject)")
         }
         return try await store(key, object)
     }
@@ -70,6 +77,9 @@ public actor Vnode: SupervisedChild {
         try ensureServing()
         let current = try load(key)
         let merged = current.map { VersionedObject.sync($0, incoming) } ?? incoming
+        guard merged.entries.count <= limits.maxActorsPerObject else {
+            throw .rejected("the merged clock would hold \(merged.entries.count) actors, over limits.max_actors_per_object")
+        }
         if merged == current, let current { return current }
         return try await store(key, merged)
     }
@@ -106,11 +116,12 @@ public actor Vnode: SupervisedChild {
 
     private func store(_ key: [UInt8], _ object: VersionedObject) async throws(VnodeError) -> VersionedObject {
         var object = object
-        let pruned = object.prune(toAtMost: limits.maxSiblings)
+        let pruned = object.prune(toAtMost: limits.maxSiblings) + object.prune(toEncodedBytes: limits.maxObjectBytes)
         if pruned > 0 {
             metrics.siblingsPruned.increment(by: pruned)
             logger.warning("sibling limit reached; oldest siblings pruned", metadata: [
-                "partition": "\(partition.index)", "pruned": "\(pruned)", "limit": "\(limits.maxSiblings)",
+                "partition": "\(partition.index)", "pruned": "\(pruned)", "max_siblings": "\(limits.maxSiblings)",
+                "max_object_bytes": "\(limits.maxObjectBytes)",
             ])
         }
         do {

@@ -106,7 +106,7 @@ public enum WireCodec {
             }
         case .error(let e):
             w.writeU16(e.code.rawValue)
-            w.writeString(e.message)
+            w.writeString(truncated(e.message, toBytes: maxErrorMessageBytes))
             if let q = e.quorum {
                 w.writeU8(1)
                 encode(q, into: &w)
@@ -206,13 +206,13 @@ public enum WireCodec {
             let key = try readKey(&r, limits)
             return .get(GetRequest(key: key, options: try decodeOptions(&r)))
         case .put:
-            let flags = try r.readU8("flags")
+            let flags = try readRequestFlags(&r)
             let key = try readKey(&r, limits)
             let ctx = try CausalContext(bytes: r.readBlob("context", limit: limits.maxContextBytes), limits: limits)
             let value = try r.readBlob("value", limit: limits.maxValueBytes)
             return .put(PutRequest(key: key, value: value, context: ctx, options: try decodeOptions(&r), forwarded: flags & 1 == 1))
         case .delete:
-            let flags = try r.readU8("flags")
+            let flags = try readRequestFlags(&r)
             let key = try readKey(&r, limits)
             let ctx = try CausalContext(bytes: r.readBlob("context", limit: limits.maxContextBytes), limits: limits)
             return .delete(DeleteRequest(key: key, context: ctx, options: try decodeOptions(&r), forwarded: flags & 1 == 1))
@@ -221,15 +221,15 @@ public enum WireCodec {
         case .pong: return .pong
         case .replicaPutAck: return .replicaPutAck
         case .getReply:
-            let found = try r.readU8("found") == 1
+            let found = try r.readBool("found")
             let ctx = try CausalContext(bytes: r.readBlob("context", limit: limits.maxContextBytes), limits: limits)
             let n = try r.readCount("sibling count", limit: min(limits.maxSiblingsOnDecode, r.remaining / 2))
             var siblings: [Sibling] = []
             siblings.reserveCapacity(n)
             for _ in 0..<n {
-                let flags = try r.readU8("sibling flags")
+                let tombstone = try r.readBool("sibling flags")
                 let ts = try r.readVarint("timestamp")
-                if flags & 1 == 1 {
+                if tombstone {
                     siblings.append(.tombstone(timestampMillis: ts))
                 } else {
                     siblings.append(Sibling(value: try r.readBlob("value", limit: limits.maxValueBytes), timestampMillis: ts))
@@ -253,9 +253,8 @@ public enum WireCodec {
         case .error:
             let raw = try r.readU16("error code")
             let code = ErrorCode(rawValue: raw) ?? .internalError
-            let message = try r.readString("error message", limit: 1 << 16)
-            let hasQuorum = try r.readU8("quorum flag")
-            let quorum = hasQuorum == 1 ? try decodeQuorumFailure(&r) : nil
+            let message = try r.readString("error message", limit: maxErrorMessageBytes)
+            let quorum = try r.readBool("quorum flag") ? try decodeQuorumFailure(&r) : nil
             return .error(ErrorReply(code: code, message: message, quorum: quorum))
         case .hello, .helloAck:
             let cluster = try r.readString("cluster", limit: 255)
@@ -268,7 +267,7 @@ public enum WireCodec {
             let p = PartitionID(try r.readU32("partition"))
             return .replicaGet(ReplicaGet(partition: p, key: try readKey(&r, limits)))
         case .replicaGetReply:
-            if try r.readU8("found") == 1 {
+            if try r.readBool("found") {
                 let raw = try r.readBlob("object", limit: limits.maxFrameBytes)
                 return .replicaGetReply(ReplicaGetReply(object: try VersionedObject.decode(raw, limits: limits)))
             }
@@ -279,6 +278,30 @@ public enum WireCodec {
             let raw = try r.readBlob("object", limit: limits.maxFrameBytes)
             return .replicaPut(ReplicaPut(partition: p, key: key, object: try VersionedObject.decode(raw, limits: limits)))
         }
+    }
+
+    /// Error messages longer than this are cut when encoded.
+    static let maxErrorMessageBytes = 1 << 16
+
+    /// `s` cut at a character boundary so its UTF-8 form fits in `max` bytes.
+    static func truncated(_ s: String, toBytes max: Int) -> String {
+        guard s.utf8.count > max else { return s }
+        var out = ""
+        var used = 0
+        for ch in s {
+            let n = ch.utf8.count
+            if used + n > max { break }
+            out.append(ch)
+            used += n
+        }
+        return out
+    }
+
+    /// Put/delete flags: bit 0 = forwarded; other bits must be zero.
+    static func readRequestFlags(_ r: inout ByteReader) throws -> UInt8 {
+        let flags = try r.readU8("flags")
+        guard flags & ~1 == 0 else { throw DecodeError("unknown request flags \(flags)") }
+        return flags
     }
 
     static func readKey(_ r: inout ByteReader, _ limits: Limits) throws -> [UInt8] {
@@ -314,7 +337,7 @@ public enum WireCodec {
         for _ in 0..<n {
             let node = try r.readString("node", limit: maxShortString)
             let address = try r.readString("address", limit: maxShortString)
-            let primary = try r.readU8("primary") == 1
+            let primary = try r.readBool("primary")
             let outcome: ReplicaOutcome
             switch try r.readU8("outcome") {
             case 0: outcome = .acknowledged

@@ -98,12 +98,17 @@ final class RequestMultiplexer: ChannelDuplexHandler {
         written.futureResult.assumeIsolated().whenComplete { result in
             if case .failure(let error) = result, let w = self.waiting.removeValue(forKey: id) {
                 w.timeout.cancel()
-                w.promise.fail(ConnectionError.notSent("\(error)"))
+                w.promise.fail((error as? ConnectionError) ?? ConnectionError.notSent("\(error)"))
             }
             promise?.completeWith(result)
         }
-        let frame = context.channel.allocator.frame(Envelope(requestID: id, message: request.message))
-        context.write(wrapOutboundOut(frame), promise: written)
+        let bytes = WireCodec.encodeFrame(Envelope(requestID: id, message: request.message))
+        if bytes.count - WireCodec.lengthBytes > limits.maxFrameBytes {
+            // The peer would refuse it and close the connection, failing every other request on it.
+            written.fail(ConnectionError.notSent("request of \(bytes.count) bytes exceeds limits.max_frame_bytes \(limits.maxFrameBytes)"))
+            return
+        }
+        context.write(wrapOutboundOut(context.channel.allocator.buffer(bytes)), promise: written)
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {

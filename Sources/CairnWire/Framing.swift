@@ -38,7 +38,10 @@ public struct FrameDecoder: ByteToMessageDecoder {
 
 extension ByteBufferAllocator {
     func frame(_ envelope: Envelope) -> ByteBuffer {
-        let bytes = WireCodec.encodeFrame(envelope)
+        buffer(WireCodec.encodeFrame(envelope))
+    }
+
+    func buffer(_ bytes: [UInt8]) -> ByteBuffer {
         var buf = buffer(capacity: bytes.count)
         buf.writeBytes(bytes)
         return buf

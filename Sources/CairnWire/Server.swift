@@ -17,14 +17,22 @@ public protocol RequestDispatcher: Sendable {
 public struct Responder: Sendable {
     public let channel: any Channel
     public let requestID: UInt64
+    /// Replies larger than this are replaced by an error (the peer would refuse the frame).
+    public let maxFrameBytes: Int
 
-    public init(channel: any Channel, requestID: UInt64) {
+    public init(channel: any Channel, requestID: UInt64, maxFrameBytes: Int) {
         self.channel = channel
         self.requestID = requestID
+        self.maxFrameBytes = maxFrameBytes
     }
 
     public func reply(_ message: Message) {
-        channel.writeAndFlush(channel.allocator.frame(Envelope(requestID: requestID, message: message)), promise: nil)
+        var frame = WireCodec.encodeFrame(Envelope(requestID: requestID, message: message))
+        if frame.count - WireCodec.lengthBytes > maxFrameBytes {
+            frame = WireCodec.encodeFrame(Envelope(requestID: requestID, message: .error(ErrorReply(
+                code: .internalError, message: "reply of \(frame.count) bytes exceeds limits.max_frame_bytes \(maxFrameBytes)"))))
+        }
+        channel.writeAndFlush(channel.allocator.buffer(frame), promise: nil)
     }
 
     public func fail(_ error: ErrorReply) { reply(.error(error)) }
@@ -78,7 +86,7 @@ public final class ServerConnectionHandler: ChannelInboundHandler {
         case .ping:
             send(context, Envelope(requestID: id, message: .pong))
         default:
-            dispatcher.dispatch(envelope, fromPeer: isPeer, responder: Responder(channel: context.channel, requestID: id))
+            dispatcher.dispatch(envelope, fromPeer: isPeer, responder: Responder(channel: context.channel, requestID: id, maxFrameBytes: limits.maxFrameBytes))
         }
     }
 

@@ -4,6 +4,7 @@ import CairnNode
 import Foundation
 import Logging
 import ServiceLifecycle
+import UnixSignals
 
 /// The Cairn node daemon.
 @main
@@ -40,14 +41,29 @@ struct Cairnd: AsyncParsableCommand {
         }
         let logger = Logger(label: "cairnd")
         let node = CairnNode(config: nodeConfig, logger: logger)
-        var groupConfig = ServiceGroupConfiguration(
-            services: [.init(service: node)],
-            gracefulShutdownSignals: [.sigterm, .sigint],
-            cancellationSignals: [],
-            logger: logger)
+        var groupConfig = ServiceGroupConfiguration(services: [.init(service: node)], logger: logger)
         // Past the drain bound plus a margin, the graceful shutdown escalates to cancellation.
         groupConfig.maximumGracefulShutdownDuration = .milliseconds(nodeConfig.drainTimeoutMillis + 5000)
-        try await ServiceGroup(configuration: groupConfig).run()
+        let group = ServiceGroup(configuration: groupConfig)
+        // The first SIGTERM/SIGINT starts a graceful shutdown; a second one cancels at once.
+        // (ServiceGroup ignores repeats of a graceful signal, so cairnd counts them itself.)
+        let running = Task { try await group.run() }
+        let signals = Task {
+            var seen = 0
+            for await signal in await UnixSignalsSequence(trapping: .sigterm, .sigint) {
+                seen += 1
+                if seen == 1 {
+                    logger.notice("signal received; shutting down gracefully (send again to stop at once)", metadata: ["signal": "\(signal)"])
+                    await group.triggerGracefulShutdown()
+                } else {
+                    logger.warning("second signal; cancelling", metadata: ["signal": "\(signal)"])
+                    running.cancel()
+                    return
+                }
+            }
+        }
+        defer { signals.cancel() }
+        try await running.value
     }
 
     private func loadConfig() throws -> NodeConfig {

@@ -26,6 +26,7 @@ final class TestCluster: Sendable {
     static func start(count: Int = 3, nVal: Int = 3, configure: (inout NodeConfig) -> Void = { _ in }) async throws -> TestCluster {
         var nodes: [CairnNode] = []
         var members: [MemberAddress] = []
+        let scratch = FileManager.default.temporaryDirectory.appendingPathComponent("cairn-test-\(UInt64.random(in: 0...UInt64.max))").path
         for i in 1...count {
             var c = NodeConfig(name: try NodeName("n\(i)"))
             c.listen = HostPort(host: "127.0.0.1", port: 0)
@@ -37,6 +38,7 @@ final class TestCluster: Sendable {
             c.reconnectMaxMillis = 200
             c.requestTimeoutMillis = 2000
             c.drainTimeoutMillis = 2000
+            c.dataDirectory = scratch + "/n\(i)"
             configure(&c)
             let node = CairnNode(config: c, logger: quietLogger)
             let bound = try await node.bind()

@@ -3,6 +3,9 @@ import CairnNode
 import CairnClient
 import CairnCore
 import CairnWire
+import CairnRing
+import NIOPosix
+import Foundation
 
 private let key = Array("user:42".utf8)
 private let cart = Array(#"{"cart":["apple"]}"#.utf8)
@@ -209,6 +212,56 @@ struct InProcessClusterTests {
         if case .failure(let e) = result { Issue.record("run() failed: \(e)") }
         #expect(cluster.nodes[0].state == .stopped)
         #expect(try await c.get(key, options: RequestOptions(r: .count(2))).values == [cart])
+        c.close()
+        await cluster.stop()
+    }
+
+    @Test func twoNodesCannotShareADataDirectory() async throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("cairn-lock-\(UInt64.random(in: 0...UInt64.max))").path
+        var c = NodeConfig(name: try NodeName("n1"))
+        c.listen = HostPort(host: "127.0.0.1", port: 0)
+        c.http = nil
+        c.dataDirectory = dir
+        let first = CairnNode(config: c, logger: quietLogger)
+        _ = try await first.bind()
+        let second = CairnNode(config: c, logger: quietLogger)
+        await #expect(throws: (any Error).self) { try await second.bind() }
+        try? FileManager.default.removeItem(atPath: dir)
+    }
+
+    @Test func replicaOperationsCheckThatTheKeyBelongsToThePartition() async throws {
+        let cluster = try await TestCluster.start()
+        let ring = try Ring(partitionCount: 64, members: cluster.members.map(\.name))
+        let conn = try await Connection.connect(host: "127.0.0.1", port: cluster.members[0].address.port, group: MultiThreadedEventLoopGroup.singleton, limits: Limits())
+        let ack = try await conn.request(.hello(Hello(cluster: "test", node: "n2", ringFingerprint: ring.fingerprint, nVal: 3)), timeoutMillis: 1000)
+        guard case .helloAck = ack else { Issue.record("handshake refused: \(ack)"); return }
+        var object = VersionedObject()
+        try object.update(context: VersionVector(), value: Sibling(value: [1], timestampMillis: 1), actor: ActorID(node: "n2", epoch: 1))
+        let right = ring.partition(forKey: key)
+        let wrong = PartitionID((right.index + 1) % 64)
+        let refused = try await conn.request(.replicaPut(ReplicaPut(partition: wrong, key: key, object: object)), timeoutMillis: 1000)
+        guard case .error(let e) = refused else { Issue.record("misplaced replicaPut accepted"); return }
+        #expect(e.code == .invalidArgument)
+        let accepted = try await conn.request(.replicaPut(ReplicaPut(partition: right, key: key, object: object)), timeoutMillis: 1000)
+        #expect(accepted == .replicaPutAck)
+        // A peer claiming to be the receiving node itself is refused.
+        let selfConn = try await Connection.connect(host: "127.0.0.1", port: cluster.members[0].address.port, group: MultiThreadedEventLoopGroup.singleton, limits: Limits())
+        let selfHello = try await selfConn.request(.hello(Hello(cluster: "test", node: "n1", ringFingerprint: ring.fingerprint, nVal: 3)), timeoutMillis: 1000)
+        if case .helloAck = selfHello { Issue.record("a peer impersonating the node itself was accepted") }
+        conn.close(); selfConn.close()
+        await cluster.stop()
+    }
+
+    @Test func aForgedContextCannotMakeAKeyUnwritable() async throws {
+        let cluster = try await TestCluster.start()
+        let c = try await cluster.client([0])
+        try await c.put(key, value: cart)
+        // A context claiming n1's current actor issued 2^64-1 dots on this key.
+        let forged = CausalContext(VersionVector([(cluster.nodes[0].actorID, .max)]))
+        try await c.put(key, value: Array("after".utf8), context: forged)
+        let read = try await c.get(key, options: RequestOptions(r: .all))
+        try await c.put(key, value: Array("again".utf8), context: read.context)
+        #expect(try await c.get(key, options: RequestOptions(r: .all)).values == [Array("again".utf8)])
         c.close()
         await cluster.stop()
     }

@@ -141,3 +141,38 @@ import PropertyBased
         #expect(unavailable.description.contains("127.0.0.1:7403 is down (connection refused)"))
     }
 }
+
+@Suite struct StrictnessTests {
+    @Test func overlongVarintsAndBadBooleansAreRejected() throws {
+        var r = ByteReader([0x81, 0x00])   // 1, encoded in two bytes
+        #expect(throws: DecodeError.self) { try r.readVarint() }
+        var z = ByteReader([0x00])
+        #expect(try z.readVarint() == 0)
+        var b = ByteReader([2])
+        #expect(throws: DecodeError.self) { try b.readBool("flag") }
+    }
+
+    @Test func actorNamesMustBeNodeNames() {
+        var w = ByteWriter()
+        w.writeU8(1)
+        w.writeVarint(1)
+        w.writeString("bad name\n")
+        w.writeU64(1)
+        w.writeVarint(1)
+        #expect(throws: DecodeError.self) { try CausalContext(bytes: w.bytes) }
+    }
+
+    @Test func pruningByBytesKeepsTheObjectUnderTheBoundAndTheSizeIsExact() throws {
+        var o = VersionedObject()
+        for i in 0..<20 {
+            try o.update(context: VersionVector(), value: Sibling(value: Array(repeating: UInt8(i), count: 1000), timestampMillis: UInt64(i)),
+                         actor: ActorID(node: "n\(i % 3)", epoch: 1))
+        }
+        #expect(o.encodedSize == o.encoded().count)
+        let dropped = o.prune(toEncodedBytes: 5000)
+        #expect(dropped > 0)
+        #expect(o.encoded().count <= 5000)
+        #expect(o.encodedSize == o.encoded().count)
+        #expect(o.valueCount == 20 - dropped)
+    }
+}

@@ -51,3 +51,33 @@ import CairnCore
         }
     }
 }
+
+@Suite struct ConfigValidationTests {
+    private func parse(_ extra: String) throws -> NodeConfig {
+        try NodeConfig.parse("node.name = n1\ncluster.members = n1@h:1, n2@h:2, n3@h:3\n" + extra)
+    }
+
+    @Test func crlfFilesParse() throws {
+        let c = try NodeConfig.parse("node.name = n1\r\ncluster.members = n1@h:1\r\nrequest.timeout = 3s\r\n")
+        #expect(c.requestTimeoutMillis == 3000)
+    }
+
+    @Test func relationsBetweenKeysAreChecked() {
+        let bad = [
+            "request.default_w = 4",
+            "request.default_r = 2\nrequest.default_pr = 3",
+            "transport.reconnect_min = 0",
+            "transport.reconnect_min = 5s\ntransport.reconnect_max = 1s",
+            "supervisor.backoff_min = 10s\nsupervisor.backoff_max = 1s",
+            "limits.max_value_bytes = 16MiB",
+            "limits.max_object_bytes = 16MiB",
+            "limits.max_siblings = 5000",
+            "cluster.name = " + String(repeating: "x", count: 300),
+            "node.data_dir = ",
+        ]
+        for extra in bad {
+            #expect(throws: NodeConfig.ParseError.self, "\(extra)") { try parse(extra) }
+        }
+        #expect(throws: Never.self) { try parse("limits.max_object_bytes = 9MiB\nlimits.max_actors_per_object = 64") }
+    }
+}

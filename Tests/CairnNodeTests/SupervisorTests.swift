@@ -2,6 +2,7 @@ import Testing
 @testable import CairnNode
 import Logging
 import Synchronization
+import Synchronization
 
 @Suite struct RestartTrackerTests {
     @Test func backoffDoublesUpToTheCapThenEscalatesPastTheIntensity() {
@@ -81,4 +82,39 @@ final class FlakyChild: SupervisedChild {
         await #expect(throws: SupervisorEscalation.self) { try await sup.run() }
         #expect(bad.runs.load(ordering: .relaxed) == 3)
     }
+}
+
+@Suite struct RequestServiceTests {
+    @Test func refusesBeyondTheInflightBoundAndAcceptsAgainAfterwards() async throws {
+        let service = RequestService(limit: 2, metrics: NodeMetrics(maxInflight: 2))
+        let runner = Task { await service.run() }
+        let (gate, open) = AsyncStream.makeStream(of: Void.self)
+        let box = GateBox(gate)
+        #expect(service.submit { await box.wait() })
+        #expect(service.submit { await box.wait() })
+        #expect(!service.submit {})              // third one refused at once
+        #expect(service.inflightCount == 2)
+        open.finish()
+        while service.inflightCount > 0 { try await Task.sleep(for: .milliseconds(1)) }
+        #expect(service.submit {})
+        service.finish()
+        await runner.value
+    }
+}
+
+/// Lets many tasks wait for one stream to finish.
+final class GateBox: Sendable {
+    let stream: AsyncStream<Void>
+    let (done, doneSink) = AsyncStream.makeStream(of: Void.self)
+    init(_ s: AsyncStream<Void>) { stream = s }
+    func wait() async {
+        // Only one task may iterate the stream; others would trap, so each waits on `done`.
+        if claimed.compareExchange(expected: false, desired: true, ordering: .relaxed).exchanged {
+            for await _ in stream {}
+            doneSink.finish()
+        } else {
+            for await _ in done {}
+        }
+    }
+    private let claimed = Atomic<Bool>(false)
 }

@@ -1,0 +1,165 @@
+import Testing
+@testable import CairnClient
+import CairnCore
+import CairnWire
+import NIOCore
+import NIOPosix
+import Synchronization
+
+/// A node stand-in: the real server handler with a scripted dispatcher.
+final class ScriptedServer: RequestDispatcher {
+    enum Behavior: Sendable {
+        case answer(Message)
+        case refuse(ErrorCode)
+        case silent   // never answers (a paused node)
+    }
+
+    let behavior: Behavior
+    let received = Atomic<Int>(0)
+    let channel = Mutex<(any Channel)?>(nil)
+
+    init(_ behavior: Behavior) { self.behavior = behavior }
+
+    func validateHello(_ hello: Hello) -> Result<Hello, ErrorReply> { .failure(ErrorReply(code: .handshakeRejected, message: "no")) }
+    func recordProtocolError(_ error: WireError) {}
+
+    func dispatch(_ envelope: Envelope, fromPeer: Bool, responder: Responder) {
+        received.wrappingAdd(1, ordering: .relaxed)
+        switch behavior {
+        case .answer(let m): responder.reply(m)
+        case .refuse(let code): responder.fail(ErrorReply(code: code, message: "scripted \(code)"))
+        case .silent: break
+        }
+    }
+
+    func start() async throws -> String {
+        let limits = Limits()
+        let ch = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .childChannelInitializer { c in
+                c.eventLoop.makeCompletedFuture {
+                    try c.pipeline.syncOperations.addHandler(FrameDecoder.handler(limits: limits))
+                    try c.pipeline.syncOperations.addHandler(ServerConnectionHandler(dispatcher: self, limits: limits))
+                }
+            }
+            .bind(host: "127.0.0.1", port: 0).get()
+        channel.withLock { $0 = ch }
+        return "127.0.0.1:\(ch.localAddress?.port ?? 0)"
+    }
+
+    func stop() async { try? await channel.withLock { $0 }?.close() }
+}
+
+/// A port with nothing listening: bind, note the port, close.
+func deadAddress() async throws -> String {
+    let ch = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton).bind(host: "127.0.0.1", port: 0).get()
+    let port = ch.localAddress?.port ?? 1
+    try await ch.close()
+    return "127.0.0.1:\(port)"
+}
+
+private let ok = Message.writeReply(WriteReply(context: CausalContext(VersionVector([(ActorID(node: "n1", epoch: 1), 1)]))))
+
+@Suite struct ClientTests {
+    @Test func refusalsMoveOnToTheNextSeed() async throws {
+        let busy = ScriptedServer(.refuse(.overloaded)), good = ScriptedServer(.answer(ok))
+        let a = try await busy.start(), b = try await good.start()
+        let client = try await CairnClient.connect(seeds: [a, b])
+        for _ in 0..<4 {
+            let ctx = try await client.put([1], value: [2])
+            #expect(ctx.vector[ActorID(node: "n1", epoch: 1)] == 1)
+        }
+        #expect(good.received.load(ordering: .relaxed) == 4)
+        client.close(); await busy.stop(); await good.stop()
+    }
+
+    @Test func everyNodeRefusingIsOverloaded() async throws {
+        let s1 = ScriptedServer(.refuse(.shuttingDown)), s2 = ScriptedServer(.refuse(.notReady))
+        let client = try await CairnClient.connect(seeds: [try await s1.start(), try await s2.start()])
+        let error = await catching { () async throws(CairnError) in try await client.put([1], value: [1]) }
+        guard case .overloaded? = error else { Issue.record("got \(String(describing: error))"); return }
+        #expect(error?.certainlyNotApplied == true)
+        client.close(); await s1.stop(); await s2.stop()
+    }
+
+    @Test func aDeadSeedIsSkippedButNoSeedAtAllIsAnError() async throws {
+        let good = ScriptedServer(.answer(ok))
+        let dead = try await deadAddress()
+        let client = try await CairnClient.connect(seeds: [dead, try await good.start()])
+        try await client.put([1], value: [1])
+        client.close()
+        let none = await catching { () async throws(CairnError) in try await CairnClient.connect(seeds: [dead]) }
+        guard case .noNodeReachable? = none else { Issue.record("got \(String(describing: none))"); return }
+        await good.stop()
+    }
+
+    /// A write that got no answer may have landed: it is reported as a timeout, and the client
+    /// does not silently send it to another node.
+    @Test func aWriteWithAnUnknownOutcomeIsNotRetriedElsewhere() async throws {
+        let silent = ScriptedServer(.silent), good = ScriptedServer(.answer(ok))
+        var config = CairnClient.Configuration()
+        config.replyMarginMillis = 100
+        let client = try await CairnClient.connect(seeds: [try await silent.start(), try await good.start()], configuration: config)
+        var timeouts = 0
+        for _ in 0..<2 {
+            let e = await catching { () async throws(CairnError) in try await client.put([1], value: [1], options: RequestOptions(timeoutMillis: 100)) }
+            if case .timeout? = e { timeouts += 1 }
+        }
+        // Seeds rotate: one of the two calls went to the silent node first and timed out.
+        #expect(timeouts == 1)
+        #expect(good.received.load(ordering: .relaxed) == 1)
+        client.close(); await silent.stop(); await good.stop()
+    }
+
+    @Test func readsAreRetriedOnAnotherNodeAfterATimeout() async throws {
+        let reply = Message.getReply(GetReply(found: true, siblings: [Sibling(value: [7], timestampMillis: 1)], context: .empty))
+        let silent = ScriptedServer(.silent), good = ScriptedServer(.answer(reply))
+        var config = CairnClient.Configuration()
+        config.replyMarginMillis = 100
+        let client = try await CairnClient.connect(seeds: [try await silent.start(), try await good.start()], configuration: config)
+        for _ in 0..<2 {
+            #expect(try await client.get([1], options: RequestOptions(timeoutMillis: 100)).values == [[7]])
+        }
+        client.close(); await silent.stop(); await good.stop()
+    }
+
+    @Test func oversizedKeysAndValuesFailBeforeSending() async throws {
+        let server = ScriptedServer(.answer(ok))
+        let client = try await CairnClient.connect(seeds: [try await server.start()])
+        let big = await catching { () async throws(CairnError) in try await client.put([1], value: Array(repeating: 0, count: Limits().maxValueBytes + 1)) }
+        guard case .invalidArgument? = big else { Issue.record("got \(String(describing: big))"); return }
+        let empty = await catching { () async throws(CairnError) in try await client.get([]) }
+        guard case .invalidArgument? = empty else { Issue.record("got \(String(describing: empty))"); return }
+        #expect(server.received.load(ordering: .relaxed) == 0)
+        client.close(); await server.stop()
+    }
+
+    @Test func errorRepliesMapToTypedErrors() {
+        let f = QuorumFailure(kind: .notReached, operation: .put, requirement: "W", required: 3, achieved: 2, candidates: 3, replicas: [])
+        #expect(CairnClient.map(ErrorReply(f)) == .quorumNotReached(f))
+        var u = f
+        u.kind = .unavailable
+        #expect(CairnClient.map(ErrorReply(u)) == .unavailable(u))
+        #expect(CairnClient.map(ErrorReply(code: .timeout, message: "t")) == .timeout("t"))
+        #expect(CairnClient.map(ErrorReply(code: .invalidArgument, message: "i")) == .invalidArgument("i"))
+        #expect(CairnClient.map(ErrorReply(code: .storage, message: "s")) == .server(code: ErrorCode.storage.rawValue, message: "s"))
+        #expect(CairnError.quorumNotReached(f).certainlyNotApplied == false)
+        #expect(CairnError.unavailable(u).certainlyNotApplied == true)
+    }
+
+    @Test func seedsParse() {
+        #expect(CairnClient.parseHostPort("127.0.0.1:7401")?.port == 7401)
+        #expect(CairnClient.parseHostPort("[::1]:7401")?.host == "::1")
+        #expect(CairnClient.parseHostPort("host") == nil)
+        #expect(CairnClient.parseHostPort(":7401") == nil)
+        #expect(CairnClient.parseHostPort("h:0") == nil)
+    }
+}
+
+func catching<T>(_ body: () async throws(CairnError) -> T) async -> CairnError? {
+    do {
+        _ = try await body()
+        return nil
+    } catch {
+        return error
+    }
+}
