@@ -12,6 +12,37 @@ struct CoordinatorContext: Sendable {
     let logger: Logger
 }
 
+extension CoordinatorContext {
+    /// Sends one internode request and returns the reply, or what to record for that replica:
+    /// an error reply becomes `.failed`, a connection failure keeps its delivery certainty.
+    func ask(_ node: NodeName, _ message: Message, timeoutMillis: UInt32) async -> ReplicaAnswer {
+        metrics.replicaRequests.increment()
+        do throws(ConnectionError) {
+            let reply = try await transport.send(to: node, message, timeoutMillis: timeoutMillis)
+            if case .error(let e) = reply { return .failure(.failed(e.message)) }
+            return .success(reply)
+        } catch {
+            return .failure(ReplicaOutcome(error))
+        }
+    }
+}
+
+/// A replica's reply, or what to record for it.
+enum ReplicaAnswer: Sendable {
+    case success(Message)
+    case failure(ReplicaOutcome)
+}
+
+extension TaskGroup {
+    /// Adds a child that returns `event` after `millis` (or at once when cancelled).
+    mutating func addDeadline(_ millis: UInt32, _ event: ChildTaskResult) {
+        addTask {
+            do { try await Task.sleep(for: .milliseconds(Int64(millis))) } catch { /* the request finished first */ }
+            return event
+        }
+    }
+}
+
 /// Maps a connection failure to what the coordinator reports for that replica.
 extension ReplicaOutcome {
     init(_ error: ConnectionError) {
@@ -66,11 +97,7 @@ actor WriteCoordinator {
     func run(respond: @escaping @Sendable (WriteCoordination.WriteOutcome, VersionedObject?) -> Void) async {
         var directives = machine.start(down: ctx.transport.downReasons(replicas.filter { !$0.isLocal }.map(\.node)))
         await withTaskGroup(of: Event.self) { group in
-            let ms = timeoutMillis
-            group.addTask {
-                do { try await Task.sleep(for: .milliseconds(Int64(ms))) } catch { /* finished first */ }
-                return .deadline
-            }
+            group.addDeadline(timeoutMillis, .deadline)
             while true {
                 for d in directives { perform(d, group: &group, respond: respond) }
                 if machine.isFinished { break }
@@ -113,17 +140,12 @@ actor WriteCoordinator {
             guard let object else { return }
             let message = Message.replicaPut(ReplicaPut(partition: partition, key: key, object: object))
             for node in nodes {
-                let (transport, ms, metrics) = (ctx.transport, timeoutMillis, ctx.metrics)
+                let (ctx, ms) = (ctx, timeoutMillis)
                 group.addTask {
-                    metrics.replicaRequests.increment()
-                    do throws(ConnectionError) {
-                        switch try await transport.send(to: node, message, timeoutMillis: ms) {
-                        case .replicaPutAck: return .acked(node)
-                        case .error(let e): return .failed(node, .failed(e.message))
-                        case let other: return .failed(node, .failed("unexpected reply \(other.type)"))
-                        }
-                    } catch {
-                        return .failed(node, ReplicaOutcome(error))
+                    switch await ctx.ask(node, message, timeoutMillis: ms) {
+                    case .success(.replicaPutAck): .acked(node)
+                    case .success(let other): .failed(node, .failed("unexpected reply \(other.type)"))
+                    case .failure(let outcome): .failed(node, outcome)
                     }
                 }
             }
@@ -165,11 +187,7 @@ actor ReadCoordinator {
     func run(respond: @escaping @Sendable (ReadCoordination.ReadOutcome) -> Void) async {
         var directives = machine.start(down: ctx.transport.downReasons(replicas.filter { !$0.isLocal }.map(\.node)))
         await withTaskGroup(of: Event.self) { group in
-            let ms = timeoutMillis
-            group.addTask {
-                do { try await Task.sleep(for: .milliseconds(Int64(ms))) } catch { /* finished first */ }
-                return .deadline
-            }
+            group.addDeadline(timeoutMillis, .deadline)
             while true {
                 for d in directives { perform(d, group: &group, respond: respond) }
                 if machine.isFinished { break }
@@ -202,17 +220,12 @@ actor ReadCoordinator {
                     }
                 } else {
                     let message = Message.replicaGet(ReplicaGet(partition: partition, key: key))
-                    let (transport, ms, metrics) = (ctx.transport, timeoutMillis, ctx.metrics)
+                    let (ctx, ms) = (ctx, timeoutMillis)
                     group.addTask {
-                        metrics.replicaRequests.increment()
-                        do throws(ConnectionError) {
-                            switch try await transport.send(to: node, message, timeoutMillis: ms) {
-                            case .replicaGetReply(let r): return .replied(node, r.object)
-                            case .error(let e): return .failed(node, .failed(e.message))
-                            case let other: return .failed(node, .failed("unexpected reply \(other.type)"))
-                            }
-                        } catch {
-                            return .failed(node, ReplicaOutcome(error))
+                        switch await ctx.ask(node, message, timeoutMillis: ms) {
+                        case .success(.replicaGetReply(let r)): .replied(node, r.object)
+                        case .success(let other): .failed(node, .failed("unexpected reply \(other.type)"))
+                        case .failure(let outcome): .failed(node, outcome)
                         }
                     }
                 }

@@ -34,8 +34,9 @@ private func counts(_ ring: Ring) -> [NodeName: Int] {
 @Suite struct ClaimTests {
     @Test(arguments: [64, 256, 1024])
     func ownershipIsBalancedWithinOne(q: Int) throws {
+        var ring = try Ring(partitionCount: q, members: [])
         for s in 1...24 {
-            let ring = try Ring(partitionCount: q, members: names(s))
+            ring = ring.adding(try NodeName("n\(s)"))   // same claim as building from scratch
             let c = counts(ring).values
             #expect((c.max() ?? 0) - (c.min() ?? 0) <= 1, "Q=\(q) S=\(s): \(c.sorted())")
             #expect(c.reduce(0, +) == q)
@@ -89,6 +90,7 @@ private func counts(_ ring: Ring) -> [NodeName: Int] {
 
     @Test func claimIsDeterministicAndOrderSensitive() throws {
         let a = try Ring(partitionCount: 256, members: names(5))
+        #expect(a == (try Ring(partitionCount: 256, members: names(4))).adding(try NodeName("n5")))
         let b = try Ring(partitionCount: 256, members: names(5))
         #expect(a == b)
         #expect(a.fingerprint == b.fingerprint)
