@@ -39,9 +39,11 @@ let package = Package(
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "DequeModule", package: "swift-collections"),
         ], swiftSettings: strict),
-        // Shells: vnodes, coordinators, transport, supervisor, config, HTTP.
+        // libsystemd's sd_notify / sd_watchdog_enabled (package libsystemd-dev).
+        .systemLibrary(name: "CSystemd", pkgConfig: "libsystemd", providers: [.apt(["libsystemd-dev"])]),
+        // Shells: vnodes, coordinators, transport, supervisor, config, HTTP, systemd notify.
         .target(name: "CairnNode", dependencies: [
-            "CairnCore", "CairnRing", "CairnWire",
+            "CairnCore", "CairnRing", "CairnWire", "CSystemd",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"),

@@ -39,14 +39,24 @@ public final class CairnNode: Service, Sendable {
 
     public let config: NodeConfig
     let core: NodeCore
+    let notifier: ServiceNotifier
+    private let watchdogInterval: Duration?
     private let group: any EventLoopGroup
+    var eventLoopGroup: any EventLoopGroup { group }
     private let runtime = Locked(Runtime())
     private let connections = ConnectionRegistry()
     private let supervisor: Supervisor
     private let events: AsyncStream<LifecycleEvent>
     private let eventSink: AsyncStream<LifecycleEvent>.Continuation
 
-    public init(config: NodeConfig, backend: (any StorageBackend)? = nil, logger: Logger? = nil, group: (any EventLoopGroup)? = nil) {
+    /// - Parameters:
+    ///   - notify: where service-manager notifications go (default: `sd_notify`, a no-op outside systemd).
+    ///   - watchdogInterval: run the watchdog loop at this interval (default: what systemd set
+    ///     through `WATCHDOG_USEC`; nil disables it).
+    public init(config: NodeConfig, backend: (any StorageBackend)? = nil, logger: Logger? = nil, group: (any EventLoopGroup)? = nil,
+                notify: (any NotifySink)? = nil, watchdogInterval: Duration?? = .none) {
+        self.notifier = ServiceNotifier(sink: notify ?? SystemdNotifySink())
+        self.watchdogInterval = watchdogInterval ?? SystemdNotifySink.watchdogInterval()
         var log = logger ?? Logger(label: "cairn.node")
         log[metadataKey: "node"] = "\(config.name)"
         self.config = config
@@ -114,6 +124,7 @@ public final class CairnNode: Service, Sendable {
             r.bound = bound
         }
         core.logger.info("listening", metadata: ["client": "\(bound.client)", "http": "\(bound.http?.description ?? "off")"])
+        notifier.report(.listening(address: bound.client.description))
         return bound
     }
 
@@ -130,12 +141,15 @@ public final class CairnNode: Service, Sendable {
         }
         guard !alreadyStarted else { return }
         let hello = view.hello
-        let metrics = core.metrics
+        let (metrics, notifier) = (core.metrics, notifier)
         var links: [PeerLink] = []
         let transportBox = Locked<PeerTransport?>(nil)
         for m in members where m.name != config.name {
             links.append(PeerLink(peer: m.name, address: m.address, hello: hello, config: config, group: group, logger: core.logger) {
-                if let t = transportBox.value { metrics.peersUp.record(t.upCount) }
+                guard let t = transportBox.value else { return }
+                let up = t.upCount
+                metrics.peersUp.record(up)
+                notifier.report(.peersChanged(up: up, of: t.links.count))
             })
         }
         let transport = PeerTransport(links: links)
@@ -170,9 +184,14 @@ public final class CairnNode: Service, Sendable {
                     do { try await supervisor.run() } catch { sink.yield(.escalated(error)) }
                 }
                 group.addTask { await requests.run() }
+                if let interval = watchdogInterval {
+                    group.addTask { await self.runWatchdog(interval: interval) }
+                }
                 await waitForPeerAttempts()
                 if core.transition(from: .starting, to: .serving) {
-                    core.logger.info("serving")
+                    let peers = core.current?.transport.links.count ?? 0
+                    notifier.report(.serving(peersUp: connectedPeers, peers: peers))
+                    core.logger.info("serving", metadata: ["peers_up": "\(connectedPeers)", "peers": "\(peers)"])
                 }
                 var failure: (any Error)?
                 var graceful = true
@@ -188,6 +207,7 @@ public final class CairnNode: Service, Sendable {
                 try await group.waitForAll()
                 try await core.backend.close()
                 runtime.value.dataDirectory?.release()
+                notifier.report(.stopped)
                 core.logger.info("stopped", metadata: ["graceful": "\(graceful)"])
                 if let failure { throw failure }
             }
@@ -226,6 +246,7 @@ public final class CairnNode: Service, Sendable {
     private func stop(graceful: Bool) async {
         let r = runtime.value
         if graceful, core.transition(from: .serving, to: .draining) || core.transition(from: .starting, to: .draining) {
+            notifier.report(.draining(inflight: core.requests.inflightCount))
             core.logger.info("graceful shutdown: draining", metadata: ["inflight": "\(core.requests.inflightCount)"])
             try? await r.server?.close()
             let deadline = ContinuousClock.now + .milliseconds(config.drainTimeoutMillis)

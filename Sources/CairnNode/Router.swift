@@ -57,6 +57,14 @@ final class RequestService: Sendable {
 
     func finish() { continuation.finish() }
 
+    /// True once a no-op job ran through the group (false if the service has finished).
+    /// Not counted against the bound: it checks the group is alive, not that it has room.
+    func probe() async -> Bool {
+        let ran = OneShot<Bool>()
+        if case .terminated = continuation.yield({ ran.deliver(true) }) { return false }
+        return await ran.wait(onCancel: false)
+    }
+
     func run() async {
         await withDiscardingTaskGroup { group in
             for await job in jobs {

@@ -1,0 +1,43 @@
+import CSystemd
+import Logging
+
+/// Where service-manager notifications go. Implementations must be thread-safe and must not block.
+public protocol NotifySink: Sendable {
+    func send(_ message: String)
+}
+
+/// libsystemd's `sd_notify`: a datagram to `$NOTIFY_SOCKET`; a no-op when it is unset, so the
+/// daemon runs unchanged outside systemd.
+public struct SystemdNotifySink: NotifySink {
+    public init() {}
+
+    public func send(_ message: String) {
+        _ = message.withCString { sd_notify(0, $0) }
+    }
+
+    /// The watchdog interval systemd set for this process (`WatchdogSec=`), if any.
+    public static func watchdogInterval() -> Duration? {
+        var usec: UInt64 = 0
+        guard sd_watchdog_enabled(0, &usec) > 0, usec > 0 else { return nil }
+        return .microseconds(Int64(clamping: usec))
+    }
+}
+
+/// The shell around `ServiceStatus`: turns node events into notifications, in order.
+///
+/// Isolation: a lock-protected class; `report` may be called from any thread and sends while
+/// holding the lock so messages leave in the order their events happened.
+final class ServiceNotifier: Sendable {
+    private let status = Locked(ServiceStatus())
+    private let sink: any NotifySink
+
+    init(sink: any NotifySink) { self.sink = sink }
+
+    func report(_ event: ServiceStatus.Event) {
+        status.withLock { s in
+            for m in s.on(event) { sink.send(m) }
+        }
+    }
+
+    func ping() { sink.send("WATCHDOG=1") }
+}
