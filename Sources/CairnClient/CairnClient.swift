@@ -216,6 +216,9 @@ public final class CairnClient: Sendable {
                 }
                 return reply
             } catch {
+                if case .protocolViolation(let why) = error {
+                    throw .server(code: ErrorCode.malformed.rawValue, message: "\(seeds[i].text) sent a reply this client cannot decode: \(why)")
+                }
                 notes.append("\(seeds[i].text): \(error)")
                 allRefused = false
                 if error.certainlyNotDelivered { continue }

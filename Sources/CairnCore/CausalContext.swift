@@ -40,6 +40,7 @@ public struct CausalContext: Hashable, Sendable, CustomStringConvertible {
         for _ in 0..<n {
             let actor = try ActorID.decode(from: &r)
             let counter = try r.readVarint("context counter")
+            guard counter <= limits.maxDotCounter else { throw DecodeError("context counter \(counter) is implausibly large") }
             if let last = dots.last, !(last.actor < actor) { throw DecodeError("context dots not sorted by actor") }
             dots.append(Dot(actor: actor, counter: counter))
         }

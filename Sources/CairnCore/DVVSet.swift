@@ -145,20 +145,32 @@ public struct DVVSet<Value: Hashable & Sendable>: Hashable, Sendable {
         clocks.reduce(DVVSet()) { sync($0, $1) }
     }
 
-    /// Bounds the number of live values to `limit`, dropping the oldest dots of the actor with the
-    /// most live values first (anonymous values are kept). Dropped values are treated as
-    /// superseded by every replica that syncs with the result. Returns how many were dropped.
+    /// Bounds the number of live values to `limit`. Only an entry's oldest value (its tail) can
+    /// be dropped without breaking the DVV invariant, so each step drops the tail with the lowest
+    /// `rank` (ties: the lowest actor). The newest value of `protected` is never dropped, so a
+    /// write's own value survives the cap. Anonymous values are kept. Dropped values are treated
+    /// as superseded by every replica that syncs with the result; the choice is deterministic, so
+    /// replicas pruning the same object agree. Returns how many values were dropped.
     @discardableResult
-    public mutating func prune(toAtMost limit: Int) -> Int {
+    public mutating func prune(toAtMost limit: Int, protecting protected: ActorID? = nil,
+                               rank: (Value) -> UInt64 = { _ in 0 }) -> Int {
         var dropped = 0
-        while valueCount > max(limit, 0) {
-            guard let idx = entries.indices.max(by: { entries[$0].values.count < entries[$1].values.count }),
-                  !entries[idx].values.isEmpty
-            else { break }
-            entries[idx].values.removeLast()
-            dropped += 1
-        }
+        while valueCount > max(limit, 0), dropOldestTail(protecting: protected, rank: rank) { dropped += 1 }
         return dropped
+    }
+
+    /// Drops one tail value (see `prune`); false if none may be dropped.
+    mutating func dropOldestTail(protecting protected: ActorID?, rank: (Value) -> UInt64) -> Bool {
+        var best: (index: Int, rank: UInt64)?
+        for (i, e) in entries.enumerated() {
+            guard let tail = e.values.last else { continue }
+            if e.actor == protected && e.values.count == 1 { continue }
+            let r = rank(tail)
+            if best == nil || r < (best?.rank ?? 0) { best = (i, r) }
+        }
+        guard let best else { return false }
+        entries[best.index].values.removeLast()
+        return true
     }
 
     // MARK: Internals

@@ -9,6 +9,8 @@ public enum ReplicaOutcome: Hashable, Sendable {
     case connectionLost(String)
     /// The replica answered with an error.
     case failed(String)
+    /// Still waiting when the request failed for want of the others (outcome unknown).
+    case noAnswerYet
 }
 
 public struct ReplicaReport: Hashable, Sendable {
@@ -89,6 +91,7 @@ public struct QuorumFailure: Error, Hashable, Sendable, CustomStringConvertible 
             case .timedOut(let ms): parts.append("\(r.address) timed out after \(ms) ms")
             case .connectionLost(let why): parts.append("\(r.address) connection lost (\(why))")
             case .failed(let why): parts.append("\(r.address) failed: \(why)")
+            case .noAnswerYet: parts.append("\(r.address) had not answered yet")
             }
         }
         switch (kind, operation.isWrite) {

@@ -14,7 +14,7 @@ public struct Limits: Hashable, Sendable {
     public var maxSiblings: Int = 64
     /// `limits.max_object_bytes`: encoded size of one key's object (all siblings and the clock).
     /// Beyond it the oldest siblings are pruned like `max_siblings`; it keeps every object and
-    /// every reply inside one frame. Must be at least `max_value_bytes` + 64 KiB and at most
+    /// every reply inside one frame. Must be at least `max_value_bytes` + `max_key_bytes` + 64 KiB and at most
     /// `max_frame_bytes` − 64 KiB.
     public var maxObjectBytes: Int = 12 << 20
     /// `limits.max_siblings_on_decode`: values accepted when decoding an object from a peer or
@@ -25,6 +25,10 @@ public struct Limits: Hashable, Sendable {
     public var maxActorsPerObject: Int = 1024
     /// `limits.max_context_bytes`.
     public var maxContextBytes: Int = 64 << 10
+    /// Largest dot counter accepted from a context, a peer or disk (2^48: far beyond any real
+    /// key's history). A forged counter near 2^64 would otherwise make the key unwritable for
+    /// that actor once its next dot overflowed. Not configurable.
+    public var maxDotCounter: UInt64 = 1 << 48
 
     public init() {}
 }

@@ -31,19 +31,13 @@ extension DVVSet where Value == Sibling {
     /// True when every value is a tombstone (the key reads as not found) or there is none.
     public var isDeleted: Bool { values.allSatisfy(\.isTombstone) }
 
-    /// Bounds the encoded size to `maxBytes` by pruning the oldest values (as `prune(toAtMost:)`)
-    /// until it fits or no entry value is left. Returns how many values were dropped.
+    /// Applies both caps, dropping the oldest siblings first (by write timestamp, see
+    /// `DVVSet.prune`) and never the newest value of `protected`: at most `maxSiblings` values and
+    /// at most `maxBytes` encoded. Returns how many values were dropped.
     @discardableResult
-    public mutating func prune(toEncodedBytes maxBytes: Int) -> Int {
-        var dropped = 0
-        var size = encodedSize
-        while size > maxBytes {
-            let before = valueCount
-            prune(toAtMost: before - 1)
-            if valueCount == before { break }
-            dropped += 1
-            size = encodedSize
-        }
+    public mutating func prune(maxSiblings: Int, maxBytes: Int, protecting protected: ActorID? = nil) -> Int {
+        var dropped = prune(toAtMost: maxSiblings, protecting: protected, rank: \.timestampMillis)
+        while encodedSize > maxBytes, dropOldestTail(protecting: protected, rank: \.timestampMillis) { dropped += 1 }
         return dropped
     }
 
@@ -92,6 +86,7 @@ extension DVVSet where Value == Sibling {
         for _ in 0..<entryCount {
             let actor = try ActorID.decode(from: &r)
             let counter = try r.readVarint("counter")
+            guard counter <= limits.maxDotCounter else { throw DecodeError("counter \(counter) of \(actor) is implausibly large") }
             let n = try r.readCount("value count", limit: min(limits.maxSiblingsOnDecode - total, r.remaining / 2))
             guard UInt64(n) <= counter else { throw DecodeError("entry of \(actor) holds \(n) values but counter \(counter)") }
             if let last = entries.last, !(last.actor < actor) { throw DecodeError("entries not sorted by actor") }

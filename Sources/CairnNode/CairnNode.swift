@@ -79,10 +79,17 @@ public final class CairnNode: Service, Sendable {
     @discardableResult
     public func bind() async throws -> BoundAddresses {
         if let b = runtime.value.bound { return b }
-        if let dir = config.dataDirectory {
-            let locked = try DataDirectory(path: dir)
-            runtime.withLock { $0.dataDirectory = locked }
+        var locked: DataDirectory?
+        if let dir = config.dataDirectory { locked = try DataDirectory(path: dir) }
+        do {
+            return try await bindListeners(holding: locked)
+        } catch {
+            locked?.release()
+            throw error
         }
+    }
+
+    private func bindListeners(holding locked: DataDirectory?) async throws -> BoundAddresses {
         let router = Router(core: core)
         let (limits, registry) = (config.limits, connections)
         let server = try await ServerBootstrap(group: group)
@@ -122,6 +129,7 @@ public final class CairnNode: Service, Sendable {
             r.server = server
             r.http = http
             r.bound = bound
+            r.dataDirectory = locked
         }
         core.logger.info("listening", metadata: ["client": "\(bound.client)", "http": "\(bound.http?.description ?? "off")"])
         notifier.report(.listening(address: bound.client.description))
@@ -178,6 +186,7 @@ public final class CairnNode: Service, Sendable {
         try start()
         try await bind()
         let (supervisor, requests, sink) = (supervisor, core.requests, eventSink)
+        defer { runtime.value.dataDirectory?.release() }
         try await withGracefulShutdownHandler {
             try await withThrowingTaskGroup(of: Void.self) { group in
                 group.addTask {
@@ -206,7 +215,6 @@ public final class CairnNode: Service, Sendable {
                 group.cancelAll()
                 try await group.waitForAll()
                 try await core.backend.close()
-                runtime.value.dataDirectory?.release()
                 notifier.report(.stopped)
                 core.logger.info("stopped", metadata: ["graceful": "\(graceful)"])
                 if let failure { throw failure }
@@ -239,7 +247,7 @@ public final class CairnNode: Service, Sendable {
         guard let t = core.current?.transport else { return }
         let deadline = ContinuousClock.now + .milliseconds(config.connectTimeoutMillis + 1000)
         while ContinuousClock.now < deadline, t.links.values.contains(where: { $0.attempts == 0 }) {
-            try? await Task.sleep(for: .milliseconds(5))
+            do { try await Task.sleep(for: .milliseconds(5)) } catch { return }
         }
     }
 
@@ -251,7 +259,7 @@ public final class CairnNode: Service, Sendable {
             try? await r.server?.close()
             let deadline = ContinuousClock.now + .milliseconds(config.drainTimeoutMillis)
             while core.requests.inflightCount > 0, ContinuousClock.now < deadline {
-                try? await Task.sleep(for: .milliseconds(5))
+                do { try await Task.sleep(for: .milliseconds(5)) } catch { break }
             }
             if core.requests.inflightCount > 0 {
                 core.logger.warning("drain timeout; abandoning in-flight requests", metadata: ["inflight": "\(core.requests.inflightCount)"])

@@ -55,7 +55,7 @@ public struct NodeConfig: Sendable {
     /// `nil` disables the HTTP listener (`node.http = off`).
     public var http: HostPort? = HostPort(host: "127.0.0.1", port: 8401)
     /// Created and locked (`LOCK`, flock) at start so two nodes never share it; the storage
-    /// engine keeps its files here. `nil` (tests only) skips it.
+    /// engine will keep its files here. `nil` (tests only) skips it.
     public var dataDirectory: String? = "./data"
     // cluster.*
     public var clusterName = "cairn"

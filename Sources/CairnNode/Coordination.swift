@@ -84,7 +84,7 @@ struct QuorumTally: Sendable {
     func failure(_ kind: QuorumFailure.Kind, name: String, required: Int, achieved: Int, candidates: Int) -> QuorumFailure {
         let reports = replicas.indices.map { i in
             ReplicaReport(node: replicas[i].node.value, address: replicas[i].address, isPrimary: replicas[i].isPrimary,
-                          outcome: outcomes[i] ?? (kind == .unavailable ? .acknowledged : .timedOut(afterMillis: 0)))
+                          outcome: outcomes[i] ?? (kind == .unavailable ? .acknowledged : .noAnswerYet))
         }
         // For `unavailable`, reachable replicas were never contacted; list only the down ones.
         let shown = kind == .unavailable ? reports.filter { if case .notSent = $0.outcome { true } else { false } } : reports

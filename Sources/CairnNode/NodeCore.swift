@@ -129,8 +129,13 @@ final class NodeCore: Sendable {
             case .answered(var object):
                 // Replicas each keep their object within max_object_bytes, but their merge may
                 // not be: bound it so the reply fits in a frame.
-                if let dropped = object?.prune(toEncodedBytes: limits.maxObjectBytes), dropped > 0 {
+                if let dropped = object?.prune(maxSiblings: limits.maxSiblingsOnDecode, maxBytes: limits.maxObjectBytes), dropped > 0 {
                     metrics.siblingsPruned.increment(by: dropped)
+                }
+                if let object, CausalContext(object.context).bytes.count > limits.maxContextBytes {
+                    metrics.record(.get, .error, since: start)
+                    return responder.fail(ErrorReply(code: .internalError, message:
+                        "the merged context of the replicas' answers exceeds limits.max_context_bytes; the replicas disagree about too many actors"))
                 }
                 let siblings = object?.values ?? []
                 let found = !(object?.isDeleted ?? true)

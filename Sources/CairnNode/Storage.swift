@@ -18,7 +18,8 @@ public protocol StorageBackend: Sendable {
     /// Number of keys stored for `partition` (for metrics and tests).
     func count(partition: PartitionID) throws -> Int
     func close() async throws
-    /// Whether data survives a restart (decides whether the node keeps its actor epoch).
+    /// Whether data survives a restart. A persistent backend must keep the node's actor epoch with
+    /// its data (the LSM engine will); today every node draws a fresh epoch at start.
     var isPersistent: Bool { get }
 }
 
@@ -29,7 +30,7 @@ public struct DurabilityToken: Hashable, Sendable {
 }
 
 /// The in-memory backend: a dictionary per partition behind a lock. Not persistent: a node using
-/// it takes a fresh actor epoch on every start. Used by tests and by `node.storage = memory`.
+/// it takes a fresh actor epoch on every start. The node's only backend until the LSM engine lands.
 public final class MemoryBackend: StorageBackend {
     private struct State {
         var partitions: [PartitionID: [[UInt8]: [UInt8]]] = [:]

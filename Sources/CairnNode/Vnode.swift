@@ -66,10 +66,8 @@ public actor Vnode: SupervisedChild {
         } catch {
             throw .rejected(error.description)
         }
-        guard object.entries.count <= limits.maxActorsPerObject else {
-            throw .rejected("the key's clock would hold \(object.entries.count) actors, over limits.max_actors_per_object \(limits.maxActorsPerObject)")
-        }
-        return try await store(key, object)
+        try checkClock(object)
+        return try await store(key, object, protecting: actor)
     }
 
     /// Merges a replica's object into ours (DVVSet sync). Returns the stored object once durable.
@@ -77,9 +75,7 @@ public actor Vnode: SupervisedChild {
         try ensureServing()
         let current = try load(key)
         let merged = current.map { VersionedObject.sync($0, incoming) } ?? incoming
-        guard merged.entries.count <= limits.maxActorsPerObject else {
-            throw .rejected("the merged clock would hold \(merged.entries.count) actors, over limits.max_actors_per_object")
-        }
+        try checkClock(merged)
         if merged == current, let current { return current }
         return try await store(key, merged)
     }
@@ -114,9 +110,21 @@ public actor Vnode: SupervisedChild {
         }
     }
 
-    private func store(_ key: [UInt8], _ object: VersionedObject) async throws(VnodeError) -> VersionedObject {
+    /// A clock that would make the key unreadable (too many actors, a context too large for the
+    /// wire) is refused before anything is stored.
+    private func checkClock(_ object: VersionedObject) throws(VnodeError) {
+        guard object.entries.count <= limits.maxActorsPerObject else {
+            throw .rejected("the key's clock would hold \(object.entries.count) actors, over limits.max_actors_per_object \(limits.maxActorsPerObject)")
+        }
+        let contextBytes = CausalContext(object.context).bytes.count
+        guard contextBytes <= limits.maxContextBytes else {
+            throw .rejected("the key's context would take \(contextBytes) bytes, over limits.max_context_bytes \(limits.maxContextBytes)")
+        }
+    }
+
+    private func store(_ key: [UInt8], _ object: VersionedObject, protecting: ActorID? = nil) async throws(VnodeError) -> VersionedObject {
         var object = object
-        let pruned = object.prune(toAtMost: limits.maxSiblings) + object.prune(toEncodedBytes: limits.maxObjectBytes)
+        let pruned = object.prune(maxSiblings: limits.maxSiblings, maxBytes: limits.maxObjectBytes, protecting: protecting)
         if pruned > 0 {
             metrics.siblingsPruned.increment(by: pruned)
             logger.warning("sibling limit reached; oldest siblings pruned", metadata: [

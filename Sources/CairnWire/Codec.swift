@@ -157,16 +157,18 @@ public enum WireCodec {
         w.writeVarint(q.achieved)
         w.writeVarint(q.candidates)
         w.writeVarint(q.replicas.count)
+        func short(_ s: String) -> String { truncated(s, toBytes: maxShortString) }
         for r in q.replicas {
-            w.writeString(r.node)
-            w.writeString(r.address)
+            w.writeString(short(r.node))
+            w.writeString(short(r.address))
             w.writeU8(r.isPrimary ? 1 : 0)
             switch r.outcome {
             case .acknowledged: w.writeU8(0)
-            case .notSent(let s): w.writeU8(1); w.writeString(s)
+            case .notSent(let s): w.writeU8(1); w.writeString(short(s))
             case .timedOut(let ms): w.writeU8(2); w.writeU32(ms)
-            case .connectionLost(let s): w.writeU8(3); w.writeString(s)
-            case .failed(let s): w.writeU8(4); w.writeString(s)
+            case .connectionLost(let s): w.writeU8(3); w.writeString(short(s))
+            case .failed(let s): w.writeU8(4); w.writeString(short(s))
+            case .noAnswerYet: w.writeU8(5)
             }
         }
     }
@@ -345,6 +347,7 @@ public enum WireCodec {
             case 2: outcome = .timedOut(afterMillis: try r.readU32("timeout"))
             case 3: outcome = .connectionLost(try r.readString("reason", limit: maxShortString))
             case 4: outcome = .failed(try r.readString("reason", limit: maxShortString))
+            case 5: outcome = .noAnswerYet
             case let t: throw DecodeError("unknown replica outcome \(t)")
             }
             replicas.append(ReplicaReport(node: node, address: address, isPrimary: primary, outcome: outcome))

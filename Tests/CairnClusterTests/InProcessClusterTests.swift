@@ -256,9 +256,22 @@ struct InProcessClusterTests {
         let cluster = try await TestCluster.start()
         let c = try await cluster.client([0])
         try await c.put(key, value: cart)
-        // A context claiming n1's current actor issued 2^64-1 dots on this key.
-        let forged = CausalContext(VersionVector([(cluster.nodes[0].actorID, .max)]))
-        try await c.put(key, value: Array("after".utf8), context: forged)
+        // Contexts claiming an actor issued 2^64-1 dots on this key: this coordinator's own actor,
+        // and another node's (which would otherwise be stored here and replicated to it).
+        for victim in [0, 1] {
+            let forged = CausalContext(VersionVector([(cluster.nodes[victim].actorID, .max)]))
+            let e = await failure("a write with a forged context", { () async throws(CairnError) in
+                try await c.put(key, value: Array("forged".utf8), context: forged)
+            })
+            guard case .invalidArgument? = e else { Issue.record("expected invalid argument, got \(String(describing: e))"); return }
+        }
+        // Writes coordinated by every node still work.
+        for i in 0..<3 {
+            let other = try await cluster.client([i])
+            let r = try await other.get(key, options: RequestOptions(r: .all))
+            try await other.put(key, value: Array("n\(i)".utf8), context: r.context)
+            other.close()
+        }
         let read = try await c.get(key, options: RequestOptions(r: .all))
         try await c.put(key, value: Array("again".utf8), context: read.context)
         #expect(try await c.get(key, options: RequestOptions(r: .all)).values == [Array("again".utf8)])

@@ -169,10 +169,24 @@ import PropertyBased
                          actor: ActorID(node: "n\(i % 3)", epoch: 1))
         }
         #expect(o.encodedSize == o.encoded().count)
-        let dropped = o.prune(toEncodedBytes: 5000)
+        let dropped = o.prune(maxSiblings: 1000, maxBytes: 5000)
         #expect(dropped > 0)
         #expect(o.encoded().count <= 5000)
         #expect(o.encodedSize == o.encoded().count)
         #expect(o.valueCount == 20 - dropped)
+        // The oldest writes (lowest timestamps) went first.
+        let kept: Set<UInt64> = Set(o.values.map(\.timestampMillis))
+        let newest: Set<UInt64> = Set((UInt64(20 - o.valueCount))..<20)
+        #expect(kept == newest)
+    }
+
+    @Test func theProtectedNewValueSurvivesEvenWhenItIsTheOldestTail() throws {
+        var o = VersionedObject()
+        let a = ActorID(node: "a", epoch: 1), z = ActorID(node: "z", epoch: 1)
+        try o.update(context: VersionVector(), value: Sibling(value: [1], timestampMillis: 500), actor: z)
+        // A write whose clock skewed into the past: still the value being acknowledged.
+        try o.update(context: VersionVector(), value: Sibling(value: [2], timestampMillis: 100), actor: a)
+        #expect(o.prune(maxSiblings: 1, maxBytes: 1 << 20, protecting: a) == 1)
+        #expect(o.values.map(\.value) == [[2]])
     }
 }

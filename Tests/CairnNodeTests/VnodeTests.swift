@@ -106,3 +106,26 @@ final class FaultyBackend: StorageBackend {
         sup.finish(); task.cancel(); try await task.value
     }
 }
+
+@Suite struct VnodeCapTests {
+    /// Two concurrent values that cannot both fit: the older one is pruned, the write being
+    /// acknowledged always survives — even when its timestamp is the older one.
+    @Test func theAcknowledgedWriteSurvivesTheByteCap() async throws {
+        var limits = Limits()
+        limits.maxValueBytes = 6000
+        limits.maxObjectBytes = 10_000
+        let vnode = Vnode(partition: PartitionID(1), backend: MemoryBackend(), limits: limits, metrics: NodeMetrics(maxInflight: 1), logger: Logger(label: "t"))
+        let sup = Supervisor(name: "t", policy: RestartPolicy(), logger: Logger(label: "t"))
+        sup.spawn(vnode)
+        let task = Task { try await sup.run() }
+        while !(await vnode.isServing) { try await Task.sleep(for: .milliseconds(1)) }
+        let a = ActorID(node: "a", epoch: 1), b = ActorID(node: "b", epoch: 1)
+        _ = try await vnode.coordinate(key: [1], sibling: Sibling(value: Array(repeating: 1, count: 6000), timestampMillis: 900),
+                                       context: VersionVector(), actor: b)
+        let stored = try await vnode.coordinate(key: [1], sibling: Sibling(value: Array(repeating: 2, count: 6000), timestampMillis: 100),
+                                                context: VersionVector(), actor: a)
+        #expect(stored.values.map { $0.value.first } == [2])
+        #expect(try await vnode.get([1])?.values.map { $0.value.first } == [2])
+        sup.finish(); task.cancel(); try await task.value
+    }
+}

@@ -20,6 +20,8 @@ func allMessages() throws -> [Message] {
         ReplicaReport(node: "n3", address: "127.0.0.1:7403", isPrimary: true, outcome: .timedOut(afterMillis: 1000)),
         ReplicaReport(node: "n4", address: "[::1]:7404", isPrimary: false, outcome: .connectionLost("reset")),
         ReplicaReport(node: "n5", address: "h:1", isPrimary: false, outcome: .failed("disk")),
+        ReplicaReport(node: "n6", address: "h:2", isPrimary: false, outcome: .noAnswerYet),
+        ReplicaReport(node: "n7", address: "h:3", isPrimary: false, outcome: .failed(String(repeating: "x", count: 10_000))),
     ])
     return [
         .get(GetRequest(key: Array("k".utf8), options: opts)),
@@ -51,6 +53,12 @@ func allMessages() throws -> [Message] {
             let length = Int(frame[0]) << 24 | Int(frame[1]) << 16 | Int(frame[2]) << 8 | Int(frame[3])
             #expect(length == frame.count - 4)
             let decoded = try WireCodec.decodeBody(Array(frame.dropFirst(4)), limits: Limits())
+            if case .error(let e) = m, let q = e.quorum, q.replicas.contains(where: { $0.node == "n7" }) {
+                // Over-long reasons are cut to 4 KiB on encode, so the reply stays decodable.
+                guard case .error(let d) = decoded.message, let dq = d.quorum else { Issue.record("not an error"); continue }
+                #expect(dq.replicas.last?.outcome == .failed(String(repeating: "x", count: 4096)))
+                continue
+            }
             #expect(decoded == Envelope(requestID: UInt64(i) * 1_000_003, message: m))
         }
     }
