@@ -101,6 +101,10 @@ final class Router: RequestDispatcher {
         return .success(mine)
     }
 
+    func recordConnectionError(_ error: any Error) {
+        core.logger.debug("connection closed after an error", metadata: ["error": "\(error)"])
+    }
+
     func recordProtocolError(_ error: WireError) {
         core.metrics.protocolErrors.increment()
         core.logger.debug("protocol error", metadata: ["error": "\(error)"])

@@ -165,7 +165,7 @@ public final class Connection: Sendable {
                                maxPending: Int = 4096, connectTimeout: TimeAmount = .seconds(2)) async throws(ConnectionError) -> Connection {
         let bootstrap = ClientBootstrap(group: group)
             .connectTimeout(connectTimeout)
-            .channelOption(.socketOption(.tcp_nodelay), value: 1)
+            .channelOption(.tcpOption(.tcp_nodelay), value: 1)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.addHandler(FrameDecoder.handler(limits: limits))

@@ -10,6 +10,12 @@ public protocol RequestDispatcher: Sendable {
     func dispatch(_ envelope: Envelope, fromPeer: Bool, responder: Responder)
     /// Counts frames that could not be decoded (for metrics); called on the event loop.
     func recordProtocolError(_ error: WireError)
+    /// A connection is being closed because of a non-protocol error (I/O error, reset).
+    func recordConnectionError(_ error: any Error)
+}
+
+extension RequestDispatcher {
+    public func recordConnectionError(_ error: any Error) {}
 }
 
 /// Sends the reply to one request. Thread-safe; any number of replies may be sent from any task,
@@ -99,6 +105,7 @@ public final class ServerConnectionHandler: ChannelInboundHandler {
                 channel.close(promise: nil)
             }
         } else {
+            dispatcher.recordConnectionError(error)
             context.close(promise: nil)
         }
     }
