@@ -36,7 +36,7 @@ final class TestCluster: Sendable {
             c.nVal = nVal
             c.reconnectMinMillis = 20
             c.reconnectMaxMillis = 200
-            c.requestTimeoutMillis = 2000
+            c.requestTimeoutMillis = 10_000   // generous: no assertion here is about speed
             c.drainTimeoutMillis = 2000
             c.dataDirectory = scratch + "/n\(i)"
             configure(&c)
@@ -57,7 +57,9 @@ final class TestCluster: Sendable {
     func address(_ i: Int) -> String { members[i].address.description }
 
     func client(_ indices: [Int]) async throws -> CairnClient {
-        try await CairnClient.connect(seeds: indices.map(address))
+        var config = CairnClient.Configuration()
+        config.defaultTimeoutMillis = 10_000   // generous: no assertion here is about speed
+        return try await CairnClient.connect(seeds: indices.map(address), configuration: config)
     }
 
     /// Polls `condition` every 5 ms for at most `seconds`; fails the test with `what` if it never holds.

@@ -233,20 +233,20 @@ struct InProcessClusterTests {
         let cluster = try await TestCluster.start()
         let ring = try Ring(partitionCount: 64, members: cluster.members.map(\.name))
         let conn = try await Connection.connect(host: "127.0.0.1", port: cluster.members[0].address.port, group: MultiThreadedEventLoopGroup.singleton, limits: Limits())
-        let ack = try await conn.request(.hello(Hello(cluster: "test", node: "n2", ringFingerprint: ring.fingerprint, nVal: 3)), timeoutMillis: 1000)
+        let ack = try await conn.request(.hello(Hello(cluster: "test", node: "n2", ringFingerprint: ring.fingerprint, nVal: 3)), timeoutMillis: 10_000)
         guard case .helloAck = ack else { Issue.record("handshake refused: \(ack)"); return }
         var object = VersionedObject()
         try object.update(context: VersionVector(), value: Sibling(value: [1], timestampMillis: 1), actor: ActorID(node: "n2", epoch: 1))
         let right = ring.partition(forKey: key)
         let wrong = PartitionID((right.index + 1) % 64)
-        let refused = try await conn.request(.replicaPut(ReplicaPut(partition: wrong, key: key, object: object)), timeoutMillis: 1000)
+        let refused = try await conn.request(.replicaPut(ReplicaPut(partition: wrong, key: key, object: object)), timeoutMillis: 10_000)
         guard case .error(let e) = refused else { Issue.record("misplaced replicaPut accepted"); return }
         #expect(e.code == .invalidArgument)
-        let accepted = try await conn.request(.replicaPut(ReplicaPut(partition: right, key: key, object: object)), timeoutMillis: 1000)
+        let accepted = try await conn.request(.replicaPut(ReplicaPut(partition: right, key: key, object: object)), timeoutMillis: 10_000)
         #expect(accepted == .replicaPutAck)
         // A peer claiming to be the receiving node itself is refused.
         let selfConn = try await Connection.connect(host: "127.0.0.1", port: cluster.members[0].address.port, group: MultiThreadedEventLoopGroup.singleton, limits: Limits())
-        let selfHello = try await selfConn.request(.hello(Hello(cluster: "test", node: "n1", ringFingerprint: ring.fingerprint, nVal: 3)), timeoutMillis: 1000)
+        let selfHello = try await selfConn.request(.hello(Hello(cluster: "test", node: "n1", ringFingerprint: ring.fingerprint, nVal: 3)), timeoutMillis: 10_000)
         if case .helloAck = selfHello { Issue.record("a peer impersonating the node itself was accepted") }
         conn.close(); selfConn.close()
         await cluster.stop()

@@ -9,44 +9,14 @@ import Glibc
 /// cluster on 127.0.0.1 or with other tests.
 @Suite(.serialized, .timeLimit(.minutes(3)))
 struct ProcessClusterTests {
-    static let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+    static func binary(_ name: String) throws -> String { try Repo.binary(name) }
 
-    static func binary(_ name: String) throws -> String {
-        if let dir = ProcessInfo.processInfo.environment["CAIRN_BIN_DIR"] { return dir + "/" + name }
-        for candidate in [".build/debug", ".build/x86_64-unknown-linux-gnu/debug", ".build/release"] {
-            let path = root.appendingPathComponent(candidate).appendingPathComponent(name).path
-            if FileManager.default.isExecutableFile(atPath: path) { return path }
-        }
-        throw ProcessTestError("\(name) not built: run `swift build --build-tests` (the README's test command does) or set CAIRN_BIN_DIR")
-    }
-
-    struct ProcessTestError: Error, CustomStringConvertible {
-        let description: String
-        init(_ d: String) { description = d }
-    }
-
-    struct Result {
-        let status: Int32
-        let stdout: String
-        let stderr: String
-    }
+    typealias ProcessTestError = Repo.MissingBinary
 
     /// Runs the CLI to completion (it has its own timeouts) and captures its output.
-    static func cairn(_ args: [String], stdin: String? = nil) throws -> Result {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: try binary("cairn"))
-        p.arguments = args
-        let out = Pipe(), err = Pipe(), input = Pipe()
-        p.standardOutput = out
-        p.standardError = err
-        p.standardInput = input
-        try p.run()
-        if let stdin { input.fileHandleForWriting.write(Data(stdin.utf8)) }
-        try input.fileHandleForWriting.close()
-        let o = out.fileHandleForReading.readDataToEndOfFile()
-        let e = err.fileHandleForReading.readDataToEndOfFile()
-        p.waitUntilExit()
-        return Result(status: p.terminationStatus, stdout: String(decoding: o, as: UTF8.self), stderr: String(decoding: e, as: UTF8.self))
+    /// A generous `--timeout` unless the test sets one: no assertion here is about speed.
+    static func cairn(_ args: [String], stdin: String? = nil) throws -> ProcessResult {
+        try runProcess(try binary("cairn"), args.contains("--timeout") ? args : args + ["--timeout", "10000"], stdin: stdin)
     }
 
     final class Daemons {
@@ -93,7 +63,7 @@ struct ProcessClusterTests {
                     if r.status == 0, r.stdout.components(separatedBy: "\"down\"").count == 1 { ok = true; break }
                     usleep(50_000)
                 }
-                if !ok { throw ProcessTestError("n\(i + 1) did not see every peer up within 15 s") }
+                if !ok { throw ProcessTestError(description: "n\(i + 1) did not see every peer up within 15 s") }
             }
         }
 
@@ -168,12 +138,12 @@ struct ProcessClusterTests {
         try d.start()
         try d.waitHealthy()
         d.signal(1, SIGSTOP)
-        let w3 = try Self.cairn(["--node", d.address(0), "put", "p", "v", "--w", "all", "--timeout", "800"])
+        let w3 = try Self.cairn(["--node", d.address(0), "put", "p", "v", "--w", "all", "--timeout", "3000"])
         #expect(w3.status == 3)
         #expect(w3.stderr.contains("W=3 not reached: 2 of 3 replicas acknowledged"))
-        #expect(w3.stderr.contains("\(d.address(1)) timed out after 800 ms"))
+        #expect(w3.stderr.contains("\(d.address(1)) timed out after 3000 ms"))
         #expect(w3.stderr.contains("may have been applied"))
-        let w2 = try Self.cairn(["--node", d.address(0), "put", "p", "v2", "--w", "2", "--timeout", "800"])
+        let w2 = try Self.cairn(["--node", d.address(0), "put", "p", "v2", "--w", "2"])
         #expect(w2.status == 0)
         d.signal(1, SIGCONT)
         // The paused node got both writes once resumed: R=all sees them.

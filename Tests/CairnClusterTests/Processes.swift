@@ -1,0 +1,64 @@
+import Foundation
+
+/// The outcome of a finished child process.
+struct ProcessResult {
+    let status: Int32
+    let stdout: String
+    let stderr: String
+    var ok: Bool { status == 0 }
+}
+
+/// Runs `executable` to completion (callers bound it: every command used here has its own
+/// timeout) and captures its output.
+func runProcess(_ executable: String, _ args: [String], stdin: String? = nil) throws -> ProcessResult {
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: executable)
+    p.arguments = args
+    let out = Pipe(), err = Pipe(), input = Pipe()
+    p.standardOutput = out
+    p.standardError = err
+    p.standardInput = input
+    try p.run()
+    if let stdin { input.fileHandleForWriting.write(Data(stdin.utf8)) }
+    try input.fileHandleForWriting.close()
+    // Drain stderr on another thread so a chatty child cannot block on a full pipe.
+    let errData = LockedData()
+    let errThread = Thread { errData.set(err.fileHandleForReading.readDataToEndOfFile()) }
+    errThread.start()
+    let o = out.fileHandleForReading.readDataToEndOfFile()
+    p.waitUntilExit()
+    while !errData.isSet { usleep(1000) }
+    return ProcessResult(status: p.terminationStatus, stdout: String(decoding: o, as: UTF8.self),
+                         stderr: String(decoding: errData.value, as: UTF8.self))
+}
+
+final class LockedData: @unchecked Sendable {
+    private let lock = NSLock()
+    private var data: Data?
+    func set(_ d: Data) { lock.lock(); data = d; lock.unlock() }
+    var isSet: Bool { lock.lock(); defer { lock.unlock() }; return data != nil }
+    var value: Data { lock.lock(); defer { lock.unlock() }; return data ?? Data() }
+}
+
+/// The repository root and the built binaries.
+enum Repo {
+    static let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+
+    struct MissingBinary: Error, CustomStringConvertible {
+        let description: String
+    }
+
+    /// The directory holding the debug `cairnd` and `cairn` (or `$CAIRN_BIN_DIR`).
+    static func binDir() throws -> String {
+        if let dir = ProcessInfo.processInfo.environment["CAIRN_BIN_DIR"] { return dir }
+        for candidate in [".build/debug", ".build/x86_64-unknown-linux-gnu/debug"] {
+            let dir = root.appendingPathComponent(candidate).path
+            if FileManager.default.isExecutableFile(atPath: dir + "/cairnd") && FileManager.default.isExecutableFile(atPath: dir + "/cairn") {
+                return dir
+            }
+        }
+        throw MissingBinary(description: "cairnd/cairn not built: run `swift build --build-tests` (Tests/run-all.sh does) or set CAIRN_BIN_DIR")
+    }
+
+    static func binary(_ name: String) throws -> String { try binDir() + "/" + name }
+}
