@@ -12,6 +12,16 @@ struct ConnectionOptions: ParsableArguments {
     @Option(help: "Request timeout in milliseconds.")
     var timeout: UInt32?
 
+    @Option(help: "Replicas that must answer a read: a number, quorum, all.") var r: QuorumOption?
+    @Option(help: "Replicas that must acknowledge a write: a number, quorum, all.") var w: QuorumOption?
+    @Option(help: "Of the R answers, how many must come from primary owners.") var pr: QuorumOption?
+    @Option(help: "Of the W acknowledgements, how many must come from primary owners.") var pw: QuorumOption?
+
+    /// Every data verb takes all four; a write uses W/PW, a read R/PR.
+    var requestOptions: RequestOptions {
+        RequestOptions(r: r?.quorum, w: w?.quorum, pr: pr?.quorum, pw: pw?.quorum, timeoutMillis: timeout)
+    }
+
     @Flag(help: "Print one JSON object instead of text for people.")
     var json = false
 
@@ -127,13 +137,11 @@ struct Get: AsyncParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Read a key: every sibling and the causal context.")
     @OptionGroup var connection: ConnectionOptions
     @Argument(help: "The key (UTF-8).") var key: String
-    @Option(help: "Replicas that must answer: a number, quorum, all.") var r: QuorumOption?
-    @Option(help: "Of those, how many must be primaries.") var pr: QuorumOption?
 
     func run() async throws {
         let client = try await connection.connect()
         defer { client.close() }
-        let options = RequestOptions(r: r?.quorum, pr: pr?.quorum, timeoutMillis: connection.timeout)
+        let options = connection.requestOptions
         do {
             let result = try await client.get(Array(key.utf8), options: options)
             if connection.json {
@@ -173,8 +181,6 @@ struct Put: AsyncParsableCommand {
     @Argument(help: "The key (UTF-8).") var key: String
     @Argument(help: "The value, or - to read it from stdin.") var value: String
     @Option(help: "The context token from an earlier get.") var context: String?
-    @Option(help: "Replicas that must acknowledge: a number, quorum, all.") var w: QuorumOption?
-    @Option(help: "Of those, how many must be primaries.") var pw: QuorumOption?
 
     func run() async throws {
         let bytes: [UInt8] = value == "-" ? Array(FileHandle.standardInput.readDataToEndOfFile()) : Array(value.utf8)
@@ -182,8 +188,7 @@ struct Put: AsyncParsableCommand {
         let client = try await connection.connect()
         defer { client.close() }
         do {
-            let newContext = try await client.put(Array(key.utf8), value: bytes, context: ctx,
-                                                  options: RequestOptions(w: w?.quorum, pw: pw?.quorum, timeoutMillis: connection.timeout))
+            let newContext = try await client.put(Array(key.utf8), value: bytes, context: ctx, options: connection.requestOptions)
             printWrite(newContext, json: connection.json, verb: "stored")
         } catch {
             throw CLIFailure(error, json: connection.json)
@@ -196,16 +201,13 @@ struct Delete: AsyncParsableCommand {
     @OptionGroup var connection: ConnectionOptions
     @Argument(help: "The key (UTF-8).") var key: String
     @Option(help: "The context token from an earlier get.") var context: String?
-    @Option(help: "Replicas that must acknowledge: a number, quorum, all.") var w: QuorumOption?
-    @Option(help: "Of those, how many must be primaries.") var pw: QuorumOption?
 
     func run() async throws {
         let ctx = try parseContext(context, json: connection.json)
         let client = try await connection.connect()
         defer { client.close() }
         do {
-            let newContext = try await client.delete(Array(key.utf8), context: ctx,
-                                                     options: RequestOptions(w: w?.quorum, pw: pw?.quorum, timeoutMillis: connection.timeout))
+            let newContext = try await client.delete(Array(key.utf8), context: ctx, options: connection.requestOptions)
             printWrite(newContext, json: connection.json, verb: "deleted")
         } catch {
             throw CLIFailure(error, json: connection.json)

@@ -158,4 +158,36 @@ struct ProcessClusterTests {
         let statuses = d.stopAll()
         #expect(statuses == [0, 0, 0], "graceful exits: \(statuses)")
     }
+
+    /// SIGTERM drains in-flight requests (bounded by shutdown.drain_timeout, 10 s here); a second
+    /// SIGTERM stops waiting and ends the process at once.
+    @Test func aSecondSigtermCutsTheDrainShort() throws {
+        let d = try Daemons()
+        try d.start()
+        try d.waitHealthy()
+        d.signal(1, SIGSTOP)   // a replica that never answers keeps a W=all write in flight on n1
+        let hung = Process()
+        hung.executableURL = URL(fileURLWithPath: try Self.binary("cairn"))
+        hung.arguments = ["--node", d.address(0), "put", "held", "v", "--w", "all", "--timeout", "30000"]
+        hung.standardOutput = FileHandle.nullDevice
+        hung.standardError = FileHandle.nullDevice
+        try hung.run()
+        defer { if hung.isRunning { kill(hung.processIdentifier, SIGKILL) } }
+        usleep(500_000)
+        let node = d.processes[0]
+        kill(node.processIdentifier, SIGTERM)
+        usleep(700_000)
+        #expect(node.isRunning, "the first SIGTERM must wait for the in-flight write (drain)")
+        let second = Date()
+        kill(node.processIdentifier, SIGTERM)
+        var waited = 0
+        while node.isRunning && waited < 100 { usleep(50_000); waited += 1 }
+        #expect(!node.isRunning, "the second SIGTERM must end the process")
+        #expect(Date().timeIntervalSince(second) < 4, "well before the 10 s drain bound")
+        #expect(node.terminationReason == .exit, "it exits; it is not killed by a signal")
+        hung.waitUntilExit()
+        #expect(hung.terminationStatus == 3, "the in-flight write's outcome is reported as unknown")
+        d.signal(1, SIGCONT)
+        _ = d.stopAll()
+    }
 }
