@@ -17,6 +17,8 @@ let package = Package(
         .library(name: "CairnClient", targets: ["CairnClient"]),
         .executable(name: "cairnd", targets: ["cairnd"]),
         .executable(name: "cairn", targets: ["cairn"]),
+        .library(name: "CairnLoad", targets: ["CairnLoad"]),
+        .executable(name: "cairn-load", targets: ["cairn-load"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
@@ -27,6 +29,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-collections.git", from: "1.6.0"),
         .package(url: "https://github.com/x-sheep/swift-property-based.git", from: "2.0.1"),
+        .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift.git", from: "0.2.0"),
     ],
     targets: [
         // Pure: no I/O, no NIO.
@@ -71,6 +74,26 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ], swiftSettings: strict),
 
+        // The traffic generator: workloads, key choosers, targets (cairn, redis, etcd), reports.
+        .target(name: "CairnLoad", dependencies: [
+            "CairnClient", "CairnCore", "CairnRing",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
+            .product(name: "Histogram", package: "hdrhistogram-swift"),
+            .product(name: "DequeModule", package: "swift-collections"),
+        ], swiftSettings: strict),
+        .executableTarget(name: "cairn-load", dependencies: [
+            "CairnLoad",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ], swiftSettings: strict),
+
+        .testTarget(name: "CairnLoadTests", dependencies: [
+            "CairnLoad", "CairnNode", "CairnCore", "CairnClient",
+            .product(name: "Logging", package: "swift-log"),
+        ], swiftSettings: strict),
         .testTarget(name: "CairnCoreTests", dependencies: [
             "CairnCore", .product(name: "PropertyBased", package: "swift-property-based"),
         ], swiftSettings: strict),

@@ -12,6 +12,7 @@ need=()
 command -v pkg-config >/dev/null || need+=(pkg-config)
 pkg-config --exists libsystemd 2>/dev/null || need+=(libsystemd-dev)
 command -v curl >/dev/null || need+=(curl)
+command -v redis-server >/dev/null || need+=(redis-server)   # the RESP target's test talks to a real Redis
 if ((${#need[@]})); then
     echo "installing: ${need[*]}" >&2
     sudo=""

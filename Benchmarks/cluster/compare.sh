@@ -1,0 +1,531 @@
+#!/usr/bin/env bash
+# Measures Cairn against its peers in one run on this machine, with the same generator
+# (cairn-load) and the same workload for every system:
+#
+#   redis     Redis, one node                      redis://127.0.0.1:6399
+#   cairn-1   Cairn, one node (n_val = 1)          cairn://127.0.0.61:7401
+#   etcd-3    etcd 3.4, three nodes (Raft)         etcd://127.0.0.1:23791,23792,23793
+#   cairn-3   Cairn, three nodes (n_val = 3, R = W = 2)
+#                                                  cairn://127.0.0.62-64:7401
+#
+# For each system, one after the other: start it (loopback only, data in a fresh temp dir),
+# wait until it is ready, `cairn-load load`, `cairn-load run --workload a`, `--workload c`,
+# stop it. Then one table from the JSON reports, and the ops/s ratios Cairn/Redis (one node)
+# and Cairn/etcd (three nodes). Everything started is stopped by pid on exit, pass or fail.
+#
+#   Benchmarks/cluster/compare.sh                 install what is missing, build (release), run
+#   Benchmarks/cluster/compare.sh report DIR      print the table again from the JSON files in DIR
+#
+# Environment (defaults in brackets):
+#   RECORDS [100000]  VALUE_SIZE [100] (BYTES or MIN-MAX)  CONCURRENCY [64]  DURATION [20s]
+#   OPERATIONS        if set, each run does this many operations instead of running DURATION
+#   SEED [42]         same seed for every system
+#   REDIS_PORT [6399] Redis port on 127.0.0.1 (when 6399 is taken)
+#   SYSTEMS ["redis cairn-1 etcd-3 cairn-3"]  a subset to run, in this order
+#   KEEP=1            keep the JSON reports and logs (the data dirs are removed either way)
+#   RUN_TIMEOUT [900] seconds after which one cairn-load invocation is stopped and counted failed
+#   BIN_DIR           directory holding cairnd and cairn-load: no build (default: build them)
+#   SKIP_BUILD=1      do not build; use `swift build -c release --show-bin-path`
+#
+# Figures drift between machines and between runs: only ratios within one run mean anything.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+export PATH="/opt/swift/usr/bin:$PATH"
+
+RECORDS="${RECORDS:-100000}"
+VALUE_SIZE="${VALUE_SIZE:-100}"
+CONCURRENCY="${CONCURRENCY:-64}"
+DURATION="${DURATION:-20s}"
+OPERATIONS="${OPERATIONS:-}"
+SEED="${SEED:-42}"
+SYSTEMS="${SYSTEMS:-redis cairn-1 etcd-3 cairn-3}"
+KEEP="${KEEP:-0}"
+RUN_TIMEOUT="${RUN_TIMEOUT:-900}"
+
+REDIS_PORT="${REDIS_PORT:-6399}"
+CAIRN1_HOST=127.0.0.61
+CAIRN3_HOSTS=(127.0.0.62 127.0.0.63 127.0.0.64)
+CAIRN_PORT=7401
+CAIRN_HTTP_PORT=8401
+ETCD_CLIENT_PORTS=(23791 23792 23793)
+ETCD_PEER_PORTS=(23801 23802 23803)
+
+log() { printf '%s\n' "$*" >&2; }
+join_by() { local IFS="$1"; shift; echo "$*"; }
+die() { log "compare.sh: $*"; exit 1; }
+
+# ---------------------------------------------------------------------------------------------
+# Report: one table from the JSON files in a directory (also `compare.sh report DIR`).
+# Files: <system>-<phase>.json (cairn-load --json) and <system>-<phase>.rc (its exit status).
+report() {
+    python3 - "$1" <<'PY'
+import json, os, sys
+
+d = sys.argv[1]
+systems = [("redis", "Redis, 1 node"), ("cairn-1", "Cairn, 1 node, N=1"),
+           ("etcd-3", "etcd 3.4, 3 nodes (Raft)"), ("cairn-3", "Cairn, 3 nodes, N=3, R=W=2")]
+phases = ["load", "a", "c"]
+# Latency columns: the read operation (workloads a and c), the insert operation (load).
+lat_op = {"load": "insert", "a": "read", "c": "read"}
+
+def load(sysname, phase):
+    """(report dict or None, note)"""
+    base = os.path.join(d, f"{sysname}-{phase}")
+    rc = None
+    if os.path.exists(base + ".rc"):
+        try:
+            rc = int(open(base + ".rc").read().strip())
+        except ValueError:
+            rc = None
+    if not os.path.exists(base + ".json"):
+        if rc is None:
+            return None, None                     # not run
+        return None, f"no report (exit {rc})"
+    try:
+        with open(base + ".json") as f:
+            r = json.load(f)
+    except (OSError, ValueError) as e:
+        return None, f"unreadable report ({e.__class__.__name__})"
+    return r, (f"exit {rc}" if rc not in (None, 0) else None)
+
+def num(v):
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+def op_stats(r, want):
+    ops = r.get("operations") or {}
+    if not isinstance(ops, dict) or not ops:
+        return None, None
+    if want in ops:
+        return want, ops[want]
+    # Fallback: the operation with the most samples.
+    name = max(ops, key=lambda k: num((ops[k] or {}).get("count")) or 0)
+    return name, ops[name]
+
+def fmt_int(v):
+    v = num(v)
+    return "-" if v is None else f"{v:,.0f}"
+
+def errors_of(r):
+    e = r.get("errors") or {}
+    if not isinstance(e, dict):
+        return 0, {}
+    kinds = {k: int(num(v) or 0) for k, v in e.items() if num(v)}
+    return sum(kinds.values()), kinds
+
+rows, notes, tput = [], [], {}
+header = ("system", "workload", "ops/s", "p50 µs", "p99 µs", "p99.9 µs", "errors")
+for sysname, _ in systems:
+    for ph in phases:
+        r, note = load(sysname, ph)
+        if r is None and note is None:
+            continue
+        if r is None:
+            rows.append((sysname, ph, "FAILED", "-", "-", "-", "-"))
+            notes.append(f"{sysname} {ph}: {note}")
+            continue
+        t = num(r.get("throughput_ops_per_s"))
+        tput[(sysname, ph)] = t
+        name, st = op_stats(r, lat_op[ph])
+        st = st or {}
+        nerr, kinds = errors_of(r)
+        wl = ph if name in (None, lat_op[ph]) else f"{ph} ({name})"
+        rows.append((sysname, wl, fmt_int(t), fmt_int(st.get("p50_us")), fmt_int(st.get("p99_us")),
+                     fmt_int(st.get("p999_us")), f"{nerr:,}" + (" !" if note else "")))
+        if kinds:
+            notes.append(f"{sysname} {ph}: errors " + ", ".join(f"{k}={v:,}" for k, v in sorted(kinds.items())))
+        if note:
+            notes.append(f"{sysname} {ph}: {note}")
+
+if not rows:
+    print(f"no reports in {d}")
+    sys.exit(1)
+
+def table(header, rows):
+    w = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    def line(cells):
+        out = []
+        for i, c in enumerate(cells):
+            out.append(str(c).ljust(w[i]) if i < 2 else str(c).rjust(w[i]))
+        return "  ".join(out).rstrip()
+    print(line(header))
+    print("  ".join("-" * x for x in w))
+    for r in rows:
+        print(line(r))
+
+print("ops/s over the whole run; p50/p99/p99.9 are of the READ operation for workloads a and c,")
+print("of the INSERT operation for load; errors = all error kinds counted by cairn-load.")
+print()
+table(header, rows)
+
+# Updates matter in workload a (50% read, 50% update): show their latency too.
+upd = []
+for sysname, _ in systems:
+    r, _n = load(sysname, "a")
+    if r is None:
+        continue
+    st = (r.get("operations") or {}).get("update")
+    if isinstance(st, dict):
+        upd.append((sysname, "a (update)", fmt_int(st.get("count")), fmt_int(st.get("p50_us")),
+                    fmt_int(st.get("p99_us")), fmt_int(st.get("p999_us"))))
+if upd:
+    print()
+    table(("system", "workload", "count", "p50 µs", "p99 µs", "p99.9 µs"), upd)
+
+print()
+print("systems: " + "; ".join(f"{s} = {label}" for s, label in systems))
+for n in notes:
+    print("note: " + n)
+if any(r[-1].endswith("!") or r[2] == "FAILED" for r in rows):
+    print("! or FAILED: cairn-load exited non-zero or left no readable report; see its output above")
+
+def ratio(a, b):
+    ta, tb = tput.get(a), tput.get(b)
+    if not ta or not tb:
+        return "n/a"
+    return f"{ta / tb:.2f}x"
+
+print()
+print("ops/s ratios (this run only):")
+for label, c, p in (("Cairn 1 node / Redis      ", "cairn-1", "redis"),
+                    ("Cairn 3 nodes / etcd 3    ", "cairn-3", "etcd-3")):
+    print("  " + label + "  ".join(f"{ph}: {ratio((c, ph), (p, ph)):>7}" for ph in phases))
+PY
+}
+
+if [[ "${1:-}" == "report" ]]; then
+    [[ -n "${2:-}" && -d "$2" ]] || die "usage: $0 report DIR"
+    report "$2"
+    exit $?
+fi
+[[ $# -eq 0 ]] || die "usage: $0 [report DIR]   (settings come from the environment; see the header)"
+
+# ---------------------------------------------------------------------------------------------
+# Processes: every pid started is recorded; the EXIT trap stops what is still running.
+declare -A RUNNING=()   # pid -> name
+WORK=""
+
+# stop_pids PID...: SIGTERM all, wait up to 20 s for all, SIGKILL the rest, reap.
+stop_pids() {
+    local pid waited=0 alive
+    (($#)) || return 0
+    for pid in "$@"; do kill -TERM "$pid" 2>/dev/null || true; done
+    while ((waited < 100)); do
+        alive=0
+        for pid in "$@"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+        ((alive)) || break
+        sleep 0.2
+        waited=$((waited + 1))
+    done
+    for pid in "$@"; do
+        if kill -0 "$pid" 2>/dev/null; then
+            log "  ${RUNNING[$pid]:-pid $pid} did not stop in 20 s: SIGKILL"
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+    done
+    for pid in "$@"; do
+        wait "$pid" 2>/dev/null || true
+        log "  stopped ${RUNNING[$pid]:-process} (pid $pid)"
+        unset "RUNNING[$pid]"
+    done
+}
+
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    if ((${#RUNNING[@]})); then
+        log "stopping what is still running..."
+        stop_pids "${!RUNNING[@]}"
+    fi
+    if [[ -n "$WORK" && -d "$WORK" ]]; then
+        if [[ "$KEEP" == "1" ]]; then
+            rm -rf "$WORK/data"
+            log "kept the reports and logs in $WORK (KEEP=1)"
+        else
+            rm -rf "$WORK"
+        fi
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# start NAME LOGFILE CMD...: run CMD in the background, record its pid in STARTED_PID.
+start() {
+    local name=$1 logfile=$2
+    shift 2
+    "$@" >"$logfile" 2>&1 </dev/null &
+    STARTED_PID=$!
+    RUNNING[$STARTED_PID]=$name
+    log "  started $name (pid $STARTED_PID), log $logfile"
+}
+
+# listening HOST PORT: something accepts TCP connections there.
+# shellcheck disable=SC2016  # $0/$1 expand in the inner bash
+listening() { timeout 1 bash -c 'exec 3<>"/dev/tcp/$0/$1"' "$1" "$2" 2>/dev/null; }
+
+require_free() {
+    local hp
+    for hp in "$@"; do
+        ! listening "${hp%:*}" "${hp##*:}" || die "$hp is already in use; stop whatever listens there first"
+    done
+}
+
+# wait_ready NAME PID LOGFILE TRIES CMD...: retry CMD every 0.2 s while PID lives, at most TRIES.
+wait_ready() {
+    local name=$1 pid=$2 logfile=$3 tries=$4 n=0
+    shift 4
+    until "$@" >/dev/null 2>&1; do
+        n=$((n + 1))
+        if ! kill -0 "$pid" 2>/dev/null; then
+            log "$name exited before it was ready; last log lines:"; tail -n 20 "$logfile" >&2; exit 1
+        fi
+        if ((n >= tries)); then
+            log "$name not ready after $((tries / 5)) s; last log lines:"; tail -n 20 "$logfile" >&2; exit 1
+        fi
+        sleep 0.2
+    done
+    log "  $name ready"
+}
+
+# ---------------------------------------------------------------------------------------------
+install_deps() {
+    local missing=()
+    command -v redis-server >/dev/null || missing+=(redis-server)
+    command -v redis-cli >/dev/null || missing+=(redis-tools)
+    command -v etcd >/dev/null || missing+=(etcd-server)
+    command -v etcdctl >/dev/null || missing+=(etcd-client)
+    command -v curl >/dev/null || missing+=(curl)
+    command -v python3 >/dev/null || missing+=(python3)
+    if [[ -z "${BIN_DIR:-}" ]]; then
+        command -v pkg-config >/dev/null || missing+=(pkg-config)
+        pkg-config --exists libsystemd 2>/dev/null || missing+=(libsystemd-dev)
+    fi
+    if ((${#missing[@]})); then
+        log "installing: ${missing[*]}"
+        local sudo=""
+        [[ $(id -u) -ne 0 ]] && sudo="sudo"
+        $sudo apt-get update -qq
+        # policy-rc.d or not, the packaged services (6379, 2379) do not collide with ours.
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+}
+
+build() {
+    if [[ -n "${BIN_DIR:-}" ]]; then
+        BIN="$BIN_DIR"
+    else
+        command -v swift >/dev/null || die "swift not found (expected at /opt/swift/usr/bin)"
+        if [[ "${SKIP_BUILD:-0}" != "1" ]]; then
+            log "building cairnd and cairn-load (release)..."
+            (cd "$ROOT" && swift build -c release --product cairnd >&2 &&
+                swift build -c release --product cairn-load >&2)
+        fi
+        BIN="$(cd "$ROOT" && swift build -c release --show-bin-path)"
+    fi
+    [[ -x "$BIN/cairn-load" ]] || die "no cairn-load in $BIN"
+    if [[ " $SYSTEMS " == *" cairn-"* ]]; then [[ -x "$BIN/cairnd" ]] || die "no cairnd in $BIN"; fi
+}
+
+machine() {
+    local model mem
+    model="$(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
+    mem="$(awk '/^MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)"
+    echo "== Cairn vs peers, $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+    echo "machine: $(nproc) CPUs, ${model:-unknown CPU}, $mem RAM, Linux $(uname -r)"
+    echo "cairn:   $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet HEAD 2>/dev/null || echo ' (with local changes)')"
+    echo "redis:   $(redis-server --version | awk '{ print $3 }' | sed 's/^v=//')   etcd: $(etcd --version | awk '/^etcd Version/ { print $3 }')"
+    local how="--duration $DURATION"
+    [[ -n "$OPERATIONS" ]] && how="--operations $OPERATIONS"
+    echo "settings: --records $RECORDS --value-size $VALUE_SIZE --concurrency $CONCURRENCY $how --seed $SEED"
+    echo "systems: $SYSTEMS"
+    echo
+}
+
+# ---------------------------------------------------------------------------------------------
+# The systems. start_<system> starts it and waits until ready; sets TARGET, RUN_EXTRA, SYS_PIDS.
+
+start_redis() {
+    require_free "127.0.0.1:$REDIS_PORT"
+    local dir="$WORK/data/redis"
+    mkdir -p "$dir"
+    start redis "$WORK/logs/redis.log" redis-server --bind 127.0.0.1 --port "$REDIS_PORT" \
+        --save '' --appendonly no --daemonize no --dir "$dir" --protected-mode yes
+    SYS_PIDS=("$STARTED_PID")
+    wait_ready redis "$STARTED_PID" "$WORK/logs/redis.log" 100 redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping
+    TARGET="redis://127.0.0.1:$REDIS_PORT"
+    RUN_EXTRA=()
+}
+
+# cairn_config NAME HOST N_VAL MEMBERS
+cairn_config() {
+    local name=$1 host=$2 nval=$3 members=$4 dir="$WORK/data/$1"
+    mkdir -p "$dir" "$WORK/conf"
+    cat >"$WORK/conf/$name.conf" <<CONF
+# Generated by Benchmarks/cluster/compare.sh; see Docs/configuration.md.
+node.name = $name
+node.listen = $host:$CAIRN_PORT
+node.http = $host:$CAIRN_HTTP_PORT
+node.data_dir = $dir
+cluster.name = bench-$nval
+cluster.ring_size = 256
+cluster.n_val = $nval
+cluster.members = $members
+request.timeout = 2s
+CONF
+    "$BIN/cairnd" --config "$WORK/conf/$name.conf" --check-config >&2
+}
+
+cairn_healthy() { curl -fsS --max-time 1 "http://$1:$CAIRN_HTTP_PORT/health"; }
+
+start_cairn_1() {
+    local h=$CAIRN1_HOST
+    require_free "$h:$CAIRN_PORT" "$h:$CAIRN_HTTP_PORT"
+    cairn_config c1 "$h" 1 "c1@$h:$CAIRN_PORT"
+    start cairnd-c1 "$WORK/logs/cairnd-c1.log" "$BIN/cairnd" --config "$WORK/conf/c1.conf"
+    SYS_PIDS=("$STARTED_PID")
+    wait_ready cairnd-c1 "$STARTED_PID" "$WORK/logs/cairnd-c1.log" 150 cairn_healthy "$h"
+    TARGET="cairn://$h:$CAIRN_PORT"
+    RUN_EXTRA=(--r 1 --w 1)
+}
+
+start_cairn_3() {
+    local i h members=() targets=()
+    for i in 0 1 2; do
+        h=${CAIRN3_HOSTS[$i]}
+        require_free "$h:$CAIRN_PORT" "$h:$CAIRN_HTTP_PORT"
+        members+=("n$((i + 1))@$h:$CAIRN_PORT")
+        targets+=("$h:$CAIRN_PORT")
+    done
+    local member_list target_list
+    member_list="$(join_by , "${members[@]}")"
+    target_list="$(join_by , "${targets[@]}")"
+    SYS_PIDS=()
+    for i in 0 1 2; do
+        cairn_config "n$((i + 1))" "${CAIRN3_HOSTS[$i]}" 3 "$member_list"
+    done
+    for i in 0 1 2; do
+        start "cairnd-n$((i + 1))" "$WORK/logs/cairnd-n$((i + 1)).log" \
+            "$BIN/cairnd" --config "$WORK/conf/n$((i + 1)).conf"
+        SYS_PIDS+=("$STARTED_PID")
+    done
+    for i in 0 1 2; do
+        wait_ready "cairnd-n$((i + 1))" "${SYS_PIDS[$i]}" "$WORK/logs/cairnd-n$((i + 1)).log" 150 \
+            cairn_healthy "${CAIRN3_HOSTS[$i]}"
+    done
+    TARGET="cairn://$target_list"
+    RUN_EXTRA=(--r 2 --w 2)
+}
+
+etcd_endpoints() {
+    local p out=()
+    for p in "${ETCD_CLIENT_PORTS[@]}"; do out+=("127.0.0.1:$p"); done
+    join_by , "${out[@]}"
+}
+
+# etcd_healthy ENDPOINT: the member answers and the cluster commits a proposal (has a leader).
+etcd_healthy() {
+    ETCDCTL_API=3 etcdctl --endpoints "$1" --dial-timeout 1s --command-timeout 3s endpoint health
+}
+
+start_etcd_3() {
+    local i cluster=() p
+    for i in 0 1 2; do
+        require_free "127.0.0.1:${ETCD_CLIENT_PORTS[$i]}" "127.0.0.1:${ETCD_PEER_PORTS[$i]}"
+        cluster+=("e$((i + 1))=http://127.0.0.1:${ETCD_PEER_PORTS[$i]}")
+    done
+    local initial
+    initial="$(join_by , "${cluster[@]}")"
+    # etcd 3.4 refuses to start on arm64 unless told to.
+    [[ "$(uname -m)" == "aarch64" ]] && export ETCD_UNSUPPORTED_ARCH=arm64
+    SYS_PIDS=()
+    for i in 0 1 2; do
+        local name="e$((i + 1))" client="http://127.0.0.1:${ETCD_CLIENT_PORTS[$i]}"
+        local peer="http://127.0.0.1:${ETCD_PEER_PORTS[$i]}"
+        mkdir -p "$WORK/data/$name"
+        start "etcd-$name" "$WORK/logs/etcd-$name.log" etcd --name "$name" \
+            --data-dir "$WORK/data/$name" \
+            --listen-client-urls "$client" --advertise-client-urls "$client" \
+            --listen-peer-urls "$peer" --initial-advertise-peer-urls "$peer" \
+            --initial-cluster "$initial" --initial-cluster-state new \
+            --initial-cluster-token cairn-bench \
+            --logger zap --log-outputs stderr --log-level warn
+        SYS_PIDS+=("$STARTED_PID")
+    done
+    for i in 0 1 2; do
+        wait_ready "etcd-e$((i + 1))" "${SYS_PIDS[$i]}" "$WORK/logs/etcd-e$((i + 1)).log" 150 \
+            etcd_healthy "127.0.0.1:${ETCD_CLIENT_PORTS[$i]}"
+    done
+    TARGET="etcd://$(etcd_endpoints)"
+    RUN_EXTRA=()
+}
+
+# ---------------------------------------------------------------------------------------------
+FAILED=0
+
+# cairn_load SYSTEM PHASE ARGS...: run the generator, JSON to $WORK/json/SYSTEM-PHASE.json.
+cairn_load() {
+    local sys=$1 phase=$2 rc=0 pid
+    shift 2
+    local json="$WORK/json/$sys-$phase.json"
+    echo "-- $sys $phase: cairn-load $* --json $json"
+    # RUN_TIMEOUT bounds a generator that hangs; SIGTERM to `timeout` reaches cairn-load too.
+    timeout --kill-after=10 "$RUN_TIMEOUT" "$BIN/cairn-load" "$@" --json "$json" </dev/null &
+    pid=$!
+    RUNNING[$pid]="cairn-load ($sys $phase)"
+    wait "$pid" || rc=$?
+    unset "RUNNING[$pid]"
+    echo "$rc" >"$WORK/json/$sys-$phase.rc"
+    if ((rc == 124)); then
+        echo "-- $sys $phase: cairn-load did not finish within RUN_TIMEOUT=$RUN_TIMEOUT; stopped"
+        FAILED=1
+    elif ((rc != 0)); then
+        echo "-- $sys $phase: cairn-load exited with status $rc"
+        FAILED=1
+    fi
+    return 0
+}
+
+measure() {
+    local sys=$1 common how
+    common=(--records "$RECORDS" --value-size "$VALUE_SIZE" --concurrency "$CONCURRENCY" --seed "$SEED")
+    if [[ -n "$OPERATIONS" ]]; then how=(--operations "$OPERATIONS"); else how=(--duration "$DURATION"); fi
+    echo "== $sys"
+    case "$sys" in
+    redis) start_redis ;;
+    cairn-1) start_cairn_1 ;;
+    cairn-3) start_cairn_3 ;;
+    etcd-3) start_etcd_3 ;;
+    *) die "unknown system '$sys' (known: redis cairn-1 etcd-3 cairn-3)" ;;
+    esac
+    cairn_load "$sys" load load --target "$TARGET" "${common[@]}"
+    local w
+    for w in a c; do
+        cairn_load "$sys" "$w" run --target "$TARGET" --workload "$w" "${common[@]}" "${how[@]}" \
+            ${RUN_EXTRA[@]+"${RUN_EXTRA[@]}"}
+    done
+    # Stop it before the next system, so every system has the machine to itself.
+    stop_pids "${SYS_PIDS[@]}"
+    echo
+}
+
+main() {
+    [[ "$DURATION" =~ ^[0-9]+$ ]] && DURATION="${DURATION}s"
+    local s
+    for s in $SYSTEMS; do
+        case "$s" in redis | cairn-1 | etcd-3 | cairn-3) ;; *) die "unknown system '$s' in SYSTEMS" ;; esac
+    done
+    install_deps
+    build
+    WORK="$(mktemp -d "${TMPDIR:-/tmp}/cairn-compare.XXXXXX")"
+    mkdir -p "$WORK/json" "$WORK/logs" "$WORK/data"
+    machine
+    for s in $SYSTEMS; do measure "$s"; done
+    echo "== results"
+    report "$WORK/json"
+    if [[ "$KEEP" == "1" ]]; then echo; echo "reports: $WORK/json   logs: $WORK/logs"; fi
+    ((FAILED == 0)) || { echo; echo "some cairn-load runs failed (see above)"; exit 1; }
+}
+
+main

@@ -1,0 +1,256 @@
+public import NIOCore
+import NIOPosix
+import DequeModule
+
+/// Redis over RESP2 on a raw NIO connection per worker: `GET`, `SET` (and `DEL`).
+public final class RedisTarget: LoadTarget {
+    let endpoints: [(String, Int)]
+    let group: any EventLoopGroup
+
+    public init(endpoints: [String], group: (any EventLoopGroup)? = nil) throws(TargetError) {
+        var parsed: [(String, Int)] = []
+        for e in endpoints { parsed.append(try splitHostPort(e)) }
+        self.endpoints = parsed
+        self.group = group ?? MultiThreadedEventLoopGroup.singleton
+    }
+
+    public var description: String { "redis://" + endpoints.map { "\($0.0):\($0.1)" }.joined(separator: ",") }
+
+    public func session(index: Int) async throws(TargetError) -> any TargetSession {
+        let (host, port) = endpoints[index % endpoints.count]
+        return try await RESPConnection.connect(host: host, port: port, group: group)
+    }
+
+    public func close() async {}
+}
+
+/// A RESP2 reply.
+public enum RESPValue: Equatable, Sendable {
+    case simple(String)
+    case error(String)
+    case integer(Int64)
+    case bulk([UInt8]?)
+    case array([RESPValue]?)
+}
+
+/// RESP2 encoding and incremental decoding (pure).
+public enum RESP {
+    public static func command(_ parts: [[UInt8]]) -> [UInt8] {
+        var out = Array("*\(parts.count)\r\n".utf8)
+        for p in parts {
+            out += Array("$\(p.count)\r\n".utf8)
+            out += p
+            out += [13, 10]
+        }
+        return out
+    }
+
+    /// `command(parts)` written straight into `buf` (no intermediate arrays or strings).
+    public static func write(_ parts: [[UInt8]], into buf: inout ByteBuffer) {
+        buf.writeInteger(UInt8(ascii: "*"))
+        writeDecimal(parts.count, into: &buf)
+        for p in parts {
+            buf.writeInteger(UInt8(ascii: "$"))
+            writeDecimal(p.count, into: &buf)
+            buf.writeBytes(p)
+            buf.writeInteger(UInt16(0x0D0A))
+        }
+    }
+
+    static func writeDecimal(_ n: Int, into buf: inout ByteBuffer) {
+        var digits: (UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8,
+                     UInt8, UInt8, UInt8, UInt8) = (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+        var x = max(n, 0)
+        var count = 0
+        withUnsafeMutableBytes(of: &digits) { d in
+            repeat {
+                d[19 - count] = UInt8(ascii: "0") + UInt8(x % 10)
+                x /= 10
+                count += 1
+            } while x > 0 && count < 20
+            buf.writeBytes(UnsafeRawBufferPointer(rebasing: d[(20 - count)...]))
+        }
+        buf.writeInteger(UInt16(0x0D0A))
+    }
+
+    public struct DecodeError: Error, Sendable { public let reason: String }
+
+    /// Decodes one value from `bytes` starting at `offset`; nil if more bytes are needed.
+    /// Bulk lengths are limited to 512 MiB (Redis's own limit).
+    public static func decode(_ bytes: UnsafeRawBufferPointer, _ offset: inout Int) throws(DecodeError) -> RESPValue? {
+        let start = offset
+        guard offset < bytes.count else { return nil }
+        let type = bytes[offset]
+        offset += 1
+        switch type {
+        case UInt8(ascii: "+"), UInt8(ascii: "-"):
+            guard let line = readLine(bytes, &offset) else { offset = start; return nil }
+            return type == UInt8(ascii: "+") ? .simple(line) : .error(line)
+        case UInt8(ascii: ":"):
+            guard let n = try readInteger(bytes, &offset) else { offset = start; return nil }
+            return .integer(n)
+        case UInt8(ascii: "$"):
+            guard let n = try readInteger(bytes, &offset) else { offset = start; return nil }
+            guard n >= -1, n <= 512 << 20 else { throw DecodeError(reason: "bad bulk length \(n)") }
+            if n == -1 { return .bulk(nil) }
+            let len = Int(n)
+            guard bytes.count - offset >= len + 2 else { offset = start; return nil }
+            let data = [UInt8](UnsafeRawBufferPointer(rebasing: bytes[offset..<offset + len]))
+            offset += len + 2
+            return .bulk(data)
+        case UInt8(ascii: "*"):
+            guard let n = try readInteger(bytes, &offset) else { offset = start; return nil }
+            guard n >= -1, n <= 1 << 20 else { throw DecodeError(reason: "bad array length \(n)") }
+            if n == -1 { return .array(nil) }
+            var items: [RESPValue] = []
+            for _ in 0..<n {
+                guard let v = try decode(bytes, &offset) else { offset = start; return nil }
+                items.append(v)
+            }
+            return .array(items)
+        default:
+            throw DecodeError(reason: "unknown RESP type byte \(type)")
+        }
+    }
+
+    /// A signed decimal terminated by CRLF; nil if incomplete. At most 19 digits.
+    static func readInteger(_ bytes: UnsafeRawBufferPointer, _ offset: inout Int) throws(DecodeError) -> Int64? {
+        var i = offset
+        var negative = false
+        if i < bytes.count && bytes[i] == UInt8(ascii: "-") {
+            negative = true
+            i += 1
+        }
+        var value: Int64 = 0
+        var digits = 0
+        while i < bytes.count {
+            let c = bytes[i]
+            if c == 13 {
+                guard i + 1 < bytes.count else { return nil }
+                guard bytes[i + 1] == 10, digits > 0 else { throw DecodeError(reason: "bad integer line") }
+                offset = i + 2
+                return negative ? -value : value
+            }
+            guard c >= 48 && c <= 57, digits < 18 else { throw DecodeError(reason: "bad integer line") }
+            value = value * 10 + Int64(c - 48)
+            digits += 1
+            i += 1
+        }
+        return nil
+    }
+
+    static func readLine(_ bytes: UnsafeRawBufferPointer, _ offset: inout Int) -> String? {
+        var i = offset
+        while i + 1 < bytes.count {
+            if bytes[i] == 13 && bytes[i + 1] == 10 {
+                let s = String(decoding: UnsafeRawBufferPointer(rebasing: bytes[offset..<i]), as: UTF8.self)
+                offset = i + 2
+                return s
+            }
+            i += 1
+        }
+        return nil
+    }
+}
+
+/// Matches replies to requests in order (RESP has no ids; replies come back in request order).
+final class RESPHandler: ChannelDuplexHandler {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundIn = (ByteBuffer, EventLoopPromise<RESPValue>)
+    typealias OutboundOut = ByteBuffer
+
+    private var waiting = Deque<EventLoopPromise<RESPValue>>()
+    private var buffer: ByteBuffer?
+
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        let (bytes, reply) = unwrapOutboundIn(data)
+        waiting.append(reply)
+        context.write(wrapOutboundOut(bytes), promise: promise)
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var incoming = unwrapInboundIn(data)
+        if buffer == nil { buffer = incoming } else { buffer?.writeBuffer(&incoming) }
+        guard var buf = buffer else { return }
+        do {
+            while buf.readableBytes > 0 {
+                var consumed = 0
+                let value = try buf.withUnsafeReadableBytes { raw throws(RESP.DecodeError) -> RESPValue? in
+                    try RESP.decode(raw, &consumed)
+                }
+                guard let value else { break }
+                buf.moveReaderIndex(forwardBy: consumed)
+                waiting.popFirst()?.succeed(value)
+            }
+            buffer = buf.readableBytes > 0 ? buf : nil
+        } catch {
+            failAll(TargetError("server", "undecodable RESP reply: \(error.reason)"))
+            context.close(promise: nil)
+        }
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        failAll(TargetError("connection", "redis connection closed"))
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        failAll(TargetError("connection", "\(error)"))
+        context.close(promise: nil)
+    }
+
+    private func failAll(_ e: TargetError) {
+        while let p = waiting.popFirst() { p.fail(e) }
+    }
+}
+
+final class RESPConnection: TargetSession {
+    let channel: any Channel
+
+    init(channel: any Channel) { self.channel = channel }
+
+    static func connect(host: String, port: Int, group: any EventLoopGroup) async throws(TargetError) -> RESPConnection {
+        do {
+            let ch = try await ClientBootstrap(group: group)
+                .channelOption(.tcpOption(.tcp_nodelay), value: 1)
+                .channelInitializer { c in c.eventLoop.makeCompletedFuture { try c.pipeline.syncOperations.addHandler(RESPHandler()) } }
+                .connect(host: host, port: port).get()
+            return RESPConnection(channel: ch)
+        } catch {
+            throw TargetError("connection", "redis \(host):\(port): \(error)")
+        }
+    }
+
+    func send(_ parts: [[UInt8]]) async throws(TargetError) -> RESPValue {
+        var buf = channel.allocator.buffer(capacity: parts.reduce(16) { $0 + $1.count + 16 })
+        RESP.write(parts, into: &buf)
+        let promise = channel.eventLoop.makePromise(of: RESPValue.self)
+        channel.writeAndFlush((buf, promise)).whenFailure { promise.fail(TargetError("connection", "\($0)")) }
+        do {
+            return try await promise.futureResult.get()
+        } catch let e as TargetError {
+            throw e
+        } catch {
+            throw TargetError("connection", "\(error)")
+        }
+    }
+
+    func read(_ key: [UInt8]) async throws(TargetError) -> ReadResult {
+        switch try await send([Array("GET".utf8), key]) {
+        case .bulk(let v?): return ReadResult(values: [v])
+        case .bulk(nil): return ReadResult(values: [])
+        case .error(let e): throw TargetError("server", e)
+        case let other: throw TargetError("server", "unexpected GET reply \(other)")
+        }
+    }
+
+    func write(_ key: [UInt8], _ value: [UInt8]) async throws(TargetError) {
+        switch try await send([Array("SET".utf8), key, value]) {
+        case .simple("OK"): return
+        case .error(let e): throw TargetError("server", e)
+        case let other: throw TargetError("server", "unexpected SET reply \(other)")
+        }
+    }
+
+    func close() async { try? await channel.close() }
+}

@@ -1,0 +1,289 @@
+import Foundation
+import Histogram
+import Synchronization
+
+/// Everything one `load` or `run` needs.
+public struct RunConfig: Sendable {
+    public enum Phase: String, Sendable { case load, run }
+
+    public var phase: Phase
+    public var target: String
+    public var records: UInt64
+    public var operations: UInt64?
+    public var duration: Duration?
+    /// Open loop at this many operations per second; nil = closed loop.
+    public var rate: Double?
+    public var concurrency: Int
+    public var valueSize: ClosedRange<Int>
+    public var workload: Workload
+    public var distribution: KeyDistribution
+    public var verify: Bool
+    public var seed: UInt64
+    public var consistency: ConsistencyOptions
+    public var timeoutMillis: UInt32
+
+    public init(phase: Phase, target: String, records: UInt64, operations: UInt64? = nil, duration: Duration? = nil,
+                rate: Double? = nil, concurrency: Int = 16, valueSize: ClosedRange<Int> = 100...100,
+                workload: Workload = Workload.named("a") ?? Workload(name: "a", mix: [.read: 0.5, .update: 0.5], distribution: .zipfian),
+                distribution: KeyDistribution? = nil, verify: Bool = false, seed: UInt64 = 1,
+                consistency: ConsistencyOptions = .init(), timeoutMillis: UInt32 = 5000) {
+        self.phase = phase
+        self.target = target
+        self.records = records
+        self.operations = operations
+        self.duration = duration
+        self.rate = rate
+        self.concurrency = max(concurrency, 1)
+        self.valueSize = valueSize
+        self.workload = workload
+        self.distribution = distribution ?? workload.distribution
+        self.verify = verify
+        self.seed = seed
+        self.consistency = consistency
+        self.timeoutMillis = timeoutMillis
+    }
+}
+
+/// Indexes into `WorkerStats.names`.
+enum OpIndex {
+    static let read = 0, update = 1, insert = 2, rmw = 3
+}
+
+/// The key of record `i`: `k` and 12 decimal digits (so keys sort like their indexes).
+public func recordKey(_ i: UInt64) -> [UInt8] {
+    var out = [UInt8](repeating: UInt8(ascii: "0"), count: 13)
+    out[0] = UInt8(ascii: "k")
+    var x = i
+    var pos = 12
+    while x > 0 && pos > 0 {
+        out[pos] = UInt8(ascii: "0") + UInt8(x % 10)
+        x /= 10
+        pos -= 1
+    }
+    return out
+}
+
+/// Runs one phase against a target and returns its report.
+///
+/// Closed loop: `concurrency` workers, one request in flight each. Open loop (`rate`): requests
+/// start on a fixed schedule; at most `concurrency` are in flight, and a request that had to
+/// wait for a free connection counts the wait in its latency.
+public final class Runner: Sendable {
+    public let config: RunConfig
+    let target: any LoadTarget
+    let stop = Atomic<Bool>(false)
+    let claimed = Atomic<UInt64>(0)
+    let completed = Atomic<UInt64>(0)
+    let inserted: Atomic<UInt64>
+    let sequence = Atomic<UInt64>(0)
+    let workers: [WorkerStats]
+    let verifier: Verifier?
+    let chooser: KeyChooser
+    private let startedAt = ContinuousClock.now
+    private let progress: @Sendable (String) -> Void
+
+    public init(config: RunConfig, target: any LoadTarget, progress: @escaping @Sendable (String) -> Void) {
+        self.config = config
+        self.target = target
+        self.progress = progress
+        workers = (0..<config.concurrency).map { _ in WorkerStats() }
+        verifier = config.verify ? Verifier(depth: 2 * config.concurrency + 8) : nil
+        chooser = KeyChooser.make(config.distribution, records: config.records)
+        inserted = Atomic(config.records)
+    }
+
+    /// Ends the run early (SIGINT); the report covers what ran.
+    public func requestStop() { stop.store(true, ordering: .relaxed) }
+
+    var elapsedNanos: UInt64 {
+        let (s, a) = (ContinuousClock.now - startedAt).components
+        return UInt64(max(s, 0)) * 1_000_000_000 + UInt64(max(a, 0)) / 1_000_000_000
+    }
+
+    public func run() async throws(TargetError) -> RunReport {
+        var sessions: [any TargetSession] = []
+        for i in 0..<config.concurrency { sessions.append(try await target.session(index: i)) }
+        let began = ContinuousClock.now
+        let reporter = Task { await reportProgress() }
+        if config.phase == .load {
+            await runLoad(sessions)
+        } else if let rate = config.rate {
+            await runOpenLoop(sessions, schedule: OpenLoopSchedule(rate: rate))
+        } else {
+            await runClosedLoop(sessions)
+        }
+        let elapsed = ContinuousClock.now - began
+        reporter.cancel()
+        for s in sessions { await s.close() }
+        return makeReport(elapsed: elapsed)
+    }
+
+    // MARK: Phases
+
+    private func runLoad(_ sessions: [any TargetSession]) async {
+        await withDiscardingTaskGroup { group in
+            for (w, session) in sessions.enumerated() {
+                group.addTask { [self] in
+                    var rng = SplitMix64(seed: config.seed &+ UInt64(w) &* 0x9E37)
+                    while !stop.load(ordering: .relaxed) {
+                        let i = claimed.wrappingAdd(1, ordering: .relaxed).oldValue
+                        guard i < config.records, !budgetExhausted(i) else { break }
+                        await write(session, index: i, op: OpIndex.insert, stats: workers[w], rng: &rng)
+                    }
+                }
+            }
+        }
+    }
+
+    private func runClosedLoop(_ sessions: [any TargetSession]) async {
+        await withDiscardingTaskGroup { group in
+            for (w, session) in sessions.enumerated() {
+                group.addTask { [self] in
+                    var rng = SplitMix64(seed: config.seed &+ UInt64(w) &* 0x9E37 &+ 1)
+                    while !stop.load(ordering: .relaxed) {
+                        let i = claimed.wrappingAdd(1, ordering: .relaxed).oldValue
+                        if budgetExhausted(i) { break }
+                        let start = elapsedNanos
+                        let op = config.workload.pick(&rng)
+                        await perform(op, session, stats: workers[w], rng: &rng, intendedStart: start)
+                    }
+                }
+            }
+        }
+    }
+
+    private func runOpenLoop(_ sessions: [any TargetSession], schedule: OpenLoopSchedule) async {
+        let (free, freeSink) = AsyncStream.makeStream(of: Int.self)
+        for i in sessions.indices { freeSink.yield(i) }
+        var freeSessions = free.makeAsyncIterator()
+        await withDiscardingTaskGroup { group in
+            var i: UInt64 = 0
+            while !stop.load(ordering: .relaxed) && !budgetExhausted(i) {
+                let intended = schedule.intendedStartNanos(i)
+                let now = elapsedNanos
+                if intended > now {
+                    try? await Task.sleep(for: .nanoseconds(Int64(intended - now)))
+                }
+                guard let s = await freeSessions.next() else { break }
+                let opIndex = i
+                group.addTask { [self] in
+                    var rng = SplitMix64(seed: config.seed &+ opIndex &* 0x9E37_79B9)
+                    let op = config.workload.pick(&rng)
+                    await perform(op, sessions[s], stats: workers[s], rng: &rng, intendedStart: intended)
+                    freeSink.yield(s)
+                }
+                i += 1
+            }
+            freeSink.finish()
+        }
+    }
+
+    private func budgetExhausted(_ i: UInt64) -> Bool {
+        if let ops = config.operations, i >= ops { return true }
+        if let d = config.duration, ContinuousClock.now - startedAt >= d { return true }
+        return false
+    }
+
+    // MARK: Operations
+
+    private func latency(since start: UInt64) -> UInt64 {
+        let now = elapsedNanos
+        return now > start ? (now - start) / 1000 : 0
+    }
+
+    private func value(for key: [UInt8], seq: UInt64, rng: inout SplitMix64) -> [UInt8] {
+        let size = config.valueSize.lowerBound == config.valueSize.upperBound
+            ? config.valueSize.lowerBound
+            : config.valueSize.lowerBound + Int(rng.next(below: UInt64(config.valueSize.count)))
+        return config.verify ? ValueFormat.make(key: key, seq: seq, size: size) : ValueFormat.filler(size: size, seq: seq)
+    }
+
+    private func perform(_ op: OperationType, _ session: any TargetSession, stats: WorkerStats, rng: inout SplitMix64, intendedStart: UInt64) async {
+        let newest = inserted.load(ordering: .relaxed) &- 1
+        switch op {
+        case .read:
+            let i = chooser.next(&rng, newest: newest)
+            await read(session, index: i, op: OpIndex.read, stats: stats, start: intendedStart)
+        case .update:
+            let i = chooser.next(&rng, newest: newest)
+            await write(session, index: i, op: OpIndex.update, stats: stats, rng: &rng, start: intendedStart)
+        case .insert:
+            let i = inserted.wrappingAdd(1, ordering: .relaxed).oldValue
+            await write(session, index: i, op: OpIndex.insert, stats: stats, rng: &rng, start: intendedStart)
+        case .readModifyWrite:
+            let i = chooser.next(&rng, newest: newest)
+            if await read(session, index: i, op: nil, stats: stats, start: intendedStart) {
+                await write(session, index: i, op: OpIndex.rmw, stats: stats, rng: &rng, start: intendedStart)
+            }
+        }
+    }
+
+    /// Returns whether the read succeeded. `op` nil: part of a read-modify-write (not recorded alone).
+    @discardableResult
+    private func read(_ session: any TargetSession, index: UInt64, op: Int?, stats: WorkerStats, start: UInt64? = nil) async -> Bool {
+        let key = recordKey(index)
+        let t0 = start ?? elapsedNanos
+        let readStart = elapsedNanos
+        do {
+            let r = try await session.read(key)
+            if let op { stats.record(op, micros: latency(since: t0)) }
+            verifier?.checkRead(key: index, keyBytes: key, started: readStart, values: r.values)
+            completed.wrappingAdd(op == nil ? 0 : 1, ordering: .relaxed)
+            return true
+        } catch {
+            stats.error(error.kind)
+            completed.wrappingAdd(1, ordering: .relaxed)
+            return false
+        }
+    }
+
+    private func write(_ session: any TargetSession, index: UInt64, op: Int, stats: WorkerStats, rng: inout SplitMix64, start: UInt64? = nil) async {
+        let key = recordKey(index)
+        let seq = sequence.wrappingAdd(1, ordering: .relaxed).newValue
+        let v = value(for: key, seq: seq, rng: &rng)
+        let t0 = start ?? elapsedNanos
+        verifier?.issued(key: index, seq: seq, at: elapsedNanos)
+        do {
+            try await session.write(key, v)
+            verifier?.acknowledged(key: index, seq: seq, at: elapsedNanos)
+            stats.record(op, micros: latency(since: t0))
+        } catch {
+            stats.error(error.kind)
+        }
+        completed.wrappingAdd(1, ordering: .relaxed)
+    }
+
+    // MARK: Reporting
+
+    private func reportProgress() async {
+        var last: UInt64 = 0
+        var second = 0
+        while !Task.isCancelled {
+            do { try await Task.sleep(for: .seconds(1)) } catch { return }
+            second += 1
+            var interval: [String: Histogram<UInt64>] = [:]
+            var errors = 0
+            for w in workers { w.drainInterval(into: &interval, errors: &errors) }
+            let done = completed.load(ordering: .relaxed)
+            var line = String(format: "[%4ds] %9d ops/s", second, Int(done &- last))
+            for op in interval.keys.sorted() {
+                if let h = interval[op], h.totalCount > 0 {
+                    line += "  \(op) p50 \(h.valueAtPercentile(50))µs p99 \(h.valueAtPercentile(99))µs"
+                }
+            }
+            line += "  errors \(errors)"
+            last = done
+            progress(line)
+        }
+    }
+
+    private func makeReport(elapsed: Duration) -> RunReport {
+        var totals: [String: Histogram<UInt64>] = [:]
+        var errors: [String: Int] = [:]
+        for w in workers { w.totals(into: &totals, errors: &errors) }
+        var siblingReads = 0
+        if let c = target as? CairnTarget { siblingReads = c.siblingReads.load(ordering: .relaxed) }
+        return RunReport(config: config, elapsed: elapsed, operations: totals.mapValues(OperationSummary.init), errors: errors,
+                         verification: verifier?.result, firstFailures: verifier?.firstFailures ?? [], siblingReads: siblingReads)
+    }
+}

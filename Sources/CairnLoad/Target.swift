@@ -1,0 +1,163 @@
+import CairnClient
+public import CairnCore
+import Foundation
+import Synchronization
+
+/// What a read returned: every live value (several for Cairn siblings; empty when not found).
+public struct ReadResult: Sendable {
+    public var values: [[UInt8]]
+    public init(values: [[UInt8]]) { self.values = values }
+}
+
+/// Why an operation failed, by the kind the report counts.
+public struct TargetError: Error, Sendable, CustomStringConvertible {
+    /// `unavailable`, `not_reached`, `timeout`, `connection`, `server`, `invalid`.
+    public var kind: String
+    public var message: String
+    public init(_ kind: String, _ message: String) {
+        self.kind = kind
+        self.message = message
+    }
+    public var description: String { "\(kind): \(message)" }
+}
+
+/// One worker's connection to the system under test. Owned by one worker at a time.
+public protocol TargetSession: Sendable {
+    func read(_ key: [UInt8]) async throws(TargetError) -> ReadResult
+    func write(_ key: [UInt8], _ value: [UInt8]) async throws(TargetError)
+    func close() async
+}
+
+/// A system under test: `cairn://`, `redis://` or `etcd://`.
+public protocol LoadTarget: Sendable {
+    var description: String { get }
+    /// A session for worker `index` (targets spread workers over their endpoints).
+    func session(index: Int) async throws(TargetError) -> any TargetSession
+    func close() async
+}
+
+public struct ConsistencyOptions: Sendable {
+    public var r: Quorum?
+    public var w: Quorum?
+    public var pr: Quorum?
+    public var pw: Quorum?
+    public init(r: Quorum? = nil, w: Quorum? = nil, pr: Quorum? = nil, pw: Quorum? = nil) {
+        self.r = r
+        self.w = w
+        self.pr = pr
+        self.pw = pw
+    }
+}
+
+/// Parses `cairn://h:p,h:p`, `redis://h:p`, `etcd://h:p,h:p`.
+public func makeTarget(_ url: String, consistency: ConsistencyOptions, concurrency: Int, timeoutMillis: UInt32) async throws(TargetError) -> any LoadTarget {
+    guard let sep = url.range(of: "://") else { throw TargetError("invalid", "target '\(url)' is not scheme://host:port[,host:port]") }
+    let scheme = url[..<sep.lowerBound].lowercased()
+    let endpoints = url[sep.upperBound...].split(separator: ",").map { String($0).trimmingCharacters(in: CharacterSet(charactersIn: "/ ")) }
+    guard !endpoints.isEmpty else { throw TargetError("invalid", "target '\(url)' names no host:port") }
+    switch scheme {
+    case "cairn": return try await CairnTarget.connect(endpoints, consistency: consistency, concurrency: concurrency, timeoutMillis: timeoutMillis)
+    case "redis": return try RedisTarget(endpoints: endpoints)
+    case "etcd": return try EtcdTarget(endpoints: endpoints)
+    default: throw TargetError("invalid", "unknown target scheme '\(scheme)' (cairn, redis or etcd)")
+    }
+}
+
+func splitHostPort(_ s: String) throws(TargetError) -> (String, Int) {
+    guard let colon = s.lastIndex(of: ":"), let port = Int(s[s.index(after: colon)...]), (1...65535).contains(port) else {
+        throw TargetError("invalid", "'\(s)' is not host:port")
+    }
+    var host = String(s[..<colon])
+    if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+    return (host, port)
+}
+
+/// Cairn through `CairnClient`. Like an application, it writes with the context of the last
+/// read or write it saw for the key (shared by all workers, bounded), so updates supersede what
+/// was read and only truly concurrent writes become siblings.
+public final class CairnTarget: LoadTarget {
+    let client: CairnClient
+    let options: RequestOptions
+    let contexts = Mutex<[[UInt8]: CausalContext]>([:])
+    let endpoints: [String]
+    /// Bound of the context cache (entries); past it the cache starts over.
+    static let maxCachedContexts = 4_000_000
+    /// Reads that returned more than one live value.
+    let siblingReads = Atomic<Int>(0)
+
+    init(client: CairnClient, options: RequestOptions, endpoints: [String]) {
+        self.client = client
+        self.options = options
+        self.endpoints = endpoints
+    }
+
+    static func connect(_ endpoints: [String], consistency c: ConsistencyOptions, concurrency: Int, timeoutMillis: UInt32) async throws(TargetError) -> CairnTarget {
+        var config = CairnClient.Configuration()
+        config.defaultTimeoutMillis = timeoutMillis
+        config.connectionsPerNode = max(1, min(8, concurrency / max(endpoints.count, 1) / 16))
+        do {
+            let client = try await CairnClient.connect(seeds: endpoints, configuration: config)
+            return CairnTarget(client: client, options: RequestOptions(r: c.r, w: c.w, pr: c.pr, pw: c.pw, timeoutMillis: timeoutMillis),
+                               endpoints: endpoints)
+        } catch {
+            throw Self.map(error)
+        }
+    }
+
+    public var description: String { "cairn://" + endpoints.joined(separator: ",") }
+
+    public func session(index: Int) async throws(TargetError) -> any TargetSession { CairnSession(target: self) }
+
+    public func close() async { client.close() }
+
+    func remember(_ key: [UInt8], _ ctx: CausalContext) {
+        contexts.withLock { c in
+            if c.count >= Self.maxCachedContexts { c.removeAll(keepingCapacity: true) }
+            c[key] = ctx
+        }
+    }
+
+    static func map(_ e: CairnError) -> TargetError {
+        switch e {
+        case .unavailable(let f): TargetError("unavailable", f.description)
+        case .quorumNotReached(let f): TargetError("not_reached", f.description)
+        case .timeout(let s): TargetError("timeout", s)
+        case .invalidArgument(let s): TargetError("invalid", s)
+        case .overloaded(let s): TargetError("overloaded", s)
+        case .noNodeReachable(let s): TargetError("connection", s)
+        case .server(_, let s): TargetError("server", s)
+        case .notFound: TargetError("not_found", "not found")
+        }
+    }
+}
+
+struct CairnSession: TargetSession {
+    let target: CairnTarget
+
+    func read(_ key: [UInt8]) async throws(TargetError) -> ReadResult {
+        do {
+            let r = try await target.client.get(key, options: target.options)
+            target.remember(key, r.context)
+            let values = r.values
+            if values.count > 1 { target.siblingReads.wrappingAdd(1, ordering: .relaxed) }
+            return ReadResult(values: values)
+        } catch {
+            if case .notFound(let ctx) = error {
+                target.remember(key, ctx)
+                return ReadResult(values: [])
+            }
+            throw CairnTarget.map(error)
+        }
+    }
+
+    func write(_ key: [UInt8], _ value: [UInt8]) async throws(TargetError) {
+        let ctx = target.contexts.withLock { $0[key] } ?? .empty
+        do {
+            target.remember(key, try await target.client.put(key, value: value, context: ctx, options: target.options))
+        } catch {
+            throw CairnTarget.map(error)
+        }
+    }
+
+    func close() async {}
+}

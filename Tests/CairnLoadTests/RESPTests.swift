@@ -1,0 +1,62 @@
+import Testing
+import Foundation
+@testable import CairnLoad
+#if canImport(Glibc)
+import Glibc
+#endif
+
+private func decodeAll(_ bytes: [UInt8]) throws -> [RESPValue] {
+    try bytes.withUnsafeBytes { raw in
+        var offset = 0
+        var out: [RESPValue] = []
+        while let v = try RESP.decode(raw, &offset) { out.append(v) }
+        return out
+    }
+}
+
+@Suite struct RESPCodecTests {
+    @Test func encodesCommandsAsArraysOfBulkStrings() {
+        #expect(RESP.command([Array("GET".utf8), Array("k".utf8)]) == Array("*2\r\n$3\r\nGET\r\n$1\r\nk\r\n".utf8))
+    }
+
+    @Test func decodesEveryReplyTypeAndWaitsForCompleteOnes() throws {
+        let stream = Array("+OK\r\n-ERR bad\r\n:42\r\n$3\r\nabc\r\n$-1\r\n*2\r\n$1\r\nx\r\n:1\r\n".utf8)
+        #expect(try decodeAll(stream) == [.simple("OK"), .error("ERR bad"), .integer(42), .bulk(Array("abc".utf8)), .bulk(nil),
+                                          .array([.bulk(Array("x".utf8)), .integer(1)])])
+        // Every prefix decodes to the complete replies it holds and nothing more.
+        for n in 0..<stream.count { _ = try decodeAll(Array(stream.prefix(n))) }
+        #expect(try decodeAll(Array("$3\r\nab".utf8)).isEmpty)
+        #expect(throws: RESP.DecodeError.self) { try decodeAll(Array("?huh\r\n".utf8)) }
+        #expect(throws: RESP.DecodeError.self) { try decodeAll(Array("$99999999999\r\n".utf8)) }
+    }
+}
+
+/// Against a real redis-server (Tests/run-all.sh installs it) on 127.0.0.81:6379.
+@Suite(.serialized, .enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/redis-server"), "needs redis-server"))
+struct RedisTargetTests {
+    @Test func setGetAndMissAgainstRedis() async throws {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/redis-server")
+        p.arguments = ["--bind", "127.0.0.81", "--port", "6379", "--save", "", "--appendonly", "no"]
+        p.standardOutput = FileHandle.nullDevice
+        p.standardError = FileHandle.nullDevice
+        try p.run()
+        defer { kill(p.processIdentifier, SIGTERM); p.waitUntilExit() }
+        let target = try RedisTarget(endpoints: ["127.0.0.81:6379"])
+        var session: (any TargetSession)?
+        for _ in 0..<100 where session == nil {
+            session = try? await target.session(index: 0)
+            if session == nil { try await Task.sleep(for: .milliseconds(50)) }
+        }
+        let s = try #require(session)
+        let value = ValueFormat.make(key: recordKey(1), seq: 9, size: 200)
+        try await s.write(recordKey(1), value)
+        #expect(try await s.read(recordKey(1)).values == [value])
+        #expect(try await s.read(recordKey(2)).values.isEmpty)
+        // A value with CRLFs and NULs survives the bulk-string framing.
+        let tricky: [UInt8] = [13, 10, 0, 36, 13, 10]
+        try await s.write(recordKey(3), tricky)
+        #expect(try await s.read(recordKey(3)).values == [tricky])
+        await s.close()
+    }
+}
