@@ -10,10 +10,21 @@ public struct LatencyStats: Sendable {
 
     public init() {}
 
+    /// Records into the interval only; `rollInterval` folds it into the total once a second.
     mutating func record(_ micros: UInt64) {
-        let v = min(max(micros, 1), Self.highestMicros)
-        _ = total.record(v)
-        _ = interval.record(v)
+        _ = interval.record(min(max(micros, 1), Self.highestMicros))
+    }
+
+    mutating func rollInterval() {
+        total.add(interval)
+        interval.reset()
+    }
+
+    /// Everything recorded so far, including the current interval.
+    var all: Histogram<UInt64> {
+        var h = total
+        h.add(interval)
+        return h
     }
 }
 
@@ -50,7 +61,7 @@ public final class WorkerStats: Sendable {
                 guard s.ops[i] != nil, let interval = s.ops[i]?.interval else { continue }
                 into[Self.names[i], default: Histogram<UInt64>(highestTrackableValue: LatencyStats.highestMicros, numberOfSignificantValueDigits: .three)]
                     .add(interval)
-                s.ops[i]?.interval.reset()
+                s.ops[i]?.rollInterval()
             }
             errors += s.errors.values.reduce(0, +)
         }
@@ -61,7 +72,7 @@ public final class WorkerStats: Sendable {
             for (i, stats) in s.ops.enumerated() {
                 guard let stats else { continue }
                 into[Self.names[i], default: Histogram<UInt64>(highestTrackableValue: LatencyStats.highestMicros, numberOfSignificantValueDigits: .three)]
-                    .add(stats.total)
+                    .add(stats.all)
             }
             for (k, v) in s.errors { errors[k, default: 0] += v }
         }

@@ -159,13 +159,39 @@ final class RESPHandler: ChannelDuplexHandler {
     typealias OutboundIn = (ByteBuffer, EventLoopPromise<RESPValue>)
     typealias OutboundOut = ByteBuffer
 
-    private var waiting = Deque<EventLoopPromise<RESPValue>>()
+    /// Who gets the next reply: a promise (async callers) or a callback (the driven loop).
+    enum Waiter {
+        case promise(EventLoopPromise<RESPValue>)
+        case callback((Result<RESPValue, TargetError>) -> Void)
+
+        func complete(_ r: Result<RESPValue, TargetError>) {
+            switch self {
+            case .promise(let p): p.completeWith(r.mapError { $0 as any Error })
+            case .callback(let f): f(r)
+            }
+        }
+    }
+
+    private var waiting = Deque<Waiter>()
     private var buffer: ByteBuffer?
+    private var context: ChannelHandlerContext?
+
+    func handlerAdded(context: ChannelHandlerContext) { self.context = context }
 
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
         let (bytes, reply) = unwrapOutboundIn(data)
-        waiting.append(reply)
+        waiting.append(.promise(reply))
         context.write(wrapOutboundOut(bytes), promise: promise)
+    }
+
+    /// Sends from this handler's position (no trip through the pipeline, no boxing) and hands the
+    /// reply to `reply`. Must be called on the channel's event loop.
+    func sendDirect(_ bytes: ByteBuffer, reply: @escaping (Result<RESPValue, TargetError>) -> Void) {
+        guard let context, context.channel.isActive else {
+            return reply(.failure(TargetError("connection", "redis connection closed")))
+        }
+        waiting.append(.callback(reply))
+        context.writeAndFlush(wrapOutboundOut(bytes), promise: nil)
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -180,7 +206,7 @@ final class RESPHandler: ChannelDuplexHandler {
                 }
                 guard let value else { break }
                 buf.moveReaderIndex(forwardBy: consumed)
-                waiting.popFirst()?.succeed(value)
+                waiting.popFirst()?.complete(.success(value))
             }
             buffer = buf.readableBytes > 0 ? buf : nil
         } catch {
@@ -200,14 +226,67 @@ final class RESPHandler: ChannelDuplexHandler {
     }
 
     private func failAll(_ e: TargetError) {
-        while let p = waiting.popFirst() { p.fail(e) }
+        while let w = waiting.popFirst() { w.complete(.failure(e)) }
     }
 }
 
-final class RESPConnection: TargetSession {
+final class RESPConnection: EventLoopDrivenSession {
+    let handler: NIOLoopBound<RESPHandler>
+
+    /// Issues the driver's requests one after another from the reply callback, on the event loop.
+    func runClosedLoop(_ driver: ClosedLoopDriver) async {
+        let loop = channel.eventLoop
+        let done = loop.makePromise(of: Void.self)
+        let handler = self.handler
+        loop.execute {
+            // One loop per worker, one request in flight: the plan in flight lives here, and one
+            // callback serves every reply.
+            var current: ClosedLoopDriver.Plan?
+            var onReply: ((Result<RESPValue, TargetError>) -> Void)?
+            func issue() {
+                guard let plan = driver.next() else {
+                    onReply = nil
+                    return done.succeed()
+                }
+                current = plan
+                var buf = self.channel.allocator.buffer(capacity: plan.key.count + (plan.value?.count ?? 0) + 48)
+                if let v = plan.value {
+                    RESP.write([Self.set, plan.key, v], into: &buf)
+                } else {
+                    RESP.write([Self.get, plan.key], into: &buf)
+                }
+                if let onReply { handler.value.sendDirect(buf, reply: onReply) }
+            }
+            onReply = { result in
+                guard let plan = current else { return }
+                switch result {
+                case .success(.bulk(let v)) where plan.value == nil: driver.finish(plan, values: v.map { [$0] } ?? [], error: nil)
+                case .success(.simple("OK")) where plan.value != nil: driver.finish(plan, values: nil, error: nil)
+                case .success(.error(let e)): driver.finish(plan, values: nil, error: TargetError("server", e))
+                case .success(let other): driver.finish(plan, values: nil, error: TargetError("server", "unexpected reply \(other)"))
+                case .failure(let e):
+                    driver.finish(plan, values: nil, error: e)
+                    if !self.channel.isActive {
+                        onReply = nil
+                        return done.succeed()
+                    }
+                }
+                issue()
+            }
+            issue()
+        }
+        try? await done.futureResult.get()
+    }
+
+    static let get = Array("GET".utf8)
+    static let set = Array("SET".utf8)
+
     let channel: any Channel
 
-    init(channel: any Channel) { self.channel = channel }
+    init(channel: any Channel, handler: NIOLoopBound<RESPHandler>) {
+        self.channel = channel
+        self.handler = handler
+    }
 
     static func connect(host: String, port: Int, group: any EventLoopGroup) async throws(TargetError) -> RESPConnection {
         do {
@@ -215,7 +294,10 @@ final class RESPConnection: TargetSession {
                 .channelOption(.tcpOption(.tcp_nodelay), value: 1)
                 .channelInitializer { c in c.eventLoop.makeCompletedFuture { try c.pipeline.syncOperations.addHandler(RESPHandler()) } }
                 .connect(host: host, port: port).get()
-            return RESPConnection(channel: ch)
+            let handler = try await ch.eventLoop.submit {
+                NIOLoopBound(try ch.pipeline.syncOperations.handler(type: RESPHandler.self), eventLoop: ch.eventLoop)
+            }.get()
+            return RESPConnection(channel: ch, handler: handler)
         } catch {
             throw TargetError("connection", "redis \(host):\(port): \(error)")
         }

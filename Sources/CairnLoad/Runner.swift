@@ -95,9 +95,19 @@ public final class Runner: Sendable {
     /// Ends the run early (SIGINT); the report covers what ran.
     public func requestStop() { stop.store(true, ordering: .relaxed) }
 
+    private let startedAtNanos = Runner.monotonicNanos()
+
+    /// Nanoseconds since the runner was created (CLOCK_MONOTONIC, read directly: it is on every
+    /// request's path).
     var elapsedNanos: UInt64 {
-        let (s, a) = (ContinuousClock.now - startedAt).components
-        return UInt64(max(s, 0)) * 1_000_000_000 + UInt64(max(a, 0)) / 1_000_000_000
+        let now = Self.monotonicNanos()
+        return now > startedAtNanos ? now - startedAtNanos : 0
+    }
+
+    static func monotonicNanos() -> UInt64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return UInt64(max(ts.tv_sec, 0)) &* 1_000_000_000 &+ UInt64(max(ts.tv_nsec, 0))
     }
 
     public func run() async throws(TargetError) -> RunReport {
@@ -121,6 +131,7 @@ public final class Runner: Sendable {
     // MARK: Phases
 
     private func runLoad(_ sessions: [any TargetSession]) async {
+        if let driven = drivenSessions(sessions) { return await runDriven(driven) }
         await withDiscardingTaskGroup { group in
             for (w, session) in sessions.enumerated() {
                 group.addTask { [self] in
@@ -135,7 +146,68 @@ public final class Runner: Sendable {
         }
     }
 
+    /// Event-loop-driven workers when every session supports it and no operation needs two
+    /// steps (read-modify-write keeps the async path).
+    private func drivenSessions(_ sessions: [any TargetSession]) -> [any EventLoopDrivenSession]? {
+        guard (config.workload.mix[.readModifyWrite] ?? 0) == 0 else { return nil }
+        let driven = sessions.compactMap { $0 as? any EventLoopDrivenSession }
+        return driven.count == sessions.count ? driven : nil
+    }
+
+    private func runDriven(_ sessions: [any EventLoopDrivenSession]) async {
+        await withDiscardingTaskGroup { group in
+            for (w, session) in sessions.enumerated() {
+                let driver = ClosedLoopDriver(runner: self, stats: workers[w],
+                                              rng: SplitMix64(seed: config.seed &+ UInt64(w) &* 0x9E37 &+ (config.phase == .load ? 0 : 1)))
+                group.addTask { await session.runClosedLoop(driver) }
+            }
+        }
+    }
+
+    /// The next request for a driven worker, or nil when the run is over. Synchronous.
+    func planNext(_ rng: inout SplitMix64) -> ClosedLoopDriver.Plan? {
+        if stop.load(ordering: .relaxed) { return nil }
+        let n = claimed.wrappingAdd(1, ordering: .relaxed).oldValue
+        let index: UInt64
+        let op: Int
+        if config.phase == .load {
+            guard n < config.records, !budgetExhausted(n) else { return nil }
+            (index, op) = (n, OpIndex.insert)
+        } else {
+            if budgetExhausted(n) { return nil }
+            let newest = inserted.load(ordering: .relaxed) &- 1
+            switch config.workload.pick(&rng) {
+            case .read: (index, op) = (chooser.next(&rng, newest: newest), OpIndex.read)
+            case .update, .readModifyWrite: (index, op) = (chooser.next(&rng, newest: newest), OpIndex.update)
+            case .insert: (index, op) = (inserted.wrappingAdd(1, ordering: .relaxed).oldValue, OpIndex.insert)
+            }
+        }
+        let key = recordKey(index)
+        let start = elapsedNanos
+        guard op != OpIndex.read else { return ClosedLoopDriver.Plan(op: op, index: index, key: key, value: nil, seq: 0, start: start) }
+        let seq = sequence.wrappingAdd(1, ordering: .relaxed).newValue
+        let v = value(for: key, seq: seq, rng: &rng)
+        verifier?.issued(key: index, seq: seq, at: start)
+        return ClosedLoopDriver.Plan(op: op, index: index, key: key, value: v, seq: seq, start: start)
+    }
+
+    /// Records a driven request's outcome. Synchronous.
+    func complete(_ plan: ClosedLoopDriver.Plan, values: [[UInt8]]?, error: TargetError?, stats: WorkerStats) {
+        completed.wrappingAdd(1, ordering: .relaxed)
+        if let error {
+            stats.error(error.kind)
+            return
+        }
+        stats.record(plan.op, micros: latency(since: plan.start))
+        if plan.value == nil {
+            verifier?.checkRead(key: plan.index, keyBytes: plan.key, started: plan.start, values: values ?? [])
+        } else {
+            verifier?.acknowledged(key: plan.index, seq: plan.seq, at: elapsedNanos)
+        }
+    }
+
     private func runClosedLoop(_ sessions: [any TargetSession]) async {
+        if let driven = drivenSessions(sessions) { return await runDriven(driven) }
         await withDiscardingTaskGroup { group in
             for (w, session) in sessions.enumerated() {
                 group.addTask { [self] in
@@ -285,5 +357,35 @@ public final class Runner: Sendable {
         if let c = target as? CairnTarget { siblingReads = c.siblingReads.load(ordering: .relaxed) }
         return RunReport(config: config, elapsed: elapsed, operations: totals.mapValues(OperationSummary.init), errors: errors,
                          verification: verifier?.result, firstFailures: verifier?.firstFailures ?? [], siblingReads: siblingReads)
+    }
+}
+
+/// One driven worker's state. Used from one event loop at a time (its session's), so its random
+/// generator needs no lock; shared counters are atomics.
+public final class ClosedLoopDriver: @unchecked Sendable {
+    public struct Plan: Sendable {
+        public let op: Int
+        public let index: UInt64
+        public let key: [UInt8]
+        /// nil for a read.
+        public let value: [UInt8]?
+        public let seq: UInt64
+        public let start: UInt64
+    }
+
+    let runner: Runner
+    let stats: WorkerStats
+    var rng: SplitMix64
+
+    init(runner: Runner, stats: WorkerStats, rng: SplitMix64) {
+        self.runner = runner
+        self.stats = stats
+        self.rng = rng
+    }
+
+    public func next() -> Plan? { runner.planNext(&rng) }
+
+    public func finish(_ plan: Plan, values: [[UInt8]]?, error: TargetError?) {
+        runner.complete(plan, values: values, error: error, stats: stats)
     }
 }

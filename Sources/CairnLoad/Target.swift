@@ -28,6 +28,13 @@ public protocol TargetSession: Sendable {
     func close() async
 }
 
+/// A session that can run a closed loop on its connection's event loop: each reply's completion
+/// issues the worker's next request directly, with no task switch per request (what a C load
+/// generator does). The driver decides what to send and records what came back.
+public protocol EventLoopDrivenSession: TargetSession {
+    func runClosedLoop(_ driver: ClosedLoopDriver) async
+}
+
 /// A system under test: `cairn://`, `redis://` or `etcd://`.
 public protocol LoadTarget: Sendable {
     var description: String { get }

@@ -17,6 +17,7 @@ struct Common: ParsableArguments {
     @Option(help: "Write the report as JSON to this file.") var json: String?
     @Option(help: "Request timeout in milliseconds.") var timeout: UInt32 = 5000
     @Option(help: "Cairn: replicas that must acknowledge a write (number, quorum, all).") var w: String?
+    @Option(help: "Event-loop threads of the generator (default 1, or $CAIRN_LOAD_THREADS).") var threads: Int?
 
     func valueRange() throws -> ClosedRange<Int> {
         let parts = valueSize.split(separator: "-").map { Int($0) }
@@ -81,9 +82,12 @@ func execute(_ config: RunConfig, json: String?) async throws {
 @main
 enum Entry {
     static func main() {
-        if let threads = ProcessInfo.processInfo.environment["CAIRN_LOAD_THREADS"].flatMap(Int.init), threads > 0 {
-            NIOSingletons.groupLoopCountSuggestion = threads
-        }
+        // Event-loop threads, read before any NIO use: `--threads N`, else $CAIRN_LOAD_THREADS, else 1
+        // (one core for the generator leaves the rest to the system under test).
+        let args = CommandLine.arguments
+        let flag = args.firstIndex(of: "--threads").flatMap { args.index(after: $0) < args.endIndex ? Int(args[args.index(after: $0)]) : nil }
+        let threads = flag ?? ProcessInfo.processInfo.environment["CAIRN_LOAD_THREADS"].flatMap(Int.init) ?? 1
+        NIOSingletons.groupLoopCountSuggestion = min(max(threads, 1), 64)
         if !NIOSingletons.unsafeTryInstallSingletonPosixEventLoopGroupAsConcurrencyGlobalExecutor() {
             FileHandle.standardError.write(Data("cairn-load: could not install NIO as the global executor; running on the default one\n".utf8))
         }
