@@ -7,21 +7,17 @@ import DequeModule
 /// etcd v3 through its JSON gateway (`POST /v3/kv/put`, `/v3/kv/range`) over one HTTP/1.1
 /// keep-alive connection per worker; workers are spread over the endpoints.
 public final class EtcdTarget: LoadTarget {
-    let endpoints: [(String, Int)]
-    let group: any EventLoopGroup
+    let endpoints: Endpoints
 
     public init(endpoints: [String], group: (any EventLoopGroup)? = nil) throws(TargetError) {
-        var parsed: [(String, Int)] = []
-        for e in endpoints { parsed.append(try splitHostPort(e)) }
-        self.endpoints = parsed
-        self.group = group ?? MultiThreadedEventLoopGroup.singleton
+        self.endpoints = try Endpoints(scheme: "etcd", endpoints, group: group)
     }
 
-    public var description: String { "etcd://" + endpoints.map { "\($0.0):\($0.1)" }.joined(separator: ",") }
+    public var description: String { endpoints.description }
 
     public func session(index: Int) async throws(TargetError) -> any TargetSession {
-        let (host, port) = endpoints[index % endpoints.count]
-        return try await EtcdConnection.connect(host: host, port: port, group: group)
+        let (host, port) = endpoints.pick(index)
+        return try await EtcdConnection.connect(host: host, port: port, group: endpoints.group)
     }
 
     public func close() async {}

@@ -4,21 +4,17 @@ import DequeModule
 
 /// Redis over RESP2 on a raw NIO connection per worker: `GET`, `SET` (and `DEL`).
 public final class RedisTarget: LoadTarget {
-    let endpoints: [(String, Int)]
-    let group: any EventLoopGroup
+    let endpoints: Endpoints
 
     public init(endpoints: [String], group: (any EventLoopGroup)? = nil) throws(TargetError) {
-        var parsed: [(String, Int)] = []
-        for e in endpoints { parsed.append(try splitHostPort(e)) }
-        self.endpoints = parsed
-        self.group = group ?? MultiThreadedEventLoopGroup.singleton
+        self.endpoints = try Endpoints(scheme: "redis", endpoints, group: group)
     }
 
-    public var description: String { "redis://" + endpoints.map { "\($0.0):\($0.1)" }.joined(separator: ",") }
+    public var description: String { endpoints.description }
 
     public func session(index: Int) async throws(TargetError) -> any TargetSession {
-        let (host, port) = endpoints[index % endpoints.count]
-        return try await RESPConnection.connect(host: host, port: port, group: group)
+        let (host, port) = endpoints.pick(index)
+        return try await RESPConnection.connect(host: host, port: port, group: endpoints.group)
     }
 
     public func close() async {}

@@ -267,7 +267,9 @@ public final class Runner: Sendable {
         let size = config.valueSize.lowerBound == config.valueSize.upperBound
             ? config.valueSize.lowerBound
             : config.valueSize.lowerBound + Int(rng.next(below: UInt64(config.valueSize.count)))
-        return config.verify ? ValueFormat.make(key: key, seq: seq, size: size) : ValueFormat.filler(size: size, seq: seq)
+        // Always self-checking when there is room, so a later `run --verify` can check what any
+        // earlier run wrote.
+        return size >= ValueFormat.headerBytes ? ValueFormat.make(key: key, seq: seq, size: size) : ValueFormat.filler(size: size, seq: seq)
     }
 
     private func perform(_ op: OperationType, _ session: any TargetSession, stats: WorkerStats, rng: inout SplitMix64, intendedStart: UInt64) async {

@@ -2,6 +2,8 @@ import CairnClient
 public import CairnCore
 import Foundation
 import Synchronization
+import NIOCore
+import NIOPosix
 
 /// What a read returned: every live value (several for Cairn siblings; empty when not found).
 public struct ReadResult: Sendable {
@@ -68,6 +70,26 @@ public func makeTarget(_ url: String, consistency: ConsistencyOptions, concurren
     case "etcd": return try EtcdTarget(endpoints: endpoints)
     default: throw TargetError("invalid", "unknown target scheme '\(scheme)' (cairn, redis or etcd)")
     }
+}
+
+/// The endpoints of a target reached over one connection per worker; worker `i` uses endpoint
+/// `i % count`, spreading workers evenly.
+struct Endpoints: Sendable, CustomStringConvertible {
+    let scheme: String
+    let hosts: [(String, Int)]
+    let group: any EventLoopGroup
+
+    init(scheme: String, _ endpoints: [String], group: (any EventLoopGroup)?) throws(TargetError) {
+        var parsed: [(String, Int)] = []
+        for e in endpoints { parsed.append(try splitHostPort(e)) }
+        self.scheme = scheme
+        self.hosts = parsed
+        self.group = group ?? MultiThreadedEventLoopGroup.singleton
+    }
+
+    func pick(_ index: Int) -> (String, Int) { hosts[index % hosts.count] }
+
+    var description: String { scheme + "://" + hosts.map { "\($0.0):\($0.1)" }.joined(separator: ",") }
 }
 
 func splitHostPort(_ s: String) throws(TargetError) -> (String, Int) {

@@ -8,7 +8,8 @@ import CairnRing
 /// value = magic:"CLV1" seq:u64be key-hash:u64be length:u32be checksum:u64be filler
 /// checksum = XXH64 over magic seq key-hash length filler (everything but the checksum)
 /// ```
-/// `length` is the whole value's size (≥ 32). Without `--verify`, values are plain filler.
+/// `length` is the whole value's size (≥ 32). Every value of at least 32 bytes is written this way
+/// (with or without `--verify`); smaller ones are plain filler and cannot be verified.
 public enum ValueFormat {
     public static let headerBytes = 32
     static let magic: [UInt8] = Array("CLV1".utf8)

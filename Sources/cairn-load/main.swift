@@ -17,6 +17,7 @@ struct Common: ParsableArguments {
     @Option(help: "Write the report as JSON to this file.") var json: String?
     @Option(help: "Request timeout in milliseconds.") var timeout: UInt32 = 5000
     @Option(help: "Cairn: replicas that must acknowledge a write (number, quorum, all).") var w: String?
+    @Option(help: "Cairn: of the W acknowledgements, how many must come from primaries.") var pw: String?
     @Option(help: "Event-loop threads of the generator (default 1, or $CAIRN_LOAD_THREADS).") var threads: Int?
 
     func valueRange() throws -> ClosedRange<Int> {
@@ -114,7 +115,7 @@ struct Load: AsyncParsableCommand {
     func run() async throws {
         let config = RunConfig(phase: .load, target: common.target, records: common.records, concurrency: common.concurrency,
                                valueSize: try common.valueRange(), verify: true, seed: common.seed,
-                               consistency: ConsistencyOptions(w: try quorum(common.w)), timeoutMillis: common.timeout)
+                               consistency: ConsistencyOptions(w: try quorum(common.w), pw: try quorum(common.pw)), timeoutMillis: common.timeout)
         try await execute(config, json: common.json)
     }
 }
@@ -130,6 +131,7 @@ struct Run: AsyncParsableCommand {
     @Option(help: "Open loop at this many operations per second (latency corrected for coordinated omission).") var rate: Double?
     @Option(help: "uniform, zipfian, latest, hotspot (default: the workload's).") var distribution: String?
     @Option(help: "Cairn: replicas that must answer a read.") var r: String?
+    @Option(help: "Cairn: of the R answers, how many must come from primaries.") var pr: String?
     @Flag(help: "Self-checking values; count corrupt values and lost acknowledged writes; exit 1 if any.") var verify = false
 
     func run() async throws {
@@ -158,7 +160,8 @@ struct Run: AsyncParsableCommand {
         let config = RunConfig(phase: .run, target: common.target, records: common.records, operations: operations,
                                duration: try duration.map(parseDuration), rate: rate, concurrency: common.concurrency,
                                valueSize: range, workload: wl, distribution: dist, verify: verify, seed: common.seed,
-                               consistency: ConsistencyOptions(r: try quorum(r), w: try quorum(common.w)), timeoutMillis: common.timeout)
+                               consistency: ConsistencyOptions(r: try quorum(r), w: try quorum(common.w), pr: try quorum(pr), pw: try quorum(common.pw)),
+                               timeoutMillis: common.timeout)
         try await execute(config, json: common.json)
     }
 }
