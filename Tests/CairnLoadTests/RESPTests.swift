@@ -41,7 +41,8 @@ struct RedisTargetTests {
         p.standardOutput = FileHandle.nullDevice
         p.standardError = FileHandle.nullDevice
         try p.run()
-        defer { kill(p.processIdentifier, SIGTERM); p.waitUntilExit() }
+        // SIGKILL: a child spawned from a test thread can inherit a mask that blocks SIGTERM.
+        defer { kill(p.processIdentifier, SIGKILL); p.waitUntilExit() }
         let target = try RedisTarget(endpoints: ["127.0.0.81:6379"])
         var session: (any TargetSession)?
         for _ in 0..<100 where session == nil {
