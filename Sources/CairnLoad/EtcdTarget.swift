@@ -144,5 +144,9 @@ final class EtcdConnection: TargetSession {
         _ = try await post("/v3/kv/put", ["key": Data(key).base64EncodedString(), "value": Data(value).base64EncodedString()])
     }
 
+    func delete(_ key: [UInt8]) async throws(TargetError) {
+        _ = try await post("/v3/kv/deleterange", ["key": Data(key).base64EncodedString()])
+    }
+
     func close() async { try? await channel.close() }
 }

@@ -32,7 +32,7 @@ public struct LatencyStats: Sendable {
 /// lock once a second.
 public final class WorkerStats: Sendable {
     /// The names operations are reported under; `record` takes an index into this list.
-    static let names = ["read", "update", "insert", "rmw"]
+    static let names = ["read", "update", "insert", "rmw", "delete"]
 
     struct State {
         var ops: [LatencyStats?] = Array(repeating: nil, count: WorkerStats.names.count)

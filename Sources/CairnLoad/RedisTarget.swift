@@ -330,5 +330,13 @@ final class RESPConnection: EventLoopDrivenSession {
         }
     }
 
+    func delete(_ key: [UInt8]) async throws(TargetError) {
+        switch try await send([Array("DEL".utf8), key]) {
+        case .integer: return
+        case .error(let e): throw TargetError("server", e)
+        case let other: throw TargetError("server", "unexpected DEL reply \(other)")
+        }
+    }
+
     func close() async { try? await channel.close() }
 }

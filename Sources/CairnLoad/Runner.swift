@@ -46,7 +46,7 @@ public struct RunConfig: Sendable {
 
 /// Indexes into `WorkerStats.names`.
 enum OpIndex {
-    static let read = 0, update = 1, insert = 2, rmw = 3
+    static let read = 0, update = 1, insert = 2, rmw = 3, delete = 4
 }
 
 /// The key of record `i`: `k` and 12 decimal digits (so keys sort like their indexes).
@@ -75,7 +75,8 @@ public final class Runner: Sendable {
     let claimed = Atomic<UInt64>(0)
     let completed = Atomic<UInt64>(0)
     let inserted: Atomic<UInt64>
-    let sequence = Atomic<UInt64>(0)
+    /// Write sequence numbers start from the wall clock (µs, shifted), so runs never reuse them.
+    let sequence = Atomic<UInt64>(UInt64(max(Date().timeIntervalSince1970, 0) * 1_000_000) << 12)
     let workers: [WorkerStats]
     let verifier: Verifier?
     let chooser: KeyChooser
@@ -149,7 +150,7 @@ public final class Runner: Sendable {
     /// Event-loop-driven workers when every session supports it and no operation needs two
     /// steps (read-modify-write keeps the async path).
     private func drivenSessions(_ sessions: [any TargetSession]) -> [any EventLoopDrivenSession]? {
-        guard (config.workload.mix[.readModifyWrite] ?? 0) == 0 else { return nil }
+        guard (config.workload.mix[.readModifyWrite] ?? 0) == 0, (config.workload.mix[.delete] ?? 0) == 0 else { return nil }
         let driven = sessions.compactMap { $0 as? any EventLoopDrivenSession }
         return driven.count == sessions.count ? driven : nil
     }
@@ -178,7 +179,7 @@ public final class Runner: Sendable {
             let newest = inserted.load(ordering: .relaxed) &- 1
             switch config.workload.pick(&rng) {
             case .read: (index, op) = (chooser.next(&rng, newest: newest), OpIndex.read)
-            case .update, .readModifyWrite: (index, op) = (chooser.next(&rng, newest: newest), OpIndex.update)
+            case .update, .readModifyWrite, .delete: (index, op) = (chooser.next(&rng, newest: newest), OpIndex.update)
             case .insert: (index, op) = (inserted.wrappingAdd(1, ordering: .relaxed).oldValue, OpIndex.insert)
             }
         }
@@ -289,6 +290,9 @@ public final class Runner: Sendable {
             if await read(session, index: i, op: nil, stats: stats, start: intendedStart) {
                 await write(session, index: i, op: OpIndex.rmw, stats: stats, rng: &rng, start: intendedStart)
             }
+        case .delete:
+            let i = chooser.next(&rng, newest: newest)
+            await delete(session, index: i, stats: stats, start: intendedStart)
         }
     }
 
@@ -321,6 +325,19 @@ public final class Runner: Sendable {
             try await session.write(key, v)
             verifier?.acknowledged(key: index, seq: seq, at: elapsedNanos)
             stats.record(op, micros: latency(since: t0))
+        } catch {
+            stats.error(error.kind)
+        }
+        completed.wrappingAdd(1, ordering: .relaxed)
+    }
+
+    private func delete(_ session: any TargetSession, index: UInt64, stats: WorkerStats, start: UInt64) async {
+        let seq = sequence.wrappingAdd(1, ordering: .relaxed).newValue
+        verifier?.issued(key: index, seq: seq, at: elapsedNanos, isDelete: true)
+        do {
+            try await session.delete(recordKey(index))
+            verifier?.acknowledged(key: index, seq: seq, at: elapsedNanos)
+            stats.record(OpIndex.delete, micros: latency(since: start))
         } catch {
             stats.error(error.kind)
         }

@@ -27,6 +27,7 @@ public struct TargetError: Error, Sendable, CustomStringConvertible {
 public protocol TargetSession: Sendable {
     func read(_ key: [UInt8]) async throws(TargetError) -> ReadResult
     func write(_ key: [UInt8], _ value: [UInt8]) async throws(TargetError)
+    func delete(_ key: [UInt8]) async throws(TargetError)
     func close() async
 }
 
@@ -183,6 +184,18 @@ struct CairnSession: TargetSession {
         let ctx = target.contexts.withLock { $0[key] } ?? .empty
         do {
             target.remember(key, try await target.client.put(key, value: value, context: ctx, options: target.options))
+        } catch {
+            throw CairnTarget.map(error)
+        }
+    }
+
+    /// Deletes what was seen: without a context for the key, reads it first (a tombstone with an
+    /// empty context would be concurrent with the value and leave it readable, by design).
+    func delete(_ key: [UInt8]) async throws(TargetError) {
+        if target.contexts.withLock({ $0[key] }) == nil { _ = try await read(key) }
+        let ctx = target.contexts.withLock { $0[key] } ?? .empty
+        do {
+            target.remember(key, try await target.client.delete(key, context: ctx, options: target.options))
         } catch {
             throw CairnTarget.map(error)
         }

@@ -22,6 +22,7 @@ public final class Verifier: Sendable {
         var seq: UInt64
         var issued: UInt64
         var acked: UInt64?
+        var isDelete = false
     }
 
     final class Shard: Sendable {
@@ -41,10 +42,10 @@ public final class Verifier: Sendable {
 
     private func shard(_ key: UInt64) -> Shard { shards[Int(key % 64)] }
 
-    func issued(key: UInt64, seq: UInt64, at: UInt64) {
+    func issued(key: UInt64, seq: UInt64, at: UInt64, isDelete: Bool = false) {
         shard(key).histories.withLock { m in
             var h = m[key] ?? []
-            h.append(Write(seq: seq, issued: at, acked: nil))
+            h.append(Write(seq: seq, issued: at, acked: nil, isDelete: isDelete))
             if h.count > depth { h.removeFirst(h.count - depth) }
             m[key] = h
         }
@@ -73,12 +74,18 @@ public final class Verifier: Sendable {
         let lost: Bool = shard(key).histories.withLock { m in
             guard let h = m[key] else { return false }
             guard let newest = h.filter({ ($0.acked ?? .max) < started }).max(by: { $0.issued < $1.issued }) else { return false }
-            if seqs.isEmpty { return corrupt == 0 && wrong == 0 }
-            let fresh = seqs.contains { seq in
-                if seq == newest.seq { return true }
-                guard let w = h.first(where: { $0.seq == seq }) else { return false }
-                return (w.acked ?? .max) >= newest.issued
+            // A write or delete not known to be older than `newest` (concurrent or later).
+            let notOlder = { (w: Write) in w.seq == newest.seq || (w.acked ?? .max) >= newest.issued }
+            if seqs.isEmpty {
+                if corrupt > 0 || wrong > 0 { return false }
+                // Empty is right after a delete, or when a delete raced the newest write.
+                return !(newest.isDelete || h.contains { $0.isDelete && notOlder($0) })
             }
+            let fresh = seqs.contains { seq in
+                guard let w = h.first(where: { $0.seq == seq }) else { return false }
+                return !w.isDelete && notOlder(w)
+            }
+            // After a delete, an older value coming back is a lost delete (a resurrection).
             return !fresh
         }
         if lost { note("key \(key): acknowledged write \(String(describing: lostSeq(key, started))) not seen by a later read (saw \(seqs))") }

@@ -3,6 +3,8 @@ public enum OperationType: String, Sendable, CaseIterable, Hashable {
     case read, update, insert
     /// Read, then write back with the context the read returned (YCSB workload F).
     case readModifyWrite = "rmw"
+    /// Delete (Cairn: a tombstone with the last context seen; Redis `DEL`; etcd `deleterange`).
+    case delete
 }
 
 /// What a run does: the operation mix and its default key distribution.
@@ -45,7 +47,7 @@ public struct Workload: Sendable, Hashable {
         }
     }
 
-    /// A custom mix: `read=0.7,update=0.2,insert=0.05,rmw=0.05` (one per line or comma-separated;
+    /// A custom mix: `read=0.7,update=0.2,insert=0.05,rmw=0.03,delete=0.02` (one per line or comma-separated;
     /// `#` comments; proportions are normalized).
     public static func custom(_ text: String, distribution: KeyDistribution = .zipfian) throws(LoadError) -> Workload {
         var mix: [OperationType: Double] = [:]
@@ -55,7 +57,7 @@ public struct Workload: Sendable, Hashable {
             if item.isEmpty { continue }
             let parts = item.split(separator: "=", maxSplits: 1).map { $0.trimmingCharacters(in: .whitespaces) }
             guard parts.count == 2, let op = OperationType(rawValue: parts[0]), let w = Double(parts[1]), w >= 0, w.isFinite else {
-                throw LoadError.invalidArgument("mix entry '\(item)' is not op=proportion with op one of read, update, insert, rmw")
+                throw LoadError.invalidArgument("mix entry '\(item)' is not op=proportion with op one of read, update, insert, rmw, delete")
             }
             mix[op, default: 0] += w
         }

@@ -132,6 +132,16 @@ import Foundation
         bad[35] ^= 1
         v.checkRead(key: 1, keyBytes: key, started: 80, values: [bad, val(4)])
         #expect(v.result.corrupt == 1 && v.result.lost == 2 && v.result.readsChecked == 6)
+        // An acknowledged delete: empty is right, an older value coming back is not.
+        v.issued(key: 1, seq: 5, at: 90, isDelete: true); v.acknowledged(key: 1, seq: 5, at: 95)
+        v.checkRead(key: 1, keyBytes: key, started: 100, values: [])
+        #expect(v.result.lost == 2)
+        v.checkRead(key: 1, keyBytes: key, started: 100, values: [val(4)])
+        #expect(v.result.lost == 3)
+        // A write after the delete is the newest again.
+        v.issued(key: 1, seq: 6, at: 110); v.acknowledged(key: 1, seq: 6, at: 120)
+        v.checkRead(key: 1, keyBytes: key, started: 130, values: [val(6)])
+        #expect(v.result.lost == 3)
     }
 
     @Test func reportMathAndJSON() throws {

@@ -30,7 +30,7 @@ struct LoadIntegrationTests {
         return (nodes, tasks, "cairn://" + members.map(\.address.description).joined(separator: ","))
     }
 
-    @Test(arguments: ["a", "d", "f"])
+    @Test(arguments: ["a", "d", "f", "read=0.5,update=0.3,delete=0.2"])
     func loadThenVerifiedRunFindsNothingWrong(workload: String) async throws {
         let (nodes, tasks, url) = try await cluster()
         defer { for n in nodes { n.shutdown() } }
@@ -43,7 +43,7 @@ struct LoadIntegrationTests {
         await loadTarget.close()
 
         let run = RunConfig(phase: .run, target: url, records: 300, operations: 1500, concurrency: 8, valueSize: 64...256,
-                            workload: try #require(Workload.named(workload)), verify: true, seed: 42,
+                            workload: try Workload.named(workload) ?? Workload.custom(workload), verify: true, seed: 42,
                             consistency: consistency, timeoutMillis: 10_000)
         let runTarget = try await makeTarget(url, consistency: consistency, concurrency: 8, timeoutMillis: 10_000)
         let report = try await Runner(config: run, target: runTarget) { _ in }.run()

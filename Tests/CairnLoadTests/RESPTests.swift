@@ -58,6 +58,8 @@ struct RedisTargetTests {
         let tricky: [UInt8] = [13, 10, 0, 36, 13, 10]
         try await s.write(recordKey(3), tricky)
         #expect(try await s.read(recordKey(3)).values == [tricky])
+        try await s.delete(recordKey(3))
+        #expect(try await s.read(recordKey(3)).values.isEmpty)
         await s.close()
     }
 }
