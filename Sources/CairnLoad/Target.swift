@@ -189,10 +189,11 @@ struct CairnSession: TargetSession {
         }
     }
 
-    /// Deletes what was seen: without a context for the key, reads it first (a tombstone with an
-    /// empty context would be concurrent with the value and leave it readable, by design).
+    /// Deletes what it has just read, as an application does: a tombstone supersedes exactly what
+    /// its context covers, so one written with a stale or empty context would leave newer values
+    /// readable (by design). The recorded latency covers the read and the delete.
     func delete(_ key: [UInt8]) async throws(TargetError) {
-        if target.contexts.withLock({ $0[key] }) == nil { _ = try await read(key) }
+        _ = try await read(key)
         let ctx = target.contexts.withLock { $0[key] } ?? .empty
         do {
             target.remember(key, try await target.client.delete(key, context: ctx, options: target.options))
