@@ -18,6 +18,7 @@ let package = Package(
         .executable(name: "cairnd", targets: ["cairnd"]),
         .executable(name: "cairn", targets: ["cairn"]),
         .library(name: "CairnLoad", targets: ["CairnLoad"]),
+        .library(name: "CairnStorage", targets: ["CairnStorage"]),
         .executable(name: "cairn-load", targets: ["cairn-load"]),
     ],
     dependencies: [
@@ -73,6 +74,10 @@ let package = Package(
             "CairnClient", "CairnCore",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ], swiftSettings: strict),
+
+        // The LSM storage engine: standalone, knows nothing of the cluster; file I/O behind `FileSystem`.
+        .target(name: "CairnStorage", swiftSettings: strict),
+        .testTarget(name: "CairnStorageTests", dependencies: ["CairnStorage"], swiftSettings: strict),
 
         // The traffic generator: workloads, key choosers, targets (cairn, redis, etcd), reports.
         .target(name: "CairnLoad", dependencies: [

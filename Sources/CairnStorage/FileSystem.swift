@@ -1,0 +1,69 @@
+/// Every file operation the storage engine performs goes through this protocol, so tests can
+/// replace the disk with one that loses unsynced data, tears writes, flips bits and fails syncs
+/// (LevelDB's `Env` idea). Paths are plain strings; directories are created explicitly.
+public protocol FileSystem: Sendable {
+    /// Opens `path` for appending, creating it empty if `create` and it does not exist.
+    func openAppendable(_ path: String, create: Bool) throws(StorageError) -> any AppendableFile
+    func openReadable(_ path: String) throws(StorageError) -> any ReadableFile
+    func rename(_ from: String, to: String) throws(StorageError)
+    func remove(_ path: String) throws(StorageError)
+    func truncate(_ path: String, to size: UInt64) throws(StorageError)
+    func exists(_ path: String) -> Bool
+    /// Names (not paths) of the entries of `directory`, sorted.
+    func list(_ directory: String) throws(StorageError) -> [String]
+    func createDirectory(_ path: String) throws(StorageError)
+    /// Makes the directory's entries (creations, renames, removals) durable.
+    func syncDirectory(_ path: String) throws(StorageError)
+}
+
+/// A file being appended to. Owned by one writer at a time (not thread-safe).
+public protocol AppendableFile: AnyObject {
+    var size: UInt64 { get }
+    func append(_ bytes: [UInt8]) throws(StorageError)
+    /// `fdatasync`: everything appended so far is durable when this returns.
+    func sync() throws(StorageError)
+    func close() throws(StorageError)
+}
+
+/// A file read at explicit offsets. Thread-safe for concurrent reads.
+public protocol ReadableFile: AnyObject {
+    var size: UInt64 { get }
+    /// Up to `count` bytes at `offset` (fewer only at the end of the file).
+    func read(at offset: UInt64, count: Int) throws(StorageError) -> [UInt8]
+    func close()
+}
+
+/// What can go wrong below the engine. `syncFailed` is fatal for the engine instance: after a
+/// failed fsync the kernel may have dropped the dirty pages, and a retried fsync can report success
+/// without writing them (PostgreSQL's "fsyncgate"), so nothing written since the last good sync
+/// can be trusted until the files are reopened and recovered.
+public enum StorageError: Error, Sendable, Hashable, CustomStringConvertible {
+    case io(path: String, operation: String, errno: Int32)
+    case syncFailed(path: String, errno: Int32)
+    case corruption(path: String, offset: UInt64, reason: String)
+    case notFound(path: String)
+    /// A previous sync failed; the engine refuses writes until it is reopened.
+    case writesRefused(String)
+    case invalidArgument(String)
+
+    public var description: String {
+        switch self {
+        case .io(let p, let op, let e): "\(op) \(p): \(Self.errnoText(e))"
+        case .syncFailed(let p, let e): "fdatasync \(p) failed: \(Self.errnoText(e)); writes refused until reopened"
+        case .corruption(let p, let o, let r): "corruption in \(p) at offset \(o): \(r)"
+        case .notFound(let p): "\(p) does not exist"
+        case .writesRefused(let why): "writes refused: \(why)"
+        case .invalidArgument(let s): s
+        }
+    }
+
+    static func errnoText(_ e: Int32) -> String {
+        switch e {
+        case 5: "I/O error (EIO)"
+        case 28: "no space left on device (ENOSPC)"
+        case 2: "no such file (ENOENT)"
+        case 13: "permission denied (EACCES)"
+        default: "errno \(e)"
+        }
+    }
+}

@@ -1,0 +1,133 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The real disk: plain POSIX calls (`fdatasync` for `sync`, an `fsync` of the directory for
+/// `syncDirectory`). Thread-safe.
+public struct PosixFileSystem: FileSystem {
+    public init() {}
+
+    public func openAppendable(_ path: String, create: Bool) throws(StorageError) -> any AppendableFile {
+        let fd = open(path, O_WRONLY | O_APPEND | O_CLOEXEC | (create ? O_CREAT : 0), 0o644)
+        guard fd >= 0 else { throw errno == ENOENT ? .notFound(path: path) : .io(path: path, operation: "open", errno: errno) }
+        var st = stat()
+        guard fstat(fd, &st) == 0 else {
+            let e = errno
+            Glibc.close(fd)
+            throw .io(path: path, operation: "fstat", errno: e)
+        }
+        return PosixAppendableFile(fd: fd, path: path, size: UInt64(max(st.st_size, 0)))
+    }
+
+    public func openReadable(_ path: String) throws(StorageError) -> any ReadableFile {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw errno == ENOENT ? .notFound(path: path) : .io(path: path, operation: "open", errno: errno) }
+        var st = stat()
+        guard fstat(fd, &st) == 0 else {
+            let e = errno
+            Glibc.close(fd)
+            throw .io(path: path, operation: "fstat", errno: e)
+        }
+        return PosixReadableFile(fd: fd, path: path, size: UInt64(max(st.st_size, 0)))
+    }
+
+    public func rename(_ from: String, to: String) throws(StorageError) {
+        guard Glibc.rename(from, to) == 0 else { throw .io(path: from, operation: "rename to \(to)", errno: errno) }
+    }
+
+    public func remove(_ path: String) throws(StorageError) {
+        guard unlink(path) == 0 else { throw errno == ENOENT ? .notFound(path: path) : .io(path: path, operation: "unlink", errno: errno) }
+    }
+
+    public func truncate(_ path: String, to size: UInt64) throws(StorageError) {
+        guard Glibc.truncate(path, off_t(clamping: size)) == 0 else { throw .io(path: path, operation: "truncate", errno: errno) }
+    }
+
+    public func exists(_ path: String) -> Bool { access(path, F_OK) == 0 }
+
+    public func list(_ directory: String) throws(StorageError) -> [String] {
+        guard let dir = opendir(directory) else { throw .io(path: directory, operation: "opendir", errno: errno) }
+        defer { closedir(dir) }
+        var names: [String] = []
+        while let entry = readdir(dir) {
+            let name = withUnsafePointer(to: entry.pointee.d_name) { $0.withMemoryRebound(to: CChar.self, capacity: 256) { String(cString: $0) } }
+            if name != "." && name != ".." { names.append(name) }
+        }
+        return names.sorted()
+    }
+
+    public func createDirectory(_ path: String) throws(StorageError) {
+        guard mkdir(path, 0o755) == 0 || errno == EEXIST else { throw .io(path: path, operation: "mkdir", errno: errno) }
+    }
+
+    public func syncDirectory(_ path: String) throws(StorageError) {
+        let fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        guard fd >= 0 else { throw .io(path: path, operation: "open directory", errno: errno) }
+        defer { Glibc.close(fd) }
+        guard fsync(fd) == 0 else { throw .syncFailed(path: path, errno: errno) }
+    }
+}
+
+final class PosixAppendableFile: AppendableFile {
+    private let fd: Int32
+    let path: String
+    private(set) var size: UInt64
+
+    init(fd: Int32, path: String, size: UInt64) {
+        self.fd = fd
+        self.path = path
+        self.size = size
+    }
+
+    func append(_ bytes: [UInt8]) throws(StorageError) {
+        var written = 0
+        while written < bytes.count {
+            let n = bytes.withUnsafeBytes { raw in write(fd, raw.baseAddress.map { $0 + written }, bytes.count - written) }
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw .io(path: path, operation: "write", errno: errno)
+            }
+            written += n
+        }
+        size += UInt64(bytes.count)
+    }
+
+    func sync() throws(StorageError) {
+        guard fdatasync(fd) == 0 else { throw .syncFailed(path: path, errno: errno) }
+    }
+
+    func close() throws(StorageError) {
+        guard Glibc.close(fd) == 0 else { throw .io(path: path, operation: "close", errno: errno) }
+    }
+}
+
+final class PosixReadableFile: ReadableFile {
+    private let fd: Int32
+    let path: String
+    let size: UInt64
+
+    init(fd: Int32, path: String, size: UInt64) {
+        self.fd = fd
+        self.path = path
+        self.size = size
+    }
+
+    func read(at offset: UInt64, count: Int) throws(StorageError) -> [UInt8] {
+        guard count > 0, offset < size else { return [] }
+        let n = Int(min(UInt64(count), size - offset))
+        var out = [UInt8](repeating: 0, count: n)
+        var got = 0
+        while got < n {
+            let r = out.withUnsafeMutableBytes { raw in pread(fd, raw.baseAddress.map { $0 + got }, n - got, off_t(clamping: offset + UInt64(got))) }
+            if r < 0 {
+                if errno == EINTR { continue }
+                throw .io(path: path, operation: "pread", errno: errno)
+            }
+            if r == 0 { break }
+            got += r
+        }
+        return got == n ? out : Array(out.prefix(got))
+    }
+
+    func close() { Glibc.close(fd) }
+}

@@ -1,0 +1,146 @@
+/// The write-ahead log: a file of checksummed, length-prefixed records (Docs/storage-format.md).
+///
+/// ```
+/// log     = *record
+/// record  = checksum:u32be length:u32be type:u8 payload
+/// checksum = masked CRC32C over type and payload
+/// length  = payload bytes, <= WAL.maxRecordBytes
+/// type    = %x01 (full record)
+/// ```
+public enum WAL {
+    public static let headerBytes = 9
+    public static let maxRecordBytes = 64 << 20
+    static let typeFull: UInt8 = 1
+
+    public static func frame(_ payload: [UInt8]) -> [UInt8] {
+        var out = [UInt8]()
+        out.reserveCapacity(headerBytes + payload.count)
+        let crc = CRC32C.mask(CRC32C.update(CRC32C.checksum([typeFull]), payload))
+        appendU32(&out, crc)
+        appendU32(&out, UInt32(payload.count))
+        out.append(typeFull)
+        out += payload
+        return out
+    }
+
+    static func appendU32(_ out: inout [UInt8], _ v: UInt32) {
+        for s in stride(from: 24, through: 0, by: -8) { out.append(UInt8(truncatingIfNeeded: v >> UInt32(s))) }
+    }
+
+    static func u32(_ b: ArraySlice<UInt8>) -> UInt32 { b.reduce(0) { $0 << 8 | UInt32($1) } }
+
+    /// What recovery found in one log file.
+    public struct Recovery: Sendable {
+        public var records: [[UInt8]]
+        /// Where the last good record ends: the log is truncated here before appending.
+        public var validEnd: UInt64
+        /// Bytes after `validEnd` that were a torn (incomplete or half-written) last record.
+        public var tornTailBytes: UInt64
+        /// Records skipped by `salvage` because they were corrupt, and the bytes they spanned.
+        public var salvagedBytes: UInt64
+    }
+
+    /// Reads every record of `file`. A bad record is a torn tail when nothing valid follows it (a
+    /// crash during the last append): recovery stops there and reports the bytes to truncate.
+    /// A bad record followed by valid ones is corruption: it throws `.corruption` naming the file
+    /// and offset, unless `salvage`, which skips to the next valid record and counts the bytes.
+    public static func recover(_ file: any ReadableFile, path: String, salvage: Bool = false) throws(StorageError) -> Recovery {
+        let size = file.size
+        let data = try file.read(at: 0, count: Int(min(size, UInt64(Int.max))))
+        var records: [[UInt8]] = []
+        var offset = 0
+        var salvaged: UInt64 = 0
+        while offset < data.count {
+            if let (payload, next) = record(at: offset, in: data) {
+                records.append(payload)
+                offset = next
+                continue
+            }
+            // Bad record at `offset`: torn tail, or corruption with good records after it?
+            guard let resume = nextValidRecord(after: offset, in: data) else {
+                return Recovery(records: records, validEnd: UInt64(offset), tornTailBytes: UInt64(data.count - offset), salvagedBytes: salvaged)
+            }
+            guard salvage else {
+                throw .corruption(path: path, offset: UInt64(offset), reason: "bad log record followed by valid records at \(resume)")
+            }
+            salvaged += UInt64(resume - offset)
+            offset = resume
+        }
+        return Recovery(records: records, validEnd: UInt64(offset), tornTailBytes: 0, salvagedBytes: salvaged)
+    }
+
+    /// The record at `offset` and where the next starts, if it is complete and its checksum holds.
+    static func record(at offset: Int, in data: [UInt8]) -> ([UInt8], Int)? {
+        guard data.count - offset >= headerBytes else { return nil }
+        let length = Int(u32(data[offset + 4..<offset + 8]))
+        guard length <= maxRecordBytes, data.count - offset - headerBytes >= length else { return nil }
+        guard data[offset + 8] == typeFull else { return nil }
+        let body = data[offset + 8..<offset + headerBytes + length]
+        guard CRC32C.mask(CRC32C.checksum(body)) == u32(data[offset..<offset + 4]) else { return nil }
+        return (Array(data[offset + headerBytes..<offset + headerBytes + length]), offset + headerBytes + length)
+    }
+
+    /// The first offset after `offset` where a valid record starts, if any.
+    static func nextValidRecord(after offset: Int, in data: [UInt8]) -> Int? {
+        var p = offset + 1
+        while p + headerBytes <= data.count {
+            if record(at: p, in: data) != nil { return p }
+            p += 1
+        }
+        return nil
+    }
+}
+
+/// How durable an acknowledged write is.
+public enum SyncMode: Sendable, Hashable {
+    /// Every acknowledged write is on disk (`fdatasync` before the acknowledgement).
+    case always
+    /// Synced at least every `milliseconds`; a crash can lose that much.
+    case interval(milliseconds: Int)
+    /// Never synced by the engine; the OS writes back when it likes.
+    case none
+}
+
+/// Appends records to one log file. After a failed sync it refuses every further write: the
+/// data since the last good sync may be gone, and a retried fsync could lie.
+///
+/// Not thread-safe: one writer (the engine's commit path) owns it.
+public final class WALWriter {
+    let file: any AppendableFile
+    public let path: String
+    private var failure: StorageError?
+
+    public init(file: any AppendableFile, path: String) {
+        self.file = file
+        self.path = path
+    }
+
+    public var size: UInt64 { file.size }
+
+    /// Appends `payloads` as consecutive records, then syncs if `sync`.
+    public func append(_ payloads: [[UInt8]], sync: Bool) throws(StorageError) {
+        if let failure { throw .writesRefused("an earlier sync of \(path) failed (\(failure))") }
+        var bytes: [UInt8] = []
+        for p in payloads {
+            guard p.count <= WAL.maxRecordBytes else { throw .invalidArgument("log record of \(p.count) bytes exceeds \(WAL.maxRecordBytes)") }
+            bytes += WAL.frame(p)
+        }
+        do {
+            try file.append(bytes)
+            if sync { try file.sync() }
+        } catch {
+            if case .syncFailed = error { failure = error }
+            throw error
+        }
+    }
+
+    public func sync() throws(StorageError) {
+        if let failure { throw .writesRefused("an earlier sync of \(path) failed (\(failure))") }
+        do { try file.sync() } catch {
+            failure = error
+            throw error
+        }
+    }
+
+    public func close() throws(StorageError) { try file.close() }
+}
