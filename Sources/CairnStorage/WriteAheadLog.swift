@@ -1,3 +1,5 @@
+import Synchronization
+
 /// The write-ahead log: a file of checksummed, length-prefixed records (Docs/storage-format.md).
 ///
 /// ```
@@ -104,11 +106,13 @@ public enum SyncMode: Sendable, Hashable {
 /// Appends records to one log file. After a failed sync it refuses every further write: the
 /// data since the last good sync may be gone, and a retried fsync could lie.
 ///
-/// Not thread-safe: one writer (the engine's commit path) owns it.
-public final class WALWriter {
+/// Concurrency: `append` calls must be serialized by the caller (the engine's commit path);
+/// `sync` may run concurrently with `append` (group commit: `write` and `fdatasync` on one
+/// descriptor are safe together). The failure flag is lock-protected.
+public final class WALWriter: @unchecked Sendable {
     let file: any AppendableFile
     public let path: String
-    private var failure: StorageError?
+    private let failure = Mutex<StorageError?>(nil)
 
     public init(file: any AppendableFile, path: String) {
         self.file = file
@@ -117,27 +121,28 @@ public final class WALWriter {
 
     public var size: UInt64 { file.size }
 
+    private func checkUsable() throws(StorageError) {
+        if let f = failure.withLock({ $0 }) { throw .writesRefused("an earlier sync of \(path) failed (\(f))") }
+    }
+
     /// Appends `payloads` as consecutive records, then syncs if `sync`.
     public func append(_ payloads: [[UInt8]], sync: Bool) throws(StorageError) {
-        if let failure { throw .writesRefused("an earlier sync of \(path) failed (\(failure))") }
+        try checkUsable()
         var bytes: [UInt8] = []
         for p in payloads {
             guard p.count <= WAL.maxRecordBytes else { throw .invalidArgument("log record of \(p.count) bytes exceeds \(WAL.maxRecordBytes)") }
             bytes += WAL.frame(p)
         }
-        do {
-            try file.append(bytes)
-            if sync { try file.sync() }
-        } catch {
-            if case .syncFailed = error { failure = error }
-            throw error
-        }
+        try file.append(bytes)
+        if sync { try self.sync() }
     }
 
     public func sync() throws(StorageError) {
-        if let failure { throw .writesRefused("an earlier sync of \(path) failed (\(failure))") }
-        do { try file.sync() } catch {
-            failure = error
+        try checkUsable()
+        do {
+            try file.sync()
+        } catch {
+            failure.withLock { $0 = $0 ?? error }
             throw error
         }
     }
