@@ -1,0 +1,137 @@
+/// An SSTable data block: sorted entries with their keys prefix-compressed against the previous
+/// key, and a restart point (a full key) every `restartInterval` entries so a reader can binary
+/// search. Keys compare as unsigned bytes. Docs/storage-format.md, "Blocks".
+///
+/// ```
+/// block    = entry* restart:u32be* restart-count:u32be
+/// entry    = shared:varint unshared:varint value-length:varint key-suffix value
+/// trailer  = type:u8 checksum:u32be    ; type 0 = uncompressed; masked CRC32C of block and type
+/// ```
+public struct BlockBuilder: Sendable {
+    public let restartInterval: Int
+    private var buffer: [UInt8] = []
+    private var restarts: [UInt32] = [0]
+    private var sinceRestart = 0
+    private var lastKey: [UInt8] = []
+    public private(set) var count = 0
+
+    public init(restartInterval: Int = 16) { self.restartInterval = max(restartInterval, 1) }
+
+    /// Bytes the finished block will take (without the trailer).
+    public var estimatedSize: Int { buffer.count + restarts.count * 4 + 4 }
+    public var isEmpty: Bool { count == 0 }
+
+    /// Adds an entry; keys must arrive in strictly increasing order.
+    public mutating func add(key: [UInt8], value: [UInt8]) throws(StorageError) {
+        if count > 0 && !lastKey.lexicographicallyPrecedes(key) {
+            throw .invalidArgument("block keys must be strictly increasing")
+        }
+        var shared = 0
+        if sinceRestart < restartInterval {
+            let limit = min(lastKey.count, key.count)
+            while shared < limit && lastKey[shared] == key[shared] { shared += 1 }
+        } else {
+            restarts.append(UInt32(buffer.count))
+            sinceRestart = 0
+        }
+        Coding.putVarint(&buffer, UInt64(shared))
+        Coding.putVarint(&buffer, UInt64(key.count - shared))
+        Coding.putVarint(&buffer, UInt64(value.count))
+        buffer += key[shared...]
+        buffer += value
+        lastKey = key
+        sinceRestart += 1
+        count += 1
+    }
+
+    /// The block followed by its trailer (type and checksum).
+    public func finish() -> [UInt8] {
+        var out = buffer
+        for r in restarts { Coding.putU32(&out, r) }
+        Coding.putU32(&out, UInt32(restarts.count))
+        out.append(0)
+        Coding.putU32(&out, CRC32C.mask(CRC32C.checksum(out)))
+        return out
+    }
+}
+
+/// A decoded, verified block. Every length is checked against the block's bounds: a corrupt
+/// block is reported (`StorageError.corruption`), never read past or returned as data.
+public struct Block: Sendable {
+    let data: [UInt8]
+    let restarts: [Int]
+    let limit: Int   // end of the entries
+
+    /// Verifies the trailer and the restart array. `path`/`offset` name the block in errors.
+    public init(_ bytes: [UInt8], path: String, offset: UInt64) throws(StorageError) {
+        func corrupt(_ why: String) -> StorageError { .corruption(path: path, offset: offset, reason: why) }
+        guard bytes.count >= 5 + 4 else { throw corrupt("block of \(bytes.count) bytes is too short") }
+        let body = Array(bytes[..<(bytes.count - 4)])
+        guard CRC32C.mask(CRC32C.checksum(body)) == Coding.getU32(bytes, bytes.count - 4) else { throw corrupt("block checksum mismatch") }
+        guard body.last == 0 else { throw corrupt("unknown block compression \(body.last ?? 0)") }
+        let block = Array(body.dropLast())
+        guard block.count >= 4 else { throw corrupt("block has no restart count") }
+        let n = Int(Coding.getU32(block, block.count - 4))
+        guard n >= 1, n <= (block.count - 4) / 4 else { throw corrupt("bad restart count \(n)") }
+        let limit = block.count - 4 - 4 * n
+        var restarts: [Int] = []
+        for i in 0..<n {
+            let r = Int(Coding.getU32(block, limit + 4 * i))
+            guard r < max(limit, 1), restarts.last.map({ $0 < r }) ?? (r == 0) else { throw corrupt("bad restart point \(r)") }
+            restarts.append(r)
+        }
+        self.data = block
+        self.restarts = restarts
+        self.limit = limit
+    }
+
+    /// Decodes the entry at `offset` given the previous key; nil if malformed.
+    func entry(at offset: Int, previous: [UInt8]) -> (key: [UInt8], value: [UInt8], next: Int)? {
+        var p = offset
+        guard let shared = Coding.getVarint(data, &p, limit: limit), let unshared = Coding.getVarint(data, &p, limit: limit),
+              let valueLength = Coding.getVarint(data, &p, limit: limit),
+              shared <= UInt64(previous.count), unshared <= UInt64(limit - p), valueLength <= UInt64(limit - p) - unshared
+        else { return nil }
+        let keyEnd = p + Int(unshared)
+        let key = Array(previous[..<Int(shared)]) + data[p..<keyEnd]
+        let valueEnd = keyEnd + Int(valueLength)
+        return (key, Array(data[keyEnd..<valueEnd]), valueEnd)
+    }
+
+    /// Every entry in order.
+    public func entries(path: String, offset: UInt64) throws(StorageError) -> [(key: [UInt8], value: [UInt8])] {
+        var out: [(key: [UInt8], value: [UInt8])] = []
+        var p = 0
+        var key: [UInt8] = []
+        while p < limit {
+            guard let e = entry(at: p, previous: key) else { throw .corruption(path: path, offset: offset, reason: "malformed entry at \(p)") }
+            out.append((e.key, e.value))
+            key = e.key
+            p = e.next
+        }
+        return out
+    }
+
+    /// The first entry with key ≥ `target`, if any: binary search over the restart points, then
+    /// a short linear scan.
+    public func seek(_ target: [UInt8], path: String, offset: UInt64) throws(StorageError) -> (key: [UInt8], value: [UInt8])? {
+        var lo = 0
+        var hi = restarts.count - 1
+        while lo < hi {
+            let mid = (lo + hi + 1) / 2
+            guard let e = entry(at: restarts[mid], previous: []) else {
+                throw .corruption(path: path, offset: offset, reason: "malformed restart entry at \(restarts[mid])")
+            }
+            if e.key.lexicographicallyPrecedes(target) { lo = mid } else { hi = mid - 1 }
+        }
+        var p = restarts[lo]
+        var key: [UInt8] = []
+        while p < limit {
+            guard let e = entry(at: p, previous: key) else { throw .corruption(path: path, offset: offset, reason: "malformed entry at \(p)") }
+            if !e.key.lexicographicallyPrecedes(target) { return (e.key, e.value) }
+            key = e.key
+            p = e.next
+        }
+        return nil
+    }
+}
