@@ -83,3 +83,56 @@ import Testing
 }
 
 import Foundation
+
+@Suite struct TableTests {
+    func build(_ fs: any FileSystem, _ path: String, _ n: Int) throws -> [([UInt8], [UInt8])] {
+        var rng = Seeded(state: 11)
+        var pairs: [([UInt8], [UInt8])] = []
+        for i in 0..<n {
+            let key = Array(String(format: "p%03d/k%08d", i % 7, i).utf8)
+            pairs.append((key, (0..<Int.random(in: 0...200, using: &rng)).map { _ in UInt8.random(in: 0...255, using: &rng) }))
+        }
+        pairs.sort { $0.0.lexicographicallyPrecedes($1.0) }
+        let b = try TableBuilder(fs: fs, path: path, blockSize: 4096)
+        for (k, v) in pairs { try b.add(key: k, value: v) }
+        try b.finish()
+        return pairs
+    }
+
+    @Test func everyKeyReadsBackAndAbsentKeysAreNotFound() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("cairn-table-\(getpid())-\(UInt32.random(in: 0...UInt32.max))").path
+        let fs = PosixFileSystem()
+        try fs.createDirectory(dir)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let pairs = try build(fs, dir + "/000001.sst", 3_000)
+        let t = try TableReader(fs: fs, path: dir + "/000001.sst")
+        #expect(t.blockCount > 30)
+        for (k, v) in pairs { #expect(try t.get(k) == v) }
+        for i in 0..<2000 { #expect(try t.get(Array("p999/absent\(i)".utf8)) == nil) }
+        #expect(try t.get([]) == nil)
+        #expect(try t.scan().map(\.key) == pairs.map(\.0))
+        t.close()
+    }
+
+    @Test func corruptTablesAreReportedNeverServed() throws {
+        let fs = FaultyFileSystem()
+        try fs.createDirectory("/db")
+        let pairs = try build(fs, "/db/000002.sst", 500)
+        let size = fs.contents("/db/000002.sst")?.count ?? 0
+        // A flipped bit in a data block: the read that touches it fails; others still work.
+        fs.flipBit("/db/000002.sst", byte: 100, bit: 2)
+        let t = try TableReader(fs: fs, path: "/db/000002.sst")
+        #expect(throws: StorageError.self) { try t.get(pairs[0].0) }
+        #expect(try t.get(pairs[pairs.count - 1].0) == pairs[pairs.count - 1].1)
+        fs.flipBit("/db/000002.sst", byte: 100, bit: 2)
+        // Footer, index and filter damage is caught at open.
+        for byte in [size - 1, size - 10, size - 30, size - 60, size - 200] {
+            fs.flipBit("/db/000002.sst", byte: byte, bit: 5)
+            #expect(throws: StorageError.self, "flip at \(byte) of \(size)") { try TableReader(fs: fs, path: "/db/000002.sst") }
+            fs.flipBit("/db/000002.sst", byte: byte, bit: 5)
+        }
+        #expect(try TableReader(fs: fs, path: "/db/000002.sst").get(pairs[7].0) == pairs[7].1)
+        try fs.truncate("/db/000002.sst", to: UInt64(size - 3))
+        #expect(throws: StorageError.self) { try TableReader(fs: fs, path: "/db/000002.sst") }
+    }
+}

@@ -1,0 +1,182 @@
+/// An immutable sorted table (SSTable) file. Docs/storage-format.md, "Tables".
+///
+/// ```
+/// table   = data-block* filter index-block footer
+/// filter  = bloom-filter type:u8 checksum:u32be         ; whole-table filter, checksummed like a block
+/// index   = block of (last-key-of-data-block → handle)  ; handle = offset:varint size:varint
+/// footer  = filter-offset:u64be filter-size:u64be index-offset:u64be index-size:u64be
+///           version:u32be magic:u64be                    ; 44 bytes
+/// ```
+public enum Table {
+    public static let magic: UInt64 = 0x6361_6972_6E53_5354   // "cairnSST"
+    public static let version: UInt32 = 1
+    public static let footerBytes = 44
+
+    struct Handle: Equatable {
+        var offset: UInt64
+        var size: UInt64
+
+        func encoded() -> [UInt8] {
+            var out: [UInt8] = []
+            Coding.putVarint(&out, offset)
+            Coding.putVarint(&out, size)
+            return out
+        }
+
+        static func decode(_ b: [UInt8]) -> Handle? {
+            var p = 0
+            guard let o = Coding.getVarint(b, &p, limit: b.count), let s = Coding.getVarint(b, &p, limit: b.count), p == b.count else { return nil }
+            return Handle(offset: o, size: s)
+        }
+    }
+}
+
+/// Writes one table. Keys must be added in strictly increasing order. `finish` writes the filter,
+/// index and footer and syncs the file; the caller syncs the directory before relying on it.
+public final class TableBuilder {
+    let file: any AppendableFile
+    let path: String
+    let blockSize: Int
+    let bitsPerKey: Int
+    private var block: BlockBuilder
+    private var index = BlockBuilder(restartInterval: 1)
+    private var keys: [[UInt8]] = []
+    private var lastKey: [UInt8]?
+    private var offset: UInt64 = 0
+    public private(set) var entries = 0
+
+    public init(fs: any FileSystem, path: String, blockSize: Int = 4096, bitsPerKey: Int = 10, restartInterval: Int = 16) throws(StorageError) {
+        file = try fs.openAppendable(path, create: true)
+        guard file.size == 0 else { throw .invalidArgument("\(path) already exists") }
+        self.path = path
+        self.blockSize = max(blockSize, 256)
+        self.bitsPerKey = bitsPerKey
+        block = BlockBuilder(restartInterval: restartInterval)
+    }
+
+    public func add(key: [UInt8], value: [UInt8]) throws(StorageError) {
+        if let lastKey, !lastKey.lexicographicallyPrecedes(key) { throw .invalidArgument("table keys must be strictly increasing") }
+        try block.add(key: key, value: value)
+        keys.append(key)
+        lastKey = key
+        entries += 1
+        if block.estimatedSize >= blockSize { try flushBlock() }
+    }
+
+    private func flushBlock() throws(StorageError) {
+        guard !block.isEmpty, let lastKey else { return }
+        let bytes = block.finish()
+        try file.append(bytes)
+        try index.add(key: lastKey, value: Table.Handle(offset: offset, size: UInt64(bytes.count)).encoded())
+        offset += UInt64(bytes.count)
+        block = BlockBuilder(restartInterval: block.restartInterval)
+    }
+
+    /// Finishes and syncs the table; returns its size in bytes.
+    @discardableResult
+    public func finish() throws(StorageError) -> UInt64 {
+        try flushBlock()
+        var filter = BloomFilter.build(keys: keys, bitsPerKey: bitsPerKey).bytes
+        filter.append(0)
+        Coding.putU32(&filter, CRC32C.mask(CRC32C.checksum(filter)))
+        let filterHandle = Table.Handle(offset: offset, size: UInt64(filter.count))
+        try file.append(filter)
+        offset += UInt64(filter.count)
+        let indexBytes = index.finish()
+        let indexHandle = Table.Handle(offset: offset, size: UInt64(indexBytes.count))
+        try file.append(indexBytes)
+        offset += UInt64(indexBytes.count)
+        var footer: [UInt8] = []
+        for v in [filterHandle.offset, filterHandle.size, indexHandle.offset, indexHandle.size] {
+            Coding.putU32(&footer, UInt32(truncatingIfNeeded: v >> 32))
+            Coding.putU32(&footer, UInt32(truncatingIfNeeded: v))
+        }
+        Coding.putU32(&footer, Table.version)
+        Coding.putU32(&footer, UInt32(truncatingIfNeeded: Table.magic >> 32))
+        Coding.putU32(&footer, UInt32(truncatingIfNeeded: Table.magic))
+        try file.append(footer)
+        offset += UInt64(footer.count)
+        try file.sync()
+        try file.close()
+        return offset
+    }
+}
+
+/// Reads one table. Every block is verified (checksum, bounds) when read; a corrupt table is
+/// reported with its path and offset, never returned as data. Thread-safe.
+public final class TableReader: Sendable {
+    let file: UncheckedFile
+    public let path: String
+    let index: [(lastKey: [UInt8], handle: Table.Handle)]
+    let filter: BloomFilter
+
+    /// `ReadableFile` reads are thread-safe by contract.
+    struct UncheckedFile: @unchecked Sendable { let file: any ReadableFile }
+
+    public init(fs: any FileSystem, path: String) throws(StorageError) {
+        let f = try fs.openReadable(path)
+        let size = f.size
+        func corrupt(_ offset: UInt64, _ why: String) -> StorageError { .corruption(path: path, offset: offset, reason: why) }
+        guard size >= UInt64(Table.footerBytes) else { throw corrupt(0, "file of \(size) bytes is shorter than a footer") }
+        let footerAt = size - UInt64(Table.footerBytes)
+        let footer = try f.read(at: footerAt, count: Table.footerBytes)
+        guard footer.count == Table.footerBytes else { throw corrupt(footerAt, "short footer") }
+        func u64(_ i: Int) -> UInt64 { UInt64(Coding.getU32(footer, i)) << 32 | UInt64(Coding.getU32(footer, i + 4)) }
+        guard u64(36) == Table.magic else { throw corrupt(footerAt, "bad magic number: not a cairn table") }
+        guard Coding.getU32(footer, 32) == Table.version else { throw corrupt(footerAt, "unsupported table version \(Coding.getU32(footer, 32))") }
+        let filterHandle = Table.Handle(offset: u64(0), size: u64(8))
+        let indexHandle = Table.Handle(offset: u64(16), size: u64(24))
+        for h in [filterHandle, indexHandle] {
+            guard h.offset <= footerAt, h.size <= footerAt - h.offset, h.size <= UInt64(Int32.max) else {
+                throw corrupt(footerAt, "footer points outside the file")
+            }
+        }
+        let filterBytes = try f.read(at: filterHandle.offset, count: Int(filterHandle.size))
+        guard filterBytes.count >= 5, CRC32C.mask(CRC32C.checksum(filterBytes.dropLast(4))) == Coding.getU32(filterBytes, filterBytes.count - 4) else {
+            throw corrupt(filterHandle.offset, "filter checksum mismatch")
+        }
+        let indexBlock = try Block(try f.read(at: indexHandle.offset, count: Int(indexHandle.size)), path: path, offset: indexHandle.offset)
+        var index: [(lastKey: [UInt8], handle: Table.Handle)] = []
+        for e in try indexBlock.entries(path: path, offset: indexHandle.offset) {
+            guard let h = Table.Handle.decode(e.value), h.offset <= filterHandle.offset, h.size <= filterHandle.offset - h.offset else {
+                throw corrupt(indexHandle.offset, "bad block handle in the index")
+            }
+            index.append((e.key, h))
+        }
+        file = UncheckedFile(file: f)
+        self.path = path
+        self.index = index
+        filter = BloomFilter(bytes: Array(filterBytes.dropLast(5)))
+    }
+
+    public var blockCount: Int { index.count }
+
+    func readBlock(_ h: Table.Handle) throws(StorageError) -> Block {
+        try Block(try file.file.read(at: h.offset, count: Int(h.size)), path: path, offset: h.offset)
+    }
+
+    /// The value stored under exactly `key`, or nil. Consults the Bloom filter first.
+    public func get(_ key: [UInt8]) throws(StorageError) -> [UInt8]? {
+        guard filter.mayContain(key) else { return nil }
+        // The first block whose last key is ≥ key (binary search over the index).
+        var lo = 0
+        var hi = index.count
+        while lo < hi {
+            let mid = (lo + hi) / 2
+            if index[mid].lastKey.lexicographicallyPrecedes(key) { lo = mid + 1 } else { hi = mid }
+        }
+        guard lo < index.count else { return nil }
+        let i = lo
+        guard let e = try readBlock(index[i].handle).seek(key, path: path, offset: index[i].handle.offset), e.key == key else { return nil }
+        return e.value
+    }
+
+    /// Every entry in key order.
+    public func scan() throws(StorageError) -> [(key: [UInt8], value: [UInt8])] {
+        var out: [(key: [UInt8], value: [UInt8])] = []
+        for (_, h) in index { out += try readBlock(h).entries(path: path, offset: h.offset) }
+        return out
+    }
+
+    public func close() { file.file.close() }
+}
