@@ -21,6 +21,7 @@ public final class FaultyFileSystem: FileSystem, Sendable {
         var durableEntries: [String: Node] = [:]
         var directories: Set<String> = ["/"]
         var failSyncs = 0
+        var skipBeforeFailing = 0
         var syncCount = 0
     }
 
@@ -30,8 +31,25 @@ public final class FaultyFileSystem: FileSystem, Sendable {
 
     // MARK: Faults
 
-    /// The next `n` syncs (file or directory) fail with EIO.
-    public func failNextSyncs(_ n: Int) { state.withLock { $0.failSyncs = n } }
+    /// The next `n` syncs (file or directory) fail with EIO, after `skipping` more succeed.
+    public func failNextSyncs(_ n: Int, skipping: Int = 0) {
+        state.withLock { s in
+            s.failSyncs = n
+            s.skipBeforeFailing = skipping
+        }
+    }
+
+    /// Whether this sync should fail (called with the lock held).
+    private static func syncFails(_ s: inout State) -> Bool {
+        s.syncCount += 1
+        if s.skipBeforeFailing > 0 {
+            s.skipBeforeFailing -= 1
+            return false
+        }
+        guard s.failSyncs > 0 else { return false }
+        s.failSyncs -= 1
+        return true
+    }
 
     public var syncCount: Int { state.withLock { $0.syncCount } }
 
@@ -127,11 +145,7 @@ public final class FaultyFileSystem: FileSystem, Sendable {
 
     public func syncDirectory(_ path: String) throws(StorageError) {
         try state.withLock { s throws(StorageError) in
-            s.syncCount += 1
-            if s.failSyncs > 0 {
-                s.failSyncs -= 1
-                throw .syncFailed(path: path, errno: 5)
-            }
+            if Self.syncFails(&s) { throw .syncFailed(path: path, errno: 5) }
             s.durableEntries = s.durableEntries.filter { Self.parent($0.key) != path }
             for (name, node) in s.entries where Self.parent(name) == path { s.durableEntries[name] = node }
         }
@@ -147,9 +161,7 @@ public final class FaultyFileSystem: FileSystem, Sendable {
 
     func sync(_ path: String) throws(StorageError) {
         try state.withLock { s throws(StorageError) in
-            s.syncCount += 1
-            if s.failSyncs > 0 {
-                s.failSyncs -= 1
+            if Self.syncFails(&s) {
                 // Like Linux after a failed fsync: the dirty data may be gone.
                 s.entries[path]?.pending = []
                 throw .syncFailed(path: path, errno: 5)

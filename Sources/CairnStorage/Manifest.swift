@@ -1,0 +1,175 @@
+/// A table file the current version references.
+public struct TableMeta: Sendable, Hashable {
+    public var number: UInt64
+    public var level: Int
+    public var size: UInt64
+    public var smallest: [UInt8]
+    public var largest: [UInt8]
+    public init(number: UInt64, level: Int, size: UInt64, smallest: [UInt8], largest: [UInt8]) {
+        self.number = number
+        self.level = level
+        self.size = size
+        self.smallest = smallest
+        self.largest = largest
+    }
+}
+
+/// One change to the set of live files (a flush, a compaction, a new log).
+///
+/// ```
+/// edit     = field*
+/// field    = %x01 log-number:varint / %x02 next-file:varint / %x03 last-sequence:varint
+///          / %x04 table / %x05 removed-level:varint removed-number:varint
+/// table    = level:varint number:varint size:varint smallest:blob largest:blob
+/// ```
+public struct VersionEdit: Sendable, Hashable {
+    public var logNumber: UInt64?
+    public var nextFile: UInt64?
+    public var lastSequence: UInt64?
+    public var added: [TableMeta] = []
+    public var removed: [(level: Int, number: UInt64)] = []
+
+    public init() {}
+
+    public static func == (a: VersionEdit, b: VersionEdit) -> Bool {
+        a.logNumber == b.logNumber && a.nextFile == b.nextFile && a.lastSequence == b.lastSequence && a.added == b.added
+            && a.removed.map { [UInt64($0.level), $0.number] } == b.removed.map { [UInt64($0.level), $0.number] }
+    }
+
+    public func hash(into h: inout Hasher) {
+        h.combine(logNumber); h.combine(nextFile); h.combine(lastSequence); h.combine(added)
+    }
+
+    func encoded() -> [UInt8] {
+        var out: [UInt8] = []
+        func blob(_ b: [UInt8]) { Coding.putVarint(&out, UInt64(b.count)); out += b }
+        if let v = logNumber { out.append(1); Coding.putVarint(&out, v) }
+        if let v = nextFile { out.append(2); Coding.putVarint(&out, v) }
+        if let v = lastSequence { out.append(3); Coding.putVarint(&out, v) }
+        for t in added {
+            out.append(4)
+            Coding.putVarint(&out, UInt64(t.level)); Coding.putVarint(&out, t.number); Coding.putVarint(&out, t.size)
+            blob(t.smallest); blob(t.largest)
+        }
+        for r in removed { out.append(5); Coding.putVarint(&out, UInt64(r.level)); Coding.putVarint(&out, r.number) }
+        return out
+    }
+
+    static func decode(_ b: [UInt8]) -> VersionEdit? {
+        var e = VersionEdit()
+        var p = 0
+        func v() -> UInt64? { Coding.getVarint(b, &p, limit: b.count) }
+        func blob() -> [UInt8]? {
+            guard let n = v(), n <= UInt64(b.count - p) else { return nil }
+            defer { p += Int(n) }
+            return Array(b[p..<p + Int(n)])
+        }
+        while p < b.count {
+            let tag = b[p]
+            p += 1
+            switch tag {
+            case 1: guard let x = v() else { return nil }; e.logNumber = x
+            case 2: guard let x = v() else { return nil }; e.nextFile = x
+            case 3: guard let x = v() else { return nil }; e.lastSequence = x
+            case 4:
+                guard let level = v(), level < 64, let number = v(), let size = v(), let small = blob(), let large = blob() else { return nil }
+                e.added.append(TableMeta(number: number, level: Int(level), size: size, smallest: small, largest: large))
+            case 5:
+                guard let level = v(), level < 64, let number = v() else { return nil }
+                e.removed.append((Int(level), number))
+            default: return nil
+            }
+        }
+        return e
+    }
+}
+
+/// The live files: tables by level, the current log, counters. Built by applying edits in order.
+public struct Version: Sendable, Hashable {
+    public var tables: [Int: [TableMeta]] = [:]
+    public var logNumber: UInt64 = 0
+    public var nextFile: UInt64 = 2
+    public var lastSequence: UInt64 = 0
+
+    public init() {}
+
+    public mutating func apply(_ e: VersionEdit) {
+        if let v = e.logNumber { logNumber = v }
+        if let v = e.nextFile { nextFile = max(nextFile, v) }
+        if let v = e.lastSequence { lastSequence = max(lastSequence, v) }
+        for r in e.removed { tables[r.level]?.removeAll { $0.number == r.number } }
+        for t in e.added { tables[t.level, default: []].append(t) }
+        for level in tables.keys { tables[level]?.sort { $0.smallest.lexicographicallyPrecedes($1.smallest) } }
+    }
+}
+
+/// The manifest: a log (the WAL format) of version edits, named by `CURRENT`.
+///
+/// `CURRENT` holds the manifest's file name and a newline. It is replaced atomically: write
+/// `CURRENT.tmp`, sync it, rename it over `CURRENT`, sync the directory. A crash at any point
+/// leaves the old or the new `CURRENT`, never a torn one.
+public enum Manifest {
+    public static let currentName = "CURRENT"
+
+    public static func fileName(_ n: UInt64) -> String {
+        let d = String(n)
+        return "MANIFEST-" + String(repeating: "0", count: max(0, 6 - d.count)) + d
+    }
+
+    /// Points `CURRENT` at `manifest` (a file name in `directory`), crash-safely.
+    public static func installCurrent(fs: any FileSystem, directory: String, manifest: String) throws(StorageError) {
+        let tmp = directory + "/" + currentName + ".tmp"
+        if fs.exists(tmp) { try fs.remove(tmp) }
+        let f = try fs.openAppendable(tmp, create: true)
+        try f.append(Array((manifest + "\n").utf8))
+        try f.sync()
+        try f.close()
+        try fs.rename(tmp, to: directory + "/" + currentName)
+        try fs.syncDirectory(directory)
+    }
+
+    /// Writes a new manifest holding `version` as one edit and installs it.
+    public static func create(fs: any FileSystem, directory: String, number: UInt64, version: Version) throws(StorageError) -> WALWriter {
+        let name = fileName(number)
+        let path = directory + "/" + name
+        let writer = WALWriter(file: try fs.openAppendable(path, create: true), path: path)
+        var snapshot = VersionEdit()
+        snapshot.logNumber = version.logNumber
+        snapshot.nextFile = version.nextFile
+        snapshot.lastSequence = version.lastSequence
+        snapshot.added = version.tables.keys.sorted().flatMap { version.tables[$0] ?? [] }
+        try writer.append([snapshot.encoded()], sync: true)
+        try fs.syncDirectory(directory)
+        try installCurrent(fs: fs, directory: directory, manifest: name)
+        return writer
+    }
+
+    /// Appends an edit durably (the caller applies it to its version only after this returns).
+    public static func record(_ edit: VersionEdit, to writer: WALWriter) throws(StorageError) {
+        try writer.append([edit.encoded()], sync: true)
+    }
+
+    /// Reads `CURRENT` and replays the manifest it names. nil when there is no `CURRENT` (a new
+    /// database).
+    public static func recover(fs: any FileSystem, directory: String) throws(StorageError) -> (Version, manifest: String)? {
+        let currentPath = directory + "/" + currentName
+        guard fs.exists(currentPath) else { return nil }
+        let c = try fs.openReadable(currentPath)
+        let text = String(decoding: try c.read(at: 0, count: 256), as: UTF8.self)
+        c.close()
+        guard text.hasSuffix("\n"), text.hasPrefix("MANIFEST-"), !text.dropLast().contains("/") else {
+            throw .corruption(path: currentPath, offset: 0, reason: "CURRENT does not name a manifest")
+        }
+        let name = String(text.dropLast())
+        let path = directory + "/" + name
+        let r = try WAL.recover(try fs.openReadable(path), path: path)
+        var version = Version()
+        for (i, record) in r.records.enumerated() {
+            guard let e = VersionEdit.decode(record) else {
+                throw .corruption(path: path, offset: UInt64(i), reason: "manifest record \(i) is not a version edit")
+            }
+            version.apply(e)
+        }
+        return (version, name)
+    }
+}
