@@ -90,37 +90,44 @@ public final class Database: Sendable {
 
     struct State {
         var sequence: UInt64
-        let memtable: Memtable
+        var memtable: Memtable
+        /// The memtable being flushed: still read until its table is visible.
+        var immutable: Memtable?
+        /// Newest first: tables of level 0 (each a flushed memtable).
+        var tables: [(meta: TableMeta, reader: TableReader)] = []
+        var version: Version
+        var manifest: WALWriter
+        var writer: WALWriter
+        var logNumber: UInt64
     }
 
     let fs: any FileSystem
     public let directory: String
     let options: DatabaseOptions
     private let state: Mutex<State>
-    private let writer: WALWriter
-    private let committer: GroupCommitter
+    /// Serializes flushes (one at a time; writes continue into the fresh memtable meanwhile).
+    private let flushLock = Mutex(())
+    private let committer: Mutex<GroupCommitter>
     private let recovered: Statistics
     /// Dispatch sources are thread-safe; the box only lets the class stay `Sendable`.
     struct TimerBox: @unchecked Sendable { let source: any DispatchSourceTimer }
-    private let timer: TimerBox?
+    private let timer = Mutex<TimerBox?>(nil)
 
-    private init(fs: any FileSystem, directory: String, options: DatabaseOptions, sequence: UInt64, memtable: Memtable,
-                 writer: WALWriter, recovered: Statistics) {
+    private init(fs: any FileSystem, directory: String, options: DatabaseOptions, state: State, recovered: Statistics) {
         self.fs = fs
         self.directory = directory
         self.options = options
-        self.state = Mutex(State(sequence: sequence, memtable: memtable))
-        self.writer = writer
-        self.committer = GroupCommitter(durable: sequence) { () throws(StorageError) in try writer.sync() }
+        let writer = state.writer
+        let sequence = state.sequence
+        self.state = Mutex(state)
+        self.committer = Mutex(GroupCommitter(durable: sequence) { () throws(StorageError) in try writer.sync() })
         self.recovered = recovered
         if case .interval(let ms) = options.syncMode {
             let t = DispatchSource.makeTimerSource(queue: DispatchQueue(label: "cairn.storage.interval-sync"))
             t.schedule(deadline: .now() + .milliseconds(ms), repeating: .milliseconds(max(ms, 1)))
-            t.setEventHandler { try? writer.sync() }
+            t.setEventHandler { [weak self] in _ = try? self?.state.withLock({ $0.writer }).sync() }
             t.resume()
-            timer = TimerBox(source: t)
-        } else {
-            timer = nil
+            timer.withLock { $0 = TimerBox(source: t) }
         }
     }
 
@@ -129,18 +136,25 @@ public final class Database: Sendable {
         return String(repeating: "0", count: max(0, 6 - digits.count)) + digits + ".log"
     }
 
-    /// Opens (creating if needed) the database in `directory`: replays every log into a fresh
-    /// memtable, truncating a torn tail, then starts a new log.
+    static func tableName(_ n: UInt64) -> String {
+        let d = String(n)
+        return String(repeating: "0", count: max(0, 6 - d.count)) + d + ".sst"
+    }
+
+    /// Opens (creating if needed) the database in `directory`: reads the manifest (the live
+    /// tables), replays the logs it does not cover into a fresh memtable (truncating a torn tail),
+    /// then starts a new log and a new manifest.
     public static func open(fs: any FileSystem, directory: String, options: DatabaseOptions = .init()) throws(StorageError) -> Database {
         try fs.createDirectory(directory)
-        let logs = try fs.list(directory).filter { $0.hasSuffix(".log") }.compactMap { name -> (Int, String)? in
-            guard let n = Int(name.dropLast(4)) else { return nil }
+        var version = try Manifest.recover(fs: fs, directory: directory)?.0 ?? Version()
+        let logs = try fs.list(directory).filter { $0.hasSuffix(".log") }.compactMap { name -> (UInt64, String)? in
+            guard let n = UInt64(name.dropLast(4)) else { return nil }
             return (n, name)
         }.sorted { $0.0 < $1.0 }
         let memtable = Memtable()
-        var sequence: UInt64 = 0
+        var sequence = version.lastSequence
         var stats = Statistics()
-        for (_, name) in logs {
+        for (number, name) in logs where number >= version.logNumber {
             let path = directory + "/" + name
             let r = try WAL.recover(try fs.openReadable(path), path: path, salvage: options.salvage)
             for record in r.records {
@@ -163,22 +177,91 @@ public final class Database: Sendable {
             }
             stats.salvagedBytes += r.salvagedBytes
         }
-        let next = (logs.last?.0 ?? 0) + 1
-        let path = directory + "/" + logName(next)
+        var tables: [(meta: TableMeta, reader: TableReader)] = []
+        for meta in (version.tables[0] ?? []).sorted(by: { $0.number > $1.number }) {
+            tables.append((meta, try TableReader(fs: fs, path: directory + "/" + tableName(meta.number))))
+        }
+        let highestLog = logs.last?.0 ?? 0
+        let logNumber = max(version.nextFile, highestLog + 1)
+        let manifestNumber = logNumber + 1
+        let path = directory + "/" + logName(Int(logNumber))
         let file = try fs.openAppendable(path, create: true)
         try file.sync()
         try fs.syncDirectory(directory)
-        return Database(fs: fs, directory: directory, options: options, sequence: sequence, memtable: memtable,
-                        writer: WALWriter(file: file, path: path), recovered: stats)
+        // The replayed logs stay until a flush covers them: the new manifest keeps the old log number.
+        version.nextFile = manifestNumber + 1
+        version.lastSequence = sequence
+        let manifest = try Manifest.create(fs: fs, directory: directory, number: manifestNumber, version: version)
+        // Older manifests are obsolete once CURRENT names the new one.
+        let current = Manifest.fileName(manifestNumber)
+        for name in try fs.list(directory) where name.hasPrefix("MANIFEST-") && name != current {
+            try fs.remove(directory + "/" + name)
+        }
+        try fs.syncDirectory(directory)
+        let state = State(sequence: sequence, memtable: memtable, tables: tables, version: version, manifest: manifest,
+                          writer: WALWriter(file: file, path: path), logNumber: logNumber)
+        return Database(fs: fs, directory: directory, options: options, state: state, recovered: stats)
+    }
+
+    /// Writes the memtable as a level-0 table, records it in the manifest, and drops the logs it
+    /// covered. Writes continue meanwhile into a fresh memtable and a new log.
+    public func flush() throws(StorageError) {
+        try flushLock.withLock { _ throws(StorageError) in
+            // 1. Swap in a fresh memtable and log; everything before is in `frozen` and older logs.
+            let (frozen, newLog, sequence, nextFile): (Memtable, UInt64, UInt64, UInt64) = try state.withLock { s throws(StorageError) in
+                let number = s.version.nextFile
+                let path = directory + "/" + Self.logName(Int(number))
+                let file = try fs.openAppendable(path, create: true)
+                try file.sync()
+                try fs.syncDirectory(directory)
+                try s.writer.sync()
+                let frozen = s.memtable
+                s.immutable = frozen
+                s.memtable = Memtable()
+                s.writer = WALWriter(file: file, path: path)
+                s.logNumber = number
+                s.version.nextFile = number + 1
+                let writer = s.writer
+                committer.withLock { $0 = GroupCommitter(durable: s.sequence) { () throws(StorageError) in try writer.sync() } }
+                return (frozen, number, s.sequence, number + 1)
+            }
+            let entries = frozen.scan()
+            var edit = VersionEdit()
+            edit.logNumber = newLog
+            edit.lastSequence = sequence
+            edit.nextFile = nextFile + 1
+            var reader: TableReader?
+            if let first = entries.first, let last = entries.last {
+                // 2. The table: newest version per key, deletions kept (they shadow older tables).
+                let tablePath = directory + "/" + Self.tableName(nextFile)
+                let builder = try TableBuilder(fs: fs, path: tablePath)
+                for e in entries { try builder.add(key: e.key, value: [e.kind.rawValue] + e.value) }
+                let size = try builder.finish()
+                try fs.syncDirectory(directory)
+                edit.added = [TableMeta(number: nextFile, level: 0, size: size, smallest: first.key, largest: last.key)]
+                reader = try TableReader(fs: fs, path: tablePath)
+            }
+            // 3. Durably record it, then make it visible, then drop the covered logs.
+            try state.withLock { s throws(StorageError) in
+                try Manifest.record(edit, to: s.manifest)
+                s.version.apply(edit)
+                if let reader, let meta = edit.added.first { s.tables.insert((meta, reader), at: 0) }
+                s.immutable = nil   // its entries are in the table now
+            }
+            for name in try fs.list(directory) where name.hasSuffix(".log") {
+                if let n = UInt64(name.dropLast(4)), n < newLog { try fs.remove(directory + "/" + name) }
+            }
+            try fs.syncDirectory(directory)
+        }
     }
 
     /// Applies `batch` atomically. Under `always` (or `sync: .always` for this write) it returns only
     /// once the batch is durable.
     public func write(_ batch: WriteBatch, sync: SyncMode? = nil) async throws {
         guard !batch.ops.isEmpty else { return }
-        let last: UInt64 = try state.withLock { s throws(StorageError) in
+        let (last, committer): (UInt64, GroupCommitter) = try state.withLock { s throws(StorageError) in
             let first = s.sequence + 1
-            try writer.append([batch.encoded(firstSequence: first)], sync: false)
+            try s.writer.append([batch.encoded(firstSequence: first)], sync: false)
             for (i, op) in batch.ops.enumerated() {
                 switch op {
                 case .put(let k, let v): s.memtable.add(key: k, sequence: first + UInt64(i), kind: .value, value: v)
@@ -186,8 +269,9 @@ public final class Database: Sendable {
                 }
             }
             s.sequence = first + UInt64(batch.ops.count) - 1
-            committer.noteAppended(upTo: s.sequence)
-            return s.sequence
+            let c = self.committer.withLock { $0 }
+            c.noteAppended(upTo: s.sequence)
+            return (s.sequence, c)
         }
         if (sync ?? options.syncMode) == .always {
             try await committer.waitDurable(upTo: last)
@@ -206,20 +290,28 @@ public final class Database: Sendable {
         try await write(b, sync: sync)
     }
 
-    /// The value of `key` (nil if absent or deleted).
-    public func get(_ key: [UInt8]) -> [UInt8]? {
-        guard let e = state.withLock({ $0.memtable }).get(key), e.kind == .value else { return nil }
-        return e.value
+    /// The value of `key` (nil if absent or deleted): the memtable, the memtable being flushed,
+    /// then tables newest first.
+    public func get(_ key: [UInt8]) throws(StorageError) -> [UInt8]? {
+        let (memtable, immutable, tables) = state.withLock { ($0.memtable, $0.immutable, $0.tables.map(\.reader)) }
+        if let e = memtable.get(key) { return e.kind == .value ? e.value : nil }
+        if let e = immutable?.get(key) { return e.kind == .value ? e.value : nil }
+        for t in tables {
+            if let v = try t.get(key), let kind = v.first {
+                return kind == EntryKind.value.rawValue ? Array(v.dropFirst()) : nil
+            }
+        }
+        return nil
     }
 
     public var statistics: Statistics {
         var s = recovered
-        s.logSyncs = committer.syncCount
+        s.logSyncs = committer.withLock { $0 }.syncCount
         return s
     }
 
     public func close() throws(StorageError) {
-        timer?.source.cancel()
-        try writer.close()
+        timer.withLock { $0?.source.cancel() }
+        try state.withLock { s throws(StorageError) in try s.writer.close() }
     }
 }

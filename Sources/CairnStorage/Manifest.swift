@@ -88,7 +88,7 @@ public struct VersionEdit: Sendable, Hashable {
 public struct Version: Sendable, Hashable {
     public var tables: [Int: [TableMeta]] = [:]
     public var logNumber: UInt64 = 0
-    public var nextFile: UInt64 = 2
+    public var nextFile: UInt64 = 1
     public var lastSequence: UInt64 = 0
 
     public init() {}
