@@ -8,19 +8,18 @@ public struct PosixFileSystem: FileSystem {
     public init() {}
 
     public func openAppendable(_ path: String, create: Bool) throws(StorageError) -> any AppendableFile {
-        let fd = open(path, O_WRONLY | O_APPEND | O_CLOEXEC | (create ? O_CREAT : 0), 0o644)
-        guard fd >= 0 else { throw errno == ENOENT ? .notFound(path: path) : .io(path: path, operation: "open", errno: errno) }
-        var st = stat()
-        guard fstat(fd, &st) == 0 else {
-            let e = errno
-            Glibc.close(fd)
-            throw .io(path: path, operation: "fstat", errno: e)
-        }
-        return PosixAppendableFile(fd: fd, path: path, size: UInt64(max(st.st_size, 0)))
+        let (fd, size) = try Self.open(path, O_WRONLY | O_APPEND | O_CLOEXEC | (create ? O_CREAT : 0))
+        return PosixAppendableFile(fd: fd, path: path, size: size)
     }
 
     public func openReadable(_ path: String) throws(StorageError) -> any ReadableFile {
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        let (fd, size) = try Self.open(path, O_RDONLY | O_CLOEXEC)
+        return PosixReadableFile(fd: fd, path: path, size: size)
+    }
+
+    /// Opens `path` and returns the descriptor with the file's current size.
+    private static func open(_ path: String, _ flags: Int32) throws(StorageError) -> (Int32, UInt64) {
+        let fd = Glibc.open(path, flags, 0o644)
         guard fd >= 0 else { throw errno == ENOENT ? .notFound(path: path) : .io(path: path, operation: "open", errno: errno) }
         var st = stat()
         guard fstat(fd, &st) == 0 else {
@@ -28,7 +27,7 @@ public struct PosixFileSystem: FileSystem {
             Glibc.close(fd)
             throw .io(path: path, operation: "fstat", errno: e)
         }
-        return PosixReadableFile(fd: fd, path: path, size: UInt64(max(st.st_size, 0)))
+        return (fd, UInt64(max(st.st_size, 0)))
     }
 
     public func rename(_ from: String, to: String) throws(StorageError) {
@@ -61,7 +60,7 @@ public struct PosixFileSystem: FileSystem {
     }
 
     public func syncDirectory(_ path: String) throws(StorageError) {
-        let fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        let fd = Glibc.open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
         guard fd >= 0 else { throw .io(path: path, operation: "open directory", errno: errno) }
         defer { Glibc.close(fd) }
         guard fsync(fd) == 0 else { throw .syncFailed(path: path, errno: errno) }
