@@ -196,7 +196,9 @@ struct InProcessClusterTests {
     @Test func aDeadSeedDoesNotFailTheClient() async throws {
         let cluster = try await TestCluster.start()
         await cluster.crash(0)
-        let c = try await CairnClient.connect(seeds: [cluster.address(0), cluster.address(1)])
+        var config = CairnClient.Configuration()
+        config.defaultTimeoutMillis = 10_000   // generous: speed is not what this test asserts
+        let c = try await CairnClient.connect(seeds: [cluster.address(0), cluster.address(1)], configuration: config)
         for i in 0..<6 { try await c.put(Array("s\(i)".utf8), value: [1], options: RequestOptions(w: .count(2))) }
         #expect(try await c.get(Array("s5".utf8)).values == [[1]])
         c.close()
