@@ -71,19 +71,13 @@ public final class CairnClient: Sendable {
         public init() {}
     }
 
-    private let seeds: [HostPortText]
+    private let seeds: [HostPort]
     private let configuration: Configuration
     private let group: any EventLoopGroup
     private let pool: Locked<[Int: [Connection]]>
     private let cursor = Atomic<Int>(0)
 
-    struct HostPortText: Sendable {
-        let host: String
-        let port: Int
-        var text: String { host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)" }
-    }
-
-    private init(seeds: [HostPortText], configuration: Configuration, group: any EventLoopGroup) {
+    private init(seeds: [HostPort], configuration: Configuration, group: any EventLoopGroup) {
         self.seeds = seeds
         self.configuration = configuration
         self.group = group
@@ -94,9 +88,9 @@ public final class CairnClient: Sendable {
     /// dead seeds are retried lazily on later calls.
     public static func connect(seeds: [String], configuration: Configuration = .init(),
                                group: (any EventLoopGroup)? = nil) async throws(CairnError) -> CairnClient {
-        var parsed: [HostPortText] = []
+        var parsed: [HostPort] = []
         for s in seeds {
-            guard let hp = parseHostPort(s) else { throw .invalidArgument("seed '\(s)' is not host:port") }
+            guard let hp = parseSeed(s) else { throw .invalidArgument("seed '\(s)' is not host:port with a port 1...65535") }
             parsed.append(hp)
         }
         guard !parsed.isEmpty else { throw .invalidArgument("no seeds given") }
@@ -107,7 +101,7 @@ public final class CairnClient: Sendable {
                 let c = try await client.connection(i)
                 if case .pong = try await c.request(.ping, timeoutMillis: UInt32(clamping: configuration.connectTimeoutMillis)) { return client }
             } catch {
-                errors.append("\(parsed[i].text): \(error)")
+                errors.append("\(parsed[i]): \(error)")
             }
         }
         client.close()
@@ -211,22 +205,22 @@ public final class CairnClient: Sendable {
                 let c = try await connection(i)
                 let reply = try await c.request(message, timeoutMillis: wait)
                 if case .error(let e) = reply, [.overloaded, .notReady, .shuttingDown].contains(e.code) {
-                    notes.append("\(seeds[i].text): \(e.message)")
+                    notes.append("\(seeds[i]): \(e.message)")
                     continue  // refused before any work was done: safe to try another node
                 }
                 return reply
             } catch {
                 if case .protocolViolation(let why) = error {
-                    throw .server(code: ErrorCode.malformed.rawValue, message: "\(seeds[i].text) sent a reply this client cannot decode: \(why)")
+                    throw .server(code: ErrorCode.malformed.rawValue, message: "\(seeds[i]) sent a reply this client cannot decode: \(why)")
                 }
-                notes.append("\(seeds[i].text): \(error)")
+                notes.append("\(seeds[i]): \(error)")
                 allRefused = false
                 if error.certainlyNotDelivered { continue }
                 if idempotent {
                     maybeDelivered = true
                     continue
                 }
-                throw .timeout("\(seeds[i].text): \(error); the write may have been applied")
+                throw .timeout("\(seeds[i]): \(error); the write may have been applied")
             }
         }
         let detail = notes.joined(separator: "; ")
@@ -257,26 +251,21 @@ public final class CairnClient: Sendable {
         let c = try await Connection.connect(host: seed.host, port: seed.port, group: group, limits: configuration.limits,
                                              maxPending: configuration.maxPendingPerConnection,
                                              connectTimeout: .milliseconds(configuration.connectTimeoutMillis))
-        pool.withLock { p in p[i, default: []].append(c) }
-        return c
-    }
-
-    static func parseHostPort(_ s: String) -> HostPortText? {
-        if s.hasPrefix("["), let close = s.firstIndex(of: "]") {
-            let host = String(s[s.index(after: s.startIndex)..<close])
-            let rest = s[s.index(after: close)...]
-            guard rest.hasPrefix(":"), let port = Int(rest.dropFirst()), (1...65535).contains(port) else { return nil }
-            return HostPortText(host: host, port: port)
+        // Concurrent callers may all have connected: keep at most connectionsPerNode, close the rest.
+        let (use, extra): (Connection, Connection?) = pool.withLock { p in
+            var live = (p[i] ?? []).filter(\.isActive)
+            if live.count >= configuration.connectionsPerNode, let first = live.first { return (first, c) }
+            live.append(c)
+            p[i] = live
+            return (c, nil)
         }
-        guard let colon = s.lastIndex(of: ":"), let port = Int(s[s.index(after: colon)...]), (1...65535).contains(port) else { return nil }
-        let host = String(s[..<colon])
-        return host.isEmpty ? nil : HostPortText(host: host, port: port)
+        extra?.close()
+        return use
     }
-}
 
-/// A value behind a `Mutex`, shared by reference. Critical sections must not suspend.
-final class Locked<Value: Sendable>: Sendable {
-    private let mutex: Mutex<Value>
-    init(_ value: sending Value) { mutex = Mutex(value) }
-    func withLock<R: Sendable>(_ body: (inout sending Value) throws -> sending R) rethrows -> R { try mutex.withLock(body) }
+    /// A seed: `host:port` (IPv6 in brackets) with a port that can be connected to.
+    static func parseSeed(_ s: String) -> HostPort? {
+        guard let hp = try? HostPort(parsing: s), hp.port >= 1 else { return nil }
+        return hp
+    }
 }

@@ -108,8 +108,8 @@ public enum KeyChooser: Sendable {
         case .scrambledZipfian(let n, let zipf):
             return Self.fnv1a64(zipf.next(&rng)) % max(n, 1)
         case .latest(let zipf):
-            let back = zipf.next(&rng) % (newest + 1)
-            return newest - back
+            let span = newest &+ 1   // 0 only if nothing was ever inserted
+            return span == 0 ? 0 : newest - zipf.next(&rng) % span
         case .hotspot(let n, let hot, let hotOps):
             let hotCount = max(UInt64(Double(n) * hot), 1)
             if rng.nextDouble() < hotOps || hotCount >= n { return rng.next(below: hotCount) }

@@ -88,7 +88,8 @@ public struct OpenLoopSchedule: Sendable {
 
     /// Nanoseconds after the run's start at which operation `i` should start.
     public func intendedStartNanos(_ i: UInt64) -> UInt64 {
-        UInt64((Double(i) * 1e9 / rate).rounded())
+        let ns = (Double(i) * 1e9 / rate).rounded()
+        return ns.isFinite && ns < 1.8e19 ? UInt64(max(ns, 0)) : .max
     }
 
     /// Latency (µs) of operation `i` that completed `completedNanos` after the run's start.

@@ -372,8 +372,7 @@ public final class Runner: Sendable {
         var totals: [String: Histogram<UInt64>] = [:]
         var errors: [String: Int] = [:]
         for w in workers { w.totals(into: &totals, errors: &errors) }
-        var siblingReads = 0
-        if let c = target as? CairnTarget { siblingReads = c.siblingReads.load(ordering: .relaxed) }
+        let siblingReads = target.siblingReads
         return RunReport(config: config, elapsed: elapsed, operations: totals.mapValues(OperationSummary.init), errors: errors,
                          verification: verifier?.result, firstFailures: verifier?.firstFailures ?? [], siblingReads: siblingReads)
     }

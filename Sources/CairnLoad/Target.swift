@@ -44,6 +44,12 @@ public protocol LoadTarget: Sendable {
     /// A session for worker `index` (targets spread workers over their endpoints).
     func session(index: Int) async throws(TargetError) -> any TargetSession
     func close() async
+    /// Reads that returned more than one live value (targets with siblings).
+    var siblingReads: Int { get }
+}
+
+extension LoadTarget {
+    public var siblingReads: Int { 0 }
 }
 
 public struct ConsistencyOptions: Sendable {
@@ -77,29 +83,28 @@ public func makeTarget(_ url: String, consistency: ConsistencyOptions, concurren
 /// `i % count`, spreading workers evenly.
 struct Endpoints: Sendable, CustomStringConvertible {
     let scheme: String
-    let hosts: [(String, Int)]
+    let hosts: [HostPort]
     let group: any EventLoopGroup
 
     init(scheme: String, _ endpoints: [String], group: (any EventLoopGroup)?) throws(TargetError) {
-        var parsed: [(String, Int)] = []
+        var parsed: [HostPort] = []
         for e in endpoints { parsed.append(try splitHostPort(e)) }
         self.scheme = scheme
         self.hosts = parsed
         self.group = group ?? MultiThreadedEventLoopGroup.singleton
     }
 
-    func pick(_ index: Int) -> (String, Int) { hosts[index % hosts.count] }
+    func pick(_ index: Int) -> (String, Int) {
+        let hp = hosts[index % hosts.count]
+        return (hp.host, hp.port)
+    }
 
-    var description: String { scheme + "://" + hosts.map { "\($0.0):\($0.1)" }.joined(separator: ",") }
+    var description: String { scheme + "://" + hosts.map(\.description).joined(separator: ",") }
 }
 
-func splitHostPort(_ s: String) throws(TargetError) -> (String, Int) {
-    guard let colon = s.lastIndex(of: ":"), let port = Int(s[s.index(after: colon)...]), (1...65535).contains(port) else {
-        throw TargetError("invalid", "'\(s)' is not host:port")
-    }
-    var host = String(s[..<colon])
-    if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
-    return (host, port)
+func splitHostPort(_ s: String) throws(TargetError) -> HostPort {
+    guard let hp = try? HostPort(parsing: s), hp.port >= 1 else { throw TargetError("invalid", "'\(s)' is not host:port") }
+    return hp
 }
 
 /// Cairn through `CairnClient`. Like an application, it writes with the context of the last
@@ -112,8 +117,8 @@ public final class CairnTarget: LoadTarget {
     let endpoints: [String]
     /// Bound of the context cache (entries); past it the cache starts over.
     static let maxCachedContexts = 4_000_000
-    /// Reads that returned more than one live value.
-    let siblingReads = Atomic<Int>(0)
+    let siblingReadCount = Atomic<Int>(0)
+    public var siblingReads: Int { siblingReadCount.load(ordering: .relaxed) }
 
     init(client: CairnClient, options: RequestOptions, endpoints: [String]) {
         self.client = client
@@ -169,7 +174,7 @@ struct CairnSession: TargetSession {
             let r = try await target.client.get(key, options: target.options)
             target.remember(key, r.context)
             let values = r.values
-            if values.count > 1 { target.siblingReads.wrappingAdd(1, ordering: .relaxed) }
+            if values.count > 1 { target.siblingReadCount.wrappingAdd(1, ordering: .relaxed) }
             return ReadResult(values: values)
         } catch {
             if case .notFound(let ctx) = error {

@@ -22,8 +22,11 @@ public final class NodeMetrics: Sendable {
         case ok, notFound = "not_found", unavailable, notReached = "not_reached", timeout, invalid, overloaded, error
     }
 
-    private let requests: [String: CoreMetrics.Counter]
-    private let latency: [String: CoreMetrics.Timer]
+    /// Indexed by `OperationKind.rawValue - 1`, then by the outcome's position in `allCases`
+    /// (no string building on the request path).
+    private let requests: [[CoreMetrics.Counter]]
+    private let latency: [CoreMetrics.Timer]
+    private static let outcomeIndex = Dictionary(uniqueKeysWithValues: Outcome.allCases.enumerated().map { ($1, $0) })
     let inflight: CoreMetrics.Gauge
     let inflightLimit: CoreMetrics.Gauge
     let protocolErrors: CoreMetrics.Counter
@@ -41,15 +44,13 @@ public final class NodeMetrics: Sendable {
         var f = PrometheusMetricsFactory(registry: registry)
         f.defaultDurationHistogramBuckets = Self.latencyBuckets
         factory = f
-        var requests: [String: CoreMetrics.Counter] = [:]
-        var latency: [String: CoreMetrics.Timer] = [:]
-        for op in ["get", "put", "delete"] {
-            for outcome in Outcome.allCases {
-                requests["\(op)/\(outcome.rawValue)"] = CoreMetrics.Counter(label: "cairn_requests_total",
-                                                                dimensions: [("op", op), ("outcome", outcome.rawValue)], factory: f)
+        let ops: [OperationKind] = [.get, .put, .delete]
+        let requests = ops.map { op in
+            Outcome.allCases.map { outcome in
+                CoreMetrics.Counter(label: "cairn_requests_total", dimensions: [("op", "\(op)"), ("outcome", outcome.rawValue)], factory: f)
             }
-            latency[op] = CoreMetrics.Timer(label: "cairn_request_duration_seconds", dimensions: [("op", op)], factory: f)
         }
+        let latency = ops.map { CoreMetrics.Timer(label: "cairn_request_duration_seconds", dimensions: [("op", "\($0)")], factory: f) }
         self.requests = requests
         self.latency = latency
         inflight = CoreMetrics.Gauge(label: "cairn_inflight_requests", factory: f)
@@ -68,12 +69,15 @@ public final class NodeMetrics: Sendable {
 
     /// Counts a request that was refused before any work (no latency sample).
     func count(_ op: OperationKind, _ outcome: Outcome) {
-        requests["\(op)/\(outcome.rawValue)"]?.increment()
+        let i = Int(op.rawValue) - 1
+        guard requests.indices.contains(i), let o = Self.outcomeIndex[outcome] else { return }
+        requests[i][o].increment()
     }
 
     func record(_ op: OperationKind, _ outcome: Outcome, since start: ContinuousClock.Instant) {
-        requests["\(op)/\(outcome.rawValue)"]?.increment()
-        latency["\(op)"]?.recordInterval(since: start)
+        count(op, outcome)
+        let i = Int(op.rawValue) - 1
+        if latency.indices.contains(i) { latency[i].recordInterval(since: start) }
     }
 
     /// The Prometheus text exposition of every metric.

@@ -1,4 +1,5 @@
 import CSystemd
+import CairnCore
 import Logging
 
 /// Where service-manager notifications go. Implementations must be thread-safe and must not block.

@@ -39,7 +39,7 @@ public struct ServiceStatus: Sendable {
         switch event {
         case .recovering(let done, let total, let now):
             guard phase == .starting else { return [] }
-            let percent = total == 0 ? 100 : Int(min(done, total) * 100 / total)
+            let percent = total == 0 ? 100 : Int(Double(min(done, total)) / Double(total) * 100)
             if let last = lastRecoveryReport, now - last < recoveryReportEvery { return [] }
             guard percent > lastRecoveryPercent else { return [] }
             lastRecoveryReport = now

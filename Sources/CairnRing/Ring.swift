@@ -71,7 +71,19 @@ public struct Ring: Hashable, Sendable {
     }
 
     /// The `n` distinct primaries for partition `p` (fewer only if the ring has fewer members).
-    public func preferenceList(for p: PartitionID, n: Int) -> [NodeName] { Array(walk(from: p).prefix(n)) }
+    /// On every request's path: stops at `n` and checks distinctness in the (short) result.
+    public func preferenceList(for p: PartitionID, n: Int) -> [NodeName] {
+        guard !owners.isEmpty else { return [] }
+        let want = min(n, members.count)
+        var picked: [Int] = []
+        picked.reserveCapacity(want)
+        var i = Int(p.index) % partitionCount
+        for _ in 0..<partitionCount where picked.count < want {
+            if !picked.contains(owners[i]) { picked.append(owners[i]) }
+            i = (i + 1) % partitionCount
+        }
+        return picked.map { members[$0] }
+    }
 
     /// Up to `count` fallbacks: the next distinct nodes after the primaries.
     public func fallbacks(for p: PartitionID, n: Int, count: Int) -> [NodeName] { Array(walk(from: p).dropFirst(n).prefix(count)) }

@@ -131,7 +131,11 @@ public final class Database: Sendable {
         }
     }
 
-    static func logName(_ n: Int) -> String {
+    /// Bounds that keep every counter far from overflow whatever a file says.
+    static let maxSequence: UInt64 = 1 << 62
+    static let maxFileNumber: UInt64 = 1 << 40
+
+    static func logName(_ n: UInt64) -> String {
         let digits = String(n)
         return String(repeating: "0", count: max(0, 6 - digits.count)) + digits + ".log"
     }
@@ -168,7 +172,11 @@ public final class Database: Sendable {
                     case .delete(let k): memtable.add(key: k, sequence: seq, kind: .deletion, value: [])
                     }
                 }
-                sequence = max(sequence, first + UInt64(batch.ops.count) - (batch.ops.isEmpty ? 0 : 1))
+                let (end, overflow) = first.addingReportingOverflow(UInt64(batch.ops.count))
+                guard !overflow, end < Self.maxSequence else {
+                    throw .corruption(path: path, offset: 0, reason: "batch sequence \(first) out of range")
+                }
+                sequence = max(sequence, end - (batch.ops.isEmpty ? 0 : 1))
                 stats.recoveredRecords += 1
             }
             if r.tornTailBytes > 0 {
@@ -183,8 +191,11 @@ public final class Database: Sendable {
         }
         let highestLog = logs.last?.0 ?? 0
         let logNumber = max(version.nextFile, highestLog + 1)
+        guard logNumber < Self.maxFileNumber else {
+            throw .corruption(path: directory + "/" + Manifest.currentName, offset: 0, reason: "file number \(logNumber) out of range")
+        }
         let manifestNumber = logNumber + 1
-        let path = directory + "/" + logName(Int(logNumber))
+        let path = directory + "/" + logName(logNumber)
         let file = try fs.openAppendable(path, create: true)
         try file.sync()
         try fs.syncDirectory(directory)
@@ -210,7 +221,7 @@ public final class Database: Sendable {
             // 1. Swap in a fresh memtable and log; everything before is in `frozen` and older logs.
             let (frozen, newLog, sequence, nextFile): (Memtable, UInt64, UInt64, UInt64) = try state.withLock { s throws(StorageError) in
                 let number = s.version.nextFile
-                let path = directory + "/" + Self.logName(Int(number))
+                let path = directory + "/" + Self.logName(number)
                 let file = try fs.openAppendable(path, create: true)
                 try file.sync()
                 try fs.syncDirectory(directory)

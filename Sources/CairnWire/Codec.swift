@@ -178,31 +178,25 @@ public enum WireCodec {
     /// Decodes one frame body (everything after the length prefix). Throws `WireError`, never traps.
     public static func decodeBody(_ body: [UInt8], limits: Limits) throws(WireError) -> Envelope {
         guard body.count >= headerBytes else { throw .frameTooShort(length: body.count) }
-        var r = ByteReader(body)
+        let version = body[0]
+        let rawType = body[1]
+        let id = body[2..<headerBytes].reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
+        guard version == protocolVersion else { throw .unsupportedVersion(version, requestID: id) }
+        guard let type = MessageType(rawValue: rawType) else { throw .unknownType(rawType, requestID: id) }
+        var r = ByteReader(Array(body[headerBytes...]))
         do {
-            let version = try r.readU8()
-            let rawType = try r.readU8()
-            let id = try r.readU64()
-            guard version == protocolVersion else { throw WireError.unsupportedVersion(version, requestID: id) }
-            guard let type = MessageType(rawValue: rawType) else { throw WireError.unknownType(rawType, requestID: id) }
-            do {
-                let message = try decodePayload(type, &r, limits)
-                try r.expectEnd("\(type) message")
-                return Envelope(requestID: id, message: message)
-            } catch let e as DecodeError {
-                throw WireError.malformed(e.reason, requestID: id)
-            }
-        } catch let e as WireError {
-            throw e
+            let message = try decodePayload(type, &r, limits)
+            try r.expectEnd("\(type) message")
+            return Envelope(requestID: id, message: message)
         } catch {
-            throw .frameTooShort(length: body.count)
+            throw .malformed(error.reason, requestID: id)
         }
     }
 
     static let maxShortString = 4096
     static let maxMembers = 4096
 
-    static func decodePayload(_ type: MessageType, _ r: inout ByteReader, _ limits: Limits) throws -> Message {
+    static func decodePayload(_ type: MessageType, _ r: inout ByteReader, _ limits: Limits) throws(DecodeError) -> Message {
         switch type {
         case .get:
             let key = try readKey(&r, limits)
@@ -300,19 +294,19 @@ public enum WireCodec {
     }
 
     /// Put/delete flags: bit 0 = forwarded; other bits must be zero.
-    static func readRequestFlags(_ r: inout ByteReader) throws -> UInt8 {
+    static func readRequestFlags(_ r: inout ByteReader) throws(DecodeError) -> UInt8 {
         let flags = try r.readU8("flags")
         guard flags & ~1 == 0 else { throw DecodeError("unknown request flags \(flags)") }
         return flags
     }
 
-    static func readKey(_ r: inout ByteReader, _ limits: Limits) throws -> [UInt8] {
+    static func readKey(_ r: inout ByteReader, _ limits: Limits) throws(DecodeError) -> [UInt8] {
         let key = try r.readBlob("key", limit: limits.maxKeyBytes)
         guard !key.isEmpty else { throw DecodeError("key is empty") }
         return key
     }
 
-    static func decodeOptions(_ r: inout ByteReader) throws -> RequestOptions {
+    static func decodeOptions(_ r: inout ByteReader) throws(DecodeError) -> RequestOptions {
         var qs: [Quorum?] = []
         for name in ["r", "w", "pr", "pw"] {
             switch try r.readU8(name) {
@@ -327,7 +321,7 @@ public enum WireCodec {
         return RequestOptions(r: qs[0], w: qs[1], pr: qs[2], pw: qs[3], timeoutMillis: timeout == 0 ? nil : timeout)
     }
 
-    static func decodeQuorumFailure(_ r: inout ByteReader) throws -> QuorumFailure {
+    static func decodeQuorumFailure(_ r: inout ByteReader) throws(DecodeError) -> QuorumFailure {
         guard let kind = QuorumFailure.Kind(rawValue: try r.readU8("quorum kind")) else { throw DecodeError("unknown quorum failure kind") }
         guard let op = OperationKind(rawValue: try r.readU8("operation")) else { throw DecodeError("unknown operation") }
         let requirement = try r.readString("requirement", limit: 8)

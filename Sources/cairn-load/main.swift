@@ -20,11 +20,16 @@ struct Common: ParsableArguments {
     @Option(help: "Cairn: of the W acknowledgements, how many must come from primaries.") var pw: String?
     @Option(help: "Event-loop threads of the generator (default 1, or $CAIRN_LOAD_THREADS).") var threads: Int?
 
+    func validate() throws {
+        guard records >= 1 else { throw ArgumentParser.ValidationError("--records must be at least 1") }
+        guard (1...10_000).contains(concurrency) else { throw ArgumentParser.ValidationError("--concurrency must be 1...10000") }
+    }
+
     func valueRange() throws -> ClosedRange<Int> {
         let parts = valueSize.split(separator: "-").map { Int($0) }
         switch parts.count {
-        case 1: if let n = parts[0], n >= 0 { return n...n }
-        case 2: if let a = parts[0], let b = parts[1], a >= 0, a <= b { return a...b }
+        case 1: if let n = parts[0], n >= 0, n <= 64 << 20 { return n...n }
+        case 2: if let a = parts[0], let b = parts[1], a >= 0, a <= b, b <= 64 << 20 { return a...b }
         default: break
         }
         throw ArgumentParser.ValidationError("--value-size '\(valueSize)' is not BYTES or MIN-MAX")
@@ -33,10 +38,11 @@ struct Common: ParsableArguments {
 
 func parseDuration(_ s: String) throws -> Duration {
     let units: [(String, Double)] = [("ms", 0.001), ("s", 1), ("m", 60)]
+    let maxMillis = 30.0 * 24 * 3600 * 1000   // a run is bounded: at most 30 days
     for (u, scale) in units where s.hasSuffix(u) {
-        if let n = Double(s.dropLast(u.count)), n > 0 { return .milliseconds(Int64(n * scale * 1000)) }
+        if let n = Double(s.dropLast(u.count)), n > 0, n * scale * 1000 <= maxMillis { return .milliseconds(Int64(n * scale * 1000)) }
     }
-    if let n = Double(s), n > 0 { return .milliseconds(Int64(n * 1000)) }
+    if let n = Double(s), n > 0, n * 1000 <= maxMillis { return .milliseconds(Int64(n * 1000)) }
     throw ArgumentParser.ValidationError("'\(s)' is not a duration (e.g. 30s, 2m, 500ms)")
 }
 

@@ -145,11 +145,11 @@ private let ok = Message.writeReply(WriteReply(context: CausalContext(VersionVec
     }
 
     @Test func seedsParse() {
-        #expect(CairnClient.parseHostPort("127.0.0.1:7401")?.port == 7401)
-        #expect(CairnClient.parseHostPort("[::1]:7401")?.host == "::1")
-        #expect(CairnClient.parseHostPort("host") == nil)
-        #expect(CairnClient.parseHostPort(":7401") == nil)
-        #expect(CairnClient.parseHostPort("h:0") == nil)
+        #expect(CairnClient.parseSeed("127.0.0.1:7401")?.port == 7401)
+        #expect(CairnClient.parseSeed("[::1]:7401")?.host == "::1")
+        #expect(CairnClient.parseSeed("host") == nil)
+        #expect(CairnClient.parseSeed(":7401") == nil)
+        #expect(CairnClient.parseSeed("h:0") == nil)
     }
 }
 
