@@ -116,9 +116,7 @@ public final class Runner: Sendable {
         for i in 0..<config.concurrency { sessions.append(try await target.session(index: i)) }
         let began = ContinuousClock.now
         let reporter = Task { await reportProgress() }
-        if config.phase == .load {
-            await runLoad(sessions)
-        } else if let rate = config.rate {
+        if config.phase == .run, let rate = config.rate {
             await runOpenLoop(sessions, schedule: OpenLoopSchedule(rate: rate))
         } else {
             await runClosedLoop(sessions)
@@ -131,95 +129,32 @@ public final class Runner: Sendable {
 
     // MARK: Phases
 
-    private func runLoad(_ sessions: [any TargetSession]) async {
-        if let driven = drivenSessions(sessions) { return await runDriven(driven) }
-        await withDiscardingTaskGroup { group in
-            for (w, session) in sessions.enumerated() {
-                group.addTask { [self] in
-                    var rng = SplitMix64(seed: config.seed &+ UInt64(w) &* 0x9E37)
-                    while !stop.load(ordering: .relaxed) {
-                        let i = claimed.wrappingAdd(1, ordering: .relaxed).oldValue
-                        guard i < config.records, !budgetExhausted(i) else { break }
-                        await write(session, index: i, op: OpIndex.insert, stats: workers[w], rng: &rng)
-                    }
-                }
-            }
-        }
-    }
-
-    /// Event-loop-driven workers when every session supports it and no operation needs two
-    /// steps (read-modify-write keeps the async path).
+    /// Event-loop-driven workers when every session supports it and every operation is a single
+    /// request (read-modify-write and delete keep the async path).
     private func drivenSessions(_ sessions: [any TargetSession]) -> [any EventLoopDrivenSession]? {
         guard (config.workload.mix[.readModifyWrite] ?? 0) == 0, (config.workload.mix[.delete] ?? 0) == 0 else { return nil }
         let driven = sessions.compactMap { $0 as? any EventLoopDrivenSession }
         return driven.count == sessions.count ? driven : nil
     }
 
-    private func runDriven(_ sessions: [any EventLoopDrivenSession]) async {
-        await withDiscardingTaskGroup { group in
-            for (w, session) in sessions.enumerated() {
-                let driver = ClosedLoopDriver(runner: self, stats: workers[w],
-                                              rng: SplitMix64(seed: config.seed &+ UInt64(w) &* 0x9E37 &+ (config.phase == .load ? 0 : 1)))
-                group.addTask { await session.runClosedLoop(driver) }
-            }
-        }
-    }
+    private func workerSeed(_ w: Int) -> UInt64 { config.seed &+ UInt64(w) &* 0x9E37 &+ (config.phase == .load ? 0 : 1) }
 
-    /// The next request for a driven worker, or nil when the run is over. Synchronous.
-    func planNext(_ rng: inout SplitMix64) -> ClosedLoopDriver.Plan? {
-        if stop.load(ordering: .relaxed) { return nil }
-        let n = claimed.wrappingAdd(1, ordering: .relaxed).oldValue
-        let index: UInt64
-        let op: Int
-        if config.phase == .load {
-            guard n < config.records, !budgetExhausted(n) else { return nil }
-            (index, op) = (n, OpIndex.insert)
-        } else {
-            if budgetExhausted(n) { return nil }
-            let newest = inserted.load(ordering: .relaxed) &- 1
-            switch config.workload.pick(&rng) {
-            case .read: (index, op) = (chooser.next(&rng, newest: newest), OpIndex.read)
-            case .update, .readModifyWrite, .delete: (index, op) = (chooser.next(&rng, newest: newest), OpIndex.update)
-            case .insert: (index, op) = (inserted.wrappingAdd(1, ordering: .relaxed).oldValue, OpIndex.insert)
+    /// Closed loop (and the load phase): each worker plans and executes one request at a time.
+    private func runClosedLoop(_ sessions: [any TargetSession]) async {
+        if let driven = drivenSessions(sessions) {
+            await withDiscardingTaskGroup { group in
+                for (w, session) in driven.enumerated() {
+                    let driver = ClosedLoopDriver(runner: self, stats: workers[w], rng: SplitMix64(seed: workerSeed(w)))
+                    group.addTask { await session.runClosedLoop(driver) }
+                }
             }
-        }
-        let key = recordKey(index)
-        let start = elapsedNanos
-        guard op != OpIndex.read else { return ClosedLoopDriver.Plan(op: op, index: index, key: key, value: nil, seq: 0, start: start) }
-        let seq = sequence.wrappingAdd(1, ordering: .relaxed).newValue
-        let v = value(for: key, seq: seq, rng: &rng)
-        verifier?.issued(key: index, seq: seq, at: start)
-        return ClosedLoopDriver.Plan(op: op, index: index, key: key, value: v, seq: seq, start: start)
-    }
-
-    /// Records a driven request's outcome. Synchronous.
-    func complete(_ plan: ClosedLoopDriver.Plan, values: [[UInt8]]?, error: TargetError?, stats: WorkerStats) {
-        completed.wrappingAdd(1, ordering: .relaxed)
-        if let error {
-            stats.error(error.kind)
             return
         }
-        stats.record(plan.op, micros: latency(since: plan.start))
-        if plan.value == nil {
-            verifier?.checkRead(key: plan.index, keyBytes: plan.key, started: plan.start, values: values ?? [])
-        } else {
-            verifier?.acknowledged(key: plan.index, seq: plan.seq, at: elapsedNanos)
-        }
-    }
-
-    private func runClosedLoop(_ sessions: [any TargetSession]) async {
-        if let driven = drivenSessions(sessions) { return await runDriven(driven) }
         await withDiscardingTaskGroup { group in
             for (w, session) in sessions.enumerated() {
                 group.addTask { [self] in
-                    var rng = SplitMix64(seed: config.seed &+ UInt64(w) &* 0x9E37 &+ 1)
-                    while !stop.load(ordering: .relaxed) {
-                        let i = claimed.wrappingAdd(1, ordering: .relaxed).oldValue
-                        if budgetExhausted(i) { break }
-                        let start = elapsedNanos
-                        let op = config.workload.pick(&rng)
-                        await perform(op, session, stats: workers[w], rng: &rng, intendedStart: start)
-                    }
+                    var rng = SplitMix64(seed: workerSeed(w))
+                    while let plan = planNext(&rng) { await execute(plan, session, stats: workers[w]) }
                 }
             }
         }
@@ -229,23 +164,18 @@ public final class Runner: Sendable {
         let (free, freeSink) = AsyncStream.makeStream(of: Int.self)
         for i in sessions.indices { freeSink.yield(i) }
         var freeSessions = free.makeAsyncIterator()
+        var rng = SplitMix64(seed: config.seed)
         await withDiscardingTaskGroup { group in
-            var i: UInt64 = 0
-            while !stop.load(ordering: .relaxed) && !budgetExhausted(i) {
-                let intended = schedule.intendedStartNanos(i)
+            while true {
+                // This loop is the only planner, so the next index is `claimed`.
+                let intended = schedule.intendedStartNanos(claimed.load(ordering: .relaxed))
                 let now = elapsedNanos
-                if intended > now {
-                    try? await Task.sleep(for: .nanoseconds(Int64(intended - now)))
-                }
-                guard let s = await freeSessions.next() else { break }
-                let opIndex = i
+                if intended > now { try? await Task.sleep(for: .nanoseconds(Int64(clamping: intended - now))) }
+                guard let s = await freeSessions.next(), let plan = planNext(&rng, intendedStart: intended) else { break }
                 group.addTask { [self] in
-                    var rng = SplitMix64(seed: config.seed &+ opIndex &* 0x9E37_79B9)
-                    let op = config.workload.pick(&rng)
-                    await perform(op, sessions[s], stats: workers[s], rng: &rng, intendedStart: intended)
+                    await execute(plan, sessions[s], stats: workers[s])
                     freeSink.yield(s)
                 }
-                i += 1
             }
             freeSink.finish()
         }
@@ -259,6 +189,75 @@ public final class Runner: Sendable {
 
     // MARK: Operations
 
+    /// The next request, or nil when the run is over: claims a budget slot, picks the operation
+    /// and record, builds the value and registers the write with the verifier. Synchronous; shared
+    /// by every load model. Latency is measured from `intendedStart` (open loop) or from now.
+    func planNext(_ rng: inout SplitMix64, intendedStart: UInt64? = nil) -> ClosedLoopDriver.Plan? {
+        if stop.load(ordering: .relaxed) { return nil }
+        let n = claimed.wrappingAdd(1, ordering: .relaxed).oldValue
+        let index: UInt64
+        let op: Int
+        if config.phase == .load {
+            guard n < config.records, !budgetExhausted(n) else { return nil }
+            (index, op) = (n, OpIndex.insert)
+        } else {
+            if budgetExhausted(n) { return nil }
+            let newest = inserted.load(ordering: .relaxed) &- 1
+            switch config.workload.pick(&rng) {
+            case .read: (index, op) = (chooser.next(&rng, newest: newest), OpIndex.read)
+            case .update: (index, op) = (chooser.next(&rng, newest: newest), OpIndex.update)
+            case .readModifyWrite: (index, op) = (chooser.next(&rng, newest: newest), OpIndex.rmw)
+            case .delete: (index, op) = (chooser.next(&rng, newest: newest), OpIndex.delete)
+            case .insert: (index, op) = (inserted.wrappingAdd(1, ordering: .relaxed).oldValue, OpIndex.insert)
+            }
+        }
+        let key = recordKey(index)
+        let start = intendedStart ?? elapsedNanos
+        if op == OpIndex.read { return ClosedLoopDriver.Plan(op: op, index: index, key: key, value: nil, seq: 0, start: start) }
+        let seq = sequence.wrappingAdd(1, ordering: .relaxed).newValue
+        verifier?.issued(key: index, seq: seq, at: elapsedNanos, isDelete: op == OpIndex.delete)
+        let v = op == OpIndex.delete ? nil : value(for: key, seq: seq, rng: &rng)
+        return ClosedLoopDriver.Plan(op: op, index: index, key: key, value: v, seq: seq, start: start)
+    }
+
+    /// Records a request's outcome (latency from the plan's start, verification). Synchronous.
+    func complete(_ plan: ClosedLoopDriver.Plan, values: [[UInt8]]?, error: TargetError?, stats: WorkerStats) {
+        completed.wrappingAdd(1, ordering: .relaxed)
+        if let error {
+            stats.error(error.kind)
+            return
+        }
+        stats.record(plan.op, micros: latency(since: plan.start))
+        if plan.op == OpIndex.read {
+            verifier?.checkRead(key: plan.index, keyBytes: plan.key, started: plan.start, values: values ?? [])
+        } else {
+            verifier?.acknowledged(key: plan.index, seq: plan.seq, at: elapsedNanos)
+        }
+    }
+
+    /// Performs a plan over an async session.
+    private func execute(_ plan: ClosedLoopDriver.Plan, _ session: any TargetSession, stats: WorkerStats) async {
+        do throws(TargetError) {
+            switch plan.op {
+            case OpIndex.read:
+                complete(plan, values: try await session.read(plan.key).values, error: nil, stats: stats)
+                return
+            case OpIndex.delete:
+                try await session.delete(plan.key)
+            case OpIndex.rmw:
+                let readStart = elapsedNanos
+                let r = try await session.read(plan.key)
+                verifier?.checkRead(key: plan.index, keyBytes: plan.key, started: readStart, values: r.values)
+                try await session.write(plan.key, plan.value ?? [])
+            default:
+                try await session.write(plan.key, plan.value ?? [])
+            }
+            complete(plan, values: nil, error: nil, stats: stats)
+        } catch {
+            complete(plan, values: nil, error: error, stats: stats)
+        }
+    }
+
     private func latency(since start: UInt64) -> UInt64 {
         let now = elapsedNanos
         return now > start ? (now - start) / 1000 : 0
@@ -271,77 +270,6 @@ public final class Runner: Sendable {
         // Always self-checking when there is room, so a later `run --verify` can check what any
         // earlier run wrote.
         return size >= ValueFormat.headerBytes ? ValueFormat.make(key: key, seq: seq, size: size) : ValueFormat.filler(size: size, seq: seq)
-    }
-
-    private func perform(_ op: OperationType, _ session: any TargetSession, stats: WorkerStats, rng: inout SplitMix64, intendedStart: UInt64) async {
-        let newest = inserted.load(ordering: .relaxed) &- 1
-        switch op {
-        case .read:
-            let i = chooser.next(&rng, newest: newest)
-            await read(session, index: i, op: OpIndex.read, stats: stats, start: intendedStart)
-        case .update:
-            let i = chooser.next(&rng, newest: newest)
-            await write(session, index: i, op: OpIndex.update, stats: stats, rng: &rng, start: intendedStart)
-        case .insert:
-            let i = inserted.wrappingAdd(1, ordering: .relaxed).oldValue
-            await write(session, index: i, op: OpIndex.insert, stats: stats, rng: &rng, start: intendedStart)
-        case .readModifyWrite:
-            let i = chooser.next(&rng, newest: newest)
-            if await read(session, index: i, op: nil, stats: stats, start: intendedStart) {
-                await write(session, index: i, op: OpIndex.rmw, stats: stats, rng: &rng, start: intendedStart)
-            }
-        case .delete:
-            let i = chooser.next(&rng, newest: newest)
-            await delete(session, index: i, stats: stats, start: intendedStart)
-        }
-    }
-
-    /// Returns whether the read succeeded. `op` nil: part of a read-modify-write (not recorded alone).
-    @discardableResult
-    private func read(_ session: any TargetSession, index: UInt64, op: Int?, stats: WorkerStats, start: UInt64? = nil) async -> Bool {
-        let key = recordKey(index)
-        let t0 = start ?? elapsedNanos
-        let readStart = elapsedNanos
-        do {
-            let r = try await session.read(key)
-            if let op { stats.record(op, micros: latency(since: t0)) }
-            verifier?.checkRead(key: index, keyBytes: key, started: readStart, values: r.values)
-            completed.wrappingAdd(op == nil ? 0 : 1, ordering: .relaxed)
-            return true
-        } catch {
-            stats.error(error.kind)
-            completed.wrappingAdd(1, ordering: .relaxed)
-            return false
-        }
-    }
-
-    private func write(_ session: any TargetSession, index: UInt64, op: Int, stats: WorkerStats, rng: inout SplitMix64, start: UInt64? = nil) async {
-        let key = recordKey(index)
-        let seq = sequence.wrappingAdd(1, ordering: .relaxed).newValue
-        let v = value(for: key, seq: seq, rng: &rng)
-        let t0 = start ?? elapsedNanos
-        verifier?.issued(key: index, seq: seq, at: elapsedNanos)
-        do {
-            try await session.write(key, v)
-            verifier?.acknowledged(key: index, seq: seq, at: elapsedNanos)
-            stats.record(op, micros: latency(since: t0))
-        } catch {
-            stats.error(error.kind)
-        }
-        completed.wrappingAdd(1, ordering: .relaxed)
-    }
-
-    private func delete(_ session: any TargetSession, index: UInt64, stats: WorkerStats, start: UInt64) async {
-        let seq = sequence.wrappingAdd(1, ordering: .relaxed).newValue
-        verifier?.issued(key: index, seq: seq, at: elapsedNanos, isDelete: true)
-        do {
-            try await session.delete(recordKey(index))
-            verifier?.acknowledged(key: index, seq: seq, at: elapsedNanos)
-            stats.record(OpIndex.delete, micros: latency(since: start))
-        } catch {
-            stats.error(error.kind)
-        }
-        completed.wrappingAdd(1, ordering: .relaxed)
     }
 
     // MARK: Reporting
