@@ -80,13 +80,9 @@ render() { # render TEMPLATE DEST NAME
 
 build() {
     export PATH="/opt/swift/usr/bin:$PATH"
-    local need=()
-    command -v pkg-config >/dev/null || need+=(pkg-config)
-    pkg-config --exists libsystemd 2>/dev/null || need+=(libsystemd-dev)
-    if ((${#need[@]})); then
-        local sudo=""; [[ $(id -u) -ne 0 ]] && sudo=sudo
-        $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
-    fi
+    # shellcheck source=lib/packages.sh
+    source "$ROOT/Deploy/lib/packages.sh"
+    ensure_packages pkg-config pkg-config pkg:libsystemd libsystemd-dev
     # A static Swift runtime: the installed binaries do not depend on the toolchain's location.
     (cd "$ROOT" && swift build -c release --static-swift-stdlib --product cairnd >&2 &&
         swift build -c release --static-swift-stdlib --product cairn >&2)

@@ -16,18 +16,11 @@ export PATH="/opt/swift/usr/bin:$PATH"
 
 log() { printf '%s\n' "$*" >&2; }
 
+# shellcheck source=lib/packages.sh
+source "$ROOT/Deploy/lib/packages.sh"
+
 install_deps() {
-    local missing=()
-    command -v curl >/dev/null || missing+=(curl)
-    command -v pkg-config >/dev/null || missing+=(pkg-config)
-    pkg-config --exists libsystemd 2>/dev/null || missing+=(libsystemd-dev)
-    if ((${#missing[@]})); then
-        log "installing: ${missing[*]}"
-        local sudo=""
-        [[ $(id -u) -ne 0 ]] && sudo="sudo"
-        $sudo apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
-    fi
+    ensure_packages curl curl pkg-config pkg-config pkg:libsystemd libsystemd-dev
     command -v swift >/dev/null || { log "swift not found (expected at /opt/swift/usr/bin)"; exit 1; }
 }
 

@@ -291,25 +291,12 @@ wait_ready() {
 
 # ---------------------------------------------------------------------------------------------
 install_deps() {
-    local missing=()
-    command -v redis-server >/dev/null || missing+=(redis-server)
-    command -v redis-cli >/dev/null || missing+=(redis-tools)
-    command -v etcd >/dev/null || missing+=(etcd-server)
-    command -v etcdctl >/dev/null || missing+=(etcd-client)
-    command -v curl >/dev/null || missing+=(curl)
-    command -v python3 >/dev/null || missing+=(python3)
-    if [[ -z "${BIN_DIR:-}" ]]; then
-        command -v pkg-config >/dev/null || missing+=(pkg-config)
-        pkg-config --exists libsystemd 2>/dev/null || missing+=(libsystemd-dev)
-    fi
-    if ((${#missing[@]})); then
-        log "installing: ${missing[*]}"
-        local sudo=""
-        [[ $(id -u) -ne 0 ]] && sudo="sudo"
-        $sudo apt-get update -qq
-        # policy-rc.d or not, the packaged services (6379, 2379) do not collide with ours.
-        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
-    fi
+    # shellcheck source=../../Deploy/lib/packages.sh
+    source "$ROOT/Deploy/lib/packages.sh"
+    local build=()
+    [[ -z "${BIN_DIR:-}" ]] && build=(pkg-config pkg-config pkg:libsystemd libsystemd-dev)
+    ensure_packages redis-server redis-server redis-cli redis-tools etcd etcd-server etcdctl etcd-client \
+        curl curl python3 python3 "${build[@]}"
 }
 
 build() {

@@ -55,21 +55,11 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 install_deps() {
-    local missing=()
-    command -v redis-server >/dev/null || missing+=(redis-server)
-    command -v redis-benchmark >/dev/null || missing+=(redis-tools)
-    command -v python3 >/dev/null || missing+=(python3)
-    if [[ -z "${BIN_DIR:-}" ]]; then
-        command -v pkg-config >/dev/null || missing+=(pkg-config)
-        pkg-config --exists libsystemd 2>/dev/null || missing+=(libsystemd-dev)
-    fi
-    if ((${#missing[@]})); then
-        log "installing: ${missing[*]}"
-        local sudo=""
-        [[ $(id -u) -ne 0 ]] && sudo="sudo"
-        $sudo apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
-    fi
+    # shellcheck source=../../Deploy/lib/packages.sh
+    source "$ROOT/Deploy/lib/packages.sh"
+    local build=()
+    [[ -z "${BIN_DIR:-}" ]] && build=(pkg-config pkg-config pkg:libsystemd libsystemd-dev)
+    ensure_packages redis-server redis-server redis-benchmark redis-tools python3 python3 "${build[@]}"
 }
 
 build() {
