@@ -62,6 +62,18 @@ public struct Block: Sendable {
     let restarts: [Int]
     let limit: Int   // end of the entries
 
+    private init(data: [UInt8], restarts: [Int], limit: Int) {
+        self.data = data
+        self.restarts = restarts
+        self.limit = limit
+    }
+
+    /// A block with no entries (what an evicted cache slot holds).
+    static let empty = Block(data: [], restarts: [0], limit: 0)
+
+    /// Bytes this decoded block keeps in memory (its cache charge).
+    var charge: Int { data.count + restarts.count * 8 + 64 }
+
     /// Verifies the trailer and the restart array. `path`/`offset` name the block in errors.
     public init(_ bytes: [UInt8], path: String, offset: UInt64) throws(StorageError) {
         func corrupt(_ why: String) -> StorageError { .corruption(path: path, offset: offset, reason: why) }

@@ -1,23 +1,44 @@
 import Dispatch
 import Synchronization
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// Operations applied atomically: one log record, consecutive sequence numbers.
 ///
 /// ```
 /// batch = first-sequence:u64be count:u32be op*
-/// op    = kind:u8 key:blob [value:blob]      ; kind 1 = put (value follows), 0 = delete
+/// op    = kind:u8 key:blob [value:blob]      ; 1 = put (value follows), 0 = delete,
+///                                            ; 2 = delete-range (key = lower, value = upper)
 /// blob  = length:varint bytes
 /// ```
 public struct WriteBatch: Sendable, Hashable {
     public enum Op: Sendable, Hashable {
         case put([UInt8], [UInt8])
         case delete([UInt8])
+        /// Every key in `[lower, upper)`.
+        case deleteRange([UInt8], [UInt8])
     }
 
     public private(set) var ops: [Op] = []
     public init() {}
     public mutating func put(_ key: [UInt8], _ value: [UInt8]) { ops.append(.put(key, value)) }
     public mutating func delete(_ key: [UInt8]) { ops.append(.delete(key)) }
+    public mutating func deleteRange(from lower: [UInt8], to upper: [UInt8]) { ops.append(.deleteRange(lower, upper)) }
+
+    static let rangeDeletion: UInt8 = 2
+
+    /// Bytes of keys and values: what a batch adds to the memtable, roughly.
+    var payloadBytes: Int {
+        ops.reduce(0) { n, op in
+            switch op {
+            case .put(let k, let v): n + k.count + v.count
+            case .delete(let k): n + k.count
+            case .deleteRange(let l, let u): n + l.count + u.count
+            }
+        }
+    }
 
     func encoded(firstSequence: UInt64) -> [UInt8] {
         var out: [UInt8] = []
@@ -32,6 +53,10 @@ public struct WriteBatch: Sendable, Hashable {
             case .delete(let k):
                 out.append(EntryKind.deletion.rawValue)
                 Coding.putVarint(&out, UInt64(k.count)); out += k
+            case .deleteRange(let lower, let upper):
+                out.append(WriteBatch.rangeDeletion)
+                Coding.putVarint(&out, UInt64(lower.count)); out += lower
+                Coding.putVarint(&out, UInt64(upper.count)); out += upper
             }
         }
         return out
@@ -59,6 +84,9 @@ public struct WriteBatch: Sendable, Hashable {
                 batch.put(key, value)
             case EntryKind.deletion.rawValue:
                 batch.delete(key)
+            case WriteBatch.rangeDeletion:
+                guard let upper = blob() else { return nil }
+                batch.deleteRange(from: key, to: upper)
             default:
                 return nil
             }
@@ -67,114 +95,186 @@ public struct WriteBatch: Sendable, Hashable {
     }
 }
 
+
+/// How a database is opened. Every bound here has a config key in the node's `cairn.conf`
+/// (Docs/configuration.md) and a statistic.
 public struct DatabaseOptions: Sendable {
     public var syncMode: SyncMode = .always
     /// Skip corrupt log records (counted in `Statistics.salvagedBytes`) instead of refusing to open.
     public var salvage = false
+    /// Memory for memtables, the active one and the one being flushed together
+    /// (`write_buffer_bytes`): the active memtable is frozen and flushed at half of it.
+    public var writeBufferBytes = 64 << 20
+    /// The block cache's capacity (`block_cache_bytes`).
+    public var blockCacheBytes = 64 << 20
+    /// Background write budget for compaction (`compaction_bytes_per_second`; 0: unlimited).
+    public var compactionBytesPerSecond: UInt64 = 128 << 20
+    public var compaction = CompactionPolicy()
+    public var blockSize = 4096
+    public var bloomBitsPerKey = 10
+    /// Consecutive failures of a background job before it gives up and writes are refused.
+    public var backgroundRetryLimit = 5
     public init() {}
 }
 
-/// The engine's front door. This step: the write-ahead log, group commit and the memtable, with
-/// recovery on open. (Flushing to tables, the manifest and compaction come next.)
+/// The engine's front door (LevelDB-style): `open`, `put` / `delete` / `deleteRange` / `write`
+/// (atomic batches), `get`, snapshots with ordered iteration, `flush`, `compact`, `close`.
 ///
-/// Contract: a write acknowledged under `always` survives a crash (every test crash drops all
-/// unsynced bytes); a batch is all or nothing; after a failed sync every write is refused until
-/// the database is reopened. Thread-safe.
+/// Contract: a write acknowledged under `always` survives a crash; a batch is all or nothing;
+/// `deleteRange` is durable when it returns (it is recorded in the manifest); after a failed sync
+/// (or a background job failing `backgroundRetryLimit` times) every write is refused until the
+/// database is reopened. Writes are delayed, never failed, while level 0 is past its slowdown
+/// bound, and wait while the memtables are full or level 0 is past its stop bound.
+///
+/// Isolation: thread-safe. One lock guards the write path's state (sequence, memtables, version,
+/// open tables); reads copy a `ReadView` under it and then read without it. A flush worker and a
+/// compaction worker (actors on their own threads) do the background writing; `close()` stops them.
 public final class Database: Sendable {
-    public struct Statistics: Sendable {
+    public struct Statistics: Sendable, Hashable {
         public var recoveredRecords = 0
         public var tornTailBytes: UInt64 = 0
         public var salvagedBytes: UInt64 = 0
+        public var removedOrphanFiles = 0
         public var logSyncs = 0
+        public var writes = 0
+        public var writtenBytes: UInt64 = 0
+        public var flushes = 0
+        public var flushedBytes: UInt64 = 0
+        public var compactions = 0
+        public var trivialMoves = 0
+        public var compactionReadBytes: UInt64 = 0
+        public var compactionWrittenBytes: UInt64 = 0
+        public var compactionThrottledMicros: UInt64 = 0
+        public var droppedEntries = 0
+        public var delayedWrites = 0
+        public var stalledWrites = 0
+        public var backgroundFailures = 0
+        public var memtableBytes = 0
+        public var immutableMemtableBytes = 0
+        public var tablesPerLevel: [Int] = []
+        public var bytesPerLevel: [UInt64] = []
+        public var rangeTombstones = 0
+        public var blockCache = BlockCache.Counters()
     }
 
     struct State {
         var sequence: UInt64
         var memtable: Memtable
-        /// The memtable being flushed: still read until its table is visible.
-        var immutable: Memtable?
-        /// Newest first: tables of level 0 (each a flushed memtable).
-        var tables: [(meta: TableMeta, reader: TableReader)] = []
+        /// The frozen memtable being flushed, the log number that starts after it, and its last sequence.
+        var immutable: (table: Memtable, nextLog: UInt64, lastSequence: UInt64)?
         var version: Version
+        var readers: [UInt64: TableReader]
+        var level0: [TableReader] = []
+        var levels: [[LiveTable]] = []
         var manifest: WALWriter
         var writer: WALWriter
-        var logNumber: UInt64
+        var committer: GroupCommitter
+        var compacting: Set<UInt64> = []
+        var pointers: [Int: [UInt8]] = [:]
+        var backgroundError: StorageError?
+        var closed = false
+        var stats = Statistics()
+
+        /// Rebuilds the read path's table lists from the version.
+        mutating func relink() {
+            level0 = (version.tables[0] ?? []).compactMap { readers[$0.number] }
+            levels = (1..<CompactionPolicy.levels).map { level in
+                (version.tables[level] ?? []).compactMap { m in readers[m.number].map { LiveTable(meta: m, reader: $0) } }
+            }
+        }
+
+        var view: ReadView {
+            ReadView(memtables: [memtable] + (immutable.map { [$0.table] } ?? []), level0: level0, levels: levels,
+                     tombstones: version.tombstones, sequence: sequence)
+        }
     }
 
     let fs: any FileSystem
     public let directory: String
     let options: DatabaseOptions
+    let cache: BlockCache
     private let state: Mutex<State>
     /// Serializes flushes (one at a time; writes continue into the fresh memtable meanwhile).
     private let flushLock = Mutex(())
-    private let committer: Mutex<GroupCommitter>
-    private let recovered: Statistics
+    /// Serializes compactions (the worker's and `compactUntilSettled`'s): one merge at a time.
+    private let compactionLock = Mutex(())
+    private let flushSignal = WakeSignal()
+    private let compactionSignal = WakeSignal()
+    /// Wakes writers waiting for room (a flush or compaction finished, or the database closed).
+    private let room = Broadcast()
+    private let workers = Mutex<[Task<Void, Never>]>([])
     /// Dispatch sources are thread-safe; the box only lets the class stay `Sendable`.
     struct TimerBox: @unchecked Sendable { let source: any DispatchSourceTimer }
     private let timer = Mutex<TimerBox?>(nil)
 
-    private init(fs: any FileSystem, directory: String, options: DatabaseOptions, state: State, recovered: Statistics) {
+    private init(fs: any FileSystem, directory: String, options: DatabaseOptions, cache: BlockCache, state: State) {
         self.fs = fs
         self.directory = directory
         self.options = options
-        let writer = state.writer
-        let sequence = state.sequence
+        self.cache = cache
         self.state = Mutex(state)
-        self.committer = Mutex(GroupCommitter(durable: sequence) { () throws(StorageError) in try writer.sync() })
-        self.recovered = recovered
-        if case .interval(let ms) = options.syncMode {
-            let t = DispatchSource.makeTimerSource(queue: DispatchQueue(label: "cairn.storage.interval-sync"))
-            t.schedule(deadline: .now() + .milliseconds(ms), repeating: .milliseconds(max(ms, 1)))
-            t.setEventHandler { [weak self] in _ = try? self?.state.withLock({ $0.writer }).sync() }
-            t.resume()
-            timer.withLock { $0 = TimerBox(source: t) }
-        }
     }
 
     /// Bounds that keep every counter far from overflow whatever a file says.
     static let maxSequence: UInt64 = 1 << 62
     static let maxFileNumber: UInt64 = 1 << 40
 
-    static func logName(_ n: UInt64) -> String {
+    static func numbered(_ n: UInt64, _ suffix: String) -> String {
         let digits = String(n)
-        return String(repeating: "0", count: max(0, 6 - digits.count)) + digits + ".log"
+        return String(repeating: "0", count: max(0, 6 - digits.count)) + digits + suffix
     }
+    static func logName(_ n: UInt64) -> String { numbered(n, ".log") }
+    static func tableName(_ n: UInt64) -> String { numbered(n, ".sst") }
 
-    static func tableName(_ n: UInt64) -> String {
-        let d = String(n)
-        return String(repeating: "0", count: max(0, 6 - d.count)) + d + ".sst"
+    func path(_ name: String) -> String { directory + "/" + name }
+
+    static func makeCommitter(_ writer: WALWriter, durable: UInt64) -> GroupCommitter {
+        GroupCommitter(durable: durable) { () throws(StorageError) in try writer.sync() }
     }
 
     /// Opens (creating if needed) the database in `directory`: reads the manifest (the live
-    /// tables), replays the logs it does not cover into a fresh memtable (truncating a torn tail),
-    /// then starts a new log and a new manifest.
-    public static func open(fs: any FileSystem, directory: String, options: DatabaseOptions = .init()) throws(StorageError) -> Database {
+    /// tables and range tombstones), replays the logs it does not cover into a fresh memtable
+    /// (truncating a torn tail), removes files no version references, then starts a new log and a
+    /// new manifest and the background workers. `progress(done, total)` reports log replay in bytes.
+    public static func open(fs: any FileSystem, directory: String, options: DatabaseOptions = .init(),
+                            progress: (@Sendable (UInt64, UInt64) -> Void)? = nil) throws(StorageError) -> Database {
         try fs.createDirectory(directory)
         var version = try Manifest.recover(fs: fs, directory: directory)?.0 ?? Version()
-        let logs = try fs.list(directory).filter { $0.hasSuffix(".log") }.compactMap { name -> (UInt64, String)? in
+        let names = try fs.list(directory)
+        let logs = names.filter { $0.hasSuffix(".log") }.compactMap { name -> (UInt64, String)? in
             guard let n = UInt64(name.dropLast(4)) else { return nil }
             return (n, name)
         }.sorted { $0.0 < $1.0 }
         let memtable = Memtable()
         var sequence = version.lastSequence
         var stats = Statistics()
-        for (number, name) in logs where number >= version.logNumber {
+        let replay = logs.filter { $0.0 >= version.logNumber }
+        var sizes: [UInt64] = []
+        for (_, name) in replay { sizes.append(try fs.openReadable(directory + "/" + name).size) }
+        let total = sizes.reduce(0, +)
+        var done: UInt64 = 0
+        progress?(0, total)
+        for ((_, name), size) in zip(replay, sizes) {
             let path = directory + "/" + name
             let r = try WAL.recover(try fs.openReadable(path), path: path, salvage: options.salvage)
             for record in r.records {
                 guard let (first, batch) = WriteBatch.decode(record) else {
                     throw .corruption(path: path, offset: 0, reason: "a log record with a valid checksum is not a write batch")
                 }
+                let (end, overflow) = first.addingReportingOverflow(UInt64(batch.ops.count))
+                guard !overflow, end < Self.maxSequence else {
+                    throw .corruption(path: path, offset: 0, reason: "batch sequence \(first) out of range")
+                }
                 for (i, op) in batch.ops.enumerated() {
                     let seq = first + UInt64(i)
                     switch op {
                     case .put(let k, let v): memtable.add(key: k, sequence: seq, kind: .value, value: v)
                     case .delete(let k): memtable.add(key: k, sequence: seq, kind: .deletion, value: [])
+                    case .deleteRange(let lower, let upper):
+                        var e = VersionEdit()
+                        e.addedTombstones = [RangeTombstone(lower: lower, upper: upper, sequence: seq)]
+                        version.apply(e)
                     }
-                }
-                let (end, overflow) = first.addingReportingOverflow(UInt64(batch.ops.count))
-                guard !overflow, end < Self.maxSequence else {
-                    throw .corruption(path: path, offset: 0, reason: "batch sequence \(first) out of range")
                 }
                 sequence = max(sequence, end - (batch.ops.isEmpty ? 0 : 1))
                 stats.recoveredRecords += 1
@@ -184,10 +284,19 @@ public final class Database: Sendable {
                 stats.tornTailBytes += r.tornTailBytes
             }
             stats.salvagedBytes += r.salvagedBytes
+            done += size
+            progress?(done, total)
         }
-        var tables: [(meta: TableMeta, reader: TableReader)] = []
-        for meta in (version.tables[0] ?? []).sorted(by: { $0.number > $1.number }) {
-            tables.append((meta, try TableReader(fs: fs, path: directory + "/" + tableName(meta.number))))
+        // Files no version references: outputs of a flush or compaction cut short by a crash.
+        let live = Set(version.allTables.map { tableName($0.number) })
+        for name in names where name.hasSuffix(".sst") && !live.contains(name) {
+            try fs.remove(directory + "/" + name)
+            stats.removedOrphanFiles += 1
+        }
+        let cache = BlockCache(capacityBytes: options.blockCacheBytes)
+        var readers: [UInt64: TableReader] = [:]
+        for meta in version.allTables {
+            readers[meta.number] = try TableReader(fs: fs, path: directory + "/" + tableName(meta.number), number: meta.number, cache: cache)
         }
         let highestLog = logs.last?.0 ?? 0
         let logNumber = max(version.nextFile, highestLog + 1)
@@ -195,98 +304,410 @@ public final class Database: Sendable {
             throw .corruption(path: directory + "/" + Manifest.currentName, offset: 0, reason: "file number \(logNumber) out of range")
         }
         let manifestNumber = logNumber + 1
-        let path = directory + "/" + logName(logNumber)
-        let file = try fs.openAppendable(path, create: true)
+        let logPath = directory + "/" + logName(logNumber)
+        let file = try fs.openAppendable(logPath, create: true)
         try file.sync()
         try fs.syncDirectory(directory)
         // The replayed logs stay until a flush covers them: the new manifest keeps the old log number.
         version.nextFile = manifestNumber + 1
         version.lastSequence = sequence
         let manifest = try Manifest.create(fs: fs, directory: directory, number: manifestNumber, version: version)
-        // Older manifests are obsolete once CURRENT names the new one.
         let current = Manifest.fileName(manifestNumber)
         for name in try fs.list(directory) where name.hasPrefix("MANIFEST-") && name != current {
             try fs.remove(directory + "/" + name)
         }
         try fs.syncDirectory(directory)
-        let state = State(sequence: sequence, memtable: memtable, tables: tables, version: version, manifest: manifest,
-                          writer: WALWriter(file: file, path: path), logNumber: logNumber)
-        return Database(fs: fs, directory: directory, options: options, state: state, recovered: stats)
+        let writer = WALWriter(file: file, path: logPath)
+        var state = State(sequence: sequence, memtable: memtable, version: version, readers: readers, manifest: manifest,
+                          writer: writer, committer: makeCommitter(writer, durable: sequence), stats: stats)
+        state.relink()
+        let db = Database(fs: fs, directory: directory, options: options, cache: cache, state: state)
+        db.startBackground()
+        // A replayed memtable past its bound is flushed before it grows further.
+        if memtable.approximateBytes >= options.writeBufferBytes / 2 {
+            try db.state.withLock { s throws(StorageError) in try db.rotate(&s) }
+            db.flushSignal.notify()
+        }
+        db.compactionSignal.notify()
+        return db
     }
 
-    /// Writes the memtable as a level-0 table, records it in the manifest, and drops the logs it
-    /// covered. Writes continue meanwhile into a fresh memtable and a new log.
-    public func flush() throws(StorageError) {
-        try flushLock.withLock { _ throws(StorageError) in
-            // 1. Swap in a fresh memtable and log; everything before is in `frozen` and older logs.
-            let (frozen, newLog, sequence, nextFile): (Memtable, UInt64, UInt64, UInt64) = try state.withLock { s throws(StorageError) in
+    // MARK: Background work
+
+    private func startBackground() {
+        let flusher = BackgroundWorker(name: "cairn.storage.flush")
+        let compactor = BackgroundWorker(name: "cairn.storage.compaction")
+        let tasks = [
+            Task { await flusher.run(self, signal: flushSignal) { db throws(StorageError) in try db.flushImmutable() } },
+            Task { await compactor.run(self, signal: compactionSignal) { db throws(StorageError) in try db.compactOnce() } },
+        ]
+        workers.withLock { $0 = tasks }
+        if case .interval(let ms) = options.syncMode {
+            let t = DispatchSource.makeTimerSource(queue: DispatchQueue(label: "cairn.storage.interval-sync"))
+            t.schedule(deadline: .now() + .milliseconds(ms), repeating: .milliseconds(max(ms, 1)))
+            t.setEventHandler { [weak self] in _ = try? self?.state.withLock({ $0.writer }).sync() }
+            t.resume()
+            timer.withLock { $0 = TimerBox(source: t) }
+        }
+    }
+
+    var isClosed: Bool { state.withLock { $0.closed || $0.backgroundError != nil } }
+
+    /// A background job failed `failures` times in a row: past the limit (or at once for a failed
+    /// sync) the database refuses writes until reopened.
+    func backgroundFailed(_ error: StorageError, failures: Int) -> Bool {
+        let fatal: Bool = state.withLock { s in
+            s.stats.backgroundFailures += 1
+            var fatal = failures >= options.backgroundRetryLimit
+            if case .syncFailed = error { fatal = true }
+            if fatal, s.backgroundError == nil { s.backgroundError = error }
+            return fatal
+        }
+        if fatal { room.notifyAll() }
+        return fatal
+    }
+
+    /// Freezes the memtable and starts a new log (the caller holds the state lock; no immutable
+    /// memtable may be pending). Everything logged so far is synced first, so the frozen memtable's
+    /// writers are durable.
+    private func rotate(_ s: inout State) throws(StorageError) {
+        precondition(s.immutable == nil, "rotate with a flush pending")
+        let number = s.version.nextFile
+        let logPath = path(Self.logName(number))
+        let file = try fs.openAppendable(logPath, create: true)
+        try file.sync()
+        try fs.syncDirectory(directory)
+        try s.writer.sync()
+        s.committer.markDurable(upTo: s.sequence)
+        s.immutable = (s.memtable, number, s.sequence)
+        s.memtable = Memtable()
+        s.writer = WALWriter(file: file, path: logPath)
+        s.committer = Self.makeCommitter(s.writer, durable: s.sequence)
+        s.version.nextFile = number + 1
+    }
+
+    /// Writes the frozen memtable as a level-0 table (newest version per key; entries a range
+    /// tombstone hides are dropped, deletions kept), records it, and drops the logs it covered.
+    /// Returns false when nothing was frozen.
+    func flushImmutable() throws(StorageError) -> Bool {
+        try flushLock.withLock { _ throws(StorageError) -> Bool in
+            let job: (Memtable, UInt64, UInt64, UInt64, [RangeTombstone], UInt64)? = state.withLock { s in
+                guard let imm = s.immutable else { return nil }
                 let number = s.version.nextFile
-                let path = directory + "/" + Self.logName(number)
-                let file = try fs.openAppendable(path, create: true)
-                try file.sync()
-                try fs.syncDirectory(directory)
-                try s.writer.sync()
-                let frozen = s.memtable
-                s.immutable = frozen
-                s.memtable = Memtable()
-                s.writer = WALWriter(file: file, path: path)
-                s.logNumber = number
-                s.version.nextFile = number + 1
-                let writer = s.writer
-                committer.withLock { $0 = GroupCommitter(durable: s.sequence) { () throws(StorageError) in try writer.sync() } }
-                return (frozen, number, s.sequence, number + 1)
+                s.version.nextFile += 1
+                return (imm.table, imm.nextLog, imm.lastSequence, number, s.version.tombstones, s.sequence)
             }
-            let entries = frozen.scan()
+            guard let (frozen, nextLog, lastSequence, number) = job.map({ ($0.0, $0.1, $0.2, $0.3) }),
+                  let (tombstones, filteredThrough) = job.map({ ($0.4, $0.5) }) else { return false }
             var edit = VersionEdit()
-            edit.logNumber = newLog
-            edit.lastSequence = sequence
-            edit.nextFile = nextFile + 1
+            edit.logNumber = nextLog
+            edit.lastSequence = lastSequence
             var reader: TableReader?
+            var written: UInt64 = 0
+            let entries = frozen.scan().filter { e in !tombstones.contains { $0.hides(e.key, e.sequence) } }
             if let first = entries.first, let last = entries.last {
-                // 2. The table: newest version per key, deletions kept (they shadow older tables).
-                let tablePath = directory + "/" + Self.tableName(nextFile)
-                let builder = try TableBuilder(fs: fs, path: tablePath)
-                for e in entries { try builder.add(key: e.key, value: [e.kind.rawValue] + e.value) }
-                let size = try builder.finish()
+                let tablePath = path(Self.tableName(number))
+                let builder = try TableBuilder(fs: fs, path: tablePath, blockSize: options.blockSize, bitsPerKey: options.bloomBitsPerKey)
+                var low = UInt64.max
+                var high: UInt64 = 0
+                for e in entries {
+                    try builder.add(key: e.key, value: InternalValue.encode(e))
+                    low = min(low, e.sequence)
+                    high = max(high, e.sequence)
+                }
+                written = try builder.finish()
                 try fs.syncDirectory(directory)
-                edit.added = [TableMeta(number: nextFile, level: 0, size: size, smallest: first.key, largest: last.key)]
-                reader = try TableReader(fs: fs, path: tablePath)
+                edit.added = [TableMeta(number: number, level: 0, size: written, smallest: first.key, largest: last.key,
+                                        smallestSequence: low, largestSequence: high, filteredThrough: filteredThrough)]
+                reader = try TableReader(fs: fs, path: tablePath, number: number, cache: cache)
             }
-            // 3. Durably record it, then make it visible, then drop the covered logs.
             try state.withLock { s throws(StorageError) in
+                edit.nextFile = s.version.nextFile
                 try Manifest.record(edit, to: s.manifest)
                 s.version.apply(edit)
-                if let reader, let meta = edit.added.first { s.tables.insert((meta, reader), at: 0) }
-                s.immutable = nil   // its entries are in the table now
+                if let reader { s.readers[number] = reader }
+                s.immutable = nil
+                s.stats.flushes += 1
+                s.stats.flushedBytes += written
+                try retireTombstones(&s)
+                s.relink()
             }
             for name in try fs.list(directory) where name.hasSuffix(".log") {
-                if let n = UInt64(name.dropLast(4)), n < newLog { try fs.remove(directory + "/" + name) }
+                if let n = UInt64(name.dropLast(4)), n < nextLog { try fs.remove(path(name)) }
             }
             try fs.syncDirectory(directory)
+            compactionSignal.notify()
+            room.notifyAll()
+            return true
+        }
+    }
+
+    /// Drops range tombstones that hide nothing any more: every memtable is newer than the
+    /// tombstone, and no table overlapping its range holds an older entry. Caller holds the lock.
+    private func retireTombstones(_ s: inout State) throws(StorageError) {
+        let memtableOldest = [s.memtable.smallestSequence, s.immutable?.table.smallestSequence].compactMap { $0 }.min() ?? .max
+        let retired = s.version.tombstones.filter { t in
+            memtableOldest > t.sequence
+                && !s.version.allTables.contains { $0.mayHoldEntriesHidden(by: t) }
+        }
+        guard !retired.isEmpty else { return }
+        var edit = VersionEdit()
+        edit.removedTombstones = retired.map(\.sequence)
+        try Manifest.record(edit, to: s.manifest)
+        s.version.apply(edit)
+    }
+
+    /// Performs the most urgent compaction, if any (see `CompactionPolicy.pick`). Merges the input
+    /// tables into new tables of the output level, keeping the newest entry per key, dropping
+    /// entries a range tombstone hides and deletions with nothing older below, within the write
+    /// budget. Readers are never blocked: the new tables replace the old in one version edit.
+    /// Returns false when there was nothing to do.
+    func compactOnce() throws(StorageError) -> Bool {
+        try compactionLock.withLock { _ throws(StorageError) -> Bool in try compactLocked() }
+    }
+
+    private func compactLocked() throws(StorageError) -> Bool {
+        let picked: (CompactionPlan, [TableReader], Version, UInt64)? = try state.withLock { s throws(StorageError) in
+            guard s.backgroundError == nil, !s.closed, let plan = options.compaction.pick(s.version, pointers: s.pointers) else { return nil }
+            if plan.isTrivialMove, let t = plan.inputs.first {
+                var edit = VersionEdit()
+                edit.removed = [(plan.level, t.number)]
+                var moved = t
+                moved.level = plan.outputLevel
+                edit.added = [moved]
+                try Manifest.record(edit, to: s.manifest)
+                s.version.apply(edit)
+                s.pointers[plan.level] = t.largest
+                s.stats.trivialMoves += 1
+                s.relink()
+                return (plan, [], s.version, s.sequence)
+            }
+            s.compacting = Set(plan.all.map(\.number))
+            return (plan, plan.all.compactMap { s.readers[$0.number] }, s.version, s.sequence)
+        }
+        guard let (plan, readers, version, filteredThrough) = picked else { return false }
+        if plan.isTrivialMove {
+            room.notifyAll()
+            return true
+        }
+        var outputs: [TableMeta] = []
+        do {
+            outputs = try merge(plan, readers: readers, version: version, filteredThrough: filteredThrough)
+        } catch {
+            state.withLock { $0.compacting = [] }
+            throw error
+        }
+        let inputBytes = plan.all.reduce(UInt64(0)) { $0 + $1.size }
+        try state.withLock { s throws(StorageError) in
+            defer { s.compacting = [] }
+            var edit = VersionEdit()
+            // A range deletion may have dropped an input meanwhile: remove only what is still live.
+            let live = Set(s.version.allTables.map(\.number))
+            edit.removed = plan.all.filter { live.contains($0.number) }.map { ($0.level, $0.number) }
+            edit.added = outputs
+            edit.nextFile = s.version.nextFile
+            try Manifest.record(edit, to: s.manifest)
+            s.version.apply(edit)
+            for o in outputs {
+                s.readers[o.number] = try TableReader(fs: fs, path: path(Self.tableName(o.number)), number: o.number, cache: cache)
+            }
+            for t in plan.all { s.readers[t.number] = nil }
+            s.pointers[plan.level] = plan.inputs.map(\.largest).max { $0.lexicographicallyPrecedes($1) }
+            s.stats.compactions += 1
+            s.stats.compactionReadBytes += inputBytes
+            s.stats.compactionWrittenBytes += outputs.reduce(0) { $0 + $1.size }
+            try retireTombstones(&s)
+            s.relink()
+        }
+        // Open snapshots keep their descriptors; the names go now.
+        for t in plan.all {
+            cache.evict(file: t.number)
+            if fs.exists(path(Self.tableName(t.number))) { try fs.remove(path(Self.tableName(t.number))) }
+        }
+        try fs.syncDirectory(directory)
+        room.notifyAll()
+        return true
+    }
+
+    /// The merge of one compaction: writes the output tables and returns their metadata.
+    private func merge(_ plan: CompactionPlan, readers: [TableReader], version: Version, filteredThrough: UInt64) throws(StorageError) -> [TableMeta] {
+        let byNumber = Dictionary(readers.map { ($0.number, $0) }, uniquingKeysWith: { a, _ in a })
+        var sources: [any EntrySource] = []
+        if plan.level == 0 {
+            for t in plan.inputs { if let r = byNumber[t.number] { sources.append(try TableRunSource([r], from: [])) } }
+        } else {
+            sources.append(try TableRunSource(plan.inputs.compactMap { byNumber[$0.number] }, from: []))
+        }
+        if plan.outputLevel != plan.level {
+            sources.append(try TableRunSource(plan.overlaps.compactMap { byNumber[$0.number] }, from: []))
+        }
+        var cursor = MergingCursor(sources: sources)
+        // Tables below the output level: a deletion must stay while one of them may hold the key.
+        let deeper = ((plan.outputLevel + 1)..<CompactionPolicy.levels).flatMap { version.tables[$0] ?? [] }
+        let tombstones = version.tombstones
+        var limiter = RateLimiter(bytesPerSecond: options.compactionBytesPerSecond)
+        var outputs: [TableMeta] = []
+        var builder: TableBuilder?
+        var current: (number: UInt64, smallest: [UInt8], largest: [UInt8], low: UInt64, high: UInt64)?
+        var dropped = 0
+        var sinceCharge: UInt64 = 0
+
+        func finishOutput() throws(StorageError) {
+            guard let b = builder, let c = current else { return }
+            let size = try b.finish()
+            limiter.spent(sinceCharge)
+            sinceCharge = 0
+            outputs.append(TableMeta(number: c.number, level: plan.outputLevel, size: size, smallest: c.smallest, largest: c.largest,
+                                     smallestSequence: c.low, largestSequence: c.high, filteredThrough: filteredThrough))
+            builder = nil
+            current = nil
+        }
+
+        do {
+            while let e = try cursor.next() {
+                if tombstones.contains(where: { $0.hides(e.key, e.sequence) }) { dropped += 1; continue }
+                if e.kind == .deletion, !deeper.contains(where: { !e.key.lexicographicallyPrecedes($0.smallest) && !$0.largest.lexicographicallyPrecedes(e.key) }) {
+                    dropped += 1
+                    continue
+                }
+                if builder == nil {
+                    let number: UInt64 = try state.withLock { s throws(StorageError) in
+                        guard !s.closed else { throw .writesRefused("database closed during compaction") }
+                        defer { s.version.nextFile += 1 }
+                        return s.version.nextFile
+                    }
+                    builder = try TableBuilder(fs: fs, path: path(Self.tableName(number)), blockSize: options.blockSize,
+                                               bitsPerKey: options.bloomBitsPerKey)
+                    current = (number, e.key, e.key, e.sequence, e.sequence)
+                }
+                let value = InternalValue.encode(e)
+                try builder?.add(key: e.key, value: value)
+                if var c = current {
+                    c.largest = e.key
+                    c.low = min(c.low, e.sequence)
+                    c.high = max(c.high, e.sequence)
+                    current = c
+                }
+                sinceCharge += UInt64(e.key.count + value.count)
+                if sinceCharge >= 1 << 20 {
+                    limiter.spent(sinceCharge)
+                    sinceCharge = 0
+                }
+                if let b = builder, b.estimatedSize >= options.compaction.targetFileBytes { try finishOutput() }
+            }
+            try finishOutput()
+            try fs.syncDirectory(directory)
+        } catch {
+            // Unreferenced outputs; a reopen would remove them too.
+            for o in outputs { try? fs.remove(path(Self.tableName(o.number))) }
+            if let c = current { try? fs.remove(path(Self.tableName(c.number))) }
+            throw error
+        }
+        state.withLock {
+            $0.stats.droppedEntries += dropped
+            $0.stats.compactionThrottledMicros += limiter.sleptNanoseconds / 1000
+        }
+        return outputs
+    }
+
+    // MARK: Writes
+
+    private enum Admission { case go, delay, wait }
+
+    /// Write flow control: delays a write while level 0 is past its slowdown bound; waits while
+    /// the memtables are full or level 0 is past its stop bound. Never fails a write for load.
+    private func admit() async throws(StorageError) {
+        var delayed = false
+        while true {
+            let seen = room.current
+            let admission: Admission = try state.withLock { s throws(StorageError) in
+                if let e = s.backgroundError { throw .writesRefused("a background job failed (\(e))") }
+                if s.closed { throw .writesRefused("the database is closed") }
+                let l0 = s.version.tables[0]?.count ?? 0
+                if l0 >= options.compaction.level0Stop || (s.immutable != nil && s.memtable.approximateBytes >= options.writeBufferBytes / 2) {
+                    s.stats.stalledWrites += 1
+                    return .wait
+                }
+                if l0 >= options.compaction.level0Slowdown && !delayed {
+                    s.stats.delayedWrites += 1
+                    return .delay
+                }
+                return .go
+            }
+            switch admission {
+            case .go: return
+            case .delay:
+                delayed = true
+                usleep(1000)
+            case .wait:
+                compactionSignal.notify()
+                await room.wait(after: seen)
+            }
         }
     }
 
     /// Applies `batch` atomically. Under `always` (or `sync: .always` for this write) it returns only
-    /// once the batch is durable.
+    /// once the batch is durable. A batch holding a range deletion also records it in the manifest.
     public func write(_ batch: WriteBatch, sync: SyncMode? = nil) async throws {
         guard !batch.ops.isEmpty else { return }
-        let (last, committer): (UInt64, GroupCommitter) = try state.withLock { s throws(StorageError) in
+        try await admit()
+        var obsolete: [UInt64] = []
+        let (last, committer, rotated): (UInt64, GroupCommitter, Bool) = try state.withLock { s throws(StorageError) in
+            if let e = s.backgroundError { throw .writesRefused("a background job failed (\(e))") }
+            if s.closed { throw .writesRefused("the database is closed") }
             let first = s.sequence + 1
+            guard first + UInt64(batch.ops.count) < Self.maxSequence else { throw .invalidArgument("sequence numbers exhausted") }
             try s.writer.append([batch.encoded(firstSequence: first)], sync: false)
             for (i, op) in batch.ops.enumerated() {
+                let seq = first + UInt64(i)
                 switch op {
-                case .put(let k, let v): s.memtable.add(key: k, sequence: first + UInt64(i), kind: .value, value: v)
-                case .delete(let k): s.memtable.add(key: k, sequence: first + UInt64(i), kind: .deletion, value: [])
+                case .put(let k, let v): s.memtable.add(key: k, sequence: seq, kind: .value, value: v)
+                case .delete(let k): s.memtable.add(key: k, sequence: seq, kind: .deletion, value: [])
+                case .deleteRange(let lower, let upper):
+                    obsolete += try recordRangeDeletion(&s, RangeTombstone(lower: lower, upper: upper, sequence: seq))
                 }
             }
             s.sequence = first + UInt64(batch.ops.count) - 1
-            let c = self.committer.withLock { $0 }
-            c.noteAppended(upTo: s.sequence)
-            return (s.sequence, c)
+            s.committer.noteAppended(upTo: s.sequence)
+            s.stats.writes += 1
+            s.stats.writtenBytes += UInt64(batch.payloadBytes)
+            let committer = s.committer
+            var rotated = false
+            if s.immutable == nil && s.memtable.approximateBytes >= options.writeBufferBytes / 2 {
+                try rotate(&s)
+                rotated = true
+            }
+            return (s.sequence, committer, rotated)
         }
+        for n in obsolete {
+            cache.evict(file: n)
+            try fs.remove(path(Self.tableName(n)))
+        }
+        if !obsolete.isEmpty { try fs.syncDirectory(directory) }
+        if rotated { flushSignal.notify() }
         if (sync ?? options.syncMode) == .always {
             try await committer.waitDurable(upTo: last)
         }
+    }
+
+    /// Records a range tombstone in the manifest (with the sequence, so it is never reissued) and
+    /// drops, in the same edit, every table entirely inside the range and older than it — the
+    /// cheap part of dropping a partition. Returns the dropped tables' numbers. Caller holds the lock.
+    private func recordRangeDeletion(_ s: inout State, _ t: RangeTombstone) throws(StorageError) -> [UInt64] {
+        var edit = VersionEdit()
+        edit.addedTombstones = [t]
+        edit.lastSequence = t.sequence
+        let inside = s.version.allTables.filter {
+            $0.largestSequence < t.sequence && !s.compacting.contains($0.number)
+                && !$0.smallest.lexicographicallyPrecedes(t.lower) && $0.largest.lexicographicallyPrecedes(t.upper)
+        }
+        edit.removed = inside.map { ($0.level, $0.number) }
+        try Manifest.record(edit, to: s.manifest)
+        s.version.apply(edit)
+        for m in inside { s.readers[m.number] = nil }
+        s.relink()
+        compactionSignal.notify()
+        return inside.map(\.number)
     }
 
     public func put(_ key: [UInt8], _ value: [UInt8], sync: SyncMode? = nil) async throws {
@@ -301,28 +722,124 @@ public final class Database: Sendable {
         try await write(b, sync: sync)
     }
 
-    /// The value of `key` (nil if absent or deleted): the memtable, the memtable being flushed,
-    /// then tables newest first.
+    /// Deletes every key in `[lower, upper)`: O(1) to write whatever the range holds; tables wholly
+    /// inside the range go at once, the rest is reclaimed by compaction.
+    public func deleteRange(from lower: [UInt8], to upper: [UInt8], sync: SyncMode? = nil) async throws {
+        guard lower.lexicographicallyPrecedes(upper) else { return }
+        var b = WriteBatch()
+        b.deleteRange(from: lower, to: upper)
+        try await write(b, sync: sync)
+    }
+
+    // MARK: Reads
+
+    /// The value of `key` (nil if absent or deleted) as of now.
     public func get(_ key: [UInt8]) throws(StorageError) -> [UInt8]? {
-        let (memtable, immutable, tables) = state.withLock { ($0.memtable, $0.immutable, $0.tables.map(\.reader)) }
-        if let e = memtable.get(key) { return e.kind == .value ? e.value : nil }
-        if let e = immutable?.get(key) { return e.kind == .value ? e.value : nil }
-        for t in tables {
-            if let v = try t.get(key), let kind = v.first {
-                return kind == EntryKind.value.rawValue ? Array(v.dropFirst()) : nil
-            }
+        try state.withLock { $0.view }.get(key)
+    }
+
+    /// A consistent view as of now; see `Snapshot`.
+    public func snapshot() -> Snapshot { Snapshot(view: state.withLock { $0.view }) }
+
+    /// Live pairs with `lower ≤ key < upper` from a fresh snapshot, in key order.
+    public func iterator(from lower: [UInt8] = [], to upper: [UInt8]? = nil) throws(StorageError) -> DatabaseIterator {
+        try snapshot().iterator(from: lower, to: upper)
+    }
+
+    /// Live pairs whose key starts with `prefix` from a fresh snapshot, in key order.
+    public func iterator(prefix: [UInt8]) throws(StorageError) -> DatabaseIterator {
+        try snapshot().iterator(prefix: prefix)
+    }
+
+    // MARK: Maintenance
+
+    /// Makes everything written so far part of a level-0 table; returns when that table is live.
+    public func flush() throws(StorageError) {
+        _ = try flushImmutable()
+        let rotated = try state.withLock { s throws(StorageError) -> Bool in
+            guard s.immutable == nil, s.memtable.count > 0 else { return false }
+            try rotate(&s)
+            return true
         }
-        return nil
+        if rotated { _ = try flushImmutable() }
+    }
+
+    /// Flushes, then compacts until no level needs it (tests, tools and the bench's settle step).
+    public func compactUntilSettled() throws(StorageError) {
+        try flush()
+        while try compactOnce() {}
     }
 
     public var statistics: Statistics {
-        var s = recovered
-        s.logSyncs = committer.withLock { $0 }.syncCount
-        return s
+        var st = state.withLock { s in
+            var st = s.stats
+            st.logSyncs += s.committer.syncCount
+            st.memtableBytes = s.memtable.approximateBytes
+            st.immutableMemtableBytes = s.immutable?.table.approximateBytes ?? 0
+            st.tablesPerLevel = (0..<CompactionPolicy.levels).map { s.version.tables[$0]?.count ?? 0 }
+            st.bytesPerLevel = (0..<CompactionPolicy.levels).map { (s.version.tables[$0] ?? []).reduce(0) { $0 + $1.size } }
+            st.rangeTombstones = s.version.tombstones.count
+            return st
+        }
+        st.blockCache = cache.counters
+        return st
     }
 
-    public func close() throws(StorageError) {
+    /// Stops the background workers (a compaction in progress is abandoned; its partial output is
+    /// removed), syncs the log and closes every file. The database is unusable afterwards.
+    public func close() async throws {
+        try await stop(syncing: true)
+    }
+
+    /// Stops the workers and releases the files without syncing anything: what a crashed process
+    /// leaves (tests that then crash the fault-injecting disk).
+    public func abandon() async {
+        try? await stop(syncing: false)
+    }
+
+    private func stop(syncing: Bool) async throws {
+        let already = state.withLock { s in
+            defer { s.closed = true }
+            return s.closed
+        }
         timer.withLock { $0?.source.cancel() }
-        try state.withLock { s throws(StorageError) in try s.writer.close() }
+        flushSignal.notify()
+        compactionSignal.notify()
+        room.notifyAll()
+        for t in workers.withLock({ $0 }) { await t.value }
+        guard !already else { return }
+        try state.withLock { s throws(StorageError) in
+            if syncing && s.backgroundError == nil { try s.writer.sync() }
+            try s.writer.close()
+            try s.manifest.close()
+            for r in s.readers.values { r.close() }
+        }
+    }
+}
+
+/// Runs one kind of background job (flushes, or compactions) on its own thread: waits for a
+/// signal, then works until there is nothing left. A failure is retried with backoff (100 ms,
+/// doubling to 5 s); past `backgroundRetryLimit` consecutive failures, or at once after a failed
+/// sync, it escalates: the database refuses writes until reopened, and the worker stops.
+actor BackgroundWorker {
+    private let executor: QueueExecutor
+    nonisolated var unownedExecutor: UnownedSerialExecutor { executor.asUnownedSerialExecutor() }
+
+    init(name: String) { executor = QueueExecutor(label: name) }
+
+    func run(_ db: Database, signal: WakeSignal, job: @Sendable (Database) throws(StorageError) -> Bool) async {
+        var failures = 0
+        while true {
+            await signal.wait()
+            do {
+                while !db.isClosed, try job(db) { failures = 0 }
+            } catch {
+                failures += 1
+                if db.backgroundFailed(error, failures: failures) { return }
+                try? await Task.sleep(for: .milliseconds(min(100 << min(failures - 1, 6), 5000)))
+                signal.notify()
+            }
+            if db.isClosed { return }
+        }
     }
 }

@@ -43,6 +43,18 @@ public final class GroupCommitter: Sendable {
         state.withLock { $0.appended = max($0.appended, sequence) }
     }
 
+    /// Records that everything up to `sequence` was made durable by a sync outside this committer
+    /// (the engine syncs a log before switching to a new one), releasing its waiters.
+    public func markDurable(upTo sequence: UInt64) {
+        let ready: [Waiter] = state.withLock { s in
+            s.durable = max(s.durable, sequence)
+            let ready = s.waiters.filter { $0.sequence <= s.durable }
+            s.waiters.removeAll { $0.sequence <= s.durable }
+            return ready
+        }
+        for w in ready { w.continuation.resume() }
+    }
+
     public var durableSequence: UInt64 { state.withLock { $0.durable } }
     /// Syncs performed so far (for metrics and tests).
     public var syncCount: Int { state.withLock { $0.syncs } }

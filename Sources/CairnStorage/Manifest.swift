@@ -5,12 +5,57 @@ public struct TableMeta: Sendable, Hashable {
     public var size: UInt64
     public var smallest: [UInt8]
     public var largest: [UInt8]
-    public init(number: UInt64, level: Int, size: UInt64, smallest: [UInt8], largest: [UInt8]) {
+    /// The oldest and newest sequence numbers of the table's entries (range-tombstone bookkeeping).
+    public var smallestSequence: UInt64
+    public var largestSequence: UInt64
+    /// Every range tombstone with a sequence ≤ this was applied when the table was written: the
+    /// table holds nothing they hide.
+    public var filteredThrough: UInt64
+    public init(number: UInt64, level: Int, size: UInt64, smallest: [UInt8], largest: [UInt8],
+                smallestSequence: UInt64 = 0, largestSequence: UInt64 = 0, filteredThrough: UInt64 = 0) {
         self.number = number
         self.level = level
         self.size = size
         self.smallest = smallest
         self.largest = largest
+        self.smallestSequence = smallestSequence
+        self.largestSequence = largestSequence
+        self.filteredThrough = filteredThrough
+    }
+
+    /// Whether the table may hold entries `t` hides.
+    func mayHoldEntriesHidden(by t: RangeTombstone) -> Bool {
+        smallestSequence < t.sequence && filteredThrough < t.sequence && overlaps(t.lower, t.upper)
+    }
+
+    /// Whether the table's key span intersects `[lower, upper)` (nil upper: unbounded).
+    func overlaps(_ lower: [UInt8], _ upper: [UInt8]?) -> Bool {
+        if largest.lexicographicallyPrecedes(lower) { return false }
+        if let upper, !smallest.lexicographicallyPrecedes(upper) { return false }
+        return true
+    }
+}
+
+/// `deleteRange(lower, upper)` as written at `sequence`: hides every entry with
+/// `lower ≤ key < upper` and a smaller sequence. Lives until no table or memtable holds an entry
+/// it hides; identified by its sequence.
+public struct RangeTombstone: Sendable, Hashable {
+    public var lower: [UInt8]
+    public var upper: [UInt8]
+    public var sequence: UInt64
+    public init(lower: [UInt8], upper: [UInt8], sequence: UInt64) {
+        self.lower = lower
+        self.upper = upper
+        self.sequence = sequence
+    }
+
+    func covers(_ key: [UInt8]) -> Bool {
+        !key.lexicographicallyPrecedes(lower) && key.lexicographicallyPrecedes(upper)
+    }
+
+    /// Whether this tombstone hides the entry `(key, seq)` for a reader at `snapshot`.
+    func hides(_ key: [UInt8], _ seq: UInt64, snapshot: UInt64 = .max) -> Bool {
+        sequence > seq && sequence <= snapshot && covers(key)
     }
 }
 
@@ -20,7 +65,10 @@ public struct TableMeta: Sendable, Hashable {
 /// edit     = field*
 /// field    = %x01 log-number:varint / %x02 next-file:varint / %x03 last-sequence:varint
 ///          / %x04 table / %x05 removed-level:varint removed-number:varint
+///          / %x06 tombstone / %x07 removed-tombstone-sequence:varint
 /// table    = level:varint number:varint size:varint smallest:blob largest:blob
+///            smallest-sequence:varint largest-sequence:varint filtered-through:varint
+/// tombstone = lower:blob upper:blob sequence:varint
 /// ```
 public struct VersionEdit: Sendable, Hashable {
     public var logNumber: UInt64?
@@ -28,12 +76,15 @@ public struct VersionEdit: Sendable, Hashable {
     public var lastSequence: UInt64?
     public var added: [TableMeta] = []
     public var removed: [(level: Int, number: UInt64)] = []
+    public var addedTombstones: [RangeTombstone] = []
+    public var removedTombstones: [UInt64] = []
 
     public init() {}
 
     public static func == (a: VersionEdit, b: VersionEdit) -> Bool {
         a.logNumber == b.logNumber && a.nextFile == b.nextFile && a.lastSequence == b.lastSequence && a.added == b.added
             && a.removed.map { [UInt64($0.level), $0.number] } == b.removed.map { [UInt64($0.level), $0.number] }
+            && a.addedTombstones == b.addedTombstones && a.removedTombstones == b.removedTombstones
     }
 
     public func hash(into h: inout Hasher) {
@@ -50,8 +101,12 @@ public struct VersionEdit: Sendable, Hashable {
             out.append(4)
             Coding.putVarint(&out, UInt64(t.level)); Coding.putVarint(&out, t.number); Coding.putVarint(&out, t.size)
             blob(t.smallest); blob(t.largest)
+            Coding.putVarint(&out, t.smallestSequence); Coding.putVarint(&out, t.largestSequence)
+            Coding.putVarint(&out, t.filteredThrough)
         }
         for r in removed { out.append(5); Coding.putVarint(&out, UInt64(r.level)); Coding.putVarint(&out, r.number) }
+        for t in addedTombstones { out.append(6); blob(t.lower); blob(t.upper); Coding.putVarint(&out, t.sequence) }
+        for n in removedTombstones { out.append(7); Coding.putVarint(&out, n) }
         return out
     }
 
@@ -72,11 +127,19 @@ public struct VersionEdit: Sendable, Hashable {
             case 2: guard let x = v() else { return nil }; e.nextFile = x
             case 3: guard let x = v() else { return nil }; e.lastSequence = x
             case 4:
-                guard let level = v(), level < 64, let number = v(), let size = v(), let small = blob(), let large = blob() else { return nil }
-                e.added.append(TableMeta(number: number, level: Int(level), size: size, smallest: small, largest: large))
+                guard let level = v(), level < 64, let number = v(), let size = v(), let small = blob(), let large = blob(),
+                      let lowSeq = v(), let highSeq = v(), let filtered = v() else { return nil }
+                e.added.append(TableMeta(number: number, level: Int(level), size: size, smallest: small, largest: large,
+                                         smallestSequence: lowSeq, largestSequence: highSeq, filteredThrough: filtered))
             case 5:
                 guard let level = v(), level < 64, let number = v() else { return nil }
                 e.removed.append((Int(level), number))
+            case 6:
+                guard let lower = blob(), let upper = blob(), let seq = v() else { return nil }
+                e.addedTombstones.append(RangeTombstone(lower: lower, upper: upper, sequence: seq))
+            case 7:
+                guard let seq = v() else { return nil }
+                e.removedTombstones.append(seq)
             default: return nil
             }
         }
@@ -90,6 +153,8 @@ public struct Version: Sendable, Hashable {
     public var logNumber: UInt64 = 0
     public var nextFile: UInt64 = 1
     public var lastSequence: UInt64 = 0
+    /// Range tombstones recorded by flushes and not yet retired, oldest first.
+    public var tombstones: [RangeTombstone] = []
 
     public init() {}
 
@@ -99,8 +164,18 @@ public struct Version: Sendable, Hashable {
         if let v = e.lastSequence { lastSequence = max(lastSequence, v) }
         for r in e.removed { tables[r.level]?.removeAll { $0.number == r.number } }
         for t in e.added { tables[t.level, default: []].append(t) }
-        for level in tables.keys { tables[level]?.sort { $0.smallest.lexicographicallyPrecedes($1.smallest) } }
+        for level in tables.keys {
+            // Level 0 newest first (its tables overlap); deeper levels by key (they do not).
+            if level == 0 { tables[level]?.sort { $0.number > $1.number } }
+            else { tables[level]?.sort { $0.smallest.lexicographicallyPrecedes($1.smallest) } }
+        }
+        tombstones.removeAll { e.removedTombstones.contains($0.sequence) }
+        for t in e.addedTombstones where !tombstones.contains(where: { $0.sequence == t.sequence }) { tombstones.append(t) }
+        tombstones.sort { $0.sequence < $1.sequence }
     }
+
+    /// Every live table, level by level.
+    public var allTables: [TableMeta] { tables.keys.sorted().flatMap { tables[$0] ?? [] } }
 }
 
 /// The manifest: a log (the WAL format) of version edits, named by `CURRENT`.
@@ -137,7 +212,8 @@ public enum Manifest {
         snapshot.logNumber = version.logNumber
         snapshot.nextFile = version.nextFile
         snapshot.lastSequence = version.lastSequence
-        snapshot.added = version.tables.keys.sorted().flatMap { version.tables[$0] ?? [] }
+        snapshot.added = version.allTables
+        snapshot.addedTombstones = version.tombstones
         try writer.append([snapshot.encoded()], sync: true)
         try fs.syncDirectory(directory)
         try installCurrent(fs: fs, directory: directory, manifest: name)

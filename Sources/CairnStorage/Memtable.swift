@@ -38,10 +38,11 @@ public final class Memtable: Sendable {
         var count = 0
         var bytes = 0
         var rng: UInt64 = 0x2545_F491_4F6C_DD1D
+        var smallestSequence: UInt64 = .max
     }
 
     static let maxHeight = 12
-    private let state = Mutex(State())
+    fileprivate let state = Mutex(State())
 
     public init() {}
 
@@ -85,7 +86,9 @@ public final class Memtable: Sendable {
                 update[level].next[level] = node
             }
             s.count += 1
-            s.bytes += key.count + value.count + 32 + 8 * height
+            // Key, value, the node and its three array headers: close to what the heap really holds.
+            s.bytes += key.count + value.count + 128 + 8 * height
+            s.smallestSequence = min(s.smallestSequence, sequence)
         }
     }
 
@@ -128,6 +131,42 @@ public final class Memtable: Sendable {
             return out
         }
     }
+
+    /// A forward cursor over the newest entry per key at or below `snapshot`, from the first key ≥
+    /// `lower`. Sees a consistent view: later inserts carry larger sequences and are skipped.
+    public func cursor(from lower: [UInt8], snapshot: UInt64) -> Cursor {
+        Cursor(memtable: self, node: state.withLock { Self.seek($0, lower, .max) }, snapshot: snapshot)
+    }
+
+    /// Not thread-safe (one consumer); the memtable's lock guards each step.
+    public final class Cursor {
+        let memtable: Memtable
+        var node: Node?
+        let snapshot: UInt64
+        var lastKey: [UInt8]?
+
+        init(memtable: Memtable, node: Node?, snapshot: UInt64) {
+            self.memtable = memtable
+            self.node = node
+            self.snapshot = snapshot
+        }
+
+        public func next() -> Entry? {
+            memtable.state.withLock { _ in
+                while let n = node, let e = n.entry {
+                    node = n.next[0]
+                    if e.sequence <= snapshot && e.key != lastKey {
+                        lastKey = e.key
+                        return e
+                    }
+                }
+                return nil
+            }
+        }
+    }
+
+    /// The smallest sequence number in the table (nil when empty).
+    public var smallestSequence: UInt64? { state.withLock { $0.count == 0 ? nil : $0.smallestSequence } }
 
     /// Every entry in table order (all versions): what a flush writes.
     public func allEntries() -> [Entry] {

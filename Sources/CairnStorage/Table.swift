@@ -54,6 +54,9 @@ public final class TableBuilder {
         block = BlockBuilder(restartInterval: restartInterval)
     }
 
+    /// Bytes written so far plus the open block: where to cut an output table.
+    public var estimatedSize: UInt64 { offset + UInt64(block.estimatedSize) }
+
     public func add(key: [UInt8], value: [UInt8]) throws(StorageError) {
         if let lastKey, !lastKey.lexicographicallyPrecedes(key) { throw .invalidArgument("table keys must be strictly increasing") }
         try block.add(key: key, value: value)
@@ -107,13 +110,16 @@ public final class TableBuilder {
 public final class TableReader: Sendable {
     let file: UncheckedFile
     public let path: String
+    /// The table's file number: its blocks' key in the block cache.
+    public let number: UInt64
+    let cache: BlockCache?
     let index: [(lastKey: [UInt8], handle: Table.Handle)]
     let filter: BloomFilter
 
     /// `ReadableFile` reads are thread-safe by contract.
     struct UncheckedFile: @unchecked Sendable { let file: any ReadableFile }
 
-    public init(fs: any FileSystem, path: String) throws(StorageError) {
+    public init(fs: any FileSystem, path: String, number: UInt64 = 0, cache: BlockCache? = nil) throws(StorageError) {
         let f = try fs.openReadable(path)
         let size = f.size
         func corrupt(_ offset: UInt64, _ why: String) -> StorageError { .corruption(path: path, offset: offset, reason: why) }
@@ -145,30 +151,46 @@ public final class TableReader: Sendable {
         }
         file = UncheckedFile(file: f)
         self.path = path
+        self.number = number
+        self.cache = cache
         self.index = index
         filter = BloomFilter(bytes: Array(filterBytes.dropLast(5)))
     }
 
     public var blockCount: Int { index.count }
 
+    /// The block at `h`, from the cache when it is there; verified when read from the file.
     func readBlock(_ h: Table.Handle) throws(StorageError) -> Block {
-        try Block(try file.file.read(at: h.offset, count: Int(h.size)), path: path, offset: h.offset)
+        let key = BlockCache.Key(file: number, offset: h.offset)
+        if let cache, let b = cache.get(key) { return b }
+        let b = try Block(try file.file.read(at: h.offset, count: Int(h.size)), path: path, offset: h.offset)
+        cache?.insert(key, b, charge: b.charge)
+        return b
     }
 
-    /// The value stored under exactly `key`, or nil. Consults the Bloom filter first.
-    public func get(_ key: [UInt8]) throws(StorageError) -> [UInt8]? {
-        guard filter.mayContain(key) else { return nil }
-        // The first block whose last key is ≥ key (binary search over the index).
+    /// The index of the first block whose last key is ≥ `key` (`blockCount` if none).
+    func blockIndex(atOrAfter key: [UInt8]) -> Int {
         var lo = 0
         var hi = index.count
         while lo < hi {
             let mid = (lo + hi) / 2
             if index[mid].lastKey.lexicographicallyPrecedes(key) { lo = mid + 1 } else { hi = mid }
         }
-        guard lo < index.count else { return nil }
-        let i = lo
+        return lo
+    }
+
+    /// The value stored under exactly `key`, or nil. Consults the Bloom filter first.
+    public func get(_ key: [UInt8]) throws(StorageError) -> [UInt8]? {
+        guard filter.mayContain(key) else { return nil }
+        let i = blockIndex(atOrAfter: key)
+        guard i < index.count else { return nil }
         guard let e = try readBlock(index[i].handle).seek(key, path: path, offset: index[i].handle.offset), e.key == key else { return nil }
         return e.value
+    }
+
+    /// The entries of block `i`, in order.
+    func blockEntries(_ i: Int) throws(StorageError) -> [(key: [UInt8], value: [UInt8])] {
+        try readBlock(index[i].handle).entries(path: path, offset: index[i].handle.offset)
     }
 
     /// Every entry in key order.

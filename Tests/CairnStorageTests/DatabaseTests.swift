@@ -17,14 +17,14 @@ import Foundation
         #expect(try db.get([1]) == nil)
         #expect(try db.get([2]) == [21])
         #expect(try db.get([3]) == [30])
-        try db.close()
+        try await db.close()
         let again = try Database.open(fs: fs, directory: "/db")
         #expect(try again.get([1]) == nil)
         #expect(try again.get([2]) == [21])
         #expect(try again.get([3]) == [30])
         #expect(again.statistics.recoveredRecords == 4)
         try await again.put([5], [50])
-        try again.close()
+        try await again.close()
         let third = try Database.open(fs: fs, directory: "/db")
         #expect(try third.get([5]) == [50])
         #expect(try third.get([2]) == [21])
@@ -59,6 +59,7 @@ import Foundation
                 }
                 try await group.waitForAll()
             }
+            await db.abandon()
             fs.crash(tearing: Bool.random(using: &rng), rng: &rng)
             let back = try Database.open(fs: fs, directory: "/db")
             for (k, v) in acked.value.withLock({ $0 }) {
@@ -71,7 +72,7 @@ import Foundation
                     if let v = try back.get([UInt8(i), UInt8(j)]) { #expect(v == [UInt8(i), UInt8(j), UInt8(size)]) }
                 }
             }
-            try back.close()
+            try await back.close()
         }
     }
 
@@ -82,6 +83,7 @@ import Foundation
         fs.failNextSyncs(1)
         await #expect(throws: StorageError.self) { try await db.put([2], [2]) }
         await #expect(throws: StorageError.self) { try await db.put([3], [3]) }
+        await db.abandon()
         let reopened = try Database.open(fs: fs, directory: "/db")
         #expect(try reopened.get([1]) == [1])
         try await reopened.put([4], [4])
@@ -93,7 +95,7 @@ import Foundation
         let db = try Database.open(fs: fs, directory: "/db")
         try await db.put([1], [1])
         try await db.put([2], Array(repeating: 7, count: 100))
-        try db.close()
+        try await db.close()
         // The crash hit the middle of the last append: cut the log 5 bytes short.
         let size = fs.contents("/db/000001.log")?.count ?? 0
         try fs.truncate("/db/000001.log", to: UInt64(size - 5))
@@ -103,7 +105,7 @@ import Foundation
         #expect(back.statistics.recoveredRecords == 1)
         #expect(back.statistics.tornTailBytes > 0)
         // The tail was truncated: the next open finds a clean log.
-        try back.close()
+        try await back.close()
         let clean = try Database.open(fs: fs, directory: "/db")
         #expect(clean.statistics.tornTailBytes == 0)
         #expect(try clean.get([1]) == [1])
@@ -114,10 +116,10 @@ import Foundation
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let db = try Database.open(fs: PosixFileSystem(), directory: dir)
         for i in 0..<200 { try await db.put(Array("k\(i)".utf8), Array("v\(i)".utf8)) }
-        try db.close()
+        try await db.close()
         let back = try Database.open(fs: PosixFileSystem(), directory: dir)
         for i in 0..<200 { #expect(try back.get(Array("k\(i)".utf8)) == Array("v\(i)".utf8)) }
-        try back.close()
+        try await back.close()
     }
 
     @Test func flushedTablesAnswerAndTombstonesShadowThem() async throws {
@@ -141,7 +143,7 @@ import Foundation
         try db.flush()
         try check(db)
         try await db.put(Array("k2".utf8), Array("memtable".utf8))
-        try db.close()
+        try await db.close()
         // A crash after the flushes: tables, manifest and the last log bring everything back.
         fs.crash(tearing: true, rng: &rng)
         let back = try Database.open(fs: fs, directory: "/db")
@@ -150,6 +152,7 @@ import Foundation
         #expect(try back.get(Array("k3".utf8)) == nil)
         #expect(try back.get(Array("k349".utf8)) == Array("v349".utf8))
         try back.flush()
+        await back.abandon()
         let third = try Database.open(fs: fs, directory: "/db")
         #expect(try third.get(Array("k2".utf8)) == Array("memtable".utf8))
         #expect(try third.get(Array("k0".utf8)) == nil)

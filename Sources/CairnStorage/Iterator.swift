@@ -1,0 +1,244 @@
+/// How an entry is stored as a table value (Docs/storage-format.md, "Entries"):
+///
+/// ```
+/// table-value = kind:u8 sequence:varint value     ; kind 1 = value, 0 = deletion (value empty)
+/// ```
+enum InternalValue {
+    static func encode(_ e: Memtable.Entry) -> [UInt8] {
+        var out: [UInt8] = []
+        out.reserveCapacity(e.value.count + 10)
+        out.append(e.kind.rawValue)
+        Coding.putVarint(&out, e.sequence)
+        out += e.value
+        return out
+    }
+
+    static func decode(key: [UInt8], _ b: [UInt8], path: String) throws(StorageError) -> Memtable.Entry {
+        var p = 1
+        guard let kindByte = b.first, let kind = EntryKind(rawValue: kindByte), let seq = Coding.getVarint(b, &p, limit: b.count),
+              kind == .value || p == b.count
+        else { throw .corruption(path: path, offset: 0, reason: "malformed table entry for a key of \(key.count) bytes") }
+        return Memtable.Entry(key: key, sequence: seq, kind: kind, value: Array(b[p...]))
+    }
+}
+
+/// A forward cursor over internal entries in key order, one entry per key.
+protocol EntrySource: AnyObject {
+    /// The entry under the cursor; nil when exhausted.
+    var current: Memtable.Entry? { get }
+    func advance() throws(StorageError)
+}
+
+/// The newest entry per key at or below a snapshot, from a memtable.
+final class MemtableSource: EntrySource {
+    private let cursor: Memtable.Cursor
+    private(set) var current: Memtable.Entry?
+
+    init(_ memtable: Memtable, from lower: [UInt8], snapshot: UInt64) {
+        cursor = memtable.cursor(from: lower, snapshot: snapshot)
+        current = cursor.next()
+    }
+
+    func advance() throws(StorageError) { current = cursor.next() }
+}
+
+/// The entries of a run of tables with disjoint, increasing key spans (one table, or one level ≥ 1).
+final class TableRunSource: EntrySource {
+    private let tables: [TableReader]
+    private var table: Int
+    private var block = 0
+    private var entries: [(key: [UInt8], value: [UInt8])] = []
+    private var position = 0
+    private(set) var current: Memtable.Entry?
+
+    init(_ tables: [TableReader], from lower: [UInt8]) throws(StorageError) {
+        self.tables = tables
+        // The first table whose last key is ≥ lower.
+        table = tables.firstIndex { t in t.index.last.map { !$0.lastKey.lexicographicallyPrecedes(lower) } ?? false } ?? tables.count
+        if table < tables.count {
+            block = tables[table].blockIndex(atOrAfter: lower)
+            try load()
+            while let e = entryAtPosition(), e.key.lexicographicallyPrecedes(lower) { position += 1 }
+        }
+        try settle()
+    }
+
+    private func load() throws(StorageError) {
+        entries = block < tables[table].blockCount ? try tables[table].blockEntries(block) : []
+        position = 0
+    }
+
+    private func entryAtPosition() -> (key: [UInt8], value: [UInt8])? { position < entries.count ? entries[position] : nil }
+
+    /// Moves to the next non-empty block (or table) if the current one is used up, and decodes.
+    private func settle() throws(StorageError) {
+        while table < tables.count && position >= entries.count {
+            block += 1
+            if block >= tables[table].blockCount {
+                table += 1
+                block = 0
+                if table >= tables.count { break }
+            }
+            try load()
+        }
+        if let e = entryAtPosition() {
+            current = try InternalValue.decode(key: e.key, e.value, path: tables[table].path)
+        } else {
+            current = nil
+        }
+    }
+
+    func advance() throws(StorageError) {
+        position += 1
+        try settle()
+    }
+}
+
+/// Merges sources into one stream in key order; for a key found in several sources, the entry with
+/// the highest sequence wins. Yields internal entries (deletions included).
+struct MergingCursor {
+    let sources: [any EntrySource]
+
+    /// The next key's winning entry, advancing every source past that key.
+    mutating func next() throws(StorageError) -> Memtable.Entry? {
+        var best: Memtable.Entry?
+        for s in sources {
+            guard let e = s.current else { continue }
+            if let b = best {
+                if e.key.lexicographicallyPrecedes(b.key) || (e.key == b.key && e.sequence > b.sequence) { best = e }
+            } else {
+                best = e
+            }
+        }
+        guard let best else { return nil }
+        for s in sources {
+            while let e = s.current, e.key == best.key { try s.advance() }
+        }
+        return best
+    }
+}
+
+/// An ordered iteration over `[lower, upper)` as of a snapshot: live values only (deletions and
+/// range-deleted entries are skipped). Single consumer; not thread-safe. Holds the snapshot's
+/// memtables and tables open while alive.
+public final class DatabaseIterator: Sequence, IteratorProtocol {
+    private var merged: MergingCursor
+    private let upper: [UInt8]?
+    private let tombstones: [RangeTombstone]
+    private let snapshot: UInt64
+    /// The first error met (the iteration stops there).
+    public private(set) var error: StorageError?
+
+    init(view: ReadView, lower: [UInt8], upper: [UInt8]?) throws(StorageError) {
+        var sources: [any EntrySource] = view.memtables.map { MemtableSource($0, from: lower, snapshot: view.sequence) }
+        for t in view.level0 { sources.append(try TableRunSource([t], from: lower)) }
+        for level in view.levels where !level.isEmpty {
+            let from = level.firstIndex { !$0.meta.largest.lexicographicallyPrecedes(lower) } ?? level.count
+            let run = level[from...].prefix { t in upper.map { t.meta.smallest.lexicographicallyPrecedes($0) } ?? true }
+            sources.append(try TableRunSource(run.map(\.reader), from: lower))
+        }
+        merged = MergingCursor(sources: sources)
+        self.upper = upper
+        tombstones = view.tombstones
+        snapshot = view.sequence
+    }
+
+    /// The next live pair; nil at the end of the range. Throws on corruption.
+    public func nextEntry() throws(StorageError) -> (key: [UInt8], value: [UInt8])? {
+        while let e = try merged.next() {
+            if let upper, !e.key.lexicographicallyPrecedes(upper) { return nil }
+            if e.kind == .deletion || tombstones.contains(where: { $0.hides(e.key, e.sequence, snapshot: snapshot) }) { continue }
+            return (e.key, e.value)
+        }
+        return nil
+    }
+
+    /// `Sequence` conformance: stops at the end or at the first error (then `error` is set).
+    public func next() -> (key: [UInt8], value: [UInt8])? {
+        guard error == nil else { return nil }
+        do { return try nextEntry() } catch let e {
+            error = e
+            return nil
+        }
+    }
+
+    /// The smallest key greater than every key starting with `prefix` (nil: no such key).
+    public static func upperBound(ofPrefix prefix: [UInt8]) -> [UInt8]? {
+        var p = prefix
+        while let last = p.last {
+            if last < 0xFF {
+                p[p.count - 1] = last + 1
+                return p
+            }
+            p.removeLast()
+        }
+        return nil
+    }
+}
+
+/// A table the read path can use: its manifest entry and its open reader.
+struct LiveTable: Sendable {
+    let meta: TableMeta
+    let reader: TableReader
+}
+
+/// Everything a reader needs at one instant: the memtables (newest first), level 0 (newest
+/// first), the deeper levels (each sorted by key, disjoint), live range tombstones, and the
+/// sequence number that bounds what is visible. Immutable; capturing it costs reference counts.
+struct ReadView: Sendable {
+    var memtables: [Memtable]
+    var level0: [TableReader]
+    var levels: [[LiveTable]]
+    var tombstones: [RangeTombstone]
+    var sequence: UInt64
+
+    /// The newest entry for `key` at the view's sequence: memtables, then level 0 newest first,
+    /// then one table per deeper level (a key's newer versions are always in shallower places).
+    func entry(_ key: [UInt8]) throws(StorageError) -> Memtable.Entry? {
+        for m in memtables {
+            if let e = m.get(key, snapshot: sequence) { return e }
+        }
+        for t in level0 {
+            if let v = try t.get(key) { return try InternalValue.decode(key: key, v, path: t.path) }
+        }
+        for level in levels where !level.isEmpty {
+            var lo = 0
+            var hi = level.count
+            while lo < hi {
+                let mid = (lo + hi) / 2
+                if level[mid].meta.largest.lexicographicallyPrecedes(key) { lo = mid + 1 } else { hi = mid }
+            }
+            guard lo < level.count, !key.lexicographicallyPrecedes(level[lo].meta.smallest) else { continue }
+            if let v = try level[lo].reader.get(key) { return try InternalValue.decode(key: key, v, path: level[lo].reader.path) }
+        }
+        return nil
+    }
+
+    func get(_ key: [UInt8]) throws(StorageError) -> [UInt8]? {
+        guard let e = try entry(key), e.kind == .value else { return nil }
+        if !tombstones.isEmpty, tombstones.contains(where: { $0.hides(key, e.sequence, snapshot: sequence) }) { return nil }
+        return e.value
+    }
+}
+
+/// A consistent, read-only view of the database at one sequence number: later writes, flushes and
+/// compactions do not change what it returns. Keeps the memtables and table files it references
+/// alive (open) until released. Thread-safe.
+public final class Snapshot: Sendable {
+    let view: ReadView
+    public var sequence: UInt64 { view.sequence }
+
+    init(view: ReadView) { self.view = view }
+
+    public func get(_ key: [UInt8]) throws(StorageError) -> [UInt8]? { try view.get(key) }
+
+    /// Live pairs with `lower ≤ key < upper` (nil upper: to the end), in key order.
+    public func iterator(from lower: [UInt8] = [], to upper: [UInt8]? = nil) throws(StorageError) -> DatabaseIterator {
+        try DatabaseIterator(view: view, lower: lower, upper: upper)
+    }
+
+    /// Live pairs whose key starts with `prefix`, in key order.
+    public func iterator(prefix: [UInt8]) throws(StorageError) -> DatabaseIterator {
+        try DatabaseIterator(view: view, lower: prefix, upper: DatabaseIterator.upperBound(ofPrefix: prefix))
+    }
+}
