@@ -20,6 +20,7 @@ let package = Package(
         .library(name: "CairnLoad", targets: ["CairnLoad"]),
         .library(name: "CairnStorage", targets: ["CairnStorage"]),
         .executable(name: "cairn-load", targets: ["cairn-load"]),
+        .executable(name: "cairn-db-bench", targets: ["cairn-db-bench"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
@@ -78,6 +79,12 @@ let package = Package(
         // The LSM storage engine: standalone, knows nothing of the cluster; file I/O behind `FileSystem`.
         .target(name: "CairnStorage", swiftSettings: strict),
         .testTarget(name: "CairnStorageTests", dependencies: ["CairnStorage"], swiftSettings: strict),
+        // db_bench's language over CairnStorage (Benchmarks/storage/compare-rocksdb.sh).
+        .executableTarget(name: "cairn-db-bench", dependencies: [
+            "CairnStorage", .product(name: "Histogram", package: "hdrhistogram-swift"),
+        ], path: "Benchmarks/storage/cairn-db-bench", swiftSettings: strict),
+        // Test support: writes under `always` and reports each acknowledged key, until killed.
+        .executableTarget(name: "cairn-crash-writer", dependencies: ["CairnStorage"], path: "Tests/CrashWriter", swiftSettings: strict),
 
         // The traffic generator: workloads, key choosers, targets (cairn, redis, etcd), reports.
         .target(name: "CairnLoad", dependencies: [
