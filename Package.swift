@@ -48,7 +48,7 @@ let package = Package(
         .systemLibrary(name: "CSystemd", pkgConfig: "libsystemd", providers: [.apt(["libsystemd-dev"])]),
         // Shells: vnodes, coordinators, transport, supervisor, config, HTTP, systemd notify.
         .target(name: "CairnNode", dependencies: [
-            "CairnCore", "CairnRing", "CairnWire", "CSystemd",
+            "CairnCore", "CairnRing", "CairnWire", "CSystemd", "CairnStorage",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"),
@@ -77,7 +77,9 @@ let package = Package(
         ], swiftSettings: strict),
 
         // The LSM storage engine: standalone, knows nothing of the cluster; file I/O behind `FileSystem`.
-        .target(name: "CairnStorage", swiftSettings: strict),
+        .target(name: "CairnStorage", dependencies: ["CCRC32C"], swiftSettings: strict),
+        // CRC-32C with the CPU's CRC32 instruction (SSE 4.2), checked at run time.
+        .target(name: "CCRC32C"),
         .testTarget(name: "CairnStorageTests", dependencies: ["CairnStorage"], swiftSettings: strict),
         // db_bench's language over CairnStorage (Benchmarks/storage/compare-rocksdb.sh).
         .executableTarget(name: "cairn-db-bench", dependencies: [
@@ -115,7 +117,7 @@ let package = Package(
             .product(name: "NIOEmbedded", package: "swift-nio"),
         ], swiftSettings: strict),
         .testTarget(name: "CairnNodeTests", dependencies: [
-            "CairnNode", "CairnCore", "CairnRing", "CairnWire",
+            "CairnNode", "CairnCore", "CairnRing", "CairnWire", "CairnStorage",
         ], swiftSettings: strict),
         .testTarget(name: "CairnClientTests", dependencies: [
             "CairnClient", "CairnCore", "CairnWire",

@@ -1,4 +1,5 @@
 public import CairnCore
+public import CairnStorage
 public import Logging
 public import NIOCore
 import NIOPosix
@@ -60,7 +61,8 @@ public final class CairnNode: Service, Sendable {
         var log = logger ?? Logger(label: "cairn.node")
         log[metadataKey: "node"] = "\(config.name)"
         self.config = config
-        self.core = NodeCore(config: config, backend: backend ?? MemoryBackend(), logger: log)
+        let memory = config.storageKind == .memory || config.dataDirectory == nil
+        self.core = NodeCore(config: config, backend: backend ?? (memory ? MemoryBackend() : nil), logger: log)
         self.group = group ?? MultiThreadedEventLoopGroup.singleton
         let metrics = core.metrics
         self.supervisor = Supervisor(name: "node", policy: config.restartPolicy, logger: log) { _ in metrics.supervisorRestarts.increment() }
@@ -69,7 +71,10 @@ public final class CairnNode: Service, Sendable {
 
     public var state: NodeState { core.state }
     public var metrics: NodeMetrics { core.metrics }
-    public var actorID: ActorID { core.actor }
+    /// This node's identity in version vectors; nil until its storage is open (`bind()`).
+    public var actorID: ActorID? { core.opened?.actor }
+    /// The storage engine's counters (nil for the in-memory backend or before `bind()`).
+    public var storageStatistics: Database.Statistics? { core.backend?.storageStatistics }
     public var boundAddresses: BoundAddresses? { runtime.value.bound }
     /// Peers whose link is connected and handshaken.
     public var connectedPeers: Int { core.current?.transport.upCount ?? 0 }
@@ -82,11 +87,31 @@ public final class CairnNode: Service, Sendable {
         var locked: DataDirectory?
         if let dir = config.dataDirectory { locked = try DataDirectory(path: dir) }
         do {
+            try await openStorage()
             return try await bindListeners(holding: locked)
         } catch {
+            if let b = core.backend, runtime.value.bound == nil { try? await b.close() }
             locked?.release()
             throw error
         }
+    }
+
+    /// Opens (recovering) the disk engine under the locked data directory, reporting progress to
+    /// the service manager ("recovering storage: N%", with EXTEND_TIMEOUT_USEC).
+    private func openStorage() async throws {
+        guard core.opened == nil, let dir = config.dataDirectory else { return }
+        let notifier = notifier
+        let started = ContinuousClock.now
+        let backend = try await DiskBackend.open(directory: dir + "/storage", options: config.storage) { done, total in
+            notifier.report(.recovering(done: done, total: total, at: .now))
+        }
+        core.adopt(backend)
+        let stats = backend.database.statistics
+        core.logger.info("storage open", metadata: [
+            "directory": "\(dir)/storage", "recovered_records": "\(stats.recoveredRecords)",
+            "torn_tail_bytes": "\(stats.tornTailBytes)", "took": "\(ContinuousClock.now - started)",
+            "sync": "\(config.storage.syncMode)", "epoch": "\(backend.persistentEpoch ?? 0)",
+        ])
     }
 
     private func bindListeners(holding locked: DataDirectory?) async throws -> BoundAddresses {
@@ -140,6 +165,7 @@ public final class CairnNode: Service, Sendable {
     /// every partition this node replicates and a link to every peer.
     public func start(members: [MemberAddress]? = nil) throws {
         guard !runtime.value.started else { return }
+        guard let storage = core.opened else { throw ValidationError("storage is not open: call bind() before start()") }
         let members = members ?? config.members
         let view = try ClusterView(config: config, members: members)
         guard view.addresses[config.name] != nil else { throw ValidationError("members do not include this node (\(config.name))") }
@@ -163,9 +189,9 @@ public final class CairnNode: Service, Sendable {
         let transport = PeerTransport(links: links)
         transportBox.withLock { $0 = transport }
         for p in view.ring.replicatedPartitions(of: config.name, n: view.n) {
-            core.vnodes.insert(Vnode(partition: p, backend: core.backend, limits: config.limits, metrics: metrics, logger: core.logger))
+            core.vnodes.insert(Vnode(partition: p, backend: storage.backend, limits: config.limits, metrics: metrics, logger: core.logger))
         }
-        let ctx = CoordinatorContext(me: config.name, actor: core.actor, vnodes: core.vnodes, transport: transport,
+        let ctx = CoordinatorContext(me: config.name, actor: storage.actor, vnodes: core.vnodes, transport: transport,
                                      metrics: metrics, logger: core.logger)
         core.activate(Activation(view: view, transport: transport, coordinatorContext: ctx))
         for p in core.vnodes.partitions {
@@ -175,7 +201,7 @@ public final class CairnNode: Service, Sendable {
         core.logger.info("cluster view built", metadata: [
             "members": "\(members.count)", "ring_size": "\(view.ring.partitionCount)", "n_val": "\(view.n)",
             "vnodes": "\(core.vnodes.count)", "ring_fingerprint": "\(String(view.ring.fingerprint, radix: 16))",
-            "actor": "\(core.actor)",
+            "actor": "\(storage.actor)",
         ])
     }
 
@@ -183,8 +209,8 @@ public final class CairnNode: Service, Sendable {
     /// in-flight requests (at most `shutdown.drain_timeout`), closes listeners and storage, and
     /// returns. Throws if the supervisor escalated.
     public func run() async throws {
-        try start()
         try await bind()
+        try start()
         let (supervisor, requests, sink) = (supervisor, core.requests, eventSink)
         defer { runtime.value.dataDirectory?.release() }
         try await withGracefulShutdownHandler {
@@ -214,7 +240,7 @@ public final class CairnNode: Service, Sendable {
                 await stop(graceful: graceful)
                 group.cancelAll()
                 try await group.waitForAll()
-                try await core.backend.close()
+                try await core.backend?.close()
                 notifier.report(.stopped)
                 core.logger.info("stopped", metadata: ["graceful": "\(graceful)"])
                 if let failure { throw failure }

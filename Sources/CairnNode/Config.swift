@@ -1,4 +1,5 @@
 public import CairnCore
+public import CairnStorage
 import CairnRing
 
 /// A cluster member as configured: its name and client/internode address.
@@ -20,8 +21,17 @@ public struct NodeConfig: Sendable {
     /// `nil` disables the HTTP listener (`node.http = off`).
     public var http: HostPort? = HostPort(host: "127.0.0.1", port: 8401)
     /// Created and locked (`LOCK`, flock) at start so two nodes never share it; the storage
-    /// engine will keep its files here. `nil` (tests only) skips it.
+    /// engine keeps its files in `storage/` under it. `nil` (tests only) skips it and keeps data
+    /// in memory.
     public var dataDirectory: String? = "./data"
+    // storage.*
+    public enum StorageKind: String, Sendable { case disk, memory }
+    /// `disk` (default): the CairnStorage engine under the data directory; `memory`: nothing
+    /// survives a restart (tests, throwaway clusters).
+    public var storageKind = StorageKind.disk
+    /// The engine's options: sync mode (`storage.sync`, default `always`), write buffer, block
+    /// cache, compaction budget and level-0 bounds.
+    public var storage = DatabaseOptions()
     // cluster.*
     public var clusterName = "cairn"
     public var ringSize = Ring.defaultPartitionCount
@@ -64,6 +74,10 @@ public struct NodeConfig: Sendable {
         }
         guard Set(members.map(\.name)).count == members.count else { throw ValidationError("cluster.members lists a node twice") }
         guard requestTimeoutMillis >= 1 else { throw ValidationError("request.timeout must be positive") }
+        let c = storage.compaction
+        guard c.level0Trigger < c.level0Slowdown, c.level0Slowdown < c.level0Stop else {
+            throw ValidationError("storage.l0_compaction_trigger < l0_slowdown_trigger < l0_stop_trigger must hold")
+        }
         guard maxInflightRequests >= 1 else { throw ValidationError("limits.max_inflight_requests must be positive") }
         let slack = 64 << 10
         guard limits.maxValueBytes + limits.maxKeyBytes + slack <= limits.maxObjectBytes else {

@@ -1,4 +1,5 @@
 public import CairnCore
+import CairnStorage
 
 /// Parses `cairn.conf`: one `key = value` per line, `#` starts a comment, dotted keys
 /// (riak.conf style). Unknown keys are errors (a typo must not silently fall back to a default).
@@ -76,6 +77,25 @@ extension NodeConfig {
         case "supervisor.backoff_min": restartPolicy.backoffMin = .milliseconds(try Self.millis(value))
         case "supervisor.backoff_max": restartPolicy.backoffMax = .milliseconds(try Self.millis(value))
         case "shutdown.drain_timeout": drainTimeoutMillis = try Self.millis(value)
+        case "storage.backend":
+            guard let k = StorageKind(rawValue: value) else { throw ValidationError("'\(value)' is not disk or memory") }
+            storageKind = k
+        case "storage.sync":
+            switch value {
+            case "always": storage.syncMode = .always
+            case "none": storage.syncMode = SyncMode.none
+            default:
+                guard value.hasPrefix("interval:") else { throw ValidationError("'\(value)' is not always, none or interval:<duration>") }
+                let ms = try Self.millis(String(value.dropFirst("interval:".count)))
+                guard ms >= 1 else { throw ValidationError("the sync interval must be at least 1ms") }
+                storage.syncMode = .interval(milliseconds: Int(ms))
+            }
+        case "storage.write_buffer_bytes": storage.writeBufferBytes = try Self.bytes(value, (1 << 20)...(16 << 30))
+        case "storage.block_cache_bytes": storage.blockCacheBytes = try Self.bytes(value, 0...(1 << 40))
+        case "storage.compaction_bytes_per_second": storage.compactionBytesPerSecond = UInt64(try Self.bytes(value, 0...(1 << 40)))
+        case "storage.l0_compaction_trigger": storage.compaction.level0Trigger = try Self.int(value, 1...1000)
+        case "storage.l0_slowdown_trigger": storage.compaction.level0Slowdown = try Self.int(value, 1...1000)
+        case "storage.l0_stop_trigger": storage.compaction.level0Stop = try Self.int(value, 1...1000)
         default: throw ValidationError("unknown key")
         }
     }

@@ -47,6 +47,7 @@ final class HTTPHandler: ChannelInboundHandler {
             let state = core.state
             return (state == .serving ? .ok : .serviceUnavailable, "text/plain", "\(state.rawValue)\n")
         case "/metrics":
+            if let stats = core.backend?.storageStatistics { core.metrics.recordStorage(stats) }
             return (.ok, "text/plain; version=0.0.4", core.metrics.exposition())
         default:
             return (.notFound, "text/plain", "not found: try /health or /metrics\n")

@@ -73,7 +73,8 @@ extension CairnNode {
             _ = await v.isServing
         }
         do {
-            _ = try core.backend.get(partition: PartitionID(0), key: [0])
+            guard let backend = core.backend else { return "storage is not open" }
+            _ = try backend.get(partition: PartitionID(0), key: [0])
         } catch {
             return "storage did not answer a read: \(error)"
         }

@@ -16,8 +16,6 @@ struct Activation: Sendable {
 /// State and request handling shared by the node's shells. Thread-safe.
 final class NodeCore: Sendable {
     let config: NodeConfig
-    let actor: ActorID
-    let backend: any StorageBackend
     let metrics: NodeMetrics
     let logger: Logger
     let vnodes = VnodeTable()
@@ -25,15 +23,31 @@ final class NodeCore: Sendable {
     private let lifecycle = Locked(NodeState.starting)
     private let activation = Locked<Activation?>(nil)
 
-    init(config: NodeConfig, backend: any StorageBackend, logger: Logger) {
+    /// The storage backend and the actor identity that goes with it; set once, when the backend
+    /// is open (at init for a given or in-memory backend, in `bind()` for the disk engine).
+    struct Storage: Sendable {
+        let backend: any StorageBackend
+        let actor: ActorID
+    }
+    private let storage = Locked<Storage?>(nil)
+
+    init(config: NodeConfig, backend: (any StorageBackend)?, logger: Logger) {
         self.config = config
-        self.backend = backend
         self.logger = logger
         metrics = NodeMetrics(maxInflight: config.maxInflightRequests)
         requests = RequestService(limit: config.maxInflightRequests, metrics: metrics)
-        // A node whose data does not survive restarts must never reuse its dots: fresh epoch.
-        actor = ActorID(node: config.name.value, epoch: UInt64.random(in: 1...UInt64.max))
+        if let backend { adopt(backend) }
     }
+
+    /// Installs the opened backend. The actor epoch comes from the backend when it keeps one;
+    /// a node whose data does not survive restarts must never reuse its dots: fresh epoch.
+    func adopt(_ backend: any StorageBackend) {
+        let epoch = backend.persistentEpoch ?? UInt64.random(in: 1...UInt64.max)
+        storage.withLock { $0 = Storage(backend: backend, actor: ActorID(node: config.name.value, epoch: epoch)) }
+    }
+
+    var opened: Storage? { storage.value }
+    var backend: (any StorageBackend)? { storage.value?.backend }
 
     var state: NodeState { lifecycle.value }
 

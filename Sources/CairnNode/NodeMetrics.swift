@@ -4,6 +4,7 @@ public import Prometheus
 
 
 import CairnCore
+import CairnStorage
 
 /// The node's metrics, created once against the node's own Prometheus registry (so several
 /// in-process nodes never share counters). Names and meanings: Docs/metrics.md.
@@ -78,6 +79,31 @@ public final class NodeMetrics: Sendable {
         count(op, outcome)
         let i = Int(op.rawValue) - 1
         if latency.indices.contains(i) { latency[i].recordInterval(since: start) }
+    }
+
+    /// Mirrors the storage engine's counters (read at scrape time). Monotonic engine counters are
+    /// exposed as gauges holding their current value.
+    func recordStorage(_ s: Database.Statistics) {
+        let values: [(String, [(String, String)], Double)] = [
+            ("cairn_storage_memtable_bytes", [], Double(s.memtableBytes)),
+            ("cairn_storage_immutable_memtable_bytes", [], Double(s.immutableMemtableBytes)),
+            ("cairn_storage_block_cache_bytes", [], Double(s.blockCache.bytes)),
+            ("cairn_storage_block_cache_hits", [], Double(s.blockCache.hits)),
+            ("cairn_storage_block_cache_misses", [], Double(s.blockCache.misses)),
+            ("cairn_storage_log_syncs", [], Double(s.logSyncs)),
+            ("cairn_storage_flushes", [], Double(s.flushes)),
+            ("cairn_storage_compactions", [], Double(s.compactions)),
+            ("cairn_storage_compaction_written_bytes", [], Double(s.compactionWrittenBytes)),
+            ("cairn_storage_compaction_throttled_seconds", [], Double(s.compactionThrottledMicros) / 1e6),
+            ("cairn_storage_delayed_writes", [], Double(s.delayedWrites)),
+            ("cairn_storage_stalled_writes", [], Double(s.stalledWrites)),
+            ("cairn_storage_background_failures", [], Double(s.backgroundFailures)),
+            ("cairn_storage_range_tombstones", [], Double(s.rangeTombstones)),
+        ] + s.tablesPerLevel.enumerated().map { ("cairn_storage_tables", [("level", "\($0.offset)")], Double($0.element)) }
+          + s.bytesPerLevel.enumerated().map { ("cairn_storage_level_bytes", [("level", "\($0.offset)")], Double($0.element)) }
+        for (label, dimensions, value) in values {
+            CoreMetrics.Gauge(label: label, dimensions: dimensions, factory: factory).record(value)
+        }
     }
 
     /// The Prometheus text exposition of every metric.

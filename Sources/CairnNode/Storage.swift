@@ -1,4 +1,5 @@
 public import CairnCore
+public import CairnStorage
 
 /// The seam between vnodes and the bytes on disk. One backend per node; keys are grouped by
 /// partition so a vnode's data is one contiguous range.
@@ -18,9 +19,18 @@ public protocol StorageBackend: Sendable {
     /// Number of keys stored for `partition` (for metrics and tests).
     func count(partition: PartitionID) throws -> Int
     func close() async throws
-    /// Whether data survives a restart. A persistent backend must keep the node's actor epoch with
-    /// its data (the LSM engine will); today every node draws a fresh epoch at start.
+    /// Whether data survives a restart.
     var isPersistent: Bool { get }
+    /// The node's actor epoch, kept with the data (nil: not persistent; the node draws a fresh
+    /// epoch at every start, so it never reuses a dot).
+    var persistentEpoch: UInt64? { get }
+    /// The engine's counters, for `/metrics` (nil when the backend has none).
+    var storageStatistics: Database.Statistics? { get }
+}
+
+extension StorageBackend {
+    public var persistentEpoch: UInt64? { nil }
+    public var storageStatistics: Database.Statistics? { nil }
 }
 
 /// Identifies one applied write for `waitDurable`. Opaque to vnodes.
@@ -30,7 +40,7 @@ public struct DurabilityToken: Hashable, Sendable {
 }
 
 /// The in-memory backend: a dictionary per partition behind a lock. Not persistent: a node using
-/// it takes a fresh actor epoch on every start. The node's only backend until the LSM engine lands.
+/// it takes a fresh actor epoch on every start. For tests and `storage.backend = memory`.
 public final class MemoryBackend: StorageBackend {
     private struct State {
         var partitions: [PartitionID: [[UInt8]: [UInt8]]] = [:]

@@ -23,7 +23,7 @@ public struct BlockBuilder: Sendable {
 
     /// Adds an entry; keys must arrive in strictly increasing order.
     public mutating func add(key: [UInt8], value: [UInt8]) throws(StorageError) {
-        if count > 0 && !lastKey.lexicographicallyPrecedes(key) {
+        if count > 0 && !lastKey.isBefore(key) {
             throw .invalidArgument("block keys must be strictly increasing")
         }
         var shared = 0
@@ -78,10 +78,12 @@ public struct Block: Sendable {
     public init(_ bytes: [UInt8], path: String, offset: UInt64) throws(StorageError) {
         func corrupt(_ why: String) -> StorageError { .corruption(path: path, offset: offset, reason: why) }
         guard bytes.count >= 5 + 4 else { throw corrupt("block of \(bytes.count) bytes is too short") }
-        let body = Array(bytes[..<(bytes.count - 4)])
-        guard CRC32C.mask(CRC32C.checksum(body)) == Coding.getU32(bytes, bytes.count - 4) else { throw corrupt("block checksum mismatch") }
-        guard body.last == 0 else { throw corrupt("unknown block compression \(body.last ?? 0)") }
-        let block = Array(body.dropLast())
+        let stored = Coding.getU32(bytes, bytes.count - 4)
+        let crc = bytes.withUnsafeBufferPointer { CRC32C.update(0, buffer: UnsafeBufferPointer(rebasing: $0[..<($0.count - 4)])) }
+        guard CRC32C.mask(crc) == stored else { throw corrupt("block checksum mismatch") }
+        guard bytes[bytes.count - 5] == 0 else { throw corrupt("unknown block compression \(bytes[bytes.count - 5])") }
+        var block = bytes
+        block.removeLast(5)   // in place: the array is uniquely ours
         guard block.count >= 4 else { throw corrupt("block has no restart count") }
         let n = Int(Coding.getU32(block, block.count - 4))
         guard n >= 1, n <= (block.count - 4) / 4 else { throw corrupt("bad restart count \(n)") }
@@ -124,25 +126,46 @@ public struct Block: Sendable {
         return out
     }
 
-    /// The first entry with key ≥ `target`, if any: binary search over the restart points, then
-    /// a short linear scan.
+    /// The header of the entry at `offset`: where its key suffix starts and the three lengths,
+    /// checked against the block's bounds; nil if malformed.
+    @inline(__always)
+    func header(at offset: Int, sharedLimit: Int) -> (shared: Int, unshared: Int, valueLength: Int, keyStart: Int)? {
+        var p = offset
+        guard let shared = Coding.getVarint(data, &p, limit: limit), let unshared = Coding.getVarint(data, &p, limit: limit),
+              let valueLength = Coding.getVarint(data, &p, limit: limit),
+              shared <= UInt64(sharedLimit), unshared <= UInt64(limit - p), valueLength <= UInt64(limit - p) - unshared
+        else { return nil }
+        return (Int(shared), Int(unshared), Int(valueLength), p)
+    }
+
+    /// The first entry with key ≥ `target`, if any: binary search over the restart points
+    /// (comparing restart keys in place), then a short linear scan that rebuilds keys in one
+    /// reused buffer. Allocates only the result.
     public func seek(_ target: [UInt8], path: String, offset: UInt64) throws(StorageError) -> (key: [UInt8], value: [UInt8])? {
+        func malformed(_ at: Int) -> StorageError { .corruption(path: path, offset: offset, reason: "malformed entry at \(at)") }
         var lo = 0
         var hi = restarts.count - 1
         while lo < hi {
             let mid = (lo + hi + 1) / 2
-            guard let e = entry(at: restarts[mid], previous: []) else {
-                throw .corruption(path: path, offset: offset, reason: "malformed restart entry at \(restarts[mid])")
+            guard let h = header(at: restarts[mid], sharedLimit: 0) else { throw malformed(restarts[mid]) }
+            let c = data.withUnsafeBufferPointer { d in
+                target.withUnsafeBufferPointer { t in
+                    Coding.compare(UnsafeBufferPointer(rebasing: d[h.keyStart..<(h.keyStart + h.unshared)]), t)
+                }
             }
-            if e.key.lexicographicallyPrecedes(target) { lo = mid } else { hi = mid - 1 }
+            if c < 0 { lo = mid } else { hi = mid - 1 }
         }
         var p = restarts[lo]
         var key: [UInt8] = []
+        key.reserveCapacity(max(target.count, 32))
         while p < limit {
-            guard let e = entry(at: p, previous: key) else { throw .corruption(path: path, offset: offset, reason: "malformed entry at \(p)") }
-            if !e.key.lexicographicallyPrecedes(target) { return (e.key, e.value) }
-            key = e.key
-            p = e.next
+            guard let h = header(at: p, sharedLimit: key.count) else { throw malformed(p) }
+            key.removeSubrange(h.shared...)
+            let keyEnd = h.keyStart + h.unshared
+            key.append(contentsOf: data[h.keyStart..<keyEnd])
+            let valueEnd = keyEnd + h.valueLength
+            if key.compareBytes(target) >= 0 { return (key, Array(data[keyEnd..<valueEnd])) }
+            p = valueEnd
         }
         return nil
     }

@@ -1,3 +1,5 @@
+import CCRC32C
+
 /// CRC-32C (Castagnoli, polynomial 0x1EDC6F41, reflected 0x82F63B78), table-driven, slicing by 8.
 /// `crc32c("123456789") == 0xE3069283`.
 public enum CRC32C {
@@ -14,24 +16,46 @@ public enum CRC32C {
         return t
     }()
 
-    /// Extends `crc` (of earlier bytes; 0 to start) with `bytes`.
+    static let hardware = cairn_crc32c_hardware_available() == 1
+    /// The slicing-by-8 table, flat: table k at `k * 256`.
+    static let flat: [UInt32] = tables.flatMap { $0 }
+
+    /// Extends `crc` (of earlier bytes; 0 to start) with `bytes`: the CPU's CRC32 instruction when
+    /// it has one, else slicing by 8 over the tables.
     public static func update(_ crc: UInt32, _ bytes: some Collection<UInt8>) -> UInt32 {
-        var c = ~crc
-        let t = tables
-        var it = bytes.makeIterator()
-        var pending: [UInt8] = []
-        pending.reserveCapacity(8)
-        while let b = it.next() {
-            pending.append(b)
-            if pending.count == 8 {
-                let lo = c ^ (UInt32(pending[0]) | UInt32(pending[1]) << 8 | UInt32(pending[2]) << 16 | UInt32(pending[3]) << 24)
-                c = t[7][Int(lo & 0xFF)] ^ t[6][Int((lo >> 8) & 0xFF)] ^ t[5][Int((lo >> 16) & 0xFF)] ^ t[4][Int(lo >> 24)]
-                    ^ t[3][Int(pending[4])] ^ t[2][Int(pending[5])] ^ t[1][Int(pending[6])] ^ t[0][Int(pending[7])]
-                pending.removeAll(keepingCapacity: true)
+        if let r = bytes.withContiguousStorageIfAvailable({ update(crc, buffer: $0) }) { return r }
+        return update(crc, buffer: Array(bytes))
+    }
+
+    static func update(_ crc: UInt32, buffer: [UInt8]) -> UInt32 {
+        buffer.withUnsafeBufferPointer { update(crc, buffer: $0) }
+    }
+
+    static func update(_ crc: UInt32, buffer b: UnsafeBufferPointer<UInt8>) -> UInt32 {
+        guard let base = b.baseAddress, b.count > 0 else { return crc }
+        if hardware { return ~cairn_crc32c_hardware(~crc, base, b.count) }
+        return software(crc, b)
+    }
+
+    /// Slicing by 8 (the path for CPUs without the instruction; tests check it against the other).
+    static func software(_ crc: UInt32, _ b: UnsafeBufferPointer<UInt8>) -> UInt32 {
+        flat.withUnsafeBufferPointer { t in
+            var c = ~crc
+            var i = 0
+            let n = b.count
+            while i + 8 <= n {
+                let lo = c ^ (UInt32(b[i]) | UInt32(b[i + 1]) << 8 | UInt32(b[i + 2]) << 16 | UInt32(b[i + 3]) << 24)
+                c = t[7 * 256 + Int(lo & 0xFF)] ^ t[6 * 256 + Int((lo >> 8) & 0xFF)] ^ t[5 * 256 + Int((lo >> 16) & 0xFF)]
+                    ^ t[4 * 256 + Int(lo >> 24)] ^ t[3 * 256 + Int(b[i + 4])] ^ t[2 * 256 + Int(b[i + 5])]
+                    ^ t[256 + Int(b[i + 6])] ^ t[Int(b[i + 7])]
+                i += 8
             }
+            while i < n {
+                c = t[Int((c ^ UInt32(b[i])) & 0xFF)] ^ (c >> 8)
+                i += 1
+            }
+            return ~c
         }
-        for b in pending { c = t[0][Int((c ^ UInt32(b)) & 0xFF)] ^ (c >> 8) }
-        return ~c
     }
 
     public static func checksum(_ bytes: some Collection<UInt8>) -> UInt32 { update(0, bytes) }

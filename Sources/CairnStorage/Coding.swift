@@ -92,3 +92,34 @@ public struct BloomFilter: Sendable {
         return true
     }
 }
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+extension Array where Element == UInt8 {
+    /// Unsigned byte order (memcmp), the order of every key in the engine: negative, zero or
+    /// positive as `self` sorts before, equal to, or after `other`.
+    @inline(__always)
+    func compareBytes(_ other: [UInt8]) -> Int {
+        withUnsafeBufferPointer { a in
+            other.withUnsafeBufferPointer { b in Coding.compare(a, b) }
+        }
+    }
+
+    /// `self` sorts strictly before `other` in unsigned byte order.
+    @inline(__always)
+    func isBefore(_ other: [UInt8]) -> Bool { compareBytes(other) < 0 }
+}
+
+extension Coding {
+    @inline(__always)
+    static func compare(_ a: UnsafeBufferPointer<UInt8>, _ b: UnsafeBufferPointer<UInt8>) -> Int {
+        let n = Swift.min(a.count, b.count)
+        if n > 0, let x = a.baseAddress, let y = b.baseAddress {
+            let r = memcmp(x, y, n)
+            if r != 0 { return Int(r) }
+        }
+        return a.count - b.count
+    }
+}

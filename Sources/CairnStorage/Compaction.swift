@@ -63,7 +63,7 @@ extension CompactionPolicy {
             if level == 0 {
                 inputs = tables
             } else {
-                let after = pointers[level].flatMap { p in tables.first { p.lexicographicallyPrecedes($0.smallest) } }
+                let after = pointers[level].flatMap { p in tables.first { p.isBefore($0.smallest) } }
                 guard let first = after ?? tables.first else { return nil }
                 inputs = [first]
             }
@@ -87,11 +87,11 @@ extension CompactionPolicy {
     }
 
     func plan(_ version: Version, level: Int, inputs: [TableMeta]) -> CompactionPlan {
-        let lower = inputs.map(\.smallest).min { $0.lexicographicallyPrecedes($1) } ?? []
-        let upperInclusive = inputs.map(\.largest).max { $0.lexicographicallyPrecedes($1) } ?? []
+        let lower = inputs.map(\.smallest).min { $0.isBefore($1) } ?? []
+        let upperInclusive = inputs.map(\.largest).max { $0.isBefore($1) } ?? []
         let output = min(level + 1, Self.levels - 1)
         let overlaps = (version.tables[output] ?? []).filter {
-            !$0.largest.lexicographicallyPrecedes(lower) && !upperInclusive.lexicographicallyPrecedes($0.smallest)
+            !$0.largest.isBefore(lower) && !upperInclusive.isBefore($0.smallest)
         }
         return CompactionPlan(level: level, outputLevel: output, inputs: inputs, overlaps: overlaps)
     }
@@ -99,7 +99,7 @@ extension CompactionPolicy {
     func hasData(_ version: Version, below level: Int, overlapping tables: [TableMeta]) -> Bool {
         for deeper in (level + 1)..<Self.levels {
             for t in version.tables[deeper] ?? [] {
-                if tables.contains(where: { !$0.largest.lexicographicallyPrecedes(t.smallest) && !t.largest.lexicographicallyPrecedes($0.smallest) }) {
+                if tables.contains(where: { !$0.largest.isBefore(t.smallest) && !t.largest.isBefore($0.smallest) }) {
                     return true
                 }
             }

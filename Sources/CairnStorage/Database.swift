@@ -166,6 +166,8 @@ public final class Database: Sendable {
         var readers: [UInt64: TableReader]
         var level0: [TableReader] = []
         var levels: [[LiveTable]] = []
+        /// The memtables a reader consults, newest first (kept so a read allocates nothing here).
+        var memtables: [Memtable] = []
         var manifest: WALWriter
         var writer: WALWriter
         var committer: GroupCommitter
@@ -177,6 +179,7 @@ public final class Database: Sendable {
 
         /// Rebuilds the read path's table lists from the version.
         mutating func relink() {
+            memtables = [memtable] + (immutable.map { [$0.table] } ?? [])
             level0 = (version.tables[0] ?? []).compactMap { readers[$0.number] }
             levels = (1..<CompactionPolicy.levels).map { level in
                 (version.tables[level] ?? []).compactMap { m in readers[m.number].map { LiveTable(meta: m, reader: $0) } }
@@ -184,7 +187,7 @@ public final class Database: Sendable {
         }
 
         var view: ReadView {
-            ReadView(memtables: [memtable] + (immutable.map { [$0.table] } ?? []), level0: level0, levels: levels,
+            ReadView(memtables: memtables, level0: level0, levels: levels,
                      tombstones: version.tombstones, sequence: sequence)
         }
     }
@@ -384,6 +387,7 @@ public final class Database: Sendable {
         s.writer = WALWriter(file: file, path: logPath)
         s.committer = Self.makeCommitter(s.writer, durable: s.sequence)
         s.version.nextFile = number + 1
+        s.relink()
     }
 
     /// Writes the frozen memtable as a level-0 table (newest version per key; entries a range
@@ -512,7 +516,7 @@ public final class Database: Sendable {
                 s.readers[o.number] = try TableReader(fs: fs, path: path(Self.tableName(o.number)), number: o.number, cache: cache)
             }
             for t in plan.all { s.readers[t.number] = nil }
-            s.pointers[plan.level] = plan.inputs.map(\.largest).max { $0.lexicographicallyPrecedes($1) }
+            s.pointers[plan.level] = plan.inputs.map(\.largest).max { $0.isBefore($1) }
             s.stats.compactions += 1
             s.stats.compactionReadBytes += inputBytes
             s.stats.compactionWrittenBytes += outputs.reduce(0) { $0 + $1.size }
@@ -566,7 +570,7 @@ public final class Database: Sendable {
         do {
             while let e = try cursor.next() {
                 if tombstones.contains(where: { $0.hides(e.key, e.sequence) }) { dropped += 1; continue }
-                if e.kind == .deletion, !deeper.contains(where: { !e.key.lexicographicallyPrecedes($0.smallest) && !$0.largest.lexicographicallyPrecedes(e.key) }) {
+                if e.kind == .deletion, !deeper.contains(where: { !e.key.isBefore($0.smallest) && !$0.largest.isBefore(e.key) }) {
                     dropped += 1
                     continue
                 }
@@ -650,9 +654,23 @@ public final class Database: Sendable {
     /// once the batch is durable. A batch holding a range deletion also records it in the manifest.
     public func write(_ batch: WriteBatch, sync: SyncMode? = nil) async throws {
         guard !batch.ops.isEmpty else { return }
-        try await admit()
+        try await waitForRoom()
+        let last = try apply(batch)
+        try await waitDurable(upTo: last, sync: sync)
+    }
+
+    /// Flow control for writers: returns at once while there is room; delays while level 0 is past
+    /// its slowdown bound; waits while the memtables are full or level 0 is past its stop bound.
+    /// Throws only if the database is closed or failed.
+    public func waitForRoom() async throws(StorageError) { try await admit() }
+
+    /// Logs and applies `batch` without suspending (visible to readers on return; durable after
+    /// `waitDurable`), bypassing flow control — for callers that must not suspend between a read
+    /// and a write, which then call `waitForRoom` after. Returns the batch's last sequence number.
+    public func apply(_ batch: WriteBatch) throws(StorageError) -> UInt64 {
+        guard !batch.ops.isEmpty else { return state.withLock { $0.sequence } }
         var obsolete: [UInt64] = []
-        let (last, committer, rotated): (UInt64, GroupCommitter, Bool) = try state.withLock { s throws(StorageError) in
+        let (last, rotated): (UInt64, Bool) = try state.withLock { s throws(StorageError) in
             if let e = s.backgroundError { throw .writesRefused("a background job failed (\(e))") }
             if s.closed { throw .writesRefused("the database is closed") }
             let first = s.sequence + 1
@@ -671,13 +689,12 @@ public final class Database: Sendable {
             s.committer.noteAppended(upTo: s.sequence)
             s.stats.writes += 1
             s.stats.writtenBytes += UInt64(batch.payloadBytes)
-            let committer = s.committer
             var rotated = false
             if s.immutable == nil && s.memtable.approximateBytes >= options.writeBufferBytes / 2 {
                 try rotate(&s)
                 rotated = true
             }
-            return (s.sequence, committer, rotated)
+            return (s.sequence, rotated)
         }
         for n in obsolete {
             cache.evict(file: n)
@@ -685,9 +702,16 @@ public final class Database: Sendable {
         }
         if !obsolete.isEmpty { try fs.syncDirectory(directory) }
         if rotated { flushSignal.notify() }
-        if (sync ?? options.syncMode) == .always {
-            try await committer.waitDurable(upTo: last)
-        }
+        return last
+    }
+
+    /// Returns once everything up to `sequence` is durable, if `sync` (default: the database's
+    /// mode) is `always`; at once otherwise. Throws if a log sync failed.
+    public func waitDurable(upTo sequence: UInt64, sync: SyncMode? = nil) async throws {
+        guard (sync ?? options.syncMode) == .always else { return }
+        // A log switch syncs the old log first; the current log's committer covers the rest.
+        let committer = state.withLock { $0.committer }
+        try await committer.waitDurable(upTo: sequence)
     }
 
     /// Records a range tombstone in the manifest (with the sequence, so it is never reissued) and
@@ -699,7 +723,7 @@ public final class Database: Sendable {
         edit.lastSequence = t.sequence
         let inside = s.version.allTables.filter {
             $0.largestSequence < t.sequence && !s.compacting.contains($0.number)
-                && !$0.smallest.lexicographicallyPrecedes(t.lower) && $0.largest.lexicographicallyPrecedes(t.upper)
+                && !$0.smallest.isBefore(t.lower) && $0.largest.isBefore(t.upper)
         }
         edit.removed = inside.map { ($0.level, $0.number) }
         try Manifest.record(edit, to: s.manifest)
@@ -725,7 +749,7 @@ public final class Database: Sendable {
     /// Deletes every key in `[lower, upper)`: O(1) to write whatever the range holds; tables wholly
     /// inside the range go at once, the rest is reclaimed by compaction.
     public func deleteRange(from lower: [UInt8], to upper: [UInt8], sync: SyncMode? = nil) async throws {
-        guard lower.lexicographicallyPrecedes(upper) else { return }
+        guard lower.isBefore(upper) else { return }
         var b = WriteBatch()
         b.deleteRange(from: lower, to: upper)
         try await write(b, sync: sync)

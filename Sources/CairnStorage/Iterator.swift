@@ -54,11 +54,11 @@ final class TableRunSource: EntrySource {
     init(_ tables: [TableReader], from lower: [UInt8]) throws(StorageError) {
         self.tables = tables
         // The first table whose last key is ≥ lower.
-        table = tables.firstIndex { t in t.index.last.map { !$0.lastKey.lexicographicallyPrecedes(lower) } ?? false } ?? tables.count
+        table = tables.firstIndex { t in t.index.last.map { !$0.lastKey.isBefore(lower) } ?? false } ?? tables.count
         if table < tables.count {
             block = tables[table].blockIndex(atOrAfter: lower)
             try load()
-            while let e = entryAtPosition(), e.key.lexicographicallyPrecedes(lower) { position += 1 }
+            while let e = entryAtPosition(), e.key.isBefore(lower) { position += 1 }
         }
         try settle()
     }
@@ -105,7 +105,7 @@ struct MergingCursor {
         for s in sources {
             guard let e = s.current else { continue }
             if let b = best {
-                if e.key.lexicographicallyPrecedes(b.key) || (e.key == b.key && e.sequence > b.sequence) { best = e }
+                if e.key.isBefore(b.key) || (e.key == b.key && e.sequence > b.sequence) { best = e }
             } else {
                 best = e
             }
@@ -133,8 +133,8 @@ public final class DatabaseIterator: Sequence, IteratorProtocol {
         var sources: [any EntrySource] = view.memtables.map { MemtableSource($0, from: lower, snapshot: view.sequence) }
         for t in view.level0 { sources.append(try TableRunSource([t], from: lower)) }
         for level in view.levels where !level.isEmpty {
-            let from = level.firstIndex { !$0.meta.largest.lexicographicallyPrecedes(lower) } ?? level.count
-            let run = level[from...].prefix { t in upper.map { t.meta.smallest.lexicographicallyPrecedes($0) } ?? true }
+            let from = level.firstIndex { !$0.meta.largest.isBefore(lower) } ?? level.count
+            let run = level[from...].prefix { t in upper.map { t.meta.smallest.isBefore($0) } ?? true }
             sources.append(try TableRunSource(run.map(\.reader), from: lower))
         }
         merged = MergingCursor(sources: sources)
@@ -146,7 +146,7 @@ public final class DatabaseIterator: Sequence, IteratorProtocol {
     /// The next live pair; nil at the end of the range. Throws on corruption.
     public func nextEntry() throws(StorageError) -> (key: [UInt8], value: [UInt8])? {
         while let e = try merged.next() {
-            if let upper, !e.key.lexicographicallyPrecedes(upper) { return nil }
+            if let upper, !e.key.isBefore(upper) { return nil }
             if e.kind == .deletion || tombstones.contains(where: { $0.hides(e.key, e.sequence, snapshot: snapshot) }) { continue }
             return (e.key, e.value)
         }
@@ -206,9 +206,9 @@ struct ReadView: Sendable {
             var hi = level.count
             while lo < hi {
                 let mid = (lo + hi) / 2
-                if level[mid].meta.largest.lexicographicallyPrecedes(key) { lo = mid + 1 } else { hi = mid }
+                if level[mid].meta.largest.isBefore(key) { lo = mid + 1 } else { hi = mid }
             }
-            guard lo < level.count, !key.lexicographicallyPrecedes(level[lo].meta.smallest) else { continue }
+            guard lo < level.count, !key.isBefore(level[lo].meta.smallest) else { continue }
             if let v = try level[lo].reader.get(key) { return try InternalValue.decode(key: key, v, path: level[lo].reader.path) }
         }
         return nil

@@ -30,8 +30,8 @@ public struct TableMeta: Sendable, Hashable {
 
     /// Whether the table's key span intersects `[lower, upper)` (nil upper: unbounded).
     func overlaps(_ lower: [UInt8], _ upper: [UInt8]?) -> Bool {
-        if largest.lexicographicallyPrecedes(lower) { return false }
-        if let upper, !smallest.lexicographicallyPrecedes(upper) { return false }
+        if largest.isBefore(lower) { return false }
+        if let upper, !smallest.isBefore(upper) { return false }
         return true
     }
 }
@@ -50,7 +50,7 @@ public struct RangeTombstone: Sendable, Hashable {
     }
 
     func covers(_ key: [UInt8]) -> Bool {
-        !key.lexicographicallyPrecedes(lower) && key.lexicographicallyPrecedes(upper)
+        !key.isBefore(lower) && key.isBefore(upper)
     }
 
     /// Whether this tombstone hides the entry `(key, seq)` for a reader at `snapshot`.
@@ -167,7 +167,7 @@ public struct Version: Sendable, Hashable {
         for level in tables.keys {
             // Level 0 newest first (its tables overlap); deeper levels by key (they do not).
             if level == 0 { tables[level]?.sort { $0.number > $1.number } }
-            else { tables[level]?.sort { $0.smallest.lexicographicallyPrecedes($1.smallest) } }
+            else { tables[level]?.sort { $0.smallest.isBefore($1.smallest) } }
         }
         tombstones.removeAll { e.removedTombstones.contains($0.sequence) }
         for t in e.addedTombstones where !tombstones.contains(where: { $0.sequence == t.sequence }) { tombstones.append(t) }

@@ -50,21 +50,21 @@ public final class Memtable: Sendable {
     /// Keys, values and per-entry overhead (a good estimate of the memory used).
     public var approximateBytes: Int { state.withLock { $0.bytes } }
 
-    /// `(a.key, a.seq) < (b.key, b.seq)` in the table's order: key ascending, sequence descending.
-    static func precedes(_ key: [UInt8], _ seq: UInt64, _ e: Entry) -> Bool {
-        if key != e.key { return key.lexicographicallyPrecedes(e.key) }
-        return seq > e.sequence
+    /// Whether `e` comes before `(key, seq)` in the table's order: key ascending, sequence descending.
+    @inline(__always)
+    static func entryBefore(_ e: Entry, _ key: [UInt8], _ seq: UInt64) -> Bool {
+        let c = e.key.compareBytes(key)
+        return c < 0 || (c == 0 && e.sequence > seq)
     }
 
     /// Adds an entry. (key, sequence) pairs are unique: the engine issues each sequence once.
     public func add(key: [UInt8], sequence: UInt64, kind: EntryKind, value: [UInt8]) {
         state.withLock { s in
-            let probe = Entry(key: key, sequence: sequence, kind: kind, value: [])
             var update = [Node](repeating: s.head, count: Self.maxHeight)
             var x = s.head
             for level in stride(from: s.height - 1, through: 0, by: -1) {
                 // Advance while the next entry comes before the new one in table order.
-                while let n = x.next[level], let e = n.entry, Self.precedes(e.key, e.sequence, probe) { x = n }
+                while let n = x.next[level], let e = n.entry, Self.entryBefore(e, key, sequence) { x = n }
                 update[level] = x
             }
             // Random height: each level with probability 1/4 (xorshift; deterministic per table).
@@ -105,9 +105,7 @@ public final class Memtable: Sendable {
     private static func seek(_ s: State, _ key: [UInt8], _ seq: UInt64) -> Node? {
         var x = s.head
         for level in stride(from: s.height - 1, through: 0, by: -1) {
-            while let n = x.next[level], let e = n.entry, Self.precedes(e.key, e.sequence, Entry(key: key, sequence: seq, kind: .value, value: [])) {
-                x = n
-            }
+            while let n = x.next[level], let e = n.entry, Self.entryBefore(e, key, seq) { x = n }
         }
         return x.next[0]
     }
@@ -121,7 +119,7 @@ public final class Memtable: Sendable {
             var node = Self.seek(s, lower, .max)
             var lastKey: [UInt8]?
             while let n = node, let e = n.entry {
-                if let upper, !e.key.lexicographicallyPrecedes(upper) { break }
+                if let upper, !e.key.isBefore(upper) { break }
                 if e.sequence <= snapshot && e.key != lastKey {
                     out.append(e)
                     lastKey = e.key

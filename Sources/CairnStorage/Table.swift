@@ -58,7 +58,7 @@ public final class TableBuilder {
     public var estimatedSize: UInt64 { offset + UInt64(block.estimatedSize) }
 
     public func add(key: [UInt8], value: [UInt8]) throws(StorageError) {
-        if let lastKey, !lastKey.lexicographicallyPrecedes(key) { throw .invalidArgument("table keys must be strictly increasing") }
+        if let lastKey, !lastKey.isBefore(key) { throw .invalidArgument("table keys must be strictly increasing") }
         try block.add(key: key, value: value)
         keys.append(key)
         lastKey = key
@@ -174,7 +174,7 @@ public final class TableReader: Sendable {
         var hi = index.count
         while lo < hi {
             let mid = (lo + hi) / 2
-            if index[mid].lastKey.lexicographicallyPrecedes(key) { lo = mid + 1 } else { hi = mid }
+            if index[mid].lastKey.isBefore(key) { lo = mid + 1 } else { hi = mid }
         }
         return lo
     }

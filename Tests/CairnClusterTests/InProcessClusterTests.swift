@@ -174,6 +174,11 @@ struct InProcessClusterTests {
         #expect(metrics.status.contains("200"))
         #expect(metrics.body.contains(#"cairn_requests_total{op="put",outcome="ok"} 1"#))
         #expect(metrics.body.contains(#"cairn_request_duration_seconds_bucket{op="get",le="0.0001"}"#))
+        // The storage engine's state, read at scrape time: the put is in the memtable.
+        #expect(metrics.body.contains(#"cairn_storage_tables{level="0"} 0"#))
+        #expect(!metrics.body.contains("cairn_storage_memtable_bytes 0\n"))
+        let again = try await httpGet(http, "/metrics", within: cluster)
+        #expect(again.body.components(separatedBy: "# TYPE cairn_storage_memtable_bytes").count == 2, "one series, not one per scrape")
         let missing = try await httpGet(http, "/nope", within: cluster)
         #expect(missing.status.contains("404"))
         c.close()
@@ -261,7 +266,8 @@ struct InProcessClusterTests {
         // Contexts claiming an actor issued 2^64-1 dots on this key: this coordinator's own actor,
         // and another node's (which would otherwise be stored here and replicated to it).
         for victim in [0, 1] {
-            let forged = CausalContext(VersionVector([(cluster.nodes[victim].actorID, .max)]))
+            let actor = try #require(cluster.nodes[victim].actorID)
+            let forged = CausalContext(VersionVector([(actor, .max)]))
             let e = await failure("a write with a forged context", { () async throws(CairnError) in
                 try await c.put(key, value: Array("forged".utf8), context: forged)
             })

@@ -102,7 +102,10 @@ struct NotifySocketTests {
         let probe = try runProcess(try Repo.binary("cairn"), ["--node", "127.0.0.31:7401", "members"])
         #expect(probe.ok, "\(probe.stderr)")
         var texts = sock.messages.map(\.text)
-        #expect(texts.first?.hasPrefix("STATUS=starting: listening on 127.0.0.31:7401") == true)
+        // Storage recovery comes first (with a start-timeout extension), then the listener.
+        #expect(texts.first?.hasPrefix("STATUS=recovering storage: ") == true)
+        #expect(texts.first?.contains("\nEXTEND_TIMEOUT_USEC=") == true)
+        #expect(texts.dropFirst().first?.hasPrefix("STATUS=starting: listening on 127.0.0.31:7401") == true)
         #expect(texts.contains("READY=1\nSTATUS=serving; peers up 0 of 1"))
 
         // WATCHDOG=1 at half the 600 ms interval while healthy...

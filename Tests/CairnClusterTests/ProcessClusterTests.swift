@@ -1,5 +1,7 @@
 import Testing
 import Foundation
+import CairnClient
+import CairnCore
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -30,28 +32,33 @@ struct ProcessClusterTests {
         func address(_ i: Int) -> String { "127.0.0.\(21 + i):7401" }
 
         func start() throws {
+            for i in 0..<3 { processes.append(try launch(i)) }
+        }
+
+        /// Starts node `i` (again: same configuration, same data directory).
+        func restart(_ i: Int) throws { processes[i] = try launch(i) }
+
+        private func launch(_ i: Int) throws -> Process {
             let members = (0..<3).map { "n\($0 + 1)@\(address($0))" }.joined(separator: ",")
-            for i in 0..<3 {
-                let conf = dir.appendingPathComponent("n\(i + 1).conf")
-                try """
-                node.name = n\(i + 1)
-                node.listen = \(address(i))
-                node.http = 127.0.0.\(21 + i):8401
-                node.data_dir = \(dir.path)/n\(i + 1)
-                cluster.name = proctest
-                cluster.ring_size = 64
-                cluster.members = \(members)
-                transport.reconnect_min = 20ms
-                transport.reconnect_max = 200ms
-                """.write(to: conf, atomically: true, encoding: .utf8)
-                let p = Process()
-                p.executableURL = URL(fileURLWithPath: try ProcessClusterTests.binary("cairnd"))
-                p.arguments = ["--config", conf.path, "--log-level", "warning"]
-                p.standardOutput = FileHandle.nullDevice
-                p.standardError = FileHandle(forWritingAtPath: "/dev/null")
-                try p.run()
-                processes.append(p)
-            }
+            let conf = dir.appendingPathComponent("n\(i + 1).conf")
+            try """
+            node.name = n\(i + 1)
+            node.listen = \(address(i))
+            node.http = 127.0.0.\(21 + i):8401
+            node.data_dir = \(dir.path)/n\(i + 1)
+            cluster.name = proctest
+            cluster.ring_size = 64
+            cluster.members = \(members)
+            transport.reconnect_min = 20ms
+            transport.reconnect_max = 200ms
+            """.write(to: conf, atomically: true, encoding: .utf8)
+            let p = Process()
+            p.executableURL = URL(fileURLWithPath: try ProcessClusterTests.binary("cairnd"))
+            p.arguments = ["--config", conf.path, "--log-level", "warning"]
+            p.standardOutput = FileHandle.nullDevice
+            p.standardError = FileHandle(forWritingAtPath: "/dev/null")
+            try p.run()
+            return p
         }
 
         /// Waits (bounded) until every node reports all three members up or itself.
@@ -131,6 +138,51 @@ struct ProcessClusterTests {
 
         let statuses = d.stopAll()
         #expect(statuses[0] == 0 && statuses[1] == 0, "graceful exits: \(statuses)")
+    }
+
+    /// Node-local durability: every write acknowledged by all three replicas (W=3, `always`)
+    /// survives `kill -9` of the whole cluster; a node restarted alone serves each key from its
+    /// own disk (R=1, no other replica up).
+    @Test func killingEveryNodeLosesNoAcknowledgedWrite() async throws {
+        let d = try Daemons()
+        try d.start()
+        try d.waitHealthy()
+        var config = CairnClient.Configuration()
+        config.defaultTimeoutMillis = 10_000
+        let client = try await CairnClient.connect(seeds: [d.address(0), d.address(1)], configuration: config)
+        let keys = (0..<200).map { Array("durable-\($0)".utf8) }
+        for k in keys { try await client.put(k, value: k + Array("-value".utf8), options: RequestOptions(w: .count(3))) }
+        client.close()
+        for i in 0..<3 { d.signal(i, SIGKILL) }
+        for p in d.processes { p.waitUntilExit() }
+
+        try d.restart(0)
+        // Until n1 serves (bounded): connected, and a read answered (found or not).
+        var reader: CairnClient?
+        for _ in 0..<300 where reader == nil {
+            if let c = try? await CairnClient.connect(seeds: [d.address(0)], configuration: config) {
+                do {
+                    _ = try await c.get(keys[0], options: RequestOptions(r: .count(1)))
+                    reader = c
+                } catch .notFound {
+                    reader = c
+                } catch {
+                    c.close()
+                }
+            }
+            if reader == nil { try await Task.sleep(for: .milliseconds(50)) }
+        }
+        let alone = try #require(reader, "n1 did not serve within 15 s of its restart")
+        for k in keys {
+            let got = try? await alone.get(k, options: RequestOptions(r: .count(1)))
+            #expect(got?.values == [k + Array("-value".utf8)], "\(String(decoding: k, as: UTF8.self)) after kill -9")
+        }
+        alone.close()
+        try d.restart(1)
+        try d.restart(2)
+        try d.waitHealthy()
+        let statuses = d.stopAll()
+        #expect(statuses == [0, 0, 0], "graceful exits: \(statuses)")
     }
 
     @Test func aPausedReplicaMakesWAllNotReachedWithAnUnknownOutcome() throws {

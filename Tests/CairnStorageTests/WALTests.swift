@@ -20,6 +20,23 @@ private func payload(_ i: Int, _ rng: inout Seeded) -> [UInt8] {
 }
 
 @Suite struct CRC32CTests {
+    @Test func theInstructionAndTheTablesAgree() {
+        var rng = Seeded(state: 99)
+        for n in [0, 1, 7, 8, 9, 63, 64, 65, 4096, 4099] {
+            let bytes = (0..<n).map { _ in UInt8.random(in: 0...255, using: &rng) }
+            // A bit at a time: the definition.
+            var c: UInt32 = ~0
+            for x in bytes {
+                c ^= UInt32(x)
+                for _ in 0..<8 { c = c & 1 == 1 ? (c >> 1) ^ 0x82F6_3B78 : c >> 1 }
+            }
+            let reference = ~c
+            #expect(CRC32C.checksum(bytes) == reference, "\(n) bytes")
+            #expect(bytes.withUnsafeBufferPointer { CRC32C.software(0, $0) } == reference, "\(n) bytes, tables")
+            #expect(CRC32C.update(CRC32C.checksum(Array(bytes.prefix(n / 2))), Array(bytes.dropFirst(n / 2))) == reference)
+        }
+    }
+
     @Test func knownVectors() {
         #expect(CRC32C.checksum(Array("123456789".utf8)) == 0xE306_9283)
         #expect(CRC32C.checksum([UInt8]()) == 0)

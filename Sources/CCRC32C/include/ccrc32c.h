@@ -1,0 +1,13 @@
+#ifndef CCRC32C_H
+#define CCRC32C_H
+#include <stddef.h>
+#include <stdint.h>
+
+/// 1 when the CPU has the SSE 4.2 CRC32 instruction (checked once with cpuid).
+int cairn_crc32c_hardware_available(void);
+
+/// Extends the raw (not inverted) CRC-32C state `crc` over `n` bytes with the CRC32 instruction.
+/// Only call when `cairn_crc32c_hardware_available()` returned 1.
+uint32_t cairn_crc32c_hardware(uint32_t crc, const uint8_t *bytes, size_t n);
+
+#endif
