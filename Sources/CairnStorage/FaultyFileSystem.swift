@@ -20,6 +20,8 @@ public final class FaultyFileSystem: FileSystem, Sendable {
         var entries: [String: Node] = [:]
         var durableEntries: [String: Node] = [:]
         var directories: Set<String> = ["/"]
+        /// Incremented by every crash: handles and sessions of an earlier generation are dead.
+        var generation = 0
         var failSyncs = 0
         var skipBeforeFailing = 0
         var syncCount = 0
@@ -69,6 +71,7 @@ public final class FaultyFileSystem: FileSystem, Sendable {
     /// random prefix of its unsynced bytes (chosen by `rng`).
     public func crash(tearing: Bool, rng: inout some RandomNumberGenerator) {
         state.withLock { s in
+            s.generation += 1
             s.entries = s.durableEntries
             var seen = Set<ObjectIdentifier>()
             for node in s.entries.values where seen.insert(ObjectIdentifier(node)).inserted {
@@ -79,6 +82,20 @@ public final class FaultyFileSystem: FileSystem, Sendable {
                 node.pending = []
             }
         }
+    }
+
+    /// A view of this disk for one "process": once the disk crashes, every operation through the
+    /// session (and every file it opened) fails with EIO, as a dead process can write nothing —
+    /// so a database left running across `crash` cannot touch the recovered state.
+    public func session() -> any FileSystem { FaultySession(fs: self, generation: state.withLock { $0.generation }) }
+
+    func checkAlive(_ generation: Int?, _ path: String) throws(StorageError) {
+        try state.withLock { s throws(StorageError) in try Self.alive(s, generation, path) }
+    }
+
+    /// Called with the lock held, so a crash cannot slip between the check and the change.
+    static func alive(_ s: State, _ generation: Int?, _ path: String) throws(StorageError) {
+        if let generation, s.generation != generation { throw .io(path: path, operation: "after crash", errno: 5) }
     }
 
     /// The bytes a file holds now (tests).
@@ -93,14 +110,19 @@ public final class FaultyFileSystem: FileSystem, Sendable {
     }
 
     public func openAppendable(_ path: String, create: Bool) throws(StorageError) -> any AppendableFile {
+        try openAppendable(path, create: create, generation: nil)
+    }
+
+    func openAppendable(_ path: String, create: Bool, generation: Int?) throws(StorageError) -> any AppendableFile {
         try state.withLock { s throws(StorageError) in
+            try Self.alive(s, generation, path)
             if s.entries[path] == nil {
                 guard create else { throw .notFound(path: path) }
                 guard s.directories.contains(Self.parent(path)) else { throw .io(path: path, operation: "open", errno: 2) }
                 s.entries[path] = Node()
             }
         }
-        return FaultyAppendableFile(fs: self, path: path)
+        return FaultyAppendableFile(fs: self, path: path, generation: generation)
     }
 
     public func openReadable(_ path: String) throws(StorageError) -> any ReadableFile {
@@ -108,21 +130,30 @@ public final class FaultyFileSystem: FileSystem, Sendable {
         return FaultyReadableFile(bytes: bytes)
     }
 
-    public func rename(_ from: String, to: String) throws(StorageError) {
+    public func rename(_ from: String, to: String) throws(StorageError) { try rename(from, to: to, generation: nil) }
+
+    func rename(_ from: String, to: String, generation: Int?) throws(StorageError) {
         try state.withLock { s throws(StorageError) in
+            try Self.alive(s, generation, from)
             guard let node = s.entries.removeValue(forKey: from) else { throw .notFound(path: from) }
             s.entries[to] = node
         }
     }
 
-    public func remove(_ path: String) throws(StorageError) {
+    public func remove(_ path: String) throws(StorageError) { try remove(path, generation: nil) }
+
+    func remove(_ path: String, generation: Int?) throws(StorageError) {
         try state.withLock { s throws(StorageError) in
+            try Self.alive(s, generation, path)
             guard s.entries.removeValue(forKey: path) != nil else { throw .notFound(path: path) }
         }
     }
 
-    public func truncate(_ path: String, to size: UInt64) throws(StorageError) {
+    public func truncate(_ path: String, to size: UInt64) throws(StorageError) { try truncate(path, to: size, generation: nil) }
+
+    func truncate(_ path: String, to size: UInt64, generation: Int?) throws(StorageError) {
         try state.withLock { s throws(StorageError) in
+            try Self.alive(s, generation, path)
             guard let node = s.entries[path] else { throw .notFound(path: path) }
             let n = Int(min(size, UInt64(node.all.count)))
             // A truncate is a metadata change the engine syncs right after; model it as durable.
@@ -143,8 +174,11 @@ public final class FaultyFileSystem: FileSystem, Sendable {
         state.withLock { _ = $0.directories.insert(path) }
     }
 
-    public func syncDirectory(_ path: String) throws(StorageError) {
+    public func syncDirectory(_ path: String) throws(StorageError) { try syncDirectory(path, generation: nil) }
+
+    func syncDirectory(_ path: String, generation: Int?) throws(StorageError) {
         try state.withLock { s throws(StorageError) in
+            try Self.alive(s, generation, path)
             if Self.syncFails(&s) { throw .syncFailed(path: path, errno: 5) }
             s.durableEntries = s.durableEntries.filter { Self.parent($0.key) != path }
             for (name, node) in s.entries where Self.parent(name) == path { s.durableEntries[name] = node }
@@ -152,15 +186,17 @@ public final class FaultyFileSystem: FileSystem, Sendable {
     }
 
     // Used by the file handles.
-    func append(_ path: String, _ bytes: [UInt8]) throws(StorageError) {
+    func append(_ path: String, _ bytes: [UInt8], generation: Int? = nil) throws(StorageError) {
         try state.withLock { s throws(StorageError) in
+            try Self.alive(s, generation, path)
             guard let node = s.entries[path] else { throw .io(path: path, operation: "write", errno: 9) }
             node.pending += bytes
         }
     }
 
-    func sync(_ path: String) throws(StorageError) {
+    func sync(_ path: String, generation: Int? = nil) throws(StorageError) {
         try state.withLock { s throws(StorageError) in
+            try Self.alive(s, generation, path)
             if Self.syncFails(&s) {
                 // Like Linux after a failed fsync: the dirty data may be gone.
                 s.entries[path]?.pending = []
@@ -178,16 +214,45 @@ public final class FaultyFileSystem: FileSystem, Sendable {
 final class FaultyAppendableFile: AppendableFile {
     let fs: FaultyFileSystem
     let path: String
+    let generation: Int?
 
-    init(fs: FaultyFileSystem, path: String) {
+    init(fs: FaultyFileSystem, path: String, generation: Int?) {
         self.fs = fs
         self.path = path
+        self.generation = generation
     }
 
     var size: UInt64 { fs.size(path) }
-    func append(_ bytes: [UInt8]) throws(StorageError) { try fs.append(path, bytes) }
-    func sync() throws(StorageError) { try fs.sync(path) }
+    func append(_ bytes: [UInt8]) throws(StorageError) { try fs.append(path, bytes, generation: generation) }
+    func sync() throws(StorageError) { try fs.sync(path, generation: generation) }
     func close() throws(StorageError) {}
+}
+
+/// `FaultyFileSystem.session()`: the disk as one process sees it, dead after a crash.
+struct FaultySession: FileSystem {
+    let fs: FaultyFileSystem
+    let generation: Int
+
+    func openAppendable(_ path: String, create: Bool) throws(StorageError) -> any AppendableFile {
+        try fs.openAppendable(path, create: create, generation: generation)
+    }
+    func openReadable(_ path: String) throws(StorageError) -> any ReadableFile {
+        try fs.checkAlive(generation, path)
+        return try fs.openReadable(path)
+    }
+    func rename(_ from: String, to: String) throws(StorageError) { try fs.rename(from, to: to, generation: generation) }
+    func remove(_ path: String) throws(StorageError) { try fs.remove(path, generation: generation) }
+    func truncate(_ path: String, to size: UInt64) throws(StorageError) { try fs.truncate(path, to: size, generation: generation) }
+    func exists(_ path: String) -> Bool { fs.exists(path) }
+    func list(_ directory: String) throws(StorageError) -> [String] {
+        try fs.checkAlive(generation, directory)
+        return try fs.list(directory)
+    }
+    func createDirectory(_ path: String) throws(StorageError) {
+        try fs.checkAlive(generation, path)
+        try fs.createDirectory(path)
+    }
+    func syncDirectory(_ path: String) throws(StorageError) { try fs.syncDirectory(path, generation: generation) }
 }
 
 final class FaultyReadableFile: ReadableFile {
