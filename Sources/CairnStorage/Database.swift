@@ -112,6 +112,11 @@ public struct DatabaseOptions: Sendable {
     public var compaction = CompactionPolicy()
     public var blockSize = 4096
     public var bloomBitsPerKey = 10
+    /// Under `always`, a writer that finds no log sync running performs it on its own thread
+    /// (see `GroupCommitter.waitDurable`). Off by default: the node must not block Swift's
+    /// cooperative pool on `fdatasync`; a standalone program with dedicated writer threads may
+    /// turn it on for lower synced-write latency.
+    public var syncOnWriterThread = false
     /// Consecutive failures of a background job before it gives up and writes are refused.
     public var backgroundRetryLimit = 5
     public init() {}
@@ -326,10 +331,17 @@ public final class Database: Sendable {
         state.relink()
         let db = Database(fs: fs, directory: directory, options: options, cache: cache, state: state)
         db.startBackground()
-        // A replayed memtable past its bound is flushed before it grows further.
-        if memtable.approximateBytes >= options.writeBufferBytes / 2 {
-            try db.state.withLock { s throws(StorageError) in try db.rotate(&s) }
-            db.flushSignal.notify()
+        // A replayed memtable is written as a table before open returns (as LevelDB and RocksDB
+        // do): reads then find the data in one table rather than a large skip list, and the
+        // replayed logs go.
+        if memtable.count > 0 {
+            do { try db.flush() } catch {
+                // The instance is never handed out: stop its workers (they exit on `closed`).
+                db.state.withLock { $0.closed = true }
+                db.flushSignal.notify()
+                db.compactionSignal.notify()
+                throw error
+            }
         }
         db.compactionSignal.notify()
         return db
@@ -374,7 +386,7 @@ public final class Database: Sendable {
     /// memtable may be pending). Everything logged so far is synced first, so the frozen memtable's
     /// writers are durable.
     private func rotate(_ s: inout State) throws(StorageError) {
-        precondition(s.immutable == nil, "rotate with a flush pending")
+        guard s.immutable == nil else { throw .invalidArgument("internal: a memtable switch while a flush is pending") }
         let number = s.version.nextFile
         let logPath = path(Self.logName(number))
         let file = try fs.openAppendable(logPath, create: true)
@@ -538,12 +550,12 @@ public final class Database: Sendable {
         let byNumber = Dictionary(readers.map { ($0.number, $0) }, uniquingKeysWith: { a, _ in a })
         var sources: [any EntrySource] = []
         if plan.level == 0 {
-            for t in plan.inputs { if let r = byNumber[t.number] { sources.append(try TableRunSource([r], from: [])) } }
+            for t in plan.inputs { if let r = byNumber[t.number] { sources.append(try TableRunSource([r], from: [], fillCache: false)) } }
         } else {
-            sources.append(try TableRunSource(plan.inputs.compactMap { byNumber[$0.number] }, from: []))
+            sources.append(try TableRunSource(plan.inputs.compactMap { byNumber[$0.number] }, from: [], fillCache: false))
         }
         if plan.outputLevel != plan.level {
-            sources.append(try TableRunSource(plan.overlaps.compactMap { byNumber[$0.number] }, from: []))
+            sources.append(try TableRunSource(plan.overlaps.compactMap { byNumber[$0.number] }, from: [], fillCache: false))
         }
         var cursor = MergingCursor(sources: sources)
         // Tables below the output level: a deletion must stay while one of them may hold the key.
@@ -711,7 +723,7 @@ public final class Database: Sendable {
         guard (sync ?? options.syncMode) == .always else { return }
         // A log switch syncs the old log first; the current log's committer covers the rest.
         let committer = state.withLock { $0.committer }
-        try await committer.waitDurable(upTo: sequence)
+        try await committer.waitDurable(upTo: sequence, onCallerThread: options.syncOnWriterThread)
     }
 
     /// Records a range tombstone in the manifest (with the sequence, so it is never reissued) and

@@ -60,7 +60,27 @@ public final class GroupCommitter: Sendable {
     public var syncCount: Int { state.withLock { $0.syncs } }
 
     /// Returns once everything up to `sequence` is durable; throws if a sync failed.
-    public func waitDurable(upTo sequence: UInt64) async throws {
+    ///
+    /// `onCallerThread`: when no sync is running, the caller leads: it runs the `fdatasync` (and
+    /// any follow-up syncs for writers that queued meanwhile) on its own thread, with no hop to
+    /// the sync queue and back (LevelDB's leader-writer). Faster for a lone synchronous writer,
+    /// but it blocks a cooperative-pool thread for the length of the sync; the node keeps the
+    /// default (off the pool).
+    public func waitDurable(upTo sequence: UInt64, onCallerThread: Bool = false) async throws {
+        if onCallerThread {
+            let lead: Bool = try state.withLock { s throws in
+                if let f = s.failure { throw StorageError.writesRefused("an earlier log sync failed (\(f))") }
+                if s.durable >= sequence || s.syncing { return false }
+                s.syncing = true
+                return true
+            }
+            if lead {
+                runSyncs()
+                let (done, failure) = state.withLock { ($0.durable >= sequence, $0.failure) }
+                if done { return }
+                if let failure { throw failure }
+            }
+        }
         try await withCheckedThrowingContinuation { (c: CheckedContinuation<Void, any Error>) in
             let start: Bool = state.withLock { s in
                 if let f = s.failure {

@@ -14,11 +14,16 @@ enum InternalValue {
     }
 
     static func decode(key: [UInt8], _ b: [UInt8], path: String) throws(StorageError) -> Memtable.Entry {
-        var p = 1
-        guard let kindByte = b.first, let kind = EntryKind(rawValue: kindByte), let seq = Coding.getVarint(b, &p, limit: b.count),
-              kind == .value || p == b.count
+        try decode(key: key, b, from: 0, to: b.count, path: path)
+    }
+
+    /// Decodes the table value in `b[start..<end]`.
+    static func decode(key: [UInt8], _ b: [UInt8], from start: Int, to end: Int, path: String) throws(StorageError) -> Memtable.Entry {
+        var p = start + 1
+        guard start < end, end <= b.count, let kind = EntryKind(rawValue: b[start]), let seq = Coding.getVarint(b, &p, limit: end),
+              kind == .value || p == end
         else { throw .corruption(path: path, offset: 0, reason: "malformed table entry for a key of \(key.count) bytes") }
-        return Memtable.Entry(key: key, sequence: seq, kind: kind, value: Array(b[p...]))
+        return Memtable.Entry(key: key, sequence: seq, kind: kind, value: Array(b[p..<end]))
     }
 }
 
@@ -43,54 +48,62 @@ final class MemtableSource: EntrySource {
 }
 
 /// The entries of a run of tables with disjoint, increasing key spans (one table, or one level ≥ 1).
+/// Decodes one entry at a time straight from the cached block: a key buffer reused for prefix
+/// decompression, and one allocation each for the key and the value it hands out.
 final class TableRunSource: EntrySource {
     private let tables: [TableReader]
     private var table: Int
-    private var block = 0
-    private var entries: [(key: [UInt8], value: [UInt8])] = []
-    private var position = 0
+    private var blockIndex = 0
+    private var block: Block?
+    private var offset = 0
+    private var key: [UInt8] = []
+    private let fillCache: Bool
     private(set) var current: Memtable.Entry?
 
-    init(_ tables: [TableReader], from lower: [UInt8]) throws(StorageError) {
+    init(_ tables: [TableReader], from lower: [UInt8], fillCache: Bool = true) throws(StorageError) {
         self.tables = tables
+        self.fillCache = fillCache
         // The first table whose last key is ≥ lower.
         table = tables.firstIndex { t in t.index.last.map { !$0.lastKey.isBefore(lower) } ?? false } ?? tables.count
         if table < tables.count {
-            block = tables[table].blockIndex(atOrAfter: lower)
+            blockIndex = tables[table].blockIndex(atOrAfter: lower)
             try load()
-            while let e = entryAtPosition(), e.key.isBefore(lower) { position += 1 }
         }
-        try settle()
+        try advance()
+        while let e = current, e.key.isBefore(lower) { try advance() }
     }
 
     private func load() throws(StorageError) {
-        entries = block < tables[table].blockCount ? try tables[table].blockEntries(block) : []
-        position = 0
+        let t = tables[table]
+        block = blockIndex < t.blockCount ? try t.readBlock(t.index[blockIndex].handle, fillCache: fillCache) : nil
+        offset = 0
+        key.removeAll(keepingCapacity: true)
     }
 
-    private func entryAtPosition() -> (key: [UInt8], value: [UInt8])? { position < entries.count ? entries[position] : nil }
-
-    /// Moves to the next non-empty block (or table) if the current one is used up, and decodes.
-    private func settle() throws(StorageError) {
-        while table < tables.count && position >= entries.count {
-            block += 1
-            if block >= tables[table].blockCount {
+    func advance() throws(StorageError) {
+        while table < tables.count {
+            if let b = block, offset < b.limit {
+                let t = tables[table]
+                guard let h = b.header(at: offset, sharedLimit: key.count) else {
+                    throw .corruption(path: t.path, offset: t.index[blockIndex].handle.offset, reason: "malformed entry at \(offset)")
+                }
+                key.removeSubrange(h.shared...)
+                let keyEnd = h.keyStart + h.unshared
+                key.append(contentsOf: b.data[h.keyStart..<keyEnd])
+                let valueEnd = keyEnd + h.valueLength
+                offset = valueEnd
+                current = try InternalValue.decode(key: key, b.data, from: keyEnd, to: valueEnd, path: t.path)
+                return
+            }
+            blockIndex += 1
+            if blockIndex >= tables[table].blockCount {
                 table += 1
-                block = 0
+                blockIndex = 0
                 if table >= tables.count { break }
             }
             try load()
         }
-        if let e = entryAtPosition() {
-            current = try InternalValue.decode(key: e.key, e.value, path: tables[table].path)
-        } else {
-            current = nil
-        }
-    }
-
-    func advance() throws(StorageError) {
-        position += 1
-        try settle()
+        current = nil
     }
 }
 

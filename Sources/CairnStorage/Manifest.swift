@@ -127,12 +127,12 @@ public struct VersionEdit: Sendable, Hashable {
             case 2: guard let x = v() else { return nil }; e.nextFile = x
             case 3: guard let x = v() else { return nil }; e.lastSequence = x
             case 4:
-                guard let level = v(), level < 64, let number = v(), let size = v(), let small = blob(), let large = blob(),
+                guard let level = v(), level < UInt64(CompactionPolicy.levels), let number = v(), let size = v(), let small = blob(), let large = blob(),
                       let lowSeq = v(), let highSeq = v(), let filtered = v() else { return nil }
                 e.added.append(TableMeta(number: number, level: Int(level), size: size, smallest: small, largest: large,
                                          smallestSequence: lowSeq, largestSequence: highSeq, filteredThrough: filtered))
             case 5:
-                guard let level = v(), level < 64, let number = v() else { return nil }
+                guard let level = v(), level < UInt64(CompactionPolicy.levels), let number = v() else { return nil }
                 e.removed.append((Int(level), number))
             case 6:
                 guard let lower = blob(), let upper = blob(), let seq = v() else { return nil }

@@ -159,12 +159,14 @@ public final class TableReader: Sendable {
 
     public var blockCount: Int { index.count }
 
-    /// The block at `h`, from the cache when it is there; verified when read from the file.
-    func readBlock(_ h: Table.Handle) throws(StorageError) -> Block {
+    /// The block at `h`, from the cache when it is there; verified when read from the file, and
+    /// then cached if `fillCache` (compaction reads pass false: a merge's blocks are read once
+    /// and would only push out what readers use).
+    func readBlock(_ h: Table.Handle, fillCache: Bool = true) throws(StorageError) -> Block {
         let key = BlockCache.Key(file: number, offset: h.offset)
         if let cache, let b = cache.get(key) { return b }
         let b = try Block(try file.file.read(at: h.offset, count: Int(h.size)), path: path, offset: h.offset)
-        cache?.insert(key, b, charge: b.charge)
+        if fillCache { cache?.insert(key, b, charge: b.charge) }
         return b
     }
 
@@ -189,8 +191,8 @@ public final class TableReader: Sendable {
     }
 
     /// The entries of block `i`, in order.
-    func blockEntries(_ i: Int) throws(StorageError) -> [(key: [UInt8], value: [UInt8])] {
-        try readBlock(index[i].handle).entries(path: path, offset: index[i].handle.offset)
+    func blockEntries(_ i: Int, fillCache: Bool = true) throws(StorageError) -> [(key: [UInt8], value: [UInt8])] {
+        try readBlock(index[i].handle, fillCache: fillCache).entries(path: path, offset: index[i].handle.offset)
     }
 
     /// Every entry in key order.

@@ -72,3 +72,21 @@ import Testing
         #expect(m.approximateBytes >= 1100)
     }
 }
+
+@Suite struct MemtableLifetimeTests {
+    /// Nodes are owned by an array, not by a chain of links: dropping a large memtable on a
+    /// small-stack thread frees them one by one (a recursive release would overflow the stack).
+    @Test func aLargeMemtableIsFreedWithoutRecursion() async {
+        let done: Bool = await Task.detached {
+            var m: Memtable? = Memtable()
+            for i in 0..<300_000 {
+                m?.add(key: [UInt8(truncatingIfNeeded: i >> 16), UInt8(truncatingIfNeeded: i >> 8), UInt8(truncatingIfNeeded: i)],
+                       sequence: UInt64(i + 1), kind: .value, value: [1])
+            }
+            #expect(m?.count == 300_000)
+            m = nil
+            return m == nil
+        }.value
+        #expect(done)
+    }
+}

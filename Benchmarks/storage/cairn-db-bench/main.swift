@@ -23,12 +23,14 @@ struct Flags {
     var cacheBytes = 64 << 20
     var bloomBits = 10
     var compactionBytesPerSecond: UInt64 = 0
+    var syncOnWriterThread = false
 
     static let usage = """
     usage: cairn-db-bench [--benchmarks=fillseq,fillrandom,overwrite,readrandom,readseq,fillsync] [--num=N] [--reads=N]
                           [--key_size=16] [--value_size=100] [--threads=1] [--sync=0|1] [--use_existing_db=0|1]
                           [--db=DIR] [--histogram=0|1] [--statistics=0|1] [--seed=N] [--write_buffer_size=BYTES]
                           [--cache_size=BYTES] [--bloom_bits=10] [--compression_type=none] [--compaction_rate=BYTES/s]
+                          [--sync_on_writer_thread=0|1]
     """
 
     init(_ args: [String]) throws {
@@ -58,6 +60,7 @@ struct Flags {
             case "cache_size": cacheBytes = try int()
             case "bloom_bits": bloomBits = try int()
             case "compaction_rate": compactionBytesPerSecond = UInt64(try int())
+            case "sync_on_writer_thread": syncOnWriterThread = try bool()
             case "compression_type":
                 guard value == "none" else { throw UsageError("CairnStorage does not compress; only --compression_type=none") }
             default: throw UsageError("unknown flag --\(name)")
@@ -170,6 +173,7 @@ func main() async -> Int32 {
     options.blockCacheBytes = flags.cacheBytes
     options.bloomBitsPerKey = flags.bloomBits
     options.compactionBytesPerSecond = flags.compactionBytesPerSecond
+    options.syncOnWriterThread = flags.syncOnWriterThread
     print("CairnStorage (cairn-db-bench)")
     print("Keys:       \(flags.keySize) bytes each")
     print("Values:     \(flags.valueSize) bytes each")
