@@ -77,9 +77,9 @@ let package = Package(
         ], swiftSettings: strict),
 
         // The LSM storage engine: standalone, knows nothing of the cluster; file I/O behind `FileSystem`.
-        .target(name: "CairnStorage", dependencies: ["CCRC32C"], swiftSettings: strict),
-        // CRC-32C with the CPU's CRC32 instruction (SSE 4.2), checked at run time.
-        .target(name: "CCRC32C"),
+        .target(name: "CairnStorage", dependencies: ["CStorageSupport"], swiftSettings: strict),
+        // C helpers: CRC-32C with the CPU's CRC32 instruction (SSE 4.2, checked at run time), malloc_trim.
+        .target(name: "CStorageSupport"),
         .testTarget(name: "CairnStorageTests", dependencies: ["CairnStorage"], swiftSettings: strict),
         // db_bench's language over CairnStorage (Benchmarks/storage/compare-rocksdb.sh).
         .executableTarget(name: "cairn-db-bench", dependencies: [

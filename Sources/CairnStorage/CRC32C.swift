@@ -1,4 +1,4 @@
-import CCRC32C
+import CStorageSupport
 
 /// CRC-32C (Castagnoli, polynomial 0x1EDC6F41, reflected 0x82F63B78), table-driven, slicing by 8.
 /// `crc32c("123456789") == 0xE3069283`.

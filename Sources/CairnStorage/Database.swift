@@ -1,3 +1,4 @@
+import CStorageSupport
 import Dispatch
 import Synchronization
 
@@ -264,8 +265,7 @@ public final class Database: Sendable {
         progress?(0, total)
         for ((_, name), size) in zip(replay, sizes) {
             let path = directory + "/" + name
-            let r = try WAL.recover(try fs.openReadable(path), path: path, salvage: options.salvage)
-            for record in r.records {
+            let r = try WAL.replay(try fs.openReadable(path), path: path, salvage: options.salvage) { (record: [UInt8]) throws(StorageError) in
                 guard let (first, batch) = WriteBatch.decode(record) else {
                     throw .corruption(path: path, offset: 0, reason: "a log record with a valid checksum is not a write batch")
                 }
@@ -343,6 +343,7 @@ public final class Database: Sendable {
                 throw error
             }
         }
+        releaseFreeMemory()
         db.compactionSignal.notify()
         return db
     }
@@ -821,9 +822,12 @@ public final class Database: Sendable {
         return st
     }
 
-    /// Stops the background workers (a compaction in progress is abandoned; its partial output is
-    /// removed), syncs the log and closes every file. The database is unusable afterwards.
+    /// Writes the memtable as a table (so the next open replays nothing: a fast restart with a
+    /// small footprint), stops the background workers (a compaction in progress is abandoned; its
+    /// partial output is removed), syncs the log and closes every file. The database is unusable
+    /// afterwards.
     public func close() async throws {
+        if state.withLock({ !$0.closed && $0.backgroundError == nil }) { try flush() }
         try await stop(syncing: true)
     }
 
@@ -853,6 +857,9 @@ public final class Database: Sendable {
     }
 }
 
+/// Returns freed heap pages to the OS (glibc keeps them per arena otherwise).
+func releaseFreeMemory() { cairn_release_free_memory() }
+
 /// Runs one kind of background job (flushes, or compactions) on its own thread: waits for a
 /// signal, then works until there is nothing left. A failure is retried with backoff (100 ms,
 /// doubling to 5 s); past `backgroundRetryLimit` consecutive failures, or at once after a failed
@@ -868,7 +875,12 @@ actor BackgroundWorker {
         while true {
             await signal.wait()
             do {
-                while !db.isClosed, try job(db) { failures = 0 }
+                while !db.isClosed, try job(db) {
+                    failures = 0
+                    // A flush or merge frees megabytes of small allocations; hand the free pages
+                    // back to the OS so the process's footprint tracks the configured bounds.
+                    releaseFreeMemory()
+                }
             } catch {
                 failures += 1
                 if db.backgroundFailed(error, failures: failures) { return }

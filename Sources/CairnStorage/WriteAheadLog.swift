@@ -47,20 +47,29 @@ public enum WAL {
     /// A bad record followed by valid ones is corruption: it throws `.corruption` naming the file
     /// and offset, unless `salvage`, which skips to the next valid record and counts the bytes.
     public static func recover(_ file: any ReadableFile, path: String, salvage: Bool = false) throws(StorageError) -> Recovery {
+        var records: [[UInt8]] = []
+        var r = try replay(file, path: path, salvage: salvage) { (p: [UInt8]) throws(StorageError) in records.append(p) }
+        r.records = records
+        return r
+    }
+
+    /// `recover`, handing each record to `body` as it is found instead of collecting them (the
+    /// returned `records` is empty): replaying a large log holds one record at a time.
+    public static func replay(_ file: any ReadableFile, path: String, salvage: Bool = false,
+                              _ body: ([UInt8]) throws(StorageError) -> Void) throws(StorageError) -> Recovery {
         let size = file.size
         let data = try file.read(at: 0, count: Int(min(size, UInt64(Int.max))))
-        var records: [[UInt8]] = []
         var offset = 0
         var salvaged: UInt64 = 0
         while offset < data.count {
             if let (payload, next) = record(at: offset, in: data) {
-                records.append(payload)
+                try body(payload)
                 offset = next
                 continue
             }
             // Bad record at `offset`: torn tail, or corruption with good records after it?
             guard let resume = nextValidRecord(after: offset, in: data) else {
-                return Recovery(records: records, validEnd: UInt64(offset), tornTailBytes: UInt64(data.count - offset), salvagedBytes: salvaged)
+                return Recovery(records: [], validEnd: UInt64(offset), tornTailBytes: UInt64(data.count - offset), salvagedBytes: salvaged)
             }
             guard salvage else {
                 throw .corruption(path: path, offset: UInt64(offset), reason: "bad log record followed by valid records at \(resume)")
@@ -68,7 +77,7 @@ public enum WAL {
             salvaged += UInt64(resume - offset)
             offset = resume
         }
-        return Recovery(records: records, validEnd: UInt64(offset), tornTailBytes: 0, salvagedBytes: salvaged)
+        return Recovery(records: [], validEnd: UInt64(offset), tornTailBytes: 0, salvagedBytes: salvaged)
     }
 
     /// The record at `offset` and where the next starts, if it is complete and its checksum holds.

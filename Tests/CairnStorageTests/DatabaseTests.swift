@@ -17,7 +17,7 @@ import Foundation
         #expect(try db.get([1]) == nil)
         #expect(try db.get([2]) == [21])
         #expect(try db.get([3]) == [30])
-        try await db.close()
+        await db.abandon()   // as a crash: the log, not a table, brings the writes back
         let again = try Database.open(fs: fs, directory: "/db")
         #expect(try again.get([1]) == nil)
         #expect(try again.get([2]) == [21])
@@ -95,9 +95,10 @@ import Foundation
         let db = try Database.open(fs: fs, directory: "/db")
         try await db.put([1], [1])
         try await db.put([2], Array(repeating: 7, count: 100))
-        try await db.close()
+        await db.abandon()
         // The crash hit the middle of the last append: cut the log 5 bytes short.
-        let size = fs.contents("/db/000001.log")?.count ?? 0
+        let size = try #require(fs.contents("/db/000001.log")?.count)
+        try #require(size > 5)
         try fs.truncate("/db/000001.log", to: UInt64(size - 5))
         let back = try Database.open(fs: fs, directory: "/db")
         #expect(try back.get([1]) == [1])

@@ -90,4 +90,26 @@ import Testing
         try fs.truncate("/db/MANIFEST-000002", to: UInt64(size + 4))
         #expect(try Manifest.recover(fs: fs, directory: "/db")?.0.lastSequence == 77)
     }
+
+    @Test func rangeTombstonesAndTableSequencesRoundTripAndReplay() {
+        var e = VersionEdit()
+        e.added = [TableMeta(number: 9, level: 2, size: 10, smallest: [1], largest: [5], smallestSequence: 3, largestSequence: 70, filteredThrough: 44)]
+        e.addedTombstones = [RangeTombstone(lower: [1, 0], upper: [2], sequence: 50)]
+        #expect(VersionEdit.decode(e.encoded()) == e)
+        var v = Version()
+        v.apply(e)
+        #expect(v.tombstones.map(\.sequence) == [50])
+        #expect(v.tables[2]?.first?.filteredThrough == 44)
+        let t = RangeTombstone(lower: [1, 0], upper: [2], sequence: 50)
+        #expect(t.hides([1, 0, 7], 49) && !t.hides([1, 0, 7], 50) && !t.hides([2], 1) && !t.hides([0, 9], 1))
+        #expect(t.hides([1, 5], 10, snapshot: 60) && !t.hides([1, 5], 10, snapshot: 40), "invisible to older snapshots")
+        #expect(v.tables[2]?.first?.mayHoldEntriesHidden(by: t) == true)
+        var retire = VersionEdit()
+        retire.removedTombstones = [50]
+        v.apply(retire)
+        #expect(v.tombstones.isEmpty)
+        var deep = VersionEdit()
+        deep.added = [TableMeta(number: 1, level: 7, size: 1, smallest: [1], largest: [1])]
+        #expect(VersionEdit.decode(deep.encoded()) == nil, "a level the engine does not have is corruption")
+    }
 }

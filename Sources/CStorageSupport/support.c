@@ -1,6 +1,6 @@
-// CRC-32C with the SSE 4.2 CRC32 instruction: 8 bytes per instruction. The Swift side keeps a
+// C helpers for CairnStorage. CRC-32C with the SSE 4.2 CRC32 instruction: 8 bytes per instruction. The Swift side keeps a
 // table-driven fallback for CPUs without it (CairnStorage/CRC32C.swift).
-#include "ccrc32c.h"
+#include "cstoragesupport.h"
 #include <string.h>
 
 #if defined(__x86_64__)
@@ -30,4 +30,11 @@ uint32_t cairn_crc32c_hardware(uint32_t crc, const uint8_t *p, size_t n) {
 #else
 int cairn_crc32c_hardware_available(void) { return 0; }
 uint32_t cairn_crc32c_hardware(uint32_t crc, const uint8_t *p, size_t n) { (void)p; (void)n; return crc; }
+#endif
+
+#if defined(__GLIBC__)
+#include <malloc.h>
+void cairn_release_free_memory(void) { malloc_trim(0); }
+#else
+void cairn_release_free_memory(void) {}
 #endif

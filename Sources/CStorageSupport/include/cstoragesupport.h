@@ -1,5 +1,5 @@
-#ifndef CCRC32C_H
-#define CCRC32C_H
+#ifndef CSTORAGESUPPORT_H
+#define CSTORAGESUPPORT_H
 #include <stddef.h>
 #include <stdint.h>
 
@@ -9,5 +9,8 @@ int cairn_crc32c_hardware_available(void);
 /// Extends the raw (not inverted) CRC-32C state `crc` over `n` bytes with the CRC32 instruction.
 /// Only call when `cairn_crc32c_hardware_available()` returned 1.
 uint32_t cairn_crc32c_hardware(uint32_t crc, const uint8_t *bytes, size_t n);
+
+/// Returns freed heap pages to the OS (glibc's malloc_trim(0)); a no-op elsewhere.
+void cairn_release_free_memory(void);
 
 #endif
