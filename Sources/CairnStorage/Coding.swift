@@ -56,12 +56,16 @@ public struct BloomFilter: Sendable {
     public let bytes: [UInt8]
 
     public static func build(keys: [[UInt8]], bitsPerKey: Int = 10) -> BloomFilter {
+        build(hashes: keys.map(Coding.hash64), bitsPerKey: bitsPerKey)
+    }
+
+    /// The filter over keys given by their `Coding.hash64`.
+    static func build(hashes: [UInt64], bitsPerKey: Int = 10) -> BloomFilter {
         let k = max(1, min(30, Int((Double(bitsPerKey) * 0.69).rounded())))
-        let bits = max(keys.count * bitsPerKey, 64)
+        let bits = max(hashes.count * bitsPerKey, 64)
         var out = [UInt8](repeating: 0, count: (bits + 7) / 8)
         let nbits = UInt64(out.count * 8)
-        for key in keys {
-            let h = Coding.hash64(key)
+        for h in hashes {
             var a = h & 0xFFFF_FFFF
             let delta = (h >> 32) | 1
             for _ in 0..<k {

@@ -40,7 +40,8 @@ public final class TableBuilder {
     let bitsPerKey: Int
     private var block: BlockBuilder
     private var index = BlockBuilder(restartInterval: 1)
-    private var keys: [[UInt8]] = []
+    /// The filter's input: 8 bytes per key, not the keys (an 8 MiB table has ~70k of them).
+    private var keyHashes: [UInt64] = []
     private var lastKey: [UInt8]?
     private var offset: UInt64 = 0
     public private(set) var entries = 0
@@ -60,7 +61,7 @@ public final class TableBuilder {
     public func add(key: [UInt8], value: [UInt8]) throws(StorageError) {
         if let lastKey, !lastKey.isBefore(key) { throw .invalidArgument("table keys must be strictly increasing") }
         try block.add(key: key, value: value)
-        keys.append(key)
+        keyHashes.append(Coding.hash64(key))
         lastKey = key
         entries += 1
         if block.estimatedSize >= blockSize { try flushBlock() }
@@ -79,7 +80,8 @@ public final class TableBuilder {
     @discardableResult
     public func finish() throws(StorageError) -> UInt64 {
         try flushBlock()
-        var filter = BloomFilter.build(keys: keys, bitsPerKey: bitsPerKey).bytes
+        var filter = BloomFilter.build(hashes: keyHashes, bitsPerKey: bitsPerKey).bytes
+        keyHashes = []
         filter.append(0)
         Coding.putU32(&filter, CRC32C.mask(CRC32C.checksum(filter)))
         let filterHandle = Table.Handle(offset: offset, size: UInt64(filter.count))

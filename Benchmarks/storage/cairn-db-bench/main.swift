@@ -150,6 +150,10 @@ func runThread(_ name: String, _ flags: Flags, _ db: Database, thread: Int, valu
             r.bytes += k.count + v.count
             r.ops += 1
         }
+    case "compact":
+        // As db_bench's `compact`: flush, then compact until no level needs it.
+        try db.compactUntilSettled()
+        r.ops = 1
     default:
         throw UsageError("unknown benchmark \(name)")
     }
