@@ -21,6 +21,7 @@ let package = Package(
         .library(name: "CairnStorage", targets: ["CairnStorage"]),
         .executable(name: "cairn-load", targets: ["cairn-load"]),
         .executable(name: "cairn-db-bench", targets: ["cairn-db-bench"]),
+        .executable(name: "cairn-torture", targets: ["cairn-torture"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
@@ -63,14 +64,21 @@ let package = Package(
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: strict),
-        .executableTarget(name: "cairnd", dependencies: [
+        // What cairnd runs (config, ServiceGroup, signals); shared with test-only daemons.
+        .target(name: "CairnDaemon", dependencies: [
             "CairnNode",
-            .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             .product(name: "UnixSignals", package: "swift-service-lifecycle"),
-            .product(name: "NIOPosix", package: "swift-nio"),
         ], swiftSettings: strict),
+        .executableTarget(name: "cairnd", dependencies: [
+            "CairnDaemon",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ], swiftSettings: strict),
+        // Test support: cairnd with a backend that loses every tenth acknowledged write
+        // (cairn-torture's self-test must catch it).
+        .executableTarget(name: "cairnd-lossy", dependencies: ["CairnDaemon", "CairnNode", "CairnCore"],
+                          path: "Tests/LossyNode", swiftSettings: strict),
         .executableTarget(name: "cairn", dependencies: [
             "CairnClient", "CairnCore",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -103,6 +111,11 @@ let package = Package(
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ], swiftSettings: strict),
+
+        // The fault harness: namespaces + nft partitions, nemesis, set workload, checker.
+        .target(name: "CairnTorture", dependencies: ["CairnClient", "CairnCore"], swiftSettings: strict),
+        .executableTarget(name: "cairn-torture", dependencies: ["CairnTorture"], swiftSettings: strict),
+        .testTarget(name: "CairnTortureTests", dependencies: ["CairnTorture"], swiftSettings: strict),
 
         .testTarget(name: "CairnLoadTests", dependencies: [
             "CairnLoad", "CairnNode", "CairnCore", "CairnClient",

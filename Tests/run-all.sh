@@ -10,8 +10,10 @@ export PATH="/opt/swift/usr/bin:$PATH"
 
 # shellcheck source=../Deploy/lib/packages.sh
 source "$ROOT/Deploy/lib/packages.sh"
-# libsystemd for the CSystemd module; curl for the scripts; redis-server for the RESP target's test.
-ensure_packages pkg-config pkg-config pkg:libsystemd libsystemd-dev curl curl redis-server redis-server
+# libsystemd for the CSystemd module; curl for the scripts; redis-server for the RESP target's test;
+# ip and nft for cairn-torture's network namespaces and partitions.
+ensure_packages pkg-config pkg-config pkg:libsystemd libsystemd-dev curl curl redis-server redis-server \
+    ip iproute2 nft nftables
 command -v swift >/dev/null || { echo "swift not found (expected at /opt/swift/usr/bin)" >&2; exit 1; }
 
 # Executables too: the process tests run the real cairnd and cairn binaries.

@@ -42,6 +42,7 @@ public final class CairnNode: Service, Sendable {
     let core: NodeCore
     let notifier: ServiceNotifier
     private let watchdogInterval: Duration?
+    private let decorateBackend: (@Sendable (any StorageBackend) -> any StorageBackend)?
     private let group: any EventLoopGroup
     var eventLoopGroup: any EventLoopGroup { group }
     private let runtime = Locked(Runtime())
@@ -54,15 +55,21 @@ public final class CairnNode: Service, Sendable {
     ///   - notify: where service-manager notifications go (default: `sd_notify`, a no-op outside systemd).
     ///   - watchdogInterval: run the watchdog loop at this interval (default: what systemd set
     ///     through `WATCHDOG_USEC`; nil disables it).
+    ///   - transportFaults: test harnesses only (`cairnd --test-fault-injection`): faults injected
+    ///     into outgoing internode messages, set through `GET /test/faults?…` on the HTTP listener.
+    ///   - decorateBackend: test binaries only: wraps the storage backend once it is open.
     public init(config: NodeConfig, backend: (any StorageBackend)? = nil, logger: Logger? = nil, group: (any EventLoopGroup)? = nil,
-                notify: (any NotifySink)? = nil, watchdogInterval: Duration?? = .none) {
+                notify: (any NotifySink)? = nil, watchdogInterval: Duration?? = .none, transportFaults: TransportFaults? = nil,
+                decorateBackend: (@Sendable (any StorageBackend) -> any StorageBackend)? = nil) {
         self.notifier = ServiceNotifier(sink: notify ?? SystemdNotifySink())
         self.watchdogInterval = watchdogInterval ?? SystemdNotifySink.watchdogInterval()
         var log = logger ?? Logger(label: "cairn.node")
         log[metadataKey: "node"] = "\(config.name)"
         self.config = config
         let memory = config.storageKind == .memory || config.dataDirectory == nil
-        self.core = NodeCore(config: config, backend: backend ?? (memory ? MemoryBackend() : nil), logger: log)
+        let initial: (any StorageBackend)? = backend ?? (memory ? MemoryBackend() : nil)
+        self.decorateBackend = decorateBackend
+        self.core = NodeCore(config: config, backend: initial.map { decorateBackend?($0) ?? $0 }, logger: log, faults: transportFaults)
         self.group = group ?? MultiThreadedEventLoopGroup.singleton
         let metrics = core.metrics
         self.supervisor = Supervisor(name: "node", policy: config.restartPolicy, logger: log) { _ in metrics.supervisorRestarts.increment() }
@@ -105,7 +112,7 @@ public final class CairnNode: Service, Sendable {
         let backend = try await DiskBackend.open(directory: dir + "/storage", options: config.storage) { done, total in
             notifier.report(.recovering(done: done, total: total, at: .now))
         }
-        core.adopt(backend)
+        core.adopt(decorateBackend?(backend) ?? backend)
         let stats = backend.database.statistics
         core.logger.info("storage open", metadata: [
             "directory": "\(dir)/storage", "recovered_records": "\(stats.recoveredRecords)",
@@ -186,7 +193,7 @@ public final class CairnNode: Service, Sendable {
                 notifier.report(.peersChanged(up: up, of: t.links.count))
             })
         }
-        let transport = PeerTransport(links: links)
+        let transport = PeerTransport(links: links, faults: core.faults)
         transportBox.withLock { $0 = transport }
         for p in view.ring.replicatedPartitions(of: config.name, n: view.n) {
             core.vnodes.insert(Vnode(partition: p, backend: storage.backend, limits: config.limits, metrics: metrics, logger: core.logger))

@@ -46,6 +46,18 @@ final class HTTPHandler: ChannelInboundHandler {
         case "/health":
             let state = core.state
             return (state == .serving ? .ok : .serviceUnavailable, "text/plain", "\(state.rawValue)\n")
+        case "/test/faults":
+            // Exists only when the node was started with --test-fault-injection.
+            guard let faults = core.faults else { return (.notFound, "text/plain", "not found: try /health or /metrics\n") }
+            let query = h.uri.split(separator: "?", maxSplits: 1).dropFirst().first.map(String.init) ?? ""
+            do {
+                let rules = try TransportFaults.Rules(query: query)
+                faults.set(rules)
+                core.logger.warning("transport faults set", metadata: ["rules": "\(rules.description)"])
+                return (.ok, "text/plain", rules.description + "\n")
+            } catch {
+                return (.badRequest, "text/plain", "\(error.reason)\n")
+            }
         case "/metrics":
             if let stats = core.backend?.storageStatistics { core.metrics.recordStorage(stats) }
             return (.ok, "text/plain; version=0.0.4", core.metrics.exposition())

@@ -31,8 +31,12 @@ final class NodeCore: Sendable {
     }
     private let storage = Locked<Storage?>(nil)
 
-    init(config: NodeConfig, backend: (any StorageBackend)?, logger: Logger) {
+    /// Present only under `cairnd --test-fault-injection`.
+    let faults: TransportFaults?
+
+    init(config: NodeConfig, backend: (any StorageBackend)?, logger: Logger, faults: TransportFaults? = nil) {
         self.config = config
+        self.faults = faults
         self.logger = logger
         metrics = NodeMetrics(maxInflight: config.maxInflightRequests)
         requests = RequestService(limit: config.maxInflightRequests, metrics: metrics)

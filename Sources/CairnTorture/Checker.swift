@@ -1,0 +1,116 @@
+/// A set-valued key's value: the elements as ascending decimal numbers joined by commas
+/// (`"3,17,42"`; empty set: empty value). Readable with `cairn get`.
+public enum SetValue {
+    public static func encode(_ s: Set<UInt64>) -> [UInt8] { Array(s.sorted().map(String.init).joined(separator: ",").utf8) }
+
+    /// nil if the bytes are not such a list (a value no client of the harness wrote).
+    public static func decode(_ b: [UInt8]) -> Set<UInt64>? {
+        if b.isEmpty { return [] }
+        var out = Set<UInt64>()
+        for part in String(decoding: b, as: UTF8.self).split(separator: ",", omittingEmptySubsequences: false) {
+            guard let n = UInt64(part) else { return nil }
+            out.insert(n)
+        }
+        return out
+    }
+}
+
+/// How one add attempt ended, as the client was told.
+public enum AttemptOutcome: Sendable, Hashable {
+    /// Acknowledged (W replicas).
+    case ok
+    /// Certainly not applied (unavailable, invalid, overloaded, no node reachable).
+    case failed(String)
+    /// Indeterminate (not reached, timeout, a server error mid-write): never counted as failed.
+    case unknown(String)
+}
+
+/// One read-modify-write that tried to add `element` to `key`.
+public struct Attempt: Sendable, Hashable {
+    public var client: Int
+    public var key: String
+    public var element: UInt64
+    /// Milliseconds since the run started.
+    public var startMillis: Int
+    public var endMillis: Int
+    public var outcome: AttemptOutcome
+
+    public init(client: Int, key: String, element: UInt64, startMillis: Int, endMillis: Int, outcome: AttemptOutcome) {
+        self.client = client
+        self.key = key
+        self.element = element
+        self.startMillis = startMillis
+        self.endMillis = endMillis
+        self.outcome = outcome
+    }
+}
+
+/// What the final read found for one key.
+public enum FinalRead: Sendable, Hashable {
+    case elements(Set<UInt64>)
+    /// The key could not be read at R = all after the quiet period (nothing can be concluded).
+    case unreadable(String)
+    /// A sibling was not a set the harness writes.
+    case garbage(String)
+}
+
+/// The verdict: every attempted element classified against the final read.
+public struct CheckResult: Sendable, Hashable {
+    public var acknowledged = 0
+    public var acknowledgedPresent = 0
+    public var lost: [Attempt] = []
+    public var unknownPresent = 0
+    public var unknownAbsent = 0
+    public var failedButPresent: [Attempt] = []
+    public var failedAbsent = 0
+    /// Elements present that no attempt on that key ever tried to add.
+    public var phantom: [(key: String, element: UInt64)] = []
+    public var unreadable: [String: String] = [:]
+
+    public static func == (a: CheckResult, b: CheckResult) -> Bool { a.summary == b.summary && a.unreadable == b.unreadable }
+    public func hash(into h: inout Hasher) { h.combine(summary) }
+
+    /// A lost acknowledged write, an element nobody wrote, a write reported failed that landed,
+    /// or a key that could not be read at all.
+    public var passed: Bool { lost.isEmpty && phantom.isEmpty && failedButPresent.isEmpty && unreadable.isEmpty }
+
+    /// Always the last line of a run's output.
+    public var summary: String {
+        "acknowledged=\(acknowledged) lost=\(lost.count) unknown_present=\(unknownPresent) unknown_absent=\(unknownAbsent) "
+            + "failed_but_present=\(failedButPresent.count) phantom=\(phantom.count)"
+    }
+
+    /// Classifies every attempt: acknowledged and present / lost; unknown and present / absent;
+    /// failed and present (a defect in what clients were told) / absent; and elements present that
+    /// were never attempted. Pure.
+    public static func check(attempts: [Attempt], finals: [String: FinalRead]) -> CheckResult {
+        var r = CheckResult()
+        var attempted: [String: Set<UInt64>] = [:]
+        for a in attempts { attempted[a.key, default: []].insert(a.element) }
+        for (key, read) in finals {
+            switch read {
+            case .unreadable(let why): r.unreadable[key] = why
+            case .garbage(let why): r.unreadable[key] = "unexpected value: \(why)"
+            case .elements(let present):
+                for e in present.subtracting(attempted[key] ?? []).sorted() { r.phantom.append((key, e)) }
+            }
+        }
+        for a in attempts {
+            guard case .elements(let present)? = finals[a.key] else { continue }
+            let isPresent = present.contains(a.element)
+            switch a.outcome {
+            case .ok:
+                r.acknowledged += 1
+                if isPresent { r.acknowledgedPresent += 1 } else { r.lost.append(a) }
+            case .unknown:
+                if isPresent { r.unknownPresent += 1 } else { r.unknownAbsent += 1 }
+            case .failed:
+                if isPresent { r.failedButPresent.append(a) } else { r.failedAbsent += 1 }
+            }
+        }
+        // Acknowledged attempts on unreadable keys still count as acknowledged.
+        r.acknowledged += attempts.filter { a in a.outcome == .ok && r.unreadable[a.key] != nil }.count
+        r.lost.sort { ($0.key, $0.element) < ($1.key, $1.element) }
+        return r
+    }
+}
