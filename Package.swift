@@ -91,7 +91,7 @@ let package = Package(
         .testTarget(name: "CairnStorageTests", dependencies: ["CairnStorage"], swiftSettings: strict),
         // db_bench's language over CairnStorage (Benchmarks/storage/compare-rocksdb.sh).
         .executableTarget(name: "cairn-db-bench", dependencies: [
-            "CairnStorage", .product(name: "Histogram", package: "hdrhistogram-swift"),
+            "CairnStorage", "CairnCore", .product(name: "Histogram", package: "hdrhistogram-swift"),
         ], path: "Benchmarks/storage/cairn-db-bench", swiftSettings: strict),
         // Test support: writes under `always` and reports each acknowledged key, until killed.
         .executableTarget(name: "cairn-crash-writer", dependencies: ["CairnStorage"], path: "Tests/CrashWriter", swiftSettings: strict),

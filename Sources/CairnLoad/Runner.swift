@@ -1,4 +1,5 @@
 import Foundation
+import CairnCore
 import Histogram
 import Synchronization
 

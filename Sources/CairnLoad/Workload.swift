@@ -87,3 +87,4 @@ public enum LoadError: Error, Sendable, CustomStringConvertible {
 }
 
 import Foundation
+public import CairnCore

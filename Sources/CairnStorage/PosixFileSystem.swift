@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import Synchronization
 
 /// The real disk: plain POSIX calls (`fdatasync` for `sync`, an `fsync` of the directory for
 /// `syncDirectory`). Thread-safe.
@@ -67,15 +68,22 @@ public struct PosixFileSystem: FileSystem {
     }
 }
 
+/// Closes its descriptor exactly once: at `close()` or, if nobody called it (an old log after a
+/// switch, a table dropped by compaction), when the last reference goes.
 final class PosixAppendableFile: AppendableFile {
     private let fd: Int32
     let path: String
     private(set) var size: UInt64
+    private let closed = Atomic<Bool>(false)
 
     init(fd: Int32, path: String, size: UInt64) {
         self.fd = fd
         self.path = path
         self.size = size
+    }
+
+    deinit {
+        if !closed.exchange(true, ordering: .acquiringAndReleasing) { _ = Glibc.close(fd) }
     }
 
     func append(_ bytes: [UInt8]) throws(StorageError) {
@@ -96,19 +104,27 @@ final class PosixAppendableFile: AppendableFile {
     }
 
     func close() throws(StorageError) {
+        guard !closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
         guard Glibc.close(fd) == 0 else { throw .io(path: path, operation: "close", errno: errno) }
     }
 }
 
+/// Closes its descriptor exactly once, at `close()` or when the last reference goes (a table
+/// dropped by compaction stays readable by the snapshots that hold it, then closes).
 final class PosixReadableFile: ReadableFile {
     private let fd: Int32
     let path: String
     let size: UInt64
+    private let closed = Atomic<Bool>(false)
 
     init(fd: Int32, path: String, size: UInt64) {
         self.fd = fd
         self.path = path
         self.size = size
+    }
+
+    deinit {
+        if !closed.exchange(true, ordering: .acquiringAndReleasing) { Glibc.close(fd) }
     }
 
     func read(at offset: UInt64, count: Int) throws(StorageError) -> [UInt8] {
@@ -128,5 +144,7 @@ final class PosixReadableFile: ReadableFile {
         return got == n ? out : Array(out.prefix(got))
     }
 
-    func close() { Glibc.close(fd) }
+    func close() {
+        if !closed.exchange(true, ordering: .acquiringAndReleasing) { Glibc.close(fd) }
+    }
 }

@@ -1,3 +1,5 @@
+import CairnCore
+
 /// One nemesis fault. Nodes are numbered from 0.
 public enum Fault: Sendable, Hashable, CustomStringConvertible {
     /// The node can reach no peer and no peer can reach it.
@@ -65,36 +67,36 @@ public struct NemesisSchedule: Sendable, Hashable {
     public var faults: [ScheduledFault]
 
     public init(seed: UInt64, nodes: Int, durationMillis: Int, transportFaults: Bool = true) {
-        var rng = SplitMix(seed: seed)
+        var rng = SplitMix64(seed: seed)
         var faults: [ScheduledFault] = []
-        var t = 2000 + Int(rng.below(2000))   // let the workload start first
+        var t = 2000 + Int(rng.next(below: 2000))   // let the workload start first
         // Leave the last stretch quiet: the run ends with everything healed.
         while t < durationMillis - 4000 {
-            let length = 2000 + Int(rng.below(4000))
+            let length = 2000 + Int(rng.next(below: 4000))
             let fault = Self.draw(&rng, nodes: nodes, transportFaults: transportFaults)
             faults.append(ScheduledFault(atMillis: t, durationMillis: min(length, durationMillis - 3000 - t), fault: fault))
-            t += length + 1000 + Int(rng.below(2000))
+            t += length + 1000 + Int(rng.next(below: 2000))
         }
         self.faults = faults
     }
 
-    static func draw(_ rng: inout SplitMix, nodes: Int, transportFaults: Bool) -> Fault {
-        let node = Int(rng.below(UInt64(nodes)))
-        let other = (node + 1 + Int(rng.below(UInt64(max(nodes - 1, 1))))) % nodes
+    static func draw(_ rng: inout SplitMix64, nodes: Int, transportFaults: Bool) -> Fault {
+        let node = Int(rng.next(below: UInt64(nodes)))
+        let other = (node + 1 + Int(rng.next(below: UInt64(max(nodes - 1, 1))))) % nodes
         let kinds = transportFaults ? 8 : 6
-        switch rng.below(UInt64(kinds)) {
+        switch rng.next(below: UInt64(kinds)) {
         case 0: return .isolate(node)
         case 1:
             let size = max(1, (nodes - 1) / 2)
             var members = Set<Int>()
-            while members.count < size { members.insert(Int(rng.below(UInt64(nodes)))) }
+            while members.count < size { members.insert(Int(rng.next(below: UInt64(nodes)))) }
             return .split(minority: members.sorted())
         case 2: return .bridge(center: node)
         case 3: return .oneWay(from: node, to: other)
         case 4: return .kill(node)
         case 5: return .pause(node)
-        case 6: return .delay(node: node, millis: 20 + Int(rng.below(200)))
-        default: return .drop(node: node, percent: 10 + Int(rng.below(40)))
+        case 6: return .delay(node: node, millis: 20 + Int(rng.next(below: 200)))
+        default: return .drop(node: node, percent: 10 + Int(rng.next(below: 40)))
         }
     }
 
@@ -103,18 +105,4 @@ public struct NemesisSchedule: Sendable, Hashable {
             String(format: "  %7.1fs  +%4.1fs  ", Double(f.atMillis) / 1000, Double(f.durationMillis) / 1000) + f.fault.description
         }.joined(separator: "\n")
     }
-}
-
-/// SplitMix64: small, fast, seeded.
-public struct SplitMix: RandomNumberGenerator, Sendable {
-    var state: UInt64
-    public init(seed: UInt64) { state = seed }
-    public mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-    public mutating func below(_ n: UInt64) -> UInt64 { n == 0 ? 0 : next() % n }
 }

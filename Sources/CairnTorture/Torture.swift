@@ -177,13 +177,13 @@ public final class Torture: @unchecked Sendable {
     /// the context (W = quorum). Every write attempt is recorded.
     func runClient(_ id: Int, until deadlineMillis: Int) async -> [Attempt] {
         var out: [Attempt] = []
-        var rng = SplitMix(seed: config.seed &* 1_000_003 &+ UInt64(id))
+        var rng = SplitMix64(seed: config.seed &* 1_000_003 &+ UInt64(id))
         var counter: UInt64 = 0
         let seeds = (0..<config.nodes).map(lab.address)
         guard let client = try? await CairnClient.connect(seeds: seeds, configuration: clientConfig(timeout: 1000)) else { return [] }
         defer { client.close() }
         while elapsedMillis < deadlineMillis {
-            let k = Int(rng.below(UInt64(config.keys)))
+            let k = Int(rng.next(below: UInt64(config.keys)))
             let key = Self.keyName(k)
             var set = Set<UInt64>()
             let context: CausalContext

@@ -1,5 +1,6 @@
 import Testing
 import Foundation
+import CairnCore
 @testable import CairnLoad
 
 @Suite struct KeyChooserTests {

@@ -1,6 +1,7 @@
 // cairn-db-bench: CairnStorage's benchmark driver, speaking db_bench's flags and output format so
 // the same command lines run against both engines (Benchmarks/storage/compare-rocksdb.sh).
 
+import CairnCore
 import CairnStorage
 import Dispatch
 import Foundation
@@ -77,19 +78,6 @@ struct UsageError: Error, CustomStringConvertible {
     init(_ d: String) { description = d }
 }
 
-/// SplitMix64: a fast seeded generator per thread.
-struct Random {
-    var state: UInt64
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-    mutating func below(_ n: Int) -> Int { Int(truncatingIfNeeded: next() % UInt64(n)) }
-}
-
 /// The key for integer `i`: its 8 bytes big-endian, then zero padding (keys sort as the integers).
 func makeKey(_ i: Int, size: Int) -> [UInt8] {
     var k = [UInt8](repeating: 0, count: size)
@@ -110,7 +98,7 @@ struct ThreadResult: Sendable {
 
 func runThread(_ name: String, _ flags: Flags, _ db: Database, thread: Int, value: [UInt8]) async throws -> ThreadResult {
     var r = ThreadResult()
-    var rng = Random(state: flags.seed &+ UInt64(thread) &* 0x1000_0000_01B3 &+ UInt64(name.utf8.reduce(0) { $0 &* 31 &+ Int($1) }))
+    var rng = SplitMix64(seed: flags.seed &+ UInt64(thread) &* 0x1000_0000_01B3 &+ UInt64(name.utf8.reduce(0) { $0 &* 31 &+ Int($1) }))
     let num = flags.num
     let sync: SyncMode = flags.sync ? .always : SyncMode.none
     switch name {
@@ -119,7 +107,7 @@ func runThread(_ name: String, _ flags: Flags, _ db: Database, thread: Int, valu
         let count = num
         let mode: SyncMode = name == "fillsync" ? .always : sync
         for i in 0..<count {
-            let k = makeKey(name == "fillseq" ? i : rng.below(num), size: flags.keySize)
+            let k = makeKey(name == "fillseq" ? i : Int(rng.next(below: UInt64(num))), size: flags.keySize)
             let t0 = now()
             try await db.put(k, value, sync: mode)
             r.histogram.record(max(now() - t0, 1))
@@ -129,7 +117,7 @@ func runThread(_ name: String, _ flags: Flags, _ db: Database, thread: Int, valu
     case "readrandom":
         let count = flags.reads >= 0 ? flags.reads : num
         for _ in 0..<count {
-            let k = makeKey(rng.below(num), size: flags.keySize)
+            let k = makeKey(Int(rng.next(below: UInt64(num))), size: flags.keySize)
             let t0 = now()
             let v = try db.get(k)
             r.histogram.record(max(now() - t0, 1))
@@ -186,7 +174,7 @@ func main() async -> Int32 {
     if !flags.useExistingDB { try? FileManager.default.removeItem(atPath: flags.db) }
     do {
         let db = try Database.open(fs: PosixFileSystem(), directory: flags.db, options: options)
-        var rng = Random(state: flags.seed)
+        var rng = SplitMix64(seed: flags.seed)
         let value = (0..<flags.valueSize).map { _ in UInt8(truncatingIfNeeded: rng.next() % 95 + 32) }
         for name in flags.benchmarks where !name.isEmpty {
             let start = now()
