@@ -655,7 +655,8 @@ public final class Database: Sendable {
             case .go: return
             case .delay:
                 delayed = true
-                usleep(1000)
+                // Suspends; never blocks the caller's (possibly cooperative-pool) thread.
+                try? await Task.sleep(for: .milliseconds(1))
             case .wait:
                 compactionSignal.notify()
                 await room.wait(after: seen)

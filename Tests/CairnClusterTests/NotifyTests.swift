@@ -78,9 +78,11 @@ struct NotifyTests {
     @Test func watchdogPingsWhileHealthyAndWithholdsWhileStorageIsWedged() async throws {
         let sink = RecordingSink()
         let backend = WedgeableBackend()
-        let (node, task) = try await singleNode(sink: sink, backend: backend, watchdog: .milliseconds(400), deadPeer: false)
+        // A 1.2 s watchdog: pings every 600 ms, each after a health check that must finish within
+        // 300 ms — enough slack for a machine busy with the rest of the suite.
+        let (node, task) = try await singleNode(sink: sink, backend: backend, watchdog: .milliseconds(1200), deadPeer: false)
         func pings() -> Int { sink.all.count { $0 == "WATCHDOG=1" } }
-        let healthyBy = ContinuousClock.now + .seconds(10)
+        let healthyBy = ContinuousClock.now + .seconds(20)
         while pings() < 3 && ContinuousClock.now < healthyBy { try await Task.sleep(for: .milliseconds(10)) }
         #expect(pings() >= 3)
         backend.wedged.store(true, ordering: .relaxed)
@@ -90,8 +92,9 @@ struct NotifyTests {
         }
         let withheldAt = pings()
         #expect(sink.all.contains { $0.contains("unhealthy: health check did not finish within") })
-        // While wedged, no ping goes out. (The wedge lasts until released below.)
-        try await Task.sleep(for: .milliseconds(500))
+        // While wedged, no ping goes out for longer than a ping period. (The wedge lasts until
+        // released below, at most 3 s.)
+        try await Task.sleep(for: .milliseconds(800))
         #expect(pings() == withheldAt)
         backend.wedged.store(false, ordering: .relaxed)
         let recoveredBy = ContinuousClock.now + .seconds(10)

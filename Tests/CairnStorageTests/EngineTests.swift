@@ -28,7 +28,9 @@ struct Model {
     }
 }
 
-@Suite struct EngineTests {
+/// Serialized: these tests call the engine's synchronous flush and compaction from async code,
+/// which holds a cooperative thread; one at a time leaves the other to the rest of the suite.
+@Suite(.serialized) struct EngineTests {
     /// Random puts, deletes, range deletions, flushes, compactions and reopens against a model:
     /// every point read and every range scan (from live state and from older snapshots) agrees.
     @Test(arguments: 1...6) func randomOperationsAgreeWithAModel(seed: Int) async throws {

@@ -36,7 +36,15 @@ struct TortureRunTests {
         }
     }
 
-    static func torture(_ args: [String]) throws -> Run {
+    /// Runs the harness to completion on a dispatch thread: a minute-long wait must not hold one
+    /// of Swift's cooperative threads (there are two here) away from every other test.
+    static func torture(_ args: [String]) async throws -> Run {
+        try await withCheckedThrowingContinuation { (c: CheckedContinuation<Run, any Error>) in
+            DispatchQueue.global().async { c.resume(with: Result { try runBlocking(args) }) }
+        }
+    }
+
+    static func runBlocking(_ args: [String]) throws -> Run {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: try binary("cairn-torture"))
         p.arguments = args + (getuid() == 0 ? [] : ["--no-namespaces"])
@@ -49,8 +57,8 @@ struct TortureRunTests {
         return Run(status: p.terminationStatus, output: String(decoding: data, as: UTF8.self))
     }
 
-    @Test func theQuickModeFindsNoLostAcknowledgedWrite() throws {
-        let run = try Self.torture(["--quick"])
+    @Test func theQuickModeFindsNoLostAcknowledgedWrite() async throws {
+        let run = try await Self.torture(["--quick"])
         let s = run.summary
         #expect(run.status == 0, "\(run.output.suffix(3000))")
         #expect(s["lost"] == 0 && s["phantom"] == 0 && s["failed_but_present"] == 0)
@@ -59,15 +67,15 @@ struct TortureRunTests {
             || run.output.contains("nemesis: split"), "the schedule injected faults")
     }
 
-    @Test func theSelfTestCatchesANodeThatLosesWrites() throws {
-        let run = try Self.torture(["--quick", "--duration", "20s", "--cairnd", try Self.binary("cairnd-lossy")])
+    @Test func theSelfTestCatchesANodeThatLosesWrites() async throws {
+        let run = try await Self.torture(["--quick", "--duration", "20s", "--cairnd", try Self.binary("cairnd-lossy")])
         #expect(run.status == 1, "\(run.output.suffix(2000))")
         #expect((run.summary["lost"] ?? 0) > 0, "the checker must see the dropped writes: \(run.summary)")
         #expect(run.output.contains("LOST torture-set-"))
     }
 
-    @Test func loopbackModePartitionsThroughTheTransport() throws {
-        let run = try Self.torture(["--quick", "--duration", "20s", "--seed", "7", "--no-namespaces"])
+    @Test func loopbackModePartitionsThroughTheTransport() async throws {
+        let run = try await Self.torture(["--quick", "--duration", "20s", "--seed", "7", "--no-namespaces"])
         #expect(run.status == 0, "\(run.output.suffix(3000))")
         #expect(run.summary["lost"] == 0 && run.summary["phantom"] == 0)
         #expect(run.output.contains("loopback, transport partitions"))
