@@ -46,9 +46,7 @@ public final class TransportFaults: Sendable {
 
     public init() {}
 
-    public var rules: Rules {
-        get { state.withLock { $0.rules } }
-    }
+    public var rules: Rules { state.withLock { $0.rules } }
 
     public func set(_ rules: Rules) { state.withLock { $0.rules = rules } }
 
@@ -60,9 +58,10 @@ public final class TransportFaults: Sendable {
             s.rng ^= s.rng << 13
             s.rng ^= s.rng >> 7
             s.rng ^= s.rng << 17
+            // Out of 200: `dropPercent` lose the request, as many again lose the reply.
             let roll = Int(s.rng % 200)
             if roll < s.rules.dropPercent { return .dropRequest(delayMillis: delay) }
-            if roll < 2 * s.rules.dropPercent && roll >= 100 { return .dropReply(delayMillis: delay) }
+            if roll >= 100 && roll < 100 + s.rules.dropPercent { return .dropReply(delayMillis: delay) }
             return .pass(delayMillis: delay)
         }
     }

@@ -99,30 +99,11 @@ public struct Block: Sendable {
         self.limit = limit
     }
 
-    /// Decodes the entry at `offset` given the previous key; nil if malformed.
-    func entry(at offset: Int, previous: [UInt8]) -> (key: [UInt8], value: [UInt8], next: Int)? {
-        var p = offset
-        guard let shared = Coding.getVarint(data, &p, limit: limit), let unshared = Coding.getVarint(data, &p, limit: limit),
-              let valueLength = Coding.getVarint(data, &p, limit: limit),
-              shared <= UInt64(previous.count), unshared <= UInt64(limit - p), valueLength <= UInt64(limit - p) - unshared
-        else { return nil }
-        let keyEnd = p + Int(unshared)
-        let key = Array(previous[..<Int(shared)]) + data[p..<keyEnd]
-        let valueEnd = keyEnd + Int(valueLength)
-        return (key, Array(data[keyEnd..<valueEnd]), valueEnd)
-    }
-
     /// Every entry in order.
     public func entries(path: String, offset: UInt64) throws(StorageError) -> [(key: [UInt8], value: [UInt8])] {
         var out: [(key: [UInt8], value: [UInt8])] = []
-        var p = 0
-        var key: [UInt8] = []
-        while p < limit {
-            guard let e = entry(at: p, previous: key) else { throw .corruption(path: path, offset: offset, reason: "malformed entry at \(p)") }
-            out.append((e.key, e.value))
-            key = e.key
-            p = e.next
-        }
+        var c = BlockCursor(self)
+        while let v = try c.next(path: path, offset: offset) { out.append((c.key, Array(data[v]))) }
         return out
     }
 
@@ -139,8 +120,8 @@ public struct Block: Sendable {
     }
 
     /// The first entry with key ≥ `target`, if any: binary search over the restart points
-    /// (comparing restart keys in place), then a short linear scan that rebuilds keys in one
-    /// reused buffer. Allocates only the result.
+    /// (comparing restart keys in place), then a short `BlockCursor` scan. Allocates only the
+    /// result.
     public func seek(_ target: [UInt8], path: String, offset: UInt64) throws(StorageError) -> (key: [UInt8], value: [UInt8])? {
         func malformed(_ at: Int) -> StorageError { .corruption(path: path, offset: offset, reason: "malformed entry at \(at)") }
         var lo = 0
@@ -155,18 +136,42 @@ public struct Block: Sendable {
             }
             if c < 0 { lo = mid } else { hi = mid - 1 }
         }
-        var p = restarts[lo]
-        var key: [UInt8] = []
-        key.reserveCapacity(max(target.count, 32))
-        while p < limit {
-            guard let h = header(at: p, sharedLimit: key.count) else { throw malformed(p) }
-            key.removeSubrange(h.shared...)
-            let keyEnd = h.keyStart + h.unshared
-            key.append(contentsOf: data[h.keyStart..<keyEnd])
-            let valueEnd = keyEnd + h.valueLength
-            if key.compareBytes(target) >= 0 { return (key, Array(data[keyEnd..<valueEnd])) }
-            p = valueEnd
+        var c = BlockCursor(self, at: restarts[lo], keyCapacity: target.count)
+        while let v = try c.next(path: path, offset: offset) {
+            if c.key.compareBytes(target) >= 0 { return (c.key, Array(data[v])) }
         }
         return nil
+    }
+}
+
+/// Walks a block's entries in order from a restart point, rebuilding each key (prefix
+/// decompression) in one reused buffer: the one decoder behind `entries`, `seek` and table
+/// iteration. Every length is checked against the block's bounds.
+struct BlockCursor {
+    let block: Block
+    private(set) var offset: Int
+    /// The key of the entry `next` last returned.
+    private(set) var key: [UInt8] = []
+
+    /// `offset` must be a restart point (0, or one of `block.restarts`).
+    init(_ block: Block, at offset: Int = 0, keyCapacity: Int = 32) {
+        self.block = block
+        self.offset = offset
+        key.reserveCapacity(keyCapacity)
+    }
+
+    /// Moves to the next entry: `key` becomes its key; returns its value's range in
+    /// `block.data`, or nil at the end. A malformed entry is reported as corruption of the block
+    /// at `offset` in `path`.
+    mutating func next(path: String, offset blockOffset: UInt64) throws(StorageError) -> Range<Int>? {
+        guard offset < block.limit else { return nil }
+        guard let h = block.header(at: offset, sharedLimit: key.count) else {
+            throw .corruption(path: path, offset: blockOffset, reason: "malformed entry at \(offset)")
+        }
+        key.removeSubrange(h.shared...)
+        let keyEnd = h.keyStart + h.unshared
+        key.append(contentsOf: block.data[h.keyStart..<keyEnd])
+        offset = keyEnd + h.valueLength
+        return keyEnd..<offset
     }
 }

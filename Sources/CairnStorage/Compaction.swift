@@ -183,19 +183,20 @@ final class WakeSignal: Sendable {
 }
 
 /// Wakes every waiting writer when background work changes the write limits (a flush finished,
-/// level 0 shrank, the database closed). Thread-safe.
+/// level 0 shrank, the database closed). A generation counter closes the race between a writer's
+/// check and its wait: `wait(after:)` returns at once if a notify came since `current` was read.
+/// Thread-safe.
 final class Broadcast: Sendable {
-    private let waiters = Mutex<[CheckedContinuation<Void, Never>]>([])
-    private let generation = Mutex<UInt64>(0)
+    private let state = Mutex<(generation: UInt64, waiters: [CheckedContinuation<Void, Never>])>((0, []))
 
-    var current: UInt64 { generation.withLock { $0 } }
+    var current: UInt64 { state.withLock { $0.generation } }
 
     /// Returns once `notifyAll` has run after generation `seen`.
     func wait(after seen: UInt64) async {
         await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
-            let now = generation.withLock { g in
-                if g != seen { return true }
-                waiters.withLock { $0.append(c) }
+            let now = state.withLock { s in
+                if s.generation != seen { return true }
+                s.waiters.append(c)
                 return false
             }
             if now { c.resume() }
@@ -203,12 +204,10 @@ final class Broadcast: Sendable {
     }
 
     func notifyAll() {
-        let all = generation.withLock { g in
-            g &+= 1
-            return waiters.withLock { w in
-                defer { w = [] }
-                return w
-            }
+        let all = state.withLock { s in
+            s.generation &+= 1
+            defer { s.waiters = [] }
+            return s.waiters
         }
         for c in all { c.resume() }
     }

@@ -155,6 +155,8 @@ public final class Database: Sendable {
         public var delayedWrites = 0
         public var stalledWrites = 0
         public var backgroundFailures = 0
+        /// What the last failed flush or compaction reported (nil if none failed).
+        public var lastBackgroundError: String?
         public var memtableBytes = 0
         public var immutableMemtableBytes = 0
         public var tablesPerLevel: [Int] = []
@@ -258,14 +260,18 @@ public final class Database: Sendable {
         var sequence = version.lastSequence
         var stats = Statistics()
         let replay = logs.filter { $0.0 >= version.logNumber }
-        var sizes: [UInt64] = []
-        for (_, name) in replay { sizes.append(try fs.openReadable(directory + "/" + name).size) }
+        // Opened once: the sizes give the progress total, the same handles are replayed.
+        var files: [any ReadableFile] = []
+        for (_, name) in replay { files.append(try fs.openReadable(directory + "/" + name)) }
+        defer { for f in files { f.close() } }
+        let sizes = files.map(\.size)
         let total = sizes.reduce(0, +)
         var done: UInt64 = 0
         progress?(0, total)
-        for ((_, name), size) in zip(replay, sizes) {
+        for ((_, name), file) in zip(replay, files) {
+            let size = file.size
             let path = directory + "/" + name
-            let r = try WAL.replay(try fs.openReadable(path), path: path, salvage: options.salvage) { (record: [UInt8]) throws(StorageError) in
+            let r = try WAL.replay(file, path: path, salvage: options.salvage) { (record: [UInt8]) throws(StorageError) in
                 guard let (first, batch) = WriteBatch.decode(record) else {
                     throw .corruption(path: path, offset: 0, reason: "a log record with a valid checksum is not a write batch")
                 }
@@ -374,6 +380,7 @@ public final class Database: Sendable {
     func backgroundFailed(_ error: StorageError, failures: Int) -> Bool {
         let fatal: Bool = state.withLock { s in
             s.stats.backgroundFailures += 1
+            s.stats.lastBackgroundError = error.description
             var fatal = failures >= options.backgroundRetryLimit
             if case .syncFailed = error { fatal = true }
             if fatal, s.backgroundError == nil { s.backgroundError = error }

@@ -13,16 +13,16 @@ enum InternalValue {
         return out
     }
 
-    static func decode(key: [UInt8], _ b: [UInt8], path: String) throws(StorageError) -> Memtable.Entry {
-        try decode(key: key, b, from: 0, to: b.count, path: path)
+    static func decode(key: [UInt8], _ b: [UInt8], path: String, offset: UInt64) throws(StorageError) -> Memtable.Entry {
+        try decode(key: key, b, from: 0, to: b.count, path: path, offset: offset)
     }
 
-    /// Decodes the table value in `b[start..<end]`.
-    static func decode(key: [UInt8], _ b: [UInt8], from start: Int, to end: Int, path: String) throws(StorageError) -> Memtable.Entry {
+    /// Decodes the table value in `b[start..<end]`; `path` and `offset` (the block's) name it in errors.
+    static func decode(key: [UInt8], _ b: [UInt8], from start: Int, to end: Int, path: String, offset: UInt64) throws(StorageError) -> Memtable.Entry {
         var p = start + 1
         guard start < end, end <= b.count, let kind = EntryKind(rawValue: b[start]), let seq = Coding.getVarint(b, &p, limit: end),
               kind == .value || p == end
-        else { throw .corruption(path: path, offset: 0, reason: "malformed table entry for a key of \(key.count) bytes") }
+        else { throw .corruption(path: path, offset: offset, reason: "malformed table entry at \(start) for a key of \(key.count) bytes") }
         return Memtable.Entry(key: key, sequence: seq, kind: kind, value: Array(b[p..<end]))
     }
 }
@@ -54,9 +54,7 @@ final class TableRunSource: EntrySource {
     private let tables: [TableReader]
     private var table: Int
     private var blockIndex = 0
-    private var block: Block?
-    private var offset = 0
-    private var key: [UInt8] = []
+    private var cursor: BlockCursor?
     private let fillCache: Bool
     private(set) var current: Memtable.Entry?
 
@@ -75,24 +73,17 @@ final class TableRunSource: EntrySource {
 
     private func load() throws(StorageError) {
         let t = tables[table]
-        block = blockIndex < t.blockCount ? try t.readBlock(t.index[blockIndex].handle, fillCache: fillCache) : nil
-        offset = 0
-        key.removeAll(keepingCapacity: true)
+        cursor = blockIndex < t.blockCount ? BlockCursor(try t.readBlock(t.index[blockIndex].handle, fillCache: fillCache)) : nil
     }
 
     func advance() throws(StorageError) {
         while table < tables.count {
-            if let b = block, offset < b.limit {
-                let t = tables[table]
-                guard let h = b.header(at: offset, sharedLimit: key.count) else {
-                    throw .corruption(path: t.path, offset: t.index[blockIndex].handle.offset, reason: "malformed entry at \(offset)")
-                }
-                key.removeSubrange(h.shared...)
-                let keyEnd = h.keyStart + h.unshared
-                key.append(contentsOf: b.data[h.keyStart..<keyEnd])
-                let valueEnd = keyEnd + h.valueLength
-                offset = valueEnd
-                current = try InternalValue.decode(key: key, b.data, from: keyEnd, to: valueEnd, path: t.path)
+            let t = tables[table]
+            let blockOffset = blockIndex < t.blockCount ? t.index[blockIndex].handle.offset : 0
+            // Advanced in place (optional chaining), so the key buffer is never copied.
+            if let value = try cursor?.next(path: t.path, offset: blockOffset), let c = cursor {
+                current = try InternalValue.decode(key: c.key, c.block.data, from: value.lowerBound, to: value.upperBound,
+                                                   path: t.path, offset: blockOffset)
                 return
             }
             blockIndex += 1
@@ -212,7 +203,7 @@ struct ReadView: Sendable {
             if let e = m.get(key, snapshot: sequence) { return e }
         }
         for t in level0 {
-            if let v = try t.get(key) { return try InternalValue.decode(key: key, v, path: t.path) }
+            if let e = try t.entry(key) { return e }
         }
         for level in levels where !level.isEmpty {
             var lo = 0
@@ -222,7 +213,7 @@ struct ReadView: Sendable {
                 if level[mid].meta.largest.isBefore(key) { lo = mid + 1 } else { hi = mid }
             }
             guard lo < level.count, !key.isBefore(level[lo].meta.smallest) else { continue }
-            if let v = try level[lo].reader.get(key) { return try InternalValue.decode(key: key, v, path: level[lo].reader.path) }
+            if let e = try level[lo].reader.entry(key) { return e }
         }
         return nil
     }

@@ -68,22 +68,35 @@ public struct PosixFileSystem: FileSystem {
     }
 }
 
-/// Closes its descriptor exactly once: at `close()` or, if nobody called it (an old log after a
-/// switch, a table dropped by compaction), when the last reference goes.
-final class PosixAppendableFile: AppendableFile {
-    private let fd: Int32
-    let path: String
-    private(set) var size: UInt64
+/// An open descriptor, closed exactly once: at `close()` or, if nobody called it (an old log
+/// after a switch, a table dropped by compaction and still read by a snapshot), when the last
+/// reference goes. Thread-safe.
+final class Descriptor: Sendable {
+    let fd: Int32
     private let closed = Atomic<Bool>(false)
 
-    init(fd: Int32, path: String, size: UInt64) {
-        self.fd = fd
-        self.path = path
-        self.size = size
+    init(_ fd: Int32) { self.fd = fd }
+
+    /// False only if this call closed it and close(2) failed (`errno` says why).
+    @discardableResult
+    func close() -> Bool {
+        guard !closed.exchange(true, ordering: .acquiringAndReleasing) else { return true }
+        return Glibc.close(fd) == 0
     }
 
-    deinit {
-        if !closed.exchange(true, ordering: .acquiringAndReleasing) { _ = Glibc.close(fd) }
+    deinit { close() }
+}
+
+final class PosixAppendableFile: AppendableFile {
+    private let descriptor: Descriptor
+    private var fd: Int32 { descriptor.fd }
+    let path: String
+    private(set) var size: UInt64
+
+    init(fd: Int32, path: String, size: UInt64) {
+        descriptor = Descriptor(fd)
+        self.path = path
+        self.size = size
     }
 
     func append(_ bytes: [UInt8]) throws(StorageError) {
@@ -104,27 +117,20 @@ final class PosixAppendableFile: AppendableFile {
     }
 
     func close() throws(StorageError) {
-        guard !closed.exchange(true, ordering: .acquiringAndReleasing) else { return }
-        guard Glibc.close(fd) == 0 else { throw .io(path: path, operation: "close", errno: errno) }
+        guard descriptor.close() else { throw .io(path: path, operation: "close", errno: errno) }
     }
 }
 
-/// Closes its descriptor exactly once, at `close()` or when the last reference goes (a table
-/// dropped by compaction stays readable by the snapshots that hold it, then closes).
 final class PosixReadableFile: ReadableFile {
-    private let fd: Int32
+    private let descriptor: Descriptor
+    private var fd: Int32 { descriptor.fd }
     let path: String
     let size: UInt64
-    private let closed = Atomic<Bool>(false)
 
     init(fd: Int32, path: String, size: UInt64) {
-        self.fd = fd
+        descriptor = Descriptor(fd)
         self.path = path
         self.size = size
-    }
-
-    deinit {
-        if !closed.exchange(true, ordering: .acquiringAndReleasing) { Glibc.close(fd) }
     }
 
     func read(at offset: UInt64, count: Int) throws(StorageError) -> [UInt8] {
@@ -144,7 +150,5 @@ final class PosixReadableFile: ReadableFile {
         return got == n ? out : Array(out.prefix(got))
     }
 
-    func close() {
-        if !closed.exchange(true, ordering: .acquiringAndReleasing) { Glibc.close(fd) }
-    }
+    func close() { descriptor.close() }
 }

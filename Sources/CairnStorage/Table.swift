@@ -184,12 +184,22 @@ public final class TableReader: Sendable {
     }
 
     /// The value stored under exactly `key`, or nil. Consults the Bloom filter first.
-    public func get(_ key: [UInt8]) throws(StorageError) -> [UInt8]? {
+    public func get(_ key: [UInt8]) throws(StorageError) -> [UInt8]? { try lookup(key)?.value }
+
+    /// The engine's entry (kind, sequence, value) stored under exactly `key`, or nil.
+    func entry(_ key: [UInt8]) throws(StorageError) -> Memtable.Entry? {
+        guard let (value, blockOffset) = try lookup(key) else { return nil }
+        return try InternalValue.decode(key: key, value, path: path, offset: blockOffset)
+    }
+
+    /// The stored value and the offset of the block holding it.
+    private func lookup(_ key: [UInt8]) throws(StorageError) -> (value: [UInt8], blockOffset: UInt64)? {
         guard filter.mayContain(key) else { return nil }
         let i = blockIndex(atOrAfter: key)
         guard i < index.count else { return nil }
-        guard let e = try readBlock(index[i].handle).seek(key, path: path, offset: index[i].handle.offset), e.key == key else { return nil }
-        return e.value
+        let h = index[i].handle
+        guard let e = try readBlock(h).seek(key, path: path, offset: h.offset), e.key == key else { return nil }
+        return (e.value, h.offset)
     }
 
     /// The entries of block `i`, in order.

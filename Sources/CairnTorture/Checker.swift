@@ -55,7 +55,7 @@ public enum FinalRead: Sendable, Hashable {
 }
 
 /// The verdict: every attempted element classified against the final read.
-public struct CheckResult: Sendable, Hashable {
+public struct CheckResult: Sendable {
     public var acknowledged = 0
     public var acknowledgedPresent = 0
     public var lost: [Attempt] = []
@@ -66,9 +66,6 @@ public struct CheckResult: Sendable, Hashable {
     /// Elements present that no attempt on that key ever tried to add.
     public var phantom: [(key: String, element: UInt64)] = []
     public var unreadable: [String: String] = [:]
-
-    public static func == (a: CheckResult, b: CheckResult) -> Bool { a.summary == b.summary && a.unreadable == b.unreadable }
-    public func hash(into h: inout Hasher) { h.combine(summary) }
 
     /// A lost acknowledged write, an element nobody wrote, a write reported failed that landed,
     /// or a key that could not be read at all.

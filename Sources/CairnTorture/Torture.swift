@@ -1,7 +1,6 @@
 import Foundation
 import CairnClient
 import CairnCore
-import Synchronization
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -34,7 +33,6 @@ public final class Torture: @unchecked Sendable {
     var processes: [Process?]
     var paused: Set<Int> = []
     let started = ContinuousClock.now
-    let log = Mutex<[String]>([])
 
     public init(_ config: TortureConfig) {
         self.config = config
@@ -56,7 +54,6 @@ public final class Torture: @unchecked Sendable {
     func writeConfig(_ i: Int) throws -> String {
         let members = (0..<config.nodes).map { "n\($0 + 1)@\(lab.address($0))" }.joined(separator: ",")
         let path = config.workDir + "/n\(i + 1).conf"
-        let (host, _) = split(lab.address(i))
         try """
         node.name = n\(i + 1)
         node.listen = \(lab.address(i))
@@ -71,14 +68,8 @@ public final class Torture: @unchecked Sendable {
         transport.reconnect_min = 50ms
         transport.reconnect_max = 500ms
         storage.sync = always
-        # \(host)
         """.write(toFile: path, atomically: true, encoding: .utf8)
         return path
-    }
-
-    func split(_ hostPort: String) -> (String, String) {
-        let parts = hostPort.split(separator: ":").map(String.init)
-        return (parts.first ?? "", parts.last ?? "")
     }
 
     func start(_ i: Int) throws {
