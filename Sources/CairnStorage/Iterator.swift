@@ -54,7 +54,8 @@ final class TableRunSource: EntrySource {
     private let tables: [TableReader]
     private var table: Int
     private var blockIndex = 0
-    private var cursor: BlockCursor?
+    /// Over `Block.empty` when no block is loaded (so it is advanced in place, never copied).
+    private var cursor = BlockCursor(Block.empty)
     private let fillCache: Bool
     private(set) var current: Memtable.Entry?
 
@@ -73,16 +74,15 @@ final class TableRunSource: EntrySource {
 
     private func load() throws(StorageError) {
         let t = tables[table]
-        cursor = blockIndex < t.blockCount ? BlockCursor(try t.readBlock(t.index[blockIndex].handle, fillCache: fillCache)) : nil
+        cursor = BlockCursor(blockIndex < t.blockCount ? try t.readBlock(t.index[blockIndex].handle, fillCache: fillCache) : Block.empty)
     }
 
     func advance() throws(StorageError) {
         while table < tables.count {
             let t = tables[table]
             let blockOffset = blockIndex < t.blockCount ? t.index[blockIndex].handle.offset : 0
-            // Advanced in place (optional chaining), so the key buffer is never copied.
-            if let value = try cursor?.next(path: t.path, offset: blockOffset), let c = cursor {
-                current = try InternalValue.decode(key: c.key, c.block.data, from: value.lowerBound, to: value.upperBound,
+            if let value = try cursor.next(path: t.path, offset: blockOffset) {
+                current = try InternalValue.decode(key: cursor.key, cursor.block.data, from: value.lowerBound, to: value.upperBound,
                                                    path: t.path, offset: blockOffset)
                 return
             }
