@@ -50,6 +50,26 @@ public struct GetResult: Sendable, Hashable {
     public var values: [[UInt8]] { siblings.filter { !$0.isTombstone }.map(\.value) }
 }
 
+/// What a successful `put` or `delete` returns.
+///
+/// Contract: `context` covers exactly the values in `siblings` (and what they superseded). The
+/// first sibling is the value just written; any others are concurrent values this write did not
+/// supersede (it was blind, or based on an older read). Writing again with `context` supersedes
+/// all of them, so an application that must keep them merges them into its next value, exactly
+/// as after a `get`.
+public struct WriteResult: Sendable, Hashable {
+    public var context: CausalContext
+    public var siblings: [Sibling]
+
+    /// The values the write did not supersede (empty when it is the key's only value).
+    public var concurrent: ArraySlice<Sibling> { siblings.dropFirst() }
+
+    init(_ reply: WriteReply, written: Sibling) {
+        context = reply.context
+        siblings = [written] + reply.concurrent
+    }
+}
+
 /// The async Cairn client: a pool of multiplexed connections to the seed nodes.
 ///
 /// Any node coordinates, so requests rotate over the seeds. A request that certainly was not
@@ -126,22 +146,25 @@ public final class CairnClient: Sendable {
     }
 
     /// Writes `value`, superseding exactly the siblings `context` covers (pass the context of the
-    /// read the value was derived from; `.empty` for a blind write). Returns the new context.
+    /// read the value was derived from; `.empty` for a blind write). Returns the new context with
+    /// every value it covers: the written value first, then any concurrent siblings the write did
+    /// not supersede (see `WriteResult`).
     @discardableResult
     public func put(_ key: [UInt8], value: [UInt8], context: CausalContext = .empty,
-                    options: RequestOptions = .init()) async throws(CairnError) -> CausalContext {
+                    options: RequestOptions = RequestOptions()) async throws(CairnError) -> WriteResult {
         let reply = try await send(.put(PutRequest(key: key, value: value, context: context, options: options)), options: options, idempotent: false)
         guard case .writeReply(let r) = reply else { throw unexpected(reply) }
-        return r.context
+        return WriteResult(r, written: Sibling(value: value, timestampMillis: r.writtenTimestampMillis))
     }
 
-    /// Writes a tombstone superseding what `context` covers. Returns the new context.
+    /// Writes a tombstone superseding what `context` covers. Returns the new context and what it
+    /// covers, as `put` does.
     @discardableResult
     public func delete(_ key: [UInt8], context: CausalContext = .empty,
-                       options: RequestOptions = .init()) async throws(CairnError) -> CausalContext {
+                       options: RequestOptions = RequestOptions()) async throws(CairnError) -> WriteResult {
         let reply = try await send(.delete(DeleteRequest(key: key, context: context, options: options)), options: options, idempotent: false)
         guard case .writeReply(let r) = reply else { throw unexpected(reply) }
-        return r.context
+        return WriteResult(r, written: .tombstone(timestampMillis: r.writtenTimestampMillis))
     }
 
     public func members() async throws(CairnError) -> [MemberInfo] {

@@ -32,10 +32,11 @@ extension DVVSet where Value == Sibling {
     public var isDeleted: Bool { values.allSatisfy(\.isTombstone) }
 
     /// Applies both caps, dropping the oldest siblings first (by write timestamp, see
-    /// `DVVSet.prune`) and never the newest value of `protected`: at most `maxSiblings` values and
-    /// at most `maxBytes` encoded. Returns how many values were dropped.
+    /// `DVVSet.prune`) and never a value whose dot is in `protected`: at most `maxSiblings` values
+    /// and at most `maxBytes` encoded, unless protected values alone exceed them. Returns how many
+    /// values were dropped.
     @discardableResult
-    public mutating func prune(maxSiblings: Int, maxBytes: Int, protecting protected: ActorID? = nil) -> Int {
+    public mutating func prune(maxSiblings: Int, maxBytes: Int, protecting protected: Set<Dot> = []) -> Int {
         var dropped = prune(toAtMost: maxSiblings, protecting: protected, rank: \.timestampMillis)
         while encodedSize > maxBytes, dropOldestTail(protecting: protected, rank: \.timestampMillis) { dropped += 1 }
         return dropped
@@ -118,5 +119,39 @@ extension Sibling {
         let ts = try r.readVarint("timestamp")
         if flags & 1 == 1 { return .tombstone(timestampMillis: ts) }
         return Sibling(value: try r.readBlob("value", limit: limits.maxValueBytes), timestampMillis: ts)
+    }
+}
+
+/// What a write's reply tells its writer (Docs/object-format.md §3, "Write replies").
+///
+/// Invariant: `context` covers exactly `written`, the values in `concurrent`, and what was already
+/// superseded; so a writer that passes `context` back supersedes only values it has been shown
+/// (the one it wrote and `concurrent`). A writer that does not want to supersede `concurrent`
+/// must merge them into its next value, as after a read.
+public struct WriteAcknowledgement: Hashable, Sendable {
+    public var context: VersionVector
+    /// The value (or tombstone) the write stored, as stored (the coordinator's timestamp).
+    public var written: Sibling
+    /// Every other live value the context covers: values this write did not supersede.
+    public var concurrent: [Sibling]
+
+    public init(context: VersionVector, written: Sibling, concurrent: [Sibling]) {
+        self.context = context
+        self.written = written
+        self.concurrent = concurrent
+    }
+}
+
+extension DVVSet where Value == Sibling {
+    /// The acknowledgement of the write that stored `actor`'s newest value: the stored object's
+    /// context, that value, and every other live value. Nil when `actor` has no live value (a
+    /// coordinator's own new value is never pruned, so a coordinator always gets one).
+    public func acknowledgement(of actor: ActorID) -> WriteAcknowledgement? {
+        guard let own = entries.firstIndex(where: { $0.actor == actor }), let written = entries[own].values.first else { return nil }
+        var concurrent = anonymous
+        for (i, e) in entries.enumerated() {
+            concurrent.append(contentsOf: i == own ? e.values.dropFirst() : e.values[...])
+        }
+        return WriteAcknowledgement(context: context, written: written, concurrent: concurrent)
     }
 }

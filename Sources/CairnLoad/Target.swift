@@ -109,7 +109,9 @@ func splitHostPort(_ s: String) throws(TargetError) -> HostPort {
 
 /// Cairn through `CairnClient`. Like an application, it writes with the context of the last
 /// read or write it saw for the key (shared by all workers, bounded), so updates supersede what
-/// was read and only truly concurrent writes become siblings.
+/// was read and only truly concurrent writes become siblings. A write's context comes with the
+/// values it covers (`WriteResult`): the generator was shown them, as after a read, and its next
+/// write replaces them by choice (its values are synthetic).
 public final class CairnTarget: LoadTarget {
     let client: CairnClient
     let options: RequestOptions
@@ -188,7 +190,8 @@ struct CairnSession: TargetSession {
     func write(_ key: [UInt8], _ value: [UInt8]) async throws(TargetError) {
         let ctx = target.contexts.withLock { $0[key] } ?? .empty
         do {
-            target.remember(key, try await target.client.put(key, value: value, context: ctx, options: target.options))
+            let result = try await target.client.put(key, value: value, context: ctx, options: target.options)
+            target.remember(key, result.context)
         } catch {
             throw CairnTarget.map(error)
         }
@@ -201,7 +204,7 @@ struct CairnSession: TargetSession {
         _ = try await read(key)
         let ctx = target.contexts.withLock { $0[key] } ?? .empty
         do {
-            target.remember(key, try await target.client.delete(key, context: ctx, options: target.options))
+            target.remember(key, try await target.client.delete(key, context: ctx, options: target.options).context)
         } catch {
             throw CairnTarget.map(error)
         }

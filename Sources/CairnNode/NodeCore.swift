@@ -188,12 +188,19 @@ final class NodeCore: Sendable {
         }
         let coordinator = WriteCoordinator(ctx: a.coordinatorContext, operation: op, requirement: requirement, partition: partition,
                                            replicas: replicas, key: key, sibling: sibling, context: context.vector, timeoutMillis: ms)
-        let (metrics, me) = (metrics, config.name)
+        let (metrics, me, actor) = (metrics, config.name, a.coordinatorContext.actor)
         await coordinator.run { outcome, object in
             switch outcome {
             case .acknowledged:
+                // The reply shows the writer every value its new context covers (never a context
+                // alone: it would let the writer supersede siblings it was never shown).
+                guard let ack = object?.acknowledgement(of: actor) else {
+                    metrics.record(op, .error, since: start)
+                    return responder.fail(ErrorReply(code: .internalError, message:
+                        "coordinator \(me) acknowledged the \(op) but its stored object lacks the written value; outcome unknown"))
+                }
                 metrics.record(op, .ok, since: start)
-                responder.reply(.writeReply(WriteReply(context: CausalContext(object?.context ?? VersionVector()))))
+                responder.reply(.writeReply(WriteReply(ack)))
             case .quorumFailed(let f):
                 metrics.record(op, f.kind == .unavailable ? .unavailable : .notReached, since: start)
                 responder.fail(ErrorReply(f))

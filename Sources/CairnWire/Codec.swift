@@ -87,14 +87,11 @@ public enum WireCodec {
         case .getReply(let r):
             w.writeU8(r.found ? 1 : 0)
             w.writeBlob(r.context.vector.isEmpty ? [] : r.context.bytes)
-            w.writeVarint(r.siblings.count)
-            for s in r.siblings {
-                w.writeU8(s.isTombstone ? 1 : 0)
-                w.writeVarint(s.timestampMillis)
-                if !s.isTombstone { w.writeBlob(s.value) }
-            }
+            writeSiblings(r.siblings, into: &w)
         case .writeReply(let r):
             w.writeBlob(r.context.vector.isEmpty ? [] : r.context.bytes)
+            w.writeVarint(r.writtenTimestampMillis)
+            writeSiblings(r.concurrent, into: &w)
         case .membersReply(let members):
             w.writeVarint(members.count)
             for m in members {
@@ -133,6 +130,32 @@ public enum WireCodec {
             w.writeBlob(p.key)
             w.writeBlob(p.object.encoded())
         }
+    }
+
+    /// `sibling-count:varint *wire-sibling`.
+    static func writeSiblings(_ siblings: [Sibling], into w: inout ByteWriter) {
+        w.writeVarint(siblings.count)
+        for s in siblings {
+            w.writeU8(s.isTombstone ? 1 : 0)
+            w.writeVarint(s.timestampMillis)
+            if !s.isTombstone { w.writeBlob(s.value) }
+        }
+    }
+
+    static func readSiblings(_ r: inout ByteReader, _ limits: Limits) throws(DecodeError) -> [Sibling] {
+        let n = try r.readCount("sibling count", limit: min(limits.maxSiblingsOnDecode, r.remaining / 2))
+        var siblings: [Sibling] = []
+        siblings.reserveCapacity(n)
+        for _ in 0..<n {
+            let tombstone = try r.readBool("sibling flags")
+            let ts = try r.readVarint("timestamp")
+            if tombstone {
+                siblings.append(.tombstone(timestampMillis: ts))
+            } else {
+                siblings.append(Sibling(value: try r.readBlob("value", limit: limits.maxValueBytes), timestampMillis: ts))
+            }
+        }
+        return siblings
     }
 
     static func encode(_ o: RequestOptions, into w: inout ByteWriter) {
@@ -219,21 +242,11 @@ public enum WireCodec {
         case .getReply:
             let found = try r.readBool("found")
             let ctx = try CausalContext(bytes: r.readBlob("context", limit: limits.maxContextBytes), limits: limits)
-            let n = try r.readCount("sibling count", limit: min(limits.maxSiblingsOnDecode, r.remaining / 2))
-            var siblings: [Sibling] = []
-            siblings.reserveCapacity(n)
-            for _ in 0..<n {
-                let tombstone = try r.readBool("sibling flags")
-                let ts = try r.readVarint("timestamp")
-                if tombstone {
-                    siblings.append(.tombstone(timestampMillis: ts))
-                } else {
-                    siblings.append(Sibling(value: try r.readBlob("value", limit: limits.maxValueBytes), timestampMillis: ts))
-                }
-            }
-            return .getReply(GetReply(found: found, siblings: siblings, context: ctx))
+            return .getReply(GetReply(found: found, siblings: try readSiblings(&r, limits), context: ctx))
         case .writeReply:
-            return .writeReply(WriteReply(context: try CausalContext(bytes: r.readBlob("context", limit: limits.maxContextBytes), limits: limits)))
+            let ctx = try CausalContext(bytes: r.readBlob("context", limit: limits.maxContextBytes), limits: limits)
+            let ts = try r.readVarint("written timestamp")
+            return .writeReply(WriteReply(context: ctx, writtenTimestampMillis: ts, concurrent: try readSiblings(&r, limits)))
         case .membersReply:
             let n = try r.readCount("member count", limit: min(maxMembers, r.remaining / 5))
             var out: [MemberInfo] = []

@@ -109,9 +109,25 @@ public struct GetReply: Hashable, Sendable {
     }
 }
 
+/// A write's acknowledgement (Docs/wire-protocol.md, `write-reply`): the stored object's context,
+/// the timestamp the coordinator gave the written value, and every other live value the context
+/// covers. `context` never covers a value the writer is not shown here (see
+/// `WriteAcknowledgement`).
 public struct WriteReply: Hashable, Sendable {
     public var context: CausalContext
-    public init(context: CausalContext) { self.context = context }
+    public var writtenTimestampMillis: UInt64
+    /// Live values the write did not supersede (concurrent siblings), tombstones included.
+    public var concurrent: [Sibling]
+
+    public init(context: CausalContext, writtenTimestampMillis: UInt64, concurrent: [Sibling]) {
+        self.context = context
+        self.writtenTimestampMillis = writtenTimestampMillis
+        self.concurrent = concurrent
+    }
+
+    public init(_ ack: WriteAcknowledgement) {
+        self.init(context: CausalContext(ack.context), writtenTimestampMillis: ack.written.timestampMillis, concurrent: ack.concurrent)
+    }
 }
 
 public struct MemberInfo: Hashable, Sendable {

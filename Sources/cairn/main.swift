@@ -188,8 +188,8 @@ struct Put: AsyncParsableCommand {
         let client = try await connection.connect()
         defer { client.close() }
         do {
-            let newContext = try await client.put(Array(key.utf8), value: bytes, context: ctx, options: connection.requestOptions)
-            printWrite(newContext, json: connection.json, verb: "stored")
+            let result = try await client.put(Array(key.utf8), value: bytes, context: ctx, options: connection.requestOptions)
+            printWrite(result, json: connection.json, verb: "stored")
         } catch {
             throw CLIFailure(error, json: connection.json)
         }
@@ -207,8 +207,8 @@ struct Delete: AsyncParsableCommand {
         let client = try await connection.connect()
         defer { client.close() }
         do {
-            let newContext = try await client.delete(Array(key.utf8), context: ctx, options: connection.requestOptions)
-            printWrite(newContext, json: connection.json, verb: "deleted")
+            let result = try await client.delete(Array(key.utf8), context: ctx, options: connection.requestOptions)
+            printWrite(result, json: connection.json, verb: "deleted")
         } catch {
             throw CLIFailure(error, json: connection.json)
         }
@@ -259,11 +259,19 @@ func parseContext(_ token: String?, json: Bool) throws -> CausalContext {
     }
 }
 
-func printWrite(_ context: CausalContext, json: Bool, verb: String) {
+/// Prints a write's result. The context covers every listed sibling: the written value first,
+/// then the concurrent values the write did not supersede, which a later write with this
+/// context would supersede too (so they are always shown).
+func printWrite(_ result: WriteResult, json: Bool, verb: String) {
     if json {
-        print(JSON.object([("context", .string(context.token))]).text)
-    } else {
-        print("\(verb); context: \(context.token)")
+        print(JSON.object([("context", .string(result.context.token)),
+                           ("siblings", .array(result.siblings.map(JSON.sibling)))]).text)
+        return
+    }
+    print("\(verb); context: \(result.context.token)")
+    if !result.concurrent.isEmpty {
+        print("\(result.concurrent.count) concurrent sibling\(result.concurrent.count == 1 ? "" : "s") kept (this context covers them too; merge before writing with it):")
+        for (i, s) in result.concurrent.enumerated() { print("  [\(i + 1)] \(Get.show(s))") }
     }
 }
 

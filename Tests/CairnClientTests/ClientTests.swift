@@ -57,7 +57,7 @@ func deadAddress() async throws -> String {
     return "127.0.0.1:\(port)"
 }
 
-private let ok = Message.writeReply(WriteReply(context: CausalContext(VersionVector([(ActorID(node: "n1", epoch: 1), 1)]))))
+private let ok = Message.writeReply(WriteReply(context: CausalContext(VersionVector([(ActorID(node: "n1", epoch: 1), 1)])), writtenTimestampMillis: 1, concurrent: []))
 
 @Suite struct ClientTests {
     @Test func refusalsMoveOnToTheNextSeed() async throws {
@@ -66,7 +66,8 @@ private let ok = Message.writeReply(WriteReply(context: CausalContext(VersionVec
         let client = try await CairnClient.connect(seeds: [a, b])
         for _ in 0..<4 {
             let ctx = try await client.put([1], value: [2])
-            #expect(ctx.vector[ActorID(node: "n1", epoch: 1)] == 1)
+            #expect(ctx.context.vector[ActorID(node: "n1", epoch: 1)] == 1)
+            #expect(ctx.siblings == [Sibling(value: [2], timestampMillis: 1)])
         }
         #expect(good.received.load(ordering: .relaxed) == 4)
         client.close(); await busy.stop(); await good.stop()

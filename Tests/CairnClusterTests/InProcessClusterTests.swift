@@ -17,11 +17,12 @@ struct InProcessClusterTests {
         let cluster = try await TestCluster.start()
         let writer = try await cluster.client([0])
         let reader = try await cluster.client([1])
-        let ctx = try await writer.put(key, value: cart, options: RequestOptions(w: .count(2)))
-        #expect(!ctx.vector.isEmpty)
+        let written = try await writer.put(key, value: cart, options: RequestOptions(w: .count(2)))
+        #expect(!written.context.vector.isEmpty)
+        #expect(written.siblings.map(\.value) == [cart])
         let got = try await reader.get(key, options: RequestOptions(r: .count(2)))
         #expect(got.values == [cart])
-        #expect(got.context == ctx)
+        #expect(got.context == written.context)
         writer.close(); reader.close()
         await cluster.stop()
     }
@@ -40,6 +41,30 @@ struct InProcessClusterTests {
         let one = try await b.get(key, options: RequestOptions(r: .all))
         #expect(one.values == [Array("AB".utf8)])
         a.close(); b.close()
+        await cluster.stop()
+    }
+
+    /// Issue 10 item 1, as reproduced with the CLI: a blind write's reply context covered a
+    /// concurrent value it did not show, so writing again with it silently dropped that value.
+    @Test func aWriteReplyShowsEveryValueItsContextCovers() async throws {
+        let cluster = try await TestCluster.start()
+        let x = try await cluster.client([0])
+        let y = try await cluster.client([1])
+        let all = RequestOptions(w: .all)
+        try await x.put(key, value: Array("A".utf8), options: all)
+        let t = try await y.put(key, value: Array("B".utf8), options: all)
+        #expect(t.siblings.map(\.value) == [Array("B".utf8), Array("A".utf8)])
+        #expect(t.concurrent.map(\.value) == [Array("A".utf8)])
+        // Y was shown A with the context; a write with it supersedes both, by Y's choice.
+        let again = try await y.put(key, value: Array("B2".utf8), context: t.context, options: all)
+        #expect(again.concurrent.isEmpty)
+        // A write with the context of a reply that showed only B keeps A's later sibling.
+        let one = try await x.put(key, value: Array("C".utf8), context: again.context, options: all)
+        try await y.put(key, value: Array("D".utf8), context: again.context, options: all)
+        #expect(one.concurrent.isEmpty)
+        let read = try await x.get(key, options: RequestOptions(r: .all))
+        #expect(Set(read.values) == [Array("C".utf8), Array("D".utf8)])
+        x.close(); y.close()
         await cluster.stop()
     }
 

@@ -20,7 +20,7 @@ final class RecordingDispatcher: RequestDispatcher, @unchecked Sendable {
 
     func dispatch(_ envelope: Envelope, fromPeer: Bool, responder: Responder) {
         dispatched.append(envelope)
-        responder.reply(.writeReply(WriteReply(context: .empty)))
+        responder.reply(.writeReply(WriteReply(context: .empty, writtenTimestampMillis: 0, concurrent: [])))
     }
 
     func recordProtocolError(_ error: WireError) { protocolErrors.append(error) }
