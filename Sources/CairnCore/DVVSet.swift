@@ -147,24 +147,43 @@ public struct DVVSet<Value: Hashable & Sendable>: Hashable, Sendable {
 
     /// Bounds the number of live values to `limit`. Only an entry's oldest value (its tail) can
     /// be dropped without breaking the DVV invariant, so each step drops the tail with the lowest
-    /// `rank` (ties: the lowest actor). The newest value of `protected` is never dropped, so a
-    /// write's own value survives the cap. Anonymous values are kept. Dropped values are treated
-    /// as superseded by every replica that syncs with the result; the choice is deterministic, so
-    /// replicas pruning the same object agree. Returns how many values were dropped.
+    /// `rank` (ties: the lowest actor). A value whose dot is in `protected` is never dropped (nor,
+    /// therefore, any newer value of its actor), so the values a write acknowledges survive the
+    /// cap; when only protected values remain droppable the result stays above `limit`.
+    /// Anonymous values are kept. Dropped values are treated as superseded by every replica that
+    /// syncs with the result; the choice is deterministic, so replicas pruning the same object
+    /// with the same protection agree. Returns how many values were dropped.
     @discardableResult
-    public mutating func prune(toAtMost limit: Int, protecting protected: ActorID? = nil,
+    public mutating func prune(toAtMost limit: Int, protecting protected: Set<Dot> = [],
                                rank: (Value) -> UInt64 = { _ in 0 }) -> Int {
         var dropped = 0
         while valueCount > max(limit, 0), dropOldestTail(protecting: protected, rank: rank) { dropped += 1 }
         return dropped
     }
 
+    /// The dots of every live value held in entries (anonymous values have none).
+    public var liveDots: Set<Dot> {
+        var out = Set<Dot>()
+        for e in entries {
+            // values.count <= counter (invariant), so no underflow.
+            for i in e.values.indices { out.insert(Dot(actor: e.actor, counter: e.counter - UInt64(i))) }
+        }
+        return out
+    }
+
+    /// The dot of `actor`'s newest live value, if it has one.
+    public func newestDot(of actor: ActorID) -> Dot? {
+        guard let e = entries.first(where: { $0.actor == actor }), !e.values.isEmpty else { return nil }
+        return Dot(actor: actor, counter: e.counter)
+    }
+
     /// Drops one tail value (see `prune`); false if none may be dropped.
-    mutating func dropOldestTail(protecting protected: ActorID?, rank: (Value) -> UInt64) -> Bool {
+    mutating func dropOldestTail(protecting protected: Set<Dot>, rank: (Value) -> UInt64) -> Bool {
         var best: (index: Int, rank: UInt64)?
         for (i, e) in entries.enumerated() {
             guard let tail = e.values.last else { continue }
-            if e.actor == protected && e.values.count == 1 { continue }
+            let tailDot = Dot(actor: e.actor, counter: e.counter - UInt64(e.values.count - 1))
+            if protected.contains(tailDot) { continue }
             let r = rank(tail)
             if best == nil || r < (best?.rank ?? 0) { best = (i, r) }
         }

@@ -6,13 +6,16 @@ public import CairnStorage
 /// Key layout (Docs/storage-format.md, "The node's keys"):
 /// ```
 /// data-key     = %x01 partition:u32be key     ; a partition's keys are one contiguous range
-/// metadata-key = %x00 name                    ; "actor-epoch" (u64be), "clean-shutdown" (empty)
+/// metadata-key = %x00 name                    ; "actor-epoch" (u64be), "clean-shutdown" (empty),
+///                                             ; "run-sync-mode" (u8: 0 always, 1 interval, 2 none)
 /// ```
 ///
 /// The actor epoch lives with the data. It is kept across restarts when no dot this node issued
-/// can have been lost: after a clean shutdown, or under the `always` sync mode (a coordinator's
-/// write is durable locally before any replica sees it). Otherwise (a crash under `interval` or
-/// `none`) the node takes a fresh epoch, so it never reissues a dot a peer may already hold.
+/// and showed can have been lost: after a clean shutdown, or after a crash of a run that used the
+/// `always` sync mode (a dot is shown to nobody — reads see only synced writes, replicas get it
+/// after the local sync — before it is durable). Otherwise (a crash of a run under `interval` or
+/// `none`, whatever this run uses) the node takes a fresh epoch, so it never reissues a dot a
+/// peer or client may already hold.
 /// Thread-safe.
 public final class DiskBackend: StorageBackend {
     public let database: Database
@@ -20,6 +23,16 @@ public final class DiskBackend: StorageBackend {
 
     static let epochKey: [UInt8] = [0] + Array("actor-epoch".utf8)
     static let cleanKey: [UInt8] = [0] + Array("clean-shutdown".utf8)
+    static let runSyncModeKey: [UInt8] = [0] + Array("run-sync-mode".utf8)
+
+    /// The `run-sync-mode` metadata value: 0 always, 1 interval, 2 none.
+    static func syncModeCode(_ mode: SyncMode) -> UInt8 {
+        switch mode {
+        case .always: 0
+        case .interval: 1
+        case .none: 2
+        }
+    }
 
     private init(database: Database, epoch: UInt64) {
         self.database = database
@@ -34,13 +47,19 @@ public final class DiskBackend: StorageBackend {
         do {
             let stored = try db.get(epochKey).flatMap { $0.count == 8 ? $0.reduce(UInt64(0)) { $0 << 8 | UInt64($1) } : nil }
             let clean = try db.get(cleanKey) != nil
+            // What the previous run promised decides, not this run's setting: a crash under
+            // `interval` or `none` may have lost dots this node had already shown.
+            let previousRunSyncedAlways = try db.get(runSyncModeKey) == [Self.syncModeCode(.always)]
             var epoch = stored ?? 0
-            if epoch == 0 || (!clean && options.syncMode != .always) {
+            var batch = WriteBatch()
+            if epoch == 0 || (!clean && !previousRunSyncedAlways) {
                 epoch = UInt64.random(in: 1...UInt64.max)
-                try await db.put(epochKey, (0..<8).map { UInt8(truncatingIfNeeded: epoch >> UInt64(56 - 8 * $0)) }, sync: .always)
+                batch.put(epochKey, (0..<8).map { UInt8(truncatingIfNeeded: epoch >> UInt64(56 - 8 * $0)) })
             }
+            batch.put(runSyncModeKey, [Self.syncModeCode(options.syncMode)])
             // From here on a crash is an unclean shutdown.
-            if clean { try await db.delete(cleanKey, sync: .always) }
+            if clean { batch.delete(cleanKey) }
+            try await db.write(batch, sync: .always)
             return DiskBackend(database: db, epoch: epoch)
         } catch {
             await db.abandon()
@@ -61,6 +80,12 @@ public final class DiskBackend: StorageBackend {
     public func get(partition: PartitionID, key: [UInt8]) throws -> [UInt8]? {
         try database.get(Self.dataKey(partition, key))
     }
+
+    public func getDurable(partition: PartitionID, key: [UInt8]) throws -> [UInt8]? {
+        try database.getDurable(Self.dataKey(partition, key))
+    }
+
+    public var lastApplied: DurabilityToken { DurabilityToken(sequence: database.lastSequence) }
 
     public func apply(partition: PartitionID, key: [UInt8], value: [UInt8]) throws -> DurabilityToken {
         var b = WriteBatch()

@@ -39,6 +39,8 @@ public final class NodeMetrics: Sendable {
     let replicaFailures: CoreMetrics.Counter
     let storageErrors: CoreMetrics.Counter
     let corruptObjects: CoreMetrics.Counter
+    /// Reads that met a corrupt storage block (checksum mismatch): the key was not served here.
+    let corruptReads: CoreMetrics.Counter
 
     public init(maxInflight: Int) {
         registry = PrometheusCollectorRegistry()
@@ -66,6 +68,7 @@ public final class NodeMetrics: Sendable {
         replicaFailures = CoreMetrics.Counter(label: "cairn_replica_request_failures_total", factory: f)
         storageErrors = CoreMetrics.Counter(label: "cairn_storage_errors_total", factory: f)
         corruptObjects = CoreMetrics.Counter(label: "cairn_corrupt_objects_total", factory: f)
+        corruptReads = CoreMetrics.Counter(label: "cairn_storage_corrupt_reads_total", factory: f)
     }
 
     /// Counts a request that was refused before any work (no latency sample).

@@ -7,13 +7,21 @@ public import CairnStorage
 /// Contract:
 /// - `apply` makes a write visible to subsequent `get`s before it returns (it never suspends, so
 ///   a vnode's read-modify-write is atomic within the vnode actor);
+/// - `getDurable` sees only writes that are as durable as the sync mode promises (under
+///   `always`: synced); what it returns can never be lost by a power cut;
 /// - `waitDurable(token)` returns once that write is as durable as the backend's sync mode
-///   promises; a vnode acknowledges a write only after it returns;
-/// - any thrown error means the backend cannot be trusted: the vnode fails and is restarted by
-///   its supervisor.
+///   promises, and throws if it never will be; a vnode acknowledges a write only after it returns;
+///   `waitDurable(lastApplied)` covers every write applied so far;
+/// - `StorageError.corruption` from a read is a data error for the keys it covers; any other
+///   thrown error means the backend cannot be trusted: the vnode fails and is restarted by its
+///   supervisor.
 /// Implementations must be thread-safe.
 public protocol StorageBackend: Sendable {
     func get(partition: PartitionID, key: [UInt8]) throws -> [UInt8]?
+    /// The newest durable value of the key (see the contract above).
+    func getDurable(partition: PartitionID, key: [UInt8]) throws -> [UInt8]?
+    /// A token covering every write applied so far.
+    var lastApplied: DurabilityToken { get }
     func apply(partition: PartitionID, key: [UInt8], value: [UInt8]) throws -> DurabilityToken
     func waitDurable(_ token: DurabilityToken) async throws
     /// Number of keys stored for `partition` (for metrics and tests).
@@ -56,6 +64,13 @@ public final class MemoryBackend: StorageBackend {
     public func get(partition: PartitionID, key: [UInt8]) throws -> [UInt8]? {
         state.withLock { $0.partitions[partition]?[key] }
     }
+
+    /// Nothing here survives a restart, so everything applied is as durable as it gets.
+    public func getDurable(partition: PartitionID, key: [UInt8]) throws -> [UInt8]? {
+        try get(partition: partition, key: key)
+    }
+
+    public var lastApplied: DurabilityToken { DurabilityToken(sequence: state.withLock { $0.sequence }) }
 
     public func apply(partition: PartitionID, key: [UInt8], value: [UInt8]) throws -> DurabilityToken {
         state.withLock { s in

@@ -1,4 +1,5 @@
 public import CairnCore
+import CairnStorage
 public import Logging
 
 /// The actor that serves one partition on this node: reads, coordinated (stamped) writes and
@@ -47,13 +48,17 @@ public actor Vnode: SupervisedChild {
 
     // MARK: Operations
 
+    /// The key's object as of the newest durable write: a write still waiting for its log sync
+    /// is not visible, so no dot is ever shown to anyone before it is durable (a dot lost to a
+    /// power cut could otherwise be reissued for another value under the same epoch).
     public func get(_ key: [UInt8]) throws(VnodeError) -> VersionedObject? {
         try ensureServing()
-        return try load(key)
+        return try load(key, durableOnly: true)
     }
 
     /// Stamps a client write with `actor` as the coordinator: the new value supersedes exactly
-    /// what `context` covers. Returns the stored object once durable.
+    /// what `context` covers. Returns the stored object once durable; its newest value of `actor`
+    /// is the one written (pruning never drops it).
     public func coordinate(key: [UInt8], sibling: Sibling, context: VersionVector, actor: ActorID) async throws(VnodeError) -> VersionedObject {
         try ensureServing()
         var object = try load(key) ?? VersionedObject()
@@ -67,17 +72,28 @@ public actor Vnode: SupervisedChild {
             throw .rejected(error.description)
         }
         try checkClock(object)
-        return try await store(key, object, protecting: actor)
+        return try await store(key, object, protecting: object.newestDot(of: actor).map { [$0] } ?? [])
     }
 
-    /// Merges a replica's object into ours (DVVSet sync). Returns the stored object once durable.
+    /// Merges a replica's object into ours (DVVSet sync). Returns the stored object once it is
+    /// durable here, so an acknowledgement always means "what you sent is durable on this
+    /// replica": when the merge changes nothing, it still waits until the write that already
+    /// holds it is durable (and fails if that write's sync failed). The incoming object's live
+    /// values are never pruned here: they are what this merge acknowledges.
     public func merge(key: [UInt8], object incoming: VersionedObject) async throws(VnodeError) -> VersionedObject {
         try ensureServing()
         let current = try load(key)
         let merged = current.map { VersionedObject.sync($0, incoming) } ?? incoming
         try checkClock(merged)
-        if merged == current, let current { return current }
-        return try await store(key, merged)
+        if merged == current, let current {
+            do {
+                try await backend.waitDurable(backend.lastApplied)
+            } catch {
+                throw fail("write failed: \(error)")
+            }
+            return current
+        }
+        return try await store(key, merged, protecting: incoming.liveDots)
     }
 
     // MARK: Internals
@@ -90,10 +106,24 @@ public actor Vnode: SupervisedChild {
         }
     }
 
-    private func load(_ key: [UInt8]) throws(VnodeError) -> VersionedObject? {
+    /// Reads and decodes the key's object: the newest version, or (`durableOnly`) the newest
+    /// durable one. Data errors (a corrupt object, a checksum failure in the block holding the
+    /// key) fail this key only: the vnode keeps serving, since restarting cannot fix the bytes
+    /// and replicas answer meanwhile. Any other read error fails the vnode (its supervisor
+    /// restarts it).
+    private func load(_ key: [UInt8], durableOnly: Bool = false) throws(VnodeError) -> VersionedObject? {
         let raw: [UInt8]?
         do {
-            raw = try backend.get(partition: partition, key: key)
+            raw = durableOnly ? try backend.getDurable(partition: partition, key: key) : try backend.get(partition: partition, key: key)
+        } catch let error as StorageError {
+            if case .corruption = error {
+                metrics.corruptReads.increment()
+                logger.error("corrupt storage block; this replica cannot serve the key", metadata: [
+                    "partition": "\(partition.index)", "error": "\(error)",
+                ])
+                throw .storage(partition: partition, reason: "this replica cannot serve the key: \(error)")
+            }
+            throw fail("read failed: \(error)")
         } catch {
             throw fail("read failed: \(error)")
         }
@@ -122,7 +152,7 @@ public actor Vnode: SupervisedChild {
         }
     }
 
-    private func store(_ key: [UInt8], _ object: VersionedObject, protecting: ActorID? = nil) async throws(VnodeError) -> VersionedObject {
+    private func store(_ key: [UInt8], _ object: VersionedObject, protecting: Set<Dot>) async throws(VnodeError) -> VersionedObject {
         var object = object
         let pruned = object.prune(maxSiblings: limits.maxSiblings, maxBytes: limits.maxObjectBytes, protecting: protecting)
         if pruned > 0 {

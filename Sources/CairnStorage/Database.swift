@@ -685,6 +685,10 @@ public final class Database: Sendable {
     /// Throws only if the database is closed or failed.
     public func waitForRoom() async throws(StorageError) { try await admit() }
 
+    /// The sequence number of the newest applied write (durable or not): `waitDurable(upTo:)`
+    /// with it covers every write applied so far.
+    public var lastSequence: UInt64 { state.withLock { $0.sequence } }
+
     /// Logs and applies `batch` without suspending (visible to readers on return; durable after
     /// `waitDurable`), bypassing flow control — for callers that must not suspend between a read
     /// and a write, which then call `waitForRoom` after. Returns the batch's last sequence number.
@@ -781,6 +785,18 @@ public final class Database: Sendable {
     /// The value of `key` (nil if absent or deleted) as of now.
     public func get(_ key: [UInt8]) throws(StorageError) -> [UInt8]? {
         try state.withLock { $0.view }.get(key)
+    }
+
+    /// The value of `key` as of the newest write that is durable under the database's sync mode:
+    /// under `always`, a write whose log record is not yet synced (or whose sync failed) is not
+    /// visible; under `interval` and `none` this is `get`.
+    public func getDurable(_ key: [UInt8]) throws(StorageError) -> [UInt8]? {
+        let always = options.syncMode == .always
+        return try state.withLock { s in
+            var v = s.view
+            if always { v.sequence = min(v.sequence, s.committer.durableSequence) }
+            return v
+        }.get(key)
     }
 
     /// A consistent view as of now; see `Snapshot`.

@@ -26,6 +26,8 @@ final class WedgeableBackend: StorageBackend {
         while wedged.load(ordering: .relaxed) && waited < 3000 { usleep(1000); waited += 1 }
         return try inner.get(partition: partition, key: key)
     }
+    func getDurable(partition: PartitionID, key: [UInt8]) throws -> [UInt8]? { try get(partition: partition, key: key) }
+    var lastApplied: DurabilityToken { inner.lastApplied }
     func apply(partition: PartitionID, key: [UInt8], value: [UInt8]) throws -> DurabilityToken { try inner.apply(partition: partition, key: key, value: value) }
     func waitDurable(_ token: DurabilityToken) async throws {}
     func count(partition: PartitionID) throws -> Int { try inner.count(partition: partition) }

@@ -32,8 +32,9 @@ import CairnStorage
         try await b.close()
     }
 
-    /// The actor epoch survives a clean shutdown, and a crash under `always`; a crash under
-    /// `none` may have lost dots a peer holds, so the node must take a new epoch.
+    /// The actor epoch survives a clean shutdown, and a crash of a run under `always`; a crash of
+    /// a run under `interval` or `none` may have lost dots a peer holds, so the node must take a
+    /// new epoch — whatever sync mode the restarted run uses (issue 10 item 2).
     @Test func theActorEpochIsKeptOnlyWhenNoIssuedDotCanHaveBeenLost() async throws {
         let dir = scratch()
         defer { try? FileManager.default.removeItem(atPath: dir) }
@@ -43,15 +44,33 @@ import CairnStorage
         let clean = try await DiskBackend.open(directory: dir, options: options(.always))
         #expect(clean.persistentEpoch == epoch, "clean shutdown keeps the epoch")
         await clean.database.abandon()   // a crash
-        let afterCrash = try await DiskBackend.open(directory: dir, options: options(.always))
-        #expect(afterCrash.persistentEpoch == epoch, "under always, a crash keeps the epoch")
-        await afterCrash.database.abandon()
-        let unsafe = try await DiskBackend.open(directory: dir, options: options(SyncMode.none))
-        #expect(unsafe.persistentEpoch != epoch, "a crash without always takes a new epoch")
+        let afterCrash = try await DiskBackend.open(directory: dir, options: options(SyncMode.none))
+        #expect(afterCrash.persistentEpoch == epoch, "a crash of a run under always keeps the epoch, whatever this run uses")
+        await afterCrash.database.abandon()   // a crash of a run under none
+        let unsafe = try await DiskBackend.open(directory: dir, options: options(.always))
+        #expect(unsafe.persistentEpoch != epoch, "a crash of a run under none takes a new epoch, even when restarted under always")
         let next = try #require(unsafe.persistentEpoch)
         try await unsafe.close()
-        let again = try await DiskBackend.open(directory: dir, options: options(SyncMode.none))
-        #expect(again.persistentEpoch == next, "a clean shutdown under none keeps it")
-        try await again.close()
+        let again = try await DiskBackend.open(directory: dir, options: options(.interval(milliseconds: 100)))
+        #expect(again.persistentEpoch == next, "a clean shutdown keeps it")
+        await again.database.abandon()   // a crash of a run under interval
+        let last = try await DiskBackend.open(directory: dir, options: options(.always))
+        #expect(last.persistentEpoch != next, "a crash of a run under interval takes a new epoch")
+        try await last.close()
+    }
+
+    /// Under `always`, the backend's durable read does not show a write before its log sync.
+    @Test func durableReadsSkipUnsyncedWrites() async throws {
+        let dir = scratch()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let b = try await DiskBackend.open(directory: dir, options: options(.always))
+        let p = PartitionID(4)
+        let token = try b.apply(partition: p, key: [1], value: [7])
+        #expect(try b.get(partition: p, key: [1]) == [7])
+        #expect(try b.getDurable(partition: p, key: [1]) == nil)
+        #expect(b.lastApplied == token)
+        try await b.waitDurable(token)
+        #expect(try b.getDurable(partition: p, key: [1]) == [7])
+        try await b.close()
     }
 }

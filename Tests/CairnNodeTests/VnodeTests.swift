@@ -3,6 +3,7 @@ import Testing
 import CairnCore
 import Logging
 import Synchronization
+import CairnStorage
 
 /// A backend wrapper that fails writes while `failWrites` is set and can store raw bytes.
 final class FaultyBackend: StorageBackend {
@@ -13,6 +14,8 @@ final class FaultyBackend: StorageBackend {
     struct InjectedFault: Error, CustomStringConvertible { var description: String { "injected EIO" } }
 
     func get(partition: PartitionID, key: [UInt8]) throws -> [UInt8]? { try inner.get(partition: partition, key: key) }
+    func getDurable(partition: PartitionID, key: [UInt8]) throws -> [UInt8]? { try inner.getDurable(partition: partition, key: key) }
+    var lastApplied: DurabilityToken { inner.lastApplied }
 
     func apply(partition: PartitionID, key: [UInt8], value: [UInt8]) throws -> DurabilityToken {
         if failWrites.load(ordering: .relaxed) { throw InjectedFault() }
@@ -127,5 +130,258 @@ final class FaultyBackend: StorageBackend {
         #expect(stored.values.map { $0.value.first } == [2])
         #expect(try await vnode.get([1])?.values.map { $0.value.first } == [2])
         sup.finish(); task.cancel(); try await task.value
+    }
+}
+
+/// A backend whose log syncs wait for the test: writes are visible to `get` at once, to
+/// `getDurable` only once a sync covers them; `sync(failing:)` completes or fails every pending
+/// wait. Thread-safe.
+final class GatedBackend: StorageBackend {
+    private struct State {
+        var latest: [[UInt8]: [UInt8]] = [:]
+        var durable: [[UInt8]: [UInt8]] = [:]
+        var pending: [(key: [UInt8], value: [UInt8])] = []
+        var sequence: UInt64 = 0
+        var durableSequence: UInt64 = 0
+        var failed = false
+        var waiters: [(UInt64, CheckedContinuation<Void, any Error>)] = []
+    }
+    private let state = Mutex(State())
+    struct SyncFailed: Error {}
+
+    var isPersistent: Bool { false }
+    var waiting: Int { state.withLock { $0.waiters.count } }
+
+    func get(partition: PartitionID, key: [UInt8]) throws -> [UInt8]? { state.withLock { $0.latest[key] } }
+    func getDurable(partition: PartitionID, key: [UInt8]) throws -> [UInt8]? { state.withLock { $0.durable[key] } }
+    var lastApplied: DurabilityToken { DurabilityToken(sequence: state.withLock { $0.sequence }) }
+
+    func apply(partition: PartitionID, key: [UInt8], value: [UInt8]) throws -> DurabilityToken {
+        state.withLock { s in
+            s.latest[key] = value
+            s.pending.append((key, value))
+            s.sequence += 1
+            return DurabilityToken(sequence: s.sequence)
+        }
+    }
+
+    func waitDurable(_ token: DurabilityToken) async throws {
+        try await withCheckedThrowingContinuation { (c: CheckedContinuation<Void, any Error>) in
+            state.withLock { s in
+                if s.failed { c.resume(throwing: SyncFailed()) } else if s.durableSequence >= token.sequence { c.resume() } else { s.waiters.append((token.sequence, c)) }
+            }
+        }
+    }
+
+    /// Completes (or fails) the sync of everything applied so far.
+    func sync(failing: Bool = false) {
+        let waiters = state.withLock { s in
+            if failing {
+                s.failed = true
+            } else {
+                for (k, v) in s.pending { s.durable[k] = v }
+                s.durableSequence = s.sequence
+            }
+            s.pending = []
+            defer { s.waiters = [] }
+            return s.waiters
+        }
+        for (_, c) in waiters { if failing { c.resume(throwing: SyncFailed()) } else { c.resume() } }
+    }
+
+    func count(partition: PartitionID) throws -> Int { state.withLock { $0.latest.count } }
+    func close() async throws {}
+}
+
+/// Issue 10 items 2, 3, 5 and 6: what a vnode shows and acknowledges relative to durability,
+/// corrupt blocks, and the sibling cap on replicas.
+@Suite(.timeLimit(.minutes(1))) struct VnodeDurabilityTests {
+    let n1 = ActorID(node: "n1", epoch: 5)
+    let n2 = ActorID(node: "n2", epoch: 5)
+
+    private func serving(_ backend: any StorageBackend, limits: Limits = Limits()) async throws -> (Vnode, Supervisor, Task<Void, any Error>) {
+        let vnode = Vnode(partition: PartitionID(3), backend: backend, limits: limits, metrics: NodeMetrics(maxInflight: 10), logger: Logger(label: "t"))
+        var policy = RestartPolicy()
+        policy.backoffMin = .milliseconds(1)
+        policy.backoffMax = .milliseconds(2)
+        let sup = Supervisor(name: "t", policy: policy, logger: Logger(label: "t"))
+        sup.spawn(vnode)
+        let task = Task { try await sup.run() }
+        for _ in 0..<10_000 where !(await vnode.isServing) { await Task.yield() }
+        try #require(await vnode.isServing)
+        return (vnode, sup, task)
+    }
+
+    /// Yields until `condition` holds; bounded by a step count, not by time.
+    private func eventually(_ what: String, _ condition: () async -> Bool) async throws {
+        for _ in 0..<100_000 {
+            if await condition() { return }
+            await Task.yield()
+        }
+        Issue.record("never: \(what)")
+        throw CancellationError()
+    }
+
+    private func object(_ value: UInt8, ts: UInt64, by actor: ActorID) throws -> VersionedObject {
+        var o = VersionedObject()
+        try o.update(context: VersionVector(), value: Sibling(value: [value], timestampMillis: ts), actor: actor)
+        return o
+    }
+
+    /// Item 2: a dot is never observable before it is durable.
+    @Test func aWriteIsInvisibleToReadsUntilItsSyncCompletes() async throws {
+        let backend = GatedBackend()
+        let (v, sup, task) = try await serving(backend)
+        let write = Task { try await v.coordinate(key: [1], sibling: Sibling(value: [1], timestampMillis: 1), context: VersionVector(), actor: n1) }
+        try await eventually("the write waits for its sync") { backend.waiting == 1 }
+        #expect(try await v.get([1]) == nil)
+        backend.sync()
+        let stored = try await write.value
+        #expect(try await v.get([1]) == stored)
+        sup.finish(); task.cancel(); try await task.value
+    }
+
+    /// Item 2: a write whose sync failed (a power cut would lose it) is never shown; its dot can
+    /// be reissued after a restart without anyone having seen it.
+    @Test func aWriteWhoseSyncFailedIsNeverShown() async throws {
+        let backend = GatedBackend()
+        let (v, sup, task) = try await serving(backend)
+        let write = Task { try await v.coordinate(key: [1], sibling: Sibling(value: [1], timestampMillis: 1), context: VersionVector(), actor: n1) }
+        try await eventually("the write waits for its sync") { backend.waiting == 1 }
+        backend.sync(failing: true)
+        await #expect(throws: VnodeError.self) { try await write.value }
+        try await eventually("the vnode restarted") { await v.isServing }
+        #expect(try await v.get([1]) == nil)
+        sup.finish(); task.cancel(); try await task.value
+    }
+
+    /// Item 3: a replica put that changes nothing is acknowledged only once the write already
+    /// holding it is durable, and fails when that write's sync failed.
+    @Test func aNoChangeMergeWaitsForTheCoveringWrite() async throws {
+        let backend = GatedBackend()
+        let (v, sup, task) = try await serving(backend)
+        let older = try object(1, ts: 1, by: n2)
+        var newer = older
+        try newer.update(context: older.context, value: Sibling(value: [2], timestampMillis: 2), actor: n2)
+        let first = Task { try await v.merge(key: [1], object: newer) }
+        try await eventually("the newer merge waits for its sync") { backend.waiting == 1 }
+        let secondDone = Flag()
+        let second = Task {
+            defer { secondDone.set() }
+            return try await v.merge(key: [1], object: older)
+        }
+        try await eventually("the older merge waits too, or was acknowledged") { backend.waiting == 2 || secondDone.isSet }
+        #expect(!secondDone.isSet, "acknowledged before anything was durable")
+        backend.sync(failing: true)
+        await #expect(throws: VnodeError.self) { try await first.value }
+        await #expect(throws: VnodeError.self) { try await second.value }
+        try await eventually("the vnode restarted") { await v.isServing }
+        sup.finish(); task.cancel(); try await task.value
+    }
+
+    @Test func aNoChangeMergeIsAcknowledgedOnceDurable() async throws {
+        let backend = GatedBackend()
+        let (v, sup, task) = try await serving(backend)
+        let o = try object(1, ts: 1, by: n2)
+        let first = Task { try await v.merge(key: [1], object: o) }
+        try await eventually("the merge waits for its sync") { backend.waiting == 1 }
+        let second = Task { try await v.merge(key: [1], object: o) }
+        try await eventually("the duplicate waits too") { backend.waiting == 2 }
+        backend.sync()
+        #expect(try await first.value == o)
+        #expect(try await second.value == o)
+        sup.finish(); task.cancel(); try await task.value
+    }
+
+    /// Item 6: at max_siblings = 1, a replica merge never prunes the values it acknowledges:
+    /// every incoming live value that survives the plain DVV merge is stored. Blind writes by
+    /// three coordinators, replicated in a seeded random order (late, reordered, duplicated).
+    @Test func aReplicaNeverPrunesTheValueItAcknowledges() async throws {
+        var limits = Limits()
+        limits.maxSiblings = 1
+        let actors = (0..<3).map { ActorID(node: "n\($0)", epoch: 1) }
+        for seed in UInt64(1)...30 {
+            var rng = SplitMix64(seed: seed)
+            let vnodes = try await (0..<3).asyncMap { _ in try await serving(MemoryBackend(), limits: limits) }
+            var inFlight: [(to: Int, object: VersionedObject)] = []
+            for step in 0..<40 {
+                if inFlight.isEmpty || rng.next(below: 2) == 0 {
+                    let c = Int(rng.next(below: 3))
+                    let stored = try await vnodes[c].0.coordinate(
+                        key: [1], sibling: Sibling(value: [UInt8(step)], timestampMillis: rng.next(below: 1000)),
+                        context: VersionVector(), actor: actors[c])
+                    for r in 0..<3 where r != c { inFlight.append((r, stored)) }
+                } else {
+                    let m = inFlight.remove(at: Int(rng.next(below: UInt64(inFlight.count))))
+                    let before = try await vnodes[m.to].0.get([1])
+                    let unpruned = before.map { VersionedObject.sync($0, m.object) } ?? m.object
+                    let after = try await vnodes[m.to].0.merge(key: [1], object: m.object)
+                    let kept = Set(after.liveDots)
+                    for dot in m.object.liveDots where unpruned.liveDots.contains(dot) {
+                        #expect(kept.contains(dot), "seed \(seed) step \(step): the merge pruned incoming \(dot)")
+                    }
+                }
+            }
+            for (v, sup, task) in vnodes { _ = v; sup.finish(); task.cancel(); try await task.value }
+        }
+    }
+
+    /// Item 5 (vnode side): a checksum failure under a key fails that key only; the vnode keeps
+    /// serving, and is not restarted.
+    @Test func aCorruptBlockFailsTheKeyNotTheVnode() async throws {
+        let backend = CorruptingBackend()
+        let (v, sup, task) = try await serving(backend)
+        _ = try await v.coordinate(key: [2], sibling: Sibling(value: [2], timestampMillis: 1), context: VersionVector(), actor: n1)
+        backend.corruptKeys.withLock { _ = $0.insert([1]) }
+        let incoming = try object(1, ts: 1, by: n2)
+        for _ in 0..<20 {
+            for attempt in [{ try await v.get([1]) }, { try await v.merge(key: [1], object: incoming) }] as [() async throws -> VersionedObject?] {
+                do {
+                    _ = try await attempt()
+                    Issue.record("a read under a corrupt block succeeded")
+                } catch let error as VnodeError {
+                    // A data error for this key, never "unavailable: restarting".
+                    guard case .storage(_, let reason) = error else { Issue.record("vnode failed: \(error)"); continue }
+                    #expect(reason.contains("cannot serve the key"))
+                }
+            }
+        }
+        #expect(await v.isServing)
+        #expect(try await v.get([2])?.values.map(\.value) == [[2]])
+        sup.finish(); task.cancel(); try await task.value
+    }
+}
+
+final class Flag: Sendable {
+    private let value = Mutex(false)
+    func set() { value.withLock { $0 = true } }
+    var isSet: Bool { value.withLock { $0 } }
+}
+
+/// A memory backend whose reads of some keys fail with a block checksum error.
+final class CorruptingBackend: StorageBackend {
+    let inner = MemoryBackend()
+    let corruptKeys = Mutex<Set<[UInt8]>>([])
+    var isPersistent: Bool { false }
+
+    private func check(_ key: [UInt8]) throws {
+        if corruptKeys.withLock({ $0.contains(key) }) {
+            throw StorageError.corruption(path: "000012.sst", offset: 4096, reason: "block checksum mismatch")
+        }
+    }
+    func get(partition: PartitionID, key: [UInt8]) throws -> [UInt8]? { try check(key); return try inner.get(partition: partition, key: key) }
+    func getDurable(partition: PartitionID, key: [UInt8]) throws -> [UInt8]? { try check(key); return try inner.getDurable(partition: partition, key: key) }
+    var lastApplied: DurabilityToken { inner.lastApplied }
+    func apply(partition: PartitionID, key: [UInt8], value: [UInt8]) throws -> DurabilityToken { try inner.apply(partition: partition, key: key, value: value) }
+    func waitDurable(_ token: DurabilityToken) async throws {}
+    func count(partition: PartitionID) throws -> Int { try inner.count(partition: partition) }
+    func close() async throws {}
+}
+
+extension Range where Bound == Int {
+    func asyncMap<T>(_ f: (Int) async throws -> T) async rethrows -> [T] {
+        var out: [T] = []
+        for i in self { out.append(try await f(i)) }
+        return out
     }
 }

@@ -16,6 +16,8 @@ final class DropEveryTenthWrite: StorageBackend {
     init(_ inner: any StorageBackend) { self.inner = inner }
 
     func get(partition: PartitionID, key: [UInt8]) throws -> [UInt8]? { try inner.get(partition: partition, key: key) }
+    func getDurable(partition: PartitionID, key: [UInt8]) throws -> [UInt8]? { try inner.getDurable(partition: partition, key: key) }
+    var lastApplied: DurabilityToken { inner.lastApplied }
     func apply(partition: PartitionID, key: [UInt8], value: [UInt8]) throws -> DurabilityToken {
         let n = writes.withLock { w in
             w += 1
