@@ -58,15 +58,20 @@ struct QuorumOption: ExpressibleByArgument {
 struct CLIFailure: Error {
     let error: CairnError
     let json: Bool
-    init(_ error: CairnError, json: Bool) {
+    /// The failed command was a put or delete: any error that does not prove nothing was applied
+    /// leaves the outcome unknown (a storage error, an undecodable reply, ...).
+    let write: Bool
+    init(_ error: CairnError, json: Bool, write: Bool = false) {
         self.error = error
         self.json = json
+        self.write = write
     }
 
     var exitCode: Int32 {
         switch error {
         case .notFound: 2
         case .unavailable, .quorumNotReached, .timeout: 3
+        case _ where write && !error.certainlyNotApplied: 3
         default: 1
         }
     }
@@ -90,7 +95,7 @@ struct Cairn: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "cairn",
         abstract: "Talk to a Cairn cluster.",
-        discussion: "Exit codes: 0 success, 2 not found (get), 3 quorum not reached or unavailable or outcome unknown, 1 other errors.",
+        discussion: "Exit codes: 0 success, 2 not found (get), 3 quorum not reached, unavailable, or outcome unknown (any put/delete error that does not prove nothing was written), 1 other errors.",
         subcommands: [Get.self, Put.self, Delete.self, Members.self])
 
     /// `--node` may come before the verb (`cairn --node X get k`): move such options after it.
@@ -191,7 +196,7 @@ struct Put: AsyncParsableCommand {
             let result = try await client.put(Array(key.utf8), value: bytes, context: ctx, options: connection.requestOptions)
             printWrite(result, json: connection.json, verb: "stored")
         } catch {
-            throw CLIFailure(error, json: connection.json)
+            throw CLIFailure(error, json: connection.json, write: true)
         }
     }
 }
@@ -210,7 +215,7 @@ struct Delete: AsyncParsableCommand {
             let result = try await client.delete(Array(key.utf8), context: ctx, options: connection.requestOptions)
             printWrite(result, json: connection.json, verb: "deleted")
         } catch {
-            throw CLIFailure(error, json: connection.json)
+            throw CLIFailure(error, json: connection.json, write: true)
         }
     }
 }
