@@ -227,7 +227,7 @@ public final class CairnClient: Sendable {
             do throws(ConnectionError) {
                 let c = try await connection(i)
                 let reply = try await c.request(message, timeoutMillis: wait)
-                if case .error(let e) = reply, [.overloaded, .notReady, .shuttingDown].contains(e.code) {
+                if case .error(let e) = reply, e.code.isRefusal {
                     notes.append("\(seeds[i]): \(e.message)")
                     continue  // refused before any work was done: safe to try another node
                 }

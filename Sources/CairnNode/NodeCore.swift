@@ -220,7 +220,9 @@ final class NodeCore: Sendable {
     }
 
     /// Sends a write to the first reachable primary, which coordinates it; relays its answer.
-    /// Moves on to the next primary only when the request certainly was not delivered.
+    /// Moves on to the next primary only when the request certainly was not applied: not
+    /// delivered, or refused (`ErrorCode.isRefusal`). When every primary is out, the answer is
+    /// `unavailable` (nothing was applied anywhere).
     private func forward(_ op: OperationKind, _ original: Message, replicas: [ReplicaTarget], requirement: QuorumRequirement,
                          timeoutMillis: UInt32, _ a: Activation, _ responder: Responder, start: ContinuousClock.Instant) async {
         let message: Message
@@ -234,6 +236,12 @@ final class NodeCore: Sendable {
             metrics.forwarded.increment()
             do throws(ConnectionError) {
                 let reply = try await a.transport.send(to: r.node, message, timeoutMillis: timeoutMillis + Self.forwardMarginMillis)
+                if case .error(let e) = reply, e.code.isRefusal {
+                    // Refused before anything was applied (starting, draining, overloaded): the
+                    // next primary may coordinate it.
+                    reports.append(ReplicaReport(node: r.node.value, address: r.address, isPrimary: true, outcome: .notSent("refused: \(e.message)")))
+                    continue
+                }
                 switch reply {
                 case .writeReply: metrics.record(op, .ok, since: start)
                 case .error(let e) where e.code == .unavailable: metrics.record(op, .unavailable, since: start)

@@ -166,6 +166,16 @@ public enum ErrorCode: UInt16, Sendable, Hashable {
     case storage = 14
     case shuttingDown = 15
     case internalError = 16
+
+    /// The node refused the request before doing anything (overloaded, starting, shutting down):
+    /// it certainly applied nothing, so another node may be asked. The one rule for clients and
+    /// forwarding nodes alike.
+    public var isRefusal: Bool {
+        switch self {
+        case .overloaded, .notReady, .shuttingDown: true
+        default: false
+        }
+    }
 }
 
 public struct ErrorReply: Hashable, Sendable, Error, CustomStringConvertible {

@@ -143,6 +143,22 @@ struct InProcessClusterTests {
         await cluster.stop()
     }
 
+    /// Issue 10: a forwarding node whose first primary refuses (overloaded, starting, draining:
+    /// certainly nothing applied) tries the next primary instead of relaying the refusal.
+    @Test func forwardingMovesPastAPrimaryThatRefuses() async throws {
+        let cluster = try await TestCluster.start(nVal: 2) { c in
+            if c.name.value == "n1" { c.maxInflightRequests = 0 }   // refuses every request: overloaded
+        }
+        let client = try await cluster.client([2])
+        for i in 0..<40 {
+            try await client.put(Array("f\(i)".utf8), value: [UInt8(i)], options: RequestOptions(w: .count(1)))
+        }
+        let forwarded = metricValue(cluster.nodes[2].metrics.exposition(), "cairn_forwarded_requests_total")
+        #expect(forwarded > 0)
+        client.close()
+        await cluster.stop()
+    }
+
     @Test func hostileBytesOnOneConnectionDoNotDisturbOthers() async throws {
         let cluster = try await TestCluster.start()
         let good = try await cluster.client([0])
