@@ -51,6 +51,7 @@ extension ReplicaOutcome {
         case .tooManyPending(let n): self = .notSent("\(n) requests pending on the connection")
         case .timedOut(let ms): self = .timedOut(afterMillis: ms)
         case .lost(let s): self = .connectionLost(s)
+        case .abandoned: self = .connectionLost("the coordinator stopped waiting")
         case .protocolViolation(let s): self = .failed(s)
         }
     }

@@ -20,12 +20,15 @@ public enum ConnectionError: Error, Sendable, Hashable, CustomStringConvertible 
     case tooManyPending(Int)
     /// The peer answered with bytes we could not decode.
     case protocolViolation(String)
+    /// The caller stopped waiting (its task was cancelled) after the request was handed to the
+    /// connection: it may have been delivered. Its pending slot is released at once.
+    case abandoned
 
     /// True when the request certainly did not reach the peer.
     public var certainlyNotDelivered: Bool {
         switch self {
         case .connectFailed, .notSent, .tooManyPending: true
-        case .lost, .timedOut, .protocolViolation: false
+        case .lost, .timedOut, .protocolViolation, .abandoned: false
         }
     }
 
@@ -37,6 +40,7 @@ public enum ConnectionError: Error, Sendable, Hashable, CustomStringConvertible 
         case .timedOut(let ms): "timed out after \(ms) ms"
         case .tooManyPending(let n): "\(n) requests already pending on the connection"
         case .protocolViolation(let s): "protocol violation: \(s)"
+        case .abandoned: "abandoned by the caller before a reply"
         }
     }
 }
@@ -46,6 +50,12 @@ struct OutboundRequest {
     let message: Message
     let timeoutMillis: UInt32
     let promise: EventLoopPromise<Message>
+}
+
+/// An outbound user event: the caller waiting on the request whose reply future this names has
+/// been cancelled; fail it with `.abandoned` and free its slot.
+struct AbandonRequest: Sendable {
+    let future: ObjectIdentifier
 }
 
 /// Assigns request ids, writes frames, and matches replies to waiting requests by id; fails each
@@ -61,6 +71,7 @@ final class RequestMultiplexer: ChannelDuplexHandler {
     private struct Waiting {
         let promise: EventLoopPromise<Message>
         let timeout: Scheduled<Void>
+        var future: ObjectIdentifier { ObjectIdentifier(promise.futureResult) }
     }
 
     private var waiting: [UInt64: Waiting] = [:]
@@ -109,6 +120,19 @@ final class RequestMultiplexer: ChannelDuplexHandler {
             return
         }
         context.write(wrapOutboundOut(context.channel.allocator.buffer(bytes)), promise: written)
+    }
+
+    func triggerUserOutboundEvent(context: ChannelHandlerContext, event: Any, promise: EventLoopPromise<Void>?) {
+        guard let abandon = event as? AbandonRequest else {
+            return context.triggerUserOutboundEvent(event, promise: promise)
+        }
+        // Rare (only cancelled callers), so a scan of at most `maxPending` entries is fine.
+        if let (id, w) = waiting.first(where: { $0.value.future == abandon.future }) {
+            waiting.removeValue(forKey: id)
+            w.timeout.cancel()
+            w.promise.fail(ConnectionError.abandoned)
+        }
+        promise?.succeed()
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -182,16 +206,25 @@ public final class Connection: Sendable {
 
     public var isActive: Bool { channel.isActive }
 
-    /// Sends `message` and waits for its reply, at most `timeoutMillis`.
+    /// Sends `message` and waits for its reply, at most `timeoutMillis`. Cancelling the calling
+    /// task ends the wait at once (`.abandoned`, or `.notSent` if it was cancelled before the
+    /// request was handed over) and frees the request's pending slot.
     public func request(_ message: Message, timeoutMillis: UInt32) async throws(ConnectionError) -> Message {
+        if Task.isCancelled { throw .notSent("the caller was cancelled before sending") }
         let promise = channel.eventLoop.makePromise(of: Message.self)
         let request = OutboundRequest(message: message, timeoutMillis: max(timeoutMillis, 1), promise: promise)
         channel.writeAndFlush(request).whenFailure { error in
             // Failed before the multiplexer took it (channel already closed): not delivered.
             promise.fail((error as? ConnectionError) ?? ConnectionError.notSent(Self.describe(error)))
         }
+        // The abandon event is enqueued after the write above, so the multiplexer sees them in order.
+        let (channel, future) = (channel, ObjectIdentifier(promise.futureResult))
         do {
-            return try await promise.futureResult.get()
+            return try await withTaskCancellationHandler {
+                try await promise.futureResult.get()
+            } onCancel: {
+                channel.triggerUserOutboundEvent(AbandonRequest(future: future), promise: nil)
+            }
         } catch let e as ConnectionError {
             throw e
         } catch {

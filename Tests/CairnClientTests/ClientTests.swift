@@ -162,3 +162,29 @@ func catching<T>(_ body: () async throws(CairnError) -> T) async -> CairnError? 
         return error
     }
 }
+
+/// Issue 10: a request whose caller is cancelled (a coordinator past its deadline) stops waiting
+/// at once and frees its pending slot, instead of holding it until its own timeout.
+@Suite(.timeLimit(.minutes(1))) struct ConnectionCancellationTests {
+    @Test func cancellingTheCallerReleasesTheRequestAndItsSlot() async throws {
+        let server = ScriptedServer(.silent)
+        let address = try HostPort(parsing: try await server.start())
+        let connection = try await Connection.connect(host: address.host, port: Int(address.port), group: MultiThreadedEventLoopGroup.singleton,
+                                                      limits: Limits(), maxPending: 1)
+        let waiting = Task { () async throws(ConnectionError) -> Message in try await connection.request(.get(GetRequest(key: [1])), timeoutMillis: 60_000) }
+        for _ in 0..<10_000 where server.received.load(ordering: .relaxed) == 0 { try await Task.sleep(for: .milliseconds(1)) }
+        #expect(server.received.load(ordering: .relaxed) == 1)
+        // The only slot is taken: a second request is refused, certainly not sent.
+        await #expect(throws: ConnectionError.tooManyPending(1)) { try await connection.request(.get(GetRequest(key: [1])), timeoutMillis: 60_000) }
+        waiting.cancel()
+        // Ends now, not after 60 s (the suite's time limit would catch that), as abandoned.
+        await #expect(throws: ConnectionError.abandoned) { try await waiting.value }
+        let second = Task { () async throws(ConnectionError) -> Message in try await connection.request(.get(GetRequest(key: [1])), timeoutMillis: 60_000) }
+        for _ in 0..<10_000 where server.received.load(ordering: .relaxed) < 2 { try await Task.sleep(for: .milliseconds(1)) }
+        #expect(server.received.load(ordering: .relaxed) == 2, "the slot was freed: the next request went out")
+        second.cancel()
+        _ = await second.result
+        connection.close()
+        await server.stop()
+    }
+}
