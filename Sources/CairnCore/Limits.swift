@@ -25,6 +25,14 @@ public struct Limits: Hashable, Sendable {
     public var maxActorsPerObject: Int = 1024
     /// `limits.max_context_bytes`.
     public var maxContextBytes: Int = 64 << 10
+    /// `limits.max_unflushed_reply_bytes`: reply bytes a server connection may hold unsent (the
+    /// peer is not reading them); above it the server stops reading that connection until they
+    /// drain to half (`cairn_connection_read_pauses_total`).
+    public var maxUnflushedReplyBytes: Int = 4 << 20
+    /// `limits.max_requests_per_connection`: requests of one connection dispatched and not yet
+    /// answered; above it the server stops reading that connection until one is answered. With
+    /// `max_unflushed_reply_bytes` this bounds what one connection can make the node buffer.
+    public var maxRequestsPerConnection: Int = 1024
     /// Largest dot counter accepted from a context, a peer or disk (2^48: far beyond any real
     /// key's history). A forged counter near 2^64 would otherwise make the key unwritable for
     /// that actor once its next dot overflowed. Not configurable.

@@ -128,6 +128,9 @@ public final class CairnNode: Service, Sendable {
             .serverChannelOption(.backlog, value: 256)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
+            // Unsent reply bytes above the high mark make the channel unwritable, and
+            // ServerConnectionHandler then stops reading it (limits.max_unflushed_reply_bytes).
+            .childChannelOption(.writeBufferWaterMark, value: .init(low: limits.maxUnflushedReplyBytes / 2, high: limits.maxUnflushedReplyBytes))
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.addHandler(ConnectionTracker(registry: registry))

@@ -68,6 +68,8 @@ extension NodeConfig {
         case "limits.max_object_bytes": limits.maxObjectBytes = try Self.bytes(value, 1024...(1 << 30))
         case "limits.max_siblings_on_decode": limits.maxSiblingsOnDecode = try Self.int(value, 1...1_000_000)
         case "limits.max_actors_per_object": limits.maxActorsPerObject = try Self.int(value, 1...65_536)
+        case "limits.max_unflushed_reply_bytes": limits.maxUnflushedReplyBytes = try Self.bytes(value, 1024...(1 << 30))
+        case "limits.max_requests_per_connection": limits.maxRequestsPerConnection = try Self.int(value, 1...1_000_000)
         case "transport.max_pending_per_connection": maxPendingPerConnection = try Self.int(value, 1...1_000_000)
         case "transport.connect_timeout": connectTimeoutMillis = try Self.millis(value)
         case "transport.reconnect_min": reconnectMinMillis = try Self.millis(value)

@@ -39,6 +39,9 @@ public final class NodeMetrics: Sendable {
     let replicaFailures: CoreMetrics.Counter
     let storageErrors: CoreMetrics.Counter
     let corruptObjects: CoreMetrics.Counter
+    /// Times a client or peer connection stopped being read because its replies were not read
+    /// (`limits.max_unflushed_reply_bytes`) or too many of its requests were unanswered.
+    let readPauses: CoreMetrics.Counter
     /// Reads that met a corrupt storage block (checksum mismatch): the key was not served here.
     let corruptReads: CoreMetrics.Counter
 
@@ -68,6 +71,7 @@ public final class NodeMetrics: Sendable {
         replicaFailures = CoreMetrics.Counter(label: "cairn_replica_request_failures_total", factory: f)
         storageErrors = CoreMetrics.Counter(label: "cairn_storage_errors_total", factory: f)
         corruptObjects = CoreMetrics.Counter(label: "cairn_corrupt_objects_total", factory: f)
+        readPauses = CoreMetrics.Counter(label: "cairn_connection_read_pauses_total", factory: f)
         corruptReads = CoreMetrics.Counter(label: "cairn_storage_corrupt_reads_total", factory: f)
     }
 

@@ -105,6 +105,10 @@ final class Router: RequestDispatcher {
         core.logger.debug("connection closed after an error", metadata: ["error": "\(error)"])
     }
 
+    func recordReadPause() {
+        core.metrics.readPauses.increment()
+    }
+
     func recordProtocolError(_ error: WireError) {
         core.metrics.protocolErrors.increment()
         core.logger.debug("protocol error", metadata: ["error": "\(error)"])

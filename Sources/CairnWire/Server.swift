@@ -12,10 +12,15 @@ public protocol RequestDispatcher: Sendable {
     func recordProtocolError(_ error: WireError)
     /// A connection is being closed because of a non-protocol error (I/O error, reset).
     func recordConnectionError(_ error: any Error)
+    /// A connection stopped being read: its peer is not reading its replies
+    /// (`limits.max_unflushed_reply_bytes`) or has too many requests unanswered
+    /// (`limits.max_requests_per_connection`). Called on the event loop, once per pause.
+    func recordReadPause()
 }
 
 extension RequestDispatcher {
     public func recordConnectionError(_ error: any Error) {}
+    public func recordReadPause() {}
 }
 
 /// Sends the reply to one request. Thread-safe; any number of replies may be sent from any task,
@@ -50,17 +55,39 @@ public struct Responder: Sendable {
 /// A frame that cannot be decoded gets an error reply and the connection keeps going (the frame
 /// boundary is intact); an oversized or truncated frame gets an error reply and the connection
 /// is closed. Neither affects other connections.
-public final class ServerConnectionHandler: ChannelInboundHandler {
+///
+/// Backpressure: requests are dispatched only while the channel is writable (its unsent bytes
+/// stay under the high water mark the node sets from `limits.max_unflushed_reply_bytes`) and
+/// fewer than `limits.max_requests_per_connection` of them are unanswered. Otherwise requests
+/// already read wait here, in order, and the handler stops asking the socket for more until both
+/// hold again; so a peer that pipelines requests without reading replies makes the node buffer at
+/// most about `max_requests_per_connection` replies plus `max_unflushed_reply_bytes`, plus one
+/// socket read of requests. Every reply a `Responder` writes passes through `write` here, which
+/// is how answered requests are counted.
+///
+/// Isolation: a channel handler; all state is touched on the channel's event loop only.
+public final class ServerConnectionHandler: ChannelDuplexHandler {
     public typealias InboundIn = ByteBuffer
+    public typealias OutboundIn = ByteBuffer
     public typealias OutboundOut = ByteBuffer
 
     private let dispatcher: any RequestDispatcher
     private let limits: Limits
     private var isPeer = false
+    /// Requests read but not dispatched yet (only while paused), oldest first.
+    private var held = CircularBuffer<Envelope>()
+    /// Requests dispatched and not yet answered.
+    private var unanswered = 0
+    /// A read the pipeline asked for while paused; issued when the pause ends.
+    private var readDeferred = false
 
     public init(dispatcher: any RequestDispatcher, limits: Limits) {
         self.dispatcher = dispatcher
         self.limits = limits
+    }
+
+    private func mayDispatch(_ context: ChannelHandlerContext) -> Bool {
+        context.channel.isWritable && unanswered < limits.maxRequestsPerConnection
     }
 
     public func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -92,8 +119,53 @@ public final class ServerConnectionHandler: ChannelInboundHandler {
         case .ping:
             send(context, Envelope(requestID: id, message: .pong))
         default:
-            dispatcher.dispatch(envelope, fromPeer: isPeer, responder: Responder(channel: context.channel, requestID: id, maxFrameBytes: limits.maxFrameBytes))
+            if held.isEmpty && mayDispatch(context) {
+                dispatch(context, envelope)
+            } else {
+                held.append(envelope)
+            }
         }
+    }
+
+    private func dispatch(_ context: ChannelHandlerContext, _ envelope: Envelope) {
+        unanswered += 1
+        dispatcher.dispatch(envelope, fromPeer: isPeer, responder: Responder(channel: context.channel, requestID: envelope.requestID,
+                                                                              maxFrameBytes: limits.maxFrameBytes))
+    }
+
+    /// Dispatches held requests while allowed, then resumes reading if a read was deferred.
+    private func resume(_ context: ChannelHandlerContext) {
+        while !held.isEmpty && mayDispatch(context) { dispatch(context, held.removeFirst()) }
+        if readDeferred && held.isEmpty && mayDispatch(context) {
+            readDeferred = false
+            context.read()
+        }
+    }
+
+    public func read(context: ChannelHandlerContext) {
+        if held.isEmpty && mayDispatch(context) {
+            context.read()
+        } else if !readDeferred {
+            readDeferred = true
+            dispatcher.recordReadPause()
+        }
+    }
+
+    /// Replies written by `Responder`s (one per dispatched request).
+    public func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        unanswered = max(0, unanswered - 1)
+        context.write(data, promise: promise)
+        if readDeferred || !held.isEmpty { resume(context) }
+    }
+
+    public func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable { resume(context) }
+        context.fireChannelWritabilityChanged()
+    }
+
+    public func channelInactive(context: ChannelHandlerContext) {
+        held.removeAll()   // nobody is left to answer
+        context.fireChannelInactive()
     }
 
     public func errorCaught(context: ChannelHandlerContext, error: any Error) {

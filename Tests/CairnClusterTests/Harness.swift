@@ -114,9 +114,11 @@ final class RawSocket: Sendable {
         self.collector = collector
     }
 
-    static func connect(_ address: HostPort) async throws -> RawSocket {
+    /// `reading: false` leaves what the server sends unread (in the kernel) until `startReading()`.
+    static func connect(_ address: HostPort, reading: Bool = true) async throws -> RawSocket {
         let collector = Collector()
         let channel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+            .channelOption(.autoRead, value: reading)
             .channelInitializer { ch in ch.eventLoop.makeCompletedFuture { try ch.pipeline.syncOperations.addHandler(collector) } }
             .connect(host: address.host, port: address.port).get()
         return RawSocket(channel: channel, collector: collector)
@@ -128,7 +130,28 @@ final class RawSocket: Sendable {
         try await channel.writeAndFlush(buf)
     }
 
+    func startReading() async throws {
+        try await channel.setOption(.autoRead, value: true).get()
+        channel.read()
+    }
+
     var received: [UInt8] { collector.bytes.withLock { $0 } }
+
+    /// The number of complete frames received so far, and the message type byte of each (cheap:
+    /// bodies are not decoded).
+    var frameTypes: [UInt8] {
+        collector.bytes.withLock { b in
+            var types: [UInt8] = []
+            var i = 0
+            while i + 4 <= b.count {
+                let n = Int(b[i]) << 24 | Int(b[i + 1]) << 16 | Int(b[i + 2]) << 8 | Int(b[i + 3])
+                guard n >= 10, i + 4 + n <= b.count else { break }
+                types.append(b[i + 5])   // body = version:u8 type:u8 request-id:u64be payload
+                i += 4 + n
+            }
+            return types
+        }
+    }
     var isClosed: Bool { collector.closed.load(ordering: .relaxed) }
 
     /// Complete reply frames received so far.

@@ -159,6 +159,46 @@ struct InProcessClusterTests {
         await cluster.stop()
     }
 
+    /// Issue 10: a client that pipelines reads of large values and never reads the replies makes
+    /// the node stop reading its connection, instead of buffering every reply; once it reads,
+    /// every reply arrives.
+    @Test func aClientThatDoesNotReadItsRepliesIsNotReadEither() async throws {
+        let cluster = try await TestCluster.start(count: 1, nVal: 1) { c in
+            c.limits.maxUnflushedReplyBytes = 64 << 10
+            c.limits.maxRequestsPerConnection = 8
+        }
+        let writer = try await cluster.client([0])
+        let big = Array(repeating: UInt8(7), count: 256 << 10)
+        try await writer.put(key, value: big)
+        let socket = try await RawSocket.connect(cluster.members[0].address, reading: false)
+        let requests = 400   // 100 MiB of replies if nothing pushed back
+        var frames: [UInt8] = []
+        for id in 1...requests { frames += WireCodec.encodeFrame(Envelope(requestID: UInt64(id), message: .get(GetRequest(key: key)))) }
+        try await socket.send(frames)
+        let metrics = { cluster.nodes[0].metrics.exposition() }
+        try await cluster.waitUntil("the node paused reading the connection") { metricValue(metrics(), "cairn_connection_read_pauses_total") >= 1 }
+        // Let the node do all it will do: until the answered count is stable for 50 polls.
+        var answered = -1.0, stable = 0
+        while stable < 50 {
+            let now = Self.answeredGets(metrics())
+            stable = now == answered ? stable + 1 : 0
+            answered = now
+            try await Task.sleep(for: .milliseconds(10))
+        }
+        // Only what fits in the socket buffers, the unflushed bound and 8 in flight was answered.
+        #expect(answered < Double(requests / 2), "answered \(answered) of \(requests) with no reader")
+        try await socket.startReading()
+        try await cluster.waitUntil("every reply arrived") { socket.frameTypes.count == requests }
+        #expect(socket.frameTypes.allSatisfy { $0 == MessageType.getReply.rawValue }, "reply types \(Set(socket.frameTypes))")
+        socket.close(); writer.close()
+        await cluster.stop()
+    }
+
+    static func answeredGets(_ exposition: String) -> Double {
+        exposition.split(separator: "\n").filter { $0.hasPrefix("cairn_requests_total{") && $0.contains("op=\"get\"") }
+            .compactMap { $0.split(separator: " ").last.flatMap { Double($0) } }.reduce(0, +)
+    }
+
     @Test func hostileBytesOnOneConnectionDoNotDisturbOthers() async throws {
         let cluster = try await TestCluster.start()
         let good = try await cluster.client([0])
