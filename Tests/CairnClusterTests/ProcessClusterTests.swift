@@ -242,4 +242,29 @@ struct ProcessClusterTests {
         d.signal(1, SIGCONT)
         _ = d.stopAll()
     }
+
+    /// Issue 10 item 1, the reproduction as written: a blind put's reply shows the concurrent
+    /// value its context covers, so the writer is never handed a context that silently
+    /// supersedes a value it did not see.
+    @Test func aPutReplyShowsTheConcurrentValueItsContextCovers() throws {
+        let d = try Daemons()
+        try d.start()
+        try d.waitHealthy()
+        #expect(try Self.cairn(["--node", d.address(0), "put", "k", "A", "--w", "all"]).status == 0)
+        let reply = try Self.cairn(["--node", d.address(1), "put", "k", "B", "--w", "all", "--json"])
+        #expect(reply.status == 0, "\(reply.stderr)")
+        let object = try JSONSerialization.jsonObject(with: Data(reply.stdout.utf8)) as? [String: Any]
+        let shown = (object?["siblings"] as? [[String: Any]])?.compactMap { $0["value"] as? String }
+        #expect(shown == ["B", "A"], "the reply shows A with the context that covers it")
+        let context = try #require(object?["context"] as? String)
+        let plain = try Self.cairn(["--node", d.address(1), "put", "k", "B2", "--context", context, "--w", "all"])
+        #expect(plain.status == 0)
+        // Y chose to supersede A, having been shown it; a blind write by Y would have kept it.
+        let get = try Self.cairn(["--node", d.address(0), "get", "k", "--r", "all", "--json"])
+        #expect(get.stdout.contains(#""value":"B2""#))
+        let text = try Self.cairn(["--node", d.address(2), "put", "k", "C", "--w", "all"])
+        #expect(text.stdout.contains("1 concurrent sibling kept"), "\(text.stdout)")
+        #expect(text.stdout.contains("B2"))
+        _ = d.stopAll()
+    }
 }
