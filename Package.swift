@@ -132,14 +132,20 @@ let package = Package(
         .testTarget(name: "CairnNodeTests", dependencies: [
             "CairnNode", "CairnCore", "CairnRing", "CairnWire", "CairnStorage",
         ], swiftSettings: strict),
+        // Shared by test targets: a scripted node stand-in, and running the built binaries.
+        .target(name: "CairnTestSupport", dependencies: [
+            "CairnCore", "CairnWire",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+        ], path: "Tests/CairnTestSupport", swiftSettings: strict),
         .testTarget(name: "CairnClientTests", dependencies: [
-            "CairnClient", "CairnCore", "CairnWire",
+            "CairnClient", "CairnCore", "CairnWire", "CairnTestSupport",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
         ], swiftSettings: strict),
         // Real nodes on loopback: in-process and as cairnd processes.
         .testTarget(name: "CairnClusterTests", dependencies: [
-            "CairnNode", "CairnClient", "CairnCore", "CairnWire", "CairnRing",
+            "CairnNode", "CairnClient", "CairnCore", "CairnWire", "CairnRing", "CairnTestSupport",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),

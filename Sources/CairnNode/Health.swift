@@ -1,5 +1,6 @@
 import NIOCore
 import CairnCore
+import CairnStorage
 
 /// A value delivered once, awaited once; later deliveries are ignored. Cancellation of the
 /// waiter delivers `onCancel`.
@@ -75,6 +76,9 @@ extension CairnNode {
         do {
             guard let backend = core.backend else { return "storage is not open" }
             _ = try backend.get(partition: PartitionID(0), key: [0])
+        } catch StorageError.corruption {
+            // Storage answered: the probe key sits in a damaged block. A data error for those keys
+            // (served by replicas, reported in /health and metrics), not a reason to restart.
         } catch {
             return "storage did not answer a read: \(error)"
         }

@@ -5,49 +5,7 @@ import CairnWire
 import NIOCore
 import NIOPosix
 import Synchronization
-
-/// A node stand-in: the real server handler with a scripted dispatcher.
-final class ScriptedServer: RequestDispatcher {
-    enum Behavior: Sendable {
-        case answer(Message)
-        case refuse(ErrorCode)
-        case silent   // never answers (a paused node)
-    }
-
-    let behavior: Behavior
-    let received = Atomic<Int>(0)
-    let channel = Mutex<(any Channel)?>(nil)
-
-    init(_ behavior: Behavior) { self.behavior = behavior }
-
-    func validateHello(_ hello: Hello) -> Result<Hello, ErrorReply> { .failure(ErrorReply(code: .handshakeRejected, message: "no")) }
-    func recordProtocolError(_ error: WireError) {}
-
-    func dispatch(_ envelope: Envelope, fromPeer: Bool, responder: Responder) {
-        received.wrappingAdd(1, ordering: .relaxed)
-        switch behavior {
-        case .answer(let m): responder.reply(m)
-        case .refuse(let code): responder.fail(ErrorReply(code: code, message: "scripted \(code)"))
-        case .silent: break
-        }
-    }
-
-    func start() async throws -> String {
-        let limits = Limits()
-        let ch = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
-            .childChannelInitializer { c in
-                c.eventLoop.makeCompletedFuture {
-                    try c.pipeline.syncOperations.addHandler(FrameDecoder.handler(limits: limits))
-                    try c.pipeline.syncOperations.addHandler(ServerConnectionHandler(dispatcher: self, limits: limits))
-                }
-            }
-            .bind(host: "127.0.0.1", port: 0).get()
-        channel.withLock { $0 = ch }
-        return "127.0.0.1:\(ch.localAddress?.port ?? 0)"
-    }
-
-    func stop() async { try? await channel.withLock { $0 }?.close() }
-}
+import CairnTestSupport
 
 /// A port with nothing listening: bind, note the port, close.
 func deadAddress() async throws -> String {

@@ -1,57 +1,6 @@
 import Testing
-import CairnCore
 import CairnWire
-import NIOCore
-import NIOPosix
-import Synchronization
-
-/// A node stand-in that answers every request the same way.
-private final class OneAnswerServer: RequestDispatcher {
-    enum Answer: Sendable {
-        case error(ErrorCode)
-        /// A write reply with a trailing byte: a frame the client cannot decode.
-        case undecodable
-    }
-
-    let answer: Answer
-    let channel = Mutex<(any Channel)?>(nil)
-
-    init(_ answer: Answer) { self.answer = answer }
-
-    func validateHello(_ hello: Hello) -> Result<Hello, ErrorReply> { .failure(ErrorReply(code: .handshakeRejected, message: "no")) }
-    func recordProtocolError(_ error: WireError) {}
-
-    func dispatch(_ envelope: Envelope, fromPeer: Bool, responder: Responder) {
-        switch answer {
-        case .error(let code):
-            responder.fail(ErrorReply(code: code, message: "scripted \(code)"))
-        case .undecodable:
-            var body = WireCodec.encodeBody(Envelope(requestID: envelope.requestID, message: .writeReply(
-                WriteReply(context: .empty, writtenTimestampMillis: 1, concurrent: []))))
-            body.append(0xEE)
-            var buffer = responder.channel.allocator.buffer(capacity: body.count + 4)
-            buffer.writeInteger(UInt32(body.count))
-            buffer.writeBytes(body)
-            responder.channel.writeAndFlush(buffer, promise: nil)
-        }
-    }
-
-    func start() async throws -> String {
-        let limits = Limits()
-        let ch = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
-            .childChannelInitializer { c in
-                c.eventLoop.makeCompletedFuture {
-                    try c.pipeline.syncOperations.addHandler(FrameDecoder.handler(limits: limits))
-                    try c.pipeline.syncOperations.addHandler(ServerConnectionHandler(dispatcher: self, limits: limits))
-                }
-            }
-            .bind(host: "127.0.0.1", port: 0).get()
-        channel.withLock { $0 = ch }
-        return "127.0.0.1:\(ch.localAddress?.port ?? 0)"
-    }
-
-    func stop() async { try? await channel.withLock { $0 }?.close() }
-}
+import CairnTestSupport
 
 /// Issue 10: a write whose outcome is unknown exits 3, as the README promises — including a
 /// storage error from the coordinator and a reply the CLI cannot decode. Errors that certainly
@@ -64,7 +13,7 @@ struct CLIExitCodeTests {
 
     @Test(arguments: [ErrorCode.storage, .internalError])
     func aWriteThatFailedOnTheServerHasAnUnknownOutcome(code: ErrorCode) async throws {
-        let server = OneAnswerServer(.error(code))
+        let server = ScriptedServer(.refuse(code))
         let address = try await server.start()
         #expect(try cairn(address, ["put", "k", "v"]).status == 3)
         #expect(try cairn(address, ["delete", "k"]).status == 3)
@@ -73,7 +22,7 @@ struct CLIExitCodeTests {
     }
 
     @Test func anUndecodableWriteReplyHasAnUnknownOutcome() async throws {
-        let server = OneAnswerServer(.undecodable)
+        let server = ScriptedServer(.undecodable)
         let address = try await server.start()
         let put = try cairn(address, ["put", "k", "v", "--json"])
         #expect(put.status == 3)
@@ -82,7 +31,7 @@ struct CLIExitCodeTests {
     }
 
     @Test func aWriteThatCertainlyAppliedNothingIsAnOrdinaryError() async throws {
-        let server = OneAnswerServer(.error(.invalidArgument))
+        let server = ScriptedServer(.refuse(.invalidArgument))
         let address = try await server.start()
         #expect(try cairn(address, ["put", "k", "v"]).status == 1)
         await server.stop()

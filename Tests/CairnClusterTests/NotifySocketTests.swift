@@ -1,4 +1,5 @@
 import Testing
+import CairnTestSupport
 import Foundation
 #if canImport(Glibc)
 import Glibc

@@ -1,4 +1,5 @@
 import Testing
+import CairnTestSupport
 import Foundation
 import CairnClient
 import CairnCore

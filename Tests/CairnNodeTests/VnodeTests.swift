@@ -27,29 +27,30 @@ final class FaultyBackend: StorageBackend {
     func close() async throws {}
 }
 
+/// A vnode under a fast-restarting supervisor, serving.
+func runningVnode(_ backend: any StorageBackend, limits: Limits = Limits()) async throws -> (Vnode, Supervisor, Task<Void, any Error>) {
+    let vnode = Vnode(partition: PartitionID(3), backend: backend, limits: limits, metrics: NodeMetrics(maxInflight: 10), logger: Logger(label: "t"))
+    var policy = RestartPolicy()
+    policy.backoffMin = .milliseconds(1)
+    policy.backoffMax = .milliseconds(2)
+    policy.maxRestarts = 3
+    let sup = Supervisor(name: "t", policy: policy, logger: Logger(label: "t"))
+    sup.spawn(vnode)
+    let task = Task { try await sup.run() }
+    try await waitServing(vnode)
+    return (vnode, sup, task)
+}
+
+func waitServing(_ v: Vnode) async throws {
+    for _ in 0..<2000 {
+        if await v.isServing { return }
+        try await Task.sleep(for: .milliseconds(1))
+    }
+    Issue.record("vnode never started serving")
+}
+
 @Suite struct VnodeTests {
     let actor = ActorID(node: "n1", epoch: 5)
-
-    private func runningVnode(_ backend: any StorageBackend, limits: Limits = Limits()) async throws -> (Vnode, Supervisor, Task<Void, any Error>) {
-        let vnode = Vnode(partition: PartitionID(3), backend: backend, limits: limits, metrics: NodeMetrics(maxInflight: 10), logger: Logger(label: "t"))
-        var policy = RestartPolicy()
-        policy.backoffMin = .milliseconds(1)
-        policy.backoffMax = .milliseconds(2)
-        policy.maxRestarts = 3
-        let sup = Supervisor(name: "t", policy: policy, logger: Logger(label: "t"))
-        sup.spawn(vnode)
-        let task = Task { try await sup.run() }
-        try await waitServing(vnode)
-        return (vnode, sup, task)
-    }
-
-    private func waitServing(_ v: Vnode) async throws {
-        for _ in 0..<2000 {
-            if await v.isServing { return }
-            try await Task.sleep(for: .milliseconds(1))
-        }
-        Issue.record("vnode never started serving")
-    }
 
     @Test func coordinateAndMergeFollowDVVSemantics() async throws {
         let (v, sup, task) = try await runningVnode(MemoryBackend())
@@ -199,19 +200,6 @@ final class GatedBackend: StorageBackend {
     let n1 = ActorID(node: "n1", epoch: 5)
     let n2 = ActorID(node: "n2", epoch: 5)
 
-    private func serving(_ backend: any StorageBackend, limits: Limits = Limits()) async throws -> (Vnode, Supervisor, Task<Void, any Error>) {
-        let vnode = Vnode(partition: PartitionID(3), backend: backend, limits: limits, metrics: NodeMetrics(maxInflight: 10), logger: Logger(label: "t"))
-        var policy = RestartPolicy()
-        policy.backoffMin = .milliseconds(1)
-        policy.backoffMax = .milliseconds(2)
-        let sup = Supervisor(name: "t", policy: policy, logger: Logger(label: "t"))
-        sup.spawn(vnode)
-        let task = Task { try await sup.run() }
-        for _ in 0..<10_000 where !(await vnode.isServing) { await Task.yield() }
-        try #require(await vnode.isServing)
-        return (vnode, sup, task)
-    }
-
     /// Yields until `condition` holds; bounded by a step count, not by time.
     private func eventually(_ what: String, _ condition: () async -> Bool) async throws {
         for _ in 0..<100_000 {
@@ -231,7 +219,7 @@ final class GatedBackend: StorageBackend {
     /// Item 2: a dot is never observable before it is durable.
     @Test func aWriteIsInvisibleToReadsUntilItsSyncCompletes() async throws {
         let backend = GatedBackend()
-        let (v, sup, task) = try await serving(backend)
+        let (v, sup, task) = try await runningVnode(backend)
         let write = Task { try await v.coordinate(key: [1], sibling: Sibling(value: [1], timestampMillis: 1), context: VersionVector(), actor: n1) }
         try await eventually("the write waits for its sync") { backend.waiting == 1 }
         #expect(try await v.get([1]) == nil)
@@ -245,7 +233,7 @@ final class GatedBackend: StorageBackend {
     /// be reissued after a restart without anyone having seen it.
     @Test func aWriteWhoseSyncFailedIsNeverShown() async throws {
         let backend = GatedBackend()
-        let (v, sup, task) = try await serving(backend)
+        let (v, sup, task) = try await runningVnode(backend)
         let write = Task { try await v.coordinate(key: [1], sibling: Sibling(value: [1], timestampMillis: 1), context: VersionVector(), actor: n1) }
         try await eventually("the write waits for its sync") { backend.waiting == 1 }
         backend.sync(failing: true)
@@ -259,7 +247,7 @@ final class GatedBackend: StorageBackend {
     /// holding it is durable, and fails when that write's sync failed.
     @Test func aNoChangeMergeWaitsForTheCoveringWrite() async throws {
         let backend = GatedBackend()
-        let (v, sup, task) = try await serving(backend)
+        let (v, sup, task) = try await runningVnode(backend)
         let older = try object(1, ts: 1, by: n2)
         var newer = older
         try newer.update(context: older.context, value: Sibling(value: [2], timestampMillis: 2), actor: n2)
@@ -281,7 +269,7 @@ final class GatedBackend: StorageBackend {
 
     @Test func aNoChangeMergeIsAcknowledgedOnceDurable() async throws {
         let backend = GatedBackend()
-        let (v, sup, task) = try await serving(backend)
+        let (v, sup, task) = try await runningVnode(backend)
         let o = try object(1, ts: 1, by: n2)
         let first = Task { try await v.merge(key: [1], object: o) }
         try await eventually("the merge waits for its sync") { backend.waiting == 1 }
@@ -302,7 +290,7 @@ final class GatedBackend: StorageBackend {
         let actors = (0..<3).map { ActorID(node: "n\($0)", epoch: 1) }
         for seed in UInt64(1)...30 {
             var rng = SplitMix64(seed: seed)
-            let vnodes = try await (0..<3).asyncMap { _ in try await serving(MemoryBackend(), limits: limits) }
+            let vnodes = try await (0..<3).asyncMap { _ in try await runningVnode(MemoryBackend(), limits: limits) }
             var inFlight: [(to: Int, object: VersionedObject)] = []
             for step in 0..<40 {
                 if inFlight.isEmpty || rng.next(below: 2) == 0 {
@@ -330,7 +318,7 @@ final class GatedBackend: StorageBackend {
     /// serving, and is not restarted.
     @Test func aCorruptBlockFailsTheKeyNotTheVnode() async throws {
         let backend = CorruptingBackend()
-        let (v, sup, task) = try await serving(backend)
+        let (v, sup, task) = try await runningVnode(backend)
         _ = try await v.coordinate(key: [2], sibling: Sibling(value: [2], timestampMillis: 1), context: VersionVector(), actor: n1)
         backend.corruptKeys.withLock { _ = $0.insert([1]) }
         let incoming = try object(1, ts: 1, by: n2)

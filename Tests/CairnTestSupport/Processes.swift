@@ -1,16 +1,16 @@
-import Foundation
+public import Foundation
 
 /// The outcome of a finished child process.
-struct ProcessResult {
-    let status: Int32
-    let stdout: String
-    let stderr: String
-    var ok: Bool { status == 0 }
+public struct ProcessResult: Sendable {
+    public let status: Int32
+    public let stdout: String
+    public let stderr: String
+    public var ok: Bool { status == 0 }
 }
 
 /// Runs `executable` to completion (callers bound it: every command used here has its own
 /// timeout) and captures its output.
-func runProcess(_ executable: String, _ args: [String], stdin: String? = nil) throws -> ProcessResult {
+public func runProcess(_ executable: String, _ args: [String], stdin: String? = nil) throws -> ProcessResult {
     let p = Process()
     p.executableURL = URL(fileURLWithPath: executable)
     p.arguments = args
@@ -41,15 +41,16 @@ final class LockedData: @unchecked Sendable {
 }
 
 /// The repository root and the built binaries.
-enum Repo {
-    static let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+public enum Repo {
+    public static let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
 
-    struct MissingBinary: Error, CustomStringConvertible {
-        let description: String
+    public struct MissingBinary: Error, CustomStringConvertible {
+        public let description: String
+        public init(description: String) { self.description = description }
     }
 
     /// The directory holding the debug `cairnd` and `cairn` (or `$CAIRN_BIN_DIR`).
-    static func binDir() throws -> String {
+    public static func binDir() throws -> String {
         if let dir = ProcessInfo.processInfo.environment["CAIRN_BIN_DIR"] { return dir }
         for candidate in [".build/debug", ".build/x86_64-unknown-linux-gnu/debug"] {
             let dir = root.appendingPathComponent(candidate).path
@@ -60,5 +61,5 @@ enum Repo {
         throw MissingBinary(description: "cairnd/cairn not built: run `swift build --build-tests` (Tests/run-all.sh does) or set CAIRN_BIN_DIR")
     }
 
-    static func binary(_ name: String) throws -> String { try binDir() + "/" + name }
+    public static func binary(_ name: String) throws -> String { try binDir() + "/" + name }
 }
