@@ -221,13 +221,30 @@ public enum Manifest {
     }
 
     /// Appends an edit durably (the caller applies it to its version only after this returns).
+    /// If the append or its sync fails, `writer` refuses every later edit: the torn edit stays
+    /// the manifest's last bytes, which recovery drops (the edit was never applied).
     public static func record(_ edit: VersionEdit, to writer: WALWriter) throws(StorageError) {
         try writer.append([edit.encoded()], sync: true)
+    }
+
+    /// What recovery rebuilt from the manifest `CURRENT` names.
+    public struct Recovered: Sendable {
+        public var version: Version
+        /// The manifest's file name.
+        public var manifest: String
+        /// Bytes of a torn last edit that were dropped (an append cut short by a crash or a
+        /// failed write; it was never applied).
+        public var tornTailBytes: UInt64
     }
 
     /// Reads `CURRENT` and replays the manifest it names. nil when there is no `CURRENT` (a new
     /// database).
     public static func recover(fs: any FileSystem, directory: String) throws(StorageError) -> (Version, manifest: String)? {
+        try recoverReporting(fs: fs, directory: directory).map { ($0.version, $0.manifest) }
+    }
+
+    /// `recover`, also reporting the torn tail it dropped.
+    public static func recoverReporting(fs: any FileSystem, directory: String) throws(StorageError) -> Recovered? {
         let currentPath = directory + "/" + currentName
         guard fs.exists(currentPath) else { return nil }
         let c = try fs.openReadable(currentPath)
@@ -246,6 +263,6 @@ public enum Manifest {
             }
             version.apply(e)
         }
-        return (version, name)
+        return Recovered(version: version, manifest: name, tornTailBytes: r.tornTailBytes)
     }
 }

@@ -112,16 +112,29 @@ public enum SyncMode: Sendable, Hashable {
     case none
 }
 
-/// Appends records to one log file. After a failed sync it refuses every further write: the
-/// data since the last good sync may be gone, and a retried fsync could lie.
+/// Appends records to one log file (also the manifest's writer).
+///
+/// Failure rules (a writer never appends on top of a fragment):
+/// - After a failed append (a short write followed by ENOSPC or EIO may have left part of a
+///   record behind) every later `append` is refused with `writesRefused`: the fragment stays the
+///   file's last bytes, so recovery sees it as a torn tail and drops it. `sync` still works: the
+///   records appended before the failure are whole, and their writers may be acknowledged once
+///   they are durable.
+/// - After a failed sync every later `append` and `sync` is refused: the data since the last good
+///   sync may be gone, and a retried fsync could lie.
+/// Either way the writer is done; the engine recovers by reopening (a new log or manifest).
 ///
 /// Concurrency: `append` calls must be serialized by the caller (the engine's commit path);
 /// `sync` may run concurrently with `append` (group commit: `write` and `fdatasync` on one
-/// descriptor are safe together). The failure flag is lock-protected.
+/// descriptor are safe together). The failure flags are lock-protected.
 public final class WALWriter: @unchecked Sendable {
     let file: any AppendableFile
     public let path: String
-    private let failure = Mutex<StorageError?>(nil)
+    private struct Failures {
+        var write: StorageError?
+        var sync: StorageError?
+    }
+    private let failure = Mutex(Failures())
 
     public init(file: any AppendableFile, path: String) {
         self.file = file
@@ -130,28 +143,40 @@ public final class WALWriter: @unchecked Sendable {
 
     public var size: UInt64 { file.size }
 
-    private func checkUsable() throws(StorageError) {
-        if let f = failure.withLock({ $0 }) { throw .writesRefused("an earlier sync of \(path) failed (\(f))") }
-    }
+    /// Why this writer refuses appends, if it does (a failed append or a failed sync).
+    public var appendFailure: StorageError? { failure.withLock { $0.sync ?? $0.write } }
 
-    /// Appends `payloads` as consecutive records, then syncs if `sync`.
+    /// Appends `payloads` as consecutive records, then syncs if `sync`. On a failed write the
+    /// writer refuses every later append (see the type's failure rules) and the error is thrown.
     public func append(_ payloads: [[UInt8]], sync: Bool) throws(StorageError) {
-        try checkUsable()
+        let refused: StorageError? = failure.withLock { f in
+            if let e = f.sync { return .writesRefused("an earlier sync of \(path) failed (\(e))") }
+            if let e = f.write { return .writesRefused("an earlier write to \(path) failed (\(e)); nothing is appended after it") }
+            return nil
+        }
+        if let refused { throw refused }
         var bytes: [UInt8] = []
         for p in payloads {
             guard p.count <= WAL.maxRecordBytes else { throw .invalidArgument("log record of \(p.count) bytes exceeds \(WAL.maxRecordBytes)") }
             bytes += WAL.frame(p)
         }
-        try file.append(bytes)
+        do {
+            try file.append(bytes)
+        } catch {
+            failure.withLock { $0.write = $0.write ?? error }
+            throw error
+        }
         if sync { try self.sync() }
     }
 
+    /// Makes everything appended so far durable (also after a failed append: what was appended
+    /// before it is whole). Refused after a failed sync.
     public func sync() throws(StorageError) {
-        try checkUsable()
+        if let f = failure.withLock({ $0.sync }) { throw .writesRefused("an earlier sync of \(path) failed (\(f))") }
         do {
             try file.sync()
         } catch {
-            failure.withLock { $0 = $0 ?? error }
+            failure.withLock { $0.sync = $0.sync ?? error }
             throw error
         }
     }
