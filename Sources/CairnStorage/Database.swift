@@ -101,7 +101,11 @@ public struct WriteBatch: Sendable, Hashable {
 /// (Docs/configuration.md) and a statistic.
 public struct DatabaseOptions: Sendable {
     public var syncMode: SyncMode = .always
-    /// Skip corrupt log records (counted in `Statistics.salvagedBytes`) instead of refusing to open.
+    /// Open even if a log is corrupt before its tail (`storage.salvage`, `cairnd --salvage`):
+    /// skip each corrupt stretch, and each record that checks out but is not a valid batch, keep
+    /// everything else, and count what was dropped (`Statistics.salvagedBytes`,
+    /// `salvagedRegions`). Off: such a log makes `open` fail with `.corruption` naming the file
+    /// and offset. A torn tail is dropped either way; the manifest is never salvaged.
     public var salvage = false
     /// Memory for memtables, the active one and the one being flushed together
     /// (`write_buffer_bytes`): the active memtable is frozen and flushed at half of it.
@@ -142,7 +146,10 @@ public final class Database: Sendable {
         public var recoveredRecords = 0
         /// Bytes of torn last records dropped at open: the logs' (truncated) and the manifest's.
         public var tornTailBytes: UInt64 = 0
+        /// Log bytes `salvage` dropped at open (corrupt stretches and records that were not batches).
         public var salvagedBytes: UInt64 = 0
+        /// Corrupt stretches and undecodable records `salvage` dropped at open.
+        public var salvagedRegions = 0
         public var removedOrphanFiles = 0
         public var logSyncs = 0
         public var writes = 0
@@ -278,13 +285,20 @@ public final class Database: Sendable {
         for ((_, name), file) in zip(replay, files) {
             let size = file.size
             let path = directory + "/" + name
-            let r = try WAL.replay(file, path: path, salvage: options.salvage) { (record: [UInt8]) throws(StorageError) in
+            let r = try WAL.replay(file, path: path, salvage: options.salvage) { (record: [UInt8], offset: UInt64) throws(StorageError) in
+                // A record whose checksum holds but whose content is unusable: refused, or dropped
+                // (and counted) under salvage.
+                func unusable(_ reason: String) throws(StorageError) {
+                    guard options.salvage else { throw .corruption(path: path, offset: offset, reason: reason) }
+                    stats.salvagedBytes += UInt64(WAL.headerBytes + record.count)
+                    stats.salvagedRegions += 1
+                }
                 guard let (first, batch) = WriteBatch.decode(record) else {
-                    throw .corruption(path: path, offset: 0, reason: "a log record with a valid checksum is not a write batch")
+                    return try unusable("a log record with a valid checksum is not a write batch")
                 }
                 let (end, overflow) = first.addingReportingOverflow(UInt64(batch.ops.count))
                 guard !overflow, end < Self.maxSequence else {
-                    throw .corruption(path: path, offset: 0, reason: "batch sequence \(first) out of range")
+                    return try unusable("batch sequence \(first) out of range")
                 }
                 for (i, op) in batch.ops.enumerated() {
                     let seq = first + UInt64(i)
@@ -305,6 +319,7 @@ public final class Database: Sendable {
                 stats.tornTailBytes += r.tornTailBytes
             }
             stats.salvagedBytes += r.salvagedBytes
+            stats.salvagedRegions += r.salvagedRegions
             done += size
             progress?(done, total)
         }

@@ -40,6 +40,8 @@ public enum WAL {
         public var tornTailBytes: UInt64
         /// Records skipped by `salvage` because they were corrupt, and the bytes they spanned.
         public var salvagedBytes: UInt64
+        /// Corrupt stretches `salvage` skipped (each from a bad record to the next valid one).
+        public var salvagedRegions = 0
     }
 
     /// Reads every record of `file`. A bad record is a torn tail when nothing valid follows it (a
@@ -48,36 +50,40 @@ public enum WAL {
     /// and offset, unless `salvage`, which skips to the next valid record and counts the bytes.
     public static func recover(_ file: any ReadableFile, path: String, salvage: Bool = false) throws(StorageError) -> Recovery {
         var records: [[UInt8]] = []
-        var r = try replay(file, path: path, salvage: salvage) { (p: [UInt8]) throws(StorageError) in records.append(p) }
+        var r = try replay(file, path: path, salvage: salvage) { (p: [UInt8], _) throws(StorageError) in records.append(p) }
         r.records = records
         return r
     }
 
-    /// `recover`, handing each record to `body` as it is found instead of collecting them (the
-    /// returned `records` is empty): replaying a large log holds one record at a time.
+    /// `recover`, handing each record to `body` with the offset where its frame starts, as it is
+    /// found, instead of collecting them (the returned `records` is empty): replaying a large log
+    /// holds one record at a time.
     public static func replay(_ file: any ReadableFile, path: String, salvage: Bool = false,
-                              _ body: ([UInt8]) throws(StorageError) -> Void) throws(StorageError) -> Recovery {
+                              _ body: (_ payload: [UInt8], _ offset: UInt64) throws(StorageError) -> Void) throws(StorageError) -> Recovery {
         let size = file.size
         let data = try file.read(at: 0, count: Int(min(size, UInt64(Int.max))))
         var offset = 0
         var salvaged: UInt64 = 0
+        var regions = 0
         while offset < data.count {
             if let (payload, next) = record(at: offset, in: data) {
-                try body(payload)
+                try body(payload, UInt64(offset))
                 offset = next
                 continue
             }
             // Bad record at `offset`: torn tail, or corruption with good records after it?
             guard let resume = nextValidRecord(after: offset, in: data) else {
-                return Recovery(records: [], validEnd: UInt64(offset), tornTailBytes: UInt64(data.count - offset), salvagedBytes: salvaged)
+                return Recovery(records: [], validEnd: UInt64(offset), tornTailBytes: UInt64(data.count - offset),
+                                salvagedBytes: salvaged, salvagedRegions: regions)
             }
             guard salvage else {
                 throw .corruption(path: path, offset: UInt64(offset), reason: "bad log record followed by valid records at \(resume)")
             }
             salvaged += UInt64(resume - offset)
+            regions += 1
             offset = resume
         }
-        return Recovery(records: [], validEnd: UInt64(offset), tornTailBytes: 0, salvagedBytes: salvaged)
+        return Recovery(records: [], validEnd: UInt64(offset), tornTailBytes: 0, salvagedBytes: salvaged, salvagedRegions: regions)
     }
 
     /// The record at `offset` and where the next starts, if it is complete and its checksum holds.
