@@ -238,7 +238,9 @@ public final class Database: Sendable {
         self.state = Mutex(state)
     }
 
-    /// Bounds that keep every counter far from overflow whatever a file says.
+    /// Bounds that keep every counter far from overflow whatever a file says: a manifest or log
+    /// stating a sequence or file number at or past them is corruption (`Version.validate`, log
+    /// replay); files named with a larger number are ignored.
     static let maxSequence: UInt64 = 1 << 62
     static let maxFileNumber: UInt64 = 1 << 40
 
@@ -264,9 +266,13 @@ public final class Database: Sendable {
         try fs.createDirectory(directory)
         let recovered = try Manifest.recoverReporting(fs: fs, directory: directory)
         var version = recovered?.version ?? Version()
+        if let recovered { try version.validate(path: directory + "/" + recovered.manifest) }
         let names = try fs.list(directory)
+        // Logs by number. A name whose number the engine never issues (at or past
+        // `maxFileNumber`, e.g. a stray `18446744073709551615.log`) is not ours: never replayed,
+        // counted or removed.
         let logs = names.filter { $0.hasSuffix(".log") }.compactMap { name -> (UInt64, String)? in
-            guard let n = UInt64(name.dropLast(4)) else { return nil }
+            guard let n = UInt64(name.dropLast(4)), n < Self.maxFileNumber else { return nil }
             return (n, name)
         }.sorted { $0.0 < $1.0 }
         let memtable = Memtable()
@@ -582,7 +588,7 @@ public final class Database: Sendable {
             state.withLock { $0.compacting = [] }
             throw error
         }
-        let inputBytes = plan.all.reduce(UInt64(0)) { $0 + $1.size }
+        let inputBytes = plan.all.totalSize
         var recorded = false
         do {
             // The outputs are opened before the edit, so a live table always has a reader.
@@ -605,8 +611,8 @@ public final class Database: Sendable {
                 for t in plan.all { s.readers[t.number] = nil }
                 s.pointers[plan.level] = plan.inputs.map(\.largest).max { $0.isBefore($1) }
                 s.stats.compactions += 1
-                s.stats.compactionReadBytes += inputBytes
-                s.stats.compactionWrittenBytes += outputs.reduce(0) { $0 + $1.size }
+                s.stats.compactionReadBytes = s.stats.compactionReadBytes.addingSaturating(inputBytes)
+                s.stats.compactionWrittenBytes += outputs.totalSize
                 try retireTombstones(&s)
                 s.relink()
             }
@@ -923,7 +929,7 @@ public final class Database: Sendable {
             st.memtableBytes = s.memtable.approximateBytes
             st.immutableMemtableBytes = s.immutable?.table.approximateBytes ?? 0
             st.tablesPerLevel = (0..<CompactionPolicy.levels).map { s.version.tables[$0]?.count ?? 0 }
-            st.bytesPerLevel = (0..<CompactionPolicy.levels).map { (s.version.tables[$0] ?? []).reduce(0) { $0 + $1.size } }
+            st.bytesPerLevel = (0..<CompactionPolicy.levels).map { (s.version.tables[$0] ?? []).totalSize }
             st.rangeTombstones = s.version.tombstones.count
             return st
         }
