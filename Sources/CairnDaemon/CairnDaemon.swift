@@ -15,6 +15,9 @@ public enum CairnDaemon {
         public var checkConfig = false
         /// Enables `GET /test/faults` (transport fault injection). For test harnesses only.
         public var testFaultInjection = false
+        /// `--salvage`: sets `storage.salvage = true` after the file and every `--set` (open even
+        /// if a log is corrupt before its tail; what is dropped is logged at warning level).
+        public var salvage = false
         public init(configPath: String) { self.configPath = configPath }
     }
 
@@ -28,7 +31,8 @@ public enum CairnDaemon {
         let nodeConfig = try loadConfig(o)
         if o.checkConfig {
             print("configuration OK: node \(nodeConfig.name), cluster \(nodeConfig.clusterName), \(nodeConfig.members.count) members, " +
-                  "ring_size \(nodeConfig.ringSize), n_val \(nodeConfig.nVal), listen \(nodeConfig.listen)")
+                  "ring_size \(nodeConfig.ringSize), n_val \(nodeConfig.nVal), listen \(nodeConfig.listen)" +
+                  (nodeConfig.storage.salvage ? ", storage.salvage on" : ""))
             return
         }
         LoggingSystem.bootstrap { label in
@@ -86,6 +90,7 @@ public enum CairnDaemon {
                 throw Failure(description: "--set \(override): \(error)")
             }
         }
+        if o.salvage { parsed.storage.salvage = true }
         do { try parsed.validate() } catch { throw Failure(description: "\(o.configPath): \(error)") }
         return parsed
     }

@@ -109,8 +109,17 @@ public final class CairnNode: Service, Sendable {
         guard core.opened == nil, let dir = config.dataDirectory else { return }
         let notifier = notifier
         let started = ContinuousClock.now
-        let backend = try await DiskBackend.open(directory: dir + "/storage", options: config.storage) { done, total in
-            notifier.report(.recovering(done: done, total: total, at: .now))
+        let backend: DiskBackend
+        do {
+            backend = try await DiskBackend.open(directory: dir + "/storage", options: config.storage) { done, total in
+                notifier.report(.recovering(done: done, total: total, at: .now))
+            }
+        } catch let error as StorageError {
+            if case .corruption(let path, let offset, _) = error, path.hasSuffix(".log"), !config.storage.salvage {
+                core.logger.error("a write-ahead log is corrupt before its tail; to start anyway, keeping everything intact and dropping the corrupt records, run cairnd --salvage (or set storage.salvage = true)",
+                                  metadata: ["file": "\(path)", "offset": "\(offset)", "error": "\(error)"])
+            }
+            throw error
         }
         core.adopt(decorateBackend?(backend) ?? backend)
         let stats = backend.database.statistics
@@ -119,6 +128,12 @@ public final class CairnNode: Service, Sendable {
             "torn_tail_bytes": "\(stats.tornTailBytes)", "took": "\(ContinuousClock.now - started)",
             "sync": "\(config.storage.syncMode)", "epoch": "\(backend.persistentEpoch ?? 0)",
         ])
+        if stats.salvagedBytes > 0 || stats.salvagedRegions > 0 {
+            core.logger.warning("storage salvage dropped corrupt log records; writes in them are lost on this node", metadata: [
+                "directory": "\(dir)/storage", "salvaged_bytes": "\(stats.salvagedBytes)",
+                "salvaged_regions": "\(stats.salvagedRegions)", "recovered_records": "\(stats.recoveredRecords)",
+            ])
+        }
     }
 
     private func bindListeners(holding locked: DataDirectory?) async throws -> BoundAddresses {

@@ -30,7 +30,8 @@ public struct NodeConfig: Sendable {
     /// survives a restart (tests, throwaway clusters).
     public var storageKind = StorageKind.disk
     /// The engine's options: sync mode (`storage.sync`, default `always`), write buffer, block
-    /// cache, compaction budget and level-0 bounds.
+    /// cache, compaction budget, level-0 bounds, and `storage.salvage` (`cairnd --salvage`: open
+    /// even if a log is corrupt before its tail, dropping the corrupt records).
     public var storage = DatabaseOptions()
     // cluster.*
     public var clusterName = "cairn"

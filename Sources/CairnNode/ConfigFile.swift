@@ -98,6 +98,12 @@ extension NodeConfig {
         case "storage.l0_compaction_trigger": storage.compaction.level0Trigger = try Self.int(value, 1...1000)
         case "storage.l0_slowdown_trigger": storage.compaction.level0Slowdown = try Self.int(value, 1...1000)
         case "storage.l0_stop_trigger": storage.compaction.level0Stop = try Self.int(value, 1...1000)
+        case "storage.salvage":
+            switch value {
+            case "true": storage.salvage = true
+            case "false": storage.salvage = false
+            default: throw ValidationError("'\(value)' is not true or false")
+            }
         default: throw ValidationError("unknown key")
         }
     }

@@ -53,7 +53,7 @@ extension CompactionPolicy {
         var best: (score: Double, level: Int)?
         if l0.count >= level0Trigger { best = (Double(l0.count) / Double(level0Trigger), 0) }
         for level in 1..<(Self.levels - 1) {
-            let size = (version.tables[level] ?? []).reduce(UInt64(0)) { $0 + $1.size }
+            let size = (version.tables[level] ?? []).totalSize
             let score = Double(size) / Double(maxBytes(level: level))
             if score >= 1, score > best?.score ?? 0 { best = (score, level) }
         }

@@ -101,7 +101,11 @@ public struct WriteBatch: Sendable, Hashable {
 /// (Docs/configuration.md) and a statistic.
 public struct DatabaseOptions: Sendable {
     public var syncMode: SyncMode = .always
-    /// Skip corrupt log records (counted in `Statistics.salvagedBytes`) instead of refusing to open.
+    /// Open even if a log is corrupt before its tail (`storage.salvage`, `cairnd --salvage`):
+    /// skip each corrupt stretch, and each record that checks out but is not a valid batch, keep
+    /// everything else, and count what was dropped (`Statistics.salvagedBytes`,
+    /// `salvagedRegions`). Off: such a log makes `open` fail with `.corruption` naming the file
+    /// and offset. A torn tail is dropped either way; the manifest is never salvaged.
     public var salvage = false
     /// Memory for memtables, the active one and the one being flushed together
     /// (`write_buffer_bytes`): the active memtable is frozen and flushed at half of it.
@@ -127,9 +131,11 @@ public struct DatabaseOptions: Sendable {
 /// (atomic batches), `get`, snapshots with ordered iteration, `flush`, `compact`, `close`.
 ///
 /// Contract: a write acknowledged under `always` survives a crash; a batch is all or nothing;
-/// `deleteRange` is durable when it returns (it is recorded in the manifest); after a failed sync
-/// (or a background job failing `backgroundRetryLimit` times) every write is refused until the
-/// database is reopened. Writes are delayed, never failed, while level 0 is past its slowdown
+/// `deleteRange` is durable when it returns (it is recorded in the manifest); after a failed sync,
+/// a failed log or manifest write (a short write, ENOSPC, EIO: nothing is ever appended after the
+/// fragment it may leave, which recovery drops as a torn tail), or a background job failing
+/// `backgroundRetryLimit` times, every write is refused (`writesRefused`) until the database is
+/// reopened. Writes are delayed, never failed, while level 0 is past its slowdown
 /// bound, and wait while the memtables are full or level 0 is past its stop bound.
 ///
 /// Isolation: thread-safe. One lock guards the write path's state (sequence, memtables, version,
@@ -138,8 +144,12 @@ public struct DatabaseOptions: Sendable {
 public final class Database: Sendable {
     public struct Statistics: Sendable, Hashable {
         public var recoveredRecords = 0
+        /// Bytes of torn last records dropped at open: the logs' (truncated) and the manifest's.
         public var tornTailBytes: UInt64 = 0
+        /// Log bytes `salvage` dropped at open (corrupt stretches and records that were not batches).
         public var salvagedBytes: UInt64 = 0
+        /// Corrupt stretches and undecodable records `salvage` dropped at open.
+        public var salvagedRegions = 0
         public var removedOrphanFiles = 0
         public var logSyncs = 0
         public var writes = 0
@@ -181,6 +191,8 @@ public final class Database: Sendable {
         var committer: GroupCommitter
         var compacting: Set<UInt64> = []
         var pointers: [Int: [UInt8]] = [:]
+        /// A log or manifest append failed: every write is refused until reopened.
+        var writeFailure: StorageError?
         var backgroundError: StorageError?
         var closed = false
         var stats = Statistics()
@@ -226,7 +238,9 @@ public final class Database: Sendable {
         self.state = Mutex(state)
     }
 
-    /// Bounds that keep every counter far from overflow whatever a file says.
+    /// Bounds that keep every counter far from overflow whatever a file says: a manifest or log
+    /// stating a sequence or file number at or past them is corruption (`Version.validate`, log
+    /// replay); files named with a larger number are ignored.
     static let maxSequence: UInt64 = 1 << 62
     static let maxFileNumber: UInt64 = 1 << 40
 
@@ -250,15 +264,21 @@ public final class Database: Sendable {
     public static func open(fs: any FileSystem, directory: String, options: DatabaseOptions = .init(),
                             progress: (@Sendable (UInt64, UInt64) -> Void)? = nil) throws(StorageError) -> Database {
         try fs.createDirectory(directory)
-        var version = try Manifest.recover(fs: fs, directory: directory)?.0 ?? Version()
+        let recovered = try Manifest.recoverReporting(fs: fs, directory: directory)
+        var version = recovered?.version ?? Version()
+        if let recovered { try version.validate(path: directory + "/" + recovered.manifest) }
         let names = try fs.list(directory)
+        // Logs by number. A name whose number the engine never issues (at or past
+        // `maxFileNumber`, e.g. a stray `18446744073709551615.log`) is not ours: never replayed,
+        // counted or removed.
         let logs = names.filter { $0.hasSuffix(".log") }.compactMap { name -> (UInt64, String)? in
-            guard let n = UInt64(name.dropLast(4)) else { return nil }
+            guard let n = UInt64(name.dropLast(4)), n < Self.maxFileNumber else { return nil }
             return (n, name)
         }.sorted { $0.0 < $1.0 }
         let memtable = Memtable()
         var sequence = version.lastSequence
         var stats = Statistics()
+        stats.tornTailBytes = recovered?.tornTailBytes ?? 0
         let replay = logs.filter { $0.0 >= version.logNumber }
         // Opened once: the sizes give the progress total, the same handles are replayed.
         var files: [any ReadableFile] = []
@@ -271,13 +291,20 @@ public final class Database: Sendable {
         for ((_, name), file) in zip(replay, files) {
             let size = file.size
             let path = directory + "/" + name
-            let r = try WAL.replay(file, path: path, salvage: options.salvage) { (record: [UInt8]) throws(StorageError) in
+            let r = try WAL.replay(file, path: path, salvage: options.salvage) { (record: [UInt8], offset: UInt64) throws(StorageError) in
+                // A record whose checksum holds but whose content is unusable: refused, or dropped
+                // (and counted) under salvage.
+                func unusable(_ reason: String) throws(StorageError) {
+                    guard options.salvage else { throw .corruption(path: path, offset: offset, reason: reason) }
+                    stats.salvagedBytes += UInt64(WAL.headerBytes + record.count)
+                    stats.salvagedRegions += 1
+                }
                 guard let (first, batch) = WriteBatch.decode(record) else {
-                    throw .corruption(path: path, offset: 0, reason: "a log record with a valid checksum is not a write batch")
+                    return try unusable("a log record with a valid checksum is not a write batch")
                 }
                 let (end, overflow) = first.addingReportingOverflow(UInt64(batch.ops.count))
                 guard !overflow, end < Self.maxSequence else {
-                    throw .corruption(path: path, offset: 0, reason: "batch sequence \(first) out of range")
+                    return try unusable("batch sequence \(first) out of range")
                 }
                 for (i, op) in batch.ops.enumerated() {
                     let seq = first + UInt64(i)
@@ -298,6 +325,7 @@ public final class Database: Sendable {
                 stats.tornTailBytes += r.tornTailBytes
             }
             stats.salvagedBytes += r.salvagedBytes
+            stats.salvagedRegions += r.salvagedRegions
             done += size
             progress?(done, total)
         }
@@ -381,7 +409,9 @@ public final class Database: Sendable {
         let fatal: Bool = state.withLock { s in
             s.stats.backgroundFailures += 1
             s.stats.lastBackgroundError = error.description
-            var fatal = failures >= options.backgroundRetryLimit
+            // Past the limit; at once after a failed sync, or once writes are refused for good
+            // (the manifest cannot take another edit).
+            var fatal = failures >= options.backgroundRetryLimit || s.backgroundError != nil
             if case .syncFailed = error { fatal = true }
             if fatal, s.backgroundError == nil { s.backgroundError = error }
             return fatal
@@ -429,32 +459,49 @@ public final class Database: Sendable {
             var reader: TableReader?
             var written: UInt64 = 0
             let entries = frozen.scan().filter { e in !tombstones.contains { $0.hides(e.key, e.sequence) } }
+            let tablePath = path(Self.tableName(number))
             if let first = entries.first, let last = entries.last {
-                let tablePath = path(Self.tableName(number))
-                let builder = try TableBuilder(fs: fs, path: tablePath, blockSize: options.blockSize, bitsPerKey: options.bloomBitsPerKey)
-                var low = UInt64.max
-                var high: UInt64 = 0
-                for e in entries {
-                    try builder.add(key: e.key, value: InternalValue.encode(e))
-                    low = min(low, e.sequence)
-                    high = max(high, e.sequence)
+                do throws(StorageError) {
+                    let builder = try TableBuilder(fs: fs, path: tablePath, blockSize: options.blockSize, bitsPerKey: options.bloomBitsPerKey)
+                    var low = UInt64.max
+                    var high: UInt64 = 0
+                    for e in entries {
+                        try builder.add(key: e.key, value: InternalValue.encode(e))
+                        low = min(low, e.sequence)
+                        high = max(high, e.sequence)
+                    }
+                    written = try builder.finish()
+                    try fs.syncDirectory(directory)
+                    edit.added = [TableMeta(number: number, level: 0, size: written, smallest: first.key, largest: last.key,
+                                            smallestSequence: low, largestSequence: high, filteredThrough: filteredThrough)]
+                    reader = try TableReader(fs: fs, path: tablePath, number: number, cache: cache)
+                } catch {
+                    // A partial table (a full disk, say) would hold its space until the next open.
+                    if fs.exists(tablePath) { try? fs.remove(tablePath) }
+                    throw error
                 }
-                written = try builder.finish()
-                try fs.syncDirectory(directory)
-                edit.added = [TableMeta(number: number, level: 0, size: written, smallest: first.key, largest: last.key,
-                                        smallestSequence: low, largestSequence: high, filteredThrough: filteredThrough)]
-                reader = try TableReader(fs: fs, path: tablePath, number: number, cache: cache)
             }
-            try state.withLock { s throws(StorageError) in
-                edit.nextFile = s.version.nextFile
-                try Manifest.record(edit, to: s.manifest)
-                s.version.apply(edit)
-                if let reader { s.readers[number] = reader }
-                s.immutable = nil
-                s.stats.flushes += 1
-                s.stats.flushedBytes += written
-                try retireTombstones(&s)
-                s.relink()
+            var recorded = false
+            do throws(StorageError) {
+                try state.withLock { s throws(StorageError) in
+                    edit.nextFile = s.version.nextFile
+                    try record(edit, &s)
+                    recorded = true
+                    s.version.apply(edit)
+                    if let reader { s.readers[number] = reader }
+                    s.immutable = nil
+                    s.stats.flushes += 1
+                    s.stats.flushedBytes += written
+                    try retireTombstones(&s)
+                    s.relink()
+                }
+            } catch {
+                // The table's edit never made it to the manifest: the table is an orphan.
+                if !recorded, let reader {
+                    reader.close()
+                    try? fs.remove(tablePath)
+                }
+                throw error
             }
             for name in try fs.list(directory) where name.hasSuffix(".log") {
                 if let n = UInt64(name.dropLast(4)), n < nextLog { try fs.remove(path(name)) }
@@ -464,6 +511,26 @@ public final class Database: Sendable {
             room.notifyAll()
             return true
         }
+    }
+
+    /// Appends `edit` to the manifest durably; the caller applies it after. If that fails, the
+    /// manifest writer refuses every later edit (nothing goes on top of the fragment the failed
+    /// append may have left; recovery drops it as a torn tail), so the database stops: writes are
+    /// refused and the background workers end until it is reopened. Caller holds the lock.
+    private func record(_ edit: VersionEdit, _ s: inout State) throws(StorageError) {
+        do {
+            try Manifest.record(edit, to: s.manifest)
+        } catch {
+            if s.writeFailure == nil { s.writeFailure = error }
+            if s.backgroundError == nil { s.backgroundError = error }
+            room.notifyAll()
+            throw error
+        }
+    }
+
+    /// The error every write meets after a log or manifest append failed.
+    static func refusal(_ failure: StorageError) -> StorageError {
+        .writesRefused("a write to the log or manifest failed (\(failure)); writes are refused until the database is reopened")
     }
 
     /// Drops range tombstones that hide nothing any more: every memtable is newer than the
@@ -477,7 +544,7 @@ public final class Database: Sendable {
         guard !retired.isEmpty else { return }
         var edit = VersionEdit()
         edit.removedTombstones = retired.map(\.sequence)
-        try Manifest.record(edit, to: s.manifest)
+        try record(edit, &s)
         s.version.apply(edit)
     }
 
@@ -499,7 +566,7 @@ public final class Database: Sendable {
                 var moved = t
                 moved.level = plan.outputLevel
                 edit.added = [moved]
-                try Manifest.record(edit, to: s.manifest)
+                try record(edit, &s)
                 s.version.apply(edit)
                 s.pointers[plan.level] = t.largest
                 s.stats.trivialMoves += 1
@@ -521,27 +588,39 @@ public final class Database: Sendable {
             state.withLock { $0.compacting = [] }
             throw error
         }
-        let inputBytes = plan.all.reduce(UInt64(0)) { $0 + $1.size }
-        try state.withLock { s throws(StorageError) in
-            defer { s.compacting = [] }
-            var edit = VersionEdit()
-            // A range deletion may have dropped an input meanwhile: remove only what is still live.
-            let live = Set(s.version.allTables.map(\.number))
-            edit.removed = plan.all.filter { live.contains($0.number) }.map { ($0.level, $0.number) }
-            edit.added = outputs
-            edit.nextFile = s.version.nextFile
-            try Manifest.record(edit, to: s.manifest)
-            s.version.apply(edit)
+        let inputBytes = plan.all.totalSize
+        var recorded = false
+        do {
+            // The outputs are opened before the edit, so a live table always has a reader.
+            var opened: [UInt64: TableReader] = [:]
             for o in outputs {
-                s.readers[o.number] = try TableReader(fs: fs, path: path(Self.tableName(o.number)), number: o.number, cache: cache)
+                opened[o.number] = try TableReader(fs: fs, path: path(Self.tableName(o.number)), number: o.number, cache: cache)
             }
-            for t in plan.all { s.readers[t.number] = nil }
-            s.pointers[plan.level] = plan.inputs.map(\.largest).max { $0.isBefore($1) }
-            s.stats.compactions += 1
-            s.stats.compactionReadBytes += inputBytes
-            s.stats.compactionWrittenBytes += outputs.reduce(0) { $0 + $1.size }
-            try retireTombstones(&s)
-            s.relink()
+            try state.withLock { s throws(StorageError) in
+                defer { s.compacting = [] }
+                var edit = VersionEdit()
+                // A range deletion may have dropped an input meanwhile: remove only what is still live.
+                let live = Set(s.version.allTables.map(\.number))
+                edit.removed = plan.all.filter { live.contains($0.number) }.map { ($0.level, $0.number) }
+                edit.added = outputs
+                edit.nextFile = s.version.nextFile
+                try record(edit, &s)
+                recorded = true
+                s.version.apply(edit)
+                s.readers.merge(opened) { _, new in new }
+                for t in plan.all { s.readers[t.number] = nil }
+                s.pointers[plan.level] = plan.inputs.map(\.largest).max { $0.isBefore($1) }
+                s.stats.compactions += 1
+                s.stats.compactionReadBytes = s.stats.compactionReadBytes.addingSaturating(inputBytes)
+                s.stats.compactionWrittenBytes += outputs.totalSize
+                try retireTombstones(&s)
+                s.relink()
+            }
+        } catch {
+            state.withLock { $0.compacting = [] }
+            // Outputs no edit references (a reopen would remove them too).
+            if !recorded { for o in outputs { try? fs.remove(path(Self.tableName(o.number))) } }
+            throw error
         }
         // Open snapshots keep their descriptors; the names go now.
         for t in plan.all {
@@ -645,6 +724,7 @@ public final class Database: Sendable {
         while true {
             let seen = room.current
             let admission: Admission = try state.withLock { s throws(StorageError) in
+                if let f = s.writeFailure { throw Self.refusal(f) }
                 if let e = s.backgroundError { throw .writesRefused("a background job failed (\(e))") }
                 if s.closed { throw .writesRefused("the database is closed") }
                 let l0 = s.version.tables[0]?.count ?? 0
@@ -696,24 +776,51 @@ public final class Database: Sendable {
         guard !batch.ops.isEmpty else { return state.withLock { $0.sequence } }
         var obsolete: [UInt64] = []
         let (last, rotated): (UInt64, Bool) = try state.withLock { s throws(StorageError) in
+            if let f = s.writeFailure { throw Self.refusal(f) }
             if let e = s.backgroundError { throw .writesRefused("a background job failed (\(e))") }
             if s.closed { throw .writesRefused("the database is closed") }
             let first = s.sequence + 1
             guard first + UInt64(batch.ops.count) < Self.maxSequence else { throw .invalidArgument("sequence numbers exhausted") }
-            try s.writer.append([batch.encoded(firstSequence: first)], sync: false)
+            do throws(StorageError) {
+                try s.writer.append([batch.encoded(firstSequence: first)], sync: false)
+            } catch {
+                // The log may end in a fragment of this record now: no later record may follow it.
+                switch error {
+                case .invalidArgument, .writesRefused: break
+                default: if s.writeFailure == nil { s.writeFailure = error }
+                }
+                throw error
+            }
+            // The record is in the log: from here the batch is applied whole, even if recording a
+            // range deletion in the manifest fails (then the tombstone is kept in memory, where
+            // replaying the log would put it, and the error is thrown after).
+            var manifestFailure: StorageError?
             for (i, op) in batch.ops.enumerated() {
                 let seq = first + UInt64(i)
                 switch op {
                 case .put(let k, let v): s.memtable.add(key: k, sequence: seq, kind: .value, value: v)
                 case .delete(let k): s.memtable.add(key: k, sequence: seq, kind: .deletion, value: [])
                 case .deleteRange(let lower, let upper):
-                    obsolete += try recordRangeDeletion(&s, RangeTombstone(lower: lower, upper: upper, sequence: seq))
+                    let t = RangeTombstone(lower: lower, upper: upper, sequence: seq)
+                    if manifestFailure == nil {
+                        do throws(StorageError) { obsolete += try recordRangeDeletion(&s, t) } catch { manifestFailure = error }
+                    }
+                    if manifestFailure != nil {
+                        var e = VersionEdit()
+                        e.addedTombstones = [t]
+                        e.lastSequence = t.sequence
+                        s.version.apply(e)
+                    }
                 }
             }
             s.sequence = first + UInt64(batch.ops.count) - 1
             s.committer.noteAppended(upTo: s.sequence)
             s.stats.writes += 1
             s.stats.writtenBytes += UInt64(batch.payloadBytes)
+            if let manifestFailure {
+                s.relink()
+                throw manifestFailure
+            }
             var rotated = false
             if s.immutable == nil && s.memtable.approximateBytes >= options.writeBufferBytes / 2 {
                 try rotate(&s)
@@ -751,7 +858,7 @@ public final class Database: Sendable {
                 && !$0.smallest.isBefore(t.lower) && $0.largest.isBefore(t.upper)
         }
         edit.removed = inside.map { ($0.level, $0.number) }
-        try Manifest.record(edit, to: s.manifest)
+        try record(edit, &s)
         s.version.apply(edit)
         for m in inside { s.readers[m.number] = nil }
         s.relink()
@@ -838,7 +945,7 @@ public final class Database: Sendable {
             st.memtableBytes = s.memtable.approximateBytes
             st.immutableMemtableBytes = s.immutable?.table.approximateBytes ?? 0
             st.tablesPerLevel = (0..<CompactionPolicy.levels).map { s.version.tables[$0]?.count ?? 0 }
-            st.bytesPerLevel = (0..<CompactionPolicy.levels).map { (s.version.tables[$0] ?? []).reduce(0) { $0 + $1.size } }
+            st.bytesPerLevel = (0..<CompactionPolicy.levels).map { (s.version.tables[$0] ?? []).totalSize }
             st.rangeTombstones = s.version.tombstones.count
             return st
         }
@@ -850,9 +957,15 @@ public final class Database: Sendable {
     /// small footprint), stops the background workers (a compaction in progress is abandoned; its
     /// partial output is removed), syncs the log and closes every file. The database is unusable
     /// afterwards.
+    /// If the flush or a sync fails, the workers are still stopped and the files closed, and
+    /// the first error is thrown (the database can then be reopened, which recovers from the log).
     public func close() async throws {
-        if state.withLock({ !$0.closed && $0.backgroundError == nil }) { try flush() }
-        try await stop(syncing: true)
+        var failure: (any Error)?
+        if state.withLock({ !$0.closed && $0.backgroundError == nil }) {
+            do { try flush() } catch { failure = error }
+        }
+        do { try await stop(syncing: true) } catch { failure = failure ?? error }
+        if let failure { throw failure }
     }
 
     /// Stops the workers and releases the files without syncing anything: what a crashed process
@@ -872,12 +985,17 @@ public final class Database: Sendable {
         room.notifyAll()
         for t in workers.withLock({ $0 }) { await t.value }
         guard !already else { return }
-        try state.withLock { s throws(StorageError) in
-            if syncing && s.backgroundError == nil { try s.writer.sync() }
-            try s.writer.close()
-            try s.manifest.close()
+        let failure: StorageError? = state.withLock { s in
+            var failure: StorageError?
+            if syncing && s.backgroundError == nil {
+                do throws(StorageError) { try s.writer.sync() } catch { failure = error }
+            }
+            do throws(StorageError) { try s.writer.close() } catch { failure = failure ?? error }
+            do throws(StorageError) { try s.manifest.close() } catch { failure = failure ?? error }
             for r in s.readers.values { r.close() }
+            return failure
         }
+        if let failure { throw failure }
     }
 }
 

@@ -6,7 +6,9 @@ import Synchronization
 /// Model: each file has durable bytes (as of its last sync) and bytes appended since. A
 /// directory's entries (creations, renames, removals) are durable only after `syncDirectory`.
 /// `crash(tearing:)` keeps exactly the durable state, optionally plus a prefix of each file's
-/// unsynced bytes (a torn write: what a power cut may leave).
+/// unsynced bytes (a torn write: what a power cut may leave). Writes can be short: a full disk
+/// (`setFreeSpace`) or an injected failure (`failNextWrite`) keeps a prefix of an append and
+/// then fails it, as `write(2)` returning less followed by ENOSPC or EIO does.
 public final class FaultyFileSystem: FileSystem, Sendable {
     final class Node: @unchecked Sendable {
         // Guarded by the file system's lock.
@@ -25,6 +27,17 @@ public final class FaultyFileSystem: FileSystem, Sendable {
         var failSyncs = 0
         var skipBeforeFailing = 0
         var syncCount = 0
+        /// Bytes appends may still add (nil: unlimited).
+        var freeSpace: Int?
+        /// An armed short write (see `failNextWrite`).
+        var writeFault: WriteFault?
+    }
+
+    struct WriteFault {
+        var match: String
+        var skip: Int
+        var keep: Int
+        var errno: Int32
     }
 
     private let state = Mutex(State())
@@ -54,6 +67,23 @@ public final class FaultyFileSystem: FileSystem, Sendable {
     }
 
     public var syncCount: Int { state.withLock { $0.syncCount } }
+
+    /// A small disk: from now on appends may add only `bytes` more bytes in all (nil: unlimited,
+    /// which also frees a full disk). An append that does not fit keeps the part that fits, then
+    /// fails with ENOSPC. Removing files does not give space back; call this again to free it.
+    public func setFreeSpace(_ bytes: Int?) {
+        state.withLock { $0.freeSpace = bytes.map { max($0, 0) } }
+    }
+
+    /// Bytes appends may still add (nil: unlimited).
+    public var freeSpace: Int? { state.withLock { $0.freeSpace } }
+
+    /// Arms one short write: the append after `skipping` more appends to a file whose path
+    /// contains `match` ("" matches every file) keeps the first `keeping` bytes of its data, then
+    /// fails with `errno` (5, EIO, by default; 28 is ENOSPC).
+    public func failNextWrite(toPathContaining match: String = "", skipping: Int = 0, keeping: Int, errno: Int32 = 5) {
+        state.withLock { $0.writeFault = WriteFault(match: match, skip: max(skipping, 0), keep: max(keeping, 0), errno: errno) }
+    }
 
     /// Flips one bit of a file's current contents.
     public func flipBit(_ path: String, byte: Int, bit: Int = 0) {
@@ -190,7 +220,27 @@ public final class FaultyFileSystem: FileSystem, Sendable {
         try state.withLock { s throws(StorageError) in
             try Self.alive(s, generation, path)
             guard let node = s.entries[path] else { throw .io(path: path, operation: "write", errno: 9) }
-            node.pending += bytes
+            var accepted = bytes.count
+            var failure: Int32?
+            if var f = s.writeFault, path.contains(f.match) {
+                if f.skip > 0 {
+                    f.skip -= 1
+                    s.writeFault = f
+                } else {
+                    s.writeFault = nil
+                    accepted = min(accepted, f.keep)
+                    failure = f.errno
+                }
+            }
+            if let free = s.freeSpace {
+                if accepted > free {
+                    accepted = free
+                    failure = 28
+                }
+                s.freeSpace = free - accepted
+            }
+            node.pending += bytes.prefix(accepted)
+            if let failure { throw .io(path: path, operation: "write", errno: failure) }
         }
     }
 

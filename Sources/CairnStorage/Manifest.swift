@@ -176,6 +176,41 @@ public struct Version: Sendable, Hashable {
 
     /// Every live table, level by level.
     public var allTables: [TableMeta] { tables.keys.sorted().flatMap { tables[$0] ?? [] } }
+
+    /// Checks the numbers a manifest states before the engine computes with them (a manifest's
+    /// checksums can hold over values no engine wrote): the last sequence and the next file number
+    /// within the engine's bounds (`Database.maxSequence`, `Database.maxFileNumber`), the log
+    /// number and every table number below the next file number, no table or range tombstone
+    /// newer than the last sequence. Sizes are not checked: they are only summed, saturating.
+    /// Throws `.corruption` naming `path` (the manifest).
+    public func validate(path: String) throws(StorageError) {
+        func bad(_ why: String) -> StorageError { .corruption(path: path, offset: 0, reason: why) }
+        guard lastSequence < Database.maxSequence else { throw bad("last sequence \(lastSequence) is out of range") }
+        guard nextFile < Database.maxFileNumber else { throw bad("next file number \(nextFile) is out of range") }
+        guard logNumber <= nextFile else { throw bad("log number \(logNumber) is past the next file number \(nextFile)") }
+        for t in allTables {
+            guard t.number < nextFile else { throw bad("table \(t.number) is not below the next file number \(nextFile)") }
+            guard t.smallestSequence <= t.largestSequence, t.largestSequence <= lastSequence else {
+                throw bad("table \(t.number) holds sequences \(t.smallestSequence)...\(t.largestSequence), past the last sequence \(lastSequence)")
+            }
+        }
+        for t in tombstones where t.sequence > lastSequence {
+            throw bad("range tombstone \(t.sequence) is past the last sequence \(lastSequence)")
+        }
+    }
+}
+
+extension Sequence where Element == TableMeta {
+    /// The tables' total size, saturating at `UInt64.max`: sizes come from the manifest.
+    var totalSize: UInt64 { reduce(0) { $0.addingSaturating($1.size) } }
+}
+
+extension UInt64 {
+    /// `self + other`, or `UInt64.max` if that overflows (counters fed by numbers from files).
+    func addingSaturating(_ other: UInt64) -> UInt64 {
+        let (sum, overflow) = addingReportingOverflow(other)
+        return overflow ? .max : sum
+    }
 }
 
 /// The manifest: a log (the WAL format) of version edits, named by `CURRENT`.
@@ -221,13 +256,30 @@ public enum Manifest {
     }
 
     /// Appends an edit durably (the caller applies it to its version only after this returns).
+    /// If the append or its sync fails, `writer` refuses every later edit: the torn edit stays
+    /// the manifest's last bytes, which recovery drops (the edit was never applied).
     public static func record(_ edit: VersionEdit, to writer: WALWriter) throws(StorageError) {
         try writer.append([edit.encoded()], sync: true)
     }
 
+    /// What recovery rebuilt from the manifest `CURRENT` names.
+    public struct Recovered: Sendable {
+        public var version: Version
+        /// The manifest's file name.
+        public var manifest: String
+        /// Bytes of a torn last edit that were dropped (an append cut short by a crash or a
+        /// failed write; it was never applied).
+        public var tornTailBytes: UInt64
+    }
+
     /// Reads `CURRENT` and replays the manifest it names. nil when there is no `CURRENT` (a new
-    /// database).
+    /// database). The version is not checked here: `Database.open` calls `Version.validate`.
     public static func recover(fs: any FileSystem, directory: String) throws(StorageError) -> (Version, manifest: String)? {
+        try recoverReporting(fs: fs, directory: directory).map { ($0.version, $0.manifest) }
+    }
+
+    /// `recover`, also reporting the torn tail it dropped.
+    public static func recoverReporting(fs: any FileSystem, directory: String) throws(StorageError) -> Recovered? {
         let currentPath = directory + "/" + currentName
         guard fs.exists(currentPath) else { return nil }
         let c = try fs.openReadable(currentPath)
@@ -246,6 +298,6 @@ public enum Manifest {
             }
             version.apply(e)
         }
-        return (version, name)
+        return Recovered(version: version, manifest: name, tornTailBytes: r.tornTailBytes)
     }
 }

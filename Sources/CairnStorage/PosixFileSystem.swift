@@ -99,8 +99,11 @@ final class PosixAppendableFile: AppendableFile {
         self.size = size
     }
 
+    /// Writes all of `bytes`. A short write followed by an error (ENOSPC, EIO) leaves a prefix
+    /// in the file: `size` counts it, and the error is thrown.
     func append(_ bytes: [UInt8]) throws(StorageError) {
         var written = 0
+        defer { size += UInt64(written) }
         while written < bytes.count {
             let n = bytes.withUnsafeBytes { raw in write(fd, raw.baseAddress.map { $0 + written }, bytes.count - written) }
             if n < 0 {
@@ -109,7 +112,6 @@ final class PosixAppendableFile: AppendableFile {
             }
             written += n
         }
-        size += UInt64(bytes.count)
     }
 
     func sync() throws(StorageError) {

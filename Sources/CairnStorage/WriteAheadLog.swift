@@ -40,6 +40,8 @@ public enum WAL {
         public var tornTailBytes: UInt64
         /// Records skipped by `salvage` because they were corrupt, and the bytes they spanned.
         public var salvagedBytes: UInt64
+        /// Corrupt stretches `salvage` skipped (each from a bad record to the next valid one).
+        public var salvagedRegions = 0
     }
 
     /// Reads every record of `file`. A bad record is a torn tail when nothing valid follows it (a
@@ -48,36 +50,40 @@ public enum WAL {
     /// and offset, unless `salvage`, which skips to the next valid record and counts the bytes.
     public static func recover(_ file: any ReadableFile, path: String, salvage: Bool = false) throws(StorageError) -> Recovery {
         var records: [[UInt8]] = []
-        var r = try replay(file, path: path, salvage: salvage) { (p: [UInt8]) throws(StorageError) in records.append(p) }
+        var r = try replay(file, path: path, salvage: salvage) { (p: [UInt8], _) throws(StorageError) in records.append(p) }
         r.records = records
         return r
     }
 
-    /// `recover`, handing each record to `body` as it is found instead of collecting them (the
-    /// returned `records` is empty): replaying a large log holds one record at a time.
+    /// `recover`, handing each record to `body` with the offset where its frame starts, as it is
+    /// found, instead of collecting them (the returned `records` is empty): replaying a large log
+    /// holds one record at a time.
     public static func replay(_ file: any ReadableFile, path: String, salvage: Bool = false,
-                              _ body: ([UInt8]) throws(StorageError) -> Void) throws(StorageError) -> Recovery {
+                              _ body: (_ payload: [UInt8], _ offset: UInt64) throws(StorageError) -> Void) throws(StorageError) -> Recovery {
         let size = file.size
         let data = try file.read(at: 0, count: Int(min(size, UInt64(Int.max))))
         var offset = 0
         var salvaged: UInt64 = 0
+        var regions = 0
         while offset < data.count {
             if let (payload, next) = record(at: offset, in: data) {
-                try body(payload)
+                try body(payload, UInt64(offset))
                 offset = next
                 continue
             }
             // Bad record at `offset`: torn tail, or corruption with good records after it?
             guard let resume = nextValidRecord(after: offset, in: data) else {
-                return Recovery(records: [], validEnd: UInt64(offset), tornTailBytes: UInt64(data.count - offset), salvagedBytes: salvaged)
+                return Recovery(records: [], validEnd: UInt64(offset), tornTailBytes: UInt64(data.count - offset),
+                                salvagedBytes: salvaged, salvagedRegions: regions)
             }
             guard salvage else {
                 throw .corruption(path: path, offset: UInt64(offset), reason: "bad log record followed by valid records at \(resume)")
             }
             salvaged += UInt64(resume - offset)
+            regions += 1
             offset = resume
         }
-        return Recovery(records: [], validEnd: UInt64(offset), tornTailBytes: 0, salvagedBytes: salvaged)
+        return Recovery(records: [], validEnd: UInt64(offset), tornTailBytes: 0, salvagedBytes: salvaged, salvagedRegions: regions)
     }
 
     /// The record at `offset` and where the next starts, if it is complete and its checksum holds.
@@ -112,16 +118,29 @@ public enum SyncMode: Sendable, Hashable {
     case none
 }
 
-/// Appends records to one log file. After a failed sync it refuses every further write: the
-/// data since the last good sync may be gone, and a retried fsync could lie.
+/// Appends records to one log file (also the manifest's writer).
+///
+/// Failure rules (a writer never appends on top of a fragment):
+/// - After a failed append (a short write followed by ENOSPC or EIO may have left part of a
+///   record behind) every later `append` is refused with `writesRefused`: the fragment stays the
+///   file's last bytes, so recovery sees it as a torn tail and drops it. `sync` still works: the
+///   records appended before the failure are whole, and their writers may be acknowledged once
+///   they are durable.
+/// - After a failed sync every later `append` and `sync` is refused: the data since the last good
+///   sync may be gone, and a retried fsync could lie.
+/// Either way the writer is done; the engine recovers by reopening (a new log or manifest).
 ///
 /// Concurrency: `append` calls must be serialized by the caller (the engine's commit path);
 /// `sync` may run concurrently with `append` (group commit: `write` and `fdatasync` on one
-/// descriptor are safe together). The failure flag is lock-protected.
+/// descriptor are safe together). The failure flags are lock-protected.
 public final class WALWriter: @unchecked Sendable {
     let file: any AppendableFile
     public let path: String
-    private let failure = Mutex<StorageError?>(nil)
+    private struct Failures {
+        var write: StorageError?
+        var sync: StorageError?
+    }
+    private let failure = Mutex(Failures())
 
     public init(file: any AppendableFile, path: String) {
         self.file = file
@@ -130,28 +149,40 @@ public final class WALWriter: @unchecked Sendable {
 
     public var size: UInt64 { file.size }
 
-    private func checkUsable() throws(StorageError) {
-        if let f = failure.withLock({ $0 }) { throw .writesRefused("an earlier sync of \(path) failed (\(f))") }
-    }
+    /// Why this writer refuses appends, if it does (a failed append or a failed sync).
+    public var appendFailure: StorageError? { failure.withLock { $0.sync ?? $0.write } }
 
-    /// Appends `payloads` as consecutive records, then syncs if `sync`.
+    /// Appends `payloads` as consecutive records, then syncs if `sync`. On a failed write the
+    /// writer refuses every later append (see the type's failure rules) and the error is thrown.
     public func append(_ payloads: [[UInt8]], sync: Bool) throws(StorageError) {
-        try checkUsable()
+        let refused: StorageError? = failure.withLock { f in
+            if let e = f.sync { return .writesRefused("an earlier sync of \(path) failed (\(e))") }
+            if let e = f.write { return .writesRefused("an earlier write to \(path) failed (\(e)); nothing is appended after it") }
+            return nil
+        }
+        if let refused { throw refused }
         var bytes: [UInt8] = []
         for p in payloads {
             guard p.count <= WAL.maxRecordBytes else { throw .invalidArgument("log record of \(p.count) bytes exceeds \(WAL.maxRecordBytes)") }
             bytes += WAL.frame(p)
         }
-        try file.append(bytes)
+        do {
+            try file.append(bytes)
+        } catch {
+            failure.withLock { $0.write = $0.write ?? error }
+            throw error
+        }
         if sync { try self.sync() }
     }
 
+    /// Makes everything appended so far durable (also after a failed append: what was appended
+    /// before it is whole). Refused after a failed sync.
     public func sync() throws(StorageError) {
-        try checkUsable()
+        if let f = failure.withLock({ $0.sync }) { throw .writesRefused("an earlier sync of \(path) failed (\(f))") }
         do {
             try file.sync()
         } catch {
-            failure.withLock { $0 = $0 ?? error }
+            failure.withLock { $0.sync = $0.sync ?? error }
             throw error
         }
     }

@@ -21,6 +21,9 @@ struct Cairnd: AsyncParsableCommand {
     @Flag(help: "Parse and validate the configuration, print it, and exit.")
     var checkConfig = false
 
+    @Flag(help: "Start even if a write-ahead log is corrupt before its tail: skip the corrupt records, keep everything intact, and log what was dropped (same as storage.salvage = true).")
+    var salvage = false
+
     @Flag(help: .hidden)
     var testFaultInjection = false
 
@@ -30,6 +33,7 @@ struct Cairnd: AsyncParsableCommand {
         o.logLevel = logLevel
         o.checkConfig = checkConfig
         o.testFaultInjection = testFaultInjection
+        o.salvage = salvage
         do {
             try await CairnDaemon.run(o)
         } catch let e as CairnDaemon.Failure {

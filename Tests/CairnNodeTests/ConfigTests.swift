@@ -57,6 +57,13 @@ import CairnCore
         try NodeConfig.parse("node.name = n1\ncluster.members = n1@h:1, n2@h:2, n3@h:3\n" + extra)
     }
 
+    @Test func storageSalvageIsAFlagOffByDefault() throws {
+        #expect(try parse("").storage.salvage == false)
+        #expect(try parse("storage.salvage = true\n").storage.salvage == true)
+        #expect(try parse("storage.salvage = true\nstorage.salvage = false\n").storage.salvage == false)
+        #expect(throws: NodeConfig.ParseError.self) { try parse("storage.salvage = yes\n") }
+    }
+
     @Test func crlfFilesParse() throws {
         let c = try NodeConfig.parse("node.name = n1\r\ncluster.members = n1@h:1\r\nrequest.timeout = 3s\r\n")
         #expect(c.requestTimeoutMillis == 3000)

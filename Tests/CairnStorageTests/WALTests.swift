@@ -162,6 +162,30 @@ private func payload(_ i: Int, _ rng: inout Seeded) -> [UInt8] {
         #expect(fs.contents("/db/a") == [1, 2, 3])
     }
 
+    /// The fault disk's short writes: a full disk keeps the part of an append that fits and fails
+    /// it with ENOSPC until space is freed; an armed fault hits only the matching file's append.
+    @Test func aSmallDiskAndAnInjectedFaultWriteAPrefixThenFail() throws {
+        let fs = FaultyFileSystem()
+        try fs.createDirectory("/db")
+        let a = try fs.openAppendable("/db/a", create: true)
+        fs.setFreeSpace(5)
+        try a.append([1, 2])
+        #expect(throws: StorageError.io(path: "/db/a", operation: "write", errno: 28)) { try a.append([3, 4, 5, 6, 7]) }
+        #expect(fs.contents("/db/a") == [1, 2, 3, 4, 5] && a.size == 5 && fs.freeSpace == 0)
+        #expect(throws: StorageError.io(path: "/db/a", operation: "write", errno: 28)) { try a.append([8]) }
+        fs.setFreeSpace(nil)
+        try a.append([8])
+        #expect(fs.contents("/db/a") == [1, 2, 3, 4, 5, 8])
+
+        let b = try fs.openAppendable("/db/b.log", create: true)
+        fs.failNextWrite(toPathContaining: ".log", skipping: 1, keeping: 2)
+        try a.append([9])          // another file: not counted
+        try b.append([1, 1, 1])    // the one skipped
+        #expect(throws: StorageError.io(path: "/db/b.log", operation: "write", errno: 5)) { try b.append([2, 2, 2]) }
+        try b.append([3])          // the fault fired once
+        #expect(fs.contents("/db/b.log") == [1, 1, 1, 2, 2, 3])
+    }
+
     @Test func posixFileSystemRoundTrip() throws {
         let fs = PosixFileSystem()
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("cairn-storage-\(getpid())-\(UInt32.random(in: 0...UInt32.max))").path
