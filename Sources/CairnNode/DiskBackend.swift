@@ -12,7 +12,8 @@ public import CairnStorage
 /// The actor epoch lives with the data. It is kept across restarts when no dot this node issued
 /// can have been lost: after a clean shutdown, or under the `always` sync mode (a coordinator's
 /// write is durable locally before any replica sees it). Otherwise (a crash under `interval` or
-/// `none`) the node takes a fresh epoch, so it never reissues a dot a peer may already hold.
+/// `none`) the node takes a fresh epoch, so it never reissues a dot a peer may already hold. If
+/// the epoch cannot be read because its table block is corrupt, the node also takes a fresh one.
 /// Thread-safe.
 public final class DiskBackend: StorageBackend {
     public let database: Database
@@ -32,15 +33,29 @@ public final class DiskBackend: StorageBackend {
                             progress: (@Sendable (UInt64, UInt64) -> Void)? = nil) async throws -> DiskBackend {
         let db = try Database.open(fs: PosixFileSystem(), directory: directory, options: options, progress: progress)
         do {
-            let stored = try db.get(epochKey).flatMap { $0.count == 8 ? $0.reduce(UInt64(0)) { $0 << 8 | UInt64($1) } : nil }
-            let clean = try db.get(cleanKey) != nil
+            // The metadata keys sort first, so they live in the first block of the tables holding
+            // them: if that block is corrupt, the epoch is unknown (take a fresh one: a new epoch
+            // never reissues a dot) and the shutdown is taken as unclean. The corruption is in
+            // the database's statistics; the rewritten keys shadow the bad block from now on.
+            var stored: UInt64?
+            var clean: Bool?
+            do throws(StorageError) {
+                stored = try db.get(epochKey).flatMap { $0.count == 8 ? $0.reduce(UInt64(0)) { $0 << 8 | UInt64($1) } : nil }
+            } catch {
+                guard case .corruption = error else { throw error }
+            }
+            do throws(StorageError) {
+                clean = try db.get(cleanKey) != nil
+            } catch {
+                guard case .corruption = error else { throw error }
+            }
             var epoch = stored ?? 0
-            if epoch == 0 || (!clean && options.syncMode != .always) {
+            if epoch == 0 || (clean != true && options.syncMode != .always) {
                 epoch = UInt64.random(in: 1...UInt64.max)
                 try await db.put(epochKey, (0..<8).map { UInt8(truncatingIfNeeded: epoch >> UInt64(56 - 8 * $0)) }, sync: .always)
             }
             // From here on a crash is an unclean shutdown.
-            if clean { try await db.delete(cleanKey, sync: .always) }
+            if clean != false { try await db.delete(cleanKey, sync: .always) }
             return DiskBackend(database: db, epoch: epoch)
         } catch {
             await db.abandon()
