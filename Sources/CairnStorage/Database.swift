@@ -950,6 +950,28 @@ public final class Database: Sendable {
         try state.withLock { $0.view }.get(key)
     }
 
+    /// The value of `key` (nil if absent or deleted) as of the newest sequence that is durable
+    /// under the database's own sync mode. Under `always` that is
+    /// `min(current sequence, the group committer's durable sequence)`: a write whose log record
+    /// is not yet synced (applied, awaiting its group commit, or its sync failed) is not visible,
+    /// though `get` sees it; a log switch syncs the old log, so everything before it counts as
+    /// durable. Under `interval` and `none` the engine promises no durability point, and this is
+    /// `get`. A caller may rely on: any value returned was written by a write whose record is on
+    /// disk under `always` (a crash cannot take it back). One exception in the other direction: a
+    /// range deletion drops the tables wholly inside its range at once, in a manifest edit that
+    /// is durable before `apply` returns, so their keys are gone here too even while the
+    /// deletion's log record is not yet synced. Thread-safe.
+    public func getDurable(_ key: [UInt8]) throws(StorageError) -> [UInt8]? {
+        // The committer is replaced at a log switch; the view and the committer are taken together
+        // (its durable sequence is then read outside the engine's lock: it only grows, and the
+        // `min` keeps it within the view).
+        let (view, committer) = state.withLock { s in (s.view, s.committer) }
+        guard options.syncMode == .always else { return try view.get(key) }
+        var durable = view
+        durable.sequence = min(view.sequence, committer.durableSequence)
+        return try durable.get(key)
+    }
+
     /// A consistent view as of now; see `Snapshot`.
     public func snapshot() -> Snapshot { Snapshot(view: state.withLock { $0.view }) }
 
