@@ -128,6 +128,12 @@ public final class CairnNode: Service, Sendable {
             "torn_tail_bytes": "\(stats.tornTailBytes)", "took": "\(ContinuousClock.now - started)",
             "sync": "\(config.storage.syncMode)", "epoch": "\(backend.persistentEpoch ?? 0)",
         ])
+        if !stats.corruptTables.isEmpty {
+            core.logger.warning("storage holds corrupt tables; reads of keys they may hold fail until the keys are rewritten", metadata: [
+                "directory": "\(dir)/storage", "corrupt_tables": "\(stats.corruptTables)",
+                "quarantined_tables": "\(stats.quarantinedTables)", "last_corruption": "\(stats.lastCorruption ?? "")",
+            ])
+        }
         if stats.salvagedBytes > 0 || stats.salvagedRegions > 0 {
             core.logger.warning("storage salvage dropped corrupt log records; writes in them are lost on this node", metadata: [
                 "directory": "\(dir)/storage", "salvaged_bytes": "\(stats.salvagedBytes)",

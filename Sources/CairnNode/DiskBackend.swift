@@ -15,7 +15,8 @@ public import CairnStorage
 /// `always` sync mode (a dot is shown to nobody — reads see only synced writes, replicas get it
 /// after the local sync — before it is durable). Otherwise (a crash of a run under `interval` or
 /// `none`, whatever this run uses) the node takes a fresh epoch, so it never reissues a dot a
-/// peer or client may already hold.
+/// peer or client may already hold. If the epoch, the clean mark or the recorded sync mode
+/// cannot be read because its table block is corrupt, the node assumes the worst (a fresh epoch).
 /// Thread-safe.
 public final class DiskBackend: StorageBackend {
     public let database: Database
@@ -45,25 +46,40 @@ public final class DiskBackend: StorageBackend {
                             progress: (@Sendable (UInt64, UInt64) -> Void)? = nil) async throws -> DiskBackend {
         let db = try Database.open(fs: PosixFileSystem(), directory: directory, options: options, progress: progress)
         do {
-            let stored = try db.get(epochKey).flatMap { $0.count == 8 ? $0.reduce(UInt64(0)) { $0 << 8 | UInt64($1) } : nil }
-            let clean = try db.get(cleanKey) != nil
+            // The metadata keys sort first, so they live in the first block of the tables holding
+            // them: if that block is corrupt, a value is unknown and the worst is assumed (a fresh
+            // epoch never reissues a dot). The corruption is in the database's statistics; the
+            // keys rewritten below shadow the bad block from now on.
+            let stored = try readMetadata(db, epochKey).value.flatMap { $0.count == 8 ? $0.reduce(UInt64(0)) { $0 << 8 | UInt64($1) } : nil }
+            let cleanMark = try readMetadata(db, cleanKey)
+            let clean: Bool? = cleanMark.known ? cleanMark.value != nil : nil
             // What the previous run promised decides, not this run's setting: a crash under
             // `interval` or `none` may have lost dots this node had already shown.
-            let previousRunSyncedAlways = try db.get(runSyncModeKey) == [Self.syncModeCode(.always)]
+            let previousRunSyncedAlways = try readMetadata(db, runSyncModeKey).value == [Self.syncModeCode(.always)]
             var epoch = stored ?? 0
             var batch = WriteBatch()
-            if epoch == 0 || (!clean && !previousRunSyncedAlways) {
+            if epoch == 0 || (clean != true && !previousRunSyncedAlways) {
                 epoch = UInt64.random(in: 1...UInt64.max)
                 batch.put(epochKey, (0..<8).map { UInt8(truncatingIfNeeded: epoch >> UInt64(56 - 8 * $0)) })
             }
             batch.put(runSyncModeKey, [Self.syncModeCode(options.syncMode)])
             // From here on a crash is an unclean shutdown.
-            if clean { batch.delete(cleanKey) }
+            if clean != false { batch.delete(cleanKey) }
             try await db.write(batch, sync: .always)
             return DiskBackend(database: db, epoch: epoch)
         } catch {
             await db.abandon()
             throw error
+        }
+    }
+
+    /// A metadata key's value, and whether it could be read at all (false: its block is corrupt).
+    private static func readMetadata(_ db: Database, _ key: [UInt8]) throws -> (value: [UInt8]?, known: Bool) {
+        do {
+            return (try db.get(key), true)
+        } catch {
+            guard case .corruption = error else { throw error }
+            return (nil, false)
         }
     }
 

@@ -136,7 +136,11 @@ public struct DatabaseOptions: Sendable {
 /// fragment it may leave, which recovery drops as a torn tail), or a background job failing
 /// `backgroundRetryLimit` times, every write is refused (`writesRefused`) until the database is
 /// reopened. Writes are delayed, never failed, while level 0 is past its slowdown
-/// bound, and wait while the memtables are full or level 0 is past its stop bound.
+/// bound, and wait while the memtables are full or level 0 is past its stop bound. A corrupt
+/// table never keeps the database closed or unwritable: a read whose answer the damage may hide
+/// throws `.corruption` (never an older version or nil), a compaction that meets it sets the
+/// table aside (`Version.quarantined`), and `statistics` names it (Docs/storage-format.md,
+/// "Corrupt tables").
 ///
 /// Isolation: thread-safe. One lock guards the write path's state (sequence, memtables, version,
 /// open tables); reads copy a `ReadView` under it and then read without it. A flush worker and a
@@ -173,6 +177,16 @@ public final class Database: Sendable {
         public var bytesPerLevel: [UInt64] = []
         public var rangeTombstones = 0
         public var blockCache = BlockCache.Counters()
+        /// Live tables known to be corrupt (file numbers, sorted): a read or a compaction met a
+        /// bad block in them, they could not be opened, or they were set aside in an earlier run.
+        public var corruptTables: [UInt64] = []
+        /// Live tables set aside from compaction because they are corrupt (file numbers, sorted);
+        /// not counted in `tablesPerLevel` / `bytesPerLevel`. See `Version.quarantined`.
+        public var quarantinedTables: [UInt64] = []
+        /// Corruption errors met since open (reads, compactions, tables that could not be opened).
+        public var corruptionEvents = 0
+        /// The last corruption error met (nil if none).
+        public var lastCorruption: String?
     }
 
     struct State {
@@ -184,6 +198,7 @@ public final class Database: Sendable {
         var readers: [UInt64: TableReader]
         var level0: [TableReader] = []
         var levels: [[LiveTable]] = []
+        var quarantined: [LiveTable] = []
         /// The memtables a reader consults, newest first (kept so a read allocates nothing here).
         var memtables: [Memtable] = []
         var manifest: WALWriter
@@ -196,6 +211,7 @@ public final class Database: Sendable {
         var backgroundError: StorageError?
         var closed = false
         var stats = Statistics()
+        let corruption: CorruptionLog
 
         /// Rebuilds the read path's table lists from the version.
         mutating func relink() {
@@ -204,11 +220,15 @@ public final class Database: Sendable {
             levels = (1..<CompactionPolicy.levels).map { level in
                 (version.tables[level] ?? []).compactMap { m in readers[m.number].map { LiveTable(meta: m, reader: $0) } }
             }
+            quarantined = version.quarantined.compactMap { m in readers[m.number].map { LiveTable(meta: m, reader: $0) } }
         }
 
-        var view: ReadView {
-            ReadView(memtables: memtables, level0: level0, levels: levels,
-                     tombstones: version.tombstones, sequence: sequence)
+        var view: ReadView { view(at: sequence) }
+
+        /// The read view as of `sequence` (≤ the current one).
+        func view(at sequence: UInt64) -> ReadView {
+            ReadView(memtables: memtables, level0: level0, levels: levels, quarantined: quarantined,
+                     tombstones: version.tombstones, sequence: sequence, corruption: corruption)
         }
     }
 
@@ -216,6 +236,8 @@ public final class Database: Sendable {
     public let directory: String
     let options: DatabaseOptions
     let cache: BlockCache
+    /// The corruption met since open (also referenced by every read view).
+    let corruption: CorruptionLog
     private let state: Mutex<State>
     /// Serializes flushes (one at a time; writes continue into the fresh memtable meanwhile).
     private let flushLock = Mutex(())
@@ -235,6 +257,7 @@ public final class Database: Sendable {
         self.directory = directory
         self.options = options
         self.cache = cache
+        corruption = state.corruption
         self.state = Mutex(state)
     }
 
@@ -336,9 +359,23 @@ public final class Database: Sendable {
             stats.removedOrphanFiles += 1
         }
         let cache = BlockCache(capacityBytes: options.blockCacheBytes)
+        let corruption = CorruptionLog()
+        corruption.mark(version.quarantined.map(\.number))
         var readers: [UInt64: TableReader] = [:]
         for meta in version.allTables {
-            readers[meta.number] = try TableReader(fs: fs, path: directory + "/" + tableName(meta.number), number: meta.number, cache: cache)
+            let path = directory + "/" + tableName(meta.number)
+            do {
+                readers[meta.number] = try TableReader(fs: fs, path: path, number: meta.number, cache: cache)
+            } catch {
+                // A corrupt footer, filter or index: the table is opened damaged and set aside (the
+                // new manifest records it), so one table does not keep the database closed.
+                guard case .corruption = error else { throw error }
+                readers[meta.number] = TableReader(damaged: error, meta: meta, path: path)
+                corruption.note(error)
+                var e = VersionEdit()
+                e.quarantined = [(meta.level, meta.number)]
+                version.apply(e)
+            }
         }
         let highestLog = logs.last?.0 ?? 0
         let logNumber = max(version.nextFile, highestLog + 1)
@@ -361,7 +398,7 @@ public final class Database: Sendable {
         try fs.syncDirectory(directory)
         let writer = WALWriter(file: file, path: logPath)
         var state = State(sequence: sequence, memtable: memtable, version: version, readers: readers, manifest: manifest,
-                          writer: writer, committer: makeCommitter(writer, durable: sequence), stats: stats)
+                          writer: writer, committer: makeCommitter(writer, durable: sequence), stats: stats, corruption: corruption)
         state.relink()
         let db = Database(fs: fs, directory: directory, options: options, cache: cache, state: state)
         db.startBackground()
@@ -586,6 +623,12 @@ public final class Database: Sendable {
             outputs = try merge(plan, readers: readers, version: version, filteredThrough: filteredThrough)
         } catch {
             state.withLock { $0.compacting = [] }
+            // A bad block in an input: set that table aside and carry on without it (the next
+            // pick no longer sees it). Retrying would meet the same block forever.
+            if case .corruption(let p, _, _) = error, let bad = plan.all.first(where: { path(Self.tableName($0.number)) == p }) {
+                try setAside(bad, because: error)
+                return true
+            }
             throw error
         }
         let inputBytes = plan.all.totalSize
@@ -632,6 +675,22 @@ public final class Database: Sendable {
         return true
     }
 
+    /// Quarantines table `t` (a compaction met `error` in it): one manifest edit moves it out of
+    /// its level into `Version.quarantined`, where it stays readable, weighed by sequence, and no
+    /// compaction touches it. Writes go on. No-op if the table is no longer in its level.
+    private func setAside(_ t: TableMeta, because error: StorageError) throws(StorageError) {
+        corruption.note(error)
+        try state.withLock { s throws(StorageError) in
+            guard s.version.tables[t.level]?.contains(where: { $0.number == t.number }) == true else { return }
+            var e = VersionEdit()
+            e.quarantined = [(t.level, t.number)]
+            try record(e, &s)
+            s.version.apply(e)
+            s.relink()
+        }
+        room.notifyAll()   // level 0 may have shrunk
+    }
+
     /// The merge of one compaction: writes the output tables and returns their metadata.
     private func merge(_ plan: CompactionPlan, readers: [TableReader], version: Version, filteredThrough: UInt64) throws(StorageError) -> [TableMeta] {
         let byNumber = Dictionary(readers.map { ($0.number, $0) }, uniquingKeysWith: { a, _ in a })
@@ -645,8 +704,9 @@ public final class Database: Sendable {
             sources.append(try TableRunSource(plan.overlaps.compactMap { byNumber[$0.number] }, from: [], fillCache: false))
         }
         var cursor = MergingCursor(sources: sources)
-        // Tables below the output level: a deletion must stay while one of them may hold the key.
-        let deeper = ((plan.outputLevel + 1)..<CompactionPolicy.levels).flatMap { version.tables[$0] ?? [] }
+        // Tables below the output level, and the set-aside ones (they have no level, so they may
+        // hold an older version anywhere): a deletion must stay while one of them may hold the key.
+        let deeper = ((plan.outputLevel + 1)..<CompactionPolicy.levels).flatMap { version.tables[$0] ?? [] } + version.quarantined
         let tombstones = version.tombstones
         var limiter = RateLimiter(bytesPerSecond: options.compactionBytesPerSecond)
         var outputs: [TableMeta] = []
@@ -894,16 +954,26 @@ public final class Database: Sendable {
         try state.withLock { $0.view }.get(key)
     }
 
-    /// The value of `key` as of the newest write that is durable under the database's sync mode:
-    /// under `always`, a write whose log record is not yet synced (or whose sync failed) is not
-    /// visible; under `interval` and `none` this is `get`.
+    /// The value of `key` (nil if absent or deleted) as of the newest sequence that is durable
+    /// under the database's own sync mode. Under `always` that is
+    /// `min(current sequence, the group committer's durable sequence)`: a write whose log record
+    /// is not yet synced (applied, awaiting its group commit, or its sync failed) is not visible,
+    /// though `get` sees it; a log switch syncs the old log, so everything before it counts as
+    /// durable. Under `interval` and `none` the engine promises no durability point, and this is
+    /// `get`. A caller may rely on: any value returned was written by a write whose record is on
+    /// disk under `always` (a crash cannot take it back). One exception in the other direction: a
+    /// range deletion drops the tables wholly inside its range at once, in a manifest edit that
+    /// is durable before `apply` returns, so their keys are gone here too even while the
+    /// deletion's log record is not yet synced. Thread-safe.
     public func getDurable(_ key: [UInt8]) throws(StorageError) -> [UInt8]? {
-        let always = options.syncMode == .always
-        return try state.withLock { s in
-            var v = s.view
-            if always { v.sequence = min(v.sequence, s.committer.durableSequence) }
-            return v
-        }.get(key)
+        // The committer is replaced at a log switch; the view and the committer are taken together
+        // (its durable sequence is then read outside the engine's lock: it only grows, and the
+        // `min` keeps it within the view).
+        let (view, committer) = state.withLock { s in (s.view, s.committer) }
+        guard options.syncMode == .always else { return try view.get(key) }
+        var durable = view
+        durable.sequence = min(view.sequence, committer.durableSequence)
+        return try durable.get(key)
     }
 
     /// A consistent view as of now; see `Snapshot`.
@@ -939,16 +1009,24 @@ public final class Database: Sendable {
     }
 
     public var statistics: Statistics {
-        var st = state.withLock { s in
-            var st = s.stats
+        var st = Statistics()
+        var live: Set<UInt64> = []
+        // Built in place: no second lock is taken inside this one.
+        state.withLock { s in
+            st = s.stats
             st.logSyncs += s.committer.syncCount
             st.memtableBytes = s.memtable.approximateBytes
             st.immutableMemtableBytes = s.immutable?.table.approximateBytes ?? 0
             st.tablesPerLevel = (0..<CompactionPolicy.levels).map { s.version.tables[$0]?.count ?? 0 }
             st.bytesPerLevel = (0..<CompactionPolicy.levels).map { (s.version.tables[$0] ?? []).totalSize }
             st.rangeTombstones = s.version.tombstones.count
-            return st
+            st.quarantinedTables = s.version.quarantined.map(\.number).sorted()
+            live = Set(s.version.allTables.map(\.number))
         }
+        let log = corruption.counts
+        st.corruptTables = log.tables.filter { live.contains($0) }.sorted()
+        st.corruptionEvents = log.events
+        st.lastCorruption = log.last
         st.blockCache = cache.counters
         return st
     }

@@ -1,3 +1,4 @@
+import Dispatch
 import Synchronization
 
 /// An in-memory disk for tests that loses what a real disk may lose at a crash, and injects
@@ -41,6 +42,8 @@ public final class FaultyFileSystem: FileSystem, Sendable {
     }
 
     private let state = Mutex(State())
+    /// While set, file syncs wait on it (`holdSyncs`); a semaphore because they block a thread.
+    private let syncGate = Mutex<DispatchSemaphore?>(nil)
 
     public init() {}
 
@@ -67,6 +70,21 @@ public final class FaultyFileSystem: FileSystem, Sendable {
     }
 
     public var syncCount: Int { state.withLock { $0.syncCount } }
+
+    /// From now on every file sync blocks its calling thread, before it does anything, until
+    /// `releaseSyncs` (a slow `fdatasync`, held open for as long as a test needs). Directory
+    /// syncs are not held. Never hold syncs a test thread itself performs.
+    public func holdSyncs() {
+        syncGate.withLock { g in if g == nil { g = DispatchSemaphore(value: 0) } }
+    }
+
+    /// Lets every held sync, and every later one, proceed.
+    public func releaseSyncs() {
+        syncGate.withLock { g in
+            g?.signal()
+            g = nil
+        }
+    }
 
     /// A small disk: from now on appends may add only `bytes` more bytes in all (nil: unlimited,
     /// which also frees a full disk). An append that does not fit keeps the part that fits, then
@@ -245,6 +263,10 @@ public final class FaultyFileSystem: FileSystem, Sendable {
     }
 
     func sync(_ path: String, generation: Int? = nil) throws(StorageError) {
+        if let gate = syncGate.withLock({ $0 }) {
+            gate.wait()
+            gate.signal()   // pass the release on to the next held sync
+        }
         try state.withLock { s throws(StorageError) in
             try Self.alive(s, generation, path)
             if Self.syncFails(&s) {

@@ -1,3 +1,5 @@
+import Synchronization
+
 /// How an entry is stored as a table value (Docs/storage-format.md, "Entries"):
 ///
 /// ```
@@ -50,6 +52,9 @@ final class MemtableSource: EntrySource {
 /// The entries of a run of tables with disjoint, increasing key spans (one table, or one level ≥ 1).
 /// Decodes one entry at a time straight from the cached block: a key buffer reused for prefix
 /// decompression, and one allocation each for the key and the value it hands out.
+///
+/// A damaged table (no index) cannot be iterated: reaching it throws its error, unless the
+/// iteration ends (`upper`) before the table's range begins.
 final class TableRunSource: EntrySource {
     private let tables: [TableReader]
     private var table: Int
@@ -57,13 +62,15 @@ final class TableRunSource: EntrySource {
     /// Over `Block.empty` when no block is loaded (so it is advanced in place, never copied).
     private var cursor = BlockCursor(Block.empty)
     private let fillCache: Bool
+    private let upper: [UInt8]?
     private(set) var current: Memtable.Entry?
 
-    init(_ tables: [TableReader], from lower: [UInt8], fillCache: Bool = true) throws(StorageError) {
+    init(_ tables: [TableReader], from lower: [UInt8], upper: [UInt8]? = nil, fillCache: Bool = true) throws(StorageError) {
         self.tables = tables
         self.fillCache = fillCache
+        self.upper = upper
         // The first table whose last key is ≥ lower.
-        table = tables.firstIndex { t in t.index.last.map { !$0.lastKey.isBefore(lower) } ?? false } ?? tables.count
+        table = tables.firstIndex { t in t.largestKey.map { !$0.isBefore(lower) } ?? false } ?? tables.count
         if table < tables.count {
             blockIndex = tables[table].blockIndex(atOrAfter: lower)
             try load()
@@ -74,12 +81,25 @@ final class TableRunSource: EntrySource {
 
     private func load() throws(StorageError) {
         let t = tables[table]
+        if let damage = t.damage {
+            // Tables of a run are in key order: if this one starts at or past `upper`, so do the rest.
+            if let upper, let smallest = t.damagedSmallest, !smallest.isBefore(upper) {
+                table = tables.count
+                cursor = BlockCursor(Block.empty)
+                return
+            }
+            throw damage
+        }
         cursor = BlockCursor(blockIndex < t.blockCount ? try t.readBlock(t.index[blockIndex].handle, fillCache: fillCache) : Block.empty)
     }
 
     func advance() throws(StorageError) {
         while table < tables.count {
             let t = tables[table]
+            if t.damage != nil {
+                try load()   // throws, or ends the run before the table
+                continue
+            }
             let blockOffset = blockIndex < t.blockCount ? t.index[blockIndex].handle.offset : 0
             if let value = try cursor.next(path: t.path, offset: blockOffset) {
                 current = try InternalValue.decode(key: cursor.key, cursor.block.data, from: value.lowerBound, to: value.upperBound,
@@ -130,31 +150,47 @@ public final class DatabaseIterator: Sequence, IteratorProtocol {
     private let upper: [UInt8]?
     private let tombstones: [RangeTombstone]
     private let snapshot: UInt64
+    private let corruption: CorruptionLog?
     /// The first error met (the iteration stops there).
     public private(set) var error: StorageError?
 
     init(view: ReadView, lower: [UInt8], upper: [UInt8]?) throws(StorageError) {
-        var sources: [any EntrySource] = view.memtables.map { MemtableSource($0, from: lower, snapshot: view.sequence) }
-        for t in view.level0 { sources.append(try TableRunSource([t], from: lower)) }
-        for level in view.levels where !level.isEmpty {
-            let from = level.firstIndex { !$0.meta.largest.isBefore(lower) } ?? level.count
-            let run = level[from...].prefix { t in upper.map { t.meta.smallest.isBefore($0) } ?? true }
-            sources.append(try TableRunSource(run.map(\.reader), from: lower))
+        do {
+            var sources: [any EntrySource] = view.memtables.map { MemtableSource($0, from: lower, snapshot: view.sequence) }
+            for t in view.level0 { sources.append(try TableRunSource([t], from: lower, upper: upper)) }
+            for level in view.levels where !level.isEmpty {
+                let from = level.firstIndex { !$0.meta.largest.isBefore(lower) } ?? level.count
+                let run = level[from...].prefix { t in upper.map { t.meta.smallest.isBefore($0) } ?? true }
+                sources.append(try TableRunSource(run.map(\.reader), from: lower, upper: upper))
+            }
+            // Set-aside tables join the merge like any source: it keeps the highest sequence per key.
+            for q in view.quarantined where q.meta.overlaps(lower, upper) {
+                sources.append(try TableRunSource([q.reader], from: lower, upper: upper))
+            }
+            merged = MergingCursor(sources: sources)
+        } catch {
+            view.corruption?.note(error)
+            throw error
         }
-        merged = MergingCursor(sources: sources)
         self.upper = upper
         tombstones = view.tombstones
         snapshot = view.sequence
+        corruption = view.corruption
     }
 
     /// The next live pair; nil at the end of the range. Throws on corruption.
     public func nextEntry() throws(StorageError) -> (key: [UInt8], value: [UInt8])? {
-        while let e = try merged.next() {
-            if let upper, !e.key.isBefore(upper) { return nil }
-            if e.kind == .deletion || tombstones.contains(where: { $0.hides(e.key, e.sequence, snapshot: snapshot) }) { continue }
-            return (e.key, e.value)
+        do {
+            while let e = try merged.next() {
+                if let upper, !e.key.isBefore(upper) { return nil }
+                if e.kind == .deletion || tombstones.contains(where: { $0.hides(e.key, e.sequence, snapshot: snapshot) }) { continue }
+                return (e.key, e.value)
+            }
+            return nil
+        } catch {
+            corruption?.note(error)
+            throw error
         }
-        return nil
     }
 
     /// `Sequence` conformance: stops at the end or at the first error (then `error` is set).
@@ -187,21 +223,37 @@ struct LiveTable: Sendable {
 }
 
 /// Everything a reader needs at one instant: the memtables (newest first), level 0 (newest
-/// first), the deeper levels (each sorted by key, disjoint), live range tombstones, and the
-/// sequence number that bounds what is visible. Immutable; capturing it costs reference counts.
+/// first), the deeper levels (each sorted by key, disjoint), the set-aside (quarantined) tables,
+/// live range tombstones, and the sequence number that bounds what is visible. Immutable;
+/// capturing it costs reference counts. Corruption a read meets is noted in `corruption`.
 struct ReadView: Sendable {
     var memtables: [Memtable]
     var level0: [TableReader]
     var levels: [[LiveTable]]
+    var quarantined: [LiveTable] = []
     var tombstones: [RangeTombstone]
     var sequence: UInt64
+    var corruption: CorruptionLog?
 
     /// The newest entry for `key` at the view's sequence: memtables, then level 0 newest first,
-    /// then one table per deeper level (a key's newer versions are always in shallower places).
+    /// then one table per deeper level (a key's newer versions are always in shallower places);
+    /// then every set-aside table whose range holds the key and which may hold something newer
+    /// than what was found (they have no place in that order, so their entries are weighed by
+    /// sequence). A damaged table or block in that path throws: never an older version or nil.
     func entry(_ key: [UInt8]) throws(StorageError) -> Memtable.Entry? {
         for m in memtables {
             if let e = m.get(key, snapshot: sequence) { return e }
         }
+        var found = try tableEntry(key)
+        for q in quarantined where !key.isBefore(q.meta.smallest) && !q.meta.largest.isBefore(key) {
+            if let f = found, q.meta.largestSequence <= f.sequence { continue }
+            if let e = try q.reader.entry(key), found.map({ e.sequence > $0.sequence }) ?? true { found = e }
+        }
+        return found
+    }
+
+    /// The newest entry for `key` in the leveled tables.
+    private func tableEntry(_ key: [UInt8]) throws(StorageError) -> Memtable.Entry? {
         for t in level0 {
             if let e = try t.entry(key) { return e }
         }
@@ -219,9 +271,14 @@ struct ReadView: Sendable {
     }
 
     func get(_ key: [UInt8]) throws(StorageError) -> [UInt8]? {
-        guard let e = try entry(key), e.kind == .value else { return nil }
-        if !tombstones.isEmpty, tombstones.contains(where: { $0.hides(key, e.sequence, snapshot: sequence) }) { return nil }
-        return e.value
+        do {
+            guard let e = try entry(key), e.kind == .value else { return nil }
+            if !tombstones.isEmpty, tombstones.contains(where: { $0.hides(key, e.sequence, snapshot: sequence) }) { return nil }
+            return e.value
+        } catch {
+            corruption?.note(error)
+            throw error
+        }
     }
 }
 
@@ -245,4 +302,36 @@ public final class Snapshot: Sendable {
     public func iterator(prefix: [UInt8]) throws(StorageError) -> DatabaseIterator {
         try DatabaseIterator(view: view, lower: prefix, upper: DatabaseIterator.upperBound(ofPrefix: prefix))
     }
+}
+
+/// The corruption a database has met since it opened: the tables found corrupt (by reads,
+/// compactions or at open), how many corruption errors were met, and the last one. Its own lock,
+/// so a reader that meets corruption never takes the engine's. Thread-safe.
+final class CorruptionLog: Sendable {
+    struct Counts: Sendable {
+        var tables: Set<UInt64> = []
+        var events = 0
+        var last: String?
+    }
+    private let state = Mutex(Counts())
+
+    init() {}
+
+    /// Notes `error` if it is corruption; a table is named by its file (`NNNNNN.sst`).
+    func note(_ error: StorageError) {
+        guard case .corruption(let path, _, _) = error else { return }
+        let name = path.split(separator: "/").last ?? ""
+        let table = name.hasSuffix(".sst") ? UInt64(name.dropLast(4)) : nil
+        state.withLock { s in
+            s.events += 1
+            s.last = error.description
+            if let table { s.tables.insert(table) }
+        }
+    }
+
+    /// Marks tables known to be corrupt without counting an event (set aside in an earlier run).
+    func mark(_ tables: [UInt64]) { state.withLock { $0.tables.formUnion(tables) } }
+
+    var counts: Counts { state.withLock { s in Counts(tables: s.tables, events: s.events, last: s.last) } }
+
 }

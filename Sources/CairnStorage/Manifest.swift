@@ -66,6 +66,7 @@ public struct RangeTombstone: Sendable, Hashable {
 /// field    = %x01 log-number:varint / %x02 next-file:varint / %x03 last-sequence:varint
 ///          / %x04 table / %x05 removed-level:varint removed-number:varint
 ///          / %x06 tombstone / %x07 removed-tombstone-sequence:varint
+///          / %x08 quarantined-level:varint quarantined-number:varint
 /// table    = level:varint number:varint size:varint smallest:blob largest:blob
 ///            smallest-sequence:varint largest-sequence:varint filtered-through:varint
 /// tombstone = lower:blob upper:blob sequence:varint
@@ -78,6 +79,8 @@ public struct VersionEdit: Sendable, Hashable {
     public var removed: [(level: Int, number: UInt64)] = []
     public var addedTombstones: [RangeTombstone] = []
     public var removedTombstones: [UInt64] = []
+    /// Tables found corrupt, set aside from their level (see `Version.quarantined`).
+    public var quarantined: [(level: Int, number: UInt64)] = []
 
     public init() {}
 
@@ -85,6 +88,7 @@ public struct VersionEdit: Sendable, Hashable {
         a.logNumber == b.logNumber && a.nextFile == b.nextFile && a.lastSequence == b.lastSequence && a.added == b.added
             && a.removed.map { [UInt64($0.level), $0.number] } == b.removed.map { [UInt64($0.level), $0.number] }
             && a.addedTombstones == b.addedTombstones && a.removedTombstones == b.removedTombstones
+            && a.quarantined.map { [UInt64($0.level), $0.number] } == b.quarantined.map { [UInt64($0.level), $0.number] }
     }
 
     public func hash(into h: inout Hasher) {
@@ -107,6 +111,7 @@ public struct VersionEdit: Sendable, Hashable {
         for r in removed { out.append(5); Coding.putVarint(&out, UInt64(r.level)); Coding.putVarint(&out, r.number) }
         for t in addedTombstones { out.append(6); blob(t.lower); blob(t.upper); Coding.putVarint(&out, t.sequence) }
         for n in removedTombstones { out.append(7); Coding.putVarint(&out, n) }
+        for q in quarantined { out.append(8); Coding.putVarint(&out, UInt64(q.level)); Coding.putVarint(&out, q.number) }
         return out
     }
 
@@ -140,6 +145,9 @@ public struct VersionEdit: Sendable, Hashable {
             case 7:
                 guard let seq = v() else { return nil }
                 e.removedTombstones.append(seq)
+            case 8:
+                guard let level = v(), level < UInt64(CompactionPolicy.levels), let number = v() else { return nil }
+                e.quarantined.append((Int(level), number))
             default: return nil
             }
         }
@@ -150,6 +158,12 @@ public struct VersionEdit: Sendable, Hashable {
 /// The live files: tables by level, the current log, counters. Built by applying edits in order.
 public struct Version: Sendable, Hashable {
     public var tables: [Int: [TableMeta]] = [:]
+    /// Live tables set aside because they are corrupt (a compaction met a bad block, or the table
+    /// could not be opened). They keep their data and stay readable where it is intact, but
+    /// belong to no level: no compaction reads them, and a read weighs their entries by sequence
+    /// instead of by position (newer data may since sit below them). Each keeps the level it
+    /// was taken from. Removed only by a range deletion that covers it.
+    public var quarantined: [TableMeta] = []
     public var logNumber: UInt64 = 0
     public var nextFile: UInt64 = 1
     public var lastSequence: UInt64 = 0
@@ -162,8 +176,16 @@ public struct Version: Sendable, Hashable {
         if let v = e.logNumber { logNumber = v }
         if let v = e.nextFile { nextFile = max(nextFile, v) }
         if let v = e.lastSequence { lastSequence = max(lastSequence, v) }
-        for r in e.removed { tables[r.level]?.removeAll { $0.number == r.number } }
+        for r in e.removed {
+            tables[r.level]?.removeAll { $0.number == r.number }
+            quarantined.removeAll { $0.number == r.number }
+        }
         for t in e.added { tables[t.level, default: []].append(t) }
+        for q in e.quarantined {
+            guard let t = tables[q.level]?.first(where: { $0.number == q.number }) else { continue }
+            tables[q.level]?.removeAll { $0.number == q.number }
+            quarantined.append(t)
+        }
         for level in tables.keys {
             // Level 0 newest first (its tables overlap); deeper levels by key (they do not).
             if level == 0 { tables[level]?.sort { $0.number > $1.number } }
@@ -174,8 +196,8 @@ public struct Version: Sendable, Hashable {
         tombstones.sort { $0.sequence < $1.sequence }
     }
 
-    /// Every live table, level by level.
-    public var allTables: [TableMeta] { tables.keys.sorted().flatMap { tables[$0] ?? [] } }
+    /// Every live table, level by level, then the quarantined ones.
+    public var allTables: [TableMeta] { tables.keys.sorted().flatMap { tables[$0] ?? [] } + quarantined }
 
     /// Checks the numbers a manifest states before the engine computes with them (a manifest's
     /// checksums can hold over values no engine wrote): the last sequence and the next file number
@@ -249,6 +271,7 @@ public enum Manifest {
         snapshot.lastSequence = version.lastSequence
         snapshot.added = version.allTables
         snapshot.addedTombstones = version.tombstones
+        snapshot.quarantined = version.quarantined.map { ($0.level, $0.number) }
         try writer.append([snapshot.encoded()], sync: true)
         try fs.syncDirectory(directory)
         try installCurrent(fs: fs, directory: directory, manifest: name)

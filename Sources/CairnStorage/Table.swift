@@ -109,14 +109,21 @@ public final class TableBuilder {
 
 /// Reads one table. Every block is verified (checksum, bounds) when read; a corrupt table is
 /// reported with its path and offset, never returned as data. Thread-safe.
+///
+/// A table whose footer, filter or index is corrupt can still be opened as *damaged*
+/// (`init(damaged:meta:path:)`): it has no index, and a lookup of any key in its stated range, or
+/// an iteration entering it, throws the error that damaged it; keys outside the range are
+/// simply not there. Nothing it might hold is ever reported as absent.
 public final class TableReader: Sendable {
-    let file: UncheckedFile
+    let file: UncheckedFile?
     public let path: String
     /// The table's file number: its blocks' key in the block cache.
     public let number: UInt64
     let cache: BlockCache?
     let index: [(lastKey: [UInt8], handle: Table.Handle)]
     let filter: BloomFilter
+    /// Set when the table could not be opened: the error, and the key range the manifest states.
+    let damaged: (error: StorageError, smallest: [UInt8], largest: [UInt8])?
 
     /// `ReadableFile` reads are thread-safe by contract.
     struct UncheckedFile: @unchecked Sendable { let file: any ReadableFile }
@@ -157,7 +164,28 @@ public final class TableReader: Sendable {
         self.cache = cache
         self.index = index
         filter = BloomFilter(bytes: Array(filterBytes.dropLast(5)))
+        damaged = nil
     }
+
+    /// A table that could not be opened (`error`): reads in `meta`'s key range throw `error`.
+    public init(damaged error: StorageError, meta: TableMeta, path: String) {
+        file = nil
+        self.path = path
+        number = meta.number
+        cache = nil
+        index = []
+        filter = BloomFilter(bytes: [])
+        damaged = (error, meta.smallest, meta.largest)
+    }
+
+    /// Why the table could not be opened; nil for a healthy table.
+    public var damage: StorageError? { damaged?.error }
+
+    /// The table's smallest key when it is damaged (its index cannot say).
+    var damagedSmallest: [UInt8]? { damaged?.smallest }
+
+    /// The table's largest key: the index's last, or the stated one when damaged.
+    var largestKey: [UInt8]? { damaged?.largest ?? index.last?.lastKey }
 
     public var blockCount: Int { index.count }
 
@@ -167,6 +195,7 @@ public final class TableReader: Sendable {
     func readBlock(_ h: Table.Handle, fillCache: Bool = true) throws(StorageError) -> Block {
         let key = BlockCache.Key(file: number, offset: h.offset)
         if let cache, let b = cache.get(key) { return b }
+        guard let file else { throw damage ?? .corruption(path: path, offset: h.offset, reason: "table has no file") }
         let b = try Block(try file.file.read(at: h.offset, count: Int(h.size)), path: path, offset: h.offset)
         if fillCache { cache?.insert(key, b, charge: b.charge) }
         return b
@@ -194,6 +223,10 @@ public final class TableReader: Sendable {
 
     /// The stored value and the offset of the block holding it.
     private func lookup(_ key: [UInt8]) throws(StorageError) -> (value: [UInt8], blockOffset: UInt64)? {
+        if let d = damaged {
+            guard !key.isBefore(d.smallest), !d.largest.isBefore(key) else { return nil }
+            throw d.error
+        }
         guard filter.mayContain(key) else { return nil }
         let i = blockIndex(atOrAfter: key)
         guard i < index.count else { return nil }
@@ -209,10 +242,11 @@ public final class TableReader: Sendable {
 
     /// Every entry in key order.
     public func scan() throws(StorageError) -> [(key: [UInt8], value: [UInt8])] {
+        if let d = damaged { throw d.error }
         var out: [(key: [UInt8], value: [UInt8])] = []
         for (_, h) in index { out += try readBlock(h).entries(path: path, offset: h.offset) }
         return out
     }
 
-    public func close() { file.file.close() }
+    public func close() { file?.file.close() }
 }

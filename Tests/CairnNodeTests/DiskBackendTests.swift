@@ -73,4 +73,36 @@ import CairnStorage
         #expect(try b.getDurable(partition: p, key: [1]) == [7])
         try await b.close()
     }
+
+    /// The node's metadata keys (%x00…) sort first, so they sit in the first data block of the
+    /// tables that hold them: a bad first block used to make the epoch read throw and the node
+    /// refuse to start. The backend now opens with a fresh epoch (always safe: no dot is ever
+    /// reissued) and an unclean shutdown assumed; data keys in other blocks read normally.
+    @Test func aCorruptBlockHoldingTheEpochDoesNotKeepTheBackendClosed() async throws {
+        let dir = scratch()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let first = try await DiskBackend.open(directory: dir, options: options(.always))
+        let epoch = try #require(first.persistentEpoch)
+        for i in 0..<400 {
+            try await first.waitDurable(try first.apply(partition: PartitionID(1), key: Array("key\(i)".utf8), value: [UInt8](repeating: 7, count: 64)))
+        }
+        try await first.close()   // flushes: one table, the metadata keys in its first block
+        let tables = try FileManager.default.contentsOfDirectory(atPath: dir).filter { $0.hasSuffix(".sst") }
+        try #require(tables.count == 1)
+        let url = URL(fileURLWithPath: dir + "/" + tables[0])
+        var bytes = try Data(contentsOf: url)
+        bytes[20] ^= 0x08
+        try bytes.write(to: url)
+
+        let back = try await DiskBackend.open(directory: dir, options: options(.always))
+        #expect(back.persistentEpoch != nil && back.persistentEpoch != epoch, "an unreadable epoch is replaced")
+        #expect(try back.get(partition: PartitionID(1), key: Array("key399".utf8)) == [UInt8](repeating: 7, count: 64))
+        #expect(back.database.statistics.corruptTables.count == 1)
+        let next = try #require(back.persistentEpoch)
+        try await back.close()
+        // The new epoch and the clean mark shadow the bad block from now on.
+        let again = try await DiskBackend.open(directory: dir, options: options(.always))
+        #expect(again.persistentEpoch == next)
+        try await again.close()
+    }
 }

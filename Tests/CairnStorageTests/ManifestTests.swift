@@ -14,6 +14,17 @@ import Testing
         e.added = [table(8, level: 0, 1, 9), table(9, level: 1, 0, 200)]
         e.removed = [(0, 3), (1, 4)]
         #expect(VersionEdit.decode(e.encoded()) == e)
+        var q = VersionEdit()
+        q.quarantined = [(1, 9)]
+        #expect(VersionEdit.decode(q.encoded()) == q && q.encoded() == [8, 1, 9])
+        var v = Version()
+        v.apply(e)
+        v.apply(q)
+        #expect(v.tables[1]?.map(\.number) == [] && v.quarantined.map(\.number) == [9] && v.allTables.count == 2)
+        var dropped = VersionEdit()
+        dropped.removed = [(1, 9)]
+        v.apply(dropped)
+        #expect(v.quarantined.isEmpty)
         #expect(VersionEdit.decode([9]) == nil)
         #expect(VersionEdit.decode([4, 1]) == nil)
     }
