@@ -1,5 +1,6 @@
 import NIOCore
 import NIOHTTP1
+import CairnStorage
 
 /// `GET /health` (200 only while serving) and `GET /metrics` (Prometheus text format).
 ///
@@ -39,13 +40,24 @@ final class HTTPHandler: ChannelInboundHandler {
         }
     }
 
+    /// Detail lines for `/health` when storage holds corrupt tables: the node serves (keys in bad
+    /// blocks fail on this replica only, others answer), but an operator must know.
+    private func storageDamage() -> String {
+        guard let s = core.backend?.storageStatistics, !s.corruptTables.isEmpty else { return "" }
+        let names = s.corruptTables.map(Database.tableName)
+        return "storage: corrupt tables \(names.joined(separator: ", "))" +
+            (s.quarantinedTables.isEmpty ? "" : " (\(s.quarantinedTables.count) set aside from compaction)") +
+            "; reads of keys in bad blocks fail on this node and are answered by replicas\n" +
+            (s.lastCorruption.map { "storage: last corruption: \($0)\n" } ?? "")
+    }
+
     private func respond(_ h: HTTPRequestHead) -> (HTTPResponseStatus, String, String) {
         guard h.method == .GET || h.method == .HEAD else { return (.methodNotAllowed, "text/plain", "only GET\n") }
         let path = h.uri.split(separator: "?", maxSplits: 1).first.map(String.init) ?? h.uri
         switch path {
         case "/health":
             let state = core.state
-            return (state == .serving ? .ok : .serviceUnavailable, "text/plain", "\(state.rawValue)\n")
+            return (state == .serving ? .ok : .serviceUnavailable, "text/plain", "\(state.rawValue)\n" + storageDamage())
         case "/test/faults":
             // Exists only when the node was started with --test-fault-injection.
             guard let faults = core.faults else { return (.notFound, "text/plain", "not found: try /health or /metrics\n") }

@@ -106,6 +106,9 @@ public final class NodeMetrics: Sendable {
             ("cairn_storage_stalled_writes", [], Double(s.stalledWrites)),
             ("cairn_storage_background_failures", [], Double(s.backgroundFailures)),
             ("cairn_storage_range_tombstones", [], Double(s.rangeTombstones)),
+            ("cairn_storage_corrupt_tables", [], Double(s.corruptTables.count)),
+            ("cairn_storage_quarantined_tables", [], Double(s.quarantinedTables.count)),
+            ("cairn_storage_corruption_events", [], Double(s.corruptionEvents)),
         ] + s.tablesPerLevel.enumerated().map { ("cairn_storage_tables", [("level", "\($0.offset)")], Double($0.element)) }
           + s.bytesPerLevel.enumerated().map { ("cairn_storage_level_bytes", [("level", "\($0.offset)")], Double($0.element)) }
         for (label, dimensions, value) in values {

@@ -272,7 +272,8 @@ public final class Database: Sendable {
         return String(repeating: "0", count: max(0, 6 - digits.count)) + digits + suffix
     }
     static func logName(_ n: UInt64) -> String { numbered(n, ".log") }
-    static func tableName(_ n: UInt64) -> String { numbered(n, ".sst") }
+    /// The file name of table `n` in the database directory.
+    public static func tableName(_ n: UInt64) -> String { numbered(n, ".sst") }
 
     func path(_ name: String) -> String { directory + "/" + name }
 
