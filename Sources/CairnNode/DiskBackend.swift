@@ -41,10 +41,10 @@ public final class DiskBackend: StorageBackend {
     }
 
     /// Opens (recovering) the database in `directory` and settles the actor epoch.
-    /// `progress(done, total)`: log bytes replayed.
-    public static func open(directory: String, options: DatabaseOptions,
+    /// `progress(done, total)`: log bytes replayed. `fs` is the file seam (tests inject faults).
+    public static func open(directory: String, options: DatabaseOptions, fs: any FileSystem = PosixFileSystem(),
                             progress: (@Sendable (UInt64, UInt64) -> Void)? = nil) async throws -> DiskBackend {
-        let db = try Database.open(fs: PosixFileSystem(), directory: directory, options: options, progress: progress)
+        let db = try Database.open(fs: fs, directory: directory, options: options, progress: progress)
         do {
             // The metadata keys sort first, so they live in the first block of the tables holding
             // them: if that block is corrupt, a value is unknown and the worst is assumed (a fresh

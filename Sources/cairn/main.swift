@@ -275,7 +275,8 @@ func printWrite(_ result: WriteResult, json: Bool, verb: String) {
     }
     print("\(verb); context: \(result.context.token)")
     if !result.concurrent.isEmpty {
-        print("\(result.concurrent.count) concurrent sibling\(result.concurrent.count == 1 ? "" : "s") kept (this context covers them too; merge before writing with it):")
+        let one = result.concurrent.count == 1
+        print("\(result.concurrent.count) concurrent sibling\(one ? "" : "s") kept (this context covers \(one ? "it" : "them") too; merge before writing with it):")
         for (i, s) in result.concurrent.enumerated() { print("  [\(i + 1)] \(Get.show(s))") }
     }
 }
