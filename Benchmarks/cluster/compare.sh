@@ -11,7 +11,9 @@
 # For each system, one after the other: start it (loopback only, data in a fresh temp dir),
 # wait until it is ready, `cairn-load load`, `cairn-load run --workload a`, `--workload c`,
 # stop it. Then one table from the JSON reports, and the ops/s ratios Cairn/Redis (one node)
-# and Cairn/etcd (three nodes). Everything started is stopped by pid on exit, pass or fail.
+# and Cairn/etcd (three nodes). The table's "cpu µs/op" column is the server CPU each operation
+# cost: utime+stime of every server process of the system (from /proc/PID/stat, before and
+# after the cairn-load run) divided by the operations cairn-load completed (errors included). Everything started is stopped by pid on exit, pass or fail.
 #
 #   Benchmarks/cluster/compare.sh                 install what is missing, build (release), run
 #   Benchmarks/cluster/compare.sh report DIR      print the table again from the JSON files in DIR
@@ -114,14 +116,25 @@ def errors_of(r):
     return sum(kinds.values()), kinds
 
 rows, notes, tput = [], [], {}
-header = ("system", "workload", "ops/s", "p50 µs", "p99 µs", "p99.9 µs", "errors")
+header = ("system", "workload", "ops/s", "cpu µs/op", "p50 µs", "p99 µs", "p99.9 µs", "errors")
+
+def cpu_per_op(sysname, ph, r):
+    """Server CPU µs per operation from SYSTEM-PHASE.cpu ("ticks ticks_per_second"), or None."""
+    try:
+        ticks, hz = (int(x) for x in open(os.path.join(d, f"{sysname}-{ph}.cpu")).read().split())
+    except (OSError, ValueError):
+        return None
+    total = num((r.get("totals") or {}).get("operations"))
+    if not total or hz <= 0:
+        return None
+    return ticks / hz * 1e6 / total
 for sysname, _ in systems:
     for ph in phases:
         r, note = load(sysname, ph)
         if r is None and note is None:
             continue
         if r is None:
-            rows.append((sysname, ph, "FAILED", "-", "-", "-", "-"))
+            rows.append((sysname, ph, "FAILED", "-", "-", "-", "-", "-"))
             notes.append(f"{sysname} {ph}: {note}")
             continue
         t = num(r.get("throughput_ops_per_s"))
@@ -130,7 +143,7 @@ for sysname, _ in systems:
         st = st or {}
         nerr, kinds = errors_of(r)
         wl = ph if name in (None, lat_op[ph]) else f"{ph} ({name})"
-        rows.append((sysname, wl, fmt_int(t), fmt_int(st.get("p50_us")), fmt_int(st.get("p99_us")),
+        rows.append((sysname, wl, fmt_int(t), fmt_int(cpu_per_op(sysname, ph, r)), fmt_int(st.get("p50_us")), fmt_int(st.get("p99_us")),
                      fmt_int(st.get("p999_us")), f"{nerr:,}" + (" !" if note else "")))
         if kinds:
             notes.append(f"{sysname} {ph}: errors " + ", ".join(f"{k}={v:,}" for k, v in sorted(kinds.items())))
@@ -154,7 +167,8 @@ def table(header, rows):
         print(line(r))
 
 print("ops/s over the whole run; p50/p99/p99.9 are of the READ operation for workloads a and c,")
-print("of the INSERT operation for load; errors = all error kinds counted by cairn-load.")
+print("of the INSERT operation for load; errors = all error kinds counted by cairn-load;")
+print("cpu µs/op = server processes' utime+stime over the run / operations (all nodes summed).")
 print()
 table(header, rows)
 
@@ -451,11 +465,25 @@ start_etcd_3() {
 # ---------------------------------------------------------------------------------------------
 FAILED=0
 
-# cairn_load SYSTEM PHASE ARGS...: run the generator, JSON to $WORK/json/SYSTEM-PHASE.json.
+# cpu_ticks PID...: utime+stime of the processes, in clock ticks (fields 14 and 15 of
+# /proc/PID/stat, counted after the command name, which may hold spaces).
+cpu_ticks() {
+    local pid total=0 rest
+    for pid in "$@"; do
+        rest="$(sed 's/^.*) //' "/proc/$pid/stat" 2>/dev/null)" || continue
+        # After "pid (comm) ", field 3 of the file is the first word: utime is word 12, stime 13.
+        total=$((total + $(awk '{ print $12 + $13 }' <<<"$rest")))
+    done
+    echo "$total"
+}
+
+# cairn_load SYSTEM PHASE ARGS...: run the generator, JSON to $WORK/json/SYSTEM-PHASE.json, and
+# the server CPU it cost (ticks and ticks per second) to SYSTEM-PHASE.cpu.
 cairn_load() {
-    local sys=$1 phase=$2 rc=0 pid
+    local sys=$1 phase=$2 rc=0 pid before
     shift 2
     local json="$WORK/json/$sys-$phase.json"
+    before="$(cpu_ticks "${SYS_PIDS[@]}")"
     echo "-- $sys $phase: cairn-load $* --json $json"
     # RUN_TIMEOUT bounds a generator that hangs; SIGTERM to `timeout` reaches cairn-load too.
     timeout --kill-after=10 "$RUN_TIMEOUT" "$BIN/cairn-load" "$@" --json "$json" </dev/null &
@@ -463,6 +491,7 @@ cairn_load() {
     RUNNING[$pid]="cairn-load ($sys $phase)"
     wait "$pid" || rc=$?
     unset "RUNNING[$pid]"
+    echo "$(($(cpu_ticks "${SYS_PIDS[@]}") - before)) $(getconf CLK_TCK)" >"$WORK/json/$sys-$phase.cpu"
     echo "$rc" >"$WORK/json/$sys-$phase.rc"
     if ((rc == 124)); then
         echo "-- $sys $phase: cairn-load did not finish within RUN_TIMEOUT=$RUN_TIMEOUT; stopped"
