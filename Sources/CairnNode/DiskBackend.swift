@@ -16,7 +16,8 @@ public import CairnStorage
 /// after the local sync — before it is durable). Otherwise (a crash of a run under `interval` or
 /// `none`, whatever this run uses) the node takes a fresh epoch, so it never reissues a dot a
 /// peer or client may already hold. If the epoch, the clean mark or the recorded sync mode
-/// cannot be read because its table block is corrupt, the node assumes the worst (a fresh epoch).
+/// cannot be read because its table block is corrupt, or salvage dropped log records at open,
+/// the node assumes the worst (a fresh epoch).
 /// Thread-safe.
 public final class DiskBackend: StorageBackend {
     public let database: Database
@@ -56,9 +57,12 @@ public final class DiskBackend: StorageBackend {
             // What the previous run promised decides, not this run's setting: a crash under
             // `interval` or `none` may have lost dots this node had already shown.
             let previousRunSyncedAlways = try readMetadata(db, runSyncModeKey).value == [Self.syncModeCode(.always)]
+            // Salvage may have dropped synced, acknowledged records: dots this node showed.
+            let stats = db.statistics
+            let salvaged = stats.salvagedBytes > 0 || stats.salvagedRegions > 0
             var epoch = stored ?? 0
             var batch = WriteBatch()
-            if epoch == 0 || (clean != true && !previousRunSyncedAlways) {
+            if epoch == 0 || salvaged || (clean != true && !previousRunSyncedAlways) {
                 epoch = UInt64.random(in: 1...UInt64.max)
                 batch.put(epochKey, (0..<8).map { UInt8(truncatingIfNeeded: epoch >> UInt64(56 - 8 * $0)) })
             }
@@ -133,7 +137,14 @@ public final class DiskBackend: StorageBackend {
 
     /// Marks the shutdown clean (durably), then closes the engine.
     public func close() async throws {
-        try await database.put(Self.cleanKey, [], sync: .always)
+        do {
+            try await database.put(Self.cleanKey, [], sync: .always)
+        } catch {
+            // Not a clean shutdown (writes are refused, say): still stop the engine's workers
+            // and close its files, then report why.
+            try? await database.close()
+            throw error
+        }
         try await database.close()
     }
 }

@@ -520,10 +520,11 @@ public final class Database: Sendable {
                 }
             }
             var recorded = false
+            var appended = false
             do throws(StorageError) {
                 try state.withLock { s throws(StorageError) in
                     edit.nextFile = s.version.nextFile
-                    try record(edit, &s)
+                    try record(edit, &s, appended: &appended)
                     recorded = true
                     s.version.apply(edit)
                     if let reader { s.readers[number] = reader }
@@ -534,10 +535,11 @@ public final class Database: Sendable {
                     s.relink()
                 }
             } catch {
-                // The table's edit never made it to the manifest: the table is an orphan.
+                // The table's edit never made it to the manifest: the table is an orphan. (An edit
+                // appended whole whose sync failed may be replayed by a reopen: keep its table.)
                 if !recorded, let reader {
                     reader.close()
-                    try? fs.remove(tablePath)
+                    if !appended { try? fs.remove(tablePath) }
                 }
                 throw error
             }
@@ -556,8 +558,18 @@ public final class Database: Sendable {
     /// append may have left; recovery drops it as a torn tail), so the database stops: writes are
     /// refused and the background workers end until it is reopened. Caller holds the lock.
     private func record(_ edit: VersionEdit, _ s: inout State) throws(StorageError) {
+        var appended = false
+        try record(edit, &s, appended: &appended)
+    }
+
+    /// `record`, telling the caller whether the edit was appended whole before anything failed:
+    /// then only its sync failed, the edit may still be (or become) durable, and a reopen may
+    /// replay it — so files it adds must not be removed (an open removes them if it is not).
+    private func record(_ edit: VersionEdit, _ s: inout State, appended: inout Bool) throws(StorageError) {
         do {
-            try Manifest.record(edit, to: s.manifest)
+            try s.manifest.append([edit.encoded()], sync: false)
+            appended = true
+            try s.manifest.sync()
         } catch {
             if s.writeFailure == nil { s.writeFailure = error }
             if s.backgroundError == nil { s.backgroundError = error }
@@ -634,6 +646,7 @@ public final class Database: Sendable {
         }
         let inputBytes = plan.all.totalSize
         var recorded = false
+        var appended = false
         do {
             // The outputs are opened before the edit, so a live table always has a reader.
             var opened: [UInt64: TableReader] = [:]
@@ -648,7 +661,7 @@ public final class Database: Sendable {
                 edit.removed = plan.all.filter { live.contains($0.number) }.map { ($0.level, $0.number) }
                 edit.added = outputs
                 edit.nextFile = s.version.nextFile
-                try record(edit, &s)
+                try record(edit, &s, appended: &appended)
                 recorded = true
                 s.version.apply(edit)
                 s.readers.merge(opened) { _, new in new }
@@ -662,8 +675,9 @@ public final class Database: Sendable {
             }
         } catch {
             state.withLock { $0.compacting = [] }
-            // Outputs no edit references (a reopen would remove them too).
-            if !recorded { for o in outputs { try? fs.remove(path(Self.tableName(o.number))) } }
+            // Outputs no edit references (a reopen would remove them too). An edit appended whole
+            // whose sync failed may be replayed by a reopen: its outputs stay.
+            if !recorded && !appended { for o in outputs { try? fs.remove(path(Self.tableName(o.number))) } }
             throw error
         }
         // Open snapshots keep their descriptors; the names go now.
@@ -962,10 +976,10 @@ public final class Database: Sendable {
     /// though `get` sees it; a log switch syncs the old log, so everything before it counts as
     /// durable. Under `interval` and `none` the engine promises no durability point, and this is
     /// `get`. A caller may rely on: any value returned was written by a write whose record is on
-    /// disk under `always` (a crash cannot take it back). One exception in the other direction: a
-    /// range deletion drops the tables wholly inside its range at once, in a manifest edit that
-    /// is durable before `apply` returns, so their keys are gone here too even while the
-    /// deletion's log record is not yet synced. Thread-safe.
+    /// disk under `always` (a crash cannot take it back). Range deletions are the exception in the
+    /// other direction: each is durable through the manifest before `apply` returns (and flushes
+    /// and compactions drop what it hides at once), so range tombstones apply here at the current
+    /// sequence, even while the deletion's log record is not yet synced. Thread-safe.
     public func getDurable(_ key: [UInt8]) throws(StorageError) -> [UInt8]? {
         // The committer is replaced at a log switch; the view and the committer are taken together
         // (its durable sequence is then read outside the engine's lock: it only grows, and the
@@ -974,6 +988,7 @@ public final class Database: Sendable {
         guard options.syncMode == .always else { return try view.get(key) }
         var durable = view
         durable.sequence = min(view.sequence, committer.durableSequence)
+        durable.tombstoneSequence = view.sequence
         return try durable.get(key)
     }
 

@@ -32,6 +32,8 @@ public final class FaultyFileSystem: FileSystem, Sendable {
         var freeSpace: Int?
         /// An armed short write (see `failNextWrite`).
         var writeFault: WriteFault?
+        /// An armed failing sync (see `failNextSync(toPathContaining:losingData:)`).
+        var syncFault: (match: String, losing: Bool)?
     }
 
     struct WriteFault {
@@ -55,6 +57,14 @@ public final class FaultyFileSystem: FileSystem, Sendable {
             s.failSyncs = n
             s.skipBeforeFailing = skipping
         }
+    }
+
+    /// The next sync of a file whose path contains `match` fails with EIO. `losingData`: the
+    /// unsynced bytes are dropped (Linux may do that); otherwise they stay, still unsynced, and a
+    /// reader sees them (the page cache kept them: a process restart without a crash reads them
+    /// back, a crash drops them).
+    public func failNextSync(toPathContaining match: String, losingData: Bool) {
+        state.withLock { $0.syncFault = (match, losingData) }
     }
 
     /// Whether this sync should fail (called with the lock held).
@@ -227,6 +237,12 @@ public final class FaultyFileSystem: FileSystem, Sendable {
     func syncDirectory(_ path: String, generation: Int?) throws(StorageError) {
         try state.withLock { s throws(StorageError) in
             try Self.alive(s, generation, path)
+            if let f = s.syncFault, path.contains(f.match) {
+                s.syncFault = nil
+                s.syncCount += 1
+                if f.losing { s.entries[path]?.pending = [] }
+                throw .syncFailed(path: path, errno: 5)
+            }
             if Self.syncFails(&s) { throw .syncFailed(path: path, errno: 5) }
             s.durableEntries = s.durableEntries.filter { Self.parent($0.key) != path }
             for (name, node) in s.entries where Self.parent(name) == path { s.durableEntries[name] = node }
@@ -269,6 +285,12 @@ public final class FaultyFileSystem: FileSystem, Sendable {
         }
         try state.withLock { s throws(StorageError) in
             try Self.alive(s, generation, path)
+            if let f = s.syncFault, path.contains(f.match) {
+                s.syncFault = nil
+                s.syncCount += 1
+                if f.losing { s.entries[path]?.pending = [] }
+                throw .syncFailed(path: path, errno: 5)
+            }
             if Self.syncFails(&s) {
                 // Like Linux after a failed fsync: the dirty data may be gone.
                 s.entries[path]?.pending = []

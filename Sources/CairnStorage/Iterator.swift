@@ -233,6 +233,10 @@ struct ReadView: Sendable {
     var quarantined: [LiveTable] = []
     var tombstones: [RangeTombstone]
     var sequence: UInt64
+    /// The sequence at which range tombstones apply, when it differs from `sequence` (a durable
+    /// read: tombstones are durable through the manifest as soon as they exist, and flushes and
+    /// compactions have already dropped what they hide, so they must hide it here too).
+    var tombstoneSequence: UInt64?
     var corruption: CorruptionLog?
 
     /// The newest entry for `key` at the view's sequence: memtables, then level 0 newest first,
@@ -273,7 +277,8 @@ struct ReadView: Sendable {
     func get(_ key: [UInt8]) throws(StorageError) -> [UInt8]? {
         do {
             guard let e = try entry(key), e.kind == .value else { return nil }
-            if !tombstones.isEmpty, tombstones.contains(where: { $0.hides(key, e.sequence, snapshot: sequence) }) { return nil }
+            let tombstonesAt = tombstoneSequence ?? sequence
+            if !tombstones.isEmpty, tombstones.contains(where: { $0.hides(key, e.sequence, snapshot: tombstonesAt) }) { return nil }
             return e.value
         } catch {
             corruption?.note(error)

@@ -137,4 +137,24 @@ import CairnStorage
         sup2.finish(); task2.cancel(); _ = await task2.result
         try await second.close()
     }
+
+    /// Salvage may drop synced, acknowledged log records (dots this node showed), so a salvaged
+    /// open takes a fresh epoch even after a crash of a run under `always`.
+    @Test func aSalvagedOpenTakesAFreshEpoch() async throws {
+        let disk = FaultyFileSystem()
+        let first = try await DiskBackend.open(directory: "/db", options: options(.always), fs: disk.session())
+        let epoch = try #require(first.persistentEpoch)
+        for i in 0..<20 { try await first.waitDurable(try first.apply(partition: PartitionID(1), key: [UInt8(i)], value: [UInt8(i), 1, 2, 3])) }
+        await first.database.abandon()   // a crash of a run under always: the epoch would be kept
+        let log = try #require(try disk.list("/db").filter { $0.hasSuffix(".log") }.max())
+        let size = try #require(disk.contents("/db/" + log)?.count)
+        disk.flipBit("/db/" + log, byte: size / 2)
+        await #expect(throws: StorageError.self) { try await DiskBackend.open(directory: "/db", options: options(.always), fs: disk.session()) }
+        var salvaging = options(.always)
+        salvaging.salvage = true
+        let salvaged = try await DiskBackend.open(directory: "/db", options: salvaging, fs: disk.session())
+        #expect(salvaged.database.statistics.salvagedBytes > 0)
+        #expect(salvaged.persistentEpoch != epoch, "records salvage dropped may have carried dots this node showed")
+        try await salvaged.close()
+    }
 }

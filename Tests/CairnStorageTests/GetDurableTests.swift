@@ -65,4 +65,24 @@ import Testing
         #expect(try db.getDurable([1]) == [1])
         try await db.close()
     }
+
+    /// A range deletion is durable through the manifest before its log record syncs, and flushes
+    /// and compactions drop what it hides at once: a durable read applies it at once too, never
+    /// showing a value a crash would not bring back.
+    @Test func aRangeDeletionHidesKeysFromDurableReadsAtOnce() async throws {
+        let fs = FaultyFileSystem()
+        let db = try Database.open(fs: fs, directory: "/db")
+        try await db.put([1], [1])
+        try await db.put([5], [5])
+        try db.flush()   // one table holding [1] and [5]: not wholly inside the range below
+        var b = WriteBatch()
+        b.deleteRange(from: [5], to: [6])
+        _ = try db.apply(b)   // in the manifest; its log record not synced yet
+        #expect(try db.getDurable([5]) == nil, "the deletion is durable: [5] cannot come back")
+        #expect(try db.getDurable([1]) == [1])
+        await db.abandon()
+        let back = try Database.open(fs: fs, directory: "/db")
+        #expect(try back.get([5]) == nil)
+        try await back.close()
+    }
 }
