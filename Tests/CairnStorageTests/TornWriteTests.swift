@@ -99,25 +99,34 @@ import Testing
 
     /// A manifest edit cut short during a flush or a compaction: no edit follows the fragment, writes
     /// are refused until reopen, the manifest still opens, and every acknowledged write survives
+    /// Small tables, flushed only when a test asks.
+    static func explicitFlushOptions() -> DatabaseOptions {
+        var o = smallOptions()
+        o.writeBufferBytes = 8 << 20
+        return o
+    }
+
+    /// Writes `keys` (each acknowledged) and returns what was written.
+    static func write(_ keys: Range<Int>, to db: Database) async throws -> [[UInt8]: [UInt8]] {
+        var acked: [[UInt8]: [UInt8]] = [:]
+        for i in keys {
+            try await db.put(key(i), value(i))
+            acked[key(i)] = value(i)
+        }
+        return acked
+    }
+
     /// a later crash.
     @Test(arguments: ["flush", "compaction"]) func aFailedManifestWriteLeavesADatabaseThatOpens(during job: String) async throws {
         let fs = FaultyFileSystem()
         var rng = Seeded(state: job == "flush" ? 5 : 6)
-        var o = smallOptions()
-        o.writeBufferBytes = 8 << 20   // only explicit flushes
-        var acked: [[UInt8]: [UInt8]] = [:]
+        let o = Self.explicitFlushOptions()
         let db = try Database.open(fs: fs.session(), directory: "/db", options: o)
-        for i in 0..<100 {
-            try await db.put(key(i), Self.value(i))
-            acked[key(i)] = Self.value(i)
-        }
+        var acked = try await Self.write(0..<100, to: db)
         try db.flush()   // one level-0 table: under the trigger (2)
         // The flush's edit, or (skipping the flush's) the compaction's, is cut after 3 bytes.
         fs.failNextWrite(toPathContaining: "MANIFEST-", skipping: job == "flush" ? 0 : 1, keeping: 3)
-        for i in 100..<200 {
-            try await db.put(key(i), Self.value(i))
-            acked[key(i)] = Self.value(i)
-        }
+        acked.merge(try await Self.write(100..<200, to: db)) { _, new in new }
         if job == "flush" {
             #expect(throws: StorageError.io(path: "/db/MANIFEST-000002", operation: "write", errno: 5)) { try db.flush() }
         } else {
@@ -160,19 +169,11 @@ import Testing
     /// database would reference missing files and have dropped the logs they replaced.
     @Test(arguments: ["flush", "compaction"]) func aFailedManifestSyncKeepsTheTablesItsEditAdds(during job: String) async throws {
         let fs = FaultyFileSystem()
-        var o = smallOptions()
-        o.writeBufferBytes = 8 << 20   // only explicit flushes
-        var acked: [[UInt8]: [UInt8]] = [:]
+        let o = Self.explicitFlushOptions()
         let db = try Database.open(fs: fs.session(), directory: "/db", options: o)
-        for i in 0..<100 {
-            try await db.put(key(i), Self.value(i))
-            acked[key(i)] = Self.value(i)
-        }
+        var acked = try await Self.write(0..<100, to: db)
         if job == "compaction" { try db.flush() }
-        for i in 100..<200 {
-            try await db.put(key(i), Self.value(i))
-            acked[key(i)] = Self.value(i)
-        }
+        acked.merge(try await Self.write(100..<200, to: db)) { _, new in new }
         fs.failNextSync(toPathContaining: "MANIFEST-", losingData: false)
         if job == "flush" {
             #expect(throws: StorageError.self) { try db.flush() }
