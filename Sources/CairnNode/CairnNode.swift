@@ -208,16 +208,16 @@ public final class CairnNode: Service, Sendable {
         let hello = view.hello
         let (metrics, notifier) = (core.metrics, notifier)
         var links: [PeerLink] = []
-        let transportBox = Locked<PeerTransport?>(nil)
+        let transportBox = Locked<SocketTransport?>(nil)
         for m in members where m.name != config.name {
             links.append(PeerLink(peer: m.name, address: m.address, hello: hello, config: config, group: group, logger: core.logger) {
                 guard let t = transportBox.value else { return }
                 let up = t.upCount
                 metrics.peersUp.record(up)
-                notifier.report(.peersChanged(up: up, of: t.links.count))
+                notifier.report(.peersChanged(up: up, of: t.peerCount))
             })
         }
-        let transport = PeerTransport(links: links, faults: core.faults)
+        let transport = SocketTransport(links: links, faults: core.faults)
         transportBox.withLock { $0 = transport }
         for p in view.ring.replicatedPartitions(of: config.name, n: view.n) {
             core.vnodes.insert(Vnode(partition: p, backend: storage.backend, limits: config.limits, metrics: metrics, logger: core.logger))
@@ -255,7 +255,7 @@ public final class CairnNode: Service, Sendable {
                 }
                 await waitForPeerAttempts()
                 if core.transition(from: .starting, to: .serving) {
-                    let peers = core.current?.transport.links.count ?? 0
+                    let peers = core.current?.transport.peerCount ?? 0
                     notifier.report(.serving(peersUp: connectedPeers, peers: peers))
                     core.logger.info("serving", metadata: ["peers_up": "\(connectedPeers)", "peers": "\(peers)"])
                 }
@@ -292,9 +292,7 @@ public final class CairnNode: Service, Sendable {
         r.server?.close(promise: nil)
         r.http?.close(promise: nil)
         connections.closeAll()
-        if let t = core.current?.transport {
-            for l in t.links.values { l.closeConnection() }
-        }
+        core.current?.transport.dropConnections()
         eventSink.yield(.shutdown(graceful: false))
     }
 
@@ -303,7 +301,7 @@ public final class CairnNode: Service, Sendable {
     private func waitForPeerAttempts() async {
         guard let t = core.current?.transport else { return }
         let deadline = ContinuousClock.now + .milliseconds(config.connectTimeoutMillis + 1000)
-        while ContinuousClock.now < deadline, t.links.values.contains(where: { $0.attempts == 0 }) {
+        while ContinuousClock.now < deadline, !t.triedEveryPeer {
             do { try await Task.sleep(for: .milliseconds(5)) } catch { return }
         }
     }

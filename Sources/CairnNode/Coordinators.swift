@@ -7,7 +7,7 @@ struct CoordinatorContext: Sendable {
     let me: NodeName
     let actor: ActorID
     let vnodes: VnodeTable
-    let transport: PeerTransport
+    let transport: any Transport
     let metrics: NodeMetrics
     let logger: Logger
 }

@@ -9,7 +9,7 @@ import Glibc
 /// The parts of the cluster view that exist only after `CairnNode.start`.
 struct Activation: Sendable {
     let view: ClusterView
-    let transport: PeerTransport
+    let transport: any Transport
     let coordinatorContext: CoordinatorContext
 }
 
@@ -265,7 +265,7 @@ final class NodeCore: Sendable {
 
     private func members(_ a: Activation) -> [MemberInfo] {
         a.view.ring.members.map { m in
-            let state: MemberInfo.State = m == config.name ? .this : (a.transport.links[m]?.downReason == nil ? .up : .down)
+            let state: MemberInfo.State = m == config.name ? .this : (a.transport.downReasons([m]).isEmpty ? .up : .down)
             return MemberInfo(name: m.value, address: a.view.address(m), ownedPartitions: a.view.ring.partitions(ownedBy: m).count,
                               replicatedPartitions: a.view.ring.replicatedPartitions(of: m, n: a.view.n).count, state: state)
         }

@@ -136,52 +136,6 @@ final class PeerLink: SupervisedChild {
     }
 }
 
-/// All of this node's peer links, by node name. Immutable after construction; thread-safe.
-final class PeerTransport: Sendable {
-    let links: [NodeName: PeerLink]
-    /// Present only under `cairnd --test-fault-injection`.
-    let faults: TransportFaults?
-
-    init(links: [PeerLink], faults: TransportFaults? = nil) {
-        self.links = Dictionary(uniqueKeysWithValues: links.map { ($0.peer, $0) })
-        self.faults = faults
-    }
-
-    /// Replicas among `nodes` that are down, with why. Unknown nodes count as down.
-    func downReasons(_ nodes: [NodeName]) -> [NodeName: String] {
-        var out: [NodeName: String] = [:]
-        for n in nodes {
-            guard let link = links[n] else {
-                out[n] = "not a known peer"
-                continue
-            }
-            if let why = link.downReason { out[n] = why }
-        }
-        return out
-    }
-
-    var upCount: Int { links.values.count { $0.downReason == nil } }
-
-    func send(to node: NodeName, _ message: Message, timeoutMillis: UInt32) async throws(ConnectionError) -> Message {
-        guard let link = links[node] else { throw .notSent("\(node) is not a known peer") }
-        guard let faults else { return try await link.send(message, timeoutMillis: timeoutMillis) }
-        switch faults.decide(to: node) {
-        case .block:
-            throw .notSent("fault injection: \(node) is cut off")
-        case .pass(let delay):
-            if delay > 0 { try? await Task.sleep(for: .milliseconds(delay)) }
-            return try await link.send(message, timeoutMillis: timeoutMillis)
-        case .dropRequest(let delay):
-            try? await Task.sleep(for: .milliseconds(Int(timeoutMillis) + delay))
-            throw .timedOut(afterMillis: timeoutMillis)
-        case .dropReply(let delay):
-            if delay > 0 { try? await Task.sleep(for: .milliseconds(delay)) }
-            _ = try? await link.send(message, timeoutMillis: timeoutMillis)
-            throw .timedOut(afterMillis: timeoutMillis)
-        }
-    }
-}
-
 extension PeerLink {
     /// Drops the current connection (the link reconnects unless cancelled).
     func closeConnection() {

@@ -1,0 +1,85 @@
+import CairnCore
+import CairnWire
+
+/// How a node exchanges internode requests with its peers, and what it knows of their
+/// reachability. The seam between the node's shells (coordinators, forwarding, readiness) and
+/// the network: `SocketTransport` runs it over NIO; an in-memory network can stand in for it.
+///
+/// Contract: `send` fails with a `ConnectionError` whose `certainlyNotDelivered` is true only
+/// when the peer cannot have received the request; a peer reported down by `downReasons` is
+/// not sent requests by coordinators (they count it as not sent). Thread-safe.
+protocol Transport: Sendable {
+    /// Sends one request to `node` and returns its reply, waiting at most `timeoutMillis`.
+    /// Cancelling the caller ends the wait (`ConnectionError.abandoned`).
+    func send(to node: NodeName, _ message: Message, timeoutMillis: UInt32) async throws(ConnectionError) -> Message
+    /// Why each of `nodes` is unreachable now; a node absent from the result is reachable.
+    /// Nodes the transport does not know count as unreachable.
+    func downReasons(_ nodes: [NodeName]) -> [NodeName: String]
+    /// The peers this transport knows (this node excluded).
+    var peerCount: Int { get }
+    /// Peers reachable now.
+    var upCount: Int { get }
+    /// Every peer has been tried at least once since start (reached or not): until then "down"
+    /// means "not tried yet", and the node does not report itself serving.
+    var triedEveryPeer: Bool { get }
+    /// Drops every connection at once, as a crash does.
+    func dropConnections()
+}
+
+/// The socket transport: this node's peer links (one supervised `PeerLink` per peer, each a
+/// multiplexed NIO connection with handshake and reconnect backoff), by node name.
+///
+/// Immutable after construction; thread-safe. The links are run by the node's supervisor.
+final class SocketTransport: Transport {
+    let links: [NodeName: PeerLink]
+    /// Present only under `cairnd --test-fault-injection`.
+    let faults: TransportFaults?
+
+    init(links: [PeerLink], faults: TransportFaults? = nil) {
+        self.links = Dictionary(uniqueKeysWithValues: links.map { ($0.peer, $0) })
+        self.faults = faults
+    }
+
+    /// Replicas among `nodes` that are down, with why. Unknown nodes count as down.
+    func downReasons(_ nodes: [NodeName]) -> [NodeName: String] {
+        var out: [NodeName: String] = [:]
+        for n in nodes {
+            guard let link = links[n] else {
+                out[n] = "not a known peer"
+                continue
+            }
+            if let why = link.downReason { out[n] = why }
+        }
+        return out
+    }
+
+    var upCount: Int { links.values.count { $0.downReason == nil } }
+
+    var peerCount: Int { links.count }
+
+    var triedEveryPeer: Bool { links.values.allSatisfy { $0.attempts > 0 } }
+
+    func dropConnections() {
+        for l in links.values { l.closeConnection() }
+    }
+
+    func send(to node: NodeName, _ message: Message, timeoutMillis: UInt32) async throws(ConnectionError) -> Message {
+        guard let link = links[node] else { throw .notSent("\(node) is not a known peer") }
+        guard let faults else { return try await link.send(message, timeoutMillis: timeoutMillis) }
+        switch faults.decide(to: node) {
+        case .block:
+            throw .notSent("fault injection: \(node) is cut off")
+        case .pass(let delay):
+            if delay > 0 { try? await Task.sleep(for: .milliseconds(delay)) }
+            return try await link.send(message, timeoutMillis: timeoutMillis)
+        case .dropRequest(let delay):
+            try? await Task.sleep(for: .milliseconds(Int(timeoutMillis) + delay))
+            throw .timedOut(afterMillis: timeoutMillis)
+        case .dropReply(let delay):
+            if delay > 0 { try? await Task.sleep(for: .milliseconds(delay)) }
+            _ = try? await link.send(message, timeoutMillis: timeoutMillis)
+            throw .timedOut(afterMillis: timeoutMillis)
+        }
+    }
+}
+
