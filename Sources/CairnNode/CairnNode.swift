@@ -60,7 +60,7 @@ public final class CairnNode: Service, Sendable {
     ///   - decorateBackend: test binaries only: wraps the storage backend once it is open.
     public init(config: NodeConfig, backend: (any StorageBackend)? = nil, logger: Logger? = nil, group: (any EventLoopGroup)? = nil,
                 notify: (any NotifySink)? = nil, watchdogInterval: Duration?? = .none, transportFaults: TransportFaults? = nil,
-                decorateBackend: (@Sendable (any StorageBackend) -> any StorageBackend)? = nil) {
+                decorateBackend: (@Sendable (any StorageBackend) -> any StorageBackend)? = nil, clock: any NodeClock = SystemClock()) {
         self.notifier = ServiceNotifier(sink: notify ?? SystemdNotifySink())
         self.watchdogInterval = watchdogInterval ?? SystemdNotifySink.watchdogInterval()
         var log = logger ?? Logger(label: "cairn.node")
@@ -69,10 +69,13 @@ public final class CairnNode: Service, Sendable {
         let memory = config.storageKind == .memory || config.dataDirectory == nil
         let initial: (any StorageBackend)? = backend ?? (memory ? MemoryBackend() : nil)
         self.decorateBackend = decorateBackend
-        self.core = NodeCore(config: config, backend: initial.map { decorateBackend?($0) ?? $0 }, logger: log, faults: transportFaults)
+        self.core = NodeCore(config: config, backend: initial.map { decorateBackend?($0) ?? $0 }, logger: log, faults: transportFaults,
+                             clock: clock)
         self.group = group ?? MultiThreadedEventLoopGroup.singleton
         let metrics = core.metrics
-        self.supervisor = Supervisor(name: "node", policy: config.restartPolicy, logger: log) { _ in metrics.supervisorRestarts.increment() }
+        self.supervisor = Supervisor(name: "node", policy: config.restartPolicy, logger: log, clock: clock) { _ in
+            metrics.supervisorRestarts.increment()
+        }
         (events, eventSink) = AsyncStream.makeStream(of: LifecycleEvent.self)
     }
 
@@ -210,20 +213,21 @@ public final class CairnNode: Service, Sendable {
         var links: [PeerLink] = []
         let transportBox = Locked<SocketTransport?>(nil)
         for m in members where m.name != config.name {
-            links.append(PeerLink(peer: m.name, address: m.address, hello: hello, config: config, group: group, logger: core.logger) {
+            links.append(PeerLink(peer: m.name, address: m.address, hello: hello, config: config, group: group, logger: core.logger,
+                                  clock: core.clock) {
                 guard let t = transportBox.value else { return }
                 let up = t.upCount
                 metrics.peersUp.record(up)
                 notifier.report(.peersChanged(up: up, of: t.peerCount))
             })
         }
-        let transport = SocketTransport(links: links, faults: core.faults)
+        let transport = SocketTransport(links: links, faults: core.faults, clock: core.clock)
         transportBox.withLock { $0 = transport }
         for p in view.ring.replicatedPartitions(of: config.name, n: view.n) {
             core.vnodes.insert(Vnode(partition: p, backend: storage.backend, limits: config.limits, metrics: metrics, logger: core.logger))
         }
         let ctx = CoordinatorContext(me: config.name, actor: storage.actor, vnodes: core.vnodes, transport: transport,
-                                     metrics: metrics, logger: core.logger)
+                                     metrics: metrics, logger: core.logger, clock: core.clock)
         core.activate(Activation(view: view, transport: transport, coordinatorContext: ctx))
         for p in core.vnodes.partitions {
             if let v = core.vnodes.vnode(for: p) { supervisor.spawn(v) }
@@ -300,9 +304,10 @@ public final class CairnNode: Service, Sendable {
     /// does not report serving while it still believes every peer is down.
     private func waitForPeerAttempts() async {
         guard let t = core.current?.transport else { return }
-        let deadline = ContinuousClock.now + .milliseconds(config.connectTimeoutMillis + 1000)
-        while ContinuousClock.now < deadline, !t.triedEveryPeer {
-            do { try await Task.sleep(for: .milliseconds(5)) } catch { return }
+        let clock = core.clock
+        let deadline = clock.now() + .milliseconds(config.connectTimeoutMillis + 1000)
+        while clock.now() < deadline, !t.triedEveryPeer {
+            do { try await clock.sleep(for: .milliseconds(5)) } catch { return }
         }
     }
 
@@ -312,9 +317,10 @@ public final class CairnNode: Service, Sendable {
             notifier.report(.draining(inflight: core.requests.inflightCount))
             core.logger.info("graceful shutdown: draining", metadata: ["inflight": "\(core.requests.inflightCount)"])
             try? await r.server?.close()
-            let deadline = ContinuousClock.now + .milliseconds(config.drainTimeoutMillis)
-            while core.requests.inflightCount > 0, ContinuousClock.now < deadline {
-                do { try await Task.sleep(for: .milliseconds(5)) } catch { break }
+            let clock = core.clock
+            let deadline = clock.now() + .milliseconds(config.drainTimeoutMillis)
+            while core.requests.inflightCount > 0, clock.now() < deadline {
+                do { try await clock.sleep(for: .milliseconds(5)) } catch { break }
             }
             if core.requests.inflightCount > 0 {
                 core.logger.warning("drain timeout; abandoning in-flight requests", metadata: ["inflight": "\(core.requests.inflightCount)"])

@@ -10,6 +10,7 @@ struct CoordinatorContext: Sendable {
     let transport: any Transport
     let metrics: NodeMetrics
     let logger: Logger
+    let clock: any NodeClock
 }
 
 extension CoordinatorContext {
@@ -34,10 +35,10 @@ enum ReplicaAnswer: Sendable {
 }
 
 extension TaskGroup {
-    /// Adds a child that returns `event` after `millis` (or at once when cancelled).
-    mutating func addDeadline(_ millis: UInt32, _ event: ChildTaskResult) {
+    /// Adds a child that returns `event` after `millis` on `clock` (or at once when cancelled).
+    mutating func addDeadline(_ millis: UInt32, _ event: ChildTaskResult, on clock: any NodeClock) {
         addTask {
-            do { try await Task.sleep(for: .milliseconds(Int64(millis))) } catch { /* the request finished first */ }
+            do { try await clock.sleep(for: .milliseconds(Int64(millis))) } catch { /* the request finished first */ }
             return event
         }
     }
@@ -98,7 +99,7 @@ actor WriteCoordinator {
     func run(respond: @escaping @Sendable (WriteCoordination.WriteOutcome, VersionedObject?) -> Void) async {
         var directives = machine.start(down: ctx.transport.downReasons(replicas.filter { !$0.isLocal }.map(\.node)))
         await withTaskGroup(of: Event.self) { group in
-            group.addDeadline(timeoutMillis, .deadline)
+            group.addDeadline(timeoutMillis, .deadline, on: ctx.clock)
             while true {
                 for d in directives { perform(d, group: &group, respond: respond) }
                 if machine.isFinished { break }
@@ -188,7 +189,7 @@ actor ReadCoordinator {
     func run(respond: @escaping @Sendable (ReadCoordination.ReadOutcome) -> Void) async {
         var directives = machine.start(down: ctx.transport.downReasons(replicas.filter { !$0.isLocal }.map(\.node)))
         await withTaskGroup(of: Event.self) { group in
-            group.addDeadline(timeoutMillis, .deadline)
+            group.addDeadline(timeoutMillis, .deadline, on: ctx.clock)
             while true {
                 for d in directives { perform(d, group: &group, respond: respond) }
                 if machine.isFinished { break }

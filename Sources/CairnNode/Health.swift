@@ -47,11 +47,11 @@ final class OneShot<Value: Sendable>: Sendable {
 /// Runs `probe` with a hard deadline. The probe runs in its own task, so a wedged probe (an actor
 /// that never answers) cannot hold the caller past `bound`; it is abandoned, as the process is
 /// about to be restarted by the watchdog anyway.
-func checkWithin(_ bound: Duration, _ probe: @escaping @Sendable () async -> String?) async -> String? {
+func checkWithin(_ bound: Duration, on clock: any NodeClock = SystemClock(), _ probe: @escaping @Sendable () async -> String?) async -> String? {
     let result = OneShot<String?>()
     let work = Task { result.deliver(await probe()) }
     let timer = Task {
-        try? await Task.sleep(for: bound)
+        try? await clock.sleep(for: bound)
         result.deliver("health check did not finish within \(bound)")
     }
     let outcome = await result.wait(onCancel: "health check cancelled")
@@ -88,13 +88,14 @@ extension CairnNode {
     /// Pings systemd's watchdog at half its interval while the health check passes. Returns when
     /// cancelled.
     func runWatchdog(interval: Duration) async {
-        var timer = WatchdogTimer(interval: interval, now: .now)
+        let clock = core.clock
+        var timer = WatchdogTimer(interval: interval, now: clock.now())
         var withheld = false
         while !Task.isCancelled {
-            if timer.checkDue(at: .now) {
-                let started = ContinuousClock.now
-                let failure = await checkWithin(timer.checkBound) { [self] in await probeHealth() }
-                switch timer.decide(failure: failure, started: started, finished: .now) {
+            if timer.checkDue(at: clock.now()) {
+                let started = clock.now()
+                let failure = await checkWithin(timer.checkBound, on: clock) { [self] in await probeHealth() }
+                switch timer.decide(failure: failure, started: started, finished: clock.now()) {
                 case .ping:
                     notifier.ping()
                     if withheld { notifier.report(.healthy) }
@@ -105,7 +106,7 @@ extension CairnNode {
                     withheld = true
                 }
             }
-            do { try await Task.sleep(for: timer.sleepTime(from: .now)) } catch { return }
+            do { try await clock.sleep(for: timer.sleepTime(from: clock.now())) } catch { return }
         }
     }
 }

@@ -2,9 +2,6 @@ import CairnCore
 import CairnRing
 import CairnWire
 import Logging
-#if canImport(Glibc)
-import Glibc
-#endif
 
 /// The parts of the cluster view that exist only after `CairnNode.start`.
 struct Activation: Sendable {
@@ -33,9 +30,14 @@ final class NodeCore: Sendable {
 
     /// Present only under `cairnd --test-fault-injection`.
     let faults: TransportFaults?
+    /// The node's time (deadlines, backoffs, waits, write timestamps). Request latency metrics
+    /// stay on the machine's clock: they observe, they decide nothing.
+    let clock: any NodeClock
 
-    init(config: NodeConfig, backend: (any StorageBackend)?, logger: Logger, faults: TransportFaults? = nil) {
+    init(config: NodeConfig, backend: (any StorageBackend)?, logger: Logger, faults: TransportFaults? = nil,
+         clock: any NodeClock = SystemClock()) {
         self.config = config
+        self.clock = clock
         self.faults = faults
         self.logger = logger
         metrics = NodeMetrics(maxInflight: config.maxInflightRequests)
@@ -82,10 +84,10 @@ final class NodeCore: Sendable {
         case .get(let g):
             await coordinateGet(g, a, responder)
         case .put(let p):
-            await coordinateWrite(.put, key: p.key, sibling: Sibling(value: p.value, timestampMillis: Self.wallClockMillis()),
+            await coordinateWrite(.put, key: p.key, sibling: Sibling(value: p.value, timestampMillis: clock.wallMillis()),
                                   context: p.context, options: p.options, forwarded: p.forwarded, original: message, a, responder)
         case .delete(let d):
-            await coordinateWrite(.delete, key: d.key, sibling: .tombstone(timestampMillis: Self.wallClockMillis()),
+            await coordinateWrite(.delete, key: d.key, sibling: .tombstone(timestampMillis: clock.wallMillis()),
                                   context: d.context, options: d.options, forwarded: d.forwarded, original: message, a, responder)
         case .members:
             responder.reply(.membersReply(members(a)))
@@ -269,11 +271,5 @@ final class NodeCore: Sendable {
             return MemberInfo(name: m.value, address: a.view.address(m), ownedPartitions: a.view.ring.partitions(ownedBy: m).count,
                               replicatedPartitions: a.view.ring.replicatedPartitions(of: m, n: a.view.n).count, state: state)
         }
-    }
-
-    static func wallClockMillis() -> UInt64 {
-        var ts = timespec()
-        clock_gettime(CLOCK_REALTIME, &ts)
-        return UInt64(max(ts.tv_sec, 0)) * 1000 + UInt64(max(ts.tv_nsec, 0)) / 1_000_000
     }
 }

@@ -26,10 +26,12 @@ final class PeerLink: SupervisedChild {
     private let group: any EventLoopGroup
     private let logger: Logger
     private let onChange: @Sendable () -> Void
+    private let clock: any NodeClock
 
     init(peer: NodeName, address: HostPort, hello: Hello, config: NodeConfig, group: any EventLoopGroup,
-         logger: Logger, onChange: @escaping @Sendable () -> Void) {
+         logger: Logger, clock: any NodeClock, onChange: @escaping @Sendable () -> Void) {
         self.peer = peer
+        self.clock = clock
         self.address = address
         self.childName = "peer-\(peer)"
         self.hello = hello
@@ -72,7 +74,7 @@ final class PeerLink: SupervisedChild {
                 backoff = config.reconnectMinMillis
             }
             do {
-                try await Task.sleep(for: .milliseconds(backoff))
+                try await clock.sleep(for: .milliseconds(backoff))
             } catch {
                 break
             }

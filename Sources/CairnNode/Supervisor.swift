@@ -65,11 +65,14 @@ public actor Supervisor {
     private let policy: RestartPolicy
     private let logger: Logger
     private let onRestart: @Sendable (String) -> Void
+    private let clock: any NodeClock
     private let spawns: AsyncStream<any SupervisedChild>
     private let spawnContinuation: AsyncStream<any SupervisedChild>.Continuation
 
-    public init(name: String, policy: RestartPolicy, logger: Logger, onRestart: @escaping @Sendable (String) -> Void = { _ in }) {
+    public init(name: String, policy: RestartPolicy, logger: Logger, clock: any NodeClock = SystemClock(),
+                onRestart: @escaping @Sendable (String) -> Void = { _ in }) {
         self.name = name
+        self.clock = clock
         self.policy = policy
         self.logger = logger
         self.onRestart = onRestart
@@ -104,13 +107,13 @@ public actor Supervisor {
                 return
             } catch {
                 if Task.isCancelled { return }
-                switch tracker.onFailure(at: .now) {
+                switch tracker.onFailure(at: clock.now()) {
                 case .restart(let delay):
                     logger.warning("child failed; restarting", metadata: [
                         "supervisor": "\(name)", "child": "\(child.childName)", "error": "\(error)", "backoff": "\(delay)",
                     ])
                     onRestart(child.childName)
-                    try await Task.sleep(for: delay)
+                    try await clock.sleep(for: delay)
                 case .escalate(let n):
                     logger.error("restart intensity exceeded; escalating", metadata: [
                         "supervisor": "\(name)", "child": "\(child.childName)", "failures": "\(n)", "error": "\(error)",

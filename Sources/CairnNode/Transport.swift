@@ -34,10 +34,12 @@ final class SocketTransport: Transport {
     let links: [NodeName: PeerLink]
     /// Present only under `cairnd --test-fault-injection`.
     let faults: TransportFaults?
+    private let clock: any NodeClock
 
-    init(links: [PeerLink], faults: TransportFaults? = nil) {
+    init(links: [PeerLink], faults: TransportFaults? = nil, clock: any NodeClock = SystemClock()) {
         self.links = Dictionary(uniqueKeysWithValues: links.map { ($0.peer, $0) })
         self.faults = faults
+        self.clock = clock
     }
 
     /// Replicas among `nodes` that are down, with why. Unknown nodes count as down.
@@ -70,13 +72,13 @@ final class SocketTransport: Transport {
         case .block:
             throw .notSent("fault injection: \(node) is cut off")
         case .pass(let delay):
-            if delay > 0 { try? await Task.sleep(for: .milliseconds(delay)) }
+            if delay > 0 { try? await clock.sleep(for: .milliseconds(delay)) }
             return try await link.send(message, timeoutMillis: timeoutMillis)
         case .dropRequest(let delay):
-            try? await Task.sleep(for: .milliseconds(Int(timeoutMillis) + delay))
+            try? await clock.sleep(for: .milliseconds(Int(timeoutMillis) + delay))
             throw .timedOut(afterMillis: timeoutMillis)
         case .dropReply(let delay):
-            if delay > 0 { try? await Task.sleep(for: .milliseconds(delay)) }
+            if delay > 0 { try? await clock.sleep(for: .milliseconds(delay)) }
             _ = try? await link.send(message, timeoutMillis: timeoutMillis)
             throw .timedOut(afterMillis: timeoutMillis)
         }
