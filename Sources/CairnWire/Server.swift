@@ -23,27 +23,49 @@ extension RequestDispatcher {
     public func recordReadPause() {}
 }
 
-/// Sends the reply to one request. Thread-safe; any number of replies may be sent from any task,
-/// but a request should get exactly one.
+/// Sends the reply to one request: over a connection's channel, or to an in-memory network.
+/// Thread-safe; any number of replies may be sent from any task, but a request should get
+/// exactly one.
 public struct Responder: Sendable {
-    public let channel: any Channel
-    public let requestID: UInt64
-    /// Replies larger than this are replaced by an error (the peer would refuse the frame).
-    public let maxFrameBytes: Int
+    private enum Route: Sendable {
+        case channel(any Channel, maxFrameBytes: Int)
+        case deliver(@Sendable (Message) -> Void)
+    }
 
+    public let requestID: UInt64
+    private let route: Route
+
+    /// Replies as frames on `channel`; a reply larger than `maxFrameBytes` is replaced by an
+    /// error (the peer would refuse the frame).
     public init(channel: any Channel, requestID: UInt64, maxFrameBytes: Int) {
-        self.channel = channel
         self.requestID = requestID
-        self.maxFrameBytes = maxFrameBytes
+        route = .channel(channel, maxFrameBytes: maxFrameBytes)
+    }
+
+    /// Replies by handing the message to `deliver` (a network without sockets).
+    public init(requestID: UInt64, deliver: @escaping @Sendable (Message) -> Void) {
+        self.requestID = requestID
+        route = .deliver(deliver)
+    }
+
+    /// The connection the request came on, when it came on one.
+    public var channel: (any Channel)? {
+        if case .channel(let c, _) = route { return c }
+        return nil
     }
 
     public func reply(_ message: Message) {
-        var frame = WireCodec.encodeFrame(Envelope(requestID: requestID, message: message))
-        if frame.count - WireCodec.lengthBytes > maxFrameBytes {
-            frame = WireCodec.encodeFrame(Envelope(requestID: requestID, message: .error(ErrorReply(
-                code: .internalError, message: "reply of \(frame.count) bytes exceeds limits.max_frame_bytes \(maxFrameBytes)"))))
+        switch route {
+        case .deliver(let deliver):
+            deliver(message)
+        case .channel(let channel, let maxFrameBytes):
+            var frame = WireCodec.encodeFrame(Envelope(requestID: requestID, message: message))
+            if frame.count - WireCodec.lengthBytes > maxFrameBytes {
+                frame = WireCodec.encodeFrame(Envelope(requestID: requestID, message: .error(ErrorReply(
+                    code: .internalError, message: "reply of \(frame.count) bytes exceeds limits.max_frame_bytes \(maxFrameBytes)"))))
+            }
+            channel.writeAndFlush(channel.allocator.buffer(frame), promise: nil)
         }
-        channel.writeAndFlush(channel.allocator.buffer(frame), promise: nil)
     }
 
     public func fail(_ error: ErrorReply) { reply(.error(error)) }

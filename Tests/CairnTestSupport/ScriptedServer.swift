@@ -36,10 +36,11 @@ public final class ScriptedServer: RequestDispatcher {
             var body = WireCodec.encodeBody(Envelope(requestID: envelope.requestID, message: .writeReply(
                 WriteReply(context: .empty, writtenTimestampMillis: 1, concurrent: []))))
             body.append(0xEE)
-            var buffer = responder.channel.allocator.buffer(capacity: body.count + 4)
+            guard let channel = responder.channel else { return }
+            var buffer = channel.allocator.buffer(capacity: body.count + 4)
             buffer.writeInteger(UInt32(body.count))
             buffer.writeBytes(body)
-            responder.channel.writeAndFlush(buffer, promise: nil)
+            channel.writeAndFlush(buffer, promise: nil)
         }
     }
 
