@@ -4,7 +4,7 @@ public import Logging
 public import NIOCore
 import NIOPosix
 import NIOHTTP1
-import CairnWire
+public import CairnWire
 import CairnRing
 public import ServiceLifecycle
 
@@ -47,6 +47,11 @@ public final class CairnNode: Service, Sendable {
     var eventLoopGroup: any EventLoopGroup { group }
     private let runtime = Locked(Runtime())
     private let connections = ConnectionRegistry()
+    /// Where requests enter the node (sockets or the in-memory network).
+    private let router: Router
+    /// When set, the node talks to its peers over this network instead of sockets and binds no
+    /// listener (the simulator and deterministic tests).
+    private let network: InMemoryNetwork?
     private let supervisor: Supervisor
     private let events: AsyncStream<LifecycleEvent>
     private let eventSink: AsyncStream<LifecycleEvent>.Continuation
@@ -60,7 +65,9 @@ public final class CairnNode: Service, Sendable {
     ///   - decorateBackend: test binaries only: wraps the storage backend once it is open.
     public init(config: NodeConfig, backend: (any StorageBackend)? = nil, logger: Logger? = nil, group: (any EventLoopGroup)? = nil,
                 notify: (any NotifySink)? = nil, watchdogInterval: Duration?? = .none, transportFaults: TransportFaults? = nil,
-                decorateBackend: (@Sendable (any StorageBackend) -> any StorageBackend)? = nil, clock: any NodeClock = SystemClock()) {
+                decorateBackend: (@Sendable (any StorageBackend) -> any StorageBackend)? = nil, clock: any NodeClock = SystemClock(),
+                network: InMemoryNetwork? = nil) {
+        self.network = network
         self.notifier = ServiceNotifier(sink: notify ?? SystemdNotifySink())
         self.watchdogInterval = watchdogInterval ?? SystemdNotifySink.watchdogInterval()
         var log = logger ?? Logger(label: "cairn.node")
@@ -72,6 +79,7 @@ public final class CairnNode: Service, Sendable {
         self.core = NodeCore(config: config, backend: initial.map { decorateBackend?($0) ?? $0 }, logger: log, faults: transportFaults,
                              clock: clock)
         self.group = group ?? MultiThreadedEventLoopGroup.singleton
+        self.router = Router(core: core)
         let metrics = core.metrics
         self.supervisor = Supervisor(name: "node", policy: config.restartPolicy, logger: log, clock: clock) { _ in
             metrics.supervisorRestarts.increment()
@@ -88,6 +96,15 @@ public final class CairnNode: Service, Sendable {
     public var boundAddresses: BoundAddresses? { runtime.value.bound }
     /// Peers whose link is connected and handshaken.
     public var connectedPeers: Int { core.current?.transport.upCount ?? 0 }
+
+    /// Answers one client request in this process, as if it had come on a connection: the way
+    /// clients reach a node on an `InMemoryNetwork` (it has no listener). Returns the reply.
+    public func answer(_ message: Message) async -> Message {
+        let reply = OneShot<Message>()
+        router.dispatch(Envelope(requestID: 0, message: message), fromPeer: false,
+                        responder: Responder(requestID: 0) { reply.deliver($0) })
+        return await reply.wait(onCancel: .error(ErrorReply(code: .timeout, message: "the caller stopped waiting")))
+    }
 
     /// Binds the client/internode listener and the HTTP listener (port 0 picks a free port).
     /// Requests that arrive before `run()` reaches `serving` are refused with `notReady`.
@@ -146,8 +163,17 @@ public final class CairnNode: Service, Sendable {
     }
 
     private func bindListeners(holding locked: DataDirectory?) async throws -> BoundAddresses {
-        let router = Router(core: core)
-        let (limits, registry) = (config.limits, connections)
+        if let network {
+            // No sockets: peers reach this node through the network, clients through `answer`.
+            let bound = BoundAddresses(client: config.listen, http: nil)
+            runtime.withLock { r in
+                r.bound = bound
+                r.dataDirectory = locked
+            }
+            network.attach(config.name, router)
+            return bound
+        }
+        let (router, limits, registry) = (router, config.limits, connections)
         let server = try await ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 256)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
@@ -211,8 +237,9 @@ public final class CairnNode: Service, Sendable {
         let hello = view.hello
         let (metrics, notifier) = (core.metrics, notifier)
         var links: [PeerLink] = []
+        let transport: any Transport
         let transportBox = Locked<SocketTransport?>(nil)
-        for m in members where m.name != config.name {
+        for m in members where m.name != config.name && network == nil {
             links.append(PeerLink(peer: m.name, address: m.address, hello: hello, config: config, group: group, logger: core.logger,
                                   clock: core.clock) {
                 guard let t = transportBox.value else { return }
@@ -221,8 +248,13 @@ public final class CairnNode: Service, Sendable {
                 notifier.report(.peersChanged(up: up, of: t.peerCount))
             })
         }
-        let transport = SocketTransport(links: links, faults: core.faults, clock: core.clock)
-        transportBox.withLock { $0 = transport }
+        if let network {
+            transport = network.transport(for: config.name)
+        } else {
+            let sockets = SocketTransport(links: links, faults: core.faults, clock: core.clock)
+            transportBox.withLock { $0 = sockets }
+            transport = sockets
+        }
         for p in view.ring.replicatedPartitions(of: config.name, n: view.n) {
             core.vnodes.insert(Vnode(partition: p, backend: storage.backend, limits: config.limits, metrics: metrics, logger: core.logger))
         }
@@ -258,6 +290,8 @@ public final class CairnNode: Service, Sendable {
                     group.addTask { await self.runWatchdog(interval: interval) }
                 }
                 await waitForPeerAttempts()
+                // Serving means every vnode answers: a request must not meet "vnode starting".
+                for p in core.vnodes.partitions { await core.vnodes.vnode(for: p)?.untilServing() }
                 if core.transition(from: .starting, to: .serving) {
                     let peers = core.current?.transport.peerCount ?? 0
                     notifier.report(.serving(peersUp: connectedPeers, peers: peers))
@@ -297,6 +331,7 @@ public final class CairnNode: Service, Sendable {
         r.http?.close(promise: nil)
         connections.closeAll()
         core.current?.transport.dropConnections()
+        network?.detach(config.name)
         eventSink.yield(.shutdown(graceful: false))
     }
 
@@ -327,6 +362,7 @@ public final class CairnNode: Service, Sendable {
             }
         }
         core.setState(.stopped)
+        network?.detach(config.name)
         r.server?.close(promise: nil)
         r.http?.close(promise: nil)
         connections.closeAll()

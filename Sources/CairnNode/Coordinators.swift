@@ -35,10 +35,12 @@ enum ReplicaAnswer: Sendable {
 }
 
 extension TaskGroup {
-    /// Adds a child that returns `event` after `millis` on `clock` (or at once when cancelled).
-    mutating func addDeadline(_ millis: UInt32, _ event: ChildTaskResult, on clock: any NodeClock) {
+    /// Adds a child that returns `event` at `deadline` on `clock` (or at once when cancelled).
+    /// The deadline is an instant fixed by the caller, so it does not move with when the child
+    /// task happens to start.
+    mutating func addDeadline(at deadline: ContinuousClock.Instant, _ event: ChildTaskResult, on clock: any NodeClock) {
         addTask {
-            do { try await clock.sleep(for: .milliseconds(Int64(millis))) } catch { /* the request finished first */ }
+            do { try await clock.sleep(until: deadline) } catch { /* the request finished first */ }
             return event
         }
     }
@@ -97,9 +99,10 @@ actor WriteCoordinator {
 
     /// Runs the request to its end; `respond` is called exactly once, as soon as the outcome is known.
     func run(respond: @escaping @Sendable (WriteCoordination.WriteOutcome, VersionedObject?) -> Void) async {
+        let deadline = ctx.clock.now().advanced(by: .milliseconds(Int64(timeoutMillis)))
         var directives = machine.start(down: ctx.transport.downReasons(replicas.filter { !$0.isLocal }.map(\.node)))
         await withTaskGroup(of: Event.self) { group in
-            group.addDeadline(timeoutMillis, .deadline, on: ctx.clock)
+            group.addDeadline(at: deadline, .deadline, on: ctx.clock)
             while true {
                 for d in directives { perform(d, group: &group, respond: respond) }
                 if machine.isFinished { break }
@@ -187,9 +190,10 @@ actor ReadCoordinator {
     }
 
     func run(respond: @escaping @Sendable (ReadCoordination.ReadOutcome) -> Void) async {
+        let deadline = ctx.clock.now().advanced(by: .milliseconds(Int64(timeoutMillis)))
         var directives = machine.start(down: ctx.transport.downReasons(replicas.filter { !$0.isLocal }.map(\.node)))
         await withTaskGroup(of: Event.self) { group in
-            group.addDeadline(timeoutMillis, .deadline, on: ctx.clock)
+            group.addDeadline(at: deadline, .deadline, on: ctx.clock)
             while true {
                 for d in directives { perform(d, group: &group, respond: respond) }
                 if machine.isFinished { break }

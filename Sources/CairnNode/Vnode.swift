@@ -19,6 +19,7 @@ public actor Vnode: SupervisedChild {
     private let logger: Logger
     private var status: Status = .starting
     private var failureSignal: AsyncStream<String>.Continuation?
+    private var servingWaiters: [CheckedContinuation<Void, Never>] = []
 
     enum Status: Equatable { case starting, serving, failed(String) }
 
@@ -35,6 +36,8 @@ public actor Vnode: SupervisedChild {
         let (signals, continuation) = AsyncStream.makeStream(of: String.self)
         failureSignal = continuation
         status = .serving
+        for w in servingWaiters { w.resume() }
+        servingWaiters = []
         for await reason in signals {
             status = .failed(reason)
             throw VnodeError.failed(partition: partition, reason: reason)
@@ -45,6 +48,12 @@ public actor Vnode: SupervisedChild {
 
     /// True while the vnode accepts requests.
     public var isServing: Bool { status == .serving }
+
+    /// Returns once the vnode has started serving (at once if it is).
+    public func untilServing() async {
+        if status == .serving { return }
+        await withCheckedContinuation { servingWaiters.append($0) }
+    }
 
     // MARK: Operations
 
