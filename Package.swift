@@ -14,6 +14,7 @@ let package = Package(
         .library(name: "CairnRing", targets: ["CairnRing"]),
         .library(name: "CairnWire", targets: ["CairnWire"]),
         .library(name: "CairnNode", targets: ["CairnNode"]),
+        .library(name: "CairnSim", targets: ["CairnSim"]),
         .library(name: "CairnClient", targets: ["CairnClient"]),
         .executable(name: "cairnd", targets: ["cairnd"]),
         .executable(name: "cairn", targets: ["cairn"]),
@@ -48,6 +49,8 @@ let package = Package(
         // libsystemd's sd_notify / sd_watchdog_enabled (package libsystemd-dev).
         .systemLibrary(name: "CSystemd", pkgConfig: "libsystemd", providers: [.apt(["libsystemd-dev"])]),
         // Shells: vnodes, coordinators, transport, supervisor, config, HTTP, systemd notify.
+        // Deterministic simulation: a seeded executor driving real nodes on virtual time.
+        .target(name: "CairnSim", dependencies: ["CairnNode", "CairnCore"], swiftSettings: strict),
         .target(name: "CairnNode", dependencies: [
             "CairnCore", "CairnRing", "CairnWire", "CSystemd", "CairnStorage",
             .product(name: "NIOCore", package: "swift-nio"),
@@ -128,6 +131,10 @@ let package = Package(
         .testTarget(name: "CairnWireTests", dependencies: [
             "CairnWire", "CairnCore", .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOEmbedded", package: "swift-nio"),
+        ], swiftSettings: strict),
+        .testTarget(name: "CairnSimTests", dependencies: [
+            "CairnSim", "CairnNode", "CairnCore", "CairnWire",
+            .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: strict),
         .testTarget(name: "CairnNodeTests", dependencies: [
             "CairnNode", "CairnCore", "CairnRing", "CairnWire", "CairnStorage",

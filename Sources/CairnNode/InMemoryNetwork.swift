@@ -43,10 +43,14 @@ public final class InMemoryNetwork: Sendable {
     }
 
     public let clock: any NodeClock
+    /// The executor the network's own tasks (delays, deliveries) prefer: a simulation's, so they
+    /// run in its seeded order; nil: the default pool.
+    private let executor: (any TaskExecutor)?
     private let state: Locked<State>
 
-    public init(clock: any NodeClock, seed: UInt64, faults: Faults = Faults()) {
+    public init(clock: any NodeClock, seed: UInt64, faults: Faults = Faults(), executor: (any TaskExecutor)? = nil) {
         self.clock = clock
+        self.executor = executor
         state = Locked(State(faults: faults, rng: SplitMix64(seed: seed)))
     }
 
@@ -122,7 +126,8 @@ public final class InMemoryNetwork: Sendable {
         let reply = OneShot<Message?>()
         let clock = clock
         let deadline = clock.now().advanced(by: .milliseconds(Int64(timeoutMillis)))
-        let timer = Task {
+        let executor = executor
+        let timer = Task(executorPreference: executor) {
             try? await clock.sleep(until: deadline)
             reply.deliver(nil)
         }
@@ -130,12 +135,12 @@ public final class InMemoryNetwork: Sendable {
         if !p.requestLost {
             let (replyLost, replyDelay) = (p.replyLost, p.replyDelay)
             let deliveries = p.duplicate ? 2 : 1
-            let courier = Task {
+            let courier = Task(executorPreference: executor) {
                 do { try await clock.sleep(for: p.requestDelay) } catch { return }
                 for _ in 0..<deliveries {
                     target.dispatch(Envelope(requestID: 0, message: message), fromPeer: true, responder: Responder(requestID: 0) { answer in
                         guard !replyLost else { return }
-                        Task {
+                        Task(executorPreference: executor) {
                             do { try await clock.sleep(for: replyDelay) } catch { return }
                             reply.deliver(answer)
                         }

@@ -111,6 +111,12 @@ public final class ManualClock: NodeClock {
         }
     }
 
+    /// Moves time forward to `instant` (no-op if it has passed) and resumes every sleeper whose
+    /// deadline it reaches.
+    public func advance(to instant: ContinuousClock.Instant) {
+        advance(by: now().duration(to: instant))
+    }
+
     /// Moves time forward by `duration` and resumes every sleeper whose deadline it reaches.
     public func advance(by duration: Duration) {
         let due: [Sleeper] = state.withLock { s in
