@@ -15,6 +15,7 @@ let package = Package(
         .library(name: "CairnWire", targets: ["CairnWire"]),
         .library(name: "CairnNode", targets: ["CairnNode"]),
         .library(name: "CairnSim", targets: ["CairnSim"]),
+        .executable(name: "cairn-sim", targets: ["cairn-sim"]),
         .library(name: "CairnClient", targets: ["CairnClient"]),
         .executable(name: "cairnd", targets: ["cairnd"]),
         .executable(name: "cairn", targets: ["cairn"]),
@@ -50,7 +51,9 @@ let package = Package(
         .systemLibrary(name: "CSystemd", pkgConfig: "libsystemd", providers: [.apt(["libsystemd-dev"])]),
         // Shells: vnodes, coordinators, transport, supervisor, config, HTTP, systemd notify.
         // Deterministic simulation: a seeded executor driving real nodes on virtual time.
-        .target(name: "CairnSim", dependencies: ["CairnNode", "CairnCore"], swiftSettings: strict),
+        .target(name: "CairnSim", dependencies: [
+            "CairnNode", "CairnCore", "CairnWire", .product(name: "Logging", package: "swift-log"),
+        ], swiftSettings: strict),
         .target(name: "CairnNode", dependencies: [
             "CairnCore", "CairnRing", "CairnWire", "CSystemd", "CairnStorage",
             .product(name: "NIOCore", package: "swift-nio"),
@@ -132,8 +135,11 @@ let package = Package(
             "CairnWire", "CairnCore", .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOEmbedded", package: "swift-nio"),
         ], swiftSettings: strict),
+        .executableTarget(name: "cairn-sim", dependencies: [
+            "CairnSim", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ], swiftSettings: strict),
         .testTarget(name: "CairnSimTests", dependencies: [
-            "CairnSim", "CairnNode", "CairnCore", "CairnWire",
+            "CairnSim", "CairnNode", "CairnCore", "CairnWire", "CairnTestSupport",
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: strict),
         .testTarget(name: "CairnNodeTests", dependencies: [

@@ -170,6 +170,8 @@ struct SystemdServiceTests {
         let stop = try sbx.run(["systemctl", "stop", "cairn.target"])
         #expect(stop.ok, "\(stop.stderr)")
         for unit in instances {
+            // The journal may lag the unit's exit by a moment on a busy machine: wait for the lines.
+            _ = sbx.waitUntil(10) { try sbx.journal(unit).contains("graceful=true") }
             let journal = try sbx.journal(unit)
             #expect(journal.contains("graceful shutdown: draining"))
             #expect(journal.contains("graceful=true") && journal.contains("stopped"))

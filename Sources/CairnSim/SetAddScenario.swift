@@ -1,0 +1,265 @@
+import CairnNode
+import CairnCore
+import CairnWire
+import Logging
+import Synchronization
+
+/// One simulated run of the set-add workload (the one cairn-torture uses) on real nodes: clients
+/// read a key at R=quorum, take the union of its siblings, add a unique element and write it back
+/// with the read's context at W=quorum, while the network loses, delays and duplicates messages
+/// and links are cut and healed. After the faults heal and a quiet period, every key is read at
+/// R=all and checked: no acknowledged element lost, no element of a write that certainly was not
+/// applied visible, nothing that was never written.
+public struct SetAddScenario: Sendable {
+    public var nodes = 5
+    public var clients = 8
+    public var keys = 4
+    /// Virtual time the clients run (the quiet period and final reads come after).
+    public var duration: Duration = .seconds(30)
+    public var faults: Set<Fault> = [.loss, .delay, .dup, .partition]
+    /// Makes one node acknowledge writes it drops (every tenth): the checker must catch it.
+    public var selfTest = false
+
+    public enum Fault: String, Sendable, CaseIterable {
+        case loss, delay, dup, partition
+    }
+
+    public init() {}
+
+    public struct Report: Sendable {
+        public var seed: UInt64
+        public var trace: [String]
+        public var violations: [String]
+        public var simulated: Duration
+        public var acknowledged: Int
+        public var unknown: Int
+        public var refused: Int
+
+        /// FNV-1a over the trace: the same seed gives the same value in every process.
+        public var traceHash: String {
+            var h: UInt64 = 0xcbf2_9ce4_8422_2325
+            for line in trace {
+                for b in line.utf8 { h = (h ^ UInt64(b)) &* 0x100_0000_01b3 }
+                h = (h ^ 0x0a) &* 0x100_0000_01b3
+            }
+            let hex = String(h, radix: 16)
+            return String(repeating: "0", count: 16 - hex.count) + hex
+        }
+    }
+
+    /// Runs the scenario for `seed`. Throws only if the simulation itself stopped (stuck or past
+    /// its time limit), which is a failure of the seed too.
+    public func run(seed: UInt64) throws(SimulationStop) -> Report {
+        let clock = ManualClock()
+        let executor = SimulationExecutor(seed: seed)
+        var netFaults = InMemoryNetwork.Faults()
+        if faults.contains(.loss) { netFaults.loss = 0.02 }
+        if faults.contains(.dup) { netFaults.duplication = 0.02 }
+        if faults.contains(.delay) { netFaults.delay = .microseconds(100) ... .milliseconds(40) }
+        let network = InMemoryNetwork(clock: clock, seed: seed ^ 0x5eed, faults: netFaults, executor: executor)
+        let scenario = self
+        let limit = duration + .seconds(600)
+        return try simulate(on: executor, clock: clock, limit: limit) {
+            await scenario.body(seed: seed, clock: clock, network: network)
+        }
+    }
+
+    private struct Log: Sendable {
+        var trace: [String] = []
+        /// Per key: elements whose write was acknowledged / certainly not applied / unknown.
+        var acked: [Int: Set<String>] = [:]
+        var refused: [Int: Set<String>] = [:]
+        var unknown: [Int: Set<String>] = [:]
+    }
+
+    /// The run's record, shared by its tasks.
+    private final class Recorder: Sendable {
+        private let log = Mutex(Log())
+        let clock: ManualClock
+        init(clock: ManualClock) { self.clock = clock }
+        func note(_ line: String) {
+            let at = clock.elapsed.milliseconds
+            log.withLock { $0.trace.append("\(at) \(line)") }
+        }
+        func update(_ body: (inout Log) -> Void) { log.withLock { body(&$0) } }
+        var current: Log { log.withLock { $0 } }
+    }
+
+    private func body(seed: UInt64, clock: ManualClock, network: InMemoryNetwork) async -> Report {
+        let log = Recorder(clock: clock)
+        let note = log.note
+        var violations: [String] = []
+        do {
+            let names = try (1...nodes).map { try NodeName("n\($0)") }
+            let members = names.enumerated().map { MemberAddress(name: $1, address: HostPort(host: "sim", port: 7400 + $0)) }
+            var started: [CairnNode] = []
+            for (i, m) in members.enumerated() {
+                var c = NodeConfig(name: m.name)
+                c.listen = m.address
+                c.http = nil
+                c.dataDirectory = nil
+                c.ringSize = 32
+                c.nVal = 3
+                c.requestTimeoutMillis = 300
+                let broken: (any StorageBackend)? = selfTest && i == 0 ? AcknowledgesAndDrops(MemoryBackend()) : nil
+                let node = CairnNode(config: c, backend: broken, logger: Logger(label: "sim", factory: { _ in SwiftLogNoOpLogHandler() }),
+                                     watchdogInterval: .some(nil), clock: clock, network: network)
+                try await node.bind()
+                try node.start(members: members)
+                started.append(node)
+            }
+            let cluster = started
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                for n in cluster { group.addTask { try await n.run() } }
+                while cluster.contains(where: { $0.state != .serving }) { await Task.yield() }
+                note("serving")
+                let end = clock.now().advanced(by: duration)
+                // The nemesis: cut and heal random links while the clients run.
+                if faults.contains(.partition) {
+                    group.addTask {
+                        var rng = SplitMix64(seed: seed ^ 0xfa17)
+                        while clock.now() < end {
+                            try await clock.sleep(for: .milliseconds(500 + Int64(rng.next(below: 2000))))
+                            let a = Int(rng.next(below: UInt64(names.count))), b = Int(rng.next(below: UInt64(names.count)))
+                            if rng.next(below: 3) == 0 || a == b {
+                                network.heal()
+                                note("heal")
+                            } else {
+                                network.cut(from: names[a], to: names[b])
+                                network.cut(from: names[b], to: names[a])
+                                note("cut \(names[a])-\(names[b])")
+                            }
+                        }
+                        network.heal()
+                        note("heal (end)")
+                    }
+                }
+                await withTaskGroup(of: Void.self) { clientsGroup in
+                    for c in 0..<clients {
+                        clientsGroup.addTask {
+                            var rng = SplitMix64(seed: seed &+ UInt64(c) &* 0x9e37)
+                            var n = 0
+                            while clock.now() < end {
+                                let key = Int(rng.next(below: UInt64(keys)))
+                                let node = cluster[Int(rng.next(below: UInt64(cluster.count)))]
+                                let element = "c\(c)e\(n)"
+                                n += 1
+                                let outcome = await Self.add(element, to: key, via: node)
+                                log.update { l in
+                                    switch outcome {
+                                    case .acknowledged: l.acked[key, default: []].insert(element)
+                                    case .refused: l.refused[key, default: []].insert(element)
+                                    case .unknown: l.unknown[key, default: []].insert(element)
+                                    }
+                                }
+                                note("\(node.config.name) add \(element) to k\(key): \(outcome)")
+                                try? await clock.sleep(for: .milliseconds(Int64(rng.next(below: 50))))
+                            }
+                        }
+                    }
+                }
+                // Quiet period: faults off, in-flight work settles.
+                network.heal()
+                network.setFaults(InMemoryNetwork.Faults())
+                try await clock.sleep(for: .seconds(5))
+                let snapshot = log.current
+                for key in 0..<keys {
+                    let seen = await Self.readAll(key, via: cluster[key % cluster.count])
+                    guard let seen else {
+                        violations.append("k\(key): the final read at R=all failed")
+                        continue
+                    }
+                    let acked = snapshot.acked[key] ?? [], refused = snapshot.refused[key] ?? [], unknown = snapshot.unknown[key] ?? []
+                    for e in acked.subtracting(seen).sorted() { violations.append("k\(key): acknowledged \(e) lost") }
+                    for e in seen.intersection(refused).sorted() { violations.append("k\(key): \(e) visible though certainly not applied") }
+                    for e in seen.subtracting(acked).subtracting(unknown).subtracting(refused).sorted() {
+                        violations.append("k\(key): phantom \(e)")
+                    }
+                    note("final k\(key): \(seen.count) elements")
+                }
+                for n in cluster { n.shutdown() }
+                // A drain waits on the clock: the simulation moves it.
+                try await group.waitForAll()
+            }
+        } catch {
+            violations.append("run failed: \(error)")
+        }
+        let l = log.current
+        return Report(seed: seed, trace: l.trace, violations: violations, simulated: clock.elapsed,
+                      acknowledged: l.acked.values.reduce(0) { $0 + $1.count }, unknown: l.unknown.values.reduce(0) { $0 + $1.count },
+                      refused: l.refused.values.reduce(0) { $0 + $1.count })
+    }
+
+    enum Outcome: String, Sendable, CustomStringConvertible {
+        case acknowledged = "ok", refused = "not-applied", unknown
+        var description: String { rawValue }
+    }
+
+    static func elements(_ siblings: [Sibling]) -> Set<String> {
+        var out = Set<String>()
+        for s in siblings where !s.isTombstone {
+            for e in String(decoding: s.value, as: UTF8.self).split(separator: ",") { out.insert(String(e)) }
+        }
+        return out
+    }
+
+    static func add(_ element: String, to key: Int, via node: CairnNode) async -> Outcome {
+        let k = Array("k\(key)".utf8)
+        var current = Set<String>()
+        var context = CausalContext.empty
+        switch await node.answer(.get(GetRequest(key: k))) {
+        case .getReply(let r):
+            current = elements(r.siblings)
+            context = r.context
+        case .error:
+            return .refused   // the read failed: nothing was written
+        default:
+            return .refused
+        }
+        current.insert(element)
+        let value = Array(current.sorted().joined(separator: ",").utf8)
+        switch await node.answer(.put(PutRequest(key: k, value: value, context: context))) {
+        case .writeReply: return .acknowledged
+        case .error(let e) where e.code == .unavailable || e.code.isRefusal || e.code == .invalidArgument: return .refused
+        default: return .unknown
+        }
+    }
+
+    static func readAll(_ key: Int, via node: CairnNode) async -> Set<String>? {
+        let options = RequestOptions(r: .all, timeoutMillis: 5000)
+        switch await node.answer(.get(GetRequest(key: Array("k\(key)".utf8), options: options))) {
+        case .getReply(let r): return elements(r.siblings)
+        default: return nil
+        }
+    }
+}
+
+/// A deliberately broken backend: acknowledges every tenth write without storing it.
+final class AcknowledgesAndDrops: StorageBackend {
+    let inner: any StorageBackend
+    let writes = Mutex(0)
+    init(_ inner: any StorageBackend) { self.inner = inner }
+
+    func get(partition: PartitionID, key: [UInt8]) throws -> [UInt8]? { try inner.get(partition: partition, key: key) }
+    func getDurable(partition: PartitionID, key: [UInt8]) throws -> [UInt8]? { try inner.getDurable(partition: partition, key: key) }
+    var lastApplied: DurabilityToken { inner.lastApplied }
+    func apply(partition: PartitionID, key: [UInt8], value: [UInt8]) throws -> DurabilityToken {
+        let n = writes.withLock { w in
+            w += 1
+            return w
+        }
+        if n % 10 == 0 { return DurabilityToken(sequence: 0) }
+        return try inner.apply(partition: partition, key: key, value: value)
+    }
+    func waitDurable(_ token: DurabilityToken) async throws { try await inner.waitDurable(token) }
+    func count(partition: PartitionID) throws -> Int { try inner.count(partition: partition) }
+    func close() async throws { try await inner.close() }
+    var isPersistent: Bool { inner.isPersistent }
+}
+
+extension Duration {
+    var milliseconds: Int64 {
+        let c = components
+        return c.seconds * 1000 + c.attoseconds / 1_000_000_000_000_000
+    }
+}
