@@ -83,7 +83,7 @@ let package = Package(
         ], swiftSettings: strict),
         // Test support: cairnd with a backend that loses every tenth acknowledged write
         // (cairn-torture's self-test must catch it).
-        .executableTarget(name: "cairnd-lossy", dependencies: ["CairnDaemon", "CairnNode", "CairnCore"],
+        .executableTarget(name: "cairnd-lossy", dependencies: ["CairnDaemon", "CairnNode", "CairnCore", "CairnSim"],
                           path: "Tests/LossyNode", swiftSettings: strict),
         .executableTarget(name: "cairn", dependencies: [
             "CairnClient", "CairnCore",
@@ -158,7 +158,7 @@ let package = Package(
         ], swiftSettings: strict),
         // Real nodes on loopback: in-process and as cairnd processes.
         .testTarget(name: "CairnClusterTests", dependencies: [
-            "CairnNode", "CairnClient", "CairnCore", "CairnWire", "CairnRing", "CairnTestSupport",
+            "CairnNode", "CairnClient", "CairnCore", "CairnWire", "CairnRing", "CairnTestSupport", "CairnSim",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),

@@ -1,5 +1,5 @@
-import CairnNode
-import CairnCore
+public import CairnNode
+public import CairnCore
 import CairnWire
 import Logging
 import Synchronization
@@ -90,25 +90,11 @@ public struct SetAddScenario: Sendable {
         let note = log.note
         var violations: [String] = []
         do {
-            let names = try (1...nodes).map { try NodeName("n\($0)") }
-            let members = names.enumerated().map { MemberAddress(name: $1, address: HostPort(host: "sim", port: 7400 + $0)) }
-            var started: [CairnNode] = []
-            for (i, m) in members.enumerated() {
-                var c = NodeConfig(name: m.name)
-                c.listen = m.address
-                c.http = nil
-                c.dataDirectory = nil
-                c.ringSize = 32
-                c.nVal = 3
-                c.requestTimeoutMillis = 300
-                let broken: (any StorageBackend)? = selfTest && i == 0 ? AcknowledgesAndDrops(MemoryBackend()) : nil
-                let node = CairnNode(config: c, backend: broken, logger: Logger(label: "sim", factory: { _ in SwiftLogNoOpLogHandler() }),
-                                     watchdogInterval: .some(nil), clock: clock, network: network)
-                try await node.bind()
-                try node.start(members: members)
-                started.append(node)
+            let selfTest = selfTest
+            let cluster = try await SimulatedNodes.make(count: nodes, clock: clock, network: network, ringSize: 32, requestTimeoutMillis: 300) { i in
+                selfTest && i == 0 ? AcknowledgesAndDrops(MemoryBackend()) : nil
             }
-            let cluster = started
+            let names = cluster.map(\.config.name)
             try await withThrowingTaskGroup(of: Void.self) { group in
                 for n in cluster { group.addTask { try await n.run() } }
                 while cluster.contains(where: { $0.state != .serving }) { await Task.yield() }
@@ -234,16 +220,17 @@ public struct SetAddScenario: Sendable {
     }
 }
 
-/// A deliberately broken backend: acknowledges every tenth write without storing it.
-final class AcknowledgesAndDrops: StorageBackend {
+/// A deliberately broken backend: acknowledges every tenth write without storing it (the
+/// self-tests of cairn-sim and cairn-torture). Thread-safe.
+public final class AcknowledgesAndDrops: StorageBackend {
     let inner: any StorageBackend
     let writes = Mutex(0)
-    init(_ inner: any StorageBackend) { self.inner = inner }
+    public init(_ inner: any StorageBackend) { self.inner = inner }
 
-    func get(partition: PartitionID, key: [UInt8]) throws -> [UInt8]? { try inner.get(partition: partition, key: key) }
-    func getDurable(partition: PartitionID, key: [UInt8]) throws -> [UInt8]? { try inner.getDurable(partition: partition, key: key) }
-    var lastApplied: DurabilityToken { inner.lastApplied }
-    func apply(partition: PartitionID, key: [UInt8], value: [UInt8]) throws -> DurabilityToken {
+    public func get(partition: PartitionID, key: [UInt8]) throws -> [UInt8]? { try inner.get(partition: partition, key: key) }
+    public func getDurable(partition: PartitionID, key: [UInt8]) throws -> [UInt8]? { try inner.getDurable(partition: partition, key: key) }
+    public var lastApplied: DurabilityToken { inner.lastApplied }
+    public func apply(partition: PartitionID, key: [UInt8], value: [UInt8]) throws -> DurabilityToken {
         let n = writes.withLock { w in
             w += 1
             return w
@@ -251,10 +238,11 @@ final class AcknowledgesAndDrops: StorageBackend {
         if n % 10 == 0 { return DurabilityToken(sequence: 0) }
         return try inner.apply(partition: partition, key: key, value: value)
     }
-    func waitDurable(_ token: DurabilityToken) async throws { try await inner.waitDurable(token) }
-    func count(partition: PartitionID) throws -> Int { try inner.count(partition: partition) }
-    func close() async throws { try await inner.close() }
-    var isPersistent: Bool { inner.isPersistent }
+    public func waitDurable(_ token: DurabilityToken) async throws { try await inner.waitDurable(token) }
+    public func count(partition: PartitionID) throws -> Int { try inner.count(partition: partition) }
+    public func close() async throws { try await inner.close() }
+    public var isPersistent: Bool { inner.isPersistent }
+    public var persistentEpoch: UInt64? { inner.persistentEpoch }
 }
 
 extension Duration {

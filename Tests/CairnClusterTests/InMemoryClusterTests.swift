@@ -1,5 +1,6 @@
 import Testing
 import CairnNode
+import CairnSim
 import CairnCore
 import CairnWire
 import Logging
@@ -17,22 +18,8 @@ struct InMemoryClusterTests {
 
         init(count: Int = 3, seed: UInt64 = 7) async throws {
             network = InMemoryNetwork(clock: clock, seed: seed)
-            names = try (1...count).map { try NodeName("n\($0)") }
-            let members = names.enumerated().map { MemberAddress(name: $1, address: HostPort(host: "sim", port: 7400 + $0)) }
-            var nodes: [CairnNode] = []
-            for m in members {
-                var c = NodeConfig(name: m.name)
-                c.listen = m.address
-                c.http = nil
-                c.dataDirectory = nil
-                c.ringSize = 16
-                c.nVal = 3
-                c.requestTimeoutMillis = 1000
-                let node = CairnNode(config: c, logger: quietLogger, watchdogInterval: .some(nil), clock: clock, network: network)
-                try await node.bind()
-                try node.start(members: members)
-                nodes.append(node)
-            }
+            let nodes = try await SimulatedNodes.make(count: count, clock: clock, network: network)
+            names = nodes.map(\.config.name)
             self.nodes = nodes
             runs = nodes.map { n in Task { try await n.run() } }
             for n in nodes {

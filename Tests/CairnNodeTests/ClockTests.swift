@@ -5,15 +5,6 @@ import CairnWire
 import Logging
 import Synchronization
 
-/// Yields until `condition` holds; bounded by a step count, not by time.
-private func settle(_ what: String, _ condition: () async -> Bool) async throws {
-    for _ in 0..<100_000 {
-        if await condition() { return }
-        await Task.yield()
-    }
-    Issue.record("never: \(what)")
-    throw CancellationError()
-}
 
 /// A value shared with tasks, behind a lock.
 final class Shared<Value: Sendable>: Sendable {

@@ -15,14 +15,6 @@ private final class Echo: RequestDispatcher {
     }
 }
 
-private func settle(_ what: String, _ condition: () async -> Bool) async throws {
-    for _ in 0..<100_000 {
-        if await condition() { return }
-        await Task.yield()
-    }
-    Issue.record("never: \(what)")
-    throw CancellationError()
-}
 
 /// The network seam's in-memory side: delays, loss, duplication and partitions on virtual time.
 @Suite(.timeLimit(.minutes(1))) struct InMemoryNetworkTests {

@@ -27,6 +27,17 @@ final class FaultyBackend: StorageBackend {
     func close() async throws {}
 }
 
+/// Yields until `condition` holds; bounded by a step count, not by time (for waits on work that
+/// is already runnable, never on real time passing).
+func settle(_ what: String, _ condition: () async -> Bool) async throws {
+    for _ in 0..<100_000 {
+        if await condition() { return }
+        await Task.yield()
+    }
+    Issue.record("never: \(what)")
+    throw CancellationError()
+}
+
 /// A vnode under a fast-restarting supervisor, serving.
 func runningVnode(_ backend: any StorageBackend, limits: Limits = Limits()) async throws -> (Vnode, Supervisor, Task<Void, any Error>) {
     let vnode = Vnode(partition: PartitionID(3), backend: backend, limits: limits, metrics: NodeMetrics(maxInflight: 10), logger: Logger(label: "t"))
@@ -200,16 +211,6 @@ final class GatedBackend: StorageBackend {
     let n1 = ActorID(node: "n1", epoch: 5)
     let n2 = ActorID(node: "n2", epoch: 5)
 
-    /// Yields until `condition` holds; bounded by a step count, not by time.
-    private func eventually(_ what: String, _ condition: () async -> Bool) async throws {
-        for _ in 0..<100_000 {
-            if await condition() { return }
-            await Task.yield()
-        }
-        Issue.record("never: \(what)")
-        throw CancellationError()
-    }
-
     private func object(_ value: UInt8, ts: UInt64, by actor: ActorID) throws -> VersionedObject {
         var o = VersionedObject()
         try o.update(context: VersionVector(), value: Sibling(value: [value], timestampMillis: ts), actor: actor)
@@ -221,7 +222,7 @@ final class GatedBackend: StorageBackend {
         let backend = GatedBackend()
         let (v, sup, task) = try await runningVnode(backend)
         let write = Task { try await v.coordinate(key: [1], sibling: Sibling(value: [1], timestampMillis: 1), context: VersionVector(), actor: n1) }
-        try await eventually("the write waits for its sync") { backend.waiting == 1 }
+        try await settle("the write waits for its sync") { backend.waiting == 1 }
         #expect(try await v.get([1]) == nil)
         backend.sync()
         let stored = try await write.value
@@ -235,10 +236,10 @@ final class GatedBackend: StorageBackend {
         let backend = GatedBackend()
         let (v, sup, task) = try await runningVnode(backend)
         let write = Task { try await v.coordinate(key: [1], sibling: Sibling(value: [1], timestampMillis: 1), context: VersionVector(), actor: n1) }
-        try await eventually("the write waits for its sync") { backend.waiting == 1 }
+        try await settle("the write waits for its sync") { backend.waiting == 1 }
         backend.sync(failing: true)
         await #expect(throws: VnodeError.self) { try await write.value }
-        try await eventually("the vnode restarted") { await v.isServing }
+        try await settle("the vnode restarted") { await v.isServing }
         #expect(try await v.get([1]) == nil)
         sup.finish(); task.cancel(); try await task.value
     }
@@ -252,18 +253,18 @@ final class GatedBackend: StorageBackend {
         var newer = older
         try newer.update(context: older.context, value: Sibling(value: [2], timestampMillis: 2), actor: n2)
         let first = Task { try await v.merge(key: [1], object: newer) }
-        try await eventually("the newer merge waits for its sync") { backend.waiting == 1 }
+        try await settle("the newer merge waits for its sync") { backend.waiting == 1 }
         let secondDone = Flag()
         let second = Task {
             defer { secondDone.set() }
             return try await v.merge(key: [1], object: older)
         }
-        try await eventually("the older merge waits too, or was acknowledged") { backend.waiting == 2 || secondDone.isSet }
+        try await settle("the older merge waits too, or was acknowledged") { backend.waiting == 2 || secondDone.isSet }
         #expect(!secondDone.isSet, "acknowledged before anything was durable")
         backend.sync(failing: true)
         await #expect(throws: VnodeError.self) { try await first.value }
         await #expect(throws: VnodeError.self) { try await second.value }
-        try await eventually("the vnode restarted") { await v.isServing }
+        try await settle("the vnode restarted") { await v.isServing }
         sup.finish(); task.cancel(); try await task.value
     }
 
@@ -272,9 +273,9 @@ final class GatedBackend: StorageBackend {
         let (v, sup, task) = try await runningVnode(backend)
         let o = try object(1, ts: 1, by: n2)
         let first = Task { try await v.merge(key: [1], object: o) }
-        try await eventually("the merge waits for its sync") { backend.waiting == 1 }
+        try await settle("the merge waits for its sync") { backend.waiting == 1 }
         let second = Task { try await v.merge(key: [1], object: o) }
-        try await eventually("the duplicate waits too") { backend.waiting == 2 }
+        try await settle("the duplicate waits too") { backend.waiting == 2 }
         backend.sync()
         #expect(try await first.value == o)
         #expect(try await second.value == o)

@@ -31,21 +31,7 @@ private func run(seed: UInt64) throws -> [String] {
     return try simulate(on: executor, clock: clock, limit: .seconds(600)) {
         var trace: [String] = []
         do {
-            let names = try (1...3).map { try NodeName("n\($0)") }
-            let members = names.enumerated().map { MemberAddress(name: $1, address: HostPort(host: "sim", port: 7400 + $0)) }
-            var nodes: [CairnNode] = []
-            for m in members {
-                var c = NodeConfig(name: m.name)
-                c.listen = m.address
-                c.http = nil
-                c.dataDirectory = nil
-                c.ringSize = 16
-                c.requestTimeoutMillis = 200
-                let node = CairnNode(config: c, logger: quiet, watchdogInterval: .some(nil), clock: clock, network: network)
-                try await node.bind()
-                try node.start(members: members)
-                nodes.append(node)
-            }
+            let nodes = try await SimulatedNodes.make(count: 3, clock: clock, network: network, requestTimeoutMillis: 200)
             try await withThrowingTaskGroup(of: Void.self) { group in
                 for n in nodes { group.addTask { try await n.run() } }
                 while nodes.contains(where: { $0.state != .serving }) { await Task.yield() }

@@ -8,30 +8,7 @@ import CairnCore
 import CairnDaemon
 import CairnNode
 import Foundation
-import Synchronization
-
-final class DropEveryTenthWrite: StorageBackend {
-    let inner: any StorageBackend
-    let writes = Mutex(0)
-    init(_ inner: any StorageBackend) { self.inner = inner }
-
-    func get(partition: PartitionID, key: [UInt8]) throws -> [UInt8]? { try inner.get(partition: partition, key: key) }
-    func getDurable(partition: PartitionID, key: [UInt8]) throws -> [UInt8]? { try inner.getDurable(partition: partition, key: key) }
-    var lastApplied: DurabilityToken { inner.lastApplied }
-    func apply(partition: PartitionID, key: [UInt8], value: [UInt8]) throws -> DurabilityToken {
-        let n = writes.withLock { w in
-            w += 1
-            return w
-        }
-        if n % 10 == 0 { return DurabilityToken(sequence: 0) }   // acknowledged, never stored
-        return try inner.apply(partition: partition, key: key, value: value)
-    }
-    func waitDurable(_ token: DurabilityToken) async throws { try await inner.waitDurable(token) }
-    func count(partition: PartitionID) throws -> Int { try inner.count(partition: partition) }
-    func close() async throws { try await inner.close() }
-    var isPersistent: Bool { inner.isPersistent }
-    var persistentEpoch: UInt64? { inner.persistentEpoch }
-}
+import CairnSim
 
 var args = Array(CommandLine.arguments.dropFirst())
 var options = CairnDaemon.Options(configPath: "")
@@ -47,7 +24,7 @@ while !args.isEmpty {
     }
 }
 do {
-    try await CairnDaemon.run(options) { DropEveryTenthWrite($0) }
+    try await CairnDaemon.run(options) { AcknowledgesAndDrops($0) }
 } catch {
     FileHandle.standardError.write(Data("cairnd-lossy: \(error)\n".utf8))
     exit(1)
