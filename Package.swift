@@ -52,7 +52,8 @@ let package = Package(
         // Shells: vnodes, coordinators, transport, supervisor, config, HTTP, systemd notify.
         // Deterministic simulation: a seeded executor driving real nodes on virtual time.
         .target(name: "CairnSim", dependencies: [
-            "CairnNode", "CairnCore", "CairnWire", .product(name: "Logging", package: "swift-log"),
+            "CairnNode", "CairnCore", "CairnWire", "CairnClient", "CairnTorture",
+            .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: strict),
         .target(name: "CairnNode", dependencies: [
             "CairnCore", "CairnRing", "CairnWire", "CSystemd", "CairnStorage",

@@ -40,6 +40,22 @@ public enum CairnError: Error, Sendable, Hashable, CustomStringConvertible {
     }
 }
 
+extension CairnError {
+    /// The typed error for a node's error reply (the client's one mapping; `certainlyNotApplied`
+    /// then says whether a write may have landed).
+    public init(_ e: ErrorReply) {
+        switch e.code {
+        case .unavailable: if let q = e.quorum { self = .unavailable(q); return }
+        case .notReached: if let q = e.quorum { self = .quorumNotReached(q); return }
+        case .timeout: self = .timeout(e.message); return
+        case .invalidArgument, .malformed, .frameTooLarge: self = .invalidArgument(e.message); return
+        case .overloaded, .notReady, .shuttingDown: self = .overloaded(e.message); return
+        default: break
+        }
+        self = .server(code: e.code.rawValue, message: e.message)
+    }
+}
+
 /// What a `get` returns: every sibling (tombstones included, flagged) and the causal context to
 /// pass to the next write.
 public struct GetResult: Sendable, Hashable {
@@ -176,21 +192,10 @@ public final class CairnClient: Sendable {
     // MARK: Plumbing
 
     private func unexpected(_ m: Message) -> CairnError {
-        if case .error(let e) = m { return Self.map(e) }
+        if case .error(let e) = m { return CairnError(e) }
         return .server(code: ErrorCode.internalError.rawValue, message: "unexpected reply \(m.type)")
     }
 
-    static func map(_ e: ErrorReply) -> CairnError {
-        switch e.code {
-        case .unavailable: if let q = e.quorum { return .unavailable(q) }
-        case .notReached: if let q = e.quorum { return .quorumNotReached(q) }
-        case .timeout: return .timeout(e.message)
-        case .invalidArgument, .malformed, .frameTooLarge: return .invalidArgument(e.message)
-        case .overloaded, .notReady, .shuttingDown: return .overloaded(e.message)
-        default: break
-        }
-        return .server(code: e.code.rawValue, message: e.message)
-    }
 
     /// Validates sizes locally so an oversized request fails before it is sent.
     private func validate(_ m: Message) throws(CairnError) {

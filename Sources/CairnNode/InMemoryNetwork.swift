@@ -7,8 +7,8 @@ public import CairnWire
 /// node code over; `transport(for:)` gives each node its `Transport`.
 ///
 /// Semantics, chosen to match what a node sees over TCP:
-/// - a request to a node that is not attached (crashed, not started) fails at once as not sent
-///   (a refused connection), and `downReasons` reports it;
+/// - a request to a node that is not attached (crashed, not started) or refused (`refuse`)
+///   fails at once as not sent (a refused connection), and `downReasons` reports it;
 /// - a cut link (`cut(from:to:)`, one way) and a lost message are silent: the caller waits until
 ///   its deadline (`timedOut`, outcome unknown), as across a partition;
 /// - each direction of a request is delayed by a duration drawn from `faults.delay`; a
@@ -31,6 +31,9 @@ public final class InMemoryNetwork: Sendable {
         /// Every node ever attached: the members a transport knows, running or not.
         var known: Set<NodeName> = []
         var cut: Set<Link> = []
+        /// Nodes whose connections are refused both ways (a firewall that rejects: peers see
+        /// them down at once), though they keep running.
+        var refusing: Set<NodeName> = []
         var faults: Faults
         var rng: SplitMix64
         var delivered = 0
@@ -74,9 +77,18 @@ public final class InMemoryNetwork: Sendable {
         _ = state.withLock { $0.cut.insert(Link(from: from, to: to)) }
     }
 
-    /// Restores every cut link.
+    /// Makes every connection to or from `node` refused until `heal()`: peers see it down and
+    /// certainly do not deliver to it; it keeps running (clients in process still reach it).
+    public func refuse(_ node: NodeName) {
+        _ = state.withLock { $0.refusing.insert(node) }
+    }
+
+    /// Restores every cut link and refused node.
     public func heal() {
-        state.withLock { $0.cut.removeAll() }
+        state.withLock { s in
+            s.cut.removeAll()
+            s.refusing.removeAll()
+        }
     }
 
     public func setFaults(_ faults: Faults) {
@@ -111,7 +123,8 @@ public final class InMemoryNetwork: Sendable {
                 let span = r.upperBound - r.lowerBound
                 return span <= .zero ? r.lowerBound : r.lowerBound + span * s.rng.nextDouble()
             }
-            let plan = Plan(target: s.nodes[to], requestLost: !out || chance(s.faults.loss), replyLost: !back || chance(s.faults.loss),
+            let reachable = !s.refusing.contains(to) && !s.refusing.contains(from)
+            let plan = Plan(target: reachable ? s.nodes[to] : nil, requestLost: !out || chance(s.faults.loss), replyLost: !back || chance(s.faults.loss),
                             duplicate: chance(s.faults.duplication), requestDelay: delay(), replyDelay: delay())
             if plan.target != nil {
                 if plan.requestLost { s.dropped += 1 } else { s.delivered += plan.duplicate ? 2 : 1 }
@@ -122,7 +135,7 @@ public final class InMemoryNetwork: Sendable {
 
     fileprivate func send(from: NodeName, to: NodeName, _ message: Message, timeoutMillis: UInt32) async throws(ConnectionError) -> Message {
         let p = plan(from: from, to: to)
-        guard let target = p.target else { throw .notSent("\(to) refused the connection (not running)") }
+        guard let target = p.target else { throw .notSent("\(to) refused the connection") }
         let reply = OneShot<Message?>()
         let clock = clock
         let deadline = clock.now().advanced(by: .milliseconds(Int64(timeoutMillis)))
@@ -156,7 +169,10 @@ public final class InMemoryNetwork: Sendable {
         return answer
     }
 
-    fileprivate func isAttached(_ node: NodeName) -> Bool { state.withLock { $0.nodes[node] != nil } }
+    /// Whether `from` can connect to `node` now.
+    fileprivate func isReachable(_ node: NodeName, from: NodeName) -> Bool {
+        state.withLock { $0.nodes[node] != nil && !$0.refusing.contains(node) && !$0.refusing.contains(from) }
+    }
     /// (peers known, peers running), `node` excluded.
     fileprivate func peers(of node: NodeName) -> (known: Int, running: Int) {
         state.withLock { s in (s.known.count { $0 != node }, s.nodes.keys.count { $0 != node }) }
@@ -174,7 +190,7 @@ private struct Endpoint: Transport {
 
     func downReasons(_ nodes: [NodeName]) -> [NodeName: String] {
         var out: [NodeName: String] = [:]
-        for n in nodes where !network.isAttached(n) { out[n] = "\(n) is not running" }
+        for n in nodes where !network.isReachable(n, from: me) { out[n] = "\(n) refuses connections" }
         return out
     }
 

@@ -1,6 +1,8 @@
 public import CairnNode
 public import CairnCore
 import CairnWire
+import CairnClient
+import CairnTorture
 import Logging
 import Synchronization
 
@@ -66,10 +68,8 @@ public struct SetAddScenario: Sendable {
 
     private struct Log: Sendable {
         var trace: [String] = []
-        /// Per key: elements whose write was acknowledged / certainly not applied / unknown.
-        var acked: [Int: Set<String>] = [:]
-        var refused: [Int: Set<String>] = [:]
-        var unknown: [Int: Set<String>] = [:]
+        /// Every add attempted, as its client was told (cairn-torture's record and checker).
+        var attempts: [Attempt] = []
     }
 
     /// The run's record, shared by its tasks.
@@ -107,9 +107,15 @@ public struct SetAddScenario: Sendable {
                         while clock.now() < end {
                             try await clock.sleep(for: .milliseconds(500 + Int64(rng.next(below: 2000))))
                             let a = Int(rng.next(below: UInt64(names.count))), b = Int(rng.next(below: UInt64(names.count)))
-                            if rng.next(below: 3) == 0 || a == b {
+                            let roll = rng.next(below: 4)
+                            if roll == 0 || a == b {
                                 network.heal()
                                 note("heal")
+                            } else if roll == 1 {
+                                // Refused rather than silent: peers see the node down at once,
+                                // so writes it would need are refused (certainly not applied).
+                                network.refuse(names[a])
+                                note("refuse \(names[a])")
                             } else {
                                 network.cut(from: names[a], to: names[b])
                                 network.cut(from: names[b], to: names[a])
@@ -124,21 +130,19 @@ public struct SetAddScenario: Sendable {
                     for c in 0..<clients {
                         clientsGroup.addTask {
                             var rng = SplitMix64(seed: seed &+ UInt64(c) &* 0x9e37)
-                            var n = 0
+                            var n: UInt64 = 0
                             while clock.now() < end {
                                 let key = Int(rng.next(below: UInt64(keys)))
                                 let node = cluster[Int(rng.next(below: UInt64(cluster.count)))]
-                                let element = "c\(c)e\(n)"
                                 n += 1
-                                let outcome = await Self.add(element, to: key, via: node)
-                                log.update { l in
-                                    switch outcome {
-                                    case .acknowledged: l.acked[key, default: []].insert(element)
-                                    case .refused: l.refused[key, default: []].insert(element)
-                                    case .unknown: l.unknown[key, default: []].insert(element)
-                                    }
+                                let element = UInt64(c + 1) << 40 | n
+                                let start = clock.elapsed.milliseconds
+                                if let outcome = await Self.add(element, to: key, via: node) {
+                                    let attempt = Attempt(client: c, key: Self.keyName(key), element: element, startMillis: Int(start),
+                                                          endMillis: Int(clock.elapsed.milliseconds), outcome: outcome)
+                                    log.update { $0.attempts.append(attempt) }
+                                    note("\(node.config.name) add \(element) to \(attempt.key): \(outcome)")
                                 }
-                                note("\(node.config.name) add \(element) to k\(key): \(outcome)")
                                 try? await clock.sleep(for: .milliseconds(Int64(rng.next(below: 50))))
                             }
                         }
@@ -148,21 +152,17 @@ public struct SetAddScenario: Sendable {
                 network.heal()
                 network.setFaults(InMemoryNetwork.Faults())
                 try await clock.sleep(for: .seconds(5))
-                let snapshot = log.current
+                var finals: [String: FinalRead] = [:]
                 for key in 0..<keys {
-                    let seen = await Self.readAll(key, via: cluster[key % cluster.count])
-                    guard let seen else {
-                        violations.append("k\(key): the final read at R=all failed")
-                        continue
-                    }
-                    let acked = snapshot.acked[key] ?? [], refused = snapshot.refused[key] ?? [], unknown = snapshot.unknown[key] ?? []
-                    for e in acked.subtracting(seen).sorted() { violations.append("k\(key): acknowledged \(e) lost") }
-                    for e in seen.intersection(refused).sorted() { violations.append("k\(key): \(e) visible though certainly not applied") }
-                    for e in seen.subtracting(acked).subtracting(unknown).subtracting(refused).sorted() {
-                        violations.append("k\(key): phantom \(e)")
-                    }
-                    note("final k\(key): \(seen.count) elements")
+                    let read = await Self.readAll(key, via: cluster[key % cluster.count])
+                    finals[Self.keyName(key)] = read
+                    if case .elements(let e) = read { note("final \(Self.keyName(key)): \(e.count) elements") }
                 }
+                let result = CheckResult.check(attempts: log.current.attempts, finals: finals)
+                violations += result.lost.map { "\($0.key): acknowledged \($0.element) lost" }
+                violations += result.failedButPresent.map { "\($0.key): \($0.element) visible though certainly not applied" }
+                violations += result.phantom.map { "\($0.key): phantom \($0.element)" }
+                violations += result.unreadable.sorted { $0.key < $1.key }.map { "\($0.key): the final read at R=all failed: \($0.value)" }
                 for n in cluster { n.shutdown() }
                 // A drain waits on the clock: the simulation moves it.
                 try await group.waitForAll()
@@ -171,51 +171,55 @@ public struct SetAddScenario: Sendable {
             violations.append("run failed: \(error)")
         }
         let l = log.current
+        func count(_ matches: (AttemptOutcome) -> Bool) -> Int { l.attempts.count { matches($0.outcome) } }
         return Report(seed: seed, trace: l.trace, violations: violations, simulated: clock.elapsed,
-                      acknowledged: l.acked.values.reduce(0) { $0 + $1.count }, unknown: l.unknown.values.reduce(0) { $0 + $1.count },
-                      refused: l.refused.values.reduce(0) { $0 + $1.count })
+                      acknowledged: count { $0 == .ok },
+                      unknown: count { if case .unknown = $0 { true } else { false } },
+                      refused: count { if case .failed = $0 { true } else { false } })
     }
 
-    enum Outcome: String, Sendable, CustomStringConvertible {
-        case acknowledged = "ok", refused = "not-applied", unknown
-        var description: String { rawValue }
-    }
+    static func keyName(_ key: Int) -> String { "k\(key)" }
 
-    static func elements(_ siblings: [Sibling]) -> Set<String> {
-        var out = Set<String>()
-        for s in siblings where !s.isTombstone {
-            for e in String(decoding: s.value, as: UTF8.self).split(separator: ",") { out.insert(String(e)) }
-        }
-        return out
-    }
-
-    static func add(_ element: String, to key: Int, via node: CairnNode) async -> Outcome {
-        let k = Array("k\(key)".utf8)
-        var current = Set<String>()
-        var context = CausalContext.empty
+    /// One read-modify-write adding `element`, as cairn-torture's clients do: nil when the read
+    /// failed (nothing was attempted); otherwise how the write ended, classified by the client's
+    /// own rule (`CairnError.certainlyNotApplied`).
+    static func add(_ element: UInt64, to key: Int, via node: CairnNode) async -> AttemptOutcome? {
+        let k = Array(keyName(key).utf8)
+        var set = Set<UInt64>()
+        let context: CausalContext
         switch await node.answer(.get(GetRequest(key: k))) {
         case .getReply(let r):
-            current = elements(r.siblings)
+            for s in r.siblings where !s.isTombstone { set.formUnion(SetValue.decode(s.value) ?? []) }
             context = r.context
-        case .error:
-            return .refused   // the read failed: nothing was written
         default:
-            return .refused
+            return nil
         }
-        current.insert(element)
-        let value = Array(current.sorted().joined(separator: ",").utf8)
-        switch await node.answer(.put(PutRequest(key: k, value: value, context: context))) {
-        case .writeReply: return .acknowledged
-        case .error(let e) where e.code == .unavailable || e.code.isRefusal || e.code == .invalidArgument: return .refused
-        default: return .unknown
+        set.insert(element)
+        switch await node.answer(.put(PutRequest(key: k, value: SetValue.encode(set), context: context))) {
+        case .writeReply:
+            return .ok
+        case .error(let e):
+            let error = CairnError(e)
+            return error.certainlyNotApplied ? .failed(error.description) : .unknown(error.description)
+        case let other:
+            return .unknown("unexpected reply \(other.type)")
         }
     }
 
-    static func readAll(_ key: Int, via node: CairnNode) async -> Set<String>? {
+    static func readAll(_ key: Int, via node: CairnNode) async -> FinalRead {
         let options = RequestOptions(r: .all, timeoutMillis: 5000)
-        switch await node.answer(.get(GetRequest(key: Array("k\(key)".utf8), options: options))) {
-        case .getReply(let r): return elements(r.siblings)
-        default: return nil
+        switch await node.answer(.get(GetRequest(key: Array(keyName(key).utf8), options: options))) {
+        case .getReply(let r):
+            var all = Set<UInt64>()
+            for s in r.siblings where !s.isTombstone {
+                guard let e = SetValue.decode(s.value) else { return .garbage("\(s.value.count) bytes that are no element list") }
+                all.formUnion(e)
+            }
+            return .elements(all)
+        case .error(let e):
+            return .unreadable(e.message)
+        case let other:
+            return .unreadable("unexpected reply \(other.type)")
         }
     }
 }

@@ -92,13 +92,13 @@ private let ok = Message.writeReply(WriteReply(context: CausalContext(VersionVec
 
     @Test func errorRepliesMapToTypedErrors() {
         let f = QuorumFailure(kind: .notReached, operation: .put, requirement: "W", required: 3, achieved: 2, candidates: 3, replicas: [])
-        #expect(CairnClient.map(ErrorReply(f)) == .quorumNotReached(f))
+        #expect(CairnError(ErrorReply(f)) == .quorumNotReached(f))
         var u = f
         u.kind = .unavailable
-        #expect(CairnClient.map(ErrorReply(u)) == .unavailable(u))
-        #expect(CairnClient.map(ErrorReply(code: .timeout, message: "t")) == .timeout("t"))
-        #expect(CairnClient.map(ErrorReply(code: .invalidArgument, message: "i")) == .invalidArgument("i"))
-        #expect(CairnClient.map(ErrorReply(code: .storage, message: "s")) == .server(code: ErrorCode.storage.rawValue, message: "s"))
+        #expect(CairnError(ErrorReply(u)) == .unavailable(u))
+        #expect(CairnError(ErrorReply(code: .timeout, message: "t")) == .timeout("t"))
+        #expect(CairnError(ErrorReply(code: .invalidArgument, message: "i")) == .invalidArgument("i"))
+        #expect(CairnError(ErrorReply(code: .storage, message: "s")) == .server(code: ErrorCode.storage.rawValue, message: "s"))
         #expect(CairnError.quorumNotReached(f).certainlyNotApplied == false)
         #expect(CairnError.unavailable(u).certainlyNotApplied == true)
     }

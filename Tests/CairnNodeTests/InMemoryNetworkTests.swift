@@ -59,6 +59,23 @@ private final class Echo: RequestDispatcher {
         #expect(t.peerCount == 1 && t.upCount == 0)
     }
 
+    @Test func aRefusedNodeIsDownBothWaysUntilHealed() async throws {
+        let net = InMemoryNetwork(clock: ManualClock(), seed: 1)
+        net.attach(a, Echo())
+        net.attach(b, Echo())
+        net.refuse(b)
+        guard case .failure(let toB) = await send(net.transport(for: a), to: b), toB.certainlyNotDelivered else {
+            Issue.record("reached a refusing node"); return
+        }
+        guard case .failure(let fromB) = await send(net.transport(for: b), to: a), fromB.certainlyNotDelivered else {
+            Issue.record("a refusing node reached out"); return
+        }
+        #expect(net.transport(for: a).downReasons([b]).keys.sorted() == [b])
+        net.heal()
+        #expect(try await send(net.transport(for: a), to: b).get() == .pong)
+        #expect(net.transport(for: a).downReasons([b]).isEmpty)
+    }
+
     @Test func aCutLinkIsSilentUntilTheDeadlineAndOneWay() async throws {
         let clock = ManualClock()
         let net = InMemoryNetwork(clock: clock, seed: 1)
