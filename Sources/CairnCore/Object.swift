@@ -36,7 +36,10 @@ extension DVVSet where Value == Sibling {
     /// and at most `maxBytes` encoded, unless protected values alone exceed them. Returns how many
     /// values were dropped.
     @discardableResult
-    public mutating func prune(maxSiblings: Int, maxBytes: Int, protecting protected: Set<Dot> = []) -> Int {
+    /// `protected` is evaluated only when a cap is exceeded (the common write pays nothing for it).
+    public mutating func prune(maxSiblings: Int, maxBytes: Int, protecting protectedDots: @autoclosure () -> Set<Dot> = []) -> Int {
+        guard valueCount > maxSiblings || encodedSize > maxBytes else { return 0 }
+        let protected = protectedDots()
         var dropped = prune(toAtMost: maxSiblings, protecting: protected, rank: \.timestampMillis)
         while encodedSize > maxBytes, dropOldestTail(protecting: protected, rank: \.timestampMillis) { dropped += 1 }
         return dropped

@@ -161,9 +161,10 @@ public actor Vnode: SupervisedChild {
         }
     }
 
-    private func store(_ key: [UInt8], _ object: VersionedObject, protecting: Set<Dot>) async throws(VnodeError) -> VersionedObject {
+    /// `protecting` (the dots this write acknowledges) is computed only if a cap is exceeded.
+    private func store(_ key: [UInt8], _ object: VersionedObject, protecting: @autoclosure () -> Set<Dot>) async throws(VnodeError) -> VersionedObject {
         var object = object
-        let pruned = object.prune(maxSiblings: limits.maxSiblings, maxBytes: limits.maxObjectBytes, protecting: protecting)
+        let pruned = object.prune(maxSiblings: limits.maxSiblings, maxBytes: limits.maxObjectBytes, protecting: protecting())
         if pruned > 0 {
             metrics.siblingsPruned.increment(by: pruned)
             logger.warning("sibling limit reached; oldest siblings pruned", metadata: [
