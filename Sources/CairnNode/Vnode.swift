@@ -20,6 +20,8 @@ public actor Vnode: SupervisedChild {
     private var status: Status = .starting
     private var failureSignal: AsyncStream<String>.Continuation?
     private var servingWaiters: [CheckedContinuation<Void, Never>] = []
+    /// The last corruption error logged (reads of one damaged block log it once).
+    private var lastCorruptionLogged: StorageError?
 
     enum Status: Equatable { case starting, serving, failed(String) }
 
@@ -127,9 +129,13 @@ public actor Vnode: SupervisedChild {
         } catch let error as StorageError {
             if case .corruption = error {
                 metrics.corruptReads.increment()
-                logger.error("corrupt storage block; this replica cannot serve the key", metadata: [
-                    "partition": "\(partition.index)", "error": "\(error)",
-                ])
+                // Once per damaged block, not per read: a hot key in it would flood the log.
+                if lastCorruptionLogged != error {
+                    lastCorruptionLogged = error
+                    logger.error("corrupt storage block; this replica cannot serve the keys it holds", metadata: [
+                        "partition": "\(partition.index)", "error": "\(error)",
+                    ])
+                }
                 throw .storage(partition: partition, reason: "this replica cannot serve the key: \(error)")
             }
             throw fail("read failed: \(error)")
