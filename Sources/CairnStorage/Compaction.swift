@@ -131,21 +131,6 @@ struct RateLimiter {
     }
 }
 
-/// A serial executor on its own dispatch queue (a thread outside Swift's cooperative pool), so a
-/// background actor's blocking file I/O and fsyncs never starve request handling.
-final class QueueExecutor: SerialExecutor {
-    let queue: DispatchQueue
-    init(label: String) { queue = DispatchQueue(label: label, qos: .utility) }
-
-    func enqueue(_ job: consuming ExecutorJob) {
-        let job = UnownedJob(job)
-        let executor = asUnownedSerialExecutor()
-        queue.async { job.runSynchronously(on: executor) }
-    }
-
-    func asUnownedSerialExecutor() -> UnownedSerialExecutor { UnownedSerialExecutor(ordinary: self) }
-}
-
 /// A wake-up flag a background loop waits on: `notify` sets it (waking the waiter if any),
 /// `wait` returns at once if it is set and clears it. One waiter at a time. Thread-safe.
 final class WakeSignal: Sendable {

@@ -248,12 +248,18 @@ public final class Database: Sendable {
     /// Wakes writers waiting for room (a flush or compaction finished, or the database closed).
     private let room = Broadcast()
     private let workers = Mutex<[Task<Void, Never>]>([])
-    /// Dispatch sources are thread-safe; the box only lets the class stay `Sendable`.
-    struct TimerBox: @unchecked Sendable { let source: any DispatchSourceTimer }
-    private let timer = Mutex<TimerBox?>(nil)
+    /// The `interval` sync mode's timer loop.
+    private let timer = Mutex<Task<Void, Never>?>(nil)
+    /// Where background work runs and how the engine waits.
+    let environment: any StorageEnvironment
+    /// Runs group-commit syncs (and the interval timer's) off the writers' threads.
+    let syncQueue: any BlockingQueue
 
-    private init(fs: any FileSystem, directory: String, options: DatabaseOptions, cache: BlockCache, state: State) {
+    private init(fs: any FileSystem, directory: String, options: DatabaseOptions, cache: BlockCache, state: State,
+                 environment: any StorageEnvironment, syncQueue: any BlockingQueue) {
         self.fs = fs
+        self.environment = environment
+        self.syncQueue = syncQueue
         self.directory = directory
         self.options = options
         self.cache = cache
@@ -277,15 +283,17 @@ public final class Database: Sendable {
 
     func path(_ name: String) -> String { directory + "/" + name }
 
-    static func makeCommitter(_ writer: WALWriter, durable: UInt64) -> GroupCommitter {
-        GroupCommitter(durable: durable) { () throws(StorageError) in try writer.sync() }
+    static func makeCommitter(_ writer: WALWriter, durable: UInt64, queue: any BlockingQueue) -> GroupCommitter {
+        GroupCommitter(durable: durable, queue: queue) { () throws(StorageError) in try writer.sync() }
     }
 
     /// Opens (creating if needed) the database in `directory`: reads the manifest (the live
     /// tables and range tombstones), replays the logs it does not cover into a fresh memtable
     /// (truncating a torn tail), removes files no version references, then starts a new log and a
     /// new manifest and the background workers. `progress(done, total)` reports log replay in bytes.
+    /// `environment` runs the background work (default: threads of its own, real time).
     public static func open(fs: any FileSystem, directory: String, options: DatabaseOptions = .init(),
+                            environment: any StorageEnvironment = ThreadEnvironment(),
                             progress: (@Sendable (UInt64, UInt64) -> Void)? = nil) throws(StorageError) -> Database {
         try fs.createDirectory(directory)
         let recovered = try Manifest.recoverReporting(fs: fs, directory: directory)
@@ -398,10 +406,12 @@ public final class Database: Sendable {
         }
         try fs.syncDirectory(directory)
         let writer = WALWriter(file: file, path: logPath)
+        let syncQueue = environment.makeQueue(label: "cairn.storage.group-commit")
         var state = State(sequence: sequence, memtable: memtable, version: version, readers: readers, manifest: manifest,
-                          writer: writer, committer: makeCommitter(writer, durable: sequence), stats: stats, corruption: corruption)
+                          writer: writer, committer: makeCommitter(writer, durable: sequence, queue: syncQueue), stats: stats, corruption: corruption)
         state.relink()
-        let db = Database(fs: fs, directory: directory, options: options, cache: cache, state: state)
+        let db = Database(fs: fs, directory: directory, options: options, cache: cache, state: state,
+                          environment: environment, syncQueue: syncQueue)
         db.startBackground()
         // A replayed memtable is written as a table before open returns (as LevelDB and RocksDB
         // do): reads then find the data in one table rather than a large skip list, and the
@@ -415,7 +425,7 @@ public final class Database: Sendable {
                 throw error
             }
         }
-        releaseFreeMemory()
+        environment.releaseFreeMemory()
         db.compactionSignal.notify()
         return db
     }
@@ -423,19 +433,24 @@ public final class Database: Sendable {
     // MARK: Background work
 
     private func startBackground() {
-        let flusher = BackgroundWorker(name: "cairn.storage.flush")
-        let compactor = BackgroundWorker(name: "cairn.storage.compaction")
+        let flusher = BackgroundWorker(name: "cairn.storage.flush", environment: environment)
+        let compactor = BackgroundWorker(name: "cairn.storage.compaction", environment: environment)
+        let (flushSignal, compactionSignal) = (flushSignal, compactionSignal)
         let tasks = [
-            Task { await flusher.run(self, signal: flushSignal) { db throws(StorageError) in try db.flushImmutable() } },
-            Task { await compactor.run(self, signal: compactionSignal) { db throws(StorageError) in try db.compactOnce() } },
+            environment.spawn { await flusher.run(self, signal: flushSignal) { db throws(StorageError) in try db.flushImmutable() } },
+            environment.spawn { await compactor.run(self, signal: compactionSignal) { db throws(StorageError) in try db.compactOnce() } },
         ]
         workers.withLock { $0 = tasks }
         if case .interval(let ms) = options.syncMode {
-            let t = DispatchSource.makeTimerSource(queue: DispatchQueue(label: "cairn.storage.interval-sync"))
-            t.schedule(deadline: .now() + .milliseconds(ms), repeating: .milliseconds(max(ms, 1)))
-            t.setEventHandler { [weak self] in _ = try? self?.state.withLock({ $0.writer }).sync() }
-            t.resume()
-            timer.withLock { $0 = TimerBox(source: t) }
+            let (environment, queue) = (environment, syncQueue)
+            let loop = environment.spawn { [weak self] in
+                while true {
+                    do { try await environment.sleep(for: .milliseconds(max(ms, 1))) } catch { return }
+                    guard let writer = self?.state.withLock({ $0.closed ? nil : $0.writer }) else { return }
+                    queue.async { _ = try? writer.sync() }
+                }
+            }
+            timer.withLock { $0 = loop }
         }
     }
 
@@ -473,7 +488,7 @@ public final class Database: Sendable {
         s.immutable = (s.memtable, number, s.sequence)
         s.memtable = Memtable()
         s.writer = WALWriter(file: file, path: logPath)
-        s.committer = Self.makeCommitter(s.writer, durable: s.sequence)
+        s.committer = Self.makeCommitter(s.writer, durable: s.sequence, queue: syncQueue)
         s.version.nextFile = number + 1
         s.relink()
     }
@@ -818,7 +833,7 @@ public final class Database: Sendable {
             case .delay:
                 delayed = true
                 // Suspends; never blocks the caller's (possibly cooperative-pool) thread.
-                try? await Task.sleep(for: .milliseconds(1))
+                try? await environment.sleep(for: .milliseconds(1))
             case .wait:
                 compactionSignal.notify()
                 await room.wait(after: seen)
@@ -1073,7 +1088,7 @@ public final class Database: Sendable {
             defer { s.closed = true }
             return s.closed
         }
-        timer.withLock { $0?.source.cancel() }
+        timer.withLock { $0?.cancel() }
         flushSignal.notify()
         compactionSignal.notify()
         room.notifyAll()
@@ -1093,18 +1108,20 @@ public final class Database: Sendable {
     }
 }
 
-/// Returns freed heap pages to the OS (glibc keeps them per arena otherwise).
-func releaseFreeMemory() { cairn_release_free_memory() }
 
 /// Runs one kind of background job (flushes, or compactions) on its own thread: waits for a
 /// signal, then works until there is nothing left. A failure is retried with backoff (100 ms,
 /// doubling to 5 s); past `backgroundRetryLimit` consecutive failures, or at once after a failed
 /// sync, it escalates: the database refuses writes until reopened, and the worker stops.
 actor BackgroundWorker {
-    private let executor: QueueExecutor
+    private let executor: any SerialExecutor
+    private let environment: any StorageEnvironment
     nonisolated var unownedExecutor: UnownedSerialExecutor { executor.asUnownedSerialExecutor() }
 
-    init(name: String) { executor = QueueExecutor(label: name) }
+    init(name: String, environment: any StorageEnvironment) {
+        executor = environment.makeWorkerExecutor(label: name)
+        self.environment = environment
+    }
 
     func run(_ db: Database, signal: WakeSignal, job: @Sendable (Database) throws(StorageError) -> Bool) async {
         var failures = 0
@@ -1115,12 +1132,12 @@ actor BackgroundWorker {
                     failures = 0
                     // A flush or merge frees megabytes of small allocations; hand the free pages
                     // back to the OS so the process's footprint tracks the configured bounds.
-                    releaseFreeMemory()
+                    environment.releaseFreeMemory()
                 }
             } catch {
                 failures += 1
                 if db.backgroundFailed(error, failures: failures) { return }
-                try? await Task.sleep(for: .milliseconds(min(100 << min(failures - 1, 6), 5000)))
+                try? await environment.sleep(for: .milliseconds(min(100 << min(failures - 1, 6), 5000)))
                 signal.notify()
             }
             if db.isClosed { return }

@@ -16,6 +16,7 @@ public final class FaultyFileSystem: FileSystem, Sendable {
         var durable: [UInt8] = []
         var pending: [UInt8] = []
         var all: [UInt8] { durable + pending }
+        var count: Int { durable.count + pending.count }
     }
 
     struct State {
@@ -302,7 +303,7 @@ public final class FaultyFileSystem: FileSystem, Sendable {
         }
     }
 
-    func size(_ path: String) -> UInt64 { state.withLock { UInt64($0.entries[path]?.all.count ?? 0) } }
+    func size(_ path: String) -> UInt64 { state.withLock { UInt64($0.entries[path]?.count ?? 0) } }
 }
 
 final class FaultyAppendableFile: AppendableFile {

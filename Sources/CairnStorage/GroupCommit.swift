@@ -1,4 +1,3 @@
-import Dispatch
 import Synchronization
 
 /// Group commit: writers that need their log records durable share one `fdatasync`.
@@ -29,13 +28,15 @@ public final class GroupCommitter: Sendable {
 
     private let state: Mutex<State>
     private let sync: @Sendable () throws(StorageError) -> Void
-    private let queue = DispatchQueue(label: "cairn.storage.group-commit")
+    private let queue: any BlockingQueue
 
     /// `durable`: the sequence already durable (e.g. after recovery). `sync` makes everything
-    /// appended so far durable (the log writer's `fdatasync`).
-    public init(durable: UInt64 = 0, sync: @escaping @Sendable () throws(StorageError) -> Void) {
+    /// appended so far durable (the log writer's `fdatasync`); it runs on `queue`.
+    public init(durable: UInt64 = 0, queue: any BlockingQueue = ThreadEnvironment().makeQueue(label: "cairn.storage.group-commit"),
+                sync: @escaping @Sendable () throws(StorageError) -> Void) {
         state = Mutex(State(appended: durable, durable: durable))
         self.sync = sync
+        self.queue = queue
     }
 
     /// Records that the log holds everything up to `sequence` (not yet durable).

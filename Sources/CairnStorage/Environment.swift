@@ -1,0 +1,68 @@
+import CStorageSupport
+import Dispatch
+
+/// Where the engine's background work runs and how it waits (LevelDB's `Env`, minus the files:
+/// those are `FileSystem`). `ThreadEnvironment` is the machine's: each background worker and the
+/// log-sync queue get a thread of their own, outside Swift's cooperative pool, and waits are real.
+/// A simulation supplies one that runs all of it on its seeded thread and virtual clock, so a
+/// database's flushes, compactions and group commits replay in the same order for the same seed.
+///
+/// Contract: work given to one `BlockingQueue` runs in submission order, never on the caller's
+/// stack; a worker executor runs its jobs one at a time; `sleep` throws `CancellationError`
+/// promptly when its task is cancelled. Thread-safe.
+public protocol StorageEnvironment: Sendable {
+    /// A serial executor for one background worker (flushes, or compactions). Its jobs block on
+    /// file I/O, so on the machine it must not share threads with request handling.
+    func makeWorkerExecutor(label: String) -> any SerialExecutor
+    /// A queue for blocking work submitted by callers that must not block (group-commit syncs).
+    func makeQueue(label: String) -> any BlockingQueue
+    /// Starts a top-level task for the engine (a worker's loop, the interval-sync timer).
+    func spawn(_ body: @escaping @Sendable () async -> Void) -> Task<Void, Never>
+    /// Suspends the calling task (retry backoff, the level-0 slowdown, the interval-sync timer).
+    func sleep(for duration: Duration) async throws
+    /// Hands freed heap pages back to the OS after a flush or a merge.
+    func releaseFreeMemory()
+}
+
+/// Blocking work, run later in submission order. Thread-safe.
+public protocol BlockingQueue: Sendable {
+    func async(_ work: @escaping @Sendable () -> Void)
+}
+
+/// The machine's environment: dispatch queues (threads outside the cooperative pool) for
+/// blocking work, `Task.sleep` for waits.
+public struct ThreadEnvironment: StorageEnvironment {
+    public init() {}
+
+    public func makeWorkerExecutor(label: String) -> any SerialExecutor { QueueExecutor(label: label) }
+
+    public func makeQueue(label: String) -> any BlockingQueue { DispatchBlockingQueue(label: label) }
+
+    public func spawn(_ body: @escaping @Sendable () async -> Void) -> Task<Void, Never> { Task { await body() } }
+
+    public func sleep(for duration: Duration) async throws { try await Task.sleep(for: duration) }
+
+    public func releaseFreeMemory() { cairn_release_free_memory() }
+}
+
+/// A dispatch queue as a `BlockingQueue`.
+struct DispatchBlockingQueue: BlockingQueue {
+    let queue: DispatchQueue
+    init(label: String) { queue = DispatchQueue(label: label) }
+    func async(_ work: @escaping @Sendable () -> Void) { queue.async(execute: work) }
+}
+
+/// A serial executor on its own dispatch queue (a thread outside Swift's cooperative pool), so a
+/// background actor's blocking file I/O and fsyncs never starve request handling.
+final class QueueExecutor: SerialExecutor {
+    let queue: DispatchQueue
+    init(label: String) { queue = DispatchQueue(label: label, qos: .utility) }
+
+    func enqueue(_ job: consuming ExecutorJob) {
+        let job = UnownedJob(job)
+        let executor = asUnownedSerialExecutor()
+        queue.async { job.runSynchronously(on: executor) }
+    }
+
+    func asUnownedSerialExecutor() -> UnownedSerialExecutor { UnownedSerialExecutor(ordinary: self) }
+}
