@@ -18,3 +18,22 @@ public struct SplitMix64: RandomNumberGenerator, Sendable {
     /// Uniform in [0, n) (0 when n ≤ 1).
     public mutating func next(below n: UInt64) -> UInt64 { n <= 1 ? 0 : next() % n }
 }
+
+/// Where a node draws its actor epochs: the system's generator, or (simulations) a seeded one so
+/// the same seed gives the same epochs. Thread-safe.
+public final class EpochSource: Sendable {
+    private let seeded: Locked<SplitMix64?>
+
+    /// `seed`: nil draws from the system generator.
+    public init(seed: UInt64? = nil) { seeded = Locked(seed.map { SplitMix64(seed: $0) }) }
+
+    /// A fresh epoch, never 0.
+    public func next() -> UInt64 {
+        seeded.withLock { rng in
+            guard rng != nil else { return UInt64.random(in: 1...UInt64.max) }
+            var value: UInt64 = 0
+            while value == 0 { value = rng?.next() ?? 1 }
+            return value
+        }
+    }
+}

@@ -27,6 +27,8 @@ public final class CairnNode: Service, Sendable {
 
     enum LifecycleEvent: Sendable {
         case shutdown(graceful: Bool)
+        /// `crash()`: stop at once and leave storage as a killed process would.
+        case crashed
         case escalated(any Error)
     }
 
@@ -53,6 +55,9 @@ public final class CairnNode: Service, Sendable {
     /// listener (the simulator and deterministic tests).
     private let network: InMemoryNetwork?
     private let supervisor: Supervisor
+    /// The disk seam for the storage engine (nil: the machine's, under a locked data directory).
+    private let fileSystem: (any FileSystem)?
+    private let storageEnvironment: any StorageEnvironment
     private let events: AsyncStream<LifecycleEvent>
     private let eventSink: AsyncStream<LifecycleEvent>.Continuation
 
@@ -63,11 +68,19 @@ public final class CairnNode: Service, Sendable {
     ///   - transportFaults: test harnesses only (`cairnd --test-fault-injection`): faults injected
     ///     into outgoing internode messages, set through `GET /test/faults?…` on the HTTP listener.
     ///   - decorateBackend: test binaries only: wraps the storage backend once it is open.
+    ///   - clock, network: the node's time and, when given, the in-memory network it talks over
+    ///     instead of sockets (tests and the simulator).
+    ///   - fileSystem, storageEnvironment: the disk engine's file seam (when given, the data
+    ///     directory is a path in it and is not locked) and where its background work runs.
+    ///   - epochs: where actor epochs are drawn (seeded in simulations).
     public init(config: NodeConfig, backend: (any StorageBackend)? = nil, logger: Logger? = nil, group: (any EventLoopGroup)? = nil,
                 notify: (any NotifySink)? = nil, watchdogInterval: Duration?? = .none, transportFaults: TransportFaults? = nil,
                 decorateBackend: (@Sendable (any StorageBackend) -> any StorageBackend)? = nil, clock: any NodeClock = SystemClock(),
-                network: InMemoryNetwork? = nil) {
+                network: InMemoryNetwork? = nil, fileSystem: (any FileSystem)? = nil,
+                storageEnvironment: any StorageEnvironment = ThreadEnvironment(), epochs: EpochSource = EpochSource()) {
         self.network = network
+        self.fileSystem = fileSystem
+        self.storageEnvironment = storageEnvironment
         self.notifier = ServiceNotifier(sink: notify ?? SystemdNotifySink())
         self.watchdogInterval = watchdogInterval ?? SystemdNotifySink.watchdogInterval()
         var log = logger ?? Logger(label: "cairn.node")
@@ -77,7 +90,7 @@ public final class CairnNode: Service, Sendable {
         let initial: (any StorageBackend)? = backend ?? (memory ? MemoryBackend() : nil)
         self.decorateBackend = decorateBackend
         self.core = NodeCore(config: config, backend: initial.map { decorateBackend?($0) ?? $0 }, logger: log, faults: transportFaults,
-                             clock: clock)
+                             clock: clock, epochs: epochs)
         self.group = group ?? MultiThreadedEventLoopGroup.singleton
         self.router = Router(core: core)
         let metrics = core.metrics
@@ -112,7 +125,7 @@ public final class CairnNode: Service, Sendable {
     public func bind() async throws -> BoundAddresses {
         if let b = runtime.value.bound { return b }
         var locked: DataDirectory?
-        if let dir = config.dataDirectory { locked = try DataDirectory(path: dir) }
+        if let dir = config.dataDirectory, fileSystem == nil { locked = try DataDirectory(path: dir) }
         do {
             try await openStorage()
             return try await bindListeners(holding: locked)
@@ -131,7 +144,8 @@ public final class CairnNode: Service, Sendable {
         let started = ContinuousClock.now
         let backend: DiskBackend
         do {
-            backend = try await DiskBackend.open(directory: dir + "/storage", options: config.storage) { done, total in
+            backend = try await DiskBackend.open(directory: dir + "/storage", options: config.storage, fs: fileSystem ?? PosixFileSystem(),
+                                                 environment: storageEnvironment, epochs: core.epochs) { done, total in
                 notifier.report(.recovering(done: done, total: total, at: .now))
             }
         } catch let error as StorageError {
@@ -299,9 +313,11 @@ public final class CairnNode: Service, Sendable {
                 }
                 var failure: (any Error)?
                 var graceful = true
+                var crashed = false
                 for await event in events {
                     switch event {
                     case .shutdown(let g): graceful = g
+                    case .crashed: graceful = false; crashed = true
                     case .escalated(let e): failure = e; graceful = false
                     }
                     break
@@ -309,7 +325,11 @@ public final class CairnNode: Service, Sendable {
                 await stop(graceful: graceful)
                 group.cancelAll()
                 try await group.waitForAll()
-                try await core.backend?.close()
+                if crashed {
+                    await core.backend?.abandon()
+                } else {
+                    try await core.backend?.close()
+                }
                 notifier.report(.stopped)
                 core.logger.info("stopped", metadata: ["graceful": "\(graceful)"])
                 if let failure { throw failure }
@@ -323,7 +343,8 @@ public final class CairnNode: Service, Sendable {
     public func shutdown() { eventSink.yield(.shutdown(graceful: true)) }
 
     /// Stops at once, as a crash would look to peers and clients: every connection is closed
-    /// without draining. For tests.
+    /// without draining, and storage is left unsynced and not marked clean (what a power cut then
+    /// keeps is the file system's business). For tests and the simulator.
     public func crash() {
         core.setState(.stopped)
         let r = runtime.value
@@ -331,8 +352,8 @@ public final class CairnNode: Service, Sendable {
         r.http?.close(promise: nil)
         connections.closeAll()
         core.current?.transport.dropConnections()
-        network?.detach(config.name)
-        eventSink.yield(.shutdown(graceful: false))
+        network?.detach(config.name, ifAttached: router)
+        eventSink.yield(.crashed)
     }
 
     /// Waits (bounded) until every peer link has made its first connection attempt, so the node
@@ -362,7 +383,7 @@ public final class CairnNode: Service, Sendable {
             }
         }
         core.setState(.stopped)
-        network?.detach(config.name)
+        network?.detach(config.name, ifAttached: router)
         r.server?.close(promise: nil)
         r.http?.close(promise: nil)
         connections.closeAll()

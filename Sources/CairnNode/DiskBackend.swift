@@ -42,10 +42,12 @@ public final class DiskBackend: StorageBackend {
     }
 
     /// Opens (recovering) the database in `directory` and settles the actor epoch.
-    /// `progress(done, total)`: log bytes replayed. `fs` is the file seam (tests inject faults).
+    /// `progress(done, total)`: log bytes replayed. `fs` is the file seam (tests inject faults),
+    /// `environment` runs the engine's background work, `epochs` draws a fresh epoch.
     public static func open(directory: String, options: DatabaseOptions, fs: any FileSystem = PosixFileSystem(),
+                            environment: any StorageEnvironment = ThreadEnvironment(), epochs: EpochSource = EpochSource(),
                             progress: (@Sendable (UInt64, UInt64) -> Void)? = nil) async throws -> DiskBackend {
-        let db = try Database.open(fs: fs, directory: directory, options: options, progress: progress)
+        let db = try Database.open(fs: fs, directory: directory, options: options, environment: environment, progress: progress)
         do {
             // The metadata keys sort first, so they live in the first block of the tables holding
             // them: if that block is corrupt, a value is unknown and the worst is assumed (a fresh
@@ -63,7 +65,7 @@ public final class DiskBackend: StorageBackend {
             var epoch = stored ?? 0
             var batch = WriteBatch()
             if epoch == 0 || salvaged || (clean != true && !previousRunSyncedAlways) {
-                epoch = UInt64.random(in: 1...UInt64.max)
+                epoch = epochs.next()
                 batch.put(epochKey, (0..<8).map { UInt8(truncatingIfNeeded: epoch >> UInt64(56 - 8 * $0)) })
             }
             batch.put(runSyncModeKey, [Self.syncModeCode(options.syncMode)])
@@ -134,6 +136,9 @@ public final class DiskBackend: StorageBackend {
     }
 
     public var storageStatistics: Database.Statistics? { database.statistics }
+
+    /// Stops the engine without syncing or marking the shutdown clean: a crash.
+    public func abandon() async { await database.abandon() }
 
     /// Marks the shutdown clean (durably), then closes the engine.
     public func close() async throws {

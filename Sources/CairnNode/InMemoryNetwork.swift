@@ -34,6 +34,8 @@ public final class InMemoryNetwork: Sendable {
         /// Nodes whose connections are refused both ways (a firewall that rejects: peers see
         /// them down at once), though they keep running.
         var refusing: Set<NodeName> = []
+        /// Paused nodes (a stopped process: SIGSTOP), with the deliveries held for them.
+        var paused: [NodeName: [CheckedContinuation<Void, Never>]] = [:]
         var faults: Faults
         var rng: SplitMix64
         var delivered = 0
@@ -67,9 +69,14 @@ public final class InMemoryNetwork: Sendable {
         }
     }
 
-    /// Makes `node` unreachable, as a crashed process: requests to it are refused.
-    public func detach(_ node: NodeName) {
-        _ = state.withLock { $0.nodes.removeValue(forKey: node) }
+    /// Makes `node` unreachable, as a crashed process: requests to it are refused. With
+    /// `dispatcher`, only if that is what is attached under the name (a stopping process never
+    /// detaches the one restarted under its name).
+    public func detach(_ node: NodeName, ifAttached dispatcher: (any RequestDispatcher)? = nil) {
+        state.withLock { s in
+            if let dispatcher, let current = s.nodes[node], (current as AnyObject) !== (dispatcher as AnyObject) { return }
+            s.nodes.removeValue(forKey: node)
+        }
     }
 
     /// Cuts the link from `from` to `to` (one way): their messages are lost silently.
@@ -83,12 +90,43 @@ public final class InMemoryNetwork: Sendable {
         _ = state.withLock { $0.refusing.insert(node) }
     }
 
-    /// Restores every cut link and refused node.
-    public func heal() {
+    /// Pauses `node` as SIGSTOP would: its connections stay up, but nothing reaches it and nothing
+    /// leaves it — every message to it, and every reply from it, is held until `resume`, then
+    /// delivered (its callers may have timed out by then). Its own timers keep running: the
+    /// network stalls, not the node's code.
+    public func pause(_ node: NodeName) {
         state.withLock { s in
+            if s.paused[node] == nil { s.paused[node] = [] }
+        }
+    }
+
+    /// Ends `pause(node)`: held messages go on.
+    public func resume(_ node: NodeName) {
+        let held = state.withLock { $0.paused.removeValue(forKey: node) } ?? []
+        for c in held { c.resume() }
+    }
+
+    /// Returns once `node` is not paused (at once if it is not).
+    public func waitWhilePaused(_ node: NodeName) async {
+        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+            let now: Bool = state.withLock { s in
+                guard s.paused[node] != nil else { return true }
+                s.paused[node, default: []].append(c)
+                return false
+            }
+            if now { c.resume() }
+        }
+    }
+
+    /// Restores every cut link and refused node, and resumes every paused one.
+    public func heal() {
+        let held: [CheckedContinuation<Void, Never>] = state.withLock { s in
             s.cut.removeAll()
             s.refusing.removeAll()
+            defer { s.paused = [:] }
+            return s.paused.values.flatMap { $0 }
         }
+        for c in held { c.resume() }
     }
 
     public func setFaults(_ faults: Faults) {
@@ -150,10 +188,13 @@ public final class InMemoryNetwork: Sendable {
             let deliveries = p.duplicate ? 2 : 1
             let courier = Task(executorPreference: executor) {
                 do { try await clock.sleep(for: p.requestDelay) } catch { return }
+                await self.waitWhilePaused(from)
+                await self.waitWhilePaused(to)
                 for _ in 0..<deliveries {
                     target.dispatch(Envelope(requestID: 0, message: message), fromPeer: true, responder: Responder(requestID: 0) { answer in
                         guard !replyLost else { return }
                         Task(executorPreference: executor) {
+                            await self.waitWhilePaused(to)
                             do { try await clock.sleep(for: replyDelay) } catch { return }
                             reply.deliver(answer)
                         }

@@ -34,9 +34,13 @@ final class NodeCore: Sendable {
     /// stay on the machine's clock: they observe, they decide nothing.
     let clock: any NodeClock
 
+    /// Draws actor epochs (seeded in simulations).
+    let epochs: EpochSource
+
     init(config: NodeConfig, backend: (any StorageBackend)?, logger: Logger, faults: TransportFaults? = nil,
-         clock: any NodeClock = SystemClock()) {
+         clock: any NodeClock = SystemClock(), epochs: EpochSource = EpochSource()) {
         self.config = config
+        self.epochs = epochs
         self.clock = clock
         self.faults = faults
         self.logger = logger
@@ -48,7 +52,7 @@ final class NodeCore: Sendable {
     /// Installs the opened backend. The actor epoch comes from the backend when it keeps one;
     /// a node whose data does not survive restarts must never reuse its dots: fresh epoch.
     func adopt(_ backend: any StorageBackend) {
-        let epoch = backend.persistentEpoch ?? UInt64.random(in: 1...UInt64.max)
+        let epoch = backend.persistentEpoch ?? epochs.next()
         storage.withLock { $0 = Storage(backend: backend, actor: ActorID(node: config.name.value, epoch: epoch)) }
     }
 

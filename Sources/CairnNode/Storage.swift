@@ -27,6 +27,8 @@ public protocol StorageBackend: Sendable {
     /// Number of keys stored for `partition` (for metrics and tests).
     func count(partition: PartitionID) throws -> Int
     func close() async throws
+    /// Stops without syncing or marking anything clean, as a crashed process leaves it.
+    func abandon() async
     /// Whether data survives a restart.
     var isPersistent: Bool { get }
     /// The node's actor epoch, kept with the data (nil: not persistent; the node draws a fresh
@@ -37,6 +39,7 @@ public protocol StorageBackend: Sendable {
 }
 
 extension StorageBackend {
+    public func abandon() async {}
     public var persistentEpoch: UInt64? { nil }
     public var storageStatistics: Database.Statistics? { nil }
 }

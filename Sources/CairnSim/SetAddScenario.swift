@@ -6,24 +6,46 @@ import CairnTorture
 import Logging
 import Synchronization
 
-/// One simulated run of the set-add workload (the one cairn-torture uses) on real nodes: clients
-/// read a key at R=quorum, take the union of its siblings, add a unique element and write it back
-/// with the read's context at W=quorum, while the network loses, delays and duplicates messages
-/// and links are cut and healed. After the faults heal and a quiet period, every key is read at
-/// R=all and checked: no acknowledged element lost, no element of a write that certainly was not
-/// applied visible, nothing that was never written.
+/// One simulated run of the set-add workload (the one cairn-torture uses) on real nodes with the
+/// real storage engine on fault-injecting in-memory disks: clients read a key at R=quorum, take
+/// the union of its siblings, add a unique element and write it back with the read's context at
+/// W=quorum, while a nemesis drawn from the seed injects the chosen faults. After the faults heal,
+/// every node is up again and a quiet period has passed, every key is read at R=all and checked:
+/// no acknowledged element lost, no element of a write that certainly was not applied visible,
+/// nothing that was never written.
 public struct SetAddScenario: Sendable {
     public var nodes = 5
     public var clients = 8
     public var keys = 4
     /// Virtual time the clients run (the quiet period and final reads come after).
     public var duration: Duration = .seconds(30)
-    public var faults: Set<Fault> = [.loss, .delay, .dup, .partition]
+    public var faults: Set<Fault> = Set(Fault.allCases)
     /// Makes one node acknowledge writes it drops (every tenth): the checker must catch it.
     public var selfTest = false
 
+    /// What the nemesis may do.
     public enum Fault: String, Sendable, CaseIterable {
-        case loss, delay, dup, partition
+        /// A message (request or reply) is lost (2% each).
+        case loss
+        /// Every message is delayed 0.1–40 ms (so messages are reordered).
+        case delay
+        /// A request is delivered twice (2%).
+        case dup
+        /// A link is cut both ways, or one way, or a node's connections are refused.
+        case partition
+        /// A node loses power: its disk keeps what was synced (and a torn prefix of the rest);
+        /// it restarts 0.5–5 s later.
+        case crash
+        /// A node shuts down gracefully (drains) and starts again.
+        case restart
+        /// A node crashes and comes back with an empty disk under its name. At most N−W = 1
+        /// distinct node per run: without anti-entropy, a second wipe can lose acknowledged
+        /// writes for real.
+        case diskWipe = "disk-wipe"
+        /// A node's wall clock jumps by up to ±10 minutes (write timestamps must decide nothing).
+        case clockSkew = "clock-skew"
+        /// A node stops (SIGSTOP) for 0.2–4 s: messages to and from it are held, then delivered.
+        case pause
     }
 
     public init() {}
@@ -36,6 +58,8 @@ public struct SetAddScenario: Sendable {
         public var acknowledged: Int
         public var unknown: Int
         public var refused: Int
+        /// Faults the nemesis injected, by kind.
+        public var injected: [String: Int]
 
         /// FNV-1a over the trace: the same seed gives the same value in every process.
         public var traceHash: String {
@@ -49,27 +73,42 @@ public struct SetAddScenario: Sendable {
         }
     }
 
-    /// Runs the scenario for `seed`. Throws only if the simulation itself stopped (stuck or past
-    /// its time limit), which is a failure of the seed too.
-    public func run(seed: UInt64) throws(SimulationStop) -> Report {
+    /// Runs the scenario for `seed`. A simulation that stopped (stuck: everyone waits for
+    /// something that cannot happen; or past its time limit) is a violation too; its report
+    /// holds the trace up to there.
+    public func run(seed: UInt64) -> Report {
         let clock = ManualClock()
         let executor = SimulationExecutor(seed: seed)
-        var netFaults = InMemoryNetwork.Faults()
-        if faults.contains(.loss) { netFaults.loss = 0.02 }
-        if faults.contains(.dup) { netFaults.duplication = 0.02 }
-        if faults.contains(.delay) { netFaults.delay = .microseconds(100) ... .milliseconds(40) }
-        let network = InMemoryNetwork(clock: clock, seed: seed ^ 0x5eed, faults: netFaults, executor: executor)
+        let network = InMemoryNetwork(clock: clock, seed: seed ^ 0x5eed, faults: networkFaults, executor: executor)
         let scenario = self
         let limit = duration + .seconds(600)
-        return try simulate(on: executor, clock: clock, limit: limit) {
-            await scenario.body(seed: seed, clock: clock, network: network)
+        let log = Recorder(clock: clock)
+        do {
+            return try simulate(on: executor, clock: clock, limit: limit) {
+                await scenario.body(seed: seed, log: log, network: network, executor: executor)
+            }
+        } catch {
+            return log.report(seed: seed, violations: ["the simulation stopped: \(error)"])
         }
+    }
+
+    private var networkFaults: InMemoryNetwork.Faults {
+        var f = InMemoryNetwork.Faults()
+        if faults.contains(.loss) { f.loss = 0.02 }
+        if faults.contains(.dup) { f.duplication = 0.02 }
+        if faults.contains(.delay) { f.delay = .microseconds(100) ... .milliseconds(40) }
+        return f
     }
 
     private struct Log: Sendable {
         var trace: [String] = []
         /// Every add attempted, as its client was told (cairn-torture's record and checker).
         var attempts: [Attempt] = []
+        /// The faults in force now, each with when it began (ms of virtual time).
+        var active: [String: Int64] = [:]
+        /// The faults in force when each attempted element's write began.
+        var faultsAt: [UInt64: String] = [:]
+        var injected: [String: Int] = [:]
     }
 
     /// The run's record, shared by its tasks.
@@ -81,51 +120,52 @@ public struct SetAddScenario: Sendable {
             let at = clock.elapsed.milliseconds
             log.withLock { $0.trace.append("\(at) \(line)") }
         }
+        /// A fault begins (`kind` counts it) or, with `ended`, ends.
+        func fault(_ what: String, kind: String? = nil, ended: Bool = false) {
+            let at = clock.elapsed.milliseconds
+            log.withLock { l in
+                l.trace.append("\(at) \(ended ? "end" : "fault") \(what)")
+                if ended { l.active[what] = nil } else { l.active[what] = at }
+                if let kind { l.injected[kind, default: 0] += 1 }
+            }
+        }
+        func endAll(_ prefix: String) {
+            log.withLock { l in l.active = l.active.filter { !$0.key.hasPrefix(prefix) } }
+        }
+        func starting(_ element: UInt64) {
+            log.withLock { l in
+                l.faultsAt[element] = l.active.isEmpty ? "none" : l.active.sorted { ($0.value, $0.key) < ($1.value, $1.key) }
+                    .map { "\($0.key) (since \($0.value) ms)" }.joined(separator: ", ")
+            }
+        }
         func update(_ body: (inout Log) -> Void) { log.withLock { body(&$0) } }
         var current: Log { log.withLock { $0 } }
+
+        func report(seed: UInt64, violations: [String]) -> Report {
+            let l = current
+            func count(_ matches: (AttemptOutcome) -> Bool) -> Int { l.attempts.count { matches($0.outcome) } }
+            return Report(seed: seed, trace: l.trace, violations: violations, simulated: clock.elapsed,
+                          acknowledged: count { $0 == .ok },
+                          unknown: count { if case .unknown = $0 { true } else { false } },
+                          refused: count { if case .failed = $0 { true } else { false } },
+                          injected: l.injected)
+        }
     }
 
-    private func body(seed: UInt64, clock: ManualClock, network: InMemoryNetwork) async -> Report {
-        let log = Recorder(clock: clock)
+    private func body(seed: UInt64, log: Recorder, network: InMemoryNetwork, executor: SimulationExecutor) async -> Report {
+        let clock = log.clock
         let note = log.note
         var violations: [String] = []
+        var settings = SimulatedCluster.Settings()
+        if selfTest { settings.decorate = { i, b in i == 0 ? AcknowledgesAndDrops(b) : b } }
         do {
-            let selfTest = selfTest
-            let cluster = try await SimulatedNodes.make(count: nodes, clock: clock, network: network, ringSize: 32, requestTimeoutMillis: 300) { i in
-                selfTest && i == 0 ? AcknowledgesAndDrops(MemoryBackend()) : nil
-            }
-            let names = cluster.map(\.config.name)
+            let cluster = try SimulatedCluster(count: nodes, clock: clock, network: network, executor: executor, seed: seed, settings: settings)
+            for i in 0..<cluster.count { try await cluster.start(i) }
+            note("serving")
+            let end = clock.now().advanced(by: duration)
             try await withThrowingTaskGroup(of: Void.self) { group in
-                for n in cluster { group.addTask { try await n.run() } }
-                while cluster.contains(where: { $0.state != .serving }) { await Task.yield() }
-                note("serving")
-                let end = clock.now().advanced(by: duration)
-                // The nemesis: cut and heal random links while the clients run.
-                if faults.contains(.partition) {
-                    group.addTask {
-                        var rng = SplitMix64(seed: seed ^ 0xfa17)
-                        while clock.now() < end {
-                            try await clock.sleep(for: .milliseconds(500 + Int64(rng.next(below: 2000))))
-                            let a = Int(rng.next(below: UInt64(names.count))), b = Int(rng.next(below: UInt64(names.count)))
-                            let roll = rng.next(below: 4)
-                            if roll == 0 || a == b {
-                                network.heal()
-                                note("heal")
-                            } else if roll == 1 {
-                                // Refused rather than silent: peers see the node down at once,
-                                // so writes it would need are refused (certainly not applied).
-                                network.refuse(names[a])
-                                note("refuse \(names[a])")
-                            } else {
-                                network.cut(from: names[a], to: names[b])
-                                network.cut(from: names[b], to: names[a])
-                                note("cut \(names[a])-\(names[b])")
-                            }
-                        }
-                        network.heal()
-                        note("heal (end)")
-                    }
-                }
+                let nemesis = Nemesis(cluster: cluster, faults: faults, log: log, seed: seed)
+                if nemesis.hasWork { group.addTask { try await nemesis.run(until: end) } }
                 await withTaskGroup(of: Void.self) { clientsGroup in
                     for c in 0..<clients {
                         clientsGroup.addTask {
@@ -133,11 +173,12 @@ public struct SetAddScenario: Sendable {
                             var n: UInt64 = 0
                             while clock.now() < end {
                                 let key = Int(rng.next(below: UInt64(keys)))
-                                let node = cluster[Int(rng.next(below: UInt64(cluster.count)))]
+                                let i = Int(rng.next(below: UInt64(cluster.count)))
                                 n += 1
                                 let element = UInt64(c + 1) << 40 | n
                                 let start = clock.elapsed.milliseconds
-                                if let outcome = await Self.add(element, to: key, via: node) {
+                                log.starting(element)
+                                if let node = cluster.node(i), let outcome = await Self.add(element, to: key, via: node, network: network) {
                                     let attempt = Attempt(client: c, key: Self.keyName(key), element: element, startMillis: Int(start),
                                                           endMillis: Int(clock.elapsed.milliseconds), outcome: outcome)
                                     log.update { $0.attempts.append(attempt) }
@@ -148,34 +189,191 @@ public struct SetAddScenario: Sendable {
                         }
                     }
                 }
-                // Quiet period: faults off, in-flight work settles.
-                network.heal()
-                network.setFaults(InMemoryNetwork.Faults())
+                try await group.waitForAll()
+                // Quiet period: every fault off, every node up, in-flight work settles.
+                try await nemesis.healEverything()
                 try await clock.sleep(for: .seconds(5))
                 var finals: [String: FinalRead] = [:]
                 for key in 0..<keys {
-                    let read = await Self.readAll(key, via: cluster[key % cluster.count])
+                    guard let node = cluster.node(key % cluster.count) else { continue }
+                    let read = await Self.readAll(key, via: node)
                     finals[Self.keyName(key)] = read
                     if case .elements(let e) = read { note("final \(Self.keyName(key)): \(e.count) elements") }
                 }
-                let result = CheckResult.check(attempts: log.current.attempts, finals: finals)
-                violations += result.lost.map { "\($0.key): acknowledged \($0.element) lost" }
-                violations += result.failedButPresent.map { "\($0.key): \($0.element) visible though certainly not applied" }
+                let current = log.current
+                func faultsWhen(_ element: UInt64) -> String { current.faultsAt[element].map { "; faults when it was written: \($0)" } ?? "" }
+                let result = CheckResult.check(attempts: current.attempts, finals: finals)
+                violations += result.lost.map { "\($0.key): acknowledged \($0.element) lost\(faultsWhen($0.element))" }
+                violations += result.failedButPresent.map { "\($0.key): \($0.element) visible though certainly not applied\(faultsWhen($0.element))" }
                 violations += result.phantom.map { "\($0.key): phantom \($0.element)" }
                 violations += result.unreadable.sorted { $0.key < $1.key }.map { "\($0.key): the final read at R=all failed: \($0.value)" }
-                for n in cluster { n.shutdown() }
                 // A drain waits on the clock: the simulation moves it.
-                try await group.waitForAll()
+                await cluster.shutdown()
             }
         } catch {
             violations.append("run failed: \(error)")
         }
-        let l = log.current
-        func count(_ matches: (AttemptOutcome) -> Bool) -> Int { l.attempts.count { matches($0.outcome) } }
-        return Report(seed: seed, trace: l.trace, violations: violations, simulated: clock.elapsed,
-                      acknowledged: count { $0 == .ok },
-                      unknown: count { if case .unknown = $0 { true } else { false } },
-                      refused: count { if case .failed = $0 { true } else { false } })
+        return log.report(seed: seed, violations: violations)
+    }
+
+    /// Injects the chosen node and link faults at random times (drawn from the seed) until the
+    /// clients stop, undoing each after a while; `healEverything` ends them all.
+    private final class Nemesis: Sendable {
+        private struct State {
+            var rng: SplitMix64
+            /// Undo actions due at an instant, in order.
+            var due: [(at: ContinuousClock.Instant, index: Int, action: Undo)] = []
+            var wiped: Set<Int> = []
+            var sequence = 0
+        }
+        enum Undo: Sendable {
+            case restart(Int)
+            case resume(Int)
+        }
+        let cluster: SimulatedCluster
+        let faults: Set<Fault>
+        let log: Recorder
+        private let state: Mutex<State>
+        /// The node faults in play (network faults are the network's).
+        private let kinds: [Fault]
+
+        init(cluster: SimulatedCluster, faults: Set<Fault>, log: Recorder, seed: UInt64) {
+            self.cluster = cluster
+            self.faults = faults
+            self.log = log
+            state = Mutex(State(rng: SplitMix64(seed: seed ^ 0xfa17)))
+            kinds = Fault.allCases.filter { faults.contains($0) && ![.loss, .delay, .dup].contains($0) }
+        }
+
+        var hasWork: Bool { !kinds.isEmpty }
+
+        private func draw(_ n: UInt64) -> UInt64 { state.withLock { $0.rng.next(below: n) } }
+        private var name: (Int) -> String { { self.cluster.names[$0].value } }
+
+        func run(until end: ContinuousClock.Instant) async throws {
+            let clock = cluster.clock
+            while clock.now() < end {
+                try await clock.sleep(for: .milliseconds(300 + Int64(draw(1700))))
+                try await undoDue()
+                guard clock.now() < end else { break }
+                try await act(kinds[Int(draw(UInt64(kinds.count)))])
+            }
+            // Clients may wait on a paused node: the faults end when the clients' time does.
+            try await healEverything()
+        }
+
+        private func schedule(after: Duration, _ undo: Undo) {
+            let at = cluster.clock.now().advanced(by: after)
+            state.withLock { s in
+                s.sequence += 1
+                s.due.append((at, s.sequence, undo))
+            }
+        }
+
+        private func undoDue() async throws {
+            let now = cluster.clock.now()
+            let ready = state.withLock { s in
+                let r = s.due.filter { $0.at <= now }.sorted { ($0.at, $0.index) < ($1.at, $1.index) }
+                s.due.removeAll { $0.at <= now }
+                return r
+            }
+            for r in ready { try await undo(r.action) }
+        }
+
+        private func undo(_ u: Undo) async throws {
+            switch u {
+            case .restart(let i):
+                guard !cluster.isUp(i) else { return }
+                try await cluster.start(i)
+                log.fault("down \(name(i))", ended: true)
+                log.note("restarted \(name(i)), epoch \(cluster.node(i)?.actorID.map { "\($0.epoch)" } ?? "?")")
+            case .resume(let i):
+                cluster.network.resume(cluster.names[i])
+                log.fault("pause \(name(i))", ended: true)
+            }
+        }
+
+        /// At most one node down at a time beyond what the clients can live with: N=3 and
+        /// W=quorum tolerate one replica down per key.
+        private var anyDown: Bool { (0..<cluster.count).contains { !cluster.isUp($0) } }
+
+        private func act(_ fault: Fault) async throws {
+            let network = cluster.network
+            let i = Int(draw(UInt64(cluster.count)))
+            let n = cluster.names[i]
+            switch fault {
+            case .partition:
+                let j = Int(draw(UInt64(cluster.count)))
+                let roll = draw(4)
+                if roll == 0 || i == j {
+                    network.heal()
+                    log.endAll("cut ")
+                    log.endAll("refuse ")
+                    log.endAll("pause ")
+                    log.note("heal")
+                } else if roll == 1 {
+                    network.refuse(n)
+                    log.fault("refuse \(n)", kind: "partition")
+                } else if roll == 2 {
+                    network.cut(from: n, to: cluster.names[j])
+                    log.fault("cut \(n)->\(cluster.names[j])", kind: "partition")
+                } else {
+                    network.cut(from: n, to: cluster.names[j])
+                    network.cut(from: cluster.names[j], to: n)
+                    log.fault("cut \(n)<->\(cluster.names[j])", kind: "partition")
+                }
+            case .crash, .diskWipe:
+                guard !anyDown, cluster.isUp(i) else { return }
+                let wipe = fault == .diskWipe
+                if wipe {
+                    // N−W = 1 distinct node may lose its disk in a run.
+                    let allowed: Bool = state.withLock { s in
+                        guard s.wiped.isEmpty || s.wiped.contains(i) else { return false }
+                        s.wiped.insert(i)
+                        return true
+                    }
+                    guard allowed else { return }
+                }
+                var rng = SplitMix64(seed: draw(UInt64.max))
+                await cluster.crash(i, tearing: true, rng: &rng)
+                if wipe { cluster.wipe(i) }
+                log.fault("down \(n)", kind: fault.rawValue)
+                log.note(wipe ? "crashed \(n) and wiped its disk" : "crashed \(n) (power cut)")
+                schedule(after: .milliseconds(500 + Int64(draw(4500))), .restart(i))
+            case .restart:
+                guard !anyDown, cluster.isUp(i) else { return }
+                log.fault("restart \(n)", kind: fault.rawValue)
+                cluster.node(i)?.shutdown()
+                await cluster.stopped(i)
+                try await cluster.start(i)
+                log.fault("restart \(n)", ended: true)
+            case .clockSkew:
+                let millis = Int64(draw(1_200_000)) - 600_000
+                cluster.setSkew(i, millis: millis)
+                log.fault("skew \(n) \(millis) ms", kind: fault.rawValue)
+            case .pause:
+                network.pause(n)
+                log.fault("pause \(n)", kind: fault.rawValue)
+                schedule(after: .milliseconds(200 + Int64(draw(3800))), .resume(i))
+            case .loss, .delay, .dup:
+                return
+            }
+        }
+
+        /// Ends every fault: heals the network, resumes paused nodes, restarts every node that
+        /// is down, takes the network faults off.
+        func healEverything() async throws {
+            let network = cluster.network
+            network.heal()
+            network.setFaults(InMemoryNetwork.Faults())
+            state.withLock { $0.due = [] }
+            for i in 0..<cluster.count where !cluster.isUp(i) {
+                try await cluster.start(i)
+                log.note("restarted \(name(i)) (end)")
+            }
+            log.endAll("")
+            log.note("healed")
+        }
     }
 
     static func keyName(_ key: Int) -> String { "k\(key)" }
@@ -183,7 +381,9 @@ public struct SetAddScenario: Sendable {
     /// One read-modify-write adding `element`, as cairn-torture's clients do: nil when the read
     /// failed (nothing was attempted); otherwise how the write ended, classified by the client's
     /// own rule (`CairnError.certainlyNotApplied`).
-    static func add(_ element: UInt64, to key: Int, via node: CairnNode) async -> AttemptOutcome? {
+    static func add(_ element: UInt64, to key: Int, via node: CairnNode, network: InMemoryNetwork) async -> AttemptOutcome? {
+        // A paused node does not answer its clients either.
+        await network.waitWhilePaused(node.config.name)
         let k = Array(keyName(key).utf8)
         var set = Set<UInt64>()
         let context: CausalContext
@@ -245,6 +445,7 @@ public final class AcknowledgesAndDrops: StorageBackend {
     public func waitDurable(_ token: DurabilityToken) async throws { try await inner.waitDurable(token) }
     public func count(partition: PartitionID) throws -> Int { try inner.count(partition: partition) }
     public func close() async throws { try await inner.close() }
+    public func abandon() async { await inner.abandon() }
     public var isPersistent: Bool { inner.isPersistent }
     public var persistentEpoch: UInt64? { inner.persistentEpoch }
 }

@@ -1,6 +1,11 @@
 public import CairnNode
-import CairnCore
+public import CairnCore
 import Logging
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+public import CairnStorage
 
 /// Real `CairnNode`s for a simulation: named n1...nN, on `network` and `clock`, with no sockets,
 /// no data directory and no watchdog; bound and started (cluster view, vnodes), not yet running.
@@ -26,5 +31,158 @@ public enum SimulatedNodes {
             nodes.append(node)
         }
         return nodes
+    }
+}
+
+/// A cluster of real `CairnNode`s for a simulation, each on its own fault-injecting in-memory
+/// disk running the real storage engine (sync mode `always`), that can be crashed (a power cut:
+/// unsynced bytes are lost, torn as the seed decides), wiped (a new empty disk under the same
+/// name), restarted, and given a skewed wall clock. Every node's work, its engine's background
+/// work and its run task are jobs of the simulation's executor.
+///
+/// Isolation: call from the simulation's tasks only (its state is behind a lock, but the order
+/// of operations is what makes a run reproducible). Index `i` is node `n(i+1)`.
+public final class SimulatedCluster: Sendable {
+    private struct Slot {
+        var disk = FaultyFileSystem()
+        var node: CairnNode?
+        var run: Task<Void, Never>?
+        let skew = WallOffset()
+        var incarnation = 0
+    }
+
+    public let names: [NodeName]
+    public let members: [MemberAddress]
+    public let clock: ManualClock
+    public let network: InMemoryNetwork
+    private let executor: SimulationExecutor
+    private let storage: SimulatedStorageEnvironment
+    private let epochs: EpochSource
+    private let settings: Settings
+    private let slots: Mutex<[Slot]>
+
+    /// How the nodes are configured.
+    public struct Settings: Sendable {
+        public var ringSize = 32
+        public var nVal = 3
+        public var requestTimeoutMillis: UInt32 = 300
+        /// The nodes' `storage.sync` (the scenario keeps `always`: acknowledged means synced).
+        public var syncMode: SyncMode = .always
+        /// Wraps node `i`'s backend once it is open (the self-test's lossy node).
+        public var decorate: (@Sendable (Int, any StorageBackend) -> any StorageBackend)?
+        public init() {}
+    }
+
+    public init(count: Int, clock: ManualClock, network: InMemoryNetwork, executor: SimulationExecutor, seed: UInt64,
+                settings: Settings = Settings()) throws {
+        names = try (1...max(count, 1)).map { try NodeName("n\($0)") }
+        members = names.enumerated().map { MemberAddress(name: $1, address: HostPort(host: "sim", port: 7400 + $0)) }
+        self.clock = clock
+        self.network = network
+        self.executor = executor
+        self.settings = settings
+        storage = SimulatedStorageEnvironment(executor: executor, clock: clock)
+        epochs = EpochSource(seed: seed ^ 0xe90c)
+        slots = Mutex(names.map { _ in Slot() })
+    }
+
+    public var count: Int { names.count }
+
+    /// The node now running (or last run) as `n(i+1)`.
+    public func node(_ i: Int) -> CairnNode? { slots.withLock { $0[i].node } }
+
+    /// Whether `n(i+1)` is running (started and not crashed).
+    public func isUp(_ i: Int) -> Bool { slots.withLock { $0[i].run != nil } }
+
+    /// Opens `n(i+1)`'s storage on its disk (recovering what the disk kept), builds its view and
+    /// runs it. Returns once it serves.
+    public func start(_ i: Int) async throws {
+        let (disk, skew, incarnation): (any FileSystem, WallOffset, Int) = slots.withLock { s in
+            s[i].incarnation += 1
+            return (s[i].disk.session(), s[i].skew, s[i].incarnation)
+        }
+        var c = NodeConfig(name: names[i])
+        c.listen = members[i].address
+        c.http = nil
+        c.dataDirectory = "/\(names[i])"
+        c.ringSize = settings.ringSize
+        c.nVal = settings.nVal
+        c.requestTimeoutMillis = settings.requestTimeoutMillis
+        // Small buffers: flushes and compactions happen within a short run.
+        c.storage.writeBufferBytes = 256 << 10
+        c.storage.blockCacheBytes = 1 << 20
+        c.storage.compactionBytesPerSecond = 0
+        c.storage.syncMode = settings.syncMode
+        let decorate = settings.decorate.map { d in { @Sendable (b: any StorageBackend) in d(i, b) } }
+        // CAIRN_SIM_LOG=1: the nodes' logs on standard error (debugging a seed).
+        let verbose = getenv("CAIRN_SIM_LOG").map { String(cString: $0) == "1" } ?? false
+        let logger = Logger(label: "sim.\(names[i]).\(incarnation)", factory: { label in
+            verbose ? StreamLogHandler.standardError(label: label) as any LogHandler : SwiftLogNoOpLogHandler()
+        })
+        let node = CairnNode(config: c, logger: logger,
+                             watchdogInterval: .some(nil), decorateBackend: decorate,
+                             clock: SkewedClock(base: clock, offset: skew), network: network, fileSystem: disk,
+                             storageEnvironment: storage, epochs: epochs)
+        try await node.bind()
+        try node.start(members: members)
+        let ended = Mutex(false)
+        let run = Task(executorPreference: executor) {
+            _ = try? await node.run()
+            ended.withLock { $0 = true }
+        }
+        slots.withLock { s in
+            s[i].node = node
+            s[i].run = run
+        }
+        while node.state == .starting, !ended.withLock({ $0 }) { await Task.yield() }
+        guard node.state == .serving else { throw SimulatedClusterError.didNotStart(names[i]) }
+    }
+
+    /// Crashes `n(i+1)` as a power cut does: the disk keeps only what was synced (and, with
+    /// `tearing`, a prefix of each file's unsynced bytes chosen by `rng`), then the process dies.
+    public func crash(_ i: Int, tearing: Bool, rng: inout SplitMix64) async {
+        let (disk, node, run) = slots.withLock { s in
+            defer { s[i].run = nil }
+            return (s[i].disk, s[i].node, s[i].run)
+        }
+        guard let node, let run else { return }
+        disk.crash(tearing: tearing, rng: &rng)
+        node.crash()
+        await run.value
+    }
+
+    /// Waits until `n(i+1)`'s run ends (after a `shutdown()` of it), and marks it down.
+    public func stopped(_ i: Int) async {
+        guard let run = slots.withLock({ $0[i].run }) else { return }
+        await run.value
+        slots.withLock { $0[i].run = nil }
+    }
+
+    /// Replaces `n(i+1)`'s disk with an empty one (crash it first): it restarts under its name
+    /// with no data and a fresh actor epoch.
+    public func wipe(_ i: Int) {
+        slots.withLock { $0[i].disk = FaultyFileSystem() }
+    }
+
+    /// Sets `n(i+1)`'s wall-clock offset (at once, and for its later incarnations).
+    public func setSkew(_ i: Int, millis: Int64) {
+        slots.withLock { $0[i].skew }.set(millis)
+    }
+
+    /// Shuts every running node down gracefully and waits for them.
+    public func shutdown() async {
+        let running = slots.withLock { s in s.compactMap { slot in slot.run.map { (slot.node, $0) } } }
+        for (node, _) in running { node?.shutdown() }
+        for (_, run) in running { await run.value }
+        slots.withLock { s in for i in s.indices { s[i].run = nil } }
+    }
+}
+
+public enum SimulatedClusterError: Error, Sendable, CustomStringConvertible {
+    case didNotStart(NodeName)
+    public var description: String {
+        switch self {
+        case .didNotStart(let n): "\(n) stopped before it served"
+        }
     }
 }

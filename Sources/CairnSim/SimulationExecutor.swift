@@ -9,16 +9,27 @@ import Synchronization
 /// Jobs may be enqueued from any thread (a resumed continuation, a timer); they run only inside
 /// `runUntilIdle`, on the calling thread. Thread-safe.
 public final class SimulationExecutor: TaskExecutor, @unchecked Sendable {
+    /// A job and the serial executor it was enqueued on (nil: a task-executor job).
+    private struct Pending {
+        let job: UnownedJob
+        let serial: UnownedSerialExecutor?
+    }
+
     // @unchecked: `pending` is only touched under `lock`; `UnownedJob` is not Sendable by type.
     private let lock = Mutex(SplitMix64(seed: 0))
-    private var pending: [UnownedJob] = []
+    private var pending: [Pending] = []
 
     public init(seed: UInt64) {
         lock.withLock { $0 = SplitMix64(seed: seed) }
     }
 
     public func enqueue(_ job: UnownedJob) {
-        lock.withLock { _ in pending.append(job) }
+        lock.withLock { _ in pending.append(Pending(job: job, serial: nil)) }
+    }
+
+    /// A job of an actor whose serial executor is `executor` (a `SimulatedSerialExecutor`).
+    func enqueue(_ job: UnownedJob, isolatedTo executor: UnownedSerialExecutor) {
+        lock.withLock { _ in pending.append(Pending(job: job, serial: executor)) }
     }
 
     /// Runs runnable jobs, each picked by the seed among those waiting, until none is left.
@@ -26,11 +37,15 @@ public final class SimulationExecutor: TaskExecutor, @unchecked Sendable {
     @discardableResult
     public func runUntilIdle() -> Int {
         var ran = 0
-        while let job = lock.withLock({ rng -> UnownedJob? in
+        while let next = lock.withLock({ rng -> Pending? in
             guard !pending.isEmpty else { return nil }
             return pending.remove(at: Int(rng.next(below: UInt64(pending.count))))
         }) {
-            job.runSynchronously(on: asUnownedTaskExecutor())
+            if let serial = next.serial {
+                next.job.runSynchronously(isolatedTo: serial, taskExecutor: asUnownedTaskExecutor())
+            } else {
+                next.job.runSynchronously(on: asUnownedTaskExecutor())
+            }
             ran += 1
         }
         return ran

@@ -76,6 +76,28 @@ private final class Echo: RequestDispatcher {
         #expect(net.transport(for: a).downReasons([b]).isEmpty)
     }
 
+    /// A paused node (SIGSTOP) receives nothing until resumed, then gets what was held; a caller
+    /// whose deadline passed meanwhile has timed out (outcome unknown), not been refused.
+    @Test func aPausedNodeGetsItsMessagesOnlyAfterResuming() async throws {
+        let clock = ManualClock()
+        let net = InMemoryNetwork(clock: clock, seed: 1)
+        let echo = Echo()
+        net.attach(a, Echo())
+        net.attach(b, echo)
+        net.pause(b)
+        #expect(net.transport(for: a).downReasons([b]).isEmpty, "a paused node's connections stay up")
+        let late = Task { await send(net.transport(for: a), to: b, timeout: 100) }
+        try await settle("the caller waits for its deadline") { clock.sleeping >= 1 }
+        clock.advance(by: .milliseconds(100))
+        guard case .failure(let e) = await late.value, !e.certainlyNotDelivered else { Issue.record("a paused node answered or refused"); return }
+        #expect(echo.received.load(ordering: .relaxed) == 0)
+        let patient = Task { await send(net.transport(for: a), to: b, timeout: 10_000) }
+        try await settle("the second caller waits") { clock.sleeping >= 1 }
+        net.resume(b)
+        try await settle("both held requests are delivered") { echo.received.load(ordering: .relaxed) == 2 }
+        #expect(try await patient.value.get() == .pong)
+    }
+
     @Test func aCutLinkIsSilentUntilTheDeadlineAndOneWay() async throws {
         let clock = ManualClock()
         let net = InMemoryNetwork(clock: clock, seed: 1)

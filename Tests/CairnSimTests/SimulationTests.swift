@@ -17,6 +17,14 @@ func offPool<T: Sendable>(_ work: @escaping @Sendable () throws -> T) async thro
     }
 }
 
+func offPool<T: Sendable>(_ work: @escaping @Sendable () -> T) async -> T {
+    await withCheckedContinuation { (c: CheckedContinuation<T, Never>) in
+        let thread = Thread { c.resume(returning: work()) }
+        thread.stackSize = 8 << 20
+        thread.start()
+    }
+}
+
 private let quiet = Logger(label: "sim", factory: { _ in SwiftLogNoOpLogHandler() })
 
 /// Three real nodes on a seeded executor, an in-memory network with loss and delays, and virtual
@@ -81,13 +89,16 @@ private func run(seed: UInt64) throws -> [String] {
         return s
     }
 
-    /// A fixed set of seeds, every fault the simulator has: no acknowledged add lost, no phantom,
+    /// A fixed set of seeds, every fault the simulator has (network faults; crashes that lose
+    /// unsynced bytes, graceful restarts, a wiped disk, clock skew, pauses): no acknowledged add lost, no phantom,
     /// nothing visible that certainly was not applied. A failing seed names its reproduction.
     @Test func fiftySeedsKeepEveryAcknowledgedAdd() async throws {
         let s = scenario(seconds: 8)
         var acknowledged = 0, unknown = 0, refused = 0
+        var injected: [String: Int] = [:]
         for seed in UInt64(1)...50 {
-            let r = try await offPool { try s.run(seed: seed) }
+            let r = await offPool { s.run(seed: seed) }
+            injected.merge(r.injected, uniquingKeysWith: +)
             #expect(r.violations.isEmpty, "seed \(seed): \(r.violations.first ?? "") — reproduce: cairn-sim --seed \(seed) --duration 8s --trace")
             acknowledged += r.acknowledged
             unknown += r.unknown
@@ -95,6 +106,10 @@ private func run(seed: UInt64) throws -> [String] {
         }
         // The faults bite: some outcomes are unknown or refused, most are acknowledged.
         #expect(acknowledged > 1000 && unknown > 0 && refused > 0)
+        // Every node and link fault was injected somewhere in the set.
+        for kind in ["partition", "crash", "restart", "disk-wipe", "clock-skew", "pause"] {
+            #expect(injected[kind, default: 0] > 0, "no \(kind) in 50 seeds: \(injected)")
+        }
     }
 
     /// The checker is not vacuous: a node that acknowledges writes it drops is caught.
@@ -102,13 +117,13 @@ private func run(seed: UInt64) throws -> [String] {
         var s = scenario(seconds: 8)
         s.selfTest = true
         let scenario = s
-        let r = try await offPool { try scenario.run(seed: 3) }
+        let r = await offPool { scenario.run(seed: 3) }
         #expect(r.violations.contains { $0.contains("acknowledged") && $0.contains("lost") })
     }
 
     @Test func theSameSeedGivesTheSameTraceHashTwiceInOneProcess() async throws {
         let s = scenario(seconds: 5)
-        let hashes = try await offPool { try [9, 9, 10].map { try s.run(seed: $0).traceHash } }
+        let hashes = await offPool { [9, 9, 10].map { s.run(seed: $0).traceHash } }
         #expect(hashes[0] == hashes[1] && hashes[0] != hashes[2])
     }
 

@@ -1,0 +1,106 @@
+public import CairnNode
+public import CairnStorage
+import Synchronization
+
+/// The storage engine's environment inside a simulation: its background workers, group-commit
+/// syncs and timers run as jobs of the simulation's executor, and it waits on the simulation's
+/// clock, so a database's flushes, compactions and syncs interleave with everything else in the
+/// order the seed fixes. The compaction rate limit is the one part still on real time: run
+/// simulated databases with `compactionBytesPerSecond = 0`. Thread-safe.
+public struct SimulatedStorageEnvironment: StorageEnvironment {
+    let executor: SimulationExecutor
+    let clock: ManualClock
+
+    public init(executor: SimulationExecutor, clock: ManualClock) {
+        self.executor = executor
+        self.clock = clock
+    }
+
+    public func makeWorkerExecutor(label: String) -> any SerialExecutor { SimulatedSerialExecutor(executor) }
+
+    public func makeQueue(label: String) -> any BlockingQueue { SimulatedQueue(executor: executor) }
+
+    public func spawn(_ body: @escaping @Sendable () async -> Void) -> Task<Void, Never> {
+        Task(executorPreference: executor) { await body() }
+    }
+
+    public func sleep(for duration: Duration) async throws { try await clock.sleep(for: duration) }
+
+    /// Nothing to hand back that matters to a simulation (and `malloc_trim` is slow).
+    public func releaseFreeMemory() {}
+}
+
+/// An actor's serial executor whose jobs run on the simulation's thread, picked by its seed.
+final class SimulatedSerialExecutor: SerialExecutor {
+    let simulation: SimulationExecutor
+    init(_ simulation: SimulationExecutor) { self.simulation = simulation }
+
+    func enqueue(_ job: consuming ExecutorJob) {
+        simulation.enqueue(UnownedJob(job), isolatedTo: asUnownedSerialExecutor())
+    }
+
+    func asUnownedSerialExecutor() -> UnownedSerialExecutor { UnownedSerialExecutor(ordinary: self) }
+}
+
+/// A `BlockingQueue` drained, in order, by one simulation task at a time.
+final class SimulatedQueue: BlockingQueue {
+    private struct State {
+        var work: [@Sendable () -> Void] = []
+        var draining = false
+    }
+    private let executor: SimulationExecutor
+    private let state = Mutex(State())
+
+    init(executor: SimulationExecutor) { self.executor = executor }
+
+    func async(_ work: @escaping @Sendable () -> Void) {
+        let start: Bool = state.withLock { s in
+            s.work.append(work)
+            defer { s.draining = true }
+            return !s.draining
+        }
+        guard start else { return }
+        Task(executorPreference: executor) { self.drain() }
+    }
+
+    private func drain() {
+        while let next = state.withLock({ s -> (@Sendable () -> Void)? in
+            if s.work.isEmpty {
+                s.draining = false
+                return nil
+            }
+            return s.work.removeFirst()
+        }) {
+            next()
+        }
+    }
+}
+
+/// A node's wall-clock offset from the simulation's, in milliseconds; settable while the node
+/// runs. Thread-safe.
+public final class WallOffset: Sendable {
+    private let millis = Atomic<Int64>(0)
+    public init() {}
+    public func set(_ value: Int64) { millis.store(value, ordering: .relaxed) }
+    public var value: Int64 { millis.load(ordering: .relaxed) }
+}
+
+/// A node's view of a shared simulation clock whose wall clock is `offset` off (clock skew
+/// between machines): monotonic time and sleeps are the shared clock's. Write timestamps read
+/// the skewed wall clock; nothing may decide by them. Thread-safe.
+public struct SkewedClock: NodeClock {
+    let base: ManualClock
+    let offset: WallOffset
+
+    public init(base: ManualClock, offset: WallOffset) {
+        self.base = base
+        self.offset = offset
+    }
+
+    public func now() -> ContinuousClock.Instant { base.now() }
+    public func sleep(until deadline: ContinuousClock.Instant) async throws { try await base.sleep(until: deadline) }
+    public func wallMillis() -> UInt64 {
+        let w = base.wallMillis(), o = offset.value
+        return o >= 0 ? w &+ UInt64(o) : w &- min(w, o.magnitude)
+    }
+}
