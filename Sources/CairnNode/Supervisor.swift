@@ -1,4 +1,6 @@
 public import Logging
+import CairnCore
+import CairnWire
 
 /// When and how often a supervised child may be restarted (OTP's restart intensity).
 ///
@@ -39,7 +41,8 @@ public struct RestartTracker: Sendable {
 }
 
 /// A long-lived unit of work a supervisor keeps running. `run()` returns when the child is done
-/// for good (or cancelled) and throws when it failed and should be restarted.
+/// for good (or cancelled) and throws when it failed and should be restarted. `childName` is its
+/// id: unique among the children of one supervisor.
 public protocol SupervisedChild: Sendable {
     var childName: String { get }
     func run() async throws
@@ -51,23 +54,44 @@ public struct SupervisorEscalation: Error, CustomStringConvertible {
     public var failures: Int
     public var lastError: any Error
     public var description: String {
-        "supervisor \(supervisor): child \(child) failed \(failures) times within the restart window (last: \(lastError)); escalating"
+        "supervisor \(supervisor): its children failed \(failures) times within the restart window (last: \(child): \(lastError)); escalating"
     }
 }
 
-/// Runs children in a task group, restarting each failed child with backoff and escalating past
-/// the restart intensity (the group is cancelled and `run()` throws `SupervisorEscalation`).
+/// Runs children in a task group, restarting each failed child after a backoff, and escalating
+/// when its children together fail more often than its restart intensity allows (OTP's
+/// one-for-one supervisor): the group is cancelled and `run()` throws `SupervisorEscalation`.
 ///
-/// Isolation: actor; children run as child tasks of `run()`, so cancelling `run()` stops them all.
-/// Children may be added while running with `spawn`.
-public actor Supervisor {
+/// Children have ids (`childName`): `spawn` adds one (a duplicate id is refused and logged),
+/// `terminate` stops one for good. A supervisor is itself a `SupervisedChild`, so supervisors
+/// nest; when its parent restarts it, `run()` starts every child still registered, afresh.
+///
+/// Isolation: actor; children run as child tasks of `run()`, so cancelling `run()` stops them
+/// all. `spawn`, `terminate` and `finish` may be called from anywhere, before or during `run()`.
+public actor Supervisor: SupervisedChild {
     public nonisolated let name: String
+    public nonisolated var childName: String { name }
     private let policy: RestartPolicy
     private let logger: Logger
     private let onRestart: @Sendable (String) -> Void
     private let clock: any NodeClock
-    private let spawns: AsyncStream<any SupervisedChild>
-    private let spawnContinuation: AsyncStream<any SupervisedChild>.Continuation
+    private let registry = Locked(Registry())
+    /// The restart intensity of this run: every child's failures count together.
+    private var intensity: RestartTracker
+
+    /// What `run()` hears about while it runs.
+    private enum Event: Sendable {
+        case spawned(any SupervisedChild)
+        case ended(String)
+    }
+
+    private struct Registry {
+        /// Registered children in spawn order, with the signal that terminates each.
+        var order: [String] = []
+        var children: [String: (child: any SupervisedChild, stop: StopSignal)] = [:]
+        var sink: AsyncStream<Event>.Continuation?
+        var finished = false
+    }
 
     public init(name: String, policy: RestartPolicy, logger: Logger, clock: any NodeClock = SystemClock(),
                 onRestart: @escaping @Sendable (String) -> Void = { _ in }) {
@@ -76,52 +100,155 @@ public actor Supervisor {
         self.policy = policy
         self.logger = logger
         self.onRestart = onRestart
-        (spawns, spawnContinuation) = AsyncStream.makeStream(of: (any SupervisedChild).self)
+        intensity = RestartTracker(policy: policy)
     }
 
-    /// Adds a child; it starts immediately if `run()` is running, else when it starts.
-    public nonisolated func spawn(_ child: any SupervisedChild) {
-        spawnContinuation.yield(child)
+    /// Adds a child; it starts at once if `run()` is running, else when it starts. Returns false
+    /// (and logs) if a child with its id is registered already.
+    @discardableResult
+    public nonisolated func spawn(_ child: any SupervisedChild) -> Bool {
+        let id = child.childName
+        let added: Bool = registry.withLock { r in
+            guard r.children[id] == nil else { return false }
+            r.order.append(id)
+            r.children[id] = (child, StopSignal())
+            r.sink?.yield(.spawned(child))
+            return true
+        }
+        if !added { logger.error("a child with this id is running already; not spawned", metadata: ["supervisor": "\(name)", "child": "\(id)"]) }
+        return added
     }
+
+    /// Stops child `id` for good (cancelling its run) and forgets it. No-op for an unknown id.
+    public nonisolated func terminate(_ id: String) {
+        let stop: StopSignal? = registry.withLock { r in
+            r.order.removeAll { $0 == id }
+            return r.children.removeValue(forKey: id)?.stop
+        }
+        stop?.stop()
+    }
+
+    /// Ids of the registered children, in spawn order.
+    public nonisolated var children: [String] { registry.withLock { $0.order } }
 
     /// Stops accepting children; `run()` returns once every child has returned.
     public nonisolated func finish() {
-        spawnContinuation.finish()
+        registry.withLock { r in
+            r.finished = true
+            r.sink?.finish()
+        }
     }
 
     public func run() async throws {
-        // A throwing child (an escalation) cancels the group; it also finishes `spawns`, which ends
-        // this loop, so the group then rethrows the escalation.
+        let (events, sink) = AsyncStream.makeStream(of: Event.self)
+        let initial: [any SupervisedChild] = registry.withLock { r in
+            r.sink = sink
+            if r.finished { sink.finish() }
+            return r.order.compactMap { r.children[$0]?.child }
+        }
+        defer { registry.withLock { $0.sink = nil } }
+        intensity = RestartTracker(policy: policy)
+        // A throwing child (an escalation) cancels the group; it also finishes `events`, which
+        // ends this loop, so the group then rethrows the escalation.
         try await withThrowingDiscardingTaskGroup { group in
-            for await child in spawns {
-                group.addTask { try await self.supervise(child) }
+            var running = Set<String>()
+            func start(_ child: any SupervisedChild) {
+                guard running.insert(child.childName).inserted else { return }
+                group.addTask { try await self.supervise(child, sink: sink) }
+            }
+            for child in initial { start(child) }
+            for await event in events {
+                switch event {
+                case .spawned(let child): start(child)
+                case .ended(let id): running.remove(id)
+                }
             }
         }
     }
 
-    private func supervise(_ child: any SupervisedChild) async throws {
-        var tracker = RestartTracker(policy: policy)
+    /// Runs `child` until it returns, is terminated, or escalates.
+    private func supervise(_ child: any SupervisedChild, sink: AsyncStream<Event>.Continuation) async throws {
+        let id = child.childName
+        defer { sink.yield(.ended(id)) }
+        guard let stop = registry.withLock({ $0.children[id]?.stop }) else { return }
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { try await self.restartLoop(child, sink: sink) }
+            group.addTask { await stop.wait() }
+            // Whichever ends first (the child for good, or a terminate) ends both.
+            defer { group.cancelAll() }
+            try await group.next()
+        }
+    }
+
+    /// Runs `child`, restarting it after each failure with its own backoff, until it returns or
+    /// the supervisor's intensity is exceeded.
+    private func restartLoop(_ child: any SupervisedChild, sink: AsyncStream<Event>.Continuation) async throws {
+        let id = child.childName
+        var backoff = RestartTracker(policy: policy)
         while true {
             do {
                 try await child.run()
                 return
             } catch {
                 if Task.isCancelled { return }
-                switch tracker.onFailure(at: clock.now()) {
-                case .restart(let delay):
-                    logger.warning("child failed; restarting", metadata: [
-                        "supervisor": "\(name)", "child": "\(child.childName)", "error": "\(error)", "backoff": "\(delay)",
-                    ])
-                    onRestart(child.childName)
-                    try await clock.sleep(for: delay)
-                case .escalate(let n):
+                let now = clock.now()
+                if case .escalate(let n) = intensity.onFailure(at: now) {
                     logger.error("restart intensity exceeded; escalating", metadata: [
-                        "supervisor": "\(name)", "child": "\(child.childName)", "failures": "\(n)", "error": "\(error)",
+                        "supervisor": "\(name)", "child": "\(id)", "failures": "\(n)", "error": "\(error)",
                     ])
-                    spawnContinuation.finish()
-                    throw SupervisorEscalation(supervisor: name, child: child.childName, failures: n, lastError: error)
+                    sink.finish()
+                    throw SupervisorEscalation(supervisor: name, child: id, failures: n, lastError: error)
                 }
+                let delay: Duration = if case .restart(let d) = backoff.onFailure(at: now) { d } else { policy.backoffMax }
+                logger.warning("child failed; restarting", metadata: [
+                    "supervisor": "\(name)", "child": "\(id)", "error": "\(error)", "backoff": "\(delay)",
+                ])
+                onRestart(id)
+                try await clock.sleep(for: delay)
             }
+        }
+    }
+}
+
+/// A child's "terminate" flag: `stop()` sets it for good and wakes every waiter; a waiter whose
+/// task is cancelled returns without setting it (so one run's end does not terminate the next).
+/// Thread-safe.
+final class StopSignal: Sendable {
+    private struct State {
+        var stopped = false
+        var next: UInt64 = 0
+        var waiters: [UInt64: CheckedContinuation<Void, Never>] = [:]
+    }
+    private let state = Locked(State())
+
+    func stop() {
+        let waiters: [CheckedContinuation<Void, Never>] = state.withLock { s in
+            s.stopped = true
+            defer { s.waiters = [:] }
+            return Array(s.waiters.values)
+        }
+        for w in waiters { w.resume() }
+    }
+
+    var isStopped: Bool { state.withLock { $0.stopped } }
+
+    /// Returns once stopped, or when the calling task is cancelled.
+    func wait() async {
+        let id: UInt64 = state.withLock { s in
+            defer { s.next += 1 }
+            return s.next
+        }
+        await withTaskCancellationHandler {
+            await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
+                let now: Bool = state.withLock { s in
+                    if s.stopped || Task.isCancelled { return true }
+                    s.waiters[id] = c
+                    return false
+                }
+                if now { c.resume() }
+            }
+        } onCancel: {
+            state.withLock { $0.waiters.removeValue(forKey: id) }?.resume()
         }
     }
 }

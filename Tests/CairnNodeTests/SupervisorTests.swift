@@ -34,15 +34,24 @@ import Synchronization
 
 /// A child that fails its first `failures` runs, then runs until cancelled.
 final class FlakyChild: SupervisedChild {
-    let childName = "flaky"
+    let childName: String
     let failures: Int
     let runs = Atomic<Int>(0)
-    init(failures: Int) { self.failures = failures }
+    let cancelled = Atomic<Int>(0)
+    init(failures: Int, name: String = "flaky") {
+        self.failures = failures
+        childName = name
+    }
 
     func run() async throws {
         let n = runs.wrappingAdd(1, ordering: .relaxed).newValue
         if n <= failures { throw TestFailure(run: n) }
-        try await Task.sleep(for: .seconds(3600))
+        do {
+            try await Task.sleep(for: .seconds(3600))
+        } catch {
+            cancelled.wrappingAdd(1, ordering: .relaxed)
+            throw error
+        }
     }
 
     struct TestFailure: Error { let run: Int }
@@ -75,12 +84,57 @@ final class FlakyChild: SupervisedChild {
 
     @Test func escalatesPastTheRestartIntensity() async throws {
         let sup = Supervisor(name: "test", policy: policy(max: 2), logger: Logger(label: "test"))
-        let bad = FlakyChild(failures: 100)
-        let good = FlakyChild(failures: 0)
+        let bad = FlakyChild(failures: 100, name: "bad")
+        let good = FlakyChild(failures: 0, name: "good")
         sup.spawn(good)
         sup.spawn(bad)
         await #expect(throws: SupervisorEscalation.self) { try await sup.run() }
         #expect(bad.runs.load(ordering: .relaxed) == 3)
+    }
+
+    /// The intensity is the supervisor's: failures of different children add up.
+    @Test func failuresOfDifferentChildrenCountTogether() async throws {
+        let sup = Supervisor(name: "test", policy: policy(max: 3), logger: Logger(label: "test"))
+        let children = (0..<4).map { FlakyChild(failures: 1, name: "c\($0)") }
+        for c in children { sup.spawn(c) }
+        await #expect(throws: SupervisorEscalation.self) { try await sup.run() }
+        // Each failed once; no child alone came near the limit.
+        #expect(children.allSatisfy { $0.runs.load(ordering: .relaxed) <= 2 })
+    }
+
+    @Test func aTerminatedChildStopsAndIsNotRestarted() async throws {
+        let sup = Supervisor(name: "test", policy: policy(max: 5), logger: Logger(label: "test"))
+        let a = FlakyChild(failures: 0, name: "a"), b = FlakyChild(failures: 0, name: "b")
+        sup.spawn(a)
+        sup.spawn(b)
+        #expect(!sup.spawn(FlakyChild(failures: 0, name: "a")), "a duplicate id is refused")
+        let task = Task { try await sup.run() }
+        while a.runs.load(ordering: .relaxed) < 1 || b.runs.load(ordering: .relaxed) < 1 { try await Task.sleep(for: .milliseconds(1)) }
+        sup.terminate("a")
+        while a.cancelled.load(ordering: .relaxed) < 1 { try await Task.sleep(for: .milliseconds(1)) }
+        #expect(sup.children == ["b"])
+        try await Task.sleep(for: .milliseconds(20))
+        #expect(a.runs.load(ordering: .relaxed) == 1 && b.cancelled.load(ordering: .relaxed) == 0)
+        // The id is free again.
+        let again = FlakyChild(failures: 0, name: "a")
+        #expect(sup.spawn(again))
+        while again.runs.load(ordering: .relaxed) < 1 { try await Task.sleep(for: .milliseconds(1)) }
+        sup.finish()
+        task.cancel()
+        try await task.value
+    }
+
+    /// Supervisors nest: a child supervisor that escalates is restarted by its parent, and
+    /// starts its children afresh; past the parent's intensity the parent escalates.
+    @Test func aNestedSupervisorIsRestartedWithItsChildren() async throws {
+        let parent = Supervisor(name: "parent", policy: policy(max: 1), logger: Logger(label: "test"))
+        let inner = Supervisor(name: "inner", policy: policy(max: 0), logger: Logger(label: "test"))
+        let child = FlakyChild(failures: 100, name: "bad")
+        inner.spawn(child)
+        parent.spawn(inner)
+        await #expect(throws: SupervisorEscalation.self) { try await parent.run() }
+        // inner escalated at its child's first failure, was restarted once, escalated again.
+        #expect(child.runs.load(ordering: .relaxed) == 2)
     }
 }
 
