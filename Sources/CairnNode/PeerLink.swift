@@ -6,22 +6,37 @@ import Logging
 /// This node's connection to one peer: connects, handshakes (`hello` with the cluster name and
 /// ring fingerprint), and reconnects with backoff when the connection drops.
 ///
-/// Isolation: a class whose state sits behind a lock, so the coordinator path reads "is it up?"
-/// and sends without hopping to an actor. `run()` is supervised; it returns only when cancelled.
-/// A request goes out only over a connection that completed the handshake; otherwise `send`
-/// throws `ConnectionError.notSent` (certainly not delivered).
+/// The shell of `PeerLinkMachine`, which decides all of that (states, backoff, attempts, down
+/// reasons, what to log); this class only performs its directives: NIO connects and requests,
+/// sleeps on the node's clock, logging and `onChange`.
+///
+/// Isolation: a class whose state (the machine and the current connection) sits behind a lock, so
+/// the coordinator path reads "is it up?" and sends without hopping to an actor. `run()` is
+/// supervised; it returns only when cancelled. A request goes out only over a connection that
+/// completed the handshake; otherwise `send` throws `ConnectionError.notSent` (certainly not
+/// delivered).
 final class PeerLink: SupervisedChild {
     struct State {
+        var machine: PeerLinkMachine
+        /// The connection being handshaken or up; nil otherwise.
         var connection: Connection?
-        var downReason = "not yet connected"
-        var attempts = 0
+    }
+
+    /// What the shell reports back to the machine after waiting.
+    private enum Event {
+        case connected(Connection)
+        case connectFailed(String)
+        case replied(Message)
+        case handshakeFailed(ConnectionError)
+        case closed
+        case backoffEnded
+        case cancelled
     }
 
     let peer: NodeName
     let address: HostPort
     let childName: String
-    private let state = Locked(State())
-    private let hello: Hello
+    private let state: Locked<State>
     private let config: NodeConfig
     private let group: any EventLoopGroup
     private let logger: Logger
@@ -34,107 +49,119 @@ final class PeerLink: SupervisedChild {
         self.clock = clock
         self.address = address
         self.childName = "peer-\(peer)"
-        self.hello = hello
         self.config = config
         self.group = group
         self.logger = logger
         self.onChange = onChange
+        let machine = PeerLinkMachine(peer: peer, address: address, hello: hello,
+                                      minBackoff: .milliseconds(config.reconnectMinMillis),
+                                      maxBackoff: .milliseconds(config.reconnectMaxMillis))
+        self.state = Locked(State(machine: machine))
     }
 
     /// nil while connected and handshaken; else why not.
     var downReason: String? {
-        state.withLock { s in
-            if let c = s.connection, c.isActive { return nil }
-            return s.downReason
-        }
+        state.withLock { s in Self.downReason(s) }
     }
 
-    var attempts: Int { state.withLock { $0.attempts } }
+    /// Connection attempts that ended (went up, or failed before going up); > 0 once the peer was tried.
+    var attempts: Int { state.withLock { $0.machine.attempts } }
 
     func send(_ message: Message, timeoutMillis: UInt32) async throws(ConnectionError) -> Message {
-        let (connection, reason) = state.withLock { s in (s.connection, s.downReason) }
-        guard let connection, connection.isActive else { throw .notSent("\(peer) is down: \(reason)") }
+        let (connection, reason) = state.withLock { s in (Self.usable(s), Self.downReason(s)) }
+        guard let connection else { throw .notSent("\(peer) is down: \(reason ?? "connection closed")") }
         return try await connection.request(message, timeoutMillis: timeoutMillis)
     }
 
     func run() async throws {
-        var backoff = config.reconnectMinMillis
-        while !Task.isCancelled {
-            let reason = await connectOnce()
-            let wasUp = state.withLock { s in
-                let was = s.connection != nil
-                s.connection = nil
-                s.downReason = reason
-                s.attempts += 1
-                return was
+        var directives = state.withLock { $0.machine.start() }
+        while let event = await perform(directives) {
+            directives = state.withLock { s in
+                switch event {
+                case .connected(let c):
+                    s.connection = c
+                    return s.machine.connected()
+                case .connectFailed(let why): return s.machine.connectFailed(why, at: clock.now())
+                case .replied(let reply): return s.machine.handshakeReplied(reply, at: clock.now())
+                case .handshakeFailed(let error): return s.machine.handshakeFailed(error, at: clock.now())
+                case .closed: return s.machine.closed(at: clock.now())
+                case .backoffEnded: return s.machine.backoffEnded(at: clock.now())
+                case .cancelled: return s.machine.cancelled()
+                }
             }
-            onChange()
-            if wasUp {
-                logger.warning("peer link down", metadata: ["peer": "\(peer)", "reason": "\(reason)"])
-                backoff = config.reconnectMinMillis
-            }
-            do {
-                try await clock.sleep(for: .milliseconds(backoff))
-            } catch {
-                break
-            }
-            backoff = min(backoff * 2, config.reconnectMaxMillis)
         }
-        let c = state.withLock { s in
-            defer { s.connection = nil; s.downReason = "stopped" }
+        // After `stop` (or a list with nothing to wait on, which the machine never returns while
+        // live) no connection should remain; drop any that does.
+        state.withLock { s in
+            defer { s.connection = nil }
             return s.connection
-        }
-        c?.close()
+        }?.close()
     }
 
-    /// Connects, handshakes, and waits until the connection closes. Returns why it ended.
-    private func connectOnce() async -> String {
-        let connection: Connection
-        do {
-            connection = try await Connection.connect(host: address.host, port: address.port, group: group, limits: config.limits,
-                                                      maxPending: config.maxPendingPerConnection,
-                                                      connectTimeout: .milliseconds(config.connectTimeoutMillis))
-        } catch {
-            return error.description
-        }
-        let reply: Message
-        do {
-            reply = try await connection.request(.hello(hello), timeoutMillis: UInt32(clamping: config.connectTimeoutMillis))
-        } catch {
-            connection.close()
-            return "handshake failed: \(error)"
-        }
-        switch reply {
-        case .helloAck(let ack) where ack.ringFingerprint == hello.ringFingerprint && ack.cluster == hello.cluster && ack.node == peer.value:
-            break
-        case .helloAck(let ack):
-            connection.close()
-            logger.error("peer disagrees about the cluster", metadata: ["peer": "\(peer)", "their_node": "\(ack.node)", "their_cluster": "\(ack.cluster)"])
-            return "handshake mismatch: peer is \(ack.node) of cluster \(ack.cluster) with another ring"
-        case .error(let e):
-            connection.close()
-            if e.code == .notReady {
-                logger.debug("peer not ready yet", metadata: ["peer": "\(peer)"])
-            } else {
-                logger.error("peer rejected handshake", metadata: ["peer": "\(peer)", "reason": "\(e.message)"])
+    /// Performs `directives` in order; returns the event the last one waited for, or nil after
+    /// `stop` (or if none waits). Reports `cancelled` instead of whatever a cancelled wait returned.
+    private func perform(_ directives: [PeerLinkMachine.Directive]) async -> Event? {
+        for d in directives {
+            switch d {
+            case .connect:
+                if Task.isCancelled { return .cancelled }
+                do {
+                    return .connected(try await Connection.connect(
+                        host: address.host, port: address.port, group: group, limits: config.limits,
+                        maxPending: config.maxPendingPerConnection, connectTimeout: .milliseconds(config.connectTimeoutMillis)))
+                } catch {
+                    return Task.isCancelled ? .cancelled : .connectFailed(error.description)
+                }
+            case .sendHello(let hello):
+                guard !Task.isCancelled, let connection = state.withLock({ $0.connection }) else { return .cancelled }
+                do {
+                    let reply = try await connection.request(.hello(hello), timeoutMillis: UInt32(clamping: config.connectTimeoutMillis))
+                    return Task.isCancelled ? .cancelled : .replied(reply)
+                } catch {
+                    return Task.isCancelled ? .cancelled : .handshakeFailed(error)
+                }
+            case .markUp:
+                onChange()
+                guard let connection = state.withLock({ $0.connection }) else { return .closed }
+                await withTaskCancellationHandler {
+                    try? await connection.channel.closeFuture.get()
+                } onCancel: {
+                    connection.close()
+                }
+                return Task.isCancelled ? .cancelled : .closed
+            case .close:
+                state.withLock { s in
+                    defer { s.connection = nil }
+                    return s.connection
+                }?.close()
+                onChange()
+            case .sleep(let duration):
+                do {
+                    try await clock.sleep(for: duration)
+                } catch {
+                    return .cancelled
+                }
+                return Task.isCancelled ? .cancelled : .backoffEnded
+            case .log(let level, let message, let metadata):
+                logger.log(level: level, "\(message)", metadata: metadata.mapValues { .string($0) })
+            case .stop:
+                return nil
             }
-            return "handshake rejected: \(e.message)"
-        default:
-            connection.close()
-            return "unexpected handshake reply \(reply.type)"
         }
-        state.withLock { s in
-            s.connection = connection
-            s.attempts += 1
-        }
-        onChange()
-        logger.info("peer link up", metadata: ["peer": "\(peer)", "address": "\(address)"])
-        await withTaskCancellationHandler {
-            try? await connection.channel.closeFuture.get()
-        } onCancel: {
-            connection.close()
-        }
-        return "connection closed"
+        return nil
+    }
+
+    /// The connection requests may use: handshaken (the machine is up) and still active.
+    private static func usable(_ s: State) -> Connection? {
+        guard s.machine.isUp, let c = s.connection, c.isActive else { return nil }
+        return c
+    }
+
+    /// The machine's down reason, or "connection closed" when it still believes the link up but
+    /// the connection is no longer active (its `closed` event is on its way).
+    private static func downReason(_ s: State) -> String? {
+        if let reason = s.machine.downReason { return reason }
+        return usable(s) == nil ? "connection closed" : nil
     }
 }
 
