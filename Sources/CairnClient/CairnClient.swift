@@ -223,38 +223,40 @@ public final class CairnClient: Sendable {
         let wait = timeout.addingReportingOverflow(configuration.replyMarginMillis).partialValue
         var message = message
         if options.timeoutMillis == nil { message = Self.withTimeout(message, timeout) }
-        let start = cursor.wrappingAdd(1, ordering: .relaxed).oldValue & Int.max
-        var notes: [String] = []
-        var maybeDelivered = false
-        var allRefused = true
-        for step in 0..<seeds.count {
-            let i = (start % seeds.count + step) % seeds.count
-            do throws(ConnectionError) {
-                let c = try await connection(i)
-                let reply = try await c.request(message, timeoutMillis: wait)
-                if case .error(let e) = reply, e.code.isRefusal {
-                    notes.append("\(seeds[i]): \(e.message)")
-                    continue  // refused before any work was done: safe to try another node
+        // Candidate k is seed (first + k) % count: requests rotate over the seeds.
+        let first = cursor.wrappingAdd(1, ordering: .relaxed).oldValue & Int.max
+        func seed(_ k: Int) -> Int { (first % seeds.count + k) % seeds.count }
+        var failover = Failover(candidates: seeds.count, idempotent: idempotent)
+        var directive = failover.directive
+        while true {
+            switch directive {
+            case .tryCandidate(let k):
+                do throws(ConnectionError) {
+                    let c = try await connection(seed(k))
+                    directive = failover.received(try await c.request(message, timeoutMillis: wait))
+                } catch {
+                    directive = failover.failed(error)
                 }
+            case .deliver(let reply):
                 return reply
-            } catch {
-                if case .protocolViolation(let why) = error {
-                    throw .server(code: ErrorCode.malformed.rawValue, message: "\(seeds[i]) sent a reply this client cannot decode: \(why)")
+            case .giveUp(.undecodableReply(let k, let why)):
+                throw .server(code: ErrorCode.malformed.rawValue, message: "\(seeds[seed(k)]) sent a reply this client cannot decode: \(why)")
+            case .giveUp(.maybeApplied(let k, let error)):
+                throw .timeout("\(seeds[seed(k)]): \(error); the write may have been applied")
+            case .exhausted(let summary):
+                let detail = summary.attempts.map { a in
+                    switch a.outcome {
+                    case .refused(let e): "\(seeds[seed(a.candidate)]): \(e.message)"
+                    case .notDelivered(let error), .maybeDelivered(let error): "\(seeds[seed(a.candidate)]): \(error)"
+                    }
+                }.joined(separator: "; ")
+                switch summary.kind {
+                case .timedOut: throw .timeout("no node answered in time: \(detail)")
+                case .overloaded: throw .overloaded("every node refused the request: \(detail)")
+                case .unreachable: throw .noNodeReachable("no node reachable: \(detail)")
                 }
-                notes.append("\(seeds[i]): \(error)")
-                allRefused = false
-                if error.certainlyNotDelivered { continue }
-                if idempotent {
-                    maybeDelivered = true
-                    continue
-                }
-                throw .timeout("\(seeds[i]): \(error); the write may have been applied")
             }
         }
-        let detail = notes.joined(separator: "; ")
-        if maybeDelivered { throw .timeout("no node answered in time: \(detail)") }
-        if allRefused { throw .overloaded("every node refused the request: \(detail)") }
-        throw .noNodeReachable("no node reachable: \(detail)")
     }
 
     private static func withTimeout(_ m: Message, _ ms: UInt32) -> Message {

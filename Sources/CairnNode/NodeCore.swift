@@ -226,9 +226,8 @@ final class NodeCore: Sendable {
     }
 
     /// Sends a write to the first reachable primary, which coordinates it; relays its answer.
-    /// Moves on to the next primary only when the request certainly was not applied: not
-    /// delivered, or refused (`ErrorCode.isRefusal`). When every primary is out, the answer is
-    /// `unavailable` (nothing was applied anywhere).
+    /// `Failover` decides when to move on (only when the write certainly was not applied); when
+    /// every primary is out, the answer is `unavailable` (nothing was applied anywhere).
     private func forward(_ op: OperationKind, _ original: Message, replicas: [ReplicaTarget], requirement: QuorumRequirement,
                          timeoutMillis: UInt32, _ a: Activation, _ responder: Responder, start: ContinuousClock.Instant) async {
         let message: Message
@@ -237,17 +236,19 @@ final class NodeCore: Sendable {
         case .delete(var d): d.forwarded = true; message = .delete(d)
         default: return responder.fail(ErrorReply(code: .internalError, message: "cannot forward \(original.type)"))
         }
-        var reports: [ReplicaReport] = []
-        for r in replicas {
-            metrics.forwarded.increment()
-            do throws(ConnectionError) {
-                let reply = try await a.transport.send(to: r.node, message, timeoutMillis: timeoutMillis + Self.forwardMarginMillis)
-                if case .error(let e) = reply, e.code.isRefusal {
-                    // Refused before anything was applied (starting, draining, overloaded): the
-                    // next primary may coordinate it.
-                    reports.append(ReplicaReport(node: r.node.value, address: r.address, isPrimary: true, outcome: .notSent("refused: \(e.message)")))
-                    continue
+        var failover = Failover(candidates: replicas.count, idempotent: false)
+        var directive = failover.directive
+        while true {
+            switch directive {
+            case .tryCandidate(let k):
+                metrics.forwarded.increment()
+                do throws(ConnectionError) {
+                    directive = failover.received(try await a.transport.send(to: replicas[k].node, message,
+                                                                             timeoutMillis: timeoutMillis + Self.forwardMarginMillis))
+                } catch {
+                    directive = failover.failed(error)
                 }
+            case .deliver(let reply):
                 switch reply {
                 case .writeReply: metrics.record(op, .ok, since: start)
                 case .error(let e) where e.code == .unavailable: metrics.record(op, .unavailable, since: start)
@@ -255,18 +256,29 @@ final class NodeCore: Sendable {
                 default: metrics.record(op, .error, since: start)
                 }
                 return responder.reply(reply)
-            } catch where error.certainlyNotDelivered {
-                reports.append(ReplicaReport(node: r.node.value, address: r.address, isPrimary: true, outcome: .notSent(error.description)))
-                continue
-            } catch {
+            case .giveUp(let g):
+                let r = replicas[g.candidate]
                 metrics.record(op, .timeout, since: start)
                 return responder.fail(ErrorReply(code: .timeout, message:
-                    "\(op) forwarded to replica \(r.node) (\(r.address)): \(error); the write may have been applied"))
+                    "\(op) forwarded to replica \(r.node) (\(r.address)): \(g.error); the write may have been applied"))
+            case .exhausted(let summary):
+                // Every primary refused or was not reached: nothing was applied anywhere.
+                let reports = summary.attempts.map { t in
+                    let r = replicas[t.candidate]
+                    let outcome: ReplicaOutcome = switch t.outcome {
+                    case .refused(let e): .notSent("refused: \(e.message)")
+                    case .notDelivered(let error): .notSent(error.description)
+                    // Only for idempotent requests; a forwarded write is not one.
+                    case .maybeDelivered(let error): .connectionLost(error.description)
+                    }
+                    return ReplicaReport(node: r.node.value, address: r.address, isPrimary: true, outcome: outcome)
+                }
+                metrics.record(op, .unavailable, since: start)
+                return responder.fail(ErrorReply(QuorumFailure(kind: .unavailable, operation: op, requirement: requirement.name,
+                                                               required: requirement.required, achieved: 0, candidates: replicas.count,
+                                                               replicas: reports)))
             }
         }
-        metrics.record(op, .unavailable, since: start)
-        responder.fail(ErrorReply(QuorumFailure(kind: .unavailable, operation: op, requirement: requirement.name,
-                                                required: requirement.required, achieved: 0, candidates: replicas.count, replicas: reports)))
     }
 
     private func members(_ a: Activation) -> [MemberInfo] {
