@@ -12,10 +12,14 @@ public import ServiceLifecycle
 /// supervisor that keeps them running. Run it as a `Service` (in a `ServiceGroup`), or drive it
 /// by hand in tests: `bind()` → `start(members:)` → `run()`.
 ///
-/// Supervision tree:
+/// Supervision tree (the node supervisor escalates at its first child failure; the others
+/// restart their children within `supervisor.*`):
 /// ```
 /// ServiceGroup ─ CairnNode.run
-///                 ├─ Supervisor "node" ─ Vnode × (partitions replicated here), PeerLink × (peers)
+///                 ├─ Supervisor "node" ─┬─ Supervisor "vnodes" ─ Vnode × (partition, role) the view assigns
+///                 │                     ├─ VnodeManager (follows the cluster views)
+///                 │                     ├─ Supervisor "peers" ─ PeerLink × peers (socket transport only)
+///                 │                     └─ SocketTransport (follows the cluster views; adds/removes links)
 ///                 └─ RequestService ─ one task per request (WriteCoordinator / ReadCoordinator actors)
 /// ```
 /// Thread-safe.
@@ -93,10 +97,11 @@ public final class CairnNode: Service, Sendable {
                              clock: clock, epochs: epochs)
         self.group = group ?? MultiThreadedEventLoopGroup.singleton
         self.router = Router(core: core)
-        let metrics = core.metrics
-        self.supervisor = Supervisor(name: "node", policy: config.restartPolicy, logger: log, clock: clock) { _ in
-            metrics.supervisorRestarts.increment()
-        }
+        // The node's own children are supervisors and followers of the cluster view: one of them
+        // failing (a child supervisor escalating) takes the node down, for systemd to restart.
+        var top = config.restartPolicy
+        top.maxRestarts = 0
+        self.supervisor = Supervisor(name: "node", policy: top, logger: log, clock: clock)
         (events, eventSink) = AsyncStream.makeStream(of: LifecycleEvent.self)
     }
 
@@ -235,8 +240,9 @@ public final class CairnNode: Service, Sendable {
         return bound
     }
 
-    /// Builds the cluster view from `members` (default: `cluster.members`), creates the vnodes for
-    /// every partition this node replicates and a link to every peer.
+    /// Builds the cluster view from `members` (default: `cluster.members`) and publishes it as
+    /// the first version; the vnode manager starts a vnode for every partition this node
+    /// replicates, and the transport a link to every peer.
     public func start(members: [MemberAddress]? = nil) throws {
         guard !runtime.value.started else { return }
         guard let storage = core.opened else { throw ValidationError("storage is not open: call bind() before start()") }
@@ -248,41 +254,49 @@ public final class CairnNode: Service, Sendable {
             return r.started
         }
         guard !alreadyStarted else { return }
+        let views = ClusterViews(view)
         let hello = view.hello
         let (metrics, notifier) = (core.metrics, notifier)
-        var links: [PeerLink] = []
         let transport: any Transport
-        let transportBox = Locked<SocketTransport?>(nil)
-        for m in members where m.name != config.name && network == nil {
-            links.append(PeerLink(peer: m.name, address: m.address, hello: hello, config: config, group: group, logger: core.logger,
-                                  clock: core.clock) {
-                guard let t = transportBox.value else { return }
-                let up = t.upCount
-                metrics.peersUp.record(up)
-                notifier.report(.peersChanged(up: up, of: t.peerCount))
-            })
-        }
         if let network {
             transport = network.transport(for: config.name)
         } else {
-            let sockets = SocketTransport(links: links, faults: core.faults, clock: core.clock)
+            let links = Supervisor(name: "peers", policy: config.restartPolicy, logger: core.logger, clock: core.clock) { _ in
+                metrics.supervisorRestarts.increment()
+            }
+            let (config, group, logger, clock) = (config, group, core.logger, core.clock)
+            let transportBox = Locked<SocketTransport?>(nil)
+            let sockets = SocketTransport(views: views, supervisor: links, faults: core.faults, clock: core.clock) { member in
+                PeerLink(peer: member.name, address: member.address, hello: hello, config: config, group: group, logger: logger, clock: clock) {
+                    guard let t = transportBox.value else { return }
+                    let up = t.upCount
+                    metrics.peersUp.record(up)
+                    notifier.report(.peersChanged(up: up, of: t.peerCount))
+                }
+            }
             transportBox.withLock { $0 = sockets }
+            sockets.apply(view)
+            supervisor.spawn(links)
+            supervisor.spawn(sockets)
             transport = sockets
         }
-        for p in view.ring.replicatedPartitions(of: config.name, n: view.n) {
-            core.vnodes.insert(Vnode(partition: p, backend: storage.backend, limits: config.limits, metrics: metrics, logger: core.logger))
+        let vnodeSupervisor = Supervisor(name: "vnodes", policy: config.restartPolicy, logger: core.logger, clock: core.clock) { _ in
+            metrics.supervisorRestarts.increment()
         }
+        let (backend, limits, logger) = (storage.backend, config.limits, core.logger)
+        let manager = VnodeManager(table: core.vnodes, supervisor: vnodeSupervisor, views: views, logger: logger) { key in
+            Vnode(partition: key.partition, role: key.role, backend: backend, limits: limits, metrics: metrics, logger: logger)
+        }
+        manager.apply(view)
         let ctx = CoordinatorContext(me: config.name, actor: storage.actor, vnodes: core.vnodes, transport: transport,
                                      metrics: metrics, logger: core.logger, clock: core.clock)
-        core.activate(Activation(view: view, transport: transport, coordinatorContext: ctx))
-        for p in core.vnodes.partitions {
-            if let v = core.vnodes.vnode(for: p) { supervisor.spawn(v) }
-        }
-        for l in links { supervisor.spawn(l) }
+        core.activate(Wiring(views: views, transport: transport, coordinatorContext: ctx))
+        supervisor.spawn(vnodeSupervisor)
+        supervisor.spawn(manager)
         core.logger.info("cluster view built", metadata: [
             "members": "\(members.count)", "ring_size": "\(view.ring.partitionCount)", "n_val": "\(view.n)",
             "vnodes": "\(core.vnodes.count)", "ring_fingerprint": "\(String(view.ring.fingerprint, radix: 16))",
-            "actor": "\(storage.actor)",
+            "actor": "\(storage.actor)", "view_version": "\(view.version)",
         ])
     }
 

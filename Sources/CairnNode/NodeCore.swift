@@ -3,9 +3,17 @@ import CairnRing
 import CairnWire
 import Logging
 
-/// The parts of the cluster view that exist only after `CairnNode.start`.
+/// What a request works with, from `CairnNode.start` on: the cluster view current when the
+/// request began (one request sees one view), the transport and the coordinators' context.
 struct Activation: Sendable {
     let view: ClusterView
+    let transport: any Transport
+    let coordinatorContext: CoordinatorContext
+}
+
+/// The parts of the node that exist only after `CairnNode.start`.
+struct Wiring: Sendable {
+    let views: ClusterViews
     let transport: any Transport
     let coordinatorContext: CoordinatorContext
 }
@@ -18,7 +26,7 @@ final class NodeCore: Sendable {
     let vnodes = VnodeTable()
     let requests: RequestService
     private let lifecycle = Locked(NodeState.starting)
-    private let activation = Locked<Activation?>(nil)
+    private let wiring = Locked<Wiring?>(nil)
 
     /// The storage backend and the actor identity that goes with it; set once, when the backend
     /// is open (at init for a given or in-memory backend, in `bind()` for the disk engine).
@@ -72,11 +80,16 @@ final class NodeCore: Sendable {
         }
     }
 
-    var view: ClusterView? { activation.value?.view }
+    var view: ClusterView? { wiring.value?.views.current }
 
-    func activate(_ a: Activation) { activation.withLock { $0 = a } }
+    func activate(_ w: Wiring) { wiring.withLock { $0 = w } }
 
-    var current: Activation? { activation.value }
+    var views: ClusterViews? { wiring.value?.views }
+
+    /// The activation for a request starting now (nil before `start`).
+    var current: Activation? {
+        wiring.value.map { Activation(view: $0.views.current, transport: $0.transport, coordinatorContext: $0.coordinatorContext) }
+    }
 
     // MARK: Request handling
 

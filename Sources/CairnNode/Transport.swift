@@ -27,19 +27,57 @@ protocol Transport: Sendable {
 }
 
 /// The socket transport: this node's peer links (one supervised `PeerLink` per peer, each a
-/// multiplexed NIO connection with handshake and reconnect backoff), by node name.
+/// multiplexed NIO connection with handshake and reconnect backoff), by node name. It follows
+/// the cluster views: a member a view adds gets a link (a child of `supervisor`), a member it
+/// drops loses its link.
 ///
-/// Immutable after construction; thread-safe. The links are run by the node's supervisor.
-final class SocketTransport: Transport {
-    let links: [NodeName: PeerLink]
+/// Thread-safe; the links are run by `supervisor`, `run()` (following the views) by the node's.
+final class SocketTransport: Transport, SupervisedChild {
+    let childName = "peer-manager"
+    private let linkTable = Locked<[NodeName: PeerLink]>([:])
+    private let appliedVersion = Locked<UInt64>(0)
+    private let views: ClusterViews
+    private let supervisor: Supervisor
+    private let makeLink: @Sendable (MemberAddress) -> PeerLink
     /// Present only under `cairnd --test-fault-injection`.
     let faults: TransportFaults?
     private let clock: any NodeClock
 
-    init(links: [PeerLink], faults: TransportFaults? = nil, clock: any NodeClock = SystemClock()) {
-        self.links = Dictionary(uniqueKeysWithValues: links.map { ($0.peer, $0) })
+    init(views: ClusterViews, supervisor: Supervisor, faults: TransportFaults? = nil, clock: any NodeClock = SystemClock(),
+         makeLink: @escaping @Sendable (MemberAddress) -> PeerLink) {
+        self.views = views
+        self.supervisor = supervisor
+        self.makeLink = makeLink
         self.faults = faults
         self.clock = clock
+    }
+
+    var links: [NodeName: PeerLink] { linkTable.value }
+
+    /// Adds a link for every peer `view` has and this transport has not, and removes the links
+    /// of peers it no longer has (no-op for a view not newer than the last one applied).
+    func apply(_ view: ClusterView) {
+        appliedVersion.withLock { version in
+            guard view.version > version else { return }
+            version = view.version
+            let wanted = Set(view.addresses.keys).subtracting([view.me])
+            linkTable.withLock { table in
+                for gone in Set(table.keys).subtracting(wanted).sorted() {
+                    if let link = table.removeValue(forKey: gone) { supervisor.terminate(link.childName) }
+                }
+                for peer in wanted.subtracting(table.keys).sorted() {
+                    guard let address = view.addresses[peer] else { continue }
+                    let link = makeLink(MemberAddress(name: peer, address: address))
+                    table[peer] = link
+                    supervisor.spawn(link)
+                }
+            }
+        }
+    }
+
+    /// Follows the views until cancelled.
+    func run() async throws {
+        for await view in views.updates() { apply(view) }
     }
 
     /// Replicas among `nodes` that are down, with why. Unknown nodes count as down.

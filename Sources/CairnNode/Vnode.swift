@@ -12,6 +12,8 @@ public import Logging
 /// `VnodeError.unavailable`).
 public actor Vnode: SupervisedChild {
     public nonisolated let partition: PartitionID
+    public nonisolated let role: VnodeRole
+    public nonisolated var key: VnodeKey { VnodeKey(partition: partition, role: role) }
     public nonisolated let childName: String
     private let backend: any StorageBackend
     private let limits: Limits
@@ -25,9 +27,11 @@ public actor Vnode: SupervisedChild {
 
     enum Status: Equatable { case starting, serving, failed(String) }
 
-    public init(partition: PartitionID, backend: any StorageBackend, limits: Limits, metrics: NodeMetrics, logger: Logger) {
+    public init(partition: PartitionID, role: VnodeRole = .primary, backend: any StorageBackend, limits: Limits, metrics: NodeMetrics,
+                logger: Logger) {
         self.partition = partition
-        self.childName = "vnode-\(partition.index)"
+        self.role = role
+        self.childName = VnodeKey(partition: partition, role: role).description
         self.backend = backend
         self.limits = limits
         self.metrics = metrics
@@ -214,17 +218,26 @@ public enum VnodeError: Error, Sendable, Hashable, CustomStringConvertible {
     }
 }
 
-/// The table of this node's vnodes, by partition. Thread-safe; lookups do not suspend.
+/// The table of this node's vnodes, by (partition, role). Thread-safe; lookups do not suspend.
 public final class VnodeTable: Sendable {
-    private let table = Locked<[PartitionID: Vnode]>([:])
+    private let table = Locked<[VnodeKey: Vnode]>([:])
 
     public init() {}
 
-    public func vnode(for p: PartitionID) -> Vnode? { table.withLock { $0[p] } }
+    /// The primary vnode of `p`, if this node runs one.
+    public func vnode(for p: PartitionID) -> Vnode? { vnode(for: VnodeKey(partition: p, role: .primary)) }
 
-    public func insert(_ v: Vnode) { table.withLock { $0[v.partition] = v } }
+    public func vnode(for key: VnodeKey) -> Vnode? { table.withLock { $0[key] } }
 
-    public var partitions: [PartitionID] { table.withLock { $0.keys.sorted() } }
+    public func insert(_ v: Vnode) { table.withLock { $0[v.key] = v } }
+
+    @discardableResult
+    public func remove(_ key: VnodeKey) -> Vnode? { table.withLock { $0.removeValue(forKey: key) } }
+
+    /// Partitions this node runs a primary vnode for, in order.
+    public var partitions: [PartitionID] { table.withLock { $0.keys.filter { $0.role == .primary }.map(\.partition).sorted() } }
+
+    public var keys: Set<VnodeKey> { table.withLock { Set($0.keys) } }
 
     public var count: Int { table.withLock { $0.count } }
 }
