@@ -269,6 +269,7 @@ public final class CairnNode: Service, Sendable {
             let sockets = SocketTransport(views: views, supervisor: links, faults: core.faults, clock: core.clock) { member in
                 PeerLink(peer: member.name, address: member.address, hello: hello, config: config, group: group, logger: logger, clock: clock) {
                     guard let t = transportBox.value else { return }
+                    t.reachabilityChanged.notifyAll()
                     let up = t.upCount
                     metrics.peersUp.record(up)
                     notifier.report(.peersChanged(up: up, of: t.peerCount))
@@ -374,11 +375,8 @@ public final class CairnNode: Service, Sendable {
     /// does not report serving while it still believes every peer is down.
     private func waitForPeerAttempts() async {
         guard let t = core.current?.transport else { return }
-        let clock = core.clock
-        let deadline = clock.now() + .milliseconds(config.connectTimeoutMillis + 1000)
-        while clock.now() < deadline, !t.triedEveryPeer {
-            do { try await clock.sleep(for: .milliseconds(5)) } catch { return }
-        }
+        let deadline = core.clock.now() + .milliseconds(config.connectTimeoutMillis + 1000)
+        _ = await t.reachabilityChanged.wait(until: { t.triedEveryPeer }, deadline: deadline, clock: core.clock)
     }
 
     private func stop(graceful: Bool) async {
@@ -387,11 +385,9 @@ public final class CairnNode: Service, Sendable {
             notifier.report(.draining(inflight: core.requests.inflightCount))
             core.logger.info("graceful shutdown: draining", metadata: ["inflight": "\(core.requests.inflightCount)"])
             try? await r.server?.close()
-            let clock = core.clock
-            let deadline = clock.now() + .milliseconds(config.drainTimeoutMillis)
-            while core.requests.inflightCount > 0, clock.now() < deadline {
-                do { try await clock.sleep(for: .milliseconds(5)) } catch { break }
-            }
+            let requests = core.requests
+            let deadline = core.clock.now() + .milliseconds(config.drainTimeoutMillis)
+            _ = await requests.drained.wait(until: { requests.inflightCount == 0 }, deadline: deadline, clock: core.clock)
             if core.requests.inflightCount > 0 {
                 core.logger.warning("drain timeout; abandoning in-flight requests", metadata: ["inflight": "\(core.requests.inflightCount)"])
             }

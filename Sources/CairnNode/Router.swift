@@ -34,6 +34,8 @@ final class RequestService: Sendable {
     }
 
     var inflightCount: Int { inflight.load(ordering: .relaxed) }
+    /// Notified whenever the in-flight count drops to zero.
+    let drained = Condition()
 
     /// Queues `job`; false if the bound is reached or the service finished.
     func submit(_ job: @escaping Job) -> Bool {
@@ -47,6 +49,7 @@ final class RequestService: Sendable {
             await job()
             let left = inflight.wrappingSubtract(1, ordering: .relaxed).newValue
             metrics.inflight.record(left)
+            if left == 0 { drained.notifyAll() }
         }
         if case .terminated = continuation.yield(wrapped) {
             inflight.wrappingSubtract(1, ordering: .relaxed)

@@ -22,8 +22,15 @@ protocol Transport: Sendable {
     /// Every peer has been tried at least once since start (reached or not): until then "down"
     /// means "not tried yet", and the node does not report itself serving.
     var triedEveryPeer: Bool { get }
+    /// Notified when a peer's reachability changes (a link's attempt ended, it went up or down).
+    var reachabilityChanged: Condition { get }
     /// Drops every connection at once, as a crash does.
     func dropConnections()
+}
+
+extension Transport {
+    /// For transports whose every peer counts as tried from the start: never notified.
+    var reachabilityChanged: Condition { Condition() }
 }
 
 /// The socket transport: this node's peer links (one supervised `PeerLink` per peer, each a
@@ -34,6 +41,7 @@ protocol Transport: Sendable {
 /// Thread-safe; the links are run by `supervisor`, `run()` (following the views) by the node's.
 final class SocketTransport: Transport, SupervisedChild {
     let childName = "peer-manager"
+    let reachabilityChanged = Condition()
     private let linkTable = Locked<[NodeName: PeerLink]>([:])
     private let appliedVersion = Locked<UInt64>(0)
     private let views: ClusterViews
