@@ -46,17 +46,56 @@ public struct SystemClock: NodeClock {
 /// Invariant: a sleeper is resumed exactly once — by `advance`, or with `CancellationError` when
 /// its task is cancelled. Thread-safe.
 public final class ManualClock: NodeClock {
-    private struct Sleeper {
-        let id: UInt64
-        let deadline: ContinuousClock.Instant
-        let continuation: CheckedContinuation<Void, any Error>
-    }
-
+    /// Sleepers by (deadline, id) in a binary min-heap; `waiting` holds the live ones (a
+    /// cancelled sleeper leaves its heap entry behind, skipped when it surfaces).
     private struct State {
         var now: ContinuousClock.Instant
         var wallOrigin: UInt64
-        var sleepers: [Sleeper] = []
+        var heap: [(deadline: ContinuousClock.Instant, id: UInt64)] = []
+        var waiting: [UInt64: CheckedContinuation<Void, any Error>] = [:]
         var nextID: UInt64 = 0
+
+        static func before(_ a: (deadline: ContinuousClock.Instant, id: UInt64), _ b: (deadline: ContinuousClock.Instant, id: UInt64)) -> Bool {
+            a.deadline < b.deadline || (a.deadline == b.deadline && a.id < b.id)
+        }
+
+        mutating func push(_ e: (deadline: ContinuousClock.Instant, id: UInt64)) {
+            heap.append(e)
+            var i = heap.count - 1
+            while i > 0 {
+                let parent = (i - 1) / 2
+                guard Self.before(heap[i], heap[parent]) else { break }
+                heap.swapAt(i, parent)
+                i = parent
+            }
+        }
+
+        mutating func popMin() -> (deadline: ContinuousClock.Instant, id: UInt64)? {
+            guard let last = heap.popLast() else { return nil }
+            guard !heap.isEmpty else { return last }
+            let top = heap[0]
+            heap[0] = last
+            var i = 0
+            while true {
+                let l = 2 * i + 1, r = l + 1
+                var m = i
+                if l < heap.count, Self.before(heap[l], heap[m]) { m = l }
+                if r < heap.count, Self.before(heap[r], heap[m]) { m = r }
+                if m == i { break }
+                heap.swapAt(i, m)
+                i = m
+            }
+            return top
+        }
+
+        /// Drops cancelled entries from the top; returns the earliest live one.
+        mutating func peekLive() -> (deadline: ContinuousClock.Instant, id: UInt64)? {
+            while let top = heap.first {
+                if waiting[top.id] != nil { return top }
+                _ = popMin()
+            }
+            return nil
+        }
     }
 
     private let origin: ContinuousClock.Instant
@@ -83,10 +122,10 @@ public final class ManualClock: NodeClock {
     public var elapsed: Duration { origin.duration(to: now()) }
 
     /// Sleepers waiting now.
-    public var sleeping: Int { state.withLock { $0.sleepers.count } }
+    public var sleeping: Int { state.withLock { $0.waiting.count } }
 
     /// The earliest deadline anyone sleeps until, if anyone sleeps.
-    public var nextDeadline: ContinuousClock.Instant? { state.withLock { $0.sleepers.map(\.deadline).min() } }
+    public var nextDeadline: ContinuousClock.Instant? { state.withLock { $0.peekLive()?.deadline } }
 
     public func sleep(until deadline: ContinuousClock.Instant) async throws {
         let id: UInt64 = state.withLock { s in
@@ -97,17 +136,14 @@ public final class ManualClock: NodeClock {
             try await withCheckedThrowingContinuation { (c: CheckedContinuation<Void, any Error>) in
                 let resumeNow: Bool = state.withLock { s in
                     if deadline <= s.now { return true }
-                    s.sleepers.append(Sleeper(id: id, deadline: deadline, continuation: c))
+                    s.waiting[id] = c
+                    s.push((deadline, id))
                     return false
                 }
                 if resumeNow { c.resume() }
             }
         } onCancel: {
-            let cancelled: Sleeper? = state.withLock { s in
-                guard let i = s.sleepers.firstIndex(where: { $0.id == id }) else { return nil }
-                return s.sleepers.remove(at: i)
-            }
-            cancelled?.continuation.resume(throwing: CancellationError())
+            state.withLock { $0.waiting.removeValue(forKey: id) }?.resume(throwing: CancellationError())
         }
     }
 
@@ -119,13 +155,15 @@ public final class ManualClock: NodeClock {
 
     /// Moves time forward by `duration` and resumes every sleeper whose deadline it reaches.
     public func advance(by duration: Duration) {
-        let due: [Sleeper] = state.withLock { s in
+        let due: [CheckedContinuation<Void, any Error>] = state.withLock { s in
             s.now = s.now.advanced(by: max(duration, .zero))
-            let now = s.now
-            let ready = s.sleepers.filter { $0.deadline <= now }
-            s.sleepers.removeAll { $0.deadline <= now }
-            return ready.sorted { ($0.deadline, $0.id) < ($1.deadline, $1.id) }
+            var ready: [CheckedContinuation<Void, any Error>] = []
+            while let top = s.peekLive(), top.deadline <= s.now {
+                _ = s.popMin()
+                if let c = s.waiting.removeValue(forKey: top.id) { ready.append(c) }
+            }
+            return ready
         }
-        for sleeper in due { sleeper.continuation.resume() }
+        for c in due { c.resume() }
     }
 }

@@ -4,13 +4,28 @@ public enum SetValue {
     public static func encode(_ s: Set<UInt64>) -> [UInt8] { Array(s.sorted().map(String.init).joined(separator: ",").utf8) }
 
     /// nil if the bytes are not such a list (a value no client of the harness wrote).
+    /// Parses the bytes in place (no strings): the simulator decodes every read's siblings.
     public static func decode(_ b: [UInt8]) -> Set<UInt64>? {
         if b.isEmpty { return [] }
         var out = Set<UInt64>()
-        for part in String(decoding: b, as: UTF8.self).split(separator: ",", omittingEmptySubsequences: false) {
-            guard let n = UInt64(part) else { return nil }
-            out.insert(n)
+        var n: UInt64 = 0
+        var digits = 0
+        for byte in b {
+            if byte == UInt8(ascii: ",") {
+                guard digits > 0 else { return nil }
+                out.insert(n)
+                (n, digits) = (0, 0)
+                continue
+            }
+            guard byte >= UInt8(ascii: "0"), byte <= UInt8(ascii: "9") else { return nil }
+            let (times10, o1) = n.multipliedReportingOverflow(by: 10)
+            let (sum, o2) = times10.addingReportingOverflow(UInt64(byte - UInt8(ascii: "0")))
+            guard !o1, !o2 else { return nil }
+            n = sum
+            digits += 1
         }
+        guard digits > 0 else { return nil }
+        out.insert(n)
         return out
     }
 }

@@ -38,6 +38,9 @@ import Foundation
         #expect(SetValue.decode([]) == [])
         #expect(SetValue.decode(Array("1,x".utf8)) == nil)
         #expect(SetValue.decode(Array("1,,2".utf8)) == nil)
+        #expect(SetValue.decode(Array("18446744073709551615".utf8)) == [UInt64.max])
+        #expect(SetValue.decode(Array("18446744073709551616".utf8)) == nil, "past UInt64: not a list this harness wrote")
+        #expect(SetValue.decode(Array("1,".utf8)) == nil && SetValue.decode(Array(",1".utf8)) == nil)
     }
 }
 
