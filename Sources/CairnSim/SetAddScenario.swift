@@ -31,7 +31,8 @@ public struct SetAddScenario: Sendable {
         case delay
         /// A request is delivered twice (2%).
         case dup
-        /// A link is cut both ways, or one way, or a node's connections are refused.
+        /// A link is cut both ways or one way, a node's connections are refused, the cluster is
+        /// split in two, or split with one node bridging both sides.
         case partition
         /// A node loses power: its disk keeps what was synced (and a torn prefix of the rest);
         /// it restarts 0.5–5 s later.
@@ -248,6 +249,13 @@ public struct SetAddScenario: Sendable {
         var hasWork: Bool { !kinds.isEmpty }
 
         private func draw(_ n: UInt64) -> UInt64 { state.withLock { $0.rng.next(below: n) } }
+
+        /// `items` in an order drawn from the seed (Fisher–Yates).
+        private func shuffled(_ items: [Int]) -> [Int] {
+            var out = items
+            for k in stride(from: out.count - 1, to: 0, by: -1) { out.swapAt(k, Int(draw(UInt64(k + 1)))) }
+            return out
+        }
         private var name: (Int) -> String { { self.cluster.names[$0].value } }
 
         func run(until end: ContinuousClock.Instant) async throws {
@@ -304,10 +312,28 @@ public struct SetAddScenario: Sendable {
             switch fault {
             case .partition:
                 let j = Int(draw(UInt64(cluster.count)))
-                let roll = draw(4)
-                if roll == 0 || i == j {
+                let roll = draw(6)
+                if roll >= 4 {
+                    // Split the cluster in two halves (drawn); with roll 5 node i bridges them:
+                    // it reaches both sides, which do not reach each other.
+                    let order = shuffled(Array(0..<cluster.count))
+                    let bridge: Int? = roll == 5 ? i : nil
+                    let rest = order.filter { $0 != bridge }
+                    let cutAt = 1 + Int(draw(UInt64(max(rest.count - 1, 1))))
+                    let (left, right) = (Array(rest[..<cutAt]), Array(rest[cutAt...]))
+                    for a in left {
+                        for b in right {
+                            network.cut(from: cluster.names[a], to: cluster.names[b])
+                            network.cut(from: cluster.names[b], to: cluster.names[a])
+                        }
+                    }
+                    let names = cluster.names
+                    let side = { (g: [Int]) in g.sorted().map { names[$0].value }.joined(separator: ",") }
+                    log.fault("split \(side(left)) | \(side(right))\(bridge.map { " bridged by \(cluster.names[$0])" } ?? "")", kind: "partition")
+                } else if roll == 0 || i == j {
                     network.heal()
                     log.endAll("cut ")
+                    log.endAll("split ")
                     log.endAll("refuse ")
                     log.endAll("pause ")
                     log.note("heal")
