@@ -46,7 +46,8 @@ public final class CairnNode: Service, Sendable {
 
     public let config: NodeConfig
     let core: NodeCore
-    let notifier: ServiceNotifier
+    /// The node's lifecycle (`core.lifecycle`): state and service-manager notifications.
+    var notifier: ServiceNotifier { core.lifecycle }
     private let watchdogInterval: Duration?
     private let decorateBackend: (@Sendable (any StorageBackend) -> any StorageBackend)?
     private let group: any EventLoopGroup
@@ -85,7 +86,6 @@ public final class CairnNode: Service, Sendable {
         self.network = network
         self.fileSystem = fileSystem
         self.storageEnvironment = storageEnvironment
-        self.notifier = ServiceNotifier(sink: notify ?? SystemdNotifySink())
         self.watchdogInterval = watchdogInterval ?? SystemdNotifySink.watchdogInterval()
         var log = logger ?? Logger(label: "cairn.node")
         log[metadataKey: "node"] = "\(config.name)"
@@ -94,7 +94,7 @@ public final class CairnNode: Service, Sendable {
         let initial: (any StorageBackend)? = backend ?? (memory ? MemoryBackend() : nil)
         self.decorateBackend = decorateBackend
         self.core = NodeCore(config: config, backend: initial.map { decorateBackend?($0) ?? $0 }, logger: log, faults: transportFaults,
-                             clock: clock, epochs: epochs)
+                             clock: clock, epochs: epochs, notify: notify ?? SystemdNotifySink())
         self.group = group ?? MultiThreadedEventLoopGroup.singleton
         self.router = Router(core: core)
         // The node's own children are supervisors and followers of the cluster view: one of them
@@ -321,9 +321,8 @@ public final class CairnNode: Service, Sendable {
                 await waitForPeerAttempts()
                 // Serving means every vnode answers: a request must not meet "vnode starting".
                 for p in core.vnodes.partitions { await core.vnodes.vnode(for: p)?.untilServing() }
-                if core.transition(from: .starting, to: .serving) {
-                    let peers = core.current?.transport.peerCount ?? 0
-                    notifier.report(.serving(peersUp: connectedPeers, peers: peers))
+                let peers = core.current?.transport.peerCount ?? 0
+                if notifier.report(.serving(peersUp: connectedPeers, peers: peers)) {
                     core.logger.info("serving", metadata: ["peers_up": "\(connectedPeers)", "peers": "\(peers)"])
                 }
                 var failure: (any Error)?
@@ -345,7 +344,6 @@ public final class CairnNode: Service, Sendable {
                 } else {
                     try await core.backend?.close()
                 }
-                notifier.report(.stopped)
                 core.logger.info("stopped", metadata: ["graceful": "\(graceful)"])
                 if let failure { throw failure }
             }
@@ -361,7 +359,7 @@ public final class CairnNode: Service, Sendable {
     /// without draining, and storage is left unsynced and not marked clean (what a power cut then
     /// keeps is the file system's business). For tests and the simulator.
     public func crash() {
-        core.setState(.stopped)
+        notifier.report(.stopped)
         let r = runtime.value
         r.server?.close(promise: nil)
         r.http?.close(promise: nil)
@@ -381,8 +379,7 @@ public final class CairnNode: Service, Sendable {
 
     private func stop(graceful: Bool) async {
         let r = runtime.value
-        if graceful, core.transition(from: .serving, to: .draining) || core.transition(from: .starting, to: .draining) {
-            notifier.report(.draining(inflight: core.requests.inflightCount))
+        if graceful, notifier.report(.draining(inflight: core.requests.inflightCount)) {
             core.logger.info("graceful shutdown: draining", metadata: ["inflight": "\(core.requests.inflightCount)"])
             try? await r.server?.close()
             let requests = core.requests
@@ -392,7 +389,7 @@ public final class CairnNode: Service, Sendable {
                 core.logger.warning("drain timeout; abandoning in-flight requests", metadata: ["inflight": "\(core.requests.inflightCount)"])
             }
         }
-        core.setState(.stopped)
+        notifier.report(.stopped)
         network?.detach(config.name, ifAttached: router)
         r.server?.close(promise: nil)
         r.http?.close(promise: nil)

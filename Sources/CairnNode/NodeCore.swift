@@ -25,7 +25,8 @@ final class NodeCore: Sendable {
     let logger: Logger
     let vnodes = VnodeTable()
     let requests: RequestService
-    private let lifecycle = Locked(NodeState.starting)
+    /// The node's lifecycle and its service-manager notifications, in one machine.
+    let lifecycle: ServiceNotifier
     private let wiring = Locked<Wiring?>(nil)
 
     /// The storage backend and the actor identity that goes with it; set once, when the backend
@@ -46,8 +47,9 @@ final class NodeCore: Sendable {
     let epochs: EpochSource
 
     init(config: NodeConfig, backend: (any StorageBackend)?, logger: Logger, faults: TransportFaults? = nil,
-         clock: any NodeClock = SystemClock(), epochs: EpochSource = EpochSource()) {
+         clock: any NodeClock = SystemClock(), epochs: EpochSource = EpochSource(), notify: any NotifySink = SystemdNotifySink()) {
         self.config = config
+        lifecycle = ServiceNotifier(sink: notify)
         self.epochs = epochs
         self.clock = clock
         self.faults = faults
@@ -67,18 +69,7 @@ final class NodeCore: Sendable {
     var opened: Storage? { storage.value }
     var backend: (any StorageBackend)? { storage.value?.backend }
 
-    var state: NodeState { lifecycle.value }
-
-    func setState(_ s: NodeState) { lifecycle.withLock { $0 = s } }
-
-    /// Moves to `to` only from `from`; returns whether it did.
-    func transition(from: NodeState, to: NodeState) -> Bool {
-        lifecycle.withLock { s in
-            guard s == from else { return false }
-            s = to
-            return true
-        }
-    }
+    var state: NodeState { lifecycle.state }
 
     var view: ClusterView? { wiring.value?.views.current }
 

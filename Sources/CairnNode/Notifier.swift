@@ -24,7 +24,9 @@ public struct SystemdNotifySink: NotifySink {
     }
 }
 
-/// The shell around `ServiceStatus`: turns node events into notifications, in order.
+/// The node's lifecycle, kept once: the shell around `ServiceStatus`, whose phase is the node's
+/// state (what clients are told: starting, serving, draining, stopped) and whose messages go to
+/// the service manager, in order.
 ///
 /// Isolation: a lock-protected class; `report` may be called from any thread and sends while
 /// holding the lock so messages leave in the order their events happened.
@@ -34,9 +36,23 @@ final class ServiceNotifier: Sendable {
 
     init(sink: any NotifySink) { self.sink = sink }
 
-    func report(_ event: ServiceStatus.Event) {
+    /// Feeds one event to the machine and sends what it says. Returns whether the phase changed
+    /// (so exactly one caller performs a transition's work).
+    @discardableResult
+    func report(_ event: ServiceStatus.Event) -> Bool {
         status.withLock { s in
+            let before = s.phase
             for m in s.on(event) { sink.send(m) }
+            return s.phase != before
+        }
+    }
+
+    var state: NodeState {
+        switch status.withLock({ $0.phase }) {
+        case .starting: .starting
+        case .serving: .serving
+        case .draining: .draining
+        case .stopped: .stopped
         }
     }
 
