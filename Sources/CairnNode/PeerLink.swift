@@ -68,7 +68,10 @@ final class PeerLink: SupervisedChild {
     var attempts: Int { state.withLock { $0.machine.attempts } }
 
     func send(_ message: Message, timeoutMillis: UInt32) async throws(ConnectionError) -> Message {
-        let (connection, reason) = state.withLock { s in (Self.usable(s), Self.downReason(s)) }
+        let (connection, reason): (Connection?, String?) = state.withLock { s in
+            if let c = Self.usable(s) { return (c, nil) }
+            return (nil, Self.downReason(s))
+        }
         guard let connection else { throw .notSent("\(peer) is down: \(reason ?? "connection closed")") }
         return try await connection.request(message, timeoutMillis: timeoutMillis)
     }
@@ -152,14 +155,14 @@ final class PeerLink: SupervisedChild {
     }
 
     /// The connection requests may use: handshaken (the machine is up) and still active.
-    private static func usable(_ s: State) -> Connection? {
+    private static func usable(_ s: borrowing State) -> Connection? {
         guard s.machine.isUp, let c = s.connection, c.isActive else { return nil }
         return c
     }
 
     /// The machine's down reason, or "connection closed" when it still believes the link up but
     /// the connection is no longer active (its `closed` event is on its way).
-    private static func downReason(_ s: State) -> String? {
+    private static func downReason(_ s: borrowing State) -> String? {
         if let reason = s.machine.downReason { return reason }
         return usable(s) == nil ? "connection closed" : nil
     }
