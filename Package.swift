@@ -140,7 +140,7 @@ let package = Package(
             "CairnSim", .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ], swiftSettings: strict),
         .testTarget(name: "CairnSimTests", dependencies: [
-            "CairnSim", "CairnNode", "CairnCore", "CairnWire", "CairnTestSupport",
+            "CairnSim", "CairnNode", "CairnCore", "CairnWire", "CairnRing", "CairnTestSupport",
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: strict),
         .testTarget(name: "CairnNodeTests", dependencies: [
