@@ -80,6 +80,12 @@ public actor Vnode: SupervisedChild {
         // Only this coordinator issues `actor`'s dots, so a context claiming more of them than
         // stored is forged or corrupt; trusting it could push the counter to overflow.
         let issued = object.context[actor]
+        // A counter no replica can have reached (each takes one write of this key by one
+        // coordinator) is forged: stored, it would push that actor's next dot past what an object
+        // may hold (`limits.maxDotCounter`), and every replica would then read the key as corrupt.
+        if let forged = context.dots.first(where: { $0.counter > Self.maxContextCounter(limits) }) {
+            throw .rejected("context counter \(forged.counter) of \(forged.actor) is beyond any this store issues")
+        }
         let sane = VersionVector(context.dots.map { ($0.actor, $0.actor == actor ? min($0.counter, issued) : $0.counter) })
         do {
             try object.update(context: sane, value: sibling, actor: actor)
@@ -161,7 +167,15 @@ public actor Vnode: SupervisedChild {
 
     /// A clock that would make the key unreadable (too many actors, a context too large for the
     /// wire) is refused before anything is stored.
+    /// The largest counter a client's context may name: half of what an object may hold, so
+    /// every actor keeps 2^47 writes of headroom.
+    static func maxContextCounter(_ limits: Limits) -> UInt64 { limits.maxDotCounter / 2 }
+
     private func checkClock(_ object: VersionedObject) throws(VnodeError) {
+        // What is stored must decode: never a counter past `limits.maxDotCounter`.
+        if let over = object.context.dots.first(where: { $0.counter > limits.maxDotCounter }) {
+            throw .rejected("the key's clock would reach counter \(over.counter) of \(over.actor), over \(limits.maxDotCounter)")
+        }
         guard object.entries.count <= limits.maxActorsPerObject else {
             throw .rejected("the key's clock would hold \(object.entries.count) actors, over limits.max_actors_per_object \(limits.maxActorsPerObject)")
         }

@@ -215,11 +215,13 @@ struct InProcessClusterTests {
         let cluster = try await TestCluster.start()
         let c = try await cluster.client([0])
         try await c.put(key, value: cart)
-        // Contexts claiming an actor issued 2^64-1 dots on this key: this coordinator's own actor,
-        // and another node's (which would otherwise be stored here and replicated to it).
-        for victim in [0, 1] {
+        // Contexts claiming an actor issued 2^64-1 dots on this key (the wire decoder refuses
+        // them) or 2^48 (the decoder's limit: the vnode refuses them, or the actor's next dot would
+        // overflow what an object may hold and every replica would read the key as corrupt): this
+        // coordinator's own actor, and another node's (stored, it would be replicated to it).
+        for (victim, counter) in [(0, UInt64.max), (1, UInt64.max), (0, UInt64(1) << 48), (1, UInt64(1) << 48)] {
             let actor = try #require(cluster.nodes[victim].actorID)
-            let forged = CausalContext(VersionVector([(actor, .max)]))
+            let forged = CausalContext(VersionVector([(actor, counter)]))
             let e = await failure("a write with a forged context", { () async throws(CairnError) in
                 try await c.put(key, value: Array("forged".utf8), context: forged)
             })

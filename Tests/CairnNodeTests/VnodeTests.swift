@@ -79,6 +79,25 @@ func waitServing(_ v: Vnode) async throws {
         sup.finish(); task.cancel(); try await task.value
     }
 
+    /// A forged context counter (2^48 passes the wire decoder) is refused before anything is
+    /// stored; stored, it would have made the next write of that actor overflow the object's
+    /// counter limit and every replica read the key as corrupt.
+    @Test func aForgedContextCounterIsRefusedAndTheKeyStaysUsable() async throws {
+        let (v, sup, task) = try await runningVnode(MemoryBackend())
+        let n2 = ActorID(node: "n2", epoch: 1)
+        let limits = Limits()
+        for counter in [limits.maxDotCounter, limits.maxDotCounter / 2 + 1] {
+            await #expect(throws: VnodeError.rejected("context counter \(counter) of \(n2) is beyond any this store issues")) {
+                _ = try await v.coordinate(key: [5], sibling: Sibling(value: [1], timestampMillis: 1), context: VersionVector([(n2, counter)]), actor: actor)
+            }
+        }
+        #expect(try await v.get([5]) == nil, "nothing stored")
+        let ok = try await v.coordinate(key: [5], sibling: Sibling(value: [2], timestampMillis: 1), context: VersionVector([(n2, 3)]), actor: actor)
+        _ = try await v.coordinate(key: [5], sibling: Sibling(value: [3], timestampMillis: 2), context: ok.context, actor: n2)
+        #expect(try await v.get([5])?.values.map(\.value) == [[3]])
+        sup.finish(); task.cancel(); try await task.value
+    }
+
     @Test func siblingsAreCappedNotRefused() async throws {
         var limits = Limits()
         limits.maxSiblings = 3
