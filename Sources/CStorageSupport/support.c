@@ -38,3 +38,10 @@ void cairn_release_free_memory(void) { malloc_trim(0); }
 #else
 void cairn_release_free_memory(void) {}
 #endif
+
+#if defined(__linux__)
+#include <sys/prctl.h>
+void cairn_set_thread_name(const char *name) { prctl(PR_SET_NAME, name, 0, 0, 0); }
+#else
+void cairn_set_thread_name(const char *name) { (void)name; }
+#endif

@@ -26,7 +26,7 @@ public enum CairnDaemon {
     }
 
     /// Runs the node until shutdown. `decorateBackend` is for test binaries only.
-    public static func run(_ o: Options, decorateBackend: (@Sendable (any StorageBackend) -> any StorageBackend)? = nil) async throws {
+    public static func run(_ o: Options, decorateBackend: (@Sendable (any PartitionStore) -> any PartitionStore)? = nil) async throws {
         guard let level = Logger.Level(rawValue: o.logLevel) else { throw Failure(description: "unknown log level '\(o.logLevel)'") }
         let nodeConfig = try loadConfig(o)
         if o.checkConfig {

@@ -49,7 +49,7 @@ public final class CairnNode: Service, Sendable {
     /// The node's lifecycle (`core.lifecycle`): state and service-manager notifications.
     var notifier: ServiceNotifier { core.lifecycle }
     private let watchdogInterval: Duration?
-    private let decorateBackend: (@Sendable (any StorageBackend) -> any StorageBackend)?
+    private let decorateBackend: (@Sendable (any PartitionStore) -> any PartitionStore)?
     private let group: any EventLoopGroup
     var eventLoopGroup: any EventLoopGroup { group }
     private let runtime = Locked(Runtime())
@@ -76,11 +76,12 @@ public final class CairnNode: Service, Sendable {
     ///   - clock, network: the node's time and, when given, the in-memory network it talks over
     ///     instead of sockets (tests and the simulator).
     ///   - fileSystem, storageEnvironment: the disk engine's file seam (when given, the data
-    ///     directory is a path in it and is not locked) and where its background work runs.
+    ///     directory is a path in it and is not locked) and where its work runs (request
+    ///     executors, on which the vnodes run, and background work).
     ///   - epochs: where actor epochs are drawn (seeded in simulations).
-    public init(config: NodeConfig, backend: (any StorageBackend)? = nil, logger: Logger? = nil, group: (any EventLoopGroup)? = nil,
+    public init(config: NodeConfig, backend: (any PartitionStore)? = nil, logger: Logger? = nil, group: (any EventLoopGroup)? = nil,
                 notify: (any NotifySink)? = nil, watchdogInterval: Duration?? = .none, transportFaults: TransportFaults? = nil,
-                decorateBackend: (@Sendable (any StorageBackend) -> any StorageBackend)? = nil, clock: any NodeClock = SystemClock(),
+                decorateBackend: (@Sendable (any PartitionStore) -> any PartitionStore)? = nil, clock: any NodeClock = SystemClock(),
                 network: InMemoryNetwork? = nil, fileSystem: (any FileSystem)? = nil,
                 storageEnvironment: any StorageEnvironment = ThreadEnvironment(), epochs: EpochSource = EpochSource()) {
         self.network = network
@@ -91,7 +92,7 @@ public final class CairnNode: Service, Sendable {
         log[metadataKey: "node"] = "\(config.name)"
         self.config = config
         let memory = config.storageKind == .memory || config.dataDirectory == nil
-        let initial: (any StorageBackend)? = backend ?? (memory ? MemoryBackend() : nil)
+        let initial: (any PartitionStore)? = backend ?? (memory ? MemoryBackend() : nil)
         self.decorateBackend = decorateBackend
         self.core = NodeCore(config: config, backend: initial.map { decorateBackend?($0) ?? $0 }, logger: log, faults: transportFaults,
                              clock: clock, epochs: epochs, notify: notify ?? SystemdNotifySink())

@@ -1,7 +1,7 @@
 public import CairnCore
 public import CairnStorage
 
-/// The node's persistent backend: one CairnStorage database under `<data_dir>/storage`.
+/// The node's persistent store: one CairnStorage database under `<data_dir>/storage`.
 ///
 /// Key layout (Docs/storage-format.md, "The node's keys"):
 /// ```
@@ -9,6 +9,12 @@ public import CairnStorage
 /// metadata-key = %x00 name                    ; "actor-epoch" (u64be), "clean-shutdown" (empty),
 ///                                             ; "run-sync-mode" (u8: 0 always, 1 interval, 2 none)
 /// ```
+///
+/// Where engine calls run: point calls on the partition's request executor (the environment's
+/// `makeRequestExecutors`: threads of their own on the machine; partition p gets executor
+/// `p mod count`), where its vnode runs; open, close, folds, counts and drops on a bulk executor
+/// (`makeWorkerExecutor`), so a scan never queues ahead of a vnode's requests. Log syncs run on
+/// the engine's group-commit queue. No engine call blocks the cooperative pool.
 ///
 /// The actor epoch lives with the data. It is kept across restarts when no dot this node issued
 /// and showed can have been lost: after a clean shutdown, or after a crash of a run that used the
@@ -19,9 +25,13 @@ public import CairnStorage
 /// cannot be read because its table block is corrupt, or salvage dropped log records at open,
 /// the node assumes the worst (a fresh epoch).
 /// Thread-safe.
-public final class DiskBackend: StorageBackend {
+public final class DiskBackend: PartitionStore {
     public let database: Database
     private let epoch: UInt64
+    /// The request executors; partition p's is `executors[p.index % executors.count]`.
+    private let executors: [any SerialExecutor]
+    /// Open, close, folds, counts and drops.
+    private let bulk: ExecutorLane
 
     static let epochKey: [UInt8] = [0] + Array("actor-epoch".utf8)
     static let cleanKey: [UInt8] = [0] + Array("clean-shutdown".utf8)
@@ -36,47 +46,64 @@ public final class DiskBackend: StorageBackend {
         }
     }
 
-    private init(database: Database, epoch: UInt64) {
+    private init(database: Database, epoch: UInt64, executors: [any SerialExecutor], bulk: ExecutorLane) {
         self.database = database
         self.epoch = epoch
+        self.executors = executors
+        self.bulk = bulk
     }
 
-    /// Opens (recovering) the database in `directory` and settles the actor epoch.
-    /// `progress(done, total)`: log bytes replayed. `fs` is the file seam (tests inject faults),
-    /// `environment` runs the engine's background work, `epochs` draws a fresh epoch.
+    /// Opens (recovering) the database in `directory` and settles the actor epoch, on the bulk
+    /// executor. `progress(done, total)`: log bytes replayed. `fs` is the file seam (tests inject
+    /// faults), `environment` runs the engine's work (request executors included), `epochs` draws
+    /// a fresh epoch.
     public static func open(directory: String, options: DatabaseOptions, fs: any FileSystem = PosixFileSystem(),
                             environment: any StorageEnvironment = ThreadEnvironment(), epochs: EpochSource = EpochSource(),
                             progress: (@Sendable (UInt64, UInt64) -> Void)? = nil) async throws -> DiskBackend {
-        let db = try Database.open(fs: fs, directory: directory, options: options, environment: environment, progress: progress)
+        var executors = environment.makeRequestExecutors(label: "cairn.store")
+        if executors.isEmpty { executors = [environment.makeWorkerExecutor(label: "cairn.store")] }
+        let bulk = ExecutorLane(environment.makeWorkerExecutor(label: "cairn.store.bulk"))
+        let db = try await bulk.run {
+            try Database.open(fs: fs, directory: directory, options: options, environment: environment, progress: progress)
+        }
         do {
-            // The metadata keys sort first, so they live in the first block of the tables holding
-            // them: if that block is corrupt, a value is unknown and the worst is assumed (a fresh
-            // epoch never reissues a dot). The corruption is in the database's statistics; the
-            // keys rewritten below shadow the bad block from now on.
-            let stored = try readMetadata(db, epochKey).value.flatMap { $0.count == 8 ? $0.reduce(UInt64(0)) { $0 << 8 | UInt64($1) } : nil }
-            let cleanMark = try readMetadata(db, cleanKey)
-            let clean: Bool? = cleanMark.known ? cleanMark.value != nil : nil
-            // What the previous run promised decides, not this run's setting: a crash under
-            // `interval` or `none` may have lost dots this node had already shown.
-            let previousRunSyncedAlways = try readMetadata(db, runSyncModeKey).value == [Self.syncModeCode(.always)]
-            // Salvage may have dropped synced, acknowledged records: dots this node showed.
-            let stats = db.statistics
-            let salvaged = stats.salvagedBytes > 0 || stats.salvagedRegions > 0
-            var epoch = stored ?? 0
-            var batch = WriteBatch()
-            if epoch == 0 || salvaged || (clean != true && !previousRunSyncedAlways) {
-                epoch = epochs.next()
-                batch.put(epochKey, (0..<8).map { UInt8(truncatingIfNeeded: epoch >> UInt64(56 - 8 * $0)) })
-            }
-            batch.put(runSyncModeKey, [Self.syncModeCode(options.syncMode)])
-            // From here on a crash is an unclean shutdown.
-            if clean != false { batch.delete(cleanKey) }
-            try await db.write(batch, sync: .always)
-            return DiskBackend(database: db, epoch: epoch)
+            let (epoch, batch) = try await bulk.run { try settleEpoch(db, options: options, epochs: epochs) }
+            try await db.waitForRoom()
+            let last = try await bulk.run { try db.apply(batch) }
+            try await db.waitDurable(upTo: last, sync: .always)
+            return DiskBackend(database: db, epoch: epoch, executors: executors, bulk: bulk)
         } catch {
             await db.abandon()
             throw error
         }
+    }
+
+    /// Reads the metadata and decides the epoch; returns it with the metadata batch to write
+    /// (synced) before the store is used.
+    private static func settleEpoch(_ db: Database, options: DatabaseOptions, epochs: EpochSource) throws -> (UInt64, WriteBatch) {
+        // The metadata keys sort first, so they live in the first block of the tables holding
+        // them: if that block is corrupt, a value is unknown and the worst is assumed (a fresh
+        // epoch never reissues a dot). The corruption is in the database's statistics; the
+        // keys rewritten below shadow the bad block from now on.
+        let stored = try readMetadata(db, epochKey).value.flatMap { $0.count == 8 ? $0.reduce(UInt64(0)) { $0 << 8 | UInt64($1) } : nil }
+        let cleanMark = try readMetadata(db, cleanKey)
+        let clean: Bool? = cleanMark.known ? cleanMark.value != nil : nil
+        // What the previous run promised decides, not this run's setting: a crash under
+        // `interval` or `none` may have lost dots this node had already shown.
+        let previousRunSyncedAlways = try readMetadata(db, runSyncModeKey).value == [Self.syncModeCode(.always)]
+        // Salvage may have dropped synced, acknowledged records: dots this node showed.
+        let stats = db.statistics
+        let salvaged = stats.salvagedBytes > 0 || stats.salvagedRegions > 0
+        var epoch = stored ?? 0
+        var batch = WriteBatch()
+        if epoch == 0 || salvaged || (clean != true && !previousRunSyncedAlways) {
+            epoch = epochs.next()
+            batch.put(epochKey, (0..<8).map { UInt8(truncatingIfNeeded: epoch >> UInt64(56 - 8 * $0)) })
+        }
+        batch.put(runSyncModeKey, [Self.syncModeCode(options.syncMode)])
+        // From here on a crash is an unclean shutdown.
+        if clean != false { batch.delete(cleanKey) }
+        return (epoch, batch)
     }
 
     /// A metadata key's value, and whether it could be read at all (false: its block is corrupt).
@@ -99,6 +126,18 @@ public final class DiskBackend: StorageBackend {
         return k
     }
 
+    /// Bytes of `dataKey` before the vnode's key.
+    static let dataKeyPrefixBytes = 5
+
+    /// The first key after every data key of `p`.
+    static func partitionEnd(_ p: PartitionID) -> [UInt8] {
+        DatabaseIterator.upperBound(ofPrefix: dataKey(p, [])) ?? [2]
+    }
+
+    public func executor(for partition: PartitionID) -> (any SerialExecutor)? {
+        executors[Int(partition.index % UInt32(executors.count))]
+    }
+
     public func get(partition: PartitionID, key: [UInt8]) throws -> [UInt8]? {
         try database.get(Self.dataKey(partition, key))
     }
@@ -115,24 +154,60 @@ public final class DiskBackend: StorageBackend {
         return DurabilityToken(sequence: try database.apply(b))
     }
 
+    public func apply(partition: PartitionID, batch: [(key: [UInt8], value: [UInt8])]) throws -> DurabilityToken {
+        var b = WriteBatch()
+        for (key, value) in batch { b.put(Self.dataKey(partition, key), value) }
+        return DurabilityToken(sequence: try database.apply(b))
+    }
+
     /// Durable per the sync mode, then flow control: a vnode's acknowledgement waits while the
-    /// engine is past its write bounds (the coordinator's client sees the slowdown).
+    /// engine is past its write bounds (the coordinator's client sees the slowdown). No engine
+    /// I/O here: the sync runs on the group-commit queue.
     public func waitDurable(_ token: DurabilityToken) async throws {
         try await database.waitDurable(upTo: token.sequence)
         try await database.waitForRoom()
     }
 
-    public func count(partition: PartitionID) throws -> Int {
-        var n = 0
-        let it = try database.iterator(prefix: Self.dataKey(partition, []))
-        while try it.nextEntry() != nil { n += 1 }
-        return n
+    /// On the bulk executor, over one engine snapshot.
+    public func fold<Accumulator: Sendable>(partition: PartitionID, after: [UInt8]?, into initial: Accumulator,
+                                            _ visit: @Sendable (inout Accumulator, _ key: [UInt8], _ value: [UInt8]) throws -> FoldStep)
+        async throws -> PartitionFold<Accumulator> {
+        let database = database
+        return try await bulk.run {
+            // The smallest key after `after` is `after` + %x00.
+            let lower = after.map { Self.dataKey(partition, $0) + [0] } ?? Self.dataKey(partition, [])
+            let entries = try database.snapshot().iterator(from: lower, to: Self.partitionEnd(partition))
+            var accumulator = initial
+            while let (k, value) = try entries.nextEntry() {
+                let key = Array(k[Self.dataKeyPrefixBytes...])
+                if try visit(&accumulator, key, value) == .stop { return PartitionFold(accumulator: accumulator, resumeAfter: key) }
+            }
+            return PartitionFold(accumulator: accumulator, resumeAfter: nil)
+        }
     }
 
-    /// Drops every key of `partition` (a vnode handed off): one range deletion.
+    public func count(partition: PartitionID) async throws -> Int {
+        try await fold(partition: partition, after: nil, into: 0) { n, _, _ in
+            n += 1
+            return .continue
+        }.accumulator
+    }
+
+    /// Drops every key of `partition` (a vnode handed off): one range deletion, recorded in the
+    /// manifest on the bulk executor.
     public func drop(partition: PartitionID) async throws {
-        let lower = Self.dataKey(partition, [])
-        try await database.deleteRange(from: lower, to: DatabaseIterator.upperBound(ofPrefix: lower) ?? [2], sync: .always)
+        var b = WriteBatch()
+        b.deleteRange(from: Self.dataKey(partition, []), to: Self.partitionEnd(partition))
+        try await write(b)
+    }
+
+    /// Writes `batch` synced, whatever the sync mode: flow control, the append on the bulk
+    /// executor, then the group commit.
+    private func write(_ batch: WriteBatch) async throws {
+        let database = database
+        try await database.waitForRoom()
+        let last = try await bulk.run { try database.apply(batch) }
+        try await database.waitDurable(upTo: last, sync: .always)
     }
 
     public var storageStatistics: Database.Statistics? { database.statistics }
@@ -140,10 +215,16 @@ public final class DiskBackend: StorageBackend {
     /// Stops the engine without syncing or marking the shutdown clean: a crash.
     public func abandon() async { await database.abandon() }
 
-    /// Marks the shutdown clean (durably), then closes the engine.
+    /// Marks the shutdown clean (durably), writes the memtable as a table on the bulk executor,
+    /// then closes the engine (its last log sync and file closes are the only calls left on the
+    /// caller's thread).
     public func close() async throws {
+        var mark = WriteBatch()
+        mark.put(Self.cleanKey, [])
+        let database = database
         do {
-            try await database.put(Self.cleanKey, [], sync: .always)
+            try await write(mark)
+            try await bulk.run { try database.flush() }
         } catch {
             // Not a clean shutdown (writes are refused, say): still stop the engine's workers
             // and close its files, then report why.

@@ -75,7 +75,8 @@ extension CairnNode {
         }
         do {
             guard let backend = core.backend else { return "storage is not open" }
-            _ = try backend.get(partition: PartitionID(0), key: [0])
+            // On partition 0's executor: a wedged store thread withholds the ping.
+            _ = try await backend.onExecutor(of: PartitionID(0)) { try backend.get(partition: PartitionID(0), key: [0]) }
         } catch StorageError.corruption {
             // Storage answered: the probe key sits in a damaged block. A data error for those keys
             // (served by replicas, reported in /health and metrics), not a reason to restart.

@@ -32,7 +32,7 @@ final class NodeCore: Sendable {
     /// The storage backend and the actor identity that goes with it; set once, when the backend
     /// is open (at init for a given or in-memory backend, in `bind()` for the disk engine).
     struct Storage: Sendable {
-        let backend: any StorageBackend
+        let backend: any PartitionStore
         let actor: ActorID
     }
     private let storage = Locked<Storage?>(nil)
@@ -46,7 +46,7 @@ final class NodeCore: Sendable {
     /// Draws actor epochs (seeded in simulations).
     let epochs: EpochSource
 
-    init(config: NodeConfig, backend: (any StorageBackend)?, logger: Logger, faults: TransportFaults? = nil,
+    init(config: NodeConfig, backend: (any PartitionStore)?, logger: Logger, faults: TransportFaults? = nil,
          clock: any NodeClock = SystemClock(), epochs: EpochSource = EpochSource(), notify: any NotifySink = SystemdNotifySink()) {
         self.config = config
         lifecycle = ServiceNotifier(sink: notify)
@@ -61,13 +61,13 @@ final class NodeCore: Sendable {
 
     /// Installs the opened backend. The actor epoch comes from the backend when it keeps one;
     /// a node whose data does not survive restarts must never reuse its dots: fresh epoch.
-    func adopt(_ backend: any StorageBackend) {
+    func adopt(_ backend: any PartitionStore) {
         let epoch = backend.persistentEpoch ?? epochs.next()
         storage.withLock { $0 = Storage(backend: backend, actor: ActorID(node: config.name.value, epoch: epoch)) }
     }
 
     var opened: Storage? { storage.value }
-    var backend: (any StorageBackend)? { storage.value?.backend }
+    var backend: (any PartitionStore)? { storage.value?.backend }
 
     var state: NodeState { lifecycle.state }
 

@@ -1,31 +1,65 @@
 public import CairnCore
 public import CairnStorage
 
-/// The seam between vnodes and the bytes on disk. One backend per node; keys are grouped by
-/// partition so a vnode's data is one contiguous range.
+/// The seam between vnodes and the bytes on disk. One store per node; keys are grouped by
+/// partition, so a partition's data is one contiguous range in key order (bytewise).
+///
+/// Isolation:
+/// - Point calls (`get`, `getDurable`, `lastApplied`, `apply`, `apply(partition:batch:)`) are
+///   synchronous and may block on disk. Call them on `executor(for: partition)`: the vnode of
+///   `partition` is an actor on that executor, so they run there, never on the cooperative pool.
+///   A store whose point calls never block (the memory store) names no executor: call them from
+///   anywhere. Other callers move there with `onExecutor(of:_:)`.
+/// - Partition-wide calls (`fold`, `count`, `drop`) and the lifecycle are async; a store whose
+///   engine blocks runs them on an executor of its own.
 ///
 /// Contract:
-/// - `apply` makes a write visible to subsequent `get`s before it returns (it never suspends, so
-///   a vnode's read-modify-write is atomic within the vnode actor);
+/// - `apply` and `apply(partition:batch:)` make their writes visible to later `get`s before
+///   they return and never suspend, so a caller on the partition's executor that reads and then
+///   writes is atomic against every other caller there (a vnode's read-modify-write);
+/// - a batch writes several keys of one partition all or nothing (one log record); a key given
+///   twice takes its last value;
 /// - `getDurable` sees only writes that are as durable as the sync mode promises (under
 ///   `always`: synced); what it returns can never be lost by a power cut;
-/// - `waitDurable(token)` returns once that write is as durable as the backend's sync mode
-///   promises, and throws if it never will be; a vnode acknowledges a write only after it returns;
-///   `waitDurable(lastApplied)` covers every write applied so far;
+/// - `waitDurable(token)` returns once that write is as durable as the store's sync mode
+///   promises, and throws if it never will be; a vnode acknowledges a write only after it
+///   returns; `waitDurable(lastApplied)` covers every write applied so far;
+/// - `fold` visits the partition's keys in key order from one snapshot: writes applied while it
+///   runs are not seen, and nothing it visits is torn by a batch; a fold resumed after a key
+///   reads a newer snapshot;
+/// - `drop` removes every key of the partition written before it (one range deletion), durably
+///   when it returns; its caller stops the partition's vnode first;
 /// - `StorageError.corruption` from a read is a data error for the keys it covers; any other
-///   thrown error means the backend cannot be trusted: the vnode fails and is restarted by its
+///   thrown error means the store cannot be trusted: the vnode fails and is restarted by its
 ///   supervisor.
-/// Implementations must be thread-safe.
-public protocol StorageBackend: Sendable {
+/// Implementations are thread-safe.
+public protocol PartitionStore: Sendable {
+    /// The serial executor that point calls for `partition` run on (nil: they never block; any
+    /// caller may make them). The same partition always gets the same executor.
+    func executor(for partition: PartitionID) -> (any SerialExecutor)?
+    /// The key's newest value (durable or not).
     func get(partition: PartitionID, key: [UInt8]) throws -> [UInt8]?
     /// The newest durable value of the key (see the contract above).
     func getDurable(partition: PartitionID, key: [UInt8]) throws -> [UInt8]?
     /// A token covering every write applied so far.
     var lastApplied: DurabilityToken { get }
     func apply(partition: PartitionID, key: [UInt8], value: [UInt8]) throws -> DurabilityToken
+    /// Writes every pair atomically (one log record); an empty batch writes nothing and returns
+    /// `lastApplied`.
+    func apply(partition: PartitionID, batch: [(key: [UInt8], value: [UInt8])]) throws -> DurabilityToken
     func waitDurable(_ token: DurabilityToken) async throws
-    /// Number of keys stored for `partition` (for metrics and tests).
-    func count(partition: PartitionID) throws -> Int
+    /// Visits, in key order, every key of `partition` after `after` (nil: from the first) with
+    /// its value, from one snapshot, until `visit` returns `.stop`. `visit` runs on the store's
+    /// executor: it must be short and must not wait for the store's other work. Returns the
+    /// accumulator and where to resume (the last key visited when stopped early, nil when the
+    /// partition ended).
+    func fold<Accumulator: Sendable>(partition: PartitionID, after: [UInt8]?, into initial: Accumulator,
+                                     _ visit: @Sendable (inout Accumulator, _ key: [UInt8], _ value: [UInt8]) throws -> FoldStep)
+        async throws -> PartitionFold<Accumulator>
+    /// Number of keys stored for `partition` (a fold: for metrics and tests).
+    func count(partition: PartitionID) async throws -> Int
+    /// Drops every key of `partition` (a vnode handed off): one range deletion, durable on return.
+    func drop(partition: PartitionID) async throws
     func close() async throws
     /// Stops without syncing or marking anything clean, as a crashed process leaves it.
     func abandon() async
@@ -34,15 +68,44 @@ public protocol StorageBackend: Sendable {
     /// The node's actor epoch, kept with the data (nil: not persistent; the node draws a fresh
     /// epoch at every start, so it never reuses a dot).
     var persistentEpoch: UInt64? { get }
-    /// The engine's counters, for `/metrics` (nil when the backend has none).
+    /// The engine's counters, for `/metrics` (nil when the store has none).
     var storageStatistics: Database.Statistics? { get }
 }
 
-extension StorageBackend {
+extension PartitionStore {
     public func abandon() async {}
     public var persistentEpoch: UInt64? { nil }
     public var storageStatistics: Database.Statistics? { nil }
+
+    /// Runs `body` where `partition`'s point calls belong: on `executor(for: partition)` (one hop
+    /// there, one back), or inline when the store names none. For callers other than the
+    /// partition's vnode (health probes, tools, tests).
+    public func onExecutor<T: Sendable>(of partition: PartitionID, _ body: @Sendable () throws -> T) async throws -> T {
+        guard let executor = executor(for: partition) else { return try body() }
+        return try await ExecutorLane(executor).run(body)
+    }
 }
+
+/// Whether a fold goes on after the key just visited.
+public enum FoldStep: Sendable, Hashable {
+    case `continue`
+    /// The key just visited is the last one: the fold returns it as `resumeAfter`.
+    case stop
+}
+
+/// What a fold ends with: the accumulator, and the key to pass as `after` to go on (nil: the
+/// partition has no keys after those visited).
+public struct PartitionFold<Accumulator> {
+    public var accumulator: Accumulator
+    public var resumeAfter: [UInt8]?
+
+    public init(accumulator: Accumulator, resumeAfter: [UInt8]?) {
+        self.accumulator = accumulator
+        self.resumeAfter = resumeAfter
+    }
+}
+
+extension PartitionFold: Sendable where Accumulator: Sendable {}
 
 /// Identifies one applied write for `waitDurable`. Opaque to vnodes.
 public struct DurabilityToken: Hashable, Sendable {
@@ -50,9 +113,24 @@ public struct DurabilityToken: Hashable, Sendable {
     public init(sequence: UInt64) { self.sequence = sequence }
 }
 
-/// The in-memory backend: a dictionary per partition behind a lock. Not persistent: a node using
-/// it takes a fresh actor epoch on every start. For tests and `storage.backend = memory`.
-public final class MemoryBackend: StorageBackend {
+/// An actor with no state of its own on a given executor: `run` executes a closure there (one
+/// hop there, one back). How async code moves a blocking call onto a store's executor.
+actor ExecutorLane {
+    private nonisolated let executor: any SerialExecutor
+    nonisolated var unownedExecutor: UnownedSerialExecutor { executor.asUnownedSerialExecutor() }
+
+    init(_ executor: any SerialExecutor) { self.executor = executor }
+
+    func run<T: Sendable>(_ body: @Sendable () throws -> T) throws -> T { try body() }
+}
+
+/// The in-memory store: a dictionary per partition behind a lock. Point calls take the lock
+/// only (no executor: they never block). Not persistent: a node using it takes a fresh actor
+/// epoch on every start. For tests and `storage.backend = memory`.
+///
+/// A fold copies the partition's keys after `after` under the lock (its snapshot) and sorts
+/// them: O(n log n) per call, fine for the sizes this store serves.
+public final class MemoryBackend: PartitionStore {
     private struct State {
         var partitions: [PartitionID: [[UInt8]: [UInt8]]] = [:]
         var sequence: UInt64 = 0
@@ -63,6 +141,8 @@ public final class MemoryBackend: StorageBackend {
     public init() {}
 
     public var isPersistent: Bool { false }
+
+    public func executor(for partition: PartitionID) -> (any SerialExecutor)? { nil }
 
     public func get(partition: PartitionID, key: [UInt8]) throws -> [UInt8]? {
         state.withLock { $0.partitions[partition]?[key] }
@@ -83,10 +163,39 @@ public final class MemoryBackend: StorageBackend {
         }
     }
 
+    public func apply(partition: PartitionID, batch: [(key: [UInt8], value: [UInt8])]) throws -> DurabilityToken {
+        state.withLock { s in
+            guard !batch.isEmpty else { return DurabilityToken(sequence: s.sequence) }
+            for (key, value) in batch { s.partitions[partition, default: [:]][key] = value }
+            s.sequence &+= 1
+            return DurabilityToken(sequence: s.sequence)
+        }
+    }
+
     public func waitDurable(_ token: DurabilityToken) async throws {}
 
-    public func count(partition: PartitionID) throws -> Int {
+    public func fold<Accumulator: Sendable>(partition: PartitionID, after: [UInt8]?, into initial: Accumulator,
+                                            _ visit: @Sendable (inout Accumulator, _ key: [UInt8], _ value: [UInt8]) throws -> FoldStep)
+        async throws -> PartitionFold<Accumulator> {
+        let entries = state.withLock { s in
+            (s.partitions[partition] ?? [:]).filter { after?.lexicographicallyPrecedes($0.key) ?? true }
+        }.sorted { $0.key.lexicographicallyPrecedes($1.key) }
+        var accumulator = initial
+        for (key, value) in entries {
+            if try visit(&accumulator, key, value) == .stop { return PartitionFold(accumulator: accumulator, resumeAfter: key) }
+        }
+        return PartitionFold(accumulator: accumulator, resumeAfter: nil)
+    }
+
+    public func count(partition: PartitionID) async throws -> Int {
         state.withLock { $0.partitions[partition]?.count ?? 0 }
+    }
+
+    public func drop(partition: PartitionID) async throws {
+        state.withLock { s in
+            s.partitions[partition] = nil
+            s.sequence &+= 1
+        }
     }
 
     public func close() async throws {}

@@ -5,9 +5,14 @@ public import Logging
 /// The actor that serves one partition on this node: reads, coordinated (stamped) writes and
 /// replica merges for the keys of that partition.
 ///
-/// Isolation: actor. A read-modify-write never suspends between its read and its `apply`, so
-/// writes to one key are serialized. Acknowledged only after the backend says durable.
-/// Supervision: `run()` lives as long as the vnode serves; a backend I/O error marks the vnode failed
+/// Isolation: actor on the store's executor for its partition (`PartitionStore.executor(for:)`:
+/// a thread of the disk store's own, so the store's blocking point calls run there and never on
+/// the cooperative pool), or, when the store names none, a default actor's executor. A
+/// read-modify-write reads, stamps and `apply`s in one isolated, synchronous step, so writes to
+/// one key are serialized; the wait for durability runs outside the actor (on the caller's
+/// executor), so a get costs one hop onto the store's executor and one back, and a write the
+/// same plus its log sync. Acknowledged only after the store says durable.
+/// Supervision: `run()` lives as long as the vnode serves; a store I/O error marks the vnode failed
 /// and makes `run()` throw, so its supervisor restarts it with backoff (requests in between get
 /// `VnodeError.unavailable`).
 public actor Vnode: SupervisedChild {
@@ -15,7 +20,9 @@ public actor Vnode: SupervisedChild {
     public nonisolated let role: VnodeRole
     public nonisolated var key: VnodeKey { VnodeKey(partition: partition, role: role) }
     public nonisolated let childName: String
-    private let backend: any StorageBackend
+    private nonisolated let backend: any PartitionStore
+    /// Where the actor runs: the store's executor for the partition, or a default actor's.
+    private nonisolated let home: Home
     private let limits: Limits
     private let metrics: NodeMetrics
     private let logger: Logger
@@ -27,12 +34,26 @@ public actor Vnode: SupervisedChild {
 
     enum Status: Equatable { case starting, serving, failed(String) }
 
-    public init(partition: PartitionID, role: VnodeRole = .primary, backend: any StorageBackend, limits: Limits, metrics: NodeMetrics,
+    enum Home: Sendable {
+        case store(any SerialExecutor)
+        /// A stateless default actor lending its executor (the store names none).
+        case lane(DefaultLane)
+    }
+
+    public nonisolated var unownedExecutor: UnownedSerialExecutor {
+        switch home {
+        case .store(let executor): executor.asUnownedSerialExecutor()
+        case .lane(let lane): lane.unownedExecutor
+        }
+    }
+
+    public init(partition: PartitionID, role: VnodeRole = .primary, backend: any PartitionStore, limits: Limits, metrics: NodeMetrics,
                 logger: Logger) {
         self.partition = partition
         self.role = role
         self.childName = VnodeKey(partition: partition, role: role).description
         self.backend = backend
+        self.home = backend.executor(for: partition).map(Home.store) ?? .lane(DefaultLane())
         self.limits = limits
         self.metrics = metrics
         self.logger = logger
@@ -74,7 +95,25 @@ public actor Vnode: SupervisedChild {
     /// Stamps a client write with `actor` as the coordinator: the new value supersedes exactly
     /// what `context` covers. Returns the stored object once durable; its newest value of `actor`
     /// is the one written (pruning never drops it).
-    public func coordinate(key: [UInt8], sibling: Sibling, context: VersionVector, actor: ActorID) async throws(VnodeError) -> VersionedObject {
+    public nonisolated func coordinate(key: [UInt8], sibling: Sibling, context: VersionVector, actor: ActorID) async throws(VnodeError) -> VersionedObject {
+        let (object, token) = try await stamp(key: key, sibling: sibling, context: context, actor: actor)
+        try await durable(token)
+        return object
+    }
+
+    /// Merges a replica's object into ours (DVVSet sync). Returns the stored object once it is
+    /// durable here, so an acknowledgement always means "what you sent is durable on this
+    /// replica": when the merge changes nothing, it still waits until the write that already
+    /// holds it is durable (and fails if that write's sync failed). The incoming object's live
+    /// values are never pruned here: they are what this merge acknowledges.
+    public nonisolated func merge(key: [UInt8], object incoming: VersionedObject) async throws(VnodeError) -> VersionedObject {
+        let (object, token) = try await mergeLocally(key: key, object: incoming)
+        try await durable(token)
+        return object
+    }
+
+    /// `coordinate`'s read-modify-write: one isolated step that never suspends.
+    private func stamp(key: [UInt8], sibling: Sibling, context: VersionVector, actor: ActorID) throws(VnodeError) -> (VersionedObject, DurabilityToken) {
         try ensureServing()
         var object = try load(key) ?? VersionedObject()
         // Only this coordinator issues `actor`'s dots, so a context claiming more of them than
@@ -93,28 +132,27 @@ public actor Vnode: SupervisedChild {
             throw .rejected(error.description)
         }
         try checkClock(object)
-        return try await store(key, object, protecting: object.newestDot(of: actor).map { [$0] } ?? [])
+        return try store(key, object, protecting: object.newestDot(of: actor).map { [$0] } ?? [])
     }
 
-    /// Merges a replica's object into ours (DVVSet sync). Returns the stored object once it is
-    /// durable here, so an acknowledgement always means "what you sent is durable on this
-    /// replica": when the merge changes nothing, it still waits until the write that already
-    /// holds it is durable (and fails if that write's sync failed). The incoming object's live
-    /// values are never pruned here: they are what this merge acknowledges.
-    public func merge(key: [UInt8], object incoming: VersionedObject) async throws(VnodeError) -> VersionedObject {
+    /// `merge`'s read-modify-write: one isolated step that never suspends. When nothing changes,
+    /// the token covers every write applied so far (among them the one holding `current`).
+    private func mergeLocally(key: [UInt8], object incoming: VersionedObject) throws(VnodeError) -> (VersionedObject, DurabilityToken) {
         try ensureServing()
         let current = try load(key)
         let merged = current.map { VersionedObject.sync($0, incoming) } ?? incoming
         try checkClock(merged)
-        if merged == current, let current {
-            do {
-                try await backend.waitDurable(backend.lastApplied)
-            } catch {
-                throw fail("write failed: \(error)")
-            }
-            return current
+        if merged == current, let current { return (current, backend.lastApplied) }
+        return try store(key, merged, protecting: incoming.liveDots)
+    }
+
+    /// Waits, on the caller's executor, until `token` is durable; a failed sync fails the vnode.
+    private nonisolated func durable(_ token: DurabilityToken) async throws(VnodeError) {
+        do {
+            try await backend.waitDurable(token)
+        } catch {
+            throw await fail("write failed: \(error)")
         }
-        return try await store(key, merged, protecting: incoming.liveDots)
     }
 
     // MARK: Internals
@@ -185,8 +223,9 @@ public actor Vnode: SupervisedChild {
         }
     }
 
+    /// Prunes and applies `object`; returns it with the write's token (not yet durable).
     /// `protecting` (the dots this write acknowledges) is computed only if a cap is exceeded.
-    private func store(_ key: [UInt8], _ object: VersionedObject, protecting: @autoclosure () -> Set<Dot>) async throws(VnodeError) -> VersionedObject {
+    private func store(_ key: [UInt8], _ object: VersionedObject, protecting: @autoclosure () -> Set<Dot>) throws(VnodeError) -> (VersionedObject, DurabilityToken) {
         var object = object
         let pruned = object.prune(maxSiblings: limits.maxSiblings, maxBytes: limits.maxObjectBytes, protecting: protecting())
         if pruned > 0 {
@@ -197,12 +236,10 @@ public actor Vnode: SupervisedChild {
             ])
         }
         do {
-            let token = try backend.apply(partition: partition, key: key, value: object.encoded())
-            try await backend.waitDurable(token)
+            return (object, try backend.apply(partition: partition, key: key, value: object.encoded()))
         } catch {
             throw fail("write failed: \(error)")
         }
-        return object
     }
 
     private func fail(_ reason: String) -> VnodeError {
@@ -215,6 +252,9 @@ public actor Vnode: SupervisedChild {
         return .storage(partition: partition, reason: reason)
     }
 }
+
+/// A default actor with no state: lends its executor to a vnode whose store names none.
+actor DefaultLane {}
 
 public enum VnodeError: Error, Sendable, Hashable, CustomStringConvertible {
     case unavailable(partition: PartitionID, reason: String)

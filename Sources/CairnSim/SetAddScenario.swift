@@ -1,5 +1,6 @@
 public import CairnNode
 public import CairnCore
+public import CairnStorage
 import CairnWire
 import CairnClient
 import CairnTorture
@@ -450,30 +451,47 @@ public struct SetAddScenario: Sendable {
     }
 }
 
-/// A deliberately broken backend: acknowledges every tenth write without storing it (the
-/// self-tests of cairn-sim and cairn-torture). Thread-safe.
-public final class AcknowledgesAndDrops: StorageBackend {
-    let inner: any StorageBackend
+/// A deliberately broken store: acknowledges every tenth write (a single key or a batch)
+/// without storing it (the self-tests of cairn-sim and cairn-torture). Everything else, the
+/// executors included, is the inner store's. Thread-safe.
+public final class AcknowledgesAndDrops: PartitionStore {
+    let inner: any PartitionStore
     let writes = Mutex(0)
-    public init(_ inner: any StorageBackend) { self.inner = inner }
+    public init(_ inner: any PartitionStore) { self.inner = inner }
 
+    /// Whether this write is the one in ten that is dropped.
+    private func drops() -> Bool {
+        writes.withLock { w in
+            w += 1
+            return w % 10 == 0
+        }
+    }
+
+    public func executor(for partition: PartitionID) -> (any SerialExecutor)? { inner.executor(for: partition) }
     public func get(partition: PartitionID, key: [UInt8]) throws -> [UInt8]? { try inner.get(partition: partition, key: key) }
     public func getDurable(partition: PartitionID, key: [UInt8]) throws -> [UInt8]? { try inner.getDurable(partition: partition, key: key) }
     public var lastApplied: DurabilityToken { inner.lastApplied }
     public func apply(partition: PartitionID, key: [UInt8], value: [UInt8]) throws -> DurabilityToken {
-        let n = writes.withLock { w in
-            w += 1
-            return w
-        }
-        if n % 10 == 0 { return DurabilityToken(sequence: 0) }
+        if drops() { return DurabilityToken(sequence: 0) }
         return try inner.apply(partition: partition, key: key, value: value)
     }
+    public func apply(partition: PartitionID, batch: [(key: [UInt8], value: [UInt8])]) throws -> DurabilityToken {
+        if drops() { return DurabilityToken(sequence: 0) }
+        return try inner.apply(partition: partition, batch: batch)
+    }
     public func waitDurable(_ token: DurabilityToken) async throws { try await inner.waitDurable(token) }
-    public func count(partition: PartitionID) throws -> Int { try inner.count(partition: partition) }
+    public func fold<Accumulator: Sendable>(partition: PartitionID, after: [UInt8]?, into initial: Accumulator,
+                                            _ visit: @Sendable (inout Accumulator, _ key: [UInt8], _ value: [UInt8]) throws -> FoldStep)
+        async throws -> PartitionFold<Accumulator> {
+        try await inner.fold(partition: partition, after: after, into: initial, visit)
+    }
+    public func count(partition: PartitionID) async throws -> Int { try await inner.count(partition: partition) }
+    public func drop(partition: PartitionID) async throws { try await inner.drop(partition: partition) }
     public func close() async throws { try await inner.close() }
     public func abandon() async { await inner.abandon() }
     public var isPersistent: Bool { inner.isPersistent }
     public var persistentEpoch: UInt64? { inner.persistentEpoch }
+    public var storageStatistics: Database.Statistics? { inner.storageStatistics }
 }
 
 extension Duration {

@@ -12,7 +12,7 @@ public import CairnStorage
 public enum SimulatedNodes {
     public static func make(count: Int, clock: ManualClock, network: InMemoryNetwork, ringSize: Int = 16, nVal: Int = 3,
                             requestTimeoutMillis: UInt32 = 1000,
-                            backend: (Int) -> (any StorageBackend)? = { _ in nil }) async throws -> [CairnNode] {
+                            backend: (Int) -> (any PartitionStore)? = { _ in nil }) async throws -> [CairnNode] {
         let names = try (1...max(count, 1)).map { try NodeName("n\($0)") }
         let members = names.enumerated().map { MemberAddress(name: $1, address: HostPort(host: "sim", port: 7400 + $0)) }
         var nodes: [CairnNode] = []
@@ -69,7 +69,7 @@ public final class SimulatedCluster: Sendable {
         /// The nodes' `storage.sync` (the scenario keeps `always`: acknowledged means synced).
         public var syncMode: SyncMode = .always
         /// Wraps node `i`'s backend once it is open (the self-test's lossy node).
-        public var decorate: (@Sendable (Int, any StorageBackend) -> any StorageBackend)?
+        public var decorate: (@Sendable (Int, any PartitionStore) -> any PartitionStore)?
         public init() {}
     }
 
@@ -113,7 +113,7 @@ public final class SimulatedCluster: Sendable {
         c.storage.blockCacheBytes = 1 << 20
         c.storage.compactionBytesPerSecond = 0
         c.storage.syncMode = settings.syncMode
-        let decorate = settings.decorate.map { d in { @Sendable (b: any StorageBackend) in d(i, b) } }
+        let decorate = settings.decorate.map { d in { @Sendable (b: any PartitionStore) in d(i, b) } }
         // CAIRN_SIM_LOG=1: the nodes' logs on standard error (debugging a seed).
         let verbose = getenv("CAIRN_SIM_LOG").map { String(cString: $0) == "1" } ?? false
         let logger = Logger(label: "sim.\(names[i]).\(incarnation)", factory: { label in

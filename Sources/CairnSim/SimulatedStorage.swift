@@ -2,8 +2,8 @@ public import CairnNode
 public import CairnStorage
 import Synchronization
 
-/// The storage engine's environment inside a simulation: its background workers, group-commit
-/// syncs and timers run as jobs of the simulation's executor, and it waits on the simulation's
+/// The storage engine's environment inside a simulation: its request executors (the vnodes of a
+/// disk store), background workers, group-commit syncs and timers run as jobs of the simulation's executor, and it waits on the simulation's
 /// clock, so a database's flushes, compactions and syncs interleave with everything else in the
 /// order the seed fixes. The compaction rate limit is the one part still on real time: run
 /// simulated databases with `compactionBytesPerSecond = 0`. Thread-safe.
@@ -17,6 +17,11 @@ public struct SimulatedStorageEnvironment: StorageEnvironment {
     }
 
     public func makeWorkerExecutor(label: String) -> any SerialExecutor { SimulatedSerialExecutor(executor) }
+
+    /// Two, whatever the machine: the same seed gives the same run on any host.
+    public func makeRequestExecutors(label: String) -> [any SerialExecutor] {
+        [SimulatedSerialExecutor(executor), SimulatedSerialExecutor(executor)]
+    }
 
     public func makeQueue(label: String) -> any BlockingQueue { SimulatedQueue(executor: executor) }
 

@@ -1,19 +1,27 @@
 import CStorageSupport
 import Dispatch
+#if canImport(Glibc)
+import Glibc
+#endif
 
-/// Where the engine's background work runs and how it waits (LevelDB's `Env`, minus the files:
-/// those are `FileSystem`). `ThreadEnvironment` is the machine's: each background worker and the
-/// log-sync queue get a thread of their own, outside Swift's cooperative pool, and waits are real.
-/// A simulation supplies one that runs all of it on its seeded thread and virtual clock, so a
-/// database's flushes, compactions and group commits replay in the same order for the same seed.
+/// Where the engine's work runs and how it waits (LevelDB's `Env`, minus the files: those are
+/// `FileSystem`). `ThreadEnvironment` is the machine's: each background worker, the log-sync queue
+/// and each request executor get a thread of their own, outside Swift's cooperative pool, and
+/// waits are real. A simulation supplies one that runs all of it on its seeded thread and virtual
+/// clock, so a database's reads, writes, flushes, compactions and group commits replay in the same
+/// order for the same seed.
 ///
 /// Contract: work given to one `BlockingQueue` runs in submission order, never on the caller's
-/// stack; a worker executor runs its jobs one at a time; `sleep` throws `CancellationError`
-/// promptly when its task is cancelled. Thread-safe.
+/// stack; a worker or request executor runs its jobs one at a time; `sleep` throws
+/// `CancellationError` promptly when its task is cancelled. Thread-safe.
 public protocol StorageEnvironment: Sendable {
     /// A serial executor for one background worker (flushes, or compactions). Its jobs block on
     /// file I/O, so on the machine it must not share threads with request handling.
     func makeWorkerExecutor(label: String) -> any SerialExecutor
+    /// Serial executors (at least one) for engine calls on the request path: the reads and log
+    /// appends of a store's callers, who run on them instead of blocking the cooperative pool.
+    /// How many is the environment's choice (the machine's: one per core, up to four).
+    func makeRequestExecutors(label: String) -> [any SerialExecutor]
     /// A queue for blocking work submitted by callers that must not block (group-commit syncs).
     func makeQueue(label: String) -> any BlockingQueue
     /// Starts a top-level task for the engine (a worker's loop, the interval-sync timer).
@@ -30,11 +38,21 @@ public protocol BlockingQueue: Sendable {
 }
 
 /// The machine's environment: dispatch queues (threads outside the cooperative pool) for
-/// blocking work, `Task.sleep` for waits.
+/// background work, a thread of its own per request executor, `Task.sleep` for waits.
 public struct ThreadEnvironment: StorageEnvironment {
-    public init() {}
+    /// Request executors made by `makeRequestExecutors` (each a thread).
+    public let requestThreads: Int
+
+    /// `requestThreads`: default one per online core, at most four.
+    public init(requestThreads: Int? = nil) {
+        self.requestThreads = max(1, requestThreads ?? min(4, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))))
+    }
 
     public func makeWorkerExecutor(label: String) -> any SerialExecutor { QueueExecutor(label: label) }
+
+    public func makeRequestExecutors(label: String) -> [any SerialExecutor] {
+        (0..<requestThreads).map { ThreadExecutor(label: "\(label).\($0)") }
+    }
 
     public func makeQueue(label: String) -> any BlockingQueue { DispatchBlockingQueue(label: label) }
 

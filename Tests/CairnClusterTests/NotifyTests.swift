@@ -17,7 +17,7 @@ final class RecordingSink: NotifySink {
 }
 
 /// A storage backend whose reads can be made to hang (a wedged disk), bounded by `releaseAfter`.
-final class WedgeableBackend: StorageBackend {
+final class WedgeableBackend: PartitionStore {
     let inner = MemoryBackend()
     let wedged = Atomic<Bool>(false)
     var isPersistent: Bool { false }
@@ -29,14 +29,21 @@ final class WedgeableBackend: StorageBackend {
     func getDurable(partition: PartitionID, key: [UInt8]) throws -> [UInt8]? { try get(partition: partition, key: key) }
     var lastApplied: DurabilityToken { inner.lastApplied }
     func apply(partition: PartitionID, key: [UInt8], value: [UInt8]) throws -> DurabilityToken { try inner.apply(partition: partition, key: key, value: value) }
+    func apply(partition: PartitionID, batch: [(key: [UInt8], value: [UInt8])]) throws -> DurabilityToken { try inner.apply(partition: partition, batch: batch) }
+    func executor(for partition: PartitionID) -> (any SerialExecutor)? { nil }
     func waitDurable(_ token: DurabilityToken) async throws {}
-    func count(partition: PartitionID) throws -> Int { try inner.count(partition: partition) }
+    func fold<A: Sendable>(partition: PartitionID, after: [UInt8]?, into initial: A,
+                           _ visit: @Sendable (inout A, [UInt8], [UInt8]) throws -> FoldStep) async throws -> PartitionFold<A> {
+        try await inner.fold(partition: partition, after: after, into: initial, visit)
+    }
+    func count(partition: PartitionID) async throws -> Int { try await inner.count(partition: partition) }
+    func drop(partition: PartitionID) async throws { try await inner.drop(partition: partition) }
     func close() async throws {}
 }
 
 @Suite(.timeLimit(.minutes(2)))
 struct NotifyTests {
-    private func singleNode(sink: RecordingSink, backend: (any StorageBackend)? = nil, watchdog: Duration?, deadPeer: Bool) async throws -> (CairnNode, Task<Void, any Error>) {
+    private func singleNode(sink: RecordingSink, backend: (any PartitionStore)? = nil, watchdog: Duration?, deadPeer: Bool) async throws -> (CairnNode, Task<Void, any Error>) {
         var c = NodeConfig(name: try NodeName("n1"))
         c.listen = HostPort(host: "127.0.0.1", port: 0)
         c.http = nil

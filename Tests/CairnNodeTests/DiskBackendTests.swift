@@ -24,11 +24,11 @@ import CairnStorage
         }
         #expect(try b.get(partition: PartitionID(2), key: [3]) == [2, 3])
         #expect(try b.get(partition: PartitionID(3), key: [3]) == nil)
-        #expect(try b.count(partition: PartitionID(1)) == 10)
+        #expect(try await b.count(partition: PartitionID(1)) == 10)
         try await b.drop(partition: PartitionID(1))
-        #expect(try b.count(partition: PartitionID(1)) == 0)
-        #expect(try b.count(partition: PartitionID(2)) == 10)
-        #expect(try b.count(partition: PartitionID(0x0100_0000)) == 10)
+        #expect(try await b.count(partition: PartitionID(1)) == 0)
+        #expect(try await b.count(partition: PartitionID(2)) == 10)
+        #expect(try await b.count(partition: PartitionID(0x0100_0000)) == 10)
         try await b.close()
     }
 

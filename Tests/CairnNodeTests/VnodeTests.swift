@@ -6,7 +6,7 @@ import Synchronization
 import CairnStorage
 
 /// A backend wrapper that fails writes while `failWrites` is set and can store raw bytes.
-final class FaultyBackend: StorageBackend {
+final class FaultyBackend: PartitionStore {
     let inner = MemoryBackend()
     let failWrites = Atomic<Bool>(false)
     var isPersistent: Bool { false }
@@ -22,8 +22,19 @@ final class FaultyBackend: StorageBackend {
         return try inner.apply(partition: partition, key: key, value: value)
     }
 
+    func apply(partition: PartitionID, batch: [(key: [UInt8], value: [UInt8])]) throws -> DurabilityToken {
+        if failWrites.load(ordering: .relaxed) { throw InjectedFault() }
+        return try inner.apply(partition: partition, batch: batch)
+    }
+
+    func executor(for partition: PartitionID) -> (any SerialExecutor)? { nil }
     func waitDurable(_ token: DurabilityToken) async throws {}
-    func count(partition: PartitionID) throws -> Int { try inner.count(partition: partition) }
+    func fold<A: Sendable>(partition: PartitionID, after: [UInt8]?, into initial: A,
+                           _ visit: @Sendable (inout A, [UInt8], [UInt8]) throws -> FoldStep) async throws -> PartitionFold<A> {
+        try await inner.fold(partition: partition, after: after, into: initial, visit)
+    }
+    func count(partition: PartitionID) async throws -> Int { try await inner.count(partition: partition) }
+    func drop(partition: PartitionID) async throws { try await inner.drop(partition: partition) }
     func close() async throws {}
 }
 
@@ -39,7 +50,7 @@ func settle(_ what: String, _ condition: () async -> Bool) async throws {
 }
 
 /// A vnode under a fast-restarting supervisor, serving.
-func runningVnode(_ backend: any StorageBackend, limits: Limits = Limits()) async throws -> (Vnode, Supervisor, Task<Void, any Error>) {
+func runningVnode(_ backend: any PartitionStore, limits: Limits = Limits()) async throws -> (Vnode, Supervisor, Task<Void, any Error>) {
     let vnode = Vnode(partition: PartitionID(3), backend: backend, limits: limits, metrics: NodeMetrics(maxInflight: 10), logger: Logger(label: "t"))
     var policy = RestartPolicy()
     policy.backoffMin = .milliseconds(1)
@@ -167,7 +178,7 @@ func waitServing(_ v: Vnode) async throws {
 /// A backend whose log syncs wait for the test: writes are visible to `get` at once, to
 /// `getDurable` only once a sync covers them; `sync(failing:)` completes or fails every pending
 /// wait. Thread-safe.
-final class GatedBackend: StorageBackend {
+final class GatedBackend: PartitionStore {
     private struct State {
         var latest: [[UInt8]: [UInt8]] = [:]
         var durable: [[UInt8]: [UInt8]] = [:]
@@ -220,7 +231,24 @@ final class GatedBackend: StorageBackend {
         for (_, c) in waiters { if failing { c.resume(throwing: SyncFailed()) } else { c.resume() } }
     }
 
-    func count(partition: PartitionID) throws -> Int { state.withLock { $0.latest.count } }
+    func apply(partition: PartitionID, batch: [(key: [UInt8], value: [UInt8])]) throws -> DurabilityToken {
+        state.withLock { s in
+            for (key, value) in batch {
+                s.latest[key] = value
+                s.pending.append((key, value))
+            }
+            s.sequence += 1
+            return DurabilityToken(sequence: s.sequence)
+        }
+    }
+
+    func executor(for partition: PartitionID) -> (any SerialExecutor)? { nil }
+    func fold<A: Sendable>(partition: PartitionID, after: [UInt8]?, into initial: A,
+                           _ visit: @Sendable (inout A, [UInt8], [UInt8]) throws -> FoldStep) async throws -> PartitionFold<A> {
+        PartitionFold(accumulator: initial, resumeAfter: nil)
+    }
+    func count(partition: PartitionID) async throws -> Int { state.withLock { $0.latest.count } }
+    func drop(partition: PartitionID) async throws {}
     func close() async throws {}
 }
 
@@ -367,7 +395,7 @@ final class Flag: Sendable {
 }
 
 /// A memory backend whose reads of some keys fail with a block checksum error.
-final class CorruptingBackend: StorageBackend {
+final class CorruptingBackend: PartitionStore {
     let inner = MemoryBackend()
     let corruptKeys = Mutex<Set<[UInt8]>>([])
     var isPersistent: Bool { false }
@@ -381,8 +409,15 @@ final class CorruptingBackend: StorageBackend {
     func getDurable(partition: PartitionID, key: [UInt8]) throws -> [UInt8]? { try check(key); return try inner.getDurable(partition: partition, key: key) }
     var lastApplied: DurabilityToken { inner.lastApplied }
     func apply(partition: PartitionID, key: [UInt8], value: [UInt8]) throws -> DurabilityToken { try inner.apply(partition: partition, key: key, value: value) }
+    func apply(partition: PartitionID, batch: [(key: [UInt8], value: [UInt8])]) throws -> DurabilityToken { try inner.apply(partition: partition, batch: batch) }
+    func executor(for partition: PartitionID) -> (any SerialExecutor)? { nil }
     func waitDurable(_ token: DurabilityToken) async throws {}
-    func count(partition: PartitionID) throws -> Int { try inner.count(partition: partition) }
+    func fold<A: Sendable>(partition: PartitionID, after: [UInt8]?, into initial: A,
+                           _ visit: @Sendable (inout A, [UInt8], [UInt8]) throws -> FoldStep) async throws -> PartitionFold<A> {
+        try await inner.fold(partition: partition, after: after, into: initial, visit)
+    }
+    func count(partition: PartitionID) async throws -> Int { try await inner.count(partition: partition) }
+    func drop(partition: PartitionID) async throws { try await inner.drop(partition: partition) }
     func close() async throws {}
 }
 

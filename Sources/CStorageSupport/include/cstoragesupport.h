@@ -13,4 +13,7 @@ uint32_t cairn_crc32c_hardware(uint32_t crc, const uint8_t *bytes, size_t n);
 /// Returns freed heap pages to the OS (glibc's malloc_trim(0)); a no-op elsewhere.
 void cairn_release_free_memory(void);
 
+/// Names the calling thread (at most 15 bytes are kept on Linux); a no-op elsewhere.
+void cairn_set_thread_name(const char *name);
+
 #endif

@@ -1,0 +1,113 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CStorageSupport
+import Dispatch
+import Synchronization
+
+/// A serial executor with one thread of its own, outside Swift's cooperative pool and Dispatch's:
+/// its jobs run one at a time, in enqueue order, on that thread. Actors that make blocking engine
+/// calls on the request path (a partition store's vnodes) run on it, so a read that misses the
+/// block cache or a log append never occupies a thread that serves requests.
+///
+/// The thread parks on a semaphore when idle (a wake-up is one futex call) and exits once the
+/// executor is released and its queue is empty. `isIsolatingCurrentContext()` answers whether
+/// the caller runs on the thread (so `Actor.assumeIsolated` works there). Thread-safe.
+public final class ThreadExecutor: SerialExecutor {
+    /// What the thread and the enqueuers share; the thread holds it, not the executor.
+    private final class Core: Sendable {
+        struct State {
+            var jobs: [UnownedJob] = []
+            var sleeping = false
+            var stopping = false
+            var thread: pthread_t?
+        }
+        let state = Mutex(State())
+        let wake = DispatchSemaphore(value: 0)
+        /// The executor the jobs run on; set once, before the first job can be enqueued.
+        let executor = Mutex<UnownedSerialExecutor?>(nil)
+        let name: String
+
+        init(name: String) { self.name = name }
+
+        func loop() {
+            cairn_set_thread_name(name)
+            state.withLock { $0.thread = pthread_self() }
+            while true {
+                let next: [UnownedJob]? = state.withLock { s in
+                    if s.jobs.isEmpty {
+                        if s.stopping { return [] }
+                        s.sleeping = true
+                        return nil
+                    }
+                    defer { s.jobs = [] }
+                    return s.jobs
+                }
+                guard let next else {
+                    wake.wait()
+                    continue
+                }
+                if next.isEmpty { return }
+                guard let executor = executor.withLock({ $0 }) else { continue }
+                for job in next { job.runSynchronously(on: executor) }
+            }
+        }
+
+        /// Queues `job`; wakes the thread if it sleeps.
+        func push(_ job: UnownedJob) {
+            let signal: Bool = state.withLock { s in
+                s.jobs.append(job)
+                defer { s.sleeping = false }
+                return s.sleeping
+            }
+            if signal { wake.signal() }
+        }
+
+        func stop() {
+            let signal: Bool = state.withLock { s in
+                s.stopping = true
+                defer { s.sleeping = false }
+                return s.sleeping
+            }
+            if signal { wake.signal() }
+        }
+
+        var isCurrent: Bool {
+            guard let t = state.withLock({ $0.thread }) else { return false }
+            return pthread_equal(t, pthread_self()) != 0
+        }
+    }
+
+    private let core: Core
+
+    /// Starts the thread, named `label` (truncated to 15 bytes in the OS's thread list).
+    public init(label: String) {
+        core = Core(name: label)
+        core.executor.withLock { $0 = UnownedSerialExecutor(ordinary: self) }
+        let box = Unmanaged.passRetained(core).toOpaque()
+        var thread = pthread_t()
+        let started = pthread_create(&thread, nil, { arg in
+            guard let arg else { return nil }
+            Unmanaged<Core>.fromOpaque(arg).takeRetainedValue().loop()
+            return nil
+        }, box)
+        if started == 0 {
+            pthread_detach(thread)
+        } else {
+            // No thread to be had (a process at its limit): run jobs on Dispatch's pool instead,
+            // still one at a time, still off the cooperative pool.
+            Unmanaged<Core>.fromOpaque(box).release()
+            let core = core
+            DispatchQueue(label: label).async { core.loop() }
+        }
+    }
+
+    deinit { core.stop() }
+
+    public func enqueue(_ job: consuming ExecutorJob) { core.push(UnownedJob(job)) }
+
+    public func asUnownedSerialExecutor() -> UnownedSerialExecutor { UnownedSerialExecutor(ordinary: self) }
+
+    /// Whether the caller runs on this executor's thread.
+    public func isIsolatingCurrentContext() -> Bool? { core.isCurrent }
+}
