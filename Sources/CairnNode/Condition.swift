@@ -41,6 +41,16 @@ final class Condition: Sendable {
         }
     }
 
+    /// Returns true once `predicate` holds, false if the task is cancelled first. No deadline.
+    func wait(until predicate: () -> Bool) async -> Bool {
+        while true {
+            let seen = state.withLock { $0.generation }
+            if predicate() { return true }
+            if Task.isCancelled { return false }
+            await changed(after: seen)
+        }
+    }
+
     /// Returns after a `notifyAll` that follows generation `seen` (at once if one already did),
     /// or when the task is cancelled.
     private func changed(after seen: UInt64) async {

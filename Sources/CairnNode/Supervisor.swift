@@ -214,41 +214,18 @@ public actor Supervisor: SupervisedChild {
 /// task is cancelled returns without setting it (so one run's end does not terminate the next).
 /// Thread-safe.
 final class StopSignal: Sendable {
-    private struct State {
-        var stopped = false
-        var next: UInt64 = 0
-        var waiters: [UInt64: CheckedContinuation<Void, Never>] = [:]
-    }
-    private let state = Locked(State())
+    private let stopped = Locked(false)
+    private let changed = Condition()
 
     func stop() {
-        let waiters: [CheckedContinuation<Void, Never>] = state.withLock { s in
-            s.stopped = true
-            defer { s.waiters = [:] }
-            return Array(s.waiters.values)
-        }
-        for w in waiters { w.resume() }
+        stopped.withLock { $0 = true }
+        changed.notifyAll()
     }
 
-    var isStopped: Bool { state.withLock { $0.stopped } }
+    var isStopped: Bool { stopped.value }
 
     /// Returns once stopped, or when the calling task is cancelled.
     func wait() async {
-        let id: UInt64 = state.withLock { s in
-            defer { s.next += 1 }
-            return s.next
-        }
-        await withTaskCancellationHandler {
-            await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
-                let now: Bool = state.withLock { s in
-                    if s.stopped || Task.isCancelled { return true }
-                    s.waiters[id] = c
-                    return false
-                }
-                if now { c.resume() }
-            }
-        } onCancel: {
-            state.withLock { $0.waiters.removeValue(forKey: id) }?.resume()
-        }
+        _ = await changed.wait(until: { isStopped })
     }
 }
