@@ -243,6 +243,10 @@ public final class Database: Sendable {
     private let flushLock = Mutex(())
     /// Serializes compactions (the worker's and `compactUntilSettled`'s): one merge at a time.
     private let compactionLock = Mutex(())
+    /// Serializes the log's writers: appends, log switches and the final close. Held around the
+    /// `write(2)` and the switch's syncs instead of the state lock, so readers (who take only the
+    /// state lock) never wait for disk I/O of the request path. Order: `logLock`, then `state`.
+    private let logLock = Mutex(())
     private let flushSignal = WakeSignal()
     private let compactionSignal = WakeSignal()
     /// Wakes writers waiting for room (a flush or compaction finished, or the database closed).
@@ -473,24 +477,32 @@ public final class Database: Sendable {
         return fatal
     }
 
-    /// Freezes the memtable and starts a new log (the caller holds the state lock; no immutable
-    /// memtable may be pending). Everything logged so far is synced first, so the frozen memtable's
-    /// writers are durable.
-    private func rotate(_ s: inout State) throws(StorageError) {
-        guard s.immutable == nil else { throw .invalidArgument("internal: a memtable switch while a flush is pending") }
-        let number = s.version.nextFile
+    /// Freezes the memtable and starts a new log. The caller holds `logLock` (no append runs),
+    /// not the state lock: the new log's creation and syncs and the old log's final sync happen
+    /// outside it, so readers do not wait for them. Everything logged so far is synced before the
+    /// switch, so the frozen memtable's writers are durable. Returns false (nothing done) while a
+    /// flush is pending.
+    private func switchLog() throws(StorageError) -> Bool {
+        guard let (number, old) = state.withLock({ s -> (UInt64, WALWriter)? in
+            guard s.immutable == nil else { return nil }
+            // Reserved now: flushes and compactions take numbers concurrently.
+            defer { s.version.nextFile += 1 }
+            return (s.version.nextFile, s.writer)
+        }) else { return false }
         let logPath = path(Self.logName(number))
         let file = try fs.openAppendable(logPath, create: true)
         try file.sync()
         try fs.syncDirectory(directory)
-        try s.writer.sync()
-        s.committer.markDurable(upTo: s.sequence)
-        s.immutable = (s.memtable, number, s.sequence)
-        s.memtable = Memtable()
-        s.writer = WALWriter(file: file, path: logPath)
-        s.committer = Self.makeCommitter(s.writer, durable: s.sequence, queue: syncQueue)
-        s.version.nextFile = number + 1
-        s.relink()
+        try old.sync()
+        state.withLock { s in
+            s.committer.markDurable(upTo: s.sequence)
+            s.immutable = (s.memtable, number, s.sequence)
+            s.memtable = Memtable()
+            s.writer = WALWriter(file: file, path: logPath)
+            s.committer = Self.makeCommitter(s.writer, durable: s.sequence, queue: syncQueue)
+            s.relink()
+        }
+        return true
     }
 
     /// Writes the frozen memtable as a level-0 table (newest version per key; entries a range
@@ -864,23 +876,32 @@ public final class Database: Sendable {
     /// and a write, which then call `waitForRoom` after. Returns the batch's last sequence number.
     public func apply(_ batch: WriteBatch) throws(StorageError) -> UInt64 {
         guard !batch.ops.isEmpty else { return state.withLock { $0.sequence } }
+        return try logLock.withLock { _ throws(StorageError) -> UInt64 in try applyHoldingLogLock(batch) }
+    }
+
+    /// `apply` with `logLock` held: no other writer runs, so the sequence and the log writer read
+    /// under the state lock stay current while the record is written outside it.
+    private func applyHoldingLogLock(_ batch: WriteBatch) throws(StorageError) -> UInt64 {
         var obsolete: [UInt64] = []
-        let (last, rotated): (UInt64, Bool) = try state.withLock { s throws(StorageError) in
+        let (first, writer): (UInt64, WALWriter) = try state.withLock { s throws(StorageError) in
             if let f = s.writeFailure { throw Self.refusal(f) }
             if let e = s.backgroundError { throw .writesRefused("a background job failed (\(e))") }
             if s.closed { throw .writesRefused("the database is closed") }
             let first = s.sequence + 1
             guard first + UInt64(batch.ops.count) < Self.maxSequence else { throw .invalidArgument("sequence numbers exhausted") }
-            do throws(StorageError) {
-                try s.writer.append([batch.encoded(firstSequence: first)], sync: false)
-            } catch {
-                // The log may end in a fragment of this record now: no later record may follow it.
-                switch error {
-                case .invalidArgument, .writesRefused: break
-                default: if s.writeFailure == nil { s.writeFailure = error }
-                }
-                throw error
+            return (first, s.writer)
+        }
+        do throws(StorageError) {
+            try writer.append([batch.encoded(firstSequence: first)], sync: false)
+        } catch {
+            // The log may end in a fragment of this record now: no later record may follow it.
+            switch error {
+            case .invalidArgument, .writesRefused: break
+            default: state.withLock { s in if s.writeFailure == nil { s.writeFailure = error } }
             }
+            throw error
+        }
+        let (last, rotate): (UInt64, Bool) = try state.withLock { s throws(StorageError) in
             // The record is in the log: from here the batch is applied whole, even if recording a
             // range deletion in the manifest fails (then the tombstone is kept in memory, where
             // replaying the log would put it, and the error is thrown after).
@@ -911,13 +932,9 @@ public final class Database: Sendable {
                 s.relink()
                 throw manifestFailure
             }
-            var rotated = false
-            if s.immutable == nil && s.memtable.approximateBytes >= options.writeBufferBytes / 2 {
-                try rotate(&s)
-                rotated = true
-            }
-            return (s.sequence, rotated)
+            return (s.sequence, s.immutable == nil && s.memtable.approximateBytes >= options.writeBufferBytes / 2)
         }
+        let rotated = rotate ? try switchLog() : false
         for n in obsolete {
             cache.evict(file: n)
             try fs.remove(path(Self.tableName(n)))
@@ -1025,10 +1042,9 @@ public final class Database: Sendable {
     /// Makes everything written so far part of a level-0 table; returns when that table is live.
     public func flush() throws(StorageError) {
         _ = try flushImmutable()
-        let rotated = try state.withLock { s throws(StorageError) -> Bool in
-            guard s.immutable == nil, s.memtable.count > 0 else { return false }
-            try rotate(&s)
-            return true
+        let rotated = try logLock.withLock { _ throws(StorageError) -> Bool in
+            guard state.withLock({ $0.immutable == nil && $0.memtable.count > 0 }) else { return false }
+            return try switchLog()
         }
         if rotated { _ = try flushImmutable() }
     }
@@ -1094,7 +1110,7 @@ public final class Database: Sendable {
         room.notifyAll()
         for t in workers.withLock({ $0 }) { await t.value }
         guard !already else { return }
-        let failure: StorageError? = state.withLock { s in
+        let failure: StorageError? = logLock.withLock { _ in state.withLock { s in
             var failure: StorageError?
             if syncing && s.backgroundError == nil {
                 do throws(StorageError) { try s.writer.sync() } catch { failure = error }
@@ -1103,7 +1119,7 @@ public final class Database: Sendable {
             do throws(StorageError) { try s.manifest.close() } catch { failure = failure ?? error }
             for r in s.readers.values { r.close() }
             return failure
-        }
+        } }
         if let failure { throw failure }
     }
 }

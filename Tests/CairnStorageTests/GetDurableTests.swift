@@ -1,4 +1,6 @@
 import Testing
+import Foundation
+import Synchronization
 @testable import CairnStorage
 
 /// `getDurable` reads as of the newest sequence whose log record is durable (under `always`):
@@ -84,5 +86,52 @@ import Testing
         let back = try Database.open(fs: fs, directory: "/db")
         #expect(try back.get([5]) == nil)
         try await back.close()
+    }
+}
+
+/// The request path does no disk I/O under the engine's state lock: a log switch whose syncs are
+/// slow holds up the next writer, never a reader.
+@Suite struct WritePathLockTests {
+    @Test func aReaderDoesNotWaitForALogSwitchsSyncs() async throws {
+        let fs = FaultyFileSystem()
+        var options = DatabaseOptions()
+        options.writeBufferBytes = 64 << 10
+        options.syncMode = .none
+        let db = try Database.open(fs: fs, directory: "/db", options: options)
+        var first = WriteBatch()
+        first.put([0], [42])
+        _ = try db.apply(first)
+        let logsBefore = try fs.list("/db").filter { $0.hasSuffix(".log") }.count
+        fs.holdSyncs()
+        // Writes until the memtable is half full: that apply switches logs and blocks in the
+        // new log's sync.
+        let writer = Thread {
+            for i in 0..<200 {
+                var b = WriteBatch()
+                b.put([1, UInt8(i)], Array(repeating: 7, count: 1024))
+                _ = try? db.apply(b)
+            }
+        }
+        writer.start()
+        var switching = false
+        for _ in 0..<5000 where !switching {
+            switching = (try fs.list("/db").filter { $0.hasSuffix(".log") }.count) > logsBefore
+            if !switching { try await Task.sleep(for: .milliseconds(1)) }
+        }
+        #expect(switching, "the writer never started a log switch")
+        // The switch is now stuck in its held sync. A read must still answer.
+        let read = Mutex<[UInt8]??>(nil)
+        let reader = Thread { read.withLock { $0 = .some(try? db.get([0])) } }
+        reader.start()
+        var answered = false
+        for _ in 0..<5000 where !answered {
+            answered = read.withLock { $0 != nil }
+            if !answered { try await Task.sleep(for: .milliseconds(1)) }
+        }
+        #expect(answered, "a read waited for the log switch's sync")
+        fs.releaseSyncs()
+        for _ in 0..<5000 where read.withLock({ $0 == nil }) { try await Task.sleep(for: .milliseconds(1)) }
+        #expect(read.withLock { $0 } == .some([42]))
+        await db.abandon()
     }
 }
