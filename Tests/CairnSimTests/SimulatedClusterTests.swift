@@ -136,3 +136,41 @@ struct SimTestError: Error, CustomStringConvertible {
         #expect(outcome == ["second"])
     }
 }
+
+/// A partition heals: while n1 is cut off from its peers a write through it at W=all cannot
+/// complete; once the network heals, the same write completes and every replica answers.
+@Suite struct PartitionHealSimulationTests {
+    @Test func aWriteThatAPartitionBlocksCompletesAfterTheHeal() async throws {
+        let outcome = try await offPool { () throws -> [String] in
+            let clock = ManualClock()
+            let executor = SimulationExecutor(seed: 21)
+            let network = InMemoryNetwork(clock: clock, seed: 21, executor: executor)
+            let cluster = try SimulatedCluster(count: 3, clock: clock, network: network, executor: executor, seed: 21)
+            return try simulate(on: executor, clock: clock, limit: .seconds(60)) { () -> Result<[String], any Error> in
+                do {
+                    for i in 0..<3 { try await cluster.start(i) }
+                    guard let n1 = cluster.node(0), let n3 = cluster.node(2) else { throw SimTestError("no nodes") }
+                    for peer in cluster.names.dropFirst() {
+                        network.cut(from: cluster.names[0], to: peer)
+                        network.cut(from: peer, to: cluster.names[0])
+                    }
+                    var seen: [String] = []
+                    if case .error(let e) = await put(n1, "k", "during", w: .all) { seen.append("during: \(e.code)") } else { seen.append("during: ok") }
+                    network.heal()
+                    try await clock.sleep(for: .seconds(1))
+                    guard let r = await get(n1, "k", r: .all) else { throw SimTestError("read after heal failed") }
+                    if case .writeReply = await put(n1, "k", "after", context: r.context, w: .all) { seen.append("after: ok") } else { seen.append("after: failed") }
+                    guard let final = await get(n3, "k", r: .all) else { throw SimTestError("final read failed") }
+                    seen.append("final: " + final.siblings.map { String(decoding: $0.value, as: UTF8.self) }.sorted().joined(separator: ","))
+                    await cluster.shutdown()
+                    return .success(seen)
+                } catch {
+                    return .failure(error)
+                }
+            }.get()
+        }
+        #expect(outcome.count == 3)
+        #expect(outcome.first?.hasPrefix("during: ") == true && outcome.first != "during: ok", "a cut-off coordinator cannot reach W=all")
+        #expect(Array(outcome.dropFirst()) == ["after: ok", "final: after"])
+    }
+}
