@@ -125,6 +125,37 @@ public final class CairnNode: Service, Sendable {
         return await reply.wait(onCancel: .error(ErrorReply(code: .timeout, message: "the caller stopped waiting")))
     }
 
+    // MARK: One-way messages and streams (the transport's; gossip, handoff and anti-entropy use them)
+
+    /// Sends `message` to peer `node` one-way over the node's transport: dispatched there as a
+    /// request whose answer is dropped; nothing is reported back. Dropped before `start`.
+    public func cast(to node: NodeName, _ message: Message) {
+        core.current?.transport.cast(to: node, message)
+    }
+
+    /// Opens a stream of `kind` to peer `node` (on the data link over sockets); `header` goes to
+    /// the receiver's acceptor. The open waits at most `timeoutMillis` (default
+    /// `request.timeout`). See `OutboundStream` for what the stream guarantees.
+    public func openStream(to node: NodeName, kind: StreamKind, header: [UInt8] = [],
+                           timeoutMillis: UInt32? = nil) async throws(StreamError) -> any OutboundStream {
+        guard let transport = core.current?.transport else { throw .connection(.notSent("node \(config.name) is not started")) }
+        return try await transport.openStream(to: node, kind: kind, header: header, timeoutMillis: timeoutMillis ?? config.requestTimeoutMillis)
+    }
+
+    /// Makes this node accept streams of `kind`, handing each to `acceptor` (replacing an earlier
+    /// one). Streams are accepted only while the node serves, at most
+    /// `transport.max_streams_per_peer` from each peer.
+    public func acceptStreams(of kind: StreamKind, _ acceptor: @escaping StreamAcceptor) {
+        core.streamAcceptors.withLock { $0[kind] = acceptor }
+    }
+
+    /// The control and data connections to peer `node` that are up now (socket transport only;
+    /// nil otherwise): to check that streams run on a connection of their own.
+    public func peerConnections(to node: NodeName) -> (control: Connection?, data: Connection?) {
+        guard let sockets = core.current?.transport as? SocketTransport else { return (nil, nil) }
+        return sockets.connections(to: node)
+    }
+
     /// Binds the client/internode listener and the HTTP listener (port 0 picks a free port).
     /// Requests that arrive before `run()` reaches `serving` are refused with `notReady`.
     @discardableResult
@@ -193,7 +224,7 @@ public final class CairnNode: Service, Sendable {
             network.attach(config.name, router)
             return bound
         }
-        let (router, limits, registry) = (router, config.limits, connections)
+        let (router, limits, registry, streams) = (router, config.limits, connections, config.streamSettings)
         let server = try await ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 256)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
@@ -205,7 +236,7 @@ public final class CairnNode: Service, Sendable {
                 channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.addHandler(ConnectionTracker(registry: registry))
                     try channel.pipeline.syncOperations.addHandler(FrameDecoder.handler(limits: limits))
-                    try channel.pipeline.syncOperations.addHandler(ServerConnectionHandler(dispatcher: router, limits: limits))
+                    try channel.pipeline.syncOperations.addHandler(ServerConnectionHandler(dispatcher: router, limits: limits, streams: streams))
                 }
             }
             .bind(host: config.listen.host, port: config.listen.port).get()
@@ -260,14 +291,19 @@ public final class CairnNode: Service, Sendable {
         let (metrics, notifier) = (core.metrics, notifier)
         let transport: any Transport
         if let network {
-            transport = network.transport(for: config.name)
+            transport = network.transport(for: config.name, streams: config.streamSettings, metrics: metrics)
         } else {
             let links = Supervisor(name: "peers", policy: config.restartPolicy, logger: core.logger, clock: core.clock) { _ in
                 metrics.supervisorRestarts.increment()
             }
             let (config, group, logger, clock) = (config, group, core.logger, core.clock)
             let transportBox = Locked<SocketTransport?>(nil)
-            let sockets = SocketTransport(views: views, supervisor: links, faults: core.faults, clock: core.clock) { member in
+            let sockets = SocketTransport(views: views, supervisor: links, faults: core.faults, clock: core.clock,
+                                          streams: config.streamSettings, connectTimeoutMillis: config.connectTimeoutMillis, metrics: metrics,
+                                          makeDataLink: { member, oneWay in
+                PeerLink(peer: member.name, address: member.address, hello: hello, config: config, group: group, logger: logger, clock: clock,
+                         role: "data", oneWay: oneWay) {}
+            }) { member in
                 PeerLink(peer: member.name, address: member.address, hello: hello, config: config, group: group, logger: logger, clock: clock) {
                     guard let t = transportBox.value else { return }
                     t.reachabilityChanged.notifyAll()

@@ -1,5 +1,6 @@
 public import CairnCore
 public import CairnStorage
+public import CairnWire
 import CairnRing
 
 /// A cluster member as configured: its name and client/internode address.
@@ -54,6 +55,10 @@ public struct NodeConfig: Sendable {
     public var connectTimeoutMillis: Int64 = 1000
     public var reconnectMinMillis: Int64 = 100
     public var reconnectMaxMillis: Int64 = 2000
+    /// Unacknowledged bytes one outbound stream may have in flight (`transport.stream_window_bytes`).
+    public var streamWindowBytes = 4 << 20
+    /// Streams open at once to one peer, and from one peer (`transport.max_streams_per_peer`).
+    public var maxStreamsPerPeer = 4
     // supervisor.*
     public var restartPolicy = RestartPolicy()
     // shutdown.*
@@ -64,6 +69,15 @@ public struct NodeConfig: Sendable {
     /// The address peers and clients use for this node: its `cluster.members` entry, else `listen`.
     public var advertised: HostPort {
         members.first { $0.name == name }?.address ?? listen
+    }
+
+    /// The stream limits these keys give (`transport.stream_*`, `limits.max_frame_bytes`).
+    public var streamSettings: StreamSettings {
+        var s = StreamSettings()
+        s.windowBytes = streamWindowBytes
+        s.maxStreamsPerPeer = maxStreamsPerPeer
+        s.maxFrameBytes = limits.maxFrameBytes
+        return s
     }
 
     /// Checks relations between keys that each parse fine on their own.

@@ -74,6 +74,8 @@ extension NodeConfig {
         case "transport.connect_timeout": connectTimeoutMillis = try Self.millis(value)
         case "transport.reconnect_min": reconnectMinMillis = try Self.millis(value)
         case "transport.reconnect_max": reconnectMaxMillis = try Self.millis(value)
+        case "transport.stream_window_bytes": streamWindowBytes = try Self.bytes(value, (64 << 10)...(1 << 30))
+        case "transport.max_streams_per_peer": maxStreamsPerPeer = try Self.int(value, 1...1024)
         case "supervisor.max_restarts": restartPolicy.maxRestarts = try Self.int(value, 0...10_000)
         case "supervisor.restart_window": restartPolicy.window = .milliseconds(try Self.millis(value))
         case "supervisor.backoff_min": restartPolicy.backoffMin = .milliseconds(try Self.millis(value))

@@ -46,6 +46,11 @@ final class NodeCore: Sendable {
     /// Draws actor epochs (seeded in simulations).
     let epochs: EpochSource
 
+    /// The handler of each stream kind this node accepts (`CairnNode.acceptStreams`).
+    let streamAcceptors = Locked<[StreamKind: StreamAcceptor]>([:])
+    /// Streams open from each peer now (bounded by `transport.max_streams_per_peer`).
+    let inboundStreams = Locked<[NodeName: Int]>([:])
+
     init(config: NodeConfig, backend: (any PartitionStore)?, logger: Logger, faults: TransportFaults? = nil,
          clock: any NodeClock = SystemClock(), epochs: EpochSource = EpochSource(), notify: any NotifySink = SystemdNotifySink()) {
         self.config = config

@@ -5,6 +5,7 @@ public import Prometheus
 
 import CairnCore
 import CairnStorage
+import Synchronization
 
 /// The node's metrics, created once against the node's own Prometheus registry (so several
 /// in-process nodes never share counters). Names and meanings: Docs/metrics.md.
@@ -44,6 +45,13 @@ public final class NodeMetrics: Sendable {
     let readPauses: CoreMetrics.Counter
     /// Reads that met a corrupt storage block (checksum mismatch): the key was not served here.
     let corruptReads: CoreMetrics.Counter
+    /// Streams open now, to peers (`out`) and from peers (`in`).
+    let streamsOut: StreamGauge
+    let streamsIn: StreamGauge
+    /// Stream sends that found the window full and waited (`transport.stream_window_bytes`).
+    let streamWindowWaits: CoreMetrics.Counter
+    /// Stream opens refused by `transport.max_streams_per_peer`, on either side.
+    let streamsRefused: CoreMetrics.Counter
 
     public init(maxInflight: Int) {
         registry = PrometheusCollectorRegistry()
@@ -73,6 +81,10 @@ public final class NodeMetrics: Sendable {
         corruptObjects = CoreMetrics.Counter(label: "cairn_corrupt_objects_total", factory: f)
         readPauses = CoreMetrics.Counter(label: "cairn_connection_read_pauses_total", factory: f)
         corruptReads = CoreMetrics.Counter(label: "cairn_storage_corrupt_reads_total", factory: f)
+        streamsOut = StreamGauge(CoreMetrics.Gauge(label: "cairn_streams_open", dimensions: [("direction", "out")], factory: f))
+        streamsIn = StreamGauge(CoreMetrics.Gauge(label: "cairn_streams_open", dimensions: [("direction", "in")], factory: f))
+        streamWindowWaits = CoreMetrics.Counter(label: "cairn_stream_window_waits_total", factory: f)
+        streamsRefused = CoreMetrics.Counter(label: "cairn_streams_refused_total", factory: f)
     }
 
     /// Counts a request that was refused before any work (no latency sample).
@@ -118,6 +130,19 @@ public final class NodeMetrics: Sendable {
 
     /// The Prometheus text exposition of every metric.
     public func exposition() -> String { registry.emitToString() }
+}
+
+/// A gauge of open streams, kept as a count here (opened / closed). Thread-safe.
+final class StreamGauge: Sendable {
+    private let gauge: CoreMetrics.Gauge
+    private let count = Atomic<Int>(0)
+    init(_ gauge: CoreMetrics.Gauge) {
+        self.gauge = gauge
+        gauge.record(0)
+    }
+    var value: Int { count.load(ordering: .relaxed) }
+    func opened() { gauge.record(count.wrappingAdd(1, ordering: .relaxed).newValue) }
+    func closed() { gauge.record(count.wrappingSubtract(1, ordering: .relaxed).newValue) }
 }
 
 extension CoreMetrics.Timer {

@@ -14,7 +14,11 @@ import Logging
 /// the coordinator path reads "is it up?" and sends without hopping to an actor. `run()` is
 /// supervised; it returns only when cancelled. A request goes out only over a connection that
 /// completed the handshake; otherwise `send` throws `ConnectionError.notSent` (certainly not
-/// delivered).
+/// delivered), and `cast` drops the message.
+///
+/// A node has two links per peer: the control link (requests, one-way messages) and, from the
+/// first stream on, the data link (streams only; `role` "data"), so bulk transfer never queues
+/// ahead of replica traffic. Both handshake and reconnect the same way.
 final class PeerLink: SupervisedChild {
     struct State {
         var machine: PeerLinkMachine
@@ -42,13 +46,22 @@ final class PeerLink: SupervisedChild {
     private let logger: Logger
     private let onChange: @Sendable () -> Void
     private let clock: any NodeClock
+    private let oneWay: (@Sendable (Message) -> Void)?
+    /// Notified whenever the link goes up or down, or an attempt ends.
+    let changed = Condition()
 
+    /// - Parameters:
+    ///   - role: "peer" for the control link, "data" for the data link (the child's name prefix).
+    ///   - oneWay: receives one-way messages the peer sends on this link's connections (stream
+    ///     acknowledgements), on the event loop.
     init(peer: NodeName, address: HostPort, hello: Hello, config: NodeConfig, group: any EventLoopGroup,
-         logger: Logger, clock: any NodeClock, onChange: @escaping @Sendable () -> Void) {
+         logger: Logger, clock: any NodeClock, role: String = "peer", oneWay: (@Sendable (Message) -> Void)? = nil,
+         onChange: @escaping @Sendable () -> Void) {
         self.peer = peer
         self.clock = clock
         self.address = address
-        self.childName = "peer-\(peer)"
+        self.oneWay = oneWay
+        self.childName = "\(role)-\(peer)"
         self.config = config
         self.group = group
         self.logger = logger
@@ -75,6 +88,14 @@ final class PeerLink: SupervisedChild {
         guard let connection else { throw .notSent("\(peer) is down: \(reason ?? "connection closed")") }
         return try await connection.request(message, timeoutMillis: timeoutMillis)
     }
+
+    /// Sends `message` one-way over the handshaken connection; dropped when there is none.
+    func cast(_ message: Message) {
+        state.withLock { Self.usable($0) }?.cast(message)
+    }
+
+    /// The handshaken connection, if the link is up.
+    var connection: Connection? { state.withLock { Self.usable($0) } }
 
     func run() async throws {
         var directives = state.withLock { $0.machine.start() }
@@ -111,7 +132,8 @@ final class PeerLink: SupervisedChild {
                 do {
                     return .connected(try await Connection.connect(
                         host: address.host, port: address.port, group: group, limits: config.limits,
-                        maxPending: config.maxPendingPerConnection, connectTimeout: .milliseconds(config.connectTimeoutMillis)))
+                        maxPending: config.maxPendingPerConnection, connectTimeout: .milliseconds(config.connectTimeoutMillis),
+                        oneWay: oneWay))
                 } catch {
                     return Task.isCancelled ? .cancelled : .connectFailed(error.description)
                 }
@@ -125,6 +147,7 @@ final class PeerLink: SupervisedChild {
                 }
             case .markUp:
                 onChange()
+                changed.notifyAll()
                 guard let connection = state.withLock({ $0.connection }) else { return .closed }
                 await withTaskCancellationHandler {
                     try? await connection.channel.closeFuture.get()
@@ -138,6 +161,7 @@ final class PeerLink: SupervisedChild {
                     return s.connection
                 }?.close()
                 onChange()
+                changed.notifyAll()
             case .sleep(let duration):
                 do {
                     try await clock.sleep(for: duration)

@@ -117,6 +117,54 @@ final class Router: RequestDispatcher {
         core.logger.debug("protocol error", metadata: ["error": "\(error)"])
     }
 
+    func recordDroppedOneWay(_ type: MessageType, reason: String) {
+        core.metrics.protocolErrors.increment()
+        core.logger.debug("one-way message dropped", metadata: ["type": "\(type)", "reason": "\(reason)"])
+    }
+
+    /// Hands a stream to the handler registered for its kind, within
+    /// `transport.max_streams_per_peer` streams from that peer (else `overloaded`, counted in
+    /// `cairn_streams_refused_total`). Refused while the node is not serving.
+    func acceptStream(_ request: InboundStreamRequest) -> Result<any StreamSink, ErrorReply> {
+        switch core.state {
+        case .serving: break
+        case .starting: return .failure(ErrorReply(code: .notReady, message: "node \(core.config.name) is starting"))
+        case .draining, .stopped: return .failure(ErrorReply(code: .shuttingDown, message: "node \(core.config.name) is shutting down"))
+        }
+        guard let acceptor = core.streamAcceptors.withLock({ $0[request.kind] }) else {
+            return .failure(ErrorReply(code: .unknownMessage, message: "node \(core.config.name) accepts no \(request.kind) streams"))
+        }
+        let (limit, peer, core) = (core.config.maxStreamsPerPeer, request.from, core)
+        let reserved = core.inboundStreams.withLock { open in
+            guard open[peer, default: 0] < limit else { return false }
+            open[peer, default: 0] += 1
+            return true
+        }
+        guard reserved else {
+            core.metrics.streamsRefused.increment()
+            return .failure(ErrorReply(code: .overloaded, message:
+                "\(limit) streams from \(peer) already open on \(core.config.name) (transport.max_streams_per_peer)"))
+        }
+        let release: @Sendable () -> Void = {
+            core.inboundStreams.withLock { open in
+                open[peer, default: 1] -= 1
+                if open[peer] == 0 { open.removeValue(forKey: peer) }
+            }
+            core.metrics.streamsIn.closed()
+        }
+        switch acceptor(request) {
+        case .success(let sink):
+            core.metrics.streamsIn.opened()
+            return .success(CountedSink(sink, release: release))
+        case .failure(let error):
+            core.inboundStreams.withLock { open in
+                open[peer, default: 1] -= 1
+                if open[peer] == 0 { open.removeValue(forKey: peer) }
+            }
+            return .failure(error)
+        }
+    }
+
     func dispatch(_ envelope: Envelope, fromPeer: Bool, responder: Responder) {
         switch core.state {
         case .serving: break
@@ -142,5 +190,39 @@ extension Message {
         case .delete: .delete
         default: nil
         }
+    }
+}
+
+/// A sink that calls `release` once, when its stream ended on this side (finish returned or
+/// threw, receive threw, or cancelled).
+private final class CountedSink: StreamSink {
+    let sink: any StreamSink
+    let released = Atomic<Bool>(false)
+    let release: @Sendable () -> Void
+
+    init(_ sink: any StreamSink, release: @escaping @Sendable () -> Void) {
+        self.sink = sink
+        self.release = release
+    }
+
+    private func end() {
+        if !released.exchange(true, ordering: .relaxed) { release() }
+    }
+
+    func receive(_ chunk: [UInt8]) async throws {
+        do { try await sink.receive(chunk) } catch {
+            end()
+            throw error
+        }
+    }
+
+    func finish() async throws {
+        defer { end() }
+        try await sink.finish()
+    }
+
+    func cancelled(_ reason: String) async {
+        await sink.cancelled(reason)
+        end()
     }
 }

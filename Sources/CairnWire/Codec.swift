@@ -82,8 +82,25 @@ public enum WireCodec {
             w.writeBlob(d.key)
             w.writeBlob(d.context.vector.isEmpty ? [] : d.context.bytes)
             encode(d.options, into: &w)
-        case .members, .ping, .pong, .replicaPutAck:
+        case .members, .ping, .pong, .replicaPutAck, .streamAccept:
             break
+        case .streamOpen(let o):
+            w.writeU64(o.streamID)
+            w.writeU8(o.kind.rawValue)
+            w.writeBlob(o.header)
+        case .streamChunk(let c):
+            w.writeU64(c.streamID)
+            w.writeBlob(c.data)
+        case .streamEnd(let e):
+            w.writeU64(e.streamID)
+            w.writeVarint(e.chunkCount)
+        case .streamCancel(let c), .streamAbort(let c):
+            w.writeU64(c.streamID)
+            w.writeString(truncated(c.reason, toBytes: maxShortString))
+        case .streamAck(let a):
+            w.writeU64(a.streamID)
+            w.writeVarint(a.acknowledged)
+            w.writeU8(a.final ? 1 : 0)
         case .getReply(let r):
             w.writeU8(r.found ? 1 : 0)
             w.writeBlob(r.context.vector.isEmpty ? [] : r.context.bytes)
@@ -239,6 +256,24 @@ public enum WireCodec {
         case .ping: return .ping
         case .pong: return .pong
         case .replicaPutAck: return .replicaPutAck
+        case .streamAccept: return .streamAccept
+        case .streamOpen:
+            let id = try r.readU64("stream id")
+            let kind = StreamKind(rawValue: try r.readU8("stream kind"))
+            return .streamOpen(StreamOpen(streamID: id, kind: kind, header: try r.readBlob("stream header", limit: StreamSettings.maxHeaderBytes)))
+        case .streamChunk:
+            let id = try r.readU64("stream id")
+            return .streamChunk(StreamChunk(streamID: id, data: try r.readBlob("chunk", limit: limits.maxFrameBytes)))
+        case .streamEnd:
+            let id = try r.readU64("stream id")
+            return .streamEnd(StreamEnd(streamID: id, chunkCount: try r.readVarint("chunk count")))
+        case .streamCancel, .streamAbort:
+            let c = StreamCancel(streamID: try r.readU64("stream id"), reason: try r.readString("reason", limit: maxShortString))
+            return type == .streamCancel ? .streamCancel(c) : .streamAbort(c)
+        case .streamAck:
+            let id = try r.readU64("stream id")
+            let n = try r.readVarint("acknowledged")
+            return .streamAck(StreamAck(streamID: id, acknowledged: n, final: try r.readBool("final")))
         case .getReply:
             let found = try r.readBool("found")
             let ctx = try CausalContext(bytes: r.readBlob("context", limit: limits.maxContextBytes), limits: limits)

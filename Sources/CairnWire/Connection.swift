@@ -45,11 +45,12 @@ public enum ConnectionError: Error, Sendable, Hashable, CustomStringConvertible 
     }
 }
 
-/// A request on its way into the multiplexer.
+/// A request on its way into the multiplexer; without a reply promise, a one-way message
+/// (request id 0: the receiver never answers it).
 struct OutboundRequest {
     let message: Message
     let timeoutMillis: UInt32
-    let promise: EventLoopPromise<Message>
+    let promise: EventLoopPromise<Message>?
 }
 
 /// An outbound user event: the caller waiting on the request whose reply future this names has
@@ -59,7 +60,9 @@ struct AbandonRequest: Sendable {
 }
 
 /// Assigns request ids, writes frames, and matches replies to waiting requests by id; fails each
-/// waiting request exactly once on timeout or connection loss.
+/// waiting request exactly once on timeout or connection loss. One-way messages go out with
+/// request id 0 (never assigned to a request); frames that arrive with id 0 are one-way messages
+/// from the peer (stream acknowledgements) and go to `oneWay`.
 ///
 /// Isolation: a channel handler; all state is touched on the channel's event loop only.
 /// Bound: at most `maxPending` requests wait at once (`transport.max_pending_per_connection`).
@@ -79,32 +82,45 @@ final class RequestMultiplexer: ChannelDuplexHandler {
     private let maxPending: Int
     private let limits: Limits
     private var closed = false
+    private let oneWay: (@Sendable (Message) -> Void)?
 
-    init(maxPending: Int, limits: Limits) {
+    init(maxPending: Int, limits: Limits, oneWay: (@Sendable (Message) -> Void)? = nil) {
         self.maxPending = maxPending
         self.limits = limits
+        self.oneWay = oneWay
     }
 
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
-        let request = unwrapOutboundIn(data)
+        let outbound = unwrapOutboundIn(data)
         if closed {
-            request.promise.fail(ConnectionError.notSent("connection closed"))
+            outbound.promise?.fail(ConnectionError.notSent("connection closed"))
             promise?.fail(ConnectionError.notSent("connection closed"))
             return
         }
+        guard let replyPromise = outbound.promise else {
+            let bytes = WireCodec.encodeFrame(Envelope(requestID: 0, message: outbound.message))
+            guard bytes.count - WireCodec.lengthBytes <= limits.maxFrameBytes else {
+                promise?.fail(ConnectionError.notSent("message of \(bytes.count) bytes exceeds limits.max_frame_bytes \(limits.maxFrameBytes)"))
+                return
+            }
+            context.write(wrapOutboundOut(context.channel.allocator.buffer(bytes)), promise: promise)
+            return
+        }
+        let request = outbound
         if waiting.count >= maxPending {
-            request.promise.fail(ConnectionError.tooManyPending(waiting.count))
+            replyPromise.fail(ConnectionError.tooManyPending(waiting.count))
             promise?.fail(ConnectionError.tooManyPending(waiting.count))
             return
         }
         let id = nextID
-        nextID &+= 1  // 2^64 requests per connection will not happen; wrapping is harmless anyway.
+        nextID &+= 1  // 2^64 requests per connection will not happen; id 0 is one-way, so skip it.
+        if nextID == 0 { nextID = 1 }
         let ms = request.timeoutMillis
         let loop = context.eventLoop.assumeIsolated()
         let timeout = loop.scheduleTask(in: .milliseconds(Int64(ms))) {
             if let w = self.waiting.removeValue(forKey: id) { w.promise.fail(ConnectionError.timedOut(afterMillis: ms)) }
         }
-        waiting[id] = Waiting(promise: request.promise, timeout: timeout)
+        waiting[id] = Waiting(promise: replyPromise, timeout: timeout)
         let written = context.eventLoop.makePromise(of: Void.self)
         written.futureResult.assumeIsolated().whenComplete { result in
             if case .failure(let error) = result, let w = self.waiting.removeValue(forKey: id) {
@@ -140,6 +156,11 @@ final class RequestMultiplexer: ChannelDuplexHandler {
         let bytes = body.readBytes(length: body.readableBytes) ?? []
         do {
             let envelope = try WireCodec.decodeBody(bytes, limits: limits)
+            if envelope.requestID == 0 {
+                // One-way from the peer (stream signals), or an error about the whole connection.
+                oneWay?(envelope.message)
+                return
+            }
             if let w = waiting.removeValue(forKey: envelope.requestID) {
                 w.timeout.cancel()
                 w.promise.succeed(envelope.message)
@@ -185,15 +206,18 @@ public final class Connection: Sendable {
         self.remote = remote
     }
 
+    /// - Parameter oneWay: receives the one-way messages (request id 0) the peer sends, on the
+    ///   connection's event loop; must not block.
     public static func connect(host: String, port: Int, group: any EventLoopGroup, limits: Limits,
-                               maxPending: Int = 4096, connectTimeout: TimeAmount = .seconds(2)) async throws(ConnectionError) -> Connection {
+                               maxPending: Int = 4096, connectTimeout: TimeAmount = .seconds(2),
+                               oneWay: (@Sendable (Message) -> Void)? = nil) async throws(ConnectionError) -> Connection {
         let bootstrap = ClientBootstrap(group: group)
             .connectTimeout(connectTimeout)
             .channelOption(.tcpOption(.tcp_nodelay), value: 1)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.addHandler(FrameDecoder.handler(limits: limits))
-                    try channel.pipeline.syncOperations.addHandler(RequestMultiplexer(maxPending: maxPending, limits: limits))
+                    try channel.pipeline.syncOperations.addHandler(RequestMultiplexer(maxPending: maxPending, limits: limits, oneWay: oneWay))
                 }
             }
         do {
@@ -232,11 +256,21 @@ public final class Connection: Sendable {
         }
     }
 
+    /// Sends `message` one-way (request id 0): the peer never answers it. The future fails if it
+    /// could not be written (connection closed, frame over `limits.max_frame_bytes`): certainly
+    /// not delivered; success means written to the socket, not received.
+    @discardableResult
+    public func cast(_ message: Message) -> EventLoopFuture<Void> {
+        let written = channel.eventLoop.makePromise(of: Void.self)
+        channel.writeAndFlush(OutboundRequest(message: message, timeoutMillis: 0, promise: nil), promise: written)
+        return written.futureResult
+    }
+
     public func close() {
         channel.close(promise: nil)
     }
 
-    static func describe(_ error: any Error) -> String {
+    public static func describe(_ error: any Error) -> String {
         if let e = error as? IOError { return String(cString: strerror(e.errnoCode)).lowercased() }
         if let e = error as? ChannelError {
             switch e {

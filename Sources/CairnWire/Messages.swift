@@ -22,6 +22,14 @@ public enum Message: Hashable, Sendable {
     case replicaGetReply(ReplicaGetReply)
     case replicaPut(ReplicaPut)
     case replicaPutAck
+    // Streams (data link, after `hello`; Docs/wire-protocol.md §9).
+    case streamOpen(StreamOpen)
+    case streamAccept
+    case streamChunk(StreamChunk)
+    case streamEnd(StreamEnd)
+    case streamCancel(StreamCancel)
+    case streamAck(StreamAck)
+    case streamAbort(StreamCancel)
 
     public var type: MessageType {
         switch self {
@@ -41,6 +49,13 @@ public enum Message: Hashable, Sendable {
         case .replicaGetReply: .replicaGetReply
         case .replicaPut: .replicaPut
         case .replicaPutAck: .replicaPutAck
+        case .streamOpen: .streamOpen
+        case .streamAccept: .streamAccept
+        case .streamChunk: .streamChunk
+        case .streamEnd: .streamEnd
+        case .streamCancel: .streamCancel
+        case .streamAck: .streamAck
+        case .streamAbort: .streamAbort
         }
     }
 }
@@ -50,12 +65,22 @@ public enum Message: Hashable, Sendable {
 public enum MessageType: UInt8, Sendable, CaseIterable {
     case get = 0x01, put = 0x02, delete = 0x03, members = 0x04, ping = 0x05
     case hello = 0x20, replicaGet = 0x21, replicaPut = 0x22
+    case streamOpen = 0x23, streamChunk = 0x24, streamEnd = 0x25, streamCancel = 0x26
     case getReply = 0x41, writeReply = 0x42, membersReply = 0x44, pong = 0x45
     case helloAck = 0x60, replicaGetReply = 0x61, replicaPutAck = 0x62
+    case streamAccept = 0x63, streamAck = 0x64, streamAbort = 0x65
     case error = 0x7F
 
     public var isInternode: Bool { rawValue >= 0x20 && rawValue < 0x40 }
     public var isRequest: Bool { rawValue < 0x40 }
+    /// Stream frames that are one-way by definition (never answered, request id 0): chunk, end
+    /// and cancel from the sender, ack and abort from the receiver.
+    public var isStreamSignal: Bool {
+        switch self {
+        case .streamChunk, .streamEnd, .streamCancel, .streamAck, .streamAbort: true
+        default: false
+        }
+    }
 }
 
 public struct GetRequest: Hashable, Sendable {
@@ -241,5 +266,62 @@ public struct Envelope: Hashable, Sendable {
     public init(requestID: UInt64, message: Message) {
         self.requestID = requestID
         self.message = message
+    }
+}
+
+/// Opens stream `streamID` on a data connection (a request: answered `stream-accept` or
+/// `error`). `kind` picks the receiver's handler; `header` is the handler's (e.g. a partition and
+/// the key to resume after), at most `StreamSettings.maxHeaderBytes`.
+public struct StreamOpen: Hashable, Sendable {
+    public var streamID: UInt64
+    public var kind: StreamKind
+    public var header: [UInt8]
+    public init(streamID: UInt64, kind: StreamKind, header: [UInt8]) {
+        self.streamID = streamID
+        self.kind = kind
+        self.header = header
+    }
+}
+
+/// One chunk of a stream, in order (one-way).
+public struct StreamChunk: Hashable, Sendable {
+    public var streamID: UInt64
+    public var data: [UInt8]
+    public init(streamID: UInt64, data: [UInt8]) {
+        self.streamID = streamID
+        self.data = data
+    }
+}
+
+/// The sender has sent `chunkCount` chunks and no more (one-way).
+public struct StreamEnd: Hashable, Sendable {
+    public var streamID: UInt64
+    public var chunkCount: UInt64
+    public init(streamID: UInt64, chunkCount: UInt64) {
+        self.streamID = streamID
+        self.chunkCount = chunkCount
+    }
+}
+
+/// Ends a stream early: `stream-cancel` from the sender, `stream-abort` from the receiver (one-way).
+public struct StreamCancel: Hashable, Sendable {
+    public var streamID: UInt64
+    public var reason: String
+    public init(streamID: UInt64, reason: String) {
+        self.streamID = streamID
+        self.reason = reason
+    }
+}
+
+/// The receiver's handler has consumed the first `acknowledged` chunks; `final`: it also
+/// consumed the end, so the stream is complete (one-way, receiver to sender).
+public struct StreamAck: Hashable, Sendable {
+    public var streamID: UInt64
+    public var acknowledged: UInt64
+    public var final: Bool
+    public init(streamID: UInt64, acknowledged: UInt64, final: Bool) {
+        self.streamID = streamID
+        self.acknowledged = acknowledged
+        self.final = final
     }
 }

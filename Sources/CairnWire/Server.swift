@@ -16,11 +16,21 @@ public protocol RequestDispatcher: Sendable {
     /// (`limits.max_unflushed_reply_bytes`) or has too many requests unanswered
     /// (`limits.max_requests_per_connection`). Called on the event loop, once per pause.
     func recordReadPause()
+    /// A one-way message (request id 0) that could not be taken (a reply type, an internode
+    /// message before `hello`, a stream signal for no stream it may use); nothing is answered.
+    func recordDroppedOneWay(_ type: MessageType, reason: String)
+    /// A peer opens a stream to this node: a sink for it, or the error the opener gets. Called on
+    /// the connection's event loop (or a network task); must not block.
+    func acceptStream(_ request: InboundStreamRequest) -> Result<any StreamSink, ErrorReply>
 }
 
 extension RequestDispatcher {
     public func recordConnectionError(_ error: any Error) {}
     public func recordReadPause() {}
+    public func recordDroppedOneWay(_ type: MessageType, reason: String) {}
+    public func acceptStream(_ request: InboundStreamRequest) -> Result<any StreamSink, ErrorReply> {
+        .failure(ErrorReply(code: .unknownMessage, message: "this node accepts no streams"))
+    }
 }
 
 /// Sends the reply to one request: over a connection's channel, or to an in-memory network.
@@ -47,6 +57,9 @@ public struct Responder: Sendable {
         self.requestID = requestID
         route = .deliver(deliver)
     }
+
+    /// The responder of a one-way message: every answer is dropped.
+    public static let discarding = Responder(requestID: 0) { _ in }
 
     /// The connection the request came on, when it came on one.
     public var channel: (any Channel)? {
@@ -87,6 +100,18 @@ public struct Responder: Sendable {
 /// socket read of requests. Every reply a `Responder` writes passes through `write` here, which
 /// is how answered requests are counted.
 ///
+/// One-way messages (request id 0, Docs/wire-protocol.md §2) are never answered, errors included:
+/// a one-way frame that fails to decode or may not be taken is counted
+/// (`recordProtocolError`, `recordDroppedOneWay`) and dropped; one that is taken is dispatched
+/// like a request whose answer is discarded, without counting against
+/// `max_requests_per_connection` (`max_inflight_requests` still bounds it).
+///
+/// Streams (§9): after `hello`, a `stream-open` asks the dispatcher for a sink; the stream's
+/// chunks are fed to it in order by a `StreamInbox` (bounded by `streams.receiverQueueLimit`),
+/// whose acknowledgements go back as one-way frames. Stream frames bypass the request
+/// backpressure above: the sender's window bounds them. When the connection closes, every stream
+/// on it is cancelled.
+///
 /// Isolation: a channel handler; all state is touched on the channel's event loop only.
 public final class ServerConnectionHandler: ChannelDuplexHandler {
     public typealias InboundIn = ByteBuffer
@@ -95,7 +120,13 @@ public final class ServerConnectionHandler: ChannelDuplexHandler {
 
     private let dispatcher: any RequestDispatcher
     private let limits: Limits
+    private let streams: StreamSettings
     private var isPeer = false
+    /// The peer's node name, once its `hello` was validated.
+    private var peerNode: NodeName?
+    /// Streams open on this connection, by stream id.
+    private var inbound: [UInt64: StreamInbox] = [:]
+    private var context: ChannelHandlerContext?
     /// Requests read but not dispatched yet (only while paused), oldest first.
     private var held = CircularBuffer<Envelope>()
     /// Requests dispatched and not yet answered.
@@ -103,10 +134,14 @@ public final class ServerConnectionHandler: ChannelDuplexHandler {
     /// A read the pipeline asked for while paused; issued when the pause ends.
     private var readDeferred = false
 
-    public init(dispatcher: any RequestDispatcher, limits: Limits) {
+    public init(dispatcher: any RequestDispatcher, limits: Limits, streams: StreamSettings = StreamSettings()) {
         self.dispatcher = dispatcher
         self.limits = limits
+        self.streams = streams
     }
+
+    public func handlerAdded(context: ChannelHandlerContext) { self.context = context }
+    public func handlerRemoved(context: ChannelHandlerContext) { self.context = nil }
 
     private func mayDispatch(_ context: ChannelHandlerContext) -> Bool {
         context.channel.isWritable && unanswered < limits.maxRequestsPerConnection
@@ -120,15 +155,24 @@ public final class ServerConnectionHandler: ChannelDuplexHandler {
             envelope = try WireCodec.decodeBody(bytes, limits: limits)
         } catch {
             dispatcher.recordProtocolError(error)
+            if error.requestID == 0 { return }   // one-way: never answered
             send(context, Envelope(requestID: error.requestID ?? 0, message: .error(ErrorReply(code: error.errorCode, message: error.description))))
             return
         }
         let id = envelope.requestID
+        let type = envelope.message.type
+        if type.isStreamSignal || (id == 0 && !type.isRequest) {
+            return takeOneWay(envelope.message)
+        }
+        if id == 0 && type.isInternode && !isPeer && type != .hello {
+            return dispatcher.recordDroppedOneWay(type, reason: "internode message before hello")
+        }
         switch envelope.message {
         case .hello(let hello):
             switch dispatcher.validateHello(hello) {
             case .success(let ack):
                 isPeer = true
+                peerNode = try? NodeName(hello.node)
                 send(context, Envelope(requestID: id, message: .helloAck(ack)))
             case .failure(let err):
                 send(context, Envelope(requestID: id, message: .error(err)))
@@ -140,6 +184,8 @@ public final class ServerConnectionHandler: ChannelDuplexHandler {
             send(context, Envelope(requestID: id, message: .error(ErrorReply(code: .handshakeRequired, message: "internode message \(m.type) before hello"))))
         case .ping:
             send(context, Envelope(requestID: id, message: .pong))
+        case .streamOpen(let open):
+            self.open(context, open, requestID: id)
         default:
             if held.isEmpty && mayDispatch(context) {
                 dispatch(context, envelope)
@@ -150,6 +196,9 @@ public final class ServerConnectionHandler: ChannelDuplexHandler {
     }
 
     private func dispatch(_ context: ChannelHandlerContext, _ envelope: Envelope) {
+        if envelope.requestID == 0 {
+            return dispatcher.dispatch(envelope, fromPeer: isPeer, responder: .discarding)
+        }
         unanswered += 1
         dispatcher.dispatch(envelope, fromPeer: isPeer, responder: Responder(channel: context.channel, requestID: envelope.requestID,
                                                                               maxFrameBytes: limits.maxFrameBytes))
@@ -187,6 +236,9 @@ public final class ServerConnectionHandler: ChannelDuplexHandler {
 
     public func channelInactive(context: ChannelHandlerContext) {
         held.removeAll()   // nobody is left to answer
+        let open = inbound
+        inbound = [:]
+        for s in open.values { s.linkFailed("connection closed") }
         context.fireChannelInactive()
     }
 
@@ -204,7 +256,62 @@ public final class ServerConnectionHandler: ChannelDuplexHandler {
         }
     }
 
+    /// Writes a reply; never for a one-way message (request id 0), except the connection-level
+    /// errors sent from `errorCaught`.
     private func send(_ context: ChannelHandlerContext, _ envelope: Envelope) {
+        guard envelope.requestID != 0 else { return }
         context.writeAndFlush(wrapOutboundOut(context.channel.allocator.frame(envelope)), promise: nil)
+    }
+
+    // MARK: Streams
+
+    private func open(_ context: ChannelHandlerContext, _ open: StreamOpen, requestID: UInt64) {
+        guard requestID != 0 else { return dispatcher.recordDroppedOneWay(.streamOpen, reason: "stream-open must be a request") }
+        guard let peer = peerNode else {
+            return send(context, Envelope(requestID: requestID, message: .error(ErrorReply(code: .handshakeRequired, message: "stream-open before hello"))))
+        }
+        guard inbound[open.streamID] == nil else {
+            return send(context, Envelope(requestID: requestID, message: .error(ErrorReply(code: .malformed, message: "stream \(open.streamID) is already open"))))
+        }
+        let remote = context.channel.remoteAddress.map { "\($0.ipAddress ?? "?"):\($0.port ?? 0)" }
+        switch dispatcher.acceptStream(InboundStreamRequest(from: peer, kind: open.kind, header: open.header, remote: remote)) {
+        case .failure(let error):
+            send(context, Envelope(requestID: requestID, message: .error(error)))
+        case .success(let sink):
+            let loop = context.eventLoop
+            let handler = NIOLoopBound(self, eventLoop: loop)
+            let streamID = open.streamID
+            let inbox = StreamInbox(sink: sink, queueLimit: streams.receiverQueueLimit, signal: { signal in
+                let message: Message = switch signal {
+                case .ack(let n, let final): .streamAck(StreamAck(streamID: streamID, acknowledged: n, final: final))
+                case .abort(let reason): .streamAbort(StreamCancel(streamID: streamID, reason: reason))
+                }
+                loop.execute { handler.value.emit(message) }
+            }, onTerminal: {
+                loop.execute { handler.value.inbound.removeValue(forKey: streamID) }
+            })
+            inbound[streamID] = inbox
+            send(context, Envelope(requestID: requestID, message: .streamAccept))
+        }
+    }
+
+    /// A one-way frame that is not a request to dispatch: stream signals (on the receiving side,
+    /// chunk, end and cancel) and reply types sent with id 0. Never answered.
+    private func takeOneWay(_ message: Message) {
+        guard isPeer else { return dispatcher.recordDroppedOneWay(message.type, reason: "internode message before hello") }
+        switch message {
+        case .streamChunk(let c): inbound[c.streamID]?.deliver(.chunk(c.data))
+        case .streamEnd(let e): inbound[e.streamID]?.deliver(.end(chunkCount: e.chunkCount))
+        case .streamCancel(let c): inbound[c.streamID]?.deliver(.cancel(c.reason))
+        default: dispatcher.recordDroppedOneWay(message.type, reason: "not accepted by a server")
+        }
+        // A signal for a stream no longer open (it ended while the frame was in flight) is dropped.
+    }
+
+    /// Writes a one-way frame (stream signals) straight to the channel, past this handler's
+    /// reply accounting.
+    private func emit(_ message: Message) {
+        guard let context else { return }
+        context.writeAndFlush(wrapOutboundOut(context.channel.allocator.frame(Envelope(requestID: 0, message: message))), promise: nil)
     }
 }

@@ -92,6 +92,10 @@ final class SilentTransport: Transport {
         throw .abandoned
     }
 
+    func cast(to node: NodeName, _ message: Message) {}
+    func openStream(to node: NodeName, kind: StreamKind, header: [UInt8], timeoutMillis: UInt32) async throws(StreamError) -> any OutboundStream {
+        throw .connection(.notSent("silent"))
+    }
     func downReasons(_ nodes: [NodeName]) -> [NodeName: String] { [:] }
     var peerCount: Int { 2 }
     var upCount: Int { 2 }

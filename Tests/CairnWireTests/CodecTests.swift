@@ -42,6 +42,15 @@ func allMessages() throws -> [Message] {
         .replicaGetReply(ReplicaGetReply(object: try sampleObject())),
         .replicaGetReply(ReplicaGetReply(object: nil)),
         .replicaPut(ReplicaPut(partition: PartitionID(255), key: [1, 2], object: try sampleObject())),
+        .streamOpen(StreamOpen(streamID: 3, kind: .handoff, header: [0, 0, 0, 9, 1])),
+        .streamOpen(StreamOpen(streamID: 4, kind: StreamKind(rawValue: 200), header: [])),
+        .streamAccept,
+        .streamChunk(StreamChunk(streamID: 3, data: [1, 2, 3])),
+        .streamEnd(StreamEnd(streamID: 3, chunkCount: 300)),
+        .streamCancel(StreamCancel(streamID: 3, reason: "superseded")),
+        .streamAck(StreamAck(streamID: 3, acknowledged: 299, final: false)),
+        .streamAck(StreamAck(streamID: 3, acknowledged: 300, final: true)),
+        .streamAbort(StreamCancel(streamID: UInt64.max, reason: "disk")),
     ]
 }
 
