@@ -13,7 +13,8 @@ import Synchronization
 /// W=quorum, while a nemesis drawn from the seed injects the chosen faults. After the faults heal,
 /// every node is up again and a quiet period has passed, every key is read at R=all and checked:
 /// no acknowledged element lost, no element of a write that certainly was not applied visible,
-/// nothing that was never written.
+/// nothing that was never written. The last two are also checked on every client read while the
+/// faults run.
 public struct SetAddScenario: Sendable {
     public var nodes = 5
     public var clients = 8
@@ -102,7 +103,7 @@ public struct SetAddScenario: Sendable {
         return f
     }
 
-    private struct Log: Sendable {
+    struct Log: Sendable {
         var trace: [String] = []
         /// Every add attempted, as its client was told (cairn-torture's record and checker).
         var attempts: [Attempt] = []
@@ -111,10 +112,18 @@ public struct SetAddScenario: Sendable {
         /// The faults in force when each attempted element's write began.
         var faultsAt: [UInt64: String] = [:]
         var injected: [String: Int] = [:]
+        /// Elements whose write certainly was not applied (never to be seen by anyone).
+        var failed: Set<UInt64> = []
+        /// Violations seen while the clients ran (at most `maxContinuous`).
+        var continuous: [String] = []
+        var continuousCount = 0
     }
 
+    /// Violations the continuous check keeps word for (it counts all).
+    static let maxContinuous = 20
+
     /// The run's record, shared by its tasks.
-    private final class Recorder: Sendable {
+    final class Recorder: Sendable {
         private let log = Mutex(Log())
         let clock: ManualClock
         init(clock: ManualClock) { self.clock = clock }
@@ -142,6 +151,20 @@ public struct SetAddScenario: Sendable {
         }
         func update(_ body: (inout Log) -> Void) { log.withLock { body(&$0) } }
         var current: Log { log.withLock { $0 } }
+
+        /// The continuous check, on every client read: each element seen must belong to an add
+        /// that started, and none to an add that certainly was not applied.
+        func observe(_ elements: Set<UInt64>, key: String) {
+            let at = clock.elapsed.milliseconds
+            log.withLock { l in
+                for e in elements.sorted() {
+                    let why: String? = l.faultsAt[e] == nil ? "phantom \(e)" : l.failed.contains(e) ? "\(e) visible though certainly not applied" : nil
+                    guard let why else { continue }
+                    l.continuousCount += 1
+                    if l.continuous.count < SetAddScenario.maxContinuous { l.continuous.append("\(key): \(why) (a client read at \(at) ms)") }
+                }
+            }
+        }
 
         func report(seed: UInt64, violations: [String]) -> Report {
             let l = current
@@ -180,10 +203,14 @@ public struct SetAddScenario: Sendable {
                                 let element = UInt64(c + 1) << 40 | n
                                 let start = clock.elapsed.milliseconds
                                 log.starting(element)
-                                if let node = cluster.node(i), let outcome = await Self.add(element, to: key, via: node, network: network) {
+                                if let node = cluster.node(i), let outcome = await Self.add(element, to: key, via: node, network: network,
+                                                                                            observe: { log.observe($0, key: Self.keyName(key)) }) {
                                     let attempt = Attempt(client: c, key: Self.keyName(key), element: element, startMillis: Int(start),
                                                           endMillis: Int(clock.elapsed.milliseconds), outcome: outcome)
-                                    log.update { $0.attempts.append(attempt) }
+                                    log.update { l in
+                                        l.attempts.append(attempt)
+                                        if case .failed = outcome { l.failed.insert(element) }
+                                    }
                                     note("\(node.config.name) add \(element) to \(attempt.key): \(outcome)")
                                 }
                                 try? await clock.sleep(for: .milliseconds(Int64(rng.next(below: 50))))
@@ -203,6 +230,10 @@ public struct SetAddScenario: Sendable {
                     if case .elements(let e) = read { note("final \(Self.keyName(key)): \(e.count) elements") }
                 }
                 let current = log.current
+                violations += current.continuous
+                if current.continuousCount > current.continuous.count {
+                    violations.append("\(current.continuousCount - current.continuous.count) more violations seen by client reads")
+                }
                 func faultsWhen(_ element: UInt64) -> String { current.faultsAt[element].map { "; faults when it was written: \($0)" } ?? "" }
                 let result = CheckResult.check(attempts: current.attempts, finals: finals)
                 violations += result.lost.map { "\($0.key): acknowledged \($0.element) lost\(faultsWhen($0.element))" }
@@ -408,7 +439,9 @@ public struct SetAddScenario: Sendable {
     /// One read-modify-write adding `element`, as cairn-torture's clients do: nil when the read
     /// failed (nothing was attempted); otherwise how the write ended, classified by the client's
     /// own rule (`CairnError.certainlyNotApplied`).
-    static func add(_ element: UInt64, to key: Int, via node: CairnNode, network: InMemoryNetwork) async -> AttemptOutcome? {
+    /// `observe` gets the union the read found (the continuous check).
+    static func add(_ element: UInt64, to key: Int, via node: CairnNode, network: InMemoryNetwork,
+                    observe: (Set<UInt64>) -> Void = { _ in }) async -> AttemptOutcome? {
         // A paused node does not answer its clients either.
         await network.waitWhilePaused(node.config.name)
         let k = Array(keyName(key).utf8)
@@ -421,6 +454,7 @@ public struct SetAddScenario: Sendable {
         default:
             return nil
         }
+        observe(set)
         set.insert(element)
         switch await node.answer(.put(PutRequest(key: k, value: SetValue.encode(set), context: context))) {
         case .writeReply:

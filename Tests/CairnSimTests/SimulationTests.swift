@@ -1,5 +1,5 @@
 import Testing
-import CairnSim
+@testable import CairnSim
 import CairnNode
 import CairnCore
 import CairnWire
@@ -139,5 +139,21 @@ private func run(seed: UInt64) throws -> [String] {
         let selfTest = try runProcess(binary, ["--seed", "4", "--duration", "5s", "--self-test"])
         #expect(selfTest.status == 1 && selfTest.stdout.contains("seed 4: FAILED"))
         #expect(selfTest.stdout.split(separator: "\n").last?.hasPrefix("seeds=1 failed=1") == true)
+    }
+}
+
+/// The scenario's continuous check: a client read that shows an element nobody tried to add, or
+/// one whose add certainly was not applied, is a violation at once.
+@Suite struct ContinuousCheckTests {
+    @Test func aReadShowingAPhantomOrACertainlyFailedElementIsAViolation() {
+        let log = SetAddScenario.Recorder(clock: ManualClock())
+        log.starting(1)
+        log.starting(2)
+        log.update { $0.failed.insert(2) }
+        log.observe([1], key: "k0")
+        #expect(log.current.continuous.isEmpty, "an element whose add started is fine")
+        log.observe([1, 2, 3], key: "k0")
+        #expect(log.current.continuous == ["k0: 2 visible though certainly not applied (a client read at 0 ms)",
+                                           "k0: phantom 3 (a client read at 0 ms)"])
     }
 }
