@@ -1,4 +1,7 @@
 import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
 @testable import CairnClient
 import CairnCore
 import CairnWire
@@ -7,13 +10,25 @@ import NIOPosix
 import Synchronization
 import CairnTestSupport
 
-/// A port with nothing listening: bind, note the port, close.
-func deadAddress() async throws -> String {
-    let ch = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton).bind(host: "127.0.0.1", port: 0).get()
-    let port = ch.localAddress?.port ?? 1
-    try await ch.close()
-    return "127.0.0.1:\(port)"
-}
+/// An address whose connections are refused (see `deadPort`).
+func deadAddress() async throws -> String { "127.0.0.1:\(deadPort)" }
+
+/// A loopback port that refuses connections for as long as the test process runs: a socket is
+/// bound to it and never listens, so connecting gets ECONNREFUSED, and no other test (running in
+/// parallel) can bind it meanwhile — a port closed after picking could be taken again.
+private let deadPort: Int = {
+    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    var addr = sockaddr_in()
+    addr.sin_family = sa_family_t(AF_INET)
+    addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+    addr.sin_port = 0
+    var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+    let bound = withUnsafeMutablePointer(to: &addr) { p in
+        p.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, len) == 0 && getsockname(fd, $0, &len) == 0 }
+    }
+    // Port 1 (tcpmux) is not served on these machines: a fallback that still refuses.
+    return bound ? Int(UInt16(bigEndian: addr.sin_port)) : 1
+}()
 
 private let ok = Message.writeReply(WriteReply(context: CausalContext(VersionVector([(ActorID(node: "n1", epoch: 1), 1)])), writtenTimestampMillis: 1, concurrent: []))
 
