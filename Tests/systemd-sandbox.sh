@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A private systemd (PID 1 of new PID and mount namespaces) for tests that need a real service
 # manager. Nothing it writes reaches the host's file system where it matters: /run, /tmp,
-# /var/tmp, /var/lib and the journal are tmpfs inside its mount namespace. It boots only
+# /var/tmp, /var/lib and the journal are tmpfs inside its mount namespace (a checkout under one
+# of them is bound back in, so tests can still reach it). It boots only
 # cairn-sandbox.target (journald), not the machine's own units; network-online.target is masked
 # so nothing waits for a network that is already up (it shares the host's network namespace).
 #
@@ -25,10 +26,17 @@ start)
         n=${fd##*/}
         if ((n > 2)); then eval "exec $n>&-" 2>/dev/null || true; fi
     done
+    # A checkout under one of the directories the sandbox covers with a tmpfs (a clone in /tmp)
+    # is bound back over the tmpfs, so the tests' installer and binaries stay reachable inside.
+    CAIRN_REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd) \
     setsid unshare --pid --fork --mount-proc --mount --uts --cgroup --propagation private bash -c '
         set -e
+        hidden=
+        for d in /run /tmp /var/tmp /var/lib; do case "$CAIRN_REPO/" in "$d"/*) hidden=1 ;; esac; done
+        if [ -n "$hidden" ]; then mount --bind "$CAIRN_REPO" /mnt; fi
         for d in /run /tmp /var/tmp /var/lib; do mount -t tmpfs -o mode=0755 tmpfs "$d"; done
         chmod 1777 /tmp /var/tmp
+        if [ -n "$hidden" ]; then mkdir -p "$CAIRN_REPO"; mount --bind /mnt "$CAIRN_REPO"; umount /mnt; fi
         if [ -d /var/log/journal ]; then mount -t tmpfs tmpfs /var/log/journal; fi
         mkdir -p /run/systemd/system
         printf "%s\n" "[Unit]" "Description=Cairn test sandbox" "DefaultDependencies=no" \
