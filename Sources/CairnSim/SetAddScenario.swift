@@ -47,7 +47,8 @@ public struct SetAddScenario: Sendable {
         case diskWipe = "disk-wipe"
         /// A node's wall clock jumps by up to ±10 minutes (write timestamps must decide nothing).
         case clockSkew = "clock-skew"
-        /// A node stops (SIGSTOP) for 0.2–4 s: messages to and from it are held, then delivered.
+        /// A node stops (SIGSTOP) for 0.2–4 s: none of its code runs (requests, timers, disk
+        /// work); what reached it meanwhile is handled when it continues.
         case pause
     }
 
@@ -328,7 +329,7 @@ public struct SetAddScenario: Sendable {
                 log.fault("down \(name(i))", ended: true)
                 log.note("restarted \(name(i)), epoch \(cluster.node(i)?.actorID.map { "\($0.epoch)" } ?? "?")")
             case .resume(let i):
-                cluster.network.resume(cluster.names[i])
+                cluster.resume(i)
                 log.fault("pause \(name(i))", ended: true)
             }
         }
@@ -393,6 +394,7 @@ public struct SetAddScenario: Sendable {
                     guard allowed else { return }
                 }
                 var rng = SplitMix64(seed: draw(UInt64.max))
+                if cluster.isPaused(i) { log.fault("pause \(n)", ended: true) }
                 await cluster.crash(i, tearing: true, rng: &rng)
                 if wipe { cluster.wipe(i) }
                 log.fault("down \(n)", kind: fault.rawValue)
@@ -401,6 +403,7 @@ public struct SetAddScenario: Sendable {
             case .restart:
                 guard !anyDown, cluster.isUp(i) else { return }
                 log.fault("restart \(n)", kind: fault.rawValue)
+                if cluster.isPaused(i) { log.fault("pause \(n)", ended: true) }
                 cluster.node(i)?.shutdown()
                 await cluster.stopped(i)
                 try await cluster.start(i)
@@ -410,7 +413,8 @@ public struct SetAddScenario: Sendable {
                 cluster.setSkew(i, millis: millis)
                 log.fault("skew \(n) \(millis) ms", kind: fault.rawValue)
             case .pause:
-                network.pause(n)
+                guard cluster.isUp(i), !cluster.isPaused(i) else { return }
+                cluster.pause(i)
                 log.fault("pause \(n)", kind: fault.rawValue)
                 schedule(after: .milliseconds(200 + Int64(draw(3800))), .resume(i))
             case .loss, .delay, .dup:
@@ -424,6 +428,7 @@ public struct SetAddScenario: Sendable {
             let network = cluster.network
             network.heal()
             network.setFaults(InMemoryNetwork.Faults())
+            for i in 0..<cluster.count { cluster.resume(i) }
             state.withLock { $0.due = [] }
             for i in 0..<cluster.count where !cluster.isUp(i) {
                 try await cluster.start(i)
@@ -442,8 +447,6 @@ public struct SetAddScenario: Sendable {
     /// `observe` gets the union the read found (the continuous check).
     static func add(_ element: UInt64, to key: Int, via node: CairnNode, network: InMemoryNetwork,
                     observe: (Set<UInt64>) -> Void = { _ in }) async -> AttemptOutcome? {
-        // A paused node does not answer its clients either.
-        await network.waitWhilePaused(node.config.name)
         let k = Array(keyName(key).utf8)
         var set = Set<UInt64>()
         let context: CausalContext

@@ -56,7 +56,6 @@ public final class SimulatedCluster: Sendable {
     public let clock: ManualClock
     public let network: InMemoryNetwork
     private let executor: SimulationExecutor
-    private let storage: SimulatedStorageEnvironment
     private let epochs: EpochSource
     private let settings: Settings
     private let slots: Mutex<[Slot]>
@@ -81,7 +80,6 @@ public final class SimulatedCluster: Sendable {
         self.network = network
         self.executor = executor
         self.settings = settings
-        storage = SimulatedStorageEnvironment(executor: executor, clock: clock)
         epochs = EpochSource(seed: seed ^ 0xe90c)
         slots = Mutex(names.map { _ in Slot() })
     }
@@ -93,6 +91,18 @@ public final class SimulatedCluster: Sendable {
 
     /// Whether `n(i+1)` is running (started and not crashed).
     public func isUp(_ i: Int) -> Bool { slots.withLock { $0[i].run != nil } }
+
+    /// `n(i+1)`'s lane of the simulation: its tasks, actors and disk work run there.
+    private func lane(_ i: Int) -> Int { i + 1 }
+
+    /// Stops `n(i+1)` as SIGSTOP does: none of its code runs (requests, timers, disk work) until
+    /// `resume(i)`; messages still reach its sockets' buffers (the network delivers them into its
+    /// queues) and are handled on resume.
+    public func pause(_ i: Int) { executor.pause(lane(i)) }
+
+    public func resume(_ i: Int) { executor.resume(lane(i)) }
+
+    public func isPaused(_ i: Int) -> Bool { executor.isPaused(lane(i)) }
 
     /// Opens `n(i+1)`'s storage on its disk (recovering what the disk kept), builds its view and
     /// runs it. Returns once it serves.
@@ -122,11 +132,11 @@ public final class SimulatedCluster: Sendable {
         let node = CairnNode(config: c, logger: logger,
                              watchdogInterval: .some(nil), decorateBackend: decorate,
                              clock: SkewedClock(base: clock, offset: skew), network: network, fileSystem: disk,
-                             storageEnvironment: storage, epochs: epochs)
+                             storageEnvironment: SimulatedStorageEnvironment(executor: executor, clock: clock, lane: lane(i)), epochs: epochs)
         try await node.bind()
         try node.start(members: members)
         let ended = Mutex(false)
-        let run = Task(executorPreference: executor) {
+        let run = Task(executorPreference: executor.lane(lane(i))) {
             _ = try? await node.run()
             ended.withLock { $0 = true }
         }
@@ -148,12 +158,15 @@ public final class SimulatedCluster: Sendable {
         guard let node, let run else { return }
         disk.crash(tearing: tearing, rng: &rng)
         node.crash()
+        // A stopped process dies too: its code runs on, against a dead disk, until it ends.
+        resume(i)
         await run.value
     }
 
     /// Waits until `n(i+1)`'s run ends (after a `shutdown()` of it), and marks it down.
     public func stopped(_ i: Int) async {
         guard let run = slots.withLock({ $0[i].run }) else { return }
+        resume(i)
         await run.value
         slots.withLock { $0[i].run = nil }
     }
@@ -171,6 +184,7 @@ public final class SimulatedCluster: Sendable {
 
     /// Shuts every running node down gracefully and waits for them.
     public func shutdown() async {
+        for i in 0..<count { resume(i) }
         let running = slots.withLock { s in s.compactMap { slot in slot.run.map { (slot.node, $0) } } }
         for (node, _) in running { node?.shutdown() }
         for (_, run) in running { await run.value }

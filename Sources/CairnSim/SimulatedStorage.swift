@@ -10,23 +10,29 @@ import Synchronization
 public struct SimulatedStorageEnvironment: StorageEnvironment {
     let executor: SimulationExecutor
     let clock: ManualClock
+    /// The lane the engine's work runs on (its node's: pausing the node pauses its disk work).
+    let lane: Int
 
-    public init(executor: SimulationExecutor, clock: ManualClock) {
+    public init(executor: SimulationExecutor, clock: ManualClock, lane: Int = 0) {
         self.executor = executor
         self.clock = clock
+        self.lane = lane
     }
 
-    public func makeWorkerExecutor(label: String) -> any SerialExecutor { SimulatedSerialExecutor(executor) }
+    /// The task executor of `lane`.
+    private var preferred: any TaskExecutor { lane == 0 ? executor : executor.lane(lane) }
+
+    public func makeWorkerExecutor(label: String) -> any SerialExecutor { SimulatedSerialExecutor(executor, lane: lane) }
 
     /// Two, whatever the machine: the same seed gives the same run on any host.
     public func makeRequestExecutors(label: String) -> [any SerialExecutor] {
-        [SimulatedSerialExecutor(executor), SimulatedSerialExecutor(executor)]
+        [SimulatedSerialExecutor(executor, lane: lane), SimulatedSerialExecutor(executor, lane: lane)]
     }
 
-    public func makeQueue(label: String) -> any BlockingQueue { SimulatedQueue(executor: executor) }
+    public func makeQueue(label: String) -> any BlockingQueue { SimulatedQueue(executor: preferred) }
 
     public func spawn(_ body: @escaping @Sendable () async -> Void) -> Task<Void, Never> {
-        Task(executorPreference: executor) { await body() }
+        Task(executorPreference: preferred) { await body() }
     }
 
     public func sleep(for duration: Duration) async throws { try await clock.sleep(for: duration) }
@@ -38,10 +44,14 @@ public struct SimulatedStorageEnvironment: StorageEnvironment {
 /// An actor's serial executor whose jobs run on the simulation's thread, picked by its seed.
 final class SimulatedSerialExecutor: SerialExecutor {
     let simulation: SimulationExecutor
-    init(_ simulation: SimulationExecutor) { self.simulation = simulation }
+    let lane: Int
+    init(_ simulation: SimulationExecutor, lane: Int = 0) {
+        self.simulation = simulation
+        self.lane = lane
+    }
 
     func enqueue(_ job: consuming ExecutorJob) {
-        simulation.enqueue(UnownedJob(job), isolatedTo: asUnownedSerialExecutor())
+        simulation.enqueue(UnownedJob(job), lane: lane, isolatedTo: asUnownedSerialExecutor())
     }
 
     func asUnownedSerialExecutor() -> UnownedSerialExecutor { UnownedSerialExecutor(ordinary: self) }
@@ -53,10 +63,10 @@ final class SimulatedQueue: BlockingQueue {
         var work: [@Sendable () -> Void] = []
         var draining = false
     }
-    private let executor: SimulationExecutor
+    private let executor: any TaskExecutor
     private let state = Mutex(State())
 
-    init(executor: SimulationExecutor) { self.executor = executor }
+    init(executor: any TaskExecutor) { self.executor = executor }
 
     func async(_ work: @escaping @Sendable () -> Void) {
         let start: Bool = state.withLock { s in

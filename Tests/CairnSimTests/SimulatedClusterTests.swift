@@ -4,6 +4,7 @@ import CairnNode
 import CairnCore
 import CairnWire
 import CairnStorage
+import Synchronization
 
 /// What one node kept across a crash: the value read back and its actor epochs before and after.
 private struct Survival: Sendable, Equatable {
@@ -172,5 +173,43 @@ struct SimTestError: Error, CustomStringConvertible {
         #expect(outcome.count == 3)
         #expect(outcome.first?.hasPrefix("during: ") == true && outcome.first != "during: ok", "a cut-off coordinator cannot reach W=all")
         #expect(Array(outcome.dropFirst()) == ["after: ok", "final: after"])
+    }
+}
+
+/// A paused node (SIGSTOP) runs none of its code: a request it was given waits, unanswered,
+/// however much time passes; it cannot acknowledge another coordinator's W=all write; once it
+/// continues it handles what it was given.
+@Suite struct PauseSimulationTests {
+    @Test func aPausedNodeRunsNothingUntilItContinues() async throws {
+        let outcome = try await offPool { () throws -> [String] in
+            let clock = ManualClock()
+            let executor = SimulationExecutor(seed: 8)
+            let network = InMemoryNetwork(clock: clock, seed: 8, executor: executor)
+            let cluster = try SimulatedCluster(count: 3, clock: clock, network: network, executor: executor, seed: 8)
+            return try simulate(on: executor, clock: clock, limit: .seconds(60)) { () -> Result<[String], any Error> in
+                do {
+                    for i in 0..<3 { try await cluster.start(i) }
+                    guard let n1 = cluster.node(0), let n2 = cluster.node(1) else { throw SimTestError("no nodes") }
+                    cluster.pause(0)
+                    let answeredAt = Mutex<Int64?>(nil)
+                    let held = Task(executorPreference: executor) { () -> Message in
+                        let reply = await put(n1, "a", "held", w: .all)
+                        answeredAt.withLock { $0 = clock.elapsed.components.seconds }
+                        return reply
+                    }
+                    try await clock.sleep(for: .seconds(3))
+                    var seen = ["after 3 s: \(answeredAt.withLock { $0 } == nil ? "unanswered" : "answered")"]
+                    if case .error = await put(n2, "b", "v", w: .all) { seen.append("W=all through n2: failed") } else { seen.append("W=all through n2: ok") }
+                    cluster.resume(0)
+                    if case .writeReply = await held.value { seen.append("held request: ok") } else { seen.append("held request: failed") }
+                    seen.append("answered after the pause: \((answeredAt.withLock { $0 } ?? -1) >= 3)")
+                    await cluster.shutdown()
+                    return .success(seen)
+                } catch {
+                    return .failure(error)
+                }
+            }.get()
+        }
+        #expect(outcome == ["after 3 s: unanswered", "W=all through n2: failed", "held request: ok", "answered after the pause: true"])
     }
 }
