@@ -118,3 +118,48 @@ private func counts(_ ring: Ring) -> [NodeName: Int] {
         #expect(throws: ValidationError.self) { try Ring(partitionCount: 64, members: names(2) + names(1)) }
     }
 }
+
+/// The claim's properties over random join and leave sequences (issue 12's list), checked after
+/// every step, for several ring sizes: balanced within one partition, a join moves only what
+/// goes to the joiner (at most ⌈Q/S⌉), a leave moves only the leaver's, and every preference list
+/// — the last partition's, which wraps around the ring, included — names N distinct nodes while
+/// there are at least N members.
+@Suite struct ClaimPropertyTests {
+    @Test(arguments: [8, 64, 256])
+    func randomJoinsAndLeavesKeepEveryClaimProperty(q: Int) throws {
+        for seed in UInt64(1)...20 {
+            var rng = SplitMix64(seed: seed &* 7919 &+ UInt64(q))
+            var ring = try Ring(partitionCount: q, members: [])
+            var nextName = 1
+            for step in 0..<30 {
+                let join = ring.members.count < 2 || (ring.members.count < 12 && rng.next(below: 3) != 0)
+                let before = ring
+                if join {
+                    let node = try NodeName("n\(nextName)")
+                    nextName += 1
+                    ring = ring.adding(node)
+                    let moved = ring.partitions.filter { before.owner(of: $0) != ring.owner(of: $0) }
+                    #expect(moved.allSatisfy { ring.owner(of: $0) == node }, "seed \(seed) step \(step): a join moved a partition elsewhere")
+                    let bound = (q + ring.members.count - 1) / ring.members.count
+                    #expect(before.members.isEmpty || moved.count <= bound, "seed \(seed) step \(step): \(moved.count) moved, bound \(bound)")
+                } else {
+                    let leaver = ring.members[Int(rng.next(below: UInt64(ring.members.count)))]
+                    ring = ring.removing(leaver)
+                    for p in ring.partitions where before.owner(of: p) != leaver {
+                        #expect(ring.owner(of: p) == before.owner(of: p), "seed \(seed) step \(step): a leave moved a partition that was not the leaver's")
+                    }
+                    #expect(!ring.members.contains(leaver))
+                }
+                let owned = ring.members.map { ring.partitions(ownedBy: $0).count }
+                #expect(owned.reduce(0, +) == q)
+                #expect((owned.max() ?? 0) - (owned.min() ?? 0) <= 1, "seed \(seed) step \(step): unbalanced \(owned)")
+                for n in [1, 3, 5] where ring.members.count >= n {
+                    for p in ring.partitions {
+                        let list = ring.preferenceList(for: p, n: n)
+                        #expect(list.count == n && Set(list).count == n, "seed \(seed) step \(step): partition \(p.index) preference list \(list)")
+                    }
+                }
+            }
+        }
+    }
+}
