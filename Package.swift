@@ -40,6 +40,8 @@ let package = Package(
         // Pure: no I/O, no NIO.
         .target(name: "CairnCore", swiftSettings: strict),
         .target(name: "CairnRing", dependencies: ["CairnCore"], swiftSettings: strict),
+        // Pure: SWIM failure detection with Lifeguard's refinements (living membership builds on it).
+        .target(name: "CairnMembership", dependencies: ["CairnCore"], swiftSettings: strict),
         // Codec (pure over ByteBuffer) and NIO framing / multiplexing handlers.
         .target(name: "CairnWire", dependencies: [
             "CairnCore",
@@ -132,6 +134,7 @@ let package = Package(
             "CairnCore", .product(name: "PropertyBased", package: "swift-property-based"),
         ], swiftSettings: strict),
         .testTarget(name: "CairnRingTests", dependencies: ["CairnRing", "CairnCore"], swiftSettings: strict),
+        .testTarget(name: "CairnMembershipTests", dependencies: ["CairnMembership", "CairnCore"], swiftSettings: strict),
         .testTarget(name: "CairnWireTests", dependencies: [
             "CairnWire", "CairnCore", .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOEmbedded", package: "swift-nio"),

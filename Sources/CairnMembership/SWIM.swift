@@ -1,0 +1,364 @@
+public import CairnCore
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What a member is believed to be. Ordered by precedence at equal incarnation: a suspicion
+/// overrides "alive", "dead" overrides both.
+public enum MemberStatus: Int, Hashable, Sendable, Comparable, CustomStringConvertible {
+    case alive, suspect, dead
+
+    public static func < (a: MemberStatus, b: MemberStatus) -> Bool { a.rawValue < b.rawValue }
+
+    public var description: String {
+        switch self {
+        case .alive: "alive"
+        case .suspect: "suspect"
+        case .dead: "dead"
+        }
+    }
+}
+
+/// One piece of gossip: `name` is `status` at `incarnation`. A suspicion names who suspects
+/// (`by`), so independent confirmations can be counted (Lifeguard).
+public struct MemberUpdate: Hashable, Sendable {
+    public var name: NodeName
+    public var status: MemberStatus
+    public var incarnation: UInt64
+    public var by: NodeName?
+
+    public init(name: NodeName, status: MemberStatus, incarnation: UInt64, by: NodeName? = nil) {
+        self.name = name
+        self.status = status
+        self.incarnation = incarnation
+        self.by = by
+    }
+}
+
+/// The failure detector's messages. Every one but `nack` carries gossip.
+public enum SWIMMessage: Hashable, Sendable {
+    /// "Are you alive?" — answered with `ack` carrying the same sequence.
+    case ping(sequence: UInt64, updates: [MemberUpdate])
+    /// "Ping `target` for me" — answered with `ack` if the target answered, else `nack`.
+    case pingRequest(sequence: UInt64, target: NodeName, updates: [MemberUpdate])
+    /// `target` answered the probe numbered `sequence`.
+    case ack(sequence: UInt64, target: NodeName, updates: [MemberUpdate])
+    /// An indirect prober heard nothing from `target` (Lifeguard: tells the asker that the
+    /// helper itself is working, so a silent helper counts against the asker's own health).
+    case nack(sequence: UInt64, target: NodeName)
+}
+
+/// What the shell must do.
+public enum SWIMDirective: Hashable, Sendable {
+    case send(to: NodeName, SWIMMessage)
+    /// A member's status changed (`from` nil: newly known). Liveness consumers (request routing,
+    /// the ring's gossip) follow these.
+    case statusChanged(NodeName, from: MemberStatus?, to: MemberStatus, incarnation: UInt64)
+}
+
+/// How the failure detector is tuned (memberlist's LAN defaults, scaled to a store's cluster).
+public struct SWIMSettings: Hashable, Sendable {
+    /// Time between probes of successive members (times the local-health multiplier).
+    public var probeInterval: Duration = .seconds(1)
+    /// How long a direct probe waits for its ack (times the local-health multiplier).
+    public var probeTimeout: Duration = .milliseconds(500)
+    /// Members asked to probe indirectly (k).
+    public var indirectProbes = 3
+    /// The suspicion timeout is `suspicionMultiplier × max(1, log10(n)) × probeInterval` with no
+    /// confirmations, shrinking towards that (Lifeguard's α) as independent confirmations arrive;
+    /// it starts at `suspicionMaxMultiplier` times it (β).
+    public var suspicionMultiplier = 4
+    public var suspicionMaxMultiplier = 6
+    /// Lifeguard's local-health multiplier bound: at most this many steps of slowing down.
+    public var maxLocalHealth = 8
+    /// Gossip updates piggybacked on one message, and how many times each is sent per
+    /// `log2(n + 1)`.
+    public var maxPiggyback = 8
+    public var retransmitMultiplier = 3
+    public init() {}
+}
+
+/// SWIM failure detection with Lifeguard's refinements, as a pure state machine (no I/O, no
+/// clock, no randomness of its own: time comes with every event, the probe order from a seed).
+///
+/// Protocol: every `probeInterval` the instance pings the next member of a shuffled round robin;
+/// with no ack within `probeTimeout` it asks `indirectProbes` others to ping it (`pingRequest`);
+/// with no ack through them either, it suspects the member and gossips the suspicion. A suspicion
+/// becomes `dead` after the suspicion timeout, which shrinks with independent confirmations; the
+/// member itself refutes it by gossiping `alive` with a higher incarnation. Lifeguard: the local
+/// health multiplier (LHM) grows when this instance's own probes fail, when helpers fail to nack
+/// and when it has to refute a suspicion of itself, and slows its probing and timeouts down, so a
+/// slow or overloaded member does not accuse healthy ones.
+///
+/// Invariants: an incarnation only grows; a status change at equal incarnation only moves towards
+/// `dead`; `dead` is left only for `alive` at a higher incarnation (the member came back).
+/// Isolation: a value type; the shell owns it and feeds it events in order.
+public struct SWIMInstance: Sendable {
+    public let me: NodeName
+    public let settings: SWIMSettings
+    public private(set) var incarnation: UInt64 = 0
+    /// 0 (healthy) ... `settings.maxLocalHealth`.
+    public private(set) var localHealth = 0
+
+    struct Member: Hashable, Sendable {
+        var status: MemberStatus
+        var incarnation: UInt64
+        /// While suspect: when the suspicion began here and who confirmed it.
+        var suspectedAt: ContinuousClock.Instant?
+        var confirmations: Set<NodeName> = []
+    }
+
+    enum Phase: Hashable, Sendable {
+        case direct
+        case indirect(helpers: Int, nacks: Int)
+    }
+
+    struct Probe: Hashable, Sendable {
+        let target: NodeName
+        let sequence: UInt64
+        var phase: Phase
+        var deadline: ContinuousClock.Instant
+    }
+
+    /// A ping sent on another member's behalf: answer `origin` with ack or nack.
+    struct Relay: Hashable, Sendable {
+        let origin: NodeName
+        let originSequence: UInt64
+        let target: NodeName
+        let deadline: ContinuousClock.Instant
+    }
+
+    private(set) var members: [NodeName: Member] = [:]
+    private var probe: Probe?
+    private var relays: [UInt64: Relay] = [:]
+    private var nextProbeAt: ContinuousClock.Instant
+    private var order: [NodeName] = []
+    private var sequence: UInt64 = 0
+    private var rng: SplitMix64
+    /// Gossip waiting to be piggybacked, with how often each was sent.
+    private var gossip: [NodeName: (update: MemberUpdate, sent: Int)] = [:]
+
+    public init(me: NodeName, settings: SWIMSettings = SWIMSettings(), seed: UInt64, now: ContinuousClock.Instant) {
+        self.me = me
+        self.settings = settings
+        rng = SplitMix64(seed: seed)
+        nextProbeAt = now
+        enqueue(MemberUpdate(name: me, status: .alive, incarnation: 0))
+    }
+
+    // MARK: Queries
+
+    public func status(of node: NodeName) -> MemberStatus? { members[node]?.status }
+
+    public func incarnation(of node: NodeName) -> UInt64? { members[node]?.incarnation }
+
+    /// Members other than this one, by name.
+    public var memberNames: [NodeName] { members.keys.sorted() }
+
+    /// The earliest instant at which `tick` has something to do.
+    public var nextDeadline: ContinuousClock.Instant {
+        var d = probe?.deadline ?? nextProbeAt
+        if probe != nil { d = min(d, nextProbeAt) }
+        for r in relays.values { d = min(d, r.deadline) }
+        for (_, m) in members { if let at = m.suspectedAt { d = min(d, at + suspicionTimeout(confirmations: m.confirmations.count)) } }
+        return d
+    }
+
+    // MARK: Events
+
+    /// A member this instance learns of outside gossip (configuration, a join): alive at
+    /// incarnation 0 unless already known.
+    public mutating func add(_ node: NodeName) -> [SWIMDirective] {
+        guard node != me, members[node] == nil else { return [] }
+        return apply(MemberUpdate(name: node, status: .alive, incarnation: 0), now: nil)
+    }
+
+    /// Drives probes, indirect probes, relays and suspicion timeouts up to `now`.
+    public mutating func tick(now: ContinuousClock.Instant) -> [SWIMDirective] {
+        var out: [SWIMDirective] = []
+        // Suspicions that ran out.
+        for name in members.keys.sorted() {
+            guard let m = members[name], m.status == .suspect, let at = m.suspectedAt,
+                  now >= at + suspicionTimeout(confirmations: m.confirmations.count) else { continue }
+            out += apply(MemberUpdate(name: name, status: .dead, incarnation: m.incarnation), now: now)
+        }
+        // Relays that heard nothing: nack the asker.
+        for seq in relays.keys.sorted() {
+            guard let r = relays[seq], now >= r.deadline else { continue }
+            relays[seq] = nil
+            out.append(.send(to: r.origin, .nack(sequence: r.originSequence, target: r.target)))
+        }
+        // The probe in flight.
+        if var p = probe, now >= p.deadline {
+            switch p.phase {
+            case .direct:
+                let helpers = pickHelpers(excluding: p.target)
+                if helpers.isEmpty {
+                    out += probeFailed(p, now: now)
+                } else {
+                    p.phase = .indirect(helpers: helpers.count, nacks: 0)
+                    p.deadline = now + scaled(settings.probeTimeout)
+                    probe = p
+                    for h in helpers {
+                        out.append(.send(to: h, .pingRequest(sequence: p.sequence, target: p.target, updates: piggyback())))
+                    }
+                }
+            case .indirect(let helpers, let nacks):
+                // Lifeguard: every helper that did not even nack counts against our own health.
+                if nacks < helpers { adjustHealth(+1) }
+                out += probeFailed(p, now: now)
+            }
+        }
+        // The next probe.
+        if probe == nil, now >= nextProbeAt, let target = nextTarget() {
+            sequence += 1
+            probe = Probe(target: target, sequence: sequence, phase: .direct, deadline: now + scaled(settings.probeTimeout))
+            nextProbeAt = now + scaled(settings.probeInterval)
+            out.append(.send(to: target, .ping(sequence: sequence, updates: piggyback())))
+        } else if probe == nil, now >= nextProbeAt {
+            nextProbeAt = now + scaled(settings.probeInterval)
+        }
+        return out
+    }
+
+    /// A message from `from`.
+    public mutating func received(_ message: SWIMMessage, from: NodeName, now: ContinuousClock.Instant) -> [SWIMDirective] {
+        var out: [SWIMDirective] = []
+        switch message {
+        case .ping(let seq, let updates):
+            out += merge(updates, now: now)
+            out += add(from)
+            out.append(.send(to: from, .ack(sequence: seq, target: me, updates: piggyback())))
+        case .pingRequest(let seq, let target, let updates):
+            out += merge(updates, now: now)
+            sequence += 1
+            relays[sequence] = Relay(origin: from, originSequence: seq, target: target, deadline: now + scaled(settings.probeTimeout))
+            out.append(.send(to: target, .ping(sequence: sequence, updates: piggyback())))
+        case .ack(let seq, let target, let updates):
+            out += merge(updates, now: now)
+            if let r = relays.removeValue(forKey: seq) {
+                out.append(.send(to: r.origin, .ack(sequence: r.originSequence, target: r.target, updates: piggyback())))
+            } else if let p = probe, p.sequence == seq, p.target == target {
+                probe = nil
+                adjustHealth(-1)
+            }
+        case .nack(let seq, _):
+            if var p = probe, p.sequence == seq, case .indirect(let helpers, let nacks) = p.phase {
+                p.phase = .indirect(helpers: helpers, nacks: nacks + 1)
+                probe = p
+            }
+        }
+        return out
+    }
+
+    // MARK: Internals
+
+    /// The Lifeguard suspicion timeout for `c` independent confirmations:
+    /// max(min, max − (max − min) · log(c + 1) / log(k + 1)).
+    func suspicionTimeout(confirmations c: Int) -> Duration {
+        let n = Double(max(members.count + 1, 1))
+        let base = settings.probeInterval * (Double(settings.suspicionMultiplier) * max(1, log10(n)))
+        let longest = base * Double(settings.suspicionMaxMultiplier)
+        let k = Double(max(settings.indirectProbes, 1))
+        let fraction = log(Double(c) + 1) / log(k + 1)
+        return max(base, longest - (longest - base) * fraction)
+    }
+
+    private func scaled(_ d: Duration) -> Duration { d * (localHealth + 1) }
+
+    private mutating func adjustHealth(_ delta: Int) {
+        localHealth = min(max(localHealth + delta, 0), settings.maxLocalHealth)
+    }
+
+    private mutating func probeFailed(_ p: Probe, now: ContinuousClock.Instant) -> [SWIMDirective] {
+        probe = nil
+        adjustHealth(+1)
+        guard let m = members[p.target], m.status == .alive else { return [] }
+        return apply(MemberUpdate(name: p.target, status: .suspect, incarnation: m.incarnation, by: me), now: now)
+    }
+
+    /// The next member to probe: round robin over a shuffled list of the members not known dead,
+    /// reshuffled after each pass (SWIM's bounded detection time).
+    private mutating func nextTarget() -> NodeName? {
+        while true {
+            if order.isEmpty {
+                order = members.keys.filter { members[$0]?.status != .dead }.sorted()
+                guard !order.isEmpty else { return nil }
+                for i in stride(from: order.count - 1, to: 0, by: -1) { order.swapAt(i, Int(rng.next(below: UInt64(i + 1)))) }
+            }
+            let next = order.removeFirst()
+            if let m = members[next], m.status != .dead { return next }
+        }
+    }
+
+    private mutating func pickHelpers(excluding target: NodeName) -> [NodeName] {
+        var candidates = members.keys.filter { $0 != target && members[$0]?.status == .alive }.sorted()
+        for i in stride(from: candidates.count - 1, to: 0, by: -1) { candidates.swapAt(i, Int(rng.next(below: UInt64(i + 1)))) }
+        return Array(candidates.prefix(settings.indirectProbes))
+    }
+
+    private mutating func merge(_ updates: [MemberUpdate], now: ContinuousClock.Instant) -> [SWIMDirective] {
+        updates.flatMap { apply($0, now: now) }
+    }
+
+    /// Applies one update by SWIM's precedence rules; refutes suspicions and deaths of itself.
+    private mutating func apply(_ u: MemberUpdate, now: ContinuousClock.Instant?) -> [SWIMDirective] {
+        if u.name == me {
+            guard u.status != .alive, u.incarnation >= incarnation else { return [] }
+            incarnation = u.incarnation + 1
+            adjustHealth(+1)
+            enqueue(MemberUpdate(name: me, status: .alive, incarnation: incarnation))
+            return []
+        }
+        let current = members[u.name]
+        if let c = current {
+            let newer = u.incarnation > c.incarnation
+            let same = u.incarnation == c.incarnation
+            switch (c.status, u.status) {
+            case (.suspect, .suspect) where same:
+                // An independent confirmation shortens the suspicion (Lifeguard).
+                if let by = u.by, by != me, !members[u.name, default: c].confirmations.contains(by) {
+                    members[u.name]?.confirmations.insert(by)
+                    enqueue(u)
+                }
+                return []
+            case (.dead, .alive) where newer: break
+            case (.dead, _): return []
+            case (_, .alive) where newer: break
+            case (_, .alive): return []
+            case (_, _) where newer || (same && u.status > c.status): break
+            default: return []
+            }
+        } else if u.status == .dead {
+            // A member first heard of as dead is remembered so it is not re-added as alive.
+            members[u.name] = Member(status: .dead, incarnation: u.incarnation)
+            return []
+        }
+        var m = Member(status: u.status, incarnation: u.incarnation)
+        if u.status == .suspect {
+            m.suspectedAt = now ?? current?.suspectedAt
+            if let by = u.by, by != me { m.confirmations = [by] }
+        }
+        members[u.name] = m
+        enqueue(u)
+        return [.statusChanged(u.name, from: current?.status, to: u.status, incarnation: u.incarnation)]
+    }
+
+    private mutating func enqueue(_ u: MemberUpdate) {
+        gossip[u.name] = (u, 0)
+    }
+
+    /// Up to `maxPiggyback` updates, least sent first (ties: by name); each is dropped after
+    /// `retransmitMultiplier × ⌈log2(n + 1)⌉` sends.
+    private mutating func piggyback() -> [MemberUpdate] {
+        let limit = settings.retransmitMultiplier * max(1, Int(log2(Double(members.count + 2)).rounded(.up)))
+        let picked = gossip.values.sorted { ($0.sent, $0.update.name) < ($1.sent, $1.update.name) }.prefix(settings.maxPiggyback)
+        var out: [MemberUpdate] = []
+        for entry in picked {
+            out.append(entry.update)
+            let sent = entry.sent + 1
+            gossip[entry.update.name] = sent >= limit ? nil : (entry.update, sent)
+        }
+        return out
+    }
+}
