@@ -147,7 +147,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: strict),
         .testTarget(name: "CairnNodeTests", dependencies: [
-            "CairnNode", "CairnCore", "CairnRing", "CairnWire", "CairnStorage",
+            "CairnNode", "CairnCore", "CairnRing", "CairnWire", "CairnStorage", "CairnTestSupport",
         ], swiftSettings: strict),
         // Shared by test targets: a scripted node stand-in, and running the built binaries.
         .target(name: "CairnTestSupport", dependencies: [

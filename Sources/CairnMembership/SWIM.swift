@@ -75,6 +75,9 @@ public struct SWIMSettings: Hashable, Sendable {
     /// `log2(n + 1)`.
     public var maxPiggyback = 8
     public var retransmitMultiplier = 3
+    /// Indirect probes this member runs for others at once; requests past it are ignored (the
+    /// asker counts a missing nack against its own health, as for a slow helper).
+    public var maxRelays = 64
     public init() {}
 }
 
@@ -231,6 +234,7 @@ public struct SWIMInstance: Sendable {
             out.append(.send(to: from, .ack(sequence: seq, target: me, updates: piggyback())))
         case .pingRequest(let seq, let target, let updates):
             out += merge(updates, now: now)
+            guard relays.count < settings.maxRelays else { break }
             sequence += 1
             relays[sequence] = Relay(origin: from, originSequence: seq, target: target, deadline: now + scaled(settings.probeTimeout))
             out.append(.send(to: target, .ping(sequence: sequence, updates: piggyback())))

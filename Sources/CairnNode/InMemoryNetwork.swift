@@ -117,10 +117,10 @@ public final class InMemoryNetwork: Sendable {
         changed()
     }
 
-    /// Pauses `node` as SIGSTOP would: its connections stay up, but nothing reaches it and nothing
+    /// Stalls `node`'s network path: its connections stay up, but nothing reaches it and nothing
     /// leaves it — every message to it, and every reply from it, is held until `resume`, then
-    /// delivered (its callers may have timed out by then). Its own timers keep running: the
-    /// network stalls, not the node's code.
+    /// delivered (its callers may have timed out by then). Its own code keeps running; to stop
+    /// the node itself as SIGSTOP does, pause its simulation lane (`SimulatedCluster.pause`).
     public func pause(_ node: NodeName) {
         state.withLock { s in
             if s.paused[node] == nil { s.paused[node] = [] }

@@ -55,7 +55,8 @@ public final class SimulatedCluster: Sendable {
     public let members: [MemberAddress]
     public let clock: ManualClock
     public let network: InMemoryNetwork
-    private let executor: SimulationExecutor
+    /// The simulation's executor (tasks a caller starts inside the simulation prefer it).
+    public let executor: SimulationExecutor
     private let epochs: EpochSource
     private let settings: Settings
     private let slots: Mutex<[Slot]>
@@ -144,7 +145,9 @@ public final class SimulatedCluster: Sendable {
             s[i].node = node
             s[i].run = run
         }
-        while node.state == .starting, !ended.withLock({ $0 }) { await Task.yield() }
+        // On virtual time, so a node that never serves ends in the simulation's time limit
+        // instead of spinning the executor.
+        while node.state == .starting, !ended.withLock({ $0 }) { try await clock.sleep(for: .milliseconds(1)) }
         guard node.state == .serving else { throw SimulatedClusterError.didNotStart(names[i]) }
     }
 
@@ -198,5 +201,33 @@ public enum SimulatedClusterError: Error, Sendable, CustomStringConvertible {
         switch self {
         case .didNotStart(let n): "\(n) stopped before it served"
         }
+    }
+}
+
+extension SimulatedCluster {
+    /// Runs `body` on a fresh simulation of `count` nodes (network faults `faults`, seeded by
+    /// `seed`): the nodes in `running` (default: all) are started first, and every node is shut
+    /// down after `body`, whether it returned or threw. Blocks the calling thread, the
+    /// simulation's only one; throws `body`'s error, or `SimulationStop` if the run got stuck or
+    /// passed `limit` of virtual time.
+    public static func simulation<T: Sendable>(count: Int, seed: UInt64, settings: Settings = Settings(),
+                                               faults: InMemoryNetwork.Faults = InMemoryNetwork.Faults(), running: [Int]? = nil,
+                                               limit: Duration = .seconds(60),
+                                               _ body: @escaping @Sendable (SimulatedCluster) async throws -> T) throws -> T {
+        let clock = ManualClock()
+        let executor = SimulationExecutor(seed: seed)
+        let network = InMemoryNetwork(clock: clock, seed: seed, faults: faults, executor: executor)
+        let cluster = try SimulatedCluster(count: count, clock: clock, network: network, executor: executor, seed: seed, settings: settings)
+        return try simulate(on: executor, clock: clock, limit: limit) { () -> Result<T, any Error> in
+            do {
+                for i in running ?? Array(0..<count) { try await cluster.start(i) }
+                let value = try await body(cluster)
+                await cluster.shutdown()
+                return .success(value)
+            } catch {
+                await cluster.shutdown()
+                return .failure(error)
+            }
+        }.get()
     }
 }

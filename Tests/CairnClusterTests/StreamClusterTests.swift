@@ -4,38 +4,8 @@ import CairnCore
 import CairnWire
 import CairnRing
 import NIOCore
+import CairnTestSupport
 
-/// Lets `receive` calls through one permit at a time (`release`).
-private final class Gate: Sendable {
-    private let state = Locked<(permits: Int, waiters: [CheckedContinuation<Void, Never>])>((0, []))
-
-    func pass() async {
-        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
-            let now = state.withLock { s in
-                if s.permits > 0 {
-                    s.permits -= 1
-                    return true
-                }
-                s.waiters.append(c)
-                return false
-            }
-            if now { c.resume() }
-        }
-    }
-
-    func release(_ n: Int) {
-        let ready: [CheckedContinuation<Void, Never>] = state.withLock { s in
-            s.permits += n
-            var out: [CheckedContinuation<Void, Never>] = []
-            while s.permits > 0, !s.waiters.isEmpty {
-                s.permits -= 1
-                out.append(s.waiters.removeFirst())
-            }
-            return out
-        }
-        for w in ready { w.resume() }
-    }
-}
 
 private final class GatedSink: StreamSink {
     let gate = Gate()

@@ -144,6 +144,19 @@ private func ping(_ ds: [SWIMDirective]) -> (NodeName, UInt64)? {
         if case .nack(let nseq, let ntarget)? = nacks.first?.1 { #expect(nseq == 78 && ntarget == n4) }
     }
 
+    /// Indirect probes run for others are bounded (`maxRelays`): a flood of requests is not held.
+    @Test func relaysAreBounded() {
+        var settings = SWIMSettings()
+        settings.maxRelays = 2
+        var s = SWIMInstance(me: n1, settings: settings, seed: 1, now: t0)
+        for m in [n2, n3, n4] { _ = s.add(m) }
+        let pings = (1...4).map { i in ping(s.received(.pingRequest(sequence: UInt64(i), target: n3, updates: []), from: n2, now: t0)) }
+        #expect(pings.map { $0 != nil } == [true, true, false, false])
+        // At the timeout both held relays nack, and room is free again.
+        #expect(sends(s.tick(now: t0 + .milliseconds(500))).filter { if case .nack = $0.1 { true } else { false } }.count == 2)
+        #expect(ping(s.received(.pingRequest(sequence: 9, target: n3, updates: []), from: n2, now: t0 + .milliseconds(500))) != nil)
+    }
+
     /// SWIM's precedence: higher incarnation wins; at equal incarnation suspect beats alive and
     /// dead beats both; dead is left only for alive at a higher incarnation.
     @Test func updatesFollowSWIMPrecedence() {

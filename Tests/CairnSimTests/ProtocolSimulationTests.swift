@@ -23,27 +23,15 @@ private struct Run<Outcome: Sendable & Equatable>: Sendable, Equatable {
 private func simulation<T: Sendable & Equatable>(seed: UInt64 = 1, count: Int = 3, nVal: Int = 3, running: [Int]? = nil,
                                                  _ body: @escaping @Sendable (SimulatedCluster) async throws -> T) async throws -> Run<T> {
     try await offPool { () throws -> Run<T> in
-        let clock = ManualClock()
-        let executor = SimulationExecutor(seed: seed)
         var faults = InMemoryNetwork.Faults()
         faults.delay = .microseconds(100) ... .milliseconds(2)
-        let network = InMemoryNetwork(clock: clock, seed: seed, faults: faults, executor: executor)
         var settings = SimulatedCluster.Settings()
         settings.nVal = nVal
-        let cluster = try SimulatedCluster(count: count, clock: clock, network: network, executor: executor, seed: seed, settings: settings)
-        return try simulate(on: executor, clock: clock, limit: .seconds(60)) { () -> Result<Run<T>, any Error> in
-            do {
-                for i in running ?? Array(0..<count) { try await cluster.start(i) }
-                let outcome = try await body(cluster)
-                let counts = network.counts
-                let fingerprint = "elapsed=\(clock.elapsed) delivered=\(counts.delivered) dropped=\(counts.dropped)"
-                await cluster.shutdown()
-                return .success(Run(outcome: outcome, fingerprint: fingerprint))
-            } catch {
-                await cluster.shutdown()
-                return .failure(error)
-            }
-        }.get()
+        return try SimulatedCluster.simulation(count: count, seed: seed, settings: settings, faults: faults, running: running) { cluster in
+            let outcome = try await body(cluster)
+            let counts = cluster.network.counts
+            return Run(outcome: outcome, fingerprint: "elapsed=\(cluster.clock.elapsed) delivered=\(counts.delivered) dropped=\(counts.dropped)")
+        }
     }
 }
 

@@ -30,27 +30,16 @@ private func get(_ node: CairnNode, _ key: String, r: Quorum? = nil) async -> Ge
 /// again and read the key back.
 private func survival(seed: UInt64 = 1, sync: SyncMode,
                       between: @escaping @Sendable (SimulatedCluster) async throws -> Void) throws -> Survival {
-    let clock = ManualClock()
-    let executor = SimulationExecutor(seed: seed)
-    let network = InMemoryNetwork(clock: clock, seed: seed, executor: executor)
     var settings = SimulatedCluster.Settings()
     settings.syncMode = sync
-    let cluster = try SimulatedCluster(count: 1, clock: clock, network: network, executor: executor, seed: seed, settings: settings)
-    return try simulate(on: executor, clock: clock, limit: .seconds(60)) { () -> Result<Survival, any Error> in
-        do {
-            try await cluster.start(0)
-            guard let first = cluster.node(0), case .writeReply = await put(first, "k", "v") else { throw SimTestError("the write failed") }
-            let before = first.actorID?.epoch
-            try await between(cluster)
-            if !cluster.isUp(0) { try await cluster.start(0) }
-            guard let second = cluster.node(0), let read = await get(second, "k") else { throw SimTestError("the read failed") }
-            let after = second.actorID?.epoch
-            await cluster.shutdown()
-            return .success(Survival(value: read.siblings.first.map { String(decoding: $0.value, as: UTF8.self) }, epochKept: before == after))
-        } catch {
-            return .failure(error)
-        }
-    }.get()
+    return try SimulatedCluster.simulation(count: 1, seed: seed, settings: settings) { cluster in
+        guard let first = cluster.node(0), case .writeReply = await put(first, "k", "v") else { throw SimTestError("the write failed") }
+        let before = first.actorID?.epoch
+        try await between(cluster)
+        if !cluster.isUp(0) { try await cluster.start(0) }
+        guard let second = cluster.node(0), let read = await get(second, "k") else { throw SimTestError("the read failed") }
+        return Survival(value: read.siblings.first.map { String(decoding: $0.value, as: UTF8.self) }, epochKept: before == second.actorID?.epoch)
+    }
 }
 
 struct SimTestError: Error, CustomStringConvertible {
@@ -111,28 +100,19 @@ struct SimTestError: Error, CustomStringConvertible {
     /// Skewed wall clocks change write timestamps, never which write wins: a write made with the
     /// context of an earlier one supersedes it though its timestamp is ten minutes older.
     @Test func clockSkewDecidesNothing() async throws {
-        let outcome = try await offPool { () throws -> [String] in
-            let clock = ManualClock()
-            let executor = SimulationExecutor(seed: 5)
-            let network = InMemoryNetwork(clock: clock, seed: 5, executor: executor)
-            let cluster = try SimulatedCluster(count: 3, clock: clock, network: network, executor: executor, seed: 5)
-            return try simulate(on: executor, clock: clock, limit: .seconds(60)) { () -> Result<[String], any Error> in
-                do {
-                    cluster.setSkew(0, millis: 600_000)
-                    for i in 0..<3 { try await cluster.start(i) }
-                    guard let n1 = cluster.node(0), let n2 = cluster.node(1), let n3 = cluster.node(2) else { throw SimTestError("no nodes") }
-                    guard case .writeReply = await put(n1, "k", "first", w: .all) else { throw SimTestError("first write failed") }
-                    guard let read = await get(n2, "k", r: .all) else { throw SimTestError("read failed") }
-                    guard case .writeReply = await put(n2, "k", "second", context: read.context, w: .all) else { throw SimTestError("second write failed") }
-                    guard let final = await get(n3, "k", r: .all) else { throw SimTestError("final read failed") }
-                    let skewed = read.siblings.first?.timestampMillis ?? 0, plain = final.siblings.first?.timestampMillis ?? 0
-                    await cluster.shutdown()
-                    guard skewed > plain + 500_000 else { throw SimTestError("the skew did not show in timestamps: \(skewed) vs \(plain)") }
-                    return .success(final.siblings.map { String(decoding: $0.value, as: UTF8.self) })
-                } catch {
-                    return .failure(error)
-                }
-            }.get()
+        let outcome = try await offPool {
+            try SimulatedCluster.simulation(count: 3, seed: 5, running: []) { cluster in
+                cluster.setSkew(0, millis: 600_000)
+                for i in 0..<3 { try await cluster.start(i) }
+                guard let n1 = cluster.node(0), let n2 = cluster.node(1), let n3 = cluster.node(2) else { throw SimTestError("no nodes") }
+                guard case .writeReply = await put(n1, "k", "first", w: .all) else { throw SimTestError("first write failed") }
+                guard let read = await get(n2, "k", r: .all) else { throw SimTestError("read failed") }
+                guard case .writeReply = await put(n2, "k", "second", context: read.context, w: .all) else { throw SimTestError("second write failed") }
+                guard let final = await get(n3, "k", r: .all) else { throw SimTestError("final read failed") }
+                let skewed = read.siblings.first?.timestampMillis ?? 0, plain = final.siblings.first?.timestampMillis ?? 0
+                guard skewed > plain + 500_000 else { throw SimTestError("the skew did not show in timestamps: \(skewed) vs \(plain)") }
+                return final.siblings.map { String(decoding: $0.value, as: UTF8.self) }
+            }
         }
         #expect(outcome == ["second"])
     }
@@ -142,33 +122,24 @@ struct SimTestError: Error, CustomStringConvertible {
 /// complete; once the network heals, the same write completes and every replica answers.
 @Suite struct PartitionHealSimulationTests {
     @Test func aWriteThatAPartitionBlocksCompletesAfterTheHeal() async throws {
-        let outcome = try await offPool { () throws -> [String] in
-            let clock = ManualClock()
-            let executor = SimulationExecutor(seed: 21)
-            let network = InMemoryNetwork(clock: clock, seed: 21, executor: executor)
-            let cluster = try SimulatedCluster(count: 3, clock: clock, network: network, executor: executor, seed: 21)
-            return try simulate(on: executor, clock: clock, limit: .seconds(60)) { () -> Result<[String], any Error> in
-                do {
-                    for i in 0..<3 { try await cluster.start(i) }
-                    guard let n1 = cluster.node(0), let n3 = cluster.node(2) else { throw SimTestError("no nodes") }
-                    for peer in cluster.names.dropFirst() {
-                        network.cut(from: cluster.names[0], to: peer)
-                        network.cut(from: peer, to: cluster.names[0])
-                    }
-                    var seen: [String] = []
-                    if case .error(let e) = await put(n1, "k", "during", w: .all) { seen.append("during: \(e.code)") } else { seen.append("during: ok") }
-                    network.heal()
-                    try await clock.sleep(for: .seconds(1))
-                    guard let r = await get(n1, "k", r: .all) else { throw SimTestError("read after heal failed") }
-                    if case .writeReply = await put(n1, "k", "after", context: r.context, w: .all) { seen.append("after: ok") } else { seen.append("after: failed") }
-                    guard let final = await get(n3, "k", r: .all) else { throw SimTestError("final read failed") }
-                    seen.append("final: " + final.siblings.map { String(decoding: $0.value, as: UTF8.self) }.sorted().joined(separator: ","))
-                    await cluster.shutdown()
-                    return .success(seen)
-                } catch {
-                    return .failure(error)
+        let outcome = try await offPool {
+            try SimulatedCluster.simulation(count: 3, seed: 21) { cluster in
+                let network = cluster.network
+                guard let n1 = cluster.node(0), let n3 = cluster.node(2) else { throw SimTestError("no nodes") }
+                for peer in cluster.names.dropFirst() {
+                    network.cut(from: cluster.names[0], to: peer)
+                    network.cut(from: peer, to: cluster.names[0])
                 }
-            }.get()
+                var seen: [String] = []
+                if case .error(let e) = await put(n1, "k", "during", w: .all) { seen.append("during: \(e.code)") } else { seen.append("during: ok") }
+                network.heal()
+                try await cluster.clock.sleep(for: .seconds(1))
+                guard let r = await get(n1, "k", r: .all) else { throw SimTestError("read after heal failed") }
+                if case .writeReply = await put(n1, "k", "after", context: r.context, w: .all) { seen.append("after: ok") } else { seen.append("after: failed") }
+                guard let final = await get(n3, "k", r: .all) else { throw SimTestError("final read failed") }
+                seen.append("final: " + final.siblings.map { String(decoding: $0.value, as: UTF8.self) }.sorted().joined(separator: ","))
+                return seen
+            }
         }
         #expect(outcome.count == 3)
         #expect(outcome.first?.hasPrefix("during: ") == true && outcome.first != "during: ok", "a cut-off coordinator cannot reach W=all")
@@ -181,34 +152,25 @@ struct SimTestError: Error, CustomStringConvertible {
 /// continues it handles what it was given.
 @Suite struct PauseSimulationTests {
     @Test func aPausedNodeRunsNothingUntilItContinues() async throws {
-        let outcome = try await offPool { () throws -> [String] in
-            let clock = ManualClock()
-            let executor = SimulationExecutor(seed: 8)
-            let network = InMemoryNetwork(clock: clock, seed: 8, executor: executor)
-            let cluster = try SimulatedCluster(count: 3, clock: clock, network: network, executor: executor, seed: 8)
-            return try simulate(on: executor, clock: clock, limit: .seconds(60)) { () -> Result<[String], any Error> in
-                do {
-                    for i in 0..<3 { try await cluster.start(i) }
-                    guard let n1 = cluster.node(0), let n2 = cluster.node(1) else { throw SimTestError("no nodes") }
-                    cluster.pause(0)
-                    let answeredAt = Mutex<Int64?>(nil)
-                    let held = Task(executorPreference: executor) { () -> Message in
-                        let reply = await put(n1, "a", "held", w: .all)
-                        answeredAt.withLock { $0 = clock.elapsed.components.seconds }
-                        return reply
-                    }
-                    try await clock.sleep(for: .seconds(3))
-                    var seen = ["after 3 s: \(answeredAt.withLock { $0 } == nil ? "unanswered" : "answered")"]
-                    if case .error = await put(n2, "b", "v", w: .all) { seen.append("W=all through n2: failed") } else { seen.append("W=all through n2: ok") }
-                    cluster.resume(0)
-                    if case .writeReply = await held.value { seen.append("held request: ok") } else { seen.append("held request: failed") }
-                    seen.append("answered after the pause: \((answeredAt.withLock { $0 } ?? -1) >= 3)")
-                    await cluster.shutdown()
-                    return .success(seen)
-                } catch {
-                    return .failure(error)
+        let outcome = try await offPool {
+            try SimulatedCluster.simulation(count: 3, seed: 8) { cluster in
+                let clock = cluster.clock
+                guard let n1 = cluster.node(0), let n2 = cluster.node(1) else { throw SimTestError("no nodes") }
+                cluster.pause(0)
+                let answeredAt = Mutex<Int64?>(nil)
+                let held = Task(executorPreference: cluster.executor) { () -> Message in
+                    let reply = await put(n1, "a", "held", w: .all)
+                    answeredAt.withLock { $0 = clock.elapsed.components.seconds }
+                    return reply
                 }
-            }.get()
+                try await clock.sleep(for: .seconds(3))
+                var seen = ["after 3 s: \(answeredAt.withLock { $0 } == nil ? "unanswered" : "answered")"]
+                if case .error = await put(n2, "b", "v", w: .all) { seen.append("W=all through n2: failed") } else { seen.append("W=all through n2: ok") }
+                cluster.resume(0)
+                if case .writeReply = await held.value { seen.append("held request: ok") } else { seen.append("held request: failed") }
+                seen.append("answered after the pause: \((answeredAt.withLock { $0 } ?? -1) >= 3)")
+                return seen
+            }
         }
         #expect(outcome == ["after 3 s: unanswered", "W=all through n2: failed", "held request: ok", "answered after the pause: true"])
     }
