@@ -68,9 +68,7 @@ public final class DiskBackend: PartitionStore {
         }
         do {
             let (epoch, batch) = try await bulk.run { try settleEpoch(db, options: options, epochs: epochs) }
-            try await db.waitForRoom()
-            let last = try await bulk.run { try db.apply(batch) }
-            try await db.waitDurable(upTo: last, sync: .always)
+            try await write(batch, to: db, on: bulk)
             return DiskBackend(database: db, epoch: epoch, executors: executors, bulk: bulk)
         } catch {
             await db.abandon()
@@ -149,9 +147,7 @@ public final class DiskBackend: PartitionStore {
     public var lastApplied: DurabilityToken { DurabilityToken(sequence: database.lastSequence) }
 
     public func apply(partition: PartitionID, key: [UInt8], value: [UInt8]) throws -> DurabilityToken {
-        var b = WriteBatch()
-        b.put(Self.dataKey(partition, key), value)
-        return DurabilityToken(sequence: try database.apply(b))
+        try apply(partition: partition, batch: [(key, value)])
     }
 
     public func apply(partition: PartitionID, batch: [(key: [UInt8], value: [UInt8])]) throws -> DurabilityToken {
@@ -204,7 +200,10 @@ public final class DiskBackend: PartitionStore {
     /// Writes `batch` synced, whatever the sync mode: flow control, the append on the bulk
     /// executor, then the group commit.
     private func write(_ batch: WriteBatch) async throws {
-        let database = database
+        try await Self.write(batch, to: database, on: bulk)
+    }
+
+    private static func write(_ batch: WriteBatch, to database: Database, on bulk: ExecutorLane) async throws {
         try await database.waitForRoom()
         let last = try await bulk.run { try database.apply(batch) }
         try await database.waitDurable(upTo: last, sync: .always)

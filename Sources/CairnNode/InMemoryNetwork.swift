@@ -94,11 +94,13 @@ public final class InMemoryNetwork: Sendable {
     /// Makes `node` unreachable, as a crashed process: requests to it are refused. With
     /// `dispatcher`, only if that is what is attached under the name (a stopping process never
     /// detaches the one restarted under its name).
-    public func detach(_ node: NodeName, ifAttached dispatcher: (any RequestDispatcher)? = nil) {
-        state.withLock { s in
-            if let dispatcher, let current = s.nodes[node], (current as AnyObject) !== (dispatcher as AnyObject) { return }
-            s.nodes.removeValue(forKey: node)
+    public func detach(_ node: NodeName, ifAttached dispatcher: (any RequestDispatcher & AnyObject)? = nil) {
+        let detached: Bool = state.withLock { s in
+            if let dispatcher, let current = s.nodes[node], (current as AnyObject) !== dispatcher { return false }
+            return s.nodes.removeValue(forKey: node) != nil
         }
+        // A stopping process must not touch the streams of the one restarted under its name.
+        guard detached else { return }
         failStreams(touching: node, "\(node) is not running")
         changed()
     }

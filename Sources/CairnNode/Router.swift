@@ -145,22 +145,21 @@ final class Router: RequestDispatcher {
             return .failure(ErrorReply(code: .overloaded, message:
                 "\(limit) streams from \(peer) already open on \(core.config.name) (transport.max_streams_per_peer)"))
         }
-        let release: @Sendable () -> Void = {
+        let unreserve: @Sendable () -> Void = {
             core.inboundStreams.withLock { open in
                 open[peer, default: 1] -= 1
                 if open[peer] == 0 { open.removeValue(forKey: peer) }
             }
-            core.metrics.streamsIn.closed()
         }
         switch acceptor(request) {
         case .success(let sink):
             core.metrics.streamsIn.opened()
-            return .success(CountedSink(sink, release: release))
+            return .success(CountedSink(sink) {
+                unreserve()
+                core.metrics.streamsIn.closed()
+            })
         case .failure(let error):
-            core.inboundStreams.withLock { open in
-                open[peer, default: 1] -= 1
-                if open[peer] == 0 { open.removeValue(forKey: peer) }
-            }
+            unreserve()
             return .failure(error)
         }
     }

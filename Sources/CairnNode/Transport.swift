@@ -225,7 +225,8 @@ extension SocketTransport {
             metrics?.streamsOut.closed()
         })
         table.register(id, outbox)
-        connection.channel.closeFuture.whenComplete { _ in outbox.failed(.lost("data connection to \(node) closed")) }
+        // Weak: the hook lives as long as the connection, the stream usually far shorter.
+        connection.channel.closeFuture.whenComplete { [weak outbox] _ in outbox?.failed(.lost("data connection to \(node) closed")) }
         let reply: Message
         do throws(ConnectionError) {
             reply = try await connection.request(.streamOpen(StreamOpen(streamID: id, kind: kind, header: header)), timeoutMillis: timeoutMillis)

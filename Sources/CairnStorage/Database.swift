@@ -245,7 +245,8 @@ public final class Database: Sendable {
     private let compactionLock = Mutex(())
     /// Serializes the log's writers: appends, log switches and the final close. Held around the
     /// `write(2)` and the switch's syncs instead of the state lock, so readers (who take only the
-    /// state lock) never wait for disk I/O of the request path. Order: `logLock`, then `state`.
+    /// state lock) do not wait for a put's disk I/O. (Manifest edits — flushes, compactions,
+    /// range deletions — still sync under the state lock.) Order: `logLock`, then `state`.
     private let logLock = Mutex(())
     private let flushSignal = WakeSignal()
     private let compactionSignal = WakeSignal()
@@ -451,7 +452,15 @@ public final class Database: Sendable {
                 while true {
                     do { try await environment.sleep(for: .milliseconds(max(ms, 1))) } catch { return }
                     guard let writer = self?.state.withLock({ $0.closed ? nil : $0.writer }) else { return }
-                    queue.async { _ = try? writer.sync() }
+                    // One sync at a time: a slow disk makes ticks merge, not pile up on the queue
+                    // that group commits share.
+                    let failure: StorageError? = await withCheckedContinuation { c in
+                        queue.async {
+                            do throws(StorageError) { try writer.sync(); c.resume(returning: nil) } catch { c.resume(returning: error) }
+                        }
+                    }
+                    // A failed fsync may have lost acknowledged writes: refuse writes (fsyncgate).
+                    if let failure, let db = self { _ = db.backgroundFailed(failure, failures: 1) }
                 }
             }
             timer.withLock { $0 = loop }
@@ -484,16 +493,32 @@ public final class Database: Sendable {
     /// flush is pending.
     private func switchLog() throws(StorageError) -> Bool {
         guard let (number, old) = state.withLock({ s -> (UInt64, WALWriter)? in
-            guard s.immutable == nil else { return nil }
+            guard s.immutable == nil, !s.closed else { return nil }
             // Reserved now: flushes and compactions take numbers concurrently.
             defer { s.version.nextFile += 1 }
             return (s.version.nextFile, s.writer)
         }) else { return false }
         let logPath = path(Self.logName(number))
         let file = try fs.openAppendable(logPath, create: true)
-        try file.sync()
-        try fs.syncDirectory(directory)
-        try old.sync()
+        do throws(StorageError) {
+            try file.sync()
+            try fs.syncDirectory(directory)
+        } catch {
+            // Nothing switched: the empty new log goes, the next write past the bound retries.
+            try? file.close()
+            try? fs.remove(logPath)
+            throw error
+        }
+        do throws(StorageError) {
+            try old.sync()
+        } catch {
+            // Writes already acknowledged under `interval`/`none` may be gone: refuse writes
+            // until reopen, and say why.
+            try? file.close()
+            try? fs.remove(logPath)
+            state.withLock { s in if s.writeFailure == nil { s.writeFailure = error } }
+            throw error
+        }
         state.withLock { s in
             s.committer.markDurable(upTo: s.sequence)
             s.immutable = (s.memtable, number, s.sequence)
@@ -934,13 +959,13 @@ public final class Database: Sendable {
             }
             return (s.sequence, s.immutable == nil && s.memtable.approximateBytes >= options.writeBufferBytes / 2)
         }
-        let rotated = rotate ? try switchLog() : false
+        // Tables a range deletion dropped go first: a failed log switch must not leave them.
         for n in obsolete {
             cache.evict(file: n)
             try fs.remove(path(Self.tableName(n)))
         }
         if !obsolete.isEmpty { try fs.syncDirectory(directory) }
-        if rotated { flushSignal.notify() }
+        if rotate, try switchLog() { flushSignal.notify() }
         return last
     }
 

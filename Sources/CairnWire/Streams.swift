@@ -257,7 +257,11 @@ public final class StreamOutbox: OutboundStream {
         }
         switch outcome {
         case nil: return
-        case false?: failed(.lost("acknowledgement of \(count) chunks does not match the \(state.withLock { $0.sent }) sent"))
+        case false?:
+            // The receiver's side of the stream is in an unknown state: end it there too, so its
+            // sink and its stream slot are released.
+            let why = "acknowledgement of \(count) chunks does not match the \(state.withLock { $0.sent }) sent"
+            if end(.lost(why)) { transmit(self, .cancel(why)) }
         case true?:
             let (ended, waiters) = state.withLock { s in
                 defer { s.waiters = [:] }
@@ -339,6 +343,9 @@ public final class StreamInbox: Sendable {
         var stopReason: String?
         /// The stop is an overrun: the sender is told (`abort`).
         var abortOnStop = false
+        /// The sender ended or cancelled the stream: nothing it sends later is queued (so a peer
+        /// repeating `end` or `cancel` cannot grow the queue past its byte bound).
+        var inputClosed = false
         var ended = false
     }
 
@@ -395,22 +402,26 @@ public final class StreamInbox: Sendable {
 
     /// What arrived from the sender, in arrival order. Ignored once the stream stopped.
     public func deliver(_ item: Incoming) {
-        let overrun: Bool = state.withLock { s in
-            guard !s.ended, s.stopReason == nil else { return false }
-            if case .chunk(let bytes) = item {
+        enum Admission { case drop, overrun, queue }
+        let admission: Admission = state.withLock { s in
+            guard !s.ended, s.stopReason == nil, !s.inputClosed else { return .drop }
+            switch item {
+            case .end, .cancel:
+                s.inputClosed = true
+            case .chunk(let bytes):
                 guard s.queued + bytes.count <= queueLimit else {
                     s.stopReason = "the sender overran the window (\(s.queued + bytes.count) bytes queued, limit \(queueLimit))"
                     s.abortOnStop = true
-                    return true
+                    return .overrun
                 }
                 s.queued += bytes.count
             }
-            return false
+            return .queue
         }
-        if overrun {
-            items.yield(.cancel("window overrun"))
-        } else {
-            items.yield(item)
+        switch admission {
+        case .drop: return
+        case .overrun: items.yield(.cancel("window overrun"))
+        case .queue: items.yield(item)
         }
     }
 
