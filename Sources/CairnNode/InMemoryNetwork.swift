@@ -45,7 +45,7 @@ public final class InMemoryNetwork: Sendable {
         /// them down at once), though they keep running.
         var refusing: Set<NodeName> = []
         /// Paused nodes (a stopped process: SIGSTOP), with the deliveries held for them.
-        var paused: [NodeName: [CheckedContinuation<Void, Never>]] = [:]
+        var paused: Set<NodeName> = []
         var faults: Faults
         var rng: SplitMix64
         var delivered = 0
@@ -53,8 +53,6 @@ public final class InMemoryNetwork: Sendable {
         var nextStreamID: UInt64 = 0
         var streams: [UInt64: MemoryStream] = [:]
         /// Bumped by every change of cuts, refusals, pauses and attachments (and closed lanes).
-        var generation: UInt64 = 0
-        var changeWaiters: [CheckedContinuation<Void, Never>] = []
 
         mutating func drawDelay() -> Duration {
             let r = faults.delay
@@ -73,6 +71,9 @@ public final class InMemoryNetwork: Sendable {
     /// run in its seeded order; nil: the default pool.
     fileprivate let executor: (any TaskExecutor)?
     private let state: Locked<State>
+    /// Notified on every change of cuts, refusals, pauses or attachments (what held messages and
+    /// stalled streams wait on).
+    private let flow = Condition()
 
     public init(clock: any NodeClock, seed: UInt64, faults: Faults = Faults(), executor: (any TaskExecutor)? = nil) {
         self.clock = clock
@@ -124,40 +125,28 @@ public final class InMemoryNetwork: Sendable {
     /// delivered (its callers may have timed out by then). Its own code keeps running; to stop
     /// the node itself as SIGSTOP does, pause its simulation lane (`SimulatedCluster.pause`).
     public func pause(_ node: NodeName) {
-        state.withLock { s in
-            if s.paused[node] == nil { s.paused[node] = [] }
-        }
+        _ = state.withLock { $0.paused.insert(node) }
         changed()
     }
 
     /// Ends `pause(node)`: held messages go on.
     public func resume(_ node: NodeName) {
-        let held = state.withLock { $0.paused.removeValue(forKey: node) } ?? []
-        for c in held { c.resume() }
+        _ = state.withLock { $0.paused.remove(node) }
         changed()
     }
 
     /// Returns once `node` is not paused (at once if it is not).
     public func waitWhilePaused(_ node: NodeName) async {
-        await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
-            let now: Bool = state.withLock { s in
-                guard s.paused[node] != nil else { return true }
-                s.paused[node, default: []].append(c)
-                return false
-            }
-            if now { c.resume() }
-        }
+        _ = await flow.wait(until: { state.withLock { !$0.paused.contains(node) } })
     }
 
     /// Restores every cut link and refused node, and resumes every paused one.
     public func heal() {
-        let held: [CheckedContinuation<Void, Never>] = state.withLock { s in
+        state.withLock { s in
             s.cut.removeAll()
             s.refusing.removeAll()
-            defer { s.paused = [:] }
-            return s.paused.values.flatMap { $0 }
+            s.paused.removeAll()
         }
-        for c in held { c.resume() }
         changed()
     }
 
@@ -404,33 +393,14 @@ extension InMemoryNetwork {
     }
 
     /// Wakes everything waiting for a change of cuts, refusals, pauses or attachments.
-    fileprivate func changed() {
-        let waiters: [CheckedContinuation<Void, Never>] = state.withLock { s in
-            s.generation &+= 1
-            defer { s.changeWaiters = [] }
-            return s.changeWaiters
-        }
-        for w in waiters { w.resume() }
-    }
+    fileprivate func changed() { flow.notifyAll() }
 
     /// Returns once the link from `from` to `to` is neither cut nor paused at either end, or
     /// `stop()` holds (checked after every change).
     fileprivate func waitUntilFlowing(from: NodeName, to: NodeName, unless stop: @Sendable () -> Bool) async {
-        while true {
-            let blockedAt: UInt64? = state.withLock { s in
-                let blocked = s.paused[from] != nil || s.paused[to] != nil || s.cut.contains(Link(from: from, to: to))
-                return blocked ? s.generation : nil
-            }
-            guard let generation = blockedAt, !stop() else { return }
-            await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
-                let now = state.withLock { s in
-                    if s.generation != generation { return true }
-                    s.changeWaiters.append(c)
-                    return false
-                }
-                if now { c.resume() }
-            }
-        }
+        _ = await flow.wait(until: {
+            stop() || state.withLock { s in !s.paused.contains(from) && !s.paused.contains(to) && !s.cut.contains(Link(from: from, to: to)) }
+        })
     }
 
     fileprivate func nextDelay() -> Duration { state.withLock { $0.drawDelay() } }
