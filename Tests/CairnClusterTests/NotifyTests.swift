@@ -1,6 +1,7 @@
 import Testing
 import CairnNode
 import CairnCore
+import CairnStorage
 import Foundation
 import NIOCore
 import NIOPosix
@@ -16,10 +17,13 @@ final class RecordingSink: NotifySink {
     var all: [String] { messages.withLock { $0 } }
 }
 
-/// A storage backend whose reads can be made to hang (a wedged disk), bounded by `releaseAfter`.
+/// A storage backend whose reads can be made to hang (a wedged disk), each for at most 3 s. Like
+/// the disk store, it runs point calls on a thread of its own, so a wedge blocks that thread and
+/// never a thread of the cooperative pool (where the health check's deadline timer must run).
 final class WedgeableBackend: PartitionStore {
     let inner = MemoryBackend()
     let wedged = Atomic<Bool>(false)
+    let thread = ThreadExecutor(label: "wedgeable-store")
     var isPersistent: Bool { false }
     func get(partition: PartitionID, key: [UInt8]) throws -> [UInt8]? {
         var waited = 0
@@ -30,7 +34,7 @@ final class WedgeableBackend: PartitionStore {
     var lastApplied: DurabilityToken { inner.lastApplied }
     func apply(partition: PartitionID, key: [UInt8], value: [UInt8]) throws -> DurabilityToken { try inner.apply(partition: partition, key: key, value: value) }
     func apply(partition: PartitionID, batch: [(key: [UInt8], value: [UInt8])]) throws -> DurabilityToken { try inner.apply(partition: partition, batch: batch) }
-    func executor(for partition: PartitionID) -> (any SerialExecutor)? { nil }
+    func executor(for partition: PartitionID) -> (any SerialExecutor)? { thread }
     func waitDurable(_ token: DurabilityToken) async throws {}
     func fold<A: Sendable>(partition: PartitionID, after: [UInt8]?, into initial: A,
                            _ visit: @Sendable (inout A, [UInt8], [UInt8]) throws -> FoldStep) async throws -> PartitionFold<A> {
