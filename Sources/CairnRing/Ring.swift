@@ -29,6 +29,27 @@ public struct Ring: Hashable, Sendable {
         self = ring
     }
 
+    /// A ring with an explicit claim (decoded from a peer or disk): `owners[p]` indexes
+    /// `members`. Validates everything; never traps on bad input.
+    public init(partitionCount: Int, members: [NodeName], owners: [Int]) throws(ValidationError) {
+        guard partitionCount >= 1, partitionCount <= Self.maxPartitionCount, partitionCount & (partitionCount - 1) == 0 else {
+            throw ValidationError("ring size \(partitionCount) must be a power of two between 1 and \(Self.maxPartitionCount)")
+        }
+        guard Set(members).count == members.count else { throw ValidationError("ring members must be distinct") }
+        if members.isEmpty {
+            guard owners.isEmpty else { throw ValidationError("a ring without members owns nothing") }
+        } else {
+            guard owners.count == partitionCount else { throw ValidationError("a ring of \(partitionCount) partitions needs as many owners, not \(owners.count)") }
+            guard owners.allSatisfy({ $0 >= 0 && $0 < members.count }) else { throw ValidationError("a ring owner is not one of its members") }
+        }
+        self.init(emptyWith: partitionCount)
+        self.members = members
+        self.owners = owners
+    }
+
+    /// The claim: `ownerIndexes[p]` indexes `members` (empty iff there are no members).
+    public var ownerIndexes: [Int] { owners }
+
     private init(emptyWith partitionCount: Int) {
         self.partitionCount = partitionCount
         self.members = []
