@@ -176,6 +176,17 @@ public struct SWIMInstance: Sendable {
         return apply(MemberUpdate(name: node, status: .alive, incarnation: 0), now: nil)
     }
 
+    /// Forgets `node` (it left the cluster): no more probes of it, no gossip about it, and a
+    /// probe of it in flight is dropped. Gossip heard later about it adds it back.
+    public mutating func remove(_ node: NodeName) {
+        guard node != me else { return }
+        members[node] = nil
+        gossip[node] = nil
+        order.removeAll { $0 == node }
+        if probe?.target == node { probe = nil }
+        relays = relays.filter { $0.value.target != node && $0.value.origin != node }
+    }
+
     /// Drives probes, indirect probes, relays and suspicion timeouts up to `now`.
     public mutating func tick(now: ContinuousClock.Instant) -> [SWIMDirective] {
         var out: [SWIMDirective] = []

@@ -332,8 +332,8 @@ public final class CairnNode: Service, Sendable {
         supervisor.spawn(vnodeSupervisor)
         supervisor.spawn(manager)
         core.logger.info("cluster view built", metadata: [
-            "members": "\(members.count)", "ring_size": "\(view.ring.partitionCount)", "n_val": "\(view.n)",
-            "vnodes": "\(core.vnodes.count)", "ring_fingerprint": "\(String(view.ring.fingerprint, radix: 16))",
+            "members": "\(members.count)", "ring_size": "\(view.state?.partitionCount ?? 0)", "n_val": "\(view.state?.nVal ?? 0)",
+            "vnodes": "\(core.vnodes.count)", "ring_version": "\(view.state?.version ?? 0)",
             "actor": "\(storage.actor)", "view_version": "\(view.version)",
         ])
     }

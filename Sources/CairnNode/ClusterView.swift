@@ -2,34 +2,49 @@ import CairnCore
 import CairnRing
 import CairnWire
 
-/// What this node knows of the cluster: the ring, N, and every member's address, at one
-/// `version`. Immutable; a membership change publishes a new view with a higher version
-/// (`ClusterViews`).
+/// What this node knows of the cluster at one local `version`: the gossiped `RingState` (nil
+/// while the node has not joined a cluster) and every member's address. Immutable; a newer state
+/// publishes a new view with a higher version (`ClusterViews`).
 struct ClusterView: Sendable {
+    /// This node's publish sequence (grows with every view it publishes; not the ring's version,
+    /// which is `state.version`).
     let version: UInt64
     let me: NodeName
     let clusterName: String
-    let ring: Ring
-    let n: Int
+    let state: RingState?
     let addresses: [NodeName: HostPort]
 
-    init(config: NodeConfig, members: [MemberAddress], version: UInt64 = 1) throws {
+    init(state: RingState?, me: NodeName, clusterName: String, version: UInt64) {
         self.version = version
-        me = config.name
-        clusterName = config.clusterName
-        ring = try Ring(partitionCount: config.ringSize, members: members.map(\.name))
-        n = min(config.nVal, members.count)
-        addresses = Dictionary(uniqueKeysWithValues: members.map { ($0.name, $0.address) })
+        self.me = me
+        self.clusterName = state?.cluster ?? clusterName
+        self.state = state
+        addresses = Dictionary(state?.members.map { ($0.name, $0.address) } ?? [], uniquingKeysWith: { a, _ in a })
     }
 
-    var hello: Hello { Hello(cluster: clusterName, node: me.value, ringFingerprint: ring.fingerprint, nVal: n) }
+    /// A view of a cluster bootstrapped from `members` (`cluster.members`, tests).
+    init(config: NodeConfig, members: [MemberAddress], version: UInt64 = 1) throws {
+        let state = try RingState.bootstrap(cluster: config.clusterName, partitionCount: config.ringSize, nVal: config.nVal,
+                                            members: members.map { ($0.name, $0.address) })
+        self.init(state: state, me: config.name, clusterName: config.clusterName, version: version)
+    }
+
+    var hello: Hello {
+        Hello(cluster: clusterName, node: me.value, ringFingerprint: state?.ring.fingerprint ?? 0, nVal: state?.nVal ?? 0)
+    }
+
+    /// Whether this node is in the cluster's member list (it may serve requests).
+    var isMember: Bool { state?.member(me) != nil }
 
     func address(_ node: NodeName) -> String { addresses[node]?.description ?? node.value }
 
-    /// The key's partition and its primaries in preference-list order.
+    func partition(forKey key: [UInt8]) -> PartitionID? { state?.partition(forKey: key) }
+
+    /// The key's partition and its replicas in preference-list order (none before joining).
     func placement(forKey key: [UInt8]) -> (PartitionID, [ReplicaTarget]) {
-        let p = ring.partition(forKey: key)
-        let targets = ring.preferenceList(for: p, n: n).map {
+        guard let state else { return (PartitionID(0), []) }
+        let p = state.partition(forKey: key)
+        let targets = state.replicas(of: p).map {
             ReplicaTarget(node: $0, address: address($0), isPrimary: true, isLocal: $0 == me)
         }
         return (p, targets)
@@ -38,8 +53,8 @@ struct ClusterView: Sendable {
 
 /// The node's cluster view as a versioned value that changes over time: coordinators read
 /// `current` (once per request, so one request sees one view), and the vnode manager and the
-/// socket transport follow `updates()`. Today the only source is the static member list of the
-/// config, published once at start; gossip (issue 12) publishes later versions.
+/// socket transport follow `updates()`. The membership agent publishes a view for every newer
+/// ring state it adopts.
 ///
 /// Invariant: versions only grow; `publish` of a version not above the current one is ignored.
 /// Thread-safe.

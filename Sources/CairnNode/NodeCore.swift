@@ -93,6 +93,10 @@ final class NodeCore: Sendable {
         guard let a = current else {
             return responder.fail(ErrorReply(code: .notReady, message: "node \(config.name) is starting"))
         }
+        if message.type.isData, !a.view.isMember {
+            return responder.fail(ErrorReply(code: .notReady, message:
+                "node \(config.name) is not a member of a cluster yet; stage its join: cairn --node \(config.advertised) cluster join SEED"))
+        }
         switch message {
         case .get(let g):
             await coordinateGet(g, a, responder)
@@ -105,7 +109,7 @@ final class NodeCore: Sendable {
         case .members:
             responder.reply(.membersReply(members(a)))
         case .replicaGet(let r) where fromPeer:
-            guard a.view.ring.partition(forKey: r.key) == r.partition else { return responder.fail(wrongPartition(r.partition)) }
+            guard a.view.partition(forKey: r.key) == r.partition else { return responder.fail(wrongPartition(r.partition)) }
             guard let vnode = vnodes.vnode(for: r.partition) else { return responder.fail(notAReplica(r.partition)) }
             do throws(VnodeError) {
                 responder.reply(.replicaGetReply(ReplicaGetReply(object: try await vnode.get(r.key))))
@@ -113,7 +117,7 @@ final class NodeCore: Sendable {
                 responder.fail(ErrorReply(code: .storage, message: error.description))
             }
         case .replicaPut(let r) where fromPeer:
-            guard a.view.ring.partition(forKey: r.key) == r.partition else { return responder.fail(wrongPartition(r.partition)) }
+            guard a.view.partition(forKey: r.key) == r.partition else { return responder.fail(wrongPartition(r.partition)) }
             guard let vnode = vnodes.vnode(for: r.partition) else { return responder.fail(notAReplica(r.partition)) }
             do throws(VnodeError) {
                 _ = try await vnode.merge(key: r.key, object: r.object)
@@ -145,15 +149,15 @@ final class NodeCore: Sendable {
 
     private func coordinateGet(_ g: GetRequest, _ a: Activation, _ responder: Responder) async {
         let start = ContinuousClock.now
+        let (partition, replicas) = a.view.placement(forKey: g.key)
         let requirement: QuorumRequirement
         do {
             requirement = try QuorumRequirement(name: "R", quorum: g.options.r ?? config.defaultR,
-                                                primary: g.options.pr ?? config.defaultPR, n: a.view.n)
+                                                primary: g.options.pr ?? config.defaultPR, n: replicas.count)
         } catch {
             metrics.record(.get, .invalid, since: start)
             return responder.fail(ErrorReply(code: .invalidArgument, message: error.reason))
         }
-        let (partition, replicas) = a.view.placement(forKey: g.key)
         let coordinator = ReadCoordinator(ctx: a.coordinatorContext, requirement: requirement, partition: partition,
                                           replicas: replicas, key: g.key, timeoutMillis: timeout(g.options))
         let (metrics, limits) = (metrics, config.limits)
@@ -184,15 +188,15 @@ final class NodeCore: Sendable {
     private func coordinateWrite(_ op: OperationKind, key: [UInt8], sibling: Sibling, context: CausalContext, options: RequestOptions,
                                  forwarded: Bool, original: Message, _ a: Activation, _ responder: Responder) async {
         let start = ContinuousClock.now
+        let (partition, replicas) = a.view.placement(forKey: key)
         let requirement: QuorumRequirement
         do {
             requirement = try QuorumRequirement(name: "W", quorum: options.w ?? config.defaultW,
-                                                primary: options.pw ?? config.defaultPW, n: a.view.n)
+                                                primary: options.pw ?? config.defaultPW, n: replicas.count)
         } catch {
             metrics.record(op, .invalid, since: start)
             return responder.fail(ErrorReply(code: .invalidArgument, message: error.reason))
         }
-        let (partition, replicas) = a.view.placement(forKey: key)
         let ms = timeout(options)
         guard replicas.contains(where: \.isLocal) else {
             if forwarded {
@@ -291,10 +295,11 @@ final class NodeCore: Sendable {
     }
 
     private func members(_ a: Activation) -> [MemberInfo] {
-        a.view.ring.members.map { m in
-            let state: MemberInfo.State = m == config.name ? .this : (a.transport.downReasons([m]).isEmpty ? .up : .down)
-            return MemberInfo(name: m.value, address: a.view.address(m), ownedPartitions: a.view.ring.partitions(ownedBy: m).count,
-                              replicatedPartitions: a.view.ring.replicatedPartitions(of: m, n: a.view.n).count, state: state)
+        guard let ring = a.view.state else { return [] }
+        return ring.members.map { m in
+            let state: MemberInfo.State = m.name == config.name ? .this : (a.transport.downReasons([m.name]).isEmpty ? .up : .down)
+            return MemberInfo(name: m.name.value, address: a.view.address(m.name), ownedPartitions: ring.owned(by: m.name),
+                              replicatedPartitions: ring.vnodePartitions(of: m.name).count, state: state)
         }
     }
 }

@@ -41,9 +41,10 @@ struct VnodePlan: Hashable, Sendable {
         case retire(VnodeKey)
     }
 
-    /// The vnodes `view` asks its node to run: a primary for every partition it replicates.
+    /// The vnodes `view` asks its node to run: a primary for every partition it replicates or a
+    /// pending transfer copies into it.
     static func desired(by view: ClusterView) -> Set<VnodeKey> {
-        Set(view.ring.replicatedPartitions(of: view.me, n: view.n).map { VnodeKey(partition: $0, role: .primary) })
+        Set((view.state?.vnodePartitions(of: view.me) ?? []).map { VnodeKey(partition: $0, role: .primary) })
     }
 
     /// Directives taking `running` to `desired`, in key order: retirements first, then starts.

@@ -82,8 +82,15 @@ public enum WireCodec {
             w.writeBlob(d.key)
             w.writeBlob(d.context.vector.isEmpty ? [] : d.context.bytes)
             encode(d.options, into: &w)
-        case .members, .ping, .pong, .replicaPutAck, .streamAccept:
+        case .members, .ping, .pong, .replicaPutAck, .streamAccept, .clusterStatePull:
             break
+        case .admin(let a):
+            w.writeString(truncated(a.verb, toBytes: maxShortString))
+            let args = a.arguments.prefix(AdminRequest.maxArguments)
+            w.writeVarint(args.count)
+            for arg in args { w.writeString(truncated(arg, toBytes: maxShortString)) }
+        case .adminReply(let bytes), .gossip(let bytes), .clusterStatePush(let bytes), .clusterState(let bytes):
+            w.writeBlob(bytes)
         case .streamOpen(let o):
             w.writeU64(o.streamID)
             w.writeU8(o.kind.rawValue)
@@ -234,6 +241,8 @@ public enum WireCodec {
     }
 
     static let maxShortString = 4096
+    /// Bound on one gossip packet (a SWIM message with at most 64 updates fits in far less).
+    static let maxGossipBytes = 64 << 10
     static let maxMembers = 4096
 
     static func decodePayload(_ type: MessageType, _ r: inout ByteReader, _ limits: Limits) throws(DecodeError) -> Message {
@@ -254,6 +263,17 @@ public enum WireCodec {
             return .delete(DeleteRequest(key: key, context: ctx, options: try decodeOptions(&r), forwarded: flags & 1 == 1))
         case .members: return .members
         case .ping: return .ping
+        case .clusterStatePull: return .clusterStatePull
+        case .admin:
+            let verb = try r.readString("verb", limit: maxShortString)
+            let n = try r.readCount("argument count", limit: AdminRequest.maxArguments)
+            var args: [String] = []
+            for _ in 0..<n { args.append(try r.readString("argument", limit: maxShortString)) }
+            return .admin(AdminRequest(verb: verb, arguments: args))
+        case .adminReply: return .adminReply(try r.readBlob("admin reply", limit: limits.maxFrameBytes))
+        case .gossip: return .gossip(try r.readBlob("gossip", limit: maxGossipBytes))
+        case .clusterStatePush: return .clusterStatePush(try r.readBlob("cluster state", limit: limits.maxFrameBytes))
+        case .clusterState: return .clusterState(try r.readBlob("cluster state", limit: limits.maxFrameBytes))
         case .pong: return .pong
         case .replicaPutAck: return .replicaPutAck
         case .streamAccept: return .streamAccept

@@ -9,11 +9,16 @@ public enum Message: Hashable, Sendable {
     case delete(DeleteRequest)
     case members
     case ping
+    /// A cluster administration verb (`cairn cluster ...`, `transfers`, `preflist`), answered
+    /// with `adminReply`; a node forwards verbs that need the claimant to it.
+    case admin(AdminRequest)
     // Replies to clients.
     case getReply(GetReply)
     case writeReply(WriteReply)
     case membersReply([MemberInfo])
     case pong
+    /// The verb's result as a JSON document (UTF-8); errors come as `error`.
+    case adminReply([UInt8])
     case error(ErrorReply)
     // Internode (only after a successful `hello` on the connection).
     case hello(Hello)
@@ -22,6 +27,16 @@ public enum Message: Hashable, Sendable {
     case replicaGetReply(ReplicaGetReply)
     case replicaPut(ReplicaPut)
     case replicaPutAck
+    // Membership (Docs/wire-protocol.md §10).
+    /// One-way: a gossip packet (a SWIM message and a ring-state summary; CairnMembership's
+    /// `GossipPacket` encoding).
+    case gossip([UInt8])
+    /// One-way: the sender's whole ring state (Docs/cluster-state.md), for a peer whose gossip
+    /// showed an older one.
+    case clusterStatePush([UInt8])
+    /// Asks for the receiver's ring state, answered with `clusterState`.
+    case clusterStatePull
+    case clusterState([UInt8])
     // Streams (data link, after `hello`; Docs/wire-protocol.md §9).
     case streamOpen(StreamOpen)
     case streamAccept
@@ -38,6 +53,12 @@ public enum Message: Hashable, Sendable {
         case .delete: .delete
         case .members: .members
         case .ping: .ping
+        case .admin: .admin
+        case .adminReply: .adminReply
+        case .gossip: .gossip
+        case .clusterStatePush: .clusterStatePush
+        case .clusterStatePull: .clusterStatePull
+        case .clusterState: .clusterState
         case .getReply: .getReply
         case .writeReply: .writeReply
         case .membersReply: .membersReply
@@ -63,7 +84,9 @@ public enum Message: Hashable, Sendable {
 /// The message type byte. 0x01–0x1F client requests, 0x20–0x3F internode requests,
 /// 0x40–0x7F replies.
 public enum MessageType: UInt8, Sendable, CaseIterable {
-    case get = 0x01, put = 0x02, delete = 0x03, members = 0x04, ping = 0x05
+    case get = 0x01, put = 0x02, delete = 0x03, members = 0x04, ping = 0x05, admin = 0x06
+    case gossip = 0x2A, clusterStatePush = 0x2B, clusterStatePull = 0x2C
+    case adminReply = 0x46, clusterState = 0x68
     case hello = 0x20, replicaGet = 0x21, replicaPut = 0x22
     case streamOpen = 0x23, streamChunk = 0x24, streamEnd = 0x25, streamCancel = 0x26
     case getReply = 0x41, writeReply = 0x42, membersReply = 0x44, pong = 0x45
@@ -78,6 +101,14 @@ public enum MessageType: UInt8, Sendable, CaseIterable {
     public var isStreamSignal: Bool {
         switch self {
         case .streamChunk, .streamEnd, .streamCancel, .streamAck, .streamAbort: true
+        default: false
+        }
+    }
+    /// Requests about keys (client or replica): a node that is not a member of a cluster
+    /// refuses them.
+    public var isData: Bool {
+        switch self {
+        case .get, .put, .delete, .replicaGet, .replicaPut: true
         default: false
         }
     }
@@ -219,6 +250,17 @@ public struct ErrorReply: Hashable, Sendable, Error, CustomStringConvertible {
     }
 
     public var description: String { message }
+}
+
+/// A cluster administration verb and its arguments (Docs/wire-protocol.md §10).
+public struct AdminRequest: Hashable, Sendable {
+    public static let maxArguments = 16
+    public var verb: String
+    public var arguments: [String]
+    public init(verb: String, arguments: [String] = []) {
+        self.verb = verb
+        self.arguments = arguments
+    }
 }
 
 public struct Hello: Hashable, Sendable {

@@ -56,7 +56,7 @@ private func view(_ n: Int, version: UInt64, me: String = "n1") throws -> Cluste
         #expect(manager.apply(first).count == 16)
         #expect(table.count == 16 && supervisor.children.count == 16)
         let second = try view(6, version: 2)
-        let expected = Set(second.ring.replicatedPartitions(of: second.me, n: 3))
+        let expected = try #require(second.state?.vnodePartitions(of: second.me))
         let plan = manager.apply(second)
         #expect(plan.allSatisfy { if case .retire = $0 { true } else { false } })
         #expect(Set(table.partitions) == expected && expected.count < 16)
