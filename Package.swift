@@ -58,7 +58,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: strict),
         .target(name: "CairnNode", dependencies: [
-            "CairnCore", "CairnRing", "CairnWire", "CSystemd", "CairnStorage",
+            "CairnCore", "CairnRing", "CairnMembership", "CairnWire", "CSystemd", "CairnStorage",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"),

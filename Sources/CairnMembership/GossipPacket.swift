@@ -7,6 +7,8 @@ public struct GossipPacket: Hashable, Sendable {
     /// Bound on the updates one packet may carry when decoded.
     public static let maxUpdates = 64
 
+    /// The member that sent it (the SWIM message's origin).
+    public var sender: NodeName
     public var message: SWIMMessage
     /// The sender's ring state: its version, claimant and digest (version 0, no claimant: the
     /// sender has not joined a cluster).
@@ -14,7 +16,8 @@ public struct GossipPacket: Hashable, Sendable {
     public var ringClaimant: NodeName?
     public var ringDigest: UInt64
 
-    public init(message: SWIMMessage, ringVersion: UInt64, ringClaimant: NodeName?, ringDigest: UInt64) {
+    public init(sender: NodeName, message: SWIMMessage, ringVersion: UInt64, ringClaimant: NodeName?, ringDigest: UInt64) {
+        self.sender = sender
         self.message = message
         self.ringVersion = ringVersion
         self.ringClaimant = ringClaimant
@@ -24,6 +27,7 @@ public struct GossipPacket: Hashable, Sendable {
     public func encoded() -> [UInt8] {
         var w = ByteWriter(capacity: 64)
         w.writeU8(Self.formatVersion)
+        w.writeString(sender.value)
         w.writeU64(ringVersion)
         w.writeString(ringClaimant?.value ?? "")
         w.writeU64(ringDigest)
@@ -61,6 +65,7 @@ public struct GossipPacket: Hashable, Sendable {
         var r = ByteReader(bytes)
         let format = try r.readU8("gossip format")
         guard format == Self.formatVersion else { throw DecodeError("gossip format \(format) is not \(Self.formatVersion)") }
+        sender = try Self.name(try r.readString("sender", limit: NodeName.maxBytes))
         ringVersion = try r.readU64("ring version")
         let claimant = try r.readString("ring claimant", limit: NodeName.maxBytes)
         ringClaimant = claimant.isEmpty ? nil : try Self.name(claimant)

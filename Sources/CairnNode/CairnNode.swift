@@ -98,6 +98,18 @@ public final class CairnNode: Service, Sendable {
                              clock: clock, epochs: epochs, notify: notify ?? SystemdNotifySink())
         self.group = group ?? MultiThreadedEventLoopGroup.singleton
         self.router = Router(core: core)
+        let (me, limits, eventLoops) = (config.name, config.limits, self.group)
+        if let network {
+            core.dialer.withLock { $0 = { address, message, timeout throws(ConnectionError) in
+                try await network.send(from: me, toAddress: address, message, timeoutMillis: timeout)
+            } }
+        } else {
+            core.dialer.withLock { $0 = { address, message, timeout throws(ConnectionError) in
+                let connection = try await Connection.connect(host: address.host, port: address.port, group: eventLoops, limits: limits)
+                defer { connection.close() }
+                return try await connection.request(message, timeoutMillis: timeout)
+            } }
+        }
         // The node's own children are supervisors and followers of the cluster view: one of them
         // failing (a child supervisor escalating) takes the node down, for systemd to restart.
         var top = config.restartPolicy
@@ -221,7 +233,7 @@ public final class CairnNode: Service, Sendable {
                 r.bound = bound
                 r.dataDirectory = locked
             }
-            network.attach(config.name, router)
+            network.attach(config.name, router, address: config.advertised)
             return bound
         }
         let (router, limits, registry, streams) = (router, config.limits, connections, config.streamSettings)
@@ -272,15 +284,28 @@ public final class CairnNode: Service, Sendable {
         return bound
     }
 
-    /// Builds the cluster view from `members` (default: `cluster.members`) and publishes it as
-    /// the first version; the vnode manager starts a vnode for every partition this node
-    /// replicates, and the transport a link to every peer.
+    /// Starts the node's cluster life from the ring state on disk, else from `members` (default:
+    /// `cluster.members`; see `NodeConfig.initialRingState`), and publishes it as the first view:
+    /// the vnode manager starts a vnode for every partition this node replicates, the transport
+    /// a link to every member, the membership agent its failure detection and gossip.
     public func start(members: [MemberAddress]? = nil) throws {
         guard !runtime.value.started else { return }
         guard let storage = core.opened else { throw ValidationError("storage is not open: call bind() before start()") }
-        let members = members ?? config.members
-        let view = try ClusterView(config: config, members: members)
-        guard view.addresses[config.name] != nil else { throw ValidationError("members do not include this node (\(config.name))") }
+        let store: any RingStateStore
+        if let dir = config.dataDirectory, config.storageKind == .disk {
+            store = FileRingStateStore(fs: fileSystem ?? PosixFileSystem(), directory: dir)
+        } else {
+            store = MemoryRingStateStore()
+        }
+        var initial = try store.load()
+        if let s = initial, s.cluster != config.clusterName {
+            throw ValidationError("the data directory belongs to cluster '\(s.cluster)', but cluster.name is '\(config.clusterName)'")
+        }
+        if initial == nil {
+            initial = try config.initialRingState(members: members)
+            if let i = initial { try store.save(i) }
+        }
+        let view = ClusterView(state: initial, me: config.name, clusterName: config.clusterName, version: 1)
         let alreadyStarted = runtime.withLock { r in
             defer { r.started = true }
             return r.started
@@ -327,12 +352,20 @@ public final class CairnNode: Service, Sendable {
         }
         manager.apply(view)
         let ctx = CoordinatorContext(me: config.name, actor: storage.actor, vnodes: core.vnodes, transport: transport,
-                                     metrics: metrics, logger: core.logger, clock: core.clock)
+                                     metrics: metrics, logger: core.logger, clock: core.clock, liveness: core.liveness)
+        var membershipSettings = MembershipAgent.Settings()
+        membershipSettings.swim = config.membership
+        membershipSettings.requestTimeoutMillis = config.requestTimeoutMillis
+        let agent = MembershipAgent(me: config.name, clusterName: config.clusterName, initial: initial, views: views, liveness: core.liveness,
+                                    transport: transport, store: store, clock: core.clock, seed: core.epochs.next(), settings: membershipSettings,
+                                    metrics: metrics, logger: core.logger) { [weak self] in self?.shutdown() }
+        core.membership = agent
         core.activate(Wiring(views: views, transport: transport, coordinatorContext: ctx))
         supervisor.spawn(vnodeSupervisor)
         supervisor.spawn(manager)
+        supervisor.spawn(agent)
         core.logger.info("cluster view built", metadata: [
-            "members": "\(members.count)", "ring_size": "\(view.state?.partitionCount ?? 0)", "n_val": "\(view.state?.nVal ?? 0)",
+            "members": "\(initial?.members.count ?? 0)", "ring_size": "\(view.state?.partitionCount ?? 0)", "n_val": "\(view.state?.nVal ?? 0)",
             "vnodes": "\(core.vnodes.count)", "ring_version": "\(view.state?.version ?? 0)",
             "actor": "\(storage.actor)", "view_version": "\(view.version)",
         ])

@@ -1,7 +1,8 @@
 public import CairnCore
 public import CairnStorage
 public import CairnWire
-import CairnRing
+public import CairnRing
+public import CairnMembership
 
 /// A cluster member as configured: its name and client/internode address.
 public struct MemberAddress: Hashable, Sendable {
@@ -38,9 +39,17 @@ public struct NodeConfig: Sendable {
     public var clusterName = "cairn"
     public var ringSize = Ring.defaultPartitionCount
     public var nVal = 3
-    /// In join order; the claim depends on this order, so every node must list the same members
-    /// in the same order (nodes compare ring fingerprints when they connect).
+    /// Bootstraps a cluster of several members at once (version 1 of the ring state, the first
+    /// member claimant): every one of them must list the same members in the same order. Used
+    /// only when the node has no ring state on disk. Empty: see `seeds`.
     public var members: [MemberAddress] = []
+    /// Nodes a new node may join through (`cairn cluster join` without an address). A node with
+    /// neither members nor seeds, and no ring state on disk, forms a new cluster alone.
+    public var seeds: [HostPort] = []
+    // membership.*
+    /// SWIM's tuning (`membership.probe_interval`, `probe_timeout`, `indirect_probes`,
+    /// `suspicion_multiplier`, `suspicion_max_multiplier`).
+    public var membership = SWIMSettings()
     // request.*
     public var requestTimeoutMillis: UInt32 = 2000
     public var defaultR: Quorum = .quorum
@@ -83,9 +92,14 @@ public struct NodeConfig: Sendable {
     /// Checks relations between keys that each parse fine on their own.
     public func validate() throws(ValidationError) {
         guard nVal >= 1, nVal <= 16 else { throw ValidationError("cluster.n_val = \(nVal) must be 1...16") }
-        guard !members.isEmpty else { throw ValidationError("cluster.members is empty") }
-        guard members.contains(where: { $0.name == name }) else {
+        guard members.isEmpty || members.contains(where: { $0.name == name }) else {
             throw ValidationError("cluster.members does not list this node (\(name))")
+        }
+        guard (membership.probeTimeout) < (membership.probeInterval), (membership.probeTimeout) > Duration.zero else {
+            throw ValidationError("membership.probe_timeout must be positive and shorter than membership.probe_interval")
+        }
+        guard membership.suspicionMultiplier <= membership.suspicionMaxMultiplier else {
+            throw ValidationError("membership.suspicion_multiplier must not exceed membership.suspicion_max_multiplier")
         }
         guard Set(members.map(\.name)).count == members.count else { throw ValidationError("cluster.members lists a node twice") }
         guard requestTimeoutMillis >= 1 else { throw ValidationError("request.timeout must be positive") }
@@ -107,7 +121,7 @@ public struct NodeConfig: Sendable {
         guard clusterName.utf8.count <= 255, !clusterName.isEmpty else { throw ValidationError("cluster.name must be 1...255 bytes") }
         for (key, q, pq) in [("r", defaultR, defaultPR), ("w", defaultW, defaultPW)] {
             do {
-                _ = try QuorumRequirement(name: key.uppercased(), quorum: q, primary: pq, n: min(nVal, members.count))
+                _ = try QuorumRequirement(name: key.uppercased(), quorum: q, primary: pq, n: min(nVal, max(members.count, 1)))
             } catch {
                 throw ValidationError("request.default_\(key) / default_p\(key): \(error.reason)")
             }
@@ -120,5 +134,17 @@ public struct NodeConfig: Sendable {
             throw ValidationError("supervisor.backoff_min must be positive and at most supervisor.backoff_max")
         }
         _ = try Ring(partitionCount: ringSize, members: members.map(\.name))
+    }
+
+    /// The ring state a node starts from when it has none on disk: `members` bootstrapped;
+    /// else, without seeds, this node alone; else nil (it waits for `cluster join`).
+    public func initialRingState(members given: [MemberAddress]? = nil) throws(ValidationError) -> RingState? {
+        let list = given ?? members
+        if !list.isEmpty {
+            guard list.contains(where: { $0.name == name }) else { throw ValidationError("members do not include this node (\(name))") }
+            return try RingState.bootstrap(cluster: clusterName, partitionCount: ringSize, nVal: nVal, members: list.map { ($0.name, $0.address) })
+        }
+        guard seeds.isEmpty else { return nil }
+        return try RingState.bootstrap(cluster: clusterName, partitionCount: ringSize, nVal: nVal, members: [(name, advertised)])
     }
 }

@@ -54,6 +54,13 @@ extension NodeConfig {
                 guard parts.count == 2 else { throw ValidationError("member '\(entry)' is not name@host:port") }
                 return MemberAddress(name: try NodeName(String(parts[0])), address: try HostPort(parsing: String(parts[1])))
             }
+        case "cluster.seeds":
+            seeds = try value.split(separator: ",").map { entry throws(ValidationError) in try HostPort(parsing: String(entry)) }
+        case "membership.probe_interval": membership.probeInterval = .milliseconds(try Self.millis(value))
+        case "membership.probe_timeout": membership.probeTimeout = .milliseconds(try Self.millis(value))
+        case "membership.indirect_probes": membership.indirectProbes = try Self.int(value, 0...16)
+        case "membership.suspicion_multiplier": membership.suspicionMultiplier = try Self.int(value, 1...100)
+        case "membership.suspicion_max_multiplier": membership.suspicionMaxMultiplier = try Self.int(value, 1...100)
         case "request.timeout": requestTimeoutMillis = UInt32(clamping: try Self.millis(value))
         case "request.default_r": defaultR = try Quorum(parsing: value)
         case "request.default_w": defaultW = try Quorum(parsing: value)

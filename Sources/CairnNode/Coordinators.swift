@@ -11,9 +11,17 @@ struct CoordinatorContext: Sendable {
     let metrics: NodeMetrics
     let logger: Logger
     let clock: any NodeClock
+    /// The failure detector's view: a dead replica is not sent to.
+    var liveness = Liveness()
 }
 
 extension CoordinatorContext {
+    /// Replicas among `nodes` not to send to, with why: down links, and members the failure
+    /// detector holds dead.
+    func unreachable(_ nodes: [NodeName]) -> [NodeName: String] {
+        transport.downReasons(nodes).merging(liveness.downReasons(nodes)) { link, _ in link }
+    }
+
     /// Sends one internode request and returns the reply, or what to record for that replica:
     /// an error reply becomes `.failed`, a connection failure keeps its delivery certainty.
     func ask(_ node: NodeName, _ message: Message, timeoutMillis: UInt32) async -> ReplicaAnswer {
@@ -100,7 +108,7 @@ actor WriteCoordinator {
     /// Runs the request to its end; `respond` is called exactly once, as soon as the outcome is known.
     func run(respond: @escaping @Sendable (WriteCoordination.WriteOutcome, VersionedObject?) -> Void) async {
         let deadline = ctx.clock.now().advanced(by: .milliseconds(Int64(timeoutMillis)))
-        var directives = machine.start(down: ctx.transport.downReasons(replicas.filter { !$0.isLocal }.map(\.node)))
+        var directives = machine.start(down: ctx.unreachable(replicas.filter { !$0.isLocal }.map(\.node)))
         await withTaskGroup(of: Event.self) { group in
             group.addDeadline(at: deadline, .deadline, on: ctx.clock)
             while true {
@@ -191,7 +199,7 @@ actor ReadCoordinator {
 
     func run(respond: @escaping @Sendable (ReadCoordination.ReadOutcome) -> Void) async {
         let deadline = ctx.clock.now().advanced(by: .milliseconds(Int64(timeoutMillis)))
-        var directives = machine.start(down: ctx.transport.downReasons(replicas.filter { !$0.isLocal }.map(\.node)))
+        var directives = machine.start(down: ctx.unreachable(replicas.filter { !$0.isLocal }.map(\.node)))
         await withTaskGroup(of: Event.self) { group in
             group.addDeadline(at: deadline, .deadline, on: ctx.clock)
             while true {

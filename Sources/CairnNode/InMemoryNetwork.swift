@@ -40,6 +40,8 @@ public final class InMemoryNetwork: Sendable {
         var nodes: [NodeName: any RequestDispatcher] = [:]
         /// Every node ever attached: the members a transport knows, running or not.
         var known: Set<NodeName> = []
+        /// The address each node was attached under (a join names its seed by address).
+        var addresses: [HostPort: NodeName] = [:]
         var cut: Set<Link> = []
         /// Nodes whose connections are refused both ways (a firewall that rejects: peers see
         /// them down at once), though they keep running.
@@ -84,10 +86,11 @@ public final class InMemoryNetwork: Sendable {
     // MARK: Topology and faults
 
     /// Makes `node` reachable: requests to it go to `dispatcher` (its router).
-    public func attach(_ node: NodeName, _ dispatcher: any RequestDispatcher) {
+    public func attach(_ node: NodeName, _ dispatcher: any RequestDispatcher, address: HostPort? = nil) {
         state.withLock { s in
             s.nodes[node] = dispatcher
             s.known.insert(node)
+            if let address { s.addresses[address] = node }
         }
         changed()
     }
@@ -156,6 +159,12 @@ public final class InMemoryNetwork: Sendable {
 
     /// Messages delivered and messages lost (cut links and loss) so far.
     public var counts: (delivered: Int, dropped: Int) { state.withLock { ($0.delivered, $0.dropped) } }
+
+    /// Sends `message` from `from` to whichever node was attached under `address`, as `send`.
+    func send(from: NodeName, toAddress address: HostPort, _ message: Message, timeoutMillis: UInt32) async throws(ConnectionError) -> Message {
+        guard let to = state.withLock({ $0.addresses[address] }) else { throw .notSent("nothing listens on \(address)") }
+        return try await send(from: from, to: to, message, timeoutMillis: timeoutMillis)
+    }
 
     /// `node`'s view of the network; its streams follow `streams` and count in `metrics`.
     func transport(for node: NodeName, streams: StreamSettings = StreamSettings(), metrics: NodeMetrics? = nil) -> some Transport {

@@ -51,6 +51,17 @@ final class NodeCore: Sendable {
     /// Streams open from each peer now (bounded by `transport.max_streams_per_peer`).
     let inboundStreams = Locked<[NodeName: Int]>([:])
 
+    /// The failure detector's view of the members (request routing reads it).
+    let liveness = Liveness()
+    private let agent = Locked<MembershipAgent?>(nil)
+    /// Failure detection, ring gossip and the claimant's duties; set by `CairnNode.start`.
+    var membership: MembershipAgent? {
+        get { agent.value }
+        set { agent.withLock { $0 = newValue } }
+    }
+    /// How this node reaches a node by address (set by `CairnNode`).
+    let dialer = Locked<Dialer?>(nil)
+
     init(config: NodeConfig, backend: (any PartitionStore)?, logger: Logger, faults: TransportFaults? = nil,
          clock: any NodeClock = SystemClock(), epochs: EpochSource = EpochSource(), notify: any NotifySink = SystemdNotifySink()) {
         self.config = config
@@ -108,6 +119,13 @@ final class NodeCore: Sendable {
                                   context: d.context, options: d.options, forwarded: d.forwarded, original: message, a, responder)
         case .members:
             responder.reply(.membersReply(members(a)))
+        case .admin(let request):
+            responder.reply(await admin(request, a))
+        case .clusterStatePull where fromPeer:
+            guard let bytes = membership?.encodedState else {
+                return responder.fail(ErrorReply(code: .notReady, message: "node \(config.name) has not joined a cluster"))
+            }
+            responder.reply(.clusterState(bytes))
         case .replicaGet(let r) where fromPeer:
             guard a.view.partition(forKey: r.key) == r.partition else { return responder.fail(wrongPartition(r.partition)) }
             guard let vnode = vnodes.vnode(for: r.partition) else { return responder.fail(notAReplica(r.partition)) }

@@ -52,6 +52,13 @@ public final class NodeMetrics: Sendable {
     let streamWindowWaits: CoreMetrics.Counter
     /// Stream opens refused by `transport.max_streams_per_peer`, on either side.
     let streamsRefused: CoreMetrics.Counter
+    /// Gossip packets sent and received (SWIM messages with a ring summary).
+    let gossipSent: CoreMetrics.Counter
+    let gossipReceived: CoreMetrics.Counter
+    /// Liveness changes this node's failure detector made (alive, suspect, dead).
+    let livenessChanges: CoreMetrics.Counter
+    /// The version of the ring state this node holds.
+    let ringVersion: CoreMetrics.Gauge
 
     public init(maxInflight: Int) {
         registry = PrometheusCollectorRegistry()
@@ -71,6 +78,10 @@ public final class NodeMetrics: Sendable {
         inflightLimit = CoreMetrics.Gauge(label: "cairn_inflight_requests_limit", factory: f)
         inflightLimit.record(maxInflight)
         protocolErrors = CoreMetrics.Counter(label: "cairn_protocol_errors_total", factory: f)
+        gossipSent = CoreMetrics.Counter(label: "cairn_gossip_packets_total", dimensions: [("direction", "out")], factory: f)
+        gossipReceived = CoreMetrics.Counter(label: "cairn_gossip_packets_total", dimensions: [("direction", "in")], factory: f)
+        livenessChanges = CoreMetrics.Counter(label: "cairn_liveness_changes_total", factory: f)
+        ringVersion = CoreMetrics.Gauge(label: "cairn_ring_version", factory: f)
         siblingsPruned = CoreMetrics.Counter(label: "cairn_siblings_pruned_total", factory: f)
         supervisorRestarts = CoreMetrics.Counter(label: "cairn_supervisor_restarts_total", factory: f)
         forwarded = CoreMetrics.Counter(label: "cairn_forwarded_requests_total", factory: f)

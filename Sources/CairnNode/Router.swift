@@ -165,6 +165,17 @@ final class Router: RequestDispatcher {
     }
 
     func dispatch(_ envelope: Envelope, fromPeer: Bool, responder: Responder) {
+        // Gossip is cheap, one-way and must not wait behind (or be refused with) key requests:
+        // a node too busy to hear its peers would be suspected.
+        if fromPeer, let agent = core.membership {
+            switch envelope.message {
+            case .gossip(let bytes): return agent.receiveGossip(bytes)
+            case .clusterStatePush(let bytes):
+                agent.receiveState(bytes, from: "pushed by a peer")
+                return
+            default: break
+            }
+        }
         switch core.state {
         case .serving: break
         case .starting: return responder.fail(ErrorReply(code: .notReady, message: "node \(core.config.name) is starting"))

@@ -281,10 +281,7 @@ func printWrite(_ result: WriteResult, json: Bool, verb: String) {
     }
 }
 
-/// A minimal JSON writer with stable key order.
-indirect enum JSON {
-    case string(String), int(Int), bool(Bool), array([JSON]), object([(String, JSON)])
-
+extension JSON {
     static func sibling(_ s: Sibling) -> JSON {
         var fields: [(String, JSON)] = []
         if s.isTombstone {
@@ -297,33 +294,5 @@ indirect enum JSON {
         fields.append(("deleted", .bool(s.isTombstone)))
         fields.append(("timestamp_ms", .int(Int(clamping: s.timestampMillis))))
         return .object(fields)
-    }
-
-    var text: String {
-        switch self {
-        case .string(let s): return Self.quote(s)
-        case .int(let i): return "\(i)"
-        case .bool(let b): return b ? "true" : "false"
-        case .array(let a): return "[" + a.map(\.text).joined(separator: ",") + "]"
-        case .object(let o): return "{" + o.map { Self.quote($0.0) + ":" + $0.1.text }.joined(separator: ",") + "}"
-        }
-    }
-
-    static func quote(_ s: String) -> String {
-        var out = "\""
-        for u in s.unicodeScalars {
-            switch u {
-            case "\"": out += "\\\""
-            case "\\": out += "\\\\"
-            case "\n": out += "\\n"
-            case "\r": out += "\\r"
-            case "\t": out += "\\t"
-            case let c where c.value < 0x20:
-                let hex = String(c.value, radix: 16)
-                out += "\\u" + String(repeating: "0", count: 4 - hex.count) + hex
-            default: out.unicodeScalars.append(u)
-            }
-        }
-        return out + "\""
     }
 }

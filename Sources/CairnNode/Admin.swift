@@ -1,0 +1,209 @@
+import CairnCore
+import CairnMembership
+import CairnRing
+import CairnWire
+
+/// Sends one request to whatever node listens on an address (a join names its seed so).
+typealias Dialer = @Sendable (HostPort, Message, UInt32) async throws(ConnectionError) -> Message
+
+/// The administration verbs (`cairn cluster ...`, `transfers`, `preflist`): Docs/wire-protocol.md
+/// §10 lists them with their JSON replies. Verbs that change the ring run on the claimant; any
+/// other node forwards them there, then pulls the claimant's state so that a `cluster status` on
+/// it right after shows the change.
+extension NodeCore {
+    func admin(_ request: AdminRequest, _ a: Activation) async -> Message {
+        guard let agent = membership else { return .error(ErrorReply(code: .notReady, message: "node \(config.name) is starting")) }
+        do {
+            switch request.verb {
+            case "status": return reply(try statusJSON(agent, a))
+            case "preflist": return reply(try preflistJSON(request.arguments, a))
+            case "transfers": return reply(transfersJSON(agent))
+            case "join": return try await join(request.arguments, agent)
+            case "join-request": return try await onClaimant(request, agent, a) { r throws(ValidationError) in
+                try Self.joinRequest(request.arguments, r)
+            } answer: { .clusterState($0.encoded()) }
+            case "leave", "remove":
+                let name = try Self.member(request.arguments)
+                return try await onClaimant(request, agent, a) { r throws(ValidationError) in
+                    request.verb == "leave" ? try r.stagingLeave(name) : try r.stagingRemove(name)
+                } answer: { self.reply(Self.stagedJSON($0)) }
+            case "clear":
+                return try await onClaimant(request, agent, a) { $0.clearingStaged() } answer: { self.reply(Self.stagedJSON($0)) }
+            case "commit":
+                return try await onClaimant(request, agent, a) { r throws(ValidationError) in try r.committing() } answer: { s in
+                    self.reply(.object([("ring_version", .int(Int(clamping: s.version))), ("transfers", .int(s.transfers.count)),
+                                        ("pending_transfers", .int(s.pendingTransfers.count))]))
+                }
+            case "plan":
+                guard let ring = agent.ring else { throw AdminFailure.notJoined }
+                if ring.claimant != config.name { return try await forward(request, to: ring.claimant, a, agent) }
+                let down = Set(ring.members.map(\.name).filter { agent.status(of: $0) != .alive })
+                return reply(Self.planJSON(try ring.plan(down: down), ring))
+            case "complete-transfer":
+                let t = try Self.transfer(request.arguments)
+                return try await onClaimant(request, agent, a) { $0.completing(t) } answer: { s in
+                    self.reply(.object([("ring_version", .int(Int(clamping: s.version))), ("pending_transfers", .int(s.pendingTransfers.count))]))
+                }
+            default:
+                return .error(ErrorReply(code: .unknownMessage, message: "unknown admin verb '\(request.verb)'"))
+            }
+        } catch let e as ValidationError {
+            return .error(ErrorReply(code: .invalidArgument, message: e.reason))
+        } catch let e as AdminFailure {
+            return .error(ErrorReply(code: .invalidArgument, message: e.description))
+        } catch let e as ConnectionError {
+            return .error(ErrorReply(code: .unavailable, message: "the claimant could not be reached: \(e)"))
+        } catch {
+            return .error(ErrorReply(code: .internalError, message: "\(error)"))
+        }
+    }
+
+    private func reply(_ json: JSON) -> Message { .adminReply(Array(json.text.utf8)) }
+
+    /// Runs `change` if this node is the claimant, else forwards the request to it.
+    private func onClaimant(_ request: AdminRequest, _ agent: MembershipAgent, _ a: Activation,
+                            _ change: (RingState) throws(ValidationError) -> RingState,
+                            answer: (RingState) -> Message) async throws -> Message {
+        guard let ring = agent.ring else { throw AdminFailure.notJoined }
+        guard ring.claimant == config.name else { return try await forward(request, to: ring.claimant, a, agent) }
+        return answer(try agent.asClaimant(change))
+    }
+
+    private func forward(_ request: AdminRequest, to claimant: NodeName, _ a: Activation, _ agent: MembershipAgent) async throws -> Message {
+        let timeout = config.requestTimeoutMillis
+        let answer = try await a.transport.send(to: claimant, .admin(request), timeoutMillis: timeout)
+        if case .clusterState(let bytes) = answer {
+            agent.receiveState(bytes, from: "claimant \(claimant)")
+        } else if case .clusterState(let bytes)? = try? await a.transport.send(to: claimant, .clusterStatePull, timeoutMillis: timeout) {
+            agent.receiveState(bytes, from: "claimant \(claimant)")
+        }
+        return answer
+    }
+
+    /// `cluster join [SEED...]` on the joining node: asks a seed (default `cluster.seeds`) to
+    /// have the claimant add this node, then adopts the state it answers with.
+    private func join(_ arguments: [String], _ agent: MembershipAgent) async throws -> Message {
+        if let ring = agent.ring, let m = ring.member(config.name) {
+            return reply(.object([("cluster", .string(ring.cluster)), ("status", .string(m.status.description)),
+                                  ("ring_version", .int(Int(clamping: ring.version))), ("claimant", .string(ring.claimant.value))]))
+        }
+        var seeds: [HostPort] = []
+        for text in arguments { seeds.append(try HostPort(parsing: text)) }
+        if seeds.isEmpty { seeds = config.seeds }
+        guard !seeds.isEmpty else { throw ValidationError("no seed given and cluster.seeds is empty: cluster join HOST:PORT") }
+        guard let dial = dialer.value else { throw ValidationError("node \(config.name) cannot dial seeds") }
+        let request = Message.admin(AdminRequest(verb: "join-request", arguments: [config.name.value, config.advertised.description, config.clusterName]))
+        var failures: [String] = []
+        for seed in seeds {
+            do throws(ConnectionError) {
+                switch try await dial(seed, request, config.requestTimeoutMillis) {
+                case .clusterState(let bytes):
+                    guard agent.receiveState(bytes, from: "join via \(seed)"), let ring = agent.ring else {
+                        failures.append("\(seed): its answer was not a state of cluster \(config.clusterName) listing \(config.name)")
+                        continue
+                    }
+                    return reply(.object([("cluster", .string(ring.cluster)), ("status", .string("joining")),
+                                          ("ring_version", .int(Int(clamping: ring.version))), ("claimant", .string(ring.claimant.value))]))
+                case .error(let e):
+                    failures.append("\(seed): \(e.message)")
+                default:
+                    failures.append("\(seed): unexpected answer")
+                }
+            } catch {
+                failures.append("\(seed): \(error)")
+            }
+        }
+        throw ValidationError("could not join through any seed: " + failures.joined(separator: "; "))
+    }
+
+    private static func joinRequest(_ arguments: [String], _ ring: RingState) throws(ValidationError) -> RingState {
+        guard arguments.count == 3 else { throw ValidationError("join-request takes NAME ADDRESS CLUSTER") }
+        guard arguments[2] == ring.cluster else {
+            throw ValidationError("this is cluster '\(ring.cluster)', not '\(arguments[2])'; check cluster.name")
+        }
+        return try ring.joining(try NodeName(arguments[0]), at: try HostPort(parsing: arguments[1]))
+    }
+
+    private static func member(_ arguments: [String]) throws(ValidationError) -> NodeName {
+        guard arguments.count == 1 else { throw ValidationError("give one member name") }
+        return try NodeName(arguments[0])
+    }
+
+    private static func transfer(_ arguments: [String]) throws(ValidationError) -> PartitionTransfer {
+        guard arguments.count == 3, let p = UInt32(arguments[0]) else { throw ValidationError("complete-transfer takes PARTITION FROM TO") }
+        return PartitionTransfer(partition: PartitionID(p), from: try NodeName(arguments[1]), to: try NodeName(arguments[2]))
+    }
+
+    // MARK: JSON
+
+    private func statusJSON(_ agent: MembershipAgent, _ a: Activation) throws -> JSON {
+        guard let ring = agent.ring else {
+            return .object([("cluster", .string(config.clusterName)), ("ring_version", .int(0)), ("pending_transfers", .int(0)),
+                            ("joined", .bool(false)), ("members", .array([]))])
+        }
+        let members: [JSON] = ring.members.map { m in
+            .object([
+                ("name", .string(m.name.value)), ("address", .string(m.address.description)), ("status", .string(m.status.description)),
+                ("liveness", .string(agent.status(of: m.name)?.description ?? "unknown")),
+                ("owned", .int(ring.owned(by: m.name))), ("replicated", .int(ring.vnodePartitions(of: m.name).count)),
+                ("claimant", .bool(m.name == ring.claimant)), ("this", .bool(m.name == config.name)),
+            ])
+        }
+        return .object([
+            ("cluster", .string(ring.cluster)), ("ring_version", .int(Int(clamping: ring.version))), ("ring_size", .int(ring.partitionCount)),
+            ("n_val", .int(ring.nVal)), ("claimant", .string(ring.claimant.value)), ("joined", .bool(ring.member(config.name) != nil)),
+            ("pending_transfers", .int(ring.pendingTransfers.count)), ("transfers", .int(ring.transfers.count)),
+            ("staged", .array(ring.staged.map { .string($0.description) })), ("members", .array(members)),
+        ])
+    }
+
+    private func preflistJSON(_ arguments: [String], _ a: Activation) throws -> JSON {
+        guard arguments.count == 1 else { throw ValidationError("preflist takes one KEY") }
+        guard let ring = a.view.state else { throw AdminFailure.notJoined }
+        let p = ring.partition(forKey: Array(arguments[0].utf8))
+        let primaries = ring.replicas(of: p)
+        return .object([
+            ("key", .string(arguments[0])), ("partition", .int(Int(p.index))), ("ring_version", .int(Int(clamping: ring.version))),
+            ("primaries", .array(primaries.map { n in
+                .object([("node", .string(n.value)), ("address", .string(a.view.address(n))),
+                         ("liveness", .string((n == config.name ? MemberStatus.alive : membership?.status(of: n))?.description ?? "unknown"))])
+            })),
+            ("fallbacks", .array([])),
+            ("pending", .array(ring.pendingTransfers.filter { $0.partition == p }.map { .string("\($0.from)→\($0.to)") })),
+        ])
+    }
+
+    private func transfersJSON(_ agent: MembershipAgent) -> JSON {
+        let pending = agent.ring?.pendingTransfers ?? []
+        return .object([
+            ("ring_version", .int(Int(clamping: agent.ring?.version ?? 0))),
+            ("transfers", .array(pending.map { t in
+                .object([("partition", .int(Int(t.partition.index))), ("from", .string(t.from.value)), ("to", .string(t.to.value)),
+                         ("state", .string("pending"))])
+            })),
+        ])
+    }
+
+    private static func stagedJSON(_ ring: RingState) -> JSON {
+        .object([("ring_version", .int(Int(clamping: ring.version))), ("staged", .array(ring.staged.map { .string($0.description) }))])
+    }
+
+    private static func planJSON(_ plan: RingPlan, _ ring: RingState) -> JSON {
+        let names = Set(plan.ownedBefore.keys).union(plan.ownedAfter.keys).sorted()
+        return .object([
+            ("ring_version", .int(Int(clamping: ring.version))),
+            ("changes", .array(plan.changes.map { .string($0.description) })),
+            ("ownership", .array(names.map { n in
+                .object([("name", .string(n.value)), ("before", .int(plan.ownedBefore[n] ?? 0)), ("after", .int(plan.ownedAfter[n] ?? 0))])
+            })),
+            ("transfers", .int(plan.transfers.count)),
+            ("transfers_by_pair", .array(Dictionary(grouping: plan.transfers) { "\($0.from)→\($0.to)" }.sorted { $0.key < $1.key }.map {
+                .object([("pair", .string($0.key)), ("partitions", .int($0.value.count))])
+            })),
+            ("at_risk", .array(plan.atRisk.sorted { $0.key < $1.key }.map {
+                .object([("partition", .int(Int($0.key.index))), ("live_replicas", .int($0.value))])
+            })),
+            ("lost", .array(plan.lost.map { .int(Int($0.index)) })),
+        ])
+    }
+}

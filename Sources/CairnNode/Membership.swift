@@ -1,0 +1,378 @@
+import CairnCore
+import CairnMembership
+import CairnRing
+import CairnStorage
+import CairnWire
+import Logging
+
+/// Liveness as this node's failure detector sees it now. Read on every request's path:
+/// coordinators send nothing to a replica the detector holds dead (it counts as down at once,
+/// instead of costing a timeout). A suspect replica is still asked: suspicion is what a paused
+/// or briefly overloaded node meets (and what a node just resumed holds of everyone else), and
+/// refusing it would turn a hiccup into failed quorums. Written by the membership agent.
+/// Thread-safe.
+final class Liveness: Sendable {
+    private let table = Locked<[NodeName: MemberStatus]>([:])
+
+    func set(_ node: NodeName, _ status: MemberStatus?) { table.withLock { $0[node] = status } }
+
+    func status(of node: NodeName) -> MemberStatus? { table.withLock { $0[node] } }
+
+    /// Members among `nodes` the detector holds dead, with why.
+    func downReasons(_ nodes: [NodeName]) -> [NodeName: String] {
+        table.withLock { t in
+            var out: [NodeName: String] = [:]
+            for n in nodes where t[n] == .dead { out[n] = "dead according to the failure detector" }
+            return out
+        }
+    }
+}
+
+/// Where a node keeps the newest ring state it has adopted, so a restart resumes from it.
+protocol RingStateStore: Sendable {
+    func load() throws -> RingState?
+    /// Durable on return (the state a node acts on must survive a power cut).
+    func save(_ state: RingState) throws
+}
+
+/// The ring state in `<data directory>/cluster-state`: written to a temporary file, synced,
+/// renamed over the old one, directory synced.
+struct FileRingStateStore: RingStateStore {
+    let fs: any FileSystem
+    let directory: String
+    var path: String { directory + "/cluster-state" }
+
+    func load() throws -> RingState? {
+        guard fs.exists(path) else { return nil }
+        let file = try fs.openReadable(path)
+        defer { file.close() }
+        let bytes = try file.read(at: 0, count: Int(clamping: file.size))
+        do {
+            return try RingState(decoding: bytes)
+        } catch {
+            throw ValidationError("\(path) is damaged (\(error.reason)); move it aside to rejoin from the cluster's seeds")
+        }
+    }
+
+    func save(_ state: RingState) throws {
+        let temporary = path + ".tmp"
+        if fs.exists(temporary) { try fs.remove(temporary) }
+        let file = try fs.openAppendable(temporary, create: true)
+        do {
+            try file.append(state.encoded())
+            try file.sync()
+            try file.close()
+        } catch {
+            try? file.close()
+            throw error
+        }
+        try fs.rename(temporary, to: path)
+        try fs.syncDirectory(directory)
+    }
+}
+
+/// A node without a data directory keeps its ring state in memory only.
+final class MemoryRingStateStore: RingStateStore {
+    private let saved = Locked<RingState?>(nil)
+    func load() throws -> RingState? { saved.value }
+    func save(_ state: RingState) throws { saved.withLock { $0 = state } }
+}
+
+/// Failure detection and ring-state gossip for one node, and the claimant's duties.
+///
+/// - SWIM (`SWIMInstance`) runs over one-way `gossip` frames; every packet carries a summary of
+///   the sender's ring state. A receiver holding an older state pulls the sender's
+///   (`clusterStatePull`); one holding a newer state pushes its own (`clusterStatePush`).
+/// - `adopt` keeps the greatest state seen (`RingState.merged`), persists it, and publishes a new
+///   `ClusterView`, which the vnode manager and the transport follow.
+/// - Liveness changes go to `Liveness` at once (request routing) and to the log.
+/// - As claimant: forgets exiting members once the detector holds them dead. Any member: takes
+///   the claimant's role over when the claimant is dead and it is the first valid live member.
+///
+/// Isolation: the state sits behind a lock; no call holds it across a suspension, and messages
+/// are sent after it is released. `run()` is a child of the node's supervisor.
+final class MembershipAgent: SupervisedChild {
+    let childName = "membership"
+
+    struct Settings: Sendable {
+        var swim = SWIMSettings()
+        /// How often the claimant's duties run and the loop wakes at most.
+        var tick: Duration = .milliseconds(200)
+        var requestTimeoutMillis: UInt32 = 2000
+    }
+
+    private struct State {
+        var swim: SWIMInstance
+        var ring: RingState?
+        var published: UInt64
+        /// Peers a pull is in flight from (at most one each).
+        var pulling: Set<NodeName> = []
+        var exitRequested = false
+        var notMemberLogged = false
+    }
+
+    let me: NodeName
+    let clusterName: String
+    private let views: ClusterViews
+    private let liveness: Liveness
+    private let transport: any Transport
+    private let store: any RingStateStore
+    private let clock: any NodeClock
+    private let logger: Logger
+    private let settings: Settings
+    private let metrics: NodeMetrics
+    /// Called once when this node's state says it is exiting (its data is handed off).
+    private let onExit: @Sendable () -> Void
+    private let state: Locked<State>
+
+    init(me: NodeName, clusterName: String, initial: RingState?, views: ClusterViews, liveness: Liveness, transport: any Transport,
+         store: any RingStateStore, clock: any NodeClock, seed: UInt64, settings: Settings, metrics: NodeMetrics, logger: Logger,
+         onExit: @escaping @Sendable () -> Void) {
+        self.me = me
+        self.clusterName = clusterName
+        self.views = views
+        self.liveness = liveness
+        self.transport = transport
+        self.store = store
+        self.clock = clock
+        self.logger = logger
+        self.settings = settings
+        self.metrics = metrics
+        self.onExit = onExit
+        var swim = SWIMInstance(me: me, settings: settings.swim, seed: seed, now: clock.now())
+        for m in initial?.members ?? [] where m.name != me { _ = swim.add(m.name) }
+        for name in swim.memberNames { liveness.set(name, swim.status(of: name)) }
+        state = Locked(State(swim: swim, ring: initial, published: views.current.version))
+    }
+
+    var ring: RingState? { state.withLock { $0.ring } }
+
+    func status(of node: NodeName) -> MemberStatus? { node == me ? .alive : liveness.status(of: node) }
+
+    // MARK: Loop
+
+    func run() async throws {
+        while true {
+            try Task.checkCancellation()
+            let now = clock.now()
+            let directives = state.withLock { $0.swim.tick(now: now) }
+            perform(directives)
+            claimantDuties()
+            let next = state.withLock { $0.swim.nextDeadline }
+            try await clock.sleep(until: min(max(next, clock.now()), clock.now() + settings.tick))
+        }
+    }
+
+    private func perform(_ directives: [SWIMDirective]) {
+        guard !directives.isEmpty else { return }
+        let (version, claimant, digest) = summary()
+        for d in directives {
+            switch d {
+            case .send(let to, let message):
+                let packet = GossipPacket(sender: me, message: message, ringVersion: version, ringClaimant: claimant, ringDigest: digest)
+                transport.cast(to: to, .gossip(packet.encoded()))
+                metrics.gossipSent.increment()
+            case .statusChanged(let node, let from, let to, let incarnation):
+                liveness.set(node, to)
+                let meta: Logger.Metadata = ["member": "\(node)", "from": "\(from?.description ?? "unknown")", "to": "\(to)",
+                                             "incarnation": "\(incarnation)"]
+                switch to {
+                case .alive where from == nil: logger.debug("member known", metadata: meta)
+                case .alive: logger.info("member alive", metadata: meta)
+                case .suspect: logger.info("member suspected", metadata: meta)
+                case .dead: logger.warning("member dead", metadata: meta)
+                }
+                metrics.livenessChanges.increment()
+            }
+        }
+    }
+
+    private func summary() -> (UInt64, NodeName?, UInt64) {
+        state.withLock { s in (s.ring?.version ?? 0, s.ring?.claimant, s.ring?.digest ?? 0) }
+    }
+
+    // MARK: Gossip in
+
+    /// A `gossip` frame from a peer. Malformed packets are counted and dropped.
+    func receiveGossip(_ bytes: [UInt8]) {
+        let packet: GossipPacket
+        do { packet = try GossipPacket(decoding: bytes) } catch {
+            metrics.protocolErrors.increment()
+            logger.debug("malformed gossip dropped", metadata: ["error": "\(error)"])
+            return
+        }
+        metrics.gossipReceived.increment()
+        let now = clock.now()
+        let directives = state.withLock { s -> [SWIMDirective] in
+            var out: [SWIMDirective] = []
+            // A sender this node does not know as a member is heard (so it can be answered)
+            // only if the ring lists it; strangers are ignored.
+            if s.ring?.member(packet.sender) == nil { return [] }
+            out += s.swim.received(packet.message, from: packet.sender, now: now)
+            return out
+        }
+        perform(directives)
+        compare(packet)
+    }
+
+    /// Pulls the sender's ring state if it may be greater; pushes ours if ours is.
+    private func compare(_ packet: GossipPacket) {
+        enum Action { case none, pull, push([UInt8]) }
+        let action: Action = state.withLock { s in
+            let mine = (s.ring?.version ?? 0, s.ring?.claimant, s.ring?.digest ?? 0)
+            guard packet.ringDigest != mine.2 || packet.ringVersion != mine.0 else { return .none }
+            let theirsGreater = packet.ringVersion > mine.0
+                || (packet.ringVersion == mine.0 && (packet.ringClaimant?.value ?? "") >= (mine.1?.value ?? ""))
+            if theirsGreater {
+                guard !s.pulling.contains(packet.sender) else { return .none }
+                s.pulling.insert(packet.sender)
+                return .pull
+            }
+            guard let ring = s.ring else { return .none }
+            return .push(ring.encoded())
+        }
+        switch action {
+        case .none: break
+        case .push(let bytes): transport.cast(to: packet.sender, .clusterStatePush(bytes))
+        case .pull:
+            let (transport, timeout, sender) = (transport, settings.requestTimeoutMillis, packet.sender)
+            Task {
+                defer { self.state.withLock { _ = $0.pulling.remove(sender) } }
+                guard case .clusterState(let bytes)? = try? await transport.send(to: sender, .clusterStatePull, timeoutMillis: timeout) else { return }
+                self.receiveState(bytes, from: "pulled from \(sender)")
+            }
+        }
+    }
+
+    /// A ring state from a peer (pushed, pulled, or in a reply).
+    @discardableResult
+    func receiveState(_ bytes: [UInt8], from source: String) -> Bool {
+        do {
+            return adopt(try RingState(decoding: bytes), source: source)
+        } catch {
+            metrics.protocolErrors.increment()
+            logger.warning("malformed ring state dropped", metadata: ["source": "\(source)", "error": "\(error)"])
+            return false
+        }
+    }
+
+    /// This node's ring state, encoded (nil before it joined a cluster).
+    var encodedState: [UInt8]? { ring?.encoded() }
+
+    // MARK: Adopting states
+
+    /// Merges `incoming` into this node's state; when that changes it, persists and publishes
+    /// it. Returns whether it changed. A state of another cluster is refused; so is, for a node
+    /// that has not joined, a state that does not list it.
+    @discardableResult
+    func adopt(_ incoming: RingState, source: String) -> Bool {
+        guard incoming.cluster == clusterName else {
+            logger.warning("ring state of another cluster ignored", metadata: ["cluster": "\(incoming.cluster)", "source": "\(source)"])
+            return false
+        }
+        enum Outcome { case unchanged, changed(RingState, [SWIMDirective], removed: [NodeName]) }
+        let outcome: Outcome = state.withLock { s in
+            if let current = s.ring {
+                guard incoming.partitionCount == current.partitionCount, incoming.nVal == current.nVal else { return .unchanged }
+                let merged = RingState.merged(current, incoming)
+                guard merged != current else { return .unchanged }
+                s.ring = merged
+            } else {
+                guard incoming.member(me) != nil else { return .unchanged }
+                s.ring = incoming
+            }
+            guard let ring = s.ring else { return .unchanged }
+            var directives: [SWIMDirective] = []
+            for m in ring.members where m.name != me { directives += s.swim.add(m.name) }
+            let names = Set(ring.members.map(\.name))
+            let removed = s.swim.memberNames.filter { !names.contains($0) }
+            for n in removed { s.swim.remove(n) }
+            return .changed(ring, directives, removed: removed)
+        }
+        guard case .changed(let ring, let directives, let removed) = outcome else { return false }
+        for n in removed { liveness.set(n, nil) }
+        perform(directives)
+        do {
+            try store.save(ring)
+        } catch {
+            // Keep serving on the adopted state; peers hold it too, and the next change retries.
+            logger.error("could not persist the ring state", metadata: ["error": "\(error)"])
+        }
+        publish(ring)
+        logger.info("ring state adopted", metadata: [
+            "ring_version": "\(ring.version)", "claimant": "\(ring.claimant)", "members": "\(ring.members.count)",
+            "pending_transfers": "\(ring.pendingTransfers.count)", "source": "\(source)",
+        ])
+        checkOwnStatus(ring)
+        return true
+    }
+
+    private func publish(_ ring: RingState) {
+        let version = state.withLock { s in
+            s.published = max(s.published, views.current.version) + 1
+            return s.published
+        }
+        views.publish(ClusterView(state: ring, me: me, clusterName: clusterName, version: version))
+        metrics.ringVersion.record(Int(clamping: ring.version))
+    }
+
+    private func checkOwnStatus(_ ring: RingState) {
+        let member = ring.member(me)
+        let exit: Bool = state.withLock { s in
+            if member == nil, !s.notMemberLogged {
+                s.notMemberLogged = true
+                logger.warning("this node is no longer a member of the cluster; it refuses key requests", metadata: ["cluster": "\(clusterName)"])
+            }
+            guard member?.status == .exiting, !s.exitRequested else { return false }
+            s.exitRequested = true
+            return true
+        }
+        if exit {
+            logger.notice("this node has left the cluster: its data is handed off; exiting", metadata: ["ring_version": "\(ring.version)"])
+            onExit()
+        }
+    }
+
+    // MARK: Claimant
+
+    /// Applies `change` to this node's state if it is the claimant (else throws `notClaimant`).
+    func asClaimant(_ change: (RingState) throws(ValidationError) -> RingState) throws -> RingState {
+        guard let ring else { throw AdminFailure.notJoined }
+        guard ring.claimant == me else { throw AdminFailure.notClaimant(ring.claimant) }
+        let next = try change(ring)
+        if next != ring { adopt(next, source: "claimant") }
+        return self.ring ?? next
+    }
+
+    private func claimantDuties() {
+        guard let ring else { return }
+        if ring.claimant == me {
+            for m in ring.members where m.status == .exiting && m.name != me {
+                guard liveness.status(of: m.name) == .dead || liveness.status(of: m.name) == nil else { continue }
+                _ = try? asClaimant { r throws(ValidationError) in try r.forgetting(m.name) }
+            }
+            return
+        }
+        guard liveness.status(of: ring.claimant) == .dead else { return }
+        // The first valid member not held suspect or dead takes over.
+        let heir = ring.members.first { m in
+            m.status == .valid && (m.name == me || liveness.status(of: m.name) == .alive)
+        }
+        guard heir?.name == me, let next = try? ring.takingOver(by: me) else { return }
+        logger.notice("the claimant is dead; this node takes the role over", metadata: ["old_claimant": "\(ring.claimant)"])
+        adopt(next, source: "takeover")
+    }
+}
+
+/// Why an administration verb could not be served here.
+enum AdminFailure: Error, CustomStringConvertible {
+    case notJoined
+    case notClaimant(NodeName)
+
+    var description: String {
+        switch self {
+        case .notJoined: "this node is not a member of a cluster yet; run cluster join on it first"
+        case .notClaimant(let c): "\(c) is the claimant"
+        }
+    }
+}
