@@ -189,6 +189,18 @@ public final class CairnClient: Sendable {
         return m
     }
 
+    /// Runs a cluster administration verb (`status`, `join`, `leave`, `remove`, `plan`,
+    /// `commit`, `clear`, `transfers`, `preflist`; Docs/wire-protocol.md §10) on the node the
+    /// client reaches, and returns its JSON reply. Verbs that change the ring are not retried on
+    /// another node: their outcome could be unknown.
+    public func admin(_ verb: String, _ arguments: [String] = [], timeoutMillis: UInt32? = nil) async throws(CairnError) -> String {
+        let readOnly = ["status", "plan", "transfers", "preflist"].contains(verb)
+        let reply = try await send(.admin(AdminRequest(verb: verb, arguments: arguments)),
+                                   options: RequestOptions(timeoutMillis: timeoutMillis), idempotent: readOnly)
+        guard case .adminReply(let bytes) = reply else { throw unexpected(reply) }
+        return String(decoding: bytes, as: UTF8.self)
+    }
+
     // MARK: Plumbing
 
     private func unexpected(_ m: Message) -> CairnError {

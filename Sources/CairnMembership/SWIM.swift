@@ -78,6 +78,10 @@ public struct SWIMSettings: Hashable, Sendable {
     /// Indirect probes this member runs for others at once; requests past it are ignored (the
     /// asker counts a missing nack against its own health, as for a slow helper).
     public var maxRelays = 64
+    /// How often one member held dead is pinged anyway, telling it so. Members stay in the ring
+    /// while dead, and after a partition heals both sides may hold each other dead and probe no
+    /// one across it: this ping is how they find each other again (the dead one refutes).
+    public var deadProbeInterval: Duration = .seconds(2)
     public init() {}
 }
 
@@ -135,6 +139,9 @@ public struct SWIMInstance: Sendable {
     private var probe: Probe?
     private var relays: [UInt64: Relay] = [:]
     private var nextProbeAt: ContinuousClock.Instant
+    private var nextDeadProbeAt: ContinuousClock.Instant
+    /// Round robin over the members held dead (by name), for `deadProbeInterval`.
+    private var lastDeadProbed: NodeName?
     private var order: [NodeName] = []
     private var sequence: UInt64 = 0
     private var rng: SplitMix64
@@ -146,6 +153,7 @@ public struct SWIMInstance: Sendable {
         self.settings = settings
         rng = SplitMix64(seed: seed)
         nextProbeAt = now
+        nextDeadProbeAt = now + settings.deadProbeInterval
         enqueue(MemberUpdate(name: me, status: .alive, incarnation: 0))
     }
 
@@ -160,8 +168,10 @@ public struct SWIMInstance: Sendable {
 
     /// The earliest instant at which `tick` has something to do.
     public var nextDeadline: ContinuousClock.Instant {
+        // The next probe starts only once the one in flight has ended (at its deadline at the
+        // latest), so while one is in flight its deadline is what matters.
         var d = probe?.deadline ?? nextProbeAt
-        if probe != nil { d = min(d, nextProbeAt) }
+        if members.values.contains(where: { $0.status == .dead }) { d = min(d, nextDeadProbeAt) }
         for r in relays.values { d = min(d, r.deadline) }
         for (_, m) in members { if let at = m.suspectedAt { d = min(d, at + suspicionTimeout(confirmations: m.confirmations.count)) } }
         return d
@@ -174,6 +184,16 @@ public struct SWIMInstance: Sendable {
     public mutating func add(_ node: NodeName) -> [SWIMDirective] {
         guard node != me, members[node] == nil else { return [] }
         return apply(MemberUpdate(name: node, status: .alive, incarnation: 0), now: nil)
+    }
+
+    /// Pings every member once (a process that has just started: a member holding it dead from
+    /// before answers so, and it refutes at once).
+    public mutating func announce() -> [SWIMDirective] {
+        let updates = piggyback()
+        return members.keys.sorted().map { n in
+            sequence += 1
+            return .send(to: n, .ping(sequence: sequence, updates: updates))
+        }
     }
 
     /// Forgets `node` (it left the cluster): no more probes of it, no gossip about it, and a
@@ -232,6 +252,18 @@ public struct SWIMInstance: Sendable {
         } else if probe == nil, now >= nextProbeAt {
             nextProbeAt = now + scaled(settings.probeInterval)
         }
+        // One member held dead, told so.
+        if now >= nextDeadProbeAt {
+            nextDeadProbeAt = now + settings.deadProbeInterval
+            let dead = members.filter { $0.value.status == .dead }.keys.sorted()
+            let last = lastDeadProbed
+            if let target = dead.first(where: { name in last.map { name > $0 } ?? true }) ?? dead.first, let m = members[target] {
+                lastDeadProbed = target
+                sequence += 1
+                let told = MemberUpdate(name: target, status: .dead, incarnation: m.incarnation, by: me)
+                out.append(.send(to: target, .ping(sequence: sequence, updates: piggyback() + [told])))
+            }
+        }
         return out
     }
 
@@ -242,7 +274,13 @@ public struct SWIMInstance: Sendable {
         case .ping(let seq, let updates):
             out += merge(updates, now: now)
             out += add(from)
-            out.append(.send(to: from, .ack(sequence: seq, target: me, updates: piggyback())))
+            var reply = piggyback()
+            // A member pinging us that we hold suspect or dead may never have heard so (the
+            // gossip about it went to others): tell it, so it refutes with a higher incarnation.
+            if let m = members[from], m.status != .alive, !reply.contains(where: { $0.name == from }) {
+                reply.append(MemberUpdate(name: from, status: m.status, incarnation: m.incarnation, by: me))
+            }
+            out.append(.send(to: from, .ack(sequence: seq, target: me, updates: reply)))
         case .pingRequest(let seq, let target, let updates):
             out += merge(updates, now: now)
             guard relays.count < settings.maxRelays else { break }
@@ -319,11 +357,22 @@ public struct SWIMInstance: Sendable {
     /// Applies one update by SWIM's precedence rules; refutes suspicions and deaths of itself.
     private mutating func apply(_ u: MemberUpdate, now: ContinuousClock.Instant?) -> [SWIMDirective] {
         if u.name == me {
-            guard u.status != .alive, u.incarnation >= incarnation else { return [] }
-            incarnation = u.incarnation + 1
-            adjustHealth(+1)
-            enqueue(MemberUpdate(name: me, status: .alive, incarnation: incarnation))
-            return []
+            guard u.status != .alive else { return [] }
+            // A verdict at an older incarnation than ours is stale, but whoever spreads it has
+            // not heard our refutation: repeat it (without raising the incarnation again).
+            if u.incarnation >= incarnation {
+                incarnation = u.incarnation + 1
+                adjustHealth(+1)
+            }
+            let alive = MemberUpdate(name: me, status: .alive, incarnation: incarnation)
+            enqueue(alive)
+            // Held dead, this member routes no requests here: tell everyone at once rather than
+            // by piggyback over several probe rounds.
+            guard u.status == .dead else { return [] }
+            return members.keys.sorted().map { n in
+                sequence += 1
+                return .send(to: n, .ping(sequence: sequence, updates: [alive]))
+            }
         }
         let current = members[u.name]
         if let c = current {

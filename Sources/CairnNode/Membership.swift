@@ -56,6 +56,7 @@ struct FileRingStateStore: RingStateStore {
 
     func save(_ state: RingState) throws {
         let temporary = path + ".tmp"
+        if !fs.exists(directory) { try fs.createDirectory(directory) }
         if fs.exists(temporary) { try fs.remove(temporary) }
         let file = try fs.openAppendable(temporary, create: true)
         do {
@@ -104,6 +105,8 @@ final class MembershipAgent: SupervisedChild {
     private struct State {
         var swim: SWIMInstance
         var ring: RingState?
+        /// `ring?.digest`, computed once per adopted state (every gossip packet carries it).
+        var digest: UInt64 = 0
         var published: UInt64
         /// Peers a pull is in flight from (at most one each).
         var pulling: Set<NodeName> = []
@@ -142,7 +145,7 @@ final class MembershipAgent: SupervisedChild {
         var swim = SWIMInstance(me: me, settings: settings.swim, seed: seed, now: clock.now())
         for m in initial?.members ?? [] where m.name != me { _ = swim.add(m.name) }
         for name in swim.memberNames { liveness.set(name, swim.status(of: name)) }
-        state = Locked(State(swim: swim, ring: initial, published: views.current.version))
+        state = Locked(State(swim: swim, ring: initial, digest: initial?.digest ?? 0, published: views.current.version))
     }
 
     var ring: RingState? { state.withLock { $0.ring } }
@@ -152,14 +155,17 @@ final class MembershipAgent: SupervisedChild {
     // MARK: Loop
 
     func run() async throws {
+        perform(state.withLock { $0.swim.announce() })
         while true {
             try Task.checkCancellation()
             let now = clock.now()
             let directives = state.withLock { $0.swim.tick(now: now) }
             perform(directives)
             claimantDuties()
+            // Never a deadline already past (that would spin a thread); at most one tick away.
             let next = state.withLock { $0.swim.nextDeadline }
-            try await clock.sleep(until: min(max(next, clock.now()), clock.now() + settings.tick))
+            let at = clock.now()
+            try await clock.sleep(until: min(max(next, at + .milliseconds(10)), at + settings.tick))
         }
     }
 
@@ -188,7 +194,7 @@ final class MembershipAgent: SupervisedChild {
     }
 
     private func summary() -> (UInt64, NodeName?, UInt64) {
-        state.withLock { s in (s.ring?.version ?? 0, s.ring?.claimant, s.ring?.digest ?? 0) }
+        state.withLock { s in (s.ring?.version ?? 0, s.ring?.claimant, s.digest) }
     }
 
     // MARK: Gossip in
@@ -219,7 +225,7 @@ final class MembershipAgent: SupervisedChild {
     private func compare(_ packet: GossipPacket) {
         enum Action { case none, pull, push([UInt8]) }
         let action: Action = state.withLock { s in
-            let mine = (s.ring?.version ?? 0, s.ring?.claimant, s.ring?.digest ?? 0)
+            let mine = (s.ring?.version ?? 0, s.ring?.claimant, s.digest)
             guard packet.ringDigest != mine.2 || packet.ringVersion != mine.0 else { return .none }
             let theirsGreater = packet.ringVersion > mine.0
                 || (packet.ringVersion == mine.0 && (packet.ringClaimant?.value ?? "") >= (mine.1?.value ?? ""))
@@ -282,6 +288,7 @@ final class MembershipAgent: SupervisedChild {
                 s.ring = incoming
             }
             guard let ring = s.ring else { return .unchanged }
+            s.digest = ring.digest
             var directives: [SWIMDirective] = []
             for m in ring.members where m.name != me { directives += s.swim.add(m.name) }
             let names = Set(ring.members.map(\.name))

@@ -66,9 +66,12 @@ struct InMemoryClusterTests {
         guard case .writeReply = await put(cluster.nodes[0], "a", "2", w: .count(2)) else { Issue.record("W=2 failed"); return }
         // n1 cannot reach n2 (silently): W=2 from n1 waits for its deadline, on the test's clock.
         cluster.network.cut(from: n1, to: n2)
+        // Each node's membership agent sleeps on the clock too: count from what sleeps then.
+        for _ in 0..<100_000 where cluster.clock.sleeping < cluster.nodes.count { await Task.yield() }
+        let agents = cluster.clock.sleeping
         let pending = Task { await put(cluster.nodes[0], "b", "1", w: .count(2), timeout: 500) }
         // In flight: the coordinator's deadline and the lost replica request's wait are armed.
-        for _ in 0..<100_000 where cluster.clock.sleeping < 2 { await Task.yield() }
+        for _ in 0..<100_000 where cluster.clock.sleeping < agents + 2 { await Task.yield() }
         #expect(cluster.clock.elapsed == .zero)
         cluster.clock.advance(by: .milliseconds(500))
         guard case .error(let f) = await pending.value else { Issue.record("W=2 across a cut succeeded"); return }

@@ -193,3 +193,93 @@ private func ping(_ ds: [SWIMDirective]) -> (NodeName, UInt64)? {
         #expect(pass(seed: 3) == first)
     }
 }
+
+@Suite struct GossipPacketTests {
+    @Test func everyMessageRoundTrips() throws {
+        let updates = [MemberUpdate(name: n2, status: .suspect, incarnation: 7, by: n3), MemberUpdate(name: n4, status: .dead, incarnation: 1)]
+        let messages: [SWIMMessage] = [
+            .ping(sequence: 1, updates: updates), .pingRequest(sequence: 2, target: n5, updates: []),
+            .ack(sequence: UInt64.max, target: n2, updates: updates), .nack(sequence: 4, target: n3),
+        ]
+        for m in messages {
+            for claimant in [n1, nil] {
+                let p = GossipPacket(sender: n1, message: m, ringVersion: 12, ringClaimant: claimant, ringDigest: 0xABCD)
+                #expect(try GossipPacket(decoding: p.encoded()) == p)
+            }
+        }
+    }
+
+    @Test func damagedPacketsThrow() {
+        let bytes = GossipPacket(sender: n1, message: .ping(sequence: 9, updates: [MemberUpdate(name: n2, status: .alive, incarnation: 3)]),
+                                 ringVersion: 1, ringClaimant: n1, ringDigest: 2).encoded()
+        for cut in 0..<bytes.count {
+            #expect(throws: DecodeError.self) { try GossipPacket(decoding: Array(bytes[..<cut])) }
+        }
+        #expect(throws: DecodeError.self) { try GossipPacket(decoding: bytes + [0]) }
+        var badStatus = bytes
+        badStatus[badStatus.count - 3] = 9   // the update's status byte
+        #expect(throws: DecodeError.self) { try GossipPacket(decoding: badStatus) }
+    }
+}
+
+@Suite struct SWIMRemoveTests {
+    @Test func aRemovedMemberIsNeitherProbedNorGossipedAbout() {
+        var s = instance()
+        s.remove(n3)
+        #expect(s.status(of: n3) == nil)
+        #expect(!s.memberNames.contains(n3))
+        var now = t0
+        for _ in 0..<40 {
+            let ds = s.tick(now: now)
+            for (to, m) in sends(ds) {
+                #expect(to != n3)
+                if case .ping(_, let updates) = m { #expect(!updates.contains { $0.name == n3 }) }
+            }
+            now = now + .milliseconds(250)
+        }
+    }
+}
+
+@Suite struct SWIMDeadlineTests {
+    /// A shell sleeps until `nextDeadline`: after a tick it must lie in the future, or the shell
+    /// would spin (a probe in flight past the probe interval once made it stick in the past).
+    @Test func afterATickTheNextDeadlineIsInTheFuture() {
+        var s = instance()
+        var now = t0
+        for _ in 0..<300 {
+            _ = s.tick(now: now)
+            #expect(s.nextDeadline > now)
+            now = max(s.nextDeadline, now + .milliseconds(1))
+        }
+        #expect(s.status(of: n2) == .dead, "nobody answers: every peer ends dead")
+    }
+}
+
+@Suite struct SWIMComebackTests {
+    /// A member declared dead while it was cut off pings us again: our ack tells it, it refutes
+    /// with a higher incarnation, and it is alive again here.
+    @Test func aDeadMemberThatPingsLearnsItAndRefutes() {
+        var a = SWIMInstance(me: n1, seed: 1, now: t0)
+        var b = SWIMInstance(me: n2, seed: 2, now: t0)
+        _ = a.add(n2)
+        _ = b.add(n1)
+        _ = a.received(.ack(sequence: 0, target: n3, updates: [MemberUpdate(name: n2, status: .dead, incarnation: 0, by: n3)]), from: n3, now: t0)
+        #expect(a.status(of: n2) == .dead)
+        let acks = sends(a.received(.ping(sequence: 5, updates: []), from: n2, now: t0))
+        guard case (n2, .ack(5, n1, let updates))? = acks.first else { Issue.record("no ack to n2"); return }
+        #expect(updates.contains { $0.name == n2 && $0.status == .dead })
+        let refute = b.received(.ack(sequence: 5, target: n1, updates: updates), from: n1, now: t0)
+        #expect(b.incarnation == 1)
+        _ = refute
+        var now = t0
+        var revived = false
+        for _ in 0..<20 where !revived {
+            now = now + .seconds(1)
+            for (to, m) in sends(b.tick(now: now)) where to == n1 {
+                _ = a.received(m, from: n2, now: now)
+            }
+            revived = a.status(of: n2) == .alive
+        }
+        #expect(revived)
+    }
+}

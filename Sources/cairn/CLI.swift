@@ -25,23 +25,28 @@ struct ConnectionOptions: ParsableArguments {
     @Flag(help: "Print one JSON object instead of text for people.")
     var json = false
 
-    var seeds: [String] {
-        let given = nodes.flatMap { $0.split(separator: ",").map { String($0).trimmingCharacters(in: .whitespaces) } }
-        if !given.isEmpty { return given }
-        if let env = ProcessInfo.processInfo.environment["CAIRN_NODES"], !env.isEmpty {
-            return env.split(separator: ",").map(String.init)
-        }
-        return ["127.0.0.1:7401"]
-    }
+    var seeds: [String] { seedList(nodes) }
 
-    func connect() async throws -> CairnClient {
-        var config = CairnClient.Configuration()
-        if let timeout { config.defaultTimeoutMillis = timeout }
-        do {
-            return try await CairnClient.connect(seeds: seeds, configuration: config)
-        } catch {
-            throw CLIFailure(error, json: json)
-        }
+    func connect() async throws -> CairnClient { try await connectClient(seeds: seeds, timeout: timeout, json: json) }
+}
+
+/// The seeds `--node` gives (repeatable or comma-separated), else $CAIRN_NODES, else 127.0.0.1:7401.
+func seedList(_ nodes: [String]) -> [String] {
+    let given = nodes.flatMap { $0.split(separator: ",").map { String($0).trimmingCharacters(in: .whitespaces) } }
+    if !given.isEmpty { return given }
+    if let env = ProcessInfo.processInfo.environment["CAIRN_NODES"], !env.isEmpty {
+        return env.split(separator: ",").map(String.init)
+    }
+    return ["127.0.0.1:7401"]
+}
+
+func connectClient(seeds: [String], timeout: UInt32?, json: Bool) async throws -> CairnClient {
+    var config = CairnClient.Configuration()
+    if let timeout { config.defaultTimeoutMillis = timeout }
+    do {
+        return try await CairnClient.connect(seeds: seeds, configuration: config)
+    } catch {
+        throw CLIFailure(error, json: json)
     }
 }
 
@@ -96,7 +101,7 @@ struct Cairn: AsyncParsableCommand {
         commandName: "cairn",
         abstract: "Talk to a Cairn cluster.",
         discussion: "Exit codes: 0 success, 2 not found (get), 3 quorum not reached, unavailable, or outcome unknown (any put/delete error that does not prove nothing was written), 1 other errors.",
-        subcommands: [Get.self, Put.self, Delete.self, Members.self])
+        subcommands: [Get.self, Put.self, Delete.self, Members.self, ClusterCommand.self, Transfers.self, Preflist.self])
 
     /// `--node` may come before the verb (`cairn --node X get k`): move such options after it.
     static func reorder(_ args: [String]) -> [String] {
@@ -113,6 +118,10 @@ struct Cairn: AsyncParsableCommand {
             }
         }
         guard let verb = rest.first else { return args }
+        // `cluster` has verbs of its own: the options go after `cluster VERB`.
+        if verb == "cluster", rest.count > 1, !rest[1].hasPrefix("-") {
+            return [verb, rest[1]] + leading + rest.dropFirst(2)
+        }
         return [verb] + leading + rest.dropFirst()
     }
 
