@@ -22,8 +22,6 @@ struct ClusterView: Sendable {
         addresses = Dictionary(uniqueKeysWithValues: members.map { ($0.name, $0.address) })
     }
 
-    var hello: Hello { Hello(cluster: clusterName, node: me.value, ringFingerprint: ring.fingerprint, nVal: n) }
-
     func address(_ node: NodeName) -> String { addresses[node]?.description ?? node.value }
 
     /// The key's partition and its primaries in preference-list order.

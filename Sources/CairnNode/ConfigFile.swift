@@ -54,6 +54,10 @@ extension NodeConfig {
                 guard parts.count == 2 else { throw ValidationError("member '\(entry)' is not name@host:port") }
                 return MemberAddress(name: try NodeName(String(parts[0])), address: try HostPort(parsing: String(parts[1])))
             }
+        case "cluster.secret_file":
+            guard !value.isEmpty else { throw ValidationError("cluster.secret_file must not be empty") }
+            secretFile = value
+            clusterSecret = nil
         case "request.timeout": requestTimeoutMillis = UInt32(clamping: try Self.millis(value))
         case "request.default_r": defaultR = try Quorum(parsing: value)
         case "request.default_w": defaultW = try Quorum(parsing: value)
