@@ -11,11 +11,13 @@
 #   --nodes N        instances node1..nodeN on this machine, 1-9   (default 3)
 #   --host ADDR      their listen address; node i uses ports 740i and 840i (default 127.0.0.1)
 #   --cluster NAME   cluster.name                                  (default cairn)
+#   --secret-file F  install F as CONFDIR/cluster.secret, the cluster's shared secret, instead of
+#                    generating one (32 random bytes, hex); every machine of a cluster needs the same
 #   --bin-dir DIR    install cairnd and cairn from DIR instead of building
 #   --no-systemctl   do not run systemctl (daemon-reload, enable, disable)
 #   --purge          uninstall: also delete the nodes' data under /var/lib/cairn
 #
-# Existing configs are never overwritten. The list of installed files is kept in
+# Existing configs and secrets are never overwritten. The list of installed files is kept in
 # CONFDIR/.installed-files; uninstall removes exactly those.
 set -euo pipefail
 
@@ -28,6 +30,7 @@ NODES=3
 HOST=127.0.0.1
 CLUSTER=cairn
 FROM=""
+SECRET_FROM=""
 SYSTEMCTL=1
 PURGE=0
 
@@ -43,9 +46,10 @@ while [[ $# -gt 0 ]]; do
     --host) HOST=$2; shift 2 ;;
     --cluster) CLUSTER=$2; shift 2 ;;
     --bin-dir) FROM=$2; shift 2 ;;
+    --secret-file) SECRET_FROM=$2; shift 2 ;;
     --no-systemctl) SYSTEMCTL=0; shift ;;
     --purge) PURGE=1; shift ;;
-    -h | --help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,21p' "$0"; exit 0 ;;
     *) die "unknown option $1 (see --help)" ;;
     esac
 done
@@ -103,6 +107,16 @@ do_install() {
     trap 'rm -rf "$tmp"' RETURN
     put 0755 "$FROM/cairnd" "$PREFIX/bin/cairnd"
     put 0755 "$FROM/cairn" "$PREFIX/bin/cairn"
+    # The cluster secret every node config names (cluster.secret_file): root's, mode 0600; the
+    # unit copies it for the node at each start.
+    if [[ -e $CONFDIR/cluster.secret ]]; then
+        echo "kept existing $CONFDIR/cluster.secret" >&2
+    elif [[ -n $SECRET_FROM ]]; then
+        put 0600 "$SECRET_FROM" "$CONFDIR/cluster.secret"
+    else
+        (umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$tmp/cluster.secret")
+        put 0600 "$tmp/cluster.secret" "$CONFDIR/cluster.secret"
+    fi
     render "$ROOT/Deploy/systemd/cairnd@.service.in" "$tmp/cairnd@.service" ""
     put 0644 "$tmp/cairnd@.service" "$UNITDIR/cairnd@.service"
     put 0644 "$ROOT/Deploy/systemd/cairn.target" "$UNITDIR/cairn.target"

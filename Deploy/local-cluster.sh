@@ -6,11 +6,13 @@
 #   Deploy/local-cluster.sh down     stop the nodes (SIGTERM, then SIGKILL after 20 s)
 #
 # Node i listens on 127.0.0.1:740i (clients and peers) and 127.0.0.1:840i (HTTP /health,
-# /metrics). Data, configs, logs and pids live under .cairn-local/ in the repository.
+# /metrics). Data, configs, logs, pids and the cluster secret (cluster.secret, 0600) live under
+# .cairn-local/ in the repository.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STATE="$ROOT/.cairn-local"
+SECRET="$STATE/cluster.secret"
 NODES=3
 export PATH="/opt/swift/usr/bin:$PATH"
 
@@ -38,6 +40,16 @@ members() {
     echo "${out[*]}"
 }
 
+# The cluster's shared secret (cluster.secret_file): 32 random bytes as hex, mode 0600. Made once
+# and kept, so a restarted node still shares it with the running ones.
+ensure_secret() {
+    [[ -s $SECRET ]] && return
+    mkdir -p "$STATE"
+    (umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$SECRET.tmp")
+    chmod 0600 "$SECRET.tmp"
+    mv "$SECRET.tmp" "$SECRET"
+}
+
 write_config() {
     local i=$1 dir="$STATE/n$1"
     mkdir -p "$dir/data"
@@ -51,6 +63,7 @@ cluster.name = local
 cluster.ring_size = 256
 cluster.n_val = 3
 cluster.members = $(members)
+cluster.secret_file = $SECRET
 request.timeout = 2s
 CONF
 }
@@ -64,6 +77,7 @@ up() {
     build
     local bin i
     bin="$(bin_dir)"
+    ensure_secret
     for ((i = 1; i <= NODES; i++)); do
         local dir="$STATE/n$i"
         if alive "$dir/pid"; then log "n$i already running (pid $(cat "$dir/pid"))"; continue; fi

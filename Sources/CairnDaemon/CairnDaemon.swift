@@ -32,7 +32,8 @@ public enum CairnDaemon {
         if o.checkConfig {
             print("configuration OK: node \(nodeConfig.name), cluster \(nodeConfig.clusterName), \(nodeConfig.members.count) members, " +
                   "ring_size \(nodeConfig.ringSize), n_val \(nodeConfig.nVal), listen \(nodeConfig.listen)" +
-                  (nodeConfig.storage.salvage ? ", storage.salvage on" : ""))
+                  (nodeConfig.storage.salvage ? ", storage.salvage on" : "") +
+                  (nodeConfig.secretFile.map { ", cluster secret from \($0)" } ?? ", no cluster secret"))
             return
         }
         LoggingSystem.bootstrap { label in
@@ -91,7 +92,12 @@ public enum CairnDaemon {
             }
         }
         if o.salvage { parsed.storage.salvage = true }
-        do { try parsed.validate() } catch { throw Failure(description: "\(o.configPath): \(error)") }
+        do {
+            try parsed.validate()
+            try parsed.loadClusterSecret()
+        } catch {
+            throw Failure(description: "\(o.configPath): \(error)")
+        }
         return parsed
     }
 }

@@ -173,6 +173,9 @@ public final class CairnNode: Service, Sendable {
     @discardableResult
     public func bind() async throws -> BoundAddresses {
         if let b = runtime.value.bound { return b }
+        if let path = config.secretFile, config.clusterSecret == nil {
+            throw ValidationError("cluster.secret_file \(path) is set but not loaded: call NodeConfig.loadClusterSecret() first")
+        }
         var locked: DataDirectory?
         if let dir = config.dataDirectory, fileSystem == nil { locked = try DataDirectory(path: dir) }
         do {
@@ -312,7 +315,7 @@ public final class CairnNode: Service, Sendable {
         }
         guard !alreadyStarted else { return }
         let views = ClusterViews(view)
-        let hello = view.hello
+        let handshake = router.handshake
         let (metrics, notifier) = (core.metrics, notifier)
         let transport: any Transport
         if let network {
@@ -321,15 +324,19 @@ public final class CairnNode: Service, Sendable {
             let links = Supervisor(name: "peers", policy: config.restartPolicy, logger: core.logger, clock: core.clock) { _ in
                 metrics.supervisorRestarts.increment()
             }
+            if config.clusterSecret?.isEmpty ?? true {
+                core.logger.warning("no cluster.secret_file: any process that can reach this node's listener can join the cluster as a peer; set cluster.secret_file (Docs/configuration.md)")
+            }
             let (config, group, logger, clock) = (config, group, core.logger, core.clock)
             let transportBox = Locked<SocketTransport?>(nil)
             let sockets = SocketTransport(views: views, supervisor: links, faults: core.faults, clock: core.clock,
                                           streams: config.streamSettings, connectTimeoutMillis: config.connectTimeoutMillis, metrics: metrics,
                                           makeDataLink: { member, oneWay in
-                PeerLink(peer: member.name, address: member.address, hello: hello, config: config, group: group, logger: logger, clock: clock,
-                         role: "data", oneWay: oneWay) {}
+                PeerLink(peer: member.name, address: member.address, handshake: handshake, config: config, group: group, logger: logger, clock: clock,
+                         role: "data", oneWay: oneWay, metrics: metrics) {}
             }) { member in
-                PeerLink(peer: member.name, address: member.address, hello: hello, config: config, group: group, logger: logger, clock: clock) {
+                PeerLink(peer: member.name, address: member.address, handshake: handshake, config: config, group: group, logger: logger, clock: clock,
+                         metrics: metrics) {
                     guard let t = transportBox.value else { return }
                     t.reachabilityChanged.notifyAll()
                     let up = t.upCount

@@ -29,10 +29,6 @@ struct ClusterView: Sendable {
         self.init(state: state, me: config.name, clusterName: config.clusterName, version: version)
     }
 
-    var hello: Hello {
-        Hello(cluster: clusterName, node: me.value, ringFingerprint: state?.ring.fingerprint ?? 0, nVal: state?.nVal ?? 0)
-    }
-
     /// Whether this node is in the cluster's member list (it may serve requests).
     var isMember: Bool { state?.member(me) != nil }
 

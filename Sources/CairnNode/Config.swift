@@ -50,6 +50,12 @@ public struct NodeConfig: Sendable {
     /// SWIM's tuning (`membership.probe_interval`, `probe_timeout`, `indirect_probes`,
     /// `suspicion_multiplier`, `suspicion_max_multiplier`).
     public var membership = SWIMSettings()
+    /// `cluster.secret_file`: the file holding the cluster secret the handshake proves; read by
+    /// `loadClusterSecret()`, not when the key is set. nil: no secret (anyone can join).
+    public var secretFile: String?
+    /// The secret `loadClusterSecret()` read from `secretFile` (tests may set it directly). A node
+    /// refuses to start while `secretFile` is set and this is nil.
+    public var clusterSecret: ClusterSecret?
     // request.*
     public var requestTimeoutMillis: UInt32 = 2000
     public var defaultR: Quorum = .quorum
@@ -87,6 +93,18 @@ public struct NodeConfig: Sendable {
         s.maxStreamsPerPeer = maxStreamsPerPeer
         s.maxFrameBytes = limits.maxFrameBytes
         return s
+    }
+
+    /// Reads `cluster.secret_file` into `clusterSecret` (a missing, unreadable, empty, too short
+    /// or over-4-KiB file is an error naming the path); with no file configured, does nothing.
+    /// `cairnd` calls it once the file and every `--set` are applied.
+    public mutating func loadClusterSecret() throws(ValidationError) {
+        guard let path = secretFile else { return }
+        do {
+            clusterSecret = try ClusterSecret.load(path: path)
+        } catch {
+            throw ValidationError("cluster.secret_file: \(error.reason)")
+        }
     }
 
     /// Checks relations between keys that each parse fine on their own.

@@ -61,6 +61,10 @@ extension NodeConfig {
         case "membership.indirect_probes": membership.indirectProbes = try Self.int(value, 0...16)
         case "membership.suspicion_multiplier": membership.suspicionMultiplier = try Self.int(value, 1...100)
         case "membership.suspicion_max_multiplier": membership.suspicionMaxMultiplier = try Self.int(value, 1...100)
+        case "cluster.secret_file":
+            guard !value.isEmpty else { throw ValidationError("cluster.secret_file must not be empty") }
+            secretFile = value
+            clusterSecret = nil
         case "request.timeout": requestTimeoutMillis = UInt32(clamping: try Self.millis(value))
         case "request.default_r": defaultR = try Quorum(parsing: value)
         case "request.default_w": defaultW = try Quorum(parsing: value)

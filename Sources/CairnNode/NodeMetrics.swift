@@ -59,6 +59,8 @@ public final class NodeMetrics: Sendable {
     let livenessChanges: CoreMetrics.Counter
     /// The version of the ring state this node holds.
     let ringVersion: CoreMetrics.Gauge
+    /// Handshakes this node refused, by side (`in`: as the acceptor, `out`: as the dialer) and reason.
+    private let handshakeRejections: [String: CoreMetrics.Counter]
 
     public init(maxInflight: Int) {
         registry = PrometheusCollectorRegistry()
@@ -96,6 +98,19 @@ public final class NodeMetrics: Sendable {
         streamsIn = StreamGauge(CoreMetrics.Gauge(label: "cairn_streams_open", dimensions: [("direction", "in")], factory: f))
         streamWindowWaits = CoreMetrics.Counter(label: "cairn_stream_window_waits_total", factory: f)
         streamsRefused = CoreMetrics.Counter(label: "cairn_streams_refused_total", factory: f)
+        var rejections: [String: CoreMetrics.Counter] = [:]
+        for side in ["in", "out"] {
+            for reason in HandshakeRefusal.Reason.allCases {
+                rejections[side + reason.rawValue] = CoreMetrics.Counter(label: "cairn_handshake_rejections_total",
+                                                                         dimensions: [("side", side), ("reason", reason.rawValue)], factory: f)
+            }
+        }
+        handshakeRejections = rejections
+    }
+
+    /// Counts a handshake refused as the acceptor (`inbound`) or the dialer.
+    func countHandshakeRejection(_ reason: HandshakeRefusal.Reason, inbound: Bool) {
+        handshakeRejections[(inbound ? "in" : "out") + reason.rawValue]?.increment()
     }
 
     /// Counts a request that was refused before any work (no latency sample).

@@ -3,8 +3,9 @@ import CairnCore
 import CairnWire
 import Logging
 
-/// This node's connection to one peer: connects, handshakes (`hello` with the cluster name and
-/// ring fingerprint), and reconnects with backoff when the connection drops.
+/// This node's connection to one peer: connects, handshakes (`hello`, `hello-ack`, `hello-proof`:
+/// cluster name, node name, protocol version and the cluster secret; `ClusterHandshake`), and
+/// reconnects with backoff when the connection drops.
 ///
 /// The shell of `PeerLinkMachine`, which decides all of that (states, backoff, attempts, down
 /// reasons, what to log); this class only performs its directives: NIO connects and requests,
@@ -47,6 +48,7 @@ final class PeerLink: SupervisedChild {
     private let onChange: @Sendable () -> Void
     private let clock: any NodeClock
     private let oneWay: (@Sendable (Message) -> Void)?
+    private let metrics: NodeMetrics?
     /// Notified whenever the link goes up or down, or an attempt ends.
     let changed = Condition()
 
@@ -54,19 +56,21 @@ final class PeerLink: SupervisedChild {
     ///   - role: "peer" for the control link, "data" for the data link (the child's name prefix).
     ///   - oneWay: receives one-way messages the peer sends on this link's connections (stream
     ///     acknowledgements), on the event loop.
-    init(peer: NodeName, address: HostPort, hello: Hello, config: NodeConfig, group: any EventLoopGroup,
+    ///   - metrics: where refused handshakes are counted.
+    init(peer: NodeName, address: HostPort, handshake: ClusterHandshake, config: NodeConfig, group: any EventLoopGroup,
          logger: Logger, clock: any NodeClock, role: String = "peer", oneWay: (@Sendable (Message) -> Void)? = nil,
-         onChange: @escaping @Sendable () -> Void) {
+         metrics: NodeMetrics? = nil, onChange: @escaping @Sendable () -> Void) {
         self.peer = peer
         self.clock = clock
         self.address = address
         self.oneWay = oneWay
+        self.metrics = metrics
         self.childName = "\(role)-\(peer)"
         self.config = config
         self.group = group
         self.logger = logger
         self.onChange = onChange
-        let machine = PeerLinkMachine(peer: peer, address: address, hello: hello,
+        let machine = PeerLinkMachine(peer: peer, address: address, handshake: handshake,
                                       minBackoff: .milliseconds(config.reconnectMinMillis),
                                       maxBackoff: .milliseconds(config.reconnectMaxMillis))
         self.state = Locked(State(machine: machine))
@@ -104,7 +108,7 @@ final class PeerLink: SupervisedChild {
                 switch event {
                 case .connected(let c):
                     s.connection = c
-                    return s.machine.connected()
+                    return s.machine.connected(nonce: ClusterHandshake.makeNonce())
                 case .connectFailed(let why): return s.machine.connectFailed(why, at: clock.now())
                 case .replied(let reply): return s.machine.handshakeReplied(reply, at: clock.now())
                 case .handshakeFailed(let error): return s.machine.handshakeFailed(error, at: clock.now())
@@ -145,6 +149,11 @@ final class PeerLink: SupervisedChild {
                 } catch {
                     return Task.isCancelled ? .cancelled : .handshakeFailed(error)
                 }
+            case .sendProof(let proof):
+                // Written before the link is used (or closed), so the peer reads it first.
+                _ = try? await state.withLock({ $0.connection })?.cast(.helloProof(proof)).get()
+            case .countRejection(let reason):
+                metrics?.countHandshakeRejection(reason, inbound: false)
             case .markUp:
                 onChange()
                 changed.notifyAll()

@@ -14,6 +14,10 @@ import Logging
 ///   nothing and return no directives.
 /// - A directive list holds at most one directive to wait on (`connect`, `sendHello`, `markUp`,
 ///   `sleep`) or `stop`, and that one comes last; an empty list asks for nothing.
+/// - The link goes up only after the peer's `hello-ack` passed `ClusterHandshake.proof` (protocol
+///   version, cluster, the node dialled, its proof of the cluster secret); the proof goes out
+///   (`sendProof`) before `markUp`. A refused ack is logged, counted (`countRejection`) and, when
+///   its secret proof failed, answered with the refusal proof before the connection is closed.
 /// - Backoff: the first retry waits `minBackoff`; each further failure doubles the wait, up to
 ///   `maxBackoff`; a link that was up starts again from `minBackoff` when it closes.
 /// - `attempts` counts connection attempts that ended: went up, or failed before going up.
@@ -38,6 +42,8 @@ struct PeerLinkMachine: Sendable {
         case connect
         /// Send this `hello` on the new connection; report `handshakeReplied` or `handshakeFailed`.
         case sendHello(Hello)
+        /// Send this `hello-proof` one-way on the connection (nothing answers it).
+        case sendProof(HelloProof)
         /// The link is up (`downReason` is already nil): notify, then watch the connection and
         /// report `closed` when it closes.
         case markUp
@@ -47,13 +53,15 @@ struct PeerLinkMachine: Sendable {
         /// Sleep this long, then report `backoffEnded`.
         case sleep(Duration)
         case log(Logger.Level, String, metadata: [String: String])
+        /// Count a handshake this node refused as the dialer (`cairn_handshake_rejections_total`).
+        case countRejection(HandshakeRefusal.Reason)
         /// Return from `run()`: the link is stopped for good.
         case stop
     }
 
     let peer: NodeName
     let address: HostPort
-    let hello: Hello
+    let handshake: ClusterHandshake
     let minBackoff: Duration
     let maxBackoff: Duration
 
@@ -64,13 +72,15 @@ struct PeerLinkMachine: Sendable {
     private(set) var attempts = 0
     /// Why the link is not up; kept while a new attempt is under way.
     private var reason = "not yet connected"
+    /// The hello of the current attempt, which the peer's ack must answer.
+    private var sentHello: Hello?
 
     /// `minBackoff` should be positive and at most `maxBackoff` (`NodeConfig.validate` checks
     /// both); a smaller `maxBackoff` is raised to `minBackoff`.
-    init(peer: NodeName, address: HostPort, hello: Hello, minBackoff: Duration, maxBackoff: Duration) {
+    init(peer: NodeName, address: HostPort, handshake: ClusterHandshake, minBackoff: Duration, maxBackoff: Duration) {
         self.peer = peer
         self.address = address
-        self.hello = hello
+        self.handshake = handshake
         self.minBackoff = minBackoff
         self.maxBackoff = max(maxBackoff, minBackoff)
         self.nextBackoff = minBackoff
@@ -95,9 +105,12 @@ struct PeerLinkMachine: Sendable {
         return [.connect]
     }
 
-    mutating func connected() -> [Directive] {
+    /// `nonce`: fresh random bytes for this attempt's hello (`ClusterHandshake.makeNonce`).
+    mutating func connected(nonce: [UInt8]) -> [Directive] {
         guard state == .connecting else { return [] }
         state = .handshaking
+        let hello = handshake.hello(nonce: nonce)
+        sentHello = hello
         return [.sendHello(hello)]
     }
 
@@ -107,19 +120,25 @@ struct PeerLinkMachine: Sendable {
         return fail(reason, at: now)
     }
 
-    /// The peer answered our `hello`. Only a `helloAck` from the node we dialled, of our cluster,
-    /// with our ring fingerprint, brings the link up.
+    /// The peer answered our `hello`. Only a `helloAck` that passes `ClusterHandshake.proof`
+    /// brings the link up; its ring, N and member list are not compared.
     mutating func handshakeReplied(_ reply: Message, at now: ContinuousClock.Instant) -> [Directive] {
-        guard state == .handshaking else { return [] }
+        guard state == .handshaking, let hello = sentHello else { return [] }
         switch reply {
-        case .helloAck(let ack) where ack.ringFingerprint == hello.ringFingerprint && ack.cluster == hello.cluster && ack.node == peer.value:
-            state = .up
-            attempts += 1
-            return [.log(.info, "peer link up", metadata: ["peer": "\(peer)", "address": "\(address)"]), .markUp]
         case .helloAck(let ack):
-            return fail("handshake mismatch: peer is \(ack.node) of cluster \(ack.cluster) with another ring", at: now, logging: [
-                .log(.error, "peer disagrees about the cluster", metadata: ["peer": "\(peer)", "their_node": ack.node, "their_cluster": ack.cluster]),
-            ])
+            switch handshake.proof(for: ack, to: hello, dialled: peer, at: "\(address)") {
+            case .success(let proof):
+                state = .up
+                attempts += 1
+                return [.sendProof(proof), .log(.info, "peer link up", metadata: ["peer": "\(peer)", "address": "\(address)"]), .markUp]
+            case .failure(let refusal):
+                // The acceptor cannot tell a failed ack from a lost connection: say so.
+                let tell: [Directive] = refusal.reason == .secret ? [.sendProof(ClusterHandshake.refusal)] : []
+                return tell + fail("handshake refused: \(refusal.message)", at: now, logging: [
+                    .log(.error, refusal.message, metadata: ["peer": "\(peer)", "address": "\(address)", "reason": refusal.reason.rawValue]),
+                    .countRejection(refusal.reason),
+                ])
+            }
         case .error(let e) where e.code == .notReady:
             return fail("handshake rejected: \(e.message)", at: now, logging: [
                 .log(.debug, "peer not ready yet", metadata: ["peer": "\(peer)"]),

@@ -80,28 +80,33 @@ final class RequestService: Sendable {
 /// Implements the server side of the protocol: validates requests, routes them to a coordinator
 /// (or forwards writes to a replica), and serves internode replica operations.
 ///
-/// Isolation: `dispatch` and `validateHello` run on a connection's event loop and only enqueue;
+/// Isolation: `dispatch` and the handshake run on a connection's event loop and only enqueue;
 /// the work runs in `RequestService`'s task group.
 final class Router: RequestDispatcher {
     let core: NodeCore
+    /// Built from the config alone (cluster name, node name, secret), not from the cluster view.
+    let handshake: ClusterHandshake
 
-    init(core: NodeCore) { self.core = core }
+    init(core: NodeCore) {
+        self.core = core
+        handshake = ClusterHandshake(config: core.config)
+    }
 
-    func validateHello(_ hello: Hello) -> Result<Hello, ErrorReply> {
-        guard let view = core.view else { return .failure(ErrorReply(code: .notReady, message: "node \(core.config.name) is starting")) }
-        let mine = view.hello
-        guard hello.cluster == mine.cluster else {
-            return .failure(ErrorReply(code: .handshakeRejected, message: "cluster '\(hello.cluster)' is not this node's cluster '\(mine.cluster)'"))
-        }
-        guard let node = try? NodeName(hello.node), view.addresses[node] != nil, node != view.me else {
-            return .failure(ErrorReply(code: .handshakeRejected, message: "\(hello.node) is not a member of cluster \(mine.cluster)"))
-        }
-        guard hello.ringFingerprint == mine.ringFingerprint, hello.nVal == mine.nVal else {
-            return .failure(ErrorReply(code: .handshakeRejected, message:
-                "ring mismatch: \(hello.node) has fingerprint \(String(hello.ringFingerprint, radix: 16)) n_val \(hello.nVal), " +
-                "\(mine.node) has \(String(mine.ringFingerprint, radix: 16)) n_val \(mine.nVal); check cluster.members, ring_size and n_val"))
-        }
-        return .success(mine)
+    /// Refused with `notReady` until the node started (has a cluster view), as before.
+    func acceptHello(_ hello: Hello, remote: String?) -> Result<PendingHello, ErrorReply> {
+        guard core.view != nil else { return .failure(ErrorReply(code: .notReady, message: "node \(core.config.name) is starting")) }
+        return handshake.answer(hello, nonce: ClusterHandshake.makeNonce(), remote: remote).mapError(refused)
+    }
+
+    func verifyHelloProof(_ proof: HelloProof, for pending: PendingHello, remote: String?) -> Result<NodeName, ErrorReply> {
+        handshake.verify(proof, for: pending, remote: remote).mapError(refused)
+    }
+
+    /// Logs and counts a handshake this node refused as the acceptor.
+    private func refused(_ refusal: HandshakeRefusal) -> ErrorReply {
+        core.metrics.countHandshakeRejection(refusal.reason, inbound: true)
+        core.logger.error("\(refusal.message)", metadata: ["reason": "\(refusal.reason.rawValue)"])
+        return refusal.errorReply
     }
 
     func recordConnectionError(_ error: any Error) {

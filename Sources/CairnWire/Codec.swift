@@ -41,6 +41,17 @@ public enum WireError: Error, Sendable, Hashable, CustomStringConvertible {
 /// The hand-written binary codec (Docs/wire-protocol.md). Pure: bytes in, messages out.
 public enum WireCodec {
     public static let protocolVersion: UInt8 = 1
+    /// The internode protocol a node speaks, carried in `hello` and `hello-ack` (§8); the frame
+    /// `version` above stays 1. Version 1 was the hello without this field (nor secret proof).
+    /// Versions stay below 256, so the field's first byte is 0 and a version-1 hello, which starts
+    /// with its cluster name's non-zero length, is told apart.
+    public static let internodeProtocolVersion: UInt16 = 2
+    /// Nonce length nodes send; decoders accept `minNonceBytes ... maxNonceBytes`.
+    public static let nonceBytes = 32
+    public static let minNonceBytes = 16
+    public static let maxNonceBytes = 64
+    /// Longest MAC accepted in `hello-ack` and `hello-proof` (HMAC-SHA256's is 32).
+    public static let maxMACBytes = 64
     /// version:u8 type:u8 request-id:u64
     public static let headerBytes = 10
     /// The length prefix before each body.
@@ -134,11 +145,19 @@ public enum WireCodec {
             } else {
                 w.writeU8(0)
             }
-        case .hello(let h), .helloAck(let h):
+        case .hello(let h):
+            w.writeU16(h.protocolVersion)
             w.writeString(h.cluster)
             w.writeString(h.node)
-            w.writeU64(h.ringFingerprint)
-            w.writeVarint(h.nVal)
+            w.writeBlob(h.nonce)
+        case .helloAck(let a):
+            w.writeU16(a.protocolVersion)
+            w.writeString(a.cluster)
+            w.writeString(a.node)
+            w.writeBlob(a.nonce)
+            w.writeBlob(a.mac)
+        case .helloProof(let p):
+            w.writeBlob(p.mac)
         case .replicaGet(let g):
             w.writeU32(g.partition.index)
             w.writeBlob(g.key)
@@ -321,12 +340,9 @@ public enum WireCodec {
             let quorum = try r.readBool("quorum flag") ? try decodeQuorumFailure(&r) : nil
             return .error(ErrorReply(code: code, message: message, quorum: quorum))
         case .hello, .helloAck:
-            let cluster = try r.readString("cluster", limit: 255)
-            let node = try r.readString("node", limit: 255)
-            let fp = try r.readU64("ring fingerprint")
-            let nVal = try r.readCount("n_val", limit: 255)
-            let h = Hello(cluster: cluster, node: node, ringFingerprint: fp, nVal: nVal)
-            return type == .hello ? .hello(h) : .helloAck(h)
+            return try decodeHandshake(type, &r)
+        case .helloProof:
+            return .helloProof(HelloProof(mac: try r.readBlob("mac", limit: maxMACBytes)))
         case .replicaGet:
             let p = PartitionID(try r.readU32("partition"))
             return .replicaGet(ReplicaGet(partition: p, key: try readKey(&r, limits)))
@@ -342,6 +358,26 @@ public enum WireCodec {
             let raw = try r.readBlob("object", limit: limits.maxFrameBytes)
             return .replicaPut(ReplicaPut(partition: p, key: key, object: try VersionedObject.decode(raw, limits: limits)))
         }
+    }
+
+    /// `hello` / `hello-ack` (§4, §8). Every version starts with `protocol-version cluster node`
+    /// (version 1: `cluster node`, no version field); of another version only those are decoded
+    /// and the rest of the payload is skipped, so the receiver can refuse it naming both versions.
+    static func decodeHandshake(_ type: MessageType, _ r: inout ByteReader) throws(DecodeError) -> Message {
+        var probe = r
+        let version: UInt16 = try probe.readU8("protocol version") == 0 ? try r.readU16("protocol version") : 1
+        let cluster = try r.readString("cluster", limit: 255)
+        let node = try r.readString("node", limit: 255)
+        guard version == internodeProtocolVersion else {
+            _ = r.readRemaining()
+            return type == .hello ? .hello(Hello(protocolVersion: version, cluster: cluster, node: node, nonce: []))
+                : .helloAck(HelloAck(protocolVersion: version, cluster: cluster, node: node, nonce: [], mac: []))
+        }
+        let nonce = try r.readBlob("nonce", limit: maxNonceBytes)
+        guard nonce.count >= minNonceBytes else { throw DecodeError("nonce of \(nonce.count) bytes; at least \(minNonceBytes) required") }
+        if type == .hello { return .hello(Hello(protocolVersion: version, cluster: cluster, node: node, nonce: nonce)) }
+        let mac = try r.readBlob("mac", limit: maxMACBytes)
+        return .helloAck(HelloAck(protocolVersion: version, cluster: cluster, node: node, nonce: nonce, mac: mac))
     }
 
     /// Error messages longer than this are cut when encoded.

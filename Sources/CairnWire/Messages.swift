@@ -20,9 +20,11 @@ public enum Message: Hashable, Sendable {
     /// The verb's result as a JSON document (UTF-8); errors come as `error`.
     case adminReply([UInt8])
     case error(ErrorReply)
-    // Internode (only after a successful `hello` on the connection).
+    // Internode (only after a completed handshake on the connection: `hello`, `helloAck`,
+    // `helloProof`; Docs/wire-protocol.md §8).
     case hello(Hello)
-    case helloAck(Hello)
+    case helloAck(HelloAck)
+    case helloProof(HelloProof)
     case replicaGet(ReplicaGet)
     case replicaGetReply(ReplicaGetReply)
     case replicaPut(ReplicaPut)
@@ -66,6 +68,7 @@ public enum Message: Hashable, Sendable {
         case .error: .error
         case .hello: .hello
         case .helloAck: .helloAck
+        case .helloProof: .helloProof
         case .replicaGet: .replicaGet
         case .replicaGetReply: .replicaGetReply
         case .replicaPut: .replicaPut
@@ -88,7 +91,7 @@ public enum MessageType: UInt8, Sendable, CaseIterable {
     case gossip = 0x2A, clusterStatePush = 0x2B, clusterStatePull = 0x2C
     case adminReply = 0x46, clusterState = 0x68
     case hello = 0x20, replicaGet = 0x21, replicaPut = 0x22
-    case streamOpen = 0x23, streamChunk = 0x24, streamEnd = 0x25, streamCancel = 0x26
+    case streamOpen = 0x23, streamChunk = 0x24, streamEnd = 0x25, streamCancel = 0x26, helloProof = 0x27
     case getReply = 0x41, writeReply = 0x42, membersReply = 0x44, pong = 0x45
     case helloAck = 0x60, replicaGetReply = 0x61, replicaPutAck = 0x62
     case streamAccept = 0x63, streamAck = 0x64, streamAbort = 0x65
@@ -263,16 +266,56 @@ public struct AdminRequest: Hashable, Sendable {
     }
 }
 
+/// The dialer's opening of the internode handshake (Docs/wire-protocol.md §8): who it is and a
+/// fresh challenge for the acceptor. A hello of another protocol version decodes with only
+/// `protocolVersion`, `cluster` and `node` (its `nonce` empty), so it can be refused by name.
 public struct Hello: Hashable, Sendable {
+    public var protocolVersion: UInt16
     public var cluster: String
     public var node: String
-    public var ringFingerprint: UInt64
-    public var nVal: Int
-    public init(cluster: String, node: String, ringFingerprint: UInt64, nVal: Int) {
+    /// The dialer's challenge: `WireCodec.nonceBytes` bytes for the current version.
+    public var nonce: [UInt8]
+    public init(protocolVersion: UInt16 = WireCodec.internodeProtocolVersion, cluster: String, node: String, nonce: [UInt8]) {
+        self.protocolVersion = protocolVersion
         self.cluster = cluster
         self.node = node
-        self.ringFingerprint = ringFingerprint
-        self.nVal = nVal
+        self.nonce = nonce
+    }
+}
+
+/// The acceptor's answer to a `Hello`: who it is, its own challenge, and `mac`, its proof of the
+/// cluster secret over both challenges.
+public struct HelloAck: Hashable, Sendable {
+    public var protocolVersion: UInt16
+    public var cluster: String
+    public var node: String
+    public var nonce: [UInt8]
+    public var mac: [UInt8]
+    public init(protocolVersion: UInt16 = WireCodec.internodeProtocolVersion, cluster: String, node: String, nonce: [UInt8], mac: [UInt8]) {
+        self.protocolVersion = protocolVersion
+        self.cluster = cluster
+        self.node = node
+        self.nonce = nonce
+        self.mac = mac
+    }
+}
+
+/// The dialer's last handshake message, one-way: its proof of the cluster secret, or (`mac`
+/// empty) its refusal because the `HelloAck`'s proof did not verify.
+public struct HelloProof: Hashable, Sendable {
+    public var mac: [UInt8]
+    public init(mac: [UInt8]) { self.mac = mac }
+    public var isRefusal: Bool { mac.isEmpty }
+}
+
+/// A handshake the acceptor answered and whose `HelloProof` it awaits: the dialer's hello and
+/// the ack sent back, which is all the proof is checked against. Kept per connection.
+public struct PendingHello: Hashable, Sendable {
+    public var hello: Hello
+    public var ack: HelloAck
+    public init(hello: Hello, ack: HelloAck) {
+        self.hello = hello
+        self.ack = ack
     }
 }
 

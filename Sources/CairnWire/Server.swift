@@ -4,8 +4,14 @@ public import CairnCore
 /// What a server connection hands to the node. Implementations must be thread-safe: methods are
 /// called on the connection's event loop and must not block it.
 public protocol RequestDispatcher: Sendable {
-    /// Checks an internode handshake; on success the connection may carry internode messages.
-    func validateHello(_ hello: Hello) -> Result<Hello, ErrorReply>
+    /// Answers a peer's `hello` (`remote`: the connection's far end, for messages): the handshake
+    /// now pending, whose `ack` is sent back, or the error sent instead (the connection is then
+    /// closed). The connection carries no internode message until `verifyHelloProof` succeeds.
+    func acceptHello(_ hello: Hello, remote: String?) -> Result<PendingHello, ErrorReply>
+    /// Checks the `hello-proof` that followed `pending`: the peer's name, after which the
+    /// connection carries internode messages from it; or why not (nothing is answered, the proof
+    /// is one-way, and the connection is closed).
+    func verifyHelloProof(_ proof: HelloProof, for pending: PendingHello, remote: String?) -> Result<NodeName, ErrorReply>
     /// Takes one request. Exactly one reply must eventually be sent through `responder`.
     func dispatch(_ envelope: Envelope, fromPeer: Bool, responder: Responder)
     /// Counts frames that could not be decoded (for metrics); called on the event loop.
@@ -25,6 +31,13 @@ public protocol RequestDispatcher: Sendable {
 }
 
 extension RequestDispatcher {
+    /// Default: no peers (a dispatcher for clients only).
+    public func acceptHello(_ hello: Hello, remote: String?) -> Result<PendingHello, ErrorReply> {
+        .failure(ErrorReply(code: .handshakeRejected, message: "this endpoint accepts no peers"))
+    }
+    public func verifyHelloProof(_ proof: HelloProof, for pending: PendingHello, remote: String?) -> Result<NodeName, ErrorReply> {
+        .failure(ErrorReply(code: .handshakeRejected, message: "this endpoint accepts no peers"))
+    }
     public func recordConnectionError(_ error: any Error) {}
     public func recordReadPause() {}
     public func recordDroppedOneWay(_ type: MessageType, reason: String) {}
@@ -87,6 +100,12 @@ public struct Responder: Sendable {
 /// The per-connection server handler: decodes frames, enforces the handshake for internode
 /// messages, answers protocol errors, and passes requests to the dispatcher.
 ///
+/// Handshake (Docs/wire-protocol.md §8): a `hello` the dispatcher accepts is answered with its
+/// `hello-ack` and leaves the handshake pending; only the one-way `hello-proof` that the
+/// dispatcher then verifies makes the connection a peer's. Until then internode messages are
+/// refused (`handshakeRequired`) as before any hello; a refused hello or proof closes the
+/// connection. A new `hello` starts over (the connection is no peer's until its proof).
+///
 /// A frame that cannot be decoded gets an error reply and the connection keeps going (the frame
 /// boundary is intact); an oversized or truncated frame gets an error reply and the connection
 /// is closed. Neither affects other connections.
@@ -122,8 +141,10 @@ public final class ServerConnectionHandler: ChannelDuplexHandler {
     private let limits: Limits
     private let streams: StreamSettings
     private var isPeer = false
-    /// The peer's node name, once its `hello` was validated.
+    /// The peer's node name, once its `hello-proof` was verified.
     private var peerNode: NodeName?
+    /// The answered `hello` whose `hello-proof` is awaited.
+    private var pendingHello: PendingHello?
     /// Streams open on this connection, by stream id.
     private var inbound: [UInt64: StreamInbox] = [:]
     private var context: ChannelHandlerContext?
@@ -164,20 +185,24 @@ public final class ServerConnectionHandler: ChannelDuplexHandler {
         if type.isStreamSignal || (id == 0 && !type.isRequest) {
             return takeOneWay(envelope.message)
         }
-        if id == 0 && type.isInternode && !isPeer && type != .hello {
+        if id == 0 && type.isInternode && !isPeer && type != .hello && type != .helloProof {
             return dispatcher.recordDroppedOneWay(type, reason: "internode message before hello")
         }
         switch envelope.message {
         case .hello(let hello):
-            switch dispatcher.validateHello(hello) {
-            case .success(let ack):
-                isPeer = true
-                peerNode = try? NodeName(hello.node)
-                send(context, Envelope(requestID: id, message: .helloAck(ack)))
+            isPeer = false
+            peerNode = nil
+            pendingHello = nil
+            switch dispatcher.acceptHello(hello, remote: remote(context)) {
+            case .success(let pending):
+                pendingHello = pending
+                send(context, Envelope(requestID: id, message: .helloAck(pending.ack)))
             case .failure(let err):
                 send(context, Envelope(requestID: id, message: .error(err)))
                 context.close(promise: nil)
             }
+        case .helloProof(let proof):
+            takeProof(context, proof, requestID: id)
         case let m where !m.type.isRequest:
             send(context, Envelope(requestID: id, message: .error(ErrorReply(code: .unknownMessage, message: "\(m.type) is not a request"))))
         case let m where m.type.isInternode && !isPeer:
@@ -263,6 +288,35 @@ public final class ServerConnectionHandler: ChannelDuplexHandler {
         context.writeAndFlush(wrapOutboundOut(context.channel.allocator.frame(envelope)), promise: nil)
     }
 
+    // MARK: Handshake
+
+    /// The dialer's `hello-proof`: one-way, never answered. Verified against the pending hello,
+    /// it makes the connection a peer's; anything else ends the handshake and the connection.
+    private func takeProof(_ context: ChannelHandlerContext, _ proof: HelloProof, requestID: UInt64) {
+        let pending = pendingHello
+        pendingHello = nil
+        guard requestID == 0 else {
+            send(context, Envelope(requestID: requestID, message: .error(ErrorReply(code: .malformed, message: "hello-proof is one-way: request id must be 0"))))
+            return context.close(promise: nil)
+        }
+        guard let pending else {
+            dispatcher.recordDroppedOneWay(.helloProof, reason: "hello-proof without an answered hello")
+            return context.close(promise: nil)
+        }
+        switch dispatcher.verifyHelloProof(proof, for: pending, remote: remote(context)) {
+        case .success(let node):
+            isPeer = true
+            peerNode = node
+        case .failure:
+            context.close(promise: nil)
+        }
+    }
+
+    /// "host:port" of the connection's far end, when known.
+    private func remote(_ context: ChannelHandlerContext) -> String? {
+        context.channel.remoteAddress.map { "\($0.ipAddress ?? "?"):\($0.port ?? 0)" }
+    }
+
     // MARK: Streams
 
     private func open(_ context: ChannelHandlerContext, _ open: StreamOpen, requestID: UInt64) {
@@ -273,8 +327,7 @@ public final class ServerConnectionHandler: ChannelDuplexHandler {
         guard inbound[open.streamID] == nil else {
             return send(context, Envelope(requestID: requestID, message: .error(ErrorReply(code: .malformed, message: "stream \(open.streamID) is already open"))))
         }
-        let remote = context.channel.remoteAddress.map { "\($0.ipAddress ?? "?"):\($0.port ?? 0)" }
-        switch dispatcher.acceptStream(InboundStreamRequest(from: peer, kind: open.kind, header: open.header, remote: remote)) {
+        switch dispatcher.acceptStream(InboundStreamRequest(from: peer, kind: open.kind, header: open.header, remote: remote(context))) {
         case .failure(let error):
             send(context, Envelope(requestID: requestID, message: .error(error)))
         case .success(let sink):

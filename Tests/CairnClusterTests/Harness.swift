@@ -89,6 +89,19 @@ final class TestCluster: Sendable {
 
 enum HarnessError: Error { case timeout(String) }
 
+/// Completes the internode handshake on `conn` as node `node` (hello, then the proof once the
+/// ack verifies), with TestCluster's cluster name and no secret unless given. Returns the
+/// acceptor's reply to the hello: `helloAck` when the proof was sent, else what refused it.
+func handshake(_ conn: Connection, as node: String, to peer: NodeName, cluster: String = "test",
+               secret: ClusterSecret = .empty) async throws -> Message {
+    let me = ClusterHandshake(cluster: cluster, me: try NodeName(node), secret: secret)
+    let hello = me.hello(nonce: ClusterHandshake.makeNonce())
+    let reply = try await conn.request(.hello(hello), timeoutMillis: 10_000)
+    guard case .helloAck(let ack) = reply else { return reply }
+    try await conn.cast(.helloProof(try me.proof(for: ack, to: hello, dialled: peer, at: conn.remote).get())).get()
+    return reply
+}
+
 /// A raw TCP connection for sending arbitrary bytes and reading whatever comes back.
 final class RawSocket: Sendable {
     final class Collector: ChannelInboundHandler, Sendable {

@@ -34,11 +34,15 @@ private final class GatedSink: StreamSink {
         let cluster = try await TestCluster.start(count: 2, nVal: 2)
         let s = try await RawSocket.connect(cluster.members[0].address)
         defer { s.close() }
-        let ring = try Ring(partitionCount: 64, members: cluster.members.map(\.name))
-        let hello = Hello(cluster: "test", node: "n2", ringFingerprint: ring.fingerprint, nVal: 2)
+        let me = ClusterHandshake(cluster: "test", me: try NodeName("n2"), secret: .empty)
+        let hello = me.hello(nonce: ClusterHandshake.makeNonce())
+        try await s.send(frame(.hello(hello), id: 1))
+        try await cluster.waitUntil("the hello is answered") { !s.frames.isEmpty }
+        guard case .helloAck(let ack) = s.frames.first?.message else { Issue.record("hello refused: \(s.frames)"); return }
+        let proof = try me.proof(for: ack, to: hello, dialled: cluster.members[0].name, at: "n1").get()
         var malformedPing: [UInt8] = [0, 0, 0, 11, 1, MessageType.ping.rawValue] + [UInt8](repeating: 0, count: 8)
         malformedPing.append(0xFF)   // a trailing byte: malformed, with request id 0
-        try await s.send(frame(.hello(hello), id: 1)
+        try await s.send(frame(.helloProof(proof), id: 0)   // one-way: never answered
             + frame(.ping, id: 0)                        // answered on the event loop otherwise
             + frame(.members, id: 0)                     // dispatched to a worker; its answer is dropped
             + malformedPing                              // a decode error on a one-way frame

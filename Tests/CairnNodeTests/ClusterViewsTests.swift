@@ -73,7 +73,7 @@ private func view(_ n: Int, version: UInt64, me: String = "n1") throws -> Cluste
         let config = c
         let group = MultiThreadedEventLoopGroup.singleton
         let transport = SocketTransport(views: views, supervisor: supervisor) { m in
-            PeerLink(peer: m.name, address: m.address, hello: first.hello, config: config, group: group, logger: Logger(label: "t"),
+            PeerLink(peer: m.name, address: m.address, handshake: ClusterHandshake(config: config), config: config, group: group, logger: Logger(label: "t"),
                      clock: SystemClock()) {}
         }
         transport.apply(first)

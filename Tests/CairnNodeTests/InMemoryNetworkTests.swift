@@ -7,7 +7,6 @@ import Synchronization
 /// A node stand-in on the in-memory network: answers every request with `pong`, counting them.
 private final class Echo: RequestDispatcher {
     let received = Atomic<Int>(0)
-    func validateHello(_ hello: Hello) -> Result<Hello, ErrorReply> { .success(hello) }
     func recordProtocolError(_ error: WireError) {}
     func dispatch(_ envelope: Envelope, fromPeer: Bool, responder: Responder) {
         received.wrappingAdd(1, ordering: .relaxed)

@@ -9,16 +9,29 @@ import CairnWire
 
     let peer: NodeName
     let address = HostPort(host: "127.0.0.1", port: 7402)
-    let hello = Hello(cluster: "c1", node: "n1", ringFingerprint: 42, nVal: 3)
-    let goodAck = Message.helloAck(Hello(cluster: "c1", node: "n2", ringFingerprint: 42, nVal: 3))
+    /// This node (n1, the dialer) and its peer (n2), sharing a secret.
+    let mine: ClusterHandshake
+    let theirs: ClusterHandshake
+    let nonce = [UInt8](repeating: 1, count: 32)
+    let hello: Hello
+    let ack: HelloAck
+    let goodAck: Message
     let t0 = ContinuousClock.now
 
-    init() throws { peer = try NodeName("n2") }
+    init() throws {
+        peer = try NodeName("n2")
+        let secret = ClusterSecret(bytes: Array("machine-test-secret-0123456789".utf8))
+        mine = ClusterHandshake(cluster: "c1", me: try NodeName("n1"), secret: secret)
+        theirs = ClusterHandshake(cluster: "c1", me: peer, secret: secret)
+        hello = mine.hello(nonce: nonce)
+        ack = try theirs.answer(hello, nonce: [UInt8](repeating: 2, count: 32), remote: nil).get().ack
+        goodAck = .helloAck(ack)
+    }
 
     func ms(_ n: Int64) -> Duration { .milliseconds(n) }
 
     func machine(min: Duration = .milliseconds(100), max: Duration = .milliseconds(800)) -> PeerLinkMachine {
-        PeerLinkMachine(peer: peer, address: address, hello: hello, minBackoff: min, maxBackoff: max)
+        PeerLinkMachine(peer: peer, address: address, handshake: mine, minBackoff: min, maxBackoff: max)
     }
 
     enum Stage: CaseIterable, Sendable { case idle, connecting, handshaking, up, backingOff }
@@ -33,7 +46,7 @@ import CairnWire
             _ = m.connectFailed("connect failed: refused", at: t0)
             return m
         }
-        _ = m.connected()
+        _ = m.connected(nonce: nonce)
         if stage == .handshaking { return m }
         _ = m.handshakeReplied(goodAck, at: t0)
         return m
@@ -57,35 +70,74 @@ import CairnWire
 
     // MARK: Handshake
 
-    @Test func aGoodHandshakeGoesUp() {
+    @Test func aGoodHandshakeGoesUp() throws {
         var m = machine()
         #expect(m.state == .idle && m.downReason == "not yet connected" && m.attempts == 0)
         #expect(m.start() == [.connect])
         #expect(m.state == .connecting && m.downReason == "not yet connected")
-        #expect(m.connected() == [.sendHello(hello)])
+        #expect(m.connected(nonce: nonce) == [.sendHello(hello)])
         #expect(m.state == .handshaking && !m.isUp)
+        let proof = try #require(try? mine.proof(for: ack, to: hello, dialled: peer, at: "127.0.0.1:7402").get())
         #expect(m.handshakeReplied(goodAck, at: t0) == [
+            .sendProof(proof),
             .log(.info, "peer link up", metadata: ["peer": "n2", "address": "127.0.0.1:7402"]),
             .markUp,
         ])
         #expect(m.state == .up && m.isUp && m.downReason == nil && m.attempts == 1)
+        #expect(try theirs.verify(proof, for: PendingHello(hello: hello, ack: ack), remote: nil).get() == (try NodeName("n1")),
+                "the proof it sends is the one the peer accepts")
     }
 
-    @Test(arguments: [
-        Hello(cluster: "c1", node: "n2", ringFingerprint: 43, nVal: 3),  // another ring
-        Hello(cluster: "c9", node: "n2", ringFingerprint: 42, nVal: 3),  // another cluster
-        Hello(cluster: "c1", node: "n3", ringFingerprint: 42, nVal: 3),  // not the node we dialled
-    ])
-    func aMismatchedAckClosesWithTheMismatchAndBacksOff(ack: Hello) {
+    /// Each attempt's hello carries the nonce it was given: an ack to an earlier hello fails.
+    @Test func anAckToAnotherAttemptsHelloIsRefused() {
+        var m = machine(at: .connecting)
+        _ = m.connected(nonce: [UInt8](repeating: 3, count: 32))
+        #expect(m.handshakeReplied(goodAck, at: t0).contains(.countRejection(.secret)))
+        #expect(!m.isUp)
+    }
+
+    enum BadAck: CaseIterable, Sendable { case otherCluster, otherNode, otherVersion, otherSecret, tampered }
+
+    /// An ack that fails any check of the new contract (cluster, the node dialled, protocol
+    /// version, the secret) keeps the link down, logs and counts why; only a failed secret proof
+    /// also tells the acceptor (the refusal proof). Ring, N and members are not in the contract.
+    @Test(arguments: BadAck.allCases)
+    func aRefusedAckClosesLogsCountsAndBacksOff(bad: BadAck) throws {
         var m = machine(at: .handshaking)
-        let reason = "handshake mismatch: peer is \(ack.node) of cluster \(ack.cluster) with another ring"
-        #expect(m.handshakeReplied(.helloAck(ack), at: t0) == [
-            .close(reason: reason),
-            .log(.error, "peer disagrees about the cluster", metadata: ["peer": "n2", "their_node": ack.node, "their_cluster": ack.cluster]),
+        var forged = ack
+        let reason: HandshakeRefusal.Reason
+        switch bad {
+        case .otherCluster:
+            forged = try ClusterHandshake(cluster: "c9", me: peer, secret: .empty).answer(Hello(cluster: "c9", node: "n1", nonce: nonce), nonce: nonce, remote: nil).get().ack
+            reason = .cluster
+        case .otherNode:
+            forged = try ClusterHandshake(cluster: "c1", me: try NodeName("n3"), secret: .empty).answer(hello, nonce: nonce, remote: nil).get().ack
+            reason = .node
+        case .otherVersion:
+            forged.protocolVersion = 3
+            reason = .protocolVersion
+        case .otherSecret:
+            forged = try ClusterHandshake(cluster: "c1", me: peer, secret: ClusterSecret(bytes: Array("another-secret-0123456789".utf8)))
+                .answer(hello, nonce: nonce, remote: nil).get().ack
+            reason = .secret
+        case .tampered:
+            forged.nonce[0] ^= 1
+            reason = .secret
+        }
+        guard case .failure(let refusal) = mine.proof(for: forged, to: hello, dialled: peer, at: "127.0.0.1:7402") else {
+            Issue.record("\(bad) accepted")
+            return
+        }
+        #expect(refusal.reason == reason)
+        let told: [Directive] = reason == .secret ? [.sendProof(ClusterHandshake.refusal)] : []
+        #expect(m.handshakeReplied(.helloAck(forged), at: t0) == told + [
+            .close(reason: "handshake refused: \(refusal.message)"),
+            .log(.error, refusal.message, metadata: ["peer": "n2", "address": "127.0.0.1:7402", "reason": reason.rawValue]),
+            .countRejection(reason),
             .sleep(ms(100)),
         ])
         #expect(m.state == .backingOff(until: t0 + ms(100)))
-        #expect(m.downReason == reason && !m.isUp && m.attempts == 1)
+        #expect(m.downReason == "handshake refused: \(refusal.message)" && !m.isUp && m.attempts == 1)
     }
 
     @Test func notReadyIsLoggedAtDebug() {
@@ -159,7 +211,7 @@ import CairnWire
         _ = m.start()
         for _ in 0..<4 { _ = failOnce(&m, at: &now) }
         #expect(m.nextBackoff == ms(800))
-        _ = m.connected()
+        _ = m.connected(nonce: nonce)
         _ = m.handshakeReplied(goodAck, at: now)
         #expect(m.nextBackoff == ms(800), "going up alone does not reset it")
         #expect(wait(m.closed(at: now)) == ms(100))
@@ -173,7 +225,7 @@ import CairnWire
         var now = t0
         _ = m.start()
         _ = failOnce(&m, at: &now)
-        _ = m.connected()
+        _ = m.connected(nonce: nonce)
         #expect(wait(m.handshakeReplied(.error(ErrorReply(code: .notReady, message: "starting")), at: now)) == ms(200))
     }
 
@@ -201,11 +253,11 @@ import CairnWire
         #expect(m.attempts == 0, "an attempt in flight has not ended")
         _ = failOnce(&m, at: &now)
         #expect(m.attempts == 1)
-        _ = m.connected()
+        _ = m.connected(nonce: nonce)
         _ = m.handshakeFailed(.lost("connection closed"), at: now)
         #expect(m.attempts == 2)
         _ = m.backoffEnded(at: now + ms(1000))
-        _ = m.connected()
+        _ = m.connected(nonce: nonce)
         _ = m.handshakeReplied(goodAck, at: now)
         #expect(m.attempts == 3, "going up ends an attempt")
         _ = m.closed(at: now)
@@ -229,7 +281,7 @@ import CairnWire
         #expect(m.cancelled() == [], "stopping twice does nothing")
         // Nothing brings a stopped link back.
         #expect(m.start() == [])
-        #expect(m.connected() == [])
+        #expect(m.connected(nonce: nonce) == [])
         #expect(m.connectFailed("connect failed: refused", at: t0) == [])
         #expect(m.handshakeReplied(goodAck, at: t0) == [])
         #expect(m.handshakeFailed(.lost("connection closed"), at: t0) == [])
@@ -242,15 +294,15 @@ import CairnWire
 
     @Test func eventsThatDoNotApplyAreIgnored() {
         var idle = machine()
-        #expect(idle.connected() == [] && idle.closed(at: t0) == [] && idle.backoffEnded(at: t0) == [])
+        #expect(idle.connected(nonce: nonce) == [] && idle.closed(at: t0) == [] && idle.backoffEnded(at: t0) == [])
         var connecting = machine(at: .connecting)
         #expect(connecting.start() == [])
         #expect(connecting.handshakeReplied(goodAck, at: t0) == [], "no hello was sent")
         var upLink = machine(at: .up)
-        #expect(upLink.connected() == [] && upLink.handshakeReplied(goodAck, at: t0) == [])
+        #expect(upLink.connected(nonce: nonce) == [] && upLink.handshakeReplied(goodAck, at: t0) == [])
         #expect(upLink.connectFailed("late", at: t0) == [] && upLink.state == .up)
         var backingOff = machine(at: .backingOff)
-        #expect(backingOff.closed(at: t0) == [] && backingOff.connected() == [])
+        #expect(backingOff.closed(at: t0) == [] && backingOff.connected(nonce: nonce) == [])
         #expect(backingOff.state == .backingOff(until: t0 + ms(100)))
     }
 }

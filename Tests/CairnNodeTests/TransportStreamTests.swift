@@ -38,7 +38,6 @@ private final class Recorder: RequestDispatcher {
     let received = Locked<[Message]>([])
     let sink: CollectingSink?
     init(sink: CollectingSink? = nil) { self.sink = sink }
-    func validateHello(_ hello: Hello) -> Result<Hello, ErrorReply> { .success(hello) }
     func recordProtocolError(_ error: WireError) {}
     func dispatch(_ envelope: Envelope, fromPeer: Bool, responder: Responder) {
         received.withLock { $0.append(envelope.message) }

@@ -23,7 +23,6 @@ public final class ScriptedServer: RequestDispatcher {
 
     public init(_ behavior: Behavior) { self.behavior = behavior }
 
-    public func validateHello(_ hello: Hello) -> Result<Hello, ErrorReply> { .failure(ErrorReply(code: .handshakeRejected, message: "no")) }
     public func recordProtocolError(_ error: WireError) {}
 
     public func dispatch(_ envelope: Envelope, fromPeer: Bool, responder: Responder) {

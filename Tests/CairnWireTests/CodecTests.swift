@@ -42,8 +42,10 @@ func allMessages() throws -> [Message] {
         .membersReply([MemberInfo(name: "n1", address: "127.0.0.1:7401", ownedPartitions: 85, replicatedPartitions: 256, state: .this)]),
         .error(ErrorReply(failure)),
         .error(ErrorReply(code: .overloaded, message: "busy")),
-        .hello(Hello(cluster: "c", node: "n1", ringFingerprint: 0xDEAD_BEEF, nVal: 3)),
-        .helloAck(Hello(cluster: "c", node: "n2", ringFingerprint: 1, nVal: 3)),
+        .hello(Hello(cluster: "c", node: "n1", nonce: Array(0..<32))),
+        .helloAck(HelloAck(cluster: "c", node: "n2", nonce: Array(repeating: 9, count: 16), mac: Array(repeating: 0xAB, count: 32))),
+        .helloProof(HelloProof(mac: Array(repeating: 0xCD, count: 32))),
+        .helloProof(HelloProof(mac: [])),
         .replicaGet(ReplicaGet(partition: PartitionID(17), key: [1])),
         .replicaGetReply(ReplicaGetReply(object: try sampleObject())),
         .replicaGetReply(ReplicaGetReply(object: nil)),
@@ -96,6 +98,31 @@ func allMessages() throws -> [Message] {
         var badType = WireCodec.encodeBody(Envelope(requestID: 78, message: .ping))
         badType[1] = 0x3F
         #expect(throws: WireError.unknownType(0x3F, requestID: 78)) { try WireCodec.decodeBody(badType, limits: Limits()) }
+    }
+
+    /// The internode protocol version leads the hello; a hello of another version decodes only as
+    /// far as `version cluster node`, so the receiver can refuse it by name.
+    @Test func helloOfAnotherProtocolVersionDecodesItsVersionAndNames() throws {
+        // Version 1 (no version field): cluster:string node:string ring-fingerprint:u64be n-val:varint.
+        var v1 = ByteWriter()
+        v1.writeU8(WireCodec.protocolVersion); v1.writeU8(MessageType.hello.rawValue); v1.writeU64(5)
+        v1.writeString("prod"); v1.writeString("n4"); v1.writeU64(0xDEAD_BEEF); v1.writeVarint(3)
+        #expect(try WireCodec.decodeBody(v1.bytes, limits: Limits()).message == .hello(Hello(protocolVersion: 1, cluster: "prod", node: "n4", nonce: [])))
+        // A later version, with fields this node does not know after `node`.
+        var v3 = ByteWriter()
+        v3.writeU8(WireCodec.protocolVersion); v3.writeU8(MessageType.helloAck.rawValue); v3.writeU64(6)
+        v3.writeU16(3); v3.writeString("prod"); v3.writeString("n5"); v3.writeRaw([0xFF, 0x00, 0x42])
+        #expect(try WireCodec.decodeBody(v3.bytes, limits: Limits()).message
+                == .helloAck(HelloAck(protocolVersion: 3, cluster: "prod", node: "n5", nonce: [], mac: [])))
+    }
+
+    @Test func helloNoncesAreBounded() {
+        for n in [0, WireCodec.minNonceBytes - 1, WireCodec.maxNonceBytes + 1] {
+            let body = WireCodec.encodeBody(Envelope(requestID: 1, message: .hello(Hello(cluster: "c", node: "n1", nonce: Array(repeating: 1, count: n)))))
+            #expect(throws: WireError.self) { try WireCodec.decodeBody(body, limits: Limits()) }
+        }
+        let longMAC = WireCodec.encodeBody(Envelope(requestID: 0, message: .helloProof(HelloProof(mac: Array(repeating: 1, count: WireCodec.maxMACBytes + 1)))))
+        #expect(throws: WireError.self) { try WireCodec.decodeBody(longMAC, limits: Limits()) }
     }
 
     @Test func limitsAreEnforced() {

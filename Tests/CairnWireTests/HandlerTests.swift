@@ -9,14 +9,26 @@ final class RecordingDispatcher: RequestDispatcher, @unchecked Sendable {
     // Only touched on the embedded channel's (single) thread.
     var dispatched: [Envelope] = []
     var protocolErrors: [WireError] = []
-    let acceptHello: Bool
+    var dropped: [MessageType] = []
+    let acceptsHello: Bool
+    /// The proof this dispatcher accepts (the handshake's MACs are CairnNode's; here a stand-in).
+    static let goodProof = HelloProof(mac: [7, 7, 7])
 
-    init(acceptHello: Bool = true) { self.acceptHello = acceptHello }
+    init(acceptHello: Bool = true) { self.acceptsHello = acceptHello }
 
-    func validateHello(_ hello: Hello) -> Result<Hello, ErrorReply> {
-        acceptHello ? .success(Hello(cluster: hello.cluster, node: "me", ringFingerprint: hello.ringFingerprint, nVal: hello.nVal))
-            : .failure(ErrorReply(code: .handshakeRejected, message: "no"))
+    func acceptHello(_ hello: Hello, remote: String?) -> Result<PendingHello, ErrorReply> {
+        guard acceptsHello else { return .failure(ErrorReply(code: .handshakeRejected, message: "no")) }
+        return .success(PendingHello(hello: hello, ack: HelloAck(cluster: hello.cluster, node: "me", nonce: Array(repeating: 2, count: 16), mac: [1])))
     }
+
+    func verifyHelloProof(_ proof: HelloProof, for pending: PendingHello, remote: String?) -> Result<NodeName, ErrorReply> {
+        guard proof == Self.goodProof, let node = try? NodeName(pending.hello.node) else {
+            return .failure(ErrorReply(code: .handshakeRejected, message: "bad proof"))
+        }
+        return .success(node)
+    }
+
+    func recordDroppedOneWay(_ type: MessageType, reason: String) { dropped.append(type) }
 
     func dispatch(_ envelope: Envelope, fromPeer: Bool, responder: Responder) {
         dispatched.append(envelope)
@@ -52,6 +64,10 @@ private func replies(_ channel: EmbeddedChannel) throws -> [Envelope] {
         }
     }
     return out
+}
+
+private func helloFrom(_ node: String) -> Hello {
+    Hello(cluster: "c", node: node, nonce: Array(repeating: 1, count: WireCodec.nonceBytes))
 }
 
 private func errorCode(_ e: Envelope) -> ErrorCode? {
@@ -136,26 +152,62 @@ private func errorCode(_ e: Envelope) -> ErrorCode? {
         #expect(d.protocolErrors.contains { if case .truncatedFrame = $0 { true } else { false } })
     }
 
+    /// Internode messages are refused before the handshake completes, including between the
+    /// answered hello and its proof; the verified proof (one-way, never answered) opens them.
     @Test func internodeMessagesRequireAHandshake() throws {
         let d = RecordingDispatcher()
         let ch = try makeChannel(d)
         let rg = Message.replicaGet(ReplicaGet(partition: PartitionID(1), key: [1]))
         try send(ch, WireCodec.encodeFrame(Envelope(requestID: 1, message: rg)))
         #expect(try replies(ch).map(errorCode) == [.handshakeRequired])
-        try send(ch, WireCodec.encodeFrame(Envelope(requestID: 2, message: .hello(Hello(cluster: "c", node: "n2", ringFingerprint: 5, nVal: 3)))))
+        try send(ch, WireCodec.encodeFrame(Envelope(requestID: 2, message: .hello(helloFrom("n2")))))
         let ack = try replies(ch)
         #expect(ack.count == 1)
         if case .helloAck = ack.first?.message {} else { Issue.record("expected helloAck, got \(ack)") }
         try send(ch, WireCodec.encodeFrame(Envelope(requestID: 3, message: rg)))
-        #expect(d.dispatched.map(\.requestID) == [3])
+        #expect(try replies(ch).map(errorCode) == [.handshakeRequired], "a hello without its proof is no handshake")
+        try send(ch, WireCodec.encodeFrame(Envelope(requestID: 0, message: .helloProof(RecordingDispatcher.goodProof))))
+        #expect(try replies(ch).isEmpty, "the proof is one-way")
+        try send(ch, WireCodec.encodeFrame(Envelope(requestID: 4, message: rg)))
+        #expect(d.dispatched.map(\.requestID) == [4])
+        #expect(ch.isActive)
     }
 
     @Test func aRejectedHandshakeClosesTheConnection() throws {
         let d = RecordingDispatcher(acceptHello: false)
         let ch = try makeChannel(d)
-        try send(ch, WireCodec.encodeFrame(Envelope(requestID: 1, message: .hello(Hello(cluster: "x", node: "n9", ringFingerprint: 5, nVal: 3)))))
+        try send(ch, WireCodec.encodeFrame(Envelope(requestID: 1, message: .hello(helloFrom("n9")))))
         #expect(try replies(ch).map(errorCode) == [.handshakeRejected])
         #expect(!ch.isActive)
+    }
+
+    /// A proof that does not verify closes the connection, unanswered; nothing sent before it was
+    /// served as internode traffic.
+    @Test func aFailedProofClosesTheConnection() throws {
+        let d = RecordingDispatcher()
+        let ch = try makeChannel(d)
+        try send(ch, WireCodec.encodeFrame(Envelope(requestID: 1, message: .hello(helloFrom("n2")))))
+        #expect(try replies(ch).count == 1)
+        try send(ch, WireCodec.encodeFrame(Envelope(requestID: 0, message: .helloProof(HelloProof(mac: [9])))))
+        #expect(try replies(ch).isEmpty)
+        #expect(!ch.isActive)
+        #expect(d.dispatched.isEmpty)
+    }
+
+    /// A proof with no answered hello before it, or sent as a request, ends the connection too.
+    @Test func aProofOutOfTurnClosesTheConnection() throws {
+        let d = RecordingDispatcher()
+        let unasked = try makeChannel(d)
+        try send(unasked, WireCodec.encodeFrame(Envelope(requestID: 0, message: .helloProof(RecordingDispatcher.goodProof))))
+        #expect(!unasked.isActive)
+        #expect(d.dropped == [.helloProof])
+        let asRequest = try makeChannel(d)
+        try send(asRequest, WireCodec.encodeFrame(Envelope(requestID: 1, message: .hello(helloFrom("n2")))))
+        #expect(try replies(asRequest).count == 1)
+        try send(asRequest, WireCodec.encodeFrame(Envelope(requestID: 2, message: .helloProof(RecordingDispatcher.goodProof))))
+        #expect(try replies(asRequest).map(errorCode) == [.malformed])
+        #expect(!asRequest.isActive)
+        #expect(d.dispatched.isEmpty)
     }
 
     @Test func repliesAreNotAcceptedAsRequests() throws {
