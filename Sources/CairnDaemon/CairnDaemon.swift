@@ -45,7 +45,10 @@ public enum CairnDaemon {
         if o.testFaultInjection { logger.warning("transport fault injection is enabled (--test-fault-injection): for test harnesses only") }
         let node = CairnNode(config: nodeConfig, logger: logger, transportFaults: o.testFaultInjection ? TransportFaults() : nil,
                              decorateBackend: decorateBackend)
-        var groupConfig = ServiceGroupConfiguration(services: [.init(service: node)], logger: logger)
+        // The node returning on its own (it left the cluster, its data handed off) ends the group
+        // successfully: cairnd exits 0, so systemd does not restart a node that left.
+        var groupConfig = ServiceGroupConfiguration(services: [.init(service: node, successTerminationBehavior: .gracefullyShutdownGroup)],
+                                                    logger: logger)
         // Past the drain bound plus a margin, the graceful shutdown escalates to cancellation.
         groupConfig.maximumGracefulShutdownDuration = .milliseconds(nodeConfig.drainTimeoutMillis + 5000)
         let group = ServiceGroup(configuration: groupConfig)

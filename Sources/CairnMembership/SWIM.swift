@@ -106,6 +106,8 @@ public struct SWIMInstance: Sendable {
     public private(set) var incarnation: UInt64 = 0
     /// 0 (healthy) ... `settings.maxLocalHealth`.
     public private(set) var localHealth = 0
+    /// Set by `leave()`.
+    public private(set) var left = false
 
     struct Member: Hashable, Sendable {
         var status: MemberStatus
@@ -186,6 +188,19 @@ public struct SWIMInstance: Sendable {
         return apply(MemberUpdate(name: node, status: .alive, incarnation: 0), now: nil)
     }
 
+    /// This member leaves for good (its data is handed off): tells every member it is dead at a
+    /// new incarnation, so they stop probing it at once instead of suspecting it first. From
+    /// then on it refutes nothing.
+    public mutating func leave() -> [SWIMDirective] {
+        left = true
+        incarnation += 1
+        let gone = MemberUpdate(name: me, status: .dead, incarnation: incarnation, by: me)
+        return members.keys.sorted().map { n in
+            sequence += 1
+            return .send(to: n, .ping(sequence: sequence, updates: [gone]))
+        }
+    }
+
     /// Pings every member once (a process that has just started: a member holding it dead from
     /// before answers so, and it refutes at once).
     public mutating func announce() -> [SWIMDirective] {
@@ -214,7 +229,8 @@ public struct SWIMInstance: Sendable {
         for name in members.keys.sorted() {
             guard let m = members[name], m.status == .suspect, let at = m.suspectedAt,
                   now >= at + suspicionTimeout(confirmations: m.confirmations.count) else { continue }
-            out += apply(MemberUpdate(name: name, status: .dead, incarnation: m.incarnation), now: now)
+            let verdict = MemberUpdate(name: name, status: .dead, incarnation: m.incarnation)
+            out += apply(verdict, now: now) + tell(verdict)
         }
         // Relays that heard nothing: nack the asker.
         for seq in relays.keys.sorted() {
@@ -327,7 +343,15 @@ public struct SWIMInstance: Sendable {
         probe = nil
         adjustHealth(+1)
         guard let m = members[p.target], m.status == .alive else { return [] }
-        return apply(MemberUpdate(name: p.target, status: .suspect, incarnation: m.incarnation, by: me), now: now)
+        let verdict = MemberUpdate(name: p.target, status: .suspect, incarnation: m.incarnation, by: me)
+        return apply(verdict, now: now) + tell(verdict)
+    }
+
+    /// Sends a verdict about a member to that member at once (Lifeguard's buddy system): if it
+    /// can hear us it refutes now, instead of when gossip happens to reach it.
+    private mutating func tell(_ verdict: MemberUpdate) -> [SWIMDirective] {
+        sequence += 1
+        return [.send(to: verdict.name, .ping(sequence: sequence, updates: [verdict]))]
     }
 
     /// The next member to probe: round robin over a shuffled list of the members not known dead,
@@ -357,7 +381,7 @@ public struct SWIMInstance: Sendable {
     /// Applies one update by SWIM's precedence rules; refutes suspicions and deaths of itself.
     private mutating func apply(_ u: MemberUpdate, now: ContinuousClock.Instant?) -> [SWIMDirective] {
         if u.name == me {
-            guard u.status != .alive else { return [] }
+            guard u.status != .alive, !left else { return [] }
             // A verdict at an older incarnation than ours is stale, but whoever spreads it has
             // not heard our refutation: repeat it (without raising the incarnation again).
             if u.incarnation >= incarnation {

@@ -17,7 +17,7 @@ extension NodeCore {
             switch request.verb {
             case "status": return reply(try statusJSON(agent, a))
             case "preflist": return reply(try preflistJSON(request.arguments, a))
-            case "transfers": return reply(transfersJSON(agent))
+            case "transfers": return reply(await transfersJSON(agent))
             case "join": return try await join(request.arguments, agent)
             case "join-request": return try await onClaimant(request, agent, a) { r throws(ValidationError) in
                 try Self.joinRequest(request.arguments, r)
@@ -92,7 +92,7 @@ extension NodeCore {
         if seeds.isEmpty { seeds = config.seeds }
         guard !seeds.isEmpty else { throw ValidationError("no seed given and cluster.seeds is empty: cluster join HOST:PORT") }
         guard let dial = dialer.value else { throw ValidationError("node \(config.name) cannot dial seeds") }
-        let request = Message.admin(AdminRequest(verb: "join-request", arguments: [config.name.value, config.advertised.description, config.clusterName]))
+        let request = Message.admin(AdminRequest(verb: "join-request", arguments: [config.name.value, advertised.description, config.clusterName]))
         var failures: [String] = []
         for seed in seeds {
             do throws(ConnectionError) {
@@ -173,15 +173,34 @@ extension NodeCore {
         ])
     }
 
-    private func transfersJSON(_ agent: MembershipAgent) -> JSON {
-        let pending = agent.ring?.pendingTransfers ?? []
-        return .object([
-            ("ring_version", .int(Int(clamping: agent.ring?.version ?? 0))),
-            ("transfers", .array(pending.map { t in
-                .object([("partition", .int(Int(t.partition.index))), ("from", .string(t.from.value)), ("to", .string(t.to.value)),
-                         ("state", .string("pending"))])
-            })),
-        ])
+    private func transfersJSON(_ agent: MembershipAgent) async -> JSON {
+        let ring = agent.ring
+        let active = await handoff?.progress() ?? []
+        let now = clock.now()
+        var rows: [JSON] = active.map { p, startedAt in
+            let age = (now - startedAt) / .seconds(1)
+            let rate = age > 0 ? Int(Double(p.bytesAcked) / age) : 0
+            return .object([
+                ("partition", .int(Int(p.partition.index))), ("from", .string(p.from.value)), ("to", .string(p.to.value)),
+                ("state", .string(p.phase.description)), ("keys", .int(Int(clamping: p.keysAcked))), ("bytes", .int(Int(clamping: p.bytesAcked))),
+                ("bytes_per_second", .int(rate)), ("age_s", .int(Int(age))), ("attempts", .int(Int(clamping: p.attempts))),
+            ])
+        }
+        let running = Set(active.map { PartitionTransfer(partition: $0.0.partition, from: $0.0.from, to: $0.0.to) })
+        for t in ring?.pendingTransfers ?? [] where !running.contains(t) {
+            rows.append(.object([("partition", .int(Int(t.partition.index))), ("from", .string(t.from.value)), ("to", .string(t.to.value)),
+                                 ("state", .string("waiting"))]))
+        }
+        return .object([("ring_version", .int(Int(clamping: ring?.version ?? 0))),
+                        ("pending_transfers", .int(ring?.pendingTransfers.count ?? 0)), ("transfers", .array(rows))])
+    }
+
+    /// Tells the claimant that `t` is complete (forwarding to it if needed); true once recorded.
+    func reportTransferComplete(_ t: PartitionTransfer) async -> Bool {
+        guard let a = current else { return false }
+        let request = AdminRequest(verb: "complete-transfer", arguments: ["\(t.partition.index)", t.from.value, t.to.value])
+        guard case .adminReply = await admin(request, a) else { return false }
+        return true
     }
 
     private static func stagedJSON(_ ring: RingState) -> JSON {

@@ -282,6 +282,7 @@ public final class CairnNode: Service, Sendable {
             r.bound = bound
             r.dataDirectory = locked
         }
+        core.boundClient.withLock { $0 = bound.client }
         core.logger.info("listening", metadata: ["client": "\(bound.client)", "http": "\(bound.http?.description ?? "off")"])
         notifier.report(.listening(address: bound.client.description))
         return bound
@@ -305,7 +306,7 @@ public final class CairnNode: Service, Sendable {
             throw ValidationError("the data directory belongs to cluster '\(s.cluster)', but cluster.name is '\(config.clusterName)'")
         }
         if initial == nil {
-            initial = try config.initialRingState(members: members)
+            initial = try config.initialRingState(members: members, advertising: core.advertised)
             if let i = initial { try store.save(i) }
         }
         let view = ClusterView(state: initial, me: config.name, clusterName: config.clusterName, version: 1)
@@ -358,8 +359,24 @@ public final class CairnNode: Service, Sendable {
             Vnode(partition: key.partition, role: key.role, backend: backend, limits: limits, metrics: metrics, logger: logger)
         }
         manager.apply(view)
-        let ctx = CoordinatorContext(me: config.name, actor: storage.actor, vnodes: core.vnodes, transport: transport,
+        let handoffStore: any HandoffStore
+        if let dir = config.dataDirectory, config.storageKind == .disk {
+            handoffStore = FileHandoffStore(fs: fileSystem ?? PosixFileSystem(), directory: dir + "/handoff")
+        } else {
+            handoffStore = MemoryHandoffStore()
+        }
+        let core = core
+        let handoffEnv = HandoffManager.Environment(
+            me: config.name, settings: config.handoff, transport: transport, store: handoffStore, clock: core.clock,
+            pacer: Pacer(bytesPerSecond: config.handoff.bytesPerSecond, clock: core.clock), metrics: metrics, logger: core.logger,
+            requestTimeoutMillis: config.requestTimeoutMillis, storage: { core.backend }, ring: { core.membership?.ring },
+            reportComplete: { t in await core.reportTransferComplete(t) })
+        let handoff = HandoffManager(env: handoffEnv, views: views, vnodes: core.vnodes, limits: config.limits)
+        core.handoff = handoff
+        acceptStreams(of: .handoff) { handoff.accept($0) }
+        var ctx = CoordinatorContext(me: config.name, actor: storage.actor, vnodes: core.vnodes, transport: transport,
                                      metrics: metrics, logger: core.logger, clock: core.clock, liveness: core.liveness)
+        ctx.afterLocalWrite = { p, key, object in await core.handoff?.forward(partition: p, key: key, object: object) }
         var membershipSettings = MembershipAgent.Settings()
         membershipSettings.swim = config.membership
         membershipSettings.requestTimeoutMillis = config.requestTimeoutMillis
@@ -371,6 +388,7 @@ public final class CairnNode: Service, Sendable {
         supervisor.spawn(vnodeSupervisor)
         supervisor.spawn(manager)
         supervisor.spawn(agent)
+        supervisor.spawn(handoff)
         core.logger.info("cluster view built", metadata: [
             "members": "\(initial?.members.count ?? 0)", "ring_size": "\(view.state?.partitionCount ?? 0)", "n_val": "\(view.state?.nVal ?? 0)",
             "vnodes": "\(core.vnodes.count)", "ring_version": "\(view.state?.version ?? 0)",

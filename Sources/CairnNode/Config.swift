@@ -50,6 +50,8 @@ public struct NodeConfig: Sendable {
     /// SWIM's tuning (`membership.probe_interval`, `probe_timeout`, `indirect_probes`,
     /// `suspicion_multiplier`, `suspicion_max_multiplier`).
     public var membership = SWIMSettings()
+    // handoff.*
+    public var handoff = HandoffSettings()
     /// `cluster.secret_file`: the file holding the cluster secret the handshake proves; read by
     /// `loadClusterSecret()`, not when the key is set. nil: no secret (anyone can join).
     public var secretFile: String?
@@ -156,13 +158,13 @@ public struct NodeConfig: Sendable {
 
     /// The ring state a node starts from when it has none on disk: `members` bootstrapped;
     /// else, without seeds, this node alone; else nil (it waits for `cluster join`).
-    public func initialRingState(members given: [MemberAddress]? = nil) throws(ValidationError) -> RingState? {
+    public func initialRingState(members given: [MemberAddress]? = nil, advertising address: HostPort? = nil) throws(ValidationError) -> RingState? {
         let list = given ?? members
         if !list.isEmpty {
             guard list.contains(where: { $0.name == name }) else { throw ValidationError("members do not include this node (\(name))") }
             return try RingState.bootstrap(cluster: clusterName, partitionCount: ringSize, nVal: nVal, members: list.map { ($0.name, $0.address) })
         }
         guard seeds.isEmpty else { return nil }
-        return try RingState.bootstrap(cluster: clusterName, partitionCount: ringSize, nVal: nVal, members: [(name, advertised)])
+        return try RingState.bootstrap(cluster: clusterName, partitionCount: ringSize, nVal: nVal, members: [(name, address ?? advertised)])
     }
 }

@@ -56,6 +56,10 @@ extension NodeConfig {
             }
         case "cluster.seeds":
             seeds = try value.split(separator: ",").map { entry throws(ValidationError) in try HostPort(parsing: String(entry)) }
+        case "handoff.max_concurrent": handoff.maxConcurrent = try Self.int(value, 1...64)
+        case "handoff.bytes_per_second": handoff.bytesPerSecond = try Self.bytes(value, (64 << 10)...(1 << 40))
+        case "handoff.batch_bytes": handoff.transfer.batchMaxBytes = try Self.bytes(value, (4 << 10)...(64 << 20))
+        case "handoff.batch_timeout": handoff.transfer.batchTimeout = .milliseconds(try Self.millis(value))
         case "membership.probe_interval": membership.probeInterval = .milliseconds(try Self.millis(value))
         case "membership.probe_timeout": membership.probeTimeout = .milliseconds(try Self.millis(value))
         case "membership.indirect_probes": membership.indirectProbes = try Self.int(value, 0...16)

@@ -13,6 +13,8 @@ struct CoordinatorContext: Sendable {
     let clock: any NodeClock
     /// The failure detector's view: a dead replica is not sent to.
     var liveness = Liveness()
+    /// Runs after a write is applied locally and before it counts (handoff's forward).
+    var afterLocalWrite: (@Sendable (PartitionID, [UInt8], VersionedObject) async -> Void)?
 }
 
 extension CoordinatorContext {
@@ -140,10 +142,12 @@ actor WriteCoordinator {
                 group.addTask { [partition] in .localFailed("this node has no vnode for partition \(partition.index)") }
                 return
             }
-            let (key, sibling, context, actor) = (key, sibling, context, ctx.actor)
+            let (key, sibling, context, actor, hook, partition) = (key, sibling, context, ctx.actor, ctx.afterLocalWrite, partition)
             group.addTask {
                 do throws(VnodeError) {
-                    return .localApplied(try await vnode.coordinate(key: key, sibling: sibling, context: context, actor: actor))
+                    let object = try await vnode.coordinate(key: key, sibling: sibling, context: context, actor: actor)
+                    await hook?(partition, key, object)
+                    return .localApplied(object)
                 } catch {
                     if case .rejected(let why) = error { return .localRejected(why) }
                     return .localFailed(error.description)

@@ -336,6 +336,7 @@ final class MembershipAgent: SupervisedChild {
         }
         if exit {
             logger.notice("this node has left the cluster: its data is handed off; exiting", metadata: ["ring_version": "\(ring.version)"])
+            perform(state.withLock { $0.swim.leave() })
             onExit()
         }
     }

@@ -59,6 +59,19 @@ final class NodeCore: Sendable {
         get { agent.value }
         set { agent.withLock { $0 = newValue } }
     }
+    private let handoffBox = Locked<HandoffManager?>(nil)
+    /// This node's side of the plan's transfers; set by `CairnNode.start`.
+    var handoff: HandoffManager? {
+        get { handoffBox.value }
+        set { handoffBox.withLock { $0 = newValue } }
+    }
+    /// The client/internode address this node advertises: its `cluster.members` entry, else what
+    /// `bind()` bound (a kernel-chosen port resolved), else `node.listen`.
+    let boundClient = Locked<HostPort?>(nil)
+    var advertised: HostPort {
+        if config.members.contains(where: { $0.name == config.name }) { return config.advertised }
+        return boundClient.value ?? config.advertised
+    }
     /// How this node reaches a node by address (set by `CairnNode`).
     let dialer = Locked<Dialer?>(nil)
 
@@ -138,7 +151,9 @@ final class NodeCore: Sendable {
             guard a.view.partition(forKey: r.key) == r.partition else { return responder.fail(wrongPartition(r.partition)) }
             guard let vnode = vnodes.vnode(for: r.partition) else { return responder.fail(notAReplica(r.partition)) }
             do throws(VnodeError) {
-                _ = try await vnode.merge(key: r.key, object: r.object)
+                let merged = try await vnode.merge(key: r.key, object: r.object)
+                // Handing this partition off: the receiver gets the write too before the ack.
+                await handoff?.forward(partition: r.partition, key: r.key, object: merged)
                 responder.reply(.replicaPutAck)
             } catch {
                 responder.fail(ErrorReply(code: .storage, message: error.description))

@@ -59,6 +59,12 @@ public final class NodeMetrics: Sendable {
     let livenessChanges: CoreMetrics.Counter
     /// The version of the ring state this node holds.
     let ringVersion: CoreMetrics.Gauge
+    /// Handoff: bytes and keys sent, keys received and merged, transfers running and waiting here.
+    let handoffBytes: CoreMetrics.Counter
+    let handoffKeys: CoreMetrics.Counter
+    let handoffReceivedKeys: CoreMetrics.Counter
+    let handoffActive: CoreMetrics.Gauge
+    let handoffPending: CoreMetrics.Gauge
     /// Handshakes this node refused, by side (`in`: as the acceptor, `out`: as the dialer) and reason.
     private let handshakeRejections: [String: CoreMetrics.Counter]
 
@@ -84,6 +90,11 @@ public final class NodeMetrics: Sendable {
         gossipReceived = CoreMetrics.Counter(label: "cairn_gossip_packets_total", dimensions: [("direction", "in")], factory: f)
         livenessChanges = CoreMetrics.Counter(label: "cairn_liveness_changes_total", factory: f)
         ringVersion = CoreMetrics.Gauge(label: "cairn_ring_version", factory: f)
+        handoffBytes = CoreMetrics.Counter(label: "cairn_handoff_bytes_total", factory: f)
+        handoffKeys = CoreMetrics.Counter(label: "cairn_handoff_keys_total", dimensions: [("direction", "out")], factory: f)
+        handoffReceivedKeys = CoreMetrics.Counter(label: "cairn_handoff_keys_total", dimensions: [("direction", "in")], factory: f)
+        handoffActive = CoreMetrics.Gauge(label: "cairn_handoff_active_transfers", factory: f)
+        handoffPending = CoreMetrics.Gauge(label: "cairn_handoff_pending_transfers", factory: f)
         siblingsPruned = CoreMetrics.Counter(label: "cairn_siblings_pruned_total", factory: f)
         supervisorRestarts = CoreMetrics.Counter(label: "cairn_supervisor_restarts_total", factory: f)
         forwarded = CoreMetrics.Counter(label: "cairn_forwarded_requests_total", factory: f)

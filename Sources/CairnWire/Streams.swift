@@ -106,6 +106,10 @@ public protocol OutboundStream: AnyObject, Sendable {
     func finish() async throws(StreamError)
     /// Ends the stream early; the receiver's sink gets `cancelled(reason)`. No-op once ended.
     func cancel(_ reason: String)
+    /// Returns once the receiver consumed at least `count` chunks; throws the stream's failure
+    /// if it ends before (a stream that finished normally has consumed every chunk it sent).
+    /// Cancelling the waiting task ends the wait (throws `cancelled`), not the stream.
+    func waitAcknowledged(atLeast count: UInt64) async throws(StreamError)
 }
 
 /// The receiving end of a stream, given by the handler that accepted it. Methods are called one
@@ -234,6 +238,14 @@ public final class StreamOutbox: OutboundStream {
         if case .failure(let f) = end { throw f }
         await wait { $0.done }
         if let f = state.withLock({ $0.failure }) { throw f }
+    }
+
+    public func waitAcknowledged(atLeast count: UInt64) async throws(StreamError) {
+        await wait { $0.acked >= count }
+        let (acked, failure) = state.withLock { ($0.acked, $0.failure) }
+        if acked >= count { return }
+        if let failure { throw failure }
+        throw .cancelled(Task.isCancelled ? "the waiter was cancelled" : "the stream ended after \(acked) chunks")
     }
 
     public func cancel(_ reason: String) {

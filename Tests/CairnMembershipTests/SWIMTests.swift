@@ -283,3 +283,19 @@ private func ping(_ ds: [SWIMDirective]) -> (NodeName, UInt64)? {
         #expect(revived)
     }
 }
+
+@Suite struct SWIMLeaveTests {
+    @Test func aLeavingMemberTellsEveryoneItIsDeadAndNeverRefutes() {
+        var leaver = SWIMInstance(me: n2, seed: 3, now: t0)
+        var peer = SWIMInstance(me: n1, seed: 4, now: t0)
+        for m in [n1, n3] { _ = leaver.add(m) }
+        _ = peer.add(n2)
+        let out = sends(leaver.leave())
+        #expect(out.map(\.0) == [n1, n3])
+        for (to, m) in out where to == n1 { _ = peer.received(m, from: n2, now: t0) }
+        #expect(peer.status(of: n2) == .dead, "dead at once, no suspicion first")
+        let incarnation = leaver.incarnation
+        _ = leaver.received(.ping(sequence: 9, updates: [MemberUpdate(name: n2, status: .dead, incarnation: incarnation, by: n1)]), from: n1, now: t0)
+        #expect(leaver.incarnation == incarnation, "a member that left does not refute")
+    }
+}

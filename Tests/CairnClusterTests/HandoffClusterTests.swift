@@ -1,0 +1,157 @@
+import Testing
+@testable import CairnNode
+import CairnRing
+import CairnClient
+import CairnCore
+import CairnWire
+import Foundation
+
+/// Living membership with real nodes on loopback in this process: a node joins through a seed,
+/// the plan is committed, partitions are handed off, ownership flips; a member leaves, hands its
+/// data over and stops. Every key written before is readable at R=all throughout the end states.
+@Suite(.timeLimit(.minutes(4)))
+struct HandoffClusterTests {
+    private func admin(_ node: CairnNode, _ verb: String, _ args: [String] = []) async throws -> [String: Any] {
+        switch await node.answer(.admin(AdminRequest(verb: verb, arguments: args))) {
+        case .adminReply(let bytes):
+            return try #require(try JSONSerialization.jsonObject(with: Data(bytes)) as? [String: Any])
+        case .error(let e):
+            throw ValidationError("\(verb) failed: \(e.message)")
+        case let other:
+            throw ValidationError("\(verb) answered \(other.type)")
+        }
+    }
+
+    private func members(_ status: [String: Any]) -> [String: [String: Any]] {
+        let list = status["members"] as? [[String: Any]] ?? []
+        return Dictionary(uniqueKeysWithValues: list.compactMap { m in (m["name"] as? String).map { ($0, m) } })
+    }
+
+    /// Keys not read back at R=all. A read is retried for up to 30 s: on a machine this busy a
+    /// replica may be held dead for a while (the read is then refused, nothing is lost).
+    private func readAll(_ keys: [String], via client: CairnClient) async -> [String] {
+        var missing: [String] = []
+        for k in keys {
+            let deadline = ContinuousClock.now + .seconds(30)
+            var got: GetResult?
+            repeat {
+                got = try? await client.get(Array(k.utf8), options: RequestOptions(r: .all))
+                if got == nil { try? await Task.sleep(for: .milliseconds(100)) }
+            } while got == nil && ContinuousClock.now < deadline
+            if got?.values != [Array("v-\(k)".utf8)] { missing.append(k) }
+        }
+        return missing
+    }
+
+    /// (key, node) pairs where a replica the ring names for the key does not hold it in its own
+    /// store, and where a node that is no longer a replica of the key's partition still does.
+    private func placementErrors(_ keys: [String], _ nodes: [CairnNode]) throws -> [String] {
+        var errors: [String] = []
+        for node in nodes {
+            let ring = try #require(node.core.membership?.ring)
+            let backend = try #require(node.core.backend)
+            for k in keys {
+                let p = ring.partition(forKey: Array(k.utf8))
+                let held = try backend.get(partition: p, key: Array(k.utf8)) != nil
+                let replica = ring.replicas(of: p).contains(node.config.name)
+                if held != replica { errors.append("\(k)@\(node.config.name): \(replica ? "missing" : "not dropped")") }
+            }
+        }
+        return errors
+    }
+
+    @Test func aJoinHandsPartitionsToTheNewNodeAndALeaveHandsThemBack() async throws {
+        let cluster = try await TestCluster.start(count: 3)
+        let writer = try await cluster.client([0, 1, 2])
+        let keys = (0..<200).map { "key-\($0)" }
+        for k in keys { _ = try await writer.put(Array(k.utf8), value: Array("v-\(k)".utf8), options: RequestOptions(w: .all)) }
+
+        // n4 knows only a seed; until it joins it refuses key requests.
+        var c = NodeConfig(name: try NodeName("n4"))
+        c.listen = HostPort(host: "127.0.0.1", port: 0)
+        c.http = nil
+        c.clusterName = "test"
+        c.ringSize = 64
+        c.reconnectMinMillis = 20
+        c.reconnectMaxMillis = 200
+        c.requestTimeoutMillis = 10_000
+        c.seeds = [cluster.members[0].address]
+        c.dataDirectory = FileManager.default.temporaryDirectory.appendingPathComponent("cairn-n4-\(UInt64.random(in: 0...UInt64.max))").path
+        let n4 = CairnNode(config: c, logger: quietLogger)
+        try await n4.bind()
+        try n4.start()
+        let n4Run = Task { try await n4.run() }
+        try await cluster.waitUntil("n4 serving") { n4.state == .serving }
+        guard case .error(let refused) = await n4.answer(.get(GetRequest(key: Array("key-1".utf8)))) else {
+            Issue.record("a node that has not joined served a get"); return
+        }
+        #expect(refused.message.contains("not a member of a cluster yet"))
+
+        let joined = try await admin(n4, "join")
+        #expect(joined["status"] as? String == "joining")
+        let plan = try await admin(cluster.nodes[1], "plan")
+        #expect(plan["changes"] as? [String] == ["join n4"])
+        let after = (plan["ownership"] as? [[String: Any]] ?? []).first { $0["name"] as? String == "n4" }
+        #expect(after?["after"] as? Int == 16)
+        let committed = try await admin(cluster.nodes[2], "commit")
+        #expect((committed["transfers"] as? Int ?? 0) > 0)
+
+        try await cluster.waitUntil("every transfer to n4 done", seconds: 120) {
+            guard let s = try? await admin(cluster.nodes[0], "status") else { return false }
+            return s["pending_transfers"] as? Int == 0 && members(s)["n4"]?["status"] as? String == "valid"
+        }
+        let grown = try await admin(cluster.nodes[0], "status")
+        #expect(members(grown)["n4"]?["owned"] as? Int == 16)
+        #expect(members(grown).values.allSatisfy { $0["status"] as? String == "valid" })
+        try await cluster.waitUntil("n4 has the ring state with every transfer done") {
+            (try? await admin(n4, "status"))?["pending_transfers"] as? Int == 0
+        }
+        // The old owners drop a partition once they see its flip: wait for the last of them.
+        try await cluster.waitUntil("every replica holds its keys and the old owners dropped theirs", seconds: 60) {
+            (try? placementErrors(keys, cluster.nodes + [n4]))?.isEmpty == true
+        }
+        let viaN4 = try await CairnClient.connect(seeds: [n4.boundAddresses?.client.description ?? ""])
+        #expect(await readAll(keys, via: viaN4) == [], "every key at R=all through the new node")
+        let preflists = try await (0..<20).asyncMap { try await admin(n4, "preflist", ["key-\($0)"]) }
+        #expect(preflists.contains { ($0["primaries"] as? [[String: Any]] ?? []).contains { $0["node"] as? String == "n4" } })
+
+        // n2 leaves: its data moves to the others; it stops by itself (run returns, no error).
+        _ = try await admin(cluster.nodes[0], "leave", ["n2"])
+        _ = try await admin(cluster.nodes[0], "commit")
+        try await cluster.waitUntil("n2 handed off and exited", seconds: 120) {
+            cluster.nodes[1].state == .stopped
+        }
+        if case .failure(let e) = await cluster.runResult(1) { Issue.record("n2's run() failed: \(e)") }
+        try await cluster.waitUntil("n2 forgotten by the claimant", seconds: 60) {
+            guard let s = try? await admin(cluster.nodes[0], "status") else { return false }
+            return members(s)["n2"] == nil && s["pending_transfers"] as? Int == 0
+        }
+        let shrunk = try await admin(cluster.nodes[0], "status")
+        let owned = members(shrunk).values.compactMap { $0["owned"] as? Int }
+        #expect(owned.reduce(0, +) == 64 && (owned.max() ?? 0) - (owned.min() ?? 0) <= 1)
+        let n2 = try NodeName("n2")
+        try await cluster.waitUntil("every node has the final ring state") {
+            [cluster.nodes[0], cluster.nodes[2], n4].allSatisfy { $0.core.membership?.ring?.member(n2) == nil }
+        }
+        try await cluster.waitUntil("the leaver's partitions are held by their new replicas", seconds: 60) {
+            (try? placementErrors(keys, [cluster.nodes[0], cluster.nodes[2], n4]))?.isEmpty == true
+        }
+        let remaining = try await CairnClient.connect(seeds: [cluster.address(0), cluster.address(2)])
+        #expect(await readAll(keys, via: remaining) == [], "every key at R=all after the leave")
+
+        writer.close()
+        viaN4.close()
+        remaining.close()
+        n4.shutdown()
+        _ = try? await n4Run.value
+        await cluster.stop()
+    }
+}
+
+extension Sequence {
+    func asyncMap<T>(_ transform: (Element) async throws -> T) async rethrows -> [T] {
+        var out: [T] = []
+        for e in self { out.append(try await transform(e)) }
+        return out
+    }
+}
