@@ -1,0 +1,166 @@
+import Testing
+import CairnTestSupport
+import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `cairnd` processes for the membership tests, started as an operator would: the first ones
+/// with `cluster.members`, later ones with `cluster.seeds` only (they wait for `cairn cluster
+/// join`). Node i (1-based) listens on 127.0.0.(50+i):7401, HTTP :8401 — apart from
+/// `ProcessClusterTests` (127.0.0.21–23), which may run at the same time, and from a local
+/// cluster on 127.0.0.1. Every node shares one cluster secret, as `Deploy/local-cluster.sh` does.
+final class MembershipNodes {
+    static let ringSize = 64
+    let dir: URL
+    private(set) var processes: [Int: Process] = [:]
+    private let secretFile: URL
+
+    init() throws {
+        dir = FileManager.default.temporaryDirectory.appendingPathComponent("cairn-membership-\(getpid())-\(UInt32.random(in: 0...UInt32.max))")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        secretFile = dir.appendingPathComponent("cluster.secret")
+        let secret = (0..<32).map { _ in String(format: "%02x", UInt8.random(in: 0...255)) }.joined()
+        try secret.write(to: secretFile, atomically: true, encoding: .utf8)
+        chmod(secretFile.path, 0o600)
+    }
+
+    func address(_ i: Int) -> String { "127.0.0.\(50 + i):7401" }
+
+    /// Starts n1…n`count` with `cluster.members` listing all of them.
+    func startCluster(_ count: Int = 3) throws {
+        let members = (1...count).map { "n\($0)@\(address($0))" }.joined(separator: ",")
+        for i in 1...count { try launch(i, "cluster.members = \(members)") }
+    }
+
+    /// Starts node `i` with only `cluster.seeds` (the given members): it joins nothing by itself.
+    func startJoiner(_ i: Int, seeds: [Int]) throws {
+        try launch(i, "cluster.seeds = " + seeds.map(address).joined(separator: ","))
+    }
+
+    private func launch(_ i: Int, _ membership: String) throws {
+        let conf = dir.appendingPathComponent("n\(i).conf")
+        try """
+        node.name = n\(i)
+        node.listen = \(address(i))
+        node.http = 127.0.0.\(50 + i):8401
+        node.data_dir = \(dir.path)/n\(i)
+        cluster.name = proctest-membership
+        cluster.ring_size = \(Self.ringSize)
+        cluster.n_val = 3
+        \(membership)
+        cluster.secret_file = \(secretFile.path)
+        transport.reconnect_min = 20ms
+        transport.reconnect_max = 200ms
+        """.write(to: conf, atomically: true, encoding: .utf8)
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: try Repo.binary("cairnd"))
+        p.arguments = ["--config", conf.path, "--log-level", "info"]
+        p.standardOutput = FileHandle.nullDevice
+        let log = dir.appendingPathComponent("n\(i).log")
+        _ = FileManager.default.createFile(atPath: log.path, contents: nil)
+        p.standardError = try FileHandle(forWritingTo: log)
+        try p.run()
+        processes[i] = p
+    }
+
+    /// The last lines of node `i`'s log (for failure messages).
+    func logTail(_ i: Int, lines: Int = 15) -> String {
+        let text = (try? String(contentsOf: dir.appendingPathComponent("n\(i).log"), encoding: .utf8)) ?? ""
+        return text.split(separator: "\n").suffix(lines).joined(separator: "\n")
+    }
+
+    /// Runs the CLI against node `i` (`--node` first, as a user types it).
+    func cairn(_ i: Int, _ args: [String], timeoutMillis: Int = 10_000) throws -> ProcessResult {
+        try runProcess(try Repo.binary("cairn"), ["--node", address(i)] + args + ["--timeout", "\(timeoutMillis)"])
+    }
+
+    /// `cluster status --json` of node `i`, parsed (nil if the CLI failed).
+    func status(_ i: Int) throws -> [String: Any]? {
+        let r = try cairn(i, ["cluster", "status", "--json"], timeoutMillis: 2000)
+        return r.ok ? jsonObject(r.stdout) : nil
+    }
+
+    /// Waits (bounded) until node `i` answers `cluster status` (its admin verbs work).
+    func waitAnswering(_ i: Int) throws {
+        try eventually("n\(i) answers cluster status\n\(logTail(i))", within: 30) {
+            guard processes[i]?.isRunning == true else { throw MembershipTestError("n\(i) exited:\n\(logTail(i))") }
+            return try status(i) != nil
+        }
+    }
+
+    /// Waits (bounded) until every node in `nodes` lists exactly `nodes` as members, each alive.
+    func waitAllAlive(_ nodes: [Int]) throws {
+        let names = Set(nodes.map { "n\($0)" })
+        for i in nodes {
+            try eventually("n\(i) sees \(names.sorted()) alive; last: \(String(describing: try? status(i)))", within: 30) {
+                guard let s = try status(i) else { return false }
+                let members = s.members
+                return Set(members.map { $0.string("name") }) == names && members.allSatisfy { $0.string("liveness") == "alive" }
+            }
+        }
+    }
+
+    /// Stops node `i` (SIGTERM, SIGKILL after 10 s); returns its exit status (negative: killed by
+    /// that signal).
+    @discardableResult
+    func stop(_ i: Int) -> Int32 {
+        guard let p = processes[i] else { return 0 }
+        if p.isRunning { kill(p.processIdentifier, SIGCONT); kill(p.processIdentifier, SIGTERM) }
+        var waited = 0
+        while p.isRunning && waited < 200 { usleep(50_000); waited += 1 }
+        if p.isRunning { kill(p.processIdentifier, SIGKILL); p.waitUntilExit() }
+        return p.terminationReason == .exit ? p.terminationStatus : -p.terminationStatus
+    }
+
+    func stopAll() -> [Int: Int32] {
+        for p in processes.values where p.isRunning { kill(p.processIdentifier, SIGCONT); kill(p.processIdentifier, SIGTERM) }
+        var statuses: [Int: Int32] = [:]
+        for i in processes.keys { statuses[i] = stop(i) }
+        processes = [:]
+        try? FileManager.default.removeItem(at: dir)
+        return statuses
+    }
+
+    deinit { _ = stopAll() }
+}
+
+struct MembershipTestError: Error, CustomStringConvertible {
+    let description: String
+    init(_ description: String) { self.description = description }
+}
+
+/// Polls `condition` every 100 ms until it holds; throws (failing the test with `what`, evaluated
+/// then) if it does not within `seconds`.
+func eventually(_ what: @autoclosure () -> String, within seconds: Double, _ condition: () throws -> Bool) throws {
+    let deadline = Date().addingTimeInterval(seconds)
+    while true {
+        if try condition() { return }
+        if Date() >= deadline { throw MembershipTestError("timed out after \(Int(seconds)) s waiting until \(what())") }
+        usleep(100_000)
+    }
+}
+
+/// `eventually` for async tests: waits between polls without holding a thread.
+func eventually(_ what: @autoclosure () -> String, within seconds: Double, _ condition: () throws -> Bool) async throws {
+    let deadline = Date().addingTimeInterval(seconds)
+    while true {
+        if try condition() { return }
+        if Date() >= deadline { throw MembershipTestError("timed out after \(Int(seconds)) s waiting until \(what())") }
+        try await Task.sleep(for: .milliseconds(100))
+    }
+}
+
+func jsonObject(_ text: String) -> [String: Any]? {
+    (try? JSONSerialization.jsonObject(with: Data(text.utf8))) as? [String: Any]
+}
+
+extension Dictionary where Key == String, Value == Any {
+    func string(_ key: String) -> String { self[key] as? String ?? "" }
+    func int(_ key: String) -> Int? { (self[key] as? NSNumber)?.intValue }
+    func strings(_ key: String) -> [String]? { self[key] as? [String] }
+    func objects(_ key: String) -> [[String: Any]] { self[key] as? [[String: Any]] ?? [] }
+    var members: [[String: Any]] { objects("members") }
+    /// The member entry named `name` in a `cluster status` answer.
+    func member(_ name: String) -> [String: Any]? { members.first { $0.string("name") == name } }
+}
