@@ -111,56 +111,36 @@ struct FileHandoffStore: HandoffStore {
     let fs: any FileSystem
     let directory: String
 
-    private func path(_ id: TransferID, _ ext: String) -> String { "\(directory)/\(String(id.value, radix: 16)).\(ext)" }
+    private func name(_ id: TransferID, _ ext: String) -> String { "\(String(id.value, radix: 16)).\(ext)" }
 
     func load(_ id: TransferID) throws -> (record: TransferCheckpoint, dirty: Set<[UInt8]>)? {
-        guard let bytes = try read(path(id, "ckpt")) else { return nil }
+        guard let bytes = try fs.readWhole(directory + "/" + name(id, "ckpt")) else { return nil }
         let record = try TransferCheckpoint(decoding: bytes)
         var dirty = Set<[UInt8]>()
-        if let raw = try read(path(id, "dirty")) {
+        if let raw = try fs.readWhole(directory + "/" + name(id, "dirty")) {
             var r = ByteReader(raw)
             let n = try r.readCount("dirty keys", limit: raw.count)
             for _ in 0..<n { dirty.insert(try r.readBlob("dirty key", limit: TransferCheckpoint.maxKeyBytes)) }
+            try r.expectEnd("dirty keys")
         }
         return (record, dirty)
     }
 
-    func save(_ record: TransferCheckpoint) throws { try write(path(record.id, "ckpt"), record.encoded()) }
+    func save(_ record: TransferCheckpoint) throws {
+        try fs.replaceAtomically(name(record.id, "ckpt"), in: directory, with: record.encoded())
+    }
 
     func setDirty(_ id: TransferID, _ keys: Set<[UInt8]>) throws {
         var w = ByteWriter()
         w.writeVarint(keys.count)
         for k in keys.sorted(by: { $0.lexicographicallyPrecedes($1) }) { w.writeBlob(k) }
-        try write(path(id, "dirty"), w.bytes)
+        try fs.replaceAtomically(name(id, "dirty"), in: directory, with: w.bytes)
     }
 
     func delete(_ id: TransferID) throws {
-        for ext in ["ckpt", "dirty"] where fs.exists(path(id, ext)) { try fs.remove(path(id, ext)) }
-        try fs.syncDirectory(directory)
-    }
-
-    private func read(_ path: String) throws -> [UInt8]? {
-        guard fs.exists(path) else { return nil }
-        let file = try fs.openReadable(path)
-        defer { file.close() }
-        return try file.read(at: 0, count: Int(clamping: file.size))
-    }
-
-    private func write(_ path: String, _ bytes: [UInt8]) throws {
-        if !fs.exists(directory) { try fs.createDirectory(directory) }
-        let temporary = path + ".tmp"
-        if fs.exists(temporary) { try fs.remove(temporary) }
-        let file = try fs.openAppendable(temporary, create: true)
-        do {
-            try file.append(bytes)
-            try file.sync()
-            try file.close()
-        } catch {
-            try? file.close()
-            throw error
-        }
-        try fs.rename(temporary, to: path)
-        try fs.syncDirectory(directory)
+        let present = ["ckpt", "dirty"].map { directory + "/" + name(id, $0) }.filter { fs.exists($0) }
+        for path in present { try fs.remove(path) }
+        if !present.isEmpty { try fs.syncDirectory(directory) }
     }
 }
 

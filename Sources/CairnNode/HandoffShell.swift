@@ -103,6 +103,7 @@ actor TransferShell {
             switch input {
             case .machine(let e): await feed(e)
             case .acked(let n, let chunks):
+                env.logger.trace("handoff acked", metadata: ["transfer": "\(transfer)", "stream": "\(n)", "chunks": "\(chunks)"])
                 guard let s = stream, s.number == n else { continue }
                 let done = s.batches.prefix(Int(clamping: chunks)).compactMap { $0 }
                 if let last = done.last { await feed(.batchAcked(sequence: last)) }
@@ -147,7 +148,10 @@ actor TransferShell {
         draining = true
         while !queue.isEmpty {
             let d = queue.removeFirst()
-            for e in await perform(d) { queue += machine.handle(e, now: env.clock.now()) }
+            env.logger.trace("handoff directive", metadata: ["transfer": "\(transfer)", "directive": "\(String(describing: d).prefix(120))"])
+            let events = await perform(d)
+            env.logger.trace("handoff events", metadata: ["transfer": "\(transfer)", "events": "\(String(describing: events).prefix(160))"])
+            for e in events { queue += machine.handle(e, now: env.clock.now()) }
         }
         draining = false
         let waiting = drained
@@ -305,14 +309,16 @@ actor TransferShell {
         }
     }
 
-    /// Tells the claimant, again every second until the ring shows the flip (or this ends).
+    /// Tells the claimant, and tells it again (every second after a failure, every 5 s after a
+    /// success) until the shell ends with the flip: a recorded completion can still be lost
+    /// (the claimant changed before gossiping it), and reporting twice changes nothing.
     private func startReporting() {
         guard reporter == nil else { return }
         let (env, transfer) = (env, transfer)
         reporter = Task {
             while !Task.isCancelled {
-                if await env.reportComplete(transfer) { return }
-                try? await env.clock.sleep(for: .seconds(1))
+                let recorded = await env.reportComplete(transfer)
+                do { try await env.clock.sleep(for: .seconds(recorded ? 5 : 1)) } catch { return }
             }
         }
     }

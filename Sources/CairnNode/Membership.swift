@@ -40,36 +40,18 @@ protocol RingStateStore: Sendable {
 struct FileRingStateStore: RingStateStore {
     let fs: any FileSystem
     let directory: String
-    var path: String { directory + "/cluster-state" }
+    static let name = "cluster-state"
 
     func load() throws -> RingState? {
-        guard fs.exists(path) else { return nil }
-        let file = try fs.openReadable(path)
-        defer { file.close() }
-        let bytes = try file.read(at: 0, count: Int(clamping: file.size))
+        guard let bytes = try fs.readWhole(directory + "/" + Self.name) else { return nil }
         do {
             return try RingState(decoding: bytes)
         } catch {
-            throw ValidationError("\(path) is damaged (\(error.reason)); move it aside to rejoin from the cluster's seeds")
+            throw ValidationError("\(directory)/\(Self.name) is damaged (\(error.reason)); move it aside to rejoin from the cluster's seeds")
         }
     }
 
-    func save(_ state: RingState) throws {
-        let temporary = path + ".tmp"
-        if !fs.exists(directory) { try fs.createDirectory(directory) }
-        if fs.exists(temporary) { try fs.remove(temporary) }
-        let file = try fs.openAppendable(temporary, create: true)
-        do {
-            try file.append(state.encoded())
-            try file.sync()
-            try file.close()
-        } catch {
-            try? file.close()
-            throw error
-        }
-        try fs.rename(temporary, to: path)
-        try fs.syncDirectory(directory)
-    }
+    func save(_ state: RingState) throws { try fs.replaceAtomically(Self.name, in: directory, with: state.encoded()) }
 }
 
 /// A node without a data directory keeps its ring state in memory only.
@@ -127,6 +109,8 @@ final class MembershipAgent: SupervisedChild {
     /// Called once when this node's state says it is exiting (its data is handed off).
     private let onExit: @Sendable () -> Void
     private let state: Locked<State>
+    /// The ring last written to `store`.
+    private let persisted = Locked<RingState?>(nil)
 
     init(me: NodeName, clusterName: String, initial: RingState?, views: ClusterViews, liveness: Liveness, transport: any Transport,
          store: any RingStateStore, clock: any NodeClock, seed: UInt64, settings: Settings, metrics: NodeMetrics, logger: Logger,
@@ -276,51 +260,70 @@ final class MembershipAgent: SupervisedChild {
             logger.warning("ring state of another cluster ignored", metadata: ["cluster": "\(incoming.cluster)", "source": "\(source)"])
             return false
         }
-        enum Outcome { case unchanged, changed(RingState, [SWIMDirective], removed: [NodeName]) }
-        let outcome: Outcome = state.withLock { s in
-            if let current = s.ring {
-                guard incoming.partitionCount == current.partitionCount, incoming.nVal == current.nVal else { return .unchanged }
-                let merged = RingState.merged(current, incoming)
-                guard merged != current else { return .unchanged }
-                s.ring = merged
-            } else {
-                guard incoming.member(me) != nil else { return .unchanged }
-                s.ring = incoming
-            }
-            guard let ring = s.ring else { return .unchanged }
+        return changeRing(source: source) { current in
+            guard let current else { return incoming.member(me) != nil ? incoming : nil }
+            guard incoming.partitionCount == current.partitionCount, incoming.nVal == current.nVal else { return nil }
+            return RingState.merged(current, incoming)
+        } != nil
+    }
+
+    /// Replaces the ring with what `update` makes of it (nil: no change), atomically: the read and
+    /// the write happen under the state lock, so concurrent changes (two claimant verbs, a merge
+    /// and a verb) never compute from the same base and overwrite each other. SWIM follows the
+    /// member list. Then, outside the lock, the newest ring is persisted and published: both take
+    /// the ring current at that moment, so a slow caller never regresses them to an older one.
+    /// Returns the new ring, or nil when nothing changed.
+    @discardableResult
+    private func changeRing(source: String, _ update: (RingState?) throws -> RingState?) rethrows -> RingState? {
+        let outcome: (RingState, [SWIMDirective], [NodeName])? = try state.withLock { s in
+            guard let ring = try update(s.ring), ring != s.ring else { return nil }
+            s.ring = ring
             s.digest = ring.digest
             var directives: [SWIMDirective] = []
             for m in ring.members where m.name != me { directives += s.swim.add(m.name) }
             let names = Set(ring.members.map(\.name))
             let removed = s.swim.memberNames.filter { !names.contains($0) }
             for n in removed { s.swim.remove(n) }
-            return .changed(ring, directives, removed: removed)
+            return (ring, directives, removed)
         }
-        guard case .changed(let ring, let directives, let removed) = outcome else { return false }
+        guard let (ring, directives, removed) = outcome else { return nil }
         for n in removed { liveness.set(n, nil) }
         perform(directives)
-        do {
-            try store.save(ring)
-        } catch {
-            // Keep serving on the adopted state; peers hold it too, and the next change retries.
-            logger.error("could not persist the ring state", metadata: ["error": "\(error)"])
-        }
-        publish(ring)
+        persistNewest()
+        publishNewest()
         logger.info("ring state adopted", metadata: [
             "ring_version": "\(ring.version)", "claimant": "\(ring.claimant)", "members": "\(ring.members.count)",
             "pending_transfers": "\(ring.pendingTransfers.count)", "source": "\(source)",
         ])
         checkOwnStatus(ring)
-        return true
+        return ring
     }
 
-    private func publish(_ ring: RingState) {
-        let version = state.withLock { s in
-            s.published = max(s.published, views.current.version) + 1
-            return s.published
+    /// Writes the current ring unless a state at least as new is on disk already. Serialized by
+    /// `persisted`, so writes land in order.
+    private func persistNewest() {
+        persisted.withLock { last in
+            guard let ring = self.ring, last.map({ RingState.merged($0, ring) != $0 }) ?? true else { return }
+            do {
+                try store.save(ring)
+                last = ring
+            } catch {
+                // Keep serving on the adopted state; peers hold it too, and the next change retries.
+                logger.error("could not persist the ring state", metadata: ["error": "\(error)"])
+            }
         }
-        views.publish(ClusterView(state: ring, me: me, clusterName: clusterName, version: version))
-        metrics.ringVersion.record(Int(clamping: ring.version))
+    }
+
+    /// Publishes the current ring as the next view.
+    private func publishNewest() {
+        let view: ClusterView? = state.withLock { s in
+            guard let ring = s.ring else { return nil }
+            s.published = max(s.published, views.current.version) + 1
+            return ClusterView(state: ring, me: me, clusterName: clusterName, version: s.published)
+        }
+        guard let view else { return }
+        views.publish(view)
+        metrics.ringVersion.record(Int(clamping: view.state?.version ?? 0))
     }
 
     private func checkOwnStatus(_ ring: RingState) {
@@ -345,11 +348,16 @@ final class MembershipAgent: SupervisedChild {
 
     /// Applies `change` to this node's state if it is the claimant (else throws `notClaimant`).
     func asClaimant(_ change: (RingState) throws(ValidationError) -> RingState) throws -> RingState {
-        guard let ring else { throw AdminFailure.notJoined }
-        guard ring.claimant == me else { throw AdminFailure.notClaimant(ring.claimant) }
-        let next = try change(ring)
-        if next != ring { adopt(next, source: "claimant") }
-        return self.ring ?? next
+        var result: RingState?
+        try changeRing(source: "claimant") { current in
+            guard let current else { throw AdminFailure.notJoined }
+            guard current.claimant == me else { throw AdminFailure.notClaimant(current.claimant) }
+            let next = try change(current)
+            result = next
+            return next
+        }
+        guard let result else { throw AdminFailure.notJoined }
+        return result
     }
 
     private func claimantDuties() {
@@ -366,9 +374,14 @@ final class MembershipAgent: SupervisedChild {
         let heir = ring.members.first { m in
             m.status == .valid && (m.name == me || liveness.status(of: m.name) == .alive)
         }
-        guard heir?.name == me, let next = try? ring.takingOver(by: me) else { return }
-        logger.notice("the claimant is dead; this node takes the role over", metadata: ["old_claimant": "\(ring.claimant)"])
-        adopt(next, source: "takeover")
+        guard heir?.name == me else { return }
+        let taken = changeRing(source: "takeover") { current in
+            guard let current, current.claimant == ring.claimant else { return nil }
+            return try? current.takingOver(by: me)
+        }
+        if taken != nil {
+            logger.notice("the claimant is dead; this node took the role over", metadata: ["old_claimant": "\(ring.claimant)"])
+        }
     }
 }
 

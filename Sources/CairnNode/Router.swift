@@ -176,7 +176,8 @@ final class Router: RequestDispatcher {
             switch envelope.message {
             case .gossip(let bytes): return agent.receiveGossip(bytes)
             case .clusterStatePush(let bytes):
-                agent.receiveState(bytes, from: "pushed by a peer")
+                // Adopting a state persists it (file syncs): not on the event loop.
+                Task { agent.receiveState(bytes, from: "pushed by a peer") }
                 return
             default: break
             }

@@ -16,6 +16,37 @@ public protocol FileSystem: Sendable {
     func syncDirectory(_ path: String) throws(StorageError)
 }
 
+extension FileSystem {
+    /// Replaces `directory/name` with `bytes` crash-safely: write `name.tmp`, sync it, rename it
+    /// over the old file, sync the directory (creating the directory if missing). A crash at any
+    /// point leaves the old or the new file, never a torn one.
+    public func replaceAtomically(_ name: String, in directory: String, with bytes: [UInt8]) throws(StorageError) {
+        if !exists(directory) { try createDirectory(directory) }
+        let path = directory + "/" + name
+        let temporary = path + ".tmp"
+        if exists(temporary) { try remove(temporary) }
+        let file = try openAppendable(temporary, create: true)
+        do {
+            try file.append(bytes)
+            try file.sync()
+        } catch {
+            try? file.close()
+            throw error
+        }
+        try file.close()
+        try rename(temporary, to: path)
+        try syncDirectory(directory)
+    }
+
+    /// The whole content of `path` (nil: there is no such file).
+    public func readWhole(_ path: String) throws(StorageError) -> [UInt8]? {
+        guard exists(path) else { return nil }
+        let file = try openReadable(path)
+        defer { file.close() }
+        return try file.read(at: 0, count: Int(clamping: file.size))
+    }
+}
+
 /// A file being appended to. Owned by one writer at a time (not thread-safe).
 public protocol AppendableFile: AnyObject {
     var size: UInt64 { get }

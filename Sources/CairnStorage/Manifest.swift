@@ -250,14 +250,7 @@ public enum Manifest {
 
     /// Points `CURRENT` at `manifest` (a file name in `directory`), crash-safely.
     public static func installCurrent(fs: any FileSystem, directory: String, manifest: String) throws(StorageError) {
-        let tmp = directory + "/" + currentName + ".tmp"
-        if fs.exists(tmp) { try fs.remove(tmp) }
-        let f = try fs.openAppendable(tmp, create: true)
-        try f.append(Array((manifest + "\n").utf8))
-        try f.sync()
-        try f.close()
-        try fs.rename(tmp, to: directory + "/" + currentName)
-        try fs.syncDirectory(directory)
+        try fs.replaceAtomically(currentName, in: directory, with: Array((manifest + "\n").utf8))
     }
 
     /// Writes a new manifest holding `version` as one edit and installs it.

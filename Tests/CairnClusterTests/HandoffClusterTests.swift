@@ -70,7 +70,7 @@ struct HandoffClusterTests {
         var c = NodeConfig(name: try NodeName("n4"))
         c.listen = HostPort(host: "127.0.0.1", port: 0)
         c.http = nil
-        c.clusterName = "test"
+        c.clusterName = cluster.name
         c.ringSize = 64
         c.reconnectMinMillis = 20
         c.reconnectMaxMillis = 200

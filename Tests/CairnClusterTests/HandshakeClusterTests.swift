@@ -123,7 +123,7 @@ struct HandshakeClusterTests {
 
         // Hello answered, no proof yet: internode requests are refused as before any hello.
         let conn = try await Connection.connect(host: "127.0.0.1", port: target.address.port, group: MultiThreadedEventLoopGroup.singleton, limits: Limits())
-        let impostor = ClusterHandshake(cluster: "test", me: try NodeName("n3"), secret: Self.otherSecret)
+        let impostor = ClusterHandshake(cluster: cluster.name, me: try NodeName("n3"), secret: Self.otherSecret)
         let hello = impostor.hello(nonce: ClusterHandshake.makeNonce())
         guard case .helloAck(let ack) = try await conn.request(.hello(hello), timeoutMillis: 10_000) else {
             Issue.record("the hello itself should be answered")
@@ -138,7 +138,7 @@ struct HandshakeClusterTests {
                 "the impostor cannot verify the node's ack")
 
         // A proof made with the other secret over this very exchange: refused, connection closed.
-        let lookalike = try ClusterHandshake(cluster: "test", me: target.name, secret: Self.otherSecret).answer(hello, nonce: ack.nonce, remote: nil).get().ack
+        let lookalike = try ClusterHandshake(cluster: cluster.name, me: target.name, secret: Self.otherSecret).answer(hello, nonce: ack.nonce, remote: nil).get().ack
         try await conn.cast(.helloProof(try impostor.proof(for: lookalike, to: hello, dialled: target.name, at: conn.remote).get())).get()
         do {
             let reply = try await conn.request(put, timeoutMillis: 10_000)

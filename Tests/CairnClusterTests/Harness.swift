@@ -9,16 +9,29 @@ import NIOPosix
 import Synchronization
 import Foundation
 
-let quietLogger = Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() })
+/// Silent, unless CAIRN_TEST_LOG names a level (debugging a test: the nodes' logs on stderr).
+let quietLogger: Logger = {
+    guard let level = ProcessInfo.processInfo.environment["CAIRN_TEST_LOG"].flatMap(Logger.Level.init(rawValue:)) else {
+        return Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() })
+    }
+    var l = Logger(label: "test", factory: { StreamLogHandler.standardError(label: $0) })
+    l.logLevel = level
+    return l
+}()
 
 /// Real nodes in this process, on loopback with kernel-chosen ports.
 final class TestCluster: Sendable {
     let nodes: [CairnNode]
     let members: [MemberAddress]
+    /// `cluster.name`, unique per cluster: a node of another test (one still stopping, whose
+    /// ring lists an address the kernel has given to this cluster since) is refused at the
+    /// handshake instead of talking to this cluster's nodes.
+    let name: String
     private let tasks: [Task<Void, any Error>]
 
-    private init(nodes: [CairnNode], members: [MemberAddress], tasks: [Task<Void, any Error>]) {
+    private init(nodes: [CairnNode], members: [MemberAddress], name: String, tasks: [Task<Void, any Error>]) {
         self.nodes = nodes
+        self.name = name
         self.members = members
         self.tasks = tasks
     }
@@ -26,12 +39,13 @@ final class TestCluster: Sendable {
     static func start(count: Int = 3, nVal: Int = 3, configure: (inout NodeConfig) -> Void = { _ in }) async throws -> TestCluster {
         var nodes: [CairnNode] = []
         var members: [MemberAddress] = []
+        var name = "test-\(UInt64.random(in: 0...UInt64.max))"
         let scratch = FileManager.default.temporaryDirectory.appendingPathComponent("cairn-test-\(UInt64.random(in: 0...UInt64.max))").path
         for i in 1...count {
             var c = NodeConfig(name: try NodeName("n\(i)"))
             c.listen = HostPort(host: "127.0.0.1", port: 0)
             c.http = HostPort(host: "127.0.0.1", port: 0)
-            c.clusterName = "test"
+            c.clusterName = name
             c.ringSize = 64
             c.nVal = nVal
             c.reconnectMinMillis = 20
@@ -40,6 +54,7 @@ final class TestCluster: Sendable {
             c.drainTimeoutMillis = 2000
             c.dataDirectory = scratch + "/n\(i)"
             configure(&c)
+            name = c.clusterName
             let node = CairnNode(config: c, logger: quietLogger)
             let bound = try await node.bind()
             nodes.append(node)
@@ -47,7 +62,7 @@ final class TestCluster: Sendable {
         }
         for n in nodes { try n.start(members: members) }
         let tasks = nodes.map { n in Task { try await n.run() } }
-        let cluster = TestCluster(nodes: nodes, members: members, tasks: tasks)
+        let cluster = TestCluster(nodes: nodes, members: members, name: name, tasks: tasks)
         try await cluster.waitUntil("all nodes serving with every peer connected") {
             nodes.allSatisfy { $0.state == .serving && $0.connectedPeers == count - 1 }
         }

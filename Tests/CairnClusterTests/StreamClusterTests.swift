@@ -34,7 +34,7 @@ private final class GatedSink: StreamSink {
         let cluster = try await TestCluster.start(count: 2, nVal: 2)
         let s = try await RawSocket.connect(cluster.members[0].address)
         defer { s.close() }
-        let me = ClusterHandshake(cluster: "test", me: try NodeName("n2"), secret: .empty)
+        let me = ClusterHandshake(cluster: cluster.name, me: try NodeName("n2"), secret: .empty)
         let hello = me.hello(nonce: ClusterHandshake.makeNonce())
         try await s.send(frame(.hello(hello), id: 1))
         try await cluster.waitUntil("the hello is answered") { !s.frames.isEmpty }
