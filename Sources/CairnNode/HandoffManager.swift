@@ -39,7 +39,6 @@ final class HandoffManager: SupervisedChild {
         let shell: TransferShell
         let task: Task<Void, Never>
         let startedAt: ContinuousClock.Instant
-        var flipped = false
     }
 
     let env: Environment
@@ -79,8 +78,9 @@ final class HandoffManager: SupervisedChild {
                     // The plan ended (every transfer done: the flip) or changed (cancelled).
                     let flippedTo = ring.replicas(of: t.partition).contains(t.to)
                     notify.append((r.shell, flippedTo ? .ownershipFlipped : .cancelled))
-                } else if ring.hasFlipped(t.partition), !r.flipped {
-                    table[t]?.flipped = true
+                } else if ring.hasFlipped(t.partition) {
+                    // Told again with every view: the machine ignores repeats, and a lost
+                    // notice (a full inbox) cannot leave the transfer waiting for ever.
                     notify.append((r.shell, .ownershipFlipped))
                 }
             }
