@@ -68,7 +68,7 @@ struct HandoffClusterTests {
 
         // n4 knows only a seed; until it joins it refuses key requests.
         var c = NodeConfig(name: try NodeName("n4"))
-        c.listen = HostPort(host: "127.0.0.1", port: 0)
+        c.listen = HostPort(host: cluster.members[0].address.host, port: 0)
         c.http = nil
         c.clusterName = cluster.name
         c.ringSize = 64

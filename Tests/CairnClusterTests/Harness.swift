@@ -19,7 +19,23 @@ let quietLogger: Logger = {
     return l
 }()
 
-/// Real nodes in this process, on loopback with kernel-chosen ports.
+/// A loopback address of its own for each in-process cluster (all of 127/8 is loopback on
+/// Linux), away from 127.0.0.x where the process tests and local clusters listen. A port the
+/// kernel hands to this cluster may have been another test's a moment ago; a dialer still
+/// retrying that test's address (a stopped peer, a "dead" member, a client) reaches nothing
+/// here, so no count or log of this cluster's nodes depends on what ran before it.
+enum TestLoopback {
+    private static let next = Atomic<UInt32>(0)
+    /// 127.(100 + c / 250 % 100).(pid % 256).(c % 250 + 1) for the c-th call in this process.
+    static func host() -> String {
+        let c = next.add(1, ordering: .relaxed).oldValue
+        let pid = UInt32(truncatingIfNeeded: getpid()) % 256
+        return "127.\(100 + c / 250 % 100).\(pid).\(c % 250 + 1)"
+    }
+}
+
+/// Real nodes in this process, on a loopback address of their own (`TestLoopback`) with
+/// kernel-chosen ports.
 final class TestCluster: Sendable {
     let nodes: [CairnNode]
     let members: [MemberAddress]
@@ -41,10 +57,11 @@ final class TestCluster: Sendable {
         var members: [MemberAddress] = []
         var name = "test-\(UInt64.random(in: 0...UInt64.max))"
         let scratch = FileManager.default.temporaryDirectory.appendingPathComponent("cairn-test-\(UInt64.random(in: 0...UInt64.max))").path
+        let host = TestLoopback.host()
         for i in 1...count {
             var c = NodeConfig(name: try NodeName("n\(i)"))
-            c.listen = HostPort(host: "127.0.0.1", port: 0)
-            c.http = HostPort(host: "127.0.0.1", port: 0)
+            c.listen = HostPort(host: host, port: 0)
+            c.http = HostPort(host: host, port: 0)
             c.clusterName = name
             c.ringSize = 64
             c.nVal = nVal

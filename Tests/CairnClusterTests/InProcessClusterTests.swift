@@ -189,7 +189,7 @@ struct InProcessClusterTests {
     @Test func replicaOperationsCheckThatTheKeyBelongsToThePartition() async throws {
         let cluster = try await TestCluster.start()
         let ring = try Ring(partitionCount: 64, members: cluster.members.map(\.name))
-        let conn = try await Connection.connect(host: "127.0.0.1", port: cluster.members[0].address.port, group: MultiThreadedEventLoopGroup.singleton, limits: Limits())
+        let conn = try await Connection.connect(host: cluster.members[0].address.host, port: cluster.members[0].address.port, group: MultiThreadedEventLoopGroup.singleton, limits: Limits())
         let ack = try await handshake(conn, as: "n2", to: cluster.members[0].name, cluster: cluster.name)
         guard case .helloAck = ack else { Issue.record("handshake refused: \(ack)"); return }
         var object = VersionedObject()
@@ -202,7 +202,7 @@ struct InProcessClusterTests {
         let accepted = try await conn.request(.replicaPut(ReplicaPut(partition: right, key: key, object: object)), timeoutMillis: 10_000)
         #expect(accepted == .replicaPutAck)
         // A peer claiming to be the receiving node itself is refused.
-        let selfConn = try await Connection.connect(host: "127.0.0.1", port: cluster.members[0].address.port, group: MultiThreadedEventLoopGroup.singleton, limits: Limits())
+        let selfConn = try await Connection.connect(host: cluster.members[0].address.host, port: cluster.members[0].address.port, group: MultiThreadedEventLoopGroup.singleton, limits: Limits())
         let selfHello = try await handshake(selfConn, as: "n1", to: cluster.members[0].name, cluster: cluster.name)
         if case .helloAck = selfHello { Issue.record("a peer impersonating the node itself was accepted") }
         conn.close(); selfConn.close()
