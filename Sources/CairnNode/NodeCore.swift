@@ -141,7 +141,7 @@ final class NodeCore: Sendable {
             responder.reply(.clusterState(bytes))
         case .replicaGet(let r) where fromPeer:
             guard a.view.partition(forKey: r.key) == r.partition else { return responder.fail(wrongPartition(r.partition)) }
-            guard let vnode = vnodes.vnode(for: r.partition) else { return responder.fail(notAReplica(r.partition)) }
+            guard let vnode = vnodes.vnode(for: r.partition) else { return await relay(message, partition: r.partition, a, responder) }
             do throws(VnodeError) {
                 responder.reply(.replicaGetReply(ReplicaGetReply(object: try await vnode.get(r.key))))
             } catch {
@@ -149,7 +149,7 @@ final class NodeCore: Sendable {
             }
         case .replicaPut(let r) where fromPeer:
             guard a.view.partition(forKey: r.key) == r.partition else { return responder.fail(wrongPartition(r.partition)) }
-            guard let vnode = vnodes.vnode(for: r.partition) else { return responder.fail(notAReplica(r.partition)) }
+            guard let vnode = vnodes.vnode(for: r.partition) else { return await relay(message, partition: r.partition, a, responder) }
             do throws(VnodeError) {
                 let merged = try await vnode.merge(key: r.key, object: r.object)
                 // Handing this partition off: the receiver gets the write too before the ack.
@@ -161,6 +161,50 @@ final class NodeCore: Sendable {
         default:
             responder.fail(ErrorReply(code: .unknownMessage, message: "\(message.type) is not accepted here"))
         }
+    }
+
+    /// A replica request for a partition whose vnode this node retired when the ring moved it
+    /// away: its sender holds an older ring. Relayed to the nodes that replaced this one
+    /// (`VnodeTable.successors`), so a coordinator a gossip round behind still reaches the copy
+    /// it counts on. A write is acknowledged only when every successor acknowledged it (the one
+    /// ack the coordinator counts stands for at least one durable copy); a read answers with the
+    /// first successor's object. With no successor known, `notAReplica` as before.
+    private func relay(_ message: Message, partition: PartitionID, _ a: Activation, _ responder: Responder) async {
+        let successors = vnodes.successors(of: partition).filter { $0 != config.name }
+        guard !successors.isEmpty else { return responder.fail(notAReplica(partition)) }
+        metrics.relayedReplicaRequests.increment()
+        let (transport, ms) = (a.transport, config.requestTimeoutMillis)
+        let answers = await withTaskGroup(of: Result<Message, ConnectionError>.self) { group in
+            for node in successors {
+                group.addTask {
+                    do throws(ConnectionError) { return .success(try await transport.send(to: node, message, timeoutMillis: ms)) }
+                    catch { return .failure(error) }
+                }
+            }
+            var out: [Result<Message, ConnectionError>] = []
+            for await r in group { out.append(r) }
+            return out
+        }
+        let names = successors.map(\.value).joined(separator: ", ")
+        switch message {
+        case .replicaGet:
+            for case .success(let reply) in answers {
+                if case .replicaGetReply = reply { return responder.reply(reply) }
+            }
+        default:
+            if answers.allSatisfy({ if case .success(.replicaPutAck) = $0 { true } else { false } }) {
+                return responder.reply(.replicaPutAck)
+            }
+        }
+        let why = answers.compactMap { r -> String? in
+            switch r {
+            case .failure(let e): e.description
+            case .success(.error(let e)): e.message
+            case .success: nil
+            }
+        }.joined(separator: "; ")
+        responder.fail(ErrorReply(code: .notAReplica, message:
+            "node \(config.name) handed partition \(partition.index) to \(names), which did not all answer: \(why)"))
     }
 
     private func wrongPartition(_ p: PartitionID) -> ErrorReply {

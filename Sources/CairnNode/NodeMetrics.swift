@@ -35,6 +35,8 @@ public final class NodeMetrics: Sendable {
     let siblingsPruned: CoreMetrics.Counter
     let supervisorRestarts: CoreMetrics.Counter
     let forwarded: CoreMetrics.Counter
+    /// Replica requests for a partition this node handed away, relayed to its successors.
+    let relayedReplicaRequests: CoreMetrics.Counter
     let peersUp: CoreMetrics.Gauge
     let replicaRequests: CoreMetrics.Counter
     let replicaFailures: CoreMetrics.Counter
@@ -98,6 +100,7 @@ public final class NodeMetrics: Sendable {
         siblingsPruned = CoreMetrics.Counter(label: "cairn_siblings_pruned_total", factory: f)
         supervisorRestarts = CoreMetrics.Counter(label: "cairn_supervisor_restarts_total", factory: f)
         forwarded = CoreMetrics.Counter(label: "cairn_forwarded_requests_total", factory: f)
+        relayedReplicaRequests = CoreMetrics.Counter(label: "cairn_relayed_replica_requests_total", factory: f)
         peersUp = CoreMetrics.Gauge(label: "cairn_peers_up", factory: f)
         replicaRequests = CoreMetrics.Counter(label: "cairn_replica_requests_total", factory: f)
         replicaFailures = CoreMetrics.Counter(label: "cairn_replica_request_failures_total", factory: f)

@@ -275,15 +275,32 @@ public enum VnodeError: Error, Sendable, Hashable, CustomStringConvertible {
 /// The table of this node's vnodes, by (partition, role). Thread-safe; lookups do not suspend.
 public final class VnodeTable: Sendable {
     private let table = Locked<[VnodeKey: Vnode]>([:])
+    /// For each partition whose vnode this node retired because the ring moved it away: the
+    /// replicas that took its place. At most one entry per partition (bounded by Q); an entry
+    /// goes when the partition's vnode starts here again.
+    private let successors = Locked<[PartitionID: [NodeName]]>([:])
 
     public init() {}
+
+    /// The nodes that replaced this one as replicas of `p` (empty if this node never retired
+    /// `p`'s vnode, or runs it now). A replica request from a coordinator whose ring is older
+    /// than the move goes to them.
+    public func successors(of p: PartitionID) -> [NodeName] { successors.withLock { $0[p] ?? [] } }
+
+    /// Records the nodes that replaced this one for `p` (called on retiring `p`'s vnode).
+    func movedAway(_ p: PartitionID, to nodes: [NodeName]) {
+        successors.withLock { $0[p] = nodes.isEmpty ? nil : nodes }
+    }
 
     /// The primary vnode of `p`, if this node runs one.
     public func vnode(for p: PartitionID) -> Vnode? { vnode(for: VnodeKey(partition: p, role: .primary)) }
 
     public func vnode(for key: VnodeKey) -> Vnode? { table.withLock { $0[key] } }
 
-    public func insert(_ v: Vnode) { table.withLock { $0[v.key] = v } }
+    public func insert(_ v: Vnode) {
+        table.withLock { $0[v.key] = v }
+        successors.withLock { _ = $0.removeValue(forKey: v.key.partition) }
+    }
 
     @discardableResult
     public func remove(_ key: VnodeKey) -> Vnode? { table.withLock { $0.removeValue(forKey: key) } }

@@ -66,8 +66,9 @@ final class VnodeManager: SupervisedChild {
     private let views: ClusterViews
     private let make: @Sendable (VnodeKey) -> Vnode
     private let logger: Logger
-    /// The version of the last view applied.
-    private let applied = Locked<UInt64>(0)
+    /// The last view applied (its version orders views; its placement tells who replaced this
+    /// node for a partition it retires).
+    private let applied = Locked<ClusterView?>(nil)
 
     init(table: VnodeTable, supervisor: Supervisor, views: ClusterViews, logger: Logger, make: @escaping @Sendable (VnodeKey) -> Vnode) {
         self.table = table
@@ -81,9 +82,10 @@ final class VnodeManager: SupervisedChild {
     /// last one applied). Returns the directives performed.
     @discardableResult
     func apply(_ view: ClusterView) -> [VnodePlan.Directive] {
-        applied.withLock { version in
-            guard view.version > version else { return [] }
-            version = view.version
+        applied.withLock { last in
+            guard view.version > last?.version ?? 0 else { return [] }
+            let previous = last
+            last = view
             let plan = VnodePlan.reconcile(running: table.keys, desired: VnodePlan.desired(by: view))
             for d in plan {
                 switch d {
@@ -94,6 +96,11 @@ final class VnodeManager: SupervisedChild {
                 case .retire(let key):
                     table.remove(key)
                     supervisor.terminate(key.description)
+                    // Coordinators still on the older ring send here for a while: name the nodes
+                    // that now hold this node's copy.
+                    let before = Set(previous?.state?.replicas(of: key.partition) ?? [])
+                    let now = view.state?.replicas(of: key.partition) ?? []
+                    table.movedAway(key.partition, to: now.filter { !before.contains($0) && $0 != view.me })
                 }
             }
             if !plan.isEmpty {

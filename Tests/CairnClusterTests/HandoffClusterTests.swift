@@ -5,6 +5,7 @@ import CairnClient
 import CairnCore
 import CairnWire
 import Foundation
+import NIOPosix
 
 /// Living membership with real nodes on loopback in this process: a node joins through a seed,
 /// the plan is committed, partitions are handed off, ownership flips; a member leaves, hands its
@@ -110,6 +111,7 @@ struct HandoffClusterTests {
         try await cluster.waitUntil("every replica holds its keys and the old owners dropped theirs", seconds: 60) {
             (try? placementErrors(keys, cluster.nodes + [n4]))?.isEmpty == true
         }
+        try await aCoordinatorOnTheOldRingStillReachesTheCopy(cluster, n4: n4)
         let viaN4 = try await CairnClient.connect(seeds: [n4.boundAddresses?.client.description ?? ""])
         #expect(await readAll(keys, via: viaN4) == [], "every key at R=all through the new node")
         let preflists = try await (0..<20).asyncMap { try await admin(n4, "preflist", ["key-\($0)"]) }
@@ -145,6 +147,40 @@ struct HandoffClusterTests {
         n4.shutdown()
         _ = try? await n4Run.value
         await cluster.stop()
+    }
+}
+
+extension HandoffClusterTests {
+    /// A coordinator a gossip round behind sends a replica write and read for a partition that
+    /// moved to n4 to its old replica: the old replica relays both to n4 (which stores the
+    /// write) instead of refusing them.
+    func aCoordinatorOnTheOldRingStillReachesTheCopy(_ cluster: TestCluster, n4: CairnNode) async throws {
+        let n4Name = try NodeName("n4")
+        let moved = cluster.nodes.indices.lazy.flatMap { i in (0..<64).lazy.map { (i, PartitionID($0)) } }
+            .first { i, p in cluster.nodes[i].core.vnodes.successors(of: p).contains(n4Name) }
+        let (old, partition) = try #require(moved, "some partition moved from n1..n3 to n4")
+        let ring = try #require(n4.core.membership?.ring)
+        let key = try #require((0..<10_000).lazy.map { Array("stale-\($0)".utf8) }.first { ring.partition(forKey: $0) == partition })
+        var object = VersionedObject()
+        try object.update(context: VersionVector(), value: Sibling(value: [7], timestampMillis: 1), actor: ActorID(node: "n9", epoch: 1))
+
+        let target = cluster.members[old]
+        let peer = cluster.members[(old + 1) % cluster.members.count].name
+        let conn = try await Connection.connect(host: target.address.host, port: target.address.port,
+                                                group: MultiThreadedEventLoopGroup.singleton, limits: Limits())
+        defer { conn.close() }
+        guard case .helloAck = try await handshake(conn, as: peer.value, to: target.name, cluster: cluster.name) else {
+            Issue.record("handshake refused"); return
+        }
+        let put = try await conn.request(.replicaPut(ReplicaPut(partition: partition, key: key, object: object)), timeoutMillis: 10_000)
+        #expect(put == .replicaPutAck, "the old replica relays the write to n4")
+        #expect(try n4.core.backend?.get(partition: partition, key: key) != nil, "n4 stored the relayed write")
+        #expect(try cluster.nodes[old].core.backend?.get(partition: partition, key: key) == nil, "the old replica kept no copy")
+        guard case .replicaGetReply(let got) = try await conn.request(.replicaGet(ReplicaGet(partition: partition, key: key)), timeoutMillis: 10_000) else {
+            Issue.record("the relayed read was refused"); return
+        }
+        #expect(got.object?.values.map(\.value) == [[7]])
+        #expect(cluster.nodes[old].metrics.exposition().contains("cairn_relayed_replica_requests_total 2"))
     }
 }
 
