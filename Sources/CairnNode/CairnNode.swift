@@ -376,7 +376,7 @@ public final class CairnNode: Service, Sendable {
         acceptStreams(of: .handoff) { handoff.accept($0) }
         var ctx = CoordinatorContext(me: config.name, actor: storage.actor, vnodes: core.vnodes, transport: transport,
                                      metrics: metrics, logger: core.logger, clock: core.clock, liveness: core.liveness)
-        ctx.afterLocalWrite = { p, key, object in await core.handoff?.forward(partition: p, key: key, object: object) }
+        ctx.afterLocalWrite = { p, key, object in await core.handoff?.forward(partition: p, key: key, object: object) ?? true }
         var membershipSettings = MembershipAgent.Settings()
         membershipSettings.swim = config.membership
         membershipSettings.requestTimeoutMillis = config.requestTimeoutMillis

@@ -13,8 +13,10 @@ struct CoordinatorContext: Sendable {
     let clock: any NodeClock
     /// The failure detector's view: a dead replica is not sent to.
     var liveness = Liveness()
-    /// Runs after a write is applied locally and before it counts (handoff's forward).
-    var afterLocalWrite: (@Sendable (PartitionID, [UInt8], VersionedObject) async -> Void)?
+    /// Runs after a write is applied locally and before it counts (handoff's forward); false:
+    /// the local copy must not count (the partition moved away and its new replicas did not
+    /// take the write).
+    var afterLocalWrite: (@Sendable (PartitionID, [UInt8], VersionedObject) async -> Bool)?
 }
 
 extension CoordinatorContext {
@@ -146,7 +148,9 @@ actor WriteCoordinator {
             group.addTask {
                 do throws(VnodeError) {
                     let object = try await vnode.coordinate(key: key, sibling: sibling, context: context, actor: actor)
-                    await hook?(partition, key, object)
+                    guard await hook?(partition, key, object) != false else {
+                        return .localFailed("partition \(partition.index) moved away from this node during the write and its new replicas did not take it")
+                    }
                     return .localApplied(object)
                 } catch {
                     if case .rejected(let why) = error { return .localRejected(why) }

@@ -119,11 +119,34 @@ final class HandoffManager: SupervisedChild {
         reconcile(views.current.state)
     }
 
-    /// A write applied here to `key` of `partition`: while a transfer of that partition runs from
-    /// this node, it reaches the receiver too (or is kept for a later batch) before returning.
-    func forward(partition: PartitionID, key: [UInt8], object: VersionedObject) async {
+    /// A write applied here to `key` of `partition`, before it is acknowledged: while a transfer
+    /// of that partition runs from this node, it reaches the receiver too (or is kept for a later
+    /// batch). Once the ring has moved the partition away from this node (the write raced the
+    /// flip: its vnode was still in hand, the copy here is being dropped), it is sent to the
+    /// partition's new replicas instead. Returns false when that failed: the write must then not
+    /// be acknowledged as this node's copy.
+    func forward(partition: PartitionID, key: [UInt8], object: VersionedObject) async -> Bool {
         let shells = running.withLock { $0.filter { $0.key.partition == partition }.map(\.value.shell) }
-        for shell in shells { await shell.forward(key: key, object: object) }
+        var carried = !shells.isEmpty
+        for shell in shells where await !shell.forward(key: key, object: object) { carried = false }
+        if carried { return true }
+        guard let ring = env.ring(), !ring.vnodePartitions(of: env.me).contains(partition) else { return true }
+        let known = vnodes.successors(of: partition)
+        let targets = (known.isEmpty ? ring.replicas(of: partition) : known).filter { $0 != env.me }
+        guard !targets.isEmpty else { return false }
+        let message = Message.replicaPut(ReplicaPut(partition: partition, key: key, object: object))
+        let (transport, ms) = (env.transport, env.requestTimeoutMillis)
+        return await withTaskGroup(of: Bool.self) { group in
+            for node in targets {
+                group.addTask {
+                    if case .replicaPutAck? = try? await transport.send(to: node, message, timeoutMillis: ms) { return true }
+                    return false
+                }
+            }
+            var all = true
+            for await ok in group where !ok { all = false }
+            return all
+        }
     }
 
     /// Transfers running from this node now, for `cairn transfers` and metrics.

@@ -74,6 +74,8 @@ actor TransferShell {
     private var timerAt: ContinuousClock.Instant?
     private var reporter: Task<Void, Never>?
     private(set) var outcome: TransferOutcome?
+    /// Set when the machine asks for the drop: from then on a forward is not the machine's.
+    private var dropping = false
     /// The kept keys as persisted (the machine's `persistDirtyKey` / `forgetDirtyKeys`, applied in order).
     private var kept: Set<[UInt8]> = []
     private let inbox: AsyncStream<Input>
@@ -125,12 +127,16 @@ actor TransferShell {
     nonisolated func post(_ event: TransferEvent) { sink.yield(.machine(event)) }
 
     /// A write applied here to `key` (in this transfer's partition) reaches the receiver too.
-    /// Returns once it did, or once the key is kept durably for a later batch.
-    func forward(key: [UInt8], object: VersionedObject) async {
-        guard outcome == nil else { return }
+    /// Returns true once it did, or once the key is kept durably for a later batch; false when
+    /// the transfer is past its copy (dropping the partition, or finished): the write is then
+    /// not the machine's to carry, and the caller must see it to the new replicas itself.
+    func forward(key: [UInt8], object: VersionedObject) async -> Bool {
+        guard outcome == nil, !dropping else { return false }
         let message = Message.replicaPut(ReplicaPut(partition: transfer.partition, key: key, object: object))
-        if case .replicaPutAck? = try? await env.transport.send(to: transfer.to, message, timeoutMillis: env.requestTimeoutMillis) { return }
+        if case .replicaPutAck? = try? await env.transport.send(to: transfer.to, message, timeoutMillis: env.requestTimeoutMillis) { return true }
+        guard outcome == nil, !dropping else { return false }
         await feed(.forwardFailed(key: key))
+        return true
     }
 
     // MARK: Driving the machine
@@ -260,6 +266,7 @@ actor TransferShell {
             startReporting()
             return []
         case .dropPartition:
+            dropping = true
             return await drop()
         case .finished(let result):
             outcome = result

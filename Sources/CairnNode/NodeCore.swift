@@ -153,7 +153,10 @@ final class NodeCore: Sendable {
             do throws(VnodeError) {
                 let merged = try await vnode.merge(key: r.key, object: r.object)
                 // Handing this partition off: the receiver gets the write too before the ack.
-                await handoff?.forward(partition: r.partition, key: r.key, object: merged)
+                guard await handoff?.forward(partition: r.partition, key: r.key, object: merged) != false else {
+                    return responder.fail(ErrorReply(code: .notAReplica, message:
+                        "node \(config.name) handed partition \(r.partition.index) away during the write, and its new replicas did not all take it"))
+                }
                 responder.reply(.replicaPutAck)
             } catch {
                 responder.fail(ErrorReply(code: .storage, message: error.description))
