@@ -27,19 +27,34 @@ final class MembershipNodes {
 
     func address(_ i: Int) -> String { "127.0.0.\(50 + i):7401" }
 
-    /// Starts n1…n`count` with `cluster.members` listing all of them.
-    func startCluster(_ count: Int = 3) throws {
+    /// Starts n1…n`count` with `cluster.members` listing all of them; `extra` lines go into
+    /// every node's config.
+    func startCluster(_ count: Int = 3, extra: [String] = []) throws {
         let members = (1...count).map { "n\($0)@\(address($0))" }.joined(separator: ",")
-        for i in 1...count { try launch(i, "cluster.members = \(members)") }
+        for i in 1...count { try launch(i, "cluster.members = \(members)", extra: extra) }
     }
 
     /// Starts node `i` with only `cluster.seeds` (the given members): it joins nothing by itself.
-    func startJoiner(_ i: Int, seeds: [Int]) throws {
-        try launch(i, "cluster.seeds = " + seeds.map(address).joined(separator: ","))
+    func startJoiner(_ i: Int, seeds: [Int], extra: [String] = []) throws {
+        try launch(i, "cluster.seeds = " + seeds.map(address).joined(separator: ","), extra: extra)
     }
 
-    private func launch(_ i: Int, _ membership: String) throws {
+    /// Kills node `i` with SIGKILL (as a crash would) and waits for it to be gone.
+    func kill9(_ i: Int) {
+        guard let p = processes[i], p.isRunning else { return }
+        kill(p.processIdentifier, SIGKILL)
+        p.waitUntilExit()
+    }
+
+    /// Starts node `i` again with the config it had (its data directory as it was left); its
+    /// log continues the same file.
+    func restart(_ i: Int) throws {
+        try spawn(i)
+    }
+
+    private func launch(_ i: Int, _ membership: String, extra: [String]) throws {
         let conf = dir.appendingPathComponent("n\(i).conf")
+        _ = FileManager.default.createFile(atPath: dir.appendingPathComponent("n\(i).log").path, contents: nil)
         try """
         node.name = n\(i)
         node.listen = \(address(i))
@@ -52,16 +67,28 @@ final class MembershipNodes {
         cluster.secret_file = \(secretFile.path)
         transport.reconnect_min = 20ms
         transport.reconnect_max = 200ms
+        \(extra.joined(separator: "\n"))
         """.write(to: conf, atomically: true, encoding: .utf8)
+        try spawn(i)
+    }
+
+    private func spawn(_ i: Int) throws {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: try Repo.binary("cairnd"))
-        p.arguments = ["--config", conf.path, "--log-level", "info"]
+        // CAIRN_TEST_LOG=<level> (e.g. debug, trace) makes the nodes' logs more verbose.
+        let level = ProcessInfo.processInfo.environment["CAIRN_TEST_LOG"] ?? "info"
+        p.arguments = ["--config", dir.appendingPathComponent("n\(i).conf").path, "--log-level", level]
         p.standardOutput = FileHandle.nullDevice
-        let log = dir.appendingPathComponent("n\(i).log")
-        _ = FileManager.default.createFile(atPath: log.path, contents: nil)
-        p.standardError = try FileHandle(forWritingTo: log)
+        let log = try FileHandle(forWritingTo: dir.appendingPathComponent("n\(i).log"))
+        try log.seekToEnd()
+        p.standardError = log
         try p.run()
         processes[i] = p
+    }
+
+    /// Node `i`'s whole log.
+    func log(_ i: Int) -> String {
+        (try? String(contentsOf: dir.appendingPathComponent("n\(i).log"), encoding: .utf8)) ?? ""
     }
 
     /// The last lines of node `i`'s log (for failure messages).
@@ -118,7 +145,8 @@ final class MembershipNodes {
         var statuses: [Int: Int32] = [:]
         for i in processes.keys { statuses[i] = stop(i) }
         processes = [:]
-        try? FileManager.default.removeItem(at: dir)
+        // CAIRN_KEEP_TEST_DATA=1 keeps the data, configs and logs for a post-mortem.
+        if ProcessInfo.processInfo.environment["CAIRN_KEEP_TEST_DATA"] == nil { try? FileManager.default.removeItem(at: dir) }
         return statuses
     }
 
