@@ -36,6 +36,14 @@ public enum Fault: Sendable, Hashable, CustomStringConvertible {
         }
     }
 
+    /// The node a membership change joins, removes or sees leave.
+    var membershipNode: Int? {
+        switch self {
+        case .join(let n), .leave(let n), .remove(let n): n
+        default: nil
+        }
+    }
+
     /// The `cairn cluster` verb that stages a membership change ("" for other faults).
     var membershipVerb: String {
         switch self {
@@ -199,7 +207,7 @@ public struct NemesisSchedule: Sendable, Hashable {
             }
             faults.append(ScheduledFault(atMillis: t, durationMillis: 0, fault: fault, members: before))
             nextChange += 1
-            t += 3000
+            t += 1000   // the next faults run while its transfers do
         }
         while t < durationMillis - 4000 {
             if nextChange < changes.count && (changeTimes[nextChange] <= t || regular.isEmpty) {

@@ -208,9 +208,7 @@ public final class Torture: @unchecked Sendable {
             if wait > 0 { try await Task.sleep(for: .milliseconds(wait)) }
             let begin = elapsedMillis
             if f.fault.isMembershipChange {
-                say("nemesis: \(f.fault)")
                 await changeMembership(f.fault)
-                timeline.append((begin, elapsedMillis, "\(f.fault)"))
                 continue
             }
             // A membership change that took longer than planned delays what follows; the end of
@@ -219,13 +217,14 @@ public final class Torture: @unchecked Sendable {
                 say("nemesis: skipped (\(f.fault)): too late in the run")
                 continue
             }
-            say("nemesis: \(f.fault)")
+            say("nemesis: \(f.fault)" + (inFlight.map { " (while \($0.change) completes)" } ?? ""))
             try apply(f)
             try await Task.sleep(for: .milliseconds(f.durationMillis))
             say("nemesis: heal (\(f.fault))")
             try healAll()
             timeline.append((begin, elapsedMillis, "\(f.fault)"))
         }
+        await finishInFlight()
     }
 
     // MARK: Membership
@@ -293,37 +292,57 @@ public final class Torture: @unchecked Sendable {
         return false
     }
 
-    /// One join, leave or remove, through the `cairn` CLI as an operator does it, waiting
-    /// (bounded) until it completes. A change that cannot complete is recorded as a problem and
-    /// fails the run; the run goes on.
+    /// The committed membership change whose transfers may still run, while the faults after
+    /// it go on: at most one (the next change first waits for it to complete).
+    var inFlight: (change: Fault, via: Int, began: Int)?
+
+    /// One join, leave or remove, through the `cairn` CLI as an operator does it: first the
+    /// change in flight must complete, then this one is staged, planned and committed. Its
+    /// transfers then run under the next faults; `finishInFlight` waits for them. A change that
+    /// cannot complete is recorded as a problem and fails the run; the run goes on.
     func changeMembership(_ change: Fault) async {
+        await finishInFlight()
+        say("nemesis: \(change)")
         let begin = elapsedMillis
         do {
-            try await makeChange(change)
-            say("nemesis: \(change): done in \(String(format: "%.1f", Double(elapsedMillis - begin) / 1000)) s")
+            let via = try await commitChange(change)
+            inFlight = (change, via, begin)
+        } catch {
+            membershipProblems.append("\(change): \(error)")
+            say("nemesis: \(change): PROBLEM: \(error)")
+            timeline.append((begin, elapsedMillis, "\(change)"))
+        }
+    }
+
+    /// Waits (bounded) until the change in flight is complete: transfers done and the joiner
+    /// valid, or the leaver and the removed node no longer listed (and the leaver's cairnd
+    /// exited 0).
+    func finishInFlight() async {
+        guard let (change, via, began) = inFlight else { return }
+        inFlight = nil
+        do {
+            try await awaitChange(change, via: via)
+            say("nemesis: \(change): done in \(String(format: "%.1f", Double(elapsedMillis - began) / 1000)) s")
         } catch {
             membershipProblems.append("\(change): \(error)")
             say("nemesis: \(change): PROBLEM: \(error)")
         }
+        timeline.append((began, elapsedMillis, "\(change)"))
     }
 
-    func makeChange(_ change: Fault) async throws {
-        // Where commands run: n1 (the claimant) if it is a member, the lowest member otherwise.
-        let target: Int
-        switch change {
-        case .join(let n), .leave(let n), .remove(let n): target = n
-        default: return
-        }
+    /// Stages, plans and commits `change`; returns the member the commands went through.
+    func commitChange(_ change: Fault) async throws -> Int {
+        guard let target = change.membershipNode else { throw TortureError("\(change) is not a membership change") }
         let name = "n\(target + 1)"
+        // Where commands run: n1 (the claimant) while it is a member, the lowest member otherwise.
         guard let via = running.first(where: { $0 != target }) else { throw TortureError("no other member to ask") }
         let timeout = config.membershipTimeoutMillis
 
-        // One change in flight at a time: the previous one's transfers are done, nothing staged.
+        // One change in flight at a time: nothing pending, nothing staged.
         var last = ""
         guard await waitStatus(via: via, millis: timeout, last: &last, { $0.pendingTransfers == 0 && $0.staged.isEmpty }) else {
             throw TortureError("the cluster still had transfers pending or changes staged after \(timeout / 1000) s: \(last)")
         }
-
         switch change {
         case .join:
             try start(target, seeds: running)
@@ -336,7 +355,7 @@ public final class Torture: @unchecked Sendable {
             killNode(target)
             active.remove(target)
             try await retrying { try await self.cairn(via, ["cluster", "remove", name]) }
-        default: return
+        default: break
         }
         let staged = try await retrying { try await self.status(via) }.staged
         let expected = change.membershipVerb + " " + name
@@ -347,7 +366,22 @@ public final class Torture: @unchecked Sendable {
         let plan = try await retrying { try await self.cairn(via, ["cluster", "plan"]) }
         let commit = try await retrying { try await self.cairn(via, ["cluster", "commit"]) }
         say("nemesis: \(change): committed: plan \(Self.compact(plan)); commit \(Self.compact(commit))")
+        if case .leave = change {
+            // A member no more: no fault touches it, no heal restarts it; it exits on its own.
+            active.remove(target)
+            leaving.insert(target)
+        }
+        return via
+    }
 
+    /// Nodes whose leave is committed and whose cairnd has not yet been seen to exit.
+    var leaving: Set<Int> = []
+
+    func awaitChange(_ change: Fault, via: Int) async throws {
+        guard let target = change.membershipNode else { return }
+        let name = "n\(target + 1)"
+        let timeout = config.membershipTimeoutMillis
+        var last = ""
         switch change {
         case .join:
             guard await waitStatus(via: via, millis: timeout, last: &last, { $0.pendingTransfers == 0 && $0.members[name] == "valid" }) else {
@@ -359,7 +393,7 @@ public final class Torture: @unchecked Sendable {
                 throw TortureError("\(name) still listed or transfers pending after \(timeout / 1000) s: \(last)")
             }
             // Its cairnd exits on its own, with 0, once its data is handed off.
-            active.remove(target)
+            leaving.remove(target)
             let exitDeadline = elapsedMillis + 60_000
             while processes[target]?.isRunning == true && elapsedMillis < exitDeadline { try await Task.sleep(for: .milliseconds(200)) }
             guard let p = processes[target] else { throw TortureError("\(name) was not running") }
