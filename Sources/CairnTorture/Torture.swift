@@ -322,7 +322,9 @@ public final class Torture: @unchecked Sendable {
         inFlight = nil
         do {
             try await awaitChange(change, via: via)
-            say("nemesis: \(change): done in \(String(format: "%.1f", Double(elapsedMillis - began) / 1000)) s")
+            // Checked only when the next change is due (or at the end): an upper bound on how
+            // long the change took, not its duration.
+            say("nemesis: \(change): done (confirmed \(String(format: "%.1f", Double(elapsedMillis - began) / 1000)) s after it began)")
         } catch {
             membershipProblems.append("\(change): \(error)")
             say("nemesis: \(change): PROBLEM: \(error)")
