@@ -9,6 +9,15 @@ public struct TortureError: Error, CustomStringConvertible {
     public init(_ d: String) { description = d }
 }
 
+/// `sh` on a dispatch thread: a command that takes a while (the `cairn` CLI, a poll) must not hold
+/// one of Swift's cooperative threads (two on a 2-core machine) away from the workload's clients.
+@discardableResult
+func shAsync(_ args: [String], allowFailure: Bool = false) async throws -> String {
+    try await withCheckedThrowingContinuation { (c: CheckedContinuation<String, any Error>) in
+        DispatchQueue.global().async { c.resume(with: Result { try sh(args, allowFailure: allowFailure) }) }
+    }
+}
+
 /// Runs a command to completion; throws with its output if it fails.
 @discardableResult
 func sh(_ args: [String], input: String? = nil, allowFailure: Bool = false) throws -> String {
@@ -49,7 +58,8 @@ protocol Lab: Sendable {
     /// The command that runs `cairnd` as node `i` (wrapped for its namespace if any).
     func command(_ i: Int, cairnd: String, config: String) -> [String]
     /// Cuts exactly these links (node → peers it must not reach); an empty map heals all.
-    func cut(_ blocked: [Int: Set<Int>]) throws
+    /// `running`: the nodes whose processes run now (the others cannot be told anything).
+    func cut(_ blocked: [Int: Set<Int>], running: [Int]) throws
     func tearDown()
 }
 
@@ -104,7 +114,7 @@ struct NamespaceLab: Lab {
         ["ip", "netns", "exec", ns(i), cairnd, "--config", config, "--log-level", "warning", "--test-fault-injection"]
     }
 
-    func cut(_ blocked: [Int: Set<Int>]) throws {
+    func cut(_ blocked: [Int: Set<Int>], running: [Int]) throws {
         for i in 0..<nodeCount {
             var script = "flush chain inet cairncut output\n"
             for j in (blocked[i] ?? []).sorted() { script += "add rule inet cairncut output ip daddr \(ip(j)) drop\n" }
@@ -136,8 +146,8 @@ struct LoopbackLab: Lab {
     }
 
     /// Partitions through the transport: each node stops sending to the peers it must not reach.
-    func cut(_ blocked: [Int: Set<Int>]) throws {
-        for i in 0..<nodeCount {
+    func cut(_ blocked: [Int: Set<Int>], running: [Int]) throws {
+        for i in running {
             let peers = (blocked[i] ?? []).sorted().map { "n\($0 + 1)" }.joined(separator: ",")
             try setTransportFaults(httpAddress(i), peers.isEmpty ? "" : "block=\(peers)")
         }

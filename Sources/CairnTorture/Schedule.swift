@@ -18,6 +18,41 @@ public enum Fault: Sendable, Hashable, CustomStringConvertible {
     case delay(node: Int, millis: Int)
     /// This share of the node's outgoing internode messages (or their replies) is lost.
     case drop(node: Int, percent: Int)
+    /// Membership: a new node starts with `cluster.seeds` only, `cairn cluster join`, plan,
+    /// commit; done when it is valid and no transfer is pending.
+    case join(Int)
+    /// Membership: `cairn cluster leave`, plan, commit; done when its data is handed off, it is
+    /// no longer listed and its `cairnd` has exited (with 0).
+    case leave(Int)
+    /// Membership: `kill -9`, then `cairn cluster remove`, plan, commit; done when its
+    /// partitions are rebuilt from the other replicas and it is no longer listed.
+    case remove(Int)
+
+    /// A membership change (one of the `membership` kind): it lasts until it completes.
+    public var isMembershipChange: Bool {
+        switch self {
+        case .join, .leave, .remove: true
+        default: false
+        }
+    }
+
+    /// The node a membership change joins, removes or sees leave.
+    var membershipNode: Int? {
+        switch self {
+        case .join(let n), .leave(let n), .remove(let n): n
+        default: nil
+        }
+    }
+
+    /// The `cairn cluster` verb that stages a membership change ("" for other faults).
+    var membershipVerb: String {
+        switch self {
+        case .join: "join"
+        case .leave: "leave"
+        case .remove: "remove"
+        default: ""
+        }
+    }
 
     public var description: String {
         switch self {
@@ -29,22 +64,29 @@ public enum Fault: Sendable, Hashable, CustomStringConvertible {
         case .pause(let n): "SIGSTOP n\(n + 1)"
         case .delay(let n, let ms): "delay n\(n + 1) outgoing by \(ms) ms"
         case .drop(let n, let p): "drop \(p)% of n\(n + 1)'s messages"
+        case .join(let n): "join n\(n + 1)"
+        case .leave(let n): "leave n\(n + 1)"
+        case .remove(let n): "remove n\(n + 1) (kill -9, then cluster remove)"
         }
     }
 
-    /// Which peers each node must not send to, for a partition fault (empty for the others).
-    public func blocked(nodes: Int) -> [Int: Set<Int>] {
+    /// Which peers each node must not send to, for a partition fault (empty for the others),
+    /// in a cluster of nodes 0..<nodes.
+    public func blocked(nodes: Int) -> [Int: Set<Int>] { blocked(members: Array(0..<nodes)) }
+
+    /// The same among `members` (the nodes in the cluster when the fault starts).
+    public func blocked(members: [Int]) -> [Int: Set<Int>] {
         var cut: [Int: Set<Int>] = [:]
         func sever(_ a: Set<Int>, _ b: Set<Int>) {
             for x in a { cut[x, default: []].formUnion(b) }
             for y in b { cut[y, default: []].formUnion(a) }
         }
-        let all = Set(0..<nodes)
+        let all = Set(members)
         switch self {
         case .isolate(let n): sever([n], all.subtracting([n]))
         case .split(let minority): sever(Set(minority), all.subtracting(minority))
         case .bridge(let c):
-            let others = (0..<nodes).filter { $0 != c }
+            let others = members.sorted().filter { $0 != c }
             let half = others.count / 2
             sever(Set(others.prefix(half)), Set(others.dropFirst(half)))
         case .oneWay(let f, let t): cut[f, default: []].insert(t)
@@ -54,55 +96,170 @@ public enum Fault: Sendable, Hashable, CustomStringConvertible {
     }
 }
 
+/// The kinds of fault `--faults` selects from.
+public enum FaultKind: String, CaseIterable, Sendable, Hashable {
+    case isolate, split, bridge, oneWay = "one-way", kill, pause, delay, drop
+    /// Joins, leaves and removes (`--joins`, `--leaves`, `--removes` of them).
+    case membership
+
+    /// The default selection: every kind except `membership`, in the order the schedule
+    /// numbers them (a seed's schedule is the same as before the kinds were selectable).
+    public static let classic: [FaultKind] = [.isolate, .split, .bridge, .oneWay, .kill, .pause, .delay, .drop]
+}
+
+/// How many membership changes of each sort a run makes.
+public struct MembershipPlan: Sendable, Hashable {
+    public var joins = 0
+    public var leaves = 0
+    public var removes = 0
+    public init(joins: Int = 0, leaves: Int = 0, removes: Int = 0) {
+        self.joins = joins
+        self.leaves = leaves
+        self.removes = removes
+    }
+    public var total: Int { joins + leaves + removes }
+
+    enum Change: Hashable { case join, leave, remove }
+
+    /// The order of the changes, starting from `nodes` members: joins and departures alternate,
+    /// and a departure is made only while at least `minimum` members stay (a join comes first
+    /// when one is needed). Changes that cannot keep `minimum` members are left out.
+    func order(nodes: Int, minimum: Int) -> [Change] {
+        var (j, l, r, count) = (joins, leaves, removes, nodes)
+        var out: [Change] = []
+        while j + l + r > 0 {
+            let canShrink = count - 1 >= minimum
+            if j > 0 && (!canShrink || out.last != .join || l + r == 0) {
+                out.append(.join)
+                (j, count) = (j - 1, count + 1)
+            } else if canShrink && l > 0 && l >= r {
+                out.append(.leave)
+                (l, count) = (l - 1, count - 1)
+            } else if canShrink && r > 0 {
+                out.append(.remove)
+                (r, count) = (r - 1, count - 1)
+            } else if canShrink && l > 0 {
+                out.append(.leave)
+                (l, count) = (l - 1, count - 1)
+            } else {
+                break
+            }
+        }
+        return out
+    }
+}
+
 /// A fault, when it starts and how long it lasts (offsets from the start of the run).
 public struct ScheduledFault: Sendable, Hashable {
     public var atMillis: Int
+    /// For a membership change: 0 (it lasts until it completes).
     public var durationMillis: Int
     public var fault: Fault
+    /// The nodes in the cluster when the fault starts (partitions cut links among these).
+    public var members: [Int]
 }
 
-/// The nemesis schedule: one fault at a time, each healed before the next, drawn from a seeded
-/// generator so a run is reproducible from its seed. Pure.
+/// The nemesis schedule: one fault at a time, each healed (a membership change: completed)
+/// before the next, drawn from a seeded generator so a run is reproducible from its seed. Pure.
+///
+/// Membership changes are spread over the first 80 % of the run; nodes that join are numbered
+/// after the first `nodes` (n6, n7, ... in a 5-node run) and names are never reused. n1 (the
+/// first claimant) never leaves and is never removed.
 public struct NemesisSchedule: Sendable, Hashable {
     public var faults: [ScheduledFault]
+    /// Nodes that exist at some point: the first ones and every joiner.
+    public var slots: Int
+    /// The members at the end of the run.
+    public var finalMembers: [Int]
 
-    public init(seed: UInt64, nodes: Int, durationMillis: Int, transportFaults: Bool = true) {
+    /// At least this many members at all times (N = 3 replicas).
+    public static let minimumMembers = 3
+
+    public init(seed: UInt64, nodes: Int, durationMillis: Int, kinds: [FaultKind] = FaultKind.classic,
+                membership: MembershipPlan = MembershipPlan()) {
         var rng = SplitMix64(seed: seed)
+        // A generator of its own for membership choices: the other faults' draws stay as they
+        // would be without them.
+        var memberRNG = SplitMix64(seed: seed ^ 0x6D65_6D62_6572_7368)
+        let regular = FaultKind.classic.filter { kinds.contains($0) }
+        let changes = kinds.contains(.membership) ? membership.order(nodes: nodes, minimum: Self.minimumMembers) : []
+        let changeTimes = changes.indices.map { k in durationMillis * 8 / 10 * (k + 1) / (changes.count + 1) }
+        var members = Array(0..<nodes)
+        var nextSlot = nodes
         var faults: [ScheduledFault] = []
+        var nextChange = 0
         var t = 2000 + Int(rng.next(below: 2000))   // let the workload start first
         // Leave the last stretch quiet: the run ends with everything healed.
+        func placeChange() {
+            t = max(t, changeTimes[nextChange])
+            let before = members
+            let fault: Fault
+            switch changes[nextChange] {
+            case .join:
+                fault = .join(nextSlot)
+                members.append(nextSlot)
+                nextSlot += 1
+            case .leave, .remove:
+                let candidates = members.filter { $0 != 0 }
+                let node = candidates[Int(memberRNG.next(below: UInt64(candidates.count)))]
+                fault = changes[nextChange] == .leave ? .leave(node) : .remove(node)
+                members.removeAll { $0 == node }
+            }
+            faults.append(ScheduledFault(atMillis: t, durationMillis: 0, fault: fault, members: before))
+            nextChange += 1
+            t += 1000   // the next faults run while its transfers do
+        }
         while t < durationMillis - 4000 {
+            if nextChange < changes.count && (changeTimes[nextChange] <= t || regular.isEmpty) {
+                placeChange()
+                continue
+            }
+            if regular.isEmpty { break }
             let length = 2000 + Int(rng.next(below: 4000))
-            let fault = Self.draw(&rng, nodes: nodes, transportFaults: transportFaults)
-            faults.append(ScheduledFault(atMillis: t, durationMillis: min(length, durationMillis - 3000 - t), fault: fault))
+            let fault = Self.draw(&rng, members: members, kinds: regular)
+            faults.append(ScheduledFault(atMillis: t, durationMillis: min(length, durationMillis - 3000 - t), fault: fault, members: members))
             t += length + 1000 + Int(rng.next(below: 2000))
         }
+        // A long fault can step over the last change's time: it still happens, at the end.
+        while nextChange < changes.count { placeChange() }
         self.faults = faults
+        slots = nextSlot
+        finalMembers = members
     }
 
-    static func draw(_ rng: inout SplitMix64, nodes: Int, transportFaults: Bool) -> Fault {
-        let node = Int(rng.next(below: UInt64(nodes)))
-        let other = (node + 1 + Int(rng.next(below: UInt64(max(nodes - 1, 1))))) % nodes
-        let kinds = transportFaults ? 8 : 6
-        switch rng.next(below: UInt64(kinds)) {
-        case 0: return .isolate(node)
-        case 1:
-            let size = max(1, (nodes - 1) / 2)
-            var members = Set<Int>()
-            while members.count < size { members.insert(Int(rng.next(below: UInt64(nodes)))) }
-            return .split(minority: members.sorted())
-        case 2: return .bridge(center: node)
-        case 3: return .oneWay(from: node, to: other)
-        case 4: return .kill(node)
-        case 5: return .pause(node)
-        case 6: return .delay(node: node, millis: 20 + Int(rng.next(below: 200)))
-        default: return .drop(node: node, percent: 10 + Int(rng.next(below: 40)))
+    /// One fault of the `kinds` (a non-empty selection, in `FaultKind.classic` order) on
+    /// `members`.
+    static func draw(_ rng: inout SplitMix64, members: [Int], kinds: [FaultKind]) -> Fault {
+        let count = members.count
+        let index = Int(rng.next(below: UInt64(count)))
+        let node = members[index]
+        let other = members[(index + 1 + Int(rng.next(below: UInt64(max(count - 1, 1))))) % count]
+        switch kinds[Int(rng.next(below: UInt64(kinds.count)))] {
+        case .isolate: return .isolate(node)
+        case .split:
+            let size = max(1, (count - 1) / 2)
+            var minority = Set<Int>()
+            while minority.count < size { minority.insert(members[Int(rng.next(below: UInt64(count)))]) }
+            return .split(minority: minority.sorted())
+        case .bridge: return .bridge(center: node)
+        case .oneWay: return .oneWay(from: node, to: other)
+        case .kill: return .kill(node)
+        case .pause: return .pause(node)
+        case .delay: return .delay(node: node, millis: 20 + Int(rng.next(below: 200)))
+        case .drop, .membership: return .drop(node: node, percent: 10 + Int(rng.next(below: 40)))
         }
     }
+
+    /// Membership changes of each sort in the schedule.
+    public var joins: Int { faults.count { if case .join = $0.fault { true } else { false } } }
+    public var leaves: Int { faults.count { if case .leave = $0.fault { true } else { false } } }
+    public var removes: Int { faults.count { if case .remove = $0.fault { true } else { false } } }
 
     public var text: String {
         faults.map { f in
-            String(format: "  %7.1fs  +%4.1fs  ", Double(f.atMillis) / 1000, Double(f.durationMillis) / 1000) + f.fault.description
+            String(format: "  %7.1fs  ", Double(f.atMillis) / 1000)
+                + (f.fault.isMembershipChange ? "(until done)  " : String(format: "+%4.1fs  ", Double(f.durationMillis) / 1000))
+                + f.fault.description
         }.joined(separator: "\n")
     }
 }

@@ -21,7 +21,37 @@ public struct TortureConfig: Sendable {
     public var workDir = ""
     /// Quiet time after healing, before the final reads.
     public var settleMillis = 5_000
+    /// The fault kinds the nemesis draws from (`--faults`).
+    public var kinds: [FaultKind] = FaultKind.classic
+    /// How many joins, leaves and removes the `membership` kind makes.
+    public var membership = MembershipPlan()
+    /// The `cairn` CLI that stages, plans and commits membership changes.
+    public var cairn = ""
+    /// How long one membership change may take to complete (transfers done, leaver gone).
+    public var membershipTimeoutMillis = 180_000
     public init() {}
+
+    public var membershipEnabled: Bool { kinds.contains(.membership) }
+}
+
+/// What a run found: the checker's verdict and what the membership nemesis did.
+public struct RunResult: Sendable {
+    public var check: CheckResult
+    public var joins = 0
+    public var leaves = 0
+    public var removes = 0
+    /// Membership changes that did not complete as they must (a leaver that exited non-zero,
+    /// transfers that never finished, a refused command): each fails the run.
+    public var membershipProblems: [String] = []
+    public var membershipEnabled = false
+
+    public var passed: Bool { check.passed && membershipProblems.isEmpty }
+
+    /// The checker's summary, with the membership counts when that nemesis ran. Always the last
+    /// line of a run's output.
+    public var summary: String {
+        check.summary + (membershipEnabled ? " joins=\(joins) leaves=\(leaves) removes=\(removes)" : "")
+    }
 }
 
 /// Runs the cluster, the workload and the nemesis, then the final reads and the checker.
@@ -29,16 +59,30 @@ public struct TortureConfig: Sendable {
 public final class Torture: @unchecked Sendable {
     // Touched only by the nemesis task and, after it ends, by the final phase.
     let config: TortureConfig
+    let schedule: NemesisSchedule
     let lab: any Lab
+    /// Every node that exists at some point of the run: the first `config.nodes` and the joiners.
     var processes: [Process?]
+    /// The nodes that are members now (and run, but while a fault has killed them).
+    var active: Set<Int>
     var paused: Set<Int> = []
     let started = ContinuousClock.now
+    /// What the nemesis did and when (elapsed ms): to name the fault active when a lost write began.
+    var timeline: [(start: Int, end: Int, what: String)] = []
+    var joins = 0, leaves = 0, removes = 0
+    var membershipProblems: [String] = []
 
     public init(_ config: TortureConfig) {
         self.config = config
-        lab = config.namespaces ? NamespaceLab(nodes: config.nodes) : LoopbackLab(nodes: config.nodes)
-        processes = Array(repeating: nil, count: config.nodes)
+        schedule = NemesisSchedule(seed: config.seed, nodes: config.nodes, durationMillis: config.durationMillis,
+                                   kinds: config.kinds, membership: config.membership)
+        lab = config.namespaces ? NamespaceLab(nodes: schedule.slots) : LoopbackLab(nodes: schedule.slots)
+        processes = Array(repeating: nil, count: schedule.slots)
+        active = Set(0..<config.nodes)
     }
+
+    var running: [Int] { active.sorted() }
+    var secretFile: String { config.workDir + "/cluster.secret" }
 
     var elapsedMillis: Int {
         let (s, a) = (ContinuousClock.now - started).components
@@ -51,9 +95,24 @@ public final class Torture: @unchecked Sendable {
 
     // MARK: Nodes
 
-    func writeConfig(_ i: Int) throws -> String {
-        let members = (0..<config.nodes).map { "n\($0 + 1)@\(lab.address($0))" }.joined(separator: ",")
+    /// The cluster's shared secret (`cluster.secret_file`), as `Deploy/local-cluster.sh` makes it:
+    /// 32 random bytes in hex, mode 0600; every node, first or joining, reads the same file.
+    func writeSecret() throws {
+        var rng = SystemRandomNumberGenerator()
+        let hex = (0..<32).map { _ in String(format: "%02x", UInt8.random(in: 0...255, using: &rng)) }.joined()
+        guard FileManager.default.createFile(atPath: secretFile, contents: Data(hex.utf8), attributes: [.posixPermissions: 0o600]) else {
+            throw TortureError("cannot write \(secretFile)")
+        }
+    }
+
+    /// The node's configuration file: the first nodes bootstrap from `cluster.members`; a joiner
+    /// (`seeds`) knows only the members it may ask, as `Deploy/local-cluster.sh add` starts one.
+    /// Written once: a restarted node reads the file it started with.
+    func configPath(_ i: Int, seeds: [Int]? = nil) throws -> String {
         let path = config.workDir + "/n\(i + 1).conf"
+        if FileManager.default.fileExists(atPath: path) { return path }
+        let cluster = seeds.map { "cluster.seeds = " + $0.map(lab.address).joined(separator: ",") }
+            ?? "cluster.members = " + (0..<config.nodes).map { "n\($0 + 1)@\(lab.address($0))" }.joined(separator: ",")
         try """
         node.name = n\(i + 1)
         node.listen = \(lab.address(i))
@@ -62,7 +121,8 @@ public final class Torture: @unchecked Sendable {
         cluster.name = torture
         cluster.ring_size = 64
         cluster.n_val = \(min(3, config.nodes))
-        cluster.members = \(members)
+        \(cluster)
+        cluster.secret_file = \(secretFile)
         request.timeout = 1000ms
         transport.connect_timeout = 300ms
         transport.reconnect_min = 50ms
@@ -72,10 +132,10 @@ public final class Torture: @unchecked Sendable {
         return path
     }
 
-    func start(_ i: Int) throws {
+    func start(_ i: Int, seeds: [Int]? = nil) throws {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        p.arguments = lab.command(i, cairnd: config.cairnd, config: try writeConfig(i))
+        p.arguments = lab.command(i, cairnd: config.cairnd, config: try configPath(i, seeds: seeds))
         let logFile = config.workDir + "/n\(i + 1).log"
         if !FileManager.default.fileExists(atPath: logFile) { _ = FileManager.default.createFile(atPath: logFile, contents: nil) }
         let handle = FileHandle(forWritingAtPath: logFile)
@@ -108,7 +168,7 @@ public final class Torture: @unchecked Sendable {
     }
 
     func stopAll() {
-        for i in 0..<config.nodes {
+        for i in processes.indices {
             signal(i, SIGCONT)
             signal(i, SIGKILL)
             processes[i]?.waitUntilExit()
@@ -118,39 +178,249 @@ public final class Torture: @unchecked Sendable {
 
     // MARK: Nemesis
 
-    func apply(_ f: Fault) throws {
-        switch f {
+    func apply(_ f: ScheduledFault) throws {
+        switch f.fault {
         case .isolate, .split, .bridge, .oneWay:
-            try lab.cut(f.blocked(nodes: config.nodes))
+            try lab.cut(f.fault.blocked(members: f.members), running: running)
         case .kill(let n): killNode(n)
         case .pause(let n):
             signal(n, SIGSTOP)
             paused.insert(n)
         case .delay(let n, let ms): try setTransportFaults(lab.httpAddress(n), "delay=\(ms)")
         case .drop(let n, let p): try setTransportFaults(lab.httpAddress(n), "drop=\(p)")
+        case .join, .leave, .remove: break   // changeMembership
         }
     }
 
-    /// Heals everything: links, transport faults, paused and killed nodes.
+    /// Heals everything: links, transport faults, paused and killed members.
     func healAll() throws {
-        try lab.cut([:])
+        try lab.cut([:], running: running)
         for n in paused { signal(n, SIGCONT) }
         paused = []
-        for i in 0..<config.nodes where processes[i] == nil { try start(i) }
-        try waitServing(Array(0..<config.nodes))
-        for i in 0..<config.nodes { try setTransportFaults(lab.httpAddress(i), "") }
+        for i in running where processes[i] == nil { try start(i) }
+        try waitServing(running)
+        for i in running { try setTransportFaults(lab.httpAddress(i), "") }
     }
 
-    func runNemesis(_ schedule: NemesisSchedule) async throws {
+    func runNemesis() async throws {
         for f in schedule.faults {
             let wait = f.atMillis - elapsedMillis
             if wait > 0 { try await Task.sleep(for: .milliseconds(wait)) }
-            say("nemesis: \(f.fault)")
-            try apply(f.fault)
+            let begin = elapsedMillis
+            if f.fault.isMembershipChange {
+                await changeMembership(f.fault)
+                continue
+            }
+            // A membership change that took longer than planned delays what follows; the end of
+            // the run stays quiet all the same.
+            guard begin + f.durationMillis <= config.durationMillis - 3000 else {
+                say("nemesis: skipped (\(f.fault)): too late in the run")
+                continue
+            }
+            say("nemesis: \(f.fault)" + (inFlight.map { " (while \($0.change) completes)" } ?? ""))
+            try apply(f)
             try await Task.sleep(for: .milliseconds(f.durationMillis))
             say("nemesis: heal (\(f.fault))")
             try healAll()
+            timeline.append((begin, elapsedMillis, "\(f.fault)"))
         }
+        await finishInFlight()
+    }
+
+    // MARK: Membership
+
+    /// What `cairn cluster status --json` says, as far as the nemesis cares.
+    struct ClusterStatus: Sendable {
+        var ringVersion = 0
+        var pendingTransfers = 0
+        /// Name → joining, valid, leaving or exiting.
+        var members: [String: String] = [:]
+        var staged: [String] = []
+
+        init(json: String) throws {
+            guard let o = (try? JSONSerialization.jsonObject(with: Data(json.utf8))) as? [String: Any] else {
+                throw TortureError("cluster status --json printed no JSON object: \(json.prefix(200))")
+            }
+            ringVersion = (o["ring_version"] as? NSNumber)?.intValue ?? 0
+            pendingTransfers = (o["pending_transfers"] as? NSNumber)?.intValue ?? 0
+            for m in o["members"] as? [[String: Any]] ?? [] {
+                if let name = m["name"] as? String { members[name] = m["status"] as? String ?? "" }
+            }
+            staged = o["staged"] as? [String] ?? []
+        }
+
+        var text: String {
+            "ring version \(ringVersion), \(pendingTransfers) transfers pending, members "
+                + members.sorted { $0.key < $1.key }.map { "\($0.key):\($0.value)" }.joined(separator: " ")
+                + (staged.isEmpty ? "" : ", staged: " + staged.joined(separator: ", "))
+        }
+    }
+
+    /// `cairn --node <node> ARGS --json` (off the cooperative threads); its standard output.
+    func cairn(_ node: Int, _ args: [String]) async throws -> String {
+        try await shAsync([config.cairn, "--node", lab.address(node), "--timeout", "5000"] + args + ["--json"])
+    }
+
+    func status(_ node: Int) async throws -> ClusterStatus { try ClusterStatus(json: try await cairn(node, ["cluster", "status"])) }
+
+    /// Runs `body` until it succeeds, at most `attempts` times a second apart (a command can meet a
+    /// node still reconnecting after the last fault's heal).
+    @discardableResult
+    func retrying<T>(_ attempts: Int = 10, _ body: () async throws -> T) async throws -> T {
+        var last: any Error = TortureError("not tried")
+        for attempt in 1...attempts {
+            do { return try await body() } catch { last = error }
+            if attempt < attempts { try? await Task.sleep(for: .seconds(1)) }
+        }
+        throw last
+    }
+
+    /// Polls `cluster status` on `via` every half second until `done` holds; false after
+    /// `millis` (the last status it saw in `last`).
+    func waitStatus(via node: Int, millis: Int, last: inout String, _ done: (ClusterStatus) -> Bool) async -> Bool {
+        let deadline = elapsedMillis + millis
+        while elapsedMillis < deadline {
+            do {
+                let s = try await status(node)
+                last = s.text
+                if done(s) { return true }
+            } catch {
+                last = "\(error)"
+            }
+            try? await Task.sleep(for: .milliseconds(500))
+        }
+        return false
+    }
+
+    /// The committed membership change whose transfers may still run, while the faults after
+    /// it go on: at most one (the next change first waits for it to complete).
+    var inFlight: (change: Fault, via: Int, began: Int)?
+
+    /// One join, leave or remove, through the `cairn` CLI as an operator does it: first the
+    /// change in flight must complete, then this one is staged, planned and committed. Its
+    /// transfers then run under the next faults; `finishInFlight` waits for them. A change that
+    /// cannot complete is recorded as a problem and fails the run; the run goes on.
+    func changeMembership(_ change: Fault) async {
+        await finishInFlight()
+        say("nemesis: \(change)")
+        let begin = elapsedMillis
+        do {
+            let via = try await commitChange(change)
+            inFlight = (change, via, begin)
+        } catch {
+            membershipProblems.append("\(change): \(error)")
+            say("nemesis: \(change): PROBLEM: \(error)")
+            timeline.append((begin, elapsedMillis, "\(change)"))
+        }
+    }
+
+    /// Waits (bounded) until the change in flight is complete: transfers done and the joiner
+    /// valid, or the leaver and the removed node no longer listed (and the leaver's cairnd
+    /// exited 0).
+    func finishInFlight() async {
+        guard let (change, via, began) = inFlight else { return }
+        inFlight = nil
+        do {
+            try await awaitChange(change, via: via)
+            // Checked only when the next change is due (or at the end): an upper bound on how
+            // long the change took, not its duration.
+            say("nemesis: \(change): done (confirmed \(String(format: "%.1f", Double(elapsedMillis - began) / 1000)) s after it began)")
+        } catch {
+            membershipProblems.append("\(change): \(error)")
+            say("nemesis: \(change): PROBLEM: \(error)")
+        }
+        timeline.append((began, elapsedMillis, "\(change)"))
+    }
+
+    /// Stages, plans and commits `change`; returns the member the commands went through.
+    func commitChange(_ change: Fault) async throws -> Int {
+        guard let target = change.membershipNode else { throw TortureError("\(change) is not a membership change") }
+        let name = "n\(target + 1)"
+        // Where commands run: n1 (the claimant) while it is a member, the lowest member otherwise.
+        guard let via = running.first(where: { $0 != target }) else { throw TortureError("no other member to ask") }
+        let timeout = config.membershipTimeoutMillis
+
+        // One change in flight at a time: nothing pending, nothing staged.
+        var last = ""
+        guard await waitStatus(via: via, millis: timeout, last: &last, { $0.pendingTransfers == 0 && $0.staged.isEmpty }) else {
+            throw TortureError("the cluster still had transfers pending or changes staged after \(timeout / 1000) s: \(last)")
+        }
+        switch change {
+        case .join:
+            try start(target, seeds: running)
+            active.insert(target)
+            try waitServing([target])
+            try await retrying { try await self.cairn(target, ["cluster", "join", self.lab.address(via)]) }
+        case .leave:
+            try await retrying { try await self.cairn(via, ["cluster", "leave", name]) }
+        case .remove:
+            killNode(target)
+            active.remove(target)
+            try await retrying { try await self.cairn(via, ["cluster", "remove", name]) }
+        default: break
+        }
+        let staged = try await retrying { try await self.status(via) }.staged
+        let expected = change.membershipVerb + " " + name
+        guard staged == [expected] else {
+            _ = try? await cairn(via, ["cluster", "clear"])
+            throw TortureError("expected only '\(expected)' staged, found \(staged); cleared, not committed")
+        }
+        let plan = try await retrying { try await self.cairn(via, ["cluster", "plan"]) }
+        let commit = try await retrying { try await self.cairn(via, ["cluster", "commit"]) }
+        say("nemesis: \(change): committed: plan \(Self.compact(plan)); commit \(Self.compact(commit))")
+        if case .leave = change {
+            // A member no more: no fault touches it, no heal restarts it; it exits on its own.
+            active.remove(target)
+            leaving.insert(target)
+        }
+        return via
+    }
+
+    /// Nodes whose leave is committed and whose cairnd has not yet been seen to exit.
+    var leaving: Set<Int> = []
+
+    func awaitChange(_ change: Fault, via: Int) async throws {
+        guard let target = change.membershipNode else { return }
+        let name = "n\(target + 1)"
+        let timeout = config.membershipTimeoutMillis
+        var last = ""
+        switch change {
+        case .join:
+            guard await waitStatus(via: via, millis: timeout, last: &last, { $0.pendingTransfers == 0 && $0.members[name] == "valid" }) else {
+                throw TortureError("\(name) not valid with every transfer done after \(timeout / 1000) s: \(last)")
+            }
+            joins += 1
+        case .leave:
+            guard await waitStatus(via: via, millis: timeout, last: &last, { $0.pendingTransfers == 0 && $0.members[name] == nil }) else {
+                throw TortureError("\(name) still listed or transfers pending after \(timeout / 1000) s: \(last)")
+            }
+            // Its cairnd exits on its own, with 0, once its data is handed off.
+            leaving.remove(target)
+            let exitDeadline = elapsedMillis + 60_000
+            while processes[target]?.isRunning == true && elapsedMillis < exitDeadline { try await Task.sleep(for: .milliseconds(200)) }
+            guard let p = processes[target] else { throw TortureError("\(name) was not running") }
+            guard !p.isRunning else {
+                killNode(target)
+                throw TortureError("\(name) left the ring but its cairnd did not exit within 60 s (killed)")
+            }
+            processes[target] = nil
+            guard p.terminationReason == .exit && p.terminationStatus == 0 else {
+                throw TortureError("\(name)'s cairnd exited with \(p.terminationReason == .exit ? "status" : "signal") \(p.terminationStatus) after leaving, not 0")
+            }
+            leaves += 1
+        case .remove:
+            guard await waitStatus(via: via, millis: timeout, last: &last, { $0.pendingTransfers == 0 && $0.members[name] == nil }) else {
+                throw TortureError("\(name) still listed or transfers pending after \(timeout / 1000) s: \(last)")
+            }
+            removes += 1
+        default: return
+        }
+    }
+
+    /// A JSON answer on one line, shortened.
+    static func compact(_ json: String) -> String {
+        let one = json.split(whereSeparator: \.isNewline).map { $0.trimmingCharacters(in: .whitespaces) }.joined(separator: " ")
+        return one.count > 300 ? String(one.prefix(300)) + "..." : one
     }
 
     // MARK: Workload
@@ -210,7 +480,7 @@ public final class Torture: @unchecked Sendable {
 
     func finalReads() async -> [String: FinalRead] {
         var finals: [String: FinalRead] = [:]
-        let seeds = (0..<config.nodes).map(lab.address)
+        let seeds = running.map(lab.address)
         guard let client = try? await CairnClient.connect(seeds: seeds, configuration: clientConfig(timeout: 5000)) else {
             for k in 0..<config.keys { finals[String(decoding: Self.keyName(k), as: UTF8.self)] = .unreadable("no node reachable") }
             return finals
@@ -248,14 +518,16 @@ public final class Torture: @unchecked Sendable {
 
     // MARK: The run
 
-    /// Runs everything; returns the checker's verdict (nil if the harness itself failed).
-    public func run() async -> CheckResult? {
-        let schedule = NemesisSchedule(seed: config.seed, nodes: config.nodes, durationMillis: config.durationMillis)
+    /// Runs everything; returns the verdict (nil if the harness itself failed).
+    public func run() async -> RunResult? {
         emit("cairn-torture: \(config.nodes) nodes (\(config.namespaces ? "network namespaces, nft partitions" : "loopback, transport partitions")), "
               + "\(config.durationMillis / 1000) s, seed \(config.seed), \(config.clients) clients, \(config.keys) keys, N=\(min(3, config.nodes)) R=W=quorum")
+        emit("faults: " + config.kinds.map(\.rawValue).joined(separator: ",")
+              + (config.membershipEnabled ? " (membership: \(schedule.joins) joins, \(schedule.leaves) leaves, \(schedule.removes) removes)" : ""))
         emit("cairnd: \(config.cairnd)\nwork directory: \(config.workDir)\nfault schedule:\n\(schedule.text)")
         do {
             try FileManager.default.createDirectory(atPath: config.workDir, withIntermediateDirectories: true)
+            try writeSecret()
             try lab.setUp()
             for i in 0..<config.nodes { try start(i) }
             try waitServing(Array(0..<config.nodes))
@@ -271,7 +543,7 @@ public final class Torture: @unchecked Sendable {
             lab.tearDown()
         }
         let deadline = config.durationMillis
-        async let nemesis: Void = runNemesis(schedule)
+        async let nemesis: Void = runNemesis()
         let attempts = await withTaskGroup(of: [Attempt].self) { group in
             for c in 0..<config.clients { group.addTask { await self.runClient(c, until: deadline) } }
             var all: [Attempt] = []
@@ -288,20 +560,25 @@ public final class Torture: @unchecked Sendable {
         say("workload done: \(attempts.count) attempts; healed; settling \(config.settleMillis / 1000) s")
         try? await Task.sleep(for: .milliseconds(config.settleMillis))
         let finals = await finalReads()
-        let result = CheckResult.check(attempts: attempts, finals: finals)
-        report(result, attempts: attempts, schedule: schedule)
+        var result = RunResult(check: CheckResult.check(attempts: attempts, finals: finals))
+        (result.joins, result.leaves, result.removes) = (joins, leaves, removes)
+        result.membershipProblems = membershipProblems
+        result.membershipEnabled = config.membershipEnabled
+        report(result, attempts: attempts)
         return result
     }
 
-    func report(_ r: CheckResult, attempts: [Attempt], schedule: NemesisSchedule) {
+    func report(_ result: RunResult, attempts: [Attempt]) {
+        let r = result.check
         let ok = attempts.count { $0.outcome == .ok }
         let failed = attempts.count { if case .failed = $0.outcome { true } else { false } }
         let unknown = attempts.count - ok - failed
         emit("\nattempts: \(attempts.count) (ok \(ok), failed \(failed), unknown \(unknown))")
         emit("acknowledged and present: \(r.acknowledgedPresent); failed and absent: \(r.failedAbsent)")
         for (key, why) in r.unreadable.sorted(by: { $0.key < $1.key }) { emit("UNREADABLE \(key): \(why)") }
+        let timeline = self.timeline
         func active(_ ms: Int) -> String {
-            schedule.faults.first { $0.atMillis <= ms && ms <= $0.atMillis + $0.durationMillis }.map { "during '\($0.fault)'" } ?? "no fault active"
+            timeline.first { $0.start <= ms && ms <= $0.end }.map { "during '\($0.what)'" } ?? "no fault active"
         }
         for a in r.lost.prefix(10) {
             emit("LOST \(a.key) element \(a.element): client \(a.client) acknowledged at \(a.startMillis)-\(a.endMillis) ms, \(active(a.startMillis))")
@@ -311,7 +588,12 @@ public final class Torture: @unchecked Sendable {
         }
         for p in r.phantom.prefix(10) { emit("PHANTOM \(p.key) element \(p.element): never written") }
         emit("fault schedule (seed \(config.seed)):\n\(schedule.text)")
-        emit(r.passed ? "PASS" : "FAIL")
-        emit(r.summary)
+        if config.membershipEnabled {
+            emit("membership: \(joins) of \(schedule.joins) joins, \(leaves) of \(schedule.leaves) leaves, \(removes) of \(schedule.removes) removes done; members at the end: "
+                 + running.map { "n\($0 + 1)" }.joined(separator: ","))
+            for p in result.membershipProblems { emit("MEMBERSHIP PROBLEM \(p)") }
+        }
+        emit(result.passed ? "PASS" : "FAIL")
+        emit(result.summary)
     }
 }

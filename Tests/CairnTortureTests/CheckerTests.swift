@@ -72,4 +72,57 @@ import Foundation
         #expect(split[1] == [0, 2, 4] && split[0] == [1, 3])
         #expect(Fault.kill(1).blocked(nodes: 3).isEmpty)
     }
+
+    @Test func membershipChangesAlternateAndKeepThreeMembers() {
+        #expect(MembershipPlan(joins: 2, leaves: 2, removes: 1).order(nodes: 5, minimum: 3) == [.join, .leave, .join, .leave, .remove])
+        #expect(MembershipPlan(joins: 1, leaves: 1).order(nodes: 3, minimum: 3) == [.join, .leave], "a join first: 3 members cannot lose one")
+        #expect(MembershipPlan(leaves: 2).order(nodes: 4, minimum: 3) == [.leave], "the second leave would leave 2")
+        #expect(MembershipPlan(joins: 2).order(nodes: 3, minimum: 3) == [.join, .join])
+    }
+
+    @Test func theMembershipNemesisJoinsNewNodesAndNeverLeavesFewerThanThree() {
+        let s = NemesisSchedule(seed: 9, nodes: 5, durationMillis: 600_000, kinds: FaultKind.classic + [.membership],
+                                membership: MembershipPlan(joins: 2, leaves: 2, removes: 1))
+        #expect((s.joins, s.leaves, s.removes) == (2, 2, 1))
+        #expect(s.slots == 7, "n6 and n7 join")
+        var members = Set(0..<5)
+        var joined: [Int] = []
+        for f in s.faults {
+            #expect(Set(f.members) == members, "\(f.fault) is drawn among the members of its time")
+            switch f.fault {
+            case .join(let n):
+                #expect(!members.contains(n))
+                members.insert(n)
+                joined.append(n)
+            case .leave(let n), .remove(let n):
+                #expect(n != 0 && members.contains(n), "n1 stays; only members go")
+                members.remove(n)
+            case .isolate(let n), .kill(let n), .pause(let n), .delay(let n, _), .drop(let n, _), .bridge(let n): #expect(members.contains(n))
+            case .oneWay(let a, let b): #expect(members.contains(a) && members.contains(b))
+            case .split(let minority): #expect(Set(minority).isSubset(of: members))
+            }
+            #expect(members.count >= 3)
+        }
+        #expect(joined == [5, 6])
+        #expect(Set(s.finalMembers) == members && members.count == 4)
+        let changes = s.faults.filter(\.fault.isMembershipChange)
+        #expect(changes.allSatisfy { $0.atMillis <= 480_000 && $0.durationMillis == 0 }, "changes in the first 80 % of the run")
+        #expect(s.faults.count > 50, "the other faults still run between the changes")
+        // Only the selected kinds: membership alone is just the changes.
+        let alone = NemesisSchedule(seed: 9, nodes: 3, durationMillis: 90_000, kinds: [.membership], membership: MembershipPlan(joins: 1, leaves: 1))
+        #expect(alone.faults.map(\.fault.membershipVerb) == ["join", "leave"])
+        #expect(NemesisSchedule(seed: 9, nodes: 3, durationMillis: 90_000, kinds: []).faults.isEmpty)
+    }
+
+    @Test func withoutMembershipASeedDrawsTheSameFaultsAsBefore() {
+        // Seed 1, 3 nodes, 60 s (the CI mode): the schedule printed before kinds were selectable.
+        let s = NemesisSchedule(seed: 1, nodes: 3, durationMillis: 60_000)
+        #expect(s.faults.map { "\(String(format: "%.1f", Double($0.atMillis) / 1000)) \($0.fault)" } == [
+            "2.5 split: {n3} | rest", "7.0 split: {n2} | rest", "11.3 one-way cut n2 -> n1", "15.1 kill -9 n1", "19.6 SIGSTOP n1",
+            "25.1 bridge through n3", "28.4 SIGSTOP n1", "35.7 drop 45% of n2's messages", "40.4 delay n2 outgoing by 39 ms",
+            "45.5 isolate n3", "52.7 bridge through n1",
+        ])
+        #expect(s == NemesisSchedule(seed: 1, nodes: 3, durationMillis: 60_000, kinds: FaultKind.classic + [.membership], membership: MembershipPlan()))
+        #expect(s.slots == 3 && s.finalMembers == [0, 1, 2])
+    }
 }

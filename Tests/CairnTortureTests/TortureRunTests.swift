@@ -80,4 +80,16 @@ struct TortureRunTests {
         #expect(run.summary["lost"] == 0 && run.summary["phantom"] == 0)
         #expect(run.output.contains("loopback, transport partitions"))
     }
+
+    /// The membership nemesis on top of the quick mode's faults: n4 joins through the `cairn` CLI,
+    /// then a member leaves (its cairnd must exit 0); nothing acknowledged may be lost.
+    @Test func theMembershipNemesisJoinsAndLeavesWithoutLosingWrites() async throws {
+        let run = try await Self.torture(["--quick", "--duration", "75s", "--faults", "default,membership", "--joins", "1", "--leaves", "1"])
+        let s = run.summary
+        #expect(run.status == 0, "\(run.output.suffix(4000))")
+        #expect(s["lost"] == 0 && s["phantom"] == 0 && s["failed_but_present"] == 0, "\(s)")
+        #expect(s["joins"] == 1 && s["leaves"] == 1 && s["removes"] == 0, "\(s)\n\(run.output.suffix(3000))")
+        #expect((s["acknowledged"] ?? 0) > 500, "too little was acknowledged to mean anything: \(s)")
+        #expect(run.output.contains("nemesis: join n4: done (confirmed") && run.output.contains("MEMBERSHIP PROBLEM") == false)
+    }
 }
