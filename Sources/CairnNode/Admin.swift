@@ -177,16 +177,22 @@ extension NodeCore {
         let ring = agent.ring
         let active = await handoff?.progress() ?? []
         let now = clock.now()
-        var rows: [JSON] = active.map { p, startedAt in
-            let age = (now - startedAt) / .seconds(1)
+        var rows: [JSON] = active.map { t in
+            let p = t.progress
+            let age = (now - t.startedAt) / .seconds(1)
             let rate = age > 0 ? Int(Double(p.bytesAcked) / age) : 0
-            return .object([
+            var fields: [(String, JSON)] = [
                 ("partition", .int(Int(p.partition.index))), ("from", .string(p.from.value)), ("to", .string(p.to.value)),
                 ("state", .string(p.phase.description)), ("keys", .int(Int(clamping: p.keysAcked))), ("bytes", .int(Int(clamping: p.bytesAcked))),
                 ("bytes_per_second", .int(rate)), ("age_s", .int(Int(age))), ("attempts", .int(Int(clamping: p.attempts))),
-            ])
+            ]
+            if let (kind, since) = t.performing {
+                fields.append(("performing", .string(kind)))
+                fields.append(("performing_ms", .int(Int(((now - since) / .milliseconds(1)).rounded()))))
+            }
+            return .object(fields)
         }
-        let running = Set(active.map { PartitionTransfer(partition: $0.0.partition, from: $0.0.from, to: $0.0.to) })
+        let running = Set(active.map { PartitionTransfer(partition: $0.progress.partition, from: $0.progress.from, to: $0.progress.to) })
         for t in ring?.pendingTransfers ?? [] where !running.contains(t) {
             rows.append(.object([("partition", .int(Int(t.partition.index))), ("from", .string(t.from.value)), ("to", .string(t.to.value)),
                                  ("state", .string("waiting"))]))

@@ -150,11 +150,20 @@ final class HandoffManager: SupervisedChild {
     }
 
     /// Transfers running from this node now, for `cairn transfers` and metrics.
-    func progress() async -> [(TransferProgress, ContinuousClock.Instant)] {
+    func progress() async -> [RunningTransfer] {
         let shells = running.withLock { $0.values.map { ($0.shell, $0.startedAt) } }
-        var out: [(TransferProgress, ContinuousClock.Instant)] = []
-        for (s, at) in shells { out.append((await s.progress, at)) }
+        var out: [RunningTransfer] = []
+        for (s, at) in shells {
+            out.append(RunningTransfer(progress: await s.progress, startedAt: at, performing: await s.performing))
+        }
         return out
+    }
+
+    /// One running transfer as `cairn transfers` shows it.
+    struct RunningTransfer {
+        let progress: TransferProgress
+        let startedAt: ContinuousClock.Instant
+        let performing: (kind: String, since: ContinuousClock.Instant)?
     }
 
     // MARK: Receiver side

@@ -96,6 +96,9 @@ actor TransferShell {
     }
 
     var progress: TransferProgress { machine.progress }
+    /// The directive being performed now (its kind) and since when; nil between directives.
+    /// A long one names where a stalled transfer waits (`cairn transfers`).
+    private(set) var performing: (kind: String, since: ContinuousClock.Instant)?
 
     /// Runs the transfer until the machine finishes or the task is cancelled.
     func run() async -> TransferOutcome? {
@@ -155,7 +158,9 @@ actor TransferShell {
         while !queue.isEmpty {
             let d = queue.removeFirst()
             env.logger.trace("handoff directive", metadata: ["transfer": "\(transfer)", "directive": "\(String(describing: d).prefix(120))"])
+            performing = (Self.kind(of: d), env.clock.now())
             let events = await perform(d)
+            performing = nil
             env.logger.trace("handoff events", metadata: ["transfer": "\(transfer)", "events": "\(String(describing: events).prefix(160))"])
             for e in events { queue += machine.handle(e, now: env.clock.now()) }
         }
@@ -164,6 +169,22 @@ actor TransferShell {
         drained = []
         for w in waiting { w.resume() }
         armTimer()
+    }
+
+    private static func kind(of d: TransferDirective) -> String {
+        switch d {
+        case .persistCheckpoint: "persist-checkpoint"
+        case .persistDirtyKey: "persist-kept-key"
+        case .forgetDirtyKeys: "forget-kept-keys"
+        case .openStream: "open-stream"
+        case .foldAndSend: "fold-and-send"
+        case .sendKeys: "send-kept-keys"
+        case .sendKeepalive: "send-keepalive"
+        case .closeStream: "close-stream"
+        case .reportComplete: "report-complete"
+        case .dropPartition: "drop-partition"
+        case .finished: "finish"
+        }
     }
 
     private func armTimer() {
