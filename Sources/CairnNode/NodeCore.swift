@@ -278,12 +278,21 @@ final class NodeCore: Sendable {
             return responder.fail(ErrorReply(code: .invalidArgument, message: error.reason))
         }
         let ms = timeout(options)
-        guard replicas.contains(where: \.isLocal) else {
-            if forwarded {
+        let inView = replicas.contains(where: \.isLocal)
+        guard inView, vnodes.vnode(for: partition) != nil else {
+            if !inView && !forwarded {
+                return await forward(op, original, replicas: replicas, requirement: requirement, timeoutMillis: ms, a, responder, start: start)
+            }
+            // A ring older than this node's vnodes placed the write here (the forwarding node's,
+            // or this request's view, from just before a flip): this node handed the partition
+            // away, and the replicas that took its place coordinate it.
+            let successors = vnodes.successors(of: partition).filter { $0 != config.name }
+            guard !successors.isEmpty else {
                 metrics.record(op, .error, since: start)
                 return responder.fail(notAReplica(partition))
             }
-            return await forward(op, original, replicas: replicas, requirement: requirement, timeoutMillis: ms, a, responder, start: start)
+            let targets = successors.map { ReplicaTarget(node: $0, address: a.view.address($0), isPrimary: true, isLocal: false) }
+            return await forward(op, original, replicas: targets, requirement: requirement, timeoutMillis: ms, a, responder, start: start)
         }
         let coordinator = WriteCoordinator(ctx: a.coordinatorContext, operation: op, requirement: requirement, partition: partition,
                                            replicas: replicas, key: key, sibling: sibling, context: context.vector, timeoutMillis: ms)

@@ -181,6 +181,15 @@ extension HandoffClusterTests {
         }
         #expect(got.object?.values.map(\.value) == [[7]])
         #expect(cluster.nodes[old].metrics.exposition().contains("cairn_relayed_replica_requests_total 2"))
+
+        // A client write forwarded by a node whose ring still names the old replica as a primary:
+        // the old replica passes it to the replicas that took its place, which coordinate it.
+        let forwarded = Message.put(PutRequest(key: key, value: [8], options: RequestOptions(w: .count(2)), forwarded: true))
+        guard case .writeReply = try await conn.request(forwarded, timeoutMillis: 10_000) else {
+            Issue.record("the forwarded write was refused by the node that handed the partition away"); return
+        }
+        let stored = try #require(try n4.core.backend?.get(partition: partition, key: key))
+        #expect(try VersionedObject.decode(stored, limits: Limits()).values.map(\.value).contains([8]))
     }
 }
 
