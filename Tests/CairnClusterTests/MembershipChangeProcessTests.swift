@@ -125,6 +125,27 @@ extension MembershipProcessTests {
         _ = d.stopAll()
     }
 
+    /// A member stopped (SIGSTOP) for 3 s and continued is at most suspected, never held dead,
+    /// by the others (the failure detector's suspicion outlasts a pause that short), and it
+    /// holds none of them dead either once it runs again.
+    @Test func aThreeSecondPauseIsNotADeath() async throws {
+        let d = try MembershipNodes()
+        try d.startCluster()
+        try d.waitAllAlive([1, 2, 3])
+        d.signal(3, SIGSTOP)
+        try await Task.sleep(for: .seconds(3))
+        d.signal(3, SIGCONT)
+        try d.waitAllAlive([1, 2, 3])
+        // Give a late verdict time to show (a suspicion started in the pause ends by now).
+        try await Task.sleep(for: .seconds(10))
+        for i in 1...3 {
+            let dead = d.log(i).split(separator: "\n").filter { $0.contains("member dead") }
+            #expect(dead.isEmpty, "n\(i) held a member dead after a 3 s pause: \(dead.prefix(3))")
+        }
+        try d.waitAllAlive([1, 2, 3])
+        _ = d.stopAll()
+    }
+
     /// Waits (bounded) until node `i` lists exactly `members`, all valid, with no transfer pending,
     /// and every one of them agrees; returns node `i`'s status.
     private func settled(_ d: MembershipNodes, on i: Int, members: [String], within seconds: Double = 180) async throws -> [String: Any] {

@@ -39,6 +39,12 @@ final class MembershipNodes {
         try launch(i, "cluster.seeds = " + seeds.map(address).joined(separator: ","), extra: extra)
     }
 
+    /// Sends `signal` to node `i`'s process.
+    func signal(_ i: Int, _ signal: Int32) {
+        guard let p = processes[i], p.isRunning else { return }
+        kill(p.processIdentifier, signal)
+    }
+
     /// Kills node `i` with SIGKILL (as a crash would) and waits for it to be gone.
     func kill9(_ i: Int) {
         guard let p = processes[i], p.isRunning else { return }
