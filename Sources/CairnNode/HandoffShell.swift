@@ -13,6 +13,10 @@ public struct HandoffSettings: Sendable {
     /// The machine's bounds: batch bytes (`handoff.batch_bytes`) and keys, batch timeout
     /// (`handoff.batch_timeout`), backoff, batches in flight, kept keys.
     public var transfer = TransferSettings()
+    /// How long one transfer may take from its start to its end (`handoff.transfer_timeout`):
+    /// the bound `cairn transfers` ages and the simulator's end-of-run check are held to. A
+    /// transfer past it is stuck (or the rate is far too low for the data), not merely slow.
+    public var transferTimeout: Duration = .seconds(1800)
     public init() {}
 }
 
