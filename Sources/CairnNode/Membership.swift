@@ -103,6 +103,8 @@ final class MembershipAgent: SupervisedChild {
     private let transport: any Transport
     private let store: any RingStateStore
     private let clock: any NodeClock
+    /// Where pulls and the exit run (`NodeCore.taskExecutor`).
+    private let taskExecutor: (any TaskExecutor)?
     private let logger: Logger
     private let settings: Settings
     private let metrics: NodeMetrics
@@ -115,7 +117,8 @@ final class MembershipAgent: SupervisedChild {
     private let stopped = Locked(false)
 
     init(me: NodeName, clusterName: String, initial: RingState?, views: ClusterViews, liveness: Liveness, transport: any Transport,
-         store: any RingStateStore, clock: any NodeClock, seed: UInt64, settings: Settings, metrics: NodeMetrics, logger: Logger,
+         store: any RingStateStore, clock: any NodeClock, taskExecutor: (any TaskExecutor)? = nil, seed: UInt64, settings: Settings,
+         metrics: NodeMetrics, logger: Logger,
          onExit: @escaping @Sendable () -> Void) {
         self.me = me
         self.clusterName = clusterName
@@ -124,6 +127,7 @@ final class MembershipAgent: SupervisedChild {
         self.transport = transport
         self.store = store
         self.clock = clock
+        self.taskExecutor = taskExecutor
         self.logger = logger
         self.settings = settings
         self.metrics = metrics
@@ -233,7 +237,7 @@ final class MembershipAgent: SupervisedChild {
         case .push(let bytes): transport.cast(to: packet.sender, .clusterStatePush(bytes))
         case .pull:
             let (transport, timeout, sender) = (transport, settings.requestTimeoutMillis, packet.sender)
-            Task {
+            Task(executorPreference: taskExecutor) {
                 defer { self.state.withLock { _ = $0.pulling.remove(sender) } }
                 guard case .clusterState(let bytes)? = try? await transport.send(to: sender, .clusterStatePull, timeoutMillis: timeout) else { return }
                 self.receiveState(bytes, from: "pulled from \(sender)")
@@ -345,7 +349,7 @@ final class MembershipAgent: SupervisedChild {
             return true
         }
         if exit {
-            Task { await self.exitOnceKnown(ring) }
+            Task(executorPreference: taskExecutor) { await self.exitOnceKnown(ring) }
         }
     }
 
