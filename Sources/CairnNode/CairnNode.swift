@@ -79,11 +79,14 @@ public final class CairnNode: Service, Sendable {
     ///     directory is a path in it and is not locked) and where its work runs (request
     ///     executors, on which the vnodes run, and background work).
     ///   - epochs: where actor epochs are drawn (seeded in simulations).
+    ///   - taskExecutor: where the node's unstructured tasks run (a simulated node's lane; nil:
+    ///     the global pool).
     public init(config: NodeConfig, backend: (any PartitionStore)? = nil, logger: Logger? = nil, group: (any EventLoopGroup)? = nil,
                 notify: (any NotifySink)? = nil, watchdogInterval: Duration?? = .none, transportFaults: TransportFaults? = nil,
                 decorateBackend: (@Sendable (any PartitionStore) -> any PartitionStore)? = nil, clock: any NodeClock = SystemClock(),
                 network: InMemoryNetwork? = nil, fileSystem: (any FileSystem)? = nil,
-                storageEnvironment: any StorageEnvironment = ThreadEnvironment(), epochs: EpochSource = EpochSource()) {
+                storageEnvironment: any StorageEnvironment = ThreadEnvironment(), epochs: EpochSource = EpochSource(),
+                taskExecutor: (any TaskExecutor)? = nil) {
         self.network = network
         self.fileSystem = fileSystem
         self.storageEnvironment = storageEnvironment
@@ -95,7 +98,7 @@ public final class CairnNode: Service, Sendable {
         let initial: (any PartitionStore)? = backend ?? (memory ? MemoryBackend() : nil)
         self.decorateBackend = decorateBackend
         self.core = NodeCore(config: config, backend: initial.map { decorateBackend?($0) ?? $0 }, logger: log, faults: transportFaults,
-                             clock: clock, epochs: epochs, notify: notify ?? SystemdNotifySink())
+                             clock: clock, epochs: epochs, notify: notify ?? SystemdNotifySink(), taskExecutor: taskExecutor)
         self.group = group ?? MultiThreadedEventLoopGroup.singleton
         self.router = Router(core: core)
         let (me, limits, eventLoops) = (config.name, config.limits, self.group)
@@ -369,8 +372,9 @@ public final class CairnNode: Service, Sendable {
         let handoffEnv = HandoffManager.Environment(
             me: config.name, settings: config.handoff, transport: transport, store: handoffStore, clock: core.clock,
             pacer: Pacer(bytesPerSecond: config.handoff.bytesPerSecond, clock: core.clock), metrics: metrics, logger: core.logger,
-            requestTimeoutMillis: config.requestTimeoutMillis, storage: { core.backend }, ring: { core.membership?.ring },
-            reportComplete: { t in await core.reportTransferComplete(t) })
+            requestTimeoutMillis: config.requestTimeoutMillis, taskExecutor: core.taskExecutor, storage: { core.backend },
+            ring: { core.membership?.ring }, reportComplete: { t in await core.reportTransferComplete(t) },
+            vnodeRetired: { p in await core.vnodes.retired(p, clock: core.clock, limit: .seconds(30)) })
         let handoff = HandoffManager(env: handoffEnv, views: views, vnodes: core.vnodes, limits: config.limits)
         core.handoff = handoff
         acceptStreams(of: .handoff) { handoff.accept($0) }
@@ -381,7 +385,8 @@ public final class CairnNode: Service, Sendable {
         membershipSettings.swim = config.membership
         membershipSettings.requestTimeoutMillis = config.requestTimeoutMillis
         let agent = MembershipAgent(me: config.name, clusterName: config.clusterName, initial: initial, views: views, liveness: core.liveness,
-                                    transport: transport, store: store, clock: core.clock, seed: core.epochs.next(), settings: membershipSettings,
+                                    transport: transport, store: store, clock: core.clock, taskExecutor: core.taskExecutor,
+                                    seed: core.epochs.next(), settings: membershipSettings,
                                     metrics: metrics, logger: core.logger) { [weak self] in self?.shutdown() }
         core.membership = agent
         core.activate(Wiring(views: views, transport: transport, coordinatorContext: ctx))
@@ -415,7 +420,13 @@ public final class CairnNode: Service, Sendable {
                 }
                 await waitForPeerAttempts()
                 // Serving means every vnode answers: a request must not meet "vnode starting".
-                for p in core.vnodes.partitions { await core.vnodes.vnode(for: p)?.untilServing() }
+                // A vnode a newer view retires meanwhile (a ring change adopted during startup)
+                // never serves: wait only for those still in the table.
+                waiting: for p in core.vnodes.partitions {
+                    while let v = core.vnodes.vnode(for: p), !(await v.isServing) {
+                        do { try await core.clock.sleep(for: .milliseconds(5)) } catch { break waiting }
+                    }
+                }
                 let peers = core.current?.transport.peerCount ?? 0
                 if notifier.report(.serving(peersUp: connectedPeers, peers: peers)) {
                     core.logger.info("serving", metadata: ["peers_up": "\(connectedPeers)", "peers": "\(peers)"])

@@ -73,7 +73,8 @@ final class ClusterViews: Sendable {
         state.withLock { s in
             guard view.version > s.current.version else { return false }
             s.current = view
-            for c in s.subscribers.values { c.yield(view) }
+            // In subscription order, not hash order (a simulation replays its seed).
+            for (_, c) in s.subscribers.sorted(by: { $0.key < $1.key }) { c.yield(view) }
             return true
         }
     }

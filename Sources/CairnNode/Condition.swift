@@ -20,7 +20,7 @@ final class Condition: Sendable {
         let waiters: [CheckedContinuation<Void, Never>] = state.withLock { s in
             s.generation &+= 1
             defer { s.waiters = [:] }
-            return Array(s.waiters.values)
+            return s.waiters.sorted { $0.key < $1.key }.map(\.value)
         }
         for w in waiters { w.resume() }
     }

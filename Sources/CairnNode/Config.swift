@@ -118,8 +118,9 @@ public struct NodeConfig: Sendable {
         guard (membership.probeTimeout) < (membership.probeInterval), (membership.probeTimeout) > Duration.zero else {
             throw ValidationError("membership.probe_timeout must be positive and shorter than membership.probe_interval")
         }
-        guard membership.suspicionMultiplier <= membership.suspicionMaxMultiplier else {
-            throw ValidationError("membership.suspicion_multiplier must not exceed membership.suspicion_max_multiplier")
+        // The maximum multiplies the minimum (β × α × interval), so any β >= 1 is consistent.
+        guard membership.suspicionMaxMultiplier >= 1 else {
+            throw ValidationError("membership.suspicion_max_multiplier must be at least 1")
         }
         guard Set(members.map(\.name)).count == members.count else { throw ValidationError("cluster.members lists a node twice") }
         guard requestTimeoutMillis >= 1 else { throw ValidationError("request.timeout must be positive") }

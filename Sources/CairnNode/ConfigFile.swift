@@ -60,6 +60,7 @@ extension NodeConfig {
         case "handoff.bytes_per_second": handoff.bytesPerSecond = try Self.bytes(value, (64 << 10)...(1 << 40))
         case "handoff.batch_bytes": handoff.transfer.batchMaxBytes = try Self.bytes(value, (4 << 10)...(64 << 20))
         case "handoff.batch_timeout": handoff.transfer.batchTimeout = .milliseconds(try Self.millis(value))
+        case "handoff.transfer_timeout": handoff.transferTimeout = .milliseconds(try Self.millis(value))
         case "membership.probe_interval": membership.probeInterval = .milliseconds(try Self.millis(value))
         case "membership.probe_timeout": membership.probeTimeout = .milliseconds(try Self.millis(value))
         case "membership.indirect_probes": membership.indirectProbes = try Self.int(value, 0...16)

@@ -27,10 +27,14 @@ final class HandoffManager: SupervisedChild {
         let metrics: NodeMetrics
         let logger: Logger
         let requestTimeoutMillis: UInt32
+        /// Where shells and their timers run (`NodeCore.taskExecutor`).
+        let taskExecutor: (any TaskExecutor)?
         let storage: @Sendable () -> (any PartitionStore)?
         let ring: @Sendable () -> RingState?
         /// Tells the claimant the transfer is complete; true once it recorded it.
         let reportComplete: @Sendable (PartitionTransfer) async -> Bool
+        /// Returns once no vnode for the partition accepts writes here (false: one still serves).
+        let vnodeRetired: @Sendable (PartitionID) async -> Bool
 
         var backend: (any PartitionStore)? { storage() }
     }
@@ -46,6 +50,8 @@ final class HandoffManager: SupervisedChild {
     private let vnodes: VnodeTable
     private let limits: Limits
     private let running = Locked<[PartitionTransfer: Running]>([:])
+    /// Set when `run()` ends (the node stops or crashes): no shell starts after that.
+    private let stopped = Locked(false)
     private let receiver = Locked(TransferReceiver())
 
     init(env: Environment, views: ClusterViews, vnodes: VnodeTable, limits: Limits) {
@@ -56,8 +62,10 @@ final class HandoffManager: SupervisedChild {
     }
 
     func run() async throws {
+        stopped.withLock { $0 = false }
         defer {
-            for r in running.withLock({ t in defer { t = [:] }; return Array(t.values) }) { r.task.cancel() }
+            stopped.withLock { $0 = true }
+            for r in running.withLock({ t in defer { t = [:] }; return t.sorted { $0.key < $1.key }.map(\.value) }) { r.task.cancel() }
         }
         for await view in views.updates() { reconcile(view.state) }
     }
@@ -66,14 +74,18 @@ final class HandoffManager: SupervisedChild {
 
     /// Starts, notifies and counts shells for `ring`.
     func reconcile(_ ring: RingState?) {
-        guard let ring else { return }
+        // A shell that ends after the node stopped (its task cancelled) must not start others:
+        // they would run on, copying from storage that is closed and reporting to the claimant.
+        guard let ring, !stopped.value else { return }
         let target = ring.target?.fingerprint ?? 0
         let mine = ring.transfers.filter { $0.from == env.me }
         let pending = mine.filter { !ring.completed.contains($0) }
         var toStart: [(PartitionTransfer, TransferID)] = []
         var notify: [(TransferShell, TransferEvent)] = []
         running.withLock { table in
-            for (t, r) in table {
+            // In transfer order, not the table's hash order: a simulation replays its seed only
+            // if the shells are told in the same order every run.
+            for (t, r) in table.sorted(by: { $0.key < $1.key }) {
                 if !ring.transfers.contains(t) {
                     // The plan ended (every transfer done: the flip) or changed (cancelled).
                     let flippedTo = ring.replicas(of: t.partition).contains(t.to)
@@ -103,7 +115,7 @@ final class HandoffManager: SupervisedChild {
         let shell = TransferShell(transfer: t, id: id, resume: resume, env: env)
         let inserted = running.withLock { table -> Bool in
             guard table[t] == nil else { return false }
-            let task = Task { [weak self] in
+            let task = Task(executorPreference: env.taskExecutor) { [weak self] in
                 _ = await shell.run()
                 self?.finished(t)
             }
@@ -126,7 +138,7 @@ final class HandoffManager: SupervisedChild {
     /// partition's new replicas instead. Returns false when that failed: the write must then not
     /// be acknowledged as this node's copy.
     func forward(partition: PartitionID, key: [UInt8], object: VersionedObject) async -> Bool {
-        let shells = running.withLock { $0.filter { $0.key.partition == partition }.map(\.value.shell) }
+        let shells = running.withLock { $0.filter { $0.key.partition == partition }.sorted { $0.key < $1.key }.map(\.value.shell) }
         var carried = !shells.isEmpty
         for shell in shells where await !shell.forward(key: key, object: object) { carried = false }
         if carried { return true }
@@ -151,7 +163,7 @@ final class HandoffManager: SupervisedChild {
 
     /// Transfers running from this node now, for `cairn transfers` and metrics.
     func progress() async -> [RunningTransfer] {
-        let shells = running.withLock { $0.values.map { ($0.shell, $0.startedAt) } }
+        let shells = running.withLock { $0.sorted { $0.key < $1.key }.map { ($0.value.shell, $0.value.startedAt) } }
         var out: [RunningTransfer] = []
         for (s, at) in shells {
             out.append(RunningTransfer(progress: await s.progress, startedAt: at, performing: await s.performing))

@@ -13,6 +13,10 @@ public struct HandoffSettings: Sendable {
     /// The machine's bounds: batch bytes (`handoff.batch_bytes`) and keys, batch timeout
     /// (`handoff.batch_timeout`), backoff, batches in flight, kept keys.
     public var transfer = TransferSettings()
+    /// How long one transfer may take from its start to its end (`handoff.transfer_timeout`):
+    /// the bound `cairn transfers` ages and the simulator's end-of-run check are held to. A
+    /// transfer past it is stuck (or the rate is far too low for the data), not merely slow.
+    public var transferTimeout: Duration = .seconds(1800)
     public init() {}
 }
 
@@ -192,7 +196,7 @@ actor TransferShell {
         timer?.cancel()
         timerAt = at
         let (clock, sink) = (env.clock, sink)
-        timer = Task {
+        timer = Task(executorPreference: env.taskExecutor) {
             do { try await clock.sleep(until: at) } catch { return }
             sink.yield(.machine(.tick))
         }
@@ -217,7 +221,7 @@ actor TransferShell {
                 let out = try await env.transport.openStream(to: transfer.to, kind: .handoff, header: header, timeoutMillis: env.requestTimeoutMillis)
                 var s = Stream(number: n, out: out)
                 let sink = sink
-                s.watcher = Task {
+                s.watcher = Task(executorPreference: env.taskExecutor) {
                     var seen: UInt64 = 0
                     while true {
                         do throws(StreamError) { try await out.waitAcknowledged(atLeast: seen + 1) } catch {
@@ -343,7 +347,7 @@ actor TransferShell {
     private func startReporting() {
         guard reporter == nil else { return }
         let (env, transfer) = (env, transfer)
-        reporter = Task {
+        reporter = Task(executorPreference: env.taskExecutor) {
             while !Task.isCancelled {
                 let recorded = await env.reportComplete(transfer)
                 do { try await env.clock.sleep(for: .seconds(recorded ? 5 : 1)) } catch { return }
@@ -357,6 +361,11 @@ actor TransferShell {
         if let ring = env.ring(), ring.vnodePartitions(of: transfer.from).contains(transfer.partition) {
             return [.dropped]
         }
+        // The flip retires this node's vnode of the partition too (the vnode manager follows the
+        // same view): a write or read repair from a coordinator still on the older ring can reach
+        // that vnode until then, and would land after the drop, a copy no owner knows of. Drop
+        // once the vnode is gone and stopped.
+        guard await env.vnodeRetired(transfer.partition) else { return [.dropped] }
         do {
             try await env.backend?.drop(partition: transfer.partition)
         } catch {

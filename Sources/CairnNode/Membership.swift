@@ -103,6 +103,8 @@ final class MembershipAgent: SupervisedChild {
     private let transport: any Transport
     private let store: any RingStateStore
     private let clock: any NodeClock
+    /// Where pulls and the exit run (`NodeCore.taskExecutor`).
+    private let taskExecutor: (any TaskExecutor)?
     private let logger: Logger
     private let settings: Settings
     private let metrics: NodeMetrics
@@ -111,9 +113,12 @@ final class MembershipAgent: SupervisedChild {
     private let state: Locked<State>
     /// The ring last written to `store`.
     private let persisted = Locked<RingState?>(nil)
+    /// Whether `run()` has ended (the node stopped or crashed): a pending exit gives up.
+    private let stopped = Locked(false)
 
     init(me: NodeName, clusterName: String, initial: RingState?, views: ClusterViews, liveness: Liveness, transport: any Transport,
-         store: any RingStateStore, clock: any NodeClock, seed: UInt64, settings: Settings, metrics: NodeMetrics, logger: Logger,
+         store: any RingStateStore, clock: any NodeClock, taskExecutor: (any TaskExecutor)? = nil, seed: UInt64, settings: Settings,
+         metrics: NodeMetrics, logger: Logger,
          onExit: @escaping @Sendable () -> Void) {
         self.me = me
         self.clusterName = clusterName
@@ -122,6 +127,7 @@ final class MembershipAgent: SupervisedChild {
         self.transport = transport
         self.store = store
         self.clock = clock
+        self.taskExecutor = taskExecutor
         self.logger = logger
         self.settings = settings
         self.metrics = metrics
@@ -139,7 +145,12 @@ final class MembershipAgent: SupervisedChild {
     // MARK: Loop
 
     func run() async throws {
+        stopped.withLock { $0 = false }
+        defer { stopped.withLock { $0 = true } }
         perform(state.withLock { $0.swim.announce() })
+        // A node restarted from a persisted state that already says it is exiting (it crashed
+        // between adopting that state and exiting) must exit now: no later change would tell it.
+        if let ring { checkOwnStatus(ring) }
         while true {
             try Task.checkCancellation()
             let now = clock.now()
@@ -226,7 +237,7 @@ final class MembershipAgent: SupervisedChild {
         case .push(let bytes): transport.cast(to: packet.sender, .clusterStatePush(bytes))
         case .pull:
             let (transport, timeout, sender) = (transport, settings.requestTimeoutMillis, packet.sender)
-            Task {
+            Task(executorPreference: taskExecutor) {
                 defer { self.state.withLock { _ = $0.pulling.remove(sender) } }
                 guard case .clusterState(let bytes)? = try? await transport.send(to: sender, .clusterStatePull, timeoutMillis: timeout) else { return }
                 self.receiveState(bytes, from: "pulled from \(sender)")
@@ -338,10 +349,37 @@ final class MembershipAgent: SupervisedChild {
             return true
         }
         if exit {
-            logger.notice("this node has left the cluster: its data is handed off; exiting", metadata: ["ring_version": "\(ring.version)"])
-            perform(state.withLock { $0.swim.leave() })
-            onExit()
+            Task(executorPreference: taskExecutor) { await self.exitOnceKnown(ring) }
         }
+    }
+
+    /// Exits once a valid member holds a ring state at least as new as `ring`. A leaving
+    /// claimant makes the state that says it is exiting itself (its last transfer completed):
+    /// exiting before anyone else has it would leave every other member on an older state,
+    /// with that plan's transfers pending for ever from a node that is gone.
+    private func exitOnceKnown(_ ring: RingState) async {
+        var attempt = 0
+        while !Task.isCancelled {
+            if stopped.value { return }
+            let current = self.ring ?? ring
+            let peers = current.members.filter { $0.status == .valid && $0.name != me }
+                .sorted { ($0.name != current.claimant ? 1 : 0, $0.name) < ($1.name != current.claimant ? 1 : 0, $1.name) }
+            guard !peers.isEmpty else { break }
+            let peer = peers[attempt % peers.count].name
+            attempt += 1
+            if case .clusterState(let bytes)? = try? await transport.send(to: peer, .clusterStatePull, timeoutMillis: settings.requestTimeoutMillis),
+               let theirs = try? RingState(decoding: bytes), RingState.merged(theirs, current) == theirs {
+                break
+            }
+            transport.cast(to: peer, .clusterStatePush(current.encoded()))
+            if attempt == 1 {
+                logger.info("leaving: waiting until a member holds this node's final ring state", metadata: ["ring_version": "\(current.version)"])
+            }
+            do { try await clock.sleep(for: .milliseconds(500)) } catch { return }
+        }
+        logger.notice("this node has left the cluster: its data is handed off; exiting", metadata: ["ring_version": "\(ring.version)"])
+        perform(state.withLock { $0.swim.leave() })
+        onExit()
     }
 
     // MARK: Claimant

@@ -45,6 +45,11 @@ final class NodeCore: Sendable {
 
     /// Draws actor epochs (seeded in simulations).
     let epochs: EpochSource
+    /// Where the node's unstructured tasks run (nil: the global pool). Unstructured tasks do not
+    /// inherit a task executor preference, so a simulated node names its lane here: its pulls,
+    /// handoff shells and their timers then run in the simulation's seeded order, and stop while
+    /// the node is paused.
+    let taskExecutor: (any TaskExecutor)?
 
     /// The handler of each stream kind this node accepts (`CairnNode.acceptStreams`).
     let streamAcceptors = Locked<[StreamKind: StreamAcceptor]>([:])
@@ -76,8 +81,10 @@ final class NodeCore: Sendable {
     let dialer = Locked<Dialer?>(nil)
 
     init(config: NodeConfig, backend: (any PartitionStore)?, logger: Logger, faults: TransportFaults? = nil,
-         clock: any NodeClock = SystemClock(), epochs: EpochSource = EpochSource(), notify: any NotifySink = SystemdNotifySink()) {
+         clock: any NodeClock = SystemClock(), epochs: EpochSource = EpochSource(), notify: any NotifySink = SystemdNotifySink(),
+         taskExecutor: (any TaskExecutor)? = nil) {
         self.config = config
+        self.taskExecutor = taskExecutor
         lifecycle = ServiceNotifier(sink: notify)
         self.epochs = epochs
         self.clock = clock

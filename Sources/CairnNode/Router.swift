@@ -177,7 +177,7 @@ final class Router: RequestDispatcher {
             case .gossip(let bytes): return agent.receiveGossip(bytes)
             case .clusterStatePush(let bytes):
                 // Adopting a state persists it (file syncs): not on the event loop.
-                Task { agent.receiveState(bytes, from: "pushed by a peer") }
+                Task(executorPreference: core.taskExecutor) { agent.receiveState(bytes, from: "pushed by a peer") }
                 return
             default: break
             }

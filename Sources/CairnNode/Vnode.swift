@@ -76,6 +76,11 @@ public actor Vnode: SupervisedChild {
     /// True while the vnode accepts requests.
     public var isServing: Bool { status == .serving }
 
+    /// Refuses every request from now on (a retired vnode whose partition is being dropped).
+    func stopServing() {
+        if status == .serving { status = .starting }
+    }
+
     /// Returns once the vnode has started serving (at once if it is).
     public func untilServing() async {
         if status == .serving { return }
@@ -279,6 +284,10 @@ public final class VnodeTable: Sendable {
     /// replicas that took its place. At most one entry per partition (bounded by Q); an entry
     /// goes when the partition's vnode starts here again.
     private let successors = Locked<[PartitionID: [NodeName]]>([:])
+    /// The vnode last removed for each key (until one is inserted again): a handoff stops it
+    /// before dropping the partition's data, since a request that looked it up just before its
+    /// removal may still be on its way to it.
+    private let removed = Locked<[VnodeKey: Vnode]>([:])
 
     public init() {}
 
@@ -298,12 +307,31 @@ public final class VnodeTable: Sendable {
     public func vnode(for key: VnodeKey) -> Vnode? { table.withLock { $0[key] } }
 
     public func insert(_ v: Vnode) {
+        removed.withLock { _ = $0.removeValue(forKey: v.key) }
         table.withLock { $0[v.key] = v }
         successors.withLock { _ = $0.removeValue(forKey: v.key.partition) }
     }
 
     @discardableResult
-    public func remove(_ key: VnodeKey) -> Vnode? { table.withLock { $0.removeValue(forKey: key) } }
+    public func remove(_ key: VnodeKey) -> Vnode? {
+        let v = table.withLock { $0.removeValue(forKey: key) }
+        if let v { removed.withLock { $0[key] = v } }
+        return v
+    }
+
+    /// Waits (at most `limit`) until this node runs no primary vnode for `p` (the view that
+    /// retired it was applied), then stops the one retired, so no write applies here from then
+    /// on. False if one still runs after `limit` (the node replicates `p` again: keep its data).
+    func retired(_ p: PartitionID, clock: any NodeClock, limit: Duration) async -> Bool {
+        let key = VnodeKey(partition: p, role: .primary)
+        let deadline = clock.now() + limit
+        while vnode(for: key) != nil {
+            guard clock.now() < deadline else { return false }
+            do { try await clock.sleep(for: .milliseconds(10)) } catch { return false }
+        }
+        await removed.withLock { $0[key] }?.stopServing()
+        return true
+    }
 
     /// Partitions this node runs a primary vnode for, in order.
     public var partitions: [PartitionID] { table.withLock { $0.keys.filter { $0.role == .primary }.map(\.partition).sorted() } }

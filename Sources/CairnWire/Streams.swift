@@ -277,7 +277,8 @@ public final class StreamOutbox: OutboundStream {
         case true?:
             let (ended, waiters) = state.withLock { s in
                 defer { s.waiters = [:] }
-                return (s.done, Array(s.waiters.values))
+                // In registration order, not hash order (a simulation replays its seed).
+                return (s.done, s.waiters.sorted { $0.key < $1.key }.map(\.value))
             }
             for w in waiters { w.resume() }
             if ended { onTerminal() }
@@ -296,7 +297,7 @@ public final class StreamOutbox: OutboundStream {
             guard !s.ended else { return nil }
             s.failure = error
             defer { s.waiters = [:] }
-            return Array(s.waiters.values)
+            return s.waiters.sorted { $0.key < $1.key }.map(\.value)
         }
         guard let waiters else { return false }
         for w in waiters { w.resume() }

@@ -7,9 +7,20 @@ private func node(_ s: String) -> NodeName { try! NodeName(s) }   // literals: c
 private let n1 = node("n1"), n2 = node("n2"), n3 = node("n3"), n4 = node("n4"), n5 = node("n5")
 private let t0 = ContinuousClock.now
 
+/// The timings these tests were written in (memberlist's LAN values: 1 s, 500 ms, α = 4, β = 6),
+/// so each expectation reads in whole seconds; the defaults are tuned by `cairn-sim --detection`.
+private let timing: SWIMSettings = {
+    var s = SWIMSettings()
+    s.probeInterval = .seconds(1)
+    s.probeTimeout = .milliseconds(500)
+    s.suspicionMultiplier = 4
+    s.suspicionMaxMultiplier = 6
+    return s
+}()
+
 /// n1 with four peers, all alive.
 private func instance(seed: UInt64 = 1) -> SWIMInstance {
-    var s = SWIMInstance(me: n1, seed: seed, now: t0)
+    var s = SWIMInstance(me: n1, settings: timing, seed: seed, now: t0)
     for m in [n2, n3, n4, n5] { _ = s.add(m) }
     return s
 }
@@ -30,7 +41,7 @@ private func ping(_ ds: [SWIMDirective]) -> (NodeName, UInt64)? {
 
 @Suite struct SWIMTests {
     @Test func addingAMemberReportsItAlive() {
-        var s = SWIMInstance(me: n1, seed: 1, now: t0)
+        var s = SWIMInstance(me: n1, settings: timing, seed: 1, now: t0)
         #expect(s.add(n2) == [.statusChanged(n2, from: nil, to: .alive, incarnation: 0)])
         #expect(s.add(n2).isEmpty && s.add(n1).isEmpty, "known members and itself are not added again")
     }
@@ -93,7 +104,7 @@ private func ping(_ ds: [SWIMDirective]) -> (NodeName, UInt64)? {
         #expect(sends(s.tick(now: t0 + .seconds(1) + .milliseconds(1500))).count == 2)
     }
 
-    /// With no confirmation a suspicion lasts β × α × max(1, log10 n) × interval = 6 × 4 s; each
+    /// With no confirmation a suspicion lasts β × α × interval = 6 × 4 s; each
     /// independent confirmation shortens it, down to α × … = 4 s with k of them.
     @Test func aSuspicionBecomesDeadAfterItsTimeoutWhichConfirmationsShorten() throws {
         let s0 = instance()
@@ -146,7 +157,7 @@ private func ping(_ ds: [SWIMDirective]) -> (NodeName, UInt64)? {
 
     /// Indirect probes run for others are bounded (`maxRelays`): a flood of requests is not held.
     @Test func relaysAreBounded() {
-        var settings = SWIMSettings()
+        var settings = timing
         settings.maxRelays = 2
         var s = SWIMInstance(me: n1, settings: settings, seed: 1, now: t0)
         for m in [n2, n3, n4] { _ = s.add(m) }
@@ -259,8 +270,8 @@ private func ping(_ ds: [SWIMDirective]) -> (NodeName, UInt64)? {
     /// A member declared dead while it was cut off pings us again: our ack tells it, it refutes
     /// with a higher incarnation, and it is alive again here.
     @Test func aDeadMemberThatPingsLearnsItAndRefutes() {
-        var a = SWIMInstance(me: n1, seed: 1, now: t0)
-        var b = SWIMInstance(me: n2, seed: 2, now: t0)
+        var a = SWIMInstance(me: n1, settings: timing, seed: 1, now: t0)
+        var b = SWIMInstance(me: n2, settings: timing, seed: 2, now: t0)
         _ = a.add(n2)
         _ = b.add(n1)
         _ = a.received(.ack(sequence: 0, target: n3, updates: [MemberUpdate(name: n2, status: .dead, incarnation: 0, by: n3)]), from: n3, now: t0)
@@ -286,8 +297,8 @@ private func ping(_ ds: [SWIMDirective]) -> (NodeName, UInt64)? {
 
 @Suite struct SWIMLeaveTests {
     @Test func aLeavingMemberTellsEveryoneItIsDeadAndNeverRefutes() {
-        var leaver = SWIMInstance(me: n2, seed: 3, now: t0)
-        var peer = SWIMInstance(me: n1, seed: 4, now: t0)
+        var leaver = SWIMInstance(me: n2, settings: timing, seed: 3, now: t0)
+        var peer = SWIMInstance(me: n1, settings: timing, seed: 4, now: t0)
         for m in [n1, n3] { _ = leaver.add(m) }
         _ = peer.add(n2)
         let out = sends(leaver.leave())

@@ -1,0 +1,68 @@
+public import CairnCore
+import CairnRing
+
+/// What a node holds and believes about placement, for the simulator's end-of-run checks
+/// (every partition on exactly its ring's owners, no stray copies, no transfer left over). Read
+/// only; nothing here is on a request's path.
+public struct PlacementSnapshot: Sendable {
+    /// The ring state's version (0: the node has joined no cluster).
+    public var ringVersion: UInt64
+    public var claimant: NodeName?
+    /// Members in the ring, with their status (`joining`, `valid`, `leaving`, `exiting`).
+    public var members: [(name: NodeName, status: String)]
+    public var partitionCount: Int
+    public var nVal: Int
+    /// Whether a committed plan is still in progress, and its transfers not yet complete.
+    public var planInProgress: Bool
+    public var pendingTransfers: Int
+    /// Changes staged and not committed.
+    public var staged: Int
+    /// Each partition's replicas in this node's ring (preference-list order).
+    public var replicas: [UInt32: [NodeName]]
+    /// Keys this node's storage holds, per partition (partitions holding none are absent).
+    public var stored: [UInt32: Int]
+    /// Partitions this node runs a vnode for.
+    public var vnodes: Set<UInt32>
+    /// Outbound transfers running on this node now, with their age.
+    public var running: [(partition: UInt32, from: NodeName, to: NodeName, age: Duration)]
+}
+
+extension CairnNode {
+    /// This node's placement snapshot (nil before `start`). Counts every partition's keys in
+    /// storage, so it costs a pass over the partition table: for tests and the simulator.
+    public func placement() async -> PlacementSnapshot? {
+        guard let agent = core.membership else { return nil }
+        let ring = agent.ring
+        var stored: [UInt32: Int] = [:]
+        if let backend = core.backend, let ring {
+            for i in 0..<ring.partitionCount {
+                let n = (try? await backend.count(partition: PartitionID(UInt32(i)))) ?? 0
+                if n > 0 { stored[UInt32(i)] = n }
+            }
+        }
+        var replicas: [UInt32: [NodeName]] = [:]
+        if let ring { for p in ring.ring.partitions { replicas[p.index] = ring.replicas(of: p) } }
+        let running = await runningTransfers()
+        return PlacementSnapshot(
+            ringVersion: ring?.version ?? 0, claimant: ring?.claimant, members: ring?.members.map { ($0.name, $0.status.description) } ?? [],
+            partitionCount: ring?.partitionCount ?? 0, nVal: ring?.nVal ?? 0, planInProgress: ring?.isPlanInProgress ?? false,
+            pendingTransfers: ring?.pendingTransfers.count ?? 0, staged: ring?.staged.count ?? 0, replicas: replicas, stored: stored,
+            vnodes: Set(core.vnodes.partitions.map(\.index)), running: running)
+    }
+
+    /// Outbound transfers running on this node now, with their age (cheap: no storage pass).
+    public func runningTransfers() async -> [(partition: UInt32, from: NodeName, to: NodeName, age: Duration)] {
+        let now = core.clock.now()
+        return (await core.handoff?.progress() ?? []).map { t in
+            (partition: t.progress.partition.index, from: t.progress.from, to: t.progress.to, age: now - t.startedAt)
+        }
+    }
+
+    /// How this node's failure detector holds each member now (`alive`, `suspect`, `dead`).
+    public func livenessTable() -> [NodeName: String] {
+        guard let ring = core.membership?.ring else { return [:] }
+        var out: [NodeName: String] = [:]
+        for m in ring.members where m.name != config.name { out[m.name] = core.liveness.status(of: m.name)?.description ?? "unknown" }
+        return out
+    }
+}
