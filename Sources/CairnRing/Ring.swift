@@ -99,9 +99,11 @@ public struct Ring: Hashable, Sendable {
         var picked: [Int] = []
         picked.reserveCapacity(want)
         var i = Int(p.index) % partitionCount
-        for _ in 0..<partitionCount where picked.count < want {
+        var steps = 0
+        while picked.count < want && steps < partitionCount {
             if !picked.contains(owners[i]) { picked.append(owners[i]) }
             i = (i + 1) % partitionCount
+            steps += 1
         }
         return picked.map { members[$0] }
     }
@@ -123,12 +125,16 @@ public struct Ring: Hashable, Sendable {
 
     /// The ring after `node` joins. The new node takes partitions one at a time from the member
     /// holding the most (ties: earliest joined) until no member holds more than one partition more
-    /// than it; of the donor's partitions it takes the one farthest from those it already holds
-    /// (ties: lowest index), which spreads its partitions around the ring.
+    /// than it. Of the donor's partitions farthest from those it already holds (the first
+    /// `claimCandidates` by distance, then lowest index) it takes the one that keeps the replica
+    /// load — how many preference lists of `targetN` replicas each member is in — closest to even
+    /// (least sum of squared distances from Q·N/S). Owning a fair share is not enough: where the
+    /// walk to N distinct nodes skips repeats, a member can be in far more lists than N per
+    /// partition owned (a new node of four on Q = 64 was in 58 of 64).
     ///
     /// Guarantees: counts end within 1 of each other; only partitions that move to `node` change
     /// owner, and at most ⌈Q/S⌉ of them move (S = members after the join).
-    public func adding(_ node: NodeName) -> Ring {
+    public func adding(_ node: NodeName, targetN: Int = 3) -> Ring {
         guard !members.contains(node) else { return self }
         var next = self
         next.members.append(node)
@@ -137,26 +143,99 @@ public struct Ring: Hashable, Sendable {
             next.owners = Array(repeating: x, count: partitionCount)
             return next
         }
+        let n = max(1, targetN)
         var counts = Array(repeating: 0, count: next.members.count)
         for o in next.owners { counts[o] += 1 }
+        var load = next.members.count > n ? Self.replicaLoad(next.owners, members: next.members.count, n: n)
+                                          : Array(repeating: 0, count: next.members.count)
+        let target = Double(partitionCount * min(n, next.members.count)) / Double(next.members.count)
         var mine: [Int] = []   // sorted partitions held by x
         while true {
             var donor = 0
             for m in 0..<x where counts[m] > counts[donor] { donor = m }
             if counts[donor] <= counts[x] + 1 { break }
+            // With no more members than N, every member is in every list: nothing to balance.
+            let balancing = next.members.count > n
+            // The donor's partitions farthest from those `node` holds (ties: lowest index); of
+            // the first `claimCandidates`, the one whose move keeps the load most even.
             let candidates = next.owners.indices.filter { next.owners[$0] == donor }
-            var best = candidates[0]
-            var bestDistance = -1
-            for p in candidates {
-                let d = Self.circularDistance(from: p, toNearestIn: mine, q: partitionCount)
-                if d > bestDistance { best = p; bestDistance = d }
+                .map { (p: $0, distance: Self.circularDistance(from: $0, toNearestIn: mine, q: partitionCount)) }
+                .sorted { $0.distance != $1.distance ? $0.distance > $1.distance : $0.p < $1.p }
+                .prefix(balancing ? Self.claimCandidates : 1)
+            var best: (p: Int, score: Double, delta: [(member: Int, change: Int)])?
+            for c in candidates {
+                let delta = balancing ? Self.loadDelta(next.owners, moving: c.p, to: x, n: n) : []
+                // The change in the sum of squared distances from the target (only the members
+                // whose load changes count).
+                var score = 0.0
+                for change in delta {
+                    let was = Double(load[change.member]) - target
+                    let will = was + Double(change.change)
+                    score += will * will - was * was
+                }
+                if let b = best, score >= b.score { continue }
+                best = (c.p, score, delta)
             }
-            next.owners[best] = x
+            guard let chosen = best else { break }
+            next.owners[chosen.p] = x
+            for (m, d) in chosen.delta { load[m] += d }
             counts[donor] -= 1
             counts[x] += 1
-            mine.insert(best, at: Self.insertionIndex(mine, best))
+            mine.insert(chosen.p, at: Self.insertionIndex(mine, chosen.p))
         }
         return next
+    }
+
+    /// How many of the spread-out candidate partitions a join weighs by replica load per step.
+    static let claimCandidates = 48
+
+    /// How many preference lists of `n` each member index is in.
+    static func replicaLoad(_ owners: [Int], members: Int, n: Int) -> [Int] {
+        var load = Array(repeating: 0, count: members)
+        for p in owners.indices { for m in firstDistinct(owners, from: p, n: n) { load[m] += 1 } }
+        return load
+    }
+
+    /// The first `n` distinct owners walking clockwise from `p`, reading partition
+    /// `override.p` as owned by `override.owner` when given.
+    static func firstDistinct(_ owners: [Int], from p: Int, n: Int, override: (p: Int, owner: Int)? = nil) -> [Int] {
+        var picked: [Int] = []
+        picked.reserveCapacity(n)
+        var i = p
+        var steps = 0
+        while picked.count < n && steps < owners.count {
+            let o = i == override?.p ? (override?.owner ?? owners[i]) : owners[i]
+            if !picked.contains(o) { picked.append(o) }
+            i = i + 1 == owners.count ? 0 : i + 1
+            steps += 1
+        }
+        return picked
+    }
+
+    /// The change in each member's replica load if partition `p` moved to `x` (members whose
+    /// load does not change are left out): only the lists of partitions whose walk reaches `p`
+    /// (fewer than `n` distinct owners between them and `p`) change.
+    static func loadDelta(_ owners: [Int], moving p: Int, to x: Int, n: Int) -> [(member: Int, change: Int)] {
+        let q = owners.count
+        var delta: [(member: Int, change: Int)] = []
+        func add(_ m: Int, _ d: Int) {
+            if let i = delta.firstIndex(where: { $0.member == m }) { delta[i].change += d } else { delta.append((m, d)) }
+        }
+        var between: [Int] = []   // distinct owners of [j, p)
+        var j = p
+        for _ in 0..<q {
+            let before = firstDistinct(owners, from: j, n: n)
+            let after = firstDistinct(owners, from: j, n: n, override: (p, x))
+            if before != after {
+                for m in before where !after.contains(m) { add(m, -1) }
+                for m in after where !before.contains(m) { add(m, 1) }
+            }
+            j = j == 0 ? q - 1 : j - 1
+            if j == p { break }
+            if !between.contains(owners[j]) { between.append(owners[j]) }
+            if between.count >= n { break }
+        }
+        return delta.filter { $0.change != 0 }
     }
 
     /// The ring after `node` leaves: each of its partitions goes to the member holding the fewest

@@ -351,7 +351,7 @@ public struct RingState: Hashable, Sendable {
         var next = ring
         for change in staged {
             switch change {
-            case .join(let n): next = next.adding(n)
+            case .join(let n): next = next.adding(n, targetN: nVal)
             case .leave(let n), .remove(let n): next = next.removing(n)
             }
         }
