@@ -219,30 +219,8 @@ fi
 declare -A RUNNING=()   # pid -> name
 WORK=""
 
-# stop_pids PID...: SIGTERM all, wait up to 20 s for all, SIGKILL the rest, reap.
-stop_pids() {
-    local pid waited=0 alive
-    (($#)) || return 0
-    for pid in "$@"; do kill -TERM "$pid" 2>/dev/null || true; done
-    while ((waited < 100)); do
-        alive=0
-        for pid in "$@"; do kill -0 "$pid" 2>/dev/null && alive=1; done
-        ((alive)) || break
-        sleep 0.2
-        waited=$((waited + 1))
-    done
-    for pid in "$@"; do
-        if kill -0 "$pid" 2>/dev/null; then
-            log "  ${RUNNING[$pid]:-pid $pid} did not stop in 20 s: SIGKILL"
-            kill -KILL "$pid" 2>/dev/null || true
-        fi
-    done
-    for pid in "$@"; do
-        wait "$pid" 2>/dev/null || true
-        log "  stopped ${RUNNING[$pid]:-process} (pid $pid)"
-        unset "RUNNING[$pid]"
-    done
-}
+# shellcheck source=../lib/processes.sh
+source "$ROOT/Benchmarks/lib/processes.sh"
 
 cleanup() {
     local rc=$?
@@ -264,44 +242,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
-
-# start NAME LOGFILE CMD...: run CMD in the background, record its pid in STARTED_PID.
-start() {
-    local name=$1 logfile=$2
-    shift 2
-    "$@" >"$logfile" 2>&1 </dev/null &
-    STARTED_PID=$!
-    RUNNING[$STARTED_PID]=$name
-    log "  started $name (pid $STARTED_PID), log $logfile"
-}
-
-# listening HOST PORT: something accepts TCP connections there.
-# shellcheck disable=SC2016  # $0/$1 expand in the inner bash
-listening() { timeout 1 bash -c 'exec 3<>"/dev/tcp/$0/$1"' "$1" "$2" 2>/dev/null; }
-
-require_free() {
-    local hp
-    for hp in "$@"; do
-        ! listening "${hp%:*}" "${hp##*:}" || die "$hp is already in use; stop whatever listens there first"
-    done
-}
-
-# wait_ready NAME PID LOGFILE TRIES CMD...: retry CMD every 0.2 s while PID lives, at most TRIES.
-wait_ready() {
-    local name=$1 pid=$2 logfile=$3 tries=$4 n=0
-    shift 4
-    until "$@" >/dev/null 2>&1; do
-        n=$((n + 1))
-        if ! kill -0 "$pid" 2>/dev/null; then
-            log "$name exited before it was ready; last log lines:"; tail -n 20 "$logfile" >&2; exit 1
-        fi
-        if ((n >= tries)); then
-            log "$name not ready after $((tries / 5)) s; last log lines:"; tail -n 20 "$logfile" >&2; exit 1
-        fi
-        sleep 0.2
-    done
-    log "  $name ready"
-}
 
 # ---------------------------------------------------------------------------------------------
 install_deps() {
