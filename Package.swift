@@ -55,7 +55,7 @@ let package = Package(
         // Shells: vnodes, coordinators, transport, supervisor, config, HTTP, systemd notify.
         // Deterministic simulation: a seeded executor driving real nodes on virtual time.
         .target(name: "CairnSim", dependencies: [
-            "CairnNode", "CairnCore", "CairnWire", "CairnClient", "CairnTorture",
+            "CairnNode", "CairnCore", "CairnWire", "CairnClient", "CairnTorture", "CairnMembership",
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: strict),
         .target(name: "CairnNode", dependencies: [

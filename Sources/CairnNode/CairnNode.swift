@@ -422,9 +422,18 @@ public final class CairnNode: Service, Sendable {
                 // Serving means every vnode answers: a request must not meet "vnode starting".
                 // A vnode a newer view retires meanwhile (a ring change adopted during startup)
                 // never serves: wait only for those still in the table.
+                // Vnodes start serving as soon as they run: yield to them first, and only wait on
+                // the clock for one that takes longer (restarting after a failure). A caller that
+                // spins on `state` would otherwise never let a simulated clock move.
+                var rounds = 0
                 waiting: for p in core.vnodes.partitions {
                     while let v = core.vnodes.vnode(for: p), !(await v.isServing) {
-                        do { try await core.clock.sleep(for: .milliseconds(5)) } catch { break waiting }
+                        rounds += 1
+                        if rounds < 1000 {
+                            await Task.yield()
+                        } else {
+                            do { try await core.clock.sleep(for: .milliseconds(5)) } catch { break waiting }
+                        }
                     }
                 }
                 let peers = core.current?.transport.peerCount ?? 0

@@ -21,12 +21,16 @@ public struct SetAddScenario: Sendable {
     public var keys = 4
     /// Virtual time the clients run (the quiet period and final reads come after).
     public var duration: Duration = .seconds(30)
-    public var faults: Set<Fault> = Set(Fault.allCases)
+    /// Every fault but the ring changes, which are opted into (`Fault.membership`).
+    public var faults: Set<Fault> = Fault.standard
     /// Makes one node acknowledge writes it drops (every tenth): the checker must catch it.
     public var selfTest = false
 
     /// What the nemesis may do.
     public enum Fault: String, Sendable, CaseIterable {
+        /// What a run injects unless told otherwise: every fault but the ring changes.
+        public static var standard: Set<Fault> { Set(allCases).subtracting(SetAddScenario.membershipFaults) }
+
         /// A message (request or reply) is lost (2% each).
         case loss
         /// Every message is delayed 0.1–40 ms (so messages are reordered).
@@ -50,7 +54,20 @@ public struct SetAddScenario: Sendable {
         /// A node stops (SIGSTOP) for 0.2–4 s: none of its code runs (requests, timers, disk
         /// work); what reached it meanwhile is handled when it continues.
         case pause
+        /// A fresh node that knows only `cluster.seeds` starts, stages its join (`cluster join`
+        /// on it), and the claimant plans and commits it: partitions hand off to it.
+        case join
+        /// A valid member's leave is staged, planned and committed: it hands its partitions off
+        /// and exits.
+        case leave
+        /// A member loses power for good and its removal is staged, planned and committed: no
+        /// handoff from it; its partitions are rebuilt from the other replicas. Counts as a lost
+        /// disk (at most one with disk-wipe per run).
+        case remove
     }
+
+    /// The faults that change the ring (one plan at a time; the cluster keeps >= N serving members).
+    static let membershipFaults: Set<Fault> = [.join, .leave, .remove]
 
     public init() {}
 
@@ -199,7 +216,8 @@ public struct SetAddScenario: Sendable {
                             var n: UInt64 = 0
                             while clock.now() < end {
                                 let key = Int(rng.next(below: UInt64(keys)))
-                                let i = Int(rng.next(below: UInt64(cluster.count)))
+                                let present = cluster.present
+                                let i = present[Int(rng.next(below: UInt64(max(present.count, 1)))) % max(present.count, 1)]
                                 n += 1
                                 let element = UInt64(c + 1) << 40 | n
                                 let start = clock.elapsed.milliseconds
@@ -222,10 +240,13 @@ public struct SetAddScenario: Sendable {
                 try await group.waitForAll()
                 // Quiet period: every fault off, every node up, in-flight work settles.
                 try await nemesis.healEverything()
+                let membership = !faults.isDisjoint(with: Self.membershipFaults)
+                if membership { violations += await Self.settle(cluster, log: log) }
                 try await clock.sleep(for: .seconds(5))
                 var finals: [String: FinalRead] = [:]
-                for key in 0..<keys {
-                    guard let node = cluster.node(key % cluster.count) else { continue }
+                let readers = cluster.present.filter { cluster.isUp($0) }
+                for key in 0..<keys where !readers.isEmpty {
+                    guard let node = cluster.node(readers[key % readers.count]) else { continue }
                     let read = await Self.readAll(key, via: node)
                     finals[Self.keyName(key)] = read
                     if case .elements(let e) = read { note("final \(Self.keyName(key)): \(e.count) elements") }
@@ -241,6 +262,11 @@ public struct SetAddScenario: Sendable {
                 violations += result.failedButPresent.map { "\($0.key): \($0.element) visible though certainly not applied\(faultsWhen($0.element))" }
                 violations += result.phantom.map { "\($0.key): phantom \($0.element)" }
                 violations += result.unreadable.sorted { $0.key < $1.key }.map { "\($0.key): the final read at R=all failed: \($0.value)" }
+                if membership {
+                    // Read repair of the final reads lands first.
+                    try await clock.sleep(for: .seconds(2))
+                    violations += await Self.checkPlacement(cluster, bound: settings.transferTimeout, oldest: nemesis.oldestTransfer)
+                }
                 // A drain waits on the clock: the simulation moves it.
                 await cluster.shutdown()
             }
@@ -259,6 +285,8 @@ public struct SetAddScenario: Sendable {
             var due: [(at: ContinuousClock.Instant, index: Int, action: Undo)] = []
             var wiped: Set<Int> = []
             var sequence = 0
+            /// The oldest transfer age sampled while the faults ran, and where.
+            var oldest: (age: Duration, what: String)?
         }
         enum Undo: Sendable {
             case restart(Int)
@@ -291,10 +319,25 @@ public struct SetAddScenario: Sendable {
         }
         private var name: (Int) -> String { { self.cluster.names[$0].value } }
 
+        /// The oldest transfer age seen by `sampleTransfers`.
+        var oldestTransfer: (age: Duration, what: String)? { state.withLock { $0.oldest } }
+
+        /// Records the age of the oldest transfer running on any node now.
+        func sampleTransfers() async {
+            for i in cluster.present where cluster.isUp(i) {
+                guard let node = cluster.node(i) else { continue }
+                for t in await node.runningTransfers() {
+                    let what = "partition \(t.partition) \(t.from)→\(t.to) (sampled on \(node.config.name))"
+                    state.withLock { s in if s.oldest.map({ t.age > $0.age }) ?? true { s.oldest = (t.age, what) } }
+                }
+            }
+        }
+
         func run(until end: ContinuousClock.Instant) async throws {
             let clock = cluster.clock
             while clock.now() < end {
                 try await clock.sleep(for: .milliseconds(300 + Int64(draw(1700))))
+                if kinds.contains(where: { SetAddScenario.membershipFaults.contains($0) }) { await sampleTransfers() }
                 try await undoDue()
                 guard clock.now() < end else { break }
                 try await act(kinds[Int(draw(UInt64(kinds.count)))])
@@ -336,11 +379,12 @@ public struct SetAddScenario: Sendable {
 
         /// At most one node down at a time beyond what the clients can live with: N=3 and
         /// W=quorum tolerate one replica down per key.
-        private var anyDown: Bool { (0..<cluster.count).contains { !cluster.isUp($0) } }
+        private var anyDown: Bool { cluster.present.contains { !cluster.isUp($0) } }
 
         private func act(_ fault: Fault) async throws {
             let network = cluster.network
             let i = Int(draw(UInt64(cluster.count)))
+            if SetAddScenario.membershipFaults.contains(fault) { return try await change(fault) }
             let n = cluster.names[i]
             switch fault {
             case .partition:
@@ -417,8 +461,124 @@ public struct SetAddScenario: Sendable {
                 cluster.pause(i)
                 log.fault("pause \(n)", kind: fault.rawValue)
                 schedule(after: .milliseconds(200 + Int64(draw(3800))), .resume(i))
-            case .loss, .delay, .dup:
+            case .loss, .delay, .dup, .join, .leave, .remove:
                 return
+            }
+        }
+
+        // MARK: Membership changes
+
+        /// Members up and serving with status `valid` in the claimant's ring, and the claimant's
+        /// snapshot (nil when no member answers).
+        private func ringNow() async -> (claimant: Int, snapshot: PlacementSnapshot)? {
+            for i in cluster.present where cluster.isUp(i) && !cluster.isPaused(i) {
+                guard let snap = await cluster.node(i)?.placement(), let c = snap.claimant,
+                      let ci = cluster.present.first(where: { cluster.names[$0] == c }), cluster.isUp(ci), !cluster.isPaused(ci),
+                      let claimantSnap = await cluster.node(ci)?.placement() else { continue }
+                return (ci, claimantSnap)
+            }
+            return nil
+        }
+
+        /// Sends an admin verb to `n(i+1)` up to `tries` times (a claimant behind a cut or a lost
+        /// reply fails one); the reply's text, or why it failed.
+        private func admin(_ i: Int, _ verb: String, _ arguments: [String] = [], tries: Int = 3) async throws -> Result<String, AdminError> {
+            var last = AdminError(message: "not sent")
+            for attempt in 0..<tries {
+                if attempt > 0 { try await cluster.clock.sleep(for: .milliseconds(500)) }
+                guard let node = cluster.node(i) else { break }
+                switch await SetAddScenario.admin(node, verb, arguments) {
+                case .success(let text): return .success(text)
+                case .failure(let e): last = e
+                }
+            }
+            return .failure(last)
+        }
+
+        /// One ring change (join, leave or remove) through the real admin path, staged, planned
+        /// and committed; only while no plan is in progress or staged, and never leaving fewer
+        /// than N = 3 valid members (nor more than the scenario's node count + 2).
+        private func change(_ fault: Fault) async throws {
+            guard let (claimant, snap) = await ringNow(), !snap.planInProgress else { return }
+            if snap.staged > 0 {
+                // A commit that failed earlier: commit what is staged first.
+                return await planAndCommit(via: claimant)
+            }
+            let valid = snap.members.filter { $0.status == "valid" }.compactMap { m in cluster.present.first { cluster.names[$0] == m.name } }
+            let up = valid.filter { cluster.isUp($0) && !cluster.isPaused($0) }
+            let via = up.isEmpty ? claimant : up[Int(draw(UInt64(up.count)))]
+            switch fault {
+            case .join:
+                guard valid.count < snap.nVal + 5 else { return }
+                let seeds = up.prefix(3).map { cluster.address($0) }
+                guard !seeds.isEmpty else { return }
+                let j = try cluster.add(seeds: Array(seeds))
+                try await cluster.start(j)
+                log.fault("join \(name(j))", kind: fault.rawValue)
+                log.fault("join \(name(j))", ended: true)
+                switch try await admin(j, "join") {
+                case .success: log.note("\(name(j)) staged its join through \(seeds.map(\.description).joined(separator: ","))")
+                case .failure(let e):
+                    // Staged or not, it keeps running: a staged join is committed (later, or at
+                    // the end), which it learns by gossip; an unstaged one is retried at the end.
+                    log.note("\(name(j)) could not stage its join: \(e.message)")
+                }
+                await planAndCommit(via: via)
+            case .leave:
+                guard up.count > snap.nVal else { return }
+                let i = up[Int(draw(UInt64(up.count)))]
+                log.fault("leave \(name(i))", kind: fault.rawValue)
+                log.fault("leave \(name(i))", ended: true)
+                switch try await admin(via, "leave", [name(i)]) {
+                case .success: await planAndCommit(via: via)
+                case .failure(let e): log.note("could not stage \(name(i))'s leave: \(e.message)")
+                }
+            case .remove:
+                guard !anyDown, up.count > snap.nVal else { return }
+                let candidates = up.filter { $0 != claimant && $0 != via }
+                guard !candidates.isEmpty else { return }
+                let i = candidates[Int(draw(UInt64(candidates.count)))]
+                // A lost disk: N−W = 1 distinct node per run, shared with disk-wipe.
+                let allowed: Bool = state.withLock { s in
+                    guard s.wiped.isEmpty else { return false }
+                    s.wiped.insert(i)
+                    return true
+                }
+                guard allowed else { return }
+                var rng = SplitMix64(seed: draw(UInt64.max))
+                if cluster.isPaused(i) { log.fault("pause \(name(i))", ended: true) }
+                await cluster.crash(i, tearing: true, rng: &rng)
+                log.fault("remove \(name(i))", kind: fault.rawValue)
+                log.note("crashed \(name(i)) for good (power cut)")
+                switch try await admin(via, "remove", [name(i)]) {
+                case .success:
+                    cluster.retire(i)
+                    log.fault("remove \(name(i))", ended: true)
+                    await planAndCommit(via: via)
+                case .failure(let e):
+                    // Not staged: it comes back, as after a crash.
+                    log.note("could not stage \(name(i))'s removal: \(e.message); restarting it")
+                    try await cluster.start(i)
+                    log.fault("remove \(name(i))", ended: true)
+                }
+            default:
+                return
+            }
+        }
+
+        /// `cluster plan` then `cluster commit` on `n(via+1)` (forwarded to the claimant).
+        private func planAndCommit(via: Int) async {
+            do {
+                switch try await admin(via, "plan") {
+                case .success(let plan): log.note("plan: \(plan.prefix(160))")
+                case .failure(let e): log.note("plan failed: \(e.message)")
+                }
+                switch try await admin(via, "commit") {
+                case .success(let text): log.note("committed: \(text)")
+                case .failure(let e): log.note("commit failed (left staged): \(e.message)")
+                }
+            } catch {
+                log.note("plan and commit interrupted: \(error)")
             }
         }
 
@@ -430,7 +590,7 @@ public struct SetAddScenario: Sendable {
             network.setFaults(InMemoryNetwork.Faults())
             for i in 0..<cluster.count { cluster.resume(i) }
             state.withLock { $0.due = [] }
-            for i in 0..<cluster.count where !cluster.isUp(i) {
+            for i in cluster.present where !cluster.isUp(i) {
                 try await cluster.start(i)
                 log.note("restarted \(name(i)) (end)")
             }
@@ -440,6 +600,99 @@ public struct SetAddScenario: Sendable {
     }
 
     static func keyName(_ key: Int) -> String { "k\(key)" }
+
+    struct AdminError: Error, Sendable { var message: String }
+
+    /// One admin verb (`cairn cluster ...`) answered by `node` as a client would send it.
+    static func admin(_ node: CairnNode, _ verb: String, _ arguments: [String] = []) async -> Result<String, AdminError> {
+        switch await node.answer(.admin(AdminRequest(verb: verb, arguments: arguments))) {
+        case .adminReply(let bytes): return .success(String(decoding: bytes, as: UTF8.self))
+        case .clusterState: return .success("(a ring state)")
+        case .error(let e): return .failure(AdminError(message: e.message))
+        case let other: return .failure(AdminError(message: "unexpected reply \(other.type)"))
+        }
+    }
+
+    /// After the faults healed: waits (at most 120 s of virtual time) until every member up
+    /// holds the same ring with no plan in progress, nothing staged (a change left staged is
+    /// committed here), and no member but those up (leavers exited and forgotten). Violations
+    /// if it does not get there.
+    static func settle(_ cluster: SimulatedCluster, log: Recorder) async -> [String] {
+        let clock = cluster.clock
+        let deadline = clock.now() + .seconds(120)
+        var last = "no member answered"
+        while clock.now() < deadline {
+            let up = cluster.present.filter { cluster.isUp($0) }
+            var snaps: [(Int, PlacementSnapshot)] = []
+            for i in up { if let s = await cluster.node(i)?.placement() { snaps.append((i, s)) } }
+            for (i, s) in snaps where s.ringVersion == 0 {
+                // A node whose join never reached the claimant: stage it again.
+                guard let n = cluster.node(i) else { continue }
+                if case .success = await admin(n, "join") { log.note("\(n.config.name) staged its join (end)") }
+            }
+            let names = Set(up.map { cluster.names[$0] })
+            let versions = Set(snaps.map(\.1.ringVersion))
+            if let c = snaps.first?.1.claimant, let ci = up.first(where: { cluster.names[$0] == c }), let claimant = cluster.node(ci),
+               let cs = await claimant.placement(), cs.staged > 0, !cs.planInProgress {
+                if case .failure(let e) = await admin(claimant, "commit") { last = "committing what was left staged failed: \(e.message)" }
+                else { log.note("committed the change left staged") }
+            }
+            let members = Set(snaps.first?.1.members.map(\.name) ?? [])
+            if versions.count == 1, let s = snaps.first?.1, !s.planInProgress, s.staged == 0, members == names,
+               s.members.allSatisfy({ $0.status == "valid" }) {
+                log.note("ring settled: version \(s.ringVersion), members \(members.map(\.value).sorted().joined(separator: ","))")
+                return []
+            }
+            let byVersion = Dictionary(grouping: snaps, by: \.1.ringVersion).sorted { $0.key < $1.key }
+                .map { v, ns in "v\(v): \(ns.map { cluster.names[$0.0].value }.joined(separator: ","))" }.joined(separator: "; ")
+            last = "ring versions \(byVersion); up \(names.map(\.value).sorted()); ring members "
+                + (snaps.first?.1.members.map { "\($0.name)(\($0.status))" }.joined(separator: ",") ?? "none")
+                + "; plan in progress \(snaps.first?.1.planInProgress ?? false) with \(snaps.first?.1.pendingTransfers ?? 0) pending transfers"
+                + "; staged \(snaps.first?.1.staged ?? 0)"
+            try? await clock.sleep(for: .milliseconds(500))
+        }
+        return ["the ring did not settle within 120 s after the faults healed: \(last)"]
+    }
+
+    /// Every partition on exactly N replicas, the ring's owners: each owner runs its vnode and
+    /// holds its keys (as many as the other owners, after the final reads' repair), no node
+    /// that is not an owner still holds any of them; no transfer running, none ever older than
+    /// `bound`.
+    static func checkPlacement(_ cluster: SimulatedCluster, bound: Duration,
+                               oldest: (age: Duration, what: String)?) async -> [String] {
+        var out: [String] = []
+        let up = cluster.present.filter { cluster.isUp($0) }
+        var snaps: [NodeName: PlacementSnapshot] = [:]
+        for i in up { if let s = await cluster.node(i)?.placement() { snaps[cluster.names[i]] = s } }
+        guard let claimant = snaps.values.first?.claimant, let ring = snaps[claimant] else {
+            return ["no claimant's ring to check placement against"]
+        }
+        for p in 0..<UInt32(ring.partitionCount) {
+            let owners = ring.replicas[p] ?? []
+            if owners.count != ring.nVal {
+                out.append("partition \(p) has \(owners.count) replicas in the committed ring (\(owners)), not N = \(ring.nVal)")
+            }
+            let holders = snaps.filter { ($0.value.stored[p] ?? 0) > 0 }
+            for o in owners {
+                guard let s = snaps[o] else { out.append("partition \(p): owner \(o) is not up"); continue }
+                if !s.vnodes.contains(p) { out.append("partition \(p): owner \(o) runs no vnode for it") }
+                if !holders.isEmpty, (s.stored[p] ?? 0) == 0 {
+                    out.append("partition \(p): owner \(o) holds none of its keys (held by \(holders.keys.map(\.value).sorted()))")
+                }
+            }
+            let counts = Set(owners.compactMap { snaps[$0]?.stored[p] ?? 0 })
+            if counts.count > 1 { out.append("partition \(p): its owners hold different key counts \(owners.map { "\($0)=\(snaps[$0]?.stored[p] ?? 0)" })") }
+            for (n, s) in snaps.sorted(by: { $0.key < $1.key }) where !owners.contains(n) && (s.stored[p] ?? 0) > 0 {
+                out.append("partition \(p): \(n) still holds \(s.stored[p] ?? 0) keys of it but is no owner (owners \(owners.map(\.value)))")
+            }
+        }
+        for (n, s) in snaps.sorted(by: { $0.key < $1.key }) {
+            if s.ringVersion != ring.ringVersion { out.append("\(n) holds ring version \(s.ringVersion), the claimant \(ring.ringVersion)") }
+            for t in s.running { out.append("a transfer still runs at the end: partition \(t.partition) \(t.from)→\(t.to), age \(t.age)") }
+        }
+        if let oldest, oldest.age > bound { out.append("a transfer ran \(oldest.age), past its bound \(bound): \(oldest.what)") }
+        return out
+    }
 
     /// One read-modify-write adding `element`, as cairn-torture's clients do: nil when the read
     /// failed (nothing was attempted); otherwise how the write ended, classified by the client's

@@ -44,14 +44,22 @@ public enum SimulatedNodes {
 /// of operations is what makes a run reproducible). Index `i` is node `n(i+1)`.
 public final class SimulatedCluster: Sendable {
     private struct Slot {
+        let name: NodeName
+        let address: HostPort
+        /// nil: a bootstrap member (`cluster.members`); else the seeds it joins through.
+        let seeds: [HostPort]?
         var disk = FaultyFileSystem()
         var node: CairnNode?
         var run: Task<Void, Never>?
+        /// Set when the current run ends, whether the node was stopped or exited on its own.
+        var ended = RunEnded()
         let skew = WallOffset()
         var incarnation = 0
+        /// Left or removed for good: never started again.
+        var gone = false
     }
 
-    public let names: [NodeName]
+    /// The bootstrap members (`cluster.members` of n1...nN); nodes added later join through seeds.
     public let members: [MemberAddress]
     public let clock: ManualClock
     public let network: InMemoryNetwork
@@ -68,6 +76,8 @@ public final class SimulatedCluster: Sendable {
         public var requestTimeoutMillis: UInt32 = 300
         /// The nodes' `storage.sync` (the scenario keeps `always`: acknowledged means synced).
         public var syncMode: SyncMode = .always
+        /// Every node's `handoff.transfer_timeout` (the bound the scenario holds transfers to).
+        public var transferTimeout: Duration = .seconds(60)
         /// Wraps node `i`'s backend once it is open (the self-test's lossy node).
         public var decorate: (@Sendable (Int, any PartitionStore) -> any PartitionStore)?
         public init() {}
@@ -75,23 +85,58 @@ public final class SimulatedCluster: Sendable {
 
     public init(count: Int, clock: ManualClock, network: InMemoryNetwork, executor: SimulationExecutor, seed: UInt64,
                 settings: Settings = Settings()) throws {
-        names = try (1...max(count, 1)).map { try NodeName("n\($0)") }
+        let names = try (1...max(count, 1)).map { try NodeName("n\($0)") }
         members = names.enumerated().map { MemberAddress(name: $1, address: HostPort(host: "sim", port: 7400 + $0)) }
         self.clock = clock
         self.network = network
         self.executor = executor
         self.settings = settings
         epochs = EpochSource(seed: seed ^ 0xe90c)
-        slots = Mutex(names.map { _ in Slot() })
+        slots = Mutex(members.map { Slot(name: $0.name, address: $0.address, seeds: nil) })
     }
 
-    public var count: Int { names.count }
+    /// Every node this cluster has had, by index (`n(i+1)`), those gone included.
+    public var names: [NodeName] { slots.withLock { $0.map(\.name) } }
+
+    /// Nodes this cluster has had (indices run 0..<count; gone ones included).
+    public var count: Int { slots.withLock { $0.count } }
+
+    public func address(_ i: Int) -> HostPort { slots.withLock { $0[i].address } }
+
+    /// Adds a node that knows only `seeds` (`cluster.seeds`; no `cluster.members`): it starts
+    /// with no ring state and waits for `cluster join`. Returns its index; start it with `start`.
+    public func add(seeds: [HostPort]) throws -> Int {
+        try slots.withLock { s in
+            let name = try NodeName("n\(s.count + 1)")
+            s.append(Slot(name: name, address: HostPort(host: "sim", port: 7400 + s.count), seeds: seeds))
+            return s.count - 1
+        }
+    }
+
+    /// Marks `n(i+1)` gone for good (it left, or was removed): it is never started again.
+    public func retire(_ i: Int) { slots.withLock { $0[i].gone = true } }
+
+    /// Whether `n(i+1)` left or was removed for good, or exited on its own (a leaver, once its
+    /// data is handed off).
+    public func isGone(_ i: Int) -> Bool { slots.withLock { $0[i].gone } || hasExited(i) }
+
+    /// Whether `n(i+1)`'s run ended on its own (not by `crash`, `stopped` or `shutdown`).
+    public func hasExited(_ i: Int) -> Bool {
+        let (run, ended) = slots.withLock { ($0[i].run, $0[i].ended) }
+        return run != nil && ended.value
+    }
+
+    /// Nodes not gone, by index (clients and the nemesis pick among them).
+    public var present: [Int] { (0..<count).filter { !isGone($0) } }
 
     /// The node now running (or last run) as `n(i+1)`.
     public func node(_ i: Int) -> CairnNode? { slots.withLock { $0[i].node } }
 
     /// Whether `n(i+1)` is running (started and not crashed).
-    public func isUp(_ i: Int) -> Bool { slots.withLock { $0[i].run != nil } }
+    public func isUp(_ i: Int) -> Bool {
+        let (run, ended) = slots.withLock { ($0[i].run, $0[i].ended) }
+        return run != nil && !ended.value
+    }
 
     /// `n(i+1)`'s lane of the simulation: its tasks, actors and disk work run there.
     private func lane(_ i: Int) -> Int { i + 1 }
@@ -108,14 +153,18 @@ public final class SimulatedCluster: Sendable {
     /// Opens `n(i+1)`'s storage on its disk (recovering what the disk kept), builds its view and
     /// runs it. Returns once it serves.
     public func start(_ i: Int) async throws {
-        let (disk, skew, incarnation): (any FileSystem, WallOffset, Int) = slots.withLock { s in
-            s[i].incarnation += 1
-            return (s[i].disk.session(), s[i].skew, s[i].incarnation)
-        }
-        var c = NodeConfig(name: names[i])
-        c.listen = members[i].address
+        let (disk, skew, incarnation, name, address, seeds, ended): (any FileSystem, WallOffset, Int, NodeName, HostPort, [HostPort]?, RunEnded) =
+            slots.withLock { s in
+                s[i].incarnation += 1
+                s[i].ended = RunEnded()
+                return (s[i].disk.session(), s[i].skew, s[i].incarnation, s[i].name, s[i].address, s[i].seeds, s[i].ended)
+            }
+        var c = NodeConfig(name: name)
+        c.listen = address
         c.http = nil
-        c.dataDirectory = "/\(names[i])"
+        c.dataDirectory = "/\(name)"
+        c.seeds = seeds ?? []
+        c.handoff.transferTimeout = settings.transferTimeout
         c.ringSize = settings.ringSize
         c.nVal = settings.nVal
         c.requestTimeoutMillis = settings.requestTimeoutMillis
@@ -127,19 +176,23 @@ public final class SimulatedCluster: Sendable {
         let decorate = settings.decorate.map { d in { @Sendable (b: any PartitionStore) in d(i, b) } }
         // CAIRN_SIM_LOG=1: the nodes' logs on standard error (debugging a seed).
         let verbose = getenv("CAIRN_SIM_LOG").map { String(cString: $0) == "1" } ?? false
-        let logger = Logger(label: "sim.\(names[i]).\(incarnation)", factory: { label in
+        let logger = Logger(label: "sim.\(name).\(incarnation)", factory: { label in
             verbose ? StreamLogHandler.standardError(label: label) as any LogHandler : SwiftLogNoOpLogHandler()
         })
         let node = CairnNode(config: c, logger: logger,
                              watchdogInterval: .some(nil), decorateBackend: decorate,
                              clock: SkewedClock(base: clock, offset: skew), network: network, fileSystem: disk,
-                             storageEnvironment: SimulatedStorageEnvironment(executor: executor, clock: clock, lane: lane(i)), epochs: epochs)
+                             storageEnvironment: SimulatedStorageEnvironment(executor: executor, clock: clock, lane: lane(i)), epochs: epochs,
+                             taskExecutor: executor.lane(lane(i)))
         try await node.bind()
-        try node.start(members: members)
-        let ended = Mutex(false)
+        try node.start(members: seeds == nil ? members : nil)
         let run = Task(executorPreference: executor.lane(lane(i))) {
-            _ = try? await node.run()
-            ended.withLock { $0 = true }
+            do {
+                try await node.run()
+                ended.set(failed: false)
+            } catch {
+                ended.set(failed: true)
+            }
         }
         slots.withLock { s in
             s[i].node = node
@@ -147,8 +200,10 @@ public final class SimulatedCluster: Sendable {
         }
         // On virtual time, so a node that never serves ends in the simulation's time limit
         // instead of spinning the executor.
-        while node.state == .starting, !ended.withLock({ $0 }) { try await clock.sleep(for: .milliseconds(1)) }
-        guard node.state == .serving else { throw SimulatedClusterError.didNotStart(names[i]) }
+        while node.state == .starting, !ended.value { try await clock.sleep(for: .milliseconds(1)) }
+        // A leaver restarted on a state that says it is exiting exits at once, gracefully.
+        if ended.value, !ended.failed { return }
+        guard node.state == .serving else { throw SimulatedClusterError.didNotStart(name) }
     }
 
     /// Crashes `n(i+1)` as a power cut does: the disk keeps only what was synced (and, with
@@ -193,6 +248,15 @@ public final class SimulatedCluster: Sendable {
         for (_, run) in running { await run.value }
         slots.withLock { s in for i in s.indices { s[i].run = nil } }
     }
+}
+
+/// Whether a node's run has ended. Thread-safe.
+final class RunEnded: Sendable {
+    private let flag = Mutex((ended: false, failed: false))
+    func set(failed: Bool) { flag.withLock { $0 = (true, failed) } }
+    var value: Bool { flag.withLock { $0.ended } }
+    /// Whether the run ended by throwing (not a graceful stop or exit).
+    var failed: Bool { flag.withLock { $0.failed } }
 }
 
 public enum SimulatedClusterError: Error, Sendable, CustomStringConvertible {

@@ -93,6 +93,7 @@ private func run(seed: UInt64) throws -> [String] {
     /// unsynced bytes, graceful restarts, a wiped disk, clock skew, pauses): no acknowledged add lost, no phantom,
     /// nothing visible that certainly was not applied. A failing seed names its reproduction.
     @Test func fiftySeedsKeepEveryAcknowledgedAdd() async throws {
+        // Ring changes have their own seeds (MembershipSimulationTests).
         let s = scenario(seconds: 8)
         var acknowledged = 0, unknown = 0, refused = 0
         var injected: [String: Int] = [:]
