@@ -104,9 +104,19 @@ healthy() { curl -fsS --max-time 1 "http://127.0.0.1:$((8400 + $1))/health" >/de
 
 start_node() {
     local bin=$1 i=$2 dir="$STATE/n$2"
+    echo "--- local-cluster.sh: starting n$i $(date -u +%FT%TZ)" >>"$dir/cairnd.log"
     nohup "$bin/cairnd" --config "$dir/cairn.conf" >>"$dir/cairnd.log" 2>&1 &
     echo $! >"$dir/pid"
     log "started n$i (pid $!), log $dir/cairnd.log"
+}
+
+# has_left I: node I's last run ended with it leaving the cluster (the last word on it in its
+# log is cairnd's "has left the cluster", not a start).
+has_left() {
+    local log="$STATE/n$1/cairnd.log" last
+    [[ -f $log ]] || return 1
+    last="$(grep -E '^--- local-cluster.sh: starting|this node has left the cluster' "$log" | tail -n 1)"
+    [[ $last == *"has left the cluster"* ]]
 }
 
 wait_healthy() {
@@ -156,16 +166,20 @@ up() {
     local bin i
     bin="$(bin_dir)"
     ensure_secret
+    local started=()
     for ((i = 1; i <= NODES; i++)); do
         local dir="$STATE/n$i"
-        if alive "$dir/pid"; then log "n$i already running (pid $(cat "$dir/pid"))"; continue; fi
+        if alive "$dir/pid"; then log "n$i already running (pid $(cat "$dir/pid"))"; started+=("$i"); continue; fi
+        # A node that left stays out: its data went to the others, and it would only exit again.
+        if has_left "$i"; then log "n$i left the cluster earlier: not starting it"; continue; fi
         write_config "$i" "cluster.members = $(members)"
         start_node "$bin" "$i"
+        started+=("$i")
     done
-    for ((i = 1; i <= NODES; i++)); do wait_healthy "$i"; done
+    for i in "${started[@]}"; do wait_healthy "$i"; done
     # Nodes added earlier come back with the first three as long as the cluster still lists them
     # (their ring state is on disk; a node that left is not restarted).
-    local status running=$NODES
+    local status running=${#started[@]}
     status="$(cluster_status "$bin")"
     for i in $(node_indices); do
         ((i > NODES)) || continue
