@@ -25,6 +25,10 @@ final class PeerLink: SupervisedChild {
         var machine: PeerLinkMachine
         /// The connection being handshaken or up; nil otherwise.
         var connection: Connection?
+        /// Our `hello-proof` is written on `connection`. The machine goes up when it accepts
+        /// the peer's ack, a moment before the proof goes out: nothing else may use the
+        /// connection until then, or the peer reads it before the proof and drops it.
+        var proofWritten = false
     }
 
     /// What the shell reports back to the machine after waiting.
@@ -108,6 +112,7 @@ final class PeerLink: SupervisedChild {
                 switch event {
                 case .connected(let c):
                     s.connection = c
+                    s.proofWritten = false
                     return s.machine.connected(nonce: ClusterHandshake.makeNonce())
                 case .connectFailed(let why): return s.machine.connectFailed(why, at: clock.now())
                 case .replied(let reply): return s.machine.handshakeReplied(reply, at: clock.now())
@@ -152,6 +157,7 @@ final class PeerLink: SupervisedChild {
             case .sendProof(let proof):
                 // Written before the link is used (or closed), so the peer reads it first.
                 _ = try? await state.withLock({ $0.connection })?.cast(.helloProof(proof)).get()
+                state.withLock { $0.proofWritten = true }
             case .countRejection(let reason):
                 metrics?.countHandshakeRejection(reason, inbound: false)
             case .markUp:
@@ -189,7 +195,7 @@ final class PeerLink: SupervisedChild {
 
     /// The connection requests may use: handshaken (the machine is up) and still active.
     private static func usable(_ s: borrowing State) -> Connection? {
-        guard s.machine.isUp, let c = s.connection, c.isActive else { return nil }
+        guard s.machine.isUp, s.proofWritten, let c = s.connection, c.isActive else { return nil }
         return c
     }
 
