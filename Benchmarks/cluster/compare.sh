@@ -216,32 +216,8 @@ fi
 
 # ---------------------------------------------------------------------------------------------
 # Processes: every pid started is recorded; the EXIT trap stops what is still running.
-declare -A RUNNING=()   # pid -> name
-WORK=""
-
 # shellcheck source=../lib/processes.sh
 source "$ROOT/Benchmarks/lib/processes.sh"
-
-cleanup() {
-    local rc=$?
-    trap - EXIT INT TERM
-    if ((${#RUNNING[@]})); then
-        log "stopping what is still running..."
-        stop_pids "${!RUNNING[@]}"
-    fi
-    if [[ -n "$WORK" && -d "$WORK" ]]; then
-        if [[ "$KEEP" == "1" ]]; then
-            rm -rf "$WORK/data"
-            log "kept the reports and logs in $WORK (KEEP=1)"
-        else
-            rm -rf "$WORK"
-        fi
-    fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
 
 # ---------------------------------------------------------------------------------------------
 install_deps() {

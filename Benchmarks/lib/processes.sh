@@ -1,6 +1,31 @@
 # Process helpers shared by the benchmark scripts (sourced, not run). The caller defines
-# `log` and `die`, and the associative array RUNNING (pid -> name) that `start` records into
-# and its EXIT trap stops with `stop_pids "${!RUNNING[@]}"`.
+# `log`, `die` and KEEP (1: keep the reports and logs in $WORK). Sourcing installs the EXIT trap
+# that stops every process `start` recorded in RUNNING and removes $WORK (its data always; the
+# rest unless KEEP=1, or the run failed and KEEP_ON_FAILURE=1).
+
+declare -A RUNNING=()   # pid -> name
+WORK=""
+
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    if ((${#RUNNING[@]})); then
+        log "stopping what is still running..."
+        stop_pids "${!RUNNING[@]}"
+    fi
+    if [[ -n "$WORK" && -d "$WORK" ]]; then
+        if [[ "$KEEP" == "1" || ("${KEEP_ON_FAILURE:-0}" == "1" && "$rc" != 0) ]]; then
+            rm -rf "$WORK/data"
+            log "kept the reports and logs in $WORK ($([[ "$KEEP" == 1 ]] && echo KEEP=1 || echo "the run failed"))"
+        else
+            rm -rf "$WORK"
+        fi
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 # alive PID: the process exists and is not a zombie.
 alive() {

@@ -205,32 +205,9 @@ fi
 
 # ---------------------------------------------------------------------------------------------
 # Processes: every pid started is recorded; the EXIT trap stops what is still running.
-declare -A RUNNING=()   # pid -> name
-WORK=""
-
+KEEP_ON_FAILURE=1   # a failed run keeps its logs
 # shellcheck source=../lib/processes.sh
 source "$ROOT/Benchmarks/lib/processes.sh"
-
-cleanup() {
-    local rc=$?
-    trap - EXIT INT TERM
-    if ((${#RUNNING[@]})); then
-        log "stopping what is still running..."
-        stop_pids "${!RUNNING[@]}"
-    fi
-    if [[ -n "$WORK" && -d "$WORK" ]]; then
-        if [[ "$KEEP" == "1" || "$rc" != 0 ]]; then
-            rm -rf "$WORK/data"
-            log "kept the reports and logs in $WORK ($([[ "$KEEP" == 1 ]] && echo KEEP=1 || echo "the run failed"))"
-        else
-            rm -rf "$WORK"
-        fi
-    fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
 
 # to_bytes SIZE: 1073741824, 1GiB, 256MiB, 64KiB -> bytes.
 to_bytes() {
