@@ -147,18 +147,8 @@ final class HandoffManager: SupervisedChild {
         let targets = (known.isEmpty ? ring.replicas(of: partition) : known).filter { $0 != env.me }
         guard !targets.isEmpty else { return false }
         let message = Message.replicaPut(ReplicaPut(partition: partition, key: key, object: object))
-        let (transport, ms) = (env.transport, env.requestTimeoutMillis)
-        return await withTaskGroup(of: Bool.self) { group in
-            for node in targets {
-                group.addTask {
-                    if case .replicaPutAck? = try? await transport.send(to: node, message, timeoutMillis: ms) { return true }
-                    return false
-                }
-            }
-            var all = true
-            for await ok in group where !ok { all = false }
-            return all
-        }
+        let answers = await env.transport.sendToAll(targets, message, timeoutMillis: env.requestTimeoutMillis)
+        return answers.allSatisfy { if case .success(.replicaPutAck) = $0 { true } else { false } }
     }
 
     /// Transfers running from this node now, for `cairn transfers` and metrics.

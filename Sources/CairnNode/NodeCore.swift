@@ -184,17 +184,7 @@ final class NodeCore: Sendable {
         guard !successors.isEmpty else { return responder.fail(notAReplica(partition)) }
         metrics.relayedReplicaRequests.increment()
         let (transport, ms) = (a.transport, config.requestTimeoutMillis)
-        let answers = await withTaskGroup(of: Result<Message, ConnectionError>.self) { group in
-            for node in successors {
-                group.addTask {
-                    do throws(ConnectionError) { return .success(try await transport.send(to: node, message, timeoutMillis: ms)) }
-                    catch { return .failure(error) }
-                }
-            }
-            var out: [Result<Message, ConnectionError>] = []
-            for await r in group { out.append(r) }
-            return out
-        }
+        let answers = await transport.sendToAll(successors, message, timeoutMillis: ms)
         let names = successors.map(\.value).joined(separator: ", ")
         switch message {
         case .replicaGet:

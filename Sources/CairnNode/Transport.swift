@@ -41,6 +41,22 @@ protocol Transport: Sendable {
 }
 
 extension Transport {
+    /// Sends `message` to every node in `nodes` at once and returns each outcome, in `nodes`'
+    /// order, once all have answered or failed (each within `timeoutMillis`).
+    func sendToAll(_ nodes: [NodeName], _ message: Message, timeoutMillis: UInt32) async -> [Result<Message, ConnectionError>] {
+        await withTaskGroup(of: (Int, Result<Message, ConnectionError>).self) { group in
+            for (i, node) in nodes.enumerated() {
+                group.addTask {
+                    do throws(ConnectionError) { return (i, .success(try await self.send(to: node, message, timeoutMillis: timeoutMillis))) }
+                    catch { return (i, .failure(error)) }
+                }
+            }
+            var out = [Result<Message, ConnectionError>?](repeating: nil, count: nodes.count)
+            for await (i, r) in group { out[i] = r }
+            return out.compactMap { $0 }
+        }
+    }
+
     /// For transports whose every peer counts as tried from the start: never notified.
     var reachabilityChanged: Condition { Condition() }
 }
