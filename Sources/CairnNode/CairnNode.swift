@@ -387,7 +387,8 @@ public final class CairnNode: Service, Sendable {
         let agent = MembershipAgent(me: config.name, clusterName: config.clusterName, initial: initial, views: views, liveness: core.liveness,
                                     transport: transport, store: store, clock: core.clock, taskExecutor: core.taskExecutor,
                                     seed: core.epochs.next(), settings: membershipSettings,
-                                    metrics: metrics, logger: core.logger) { [weak self] in self?.shutdown() }
+                                    metrics: metrics, logger: core.logger,
+                                    beforeExit: { await handoff.drained() }) { [weak self] in self?.shutdown() }
         core.membership = agent
         core.activate(Wiring(views: views, transport: transport, coordinatorContext: ctx))
         supervisor.spawn(vnodeSupervisor)

@@ -104,6 +104,8 @@ protocol HandoffStore: Sendable {
     func save(_ record: TransferCheckpoint) throws
     func setDirty(_ id: TransferID, _ keys: Set<[UInt8]>) throws
     func delete(_ id: TransferID) throws
+    /// Every stored checkpoint (with its kept keys), in id order.
+    func all() throws -> [(record: TransferCheckpoint, dirty: Set<[UInt8]>)]
 }
 
 /// `<data directory>/handoff/<id>.ckpt` and `<id>.dirty`, each replaced atomically.
@@ -142,6 +144,15 @@ struct FileHandoffStore: HandoffStore {
         for path in present { try fs.remove(path) }
         if !present.isEmpty { try fs.syncDirectory(directory) }
     }
+
+    func all() throws -> [(record: TransferCheckpoint, dirty: Set<[UInt8]>)] {
+        guard fs.exists(directory) else { return [] }
+        let ids = try fs.list(directory).compactMap { name -> TransferID? in
+            guard name.hasSuffix(".ckpt"), let v = UInt64(name.dropLast(5), radix: 16) else { return nil }
+            return TransferID(v)
+        }
+        return try ids.sorted().compactMap { try load($0) }
+    }
 }
 
 final class MemoryHandoffStore: HandoffStore {
@@ -150,4 +161,7 @@ final class MemoryHandoffStore: HandoffStore {
     func save(_ record: TransferCheckpoint) throws { records.withLock { $0[record.id] = (record, $0[record.id]?.1 ?? []) } }
     func setDirty(_ id: TransferID, _ keys: Set<[UInt8]>) throws { records.withLock { if let r = $0[id] { $0[id] = (r.0, keys) } } }
     func delete(_ id: TransferID) throws { records.withLock { $0[id] = nil } }
+    func all() throws -> [(record: TransferCheckpoint, dirty: Set<[UInt8]>)] {
+        records.value.sorted { $0.key < $1.key }.map { ($0.value.0, $0.value.1) }
+    }
 }

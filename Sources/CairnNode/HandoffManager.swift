@@ -8,8 +8,14 @@ import Logging
 /// - as a sender, starts a `TransferShell` for every pending transfer from this node (at most
 ///   `handoff.max_concurrent` at once; the others wait their turn), resuming from its checkpoint,
 ///   and tells each shell when the ring flips the partition or drops the transfer;
-/// - as a receiver, accepts `handoff` streams of transfers the ring plans into this node and
-///   merges each batch into the partition's vnode (durable before the chunk is acknowledged).
+/// - as a sender still owing a transfer the ring has finished with (*lingering*): the flip
+///   came while writes whose forward failed were kept for a later batch, or before the old copy
+///   was dropped (the node crashed in between). Such a shell runs on, before pending ones, until
+///   the kept keys are acknowledged and the copy dropped; a restarted node finds them by its
+///   stored checkpoints. A leaver exits only once none is left (`drained`).
+/// - as a receiver, accepts `handoff` streams of transfers the ring plans into this node, and
+///   late ones for partitions it now replicates, and merges each batch into the partition's
+///   vnode (durable before the chunk is acknowledged; a merge by DVV, so a re-send is harmless).
 ///
 /// Isolation: the table of shells sits behind a lock; shells are actors. `run()` is a child of
 /// the node's supervisor.
@@ -53,6 +59,10 @@ final class HandoffManager: SupervisedChild {
     /// Set when `run()` ends (the node stops or crashes): no shell starts after that.
     private let stopped = Locked(false)
     private let receiver = Locked(TransferReceiver())
+    /// Lingering transfers (see the type's comment) and their ids; started before pending ones.
+    private let lingering = Locked<[PartitionTransfer: TransferID]>([:])
+    /// Whether this run has looked at the stored checkpoints for lingering transfers.
+    private let checkpointsScanned = Locked(false)
 
     init(env: Environment, views: ClusterViews, vnodes: VnodeTable, limits: Limits) {
         self.env = env
@@ -63,6 +73,7 @@ final class HandoffManager: SupervisedChild {
 
     func run() async throws {
         stopped.withLock { $0 = false }
+        checkpointsScanned.withLock { $0 = false }
         defer {
             stopped.withLock { $0 = true }
             for r in running.withLock({ t in defer { t = [:] }; return t.sorted { $0.key < $1.key }.map(\.value) }) { r.task.cancel() }
@@ -77,12 +88,20 @@ final class HandoffManager: SupervisedChild {
         // A shell that ends after the node stopped (its task cancelled) must not start others:
         // they would run on, copying from storage that is closed and reporting to the claimant.
         guard let ring, !stopped.value else { return }
+        let scanned = checkpointsScanned.withLock { done in
+            defer { done = true }
+            return done
+        }
+        if !scanned { loadCheckpoints() }
         let target = ring.target?.fingerprint ?? 0
         let mine = ring.transfers.filter { $0.from == env.me }
         let pending = mine.filter { !ring.completed.contains($0) }
-        var toStart: [(PartitionTransfer, TransferID)] = []
+        var owed: [(PartitionTransfer, TransferID)] = []
+        var forget: [TransferID] = []
+        var toStart: [(PartitionTransfer, TransferID, lingering: Bool)] = []
         var notify: [(TransferShell, TransferEvent)] = []
         running.withLock { table in
+            (owed, forget) = reviseLingering(ring, running: table)
             // In transfer order, not the table's hash order: a simulation replays its seed only
             // if the shells are told in the same order every run.
             for (t, r) in table.sorted(by: { $0.key < $1.key }) {
@@ -96,17 +115,81 @@ final class HandoffManager: SupervisedChild {
                     notify.append((r.shell, .ownershipFlipped))
                 }
             }
-            for t in pending where table[t] == nil && table.count + toStart.count < env.settings.maxConcurrent {
-                toStart.append((t, HandoffWire.id(of: t, targetFingerprint: target)))
+            for (t, id) in owed where table[t] == nil && table.count + toStart.count < env.settings.maxConcurrent {
+                // Told of the flip at once if the partition has flipped (or the plan ended);
+                // otherwise later, as the plan's shells are.
+                toStart.append((t, id, lingering: !ring.transfers.contains(t) || ring.hasFlipped(t.partition)))
+            }
+            for t in pending where table[t] == nil && !toStart.contains(where: { $0.0 == t })
+                && table.count + toStart.count < env.settings.maxConcurrent {
+                toStart.append((t, HandoffWire.id(of: t, targetFingerprint: target), lingering: false))
             }
         }
+        for id in forget { _ = try? env.store.delete(id) }
+        env.logger.trace("handoff reconcile", metadata: ["ring_version": "\(ring.version)", "pending": "\(pending)", "owed": "\(owed.map(\.0))", "starting": "\(toStart.map(\.0))"])
         for (shell, event) in notify { shell.post(event) }
-        for (t, id) in toStart { start(t, id: id) }
+        for (t, id, flipped) in toStart { start(t, id: id, flipped: flipped) }
         env.metrics.handoffActive.record(running.withLock { $0.count })
-        env.metrics.handoffPending.record(pending.count)
+        env.metrics.handoffPending.record(pending.count + owed.count)
     }
 
-    private func start(_ t: PartitionTransfer, id: TransferID) {
+    /// Lingering transfers follow the ring: one the plan has pending again is the plan's (its
+    /// new run folds the whole partition, kept keys included); one whose receiver no longer
+    /// replicates the partition owes nothing if this node replicates it again, and otherwise
+    /// becomes a full copy to a current replica (a merge there, so harmless). Returns those
+    /// still owed, and the checkpoints no shell will use any more. Called under `running`'s lock.
+    private func reviseLingering(_ ring: RingState, running table: [PartitionTransfer: Running]) -> (owed: [(PartitionTransfer, TransferID)], forget: [TransferID]) {
+        return lingering.withLock { l in
+            var forget: [TransferID] = []
+            for (t, id) in l.sorted(by: { $0.key < $1.key }) {
+                let replicas = ring.replicas(of: t.partition)
+                if ring.transfers.contains(t) && !ring.completed.contains(t) {
+                    // Pending in the plan: started as the plan's (same id: resumed from this
+                    // checkpoint; kept while it runs). A checkpoint of an older plan is replaced.
+                    if HandoffWire.id(of: t, targetFingerprint: ring.target?.fingerprint ?? 0) == id { continue }
+                    l[t] = nil
+                } else if !ring.transfers.contains(t), !replicas.contains(t.to) {
+                    // (A completed transfer of the plan in progress waits for its partition's flip.)
+                    l[t] = nil
+                    if !replicas.contains(env.me), let to = replicas.first(where: { $0 != env.me }) {
+                        let moved = PartitionTransfer(partition: t.partition, from: env.me, to: to)
+                        if l[moved] == nil { l[moved] = HandoffWire.id(of: moved, targetFingerprint: id.value) }
+                    }
+                } else {
+                    continue
+                }
+                // A running shell keeps (and ends) its own checkpoint.
+                if table[t] == nil { forget.append(id) }
+            }
+            let owed = l.filter { !(ring.transfers.contains($0.key) && !ring.completed.contains($0.key)) }
+            return (owed.sorted { $0.key < $1.key }.map { ($0.key, $0.value) }, forget)
+        }
+    }
+
+    /// Reads the stored checkpoints once per run: each transfer from this node that has one
+    /// lingers until the ring says otherwise (`reviseLingering`): a checkpoint is deleted when
+    /// its transfer ends, so one that is left is owed, or the plan's own (then resumed as pending).
+    private func loadCheckpoints() {
+        let stored: [(record: TransferCheckpoint, dirty: Set<[UInt8]>)]
+        do { stored = try env.store.all() } catch {
+            env.logger.error("handoff checkpoints could not be listed; transfers the ring finished with are not resumed", metadata: ["error": "\(error)"])
+            return
+        }
+        for (record, dirty) in stored where record.from == env.me {
+            let t = PartitionTransfer(partition: record.partition, from: record.from, to: record.to)
+            lingering.withLock { $0[t] = record.id }
+            env.logger.debug("handoff checkpoint found", metadata: ["transfer": "\(t)", "kept_keys": "\(dirty.count)", "position": "\(record.position)"])
+        }
+    }
+
+    /// Returns once no transfer from this node runs or lingers (the node stops first: returns then).
+    func drained() async {
+        while !stopped.value, running.withLock({ !$0.isEmpty }) || lingering.withLock({ !$0.isEmpty }) {
+            do { try await env.clock.sleep(for: .milliseconds(200)) } catch { return }
+        }
+    }
+
+    private func start(_ t: PartitionTransfer, id: TransferID, flipped: Bool) {
         let resume: (record: TransferCheckpoint, dirty: Set<[UInt8]>)?
         do { resume = try env.store.load(id) } catch {
             env.logger.warning("a handoff checkpoint is unreadable; the transfer starts over", metadata: ["transfer": "\(t)", "error": "\(error)"])
@@ -116,19 +199,46 @@ final class HandoffManager: SupervisedChild {
         let inserted = running.withLock { table -> Bool in
             guard table[t] == nil else { return false }
             let task = Task(executorPreference: env.taskExecutor) { [weak self] in
-                _ = await shell.run()
-                self?.finished(t)
+                let outcome = await shell.run()
+                self?.finished(t, id: id, outcome)
             }
             table[t] = Running(shell: shell, task: task, startedAt: env.clock.now())
             return true
         }
         guard inserted else { return }
-        env.logger.info("handoff started", metadata: ["transfer": "\(t)", "resumed": "\(resume != nil)"])
+        if flipped { shell.post(.ownershipFlipped) }
+        env.logger.info("handoff started", metadata: ["transfer": "\(t)", "resumed": "\(resume != nil)", "lingering": "\(flipped)"])
     }
 
-    private func finished(_ t: PartitionTransfer) {
+    /// A shell ended. One that gave up lingers (it is still owed); one that handed off owes
+    /// nothing more; one cancelled by a plan change owes its copy to a current replica if this
+    /// node no longer is one.
+    private func finished(_ t: PartitionTransfer, id: TransferID, _ outcome: TransferOutcome?) {
+        let ring = views.current.state
         running.withLock { _ = $0.removeValue(forKey: t) }
-        reconcile(views.current.state)
+        switch outcome {
+        case .handedOff?:
+            lingering.withLock { _ = $0.removeValue(forKey: t) }
+        case .cancelled?:
+            // The plan changed under it. If this node is no replica of the partition in the
+            // ring now, its copy still goes somewhere before it is dropped: a full copy to a
+            // current replica.
+            lingering.withLock { l in
+                l[t] = nil
+                guard let ring, !(ring.transfers.contains(t) && !ring.completed.contains(t)) else { return }
+                let replicas = ring.replicas(of: t.partition)
+                guard !replicas.contains(env.me), let to = replicas.first(where: { $0 != env.me }) else { return }
+                let moved = PartitionTransfer(partition: t.partition, from: env.me, to: to)
+                if l[moved] == nil { l[moved] = HandoffWire.id(of: moved, targetFingerprint: id.value) }
+            }
+        case .gaveUp?:
+            // Its checkpoint stays: resumed as the plan's while pending, else as owed
+            // (`reviseLingering` decides which on every view).
+            lingering.withLock { $0[t] = id }
+        case nil:
+            break
+        }
+        reconcile(ring)
     }
 
     /// A write applied here to `key` of `partition`, before it is acknowledged: while a transfer
@@ -180,7 +290,10 @@ final class HandoffManager: SupervisedChild {
         guard t.to == env.me, t.from == request.from else {
             return .failure(ErrorReply(code: .invalidArgument, message: "handoff \(t) is not from \(request.from) to \(env.me)"))
         }
-        guard let ring = env.ring(), ring.pendingTransfers.contains(t) || ring.transfers.contains(t) else {
+        // A late stream for a partition this node replicates now (kept keys from the old owner,
+        // after the flip) merges like any batch.
+        guard let ring = env.ring(),
+              ring.pendingTransfers.contains(t) || ring.transfers.contains(t) || ring.replicas(of: t.partition).contains(env.me) else {
             return .failure(ErrorReply(code: .notReady, message: "node \(env.me) knows of no transfer \(t) yet; retry"))
         }
         let decision: TransferReceiver.Decision = receiver.withLock { r in

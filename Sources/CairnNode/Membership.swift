@@ -110,6 +110,9 @@ final class MembershipAgent: SupervisedChild {
     private let metrics: NodeMetrics
     /// Called once when this node's state says it is exiting (its data is handed off).
     private let onExit: @Sendable () -> Void
+    /// Awaited before a leaver exits: returns once nothing handed off is still owed from here
+    /// (`HandoffManager.drained`).
+    private let beforeExit: @Sendable () async -> Void
     private let state: Locked<State>
     /// The ring last written to `store`.
     private let persisted = Locked<RingState?>(nil)
@@ -119,6 +122,7 @@ final class MembershipAgent: SupervisedChild {
     init(me: NodeName, clusterName: String, initial: RingState?, views: ClusterViews, liveness: Liveness, transport: any Transport,
          store: any RingStateStore, clock: any NodeClock, taskExecutor: (any TaskExecutor)? = nil, seed: UInt64, settings: Settings,
          metrics: NodeMetrics, logger: Logger,
+         beforeExit: @escaping @Sendable () async -> Void = {},
          onExit: @escaping @Sendable () -> Void) {
         self.me = me
         self.clusterName = clusterName
@@ -132,6 +136,7 @@ final class MembershipAgent: SupervisedChild {
         self.settings = settings
         self.metrics = metrics
         self.onExit = onExit
+        self.beforeExit = beforeExit
         var swim = SWIMInstance(me: me, settings: settings.swim, seed: seed, now: clock.now())
         for m in initial?.members ?? [] where m.name != me { _ = swim.add(m.name) }
         for name in swim.memberNames { liveness.set(name, swim.status(of: name)) }
@@ -150,7 +155,9 @@ final class MembershipAgent: SupervisedChild {
         perform(state.withLock { $0.swim.announce() })
         // A node restarted from a persisted state that already says it is exiting (it crashed
         // between adopting that state and exiting) must exit now: no later change would tell it.
-        if let ring { checkOwnStatus(ring) }
+        // So must one whose persisted state already lists it as departed (it adopted that state
+        // while exiting, and was started again).
+        if let ring { checkOwnStatus(ring, before: ring.member(me)?.status ?? (ring.departed.contains(me) ? .exiting : nil)) }
         while true {
             try Task.checkCancellation()
             let now = clock.now()
@@ -180,7 +187,11 @@ final class MembershipAgent: SupervisedChild {
                 switch to {
                 case .alive where from == nil: logger.debug("member known", metadata: meta)
                 case .alive: logger.info("member alive", metadata: meta)
-                case .suspect: logger.info("member suspected", metadata: meta)
+                case .suspect:
+                    logger.info("member suspected", metadata: meta)
+                    // It may be up and ignoring this node: a member that removed this node
+                    // hears no gossip from it. Its ring state says so (and then this node exits).
+                    pull(from: node)
                 case .dead: logger.warning("member dead", metadata: meta)
                 }
                 metrics.livenessChanges.increment()
@@ -224,24 +235,25 @@ final class MembershipAgent: SupervisedChild {
             guard packet.ringDigest != mine.2 || packet.ringVersion != mine.0 else { return .none }
             let theirsGreater = packet.ringVersion > mine.0
                 || (packet.ringVersion == mine.0 && (packet.ringClaimant?.value ?? "") >= (mine.1?.value ?? ""))
-            if theirsGreater {
-                guard !s.pulling.contains(packet.sender) else { return .none }
-                s.pulling.insert(packet.sender)
-                return .pull
-            }
+            if theirsGreater { return .pull }
             guard let ring = s.ring else { return .none }
             return .push(ring.encoded())
         }
         switch action {
         case .none: break
         case .push(let bytes): transport.cast(to: packet.sender, .clusterStatePush(bytes))
-        case .pull:
-            let (transport, timeout, sender) = (transport, settings.requestTimeoutMillis, packet.sender)
-            Task(executorPreference: taskExecutor) {
-                defer { self.state.withLock { _ = $0.pulling.remove(sender) } }
-                guard case .clusterState(let bytes)? = try? await transport.send(to: sender, .clusterStatePull, timeoutMillis: timeout) else { return }
-                self.receiveState(bytes, from: "pulled from \(sender)")
-            }
+        case .pull: pull(from: packet.sender)
+        }
+    }
+
+    /// Asks `peer` for its ring state and merges it in (at most one pull per peer in flight).
+    private func pull(from peer: NodeName) {
+        guard state.withLock({ s in s.pulling.insert(peer).inserted }) else { return }
+        let (transport, timeout) = (transport, settings.requestTimeoutMillis)
+        Task(executorPreference: taskExecutor) {
+            defer { self.state.withLock { _ = $0.pulling.remove(peer) } }
+            guard case .clusterState(let bytes)? = try? await transport.send(to: peer, .clusterStatePull, timeoutMillis: timeout) else { return }
+            self.receiveState(bytes, from: "pulled from \(peer)")
         }
     }
 
@@ -286,7 +298,8 @@ final class MembershipAgent: SupervisedChild {
     /// Returns the new ring, or nil when nothing changed.
     @discardableResult
     private func changeRing(source: String, _ update: (RingState?) throws -> RingState?) rethrows -> RingState? {
-        let outcome: (RingState, [SWIMDirective], [NodeName])? = try state.withLock { s in
+        let outcome: (RingState, [SWIMDirective], [NodeName], MembershipStatus?)? = try state.withLock { s in
+            let before = s.ring?.member(me)?.status
             guard let ring = try update(s.ring), ring != s.ring else { return nil }
             s.ring = ring
             s.digest = ring.digest
@@ -295,9 +308,9 @@ final class MembershipAgent: SupervisedChild {
             let names = Set(ring.members.map(\.name))
             let removed = s.swim.memberNames.filter { !names.contains($0) }
             for n in removed { s.swim.remove(n) }
-            return (ring, directives, removed)
+            return (ring, directives, removed, before)
         }
-        guard let (ring, directives, removed) = outcome else { return nil }
+        guard let (ring, directives, removed, before) = outcome else { return nil }
         for n in removed { liveness.set(n, nil) }
         perform(directives)
         persistNewest()
@@ -306,7 +319,7 @@ final class MembershipAgent: SupervisedChild {
             "ring_version": "\(ring.version)", "claimant": "\(ring.claimant)", "members": "\(ring.members.count)",
             "pending_transfers": "\(ring.pendingTransfers.count)", "source": "\(source)",
         ])
-        checkOwnStatus(ring)
+        checkOwnStatus(ring, before: before)
         return ring
     }
 
@@ -337,19 +350,46 @@ final class MembershipAgent: SupervisedChild {
         metrics.ringVersion.record(Int(clamping: view.state?.version ?? 0))
     }
 
-    private func checkOwnStatus(_ ring: RingState) {
+    /// Acts on what `ring` says of this node, which was `before` in the state it replaces: an
+    /// exiting node exits once the state is known; a member the ring lists as departed exits at
+    /// once: a leaver is forgotten only after its last transfer completed (it waits for what it
+    /// still owes, `beforeExit`), and a removed node's data was rebuilt elsewhere, so it has
+    /// nothing left to serve. A node the ring does not list otherwise (one waiting for its join,
+    /// or missing from the winning side of a claimant fork) only refuses key requests.
+    private func checkOwnStatus(_ ring: RingState, before: MembershipStatus?) {
         let member = ring.member(me)
-        let exit: Bool = state.withLock { s in
-            if member == nil, !s.notMemberLogged {
+        enum Action { case none, exitWhenKnown, exitNow(was: MembershipStatus) }
+        let action: Action = state.withLock { s in
+            if member == nil, !s.notMemberLogged, before == nil {
                 s.notMemberLogged = true
-                logger.warning("this node is no longer a member of the cluster; it refuses key requests", metadata: ["cluster": "\(clusterName)"])
+                logger.warning("this node is not a member of the cluster; it refuses key requests", metadata: ["cluster": "\(clusterName)"])
             }
-            guard member?.status == .exiting, !s.exitRequested else { return false }
+            guard !s.exitRequested else { return .none }
+            if member == nil, let before, ring.departed.contains(me) {
+                s.exitRequested = true
+                return .exitNow(was: before)
+            }
+            guard member?.status == .exiting else { return .none }
             s.exitRequested = true
-            return true
+            return .exitWhenKnown
         }
-        if exit {
+        switch action {
+        case .none: break
+        case .exitWhenKnown:
             Task(executorPreference: taskExecutor) { await self.exitOnceKnown(ring) }
+        case .exitNow(let was) where was == .leaving || was == .exiting:
+            Task(executorPreference: taskExecutor) {
+                await self.beforeExit()
+                if self.stopped.value { return }
+                self.logger.notice("this node has left the cluster: its data is handed off; exiting", metadata: ["ring_version": "\(ring.version)"])
+                self.perform(self.state.withLock { $0.swim.leave() })
+                self.onExit()
+            }
+        case .exitNow:
+            logger.warning("this node was removed from the cluster (its partitions are rebuilt from the other replicas); exiting. To bring it back, empty its data directory and join it again",
+                           metadata: ["ring_version": "\(ring.version)", "claimant": "\(ring.claimant)"])
+            perform(state.withLock { $0.swim.leave() })
+            onExit()
         }
     }
 
@@ -377,6 +417,8 @@ final class MembershipAgent: SupervisedChild {
             }
             do { try await clock.sleep(for: .milliseconds(500)) } catch { return }
         }
+        await beforeExit()
+        if stopped.value { return }
         logger.notice("this node has left the cluster: its data is handed off; exiting", metadata: ["ring_version": "\(ring.version)"])
         perform(state.withLock { $0.swim.leave() })
         onExit()

@@ -107,7 +107,7 @@ public struct RingPlan: Hashable, Sendable {
 /// Pure value type; every operation validates and throws `ValidationError` with the reason an
 /// operator reads.
 public struct RingState: Hashable, Sendable {
-    public static let formatVersion: UInt8 = 1
+    public static let formatVersion: UInt8 = 2
     public static let maxMembers = 1024
 
     public let cluster: String
@@ -129,6 +129,12 @@ public struct RingState: Hashable, Sendable {
     public private(set) var staged: [StagedChange]
     /// Members the plan in progress removes (dead; forgotten when it completes).
     public private(set) var removals: Set<NodeName>
+    /// Members this cluster forgot (they left, or were removed), most recent last, at most
+    /// `maxDeparted`: a node listed here that finds itself no longer a member knows it is out
+    /// for good and stops. Absence alone is not proof: after a claimant fork a member can be
+    /// missing from the state of the side that never saw it join.
+    public private(set) var departed: [NodeName]
+    public static let maxDeparted = 64
 
     /// The state of a cluster formed by `members` at once (`cluster.members`), or by one node
     /// alone. The first member is claimant; every node that bootstraps from the same list builds
@@ -142,12 +148,12 @@ public struct RingState: Hashable, Sendable {
         let ring = try Ring(partitionCount: partitionCount, members: members.map(\.name))
         return RingState(cluster: cluster, partitionCount: partitionCount, nVal: nVal, version: 1, claimant: first.name,
                          members: members.map { RingMember(name: $0.name, address: $0.address, status: .valid) },
-                         ring: ring, target: nil, transfers: [], completed: [], staged: [], removals: [])
+                         ring: ring, target: nil, transfers: [], completed: [], staged: [], removals: [], departed: [])
     }
 
     private init(cluster: String, partitionCount: Int, nVal: Int, version: UInt64, claimant: NodeName, members: [RingMember],
                  ring: Ring, target: Ring?, transfers: [PartitionTransfer], completed: Set<PartitionTransfer>,
-                 staged: [StagedChange], removals: Set<NodeName>) {
+                 staged: [StagedChange], removals: Set<NodeName>, departed: [NodeName]) {
         self.cluster = cluster
         self.partitionCount = partitionCount
         self.nVal = nVal
@@ -160,6 +166,7 @@ public struct RingState: Hashable, Sendable {
         self.completed = completed
         self.staged = staged
         self.removals = removals
+        self.departed = departed
     }
 
     // MARK: Reading
@@ -222,6 +229,7 @@ public struct RingState: Hashable, Sendable {
         var next = bumped()
         next.members.append(RingMember(name: name, address: address, status: .joining))
         next.staged.append(.join(name))
+        next.departed.removeAll { $0 == name }
         return next
     }
 
@@ -320,7 +328,16 @@ public struct RingState: Hashable, Sendable {
         guard name != claimant else { throw ValidationError("\(name) is the claimant") }
         var next = bumped()
         next.members.removeAll { $0.name == name }
+        next.depart([name])
         return next
+    }
+
+    /// Records `names` as departed, keeping the newest `maxDeparted`.
+    private mutating func depart(_ names: [NodeName]) {
+        guard !names.isEmpty else { return }
+        departed.removeAll { names.contains($0) }
+        departed += names
+        if departed.count > Self.maxDeparted { departed.removeFirst(departed.count - Self.maxDeparted) }
     }
 
     /// Makes `name` the claimant (the old one is gone, leaving, or unreachable).
@@ -392,17 +409,21 @@ public struct RingState: Hashable, Sendable {
         target = nil
         transfers = []
         completed = []
+        var gone: [NodeName] = []
         members = members.compactMap { m in
             var m = m
             switch m.status {
             case .joining where t.members.contains(m.name): m.status = .valid
-            case .leaving where removals.contains(m.name): return nil
+            case .leaving where removals.contains(m.name):
+                gone.append(m.name)
+                return nil
             case .leaving: m.status = .exiting
             default: break
             }
             return m
         }
         removals = []
+        depart(gone)
         // An exiting claimant hands the role to the first valid member (there is one: a plan
         // never leaves the ring empty).
         if member(claimant)?.status != .valid, let heir = members.first(where: { $0.status == .valid }) {
@@ -468,6 +489,8 @@ extension RingState {
         let removed = removals.compactMap { index[$0] }.sorted()
         w.writeVarint(removed.count)
         for i in removed { w.writeVarint(i) }
+        w.writeVarint(departed.count)
+        for n in departed { w.writeString(n.value) }
         return w.bytes
     }
 
@@ -481,7 +504,8 @@ extension RingState {
     public init(decoding bytes: [UInt8]) throws(DecodeError) {
         var r = ByteReader(bytes)
         let format = try r.readU8("format")
-        guard format == Self.formatVersion else { throw DecodeError("cluster state format \(format) is not \(Self.formatVersion)") }
+        // Format 1 (before the departed list) is still read: a node upgraded in place keeps its state.
+        guard format == Self.formatVersion || format == 1 else { throw DecodeError("cluster state format \(format) is not 1 or \(Self.formatVersion)") }
         let cluster = try r.readString("cluster", limit: 255)
         let q = try r.readCount("ring size", limit: Ring.maxPartitionCount)
         let nVal = try r.readCount("n_val", limit: 16)
@@ -539,10 +563,17 @@ extension RingState {
         let removedCount = try r.readCount("removals", limit: Self.maxMembers)
         var removals = Set<NodeName>()
         for _ in 0..<removedCount { removals.insert(try member(&r, "removed member")) }
+        var departed: [NodeName] = []
+        if format >= 2 {
+            let departedCount = try r.readCount("departed", limit: Self.maxDeparted)
+            for _ in 0..<departedCount { departed.append(try Self.name(try r.readString("departed member", limit: NodeName.maxBytes))) }
+            guard Set(departed).count == departed.count else { throw DecodeError("a departed member is listed twice") }
+        }
         try r.expectEnd("cluster state")
         guard !cluster.isEmpty, nVal >= 1 else { throw DecodeError("empty cluster name or n_val 0") }
         self.init(cluster: cluster, partitionCount: q, nVal: nVal, version: version, claimant: claimant, members: members,
-                  ring: ring, target: target, transfers: transfers.sorted(), completed: completed, staged: staged, removals: removals)
+                  ring: ring, target: target, transfers: transfers.sorted(), completed: completed, staged: staged, removals: removals,
+                  departed: departed)
     }
 
     private static func name(_ s: String) throws(DecodeError) -> NodeName {

@@ -4,6 +4,8 @@ import CairnRing
 import CairnClient
 import CairnCore
 import CairnWire
+import CairnStorage
+import CairnMembership
 import Foundation
 import NIOPosix
 
@@ -148,6 +150,94 @@ struct HandoffClusterTests {
         _ = try? await n4Run.value
         await cluster.stop()
     }
+}
+
+extension HandoffClusterTests {
+    /// A write whose forward failed is kept for a later batch; the flip can come first (the
+    /// receiver had reported the copy complete). A sender that crashed then still owes that key
+    /// and the drop of its copy, though the ring has finished with the transfer: restarted, it
+    /// finds the transfer by its checkpoint, delivers the key to the receiver (which accepts a
+    /// late stream for a partition it replicates) and drops the partition.
+    @Test func aTransferTheRingFinishedWithStillDeliversItsKeptKeysAfterARestart() async throws {
+        let cluster = try await TestCluster.start(count: 4)
+        let n1 = cluster.nodes[0]
+        let ring = try #require(n1.core.membership?.ring)
+        let writer = try await cluster.client([1, 2, 3])
+        // A key of a partition n1 does not replicate, written through the cluster: its stored
+        // object is what n1 would have held as the partition's old owner.
+        let seed = try #require((0..<1000).map { Array("seed-\($0)".utf8) }.first {
+            !ring.replicas(of: ring.partition(forKey: $0)).contains(n1.config.name)
+        })
+        let p = ring.partition(forKey: seed)
+        _ = try await writer.put(seed, value: Array("v".utf8), options: RequestOptions(w: .all))
+        let to = ring.replicas(of: p)[0]
+        let receiver = try #require(cluster.nodes.first { $0.config.name == to })
+        let object = try #require(try receiver.core.backend?.get(partition: p, key: seed))
+        // The kept key: in n1's store only, named in a checkpoint whose copy was acknowledged to the end.
+        let kept = try #require((0..<100_000).map { Array("kept-\($0)".utf8) }.first { ring.partition(forKey: $0) == p })
+        let backend = try #require(n1.core.backend)
+        try await backend.waitDurable(try backend.apply(partition: p, key: kept, value: object))
+        await cluster.crash(0)
+        let directory = try #require(n1.config.dataDirectory) + "/handoff"
+        let fs = PosixFileSystem()
+        try fs.createDirectory(directory)
+        let store = FileHandoffStore(fs: fs, directory: directory)
+        let id = TransferID(0x5eed)
+        try store.save(TransferCheckpoint(id: id, partition: p, from: n1.config.name, to: to, position: .end, sequence: 1))
+        try store.setDirty(id, [kept])
+
+        var c = n1.config
+        c.listen = cluster.members[0].address
+        let restarted = CairnNode(config: c, logger: quietLogger)
+        try await restarted.bind()
+        try restarted.start(members: cluster.members)
+        let run = Task { try await restarted.run() }
+        try await cluster.waitUntil("the kept key reached the receiver and n1 dropped its copy", seconds: 60) {
+            let delivered = (try? receiver.core.backend?.get(partition: p, key: kept)) != nil
+            let dropped = (try? restarted.core.backend?.get(partition: p, key: kept)) == .some(nil)
+            let forgotten = (try? { () throws -> Bool in try store.load(id) == nil }()) ?? false
+            return delivered && dropped && forgotten
+        }
+        #expect(try receiver.core.backend?.get(partition: p, key: kept) == object, "merged as sent: the same object")
+
+        writer.close()
+        restarted.shutdown()
+        _ = try? await run.value
+        await cluster.stop()
+    }
+}
+
+extension HandoffClusterTests {
+    /// A node removed while it was down, started again with its old data, learns from its peers
+    /// that the ring no longer lists it and stops by itself: its copies were rebuilt elsewhere,
+    /// and serving them (or staying up as a non-member) would only mislead.
+    @Test func aRemovedNodeThatComesBackStops() async throws {
+        let cluster = try await TestCluster.start(count: 4)
+        await cluster.crash(3)
+        let n4 = cluster.nodes[3]
+        try await cluster.waitUntil("n4 held dead", seconds: 60) {
+            guard let s = try? await admin(cluster.nodes[0], "status") else { return false }
+            return members(s)["n4"]?["liveness"] as? String == "dead"
+        }
+        _ = try await admin(cluster.nodes[0], "remove", ["n4"])
+        _ = try await admin(cluster.nodes[0], "commit")
+        try await cluster.waitUntil("n4 removed and its partitions rebuilt", seconds: 120) {
+            guard let s = try? await admin(cluster.nodes[0], "status") else { return false }
+            return members(s)["n4"] == nil && s["pending_transfers"] as? Int == 0
+        }
+        var c = n4.config
+        c.listen = cluster.members[3].address
+        let restarted = CairnNode(config: c, logger: quietLogger)
+        try await restarted.bind()
+        try restarted.start(members: cluster.members)
+        let run = Task { try await restarted.run() }
+        try await cluster.waitUntil("the removed node stopped by itself", seconds: 60) { restarted.state == .stopped }
+        if case .failure(let e) = await run.result { Issue.record("its run() failed: \(e)") }
+        let s = try await admin(cluster.nodes[0], "status")
+        #expect(members(s)["n4"] == nil, "it did not come back as a member")
+        await cluster.stop()
+    }
+
 }
 
 extension HandoffClusterTests {

@@ -85,9 +85,43 @@ private func checkPlacementSafety(_ s: RingState, before: RingState, done: Set<P
         #expect(s.member(name("n2"))?.status == .exiting)
         #expect(s.owned(by: name("n2")) == 0)
         #expect(s.vnodePartitions(of: name("n2")).isEmpty)
+        #expect(s.departed.isEmpty, "an exiting member has not departed yet")
         s = try s.forgetting(name("n2"))
         #expect(s.member(name("n2")) == nil)
+        #expect(s.departed == [name("n2")])
         #expect(throws: ValidationError.self) { try s.stagingLeave(name("n2")) }
+    }
+
+    @Test func departedMembersAreRecordedBoundedAndClearedByAJoin() throws {
+        var s = try cluster(4).stagingRemove(name("n3"))
+        s = try completeAll(try s.committing())
+        #expect(s.departed == [name("n3")], "a removed member departs when the plan completes")
+        let decoded = try RingState(decoding: s.encoded())
+        #expect(decoded == s && decoded.departed == [name("n3")])
+        // The same name joins again (an emptied node): it is no longer departed.
+        s = try s.joining(name("n3"), at: address(3))
+        #expect(s.departed.isEmpty)
+        // At most maxDeparted names, the newest kept.
+        var big = try cluster(2, q: 16)
+        for i in 0..<(RingState.maxDeparted + 5) {
+            big = try completeAll(try big.joining(name("j\(i)"), at: address(100 + i)).committing())
+            big = try big.stagingRemove(name("j\(i)"))
+            big = try completeAll(try big.committing())
+        }
+        #expect(big.departed.count == RingState.maxDeparted)
+        #expect(big.departed.last == name("j\(RingState.maxDeparted + 4)"))
+        #expect(try RingState(decoding: big.encoded()) == big)
+    }
+
+    @Test func aFormatOneStateIsStillReadWithNoneDeparted() throws {
+        let s = try cluster(3, q: 16)
+        var old = s.encoded()
+        // Format 1: the same bytes without the departed list (an empty one is one varint 0).
+        #expect(old.first == 2 && old.last == 0)
+        old[0] = 1
+        old.removeLast()
+        let read = try RingState(decoding: old)
+        #expect(read == s)
     }
 
     @Test func aRemovedMembersReplicasAreRebuiltFromTheSurvivors() throws {
