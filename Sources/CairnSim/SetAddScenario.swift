@@ -28,8 +28,8 @@ public struct SetAddScenario: Sendable {
 
     /// What the nemesis may do.
     public enum Fault: String, Sendable, CaseIterable {
-        /// What a run injects unless told otherwise: every fault but the ring changes.
-        public static var standard: Set<Fault> { Set(allCases).subtracting(SetAddScenario.membershipFaults) }
+        /// What a run injects unless told otherwise: every fault, ring changes included.
+        public static var standard: Set<Fault> { Set(allCases) }
 
         /// A message (request or reply) is lost (2% each).
         case loss
@@ -265,7 +265,10 @@ public struct SetAddScenario: Sendable {
                 if membership {
                     // Read repair of the final reads lands first.
                     try await clock.sleep(for: .seconds(2))
-                    violations += await Self.checkPlacement(cluster, bound: settings.transferTimeout, oldest: nemesis.oldestTransfer)
+                    let placement = await Self.checkPlacement(cluster, bound: settings.transferTimeout, oldest: nemesis.oldestTransfer,
+                                                              diskWiped: nemesis.wipedAny)
+                    violations += placement.violations
+                    for n in placement.notes { note(n) }
                 }
                 // A drain waits on the clock: the simulation moves it.
                 await cluster.shutdown()
@@ -321,6 +324,8 @@ public struct SetAddScenario: Sendable {
 
         /// The oldest transfer age seen by `sampleTransfers`.
         var oldestTransfer: (age: Duration, what: String)? { state.withLock { $0.oldest } }
+        /// Whether a disk was wiped during the run.
+        var wipedAny: Bool { state.withLock { !$0.wiped.isEmpty } }
 
         /// Records the age of the oldest transfer running on any node now.
         func sampleTransfers() async {
@@ -625,8 +630,10 @@ public struct SetAddScenario: Sendable {
             let up = cluster.present.filter { cluster.isUp($0) }
             var snaps: [(Int, PlacementSnapshot)] = []
             for i in up { if let s = await cluster.node(i)?.placement() { snaps.append((i, s)) } }
-            for (i, s) in snaps where s.ringVersion == 0 {
-                // A node whose join never reached the claimant: stage it again.
+            for (i, s) in snaps where s.ringVersion == 0 || !s.members.contains(where: { $0.name == cluster.names[i] }) {
+                // A node whose join never reached the claimant, or was lost with the losing side
+                // of a claimant fork (Docs/cluster-state.md §2): stage it again, as an operator
+                // who reads `cluster status` would.
                 guard let n = cluster.node(i) else { continue }
                 if case .success = await admin(n, "join") { log.note("\(n.config.name) staged its join (end)") }
             }
@@ -658,14 +665,20 @@ public struct SetAddScenario: Sendable {
     /// holds its keys (as many as the other owners, after the final reads' repair), no node
     /// that is not an owner still holds any of them; no transfer running, none ever older than
     /// `bound`.
-    static func checkPlacement(_ cluster: SimulatedCluster, bound: Duration,
-                               oldest: (age: Duration, what: String)?) async -> [String] {
+    ///
+    /// After a disk wipe the owners' key counts are notes, not violations: a wiped replica (or
+    /// one a wiped leaver handed its empty copy to) is refilled only by anti-entropy or read
+    /// repair, which these runs do not wait for. Nothing acknowledged is lost that way (the
+    /// final reads check that); the partition is under-replicated until then.
+    static func checkPlacement(_ cluster: SimulatedCluster, bound: Duration, oldest: (age: Duration, what: String)?,
+                               diskWiped: Bool) async -> (violations: [String], notes: [String]) {
         var out: [String] = []
+        var notes: [String] = []
         let up = cluster.present.filter { cluster.isUp($0) }
         var snaps: [NodeName: PlacementSnapshot] = [:]
         for i in up { if let s = await cluster.node(i)?.placement() { snaps[cluster.names[i]] = s } }
         guard let claimant = snaps.values.first?.claimant, let ring = snaps[claimant] else {
-            return ["no claimant's ring to check placement against"]
+            return (["no claimant's ring to check placement against"], [])
         }
         for p in 0..<UInt32(ring.partitionCount) {
             let owners = ring.replicas[p] ?? []
@@ -677,11 +690,15 @@ public struct SetAddScenario: Sendable {
                 guard let s = snaps[o] else { out.append("partition \(p): owner \(o) is not up"); continue }
                 if !s.vnodes.contains(p) { out.append("partition \(p): owner \(o) runs no vnode for it") }
                 if !holders.isEmpty, (s.stored[p] ?? 0) == 0 {
-                    out.append("partition \(p): owner \(o) holds none of its keys (held by \(holders.keys.map(\.value).sorted()))")
+                    let problem = "partition \(p): owner \(o) holds none of its keys (held by \(holders.keys.map(\.value).sorted()))"
+                    if diskWiped { notes.append(problem + "; a disk was wiped: left to anti-entropy") } else { out.append(problem) }
                 }
             }
             let counts = Set(owners.compactMap { snaps[$0]?.stored[p] ?? 0 })
-            if counts.count > 1 { out.append("partition \(p): its owners hold different key counts \(owners.map { "\($0)=\(snaps[$0]?.stored[p] ?? 0)" })") }
+            if counts.count > 1 {
+                let problem = "partition \(p): its owners hold different key counts \(owners.map { "\($0)=\(snaps[$0]?.stored[p] ?? 0)" })"
+                if diskWiped { notes.append(problem + "; a disk was wiped: left to anti-entropy") } else { out.append(problem) }
+            }
             for (n, s) in snaps.sorted(by: { $0.key < $1.key }) where !owners.contains(n) && (s.stored[p] ?? 0) > 0 {
                 out.append("partition \(p): \(n) still holds \(s.stored[p] ?? 0) keys of it but is no owner (owners \(owners.map(\.value)))")
             }
@@ -691,7 +708,7 @@ public struct SetAddScenario: Sendable {
             for t in s.running { out.append("a transfer still runs at the end: partition \(t.partition) \(t.from)→\(t.to), age \(t.age)") }
         }
         if let oldest, oldest.age > bound { out.append("a transfer ran \(oldest.age), past its bound \(bound): \(oldest.what)") }
-        return out
+        return (out, notes)
     }
 
     /// One read-modify-write adding `element`, as cairn-torture's clients do: nil when the read

@@ -174,10 +174,15 @@ public final class SimulatedCluster: Sendable {
         c.storage.compactionBytesPerSecond = 0
         c.storage.syncMode = settings.syncMode
         let decorate = settings.decorate.map { d in { @Sendable (b: any PartitionStore) in d(i, b) } }
-        // CAIRN_SIM_LOG=1: the nodes' logs on standard error (debugging a seed).
-        let verbose = getenv("CAIRN_SIM_LOG").map { String(cString: $0) == "1" } ?? false
+        // CAIRN_SIM_LOG=1 (or a level: debug, trace): the nodes' logs on standard error (debugging a seed).
+        let setting = getenv("CAIRN_SIM_LOG").map { String(cString: $0) }
+        let level = setting.flatMap { Logger.Level(rawValue: $0) } ?? .info
+        let verbose = setting == "1" || setting.flatMap { Logger.Level(rawValue: $0) } != nil
         let logger = Logger(label: "sim.\(name).\(incarnation)", factory: { label in
-            verbose ? StreamLogHandler.standardError(label: label) as any LogHandler : SwiftLogNoOpLogHandler()
+            guard verbose else { return SwiftLogNoOpLogHandler() }
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = level
+            return handler
         })
         let node = CairnNode(config: c, logger: logger,
                              watchdogInterval: .some(nil), decorateBackend: decorate,

@@ -20,7 +20,7 @@ struct CairnSimCommand: ParsableCommand {
     @Option(help: "Nodes in the cluster (N = 3).") var nodes: Int = 5
     @Option(help: "Concurrent clients.") var clients: Int = 8
     @Option(help: "Virtual time the clients run, e.g. 30s or 500ms.") var duration: String = "30s"
-    @Option(help: "Faults to inject, comma-separated: \(SetAddScenario.Fault.allCases.map(\.rawValue).joined(separator: ", ")); \"none\" for none. The default is every fault but the ring changes (join, leave, remove).")
+    @Option(help: "Faults to inject, comma-separated: \(SetAddScenario.Fault.allCases.map(\.rawValue).joined(separator: ", ")); \"none\" for none. The default is every fault.")
     var faults: String = SetAddScenario.Fault.allCases.filter { SetAddScenario.Fault.standard.contains($0) }.map(\.rawValue).joined(separator: ",")
     @Flag(help: "Measure failure detection instead (SWIM machines on a simulated network): crash detection, a 3 s pause, 5% loss, a new member's spread; exit 1 if a goal fails.")
     var detection = false

@@ -90,10 +90,11 @@ private func run(seed: UInt64) throws -> [String] {
     }
 
     /// A fixed set of seeds, every fault the simulator has (network faults; crashes that lose
-    /// unsynced bytes, graceful restarts, a wiped disk, clock skew, pauses): no acknowledged add lost, no phantom,
-    /// nothing visible that certainly was not applied. A failing seed names its reproduction.
+    /// unsynced bytes, graceful restarts, a wiped disk, clock skew, pauses; joins, leaves and
+    /// removes): no acknowledged add lost, no phantom, nothing visible that certainly was not
+    /// applied; after ring changes, every partition on its owners. A failing seed names its
+    /// reproduction.
     @Test func fiftySeedsKeepEveryAcknowledgedAdd() async throws {
-        // Ring changes have their own seeds (MembershipSimulationTests).
         let s = scenario(seconds: 8)
         var acknowledged = 0, unknown = 0, refused = 0
         var injected: [String: Int] = [:]
@@ -108,7 +109,7 @@ private func run(seed: UInt64) throws -> [String] {
         // The faults bite: some outcomes are unknown or refused, most are acknowledged.
         #expect(acknowledged > 1000 && unknown > 0 && refused > 0)
         // Every node and link fault was injected somewhere in the set.
-        for kind in ["partition", "crash", "restart", "disk-wipe", "clock-skew", "pause"] {
+        for kind in ["partition", "crash", "restart", "disk-wipe", "clock-skew", "pause", "join", "leave", "remove"] {
             #expect(injected[kind, default: 0] > 0, "no \(kind) in 50 seeds: \(injected)")
         }
     }
