@@ -49,6 +49,8 @@ final class HandoffManager: SupervisedChild {
         let shell: TransferShell
         let task: Task<Void, Never>
         let startedAt: ContinuousClock.Instant
+        /// Stopped for running past `handoff.transfer_timeout` (its task is ending).
+        var timedOut = false
     }
 
     let env: Environment
@@ -63,6 +65,10 @@ final class HandoffManager: SupervisedChild {
     private let lingering = Locked<[PartitionTransfer: TransferID]>([:])
     /// Whether this run has looked at the stored checkpoints for lingering transfers.
     private let checkpointsScanned = Locked(false)
+    /// Transfers whose shell gave up, not started again before `at` (the transfer's backoff,
+    /// doubling with each give-up in a row): a persist that keeps failing (a full or failing
+    /// disk) must not spin.
+    private let retry = Locked<[PartitionTransfer: (at: ContinuousClock.Instant, count: Int)]>([:])
 
     init(env: Environment, views: ClusterViews, vnodes: VnodeTable, limits: Limits) {
         self.env = env
@@ -78,7 +84,54 @@ final class HandoffManager: SupervisedChild {
             stopped.withLock { $0 = true }
             for r in running.withLock({ t in defer { t = [:] }; return t.sorted { $0.key < $1.key }.map(\.value) }) { r.task.cancel() }
         }
-        for await view in views.updates() { reconcile(view.state) }
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            group.addTask { for await view in self.views.updates() { self.reconcile(view.state) } }
+            group.addTask {
+                let every = min(max(self.env.settings.transferTimeout / 20, .milliseconds(100)), .seconds(5))
+                // (A clock's sleep need not end early on cancellation: check it too.)
+                while !Task.isCancelled {
+                    try await self.env.clock.sleep(for: every)
+                    if Task.isCancelled { return }
+                    self.watch()
+                }
+            }
+            // Either ending (the views finished, or the node stops) ends both.
+            defer { group.cancelAll() }
+            try await group.next()
+        }
+    }
+
+    /// Samples the oldest transfer's age; stops one that ran past `handoff.transfer_timeout`.
+    /// It ends like a crashed shell would (no outcome): the next reconcile starts it again from
+    /// its checkpoint, with its failures forgotten, in its usual turn.
+    private func watch() {
+        let now = env.clock.now()
+        let limit = env.settings.transferTimeout
+        var late: [(PartitionTransfer, Running, Duration)] = []
+        let oldest: Duration = running.withLock { table in
+            var oldest = Duration.zero
+            for t in table.keys.sorted() {
+                guard let r = table[t] else { continue }
+                let age = r.startedAt.duration(to: now)
+                oldest = max(oldest, age)
+                if age > limit, !r.timedOut {
+                    table[t]?.timedOut = true
+                    late.append((t, r, age))
+                }
+            }
+            return oldest
+        }
+        let busy = running.withLock { Set($0.keys) }
+        let due = retry.withLock { r in r.contains { $0.value.at <= now && !busy.contains($0.key) } }
+        if due { reconcile(views.current.state) }
+        env.metrics.handoffOldestSeconds.record(Double(oldest.components.seconds) + Double(oldest.components.attoseconds) / 1e18)
+        for (t, r, age) in late {
+            env.metrics.handoffTimeouts.increment()
+            env.logger.error("a handoff ran past handoff.transfer_timeout: stopped; it starts again from its checkpoint", metadata: [
+                "transfer": "\(t)", "age": "\(age)", "limit": "\(limit)",
+            ])
+            r.task.cancel()
+        }
     }
 
     // MARK: Sender side
@@ -100,6 +153,8 @@ final class HandoffManager: SupervisedChild {
         var forget: [TransferID] = []
         var toStart: [(PartitionTransfer, TransferID, lingering: Bool)] = []
         var notify: [(TransferShell, TransferEvent)] = []
+        let now = env.clock.now()
+        let waiting = retry.withLock { r in Set(r.filter { $0.value.at > now }.keys) }
         running.withLock { table in
             (owed, forget) = reviseLingering(ring, running: table)
             // In transfer order, not the table's hash order: a simulation replays its seed only
@@ -115,17 +170,20 @@ final class HandoffManager: SupervisedChild {
                     notify.append((r.shell, .ownershipFlipped))
                 }
             }
-            for (t, id) in owed where table[t] == nil && table.count + toStart.count < env.settings.maxConcurrent {
+            for (t, id) in owed where table[t] == nil && !waiting.contains(t) && table.count + toStart.count < env.settings.maxConcurrent {
                 // Told of the flip at once if the partition has flipped (or the plan ended);
                 // otherwise later, as the plan's shells are.
                 toStart.append((t, id, lingering: !ring.transfers.contains(t) || ring.hasFlipped(t.partition)))
             }
-            for t in pending where table[t] == nil && !toStart.contains(where: { $0.0 == t })
+            for t in pending where table[t] == nil && !waiting.contains(t) && !toStart.contains(where: { $0.0 == t })
                 && table.count + toStart.count < env.settings.maxConcurrent {
                 toStart.append((t, HandoffWire.id(of: t, targetFingerprint: target), lingering: false))
             }
         }
         for id in forget { _ = try? env.store.delete(id) }
+        // A transfer neither pending nor owed any more has nothing to wait for.
+        let wanted = Set(pending).union(owed.map(\.0))
+        retry.withLock { r in r = r.filter { wanted.contains($0.key) } }
         env.logger.trace("handoff reconcile", metadata: ["ring_version": "\(ring.version)", "pending": "\(pending)", "owed": "\(owed.map(\.0))", "starting": "\(toStart.map(\.0))"])
         for (shell, event) in notify { shell.post(event) }
         for (t, id, flipped) in toStart { start(t, id: id, flipped: flipped) }
@@ -216,6 +274,18 @@ final class HandoffManager: SupervisedChild {
     private func finished(_ t: PartitionTransfer, id: TransferID, _ outcome: TransferOutcome?) {
         let ring = views.current.state
         running.withLock { _ = $0.removeValue(forKey: t) }
+        switch outcome {
+        case .gaveUp?:
+            let settings = env.settings.transfer
+            retry.withLock { r in
+                let count = (r[t]?.count ?? 0) + 1
+                var delay = settings.backoffMin
+                for _ in 1..<count where delay < settings.backoffMax { delay = delay * 2 }
+                r[t] = (env.clock.now() + min(delay, settings.backoffMax), count)
+            }
+        default:
+            retry.withLock { _ = $0.removeValue(forKey: t) }
+        }
         switch outcome {
         case .handedOff?:
             lingering.withLock { _ = $0.removeValue(forKey: t) }

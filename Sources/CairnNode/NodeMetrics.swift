@@ -67,6 +67,8 @@ public final class NodeMetrics: Sendable {
     let handoffReceivedKeys: CoreMetrics.Counter
     let handoffActive: CoreMetrics.Gauge
     let handoffPending: CoreMetrics.Gauge
+    let handoffOldestSeconds: CoreMetrics.Gauge
+    let handoffTimeouts: CoreMetrics.Counter
     /// Handshakes this node refused, by side (`in`: as the acceptor, `out`: as the dialer) and reason.
     private let handshakeRejections: [String: CoreMetrics.Counter]
 
@@ -97,6 +99,8 @@ public final class NodeMetrics: Sendable {
         handoffReceivedKeys = CoreMetrics.Counter(label: "cairn_handoff_keys_total", dimensions: [("direction", "in")], factory: f)
         handoffActive = CoreMetrics.Gauge(label: "cairn_handoff_active_transfers", factory: f)
         handoffPending = CoreMetrics.Gauge(label: "cairn_handoff_pending_transfers", factory: f)
+        handoffOldestSeconds = CoreMetrics.Gauge(label: "cairn_handoff_oldest_transfer_seconds", factory: f)
+        handoffTimeouts = CoreMetrics.Counter(label: "cairn_handoff_timeouts_total", factory: f)
         siblingsPruned = CoreMetrics.Counter(label: "cairn_siblings_pruned_total", factory: f)
         supervisorRestarts = CoreMetrics.Counter(label: "cairn_supervisor_restarts_total", factory: f)
         forwarded = CoreMetrics.Counter(label: "cairn_forwarded_requests_total", factory: f)

@@ -153,6 +153,43 @@ struct HandoffClusterTests {
 }
 
 extension HandoffClusterTests {
+    /// `handoff.transfer_timeout` bounds one run of a transfer: a run past it is stopped,
+    /// counted and started again from its checkpoint, so a leave paced far below its data still
+    /// completes, batch by batch across runs, and loses nothing.
+    @Test func aTransferPastItsTimeoutIsStoppedAndResumesFromItsCheckpoint() async throws {
+        let cluster = try await TestCluster.start(count: 4) { c in
+            c.handoff.bytesPerSecond = 32 << 10
+            c.handoff.transfer.batchMaxBytes = 4 << 10
+            c.handoff.transferTimeout = .milliseconds(1500)
+        }
+        let n4 = cluster.nodes[3]
+        let ring = try #require(n4.core.membership?.ring)
+        // 120 KiB in one partition n4 replicates: about 4 s of sending at this pace, 30 batches.
+        let p = try #require(ring.ring.partitions.first { ring.replicas(of: $0).contains(n4.config.name) })
+        let keys = (0..<20_000).map { "key-\($0)" }.filter { ring.partition(forKey: Array($0.utf8)) == p }.prefix(120)
+        let padding = String(repeating: "x", count: 1000)
+        let writer = try await cluster.client([0, 1, 2])
+        for k in keys { _ = try await writer.put(Array(k.utf8), value: Array("v-\(k)\(padding)".utf8), options: RequestOptions(w: .all)) }
+        _ = try await admin(cluster.nodes[0], "leave", ["n4"])
+        _ = try await admin(cluster.nodes[0], "commit")
+        try await cluster.waitUntil("a transfer from n4 timed out", seconds: 60) {
+            let text = n4.core.metrics.exposition()
+            return text.contains("cairn_handoff_timeouts_total ") && !text.contains("cairn_handoff_timeouts_total 0\n")
+        }
+        try await cluster.waitUntil("n4 handed off and exited", seconds: 120) { n4.state == .stopped }
+        try await cluster.waitUntil("every node forgot n4", seconds: 60) {
+            cluster.nodes.prefix(3).allSatisfy { $0.core.membership?.ring?.member(n4.config.name) == nil }
+        }
+        for k in keys {
+            let got = try await writer.get(Array(k.utf8), options: RequestOptions(r: .all))
+            #expect(got.values == [Array("v-\(k)\(padding)".utf8)], "\(k) at R=all after the leave")
+        }
+        writer.close()
+        await cluster.stop()
+    }
+}
+
+extension HandoffClusterTests {
     /// A write whose forward failed is kept for a later batch; the flip can come first (the
     /// receiver had reported the copy complete). A sender that crashed then still owes that key
     /// and the drop of its copy, though the ring has finished with the transfer: restarted, it
