@@ -101,6 +101,8 @@ CONF
 alive() { [[ -f "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
 healthy() { curl -fsS --max-time 1 "http://127.0.0.1:$((8400 + $1))/health" >/dev/null 2>&1; }
+# serving_unjoined I: node I serves but is not a member yet (its /health says so, with a 503).
+serving_unjoined() { curl -sS --max-time 1 "http://127.0.0.1:$((8400 + $1))/health" 2>/dev/null | grep -q '^membership: not a member'; }
 
 start_node() {
     local bin=$1 i=$2 dir="$STATE/n$2"
@@ -119,9 +121,10 @@ has_left() {
     [[ $last == *"has left the cluster"* ]]
 }
 
+# wait_healthy I [unjoined]: until node I is healthy (with "unjoined": or serving, not yet a member).
 wait_healthy() {
     local i=$1 tries=0
-    until healthy "$i"; do
+    until healthy "$i" || { [[ ${2:-} == unjoined ]] && serving_unjoined "$i"; }; do
         tries=$((tries + 1))
         if ((tries > 150)) || ! alive "$STATE/n$i/pid"; then
             log "n$i did not become healthy; last log lines:"
@@ -259,7 +262,7 @@ add() {
     ensure_secret
     write_config "$idx" "cluster.seeds = $(join_by_comma "${seeds[@]}")"
     start_node "$bin" "$idx"
-    wait_healthy "$idx"
+    wait_healthy "$idx" unjoined
 
     log "$name: staging its join through $seed"
     "$cairn" --node "$addr" cluster join "$seed" >&2 || { log "cluster join failed; $left_running"; exit 1; }

@@ -57,7 +57,12 @@ final class HTTPHandler: ChannelInboundHandler {
         switch path {
         case "/health":
             let state = core.state
-            return (state == .serving ? .ok : .serviceUnavailable, "text/plain", "\(state.rawValue)\n" + storageDamage())
+            // A node that is not a member (seeds only, before `cluster join`; or left) refuses
+            // key requests: not ready for traffic, though its process is fine.
+            let member = core.current?.view.isMember ?? false
+            let detail = state == .serving && !member
+                ? "membership: not a member of a cluster; stage its join: cairn --node \(core.advertised) cluster join SEED\n" : ""
+            return (state == .serving && member ? .ok : .serviceUnavailable, "text/plain", "\(state.rawValue)\n" + detail + storageDamage())
         case "/test/faults":
             // Exists only when the node was started with --test-fault-injection.
             guard let faults = core.faults else { return (.notFound, "text/plain", "not found: try /health or /metrics\n") }

@@ -376,12 +376,17 @@ struct MembershipProcessTests {
         let plan = try d.cairn(4, ["cluster", "plan"])
         #expect(plan.status == 1)
         #expect(plan.stderr.contains("not a member of a cluster yet"), "\(plan.stderr)")
+        // Not ready for traffic: /health says why, with a 503.
+        let health = try runProcess("/usr/bin/curl", ["-s", "-w", "\n%{http_code}", "http://127.0.0.54:8401/health"])
+        #expect(health.stdout.hasPrefix("serving\nmembership: not a member of a cluster") && health.stdout.hasSuffix("\n503"), "\(health.stdout)")
 
         let join = try d.cairn(4, ["cluster", "join", d.address(1)])
         #expect(join.status == 0, "\(join.stderr)")
         #expect(join.stdout.contains("joining cluster proctest-membership"), "\(join.stdout)")
         let joined = try #require(try d.status(4))
         #expect(joined["joined"] as? Bool == true, "\(joined)")
+        let ready = try runProcess("/usr/bin/curl", ["-s", "-w", "\n%{http_code}", "http://127.0.0.54:8401/health"])
+        #expect(ready.stdout == "serving\n\n200", "a joining member is ready: \(ready.stdout)")
         #expect(joined.member("n4")?.string("status") == "joining")
         #expect(joined.member("n4")?["this"] as? Bool == true)
         #expect(joined.member("n4")?.string("address") == d.address(4))
