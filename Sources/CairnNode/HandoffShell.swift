@@ -78,8 +78,14 @@ actor TransferShell {
     private var timerAt: ContinuousClock.Instant?
     private var reporter: Task<Void, Never>?
     private(set) var outcome: TransferOutcome?
-    /// Set when the machine asks for the drop: from then on a forward is not the machine's.
-    private var dropping = false
+    /// Whether the machine is past its copy (it asked for the drop, or finished): from then on
+    /// a forward is not the machine's (it ignores `forwardFailed`).
+    private var dropping: Bool {
+        switch machine.phase {
+        case .dropping, .finished: true
+        default: false
+        }
+    }
     /// The kept keys as persisted (the machine's `persistDirtyKey` / `forgetDirtyKeys`, applied in order).
     private var kept: Set<[UInt8]> = []
     private let inbox: AsyncStream<Input>
@@ -291,7 +297,6 @@ actor TransferShell {
             startReporting()
             return []
         case .dropPartition:
-            dropping = true
             return await drop()
         case .finished(let result):
             outcome = result
