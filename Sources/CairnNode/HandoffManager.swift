@@ -84,20 +84,20 @@ final class HandoffManager: SupervisedChild {
             stopped.withLock { $0 = true }
             for r in running.withLock({ t in defer { t = [:] }; return t.sorted { $0.key < $1.key }.map(\.value) }) { r.task.cancel() }
         }
-        try await withThrowingTaskGroup(of: Void.self) { group in
+        await withTaskGroup(of: Void.self) { group in
             group.addTask { for await view in self.views.updates() { self.reconcile(view.state) } }
             group.addTask {
                 let every = min(max(self.env.settings.transferTimeout / 20, .milliseconds(100)), .seconds(5))
                 // (A clock's sleep need not end early on cancellation: check it too.)
                 while !Task.isCancelled {
-                    try await self.env.clock.sleep(for: every)
+                    do { try await self.env.clock.sleep(for: every) } catch { return }
                     if Task.isCancelled { return }
                     self.watch()
                 }
             }
             // Either ending (the views finished, or the node stops) ends both.
-            defer { group.cancelAll() }
-            try await group.next()
+            await group.next()
+            group.cancelAll()
         }
     }
 

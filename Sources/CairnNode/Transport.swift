@@ -40,20 +40,35 @@ protocol Transport: Sendable {
     func dropConnections()
 }
 
+/// One answer of `Transport.sendToAll`, with the position of its node.
+struct IndexedAnswer: Sendable {
+    let index: Int
+    let result: Result<Message, ConnectionError>
+}
+
 extension Transport {
     /// Sends `message` to every node in `nodes` at once and returns each outcome, in `nodes`'
     /// order, once all have answered or failed (each within `timeoutMillis`).
     func sendToAll(_ nodes: [NodeName], _ message: Message, timeoutMillis: UInt32) async -> [Result<Message, ConnectionError>] {
-        await withTaskGroup(of: (Int, Result<Message, ConnectionError>).self) { group in
+        // Each child returns its index beside a Result made by `outcome` (a function, not a
+        // typed-throws do/catch in the child closure: Swift 6.3's release build trapped on the
+        // index returned that way, in a tuple with the caught error).
+        let answers = await withTaskGroup(of: IndexedAnswer.self) { group in
             for (i, node) in nodes.enumerated() {
-                group.addTask {
-                    do throws(ConnectionError) { return (i, .success(try await self.send(to: node, message, timeoutMillis: timeoutMillis))) }
-                    catch { return (i, .failure(error)) }
-                }
+                group.addTask { IndexedAnswer(index: i, result: await self.outcome(of: node, message, timeoutMillis: timeoutMillis)) }
             }
-            var out = [Result<Message, ConnectionError>?](repeating: nil, count: nodes.count)
-            for await (i, r) in group { out[i] = r }
-            return out.compactMap { $0 }
+            var out: [IndexedAnswer] = []
+            for await a in group { out.append(a) }
+            return out
+        }
+        return answers.sorted { $0.index < $1.index }.map(\.result)
+    }
+
+    private func outcome(of node: NodeName, _ message: Message, timeoutMillis: UInt32) async -> Result<Message, ConnectionError> {
+        do throws(ConnectionError) {
+            return .success(try await send(to: node, message, timeoutMillis: timeoutMillis))
+        } catch {
+            return .failure(error)
         }
     }
 

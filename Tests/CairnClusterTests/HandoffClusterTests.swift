@@ -223,12 +223,7 @@ extension HandoffClusterTests {
         try store.save(TransferCheckpoint(id: id, partition: p, from: n1.config.name, to: to, position: .end, sequence: 1))
         try store.setDirty(id, [kept])
 
-        var c = n1.config
-        c.listen = cluster.members[0].address
-        let restarted = CairnNode(config: c, logger: quietLogger)
-        try await restarted.bind()
-        try restarted.start(members: cluster.members)
-        let run = Task { try await restarted.run() }
+        let (restarted, run) = try await cluster.startAgain(0)
         try await cluster.waitUntil("the kept key reached the receiver and n1 dropped its copy", seconds: 60) {
             let delivered = (try? receiver.core.backend?.get(partition: p, key: kept)) != nil
             let dropped = (try? restarted.core.backend?.get(partition: p, key: kept)) == .some(nil)
@@ -251,7 +246,6 @@ extension HandoffClusterTests {
     @Test func aRemovedNodeThatComesBackStops() async throws {
         let cluster = try await TestCluster.start(count: 4)
         await cluster.crash(3)
-        let n4 = cluster.nodes[3]
         try await cluster.waitUntil("n4 held dead", seconds: 60) {
             guard let s = try? await admin(cluster.nodes[0], "status") else { return false }
             return members(s)["n4"]?["liveness"] as? String == "dead"
@@ -262,12 +256,7 @@ extension HandoffClusterTests {
             guard let s = try? await admin(cluster.nodes[0], "status") else { return false }
             return members(s)["n4"] == nil && s["pending_transfers"] as? Int == 0
         }
-        var c = n4.config
-        c.listen = cluster.members[3].address
-        let restarted = CairnNode(config: c, logger: quietLogger)
-        try await restarted.bind()
-        try restarted.start(members: cluster.members)
-        let run = Task { try await restarted.run() }
+        let (restarted, run) = try await cluster.startAgain(3)
         try await cluster.waitUntil("the removed node stopped by itself", seconds: 60) { restarted.state == .stopped }
         if case .failure(let e) = await run.result { Issue.record("its run() failed: \(e)") }
         let s = try await admin(cluster.nodes[0], "status")

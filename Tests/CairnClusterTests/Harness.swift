@@ -110,6 +110,17 @@ final class TestCluster: Sendable {
         _ = try? await tasks[i].value
     }
 
+    /// Starts node `i` again in this process (after `crash(i)`), on its address and data
+    /// directory: a new `CairnNode`, running; the caller shuts it down.
+    func startAgain(_ i: Int) async throws -> (node: CairnNode, run: Task<Void, any Error>) {
+        var c = nodes[i].config
+        c.listen = members[i].address
+        let node = CairnNode(config: c, logger: quietLogger)
+        try await node.bind()
+        try node.start(members: members)
+        return (node, Task { try await node.run() })
+    }
+
     func stop() async {
         for n in nodes { n.shutdown() }
         for t in tasks { _ = try? await t.value }
