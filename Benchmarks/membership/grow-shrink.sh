@@ -162,6 +162,8 @@ for ph in ("baseline", "grow", "shrink"):
     e = (r or {}).get("errors") or {}
     if isinstance(e, dict) and any(num(v) for v in e.values()):
         notes.append(f"{ph}: errors " + ", ".join(f"{k}={int(v):,}" for k, v in sorted(e.items()) if num(v)))
+    for k, ms in sorted(((r or {}).get("error_samples") or {}).items()):
+        notes.extend(f"{ph}: {k} error: {msg}" for msg in ms)
     if m.get("transfers") is not None and ph != "baseline":
         notes.append(f"{ph}: {m['transfers']} transfers finished")
     if m.get("note"):

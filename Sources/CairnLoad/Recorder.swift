@@ -37,7 +37,12 @@ public final class WorkerStats: Sendable {
     struct State {
         var ops: [LatencyStats?] = Array(repeating: nil, count: WorkerStats.names.count)
         var errors: [String: Int] = [:]
+        /// The first distinct messages of each error kind, at most `maxSamples` each.
+        var samples: [String: [String]] = [:]
     }
+
+    /// Error messages kept per kind (per worker, and in the report).
+    static let maxSamples = 3
 
     private let state = Mutex(State())
 
@@ -50,8 +55,17 @@ public final class WorkerStats: Sendable {
         }
     }
 
-    func error(_ kind: String) {
-        state.withLock { $0.errors[kind, default: 0] += 1 }
+    func error(_ kind: String, _ message: String) {
+        state.withLock { s in
+            s.errors[kind, default: 0] += 1
+            Self.keep(message, as: kind, in: &s.samples)
+        }
+    }
+
+    static func keep(_ message: String, as kind: String, in samples: inout [String: [String]]) {
+        let kept = samples[kind, default: []]
+        guard kept.count < maxSamples, !kept.contains(message) else { return }
+        samples[kind, default: []].append(String(message.prefix(300)))
     }
 
     /// Adds this worker's interval histograms into `into` and resets them.
@@ -67,7 +81,7 @@ public final class WorkerStats: Sendable {
         }
     }
 
-    func totals(into: inout [String: Histogram<UInt64>], errors: inout [String: Int]) {
+    func totals(into: inout [String: Histogram<UInt64>], errors: inout [String: Int], samples: inout [String: [String]]) {
         state.withLock { s in
             for (i, stats) in s.ops.enumerated() {
                 guard let stats else { continue }
@@ -75,6 +89,9 @@ public final class WorkerStats: Sendable {
                     .add(stats.all)
             }
             for (k, v) in s.errors { errors[k, default: 0] += v }
+            for (k, messages) in s.samples.sorted(by: { $0.key < $1.key }) {
+                for m in messages { Self.keep(m, as: k, in: &samples) }
+            }
         }
     }
 }

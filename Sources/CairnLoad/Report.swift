@@ -29,6 +29,8 @@ public struct RunReport: Sendable {
     public var elapsed: Duration
     public var operations: [String: OperationSummary]
     public var errors: [String: Int]
+    /// The first distinct messages of each error kind (at most `WorkerStats.maxSamples`).
+    public var errorSamples: [String: [String]] = [:]
     public var verification: Verifier.Summary?
     public var firstFailures: [String]
     public var siblingReads: Int
@@ -53,6 +55,9 @@ public struct RunReport: Sendable {
             lines.append(String(format: "  %-7@ %9llu %11llu %9llu %9llu %9llu %9llu", op as NSString, s.count, s.p50, s.p90, s.p99, s.p999, s.max))
         }
         if !errors.isEmpty { lines.append("  errors: " + errors.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " ")) }
+        for (kind, messages) in errorSamples.sorted(by: { $0.key < $1.key }) {
+            for m in messages { lines.append("  \(kind) error: \(m)") }
+        }
         if siblingReads > 0 { lines.append("  reads that met siblings: \(siblingReads)") }
         if let v = verification {
             lines.append("  verify: \(v.readsChecked) reads checked, lost=\(v.lost) corrupt=\(v.corrupt) wrong_key=\(v.wrongKey)")
@@ -81,6 +86,7 @@ public struct RunReport: Sendable {
                        "sibling_reads": siblingReads],
             "throughput_ops_per_s": (throughput * 10).rounded() / 10,
             "errors": errors,
+            "error_samples": errorSamples,
             "operations": ops,
         ]
         if let v = verification {

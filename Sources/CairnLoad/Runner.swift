@@ -225,7 +225,7 @@ public final class Runner: Sendable {
     func complete(_ plan: ClosedLoopDriver.Plan, values: [[UInt8]]?, error: TargetError?, stats: WorkerStats) {
         completed.wrappingAdd(1, ordering: .relaxed)
         if let error {
-            stats.error(error.kind)
+            stats.error(error.kind, error.message)
             return
         }
         stats.record(plan.op, micros: latency(since: plan.start))
@@ -300,10 +300,13 @@ public final class Runner: Sendable {
     private func makeReport(elapsed: Duration) -> RunReport {
         var totals: [String: Histogram<UInt64>] = [:]
         var errors: [String: Int] = [:]
-        for w in workers { w.totals(into: &totals, errors: &errors) }
+        var samples: [String: [String]] = [:]
+        for w in workers { w.totals(into: &totals, errors: &errors, samples: &samples) }
         let siblingReads = target.siblingReads
-        return RunReport(config: config, elapsed: elapsed, operations: totals.mapValues(OperationSummary.init), errors: errors,
-                         verification: verifier?.result, firstFailures: verifier?.firstFailures ?? [], siblingReads: siblingReads)
+        var report = RunReport(config: config, elapsed: elapsed, operations: totals.mapValues(OperationSummary.init), errors: errors,
+                               verification: verifier?.result, firstFailures: verifier?.firstFailures ?? [], siblingReads: siblingReads)
+        report.errorSamples = samples
+        return report
     }
 }
 

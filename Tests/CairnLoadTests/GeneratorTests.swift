@@ -1,6 +1,7 @@
 import Testing
 import Foundation
 import CairnCore
+import Histogram
 @testable import CairnLoad
 
 @Suite struct KeyChooserTests {
@@ -164,5 +165,23 @@ import CairnCore
         let read = try #require((json["operations"] as? [String: [String: Any]])?["read"])
         for field in ["count", "p50_us", "p90_us", "p99_us", "p999_us", "max_us"] { #expect(read[field] != nil, "\(field)") }
         #expect(report.text.contains("ops/s"))
+    }
+
+    @Test func errorMessagesAreSampledDistinctAndBoundedPerKind() throws {
+        let a = WorkerStats(), b = WorkerStats()
+        for i in 0..<10 { a.error("server", "node n\(i % 4) refused") }
+        b.error("server", "node n0 refused")
+        b.error("timeout", "after 2000 ms")
+        var totals: [String: Histogram<UInt64>] = [:], errors: [String: Int] = [:], samples: [String: [String]] = [:]
+        for w in [a, b] { w.totals(into: &totals, errors: &errors, samples: &samples) }
+        #expect(errors == ["server": 11, "timeout": 1])
+        #expect(samples["server"] == ["node n0 refused", "node n1 refused", "node n2 refused"], "the first three distinct")
+        #expect(samples["timeout"] == ["after 2000 ms"])
+        var report = RunReport(config: RunConfig(phase: .run, target: "cairn://x:1", records: 1), elapsed: .seconds(1), operations: [:],
+                               errors: errors, verification: nil, firstFailures: [], siblingReads: 0)
+        report.errorSamples = samples
+        let json = try #require(try JSONSerialization.jsonObject(with: Data(report.json.utf8)) as? [String: Any])
+        #expect((json["error_samples"] as? [String: [String]])?["timeout"] == ["after 2000 ms"])
+        #expect(report.text.contains("server error: node n1 refused"))
     }
 }
