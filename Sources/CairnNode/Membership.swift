@@ -246,6 +246,12 @@ final class MembershipAgent: SupervisedChild {
         }
     }
 
+    /// Pulls the claimant's ring state (a peer's request suggests this node is behind).
+    func catchUp() {
+        guard let claimant = ring?.claimant, claimant != me else { return }
+        pull(from: claimant)
+    }
+
     /// Asks `peer` for its ring state and merges it in (at most one pull per peer in flight).
     private func pull(from peer: NodeName) {
         guard state.withLock({ s in s.pulling.insert(peer).inserted }) else { return }

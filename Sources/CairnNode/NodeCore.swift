@@ -148,7 +148,7 @@ final class NodeCore: Sendable {
             responder.reply(.clusterState(bytes))
         case .replicaGet(let r) where fromPeer:
             guard a.view.partition(forKey: r.key) == r.partition else { return responder.fail(wrongPartition(r.partition)) }
-            guard let vnode = vnodes.vnode(for: r.partition) else { return await relay(message, partition: r.partition, a, responder) }
+            guard let vnode = await vnodeCatchingUp(r.partition) else { return await relay(message, partition: r.partition, a, responder) }
             do throws(VnodeError) {
                 responder.reply(.replicaGetReply(ReplicaGetReply(object: try await vnode.get(r.key))))
             } catch {
@@ -156,7 +156,7 @@ final class NodeCore: Sendable {
             }
         case .replicaPut(let r) where fromPeer:
             guard a.view.partition(forKey: r.key) == r.partition else { return responder.fail(wrongPartition(r.partition)) }
-            guard let vnode = vnodes.vnode(for: r.partition) else { return await relay(message, partition: r.partition, a, responder) }
+            guard let vnode = await vnodeCatchingUp(r.partition) else { return await relay(message, partition: r.partition, a, responder) }
             do throws(VnodeError) {
                 let merged = try await vnode.merge(key: r.key, object: r.object)
                 // Handing this partition off: the receiver gets the write too before the ack.
@@ -172,6 +172,25 @@ final class NodeCore: Sendable {
             responder.fail(ErrorReply(code: .unknownMessage, message: "\(message.type) is not accepted here"))
         }
     }
+
+    /// This node's vnode for `p`; when it has none and never handed `p` away, the sender may
+    /// hold a newer ring that makes this node a replica (a gossip round ahead of it): pulls the
+    /// claimant's ring and waits, at most `catchUpWait`, for the vnode that ring starts.
+    private func vnodeCatchingUp(_ p: PartitionID) async -> Vnode? {
+        if let v = vnodes.vnode(for: p) { return v }
+        guard vnodes.successors(of: p).isEmpty, let membership else { return nil }
+        membership.catchUp()
+        let deadline = clock.now() + Self.catchUpWait
+        while clock.now() < deadline {
+            do { try await clock.sleep(for: .milliseconds(10)) } catch { return nil }
+            if let v = vnodes.vnode(for: p) { return v }
+        }
+        return nil
+    }
+
+    /// How long a replica request for a partition this node does not (yet) replicate waits for
+    /// the ring that makes it one.
+    static let catchUpWait: Duration = .milliseconds(500)
 
     /// A replica request for a partition whose vnode this node retired when the ring moved it
     /// away: its sender holds an older ring. Relayed to the nodes that replaced this one
