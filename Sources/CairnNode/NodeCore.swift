@@ -174,22 +174,28 @@ final class NodeCore: Sendable {
     }
 
     /// This node's vnode for `p`; when it has none and never handed `p` away, the sender may
-    /// hold a newer ring that makes this node a replica (a gossip round ahead of it): pulls the
-    /// claimant's ring and waits, at most `catchUpWait`, for the vnode that ring starts.
+    /// hold a newer ring that makes this node a replica (a gossip round ahead of it): catches up
+    /// (`catchUp`) until the vnode that ring starts is there.
     private func vnodeCatchingUp(_ p: PartitionID) async -> Vnode? {
         if let v = vnodes.vnode(for: p) { return v }
-        guard vnodes.successors(of: p).isEmpty, let membership else { return nil }
+        guard vnodes.successors(of: p).isEmpty else { return nil }
+        return await catchUp { self.vnodes.vnode(for: p) }
+    }
+
+    /// Pulls the claimant's ring and polls, at most `catchUpWait`, until `ready` gives a value.
+    private func catchUp<T>(_ ready: () -> T?) async -> T? {
+        guard let membership else { return nil }
         membership.catchUp()
         let deadline = clock.now() + Self.catchUpWait
         while clock.now() < deadline {
             do { try await clock.sleep(for: .milliseconds(10)) } catch { return nil }
-            if let v = vnodes.vnode(for: p) { return v }
+            if let value = ready() { return value }
         }
         return nil
     }
 
-    /// How long a replica request for a partition this node does not (yet) replicate waits for
-    /// the ring that makes it one.
+    /// How long a request for a partition this node does not (yet) replicate waits for the ring
+    /// that makes it one.
     static let catchUpWait: Duration = .milliseconds(500)
 
     /// A replica request for a partition whose vnode this node retired when the ring moved it
@@ -282,7 +288,8 @@ final class NodeCore: Sendable {
     }
 
     private func coordinateWrite(_ op: OperationKind, key: [UInt8], sibling: Sibling, context: CausalContext, options: RequestOptions,
-                                 forwarded: Bool, original: Message, _ a: Activation, _ responder: Responder) async {
+                                 forwarded: Bool, original: Message, _ a: Activation, _ responder: Responder,
+                                 caughtUp: Bool = false) async {
         let start = ContinuousClock.now
         let (partition, replicas) = a.view.placement(forKey: key)
         let requirement: QuorumRequirement
@@ -304,6 +311,16 @@ final class NodeCore: Sendable {
             // away, and the replicas that took its place coordinate it.
             let successors = vnodes.successors(of: partition).filter { $0 != config.name }
             guard !successors.isEmpty else {
+                // Or the forwarding node is a gossip round ahead: once this node holds the ring
+                // (and the vnode) that makes it a replica, coordinate with that view.
+                if forwarded, !caughtUp, let fresh = await catchUp({ () -> Activation? in
+                    guard let c = self.current, c.view.placement(forKey: key).1.contains(where: \.isLocal),
+                          self.vnodes.vnode(for: partition) != nil else { return nil }
+                    return c
+                }) {
+                    return await coordinateWrite(op, key: key, sibling: sibling, context: context, options: options, forwarded: forwarded,
+                                                 original: original, fresh, responder, caughtUp: true)
+                }
                 metrics.record(op, .error, since: start)
                 return responder.fail(notAReplica(partition))
             }
