@@ -387,10 +387,8 @@ final class HandoffManager: SupervisedChild {
             guard let vnode = vnodes.vnode(for: header.transfer.partition) else {
                 throw ValidationError("node \(env.me) runs no vnode for \(header.transfer.partition) yet")
             }
-            for e in entries {
-                let object = try VersionedObject.decode(e.object, limits: limits)
-                _ = try await vnode.merge(key: e.key, object: object)
-            }
+            let objects = try entries.map { e in (key: e.key, object: try VersionedObject.decode(e.object, limits: limits)) }
+            try await vnode.mergeAll(objects)
             env.metrics.handoffReceivedKeys.increment(by: entries.count)
         }
     }

@@ -117,6 +117,19 @@ public actor Vnode: SupervisedChild {
         return object
     }
 
+    /// Merges every entry as `merge` does, then waits once until all of them are durable (a
+    /// handoff batch: one sync for the batch, not one per key). Returns once every merge is
+    /// durable; on a throw, entries before the failing one may be applied (a re-send merges
+    /// them again, harmlessly).
+    public nonisolated func mergeAll(_ entries: [(key: [UInt8], object: VersionedObject)]) async throws(VnodeError) {
+        var last: DurabilityToken?
+        for e in entries {
+            let (_, token) = try await mergeLocally(key: e.key, object: e.object)
+            if last.map({ token.sequence > $0.sequence }) ?? true { last = token }
+        }
+        if let last { try await durable(last) }
+    }
+
     /// `coordinate`'s read-modify-write: one isolated step that never suspends.
     private func stamp(key: [UInt8], sibling: Sibling, context: VersionVector, actor: ActorID) throws(VnodeError) -> (VersionedObject, DurabilityToken) {
         try ensureServing()

@@ -329,6 +329,30 @@ final class GatedBackend: PartitionStore {
         sup.finish(); task.cancel(); try await task.value
     }
 
+    /// A handoff batch: every entry merged, one durability wait for the batch (not one per
+    /// key), and nothing acknowledged before that sync; a failed sync fails the batch.
+    @Test func aBatchMergeWaitsOnceForEveryEntryToBeDurable() async throws {
+        let backend = GatedBackend()
+        let (v, sup, task) = try await runningVnode(backend)
+        let entries = try (1...5).map { i in (key: [UInt8(i)], object: try object(UInt8(i), ts: UInt64(i), by: n2)) }
+        let done = Flag()
+        let batch = Task {
+            defer { done.set() }
+            try await v.mergeAll(entries)
+        }
+        try await settle("the batch waits for one sync") { backend.waiting == 1 }
+        #expect(!done.isSet, "acknowledged before anything was durable")
+        backend.sync()
+        try await batch.value
+        for e in entries { #expect(try await v.get(e.key) == e.object) }
+        let failing = Task { try await v.mergeAll([(key: [9], object: try object(9, ts: 9, by: n2))]) }
+        try await settle("the next batch waits for its sync") { backend.waiting == 1 }
+        backend.sync(failing: true)
+        await #expect(throws: VnodeError.self) { try await failing.value }
+        try await settle("the vnode restarted") { await v.isServing }
+        sup.finish(); task.cancel(); try await task.value
+    }
+
     /// Item 6: at max_siblings = 1, a replica merge never prunes the values it acknowledges:
     /// every incoming live value that survives the plain DVV merge is stored. Blind writes by
     /// three coordinators, replicated in a seeded random order (late, reordered, duplicated).
