@@ -61,6 +61,9 @@ final class HandoffManager: SupervisedChild {
     /// Set when `run()` ends (the node stops or crashes): no shell starts after that.
     private let stopped = Locked(false)
     private let receiver = Locked(TransferReceiver())
+    /// Paces the batches this node merges, all inbound transfers together, to
+    /// `handoff.bytes_per_second` (a slow acknowledgement holds the senders back).
+    private let inbound: Pacer
     /// Lingering transfers (see the type's comment) and their ids; started before pending ones.
     private let lingering = Locked<[PartitionTransfer: TransferID]>([:])
     /// Whether this run has looked at the stored checkpoints for lingering transfers.
@@ -75,6 +78,7 @@ final class HandoffManager: SupervisedChild {
         self.views = views
         self.vnodes = vnodes
         self.limits = limits
+        inbound = Pacer(bytesPerSecond: env.settings.bytesPerSecond, clock: env.clock)
     }
 
     func run() async throws {
@@ -388,6 +392,7 @@ final class HandoffManager: SupervisedChild {
                 throw ValidationError("node \(env.me) runs no vnode for \(header.transfer.partition) yet")
             }
             let objects = try entries.map { e in (key: e.key, object: try VersionedObject.decode(e.object, limits: limits)) }
+            await inbound.pace(chunk.count)
             try await vnode.mergeAll(objects)
             env.metrics.handoffReceivedKeys.increment(by: entries.count)
         }

@@ -8,7 +8,9 @@ import Logging
 public struct HandoffSettings: Sendable {
     /// Outbound transfers this node runs at once (`handoff.max_concurrent`); the rest wait.
     public var maxConcurrent = 2
-    /// Bytes per second all of this node's outbound transfers send together (`handoff.bytes_per_second`).
+    /// Bytes per second all of this node's outbound transfers send together, and all its inbound
+    /// ones merge together (`handoff.bytes_per_second`): a node several senders fill at once
+    /// takes no more than one sender's rate.
     public var bytesPerSecond = 32 << 20
     /// The machine's bounds: batch bytes (`handoff.batch_bytes`) and keys, batch timeout
     /// (`handoff.batch_timeout`), backoff, batches in flight, kept keys.
