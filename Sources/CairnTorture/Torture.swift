@@ -156,11 +156,17 @@ public final class Torture: @unchecked Sendable {
         processes[i] = nil
     }
 
-    /// Waits (bounded) until every node answers `/health` with 200.
-    func waitServing(_ nodes: [Int], seconds: Int = 30) throws {
+    /// Waits (bounded) until every node answers `/health` with 200 (with `unjoined`: or serves
+    /// but is not a member yet, the 503 a node started with seeds only answers until its join).
+    func waitServing(_ nodes: [Int], seconds: Int = 30, unjoined: Bool = false) throws {
         let deadline = Date().addingTimeInterval(Double(seconds))
+        func serving(_ i: Int) -> Bool {
+            if (try? sh(["curl", "-sf", "--max-time", "1", "http://\(lab.httpAddress(i))/health"])) != nil { return true }
+            guard unjoined, let body = try? sh(["curl", "-s", "--max-time", "1", "http://\(lab.httpAddress(i))/health"]) else { return false }
+            return body.contains("membership: not a member")
+        }
         for i in nodes {
-            while (try? sh(["curl", "-sf", "--max-time", "1", "http://\(lab.httpAddress(i))/health"])) == nil {
+            while !serving(i) {
                 guard Date() < deadline else { throw TortureError("n\(i + 1) did not serve within \(seconds) s (see \(config.workDir)/n\(i + 1).log)") }
                 usleep(100_000)
             }
@@ -349,7 +355,7 @@ public final class Torture: @unchecked Sendable {
         case .join:
             try start(target, seeds: running)
             active.insert(target)
-            try waitServing([target])
+            try waitServing([target], unjoined: true)
             try await retrying { try await self.cairn(target, ["cluster", "join", self.lab.address(via)]) }
         case .leave:
             try await retrying { try await self.cairn(via, ["cluster", "leave", name]) }
