@@ -52,7 +52,7 @@ start)
     done
     [[ -n ${pid:-} ]] || { echo "sandbox: systemd did not start" >&2; exit 1; }
     echo "$pid" >"$dir/pid"
-    for _ in $(seq 1 300); do
+    for _ in $(seq 1 1200); do
         state=$(inside systemctl is-system-running 2>/dev/null || true)
         case "$state" in running | degraded) exit 0 ;; esac
         sleep 0.1
