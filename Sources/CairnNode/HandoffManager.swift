@@ -213,10 +213,7 @@ final class HandoffManager: SupervisedChild {
                 } else if !ring.transfers.contains(t), !replicas.contains(t.to) {
                     // (A completed transfer of the plan in progress waits for its partition's flip.)
                     l[t] = nil
-                    if !replicas.contains(env.me), let to = replicas.first(where: { $0 != env.me }) {
-                        let moved = PartitionTransfer(partition: t.partition, from: env.me, to: to)
-                        if l[moved] == nil { l[moved] = HandoffWire.id(of: moved, targetFingerprint: id.value) }
-                    }
+                    owe(copyOf: t, id: id, on: ring, in: &l)
                 } else {
                     continue
                 }
@@ -226,6 +223,16 @@ final class HandoffManager: SupervisedChild {
             let owed = l.filter { !(ring.transfers.contains($0.key) && !ring.completed.contains($0.key)) }
             return (owed.sorted { $0.key < $1.key }.map { ($0.key, $0.value) }, forget)
         }
+    }
+
+    /// What a transfer `t` (id `id`) whose receiver no longer replicates the partition still
+    /// owes: if this node is no replica of it on `ring` either, a full copy to a current replica
+    /// (a merge there, so harmless) before its copy here is dropped; otherwise nothing.
+    private func owe(copyOf t: PartitionTransfer, id: TransferID, on ring: RingState, in l: inout [PartitionTransfer: TransferID]) {
+        let replicas = ring.replicas(of: t.partition)
+        guard !replicas.contains(env.me), let to = replicas.first(where: { $0 != env.me }) else { return }
+        let moved = PartitionTransfer(partition: t.partition, from: env.me, to: to)
+        if l[moved] == nil { l[moved] = HandoffWire.id(of: moved, targetFingerprint: id.value) }
     }
 
     /// Reads the stored checkpoints once per run: each transfer from this node that has one
@@ -278,8 +285,20 @@ final class HandoffManager: SupervisedChild {
     private func finished(_ t: PartitionTransfer, id: TransferID, _ outcome: TransferOutcome?) {
         let ring = views.current.state
         running.withLock { _ = $0.removeValue(forKey: t) }
+        if case .gaveUp? = outcome {} else { retry.withLock { _ = $0.removeValue(forKey: t) } }
         switch outcome {
+        case .handedOff?:
+            lingering.withLock { _ = $0.removeValue(forKey: t) }
+        case .cancelled?:
+            // The plan changed under it: its copy still goes somewhere before it is dropped.
+            lingering.withLock { l in
+                l[t] = nil
+                guard let ring, !(ring.transfers.contains(t) && !ring.completed.contains(t)) else { return }
+                owe(copyOf: t, id: id, on: ring, in: &l)
+            }
         case .gaveUp?:
+            // Its checkpoint stays: resumed as the plan's while pending, else as owed
+            // (`reviseLingering` decides which on every view). Not before its backoff.
             let settings = env.settings.transfer
             retry.withLock { r in
                 let count = (r[t]?.count ?? 0) + 1
@@ -287,27 +306,6 @@ final class HandoffManager: SupervisedChild {
                 for _ in 1..<count where delay < settings.backoffMax { delay = delay * 2 }
                 r[t] = (env.clock.now() + min(delay, settings.backoffMax), count)
             }
-        default:
-            retry.withLock { _ = $0.removeValue(forKey: t) }
-        }
-        switch outcome {
-        case .handedOff?:
-            lingering.withLock { _ = $0.removeValue(forKey: t) }
-        case .cancelled?:
-            // The plan changed under it. If this node is no replica of the partition in the
-            // ring now, its copy still goes somewhere before it is dropped: a full copy to a
-            // current replica.
-            lingering.withLock { l in
-                l[t] = nil
-                guard let ring, !(ring.transfers.contains(t) && !ring.completed.contains(t)) else { return }
-                let replicas = ring.replicas(of: t.partition)
-                guard !replicas.contains(env.me), let to = replicas.first(where: { $0 != env.me }) else { return }
-                let moved = PartitionTransfer(partition: t.partition, from: env.me, to: to)
-                if l[moved] == nil { l[moved] = HandoffWire.id(of: moved, targetFingerprint: id.value) }
-            }
-        case .gaveUp?:
-            // Its checkpoint stays: resumed as the plan's while pending, else as owed
-            // (`reviseLingering` decides which on every view).
             lingering.withLock { $0[t] = id }
         case nil:
             break
