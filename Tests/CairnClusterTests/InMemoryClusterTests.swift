@@ -7,7 +7,7 @@ import Logging
 
 /// Real nodes (coordinators, vnodes, supervisor) on an `InMemoryNetwork` and a `ManualClock`: no
 /// sockets, and time moves only when the test moves it.
-@Suite(.timeLimit(.minutes(1)))
+@Suite(.timeLimit(.minutes(3)))
 struct InMemoryClusterTests {
     final class Cluster: Sendable {
         let clock = ManualClock()

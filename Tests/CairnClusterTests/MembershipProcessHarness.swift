@@ -104,30 +104,32 @@ final class MembershipNodes {
     }
 
     /// Runs the CLI against node `i` (`--node` first, as a user types it).
-    func cairn(_ i: Int, _ args: [String], timeoutMillis: Int = 10_000) throws -> ProcessResult {
-        try runProcess(try Repo.binary("cairn"), ["--node", address(i)] + args + ["--timeout", "\(timeoutMillis)"])
+    func cairn(_ i: Int, _ args: [String], timeoutMillis: Int = 10_000) async throws -> ProcessResult {
+        try await runProcess(try Repo.binary("cairn"), ["--node", address(i)] + args + ["--timeout", "\(timeoutMillis)"])
     }
 
     /// `cluster status --json` of node `i`, parsed (nil if the CLI failed).
-    func status(_ i: Int) throws -> [String: Any]? {
-        let r = try cairn(i, ["cluster", "status", "--json"], timeoutMillis: 2000)
+    func status(_ i: Int) async throws -> [String: Any]? {
+        let r = try await cairn(i, ["cluster", "status", "--json"], timeoutMillis: 2000)
         return r.ok ? jsonObject(r.stdout) : nil
     }
 
     /// Waits (bounded) until node `i` answers `cluster status` (its admin verbs work).
-    func waitAnswering(_ i: Int) throws {
-        try eventually("n\(i) answers cluster status\n\(logTail(i))", within: 30) {
+    func waitAnswering(_ i: Int) async throws {
+        try await eventually("n\(i) answers cluster status\n\(logTail(i))", within: 30) {
             guard processes[i]?.isRunning == true else { throw MembershipTestError("n\(i) exited:\n\(logTail(i))") }
-            return try status(i) != nil
+            return try await status(i) != nil
         }
     }
 
     /// Waits (bounded) until every node in `nodes` lists exactly `nodes` as members, each alive.
-    func waitAllAlive(_ nodes: [Int]) throws {
+    func waitAllAlive(_ nodes: [Int]) async throws {
         let names = Set(nodes.map { "n\($0)" })
         for i in nodes {
-            try eventually("n\(i) sees \(names.sorted()) alive; last: \(String(describing: try? status(i)))", within: 30) {
-                guard let s = try status(i) else { return false }
+            var last: [String: Any]?
+            try await eventually("n\(i) sees \(names.sorted()) alive; last: \(String(describing: last))", within: 30) {
+                guard let s = try await status(i) else { return false }
+                last = s
                 let members = s.members
                 return Set(members.map { $0.string("name") }) == names && members.allSatisfy { $0.string("liveness") == "alive" }
             }
@@ -137,26 +139,43 @@ final class MembershipNodes {
     /// Stops node `i` (SIGTERM, SIGKILL after 10 s); returns its exit status (negative: killed by
     /// that signal).
     @discardableResult
-    func stop(_ i: Int) -> Int32 {
+    func stop(_ i: Int) async -> Int32 {
         guard let p = processes[i] else { return 0 }
         if p.isRunning { kill(p.processIdentifier, SIGCONT); kill(p.processIdentifier, SIGTERM) }
         var waited = 0
-        while p.isRunning && waited < 200 { usleep(50_000); waited += 1 }
+        while p.isRunning && waited < 200 {
+            try? await Task.sleep(for: .milliseconds(50))
+            waited += 1
+        }
+        return Self.reap(p)
+    }
+
+    /// Kills `p` if it still runs, and returns its exit status (negative: killed by that signal).
+    private static func reap(_ p: Process) -> Int32 {
         if p.isRunning { kill(p.processIdentifier, SIGKILL); p.waitUntilExit() }
         return p.terminationReason == .exit ? p.terminationStatus : -p.terminationStatus
     }
 
-    func stopAll() -> [Int: Int32] {
+    @discardableResult
+    func stopAll() async -> [Int: Int32] {
         for p in processes.values where p.isRunning { kill(p.processIdentifier, SIGCONT); kill(p.processIdentifier, SIGTERM) }
         var statuses: [Int: Int32] = [:]
-        for i in processes.keys { statuses[i] = stop(i) }
+        for i in processes.keys { statuses[i] = await stop(i) }
         processes = [:]
-        // CAIRN_KEEP_TEST_DATA=1 keeps the data, configs and logs for a post-mortem.
-        if ProcessInfo.processInfo.environment["CAIRN_KEEP_TEST_DATA"] == nil { try? FileManager.default.removeItem(at: dir) }
+        removeData()
         return statuses
     }
 
-    deinit { _ = stopAll() }
+    /// CAIRN_KEEP_TEST_DATA=1 keeps the data, configs and logs for a post-mortem.
+    private func removeData() {
+        if ProcessInfo.processInfo.environment["CAIRN_KEEP_TEST_DATA"] == nil { try? FileManager.default.removeItem(at: dir) }
+    }
+
+    /// A test that failed before `stopAll`: kill what is left (no graceful wait here).
+    deinit {
+        for p in processes.values { _ = Self.reap(p) }
+        removeData()
+    }
 }
 
 struct MembershipTestError: Error, CustomStringConvertible {
@@ -165,22 +184,12 @@ struct MembershipTestError: Error, CustomStringConvertible {
 }
 
 /// Polls `condition` every 100 ms until it holds; throws (failing the test with `what`, evaluated
-/// then) if it does not within `seconds`.
-func eventually(_ what: @autoclosure () -> String, within seconds: Double, _ condition: () throws -> Bool) throws {
+/// then) if it does not within `seconds`. Waits between polls without holding a thread.
+func eventually(_ what: @autoclosure () async -> String, within seconds: Double, _ condition: () async throws -> Bool) async throws {
     let deadline = Date().addingTimeInterval(seconds)
     while true {
-        if try condition() { return }
-        if Date() >= deadline { throw MembershipTestError("timed out after \(Int(seconds)) s waiting until \(what())") }
-        usleep(100_000)
-    }
-}
-
-/// `eventually` for async tests: waits between polls without holding a thread.
-func eventually(_ what: @autoclosure () -> String, within seconds: Double, _ condition: () throws -> Bool) async throws {
-    let deadline = Date().addingTimeInterval(seconds)
-    while true {
-        if try condition() { return }
-        if Date() >= deadline { throw MembershipTestError("timed out after \(Int(seconds)) s waiting until \(what())") }
+        if try await condition() { return }
+        if Date() >= deadline { throw MembershipTestError("timed out after \(Int(seconds)) s waiting until \(await what())") }
         try await Task.sleep(for: .milliseconds(100))
     }
 }

@@ -15,13 +15,13 @@ import Glibc
 struct MembershipProcessTests {
     static let q = MembershipNodes.ringSize
 
-    @Test func statusShowsThreeValidAliveMembersOwningTheRing() throws {
+    @Test func statusShowsThreeValidAliveMembersOwningTheRing() async throws {
         let d = try MembershipNodes()
         try d.startCluster()
-        try d.waitAllAlive([1, 2, 3])
+        try await d.waitAllAlive([1, 2, 3])
 
         for i in 1...3 {
-            let s = try #require(try d.status(i))
+            let s = try #require(try await d.status(i))
             #expect(s.string("cluster") == "proctest-membership")
             #expect((s.int("ring_version") ?? 0) >= 1)
             #expect(s.int("ring_size") == Self.q)
@@ -40,7 +40,7 @@ struct MembershipProcessTests {
             #expect(members.filter { $0["claimant"] as? Bool == true }.map { $0.string("name") } == ["n1"])
         }
 
-        let text = try d.cairn(2, ["cluster", "status"])
+        let text = try await d.cairn(2, ["cluster", "status"])
         #expect(text.status == 0, "\(text.stderr)")
         let lines = text.stdout.split(separator: "\n").map(String.init)
         #expect(lines.first?.hasPrefix("cluster proctest-membership  ring version ") == true, "\(text.stdout)")
@@ -52,52 +52,52 @@ struct MembershipProcessTests {
         #expect(rows.map { $0.first ?? "" } == ["n1*", "n2", "n3"], "the claimant is starred")
         #expect(rows.allSatisfy { $0.count == 6 && $0[2] == "valid" && $0[3] == "alive" }, "\(text.stdout)")
 
-        let statuses = d.stopAll()
+        let statuses = await d.stopAll()
         #expect(statuses.values.allSatisfy { $0 == 0 }, "graceful exits: \(statuses)")
     }
 
-    @Test func refusalsNameTheProblemAndStagedChangesCanBePlannedAndCleared() throws {
+    @Test func refusalsNameTheProblemAndStagedChangesCanBePlannedAndCleared() async throws {
         let d = try MembershipNodes()
         try d.startCluster()
-        try d.waitAllAlive([1, 2, 3])
-        let before = try #require(try d.status(1)?.int("ring_version"))
+        try await d.waitAllAlive([1, 2, 3])
+        let before = try #require(try await d.status(1)?.int("ring_version"))
 
         // Invalid arguments are exit 1 with the reason, as for the data verbs (CLIFailure).
-        let stranger = try d.cairn(2, ["cluster", "leave", "n7"])
+        let stranger = try await d.cairn(2, ["cluster", "leave", "n7"])
         #expect(stranger.status == 1)
         #expect(stranger.stderr.contains("n7 is not a member"), "\(stranger.stderr)")
-        let strangerJSON = try d.cairn(2, ["cluster", "leave", "n7", "--json"])
+        let strangerJSON = try await d.cairn(2, ["cluster", "leave", "n7", "--json"])
         #expect(strangerJSON.status == 1)
         let error = jsonObject(strangerJSON.stdout)?["error"] as? [String: Any]
         #expect(error?.string("kind") == "invalid_argument", "\(strangerJSON.stdout)")
         #expect(error?.string("message").contains("n7 is not a member") == true)
 
-        let nothing = try d.cairn(3, ["cluster", "commit"])
+        let nothing = try await d.cairn(3, ["cluster", "commit"])
         #expect(nothing.status == 1)
         #expect(nothing.stderr.contains("no changes are staged"), "\(nothing.stderr)")
-        let noPlan = try d.cairn(1, ["cluster", "plan"])
+        let noPlan = try await d.cairn(1, ["cluster", "plan"])
         #expect(noPlan.status == 1)
         #expect(noPlan.stderr.contains("no changes are staged"), "\(noPlan.stderr)")
-        let claimantItself = try d.cairn(2, ["cluster", "remove", "n1"])
+        let claimantItself = try await d.cairn(2, ["cluster", "remove", "n1"])
         #expect(claimantItself.status == 1)
         #expect(claimantItself.stderr.contains("n1 is the claimant"), "\(claimantItself.stderr)")
 
         // Staged on a member that is not the claimant (forwarded to it); visible everywhere.
-        let leave = try d.cairn(3, ["cluster", "leave", "n2", "--json"])
+        let leave = try await d.cairn(3, ["cluster", "leave", "n2", "--json"])
         #expect(leave.status == 0, "\(leave.stderr)")
         #expect(jsonObject(leave.stdout)?.strings("staged") == ["leave n2"], "\(leave.stdout)")
-        #expect(try d.status(3)?.strings("staged") == ["leave n2"], "the forwarding node pulled the claimant's state")
-        #expect(try d.status(1)?.strings("staged") == ["leave n2"])
-        let again = try d.cairn(1, ["cluster", "leave", "n2"])
+        #expect(try await d.status(3)?.strings("staged") == ["leave n2"], "the forwarding node pulled the claimant's state")
+        #expect(try await d.status(1)?.strings("staged") == ["leave n2"])
+        let again = try await d.cairn(1, ["cluster", "leave", "n2"])
         #expect(again.status == 0, "staging the same change twice is not a conflict: \(again.stderr)")
         #expect(again.stdout.contains("staged: leave n2"), "\(again.stdout)")
 
-        let conflict = try d.cairn(2, ["cluster", "remove", "n2"])
+        let conflict = try await d.cairn(2, ["cluster", "remove", "n2"])
         #expect(conflict.status == 1)
         #expect(conflict.stderr.contains("staged changes conflict: leave n2 is already staged"), "\(conflict.stderr)")
 
         // The plan: the change, ownership before and after, transfers; nothing moves yet.
-        let plan = try d.cairn(2, ["cluster", "plan", "--json"])
+        let plan = try await d.cairn(2, ["cluster", "plan", "--json"])
         #expect(plan.status == 0, "\(plan.stderr)")
         let p = try #require(jsonObject(plan.stdout), "\(plan.stdout)")
         #expect(p.strings("changes") == ["leave n2"])
@@ -112,40 +112,40 @@ struct MembershipProcessTests {
         // both alive no partition has fewer live replicas than the 2 a 2-member ring can have.
         #expect(p.int("transfers") == 0, "\(plan.stdout)")
         #expect(p.objects("at_risk").isEmpty && (p["lost"] as? [Any])?.isEmpty == true, "\(plan.stdout)")
-        let text = try d.cairn(1, ["cluster", "plan"])
+        let text = try await d.cairn(1, ["cluster", "plan"])
         #expect(text.status == 0)
         #expect(text.stdout.contains("staged: leave n2"), "\(text.stdout)")
         #expect(text.stdout.contains("MEMBER  OWNED NOW  OWNED AFTER"), "\(text.stdout)")
-        #expect(try d.status(2)?.members.allSatisfy { $0.string("status") == "valid" } == true, "plan changes nothing")
+        #expect(try await d.status(2)?.members.allSatisfy { $0.string("status") == "valid" } == true, "plan changes nothing")
 
         // clear drops it; commit then has nothing to do.
-        let clear = try d.cairn(3, ["cluster", "clear", "--json"])
+        let clear = try await d.cairn(3, ["cluster", "clear", "--json"])
         #expect(clear.status == 0, "\(clear.stderr)")
         let cleared = try #require(jsonObject(clear.stdout))
         #expect(cleared.strings("staged") == [])
         #expect((cleared.int("ring_version") ?? 0) > before, "staging and clearing made new versions")
         for i in 1...3 {
-            try eventually("n\(i) shows nothing staged", within: 30) { try d.status(i)?.strings("staged") == [] }
+            try await eventually("n\(i) shows nothing staged", within: 30) { try await d.status(i)?.strings("staged") == [] }
         }
-        let after = try d.cairn(1, ["cluster", "commit"])
+        let after = try await d.cairn(1, ["cluster", "commit"])
         #expect(after.status == 1)
         #expect(after.stderr.contains("no changes are staged"))
-        let s = try #require(try d.status(1))
+        let s = try #require(try await d.status(1))
         #expect(s.int("pending_transfers") == 0)
         #expect(s.members.map { $0.string("status") } == ["valid", "valid", "valid"])
 
-        let statuses = d.stopAll()
+        let statuses = await d.stopAll()
         #expect(statuses.values.allSatisfy { $0 == 0 }, "graceful exits: \(statuses)")
     }
 
-    @Test func aNodeWithOnlySeedsWaitsForJoinThenIsPlannedAndCommitted() throws {
+    @Test func aNodeWithOnlySeedsWaitsForJoinThenIsPlannedAndCommitted() async throws {
         let d = try MembershipNodes()
         try d.startCluster()
-        try d.waitAllAlive([1, 2, 3])
-        try Self.startAndJoinN4(d)
+        try await d.waitAllAlive([1, 2, 3])
+        try await Self.startAndJoinN4(d)
 
         // The plan gives n4 about a quarter of the ring (planned on a member that forwards it).
-        let plan = try d.cairn(2, ["cluster", "plan", "--json"])
+        let plan = try await d.cairn(2, ["cluster", "plan", "--json"])
         #expect(plan.status == 0, "\(plan.stderr)")
         let p = try #require(jsonObject(plan.stdout), "\(plan.stdout)")
         #expect(p.strings("changes") == ["join n4"])
@@ -160,22 +160,22 @@ struct MembershipProcessTests {
         #expect(!pairs.isEmpty && pairs.allSatisfy { $0.string("pair").hasSuffix("→n4") }, "every transfer goes into n4: \(plan.stdout)")
 
         // commit (on another member, forwarded) starts the transfers.
-        let commit = try d.cairn(3, ["cluster", "commit", "--json"])
+        let commit = try await d.cairn(3, ["cluster", "commit", "--json"])
         #expect(commit.status == 0, "\(commit.stderr)")
         let c = try #require(jsonObject(commit.stdout), "\(commit.stdout)")
         #expect((c.int("pending_transfers") ?? 0) > 0, "\(commit.stdout)")
         #expect(c.int("transfers") == p.int("transfers"), "the committed plan is the one shown")
         // Whatever is still pending (handoff may already have finished some) goes into n4.
-        let transfers = try d.cairn(1, ["transfers", "--json"])
+        let transfers = try await d.cairn(1, ["transfers", "--json"])
         #expect(transfers.status == 0, "\(transfers.stderr)")
         let listed = jsonObject(transfers.stdout)?.objects("transfers") ?? []
         #expect(listed.allSatisfy { $0.string("to") == "n4" && ["n1", "n2", "n3"].contains($0.string("from")) }, "\(transfers.stdout)")
         #expect(listed.allSatisfy { (0..<Self.q).contains($0.int("partition") ?? -1) })
-        let s = try #require(try d.status(1))
+        let s = try #require(try await d.status(1))
         #expect(s.strings("staged") == [], "commit consumed the staged join")
         #expect(["joining", "valid"].contains(s.member("n4")?.string("status")), "\(s)")
 
-        let statuses = d.stopAll()
+        let statuses = await d.stopAll()
         #expect(statuses.values.allSatisfy { $0 == 0 }, "graceful exits: \(statuses)")
     }
 
@@ -186,7 +186,7 @@ struct MembershipProcessTests {
     @Test func aJoinedNodeTakesItsShareThroughHandoffAndNoKeyIsLost() async throws {
         let d = try MembershipNodes()
         try d.startCluster()
-        try d.waitAllAlive([1, 2, 3])
+        try await d.waitAllAlive([1, 2, 3])
 
         var config = CairnClient.Configuration()
         config.defaultTimeoutMillis = 10_000
@@ -195,21 +195,21 @@ struct MembershipProcessTests {
         for k in keys { try await writer.put(Array(k.utf8), value: Array("value-of-\(k)".utf8), options: RequestOptions(w: .all)) }
         writer.close()
 
-        try Self.startAndJoinN4(d)
-        let commit = try d.cairn(1, ["cluster", "commit", "--json"])
+        try await Self.startAndJoinN4(d)
+        let commit = try await d.cairn(1, ["cluster", "commit", "--json"])
         #expect(commit.status == 0, "\(commit.stderr)")
 
         // Bounded: the handoff moves 200 small keys; two minutes is ample on a loaded machine.
         var last: [String: Any]?
         do {
             try await eventually("every transfer completes and n4 is valid; n1 last said: \(last.map(Self.summary) ?? "nothing")", within: 120) {
-                last = try d.status(1)
+                last = try await d.status(1)
                 guard let s = last, s.int("pending_transfers") == 0 else { return false }
                 return s.member("n4")?.string("status") == "valid"
             }
         } catch {
             Issue.record("the partition handoff did not complete (is the handoff shell, issue 12, on this branch?): \(error)")
-            _ = d.stopAll()
+            _ = await d.stopAll()
             return
         }
         let s = try #require(last)
@@ -219,7 +219,7 @@ struct MembershipProcessTests {
         #expect(((Self.q / 4 - 1)...(Self.q / 4 + 1)).contains(owned), "n4 owns \(owned) of \(Self.q)")
         for i in 1...4 {
             try await eventually("n\(i) sees n4 valid with no transfer pending", within: 30) {
-                guard let s = try d.status(i) else { return false }
+                guard let s = try await d.status(i) else { return false }
                 return s.int("pending_transfers") == 0 && s.member("n4")?.string("status") == "valid"
             }
         }
@@ -241,7 +241,7 @@ struct MembershipProcessTests {
         // The new owner is in preference lists (three distinct primaries, nothing pending).
         var onN4: [String] = []
         for k in keys {
-            let r = try d.cairn(4, ["preflist", k, "--json"])
+            let r = try await d.cairn(4, ["preflist", k, "--json"])
             #expect(r.status == 0, "\(r.stderr)")
             let o = try #require(jsonObject(r.stdout), "\(r.stdout)")
             let primaries = o.objects("primaries").map { $0.string("node") }
@@ -253,7 +253,7 @@ struct MembershipProcessTests {
 
         // n4 holds its copies itself: with the three others stopped, it alone (R=1) answers every
         // key it is a primary of with the value written before it joined.
-        for i in 1...3 { #expect(d.stop(i) == 0, "n\(i) exits gracefully") }
+        for i in 1...3 { #expect(await d.stop(i) == 0, "n\(i) exits gracefully") }
         let alone = try await CairnClient.connect(seeds: [d.address(4)], configuration: config)
         var missing: [String] = []
         for k in onN4 {
@@ -267,7 +267,7 @@ struct MembershipProcessTests {
         alone.close()
         #expect(missing.isEmpty, "\(missing.count) of the \(onN4.count) keys n4 is a primary of are not on n4: \(missing.prefix(5))")
 
-        let statuses = d.stopAll()
+        let statuses = await d.stopAll()
         #expect(statuses.values.allSatisfy { $0 == 0 }, "graceful exits: \(statuses)")
     }
 
@@ -277,14 +277,14 @@ struct MembershipProcessTests {
     @Test func aMemberWhoseLeaveNeedsNoTransferExitsAndDropsOut() async throws {
         let d = try MembershipNodes()
         try d.startCluster()
-        try d.waitAllAlive([1, 2, 3])
-        let put = try d.cairn(1, ["put", "kept", "v", "--w", "all"])
+        try await d.waitAllAlive([1, 2, 3])
+        let put = try await d.cairn(1, ["put", "kept", "v", "--w", "all"])
         #expect(put.status == 0, "\(put.stderr)")
 
-        #expect(try d.cairn(2, ["cluster", "leave", "n3"]).status == 0)
-        let plan = try #require(jsonObject(try d.cairn(2, ["cluster", "plan", "--json"]).stdout))
+        #expect(try await d.cairn(2, ["cluster", "leave", "n3"]).status == 0)
+        let plan = try #require(jsonObject(try await d.cairn(2, ["cluster", "plan", "--json"]).stdout))
         #expect(plan.int("transfers") == 0, "\(plan)")
-        let commit = try d.cairn(2, ["cluster", "commit", "--json"])
+        let commit = try await d.cairn(2, ["cluster", "commit", "--json"])
         #expect(commit.status == 0, "\(commit.stderr)")
         #expect(jsonObject(commit.stdout)?.int("pending_transfers") == 0, "\(commit.stdout)")
 
@@ -294,29 +294,29 @@ struct MembershipProcessTests {
                 "a node that left exits 0, not \(n3.terminationReason == .exit ? "status" : "signal") \(n3.terminationStatus):\n\(d.logTail(3, lines: 5))")
 
         for i in 1...2 {
-            try await eventually("n\(i) no longer lists n3; last: \((try? d.status(i)).flatMap { $0 }.map(Self.summary) ?? "nothing")", within: 60) {
-                guard let s = try d.status(i) else { return false }
+            try await eventually("n\(i) no longer lists n3; last: \((try? await d.status(i)).flatMap { $0 }.map(Self.summary) ?? "nothing")", within: 60) {
+                guard let s = try await d.status(i) else { return false }
                 return s.members.map { $0.string("name") } == ["n1", "n2"]
             }
-            let s = try #require(try d.status(i))
+            let s = try #require(try await d.status(i))
             #expect(s.members.allSatisfy { $0.string("status") == "valid" })
             #expect(s.members.compactMap { $0.int("owned") }.reduce(0, +) == Self.q)
             #expect(s.int("pending_transfers") == 0)
         }
-        let get = try d.cairn(2, ["get", "kept", "--r", "all"])
+        let get = try await d.cairn(2, ["get", "kept", "--r", "all"])
         #expect(get.status == 0 && get.stdout.hasPrefix("v"), "the two that stay answer for every key: \(get.stderr)")
 
-        let statuses = d.stopAll()
+        let statuses = await d.stopAll()
         #expect(statuses[1] == 0 && statuses[2] == 0, "graceful exits: \(statuses)")
     }
 
-    @Test func preflistNamesAPartitionAndThreeDistinctPrimaries() throws {
+    @Test func preflistNamesAPartitionAndThreeDistinctPrimaries() async throws {
         let d = try MembershipNodes()
         try d.startCluster()
-        try d.waitAllAlive([1, 2, 3])
+        try await d.waitAllAlive([1, 2, 3])
         var partitions: Set<Int> = []
         for i in 1...3 {
-            let r = try d.cairn(i, ["preflist", "user:42", "--json"])
+            let r = try await d.cairn(i, ["preflist", "user:42", "--json"])
             #expect(r.status == 0, "\(r.stderr)")
             let o = try #require(jsonObject(r.stdout), "\(r.stdout)")
             #expect(o.string("key") == "user:42")
@@ -337,17 +337,18 @@ struct MembershipProcessTests {
         #expect(partitions.count == 1, "every node maps the key to the same partition: \(partitions)")
 
         // Different keys spread over partitions; the text form names the partition.
-        let spread = try Set((0..<16).map { k -> Int in
-            let r = try d.cairn(1, ["preflist", "key-\(k)", "--json"])
-            return jsonObject(r.stdout)?.int("partition") ?? -1
-        })
+        var spread = Set<Int>()
+        for k in 0..<16 {
+            let r = try await d.cairn(1, ["preflist", "key-\(k)", "--json"])
+            spread.insert(jsonObject(r.stdout)?.int("partition") ?? -1)
+        }
         #expect(spread.count > 1 && spread.allSatisfy { (0..<Self.q).contains($0) }, "\(spread)")
-        let text = try d.cairn(2, ["preflist", "user:42"])
+        let text = try await d.cairn(2, ["preflist", "user:42"])
         #expect(text.status == 0)
         #expect(text.stdout.hasPrefix("partition \(partitions.first ?? -1)  ring version "), "\(text.stdout)")
         #expect(text.stdout.contains("REPLICA  ADDRESS"), "\(text.stdout)")
 
-        let statuses = d.stopAll()
+        let statuses = await d.stopAll()
         #expect(statuses.values.allSatisfy { $0 == 0 }, "graceful exits: \(statuses)")
     }
 
@@ -360,32 +361,32 @@ struct MembershipProcessTests {
 
     /// Starts n4 with only `cluster.seeds`, checks that it refuses keys until it joins, joins it
     /// through n1, and waits until every member lists it `joining` with its join staged.
-    static func startAndJoinN4(_ d: MembershipNodes) throws {
+    static func startAndJoinN4(_ d: MembershipNodes) async throws {
         try d.startJoiner(4, seeds: [1, 2, 3])
-        try d.waitAnswering(4)
+        try await d.waitAnswering(4)
 
-        let alone = try #require(try d.status(4))
+        let alone = try #require(try await d.status(4))
         #expect(alone["joined"] as? Bool == false, "\(alone)")
         #expect(alone.members.isEmpty)
-        let get = try d.cairn(4, ["get", "k"])
+        let get = try await d.cairn(4, ["get", "k"])
         #expect(get.status == 1, "refused, not 'not found': \(get.stdout) \(get.stderr)")
         #expect(get.stderr.contains("not a member of a cluster yet"), "\(get.stderr)")
-        let put = try d.cairn(4, ["put", "k", "v"])
+        let put = try await d.cairn(4, ["put", "k", "v"])
         #expect(put.status == 1, "a refused write certainly applied nothing: \(put.stderr)")
         #expect(put.stderr.contains("not a member of a cluster yet"), "\(put.stderr)")
-        let plan = try d.cairn(4, ["cluster", "plan"])
+        let plan = try await d.cairn(4, ["cluster", "plan"])
         #expect(plan.status == 1)
         #expect(plan.stderr.contains("not a member of a cluster yet"), "\(plan.stderr)")
         // Not ready for traffic: /health says why, with a 503.
-        let health = try runProcess("/usr/bin/curl", ["-s", "-w", "\n%{http_code}", "http://127.0.0.54:8401/health"])
+        let health = try await runProcess("/usr/bin/curl", ["-s", "-w", "\n%{http_code}", "http://127.0.0.54:8401/health"])
         #expect(health.stdout.hasPrefix("serving\nmembership: not a member of a cluster") && health.stdout.hasSuffix("\n503"), "\(health.stdout)")
 
-        let join = try d.cairn(4, ["cluster", "join", d.address(1)])
+        let join = try await d.cairn(4, ["cluster", "join", d.address(1)])
         #expect(join.status == 0, "\(join.stderr)")
         #expect(join.stdout.contains("joining cluster proctest-membership"), "\(join.stdout)")
-        let joined = try #require(try d.status(4))
+        let joined = try #require(try await d.status(4))
         #expect(joined["joined"] as? Bool == true, "\(joined)")
-        let ready = try runProcess("/usr/bin/curl", ["-s", "-w", "\n%{http_code}", "http://127.0.0.54:8401/health"])
+        let ready = try await runProcess("/usr/bin/curl", ["-s", "-w", "\n%{http_code}", "http://127.0.0.54:8401/health"])
         #expect(ready.stdout == "serving\n\n200", "a joining member is ready: \(ready.stdout)")
         #expect(joined.member("n4")?.string("status") == "joining")
         #expect(joined.member("n4")?["this"] as? Bool == true)
@@ -393,13 +394,13 @@ struct MembershipProcessTests {
         #expect(joined.member("n4")?.int("owned") == 0, "a joining member owns nothing before the commit")
         #expect(joined.strings("staged") == ["join n4"])
         for i in 1...3 {
-            try eventually("n\(i) lists n4 joining with its join staged; last: \(String(describing: try? d.status(i)))", within: 30) {
-                guard let s = try d.status(i) else { return false }
+            try await eventually("n\(i) lists n4 joining with its join staged; last: \(String(describing: try? await d.status(i)))", within: 30) {
+                guard let s = try await d.status(i) else { return false }
                 return s.member("n4")?.string("status") == "joining" && s.strings("staged") == ["join n4"]
             }
         }
         // Joining again is harmless: it answers with the node's standing.
-        let again = try d.cairn(4, ["cluster", "join", d.address(2), "--json"])
+        let again = try await d.cairn(4, ["cluster", "join", d.address(2), "--json"])
         #expect(again.status == 0, "\(again.stderr)")
         #expect(jsonObject(again.stdout)?.string("status") == "joining", "\(again.stdout)")
     }

@@ -58,7 +58,7 @@ final class NotifySocket: @unchecked Sendable {
 /// cairnd as systemd runs it, talking to a real notify socket through libsystemd's sd_notify.
 @Suite(.serialized, .timeLimit(.minutes(2)))
 struct NotifySocketTests {
-    @Test func cairndNotifiesReadyStatusWatchdogAndStopping() throws {
+    @Test func cairndNotifiesReadyStatusWatchdogAndStopping() async throws {
         let sock = try NotifySocket()
         defer { sock.close() }
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("cairn-notify-\(getpid())")
@@ -89,18 +89,18 @@ struct NotifySocketTests {
         try p.run()
         defer { if p.isRunning { kill(p.processIdentifier, SIGKILL) } }
 
-        func wait(_ seconds: Double, for predicate: ([String]) -> Bool) -> Bool {
+        func wait(_ seconds: Double, for predicate: ([String]) -> Bool) async -> Bool {
             let deadline = Date().addingTimeInterval(seconds)
             while Date() < deadline {
                 if predicate(sock.messages.map(\.text)) { return true }
-                usleep(10_000)
+                try? await Task.sleep(for: .milliseconds(10))
             }
             return false
         }
 
-        #expect(wait(10) { $0.contains { $0.hasPrefix("READY=1") } })
+        #expect(await wait(10) { $0.contains { $0.hasPrefix("READY=1") } })
         // At READY the listener is bound: a connection succeeds at once.
-        let probe = try runProcess(try Repo.binary("cairn"), ["--node", "127.0.0.31:7401", "members"])
+        let probe = try await runProcess(try Repo.binary("cairn"), ["--node", "127.0.0.31:7401", "members"])
         #expect(probe.ok, "\(probe.stderr)")
         var texts = sock.messages.map(\.text)
         // Storage recovery comes first (with a start-timeout extension), then the listener.
@@ -110,21 +110,24 @@ struct NotifySocketTests {
         #expect(texts.contains("READY=1\nSTATUS=serving; peers up 0 of 1"))
 
         // WATCHDOG=1 at half the 600 ms interval while healthy...
-        #expect(wait(5) { $0.count { $0 == "WATCHDOG=1" } >= 4 })
+        #expect(await wait(5) { $0.count { $0 == "WATCHDOG=1" } >= 4 })
         // ...and none while the process is stopped.
         kill(p.processIdentifier, SIGSTOP)
-        usleep(100_000)
+        try await Task.sleep(for: .milliseconds(100))
         let before = sock.messages.count { $0.text == "WATCHDOG=1" }
-        usleep(900_000)
+        try await Task.sleep(for: .milliseconds(900))
         #expect(sock.messages.count { $0.text == "WATCHDOG=1" } == before)
         kill(p.processIdentifier, SIGCONT)
-        #expect(wait(5) { $0.count { $0 == "WATCHDOG=1" } > before })
+        #expect(await wait(5) { $0.count { $0 == "WATCHDOG=1" } > before })
 
         // SIGTERM: STOPPING=1, then the final status, and exit 0.
         kill(p.processIdentifier, SIGTERM)
+        for _ in 0..<300 where p.isRunning { try await Task.sleep(for: .milliseconds(50)) }
+        #expect(!p.isRunning, "cairnd exits within 15 s of SIGTERM")
+        if p.isRunning { kill(p.processIdentifier, SIGKILL) }
         p.waitUntilExit()
         #expect(p.terminationReason == .exit && p.terminationStatus == 0)
-        #expect(wait(2) { $0.last == "STATUS=stopped" })
+        #expect(await wait(2) { $0.last == "STATUS=stopped" })
         texts = sock.messages.map(\.text)
         let ready = texts.firstIndex { $0.hasPrefix("READY=1") }
         let stopping = texts.firstIndex { $0.hasPrefix("STOPPING=1") }

@@ -18,8 +18,8 @@ struct ProcessClusterTests {
 
     /// Runs the CLI to completion (it has its own timeouts) and captures its output.
     /// A generous `--timeout` unless the test sets one: no assertion here is about speed.
-    static func cairn(_ args: [String], stdin: String? = nil) throws -> ProcessResult {
-        try runProcess(try binary("cairn"), args.contains("--timeout") ? args : args + ["--timeout", "10000"], stdin: stdin)
+    static func cairn(_ args: [String], stdin: String? = nil) async throws -> ProcessResult {
+        try await runProcess(try binary("cairn"), args.contains("--timeout") ? args : args + ["--timeout", "10000"], stdin: stdin)
     }
 
     final class Daemons {
@@ -63,13 +63,13 @@ struct ProcessClusterTests {
         }
 
         /// Waits (bounded) until every node reports all three members up or itself.
-        func waitHealthy() throws {
+        func waitHealthy() async throws {
             for i in 0..<3 {
                 var ok = false
                 for _ in 0..<300 {
-                    let r = try ProcessClusterTests.cairn(["members", "--node", address(i), "--json"])
+                    let r = try await ProcessClusterTests.cairn(["members", "--node", address(i), "--json"])
                     if r.status == 0, r.stdout.components(separatedBy: "\"down\"").count == 1 { ok = true; break }
-                    usleep(50_000)
+                    try? await Task.sleep(for: .milliseconds(50))
                 }
                 if !ok { throw ProcessTestError(description: "n\(i + 1) did not see every peer up within 15 s") }
             }
@@ -77,34 +77,48 @@ struct ProcessClusterTests {
 
         func signal(_ i: Int, _ sig: Int32) { kill(processes[i].processIdentifier, sig) }
 
-        func stopAll() -> [Int32] {
+        /// SIGTERM to every node, then each one's exit status (SIGKILL after 10 s).
+        @discardableResult
+        func stopAll() async -> [Int32] {
             for p in processes where p.isRunning { kill(p.processIdentifier, SIGCONT); kill(p.processIdentifier, SIGTERM) }
             var statuses: [Int32] = []
             for p in processes {
                 var waited = 0
-                while p.isRunning && waited < 200 { usleep(50_000); waited += 1 }
-                if p.isRunning { kill(p.processIdentifier, SIGKILL); p.waitUntilExit() }
-                statuses.append(p.terminationReason == .exit ? p.terminationStatus : -p.terminationStatus)
+                while p.isRunning && waited < 200 {
+                    try? await Task.sleep(for: .milliseconds(50))
+                    waited += 1
+                }
+                statuses.append(Self.reap(p))
             }
+            processes = []
             try? FileManager.default.removeItem(at: dir)
             return statuses
         }
 
-        deinit { _ = stopAll() }
+        private static func reap(_ p: Process) -> Int32 {
+            if p.isRunning { kill(p.processIdentifier, SIGKILL); p.waitUntilExit() }
+            return p.terminationReason == .exit ? p.terminationStatus : -p.terminationStatus
+        }
+
+        /// A test that failed before `stopAll`: kill what is left.
+        deinit {
+            for p in processes { _ = Self.reap(p) }
+            try? FileManager.default.removeItem(at: dir)
+        }
     }
 
-    @Test func threeDaemonsServeTheCLIAndSurviveAKilledNode() throws {
+    @Test func threeDaemonsServeTheCLIAndSurviveAKilledNode() async throws {
         let d = try Daemons()
         try d.start()
-        try d.waitHealthy()
+        try await d.waitHealthy()
 
         // put on one node, get from another, as text and as JSON.
-        let put = try Self.cairn(["--node", d.address(0), "put", "user:42", #"{"cart":["apple"]}"#])
+        let put = try await Self.cairn(["--node", d.address(0), "put", "user:42", #"{"cart":["apple"]}"#])
         #expect(put.status == 0, "\(put.stderr)")
-        let get = try Self.cairn(["--node", d.address(1), "get", "user:42", "--r", "2"])
+        let get = try await Self.cairn(["--node", d.address(1), "get", "user:42", "--r", "2"])
         #expect(get.status == 0)
         #expect(get.stdout.hasPrefix(#"{"cart":["apple"]}"#))
-        let json = try Self.cairn(["--node", d.address(2), "get", "user:42", "--json"])
+        let json = try await Self.cairn(["--node", d.address(2), "get", "user:42", "--json"])
         let object = try JSONSerialization.jsonObject(with: Data(json.stdout.utf8)) as? [String: Any]
         #expect(object?["found"] as? Bool == true)
         let siblings = object?["siblings"] as? [[String: Any]]
@@ -113,31 +127,31 @@ struct ProcessClusterTests {
         let context = try #require(object?["context"] as? String)
 
         // A value from stdin that is not UTF-8 comes back as base64.
-        let binary = try Self.cairn(["--node", d.address(0), "put", "bin", "-"], stdin: "\u{FF}")
+        let binary = try await Self.cairn(["--node", d.address(0), "put", "bin", "-"], stdin: "\u{FF}")
         #expect(binary.status == 0)
-        let binGet = try Self.cairn(["--node", d.address(1), "get", "bin", "--json"])
+        let binGet = try await Self.cairn(["--node", d.address(1), "get", "bin", "--json"])
         #expect(binGet.stdout.contains(#""value":"ÿ""#) || binGet.stdout.contains("value_base64"))
 
         // delete with the context → get exits 2.
-        let del = try Self.cairn(["--node", d.address(1), "delete", "user:42", "--context", context, "--json"])
+        let del = try await Self.cairn(["--node", d.address(1), "delete", "user:42", "--context", context, "--json"])
         #expect(del.status == 0 && del.stdout.contains("\"context\""))
-        let gone = try Self.cairn(["--node", d.address(2), "get", "user:42"])
+        let gone = try await Self.cairn(["--node", d.address(2), "get", "user:42"])
         #expect(gone.status == 2)
         #expect(gone.stderr.contains("not found"))
 
         // SIGKILL one node: W=2 / R=2 still succeed, W=3 fails with exit 3 naming the node.
         d.signal(2, SIGKILL)
         d.processes[2].waitUntilExit()
-        let w2 = try Self.cairn(["--node", d.address(0), "put", "k", "v", "--w", "2"])
+        let w2 = try await Self.cairn(["--node", d.address(0), "put", "k", "v", "--w", "2"])
         #expect(w2.status == 0, "\(w2.stderr)")
-        let r2 = try Self.cairn(["--node", d.address(1), "get", "k", "--r", "2"])
+        let r2 = try await Self.cairn(["--node", d.address(1), "get", "k", "--r", "2"])
         #expect(r2.status == 0 && r2.stdout.hasPrefix("v"))
-        let w3 = try Self.cairn(["--node", d.address(0), "put", "k", "v3", "--w", "3", "--timeout", "1000"])
+        let w3 = try await Self.cairn(["--node", d.address(0), "put", "k", "v3", "--w", "3", "--timeout", "1000"])
         #expect(w3.status == 3)
         #expect(w3.stderr.contains("W=3"))
         #expect(w3.stderr.contains(d.address(2)))
 
-        let statuses = d.stopAll()
+        let statuses = await d.stopAll()
         #expect(statuses[0] == 0 && statuses[1] == 0, "graceful exits: \(statuses)")
     }
 
@@ -147,7 +161,7 @@ struct ProcessClusterTests {
     @Test func killingEveryNodeLosesNoAcknowledgedWrite() async throws {
         let d = try Daemons()
         try d.start()
-        try d.waitHealthy()
+        try await d.waitHealthy()
         var config = CairnClient.Configuration()
         config.defaultTimeoutMillis = 10_000
         let client = try await CairnClient.connect(seeds: [d.address(0), d.address(1)], configuration: config)
@@ -181,43 +195,43 @@ struct ProcessClusterTests {
         alone.close()
         try d.restart(1)
         try d.restart(2)
-        try d.waitHealthy()
-        let statuses = d.stopAll()
+        try await d.waitHealthy()
+        let statuses = await d.stopAll()
         #expect(statuses == [0, 0, 0], "graceful exits: \(statuses)")
     }
 
-    @Test func aPausedReplicaMakesWAllNotReachedWithAnUnknownOutcome() throws {
+    @Test func aPausedReplicaMakesWAllNotReachedWithAnUnknownOutcome() async throws {
         let d = try Daemons()
         try d.start()
-        try d.waitHealthy()
+        try await d.waitHealthy()
         d.signal(1, SIGSTOP)
-        let w3 = try Self.cairn(["--node", d.address(0), "put", "p", "v", "--w", "all", "--timeout", "3000"])
+        let w3 = try await Self.cairn(["--node", d.address(0), "put", "p", "v", "--w", "all", "--timeout", "3000"])
         #expect(w3.status == 3)
         #expect(w3.stderr.contains("W=3 not reached: 2 of 3 replicas acknowledged"))
         #expect(w3.stderr.contains("\(d.address(1)) timed out after 3000 ms"))
         #expect(w3.stderr.contains("may have been applied"))
-        let w2 = try Self.cairn(["--node", d.address(0), "put", "p", "v2", "--w", "2"])
+        let w2 = try await Self.cairn(["--node", d.address(0), "put", "p", "v2", "--w", "2"])
         #expect(w2.status == 0)
         d.signal(1, SIGCONT)
         // The paused node got both writes once resumed: R=all sees them.
         var seen = ""
         for _ in 0..<100 {
-            let r = try Self.cairn(["--node", d.address(1), "get", "p", "--r", "all"])
+            let r = try await Self.cairn(["--node", d.address(1), "get", "p", "--r", "all"])
             seen = r.stdout
             if r.status == 0 && r.stdout.contains("v2") { break }
-            usleep(50_000)
+            try? await Task.sleep(for: .milliseconds(50))
         }
         #expect(seen.contains("v2"))
-        let statuses = d.stopAll()
+        let statuses = await d.stopAll()
         #expect(statuses == [0, 0, 0], "graceful exits: \(statuses)")
     }
 
     /// SIGTERM drains in-flight requests (bounded by shutdown.drain_timeout, 10 s here); a second
     /// SIGTERM stops waiting and ends the process at once.
-    @Test func aSecondSigtermCutsTheDrainShort() throws {
+    @Test func aSecondSigtermCutsTheDrainShort() async throws {
         let d = try Daemons()
         try d.start()
-        try d.waitHealthy()
+        try await d.waitHealthy()
         d.signal(1, SIGSTOP)   // a replica that never answers keeps a W=all write in flight on n1
         let hung = Process()
         hung.executableURL = URL(fileURLWithPath: try Self.binary("cairn"))
@@ -226,47 +240,47 @@ struct ProcessClusterTests {
         hung.standardError = FileHandle.nullDevice
         try hung.run()
         defer { if hung.isRunning { kill(hung.processIdentifier, SIGKILL) } }
-        usleep(500_000)
+        try? await Task.sleep(for: .milliseconds(500))
         let node = d.processes[0]
         kill(node.processIdentifier, SIGTERM)
-        usleep(700_000)
+        try? await Task.sleep(for: .milliseconds(700))
         #expect(node.isRunning, "the first SIGTERM must wait for the in-flight write (drain)")
         let second = Date()
         kill(node.processIdentifier, SIGTERM)
         var waited = 0
-        while node.isRunning && waited < 100 { usleep(50_000); waited += 1 }
+        while node.isRunning && waited < 100 { try? await Task.sleep(for: .milliseconds(50)); waited += 1 }
         #expect(!node.isRunning, "the second SIGTERM must end the process")
         #expect(Date().timeIntervalSince(second) < 4, "well before the 10 s drain bound")
         #expect(node.terminationReason == .exit, "it exits; it is not killed by a signal")
         hung.waitUntilExit()
         #expect(hung.terminationStatus == 3, "the in-flight write's outcome is reported as unknown")
         d.signal(1, SIGCONT)
-        _ = d.stopAll()
+        await d.stopAll()
     }
 
     /// Issue 10 item 1, the reproduction as written: a blind put's reply shows the concurrent
     /// value its context covers, so the writer is never handed a context that silently
     /// supersedes a value it did not see.
-    @Test func aPutReplyShowsTheConcurrentValueItsContextCovers() throws {
+    @Test func aPutReplyShowsTheConcurrentValueItsContextCovers() async throws {
         let d = try Daemons()
         try d.start()
-        try d.waitHealthy()
-        #expect(try Self.cairn(["--node", d.address(0), "put", "k", "A", "--w", "all"]).status == 0)
-        let reply = try Self.cairn(["--node", d.address(1), "put", "k", "B", "--w", "all", "--json"])
+        try await d.waitHealthy()
+        await #expect(try Self.cairn(["--node", d.address(0), "put", "k", "A", "--w", "all"]).status == 0)
+        let reply = try await Self.cairn(["--node", d.address(1), "put", "k", "B", "--w", "all", "--json"])
         #expect(reply.status == 0, "\(reply.stderr)")
         let object = try JSONSerialization.jsonObject(with: Data(reply.stdout.utf8)) as? [String: Any]
         let shown = (object?["siblings"] as? [[String: Any]])?.compactMap { $0["value"] as? String }
         #expect(shown == ["B", "A"], "the reply shows A with the context that covers it")
         let context = try #require(object?["context"] as? String)
-        let plain = try Self.cairn(["--node", d.address(1), "put", "k", "B2", "--context", context, "--w", "all"])
+        let plain = try await Self.cairn(["--node", d.address(1), "put", "k", "B2", "--context", context, "--w", "all"])
         #expect(plain.status == 0)
         // Y chose to supersede A, having been shown it; a blind write by Y would have kept it.
-        let get = try Self.cairn(["--node", d.address(0), "get", "k", "--r", "all", "--json"])
+        let get = try await Self.cairn(["--node", d.address(0), "get", "k", "--r", "all", "--json"])
         #expect(get.stdout.contains(#""value":"B2""#))
-        let text = try Self.cairn(["--node", d.address(2), "put", "k", "C", "--w", "all"])
+        let text = try await Self.cairn(["--node", d.address(2), "put", "k", "C", "--w", "all"])
         #expect(text.stdout.contains("1 concurrent sibling kept"), "\(text.stdout)")
         #expect(text.stdout.contains("B2"))
-        _ = d.stopAll()
+        await d.stopAll()
     }
 
     /// Issue 10 item 5, as reproduced: 2,000 keys at W=all, n1 stopped, bytes flipped in the first
@@ -276,7 +290,7 @@ struct ProcessClusterTests {
     @Test func aCorruptTableDoesNotTakeTheNodeDown() async throws {
         let d = try Daemons()
         try d.start()
-        try d.waitHealthy()
+        try await d.waitHealthy()
         var config = CairnClient.Configuration()
         config.defaultTimeoutMillis = 10_000
         let client = try await CairnClient.connect(seeds: [d.address(1), d.address(2)], configuration: config)
@@ -295,7 +309,7 @@ struct ProcessClusterTests {
             try Data(bytes).write(to: url)
         }
         try d.restart(0)
-        try d.waitHealthy()
+        try await d.waitHealthy()
         let reader = try await CairnClient.connect(seeds: [d.address(0)], configuration: config)
         var wrong = 0
         for k in keys {
@@ -305,14 +319,14 @@ struct ProcessClusterTests {
         reader.close()
         #expect(wrong == 0, "\(wrong) of \(keys.count) keys not answered correctly through n1")
         #expect(d.processes[0].isRunning, "n1 must keep serving")
-        let metrics = try runProcess("/usr/bin/curl", ["-s", "http://127.0.0.21:8401/metrics"])
+        let metrics = try await runProcess("/usr/bin/curl", ["-s", "http://127.0.0.21:8401/metrics"])
         let corruptReads = metrics.stdout.split(separator: "\n").first { $0.hasPrefix("cairn_storage_corrupt_reads_total ") }
         #expect((corruptReads?.split(separator: " ").last).flatMap { Double($0) } ?? 0 > 0, "no corrupt read counted")
-        let health = try runProcess("/usr/bin/curl", ["-s", "-w", "\n%{http_code}", "http://127.0.0.21:8401/health"])
+        let health = try await runProcess("/usr/bin/curl", ["-s", "-w", "\n%{http_code}", "http://127.0.0.21:8401/health"])
         #expect(health.stdout.hasPrefix("serving"))
         #expect(health.stdout.hasSuffix("200"))
         #expect(health.stdout.contains("corrupt"), "/health names the damage: \(health.stdout)")
-        let statuses = d.stopAll()
+        let statuses = await d.stopAll()
         #expect(statuses == [0, 0, 0], "graceful exits: \(statuses)")
     }
 }

@@ -16,7 +16,7 @@ private final class Echo: RequestDispatcher {
 
 
 /// The network seam's in-memory side: delays, loss, duplication and partitions on virtual time.
-@Suite(.timeLimit(.minutes(1))) struct InMemoryNetworkTests {
+@Suite(.timeLimit(.minutes(3))) struct InMemoryNetworkTests {
     let a = try! NodeName("a")   // literals: cannot fail
     let b = try! NodeName("b")
 

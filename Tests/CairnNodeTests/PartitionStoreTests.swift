@@ -61,7 +61,7 @@ extension PartitionStore {
 
 func bytewise(_ a: Pair, _ b: Pair) -> Bool { a.key.lexicographicallyPrecedes(b.key) }
 
-@Suite(.timeLimit(.minutes(1))) struct PartitionStoreTests {
+@Suite(.timeLimit(.minutes(3))) struct PartitionStoreTests {
     /// Keys at the edges of the byte order: empty, prefixes of each other, 0x7F/0x80, 0xFF runs.
     static let edgeKeys: [[UInt8]] = [[], [0], [0, 0], [1], [1, 2], [0x7F], [0x80], [0xFF], [0xFF, 0xFF]]
     /// Neighbouring partitions, and the last one (its range ends where the key space does).
@@ -256,7 +256,7 @@ func bytewise(_ a: Pair, _ b: Pair) -> Bool { a.key.lexicographicallyPrecedes(b.
 
 /// Where the disk store's engine calls run: on the partition's own executor (a thread of its
 /// own), never on the caller's cooperative-pool thread.
-@Suite(.timeLimit(.minutes(1))) struct PartitionStoreIsolationTests {
+@Suite(.timeLimit(.minutes(3))) struct PartitionStoreIsolationTests {
     @Test func eachPartitionHasOneExecutorAndOnExecutorRunsThere() async throws {
         let store = try await openStore(.disk)
         let p = PartitionID(3)

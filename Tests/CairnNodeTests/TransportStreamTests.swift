@@ -51,7 +51,7 @@ private final class Recorder: RequestDispatcher {
 }
 
 /// One-way messages and streams on the in-memory network, on virtual time.
-@Suite(.timeLimit(.minutes(1))) struct TransportStreamTests {
+@Suite(.timeLimit(.minutes(3))) struct TransportStreamTests {
     let a = try! NodeName("a")   // literals: cannot fail
     let b = try! NodeName("b")
 

@@ -130,15 +130,15 @@ private func run(seed: UInt64) throws -> [String] {
     }
 
     /// Across processes too: `cairn-sim --trace-hash` prints the same fingerprint every time.
-    @Test func theSameSeedGivesTheSameTraceHashAcrossProcesses() throws {
+    @Test func theSameSeedGivesTheSameTraceHashAcrossProcesses() async throws {
         let binary = try Repo.binary("cairn-sim")
         let args = ["--seed", "4", "--duration", "5s", "--trace-hash"]
-        let first = try runProcess(binary, args), second = try runProcess(binary, args)
+        let first = try await runProcess(binary, args), second = try await runProcess(binary, args)
         #expect(first.status == 0 && second.status == 0)
         let hash = first.stdout.split(separator: "\n").first { $0.contains("trace_hash=") }
         #expect(hash != nil)
         #expect(first.stdout.split(separator: "\n").first == second.stdout.split(separator: "\n").first)
-        let selfTest = try runProcess(binary, ["--seed", "4", "--duration", "5s", "--self-test"])
+        let selfTest = try await runProcess(binary, ["--seed", "4", "--duration", "5s", "--self-test"])
         #expect(selfTest.status == 1 && selfTest.stdout.contains("seed 4: FAILED"))
         #expect(selfTest.stdout.split(separator: "\n").last?.hasPrefix("seeds=1 failed=1") == true)
     }

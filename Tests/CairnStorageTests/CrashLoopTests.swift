@@ -30,9 +30,30 @@ struct CrashLoopTests {
         Array("value-\(n)-".utf8) + [UInt8](repeating: UInt8(truncatingIfNeeded: n % 251), count: (n &* 7) % 300)
     }
 
-    /// Collects the child's "ack N" lines (read on a background thread until EOF).
+    /// Collects the child's "ack N" lines (read on a thread of its own until EOF: no dispatch
+    /// source on the pipe, whose descriptor number another test may reuse once it is closed).
     final class Acks: Sendable {
         private let state = Mutex<(buffer: [UInt8], acked: [Int], ready: Bool)>(([], [], false))
+        private let ended = Atomic<Bool>(false)
+
+        /// Reads `handle` to its end on a new thread, feeding every chunk.
+        func read(_ handle: FileHandle) {
+            let t = Thread {
+                while true {
+                    let d = handle.availableData
+                    if d.isEmpty { break }
+                    self.feed(d)
+                }
+                self.ended.store(true, ordering: .releasing)
+            }
+            t.start()
+        }
+
+        /// Returns once the reader saw the end of the pipe.
+        func untilEnded() async throws {
+            while !ended.load(ordering: .acquiring) { try await Task.sleep(for: .milliseconds(1)) }
+        }
+
         func feed(_ d: Data) {
             state.withLock { s in
                 s.buffer += d
@@ -64,11 +85,8 @@ struct CrashLoopTests {
             p.standardOutput = pipe
             p.standardError = FileHandle.nullDevice
             let acks = Acks()
-            pipe.fileHandleForReading.readabilityHandler = { h in
-                let d = h.availableData
-                if !d.isEmpty { acks.feed(d) }
-            }
             try p.run()
+            acks.read(pipe.fileHandleForReading)
             // Kill at a random moment once it is writing: 0–40 ms after its first acknowledgement.
             let deadline = Date().addingTimeInterval(10)
             while acks.count == 0 && p.isRunning && Date() < deadline { try await Task.sleep(for: .milliseconds(1)) }
@@ -76,9 +94,7 @@ struct CrashLoopTests {
             kill(p.processIdentifier, SIGKILL)
             p.waitUntilExit()
             // Whatever the pipe still holds was acknowledged before the kill.
-            pipe.fileHandleForReading.readabilityHandler = nil
-            let rest = pipe.fileHandleForReading.readDataToEndOfFile()
-            if !rest.isEmpty { acks.feed(rest) }
+            try await acks.untilEnded()
             #expect(p.terminationReason == .uncaughtSignal, "round \(round): the writer exited by itself (\(p.terminationStatus))")
             let acked = acks.acked
             totalAcked += acked.count

@@ -9,8 +9,20 @@ public struct ProcessResult: Sendable {
 }
 
 /// Runs `executable` to completion (callers bound it: every command used here has its own
-/// timeout) and captures its output.
-public func runProcess(_ executable: String, _ args: [String], stdin: String? = nil) throws -> ProcessResult {
+/// timeout) and captures its output. The wait happens on a thread of its own, never on the
+/// cooperative pool: on a 2-core machine two tests waiting for child processes would otherwise
+/// hold every pool thread, and every other test (virtual-time ones included) would stall behind
+/// them.
+public func runProcess(_ executable: String, _ args: [String], stdin: String? = nil) async throws -> ProcessResult {
+    try await withCheckedThrowingContinuation { (c: CheckedContinuation<ProcessResult, any Error>) in
+        let t = Thread { c.resume(with: Result { try runProcessBlocking(executable, args, stdin: stdin) }) }
+        t.start()
+    }
+}
+
+/// `runProcess`, waiting on the calling thread: only for code that is not async (a `deinit`,
+/// a cleanup that must finish before returning).
+public func runProcessBlocking(_ executable: String, _ args: [String], stdin: String? = nil) throws -> ProcessResult {
     let p = Process()
     p.executableURL = URL(fileURLWithPath: executable)
     p.arguments = args
