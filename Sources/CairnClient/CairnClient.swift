@@ -76,6 +76,10 @@ public struct GetResult: Sendable, Hashable {
 public struct WriteResult: Sendable, Hashable {
     public var context: CausalContext
     public var siblings: [Sibling]
+    /// The durability receipt: each replica that had acknowledged the write when the coordinator
+    /// answered (at least W of them, the coordinator's own copy first), as a primary or as a
+    /// fallback standing in for a named primary, and whether its copy was on stable storage.
+    public var acks: [ReplicaAck]
 
     /// The values the write did not supersede (empty when it is the key's only value).
     public var concurrent: ArraySlice<Sibling> { siblings.dropFirst() }
@@ -83,6 +87,7 @@ public struct WriteResult: Sendable, Hashable {
     init(_ reply: WriteReply, written: Sibling) {
         context = reply.context
         siblings = [written] + reply.concurrent
+        acks = reply.acks
     }
 }
 

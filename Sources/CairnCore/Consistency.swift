@@ -45,14 +45,31 @@ public struct RequestOptions: Hashable, Sendable {
     /// How many of the W acknowledgements must come from primary owners.
     public var pw: Quorum?
     public var timeoutMillis: UInt32?
+    /// Whether a down primary's share goes to a fallback (sloppy quorum); nil: the node's
+    /// `quorum.sloppy`. PR/PW count primaries either way.
+    public var sloppy: Bool?
+    /// How a read repairs stale replicas it found; nil: `.async`.
+    public var readRepair: ReadRepairMode?
 
-    public init(r: Quorum? = nil, w: Quorum? = nil, pr: Quorum? = nil, pw: Quorum? = nil, timeoutMillis: UInt32? = nil) {
+    public init(r: Quorum? = nil, w: Quorum? = nil, pr: Quorum? = nil, pw: Quorum? = nil, timeoutMillis: UInt32? = nil,
+                sloppy: Bool? = nil, readRepair: ReadRepairMode? = nil) {
         self.r = r
         self.w = w
         self.pr = pr
         self.pw = pw
         self.timeoutMillis = timeoutMillis
+        self.sloppy = sloppy
+        self.readRepair = readRepair
     }
+}
+
+/// When a read's repair of stale replicas happens relative to its answer.
+public enum ReadRepairMode: UInt8, Hashable, Sendable {
+    /// The client gets its answer at R; the repair follows (default).
+    case async = 0
+    /// The answer waits until every stale replica that answered acknowledged the merged object,
+    /// so a later quorum read sees at least what this one returned (monotonic quorum reads).
+    case blocking = 1
 }
 
 /// R/PR or W/PW resolved against N and validated: `1 <= required <= n`, `0 <= primary <= required`.

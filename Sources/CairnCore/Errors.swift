@@ -13,17 +13,58 @@ public enum ReplicaOutcome: Hashable, Sendable {
     case noAnswerYet
 }
 
+/// Why a replica took part in a request: it is one of the key's N primaries, or a fallback
+/// standing in (sloppy quorum) for the named primary that was down.
+public enum ReplicaRole: Hashable, Sendable, CustomStringConvertible {
+    case primary
+    case fallback(for: String)
+
+    public var isPrimary: Bool { self == .primary }
+
+    public var description: String {
+        switch self {
+        case .primary: "primary"
+        case .fallback(let p): "fallback for \(p)"
+        }
+    }
+}
+
+/// One replica's acknowledgement of a write, as the durability receipt lists it.
+public struct ReplicaAck: Hashable, Sendable {
+    public var node: String
+    public var role: ReplicaRole
+    /// The replica's copy was on stable storage (its log synced) when it acknowledged; false
+    /// under `storage.sync` = `interval:…` / `none` or an in-memory store: the copy survives a
+    /// process crash of that replica only if the OS wrote it back.
+    public var durable: Bool
+
+    public init(node: String, role: ReplicaRole, durable: Bool) {
+        self.node = node
+        self.role = role
+        self.durable = durable
+    }
+}
+
 public struct ReplicaReport: Hashable, Sendable {
     public var node: String
     public var address: String
-    public var isPrimary: Bool
+    public var role: ReplicaRole
     public var outcome: ReplicaOutcome
+    /// For an acknowledged replica: whether its copy was durable when it acknowledged.
+    public var durable: Bool
 
-    public init(node: String, address: String, isPrimary: Bool, outcome: ReplicaOutcome) {
+    public var isPrimary: Bool { role.isPrimary }
+
+    public init(node: String, address: String, role: ReplicaRole, outcome: ReplicaOutcome, durable: Bool = false) {
         self.node = node
         self.address = address
-        self.isPrimary = isPrimary
+        self.role = role
         self.outcome = outcome
+        self.durable = durable
+    }
+
+    public init(node: String, address: String, isPrimary: Bool, outcome: ReplicaOutcome, durable: Bool = false) {
+        self.init(node: node, address: address, role: isPrimary ? .primary : .fallback(for: ""), outcome: outcome, durable: durable)
     }
 }
 

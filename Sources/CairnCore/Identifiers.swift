@@ -29,6 +29,20 @@ public struct PartitionID: Hashable, Comparable, Sendable, CustomStringConvertib
     public var description: String { "p\(index)" }
 }
 
+extension PartitionID {
+    /// Bit 31 of a storage partition id marks a node's fallback copy of a partition (sloppy
+    /// quorum): stored, folded, handed off and dropped apart from its primary copy. Ring sizes
+    /// stay below 2^31, so no partition index has it.
+    static let fallbackBit: UInt32 = 1 << 31
+
+    /// The storage partition holding this node's fallback copy of this partition.
+    public var fallbackSpace: PartitionID { PartitionID(index | Self.fallbackBit) }
+    /// Whether this id names a fallback copy (`fallbackSpace`), not a partition of the ring.
+    public var isFallbackSpace: Bool { index & Self.fallbackBit != 0 }
+    /// The ring's partition this storage partition belongs to.
+    public var home: PartitionID { PartitionID(index & ~Self.fallbackBit) }
+}
+
 /// The identity that stamps versions: a node name plus an epoch.
 ///
 /// A node takes a fresh epoch whenever it starts without its previous data (first boot, lost disk,

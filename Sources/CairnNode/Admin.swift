@@ -162,13 +162,16 @@ extension NodeCore {
         guard let ring = a.view.state else { throw AdminFailure.notJoined }
         let p = ring.partition(forKey: Array(arguments[0].utf8))
         let primaries = ring.replicas(of: p)
+        let (me, agent) = (config.name, membership)
+        let node = { (n: NodeName) -> JSON in
+            .object([("node", .string(n.value)), ("address", .string(a.view.address(n))),
+                     ("liveness", .string((n == me ? MemberStatus.alive : agent?.status(of: n))?.description ?? "unknown"))])
+        }
         return .object([
             ("key", .string(arguments[0])), ("partition", .int(Int(p.index))), ("ring_version", .int(Int(clamping: ring.version))),
-            ("primaries", .array(primaries.map { n in
-                .object([("node", .string(n.value)), ("address", .string(a.view.address(n))),
-                         ("liveness", .string((n == config.name ? MemberStatus.alive : membership?.status(of: n))?.description ?? "unknown"))])
-            })),
-            ("fallbacks", .array([])),
+            ("primaries", .array(primaries.map(node))),
+            // Sloppy quorum's candidates, in the order they stand in for primaries that are down.
+            ("fallbacks", .array(ring.fallbacks(of: p, count: ring.nVal).map(node))),
             ("pending", .array(ring.pendingTransfers.filter { $0.partition == p }.map { .string("\($0.from)→\($0.to)") })),
         ])
     }
@@ -182,7 +185,8 @@ extension NodeCore {
             let age = (now - t.startedAt) / .seconds(1)
             let rate = age > 0 ? Int(Double(p.bytesAcked) / age) : 0
             var fields: [(String, JSON)] = [
-                ("partition", .int(Int(p.partition.index))), ("from", .string(p.from.value)), ("to", .string(p.to.value)),
+                ("partition", .int(Int(p.partition.home.index))), ("kind", .string(p.partition.isFallbackSpace ? "fallback" : "ownership")),
+                ("from", .string(p.from.value)), ("to", .string(p.to.value)),
                 ("state", .string(p.phase.description)), ("keys", .int(Int(clamping: p.keysAcked))), ("bytes", .int(Int(clamping: p.bytesAcked))),
                 ("bytes_per_second", .int(rate)), ("age_s", .int(Int(age))), ("attempts", .int(Int(clamping: p.attempts))),
             ]
@@ -194,11 +198,25 @@ extension NodeCore {
         }
         let running = Set(active.map { PartitionTransfer(partition: $0.progress.partition, from: $0.progress.from, to: $0.progress.to) })
         for t in ring?.pendingTransfers ?? [] where !running.contains(t) {
-            rows.append(.object([("partition", .int(Int(t.partition.index))), ("from", .string(t.from.value)), ("to", .string(t.to.value)),
-                                 ("state", .string("waiting"))]))
+            rows.append(.object([("partition", .int(Int(t.partition.index))), ("kind", .string("ownership")), ("from", .string(t.from.value)),
+                                 ("to", .string(t.to.value)), ("state", .string("waiting"))]))
+        }
+        // Fallback copies waiting for their primaries to come back.
+        let handing = Set(active.filter { $0.progress.partition.isFallbackSpace }.map(\.progress.partition.home))
+        for p in vnodes.fallbackPartitions where !handing.contains(p) {
+            rows.append(.object([("partition", .int(Int(p.index))), ("kind", .string("fallback")), ("from", .string(config.name.value)),
+                                 ("to", .string(ring?.replicas(of: p).filter { $0 != config.name }.map(\.value).joined(separator: ",") ?? "")),
+                                 ("state", .string("waiting for the primaries"))]))
+        }
+        let hintRows: [JSON] = (hints?.status() ?? []).map { h in
+            var fields: [(String, JSON)] = [("target", .string(h.target.value)), ("hints", .int(h.hints)), ("bytes", .int(h.bytes)),
+                                            ("state", .string(h.state)), ("replayed", .int(Int(clamping: h.replayed)))]
+            if let age = h.oldestSeconds { fields.append(("oldest_age_s", .int(Int(age)))) }
+            return .object(fields)
         }
         return .object([("ring_version", .int(Int(clamping: ring?.version ?? 0))),
-                        ("pending_transfers", .int(ring?.pendingTransfers.count ?? 0)), ("transfers", .array(rows))])
+                        ("pending_transfers", .int(ring?.pendingTransfers.count ?? 0)), ("transfers", .array(rows)),
+                        ("hints", .array(hintRows))])
     }
 
     /// Tells the claimant that `t` is complete (forwarding to it if needed); true once recorded.

@@ -357,11 +357,15 @@ public final class CairnNode: Service, Sendable {
         let vnodeSupervisor = Supervisor(name: "vnodes", policy: config.restartPolicy, logger: core.logger, clock: core.clock) { _ in
             metrics.supervisorRestarts.increment()
         }
-        let (backend, limits, logger) = (storage.backend, config.limits, core.logger)
-        let manager = VnodeManager(table: core.vnodes, supervisor: vnodeSupervisor, views: views, logger: logger) { key in
-            Vnode(partition: key.partition, role: key.role, backend: backend, limits: limits, metrics: metrics, logger: logger)
+        let (backend, limits, logger, epochs) = (storage.backend, config.limits, core.logger, core.epochs)
+        let partitionCount = view.state?.partitionCount ?? 0
+        let manager = VnodeManager(table: core.vnodes, supervisor: vnodeSupervisor, views: views, logger: logger, metrics: metrics,
+                                   probeFallbacks: { await Self.fallbackCopies(in: backend, partitions: partitionCount, logger: logger) }) { key in
+            Vnode(partition: key.partition, role: key.role, backend: backend, limits: limits, metrics: metrics, logger: logger,
+                  stampActor: key.role == .fallback ? ActorID(node: storage.actor.node, epoch: epochs.next()) : nil)
         }
         manager.apply(view)
+        core.vnodeManager = manager
         let handoffStore: any HandoffStore
         if let dir = config.dataDirectory, config.storageKind == .disk {
             handoffStore = FileHandoffStore(fs: fileSystem ?? PosixFileSystem(), directory: dir + "/handoff")
@@ -374,13 +378,26 @@ public final class CairnNode: Service, Sendable {
             pacer: Pacer(bytesPerSecond: config.handoff.bytesPerSecond, clock: core.clock), metrics: metrics, logger: core.logger,
             requestTimeoutMillis: config.requestTimeoutMillis, taskExecutor: core.taskExecutor, storage: { core.backend },
             ring: { core.membership?.ring }, reportComplete: { t in await core.reportTransferComplete(t) },
-            vnodeRetired: { p in await core.vnodes.retired(p, clock: core.clock, limit: .seconds(30)) })
+            vnodeRetired: { p in await core.vnodes.retired(p, clock: core.clock, limit: .seconds(30)) },
+            reachable: { nodes in core.liveness.downReasons(nodes).isEmpty && transport.downReasons(nodes).isEmpty },
+            retireFallback: { p in await core.vnodeManager?.retireFallback(p) },
+            drawID: { core.epochs.next() })
         let handoff = HandoffManager(env: handoffEnv, views: views, vnodes: core.vnodes, limits: config.limits)
         core.handoff = handoff
         acceptStreams(of: .handoff) { handoff.accept($0) }
         var ctx = CoordinatorContext(me: config.name, actor: storage.actor, vnodes: core.vnodes, transport: transport,
                                      metrics: metrics, logger: core.logger, clock: core.clock, liveness: core.liveness)
         ctx.afterLocalWrite = { p, key, object in await core.handoff?.forward(partition: p, key: key, object: object) ?? true }
+        ctx.fallbackVnode = { p in await core.fallbackVnode(p) }
+        let hints = HintManager(env: HintManager.Environment(
+            me: config.name, settings: config.hints, limits: config.limits, transport: transport, clock: core.clock, metrics: metrics,
+            logger: core.logger, requestTimeoutMillis: config.requestTimeoutMillis, storage: { core.backend },
+            ring: { core.membership?.ring },
+            reachable: { n in core.liveness.status(of: n) != .dead && transport.downReasons([n]).isEmpty }))
+        core.hints = hints
+        ctx.keepHints = { targets, p, key, object in await hints.keep(for: targets, partition: p, key: key, object: object) }
+        ctx.acknowledgesDurably = storage.backend.acknowledgesDurably
+        ctx.readRepairs = ReadRepairLimiter(limit: config.readRepairMaxInflight)
         var membershipSettings = MembershipAgent.Settings()
         membershipSettings.swim = config.membership
         membershipSettings.requestTimeoutMillis = config.requestTimeoutMillis
@@ -395,11 +412,32 @@ public final class CairnNode: Service, Sendable {
         supervisor.spawn(manager)
         supervisor.spawn(agent)
         supervisor.spawn(handoff)
+        supervisor.spawn(hints)
         core.logger.info("cluster view built", metadata: [
             "members": "\(initial?.members.count ?? 0)", "ring_size": "\(view.state?.partitionCount ?? 0)", "n_val": "\(view.state?.nVal ?? 0)",
             "vnodes": "\(core.vnodes.count)", "ring_version": "\(view.state?.version ?? 0)",
             "actor": "\(storage.actor)", "view_version": "\(view.version)",
         ])
+    }
+
+    /// Partitions among the first `partitions` whose fallback copy holds at least one key (one
+    /// seek each). A store that cannot be read is logged and counts as none: its fallback copies
+    /// then wait for the next write to start their vnode.
+    static func fallbackCopies(in backend: any PartitionStore, partitions: Int, logger: Logger) async -> [PartitionID] {
+        var out: [PartitionID] = []
+        for i in 0..<UInt32(clamping: partitions) {
+            let p = PartitionID(i)
+            do {
+                let fold = try await backend.fold(partition: p.fallbackSpace, after: nil, into: false) { found, _, _ in
+                    found = true
+                    return .stop
+                }
+                if fold.accumulator { out.append(p) }
+            } catch {
+                logger.error("could not look for fallback copies", metadata: ["partition": "\(i)", "error": "\(error)"])
+            }
+        }
+        return out
     }
 
     /// Serves until a graceful shutdown (SIGTERM via ServiceGroup, or `shutdown()`), then drains

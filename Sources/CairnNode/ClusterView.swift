@@ -36,6 +36,17 @@ struct ClusterView: Sendable {
 
     func partition(forKey key: [UInt8]) -> PartitionID? { state?.partition(forKey: key) }
 
+    /// The key's partition, its primaries in preference-list order, then up to N fallback
+    /// candidates in ring order (the next distinct members; none before joining).
+    func candidates(forKey key: [UInt8]) -> (PartitionID, [ReplicaTarget]) {
+        guard let state else { return (PartitionID(0), []) }
+        let (p, primaries) = placement(forKey: key)
+        let fallbacks = state.fallbacks(of: p, count: state.nVal).map {
+            ReplicaTarget(node: $0, address: address($0), isPrimary: false, isLocal: $0 == me)
+        }
+        return (p, primaries + fallbacks)
+    }
+
     /// The key's partition and its replicas in preference-list order (none before joining).
     func placement(forKey key: [UInt8]) -> (PartitionID, [ReplicaTarget]) {
         guard let state else { return (PartitionID(0), []) }

@@ -50,8 +50,18 @@ public struct NodeConfig: Sendable {
     /// SWIM's tuning (`membership.probe_interval`, `probe_timeout`, `indirect_probes`,
     /// `suspicion_multiplier`, `suspicion_max_multiplier`).
     public var membership = SWIMSettings()
+    /// `cluster.sloppy_quorum`: a primary that is down is replaced by the next live node on the
+    /// ring (its fallback) for reads and writes; W and R count fallbacks, PW and PR do not.
+    /// A request's `sloppy` option overrides it.
+    public var sloppyQuorum = true
     // handoff.*
     public var handoff = HandoffSettings()
+    // hints.*
+    public var hints = HintSettings()
+    // read_repair.*
+    /// Asynchronous read repairs in flight on this node at most (`read_repair.max_inflight`);
+    /// past it a read skips its repair (counted as `skipped_overload`).
+    public var readRepairMaxInflight = 256
     /// `cluster.secret_file`: the file holding the cluster secret the handshake proves; read by
     /// `loadClusterSecret()`, not when the key is set. nil: no secret (anyone can join).
     public var secretFile: String?

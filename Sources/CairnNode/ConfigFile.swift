@@ -56,6 +56,13 @@ extension NodeConfig {
             }
         case "cluster.seeds":
             seeds = try value.split(separator: ",").map { entry throws(ValidationError) in try HostPort(parsing: String(entry)) }
+        case "cluster.sloppy_quorum": sloppyQuorum = try Self.bool(value)
+        case "read_repair.max_inflight": readRepairMaxInflight = try Self.int(value, 0...1_000_000)
+        case "hints.enabled": hints.enabled = try Self.bool(value)
+        case "hints.max_bytes_per_target": hints.maxBytesPerTarget = try Self.bytes(value, (64 << 10)...(1 << 40))
+        case "hints.max_bytes": hints.maxBytes = try Self.bytes(value, (64 << 10)...(1 << 40))
+        case "hints.max_age": hints.maxAge = .milliseconds(try Self.millis(value))
+        case "hints.replay_bytes_per_second": hints.replayBytesPerSecond = try Self.bytes(value, (4 << 10)...(1 << 40))
         case "handoff.max_concurrent": handoff.maxConcurrent = try Self.int(value, 1...64)
         case "handoff.bytes_per_second": handoff.bytesPerSecond = try Self.bytes(value, (64 << 10)...(1 << 40))
         case "handoff.batch_bytes": handoff.transfer.batchMaxBytes = try Self.bytes(value, (4 << 10)...(64 << 20))
@@ -126,6 +133,14 @@ extension NodeConfig {
         }
     }
 
+    static func bool(_ v: String) throws(ValidationError) -> Bool {
+        switch v {
+        case "true": true
+        case "false": false
+        default: throw ValidationError("'\(v)' is not true or false")
+        }
+    }
+
     static func int(_ v: String, _ range: ClosedRange<Int>) throws(ValidationError) -> Int {
         guard let n = Int(v.replacingUnderscores), range.contains(n) else {
             throw ValidationError("'\(v)' is not an integer in \(range.lowerBound)...\(range.upperBound)")
@@ -133,9 +148,9 @@ extension NodeConfig {
         return n
     }
 
-    /// `250ms`, `2s`, `1m`, or a bare number of milliseconds.
+    /// `250ms`, `2s`, `1m`, `3h`, or a bare number of milliseconds.
     static func millis(_ v: String) throws(ValidationError) -> Int64 {
-        let units: [(String, Int64)] = [("ms", 1), ("s", 1000), ("m", 60_000)]
+        let units: [(String, Int64)] = [("ms", 1), ("s", 1000), ("m", 60_000), ("h", 3_600_000)]
         for (suffix, scale) in units where v.hasSuffix(suffix) {
             let digits = v.dropLast(suffix.count).trimmingSpaces
             if let n = Int64(String(digits).replacingUnderscores), n >= 0, n <= Int64(Int32.max) { return n * scale }

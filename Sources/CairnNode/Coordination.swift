@@ -1,17 +1,62 @@
 public import CairnCore
 
-/// One replica a coordinator may talk to.
+/// One replica a coordinator may talk to: a primary of the key, or a fallback (the next nodes
+/// on the ring) that stands in for a primary that is down.
 public struct ReplicaTarget: Hashable, Sendable {
     public var node: NodeName
     public var address: String
     public var isPrimary: Bool
     public var isLocal: Bool
+    /// For a fallback chosen by sloppy quorum: the primary whose share it takes.
+    public var standsInFor: NodeName?
 
-    public init(node: NodeName, address: String, isPrimary: Bool, isLocal: Bool) {
+    public init(node: NodeName, address: String, isPrimary: Bool, isLocal: Bool, standsInFor: NodeName? = nil) {
         self.node = node
         self.address = address
         self.isPrimary = isPrimary
         self.isLocal = isLocal
+        self.standsInFor = standsInFor
+    }
+
+    public var role: ReplicaRole { isPrimary ? .primary : .fallback(for: standsInFor?.value ?? "") }
+    /// The primary that misses the request if this replica does: itself, or the one it stands in for.
+    var home: NodeName? { isPrimary ? node : standsInFor }
+}
+
+/// Who takes part in a request (pure): every primary of the key (those down are reported, not
+/// sent to), and under sloppy quorum, for each primary that is down, the next fallback that is
+/// not down, in ring order. A write coordinator that is itself a fallback (`coordinatorIsFallback`:
+/// a forwarding node reached no primary) always takes part, standing in for the first primary
+/// that is down (or, seeing none down, for the first one: its copy is handed to the primaries
+/// like any fallback copy).
+///
+/// `unplaced`: primaries that are down and got no fallback (fewer live nodes than N + down
+/// primaries): a write keeps a hint for each.
+public enum ReplicaSelection {
+    public static func choose(_ candidates: [ReplicaTarget], down: [NodeName: String], sloppy: Bool, coordinatorIsFallback: Bool = false)
+        -> (replicas: [ReplicaTarget], unplaced: [NodeName]) {
+        let primaries = candidates.filter(\.isPrimary)
+        let downPrimaries = primaries.filter { !$0.isLocal && down[$0.node] != nil }.map(\.node)
+        guard sloppy else { return (primaries, downPrimaries) }
+        let forced = coordinatorIsFallback ? candidates.first { !$0.isPrimary && $0.isLocal } : nil
+        var free = candidates.filter { !$0.isPrimary && $0 != forced && ($0.isLocal || down[$0.node] == nil) }
+        var chosen: [ReplicaTarget] = []
+        var uncovered = downPrimaries
+        if var me = forced {
+            me.standsInFor = uncovered.isEmpty ? primaries.first?.node : uncovered.removeFirst()
+            chosen.append(me)
+        }
+        var unplaced: [NodeName] = []
+        for p in uncovered {
+            if free.isEmpty {
+                unplaced.append(p)
+            } else {
+                var f = free.removeFirst()
+                f.standsInFor = p
+                chosen.append(f)
+            }
+        }
+        return (primaries + chosen, unplaced)
     }
 }
 
@@ -22,21 +67,35 @@ struct QuorumTally: Sendable {
     let requirement: QuorumRequirement
     let replicas: [ReplicaTarget]
     private(set) var outcomes: [ReplicaOutcome?]
+    /// Per replica: whether its acknowledgement said its copy was durable.
+    private(set) var durable: [Bool]
+    /// The order acknowledgements arrived in (indices), for the receipt.
+    private(set) var ackOrder: [Int] = []
 
     init(operation: OperationKind, requirement: QuorumRequirement, replicas: [ReplicaTarget]) {
         self.operation = operation
         self.requirement = requirement
         self.replicas = replicas
         self.outcomes = Array(repeating: nil, count: replicas.count)
+        self.durable = Array(repeating: false, count: replicas.count)
     }
 
     func index(of node: NodeName) -> Int? { replicas.firstIndex { $0.node == node } }
 
     /// Records the first outcome for `node`; later ones (duplicates, late replies) are ignored.
-    mutating func record(_ node: NodeName, _ outcome: ReplicaOutcome) -> Bool {
+    mutating func record(_ node: NodeName, _ outcome: ReplicaOutcome, durable isDurable: Bool = false) -> Bool {
         guard let i = index(of: node), outcomes[i] == nil else { return false }
         outcomes[i] = outcome
+        if outcome == .acknowledged {
+            durable[i] = isDurable
+            ackOrder.append(i)
+        }
         return true
+    }
+
+    /// Every acknowledgement so far, in arrival order: the durability receipt.
+    var receipt: [ReplicaAck] {
+        ackOrder.map { ReplicaAck(node: replicas[$0].node.value, role: replicas[$0].role, durable: durable[$0]) }
     }
 
     var acks: Int { outcomes.count { $0 == .acknowledged } }
@@ -77,14 +136,19 @@ struct QuorumTally: Sendable {
         return nil
     }
 
+    /// Replaces the recorded outcome of these replicas (a blocking read's stale answers).
+    mutating func override(_ outcomes: [NodeName: ReplicaOutcome]) {
+        for (n, o) in outcomes { if let i = index(of: n) { self.outcomes[i] = o } }
+    }
+
     mutating func expire(afterMillis ms: UInt32) {
         for i in outcomes.indices where outcomes[i] == nil { outcomes[i] = .timedOut(afterMillis: ms) }
     }
 
     func failure(_ kind: QuorumFailure.Kind, name: String, required: Int, achieved: Int, candidates: Int) -> QuorumFailure {
         let reports = replicas.indices.map { i in
-            ReplicaReport(node: replicas[i].node.value, address: replicas[i].address, isPrimary: replicas[i].isPrimary,
-                          outcome: outcomes[i] ?? (kind == .unavailable ? .acknowledged : .noAnswerYet))
+            ReplicaReport(node: replicas[i].node.value, address: replicas[i].address, role: replicas[i].role,
+                          outcome: outcomes[i] ?? (kind == .unavailable ? .acknowledged : .noAnswerYet), durable: durable[i])
         }
         // For `unavailable`, reachable replicas were never contacted; list only the down ones.
         let shown = kind == .unavailable ? reports.filter { if case .notSent = $0.outcome { true } else { false } } : reports
@@ -95,10 +159,17 @@ struct QuorumTally: Sendable {
 
 /// The write coordinator's protocol, as a pure state machine.
 ///
-/// The coordinator is always a primary replica (other nodes forward to one). It applies the write
-/// to its own vnode first (stamping the new version), then replicates the resulting object to the
-/// other reachable replicas and answers once W acknowledgements (PW from primaries) are in.
-/// It keeps listening until every replica answered or the deadline passed.
+/// The coordinator is always one of the write's replicas: a primary (other nodes forward to
+/// one), or, when no primary could be reached, a fallback. It applies the write to its own vnode
+/// first (stamping the new version), then replicates the resulting object to the other reachable
+/// replicas and answers once W acknowledgements (PW from primaries) are in. Under sloppy quorum a
+/// primary that is down is replaced by a fallback (`ReplicaSelection`). It keeps listening until
+/// every replica answered or the deadline passed.
+///
+/// Hints: every primary that will miss the write — down with no fallback, or sent to and failed
+/// or silent, or whose fallback failed — is named once in a `keepHint` directive, after the local
+/// apply (there is an object to keep). A primary whose fallback acknowledged gets no hint: the
+/// fallback's copy reaches it by handoff.
 ///
 /// Truthfulness: `unavailable` is only ever reported before anything is applied; once the local
 /// vnode applied the write, every failure is `notReached` (the outcome is unknown).
@@ -108,6 +179,8 @@ public struct WriteCoordination: Sendable {
         case applyLocally
         /// Send the stamped object to these replicas; report each with `replicaAcked` / `replicaFailed`.
         case replicate(to: [NodeName])
+        /// Keep a durable hint of the stamped object for each of these primaries.
+        case keepHint(for: [NodeName])
         case respond(WriteOutcome)
         /// Nothing more will happen; the shell may release the request.
         case finish
@@ -127,34 +200,53 @@ public struct WriteCoordination: Sendable {
         case rejected(String)
     }
 
+    private let candidates: [ReplicaTarget]
+    private let sloppy: Bool
+    private let coordinatorIsFallback: Bool
     private var tally: QuorumTally
     private let timeoutMillis: UInt32
     private var responded = false
     private var finished = false
     private var applied = false
+    private var unplaced: [NodeName] = []
+    private var hinted: Set<NodeName> = []
 
-    public init(operation: OperationKind, requirement: QuorumRequirement, replicas: [ReplicaTarget], timeoutMillis: UInt32) {
-        tally = QuorumTally(operation: operation, requirement: requirement, replicas: replicas)
+    /// `replicas`: the key's primaries in preference order, then its fallback candidates in ring
+    /// order (used only under `sloppy`, for primaries that are down). When the local one is a
+    /// fallback, this node coordinates as that fallback (`ReplicaSelection`).
+    public init(operation: OperationKind, requirement: QuorumRequirement, replicas: [ReplicaTarget], timeoutMillis: UInt32,
+                sloppy: Bool = true) {
+        candidates = replicas
+        self.sloppy = sloppy
+        coordinatorIsFallback = replicas.contains { $0.isLocal && !$0.isPrimary }
+        tally = QuorumTally(operation: operation, requirement: requirement, replicas: replicas.filter(\.isPrimary))
         self.timeoutMillis = timeoutMillis
     }
 
     public var isFinished: Bool { finished }
     public var outcomes: [ReplicaOutcome?] { tally.outcomes }
+    /// The replicas taking part (chosen at `start`).
+    public var replicas: [ReplicaTarget] { tally.replicas }
+    /// The acknowledgements so far, in arrival order (the coordinator's own first).
+    public var receipt: [ReplicaAck] { tally.receipt }
 
     /// `down`: replicas the shell believes unreachable, with the reason.
     public mutating func start(down: [NodeName: String]) -> [Directive] {
+        let (chosen, unplaced) = ReplicaSelection.choose(candidates, down: down, sloppy: sloppy, coordinatorIsFallback: coordinatorIsFallback)
+        tally = QuorumTally(operation: tally.operation, requirement: tally.requirement, replicas: chosen)
+        self.unplaced = unplaced
         if let failure = tally.excludeDown(down) {
             return conclude(.quorumFailed(failure))
         }
         return [.applyLocally]
     }
 
-    public mutating func localApplied() -> [Directive] {
+    public mutating func localApplied(durable: Bool = false) -> [Directive] {
         guard !finished, !applied, let me = tally.replicas.first(where: \.isLocal) else { return [] }
         applied = true
-        _ = tally.record(me.node, .acknowledged)
+        _ = tally.record(me.node, .acknowledged, durable: durable)
         let others = tally.pendingNodes
-        return (others.isEmpty ? [] : [.replicate(to: others)]) + evaluate()
+        return (others.isEmpty ? [] : [.replicate(to: others)]) + hints(for: unplaced) + evaluate()
     }
 
     public mutating func localFailed(_ reason: String) -> [Directive] {
@@ -167,21 +259,30 @@ public struct WriteCoordination: Sendable {
         return conclude(.rejected(reason))
     }
 
-    public mutating func replicaAcked(_ node: NodeName) -> [Directive] {
-        guard !finished, applied, tally.record(node, .acknowledged) else { return [] }
+    public mutating func replicaAcked(_ node: NodeName, durable: Bool = false) -> [Directive] {
+        guard !finished, applied, tally.record(node, .acknowledged, durable: durable) else { return [] }
         return evaluate()
     }
 
     public mutating func replicaFailed(_ node: NodeName, _ outcome: ReplicaOutcome) -> [Directive] {
         guard !finished, applied, tally.record(node, outcome) else { return [] }
-        return evaluate()
+        let home = tally.replicas.first { $0.node == node }?.home
+        return hints(for: home.map { [$0] } ?? []) + evaluate()
     }
 
     public mutating func deadlinePassed() -> [Directive] {
         guard !finished else { return [] }
+        let silent = tally.replicas.indices.filter { tally.outcomes[$0] == nil }.compactMap { tally.replicas[$0].home }
         tally.expire(afterMillis: timeoutMillis)
         if !applied { return conclude(.coordinatorTimedOut(afterMillis: timeoutMillis)) }
-        return evaluate()
+        return hints(for: silent) + evaluate()
+    }
+
+    /// A `keepHint` for those of `nodes` not hinted yet (never the coordinator itself).
+    private mutating func hints(for nodes: [NodeName]) -> [Directive] {
+        let me = tally.replicas.first(where: \.isLocal)?.node
+        let new = nodes.filter { $0 != me && hinted.insert($0).inserted }
+        return new.isEmpty ? [] : [.keepHint(for: new)]
     }
 
     private mutating func evaluate() -> [Directive] {
@@ -212,16 +313,26 @@ public struct WriteCoordination: Sendable {
 
 /// The read coordinator's protocol, as a pure state machine.
 ///
-/// Asks every reachable replica, answers with the merge (DVVSet sync) of the first R answers
+/// Asks every replica taking part (the reachable primaries, and under sloppy quorum a fallback
+/// for each primary that is down), answers with the merge (DVVSet sync) of the first R answers
 /// (PR of them from primaries), then keeps collecting until all answered or the deadline passed.
 /// A replica that has no object counts as an answer ("not found" is a valid answer).
+///
+/// Read repair: once every answer is in (or the deadline passed), each primary that answered
+/// with a copy other than the merge of all answers — stale, or missing — is sent that merge
+/// (`repair`): a DVV merge there, never a new version. Fallbacks are not repaired (their copy is
+/// handed off). With `ReadRepairMode.blocking` the answer waits for that moment too and counts,
+/// towards R and PR, only replicas that hold the merge: those that answered with it and those
+/// whose repair was acknowledged. The machine finishes once every repair reported.
 public struct ReadCoordination: Sendable {
     public enum Directive: Hashable, Sendable {
         /// Ask these replicas (the local one included, if listed).
         case fetch(from: [NodeName])
         case respond(ReadOutcome)
-        /// All answers are in (or the deadline passed). `divergent` lists replicas whose answer
-        /// differed from the merge of all answers: the input read repair will use.
+        /// Merge `object` into these primaries' copies; report each with `repairAcked` / `repairFailed`.
+        case repair(targets: [NodeName], object: VersionedObject)
+        /// All answers (and repairs) are in, or the deadline passed. `divergent` lists replicas
+        /// whose answer differed from the merge of all answers.
         case finish(divergent: [NodeName])
     }
 
@@ -231,20 +342,37 @@ public struct ReadCoordination: Sendable {
         case quorumFailed(QuorumFailure)
     }
 
+    private let candidates: [ReplicaTarget]
+    private let sloppy: Bool
+    private let mode: ReadRepairMode
     private var tally: QuorumTally
     private let timeoutMillis: UInt32
     private var answers: [NodeName: VersionedObject?] = [:]
     private var responded = false
     private var finished = false
+    /// Repairs sent and not yet reported; nil before the repair decision.
+    private var repairing: Set<NodeName>?
+    private var repaired: Set<NodeName> = []
+    private var repairFailures: [NodeName: String] = [:]
+    private var divergent: [NodeName] = []
+    private var final: VersionedObject?
 
-    public init(requirement: QuorumRequirement, replicas: [ReplicaTarget], timeoutMillis: UInt32) {
-        tally = QuorumTally(operation: .get, requirement: requirement, replicas: replicas)
+    public init(requirement: QuorumRequirement, replicas: [ReplicaTarget], timeoutMillis: UInt32, sloppy: Bool = true,
+                repair: ReadRepairMode = .async) {
+        candidates = replicas
+        self.sloppy = sloppy
+        mode = repair
+        tally = QuorumTally(operation: .get, requirement: requirement, replicas: replicas.filter(\.isPrimary))
         self.timeoutMillis = timeoutMillis
     }
 
     public var isFinished: Bool { finished }
+    /// The replicas taking part (chosen at `start`).
+    public var replicas: [ReplicaTarget] { tally.replicas }
 
     public mutating func start(down: [NodeName: String]) -> [Directive] {
+        tally = QuorumTally(operation: .get, requirement: tally.requirement,
+                            replicas: ReplicaSelection.choose(candidates, down: down, sloppy: sloppy).replicas)
         if let failure = tally.excludeDown(down) {
             finished = true
             responded = true
@@ -254,20 +382,32 @@ public struct ReadCoordination: Sendable {
     }
 
     public mutating func replied(_ node: NodeName, _ object: VersionedObject?) -> [Directive] {
-        guard !finished, tally.record(node, .acknowledged) else { return [] }
+        guard !finished, repairing == nil, tally.record(node, .acknowledged) else { return [] }
         answers[node] = .some(object)
         return evaluate()
     }
 
     public mutating func replicaFailed(_ node: NodeName, _ outcome: ReplicaOutcome) -> [Directive] {
-        guard !finished, tally.record(node, outcome) else { return [] }
+        guard !finished, repairing == nil, tally.record(node, outcome) else { return [] }
         return evaluate()
     }
 
     public mutating func deadlinePassed() -> [Directive] {
-        guard !finished else { return [] }
+        guard !finished, repairing == nil else { return [] }
         tally.expire(afterMillis: timeoutMillis)
         return evaluate()
+    }
+
+    public mutating func repairAcked(_ node: NodeName) -> [Directive] {
+        guard !finished, repairing?.remove(node) != nil else { return [] }
+        repaired.insert(node)
+        return concludeRepairs()
+    }
+
+    public mutating func repairFailed(_ node: NodeName, _ reason: String) -> [Directive] {
+        guard !finished, repairing?.remove(node) != nil else { return [] }
+        repairFailures[node] = reason
+        return concludeRepairs()
     }
 
     private var merged: VersionedObject? {
@@ -275,10 +415,25 @@ public struct ReadCoordination: Sendable {
         return objects.isEmpty ? nil : VersionedObject.sync(objects)
     }
 
+    /// Fallbacks that answered "not found". A fallback holds only what it took while standing
+    /// in, so its miss is no evidence against a value the primaries hold: it counts towards R
+    /// only once no primary asked is still to answer (a live primary's copy is never outvoted by
+    /// fallbacks that never saw the key).
+    private var fallbackMisses: Int {
+        tally.replicas.count { r in !r.isPrimary && answers[r.node].map { $0 == nil } ?? false }
+    }
+
+    /// R (and PR) met, counting fallback misses only once the primaries are all in.
+    private var satisfied: Bool {
+        guard tally.satisfied else { return false }
+        guard tally.pendingPrimaries > 0 else { return true }
+        return tally.acks - fallbackMisses >= tally.requirement.required
+    }
+
     private mutating func evaluate() -> [Directive] {
         var out: [Directive] = []
-        if !responded {
-            if tally.satisfied {
+        if !responded, mode == .async {
+            if satisfied {
                 responded = true
                 out.append(.respond(.answered(merged)))
             } else if let failure = tally.impossible() {
@@ -286,12 +441,61 @@ public struct ReadCoordination: Sendable {
                 out.append(.respond(.quorumFailed(failure)))
             }
         }
-        if tally.pending == 0 {
-            finished = true
-            let all = merged
-            let divergent = answers.filter { $0.value != all }.map(\.key).sorted()
-            out.append(.finish(divergent: divergent))
+        if !responded, mode == .blocking, let failure = tally.impossible() {
+            responded = true
+            out.append(.respond(.quorumFailed(failure)))
         }
+        guard tally.pending == 0 else { return out }
+        // Every answer is in: decide the repair.
+        let all = merged
+        final = all
+        divergent = answers.filter { $0.value != all }.map(\.key).sorted()
+        let primaries = Set(tally.replicas.filter(\.isPrimary).map(\.node))
+        let stale = divergent.filter { primaries.contains($0) }
+        if let all, !stale.isEmpty {
+            repairing = Set(stale)
+            out.append(.repair(targets: stale, object: all))
+            return out
+        }
+        repairing = []
+        return out + concludeRepairs()
+    }
+
+    /// Once no repair is outstanding: a blocking read answers, and the machine finishes.
+    private mutating func concludeRepairs() -> [Directive] {
+        guard let repairing, repairing.isEmpty else { return [] }
+        var out: [Directive] = []
+        if !responded {
+            responded = true
+            out.append(.respond(blockingOutcome()))
+        }
+        finished = true
+        out.append(.finish(divergent: divergent))
         return out
+    }
+
+    /// A blocking read's answer: R (PR) replicas must hold the merge — those that answered with
+    /// it, and those whose repair was acknowledged.
+    private func blockingOutcome() -> ReadOutcome {
+        var holding = tally
+        var reasons: [NodeName: ReplicaOutcome] = [:]
+        for n in divergent where !repaired.contains(n) {
+            reasons[n] = .failed("stale and not repaired" + (repairFailures[n].map { ": " + $0 } ?? " (a fallback's copy)"))
+        }
+        let req = tally.requirement
+        var acks = 0
+        var primaryAcks = 0
+        for r in tally.replicas where answers[r.node] != nil && reasons[r.node] == nil {
+            acks += 1
+            if r.isPrimary { primaryAcks += 1 }
+        }
+        if acks >= req.required && primaryAcks >= req.primaryRequired { return .answered(final) }
+        holding.override(reasons)
+        if acks < req.required {
+            return .quorumFailed(holding.failure(.notReached, name: req.name, required: req.required, achieved: acks,
+                                                 candidates: tally.replicas.count))
+        }
+        return .quorumFailed(holding.failure(.notReached, name: "P" + req.name, required: req.primaryRequired, achieved: primaryAcks,
+                                             candidates: tally.primaries))
     }
 }

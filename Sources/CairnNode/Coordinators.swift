@@ -17,6 +17,35 @@ struct CoordinatorContext: Sendable {
     /// the local copy must not count (the partition moved away and its new replicas did not
     /// take the write).
     var afterLocalWrite: (@Sendable (PartitionID, [UInt8], VersionedObject) async -> Bool)?
+    /// This node's fallback vnode for a partition, started if it runs none (sloppy quorum).
+    var fallbackVnode: (@Sendable (PartitionID) async -> Vnode?)?
+    /// Keeps a durable hint of a write for each primary that missed it.
+    var keepHints: (@Sendable (_ for: [NodeName], PartitionID, [UInt8], VersionedObject) async -> Void)?
+    /// Whether this node's acknowledgements mean a synced copy (`PartitionStore.acknowledgesDurably`).
+    var acknowledgesDurably = false
+    /// Bounds the asynchronous read repairs in flight (`read_repair.max_inflight`).
+    var readRepairs = ReadRepairLimiter(limit: 256)
+}
+
+/// Counts asynchronous read repairs in flight against `read_repair.max_inflight`. Thread-safe.
+final class ReadRepairLimiter: Sendable {
+    let limit: Int
+    private let inflight = Locked(0)
+
+    init(limit: Int) { self.limit = max(limit, 0) }
+
+    /// Takes `n` slots; false (nothing taken) when they would exceed the limit.
+    func acquire(_ n: Int) -> Bool {
+        inflight.withLock { i in
+            guard i + n <= limit else { return false }
+            i += n
+            return true
+        }
+    }
+
+    func release(_ n: Int) { inflight.withLock { $0 = max($0 - n, 0) } }
+
+    var current: Int { inflight.value }
 }
 
 extension CoordinatorContext {
@@ -37,6 +66,16 @@ extension CoordinatorContext {
         } catch {
             return .failure(ReplicaOutcome(error))
         }
+    }
+}
+
+extension CoordinatorContext {
+    /// The local vnode a request for `partition` uses in `role`: the primary one, or (a
+    /// fallback) the fallback one, started when `start` and none runs.
+    func localVnode(_ partition: PartitionID, fallback: Bool, start: Bool) async -> Vnode? {
+        guard fallback else { return vnodes.vnode(for: partition) }
+        if let v = vnodes.vnode(for: VnodeKey(partition: partition, role: .fallback)) { return v }
+        return start ? await fallbackVnode?(partition) : nil
     }
 }
 
@@ -79,12 +118,13 @@ extension ReplicaOutcome {
 /// node's request group.
 actor WriteCoordinator {
     private enum Event: Sendable {
-        case localApplied(VersionedObject)
+        case localApplied(VersionedObject, writer: ActorID)
         case localFailed(String)
         case localRejected(String)
-        case acked(NodeName)
+        case acked(NodeName, durable: Bool)
         case failed(NodeName, ReplicaOutcome)
         case deadline
+        case done
     }
 
     private var machine: WriteCoordination
@@ -94,25 +134,37 @@ actor WriteCoordinator {
     private let sibling: Sibling
     private let context: VersionVector
     private let timeoutMillis: UInt32
-    private let replicas: [ReplicaTarget]
+    private let candidates: [ReplicaTarget]
     private var object: VersionedObject?
+    /// The actor that stamped the write (the node's, or its fallback vnode's).
+    private var writer: ActorID?
 
+    /// `replicas`: the key's primaries, then its fallback candidates (`WriteCoordination`).
     init(ctx: CoordinatorContext, operation: OperationKind, requirement: QuorumRequirement, partition: PartitionID,
-         replicas: [ReplicaTarget], key: [UInt8], sibling: Sibling, context: VersionVector, timeoutMillis: UInt32) {
-        machine = WriteCoordination(operation: operation, requirement: requirement, replicas: replicas, timeoutMillis: timeoutMillis)
+         replicas: [ReplicaTarget], key: [UInt8], sibling: Sibling, context: VersionVector, timeoutMillis: UInt32, sloppy: Bool) {
+        machine = WriteCoordination(operation: operation, requirement: requirement, replicas: replicas, timeoutMillis: timeoutMillis,
+                                    sloppy: sloppy)
         self.ctx = ctx
         self.partition = partition
         self.key = key
         self.sibling = sibling
         self.context = context
         self.timeoutMillis = timeoutMillis
-        self.replicas = replicas
+        self.candidates = replicas
+    }
+
+    /// What `respond` gets beside the outcome: the stored object and the actor that stamped the
+    /// write (once applied locally), and the durability receipt so far.
+    struct Written: Sendable {
+        var object: VersionedObject?
+        var writer: ActorID?
+        var receipt: [ReplicaAck]
     }
 
     /// Runs the request to its end; `respond` is called exactly once, as soon as the outcome is known.
-    func run(respond: @escaping @Sendable (WriteCoordination.WriteOutcome, VersionedObject?) -> Void) async {
+    func run(respond: @escaping @Sendable (WriteCoordination.WriteOutcome, Written) -> Void) async {
         let deadline = ctx.clock.now().advanced(by: .milliseconds(Int64(timeoutMillis)))
-        var directives = machine.start(down: ctx.unreachable(replicas.filter { !$0.isLocal }.map(\.node)))
+        var directives = machine.start(down: ctx.unreachable(candidates.filter { !$0.isLocal }.map(\.node)))
         await withTaskGroup(of: Event.self) { group in
             group.addDeadline(at: deadline, .deadline, on: ctx.clock)
             while true {
@@ -120,38 +172,51 @@ actor WriteCoordinator {
                 if machine.isFinished { break }
                 guard let event = await group.next() else { break }
                 switch event {
-                case .localApplied(let o):
+                case .localApplied(let o, let w):
                     object = o
-                    directives = machine.localApplied()
+                    writer = w
+                    directives = machine.localApplied(durable: ctx.acknowledgesDurably)
                 case .localFailed(let why): directives = machine.localFailed(why)
                 case .localRejected(let why): directives = machine.localRejected(why)
-                case .acked(let n): directives = machine.replicaAcked(n)
+                case .acked(let n, let durable): directives = machine.replicaAcked(n, durable: durable)
                 case .failed(let n, let outcome):
                     ctx.metrics.replicaFailures.increment()
                     directives = machine.replicaFailed(n, outcome)
                 case .deadline: directives = machine.deadlinePassed()
+                case .done: directives = []
                 }
             }
+            // Hints being written finish (they are durable state, not part of the answer).
+            await drainHints(&group)
             group.cancelAll()
         }
     }
 
+    private var hintsWriting = 0
+
+    private func drainHints(_ group: inout TaskGroup<Event>) async {
+        while hintsWriting > 0, let e = await group.next() {
+            if case .done = e { hintsWriting -= 1 }
+        }
+    }
+
     private func perform(_ d: WriteCoordination.Directive, group: inout TaskGroup<Event>,
-                         respond: @Sendable (WriteCoordination.WriteOutcome, VersionedObject?) -> Void) {
+                         respond: @Sendable (WriteCoordination.WriteOutcome, Written) -> Void) {
         switch d {
         case .applyLocally:
-            guard let vnode = ctx.vnodes.vnode(for: partition) else {
-                group.addTask { [partition] in .localFailed("this node has no vnode for partition \(partition.index)") }
-                return
-            }
-            let (key, sibling, context, actor, hook, partition) = (key, sibling, context, ctx.actor, ctx.afterLocalWrite, partition)
+            let fallback = !(machine.replicas.first(where: \.isLocal)?.isPrimary ?? true)
+            let (key, sibling, context, actor, hook, partition, ctx) = (key, sibling, context, ctx.actor, ctx.afterLocalWrite, partition, ctx)
             group.addTask {
+                guard let vnode = await ctx.localVnode(partition, fallback: fallback, start: true) else {
+                    return .localFailed("this node has no \(fallback ? "fallback " : "")vnode for partition \(partition.index)")
+                }
+                let writer = vnode.stampActor ?? actor
                 do throws(VnodeError) {
-                    let object = try await vnode.coordinate(key: key, sibling: sibling, context: context, actor: actor)
-                    guard await hook?(partition, key, object) != false else {
+                    let object = try await vnode.coordinate(key: key, sibling: sibling, context: context, actor: writer)
+                    guard await hook?(fallback ? partition.fallbackSpace : partition, key, object) != false else {
                         return .localFailed("partition \(partition.index) moved away from this node during the write and its new replicas did not take it")
                     }
-                    return .localApplied(object)
+                    return .localApplied(object, writer: writer)
                 } catch {
                     if case .rejected(let why) = error { return .localRejected(why) }
                     return .localFailed(error.description)
@@ -159,32 +224,45 @@ actor WriteCoordinator {
             }
         case .replicate(let nodes):
             guard let object else { return }
-            let message = Message.replicaPut(ReplicaPut(partition: partition, key: key, object: object))
             for node in nodes {
+                let fallback = !(machine.replicas.first { $0.node == node }?.isPrimary ?? true)
+                let message = Message.replicaPut(ReplicaPut(partition: partition, key: key, object: object, fallback: fallback))
                 let (ctx, ms) = (ctx, timeoutMillis)
                 group.addTask {
                     switch await ctx.ask(node, message, timeoutMillis: ms) {
-                    case .success(.replicaPutAck): .acked(node)
+                    case .success(.replicaPutAck(let durable)): .acked(node, durable: durable)
                     case .success(let other): .failed(node, .failed("unexpected reply \(other.type)"))
                     case .failure(let outcome): .failed(node, outcome)
                     }
                 }
             }
+        case .keepHint(let nodes):
+            guard let object, let keep = ctx.keepHints else { return }
+            hintsWriting += 1
+            let (partition, key) = (partition, key)
+            group.addTask {
+                await keep(nodes, partition, key, object)
+                return .done
+            }
         case .respond(let outcome):
-            respond(outcome, object)
+            respond(outcome, Written(object: object, writer: writer, receipt: machine.receipt))
         case .finish:
             break
         }
     }
 }
 
-/// The shell of one read: performs `ReadCoordination`'s directives.
+/// The shell of one read: performs `ReadCoordination`'s directives, read repair included.
 ///
-/// Isolation: actor, one per request; lives until every replica answered or the deadline passed.
+/// Isolation: actor, one per request; lives until every replica answered (or the deadline
+/// passed) and every repair it sent reported.
 actor ReadCoordinator {
     private enum Event: Sendable {
         case replied(NodeName, VersionedObject?)
         case failed(NodeName, ReplicaOutcome)
+        case repaired(NodeName)
+        case repairFailed(NodeName, String)
+        case repairSkipped(NodeName)
         case deadline
     }
 
@@ -193,21 +271,25 @@ actor ReadCoordinator {
     private let partition: PartitionID
     private let key: [UInt8]
     private let timeoutMillis: UInt32
-    private let replicas: [ReplicaTarget]
+    private let candidates: [ReplicaTarget]
+    private let mode: ReadRepairMode
+    /// Limiter slots this request holds for asynchronous repairs.
+    private var held = 0
 
     init(ctx: CoordinatorContext, requirement: QuorumRequirement, partition: PartitionID, replicas: [ReplicaTarget],
-         key: [UInt8], timeoutMillis: UInt32) {
-        machine = ReadCoordination(requirement: requirement, replicas: replicas, timeoutMillis: timeoutMillis)
+         key: [UInt8], timeoutMillis: UInt32, sloppy: Bool, repair: ReadRepairMode) {
+        machine = ReadCoordination(requirement: requirement, replicas: replicas, timeoutMillis: timeoutMillis, sloppy: sloppy, repair: repair)
         self.ctx = ctx
         self.partition = partition
         self.key = key
         self.timeoutMillis = timeoutMillis
-        self.replicas = replicas
+        self.candidates = replicas
+        mode = repair
     }
 
     func run(respond: @escaping @Sendable (ReadCoordination.ReadOutcome) -> Void) async {
         let deadline = ctx.clock.now().advanced(by: .milliseconds(Int64(timeoutMillis)))
-        var directives = machine.start(down: ctx.unreachable(replicas.filter { !$0.isLocal }.map(\.node)))
+        var directives = machine.start(down: ctx.unreachable(candidates.filter { !$0.isLocal }.map(\.node)))
         await withTaskGroup(of: Event.self) { group in
             group.addDeadline(at: deadline, .deadline, on: ctx.clock)
             while true {
@@ -219,10 +301,23 @@ actor ReadCoordinator {
                 case .failed(let n, let outcome):
                     if n != ctx.me { ctx.metrics.replicaFailures.increment() }
                     directives = machine.replicaFailed(n, outcome)
+                case .repaired(let n):
+                    ctx.metrics.readRepairs.increment(outcome: "acknowledged")
+                    directives = machine.repairAcked(n)
+                case .repairFailed(let n, let why):
+                    ctx.metrics.readRepairs.increment(outcome: "failed")
+                    ctx.logger.debug("read repair failed", metadata: ["node": "\(n)", "partition": "\(partition.index)", "error": "\(why)"])
+                    directives = machine.repairFailed(n, why)
+                case .repairSkipped(let n): directives = machine.repairFailed(n, "skipped: read_repair.max_inflight reached")
                 case .deadline: directives = machine.deadlinePassed()
                 }
             }
             group.cancelAll()
+        }
+        if held > 0 {
+            ctx.readRepairs.release(held)
+            held = 0
+            ctx.metrics.readRepairsInflight.record(ctx.readRepairs.current)
         }
     }
 
@@ -231,17 +326,19 @@ actor ReadCoordinator {
         switch d {
         case .fetch(let nodes):
             for node in nodes {
+                let fallback = !(machine.replicas.first { $0.node == node }?.isPrimary ?? true)
                 if node == ctx.me {
-                    guard let vnode = ctx.vnodes.vnode(for: partition) else {
-                        group.addTask { [partition] in .failed(node, .failed("no local vnode for partition \(partition.index)")) }
-                        continue
-                    }
-                    let key = key
+                    let (ctx, partition, key) = (ctx, partition, key)
                     group.addTask {
+                        guard let vnode = await ctx.localVnode(partition, fallback: fallback, start: false) else {
+                            // A fallback that holds nothing for the partition has no copy: not found.
+                            if fallback { return .replied(node, nil) }
+                            return .failed(node, .failed("no local vnode for partition \(partition.index)"))
+                        }
                         do throws(VnodeError) { return .replied(node, try await vnode.get(key)) } catch { return .failed(node, .failed(error.description)) }
                     }
                 } else {
-                    let message = Message.replicaGet(ReplicaGet(partition: partition, key: key))
+                    let message = Message.replicaGet(ReplicaGet(partition: partition, key: key, fallback: fallback))
                     let (ctx, ms) = (ctx, timeoutMillis)
                     group.addTask {
                         switch await ctx.ask(node, message, timeoutMillis: ms) {
@@ -252,10 +349,46 @@ actor ReadCoordinator {
                     }
                 }
             }
+        case .repair(let targets, let object):
+            // Asynchronous repairs are bounded node-wide; a blocking read's are part of its answer.
+            if mode == .async {
+                guard ctx.readRepairs.acquire(targets.count) else {
+                    ctx.metrics.readRepairs.increment(outcome: "skipped_overload", by: targets.count)
+                    for n in targets { group.addTask { .repairSkipped(n) } }
+                    return
+                }
+                held += targets.count
+                ctx.metrics.readRepairsInflight.record(ctx.readRepairs.current)
+            }
+            for node in targets {
+                ctx.metrics.readRepairs.increment(outcome: "sent")
+                if node == ctx.me {
+                    let (ctx, partition, key) = (ctx, partition, key)
+                    group.addTask {
+                        guard let vnode = ctx.vnodes.vnode(for: partition) else { return .repairFailed(node, "no local vnode") }
+                        do throws(VnodeError) {
+                            let merged = try await vnode.merge(key: key, object: object)
+                            guard await ctx.afterLocalWrite?(partition, key, merged) != false else {
+                                return .repairFailed(node, "the partition moved away during the repair")
+                            }
+                            return .repaired(node)
+                        } catch { return .repairFailed(node, error.description) }
+                    }
+                } else {
+                    let message = Message.replicaPut(ReplicaPut(partition: partition, key: key, object: object))
+                    let (ctx, ms) = (ctx, timeoutMillis)
+                    group.addTask {
+                        switch await ctx.ask(node, message, timeoutMillis: ms) {
+                        case .success(.replicaPutAck): .repaired(node)
+                        case .success(let other): .repairFailed(node, "unexpected reply \(other.type)")
+                        case .failure(let outcome): .repairFailed(node, "\(outcome)")
+                        }
+                    }
+                }
+            }
         case .respond(let outcome):
             respond(outcome)
         case .finish:
-            // `divergent` replicas are where read repair (a later capability) will write the merge.
             break
         }
     }

@@ -116,6 +116,7 @@ public final class DiskBackend: PartitionStore {
 
     public var isPersistent: Bool { true }
     public var persistentEpoch: UInt64? { epoch }
+    public var acknowledgesDurably: Bool { database.syncsEveryWrite }
 
     static func dataKey(_ p: PartitionID, _ key: [UInt8]) -> [UInt8] {
         var k: [UInt8] = [1, UInt8(truncatingIfNeeded: p.index >> 24), UInt8(truncatingIfNeeded: p.index >> 16),
@@ -153,6 +154,13 @@ public final class DiskBackend: PartitionStore {
     public func apply(partition: PartitionID, batch: [(key: [UInt8], value: [UInt8])]) throws -> DurabilityToken {
         var b = WriteBatch()
         for (key, value) in batch { b.put(Self.dataKey(partition, key), value) }
+        return DurabilityToken(sequence: try database.apply(b))
+    }
+
+    public func delete(partition: PartitionID, keys: [[UInt8]]) throws -> DurabilityToken {
+        guard !keys.isEmpty else { return lastApplied }
+        var b = WriteBatch()
+        for key in keys { b.delete(Self.dataKey(partition, key)) }
         return DurabilityToken(sequence: try database.apply(b))
     }
 

@@ -41,6 +41,17 @@ final class HandoffManager: SupervisedChild {
         let reportComplete: @Sendable (PartitionTransfer) async -> Bool
         /// Returns once no vnode for the partition accepts writes here (false: one still serves).
         let vnodeRetired: @Sendable (PartitionID) async -> Bool
+        /// Whether every one of these nodes is alive to the failure detector and linked (a
+        /// fallback copy goes to its primaries only then).
+        var reachable: @Sendable ([NodeName]) -> Bool = { _ in true }
+        /// Stops this node's fallback vnode of the partition (its copy is about to be dropped).
+        var retireFallback: @Sendable (PartitionID) async -> Void = { _ in }
+        /// For a shell: its fallback copy reached its primary; true when the copy may be dropped
+        /// (`HandoffManager.fallbackCopyDelivered`, set by the manager for its shells).
+        var fallbackDelivered: @Sendable (PartitionTransfer) async -> Bool = { _ in false }
+        /// Draws a fresh 64-bit value (seeded in simulations): a fallback copy's transfers get a
+        /// new id every time the copy goes home, so a receiver never takes one for the last.
+        var drawID: @Sendable () -> UInt64 = { UInt64.random(in: 0...UInt64.max) }
 
         var backend: (any PartitionStore)? { storage() }
     }
@@ -72,6 +83,12 @@ final class HandoffManager: SupervisedChild {
     /// doubling with each give-up in a row): a persist that keeps failing (a full or failing
     /// disk) must not spin.
     private let retry = Locked<[PartitionTransfer: (at: ContinuousClock.Instant, count: Int)]>([:])
+    /// For each partition whose fallback copy is being handed to its primaries: those that
+    /// acknowledged all of it in this run (the copy is dropped once every primary has).
+    private let fallbackDelivered = Locked<[PartitionID: Set<NodeName>]>([:])
+    /// The id of each fallback transfer this node started and has not finished (found by its
+    /// checkpoint after a restart), so a resumed run keeps its id and checkpoint.
+    private let fallbackIDs = Locked<[PartitionTransfer: TransferID]>([:])
 
     init(env: Environment, views: ClusterViews, vnodes: VnodeTable, limits: Limits) {
         self.env = env
@@ -90,6 +107,14 @@ final class HandoffManager: SupervisedChild {
         }
         await withTaskGroup(of: Void.self) { group in
             group.addTask { for await view in self.views.updates() { self.reconcile(view.state) } }
+            group.addTask {
+                // Liveness is not a view: look for primaries that came back every second.
+                while !Task.isCancelled {
+                    do { try await self.env.clock.sleep(for: Self.fallbackCheckInterval) } catch { return }
+                    if Task.isCancelled { return }
+                    self.reconcileFallbacks()
+                }
+            }
             group.addTask {
                 let every = min(max(self.env.settings.transferTimeout / 20, .milliseconds(100)), .seconds(5))
                 // (A clock's sleep need not end early on cancellation: check it too.)
@@ -163,7 +188,7 @@ final class HandoffManager: SupervisedChild {
             (owed, forget) = reviseLingering(ring, running: table)
             // In transfer order, not the table's hash order: a simulation replays its seed only
             // if the shells are told in the same order every run.
-            for (t, r) in table.sorted(by: { $0.key < $1.key }) {
+            for (t, r) in table.sorted(by: { $0.key < $1.key }) where !t.partition.isFallbackSpace {
                 if !ring.transfers.contains(t) {
                     // The plan ended (every transfer done: the flip) or changed (cancelled).
                     let flippedTo = ring.replicas(of: t.partition).contains(t.to)
@@ -193,6 +218,72 @@ final class HandoffManager: SupervisedChild {
         for (t, id, flipped) in toStart { start(t, id: id, flipped: flipped) }
         env.metrics.handoffActive.record(running.withLock { $0.count })
         env.metrics.handoffPending.record(pending.count + owed.count)
+        reconcileFallbacks()
+    }
+
+    // MARK: Fallback copies
+
+    /// How often the manager looks for primaries of its fallback copies that came back.
+    static let fallbackCheckInterval: Duration = .seconds(1)
+
+    /// Hands each fallback copy this node holds to the partition's primaries once every one of
+    /// them is reachable: one transfer per primary (`PartitionTransfer` of the partition's
+    /// `fallbackSpace`, told of the flip at once, never reported to the claimant), within
+    /// `handoff.max_concurrent` with the plan's transfers, after the plan's. The last primary to
+    /// acknowledge its copy retires the fallback vnode and drops the copy
+    /// (`fallbackCopyDelivered`). A copy whose primaries include this node itself (the ring moved)
+    /// goes to the others; this node's primary copy is left to anti-entropy.
+    func reconcileFallbacks() {
+        guard let ring = env.ring(), !stopped.value else { return }
+        let now = env.clock.now()
+        let waiting = retry.withLock { r in Set(r.filter { $0.value.at > now }.keys) }
+        var toStart: [PartitionTransfer] = []
+        var cancel: [TransferShell] = []
+        running.withLock { table in
+            // A copy going to a node the ring no longer makes a primary of it: stop (the next
+            // look hands it to the current primaries).
+            for (t, r) in table.sorted(by: { $0.key < $1.key }) where t.partition.isFallbackSpace {
+                if !ring.replicas(of: t.partition.home).contains(t.to) { cancel.append(r.shell) }
+            }
+            for p in vnodes.fallbackPartitions {
+                let targets = ring.replicas(of: p).filter { $0 != env.me }
+                guard !targets.isEmpty, env.reachable(targets) else { continue }
+                let delivered = fallbackDelivered.withLock { $0[p] ?? [] }
+                for to in targets where !delivered.contains(to) {
+                    let t = PartitionTransfer(partition: p.fallbackSpace, from: env.me, to: to)
+                    guard table[t] == nil, !waiting.contains(t), table.count + toStart.count < env.settings.maxConcurrent else { continue }
+                    toStart.append(t)
+                }
+            }
+        }
+        for shell in cancel { shell.post(.cancelled) }
+        for t in toStart {
+            let id = fallbackIDs.withLock { ids in
+                if let id = ids[t] { return id }
+                let id = HandoffWire.id(of: t, targetFingerprint: env.drawID())
+                ids[t] = id
+                return id
+            }
+            start(t, id: id, flipped: true)
+        }
+    }
+
+    /// A fallback transfer's copy reached its primary. True when every current primary of the
+    /// partition (but this node) has one: the fallback vnode is retired, and the caller drops
+    /// the copy. False: the caller keeps it for the others.
+    func fallbackCopyDelivered(_ t: PartitionTransfer) async -> Bool {
+        let p = t.partition.home
+        let targets = Set(env.ring()?.replicas(of: p).filter { $0 != env.me } ?? [])
+        let complete: Bool = fallbackDelivered.withLock { d in
+            d[p, default: []].insert(t.to)
+            guard let got = d[p], targets.isSubset(of: got) else { return false }
+            d[p] = nil
+            return true
+        }
+        guard complete else { return false }
+        await env.retireFallback(p)
+        env.logger.info("fallback copy handed to every primary; dropping it", metadata: ["partition": "\(p.index)"])
+        return true
     }
 
     /// Lingering transfers follow the ring: one the plan has pending again is the plan's (its
@@ -244,7 +335,11 @@ final class HandoffManager: SupervisedChild {
             env.logger.error("handoff checkpoints could not be listed; transfers the ring finished with are not resumed", metadata: ["error": "\(error)"])
             return
         }
-        for (record, dirty) in stored where record.from == env.me {
+        // A fallback copy's checkpoint is resumed by `reconcileFallbacks` (same id), not here.
+        for (record, _) in stored where record.from == env.me && record.partition.isFallbackSpace {
+            fallbackIDs.withLock { $0[PartitionTransfer(partition: record.partition, from: record.from, to: record.to)] = record.id }
+        }
+        for (record, dirty) in stored where record.from == env.me && !record.partition.isFallbackSpace {
             let t = PartitionTransfer(partition: record.partition, from: record.from, to: record.to)
             lingering.withLock { $0[t] = record.id }
             env.logger.debug("handoff checkpoint found", metadata: ["transfer": "\(t)", "kept_keys": "\(dirty.count)", "position": "\(record.position)"])
@@ -264,7 +359,9 @@ final class HandoffManager: SupervisedChild {
             env.logger.warning("a handoff checkpoint is unreadable; the transfer starts over", metadata: ["transfer": "\(t)", "error": "\(error)"])
             resume = nil
         }
-        let shell = TransferShell(transfer: t, id: id, resume: resume, env: env)
+        var shellEnv = env
+        shellEnv.fallbackDelivered = { [weak self] t in await self?.fallbackCopyDelivered(t) ?? false }
+        let shell = TransferShell(transfer: t, id: id, resume: resume, env: shellEnv)
         let inserted = running.withLock { table -> Bool in
             guard table[t] == nil else { return false }
             let task = Task(executorPreference: env.taskExecutor) { [weak self] in
@@ -286,6 +383,13 @@ final class HandoffManager: SupervisedChild {
         let ring = views.current.state
         running.withLock { _ = $0.removeValue(forKey: t) }
         if case .gaveUp? = outcome {} else { retry.withLock { _ = $0.removeValue(forKey: t) } }
+        if t.partition.isFallbackSpace {
+            // Not the ring's: a give-up waits its backoff (and keeps its checkpoint and id),
+            // anything else is done; the next look at the fallback copies starts what is owed.
+            if case .gaveUp? = outcome { backOff(t) } else { fallbackIDs.withLock { _ = $0.removeValue(forKey: t) } }
+            reconcile(ring)
+            return
+        }
         switch outcome {
         case .handedOff?:
             lingering.withLock { _ = $0.removeValue(forKey: t) }
@@ -299,18 +403,23 @@ final class HandoffManager: SupervisedChild {
         case .gaveUp?:
             // Its checkpoint stays: resumed as the plan's while pending, else as owed
             // (`reviseLingering` decides which on every view). Not before its backoff.
-            let settings = env.settings.transfer
-            retry.withLock { r in
-                let count = (r[t]?.count ?? 0) + 1
-                var delay = settings.backoffMin
-                for _ in 1..<count where delay < settings.backoffMax { delay = delay * 2 }
-                r[t] = (env.clock.now() + min(delay, settings.backoffMax), count)
-            }
+            backOff(t)
             lingering.withLock { $0[t] = id }
         case nil:
             break
         }
         reconcile(ring)
+    }
+
+    /// Delays `t`'s next start: the transfer's backoff, doubling with each give-up in a row.
+    private func backOff(_ t: PartitionTransfer) {
+        let settings = env.settings.transfer
+        retry.withLock { r in
+            let count = (r[t]?.count ?? 0) + 1
+            var delay = settings.backoffMin
+            for _ in 1..<count where delay < settings.backoffMax { delay = delay * 2 }
+            r[t] = (env.clock.now() + min(delay, settings.backoffMax), count)
+        }
     }
 
     /// A write applied here to `key` of `partition`, before it is acknowledged: while a transfer
@@ -324,6 +433,9 @@ final class HandoffManager: SupervisedChild {
         var carried = !shells.isEmpty
         for shell in shells where await !shell.forward(key: key, object: object) { carried = false }
         if carried { return true }
+        // A fallback copy not being handed off needs nothing more; one being handed off took
+        // the write only if every shell carried it.
+        if partition.isFallbackSpace { return shells.isEmpty }
         guard let ring = env.ring(), !ring.vnodePartitions(of: env.me).contains(partition) else { return true }
         let known = vnodes.successors(of: partition)
         let targets = (known.isEmpty ? ring.replicas(of: partition) : known).filter { $0 != env.me }
@@ -365,7 +477,7 @@ final class HandoffManager: SupervisedChild {
         // A late stream for a partition this node replicates now (kept keys from the old owner,
         // after the flip) merges like any batch.
         guard let ring = env.ring(),
-              ring.pendingTransfers.contains(t) || ring.transfers.contains(t) || ring.replicas(of: t.partition).contains(env.me) else {
+              ring.pendingTransfers.contains(t) || ring.transfers.contains(t) || ring.replicas(of: t.partition.home).contains(env.me) else {
             return .failure(ErrorReply(code: .notReady, message: "node \(env.me) knows of no transfer \(t) yet; retry"))
         }
         let decision: TransferReceiver.Decision = receiver.withLock { r in
@@ -386,7 +498,8 @@ final class HandoffManager: SupervisedChild {
             case .refuse(let why): throw ValidationError("handoff batch refused: \(why)")
             case .accept: break
             }
-            guard let vnode = vnodes.vnode(for: header.transfer.partition) else {
+            // A fallback copy merges into this node's primary copy of the partition.
+            guard let vnode = vnodes.vnode(for: header.transfer.partition.home) else {
                 throw ValidationError("node \(env.me) runs no vnode for \(header.transfer.partition) yet")
             }
             let objects = try entries.map { e in (key: e.key, object: try VersionedObject.decode(e.object, limits: limits)) }

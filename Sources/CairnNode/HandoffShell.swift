@@ -296,7 +296,8 @@ actor TransferShell {
             if stream?.number == n { release(reason) }
             return []
         case .reportComplete:
-            startReporting()
+            // A fallback copy is not the ring's: nobody to tell.
+            if !transfer.partition.isFallbackSpace { startReporting() }
             return []
         case .dropPartition:
             return await drop()
@@ -365,6 +366,17 @@ actor TransferShell {
     /// Drops the partition's data unless this node still replicates it (a staying replica that
     /// only copied to a new one).
     private func drop() async -> [TransferEvent] {
+        if transfer.partition.isFallbackSpace {
+            // Dropped once every primary has its copy (the last transfer to finish drops it).
+            guard await env.fallbackDelivered(transfer) else { return [.dropped] }
+            do {
+                try await env.backend?.drop(partition: transfer.partition)
+            } catch {
+                env.logger.error("handoff could not drop a fallback copy it handed off; it is handed off again later",
+                                 metadata: ["transfer": "\(transfer)", "error": "\(error)"])
+            }
+            return [.dropped]
+        }
         if let ring = env.ring(), ring.vnodePartitions(of: transfer.from).contains(transfer.partition) {
             return [.dropped]
         }

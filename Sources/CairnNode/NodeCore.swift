@@ -146,6 +146,31 @@ final class NodeCore: Sendable {
                 return responder.fail(ErrorReply(code: .notReady, message: "node \(config.name) has not joined a cluster"))
             }
             responder.reply(.clusterState(bytes))
+        case .replicaGet(let r) where fromPeer && r.fallback:
+            guard a.view.partition(forKey: r.key) == r.partition else { return responder.fail(wrongPartition(r.partition)) }
+            // A fallback that holds nothing for the partition has no copy: not found.
+            guard let vnode = vnodes.fallback(for: r.partition) else { return responder.reply(.replicaGetReply(ReplicaGetReply(object: nil))) }
+            do throws(VnodeError) {
+                responder.reply(.replicaGetReply(ReplicaGetReply(object: try await vnode.get(r.key))))
+            } catch {
+                responder.fail(ErrorReply(code: .storage, message: error.description))
+            }
+        case .replicaPut(let r) where fromPeer && r.fallback:
+            guard a.view.partition(forKey: r.key) == r.partition else { return responder.fail(wrongPartition(r.partition)) }
+            guard let vnode = await fallbackVnode(r.partition) else {
+                return responder.fail(ErrorReply(code: .notReady, message: "node \(config.name) could not start its fallback vnode for partition \(r.partition.index)"))
+            }
+            do throws(VnodeError) {
+                let merged = try await vnode.merge(key: r.key, object: r.object)
+                guard await handoff?.forward(partition: r.partition.fallbackSpace, key: r.key, object: merged) != false else {
+                    return responder.fail(ErrorReply(code: .notAReplica, message:
+                        "node \(config.name) was handing its fallback copy of partition \(r.partition.index) to the primaries during the write"))
+                }
+                metrics.fallbackWrites.increment()
+                responder.reply(.replicaPutAck(durable: backend?.acknowledgesDurably ?? false))
+            } catch {
+                responder.fail(ErrorReply(code: .storage, message: error.description))
+            }
         case .replicaGet(let r) where fromPeer:
             guard a.view.partition(forKey: r.key) == r.partition else { return responder.fail(wrongPartition(r.partition)) }
             guard let vnode = await vnodeCatchingUp(r.partition) else { return await relay(message, partition: r.partition, a, responder) }
@@ -164,13 +189,39 @@ final class NodeCore: Sendable {
                     return responder.fail(ErrorReply(code: .notAReplica, message:
                         "node \(config.name) handed partition \(r.partition.index) away during the write, and its new replicas did not all take it"))
                 }
-                responder.reply(.replicaPutAck)
+                responder.reply(.replicaPutAck(durable: backend?.acknowledgesDurably ?? false))
             } catch {
                 responder.fail(ErrorReply(code: .storage, message: error.description))
             }
         default:
             responder.fail(ErrorReply(code: .unknownMessage, message: "\(message.type) is not accepted here"))
         }
+    }
+
+    private let hintsBox = Locked<HintManager?>(nil)
+    /// The hints this node keeps for primaries that missed writes; set by `CairnNode.start`.
+    var hints: HintManager? {
+        get { hintsBox.value }
+        set { hintsBox.withLock { $0 = newValue } }
+    }
+
+    private let vnodeManagerBox = Locked<VnodeManager?>(nil)
+    /// Starts and retires vnodes; set by `CairnNode.start`.
+    var vnodeManager: VnodeManager? {
+        get { vnodeManagerBox.value }
+        set { vnodeManagerBox.withLock { $0 = newValue } }
+    }
+
+    /// This node's fallback vnode of `p`, started if none runs, once it serves (nil if it does
+    /// not within a second: the node is stopping, or the vnode keeps failing).
+    func fallbackVnode(_ p: PartitionID) async -> Vnode? {
+        guard let v = vnodes.fallback(for: p) ?? vnodeManager?.ensureFallback(p) else { return nil }
+        let deadline = clock.now() + .seconds(1)
+        while !(await v.isServing) {
+            guard clock.now() < deadline else { return nil }
+            do { try await clock.sleep(for: .milliseconds(2)) } catch { return nil }
+        }
+        return v
     }
 
     /// This node's vnode for `p`; when it has none and never handed `p` away, the sender may
@@ -218,7 +269,8 @@ final class NodeCore: Sendable {
             }
         default:
             if answers.allSatisfy({ if case .success(.replicaPutAck) = $0 { true } else { false } }) {
-                return responder.reply(.replicaPutAck)
+                let durable = answers.allSatisfy { if case .success(.replicaPutAck(true)) = $0 { true } else { false } }
+                return responder.reply(.replicaPutAck(durable: durable))
             }
         }
         let why = answers.compactMap { r -> String? in
@@ -251,17 +303,18 @@ final class NodeCore: Sendable {
 
     private func coordinateGet(_ g: GetRequest, _ a: Activation, _ responder: Responder) async {
         let start = ContinuousClock.now
-        let (partition, replicas) = a.view.placement(forKey: g.key)
+        let (partition, candidates) = a.view.candidates(forKey: g.key)
         let requirement: QuorumRequirement
         do {
             requirement = try QuorumRequirement(name: "R", quorum: g.options.r ?? config.defaultR,
-                                                primary: g.options.pr ?? config.defaultPR, n: replicas.count)
+                                                primary: g.options.pr ?? config.defaultPR, n: candidates.count(where: \.isPrimary))
         } catch {
             metrics.record(.get, .invalid, since: start)
             return responder.fail(ErrorReply(code: .invalidArgument, message: error.reason))
         }
         let coordinator = ReadCoordinator(ctx: a.coordinatorContext, requirement: requirement, partition: partition,
-                                          replicas: replicas, key: g.key, timeoutMillis: timeout(g.options))
+                                          replicas: candidates, key: g.key, timeoutMillis: timeout(g.options),
+                                          sloppy: g.options.sloppy ?? config.sloppyQuorum, repair: g.options.readRepair ?? .async)
         let (metrics, limits) = (metrics, config.limits)
         await coordinator.run { outcome in
             switch outcome {
@@ -291,7 +344,9 @@ final class NodeCore: Sendable {
                                  forwarded: Bool, original: Message, _ a: Activation, _ responder: Responder,
                                  caughtUp: Bool = false) async {
         let start = ContinuousClock.now
-        let (partition, replicas) = a.view.placement(forKey: key)
+        let (partition, candidates) = a.view.candidates(forKey: key)
+        let replicas = candidates.filter(\.isPrimary)
+        let fallbacks = candidates.filter { !$0.isPrimary }
         let requirement: QuorumRequirement
         do {
             requirement = try QuorumRequirement(name: "W", quorum: options.w ?? config.defaultW,
@@ -301,10 +356,19 @@ final class NodeCore: Sendable {
             return responder.fail(ErrorReply(code: .invalidArgument, message: error.reason))
         }
         let ms = timeout(options)
+        let sloppy = options.sloppy ?? config.sloppyQuorum
         let inView = replicas.contains(where: \.isLocal)
-        guard inView, vnodes.vnode(for: partition) != nil else {
+        // Coordinated by a primary: this one, else the first reachable one. Under sloppy quorum,
+        // a fallback coordinates when no primary can: this node, if it is a fallback of the key
+        // and sees every primary down (or was forwarded the write), else the first reachable
+        // fallback.
+        let localFallback = sloppy && !inView && fallbacks.contains(where: \.isLocal)
+        let allPrimariesDown = a.coordinatorContext.unreachable(replicas.map(\.node)).count == replicas.count
+        let coordinateAsFallback = localFallback && (forwarded || allPrimariesDown)
+        guard coordinateAsFallback || (inView && vnodes.vnode(for: partition) != nil) else {
             if !inView && !forwarded {
-                return await forward(op, original, replicas: replicas, requirement: requirement, timeoutMillis: ms, a, responder, start: start)
+                let others = sloppy ? fallbacks.filter { !$0.isLocal } : []
+                return await forward(op, original, replicas: replicas + others, requirement: requirement, timeoutMillis: ms, a, responder, start: start)
             }
             // A ring older than this node's vnodes placed the write here (the forwarding node's,
             // or this request's view, from just before a flip): this node handed the partition
@@ -327,21 +391,24 @@ final class NodeCore: Sendable {
             let targets = successors.map { ReplicaTarget(node: $0, address: a.view.address($0), isPrimary: true, isLocal: false) }
             return await forward(op, original, replicas: targets, requirement: requirement, timeoutMillis: ms, a, responder, start: start)
         }
+        // A primary coordinating offers the fallbacks for primaries that are down; a fallback
+        // coordinating is one of them.
         let coordinator = WriteCoordinator(ctx: a.coordinatorContext, operation: op, requirement: requirement, partition: partition,
-                                           replicas: replicas, key: key, sibling: sibling, context: context.vector, timeoutMillis: ms)
-        let (metrics, me, actor) = (metrics, config.name, a.coordinatorContext.actor)
-        await coordinator.run { outcome, object in
+                                           replicas: coordinateAsFallback ? candidates : replicas + fallbacks.filter { !$0.isLocal },
+                                           key: key, sibling: sibling, context: context.vector, timeoutMillis: ms, sloppy: sloppy)
+        let (metrics, me) = (metrics, config.name)
+        await coordinator.run { outcome, written in
             switch outcome {
             case .acknowledged:
                 // The reply shows the writer every value its new context covers (never a context
                 // alone: it would let the writer supersede siblings it was never shown).
-                guard let ack = object?.acknowledgement(of: actor) else {
+                guard let writer = written.writer, let ack = written.object?.acknowledgement(of: writer) else {
                     metrics.record(op, .error, since: start)
                     return responder.fail(ErrorReply(code: .internalError, message:
                         "coordinator \(me) acknowledged the \(op) but its stored object lacks the written value; outcome unknown"))
                 }
                 metrics.record(op, .ok, since: start)
-                responder.reply(.writeReply(WriteReply(ack)))
+                responder.reply(.writeReply(WriteReply(ack, acks: written.receipt)))
             case .quorumFailed(let f):
                 metrics.record(op, f.kind == .unavailable ? .unavailable : .notReached, since: start)
                 responder.fail(ErrorReply(f))
@@ -406,7 +473,7 @@ final class NodeCore: Sendable {
                     // Only for idempotent requests; a forwarded write is not one.
                     case .maybeDelivered(let error): .connectionLost(error.description)
                     }
-                    return ReplicaReport(node: r.node.value, address: r.address, isPrimary: true, outcome: outcome)
+                    return ReplicaReport(node: r.node.value, address: r.address, role: r.role, outcome: outcome)
                 }
                 metrics.record(op, .unavailable, since: start)
                 return responder.fail(ErrorReply(QuorumFailure(kind: .unavailable, operation: op, requirement: requirement.name,

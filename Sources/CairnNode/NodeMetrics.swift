@@ -69,6 +69,19 @@ public final class NodeMetrics: Sendable {
     let handoffPending: CoreMetrics.Gauge
     let handoffOldestSeconds: CoreMetrics.Gauge
     let handoffTimeouts: CoreMetrics.Counter
+    /// Read repairs by outcome: sent, acknowledged, failed, skipped_overload.
+    let readRepairs: LabelledCounter
+    let readRepairsInflight: CoreMetrics.Gauge
+    /// Hints (`cairn_hints_*`): kept, replayed, dropped by reason; held now (count, bytes, oldest age).
+    let hintsStored: CoreMetrics.Counter
+    let hintsReplayed: CoreMetrics.Counter
+    let hintsDropped: LabelledCounter
+    let hintsHeld: CoreMetrics.Gauge
+    let hintsBytes: CoreMetrics.Gauge
+    let hintsOldestSeconds: CoreMetrics.Gauge
+    /// Writes this node took as a fallback (sloppy quorum), and fallback vnodes it runs now.
+    let fallbackWrites: CoreMetrics.Counter
+    let fallbackVnodes: CoreMetrics.Gauge
     /// Handshakes this node refused, by side (`in`: as the acceptor, `out`: as the dialer) and reason.
     private let handshakeRejections: [String: CoreMetrics.Counter]
 
@@ -116,6 +129,18 @@ public final class NodeMetrics: Sendable {
         streamsIn = StreamGauge(CoreMetrics.Gauge(label: "cairn_streams_open", dimensions: [("direction", "in")], factory: f))
         streamWindowWaits = CoreMetrics.Counter(label: "cairn_stream_window_waits_total", factory: f)
         streamsRefused = CoreMetrics.Counter(label: "cairn_streams_refused_total", factory: f)
+        readRepairs = LabelledCounter(label: "cairn_read_repairs_total", dimension: "outcome",
+                                      values: ["sent", "acknowledged", "failed", "skipped_overload"], factory: f)
+        readRepairsInflight = CoreMetrics.Gauge(label: "cairn_read_repairs_inflight", factory: f)
+        hintsStored = CoreMetrics.Counter(label: "cairn_hints_stored_total", factory: f)
+        hintsReplayed = CoreMetrics.Counter(label: "cairn_hints_replayed_total", factory: f)
+        hintsDropped = LabelledCounter(label: "cairn_hints_dropped_total", dimension: "reason",
+                                       values: ["expired", "target_full", "store_full", "not_a_member", "unreadable"], factory: f)
+        hintsHeld = CoreMetrics.Gauge(label: "cairn_hints", factory: f)
+        hintsBytes = CoreMetrics.Gauge(label: "cairn_hints_bytes", factory: f)
+        hintsOldestSeconds = CoreMetrics.Gauge(label: "cairn_hints_oldest_seconds", factory: f)
+        fallbackWrites = CoreMetrics.Counter(label: "cairn_fallback_writes_total", factory: f)
+        fallbackVnodes = CoreMetrics.Gauge(label: "cairn_fallback_vnodes", factory: f)
         var rejections: [String: CoreMetrics.Counter] = [:]
         for side in ["in", "out"] {
             for reason in HandshakeRefusal.Reason.allCases {
@@ -174,6 +199,23 @@ public final class NodeMetrics: Sendable {
 
     /// The Prometheus text exposition of every metric.
     public func exposition() -> String { registry.emitToString() }
+}
+
+/// A counter with one label whose values are known up front (no string building per increment;
+/// an unknown value is counted nowhere). Thread-safe.
+final class LabelledCounter: Sendable {
+    private let counters: [String: CoreMetrics.Counter]
+
+    init(label: String, dimension: String, values: [String], factory: PrometheusMetricsFactory) {
+        counters = Dictionary(uniqueKeysWithValues: values.map {
+            ($0, CoreMetrics.Counter(label: label, dimensions: [(dimension, $0)], factory: factory))
+        })
+    }
+
+    func increment(outcome value: String, by n: Int = 1) {
+        guard n > 0 else { return }
+        counters[value]?.increment(by: n)
+    }
 }
 
 /// A gauge of open streams, kept as a count here (opened / closed). Thread-safe.

@@ -5,7 +5,7 @@ public import CairnStorage
 /// partition, so a partition's data is one contiguous range in key order (bytewise).
 ///
 /// Isolation:
-/// - Point calls (`get`, `getDurable`, `lastApplied`, `apply`, `apply(partition:batch:)`) are
+/// - Point calls (`get`, `getDurable`, `lastApplied`, `apply`, `apply(partition:batch:)`, `delete`) are
 ///   synchronous and may block on disk. Call them on `executor(for: partition)`: the vnode of
 ///   `partition` is an actor on that executor, so they run there, never on the cooperative pool.
 ///   A store whose point calls never block (the memory store) names no executor: call them from
@@ -47,6 +47,8 @@ public protocol PartitionStore: Sendable {
     /// Writes every pair atomically (one log record); an empty batch writes nothing and returns
     /// `lastApplied`.
     func apply(partition: PartitionID, batch: [(key: [UInt8], value: [UInt8])]) throws -> DurabilityToken
+    /// Removes these keys of `partition` atomically (one log record); absent keys are ignored.
+    func delete(partition: PartitionID, keys: [[UInt8]]) throws -> DurabilityToken
     func waitDurable(_ token: DurabilityToken) async throws
     /// Visits, in key order, every key of `partition` after `after` (nil: from the first) with
     /// its value, from one snapshot, until `visit` returns `.stop`. `visit` runs on the store's
@@ -70,12 +72,16 @@ public protocol PartitionStore: Sendable {
     var persistentEpoch: UInt64? { get }
     /// The engine's counters, for `/metrics` (nil when the store has none).
     var storageStatistics: Database.Statistics? { get }
+    /// Whether `waitDurable` returning means the write is on stable storage (a synced log): what
+    /// a replica's acknowledgement reports as `durable`.
+    var acknowledgesDurably: Bool { get }
 }
 
 extension PartitionStore {
     public func abandon() async {}
     public var persistentEpoch: UInt64? { nil }
     public var storageStatistics: Database.Statistics? { nil }
+    public var acknowledgesDurably: Bool { false }
 
     /// Runs `body` where `partition`'s point calls belong: on `executor(for: partition)` (one hop
     /// there, one back), or inline when the store names none. For callers other than the
@@ -167,6 +173,15 @@ public final class MemoryBackend: PartitionStore {
         state.withLock { s in
             guard !batch.isEmpty else { return DurabilityToken(sequence: s.sequence) }
             for (key, value) in batch { s.partitions[partition, default: [:]][key] = value }
+            s.sequence &+= 1
+            return DurabilityToken(sequence: s.sequence)
+        }
+    }
+
+    public func delete(partition: PartitionID, keys: [[UInt8]]) throws -> DurabilityToken {
+        state.withLock { s in
+            guard !keys.isEmpty else { return DurabilityToken(sequence: s.sequence) }
+            for key in keys { s.partitions[partition]?[key] = nil }
             s.sequence &+= 1
             return DurabilityToken(sequence: s.sequence)
         }

@@ -19,6 +19,8 @@ public actor Vnode: SupervisedChild {
     public nonisolated let partition: PartitionID
     public nonisolated let role: VnodeRole
     public nonisolated var key: VnodeKey { VnodeKey(partition: partition, role: role) }
+    /// The storage partition its data lives in (`VnodeKey.space`).
+    public nonisolated let space: PartitionID
     public nonisolated let childName: String
     private nonisolated let backend: any PartitionStore
     /// Where the actor runs: the store's executor for the partition, or a default actor's.
@@ -47,13 +49,23 @@ public actor Vnode: SupervisedChild {
         }
     }
 
+    /// The actor that stamps writes this vnode coordinates, when it is not the node's: a
+    /// fallback vnode's own, drawn fresh (a new epoch) for every fallback vnode started. Its copy
+    /// starts empty each time and is dropped once handed home, so it cannot know which dots the
+    /// node's actor issued for a key (through its primary copy, or an earlier fallback copy);
+    /// stamping with the node's actor could issue a dot again for another value, and a replica
+    /// that already holds that dot would discard the new value as seen.
+    public nonisolated let stampActor: ActorID?
+
     public init(partition: PartitionID, role: VnodeRole = .primary, backend: any PartitionStore, limits: Limits, metrics: NodeMetrics,
-                logger: Logger) {
+                logger: Logger, stampActor: ActorID? = nil) {
         self.partition = partition
         self.role = role
+        self.stampActor = stampActor
         self.childName = VnodeKey(partition: partition, role: role).description
+        self.space = VnodeKey(partition: partition, role: role).space
         self.backend = backend
-        self.home = backend.executor(for: partition).map(Home.store) ?? .lane(DefaultLane())
+        self.home = backend.executor(for: space).map(Home.store) ?? .lane(DefaultLane())
         self.limits = limits
         self.metrics = metrics
         self.logger = logger
@@ -191,7 +203,7 @@ public actor Vnode: SupervisedChild {
     private func load(_ key: [UInt8], durableOnly: Bool = false) throws(VnodeError) -> VersionedObject? {
         let raw: [UInt8]?
         do {
-            raw = durableOnly ? try backend.getDurable(partition: partition, key: key) : try backend.get(partition: partition, key: key)
+            raw = durableOnly ? try backend.getDurable(partition: space, key: key) : try backend.get(partition: space, key: key)
         } catch let error as StorageError {
             if case .corruption = error {
                 metrics.corruptReads.increment()
@@ -254,7 +266,7 @@ public actor Vnode: SupervisedChild {
             ])
         }
         do {
-            return (object, try backend.apply(partition: partition, key: key, value: object.encoded()))
+            return (object, try backend.apply(partition: space, key: key, value: object.encoded()))
         } catch {
             throw fail("write failed: \(error)")
         }
@@ -345,6 +357,12 @@ public final class VnodeTable: Sendable {
         await removed.withLock { $0[key] }?.stopServing()
         return true
     }
+
+    /// This node's fallback vnode of `p`, if it runs one.
+    public func fallback(for p: PartitionID) -> Vnode? { vnode(for: VnodeKey(partition: p, role: .fallback)) }
+
+    /// Partitions this node runs a fallback vnode for, in order.
+    public var fallbackPartitions: [PartitionID] { table.withLock { $0.keys.filter { $0.role == .fallback }.map(\.partition).sorted() } }
 
     /// Partitions this node runs a primary vnode for, in order.
     public var partitions: [PartitionID] { table.withLock { $0.keys.filter { $0.role == .primary }.map(\.partition).sorted() } }

@@ -786,7 +786,9 @@ public final class AcknowledgesAndDrops: PartitionStore {
         if drops() { return DurabilityToken(sequence: 0) }
         return try inner.apply(partition: partition, batch: batch)
     }
+    public func delete(partition: PartitionID, keys: [[UInt8]]) throws -> DurabilityToken { try inner.delete(partition: partition, keys: keys) }
     public func waitDurable(_ token: DurabilityToken) async throws { try await inner.waitDurable(token) }
+    public var acknowledgesDurably: Bool { inner.acknowledgesDurably }
     public func fold<Accumulator: Sendable>(partition: PartitionID, after: [UInt8]?, into initial: Accumulator,
                                             _ visit: @Sendable (inout Accumulator, _ key: [UInt8], _ value: [UInt8]) throws -> FoldStep)
         async throws -> PartitionFold<Accumulator> {

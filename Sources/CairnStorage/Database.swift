@@ -235,6 +235,9 @@ public final class Database: Sendable {
     let fs: any FileSystem
     public let directory: String
     let options: DatabaseOptions
+    /// Whether a write is on stable storage when `waitDurable` returns for it (`syncMode` is
+    /// `always`).
+    public var syncsEveryWrite: Bool { options.syncMode == .always }
     let cache: BlockCache
     /// The corruption met since open (also referenced by every read view).
     let corruption: CorruptionLog

@@ -40,12 +40,14 @@ public enum WireError: Error, Sendable, Hashable, CustomStringConvertible {
 
 /// The hand-written binary codec (Docs/wire-protocol.md). Pure: bytes in, messages out.
 public enum WireCodec {
-    public static let protocolVersion: UInt8 = 1
+    public static let protocolVersion: UInt8 = 2
     /// The internode protocol a node speaks, carried in `hello` and `hello-ack` (§8); the frame
-    /// `version` above stays 1. Version 1 was the hello without this field (nor secret proof).
+    /// `version` above moves with any payload change (2: replica flags, the durability receipt,
+    /// sloppy and read-repair options). Internode version 1 was the hello without this field (nor
+    /// secret proof); 2 had no replica flags.
     /// Versions stay below 256, so the field's first byte is 0 and a version-1 hello, which starts
     /// with its cluster name's non-zero length, is told apart.
-    public static let internodeProtocolVersion: UInt16 = 2
+    public static let internodeProtocolVersion: UInt16 = 3
     /// Nonce length nodes send; decoders accept `minNonceBytes ... maxNonceBytes`.
     public static let nonceBytes = 32
     public static let minNonceBytes = 16
@@ -93,8 +95,10 @@ public enum WireCodec {
             w.writeBlob(d.key)
             w.writeBlob(d.context.vector.isEmpty ? [] : d.context.bytes)
             encode(d.options, into: &w)
-        case .members, .ping, .pong, .replicaPutAck, .streamAccept, .clusterStatePull:
+        case .members, .ping, .pong, .streamAccept, .clusterStatePull:
             break
+        case .replicaPutAck(let durable):
+            w.writeU8(durable ? 1 : 0)
         case .admin(let a):
             w.writeString(truncated(a.verb, toBytes: maxShortString))
             let args = a.arguments.prefix(AdminRequest.maxArguments)
@@ -127,6 +131,13 @@ public enum WireCodec {
             w.writeBlob(r.context.vector.isEmpty ? [] : r.context.bytes)
             w.writeVarint(r.writtenTimestampMillis)
             writeSiblings(r.concurrent, into: &w)
+            let acks = r.acks.prefix(maxAcks)
+            w.writeVarint(acks.count)
+            for a in acks {
+                w.writeString(truncated(a.node, toBytes: maxShortString))
+                writeRole(a.role, into: &w)
+                w.writeU8(a.durable ? 1 : 0)
+            }
         case .membersReply(let members):
             w.writeVarint(members.count)
             for m in members {
@@ -160,6 +171,7 @@ public enum WireCodec {
             w.writeBlob(p.mac)
         case .replicaGet(let g):
             w.writeU32(g.partition.index)
+            w.writeU8(g.fallback ? 1 : 0)
             w.writeBlob(g.key)
         case .replicaGetReply(let r):
             if let o = r.object {
@@ -170,6 +182,7 @@ public enum WireCodec {
             }
         case .replicaPut(let p):
             w.writeU32(p.partition.index)
+            w.writeU8(p.fallback ? 1 : 0)
             w.writeBlob(p.key)
             w.writeBlob(p.object.encoded())
         }
@@ -213,6 +226,8 @@ public enum WireCodec {
             }
         }
         w.writeU32(o.timeoutMillis ?? 0)
+        w.writeU8(o.sloppy.map { $0 ? 1 : 2 } ?? 0)
+        w.writeU8(o.readRepair?.rawValue ?? 0)
     }
 
     static func encode(_ q: QuorumFailure, into w: inout ByteWriter) {
@@ -227,7 +242,8 @@ public enum WireCodec {
         for r in q.replicas {
             w.writeString(short(r.node))
             w.writeString(short(r.address))
-            w.writeU8(r.isPrimary ? 1 : 0)
+            writeRole(r.role, into: &w)
+            w.writeU8(r.durable ? 1 : 0)
             switch r.outcome {
             case .acknowledged: w.writeU8(0)
             case .notSent(let s): w.writeU8(1); w.writeString(short(s))
@@ -294,7 +310,7 @@ public enum WireCodec {
         case .clusterStatePush: return .clusterStatePush(try r.readBlob("cluster state", limit: limits.maxFrameBytes))
         case .clusterState: return .clusterState(try r.readBlob("cluster state", limit: limits.maxFrameBytes))
         case .pong: return .pong
-        case .replicaPutAck: return .replicaPutAck
+        case .replicaPutAck: return .replicaPutAck(durable: try r.readBool("durable"))
         case .streamAccept: return .streamAccept
         case .streamOpen:
             let id = try r.readU64("stream id")
@@ -320,7 +336,15 @@ public enum WireCodec {
         case .writeReply:
             let ctx = try CausalContext(bytes: r.readBlob("context", limit: limits.maxContextBytes), limits: limits)
             let ts = try r.readVarint("written timestamp")
-            return .writeReply(WriteReply(context: ctx, writtenTimestampMillis: ts, concurrent: try readSiblings(&r, limits)))
+            let concurrent = try readSiblings(&r, limits)
+            let n = try r.readCount("ack count", limit: min(maxAcks, r.remaining / 3))
+            var acks: [ReplicaAck] = []
+            for _ in 0..<n {
+                let node = try r.readString("node", limit: maxShortString)
+                let role = try readRole(&r)
+                acks.append(ReplicaAck(node: node, role: role, durable: try r.readBool("durable")))
+            }
+            return .writeReply(WriteReply(context: ctx, writtenTimestampMillis: ts, concurrent: concurrent, acks: acks))
         case .membersReply:
             let n = try r.readCount("member count", limit: min(maxMembers, r.remaining / 5))
             var out: [MemberInfo] = []
@@ -345,7 +369,8 @@ public enum WireCodec {
             return .helloProof(HelloProof(mac: try r.readBlob("mac", limit: maxMACBytes)))
         case .replicaGet:
             let p = PartitionID(try r.readU32("partition"))
-            return .replicaGet(ReplicaGet(partition: p, key: try readKey(&r, limits)))
+            let fallback = try readReplicaFlags(&r)
+            return .replicaGet(ReplicaGet(partition: p, key: try readKey(&r, limits), fallback: fallback))
         case .replicaGetReply:
             if try r.readBool("found") {
                 let raw = try r.readBlob("object", limit: limits.maxFrameBytes)
@@ -354,9 +379,10 @@ public enum WireCodec {
             return .replicaGetReply(ReplicaGetReply(object: nil))
         case .replicaPut:
             let p = PartitionID(try r.readU32("partition"))
+            let fallback = try readReplicaFlags(&r)
             let key = try readKey(&r, limits)
             let raw = try r.readBlob("object", limit: limits.maxFrameBytes)
-            return .replicaPut(ReplicaPut(partition: p, key: key, object: try VersionedObject.decode(raw, limits: limits)))
+            return .replicaPut(ReplicaPut(partition: p, key: key, object: try VersionedObject.decode(raw, limits: limits), fallback: fallback))
         }
     }
 
@@ -397,6 +423,34 @@ public enum WireCodec {
         return out
     }
 
+    /// Replica request flags: bit 0 = the receiver's fallback copy; other bits must be zero.
+    static func readReplicaFlags(_ r: inout ByteReader) throws(DecodeError) -> Bool {
+        let flags = try r.readU8("replica flags")
+        guard flags & ~1 == 0 else { throw DecodeError("unknown replica flags \(flags)") }
+        return flags == 1
+    }
+
+    /// `role = %x01 / %x02 for:string` (primary, or a fallback for the named primary).
+    static func writeRole(_ role: ReplicaRole, into w: inout ByteWriter) {
+        switch role {
+        case .primary: w.writeU8(1)
+        case .fallback(let p):
+            w.writeU8(2)
+            w.writeString(truncated(p, toBytes: maxShortString))
+        }
+    }
+
+    static func readRole(_ r: inout ByteReader) throws(DecodeError) -> ReplicaRole {
+        switch try r.readU8("role") {
+        case 1: return .primary
+        case 2: return .fallback(for: try r.readString("stands in for", limit: maxShortString))
+        case let t: throw DecodeError("unknown replica role \(t)")
+        }
+    }
+
+    /// The most acknowledgements a write reply lists (N is at most 255).
+    static let maxAcks = 255
+
     /// Put/delete flags: bit 0 = forwarded; other bits must be zero.
     static func readRequestFlags(_ r: inout ByteReader) throws(DecodeError) -> UInt8 {
         let flags = try r.readU8("flags")
@@ -422,7 +476,17 @@ public enum WireCodec {
             }
         }
         let timeout = try r.readU32("timeout")
-        return RequestOptions(r: qs[0], w: qs[1], pr: qs[2], pw: qs[3], timeoutMillis: timeout == 0 ? nil : timeout)
+        let sloppy: Bool?
+        switch try r.readU8("sloppy") {
+        case 0: sloppy = nil
+        case 1: sloppy = true
+        case 2: sloppy = false
+        case let t: throw DecodeError("unknown sloppy tag \(t)")
+        }
+        let tag = try r.readU8("read repair")
+        guard let repair = ReadRepairMode(rawValue: tag) else { throw DecodeError("unknown read repair mode \(tag)") }
+        return RequestOptions(r: qs[0], w: qs[1], pr: qs[2], pw: qs[3], timeoutMillis: timeout == 0 ? nil : timeout,
+                              sloppy: sloppy, readRepair: repair == .async ? nil : repair)
     }
 
     static func decodeQuorumFailure(_ r: inout ByteReader) throws(DecodeError) -> QuorumFailure {
@@ -437,7 +501,8 @@ public enum WireCodec {
         for _ in 0..<n {
             let node = try r.readString("node", limit: maxShortString)
             let address = try r.readString("address", limit: maxShortString)
-            let primary = try r.readBool("primary")
+            let role = try readRole(&r)
+            let durable = try r.readBool("durable")
             let outcome: ReplicaOutcome
             switch try r.readU8("outcome") {
             case 0: outcome = .acknowledged
@@ -448,7 +513,7 @@ public enum WireCodec {
             case 5: outcome = .noAnswerYet
             case let t: throw DecodeError("unknown replica outcome \(t)")
             }
-            replicas.append(ReplicaReport(node: node, address: address, isPrimary: primary, outcome: outcome))
+            replicas.append(ReplicaReport(node: node, address: address, role: role, outcome: outcome, durable: durable))
         }
         return QuorumFailure(kind: kind, operation: op, requirement: requirement, required: required, achieved: achieved,
                              candidates: candidates, replicas: replicas)

@@ -28,7 +28,8 @@ public enum Message: Hashable, Sendable {
     case replicaGet(ReplicaGet)
     case replicaGetReply(ReplicaGetReply)
     case replicaPut(ReplicaPut)
-    case replicaPutAck
+    /// `durable`: the replica's copy was synced to its disk when it acknowledged.
+    case replicaPutAck(durable: Bool)
     // Membership (Docs/wire-protocol.md §10).
     /// One-way: a gossip packet (a SWIM message and a ring-state summary; CairnMembership's
     /// `GossipPacket` encoding).
@@ -177,15 +178,21 @@ public struct WriteReply: Hashable, Sendable {
     public var writtenTimestampMillis: UInt64
     /// Live values the write did not supersede (concurrent siblings), tombstones included.
     public var concurrent: [Sibling]
+    /// The durability receipt: every replica that acknowledged the write by the time the
+    /// coordinator answered, the coordinator's own copy first, each with its role and whether
+    /// its copy was durable when it acknowledged. At most `WireCodec.maxAcks`.
+    public var acks: [ReplicaAck]
 
-    public init(context: CausalContext, writtenTimestampMillis: UInt64, concurrent: [Sibling]) {
+    public init(context: CausalContext, writtenTimestampMillis: UInt64, concurrent: [Sibling], acks: [ReplicaAck] = []) {
         self.context = context
         self.writtenTimestampMillis = writtenTimestampMillis
         self.concurrent = concurrent
+        self.acks = acks
     }
 
-    public init(_ ack: WriteAcknowledgement) {
-        self.init(context: CausalContext(ack.context), writtenTimestampMillis: ack.written.timestampMillis, concurrent: ack.concurrent)
+    public init(_ ack: WriteAcknowledgement, acks: [ReplicaAck] = []) {
+        self.init(context: CausalContext(ack.context), writtenTimestampMillis: ack.written.timestampMillis, concurrent: ack.concurrent,
+                  acks: acks)
     }
 }
 
@@ -322,9 +329,13 @@ public struct PendingHello: Hashable, Sendable {
 public struct ReplicaGet: Hashable, Sendable {
     public var partition: PartitionID
     public var key: [UInt8]
-    public init(partition: PartitionID, key: [UInt8]) {
+    /// Read the receiver's fallback copy of the partition (it stands in for a down primary),
+    /// not its primary one.
+    public var fallback: Bool
+    public init(partition: PartitionID, key: [UInt8], fallback: Bool = false) {
         self.partition = partition
         self.key = key
+        self.fallback = fallback
     }
 }
 
@@ -337,10 +348,14 @@ public struct ReplicaPut: Hashable, Sendable {
     public var partition: PartitionID
     public var key: [UInt8]
     public var object: VersionedObject
-    public init(partition: PartitionID, key: [UInt8], object: VersionedObject) {
+    /// Merge into the receiver's fallback copy of the partition (sloppy quorum: it stands in for
+    /// a down primary and hands the copy to the primaries later), not its primary one.
+    public var fallback: Bool
+    public init(partition: PartitionID, key: [UInt8], object: VersionedObject, fallback: Bool = false) {
         self.partition = partition
         self.key = key
         self.object = object
+        self.fallback = fallback
     }
 }
 

@@ -17,9 +17,16 @@ struct ConnectionOptions: ParsableArguments {
     @Option(help: "Of the R answers, how many must come from primary owners.") var pr: QuorumOption?
     @Option(help: "Of the W acknowledgements, how many must come from primary owners.") var pw: QuorumOption?
 
-    /// Every data verb takes all four; a write uses W/PW, a read R/PR.
+    @Option(help: "Sloppy quorum for this request: true (a fallback takes a down primary's share) or false (primaries only). Default: the node's cluster.sloppy_quorum.")
+    var sloppy: Bool?
+
+    @Option(name: .customLong("read-repair"), help: "async (default: the read answers at R, stale replicas are repaired after) or blocking (the read answers once R replicas hold what it returns).")
+    var readRepair: ReadRepairOption?
+
+    /// Every data verb takes all of them; a write uses W/PW, a read R/PR and the repair mode.
     var requestOptions: RequestOptions {
-        RequestOptions(r: r?.quorum, w: w?.quorum, pr: pr?.quorum, pw: pw?.quorum, timeoutMillis: timeout)
+        RequestOptions(r: r?.quorum, w: w?.quorum, pr: pr?.quorum, pw: pw?.quorum, timeoutMillis: timeout, sloppy: sloppy,
+                       readRepair: readRepair?.mode)
     }
 
     @Flag(help: "Print one JSON object instead of text for people.")
@@ -47,6 +54,17 @@ func connectClient(seeds: [String], timeout: UInt32?, json: Bool) async throws -
         return try await CairnClient.connect(seeds: seeds, configuration: config)
     } catch {
         throw CLIFailure(error, json: json)
+    }
+}
+
+struct ReadRepairOption: ExpressibleByArgument {
+    let mode: ReadRepairMode
+    init?(argument: String) {
+        switch argument {
+        case "async": mode = .async
+        case "blocking": mode = .blocking
+        default: return nil
+        }
     }
 }
 
@@ -138,7 +156,13 @@ struct Cairn: AsyncParsableCommand {
             let message = failure.error.description.replacingOccurrences(of: "\n", with: " ")
             FileHandle.standardError.write(Data("cairn: \(message)\n".utf8))
             if failure.json, case .notFound = failure.error {} else if failure.json {
-                print(JSON.object([("error", JSON.object([("kind", .string(failure.kind)), ("message", .string(message))]))]).text)
+                var fields: [(String, JSON)] = [("kind", .string(failure.kind)), ("message", .string(message))]
+                switch failure.error {
+                case .unavailable(let q), .quorumNotReached(let q):
+                    fields.append(("replicas", .array(q.replicas.map(JSON.replicaReport))))
+                default: break
+                }
+                print(JSON.object([("error", JSON.object(fields))]).text)
             }
             Foundation.exit(failure.exitCode)
         } catch {
@@ -279,10 +303,16 @@ func parseContext(_ token: String?, json: Bool) throws -> CausalContext {
 func printWrite(_ result: WriteResult, json: Bool, verb: String) {
     if json {
         print(JSON.object([("context", .string(result.context.token)),
-                           ("siblings", .array(result.siblings.map(JSON.sibling)))]).text)
+                           ("siblings", .array(result.siblings.map(JSON.sibling))),
+                           ("acks", .array(result.acks.map(JSON.ack)))]).text)
         return
     }
     print("\(verb); context: \(result.context.token)")
+    if !result.acks.isEmpty {
+        print("acknowledged by: " + result.acks.map { a in
+            "\(a.node) (\(a.role), \(a.durable ? "durable" : "not yet durable"))"
+        }.joined(separator: ", "))
+    }
     if !result.concurrent.isEmpty {
         let one = result.concurrent.count == 1
         print("\(result.concurrent.count) concurrent sibling\(one ? "" : "s") kept (this context covers \(one ? "it" : "them") too; merge before writing with it):")
@@ -291,6 +321,40 @@ func printWrite(_ result: WriteResult, json: Bool, verb: String) {
 }
 
 extension JSON {
+    /// `{"node", "role": "primary" | "fallback", "for" (a fallback's primary), "durable"}`.
+    static func ack(_ a: ReplicaAck) -> JSON {
+        var fields: [(String, JSON)] = [("node", .string(a.node))]
+        switch a.role {
+        case .primary: fields.append(("role", .string("primary")))
+        case .fallback(let p): fields += [("role", .string("fallback")), ("for", .string(p))]
+        }
+        fields.append(("durable", .bool(a.durable)))
+        return .object(fields)
+    }
+
+    /// One replica of a failed request: its role, what happened, and (acknowledged) durability.
+    static func replicaReport(_ r: ReplicaReport) -> JSON {
+        var fields: [(String, JSON)] = [("node", .string(r.node)), ("address", .string(r.address))]
+        switch r.role {
+        case .primary: fields.append(("role", .string("primary")))
+        case .fallback(let p): fields += [("role", .string("fallback")), ("for", .string(p))]
+        }
+        let outcome: String
+        var reason: String?
+        switch r.outcome {
+        case .acknowledged: outcome = "acknowledged"
+        case .notSent(let why): outcome = "not_sent"; reason = why
+        case .timedOut(let ms): outcome = "timed_out"; reason = "after \(ms) ms"
+        case .connectionLost(let why): outcome = "connection_lost"; reason = why
+        case .failed(let why): outcome = "failed"; reason = why
+        case .noAnswerYet: outcome = "no_answer_yet"
+        }
+        fields.append(("outcome", .string(outcome)))
+        if let reason { fields.append(("reason", .string(reason))) }
+        if r.outcome == .acknowledged { fields.append(("durable", .bool(r.durable))) }
+        return .object(fields)
+    }
+
     static func sibling(_ s: Sibling) -> JSON {
         var fields: [(String, JSON)] = []
         if s.isTombstone {

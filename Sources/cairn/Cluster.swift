@@ -127,17 +127,28 @@ struct ClusterCommand: AsyncParsableCommand {
 }
 
 struct Transfers: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Handoffs of the plan in progress: partition, from, to, progress.")
+    static let configuration = CommandConfiguration(abstract: "Handoffs in progress (the plan's, and fallback copies going home) and the hints this node holds.")
     @OptionGroup var options: AdminOptions
 
     func run() async throws {
         let (text, o) = try await options.run("transfers")
         if options.json { return print(text) }
         let transfers = o["transfers"] as? [[String: Any]] ?? []
-        if transfers.isEmpty { return print("no transfers pending (ring version \(o.int("ring_version")))") }
-        table([["PARTITION", "FROM", "TO", "STATE", "KEYS", "BYTES", "RATE", "AGE"]] + transfers.map { t in
-            [("\(t.int("partition"))"), t.string("from"), t.string("to"), t.string("state"), "\(t.int("keys"))", "\(t.int("bytes"))",
-             t["bytes_per_second"] == nil ? "-" : "\(t.int("bytes_per_second"))/s", t["age_s"] == nil ? "-" : "\(t.int("age_s"))s"]
+        let hints = o["hints"] as? [[String: Any]] ?? []
+        if transfers.isEmpty {
+            print("no transfers pending (ring version \(o.int("ring_version")))")
+        } else {
+            table([["PARTITION", "KIND", "FROM", "TO", "STATE", "KEYS", "BYTES", "RATE", "AGE"]] + transfers.map { t in
+                [("\(t.int("partition"))"), t.string("kind"), t.string("from"), t.string("to"), t.string("state"), "\(t.int("keys"))",
+                 "\(t.int("bytes"))", t["bytes_per_second"] == nil ? "-" : "\(t.int("bytes_per_second"))/s",
+                 t["age_s"] == nil ? "-" : "\(t.int("age_s"))s"]
+            })
+        }
+        if hints.isEmpty { return print("no hints held") }
+        print("hints held:")
+        table([["TARGET", "HINTS", "BYTES", "OLDEST", "STATE", "REPLAYED"]] + hints.map { h in
+            [h.string("target"), "\(h.int("hints"))", "\(h.int("bytes"))", h["oldest_age_s"] == nil ? "-" : "\(h.int("oldest_age_s"))s",
+             h.string("state"), "\(h.int("replayed"))"]
         })
     }
 }

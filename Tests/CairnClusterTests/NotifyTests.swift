@@ -34,6 +34,7 @@ final class WedgeableBackend: PartitionStore {
     var lastApplied: DurabilityToken { inner.lastApplied }
     func apply(partition: PartitionID, key: [UInt8], value: [UInt8]) throws -> DurabilityToken { try inner.apply(partition: partition, key: key, value: value) }
     func apply(partition: PartitionID, batch: [(key: [UInt8], value: [UInt8])]) throws -> DurabilityToken { try inner.apply(partition: partition, batch: batch) }
+    func delete(partition: PartitionID, keys: [[UInt8]]) throws -> DurabilityToken { try inner.delete(partition: partition, keys: keys) }
     func executor(for partition: PartitionID) -> (any SerialExecutor)? { thread }
     func waitDurable(_ token: DurabilityToken) async throws {}
     func fold<A: Sendable>(partition: PartitionID, after: [UInt8]?, into initial: A,

@@ -15,7 +15,7 @@ final class Shared<Value: Sendable>: Sendable {
 }
 
 /// The clock seam: virtual time moves only when told, and the node's waits follow it.
-@Suite(.timeLimit(.minutes(1))) struct ManualClockTests {
+@Suite(.timeLimit(.minutes(3))) struct ManualClockTests {
     @Test func sleepersResumeInDeadlineOrderOnlyWhenTimeReachesThem() async throws {
         let clock = ManualClock()
         let order = Shared<[Int]>([])
@@ -105,7 +105,7 @@ final class SilentTransport: Transport {
 
 /// A coordinator's deadline is the node's clock: with silent replicas, a W=2 write answers
 /// "not reached" exactly when virtual time reaches the timeout, and not before.
-@Suite(.timeLimit(.minutes(1))) struct VirtualDeadlineTests {
+@Suite(.timeLimit(.minutes(3))) struct VirtualDeadlineTests {
     @Test func aWriteCoordinatorGivesUpWhenVirtualTimeReachesItsDeadline() async throws {
         let clock = ManualClock()
         let metrics = NodeMetrics(maxInflight: 10)
@@ -126,7 +126,7 @@ final class SilentTransport: Transport {
         }
         let coordinator = WriteCoordinator(ctx: ctx, operation: .put, requirement: try QuorumRequirement(name: "W", quorum: .count(2), primary: .count(0), n: 3),
                                            partition: partition, replicas: replicas, key: [1], sibling: Sibling(value: [1], timestampMillis: 1),
-                                           context: VersionVector(), timeoutMillis: 500)
+                                           context: VersionVector(), timeoutMillis: 500, sloppy: false)
         let outcome = Shared<WriteCoordination.WriteOutcome?>(nil)
         let request = Task { await coordinator.run { o, _ in outcome.update { $0 = o } } }
         try await settle("both replicas asked") { network.sent.load(ordering: .relaxed) == 2 }

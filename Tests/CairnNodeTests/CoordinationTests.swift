@@ -67,14 +67,16 @@ private func failure(_ d: [WriteCoordination.Directive]) -> QuorumFailure? {
     }
 
     @Test func pwCountsOnlyPrimaries() throws {
-        let replicas = targets(primaries: [n1, n2], fallbacks: [n4])
+        // n3 is down: n4 stands in for it. W=2 is met by n1 and n4; PW=2 needs n2.
+        let replicas = targets(fallbacks: [n4])
         var m = WriteCoordination(operation: .put, requirement: try w(.count(2), pw: .count(2)), replicas: replicas, timeoutMillis: 1000)
-        _ = m.start(down: [:])
-        _ = m.localApplied()
+        #expect(m.start(down: [n3: "dead"]) == [.applyLocally])
+        #expect(m.localApplied() == [.replicate(to: [n2, n4])])
         #expect(m.replicaAcked(n4) == [])                      // W=2 met, PW=2 not yet
         let d = m.replicaFailed(n2, .timedOut(afterMillis: 1000))
         let f = try #require(failure(d))
-        #expect(f.requirement == "PW" && f.achieved == 1 && f.candidates == 2)
+        #expect(f.requirement == "PW" && f.achieved == 1 && f.candidates == 3)
+        #expect(d.contains(.keepHint(for: [n2])))
     }
 
     @Test func localFailureIsReportedAndNothingIsReplicated() throws {
@@ -87,7 +89,8 @@ private func failure(_ d: [WriteCoordination.Directive]) -> QuorumFailure? {
     @Test func wOfOneAnswersRightAfterTheLocalApply() throws {
         var m = WriteCoordination(operation: .put, requirement: try w(.count(1)), replicas: targets(), timeoutMillis: 1000)
         _ = m.start(down: [n2: "down"])
-        #expect(m.localApplied() == [.replicate(to: [n3]), .respond(.acknowledged)])
+        // No fallback among the candidates: n2 gets a hint.
+        #expect(m.localApplied() == [.replicate(to: [n3]), .keepHint(for: [n2]), .respond(.acknowledged)])
     }
 }
 
@@ -108,7 +111,14 @@ private func failure(_ d: [WriteCoordination.Directive]) -> QuorumFailure? {
         let d = m.replied(n2, b)
         guard case .respond(.answered(let merged?)) = d.first else { Issue.record("expected an answer, got \(d)"); return }
         #expect(Set(merged.values.map(\.value)) == [Array("a".utf8), Array("b".utf8)])
-        #expect(m.replied(n3, nil) == [.finish(divergent: [n1, n2, n3])])
+        // Every copy differs from the merge: each primary is repaired with it, and the
+        // machine finishes once the repairs reported.
+        let all = VersionedObject.sync([a, b])
+        #expect(m.replied(n3, nil) == [.repair(targets: [n1, n2, n3], object: all)])
+        #expect(m.repairAcked(n1) == [])
+        #expect(m.repairFailed(n2, "timed out") == [])
+        #expect(m.repairAcked(n3) == [.finish(divergent: [n1, n2, n3])])
+        #expect(m.isFinished)
     }
 
     @Test func notFoundIsAnAnswer() throws {
@@ -133,5 +143,191 @@ private func failure(_ d: [WriteCoordination.Directive]) -> QuorumFailure? {
         let dt = t.deadlinePassed()
         guard case .respond(.quorumFailed(let ft)) = dt.first else { Issue.record("\(dt)"); return }
         #expect(ft.description == "R=3 not reached: 2 of 3 replicas answered; n3:1 timed out after 500 ms")
+    }
+}
+
+private let n5 = name("n5")
+
+private func acked(_ d: [WriteCoordination.Directive]) -> Bool { d.contains(.respond(.acknowledged)) }
+
+/// Sloppy quorum, hints and the durability receipt in the write machine (issue 13).
+@Suite struct SloppyWriteTests {
+    @Test func aDownPrimaryIsReplacedByTheNextLiveFallback() throws {
+        var m = WriteCoordination(operation: .put, requirement: try w(.count(3)), replicas: targets(fallbacks: [n4, n5]), timeoutMillis: 1000)
+        #expect(m.start(down: [n2: "dead", n4: "dead"]) == [.applyLocally])
+        // n4 is down too: n5 stands in for n2.
+        #expect(m.replicas.map(\.node) == [n1, n2, n3, n5])
+        #expect(m.replicas.last?.standsInFor == n2)
+        #expect(m.localApplied(durable: true) == [.replicate(to: [n3, n5])])
+        #expect(m.replicaAcked(n5, durable: false) == [])
+        #expect(m.replicaAcked(n3, durable: true) == [.respond(.acknowledged), .finish])
+        #expect(m.receipt == [
+            ReplicaAck(node: "n1", role: .primary, durable: true),
+            ReplicaAck(node: "n5", role: .fallback(for: "n2"), durable: false),
+            ReplicaAck(node: "n3", role: .primary, durable: true),
+        ])
+    }
+
+    @Test func twoPrimariesDownStillTakeWTwoButNotPWTwo() throws {
+        // Coordinated by a fallback (n4) because n1 and n2 are down: W=2 through n4 and n5.
+        let candidates = targets(primaries: [n1, n2, n3], fallbacks: [n4, n5], local: n4)
+        var m = WriteCoordination(operation: .put, requirement: try w(.count(2)), replicas: candidates, timeoutMillis: 1000)
+        #expect(m.start(down: [n1: "dead", n2: "dead"]) == [.applyLocally])
+        #expect(m.replicas.filter { !$0.isPrimary }.map { "\($0.node)>\($0.standsInFor?.value ?? "")" } == ["n4>n1", "n5>n2"])
+        #expect(m.localApplied() == [.replicate(to: [n3, n5])])
+        #expect(acked(m.replicaAcked(n5)))
+        // PW=2 cannot be met by fallbacks: unavailable, nothing applied.
+        var p = WriteCoordination(operation: .put, requirement: try w(.count(2), pw: .count(2)), replicas: candidates, timeoutMillis: 1000)
+        let d = p.start(down: [n1: "dead", n2: "dead"])
+        let f = try #require(failure(d))
+        #expect(f.kind == .unavailable && f.requirement == "PW" && f.achieved == 1)
+        #expect(!d.contains(.applyLocally))
+    }
+
+    @Test func withoutSloppyQuorumNoFallbackIsUsed() throws {
+        var m = WriteCoordination(operation: .put, requirement: try w(.count(3)), replicas: targets(fallbacks: [n4]), timeoutMillis: 1000,
+                                  sloppy: false)
+        let f = try #require(failure(m.start(down: [n2: "dead"])))
+        #expect(f.kind == .unavailable && f.achieved == 2 && f.candidates == 3)
+        var two = WriteCoordination(operation: .put, requirement: try w(.count(2)), replicas: targets(fallbacks: [n4]), timeoutMillis: 1000,
+                                    sloppy: false)
+        _ = two.start(down: [n2: "dead"])
+        #expect(two.replicas.map(\.node) == [n1, n2, n3])
+        #expect(two.localApplied() == [.replicate(to: [n3]), .keepHint(for: [n2])])
+    }
+
+    @Test func hintsGoToThePrimaryThatMissedTheWriteOnce() throws {
+        var m = WriteCoordination(operation: .put, requirement: try w(.count(1)), replicas: targets(fallbacks: [n4]), timeoutMillis: 1000)
+        _ = m.start(down: [n2: "dead"])                       // n4 stands in for n2
+        _ = m.localApplied()
+        // The fallback fails: n2 is owed a hint. n3 stays silent until the deadline: n3 too.
+        #expect(m.replicaFailed(n4, .failed("disk")).first == .keepHint(for: [n2]))
+        #expect(m.deadlinePassed().first == .keepHint(for: [n3]))
+        #expect(m.deadlinePassed() == [])
+    }
+
+    @Test func aFallbackAckStandsForItsPrimaryWithoutAHint() throws {
+        var m = WriteCoordination(operation: .put, requirement: try w(.count(2)), replicas: targets(fallbacks: [n4]), timeoutMillis: 1000)
+        _ = m.start(down: [n3: "dead"])
+        let all = m.localApplied() + m.replicaAcked(n4) + m.replicaAcked(n2)
+        #expect(!all.contains { if case .keepHint = $0 { true } else { false } })
+        #expect(all.last == .finish)
+    }
+
+    @Test func aNotReachedFailureListsRolesAndDurability() throws {
+        var m = WriteCoordination(operation: .put, requirement: try w(.all), replicas: targets(fallbacks: [n4]), timeoutMillis: 1000)
+        _ = m.start(down: [n3: "dead"])
+        _ = m.localApplied(durable: true)
+        _ = m.replicaAcked(n4, durable: true)
+        let f = try #require(failure(m.replicaFailed(n2, .connectionLost("reset"))))
+        #expect(f.kind == .notReached)
+        #expect(f.replicas.first { $0.node == "n4" }.map { ($0.role, $0.durable, $0.outcome) }! == (.fallback(for: "n3"), true, .acknowledged))
+        #expect(f.replicas.first { $0.node == "n3" }?.outcome == .notSent("dead"))
+    }
+
+    @Test func selectionNeverUsesALocalFallbackForAReadUnlessNeeded() throws {
+        let candidates = targets(fallbacks: [n4], local: n4)
+        #expect(ReplicaSelection.choose(candidates, down: [:], sloppy: true).replicas.map(\.node) == [n1, n2, n3])
+        #expect(ReplicaSelection.choose(candidates, down: [:], sloppy: true, coordinatorIsFallback: true).replicas.map(\.node) == [n1, n2, n3, n4])
+        let down = ReplicaSelection.choose(candidates, down: [n2: "dead"], sloppy: true)
+        #expect(down.replicas.last.map { ($0.node, $0.standsInFor) }! == (n4, n2))
+        #expect(down.unplaced.isEmpty)
+        let none = ReplicaSelection.choose(targets(), down: [n2: "dead", n3: "dead"], sloppy: true)
+        #expect(none.unplaced == [n2, n3])
+    }
+}
+
+/// Read repair and sloppy reads in the read machine (issue 13).
+@Suite struct ReadRepairTests {
+    private func object(_ v: String, actor: String, ctx: VersionVector = VersionVector()) throws -> VersionedObject {
+        var o = VersionedObject()
+        try o.update(context: ctx, value: Sibling(value: Array(v.utf8), timestampMillis: 1), actor: ActorID(node: actor, epoch: 1))
+        return o
+    }
+
+    private func r(_ q: Quorum, pr: Quorum = .count(0)) throws -> QuorumRequirement {
+        try QuorumRequirement(name: "R", quorum: q, primary: pr, n: 3)
+    }
+
+    @Test func identicalCopiesAreNeverRepaired() throws {
+        let a = try object("a", actor: "n1")
+        var m = ReadCoordination(requirement: try r(.count(2)), replicas: targets(), timeoutMillis: 1000)
+        _ = m.start(down: [:])
+        _ = m.replied(n1, a)
+        #expect(m.replied(n2, a) == [.respond(.answered(a))])
+        #expect(m.replied(n3, a) == [.finish(divergent: [])])
+    }
+
+    @Test func aStaleOrMissingPrimaryGetsTheMergeNotANewVersion() throws {
+        let old = try object("v1", actor: "n1")
+        var new = old
+        try new.update(context: old.context, value: Sibling(value: Array("v2".utf8), timestampMillis: 2), actor: ActorID(node: "n1", epoch: 1))
+        var m = ReadCoordination(requirement: try r(.count(2)), replicas: targets(), timeoutMillis: 1000)
+        _ = m.start(down: [:])
+        _ = m.replied(n1, new)
+        _ = m.replied(n2, old)
+        let d = m.replied(n3, nil)
+        #expect(d == [.repair(targets: [n2, n3], object: new)])
+        // The repair carries exactly the newest copy: no dot that no replica had.
+        guard case .repair(_, let sent) = d.first else { return }
+        #expect(sent.context == new.context)
+        #expect(m.repairAcked(n2) == [])
+        #expect(m.repairAcked(n3) == [.finish(divergent: [n2, n3])])
+    }
+
+    @Test func fallbacksCountForRButAreNotRepaired() throws {
+        let a = try object("a", actor: "n1")
+        var m = ReadCoordination(requirement: try r(.count(2)), replicas: targets(fallbacks: [n4]), timeoutMillis: 1000)
+        #expect(m.start(down: [n3: "dead"]) == [.fetch(from: [n1, n2, n4])])
+        _ = m.replied(n1, a)
+        // The fallback holds nothing: its "not found" counts only once the primaries are in.
+        #expect(m.replied(n4, nil) == [])
+        // n2 is stale; n4 (a fallback) is not repaired.
+        #expect(m.replied(n2, nil) == [.respond(.answered(a)), .repair(targets: [n2], object: a)])
+        // PR=3 cannot be met with a primary down.
+        var p = ReadCoordination(requirement: try r(.all, pr: .all), replicas: targets(fallbacks: [n4]), timeoutMillis: 1000)
+        guard case .respond(.quorumFailed(let f)) = p.start(down: [n3: "dead"]).first else { Issue.record("expected PR unavailable"); return }
+        #expect(f.kind == .unavailable && f.requirement == "PR")
+    }
+
+    @Test func fallbacksThatNeverSawTheKeyCannotOutvoteALivePrimary() throws {
+        // Two primaries down: their fallbacks answer "not found" first. The one live primary
+        // holds the value: R=2 waits for it instead of answering "not found".
+        let a = try object("a", actor: "n1")
+        var m = ReadCoordination(requirement: try r(.count(2)), replicas: targets(fallbacks: [n4, n5]), timeoutMillis: 1000)
+        #expect(m.start(down: [n2: "dead", n3: "dead"]) == [.fetch(from: [n1, n4, n5])])
+        #expect(m.replied(n4, nil) == [])
+        #expect(m.replied(n5, nil) == [])
+        #expect(m.replied(n1, a).first == .respond(.answered(a)))
+        // With the key nowhere, the misses do count once the primary answered.
+        var none = ReadCoordination(requirement: try r(.count(2)), replicas: targets(fallbacks: [n4, n5]), timeoutMillis: 1000)
+        _ = none.start(down: [n2: "dead", n3: "dead"])
+        _ = none.replied(n4, nil)
+        #expect(none.replied(n1, nil).first == .respond(.answered(nil)))
+    }
+
+    @Test func aBlockingReadAnswersOnlyOnceRReplicasHoldTheMerge() throws {
+        let a = try object("a", actor: "n1")
+        var m = ReadCoordination(requirement: try r(.count(2)), replicas: targets(), timeoutMillis: 1000, repair: .blocking)
+        _ = m.start(down: [:])
+        #expect(m.replied(n1, a) == [])
+        #expect(m.replied(n2, nil) == [])                     // R answers, but only one holds `a`
+        #expect(m.replied(n3, nil) == [.repair(targets: [n2, n3], object: a)])
+        #expect(m.repairFailed(n3, "timed out") == [])
+        #expect(m.repairAcked(n2) == [.respond(.answered(a)), .finish(divergent: [n2, n3])])
+    }
+
+    @Test func aBlockingReadWhoseRepairsFailIsNotReached() throws {
+        let a = try object("a", actor: "n1")
+        var m = ReadCoordination(requirement: try r(.count(2)), replicas: targets(), timeoutMillis: 1000, repair: .blocking)
+        _ = m.start(down: [:])
+        _ = m.replied(n1, a)
+        _ = m.replied(n2, nil)
+        _ = m.replied(n3, nil)
+        _ = m.repairFailed(n2, "timed out")
+        let d = m.repairFailed(n3, "reset")
+        guard case .respond(.quorumFailed(let f)) = d.first else { Issue.record("expected not reached, got \(d)"); return }
+        #expect(f.kind == .notReached && f.achieved == 1)
+        #expect(f.description.contains("stale and not repaired: timed out"))
     }
 }

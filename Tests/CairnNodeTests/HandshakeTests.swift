@@ -148,14 +148,14 @@ import CairnWire
         old.protocolVersion = 1
         let atAcceptor = node(n2).answer(old, nonce: nonceS, remote: "10.0.0.9:4000")
         #expect(atAcceptor.refusal?.reason == .protocolVersion)
-        #expect(atAcceptor.refusal?.message == "peer n1 (from 10.0.0.9:4000) speaks internode protocol version 1; this node (n2) speaks 2")
+        #expect(atAcceptor.refusal?.message == "peer n1 (from 10.0.0.9:4000) speaks internode protocol version 1; this node (n2) speaks \(ClusterHandshake.protocolVersion)")
         let dialer = node(n1)
         let hello = dialer.hello(nonce: nonceC)
         var ack = try node(n2).answer(hello, nonce: nonceS, remote: nil).get().ack
-        ack.protocolVersion = 3
+        ack.protocolVersion = 9
         let atDialer = dialer.proof(for: ack, to: hello, dialled: n2, at: "127.0.0.1:7402")
         #expect(atDialer.refusal?.reason == .protocolVersion)
-        #expect(atDialer.refusal?.message == "peer n2 at 127.0.0.1:7402 speaks internode protocol version 3; this node speaks 2")
+        #expect(atDialer.refusal?.message == "peer n2 at 127.0.0.1:7402 speaks internode protocol version 9; this node speaks \(ClusterHandshake.protocolVersion)")
     }
 
     @Test func theAcceptorChecksTheDialersIdentity() throws {

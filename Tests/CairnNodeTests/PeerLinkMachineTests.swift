@@ -114,7 +114,7 @@ import CairnWire
             forged = try ClusterHandshake(cluster: "c1", me: try NodeName("n3"), secret: .empty).answer(hello, nonce: nonce, remote: nil).get().ack
             reason = .node
         case .otherVersion:
-            forged.protocolVersion = 3
+            forged.protocolVersion = 9
             reason = .protocolVersion
         case .otherSecret:
             forged = try ClusterHandshake(cluster: "c1", me: peer, secret: ClusterSecret(bytes: Array("another-secret-0123456789".utf8)))

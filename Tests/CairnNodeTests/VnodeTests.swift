@@ -27,6 +27,11 @@ final class FaultyBackend: PartitionStore {
         return try inner.apply(partition: partition, batch: batch)
     }
 
+    func delete(partition: PartitionID, keys: [[UInt8]]) throws -> DurabilityToken {
+        if failWrites.load(ordering: .relaxed) { throw InjectedFault() }
+        return try inner.delete(partition: partition, keys: keys)
+    }
+
     func executor(for partition: PartitionID) -> (any SerialExecutor)? { nil }
     func waitDurable(_ token: DurabilityToken) async throws {}
     func fold<A: Sendable>(partition: PartitionID, after: [UInt8]?, into initial: A,
@@ -242,6 +247,18 @@ final class GatedBackend: PartitionStore {
         }
     }
 
+    /// Deletes are durable at once (no test here gates them).
+    func delete(partition: PartitionID, keys: [[UInt8]]) throws -> DurabilityToken {
+        state.withLock { s in
+            for k in keys {
+                s.latest[k] = nil
+                s.durable[k] = nil
+            }
+            s.sequence += 1
+            return DurabilityToken(sequence: s.sequence)
+        }
+    }
+
     func executor(for partition: PartitionID) -> (any SerialExecutor)? { nil }
     func fold<A: Sendable>(partition: PartitionID, after: [UInt8]?, into initial: A,
                            _ visit: @Sendable (inout A, [UInt8], [UInt8]) throws -> FoldStep) async throws -> PartitionFold<A> {
@@ -254,7 +271,7 @@ final class GatedBackend: PartitionStore {
 
 /// Issue 10 items 2, 3, 5 and 6: what a vnode shows and acknowledges relative to durability,
 /// corrupt blocks, and the sibling cap on replicas.
-@Suite(.timeLimit(.minutes(1))) struct VnodeDurabilityTests {
+@Suite(.timeLimit(.minutes(3))) struct VnodeDurabilityTests {
     let n1 = ActorID(node: "n1", epoch: 5)
     let n2 = ActorID(node: "n2", epoch: 5)
 
@@ -434,6 +451,7 @@ final class CorruptingBackend: PartitionStore {
     var lastApplied: DurabilityToken { inner.lastApplied }
     func apply(partition: PartitionID, key: [UInt8], value: [UInt8]) throws -> DurabilityToken { try inner.apply(partition: partition, key: key, value: value) }
     func apply(partition: PartitionID, batch: [(key: [UInt8], value: [UInt8])]) throws -> DurabilityToken { try inner.apply(partition: partition, batch: batch) }
+    func delete(partition: PartitionID, keys: [[UInt8]]) throws -> DurabilityToken { try inner.delete(partition: partition, keys: keys) }
     func executor(for partition: PartitionID) -> (any SerialExecutor)? { nil }
     func waitDurable(_ token: DurabilityToken) async throws {}
     func fold<A: Sendable>(partition: PartitionID, after: [UInt8]?, into initial: A,

@@ -13,10 +13,11 @@ func sampleObject() throws -> VersionedObject {
 
 func allMessages() throws -> [Message] {
     let ctx = CausalContext(VersionVector([(actor1, 3)]))
-    let opts = RequestOptions(r: .count(2), w: .all, pr: .quorum, pw: nil, timeoutMillis: 1500)
+    let opts = RequestOptions(r: .count(2), w: .all, pr: .quorum, pw: nil, timeoutMillis: 1500, sloppy: false, readRepair: .blocking)
     let failure = QuorumFailure(kind: .notReached, operation: .put, requirement: "W", required: 3, achieved: 2, candidates: 3, replicas: [
-        ReplicaReport(node: "n1", address: "127.0.0.1:7401", isPrimary: true, outcome: .acknowledged),
+        ReplicaReport(node: "n1", address: "127.0.0.1:7401", isPrimary: true, outcome: .acknowledged, durable: true),
         ReplicaReport(node: "n2", address: "127.0.0.1:7402", isPrimary: true, outcome: .notSent("down")),
+        ReplicaReport(node: "n8", address: "127.0.0.1:7408", role: .fallback(for: "n2"), outcome: .acknowledged),
         ReplicaReport(node: "n3", address: "127.0.0.1:7403", isPrimary: true, outcome: .timedOut(afterMillis: 1000)),
         ReplicaReport(node: "n4", address: "[::1]:7404", isPrimary: false, outcome: .connectionLost("reset")),
         ReplicaReport(node: "n5", address: "h:1", isPrimary: false, outcome: .failed("disk")),
@@ -25,10 +26,11 @@ func allMessages() throws -> [Message] {
     ])
     return [
         .get(GetRequest(key: Array("k".utf8), options: opts)),
+        .get(GetRequest(key: Array("k".utf8), options: RequestOptions(sloppy: true))),
         .put(PutRequest(key: Array("k".utf8), value: [0, 255], context: ctx, options: opts, forwarded: true)),
         .put(PutRequest(key: Array("k".utf8), value: [])),
         .delete(DeleteRequest(key: Array("k".utf8), context: ctx)),
-        .members, .ping, .pong, .replicaPutAck, .clusterStatePull,
+        .members, .ping, .pong, .replicaPutAck(durable: true), .replicaPutAck(durable: false), .clusterStatePull,
         .admin(AdminRequest(verb: "leave", arguments: ["n2"])),
         .admin(AdminRequest(verb: "status")),
         .adminReply(Array("{\"ring_version\":3}".utf8)),
@@ -38,6 +40,9 @@ func allMessages() throws -> [Message] {
         .getReply(GetReply(found: true, siblings: [Sibling(value: [9], timestampMillis: 1), .tombstone(timestampMillis: 2)], context: ctx)),
         .getReply(GetReply(found: false, siblings: [], context: .empty)),
         .writeReply(WriteReply(context: ctx, writtenTimestampMillis: 7, concurrent: [])),
+        .writeReply(WriteReply(context: ctx, writtenTimestampMillis: 8, concurrent: [], acks: [
+            ReplicaAck(node: "n1", role: .primary, durable: true), ReplicaAck(node: "n4", role: .fallback(for: "n3"), durable: false),
+        ])),
         .writeReply(WriteReply(context: ctx, writtenTimestampMillis: 1 << 40, concurrent: [Sibling(value: [1, 2], timestampMillis: 3), .tombstone(timestampMillis: 4)])),
         .membersReply([MemberInfo(name: "n1", address: "127.0.0.1:7401", ownedPartitions: 85, replicatedPartitions: 256, state: .this)]),
         .error(ErrorReply(failure)),
@@ -47,9 +52,11 @@ func allMessages() throws -> [Message] {
         .helloProof(HelloProof(mac: Array(repeating: 0xCD, count: 32))),
         .helloProof(HelloProof(mac: [])),
         .replicaGet(ReplicaGet(partition: PartitionID(17), key: [1])),
+        .replicaGet(ReplicaGet(partition: PartitionID(17), key: [1], fallback: true)),
         .replicaGetReply(ReplicaGetReply(object: try sampleObject())),
         .replicaGetReply(ReplicaGetReply(object: nil)),
         .replicaPut(ReplicaPut(partition: PartitionID(255), key: [1, 2], object: try sampleObject())),
+        .replicaPut(ReplicaPut(partition: PartitionID(3), key: [1], object: try sampleObject(), fallback: true)),
         .streamOpen(StreamOpen(streamID: 3, kind: .handoff, header: [0, 0, 0, 9, 1])),
         .streamOpen(StreamOpen(streamID: 4, kind: StreamKind(rawValue: 200), header: [])),
         .streamAccept,
@@ -109,11 +116,11 @@ func allMessages() throws -> [Message] {
         v1.writeString("prod"); v1.writeString("n4"); v1.writeU64(0xDEAD_BEEF); v1.writeVarint(3)
         #expect(try WireCodec.decodeBody(v1.bytes, limits: Limits()).message == .hello(Hello(protocolVersion: 1, cluster: "prod", node: "n4", nonce: [])))
         // A later version, with fields this node does not know after `node`.
-        var v3 = ByteWriter()
-        v3.writeU8(WireCodec.protocolVersion); v3.writeU8(MessageType.helloAck.rawValue); v3.writeU64(6)
-        v3.writeU16(3); v3.writeString("prod"); v3.writeString("n5"); v3.writeRaw([0xFF, 0x00, 0x42])
-        #expect(try WireCodec.decodeBody(v3.bytes, limits: Limits()).message
-                == .helloAck(HelloAck(protocolVersion: 3, cluster: "prod", node: "n5", nonce: [], mac: [])))
+        var later = ByteWriter()
+        later.writeU8(WireCodec.protocolVersion); later.writeU8(MessageType.helloAck.rawValue); later.writeU64(6)
+        later.writeU16(9); later.writeString("prod"); later.writeString("n5"); later.writeRaw([0xFF, 0x00, 0x42])
+        #expect(try WireCodec.decodeBody(later.bytes, limits: Limits()).message
+                == .helloAck(HelloAck(protocolVersion: 9, cluster: "prod", node: "n5", nonce: [], mac: [])))
     }
 
     @Test func helloNoncesAreBounded() {

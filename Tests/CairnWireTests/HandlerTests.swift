@@ -112,7 +112,7 @@ private func errorCode(_ e: Envelope) -> ErrorCode? {
         let d = RecordingDispatcher()
         let ch = try makeChannel(d)
         var frame = WireCodec.encodeFrame(Envelope(requestID: 9, message: .ping))
-        frame[4] = 2
+        frame[4] = 9
         try send(ch, frame)
         var frame2 = WireCodec.encodeFrame(Envelope(requestID: 10, message: .ping))
         frame2[5] = 0x1F
