@@ -162,14 +162,33 @@ actor WriteCoordinator {
     }
 
     /// Runs the request to its end; `respond` is called exactly once, as soon as the outcome is known.
+    /// An acknowledgement waits for the hints kept before it (those of primaries known down at
+    /// the start), so a coordinator that crashes right after answering still replays them: a
+    /// primary that missed an acknowledged write always has a hint or a fallback copy coming.
+    /// Past the deadline it answers anyway (the W copies are what was promised).
     func run(respond: @escaping @Sendable (WriteCoordination.WriteOutcome, Written) -> Void) async {
         let deadline = ctx.clock.now().advanced(by: .milliseconds(Int64(timeoutMillis)))
         var directives = machine.start(down: ctx.unreachable(candidates.filter { !$0.isLocal }.map(\.node)))
+        var held: WriteCoordination.WriteOutcome?
+        func answer(_ outcome: WriteCoordination.WriteOutcome) {
+            respond(outcome, Written(object: object, writer: writer, receipt: machine.receipt))
+        }
         await withTaskGroup(of: Event.self) { group in
             group.addDeadline(at: deadline, .deadline, on: ctx.clock)
+            var pastDeadline = false
             while true {
-                for d in directives { perform(d, group: &group, respond: respond) }
-                if machine.isFinished { break }
+                for d in directives {
+                    if case .respond(let outcome) = d {
+                        if case .acknowledged = outcome, hintsWriting > 0, !pastDeadline { held = outcome } else { answer(outcome) }
+                    } else {
+                        perform(d, group: &group)
+                    }
+                }
+                if let h = held, hintsWriting == 0 || pastDeadline {
+                    held = nil
+                    answer(h)
+                }
+                if machine.isFinished && held == nil { break }
                 guard let event = await group.next() else { break }
                 switch event {
                 case .localApplied(let o, let w):
@@ -182,10 +201,15 @@ actor WriteCoordinator {
                 case .failed(let n, let outcome):
                     ctx.metrics.replicaFailures.increment()
                     directives = machine.replicaFailed(n, outcome)
-                case .deadline: directives = machine.deadlinePassed()
-                case .done: directives = []
+                case .deadline:
+                    pastDeadline = true
+                    directives = machine.deadlinePassed()
+                case .done:
+                    hintsWriting -= 1
+                    directives = []
                 }
             }
+            if let h = held { answer(h) }
             // Hints being written finish (they are durable state, not part of the answer).
             await drainHints(&group)
             group.cancelAll()
@@ -200,8 +224,7 @@ actor WriteCoordinator {
         }
     }
 
-    private func perform(_ d: WriteCoordination.Directive, group: inout TaskGroup<Event>,
-                         respond: @Sendable (WriteCoordination.WriteOutcome, Written) -> Void) {
+    private func perform(_ d: WriteCoordination.Directive, group: inout TaskGroup<Event>) {
         switch d {
         case .applyLocally:
             let fallback = !(machine.replicas.first(where: \.isLocal)?.isPrimary ?? true)
@@ -244,8 +267,8 @@ actor WriteCoordinator {
                 await keep(nodes, partition, key, object)
                 return .done
             }
-        case .respond(let outcome):
-            respond(outcome, Written(object: object, writer: writer, receipt: machine.receipt))
+        case .respond:
+            break   // answered by `run`
         case .finish:
             break
         }

@@ -248,7 +248,14 @@ final class HandoffManager: SupervisedChild {
             for p in vnodes.fallbackPartitions {
                 let targets = ring.replicas(of: p).filter { $0 != env.me }
                 guard !targets.isEmpty, env.reachable(targets) else { continue }
-                let delivered = fallbackDelivered.withLock { $0[p] ?? [] }
+                var delivered = fallbackDelivered.withLock { $0[p] ?? [] }
+                if Set(targets).isSubset(of: delivered), !table.keys.contains(where: { $0.partition == p.fallbackSpace }), let first = targets.first {
+                    // Every current primary has the copy, but the shell that would have dropped
+                    // it ended while another primary was still owed (the ring changed since):
+                    // send it once more, and that shell drops it.
+                    delivered.remove(first)
+                    _ = fallbackDelivered.withLock { $0[p]?.remove(first) }
+                }
                 for to in targets where !delivered.contains(to) {
                     let t = PartitionTransfer(partition: p.fallbackSpace, from: env.me, to: to)
                     guard table[t] == nil, !waiting.contains(t), table.count + toStart.count < env.settings.maxConcurrent else { continue }
@@ -432,10 +439,19 @@ final class HandoffManager: SupervisedChild {
         let shells = running.withLock { $0.filter { $0.key.partition == partition }.sorted { $0.key < $1.key }.map(\.value.shell) }
         var carried = !shells.isEmpty
         for shell in shells where await !shell.forward(key: key, object: object) { carried = false }
+        if carried, partition.isFallbackSpace {
+            let receiving = Set(shells.map(\.transfer.to))
+            fallbackDelivered.withLock { d in d[partition.home] = d[partition.home]?.intersection(receiving) }
+        }
         if carried { return true }
         // A fallback copy not being handed off needs nothing more; one being handed off took
-        // the write only if every shell carried it.
-        if partition.isFallbackSpace { return shells.isEmpty }
+        // the write only if every shell carried it. Primaries whose copy was acknowledged before
+        // this write (their shell has ended) are owed the copy again.
+        if partition.isFallbackSpace {
+            let receiving = Set(shells.map(\.transfer.to))
+            fallbackDelivered.withLock { d in d[partition.home] = d[partition.home]?.intersection(receiving) }
+            return shells.isEmpty
+        }
         guard let ring = env.ring(), !ring.vnodePartitions(of: env.me).contains(partition) else { return true }
         let known = vnodes.successors(of: partition)
         let targets = (known.isEmpty ? ring.replicas(of: partition) : known).filter { $0 != env.me }

@@ -219,6 +219,8 @@ final class HintManager: SupervisedChild {
     private let loaded = Locked(false)
     private let retry = Locked<[NodeName: (at: ContinuousClock.Instant, failures: Int)]>([:])
     private let replaying = Locked<Set<NodeName>>([])
+    /// Targets with hints seen unreachable at the last look.
+    private let sawUnreachable = Locked<Set<NodeName>>([])
     private let replayed = Locked<[NodeName: UInt64]>([:])
     private let pacer: Pacer
     /// Wakes the replay loop early (a keep): `woken` is the flag its wait checks.
@@ -289,13 +291,19 @@ final class HintManager: SupervisedChild {
 
     /// Targets with hints whose turn it is: reachable (or no longer members: their hints go to
     /// the partitions' replicas), and not backing off.
+    /// A target that comes back (unreachable at the last look, reachable now) is due at once,
+    /// whatever backoff its failures while it was away built up.
     private func dueTargets() -> [NodeName] {
         let now = env.clock.now()
         let ring = env.ring()
         let held = book.withLock { $0.targets.keys.sorted() }
         return held.filter { t in
+            let reachable = env.reachable(t)
+            let cameBack = reachable && sawUnreachable.withLock { $0.remove(t) != nil }
+            if !reachable { sawUnreachable.withLock { _ = $0.insert(t) } }
+            if cameBack { retry.withLock { _ = $0.removeValue(forKey: t) } }
             if let r = retry.value[t], r.at > now { return false }
-            return env.reachable(t) || ring?.member(t) == nil
+            return reachable || ring?.member(t) == nil
         }
     }
 

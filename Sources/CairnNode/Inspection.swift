@@ -54,8 +54,27 @@ extension CairnNode {
     public func runningTransfers() async -> [(partition: UInt32, from: NodeName, to: NodeName, age: Duration)] {
         let now = core.clock.now()
         return (await core.handoff?.progress() ?? []).map { t in
-            (partition: t.progress.partition.index, from: t.progress.from, to: t.progress.to, age: now - t.startedAt)
+            (partition: t.progress.partition.home.index, from: t.progress.from, to: t.progress.to, age: now - t.startedAt)
         }
+    }
+
+    /// Hints this node holds, and fallback copies it has not handed to their primaries yet.
+    public var pendingCatchUp: (hints: Int, fallbackCopies: Int) {
+        (core.hints?.total ?? 0, core.vnodes.fallbackPartitions.count)
+    }
+
+    /// The key's primaries in this node's ring (preference-list order; empty before joining).
+    public func replicas(ofKey key: [UInt8]) -> [NodeName] { core.view?.placement(forKey: key).1.map(\.node) ?? [] }
+
+    /// This node's own copy of `key` (its primary vnode's, durable writes only, as a replica
+    /// answers a `replica-get`); nil when it holds none. Throws when it runs no primary vnode for
+    /// the key's partition (it is no replica of it), or the vnode cannot read it.
+    public func localCopy(of key: [UInt8]) async throws -> VersionedObject? {
+        guard let p = core.view?.partition(forKey: key) else { throw ValidationError("node \(config.name) has joined no cluster") }
+        guard let vnode = core.vnodes.vnode(for: p) else {
+            throw ValidationError("node \(config.name) runs no vnode for partition \(p.index): it is no replica of the key")
+        }
+        return try await vnode.get(key)
     }
 
     /// How this node's failure detector holds each member now (`alive`, `suspect`, `dead`).

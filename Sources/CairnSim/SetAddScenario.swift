@@ -243,6 +243,11 @@ public struct SetAddScenario: Sendable {
                 let membership = !faults.isDisjoint(with: Self.membershipFaults)
                 if membership { violations += await Self.settle(cluster, log: log) }
                 try await clock.sleep(for: .seconds(5))
+                // Before the final reads (which repair): hints and fallback copies alone must have
+                // brought every primary every acknowledged add.
+                let catchUp = await Self.checkPrimaries(cluster, keys: keys, attempts: log.current.attempts, diskWiped: nemesis.wipedAny)
+                violations += catchUp.violations
+                for n in catchUp.notes { note(n) }
                 var finals: [String: FinalRead] = [:]
                 let readers = cluster.present.filter { cluster.isUp($0) }
                 for key in 0..<keys where !readers.isEmpty {
@@ -659,6 +664,47 @@ public struct SetAddScenario: Sendable {
             try? await clock.sleep(for: .milliseconds(500))
         }
         return ["the ring did not settle within 120 s after the faults healed: \(last)"]
+    }
+
+    /// Catch-up without anti-entropy: waits (at most 60 s of virtual time) until no up node holds
+    /// a hint or a fallback copy, then reads each key's primaries' own copies
+    /// (`CairnNode.localCopy`): each must hold every acknowledged add (`CheckResult.primaryGaps`).
+    /// After a disk wipe the gaps are notes: a wiped replica is refilled by anti-entropy.
+    static func checkPrimaries(_ cluster: SimulatedCluster, keys: Int, attempts: [Attempt], diskWiped: Bool) async -> (violations: [String], notes: [String]) {
+        let clock = cluster.clock
+        let nodes = cluster.present.filter { cluster.isUp($0) }.compactMap { cluster.node($0) }
+        var out: [String] = []
+        let deadline = clock.now() + .seconds(60)
+        while true {
+            let pending = nodes.filter { $0.pendingCatchUp.hints + $0.pendingCatchUp.fallbackCopies > 0 }
+            if pending.isEmpty { break }
+            guard clock.now() < deadline else {
+                out.append("hints or fallback copies still pending 60 s after the quiet period: "
+                           + pending.map { "\($0.config.name) \($0.pendingCatchUp)" }.joined(separator: ", "))
+                break
+            }
+            try? await clock.sleep(for: .milliseconds(500))
+        }
+        guard let view = nodes.first else { return (out, []) }
+        var copies: [String: [String: Result<Set<UInt64>, ReadFailure>]] = [:]
+        for key in 0..<keys {
+            let k = Array(keyName(key).utf8)
+            for name in view.replicas(ofKey: k) {
+                guard let node = nodes.first(where: { $0.config.name == name }) else { continue }
+                let copy: Result<Set<UInt64>, ReadFailure>
+                do {
+                    var held = Set<UInt64>()
+                    for s in try await node.localCopy(of: k)?.values ?? [] where !s.isTombstone { held.formUnion(SetValue.decode(s.value) ?? []) }
+                    copy = .success(held)
+                } catch {
+                    copy = .failure(ReadFailure("\(error)"))
+                }
+                copies[keyName(key), default: [:]][name.value] = copy
+            }
+        }
+        let gaps = CheckResult.primaryGaps(attempts: attempts, copies: copies).map(\.description)
+        if diskWiped { return (out, gaps.map { $0 + "; a disk was wiped: left to anti-entropy" }) }
+        return (out + gaps, [])
     }
 
     /// Every partition on exactly N replicas, the ring's owners: each owner runs its vnode and

@@ -126,3 +126,47 @@ public struct CheckResult: Sendable {
         return r
     }
 }
+
+/// One key's primary that does not hold, on its own, every acknowledged add of the key.
+public struct PrimaryGap: Sendable, Hashable, CustomStringConvertible {
+    public var key: String
+    public var node: String
+    /// Acknowledged elements absent from the node's copy (empty when the copy was unreadable).
+    public var missing: [UInt64]
+    /// Why the copy could not be read, if it could not.
+    public var unreadable: String?
+
+    public var description: String {
+        if let unreadable { return "\(key): primary \(node)'s own copy could not be read: \(unreadable)" }
+        let shown = missing.prefix(5).map(String.init).joined(separator: ", ")
+        return "\(key): primary \(node) alone lacks \(missing.count) acknowledged add\(missing.count == 1 ? "" : "s") (\(shown)\(missing.count > 5 ? ", …" : ""))"
+    }
+}
+
+extension CheckResult {
+    /// Replicas converge without anti-entropy (hints, fallback handoff, read repair): after the
+    /// quiet period each primary's own copy of a key (`copies[key][node]`: its elements, or why it
+    /// could not be read) holds every acknowledged add of that key. Pure.
+    public static func primaryGaps(attempts: [Attempt], copies: [String: [String: Result<Set<UInt64>, ReadFailure>]]) -> [PrimaryGap] {
+        var acknowledged: [String: Set<UInt64>] = [:]
+        for a in attempts where a.outcome == .ok { acknowledged[a.key, default: []].insert(a.element) }
+        var gaps: [PrimaryGap] = []
+        for (key, nodes) in copies.sorted(by: { $0.key < $1.key }) {
+            for (node, copy) in nodes.sorted(by: { $0.key < $1.key }) {
+                switch copy {
+                case .failure(let f): gaps.append(PrimaryGap(key: key, node: node, missing: [], unreadable: f.reason))
+                case .success(let held):
+                    let missing = (acknowledged[key] ?? []).subtracting(held).sorted()
+                    if !missing.isEmpty { gaps.append(PrimaryGap(key: key, node: node, missing: missing)) }
+                }
+            }
+        }
+        return gaps
+    }
+}
+
+/// Why a replica's own copy could not be read.
+public struct ReadFailure: Error, Sendable, Hashable {
+    public var reason: String
+    public init(_ reason: String) { self.reason = reason }
+}
