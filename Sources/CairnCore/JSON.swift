@@ -32,3 +32,21 @@ public indirect enum JSON: Sendable {
         return out + "\""
     }
 }
+
+extension JSON {
+    /// A sibling as `cairn get --json` prints it: `value` (UTF-8 text; empty for a tombstone) or
+    /// `value_base64`, `deleted`, `timestamp_ms`.
+    public static func sibling(_ s: Sibling) -> JSON {
+        var fields: [(String, JSON)] = []
+        if s.isTombstone {
+            fields.append(("value", .string("")))
+        } else if let text = String(validating: s.value, as: UTF8.self) {
+            fields.append(("value", .string(text)))
+        } else {
+            fields.append(("value_base64", .string(Base64URL.encodeStandard(s.value))))
+        }
+        fields.append(("deleted", .bool(s.isTombstone)))
+        fields.append(("timestamp_ms", .int(Int(clamping: s.timestampMillis))))
+        return .object(fields)
+    }
+}

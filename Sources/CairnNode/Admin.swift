@@ -18,6 +18,7 @@ extension NodeCore {
             case "status": return reply(try statusJSON(agent, a))
             case "preflist": return reply(try preflistJSON(request.arguments, a))
             case "transfers": return reply(await transfersJSON(agent))
+            case "local-get": return reply(try await localGetJSON(request.arguments, a))
             case "join": return try await join(request.arguments, agent)
             case "join-request": return try await onClaimant(request, agent, a) { r throws(ValidationError) in
                 try Self.joinRequest(request.arguments, r)
@@ -174,6 +175,29 @@ extension NodeCore {
             ("fallbacks", .array(ring.fallbacks(of: p, count: ring.nVal).map(node))),
             ("pending", .array(ring.pendingTransfers.filter { $0.partition == p }.map { .string("\($0.from)→\($0.to)") })),
         ])
+    }
+
+    /// `local-get KEY`: this node's own copies of the key, no quorum and no other replica — its
+    /// primary copy (if it replicates the key) and its fallback copy (if it holds one): what a
+    /// replica would answer, for checking that replicas converged.
+    private func localGetJSON(_ arguments: [String], _ a: Activation) async throws -> JSON {
+        guard arguments.count == 1 else { throw ValidationError("local-get takes one KEY") }
+        guard let ring = a.view.state else { throw AdminFailure.notJoined }
+        let key = Array(arguments[0].utf8)
+        let p = ring.partition(forKey: key)
+        func copy(_ v: Vnode?) async throws -> JSON {
+            guard let v else { return .null }
+            let o = try await v.get(key)
+            return .object([("found", .bool(!(o?.isDeleted ?? true))), ("siblings", .array((o?.values ?? []).map(JSON.sibling))),
+                            ("context", .string(CausalContext(o?.context ?? VersionVector()).token))])
+        }
+        do {
+            return .object([("key", .string(arguments[0])), ("partition", .int(Int(p.index))), ("node", .string(config.name.value)),
+                            ("replica", .bool(ring.replicas(of: p).contains(config.name))),
+                            ("primary", try await copy(vnodes.vnode(for: p))), ("fallback", try await copy(vnodes.fallback(for: p)))])
+        } catch let e as VnodeError {
+            throw ValidationError("node \(config.name) could not read its copy: \(e.description)")
+        }
     }
 
     private func transfersJSON(_ agent: MembershipAgent) async -> JSON {

@@ -6,6 +6,10 @@ public enum Fault: Sendable, Hashable, CustomStringConvertible {
     case isolate(Int)
     /// Two sides that cannot reach each other; `minority` is the smaller.
     case split(minority: [Int])
+    /// A split as `split`, with every client confined to the side of its home node (client i's
+    /// home is the i-th member, round robin): clients on the minority side reach only the
+    /// minority — the case sloppy quorum and hints exist for.
+    case clientSplit(minority: [Int])
     /// The nodes other than `center` are split in two halves; `center` sees both.
     case bridge(center: Int)
     /// Messages from `from` to `to` are lost; the other direction works.
@@ -58,6 +62,7 @@ public enum Fault: Sendable, Hashable, CustomStringConvertible {
         switch self {
         case .isolate(let n): "isolate n\(n + 1)"
         case .split(let m): "split: {" + m.map { "n\($0 + 1)" }.joined(separator: ",") + "} | rest"
+        case .clientSplit(let m): "split with clients: {" + m.map { "n\($0 + 1)" }.joined(separator: ",") + "} and their clients | rest"
         case .bridge(let c): "bridge through n\(c + 1)"
         case .oneWay(let f, let t): "one-way cut n\(f + 1) -> n\(t + 1)"
         case .kill(let n): "kill -9 n\(n + 1)"
@@ -84,7 +89,7 @@ public enum Fault: Sendable, Hashable, CustomStringConvertible {
         let all = Set(members)
         switch self {
         case .isolate(let n): sever([n], all.subtracting([n]))
-        case .split(let minority): sever(Set(minority), all.subtracting(minority))
+        case .split(let minority), .clientSplit(let minority): sever(Set(minority), all.subtracting(minority))
         case .bridge(let c):
             let others = members.sorted().filter { $0 != c }
             let half = others.count / 2
@@ -99,12 +104,14 @@ public enum Fault: Sendable, Hashable, CustomStringConvertible {
 /// The kinds of fault `--faults` selects from.
 public enum FaultKind: String, CaseIterable, Sendable, Hashable {
     case isolate, split, bridge, oneWay = "one-way", kill, pause, delay, drop
+    /// `Fault.clientSplit`.
+    case clientSplit = "client-split"
     /// Joins, leaves and removes (`--joins`, `--leaves`, `--removes` of them).
     case membership
 
     /// The default selection: every kind except `membership`, in the order the schedule
     /// numbers them (a seed's schedule is the same as before the kinds were selectable).
-    public static let classic: [FaultKind] = [.isolate, .split, .bridge, .oneWay, .kill, .pause, .delay, .drop]
+    public static let classic: [FaultKind] = [.isolate, .split, .bridge, .oneWay, .kill, .pause, .delay, .drop, .clientSplit]
 }
 
 /// How many membership changes of each sort a run makes.
@@ -246,6 +253,11 @@ public struct NemesisSchedule: Sendable, Hashable {
         case .kill: return .kill(node)
         case .pause: return .pause(node)
         case .delay: return .delay(node: node, millis: 20 + Int(rng.next(below: 200)))
+        case .clientSplit:
+            let size = max(1, (count - 1) / 2)
+            var minority = Set<Int>()
+            while minority.count < size { minority.insert(members[Int(rng.next(below: UInt64(count)))]) }
+            return .clientSplit(minority: minority.sorted())
         case .drop, .membership: return .drop(node: node, percent: 10 + Int(rng.next(below: 40)))
         }
     }

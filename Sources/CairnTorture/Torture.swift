@@ -1,6 +1,7 @@
 import Foundation
 import CairnClient
 import CairnCore
+import Synchronization
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -44,13 +45,18 @@ public struct RunResult: Sendable {
     /// transfers that never finished, a refused command): each fails the run.
     public var membershipProblems: [String] = []
     public var membershipEnabled = false
+    /// Primaries whose own copy lacked an acknowledged add after the quiet period (hints, fallback
+    /// handoff and read repair must have brought every primary every acknowledged add).
+    public var primaryGaps: [PrimaryGap] = []
+    /// Why the per-primary check could not be made, if it could not (fails the run).
+    public var primaryCheckProblem: String?
 
-    public var passed: Bool { check.passed && membershipProblems.isEmpty }
+    public var passed: Bool { check.passed && membershipProblems.isEmpty && primaryGaps.isEmpty && primaryCheckProblem == nil }
 
     /// The checker's summary, with the membership counts when that nemesis ran. Always the last
     /// line of a run's output.
     public var summary: String {
-        check.summary + (membershipEnabled ? " joins=\(joins) leaves=\(leaves) removes=\(removes)" : "")
+        check.summary + " primary_gaps=\(primaryGaps.count)" + (membershipEnabled ? " joins=\(joins) leaves=\(leaves) removes=\(removes)" : "")
     }
 }
 
@@ -71,6 +77,10 @@ public final class Torture: @unchecked Sendable {
     var timeline: [(start: Int, end: Int, what: String)] = []
     var joins = 0, leaves = 0, removes = 0
     var membershipProblems: [String] = []
+    /// While a `clientSplit` runs: its two sides and the members it split (client i's home is
+    /// `members[i % count]`); clients use only the nodes on their home's side. Read by the
+    /// clients' tasks.
+    let clientSides = Mutex<(minority: Set<Int>, rest: Set<Int>, members: [Int])?>(nil)
 
     public init(_ config: TortureConfig) {
         self.config = config
@@ -188,6 +198,9 @@ public final class Torture: @unchecked Sendable {
         switch f.fault {
         case .isolate, .split, .bridge, .oneWay:
             try lab.cut(f.fault.blocked(members: f.members), running: running)
+        case .clientSplit(let minority):
+            try lab.cut(f.fault.blocked(members: f.members), running: running)
+            clientSides.withLock { $0 = (Set(minority), Set(f.members).subtracting(minority), f.members) }
         case .kill(let n): killNode(n)
         case .pause(let n):
             signal(n, SIGSTOP)
@@ -201,6 +214,7 @@ public final class Torture: @unchecked Sendable {
     /// Heals everything: links, transport faults, paused and killed members.
     func healAll() throws {
         try lab.cut([:], running: running)
+        clientSides.withLock { $0 = nil }
         for n in paused { signal(n, SIGCONT) }
         paused = []
         for i in running where processes[i] == nil { try start(i) }
@@ -447,9 +461,28 @@ public final class Torture: @unchecked Sendable {
         var rng = SplitMix64(seed: config.seed &* 1_000_003 &+ UInt64(id))
         var counter: UInt64 = 0
         let seeds = (0..<config.nodes).map(lab.address)
-        guard let client = try? await CairnClient.connect(seeds: seeds, configuration: clientConfig(timeout: 1000)) else { return [] }
-        defer { client.close() }
+        guard let everywhere = try? await CairnClient.connect(seeds: seeds, configuration: clientConfig(timeout: 1000)) else { return [] }
+        var sideClients: [[Int]: CairnClient] = [:]
+        defer {
+            everywhere.close()
+            for c in sideClients.values { c.close() }
+        }
         while elapsedMillis < deadlineMillis {
+            // During a client split, only the nodes on this client's side.
+            var client = everywhere
+            if let sides = clientSides.withLock({ $0 }), !sides.members.isEmpty {
+                let home = sides.members[id % sides.members.count]
+                let side = (sides.minority.contains(home) ? sides.minority : sides.rest).sorted()
+                if let c = sideClients[side] {
+                    client = c
+                } else if let c = try? await CairnClient.connect(seeds: side.map(lab.address), configuration: clientConfig(timeout: 1000)) {
+                    sideClients[side] = c
+                    client = c
+                } else {
+                    try? await Task.sleep(for: .milliseconds(20))
+                    continue
+                }
+            }
             let k = Int(rng.next(below: UInt64(config.keys)))
             let key = Self.keyName(k)
             var set = Set<UInt64>()
@@ -522,6 +555,61 @@ public final class Torture: @unchecked Sendable {
         return finals
     }
 
+    // MARK: Each primary on its own
+
+    /// One node's admin verb, through a client that talks to that node only.
+    func adminJSON(_ node: Int, _ verb: String, _ args: [String] = []) async -> [String: Any]? {
+        guard let c = try? await CairnClient.connect(seeds: [lab.address(node)], configuration: clientConfig(timeout: 5000)) else { return nil }
+        defer { c.close() }
+        guard let text = try? await c.admin(verb, args) else { return nil }
+        return (try? JSONSerialization.jsonObject(with: Data(text.utf8))) as? [String: Any]
+    }
+
+    /// Waits (at most 60 s) until no running node holds a hint or a fallback copy, then reads
+    /// every key's primaries' own copies (`local-get`). Returns them, and why the wait or a read
+    /// failed, if it did.
+    func primaryCopies() async -> ([String: [String: Result<Set<UInt64>, ReadFailure>]], String?) {
+        var problem: String?
+        let deadline = elapsedMillis + 60_000
+        while true {
+            var pending: [String] = []
+            for i in running {
+                guard let t = await adminJSON(i, "transfers") else { pending.append("n\(i + 1) (no answer)"); continue }
+                let hints = (t["hints"] as? [[String: Any]] ?? []).reduce(0) { $0 + (($1["hints"] as? NSNumber)?.intValue ?? 0) }
+                let fallbacks = (t["transfers"] as? [[String: Any]] ?? []).count { $0["kind"] as? String == "fallback" }
+                if hints + fallbacks > 0 { pending.append("n\(i + 1) (\(hints) hints, \(fallbacks) fallback copies)") }
+            }
+            if pending.isEmpty { break }
+            if elapsedMillis > deadline {
+                problem = "still catching up 60 s after the quiet period: " + pending.joined(separator: ", ")
+                break
+            }
+            try? await Task.sleep(for: .milliseconds(500))
+        }
+        var copies: [String: [String: Result<Set<UInt64>, ReadFailure>]] = [:]
+        guard let via = running.first else { return (copies, problem ?? "no node runs") }
+        for k in 0..<config.keys {
+            let name = String(decoding: Self.keyName(k), as: UTF8.self)
+            guard let pre = await adminJSON(via, "preflist", [name]) else { problem = problem ?? "preflist of \(name) failed"; continue }
+            for p in pre["primaries"] as? [[String: Any]] ?? [] {
+                guard let node = p["node"] as? String, let n = Int(node.dropFirst()), n >= 1 else { continue }
+                let copy: Result<Set<UInt64>, ReadFailure>
+                if let local = await adminJSON(n - 1, "local-get", [name]) {
+                    var held = Set<UInt64>()
+                    let primary = local["primary"] as? [String: Any]
+                    for s in primary?["siblings"] as? [[String: Any]] ?? [] where s["deleted"] as? Bool != true {
+                        held.formUnion(SetValue.decode(Array((s["value"] as? String ?? "").utf8)) ?? [])
+                    }
+                    copy = primary == nil ? .failure(ReadFailure("it runs no vnode for the key's partition")) : .success(held)
+                } else {
+                    copy = .failure(ReadFailure("local-get failed"))
+                }
+                copies[name, default: [:]][node] = copy
+            }
+        }
+        return (copies, problem)
+    }
+
     // MARK: The run
 
     /// Runs everything; returns the verdict (nil if the harness itself failed).
@@ -565,8 +653,12 @@ public final class Torture: @unchecked Sendable {
         }
         say("workload done: \(attempts.count) attempts; healed; settling \(config.settleMillis / 1000) s")
         try? await Task.sleep(for: .milliseconds(config.settleMillis))
+        // Before the final reads (R=N reads repair): every primary on its own.
+        let (copies, copyProblem) = await primaryCopies()
         let finals = await finalReads()
         var result = RunResult(check: CheckResult.check(attempts: attempts, finals: finals))
+        result.primaryGaps = CheckResult.primaryGaps(attempts: attempts, copies: copies)
+        result.primaryCheckProblem = copyProblem
         (result.joins, result.leaves, result.removes) = (joins, leaves, removes)
         result.membershipProblems = membershipProblems
         result.membershipEnabled = config.membershipEnabled
@@ -593,6 +685,8 @@ public final class Torture: @unchecked Sendable {
             emit("FAILED BUT PRESENT \(a.key) element \(a.element): client \(a.client) told \(a.outcome) at \(a.startMillis) ms, \(active(a.startMillis))")
         }
         for p in r.phantom.prefix(10) { emit("PHANTOM \(p.key) element \(p.element): never written") }
+        for g in result.primaryGaps.prefix(10) { emit("PRIMARY GAP \(g)") }
+        if let problem = result.primaryCheckProblem { emit("PRIMARY CHECK \(problem)") }
         emit("fault schedule (seed \(config.seed)):\n\(schedule.text)")
         if config.membershipEnabled {
             emit("membership: \(joins) of \(schedule.joins) joins, \(leaves) of \(schedule.leaves) leaves, \(removes) of \(schedule.removes) removes done; members at the end: "

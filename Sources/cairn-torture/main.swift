@@ -14,13 +14,13 @@ usage: cairn-torture [--quick] [--nodes N] [--duration 120s] [--seed N] [--clien
   --quick          3 nodes, 60 s, seed from the fixed list 1, 7, 42 (default 1): the CI mode
   long mode:       --nodes 5 --duration 10m (a random seed unless --seed)
   --faults LIST    comma-separated fault kinds: \(FaultKind.allCases.map(\.rawValue).joined(separator: ", "));
-                   "default" for the first eight (the default), "none" for none
+                   "default" for the first nine (the default), "none" for none
   --joins N, --leaves N, --removes N
                    membership changes the `membership` kind makes (default 2, 2 and 0); at least
                    3 members remain at all times; joiners are named after the first nodes
   --no-namespaces  loopback only (no root): partitions through the nodes' fault-injecting transport
   --cairn PATH     the cairn CLI that makes membership changes (default: next to cairn-torture)
-exit status: 0 no defect found; 1 lost, phantom or failed-but-present elements, an unreadable key,
+exit status: 0 no defect found; 1 lost, phantom or failed-but-present elements, an unreadable key, a primary gap,
              or a membership change that did not complete; 2 harness error
 """
 

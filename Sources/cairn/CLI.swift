@@ -175,8 +175,16 @@ struct Get: AsyncParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Read a key: every sibling and the causal context.")
     @OptionGroup var connection: ConnectionOptions
     @Argument(help: "The key (UTF-8).") var key: String
+    @Flag(help: "Show only the node's own copies (its primary copy and any fallback copy): no quorum, no other replica. Exit 2 when its primary copy holds no live value.")
+    var local = false
 
     func run() async throws {
+        if local {
+            // One node's copies: only the first --node, never another one in its place.
+            let client = try await connectClient(seeds: Array(connection.seeds.prefix(1)), timeout: connection.timeout, json: connection.json)
+            defer { client.close() }
+            return try await runLocal(client)
+        }
         let client = try await connection.connect()
         defer { client.close() }
         let options = connection.requestOptions
@@ -204,6 +212,30 @@ struct Get: AsyncParsableCommand {
             }
             throw CLIFailure(error, json: connection.json)
         }
+    }
+
+    /// `--local`: the node's `local-get` answer (its primary and fallback copies).
+    private func runLocal(_ client: CairnClient) async throws {
+        let text: String
+        do { text = try await client.admin("local-get", [key]) } catch { throw CLIFailure(error, json: connection.json) }
+        let o = (try? JSONSerialization.jsonObject(with: Data(text.utf8))) as? [String: Any] ?? [:]
+        let primary = o["primary"] as? [String: Any]
+        if connection.json {
+            print(text)
+        } else {
+            let node = o["node"] as? String ?? "?"
+            for (name, copy) in [("primary", primary), ("fallback", o["fallback"] as? [String: Any])] {
+                guard let copy else {
+                    print("\(name) copy on \(node): none" + (name == "primary" && o["replica"] as? Bool == false ? " (not a replica of the key)" : ""))
+                    continue
+                }
+                let siblings = (copy["siblings"] as? [[String: Any]] ?? []).map { s in
+                    (s["deleted"] as? Bool ?? false) ? "(deleted)" : (s["value"] as? String ?? ("base64:" + (s["value_base64"] as? String ?? "")))
+                }
+                print("\(name) copy on \(node): " + (siblings.isEmpty ? "not found" : siblings.joined(separator: " | ")))
+            }
+        }
+        if primary?["found"] as? Bool != true { Foundation.exit(2) }
     }
 
     static func show(_ s: Sibling) -> String {
@@ -355,17 +387,4 @@ extension JSON {
         return .object(fields)
     }
 
-    static func sibling(_ s: Sibling) -> JSON {
-        var fields: [(String, JSON)] = []
-        if s.isTombstone {
-            fields.append(("value", .string("")))
-        } else if let text = String(validating: s.value, as: UTF8.self) {
-            fields.append(("value", .string(text)))
-        } else {
-            fields.append(("value_base64", .string(Base64URL.encodeStandard(s.value))))
-        }
-        fields.append(("deleted", .bool(s.isTombstone)))
-        fields.append(("timestamp_ms", .int(Int(clamping: s.timestampMillis))))
-        return .object(fields)
-    }
 }

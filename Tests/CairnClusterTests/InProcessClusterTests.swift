@@ -57,7 +57,7 @@ struct InProcessClusterTests {
         // Only what fits in the socket buffers, the unflushed bound and 8 in flight was answered.
         #expect(answered < Double(requests / 2), "answered \(answered) of \(requests) with no reader")
         try await socket.startReading()
-        try await cluster.waitUntil("every reply arrived") { socket.frameTypes.count == requests }
+        try await cluster.waitUntil("every reply arrived", seconds: 60) { socket.frameTypes.count == requests }
         #expect(socket.frameTypes.allSatisfy { $0 == MessageType.getReply.rawValue }, "reply types \(Set(socket.frameTypes))")
         socket.close(); writer.close()
         await cluster.stop()

@@ -99,7 +99,7 @@ import Foundation
                 members.remove(n)
             case .isolate(let n), .kill(let n), .pause(let n), .delay(let n, _), .drop(let n, _), .bridge(let n): #expect(members.contains(n))
             case .oneWay(let a, let b): #expect(members.contains(a) && members.contains(b))
-            case .split(let minority): #expect(Set(minority).isSubset(of: members))
+            case .split(let minority), .clientSplit(let minority): #expect(Set(minority).isSubset(of: members))
             }
             #expect(members.count >= 3)
         }
