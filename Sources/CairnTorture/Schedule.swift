@@ -109,9 +109,11 @@ public enum FaultKind: String, CaseIterable, Sendable, Hashable {
     /// Joins, leaves and removes (`--joins`, `--leaves`, `--removes` of them).
     case membership
 
-    /// The default selection: every kind except `membership`, in the order the schedule
-    /// numbers them (a seed's schedule is the same as before the kinds were selectable).
-    public static let classic: [FaultKind] = [.isolate, .split, .bridge, .oneWay, .kill, .pause, .delay, .drop, .clientSplit]
+    /// The first eight kinds, in the order the schedule numbers them: a seed's schedule with
+    /// these is the same as before the kinds were selectable.
+    public static let classic: [FaultKind] = [.isolate, .split, .bridge, .oneWay, .kill, .pause, .delay, .drop]
+    /// The default selection: every kind except `membership` (`classic`, then `client-split`).
+    public static let standard: [FaultKind] = classic + [.clientSplit]
 }
 
 /// How many membership changes of each sort a run makes.
@@ -182,13 +184,13 @@ public struct NemesisSchedule: Sendable, Hashable {
     /// At least this many members at all times (N = 3 replicas).
     public static let minimumMembers = 3
 
-    public init(seed: UInt64, nodes: Int, durationMillis: Int, kinds: [FaultKind] = FaultKind.classic,
+    public init(seed: UInt64, nodes: Int, durationMillis: Int, kinds: [FaultKind] = FaultKind.standard,
                 membership: MembershipPlan = MembershipPlan()) {
         var rng = SplitMix64(seed: seed)
         // A generator of its own for membership choices: the other faults' draws stay as they
         // would be without them.
         var memberRNG = SplitMix64(seed: seed ^ 0x6D65_6D62_6572_7368)
-        let regular = FaultKind.classic.filter { kinds.contains($0) }
+        let regular = FaultKind.standard.filter { kinds.contains($0) }
         let changes = kinds.contains(.membership) ? membership.order(nodes: nodes, minimum: Self.minimumMembers) : []
         let changeTimes = changes.indices.map { k in durationMillis * 8 / 10 * (k + 1) / (changes.count + 1) }
         var members = Array(0..<nodes)
@@ -234,7 +236,7 @@ public struct NemesisSchedule: Sendable, Hashable {
         finalMembers = members
     }
 
-    /// One fault of the `kinds` (a non-empty selection, in `FaultKind.classic` order) on
+    /// One fault of the `kinds` (a non-empty selection, in `FaultKind.standard` order) on
     /// `members`.
     static func draw(_ rng: inout SplitMix64, members: [Int], kinds: [FaultKind]) -> Fault {
         let count = members.count

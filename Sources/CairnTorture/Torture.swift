@@ -23,7 +23,7 @@ public struct TortureConfig: Sendable {
     /// Quiet time after healing, before the final reads.
     public var settleMillis = 5_000
     /// The fault kinds the nemesis draws from (`--faults`).
-    public var kinds: [FaultKind] = FaultKind.classic
+    public var kinds: [FaultKind] = FaultKind.standard
     /// How many joins, leaves and removes the `membership` kind makes.
     public var membership = MembershipPlan()
     /// The `cairn` CLI that stages, plans and commits membership changes.

@@ -14,7 +14,7 @@ usage: cairn-torture [--quick] [--nodes N] [--duration 120s] [--seed N] [--clien
   --quick          3 nodes, 60 s, seed from the fixed list 1, 7, 42 (default 1): the CI mode
   long mode:       --nodes 5 --duration 10m (a random seed unless --seed)
   --faults LIST    comma-separated fault kinds: \(FaultKind.allCases.map(\.rawValue).joined(separator: ", "));
-                   "default" for the first nine (the default), "none" for none
+                   "default" for all but membership (the default), "none" for none
   --joins N, --leaves N, --removes N
                    membership changes the `membership` kind makes (default 2, 2 and 0); at least
                    3 members remain at all times; joiners are named after the first nodes
@@ -45,7 +45,7 @@ func millis(_ s: String) -> Int? {
 func faultKinds(_ list: String) -> [FaultKind] {
     var out: [FaultKind] = []
     for name in list.split(separator: ",").map({ $0.trimmingCharacters(in: .whitespaces) }) where !name.isEmpty && name != "none" {
-        if name == "default" { out += FaultKind.classic; continue }
+        if name == "default" { out += FaultKind.standard; continue }
         guard let k = FaultKind(rawValue: name) else {
             fail("unknown fault '\(name)'; available: \(FaultKind.allCases.map(\.rawValue).joined(separator: ", ")), default, none")
         }

@@ -115,8 +115,8 @@ import Foundation
     }
 
     @Test func withoutMembershipASeedDrawsTheSameFaultsAsBefore() {
-        // Seed 1, 3 nodes, 60 s (the CI mode): the schedule printed before kinds were selectable.
-        let s = NemesisSchedule(seed: 1, nodes: 3, durationMillis: 60_000)
+        // Seed 1, 3 nodes, 60 s, the classic kinds: the schedule printed before kinds were selectable.
+        let s = NemesisSchedule(seed: 1, nodes: 3, durationMillis: 60_000, kinds: FaultKind.classic)
         #expect(s.faults.map { "\(String(format: "%.1f", Double($0.atMillis) / 1000)) \($0.fault)" } == [
             "2.5 split: {n3} | rest", "7.0 split: {n2} | rest", "11.3 one-way cut n2 -> n1", "15.1 kill -9 n1", "19.6 SIGSTOP n1",
             "25.1 bridge through n3", "28.4 SIGSTOP n1", "35.7 drop 45% of n2's messages", "40.4 delay n2 outgoing by 39 ms",
@@ -124,5 +124,8 @@ import Foundation
         ])
         #expect(s == NemesisSchedule(seed: 1, nodes: 3, durationMillis: 60_000, kinds: FaultKind.classic + [.membership], membership: MembershipPlan()))
         #expect(s.slots == 3 && s.finalMembers == [0, 1, 2])
+        // The default adds client splits.
+        let standard = NemesisSchedule(seed: 1, nodes: 3, durationMillis: 60_000)
+        #expect(standard.faults.contains { if case .clientSplit = $0.fault { true } else { false } } || NemesisSchedule(seed: 2, nodes: 3, durationMillis: 60_000).faults.contains { if case .clientSplit = $0.fault { true } else { false } })
     }
 }
