@@ -224,31 +224,8 @@ to_bytes() {
 }
 
 # ---------------------------------------------------------------------------------------------
-install_deps() {
-    # shellcheck source=../../Deploy/lib/packages.sh
-    source "$ROOT/Deploy/lib/packages.sh"
-    local build=()
-    [[ -z "$BIN_DIR" ]] && build=(pkg-config pkg-config pkg:libsystemd libsystemd-dev)
-    ensure_packages curl curl jq jq python3 python3 "${build[@]}"
-}
-
-build() {
-    if [[ -n "$BIN_DIR" ]]; then
-        BIN="$BIN_DIR"
-    else
-        command -v swift >/dev/null || die "swift not found (expected at /opt/swift/usr/bin)"
-        if [[ "${SKIP_BUILD:-0}" != "1" ]]; then
-            log "building cairnd, cairn and cairn-load (release)..."
-            local p
-            for p in cairnd cairn cairn-load; do
-                (cd "$ROOT" && swift build -c release --product "$p" >&2)
-            done
-        fi
-        BIN="$(cd "$ROOT" && swift build -c release --show-bin-path)"
-    fi
-    local b
-    for b in cairnd cairn cairn-load; do [[ -x "$BIN/$b" ]] || die "no $b in $BIN"; done
-}
+# shellcheck source=../lib/binaries.sh
+source "$ROOT/Benchmarks/lib/binaries.sh"
 
 machine() {
     local model mem
