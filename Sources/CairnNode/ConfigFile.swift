@@ -63,6 +63,7 @@ extension NodeConfig {
         case "hints.max_bytes": hints.maxBytes = try Self.bytes(value, (64 << 10)...(1 << 40))
         case "hints.max_age": hints.maxAge = .milliseconds(try Self.millis(value))
         case "hints.replay_bytes_per_second": hints.replayBytesPerSecond = try Self.bytes(value, (4 << 10)...(1 << 40))
+        case "hints.replay_keys_per_second": hints.replayKeysPerSecond = try Self.int(value, 1...1_000_000)
         case "handoff.max_concurrent": handoff.maxConcurrent = try Self.int(value, 1...64)
         case "handoff.bytes_per_second": handoff.bytesPerSecond = try Self.bytes(value, (64 << 10)...(1 << 40))
         case "handoff.batch_bytes": handoff.transfer.batchMaxBytes = try Self.bytes(value, (4 << 10)...(64 << 20))

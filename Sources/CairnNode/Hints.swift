@@ -16,8 +16,11 @@ public struct HintSettings: Sendable {
     public var maxAge: Duration = .seconds(3 * 3600)
     /// Bytes per second all replays together send (`hints.replay_bytes_per_second`).
     public var replayBytesPerSecond = 16 << 20
+    /// Hints per second all replays together send (`hints.replay_keys_per_second`): small
+    /// objects cost requests, not bytes, so the foreground is protected by this bound too.
+    public var replayKeysPerSecond = 100
     /// Hints one replay round sends at once, at most (each a `replica-put`).
-    public var replayBatch = 64
+    public var replayBatch = 16
     /// A replay round that failed waits this long, doubling per failure in a row, at most `retryMax`.
     public var retryMin: Duration = .milliseconds(500)
     public var retryMax: Duration = .seconds(30)
@@ -175,8 +178,9 @@ struct HintBook: Sendable {
 /// - `keep` (from a write coordinator): one durable record per target, within `hints.*`'s bounds,
 ///   written before it returns (a node that crashes after keeps them).
 /// - `run()`: once a second, for each target with hints that the failure detector holds alive
-///   and the transport reaches, replays its hints oldest first in rounds of `hints.replay_batch`
-///   (`replica-put`s in parallel, paced to `hints.replay_bytes_per_second`), removing each one
+///   and the transport reaches, replays its hints oldest first in rounds of at most 16
+///   (`replica-put`s in parallel, paced to `hints.replay_bytes_per_second` and
+///   `hints.replay_keys_per_second`), removing each one
 ///   its destination acknowledged; a failed round backs off (`retryMin` doubling to `retryMax`).
 ///   A hint's destination is its target while the target replicates the partition; otherwise
 ///   (the ring moved the partition, or removed the target) every current replica but this node.
@@ -223,6 +227,7 @@ final class HintManager: SupervisedChild {
     private let sawUnreachable = Locked<Set<NodeName>>([])
     private let replayed = Locked<[NodeName: UInt64]>([:])
     private let pacer: Pacer
+    private let keyPacer: Pacer
     /// Wakes the replay loop early (a keep): `woken` is the flag its wait checks.
     private let wake = Condition()
     private let woken = Locked(false)
@@ -231,6 +236,7 @@ final class HintManager: SupervisedChild {
         self.env = env
         book = Locked(HintBook(maxBytesPerTarget: env.settings.maxBytesPerTarget, maxBytes: env.settings.maxBytes))
         pacer = Pacer(bytesPerSecond: env.settings.replayBytesPerSecond, clock: env.clock)
+        keyPacer = Pacer(bytesPerSecond: env.settings.replayKeysPerSecond, clock: env.clock)
     }
 
     // MARK: Keeping
@@ -443,6 +449,7 @@ final class HintManager: SupervisedChild {
         return await withTaskGroup(of: (Int, Bool).self) { group in
             for (i, record) in records.enumerated() {
                 await pacer.pace(record.object.count + record.key.count)
+                await keyPacer.pace(1)
                 let replicas = ring?.replicas(of: record.partition) ?? [target]
                 let destinations = replicas.contains(target) ? [target] : replicas.filter { $0 != me }
                 group.addTask {
