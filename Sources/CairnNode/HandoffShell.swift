@@ -157,8 +157,19 @@ actor TransferShell {
     // MARK: Driving the machine
 
     private func feed(_ event: TransferEvent) async {
-        queue += machine.handle(event, now: env.clock.now())
+        queue += handle(event)
         await drain()
+    }
+
+    /// Feeds the machine one event; a failed stream is logged with its reason (the receiver's,
+    /// when it aborted the stream), since the backoff that follows is all `cairn transfers` shows.
+    private func handle(_ event: TransferEvent) -> [TransferDirective] {
+        if case .streamFailed(let n, let reason) = event {
+            env.logger.warning("handoff stream failed; the transfer backs off and resumes from its checkpoint", metadata: [
+                "transfer": "\(transfer)", "stream": "\(n)", "reason": "\(reason)", "failures": "\(machine.progress.failures + 1)",
+            ])
+        }
+        return machine.handle(event, now: env.clock.now())
     }
 
     private func drain() async {
@@ -174,7 +185,7 @@ actor TransferShell {
             let events = await perform(d)
             performing = nil
             env.logger.trace("handoff events", metadata: ["transfer": "\(transfer)", "events": "\(String(describing: events).prefix(160))"])
-            for e in events { queue += machine.handle(e, now: env.clock.now()) }
+            for e in events { queue += handle(e) }
         }
         draining = false
         let waiting = drained
