@@ -221,6 +221,7 @@ final class HintManager: SupervisedChild {
     let env: Environment
     private let book: Locked<HintBook>
     private let loaded = Locked(false)
+    private let loadedSignal = Condition()
     private let retry = Locked<[NodeName: (at: ContinuousClock.Instant, failures: Int)]>([:])
     private let replaying = Locked<Set<NodeName>>([])
     /// Targets with hints seen unreachable at the last look.
@@ -244,7 +245,17 @@ final class HintManager: SupervisedChild {
     /// Keeps a hint of `object` (key `key` of `partition`) for each of `targets`; returns once
     /// they are durable (or refused: counted in `cairn_hints_dropped_total`, logged).
     func keep(for targets: [NodeName], partition: PartitionID, key: [UInt8], object: VersionedObject) async {
-        guard env.settings.enabled, let store = env.storage(), loaded.value else { return }
+        guard env.settings.enabled, let store = env.storage() else { return }
+        // The book must know the stored sequences first (a new hint must not reuse one): a write
+        // in the first moments after a start waits for the load, briefly.
+        if !loaded.value {
+            let ready = await loadedSignal.wait(until: { loaded.value }, deadline: env.clock.now() + .seconds(2), clock: env.clock)
+            guard ready else {
+                env.metrics.hintsDropped.increment(outcome: "not_ready", by: targets.count)
+                env.logger.warning("hints not kept: the hint store is still loading", metadata: ["targets": "\(targets)"])
+                return
+            }
+        }
         let now = env.clock.wallMillis()
         let value = HintRecord(createdMillis: now, partition: partition, key: key, object: object.encoded()).encoded()
         var batch: [(key: [UInt8], value: [UInt8])] = []
@@ -329,6 +340,7 @@ final class HintManager: SupervisedChild {
             for (t, s, n, c) in found { b.loaded(t, sequence: s, bytes: n, createdMillis: c) }
         }
         loaded.withLock { $0 = true }
+        loadedSignal.notifyAll()
         if !found.isEmpty { env.logger.info("hints found at start", metadata: ["hints": "\(found.count)"]) }
         publish()
     }

@@ -135,7 +135,7 @@ public final class NodeMetrics: Sendable {
         hintsStored = CoreMetrics.Counter(label: "cairn_hints_stored_total", factory: f)
         hintsReplayed = CoreMetrics.Counter(label: "cairn_hints_replayed_total", factory: f)
         hintsDropped = LabelledCounter(label: "cairn_hints_dropped_total", dimension: "reason",
-                                       values: ["expired", "target_full", "store_full", "not_a_member", "unreadable"], factory: f)
+                                       values: ["expired", "target_full", "store_full", "not_ready", "unreadable"], factory: f)
         hintsHeld = CoreMetrics.Gauge(label: "cairn_hints", factory: f)
         hintsBytes = CoreMetrics.Gauge(label: "cairn_hints_bytes", factory: f)
         hintsOldestSeconds = CoreMetrics.Gauge(label: "cairn_hints_oldest_seconds", factory: f)
