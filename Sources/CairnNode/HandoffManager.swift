@@ -418,6 +418,13 @@ final class HandoffManager: SupervisedChild {
         reconcile(ring)
     }
 
+    /// A write reached `p`'s fallback copy: every primary whose copy was acknowledged before it
+    /// (its shell has ended; `running` still carry the write) is owed the copy again.
+    private func owedAgain(_ p: PartitionID, except running: [TransferShell]) {
+        let receiving = Set(running.map(\.transfer.to))
+        fallbackDelivered.withLock { d in d[p] = d[p]?.intersection(receiving) }
+    }
+
     /// Delays `t`'s next start: the transfer's backoff, doubling with each give-up in a row.
     private func backOff(_ t: PartitionTransfer) {
         let settings = env.settings.transfer
@@ -439,19 +446,12 @@ final class HandoffManager: SupervisedChild {
         let shells = running.withLock { $0.filter { $0.key.partition == partition }.sorted { $0.key < $1.key }.map(\.value.shell) }
         var carried = !shells.isEmpty
         for shell in shells where await !shell.forward(key: key, object: object) { carried = false }
-        if carried, partition.isFallbackSpace {
-            let receiving = Set(shells.map(\.transfer.to))
-            fallbackDelivered.withLock { d in d[partition.home] = d[partition.home]?.intersection(receiving) }
-        }
+        if partition.isFallbackSpace { owedAgain(partition.home, except: shells) }
         if carried { return true }
         // A fallback copy not being handed off needs nothing more; one being handed off took
         // the write only if every shell carried it. Primaries whose copy was acknowledged before
         // this write (their shell has ended) are owed the copy again.
-        if partition.isFallbackSpace {
-            let receiving = Set(shells.map(\.transfer.to))
-            fallbackDelivered.withLock { d in d[partition.home] = d[partition.home]?.intersection(receiving) }
-            return shells.isEmpty
-        }
+        if partition.isFallbackSpace { return shells.isEmpty }
         guard let ring = env.ring(), !ring.vnodePartitions(of: env.me).contains(partition) else { return true }
         let known = vnodes.successors(of: partition)
         let targets = (known.isEmpty ? ring.replicas(of: partition) : known).filter { $0 != env.me }

@@ -362,9 +362,10 @@ final class NodeCore: Sendable {
         // a fallback coordinates when no primary can: this node, if it is a fallback of the key
         // and sees every primary down (or was forwarded the write), else the first reachable
         // fallback.
+        // (Liveness is looked up only for a node that could stand in: not on a primary's path.)
         let localFallback = sloppy && !inView && fallbacks.contains(where: \.isLocal)
-        let allPrimariesDown = a.coordinatorContext.unreachable(replicas.map(\.node)).count == replicas.count
-        let coordinateAsFallback = localFallback && (forwarded || allPrimariesDown)
+        let coordinateAsFallback = localFallback
+            && (forwarded || a.coordinatorContext.unreachable(replicas.map(\.node)).count == replicas.count)
         guard coordinateAsFallback || (inView && vnodes.vnode(for: partition) != nil) else {
             if !inView && !forwarded {
                 let others = sloppy ? fallbacks.filter { !$0.isLocal } : []
