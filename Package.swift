@@ -12,6 +12,7 @@ let package = Package(
     products: [
         .library(name: "CairnCore", targets: ["CairnCore"]),
         .library(name: "CairnRing", targets: ["CairnRing"]),
+        .library(name: "CairnAntiEntropy", targets: ["CairnAntiEntropy"]),
         .library(name: "CairnWire", targets: ["CairnWire"]),
         .library(name: "CairnNode", targets: ["CairnNode"]),
         .library(name: "CairnSim", targets: ["CairnSim"]),
@@ -43,6 +44,8 @@ let package = Package(
         .target(name: "CairnRing", dependencies: ["CairnCore"], swiftSettings: strict),
         // Pure: SWIM failure detection with Lifeguard's refinements (living membership builds on it).
         .target(name: "CairnMembership", dependencies: ["CairnCore"], swiftSettings: strict),
+        // Pure: anti-entropy's hash trees, exchange machine and its messages.
+        .target(name: "CairnAntiEntropy", dependencies: ["CairnCore", "CairnRing"], swiftSettings: strict),
         // Codec (pure over ByteBuffer) and NIO framing / multiplexing handlers.
         .target(name: "CairnWire", dependencies: [
             "CairnCore",
@@ -59,7 +62,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: strict),
         .target(name: "CairnNode", dependencies: [
-            "CairnCore", "CairnRing", "CairnMembership", "CairnWire", "CSystemd", "CairnStorage",
+            "CairnCore", "CairnRing", "CairnMembership", "CairnWire", "CSystemd", "CairnStorage", "CairnAntiEntropy",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"),
@@ -137,6 +140,7 @@ let package = Package(
             "CairnCore", .product(name: "PropertyBased", package: "swift-property-based"),
         ], swiftSettings: strict),
         .testTarget(name: "CairnRingTests", dependencies: ["CairnRing", "CairnCore"], swiftSettings: strict),
+        .testTarget(name: "CairnAntiEntropyTests", dependencies: ["CairnAntiEntropy", "CairnCore"], swiftSettings: strict),
         .testTarget(name: "CairnMembershipTests", dependencies: ["CairnMembership", "CairnCore"], swiftSettings: strict),
         .testTarget(name: "CairnWireTests", dependencies: [
             "CairnWire", "CairnCore", .product(name: "NIOCore", package: "swift-nio"),

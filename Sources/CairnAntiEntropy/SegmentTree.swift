@@ -1,0 +1,129 @@
+public import CairnCore
+import CairnRing
+
+/// The shape of a partition's hash tree: `16^depth` segments (leaves) under a fan-out of 16.
+/// Replicas can compare trees of one shape only; `aae.tree_depth` sets it for the whole cluster.
+public struct TreeShape: Hashable, Sendable, CustomStringConvertible {
+    public static let fanout = 16
+    public static let fanoutBits = 4
+    /// Depths a node accepts: 2 (256 segments) to 5 (1,048,576 segments).
+    public static let depths = 2...5
+    /// 4,096 segments: 35 KiB of memory per partition.
+    public static let standard = TreeShape(uncheckedDepth: 3)
+
+    /// Levels below the root; the leaves are level `depth`.
+    public let depth: Int
+
+    public init(depth: Int) throws(ValidationError) {
+        guard Self.depths.contains(depth) else { throw ValidationError("aae.tree_depth \(depth) is outside \(Self.depths)") }
+        self.depth = depth
+    }
+
+    init(uncheckedDepth: Int) { depth = uncheckedDepth }
+
+    public var segmentBits: Int { depth * Self.fanoutBits }
+    public var segments: Int { 1 << segmentBits }
+    /// Nodes at `level` (0: the root alone).
+    public func width(of level: Int) -> Int { 1 << (level * Self.fanoutBits) }
+    /// Every node of every level: what a tree keeps in memory, 8 bytes each.
+    public var nodeCount: Int { (0...depth).reduce(0) { $0 + width(of: $1) } }
+    public var memoryBytes: Int { nodeCount * 8 }
+    public var description: String { "depth \(depth) (\(segments) segments)" }
+}
+
+/// A partition's hash tree in the TicTac style: each leaf (segment) holds the XOR of the
+/// `KeyVersionHash`es of the keys in it, each inner node the XOR of its 16 children.
+///
+/// XOR makes the tree order-free and incremental: a write replacing version hash `old` by `new`
+/// (0 for "absent") XORs `old ^ new` into one leaf and its ancestors, with nothing read back; two
+/// trees built from the same keys at the same versions are equal however the writes arrived; and
+/// a tree of changes made after a snapshot XORs onto the tree built from the snapshot.
+///
+/// Value type, pure. Invariant: every inner node is the XOR of its children.
+public struct SegmentTree: Hashable, Sendable {
+    public let shape: TreeShape
+    /// `levels[l]` holds the `shape.width(of: l)` nodes of level l; `levels[shape.depth]` the leaves.
+    private var levels: [[UInt64]]
+
+    public init(shape: TreeShape) {
+        self.shape = shape
+        levels = (0...shape.depth).map { [UInt64](repeating: 0, count: shape.width(of: $0)) }
+    }
+
+    public var root: UInt64 { levels[0][0] }
+    public var isEmpty: Bool { root == 0 && levels[shape.depth].allSatisfy { $0 == 0 } }
+
+    /// XORs `delta` into `segment` and every node above it.
+    public mutating func apply(segment: Int, delta: UInt64) {
+        guard delta != 0, segment >= 0, segment < shape.segments else { return }
+        var index = segment
+        for level in stride(from: shape.depth, through: 0, by: -1) {
+            levels[level][index] ^= delta
+            index >>= TreeShape.fanoutBits
+        }
+    }
+
+    /// Records that `key`'s version hash went from `old` to `new` (0: absent).
+    public mutating func update(key: [UInt8], old: UInt64, new: UInt64) {
+        apply(segment: KeyVersionHash.segment(of: key, shape: shape), delta: old ^ new)
+    }
+
+    /// XORs every node of `other` (same shape) into this tree: the changes `other` recorded.
+    public mutating func merge(_ other: SegmentTree) {
+        guard other.shape == shape else { return }
+        for l in levels.indices {
+            for i in levels[l].indices { levels[l][i] ^= other.levels[l][i] }
+        }
+    }
+
+    /// The hash of node `index` at `level` (0 for an index out of range).
+    public func hash(level: Int, index: Int) -> UInt64 {
+        guard levels.indices.contains(level), levels[level].indices.contains(index) else { return 0 }
+        return levels[level][index]
+    }
+
+    /// The children's hashes of each of `parents` (nodes of `level`), 16 per parent, in order.
+    public func children(level: Int, of parents: [Int]) -> [UInt64] {
+        var out: [UInt64] = []
+        out.reserveCapacity(parents.count * TreeShape.fanout)
+        for p in parents {
+            for c in 0..<TreeShape.fanout { out.append(hash(level: level + 1, index: p << TreeShape.fanoutBits | c)) }
+        }
+        return out
+    }
+
+    public func segmentHash(_ segment: Int) -> UInt64 { hash(level: shape.depth, index: segment) }
+
+    // MARK: Persistence (Docs/anti-entropy.md, "tree file")
+
+    static let formatVersion: UInt8 = 1
+
+    /// `version:u8 depth:u8 leaf:u64be{segments} check:u64be` (check: XXH64 of what precedes).
+    public func encoded() -> [UInt8] {
+        var w = ByteWriter(capacity: 10 + shape.segments * 8)
+        w.writeU8(Self.formatVersion)
+        w.writeU8(UInt8(truncatingIfNeeded: shape.depth))
+        for leaf in levels[shape.depth] { w.writeU64(leaf) }
+        let check = KeyHash.hash(w.bytes)
+        w.writeU64(check)
+        return w.bytes
+    }
+
+    /// Decodes a tree written by `encoded()`, rebuilding the inner levels from the leaves.
+    public static func decode(_ bytes: [UInt8]) throws(DecodeError) -> SegmentTree {
+        guard bytes.count >= 10 else { throw DecodeError("tree of \(bytes.count) bytes is truncated") }
+        let body = Array(bytes[..<(bytes.count - 8)])
+        var r = ByteReader(bytes)
+        let version = try r.readU8("tree format")
+        guard version == formatVersion else { throw DecodeError("unknown tree format \(version)") }
+        let depth = Int(try r.readU8("tree depth"))
+        guard TreeShape.depths.contains(depth) else { throw DecodeError("tree depth \(depth) is outside \(TreeShape.depths)") }
+        let shape = TreeShape(uncheckedDepth: depth)
+        guard bytes.count == 10 + shape.segments * 8 else { throw DecodeError("tree of depth \(depth) takes \(10 + shape.segments * 8) bytes, not \(bytes.count)") }
+        var tree = SegmentTree(shape: shape)
+        for s in 0..<shape.segments { tree.apply(segment: s, delta: try r.readU64("leaf")) }
+        let check = try r.readU64("tree check")
+        guard check == KeyHash.hash(body) else { throw DecodeError("tree checksum mismatch") }
+        return tree
+    }
+}
