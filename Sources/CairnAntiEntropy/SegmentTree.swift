@@ -72,7 +72,11 @@ public struct SegmentTree: Hashable, Sendable {
     public mutating func merge(_ other: SegmentTree) {
         guard other.shape == shape else { return }
         for l in levels.indices {
-            for i in levels[l].indices { levels[l][i] ^= other.levels[l][i] }
+            other.levels[l].withUnsafeBufferPointer { theirs in
+                levels[l].withUnsafeMutableBufferPointer { mine in
+                    for i in 0..<min(mine.count, theirs.count) { mine[i] ^= theirs[i] }
+                }
+            }
         }
     }
 
@@ -94,36 +98,57 @@ public struct SegmentTree: Hashable, Sendable {
 
     public func segmentHash(_ segment: Int) -> UInt64 { hash(level: shape.depth, index: segment) }
 
-    // MARK: Persistence (Docs/anti-entropy.md, "tree file")
+    // MARK: Persistence (Docs/anti-entropy.md, "Tree at rest")
 
     static let formatVersion: UInt8 = 1
 
-    /// `version:u8 depth:u8 leaf:u64be{segments} check:u64be` (check: XXH64 of what precedes).
+    /// `version:u8 depth:u8 count:varint (gap:varint leaf:u64be)* check:u64be`: the non-zero
+    /// leaves in order, each with the distance from the previous one's index (the first: its
+    /// index); check is XXH64 of what precedes. A partition with few keys takes few bytes.
     public func encoded() -> [UInt8] {
-        var w = ByteWriter(capacity: 10 + shape.segments * 8)
+        let nonZero = levels[shape.depth].withUnsafeBufferPointer { leaves in
+            var indexes: [Int] = []
+            for i in 0..<leaves.count where leaves[i] != 0 { indexes.append(i) }
+            return indexes
+        }
+        var w = ByteWriter(capacity: 20 + nonZero.count * 11)
         w.writeU8(Self.formatVersion)
         w.writeU8(UInt8(truncatingIfNeeded: shape.depth))
-        for leaf in levels[shape.depth] { w.writeU64(leaf) }
-        let check = KeyHash.hash(w.bytes)
-        w.writeU64(check)
+        w.writeVarint(nonZero.count)
+        var previous = 0
+        for i in nonZero {
+            w.writeVarint(i - previous)
+            w.writeU64(levels[shape.depth][i])
+            previous = i
+        }
+        w.writeU64(KeyHash.hash(w.bytes))
         return w.bytes
     }
 
     /// Decodes a tree written by `encoded()`, rebuilding the inner levels from the leaves.
     public static func decode(_ bytes: [UInt8]) throws(DecodeError) -> SegmentTree {
-        guard bytes.count >= 10 else { throw DecodeError("tree of \(bytes.count) bytes is truncated") }
+        guard bytes.count >= 11 else { throw DecodeError("tree of \(bytes.count) bytes is truncated") }
         let body = Array(bytes[..<(bytes.count - 8)])
-        var r = ByteReader(bytes)
+        guard KeyHash.hash(body) == bytes.suffix(8).reduce(UInt64(0), { $0 << 8 | UInt64($1) }) else {
+            throw DecodeError("tree checksum mismatch")
+        }
+        var r = ByteReader(body)
         let version = try r.readU8("tree format")
         guard version == formatVersion else { throw DecodeError("unknown tree format \(version)") }
         let depth = Int(try r.readU8("tree depth"))
         guard TreeShape.depths.contains(depth) else { throw DecodeError("tree depth \(depth) is outside \(TreeShape.depths)") }
         let shape = TreeShape(uncheckedDepth: depth)
-        guard bytes.count == 10 + shape.segments * 8 else { throw DecodeError("tree of depth \(depth) takes \(10 + shape.segments * 8) bytes, not \(bytes.count)") }
+        let count = try r.readCount("leaf count", limit: min(shape.segments, r.remaining / 9))
         var tree = SegmentTree(shape: shape)
-        for s in 0..<shape.segments { tree.apply(segment: s, delta: try r.readU64("leaf")) }
-        let check = try r.readU64("tree check")
-        guard check == KeyHash.hash(body) else { throw DecodeError("tree checksum mismatch") }
+        var index = 0
+        for i in 0..<count {
+            let gap = try r.readVarint("leaf gap")
+            guard gap < UInt64(shape.segments), i == 0 || gap > 0 else { throw DecodeError("leaf indexes not ascending") }
+            index += Int(gap)
+            guard index < shape.segments else { throw DecodeError("leaf index \(index) beyond \(shape.segments)") }
+            tree.apply(segment: index, delta: try r.readU64("leaf"))
+        }
+        try r.expectEnd("tree")
         return tree
     }
 }

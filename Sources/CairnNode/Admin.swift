@@ -19,6 +19,8 @@ extension NodeCore {
             case "preflist": return reply(try preflistJSON(request.arguments, a))
             case "transfers": return reply(await transfersJSON(agent))
             case "local-get": return reply(try await localGetJSON(request.arguments, a))
+            case "repair": return reply(try await repairJSON(request.arguments))
+            case "repair-status": return reply(try repairStatusJSON())
             case "join": return try await join(request.arguments, agent)
             case "join-request": return try await onClaimant(request, agent, a) { r throws(ValidationError) in
                 try Self.joinRequest(request.arguments, r)
@@ -198,6 +200,78 @@ extension NodeCore {
         } catch let e as VnodeError {
             throw ValidationError("node \(config.name) could not read its copy: \(e.description)")
         }
+    }
+
+    /// `repair [PARTITION]`: runs exchanges of every partition this node holds (or one) with each
+    /// of its other reachable primaries, and reports them (Docs/wire-protocol.md §10).
+    private func repairJSON(_ arguments: [String]) async throws -> JSON {
+        guard let manager = antiEntropy else { throw AdminFailure.notJoined }
+        guard config.antiEntropy.enabled else { throw ValidationError("anti-entropy is off on node \(config.name) (aae.enabled = false)") }
+        guard arguments.count <= 1 else { throw ValidationError("repair takes at most one PARTITION") }
+        let only = try arguments.first.map { a throws(ValidationError) -> [PartitionID] in
+            guard let i = UInt32(a) else { throw ValidationError("partition '\(a)' is not a partition index") }
+            return [PartitionID(i)]
+        }
+        let started = clock.now()
+        let (records, skipped) = await manager.repair(only)
+        let compared = Set(records.filter { $0.outcome != "failed" }.map(\.partition))
+        let failed = records.filter { $0.outcome == "failed" }
+        return .object([
+            ("node", .string(config.name.value)),
+            ("partitions", .int(compared.count)),
+            ("exchanges", .int(records.count)),
+            ("failed", .int(failed.count)),
+            ("keys_to_local", .int(records.reduce(0) { $0 + $1.summary.keysToLocal })),
+            ("keys_to_remote", .int(records.reduce(0) { $0 + $1.summary.keysToRemote })),
+            ("bytes_sent", .int(records.reduce(0) { $0 + $1.bytesSent })),
+            ("bytes_received", .int(records.reduce(0) { $0 + $1.bytesReceived })),
+            ("took_ms", .int(Int(started.duration(to: clock.now()) / .milliseconds(1)))),
+            ("refilling", .int(vnodes.partitions.count { antiEntropyState.isRefilling($0) })),
+            ("skipped", .array(skipped.map { .object([("partition", .int(Int($0.0.index))), ("reason", .string($0.1))]) })),
+            // Exchanges that found the replicas in sync are counted above, not listed.
+            ("details", .array(records.filter { $0.outcome != "in_sync" }.sorted { ($0.partition, $0.peer.value) < ($1.partition, $1.peer.value) }
+                .map(Self.exchangeJSON))),
+        ])
+    }
+
+    private static func exchangeJSON(_ r: ExchangeRecord) -> JSON {
+        var fields: [(String, JSON)] = [
+            ("partition", .int(Int(r.partition.index))), ("peer", .string(r.peer.value)), ("outcome", .string(r.outcome)),
+            ("segments_differing", .int(r.summary.segmentsDiffering)), ("keys_compared", .int(r.summary.keysCompared)),
+            ("keys_to_local", .int(r.summary.keysToLocal)), ("keys_to_remote", .int(r.summary.keysToRemote)),
+            ("tree_hashes", .int(r.summary.treeHashes)), ("bytes_sent", .int(r.bytesSent)), ("bytes_received", .int(r.bytesReceived)),
+            ("took_ms", .int(r.tookMillis)),
+        ]
+        if let e = r.error { fields.append(("error", .string(e))) }
+        return .object(fields)
+    }
+
+    /// `repair-status`: the last exchange of every partition this node holds, and its age.
+    private func repairStatusJSON() throws -> JSON {
+        guard let manager = antiEntropy else { throw AdminFailure.notJoined }
+        let now = clock.now()
+        let rows = manager.status()
+        let ages = rows.compactMap { $0.1.map { Int($0.finishedAt.duration(to: now) / .seconds(1)) } }
+        return .object([
+            ("node", .string(config.name.value)),
+            ("enabled", .bool(config.antiEntropy.enabled)),
+            ("tree_segments", .int(config.antiEntropy.shape.segments)),
+            ("exchange_interval_s", .int(Int(config.antiEntropy.exchangeInterval / .seconds(1)))),
+            ("never_exchanged", .int(rows.count { $0.1 == nil })),
+            ("oldest_age_s", ages.max().map { .int($0) } ?? .null),
+            ("refilling", .int(rows.count { $0.refilling })),
+            ("partitions", .array(rows.map { p, last, refilling in
+                var fields: [(String, JSON)] = [("partition", .int(Int(p.index))), ("refilling", .bool(refilling))]
+                if let last {
+                    fields += [("peer", .string(last.peer.value)), ("outcome", .string(last.outcome)),
+                               ("age_s", .int(Int(last.finishedAt.duration(to: now) / .seconds(1)))), ("at_ms", .int(Int(clamping: last.wallMillis))),
+                               ("keys_to_local", .int(last.summary.keysToLocal)), ("keys_to_remote", .int(last.summary.keysToRemote)),
+                               ("bytes_sent", .int(last.bytesSent))]
+                    if let e = last.error { fields.append(("error", .string(e))) }
+                }
+                return .object(fields)
+            })),
+        ])
     }
 
     private func transfersJSON(_ agent: MembershipAgent) async -> JSON {

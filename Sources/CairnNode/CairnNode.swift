@@ -211,6 +211,7 @@ public final class CairnNode: Service, Sendable {
             throw error
         }
         core.adopt(decorateBackend?(backend) ?? backend)
+        try await core.antiEntropyState.load(from: backend, logger: core.logger)
         let stats = backend.database.statistics
         core.logger.info("storage open", metadata: [
             "directory": "\(dir)/storage", "recovered_records": "\(stats.recoveredRecords)",
@@ -359,10 +360,12 @@ public final class CairnNode: Service, Sendable {
         }
         let (backend, limits, logger, epochs) = (storage.backend, config.limits, core.logger, core.epochs)
         let partitionCount = view.state?.partitionCount ?? 0
+        let (aaeState, treeShape) = (core.antiEntropyState, config.antiEntropy.enabled ? config.antiEntropy.shape : nil)
         let manager = VnodeManager(table: core.vnodes, supervisor: vnodeSupervisor, views: views, logger: logger, metrics: metrics,
                                    probeFallbacks: { await Self.fallbackCopies(in: backend, partitions: partitionCount, logger: logger) }) { key in
             Vnode(partition: key.partition, role: key.role, backend: backend, limits: limits, metrics: metrics, logger: logger,
-                  stampActor: key.role == .fallback ? ActorID(node: storage.actor.node, epoch: epochs.next()) : nil)
+                  stampActor: key.role == .fallback ? ActorID(node: storage.actor.node, epoch: epochs.next()) : nil,
+                  treeShape: treeShape, savedTree: key.role == .primary ? aaeState.takeSavedTree(key.partition) : nil)
         }
         manager.apply(view)
         core.vnodeManager = manager
@@ -398,6 +401,13 @@ public final class CairnNode: Service, Sendable {
         ctx.keepHints = { targets, p, key, object in await hints.keep(for: targets, partition: p, key: key, object: object) }
         ctx.acknowledgesDurably = storage.backend.acknowledgesDurably
         ctx.readRepairs = ReadRepairLimiter(limit: config.readRepairMaxInflight)
+        ctx.isRefilling = { p in aaeState.isRefilling(p) }
+        let antiEntropy = AntiEntropyManager(env: AntiEntropyManager.Environment(
+            me: config.name, settings: config.antiEntropy, limits: config.limits, transport: transport, clock: core.clock, metrics: metrics,
+            logger: core.logger, requestTimeoutMillis: config.requestTimeoutMillis, vnodes: core.vnodes, state: aaeState,
+            storage: { core.backend }, ring: { core.membership?.ring },
+            reachable: { n in core.liveness.status(of: n) != .dead && transport.downReasons([n]).isEmpty }, seed: core.epochs.next()))
+        core.antiEntropy = antiEntropy
         var membershipSettings = MembershipAgent.Settings()
         membershipSettings.swim = config.membership
         membershipSettings.requestTimeoutMillis = config.requestTimeoutMillis
@@ -413,6 +423,7 @@ public final class CairnNode: Service, Sendable {
         supervisor.spawn(agent)
         supervisor.spawn(handoff)
         supervisor.spawn(hints)
+        supervisor.spawn(antiEntropy)
         core.logger.info("cluster view built", metadata: [
             "members": "\(initial?.members.count ?? 0)", "ring_size": "\(view.state?.partitionCount ?? 0)", "n_val": "\(view.state?.nVal ?? 0)",
             "vnodes": "\(core.vnodes.count)", "ring_version": "\(view.state?.version ?? 0)",
@@ -496,6 +507,7 @@ public final class CairnNode: Service, Sendable {
                 if crashed {
                     await core.backend?.abandon()
                 } else {
+                    await saveTrees()
                     try await core.backend?.close()
                 }
                 core.logger.info("stopped", metadata: ["graceful": "\(graceful)"])
@@ -503,6 +515,18 @@ public final class CairnNode: Service, Sendable {
             }
         } onGracefulShutdown: {
             sink.yield(.shutdown(graceful: true))
+        }
+    }
+
+    /// Saves every ready anti-entropy tree before a clean close, so the next start need not build
+    /// them from storage. A failure is logged: the next start builds them.
+    private func saveTrees() async {
+        guard let manager = core.antiEntropy, let store = core.backend, store.isPersistent else { return }
+        let trees = await manager.readyTrees()
+        do {
+            try await AntiEntropyState.save(trees, to: store)
+        } catch {
+            core.logger.warning("could not save anti-entropy trees; the next start builds them from storage", metadata: ["error": "\(error)"])
         }
     }
 

@@ -58,6 +58,8 @@ public struct NodeConfig: Sendable {
     public var handoff = HandoffSettings()
     // hints.*
     public var hints = HintSettings()
+    // aae.*
+    public var antiEntropy = AntiEntropySettings()
     // read_repair.*
     /// Asynchronous read repairs in flight on this node at most (`read_repair.max_inflight`);
     /// past it a read skips its repair (counted as `skipped_overload`).
@@ -121,6 +123,9 @@ public struct NodeConfig: Sendable {
 
     /// Checks relations between keys that each parse fine on their own.
     public func validate() throws(ValidationError) {
+        guard antiEntropy.maxReplyBytes + (1 << 16) <= limits.maxFrameBytes else {
+            throw ValidationError("aae.max_reply_bytes \(antiEntropy.maxReplyBytes) leaves no room in limits.max_frame_bytes \(limits.maxFrameBytes)")
+        }
         guard nVal >= 1, nVal <= 16 else { throw ValidationError("cluster.n_val = \(nVal) must be 1...16") }
         guard members.isEmpty || members.contains(where: { $0.name == name }) else {
             throw ValidationError("cluster.members does not list this node (\(name))")

@@ -1,3 +1,4 @@
+import CairnAntiEntropy
 public import CairnCore
 import CairnStorage
 
@@ -58,6 +59,18 @@ extension NodeConfig {
             seeds = try value.split(separator: ",").map { entry throws(ValidationError) in try HostPort(parsing: String(entry)) }
         case "cluster.sloppy_quorum": sloppyQuorum = try Self.bool(value)
         case "read_repair.max_inflight": readRepairMaxInflight = try Self.int(value, 0...1_000_000)
+        case "aae.enabled": antiEntropy.enabled = try Self.bool(value)
+        case "aae.tree_depth": antiEntropy.shape = try TreeShape(depth: try Self.int(value, TreeShape.depths))
+        case "aae.exchange_interval": antiEntropy.exchangeInterval = .milliseconds(max(1, try Self.millis(value)))
+        case "aae.max_concurrent_exchanges": antiEntropy.maxConcurrentExchanges = try Self.int(value, 1...64)
+        case "aae.max_segments_per_exchange": antiEntropy.exchange.maxSegmentsPerExchange = try Self.int(value, 1...(1 << 20))
+        case "aae.keys_per_page": antiEntropy.exchange.keysPerPage = try Self.int(value, 1...(1 << 16))
+        case "aae.max_parents_per_query": antiEntropy.exchange.maxParentsPerQuery = try Self.int(value, 1...(1 << 14))
+        case "aae.repair_batch_keys": antiEntropy.repairBatchKeys = try Self.int(value, 1...(1 << 16))
+        case "aae.max_reply_bytes": antiEntropy.maxReplyBytes = try Self.bytes(value, (4 << 10)...(1 << 30))
+        case "aae.rebuild_interval": antiEntropy.rebuildInterval = .milliseconds(max(1, try Self.millis(value)))
+        case "aae.max_concurrent_builds": antiEntropy.maxConcurrentBuilds = try Self.int(value, 1...64)
+        case "aae.build_bytes_per_second": antiEntropy.buildBytesPerSecond = try Self.bytes(value, (64 << 10)...(1 << 40))
         case "hints.enabled": hints.enabled = try Self.bool(value)
         case "hints.max_bytes_per_target": hints.maxBytesPerTarget = try Self.bytes(value, (64 << 10)...(1 << 40))
         case "hints.max_bytes": hints.maxBytes = try Self.bytes(value, (64 << 10)...(1 << 40))
@@ -151,7 +164,7 @@ extension NodeConfig {
 
     /// `250ms`, `2s`, `1m`, `3h`, or a bare number of milliseconds.
     static func millis(_ v: String) throws(ValidationError) -> Int64 {
-        let units: [(String, Int64)] = [("ms", 1), ("s", 1000), ("m", 60_000), ("h", 3_600_000)]
+        let units: [(String, Int64)] = [("ms", 1), ("s", 1000), ("m", 60_000), ("h", 3_600_000), ("d", 86_400_000)]
         for (suffix, scale) in units where v.hasSuffix(suffix) {
             let digits = v.dropLast(suffix.count).trimmingSpaces
             if let n = Int64(String(digits).replacingUnderscores), n >= 0, n <= Int64(Int32.max) { return n * scale }

@@ -348,6 +348,8 @@ public struct ReadCoordination: Sendable {
     private var tally: QuorumTally
     private let timeoutMillis: UInt32
     private var answers: [NodeName: VersionedObject?] = [:]
+    /// Primaries that answered while refilling (Docs/anti-entropy.md, "Refilling").
+    private var refilling: Set<NodeName> = []
     private var responded = false
     private var finished = false
     /// Repairs sent and not yet reported; nil before the repair decision.
@@ -381,9 +383,12 @@ public struct ReadCoordination: Sendable {
         return [.fetch(from: tally.pendingNodes)]
     }
 
-    public mutating func replied(_ node: NodeName, _ object: VersionedObject?) -> [Directive] {
+    /// `refilling`: the replica lost its data and has not completed an exchange for the
+    /// partition since (its "not found" is weighed like a fallback's, below).
+    public mutating func replied(_ node: NodeName, _ object: VersionedObject?, refilling isRefilling: Bool = false) -> [Directive] {
         guard !finished, repairing == nil, tally.record(node, .acknowledged) else { return [] }
         answers[node] = .some(object)
+        if isRefilling { refilling.insert(node) }
         return evaluate()
     }
 
@@ -423,11 +428,24 @@ public struct ReadCoordination: Sendable {
         tally.replicas.count { r in !r.isPrimary && answers[r.node].map { $0 == nil } ?? false }
     }
 
-    /// R (and PR) met, counting fallback misses only once the primaries are all in.
+    /// Refilling primaries that answered "not found": a replica refilled by anti-entropy after
+    /// losing its disk may simply not have the key yet. Such a miss counts towards R and PR
+    /// only once every primary asked has answered (not failed, not timed out): with all of them
+    /// in, a key none holds is truly absent (a new cluster, whose nodes all start refilling); with
+    /// one missing, it may be the one holding the key.
+    private var refillingMisses: Int {
+        refilling.count { answers[$0].map { $0 == nil } ?? false }
+    }
+
+    /// R (and PR) met, counting fallback misses only once the primaries are all in, and
+    /// refilling misses only once every primary answered.
     private var satisfied: Bool {
         guard tally.satisfied else { return false }
-        guard tally.pendingPrimaries > 0 else { return true }
-        return tally.acks - fallbackMisses >= tally.requirement.required
+        let refillMisses = tally.primaryAcks < tally.primaries ? refillingMisses : 0
+        let fallback = tally.pendingPrimaries > 0 ? fallbackMisses : 0
+        guard refillMisses + fallback > 0 else { return true }
+        return tally.acks - fallback - refillMisses >= tally.requirement.required
+            && tally.primaryAcks - refillMisses >= tally.requirement.primaryRequired
     }
 
     private mutating func evaluate() -> [Directive] {
@@ -436,7 +454,7 @@ public struct ReadCoordination: Sendable {
             if satisfied {
                 responded = true
                 out.append(.respond(.answered(merged)))
-            } else if let failure = tally.impossible() {
+            } else if let failure = tally.impossible() ?? (tally.pending == 0 ? refillingFailure() : nil) {
                 responded = true
                 out.append(.respond(.quorumFailed(failure)))
             }
@@ -474,9 +492,30 @@ public struct ReadCoordination: Sendable {
         return out
     }
 
+    /// Every answer is in and R (PR) is met only by counting refilling replicas' misses while
+    /// some primary did not answer: not reached, naming the refilling replicas.
+    private func refillingFailure() -> QuorumFailure? {
+        let misses = tally.primaryAcks < tally.primaries ? refillingMisses : 0
+        let req = tally.requirement
+        guard misses > 0, tally.acks - misses < req.required || tally.primaryAcks - misses < req.primaryRequired else { return nil }
+        var holding = tally
+        holding.override(Dictionary(uniqueKeysWithValues: refilling.filter { answers[$0].map { $0 == nil } ?? false }.map {
+            ($0, ReplicaOutcome.failed("refilling: lost its data and has not completed an anti-entropy exchange since; its not-found is no evidence"))
+        }))
+        if tally.acks - misses < req.required {
+            return holding.failure(.notReached, name: req.name, required: req.required, achieved: tally.acks - misses,
+                                   candidates: tally.replicas.count)
+        }
+        return holding.failure(.notReached, name: "P" + req.name, required: req.primaryRequired, achieved: tally.primaryAcks - misses,
+                               candidates: tally.primaries)
+    }
+
     /// A blocking read's answer: R (PR) replicas must hold the merge — those that answered with
     /// it, and those whose repair was acknowledged.
     private func blockingOutcome() -> ReadOutcome {
+        // A refilling replica repaired with the merge holds it; with nothing found, no repair
+        // went out and its miss is still no evidence.
+        if final == nil, let failure = refillingFailure() { return .quorumFailed(failure) }
         var holding = tally
         var reasons: [NodeName: ReplicaOutcome] = [:]
         for n in divergent where !repaired.contains(n) {

@@ -25,6 +25,9 @@ struct CoordinatorContext: Sendable {
     var acknowledgesDurably = false
     /// Bounds the asynchronous read repairs in flight (`read_repair.max_inflight`).
     var readRepairs = ReadRepairLimiter(limit: 256)
+    /// Whether this node's copy of a partition is refilling (lost with its disk, no exchange
+    /// completed since): its "not found" is no evidence (`ReadCoordination`).
+    var isRefilling: @Sendable (PartitionID) -> Bool = { _ in false }
 }
 
 /// Counts asynchronous read repairs in flight against `read_repair.max_inflight`. Thread-safe.
@@ -281,7 +284,7 @@ actor WriteCoordinator {
 /// passed) and every repair it sent reported.
 actor ReadCoordinator {
     private enum Event: Sendable {
-        case replied(NodeName, VersionedObject?)
+        case replied(NodeName, VersionedObject?, refilling: Bool)
         case failed(NodeName, ReplicaOutcome)
         case repaired(NodeName)
         case repairFailed(NodeName, String)
@@ -320,7 +323,7 @@ actor ReadCoordinator {
                 if machine.isFinished { break }
                 guard let event = await group.next() else { break }
                 switch event {
-                case .replied(let n, let o): directives = machine.replied(n, o)
+                case .replied(let n, let o, let refilling): directives = machine.replied(n, o, refilling: refilling)
                 case .failed(let n, let outcome):
                     if n != ctx.me { ctx.metrics.replicaFailures.increment() }
                     directives = machine.replicaFailed(n, outcome)
@@ -355,17 +358,20 @@ actor ReadCoordinator {
                     group.addTask {
                         guard let vnode = await ctx.localVnode(partition, fallback: fallback, start: false) else {
                             // A fallback that holds nothing for the partition has no copy: not found.
-                            if fallback { return .replied(node, nil) }
+                            if fallback { return .replied(node, nil, refilling: false) }
                             return .failed(node, .failed("no local vnode for partition \(partition.index)"))
                         }
-                        do throws(VnodeError) { return .replied(node, try await vnode.get(key)) } catch { return .failed(node, .failed(error.description)) }
+                        let refilling = !fallback && ctx.isRefilling(partition)
+                        do throws(VnodeError) { return .replied(node, try await vnode.get(key), refilling: refilling) } catch {
+                            return .failed(node, .failed(error.description))
+                        }
                     }
                 } else {
                     let message = Message.replicaGet(ReplicaGet(partition: partition, key: key, fallback: fallback))
                     let (ctx, ms) = (ctx, timeoutMillis)
                     group.addTask {
                         switch await ctx.ask(node, message, timeoutMillis: ms) {
-                        case .success(.replicaGetReply(let r)): .replied(node, r.object)
+                        case .success(.replicaGetReply(let r)): .replied(node, r.object, refilling: r.refilling && !fallback)
                         case .success(let other): .failed(node, .failed("unexpected reply \(other.type)"))
                         case .failure(let outcome): .failed(node, outcome)
                         }

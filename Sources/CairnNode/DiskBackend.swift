@@ -46,11 +46,29 @@ public final class DiskBackend: PartitionStore {
         }
     }
 
-    private init(database: Database, epoch: UInt64, executors: [any SerialExecutor], bulk: ExecutorLane) {
+    public let createdFresh: Bool
+    public let openedAfterCleanShutdown: Bool
+
+    private let fs: any FileSystem
+    private let directory: String
+
+    private init(database: Database, epoch: UInt64, executors: [any SerialExecutor], bulk: ExecutorLane, opened: OpenedAs,
+                 fs: any FileSystem, directory: String) {
+        self.fs = fs
+        self.directory = directory
         self.database = database
         self.epoch = epoch
         self.executors = executors
         self.bulk = bulk
+        createdFresh = opened.fresh
+        openedAfterCleanShutdown = opened.clean
+    }
+
+    /// What `open` found: a directory with no earlier run's data, and whether that run shut
+    /// down cleanly.
+    struct OpenedAs {
+        var fresh: Bool
+        var clean: Bool
     }
 
     /// Opens (recovering) the database in `directory` and settles the actor epoch, on the bulk
@@ -67,9 +85,9 @@ public final class DiskBackend: PartitionStore {
             try Database.open(fs: fs, directory: directory, options: options, environment: environment, progress: progress)
         }
         do {
-            let (epoch, batch) = try await bulk.run { try settleEpoch(db, options: options, epochs: epochs) }
+            let (epoch, batch, opened) = try await bulk.run { try settleEpoch(db, options: options, epochs: epochs) }
             try await write(batch, to: db, on: bulk)
-            return DiskBackend(database: db, epoch: epoch, executors: executors, bulk: bulk)
+            return DiskBackend(database: db, epoch: epoch, executors: executors, bulk: bulk, opened: opened, fs: fs, directory: directory)
         } catch {
             await db.abandon()
             throw error
@@ -78,7 +96,7 @@ public final class DiskBackend: PartitionStore {
 
     /// Reads the metadata and decides the epoch; returns it with the metadata batch to write
     /// (synced) before the store is used.
-    private static func settleEpoch(_ db: Database, options: DatabaseOptions, epochs: EpochSource) throws -> (UInt64, WriteBatch) {
+    private static func settleEpoch(_ db: Database, options: DatabaseOptions, epochs: EpochSource) throws -> (UInt64, WriteBatch, OpenedAs) {
         // The metadata keys sort first, so they live in the first block of the tables holding
         // them: if that block is corrupt, a value is unknown and the worst is assumed (a fresh
         // epoch never reissues a dot). The corruption is in the database's statistics; the
@@ -88,7 +106,10 @@ public final class DiskBackend: PartitionStore {
         let clean: Bool? = cleanMark.known ? cleanMark.value != nil : nil
         // What the previous run promised decides, not this run's setting: a crash under
         // `interval` or `none` may have lost dots this node had already shown.
-        let previousRunSyncedAlways = try readMetadata(db, runSyncModeKey).value == [Self.syncModeCode(.always)]
+        let runSyncMode = try readMetadata(db, runSyncModeKey)
+        let previousRunSyncedAlways = runSyncMode.value == [Self.syncModeCode(.always)]
+        // Every run writes its sync mode at open: none recorded (and readable) is a first run.
+        let fresh = runSyncMode.known && runSyncMode.value == nil && stored == nil
         // Salvage may have dropped synced, acknowledged records: dots this node showed.
         let stats = db.statistics
         let salvaged = stats.salvagedBytes > 0 || stats.salvagedRegions > 0
@@ -101,7 +122,7 @@ public final class DiskBackend: PartitionStore {
         batch.put(runSyncModeKey, [Self.syncModeCode(options.syncMode)])
         // From here on a crash is an unclean shutdown.
         if clean != false { batch.delete(cleanKey) }
-        return (epoch, batch)
+        return (epoch, batch, OpenedAs(fresh: fresh, clean: clean == true && !salvaged))
     }
 
     /// A metadata key's value, and whether it could be read at all (false: its block is corrupt).
@@ -117,6 +138,61 @@ public final class DiskBackend: PartitionStore {
     public var isPersistent: Bool { true }
     public var persistentEpoch: UInt64? { epoch }
     public var acknowledgesDurably: Bool { database.syncsEveryWrite }
+
+    /// `%x00 "meta/" name`: the node's metadata values (`metadata`, `setMetadata`).
+    static func metadataKey(_ name: String) -> [UInt8] { [0] + Array("meta/".utf8) + Array(name.utf8) }
+
+    public func metadata(_ name: String) throws -> [UInt8]? { try database.get(Self.metadataKey(name)) }
+
+    /// One synced batch per 16 MiB of values (a log record holds at most 64 MiB).
+    public func setMetadata(_ values: [(name: String, value: [UInt8]?)]) async throws {
+        var batch = WriteBatch()
+        var bytes = 0
+        for (name, value) in values {
+            if let value { batch.put(Self.metadataKey(name), value) } else { batch.delete(Self.metadataKey(name)) }
+            bytes += value?.count ?? 0
+            if bytes >= 16 << 20 {
+                try await write(batch)
+                batch = WriteBatch()
+                bytes = 0
+            }
+        }
+        if !batch.ops.isEmpty { try await write(batch) }
+    }
+
+    /// `<storage dir>/<name>`, through the store's file system, on the bulk executor.
+    public func saveSideFile(_ name: String, _ bytes: [UInt8]) async throws {
+        let (fs, directory) = (fs, directory)
+        try await bulk.run { try fs.replaceAtomically(name, in: directory, with: bytes) }
+    }
+
+    public func takeSideFile(_ name: String) async throws -> [UInt8]? {
+        let (fs, directory) = (fs, directory)
+        return try await bulk.run {
+            let path = directory + "/" + name
+            guard let bytes = try fs.readWhole(path) else { return nil }
+            try fs.remove(path)
+            try fs.syncDirectory(directory)
+            return bytes
+        }
+    }
+
+    /// Takes the engine snapshot at once; pages read it on the bulk executor.
+    public func snapshot(partition: PartitionID) throws -> PartitionSnapshot {
+        let (snapshot, bulk) = (database.snapshot(), bulk)
+        let end = Self.partitionEnd(partition)
+        return PartitionSnapshot { after, limit in
+            try await bulk.run {
+                let lower = after.map { Self.dataKey(partition, $0) + [0] } ?? Self.dataKey(partition, [])
+                let entries = try snapshot.iterator(from: lower, to: end)
+                var out: [(key: [UInt8], value: [UInt8])] = []
+                while out.count < max(limit, 1), let (k, value) = try entries.nextEntry() {
+                    out.append((Array(k[Self.dataKeyPrefixBytes...]), value))
+                }
+                return out
+            }
+        }
+    }
 
     static func dataKey(_ p: PartitionID, _ key: [UInt8]) -> [UInt8] {
         var k: [UInt8] = [1, UInt8(truncatingIfNeeded: p.index >> 24), UInt8(truncatingIfNeeded: p.index >> 16),

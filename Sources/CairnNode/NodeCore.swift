@@ -1,3 +1,4 @@
+import CairnAntiEntropy
 import CairnCore
 import CairnRing
 import CairnWire
@@ -171,11 +172,14 @@ final class NodeCore: Sendable {
             } catch {
                 responder.fail(ErrorReply(code: .storage, message: error.description))
             }
+        case .antiEntropy(let bytes) where fromPeer:
+            await serveAntiEntropy(bytes, responder)
         case .replicaGet(let r) where fromPeer:
             guard a.view.partition(forKey: r.key) == r.partition else { return responder.fail(wrongPartition(r.partition)) }
             guard let vnode = await vnodeCatchingUp(r.partition) else { return await relay(message, partition: r.partition, a, responder) }
             do throws(VnodeError) {
-                responder.reply(.replicaGetReply(ReplicaGetReply(object: try await vnode.get(r.key))))
+                responder.reply(.replicaGetReply(ReplicaGetReply(object: try await vnode.get(r.key),
+                                                                 refilling: antiEntropyState.isRefilling(r.partition))))
             } catch {
                 responder.fail(ErrorReply(code: .storage, message: error.description))
             }
@@ -195,6 +199,29 @@ final class NodeCore: Sendable {
             }
         default:
             responder.fail(ErrorReply(code: .unknownMessage, message: "\(message.type) is not accepted here"))
+        }
+    }
+
+    /// Refill marks and saved trees (loaded when storage opens).
+    let antiEntropyState = AntiEntropyState()
+    private let antiEntropyBox = Locked<AntiEntropyManager?>(nil)
+    /// Trees, exchanges and refills; set by `CairnNode.start`.
+    var antiEntropy: AntiEntropyManager? {
+        get { antiEntropyBox.value }
+        set { antiEntropyBox.withLock { $0 = newValue } }
+    }
+
+    /// Answers another replica's anti-entropy question.
+    private func serveAntiEntropy(_ bytes: [UInt8], _ responder: Responder) async {
+        let request: AntiEntropyRequest
+        do { request = try AntiEntropyCodec.decodeRequest(bytes, limits: config.limits) } catch {
+            metrics.protocolErrors.increment()
+            return responder.fail(ErrorReply(code: .invalidArgument, message: "malformed anti-entropy request: \(error)"))
+        }
+        guard let manager = antiEntropy else { return responder.fail(ErrorReply(code: .notReady, message: "node \(config.name) is starting")) }
+        switch await manager.serve(request) {
+        case .success(let reply): responder.reply(.antiEntropyReply(AntiEntropyCodec.encode(reply)))
+        case .failure(let e): responder.fail(e)
         }
     }
 

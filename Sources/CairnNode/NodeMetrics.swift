@@ -79,6 +79,17 @@ public final class NodeMetrics: Sendable {
     let hintsHeld: CoreMetrics.Gauge
     let hintsBytes: CoreMetrics.Gauge
     let hintsOldestSeconds: CoreMetrics.Gauge
+    /// Anti-entropy (`cairn_aae_*`): exchanges by outcome, keys repaired by direction, bytes by
+    /// direction, tree builds by kind, trees found drifted by a rebuild, the oldest exchange's
+    /// age, partitions refilling and builds waiting.
+    let aaeExchanges: LabelledCounter
+    let aaeKeysRepaired: LabelledCounter
+    let aaeBytes: LabelledCounter
+    let aaeTreeBuilds: LabelledCounter
+    let aaeTreeDrift: CoreMetrics.Counter
+    let aaeOldestExchangeSeconds: CoreMetrics.Gauge
+    let aaeRefilling: CoreMetrics.Gauge
+    let aaeBuildsPending: CoreMetrics.Gauge
     /// Writes this node took as a fallback (sloppy quorum), and fallback vnodes it runs now.
     let fallbackWrites: CoreMetrics.Counter
     let fallbackVnodes: CoreMetrics.Gauge
@@ -139,6 +150,17 @@ public final class NodeMetrics: Sendable {
         hintsHeld = CoreMetrics.Gauge(label: "cairn_hints", factory: f)
         hintsBytes = CoreMetrics.Gauge(label: "cairn_hints_bytes", factory: f)
         hintsOldestSeconds = CoreMetrics.Gauge(label: "cairn_hints_oldest_seconds", factory: f)
+        aaeExchanges = LabelledCounter(label: "cairn_aae_exchanges_total", dimension: "outcome",
+                                       values: ["in_sync", "repaired", "truncated", "failed"], factory: f)
+        aaeKeysRepaired = LabelledCounter(label: "cairn_aae_keys_repaired_total", dimension: "direction",
+                                          values: ["local", "remote"], factory: f)
+        aaeBytes = LabelledCounter(label: "cairn_aae_bytes_total", dimension: "direction", values: ["sent", "received"], factory: f)
+        aaeTreeBuilds = LabelledCounter(label: "cairn_aae_tree_builds_total", dimension: "kind",
+                                        values: ["build", "rebuild", "failed"], factory: f)
+        aaeTreeDrift = CoreMetrics.Counter(label: "cairn_aae_tree_drift_total", factory: f)
+        aaeOldestExchangeSeconds = CoreMetrics.Gauge(label: "cairn_aae_oldest_exchange_seconds", factory: f)
+        aaeRefilling = CoreMetrics.Gauge(label: "cairn_aae_refilling_partitions", factory: f)
+        aaeBuildsPending = CoreMetrics.Gauge(label: "cairn_aae_tree_builds_pending", factory: f)
         fallbackWrites = CoreMetrics.Counter(label: "cairn_fallback_writes_total", factory: f)
         fallbackVnodes = CoreMetrics.Gauge(label: "cairn_fallback_vnodes", factory: f)
         var rejections: [String: CoreMetrics.Counter] = [:]

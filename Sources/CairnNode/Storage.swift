@@ -75,6 +75,45 @@ public protocol PartitionStore: Sendable {
     /// Whether `waitDurable` returning means the write is on stable storage (a synced log): what
     /// a replica's acknowledgement reports as `durable`.
     var acknowledgesDurably: Bool { get }
+    /// A snapshot of `partition` as of this call (taken before it returns, so a caller on the
+    /// partition's executor knows exactly which writes it holds). Its pages read that snapshot.
+    func snapshot(partition: PartitionID) throws -> PartitionSnapshot
+    /// A node metadata value (small; nil: unset). Names are the store's own, not keys of any
+    /// partition.
+    func metadata(_ name: String) throws -> [UInt8]?
+    /// Sets (nil: removes) metadata values, synced before returning, whatever the sync mode.
+    func setMetadata(_ values: [(name: String, value: [UInt8]?)]) async throws
+    /// Replaces the store's side file `name` (beside its data, not in it) with `bytes`,
+    /// atomically and synced: state saved at a clean shutdown for the next start.
+    func saveSideFile(_ name: String, _ bytes: [UInt8]) async throws
+    /// Reads side file `name` and removes it (nil: none), so whatever a later run finds was
+    /// written by the run before it.
+    func takeSideFile(_ name: String) async throws -> [UInt8]?
+    /// The store was created by this run: its directory held no data of an earlier one (a new
+    /// node, or one whose disk was replaced or wiped).
+    var createdFresh: Bool { get }
+    /// The previous run of this store shut down cleanly (what it saved at close is current).
+    var openedAfterCleanShutdown: Bool { get }
+}
+
+/// A partition's keys as of one moment, read page by page (`PartitionStore.snapshot`). Holding it
+/// keeps the engine from dropping what it references: read it through, then let it go.
+public struct PartitionSnapshot: Sendable {
+    /// Up to `limit` pairs after `after` (nil: from the first), in key order; fewer than `limit`
+    /// only at the partition's end.
+    public let page: @Sendable (_ after: [UInt8]?, _ limit: Int) async throws -> [(key: [UInt8], value: [UInt8])]
+
+    public init(page: @escaping @Sendable (_ after: [UInt8]?, _ limit: Int) async throws -> [(key: [UInt8], value: [UInt8])]) {
+        self.page = page
+    }
+
+    /// A snapshot of sorted pairs held in memory.
+    public init(sorted entries: [(key: [UInt8], value: [UInt8])]) {
+        self.page = { after, limit in
+            let start = after.map { a in entries.firstIndex { a.lexicographicallyPrecedes($0.key) } ?? entries.endIndex } ?? entries.startIndex
+            return Array(entries[start..<min(entries.endIndex, start + max(limit, 1))])
+        }
+    }
 }
 
 extension PartitionStore {
@@ -82,6 +121,18 @@ extension PartitionStore {
     public var persistentEpoch: UInt64? { nil }
     public var storageStatistics: Database.Statistics? { nil }
     public var acknowledgesDurably: Bool { false }
+    public var createdFresh: Bool { false }
+    public var openedAfterCleanShutdown: Bool { false }
+
+    /// A store without snapshots of its own (test doubles): the partition's pairs read at once.
+    public func snapshot(partition: PartitionID) throws -> PartitionSnapshot {
+        throw StorageError.invalidArgument("this store takes no snapshots")
+    }
+
+    public func metadata(_ name: String) throws -> [UInt8]? { nil }
+    public func setMetadata(_ values: [(name: String, value: [UInt8]?)]) async throws {}
+    public func saveSideFile(_ name: String, _ bytes: [UInt8]) async throws {}
+    public func takeSideFile(_ name: String) async throws -> [UInt8]? { nil }
 
     /// Runs `body` where `partition`'s point calls belong: on `executor(for: partition)` (one hop
     /// there, one back), or inline when the store names none. For callers other than the
@@ -139,6 +190,7 @@ actor ExecutorLane {
 public final class MemoryBackend: PartitionStore {
     private struct State {
         var partitions: [PartitionID: [[UInt8]: [UInt8]]] = [:]
+        var metadata: [String: [UInt8]] = [:]
         var sequence: UInt64 = 0
     }
 
@@ -188,6 +240,18 @@ public final class MemoryBackend: PartitionStore {
     }
 
     public func waitDurable(_ token: DurabilityToken) async throws {}
+
+    /// Copies and sorts the partition under the lock: O(n log n).
+    public func snapshot(partition: PartitionID) throws -> PartitionSnapshot {
+        let entries = state.withLock { $0.partitions[partition] ?? [:] }.sorted { $0.key.lexicographicallyPrecedes($1.key) }
+        return PartitionSnapshot(sorted: entries.map { (key: $0.key, value: $0.value) })
+    }
+
+    public func metadata(_ name: String) throws -> [UInt8]? { state.withLock { $0.metadata[name] } }
+
+    public func setMetadata(_ values: [(name: String, value: [UInt8]?)]) async throws {
+        state.withLock { s in for (name, value) in values { s.metadata[name] = value } }
+    }
 
     public func fold<Accumulator: Sendable>(partition: PartitionID, after: [UInt8]?, into initial: Accumulator,
                                             _ visit: @Sendable (inout Accumulator, _ key: [UInt8], _ value: [UInt8]) throws -> FoldStep)

@@ -1,6 +1,8 @@
+public import CairnAntiEntropy
 public import CairnCore
 import CairnStorage
 public import Logging
+import Synchronization
 
 /// The actor that serves one partition on this node: reads, coordinated (stamped) writes and
 /// replica merges for the keys of that partition.
@@ -33,6 +35,30 @@ public actor Vnode: SupervisedChild {
     private var servingWaiters: [CheckedContinuation<Void, Never>] = []
     /// The last corruption error logged (reads of one damaged block log it once).
     private var lastCorruptionLogged: StorageError?
+    /// The partition's anti-entropy tree (primaries only), kept by every write applied here.
+    private var tree: TreeState {
+        didSet {
+            if case .missing = tree { treeMissing.store(true, ordering: .relaxed) } else { treeMissing.store(false, ordering: .relaxed) }
+        }
+    }
+    private var treeGeneration: UInt64 = 0
+    /// Whether the vnode keeps a tree and has none (`needsTreeBuild`), readable without a hop
+    /// (the anti-entropy scheduler looks at every vnode once a second).
+    private nonisolated let treeMissing = Atomic<Bool>(false)
+    /// Whether the vnode keeps an anti-entropy tree at all (a primary, anti-entropy on).
+    public nonisolated let keepsTree: Bool
+
+    /// Where the vnode's hash tree stands.
+    enum TreeState: Sendable {
+        /// No tree: a fallback vnode, or anti-entropy is off.
+        case off
+        /// None yet: waits for a build from storage (`beginTreeBuild`).
+        case missing
+        /// Being built from a snapshot; `delta` records every write applied since it was taken,
+        /// `live` (a rebuild of a ready tree) keeps serving exchanges meanwhile.
+        case building(live: SegmentTree?, delta: SegmentTree, generation: UInt64)
+        case ready(SegmentTree)
+    }
 
     enum Status: Equatable { case starting, serving, failed(String) }
 
@@ -57,8 +83,19 @@ public actor Vnode: SupervisedChild {
     /// that already holds that dot would discard the new value as seen.
     public nonisolated let stampActor: ActorID?
 
+    /// `treeShape`: keep an anti-entropy tree of that shape (primaries only; nil: none);
+    /// `savedTree`: the tree saved at the last clean shutdown (else one is built from storage).
     public init(partition: PartitionID, role: VnodeRole = .primary, backend: any PartitionStore, limits: Limits, metrics: NodeMetrics,
-                logger: Logger, stampActor: ActorID? = nil) {
+                logger: Logger, stampActor: ActorID? = nil, treeShape: TreeShape? = nil, savedTree: SegmentTree? = nil) {
+        if role == .primary, let treeShape {
+            let saved = savedTree.flatMap { $0.shape == treeShape ? TreeState.ready($0) : nil }
+            tree = saved ?? .missing
+            treeMissing.store(saved == nil, ordering: .relaxed)
+            keepsTree = true
+        } else {
+            tree = .off
+            keepsTree = false
+        }
         self.partition = partition
         self.role = role
         self.stampActor = stampActor
@@ -133,19 +170,49 @@ public actor Vnode: SupervisedChild {
     /// handoff batch: one sync for the batch, not one per key). Returns once every merge is
     /// durable; on a throw, entries before the failing one may be applied (a re-send merges
     /// them again, harmlessly).
-    public nonisolated func mergeAll(_ entries: [(key: [UInt8], object: VersionedObject)]) async throws(VnodeError) {
+    /// Returns the stored objects, in order.
+    @discardableResult
+    public nonisolated func mergeAll(_ entries: [(key: [UInt8], object: VersionedObject)]) async throws(VnodeError) -> [VersionedObject] {
         var last: DurabilityToken?
+        var merged: [VersionedObject] = []
+        merged.reserveCapacity(entries.count)
         for e in entries {
-            let (_, token) = try await mergeLocally(key: e.key, object: e.object)
+            let (object, token) = try await mergeLocally(key: e.key, object: e.object)
+            merged.append(object)
             if last.map({ token.sequence > $0.sequence }) ?? true { last = token }
         }
         if let last { try await durable(last) }
+        return merged
     }
+
+    /// The current objects of `keys` (durable only, as `get`), in order; a key whose copy here
+    /// cannot be read (corrupt) is nil, so an exchange refills it from the other replica.
+    public func getAll(_ keys: [[UInt8]]) throws(VnodeError) -> [VersionedObject?] {
+        try ensureServing()
+        var out: [VersionedObject?] = []
+        out.reserveCapacity(keys.count)
+        for k in keys {
+            do throws(VnodeError) {
+                out.append(try load(k, durableOnly: true))
+            } catch {
+                guard case .storage = error, status == .serving else { throw error }
+                out.append(nil)
+            }
+        }
+        return out
+    }
+
+    /// The tree's root (nil: no tree ready).
+    public func treeRoot() -> UInt64? { readyTree?.root }
+
+    /// The children's hashes of `parents` at `level` (nil: no tree ready).
+    public func treeChildren(level: Int, of parents: [Int]) -> [UInt64]? { readyTree?.children(level: level, of: parents) }
 
     /// `coordinate`'s read-modify-write: one isolated step that never suspends.
     private func stamp(key: [UInt8], sibling: Sibling, context: VersionVector, actor: ActorID) throws(VnodeError) -> (VersionedObject, DurabilityToken) {
         try ensureServing()
-        var object = try load(key) ?? VersionedObject()
+        let previous = try load(key)
+        var object = previous ?? VersionedObject()
         // Only this coordinator issues `actor`'s dots, so a context claiming more of them than
         // stored is forged or corrupt; trusting it could push the counter to overflow.
         let issued = object.context[actor]
@@ -162,7 +229,7 @@ public actor Vnode: SupervisedChild {
             throw .rejected(error.description)
         }
         try checkClock(object)
-        return try store(key, object, protecting: object.newestDot(of: actor).map { [$0] } ?? [])
+        return try store(key, object, previous: previous, protecting: object.newestDot(of: actor).map { [$0] } ?? [])
     }
 
     /// `merge`'s read-modify-write: one isolated step that never suspends. When nothing changes,
@@ -173,7 +240,7 @@ public actor Vnode: SupervisedChild {
         let merged = current.map { VersionedObject.sync($0, incoming) } ?? incoming
         try checkClock(merged)
         if merged == current, let current { return (current, backend.lastApplied) }
-        return try store(key, merged, protecting: incoming.liveDots)
+        return try store(key, merged, previous: current, protecting: incoming.liveDots)
     }
 
     /// Waits, on the caller's executor, until `token` is durable; a failed sync fails the vnode.
@@ -255,7 +322,8 @@ public actor Vnode: SupervisedChild {
 
     /// Prunes and applies `object`; returns it with the write's token (not yet durable).
     /// `protecting` (the dots this write acknowledges) is computed only if a cap is exceeded.
-    private func store(_ key: [UInt8], _ object: VersionedObject, protecting: @autoclosure () -> Set<Dot>) throws(VnodeError) -> (VersionedObject, DurabilityToken) {
+    private func store(_ key: [UInt8], _ object: VersionedObject, previous: VersionedObject?,
+                       protecting: @autoclosure () -> Set<Dot>) throws(VnodeError) -> (VersionedObject, DurabilityToken) {
         var object = object
         let pruned = object.prune(maxSiblings: limits.maxSiblings, maxBytes: limits.maxObjectBytes, protecting: protecting())
         if pruned > 0 {
@@ -265,11 +333,81 @@ public actor Vnode: SupervisedChild {
                 "max_object_bytes": "\(limits.maxObjectBytes)",
             ])
         }
+        let token: DurabilityToken
         do {
-            return (object, try backend.apply(partition: space, key: key, value: object.encoded()))
+            token = try backend.apply(partition: space, key: key, value: object.encoded())
         } catch {
             throw fail("write failed: \(error)")
         }
+        recordInTree(key, old: previous, new: object)
+        return (object, token)
+    }
+
+    // MARK: Anti-entropy tree
+
+    /// XORs the key's version change into the tree (or the delta of a build in progress).
+    private func recordInTree(_ key: [UInt8], old: VersionedObject?, new: VersionedObject?) {
+        switch tree {
+        case .off, .missing: return
+        case .ready(var t):
+            tree = .off  // no copy-on-write of the tree while it changes
+            t.update(key: key, old: old.map { KeyVersionHash.hash(key: key, object: $0) } ?? 0,
+                     new: new.map { KeyVersionHash.hash(key: key, object: $0) } ?? 0)
+            tree = .ready(t)
+        case .building(var live, var delta, let generation):
+            tree = .off
+            let (o, n) = (old.map { KeyVersionHash.hash(key: key, object: $0) } ?? 0, new.map { KeyVersionHash.hash(key: key, object: $0) } ?? 0)
+            live?.update(key: key, old: o, new: n)
+            delta.update(key: key, old: o, new: n)
+            tree = .building(live: live, delta: delta, generation: generation)
+        }
+    }
+
+    /// The tree exchanges compare against (nil: none ready yet).
+    public var readyTree: SegmentTree? {
+        switch tree {
+        case .ready(let t): t
+        case .building(let live, _, _): live
+        case .off, .missing: nil
+        }
+    }
+
+    /// Whether the vnode keeps a tree and has none ready (a build is due).
+    public nonisolated var needsTreeBuild: Bool { treeMissing.load(ordering: .relaxed) }
+
+    /// Starts a build of the tree from storage: takes a snapshot and, from this instant, records
+    /// every write in a delta. Nil when the vnode keeps no tree or a build is under way.
+    /// The caller folds the snapshot into a tree (`KeyVersionHash` of every key) and hands it to
+    /// `finishTreeBuild` with the generation returned here.
+    public func beginTreeBuild(shape: TreeShape) throws -> (snapshot: PartitionSnapshot, generation: UInt64)? {
+        let live: SegmentTree?
+        switch tree {
+        case .off, .building: return nil
+        case .missing: live = nil
+        case .ready(let t): live = t
+        }
+        let snapshot = try backend.snapshot(partition: space)
+        treeGeneration &+= 1
+        tree = .building(live: live, delta: SegmentTree(shape: shape), generation: treeGeneration)
+        return (snapshot, treeGeneration)
+    }
+
+    /// Completes a build: the snapshot's tree plus the writes since. Returns whether the tree
+    /// that served meanwhile (a rebuild) differed from the result (drift: a missed update or
+    /// damaged data), nil when the build is stale (another began since) or the vnode keeps no tree.
+    public func finishTreeBuild(_ built: SegmentTree, generation: UInt64) -> Bool? {
+        guard case .building(let live, let delta, let g) = tree, g == generation else { return nil }
+        var result = built
+        result.merge(delta)
+        tree = .ready(result)
+        return live.map { $0 != result } ?? false
+    }
+
+    /// Abandons a build that failed (its snapshot could not be read): back to the tree that
+    /// served before, or to none.
+    public func abandonTreeBuild(generation: UInt64) {
+        guard case .building(let live, _, let g) = tree, g == generation else { return }
+        tree = live.map(TreeState.ready) ?? .missing
     }
 
     private func fail(_ reason: String) -> VnodeError {

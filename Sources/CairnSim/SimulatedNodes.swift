@@ -168,6 +168,7 @@ public final class SimulatedCluster: Sendable {
         c.ringSize = settings.ringSize
         c.nVal = settings.nVal
         c.requestTimeoutMillis = settings.requestTimeoutMillis
+        if getenv("CAIRN_SIM_AAE_OFF") != nil { c.antiEntropy.enabled = false }
         // Small buffers: flushes and compactions happen within a short run.
         c.storage.writeBufferBytes = 256 << 10
         c.storage.blockCacheBytes = 1 << 20
@@ -206,7 +207,9 @@ public final class SimulatedCluster: Sendable {
         // On virtual time, so a node that never serves ends in the simulation's time limit
         // instead of spinning the executor.
         while node.state == .starting, !ended.value { try await clock.sleep(for: .milliseconds(1)) }
-        // A leaver restarted on a state that says it is exiting exits at once, gracefully.
+        // A leaver restarted on a state that says it is exiting exits at once, gracefully (it
+        // may be seen draining on the way out).
+        while node.state == .draining || node.state == .stopped, !ended.value { try await clock.sleep(for: .milliseconds(1)) }
         if ended.value, !ended.failed { return }
         guard node.state == .serving else { throw SimulatedClusterError.didNotStart(name) }
     }

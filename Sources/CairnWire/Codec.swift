@@ -44,10 +44,11 @@ public enum WireCodec {
     /// The internode protocol a node speaks, carried in `hello` and `hello-ack` (§8); the frame
     /// `version` above moves with any payload change (2: replica flags, the durability receipt,
     /// sloppy and read-repair options). Internode version 1 was the hello without this field (nor
-    /// secret proof); 2 had no replica flags.
+    /// secret proof); 2 had no replica flags; 3 had no anti-entropy messages and no `refilling`
+    /// flag in `replica-get-reply`.
     /// Versions stay below 256, so the field's first byte is 0 and a version-1 hello, which starts
     /// with its cluster name's non-zero length, is told apart.
-    public static let internodeProtocolVersion: UInt16 = 3
+    public static let internodeProtocolVersion: UInt16 = 4
     /// Nonce length nodes send; decoders accept `minNonceBytes ... maxNonceBytes`.
     public static let nonceBytes = 32
     public static let minNonceBytes = 16
@@ -104,7 +105,8 @@ public enum WireCodec {
             let args = a.arguments.prefix(AdminRequest.maxArguments)
             w.writeVarint(args.count)
             for arg in args { w.writeString(truncated(arg, toBytes: maxShortString)) }
-        case .adminReply(let bytes), .gossip(let bytes), .clusterStatePush(let bytes), .clusterState(let bytes):
+        case .adminReply(let bytes), .gossip(let bytes), .clusterStatePush(let bytes), .clusterState(let bytes), .antiEntropy(let bytes),
+             .antiEntropyReply(let bytes):
             w.writeBlob(bytes)
         case .streamOpen(let o):
             w.writeU64(o.streamID)
@@ -174,12 +176,8 @@ public enum WireCodec {
             w.writeU8(g.fallback ? 1 : 0)
             w.writeBlob(g.key)
         case .replicaGetReply(let r):
-            if let o = r.object {
-                w.writeU8(1)
-                w.writeBlob(o.encoded())
-            } else {
-                w.writeU8(0)
-            }
+            w.writeU8((r.object == nil ? 0 : 1) | (r.refilling ? 2 : 0))
+            if let o = r.object { w.writeBlob(o.encoded()) }
         case .replicaPut(let p):
             w.writeU32(p.partition.index)
             w.writeU8(p.fallback ? 1 : 0)
@@ -309,6 +307,8 @@ public enum WireCodec {
         case .gossip: return .gossip(try r.readBlob("gossip", limit: maxGossipBytes))
         case .clusterStatePush: return .clusterStatePush(try r.readBlob("cluster state", limit: limits.maxFrameBytes))
         case .clusterState: return .clusterState(try r.readBlob("cluster state", limit: limits.maxFrameBytes))
+        case .antiEntropy: return .antiEntropy(try r.readBlob("anti-entropy request", limit: limits.maxFrameBytes))
+        case .antiEntropyReply: return .antiEntropyReply(try r.readBlob("anti-entropy reply", limit: limits.maxFrameBytes))
         case .pong: return .pong
         case .replicaPutAck: return .replicaPutAck(durable: try r.readBool("durable"))
         case .streamAccept: return .streamAccept
@@ -372,11 +372,14 @@ public enum WireCodec {
             let fallback = try readReplicaFlags(&r)
             return .replicaGet(ReplicaGet(partition: p, key: try readKey(&r, limits), fallback: fallback))
         case .replicaGetReply:
-            if try r.readBool("found") {
+            let flags = try r.readU8("replica-get-reply flags")
+            guard flags & ~3 == 0 else { throw DecodeError("unknown replica-get-reply flags \(flags)") }
+            let refilling = flags & 2 != 0
+            if flags & 1 != 0 {
                 let raw = try r.readBlob("object", limit: limits.maxFrameBytes)
-                return .replicaGetReply(ReplicaGetReply(object: try VersionedObject.decode(raw, limits: limits)))
+                return .replicaGetReply(ReplicaGetReply(object: try VersionedObject.decode(raw, limits: limits), refilling: refilling))
             }
-            return .replicaGetReply(ReplicaGetReply(object: nil))
+            return .replicaGetReply(ReplicaGetReply(object: nil, refilling: refilling))
         case .replicaPut:
             let p = PartitionID(try r.readU32("partition"))
             let fallback = try readReplicaFlags(&r)

@@ -40,6 +40,10 @@ public enum Message: Hashable, Sendable {
     /// Asks for the receiver's ring state, answered with `clusterState`.
     case clusterStatePull
     case clusterState([UInt8])
+    // Anti-entropy (Docs/anti-entropy.md, "Wire"): a request and its reply, each one
+    // CairnAntiEntropy payload (`AntiEntropyCodec`).
+    case antiEntropy([UInt8])
+    case antiEntropyReply([UInt8])
     // Streams (data link, after `hello`; Docs/wire-protocol.md §9).
     case streamOpen(StreamOpen)
     case streamAccept
@@ -62,6 +66,8 @@ public enum Message: Hashable, Sendable {
         case .clusterStatePush: .clusterStatePush
         case .clusterStatePull: .clusterStatePull
         case .clusterState: .clusterState
+        case .antiEntropy: .antiEntropy
+        case .antiEntropyReply: .antiEntropyReply
         case .getReply: .getReply
         case .writeReply: .writeReply
         case .membersReply: .membersReply
@@ -89,8 +95,8 @@ public enum Message: Hashable, Sendable {
 /// 0x40–0x7F replies.
 public enum MessageType: UInt8, Sendable, CaseIterable {
     case get = 0x01, put = 0x02, delete = 0x03, members = 0x04, ping = 0x05, admin = 0x06
-    case gossip = 0x2A, clusterStatePush = 0x2B, clusterStatePull = 0x2C
-    case adminReply = 0x46, clusterState = 0x68
+    case gossip = 0x2A, clusterStatePush = 0x2B, clusterStatePull = 0x2C, antiEntropy = 0x2D
+    case adminReply = 0x46, clusterState = 0x68, antiEntropyReply = 0x69
     case hello = 0x20, replicaGet = 0x21, replicaPut = 0x22
     case streamOpen = 0x23, streamChunk = 0x24, streamEnd = 0x25, streamCancel = 0x26, helloProof = 0x27
     case getReply = 0x41, writeReply = 0x42, membersReply = 0x44, pong = 0x45
@@ -341,7 +347,13 @@ public struct ReplicaGet: Hashable, Sendable {
 
 public struct ReplicaGetReply: Hashable, Sendable {
     public var object: VersionedObject?
-    public init(object: VersionedObject?) { self.object = object }
+    /// The replica lost its data and has not completed an anti-entropy exchange for the
+    /// partition since: its "not found" is no evidence (Docs/anti-entropy.md, "Refilling").
+    public var refilling: Bool
+    public init(object: VersionedObject?, refilling: Bool = false) {
+        self.object = object
+        self.refilling = refilling
+    }
 }
 
 public struct ReplicaPut: Hashable, Sendable {

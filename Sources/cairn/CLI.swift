@@ -119,7 +119,7 @@ struct Cairn: AsyncParsableCommand {
         commandName: "cairn",
         abstract: "Talk to a Cairn cluster.",
         discussion: "Exit codes: 0 success, 2 not found (get), 3 quorum not reached, unavailable, or outcome unknown (any put/delete error that does not prove nothing was written), 1 other errors.",
-        subcommands: [Get.self, Put.self, Delete.self, Members.self, ClusterCommand.self, Transfers.self, Preflist.self])
+        subcommands: [Get.self, Put.self, Delete.self, Members.self, ClusterCommand.self, Transfers.self, Preflist.self, Repair.self])
 
     /// `--node` may come before the verb (`cairn --node X get k`): move such options after it.
     static func reorder(_ args: [String]) -> [String] {

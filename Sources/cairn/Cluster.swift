@@ -153,6 +153,50 @@ struct Transfers: AsyncParsableCommand {
     }
 }
 
+struct Repair: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run anti-entropy exchanges now for every partition the node holds (or one), and report what they repaired.",
+        discussion: "Waits until every exchange ended (default timeout 1 hour). --status shows each partition's last exchange instead.")
+    @OptionGroup var options: AdminOptions
+    @Option(help: "Only this partition (its index).") var partition: UInt32?
+    @Flag(help: "Show the last exchange of every partition the node holds, and its age.") var status = false
+
+    func run() async throws {
+        if status { return try await showStatus() }
+        var o = options
+        if o.timeout == nil { o.timeout = 3_600_000 }
+        let (text, r) = try await o.run("repair", partition.map { ["\($0)"] } ?? [])
+        if options.json { return print(text) }
+        print("node \(r.string("node")): \(r.int("partitions")) partitions compared in \(r.int("exchanges")) exchanges "
+            + "(\(r.int("failed")) failed), \(r.int("took_ms")) ms")
+        print("keys repaired: \(r.int("keys_to_local")) on this node, \(r.int("keys_to_remote")) on its peers; "
+            + "bytes sent \(r.int("bytes_sent")), received \(r.int("bytes_received"))")
+        let details = (r["details"] as? [[String: Any]] ?? []).filter { $0.string("outcome") != "in_sync" }
+        if !details.isEmpty {
+            table([["PARTITION", "PEER", "OUTCOME", "TO_LOCAL", "TO_REMOTE", "BYTES", "MS", "ERROR"]] + details.map { d in
+                ["\(d.int("partition"))", d.string("peer"), d.string("outcome"), "\(d.int("keys_to_local"))", "\(d.int("keys_to_remote"))",
+                 "\(d.int("bytes_sent") + d.int("bytes_received"))", "\(d.int("took_ms"))", d.string("error")]
+            })
+        }
+        for s in r["skipped"] as? [[String: Any]] ?? [] { print("partition \(s.int("partition")) skipped: \(s.string("reason"))") }
+        if r.int("refilling") > 0 { print("\(r.int("refilling")) partitions still refilling") }
+        if r.int("failed") > 0 { throw ExitCode(3) }
+    }
+
+    private func showStatus() async throws {
+        let (text, r) = try await options.run("repair-status")
+        if options.json { return print(text) }
+        let rows = r["partitions"] as? [[String: Any]] ?? []
+        print("node \(r.string("node")): \(rows.count) partitions, \(r.int("never_exchanged")) never exchanged, "
+            + "oldest exchange \(r["oldest_age_s"] is NSNumber ? "\(r.int("oldest_age_s"))s ago" : "-"), \(r.int("refilling")) refilling")
+        table([["PARTITION", "PEER", "OUTCOME", "AGE", "TO_LOCAL", "TO_REMOTE", "REFILLING"]] + rows.map { p in
+            [(p["partition"] as? NSNumber)?.stringValue ?? "", p["peer"] == nil ? "-" : p.string("peer"), p["outcome"] == nil ? "never" : p.string("outcome"),
+             p["age_s"] == nil ? "-" : "\(p.int("age_s"))s", "\(p.int("keys_to_local"))", "\(p.int("keys_to_remote"))",
+             (p["refilling"] as? Bool ?? false) ? "yes" : "no"]
+        })
+    }
+}
+
 struct Preflist: AsyncParsableCommand {
     static let configuration = CommandConfiguration(abstract: "A key's partition and the replicas that hold it now.")
     @OptionGroup var options: AdminOptions

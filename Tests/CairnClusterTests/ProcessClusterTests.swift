@@ -57,7 +57,12 @@ struct ProcessClusterTests {
             p.executableURL = URL(fileURLWithPath: try ProcessClusterTests.binary("cairnd"))
             p.arguments = ["--config", conf.path, "--log-level", "warning"]
             p.standardOutput = FileHandle.nullDevice
-            p.standardError = FileHandle(forWritingAtPath: "/dev/null")
+            // Each node's log (warnings and up) goes to <dir>/nN.log, kept with CAIRN_KEEP_TEST_DATA=1.
+            let log = dir.appendingPathComponent("n\(i + 1).log")
+            if !FileManager.default.fileExists(atPath: log.path) { _ = FileManager.default.createFile(atPath: log.path, contents: nil) }
+            let handle = try FileHandle(forWritingTo: log)
+            try handle.seekToEnd()
+            p.standardError = handle
             try p.run()
             return p
         }
@@ -91,7 +96,7 @@ struct ProcessClusterTests {
                 statuses.append(Self.reap(p))
             }
             processes = []
-            try? FileManager.default.removeItem(at: dir)
+            removeData()
             return statuses
         }
 
@@ -103,7 +108,12 @@ struct ProcessClusterTests {
         /// A test that failed before `stopAll`: kill what is left.
         deinit {
             for p in processes { _ = Self.reap(p) }
-            try? FileManager.default.removeItem(at: dir)
+            removeData()
+        }
+
+        /// CAIRN_KEEP_TEST_DATA=1 keeps the data, configs and logs for a post-mortem.
+        private func removeData() {
+            if ProcessInfo.processInfo.environment["CAIRN_KEEP_TEST_DATA"] == nil { try? FileManager.default.removeItem(at: dir) }
         }
     }
 

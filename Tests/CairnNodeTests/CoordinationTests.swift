@@ -306,6 +306,48 @@ private func acked(_ d: [WriteCoordination.Directive]) -> Bool { d.contains(.res
         #expect(none.replied(n1, nil).first == .respond(.answered(nil)))
     }
 
+    @Test func aRefillingReplicasNotFoundCountsOnlyOnceEveryPrimaryAnswered() throws {
+        let a = try object("a", actor: "n1")
+        // n3 lost its disk and answers first: R=2 waits for a primary that can answer.
+        var m = ReadCoordination(requirement: try r(.count(2)), replicas: targets(), timeoutMillis: 1000)
+        _ = m.start(down: [:])
+        #expect(m.replied(n3, nil, refilling: true) == [])
+        #expect(m.replied(n2, nil) == [])
+        #expect(m.replied(n1, a).first == .respond(.answered(a)))
+        // Every primary answered and none holds the key (a new cluster: all refilling): absent.
+        var fresh = ReadCoordination(requirement: try r(.count(2)), replicas: targets(), timeoutMillis: 1000)
+        _ = fresh.start(down: [:])
+        _ = fresh.replied(n1, nil, refilling: true)
+        #expect(fresh.replied(n2, nil, refilling: true) == [])
+        #expect(fresh.replied(n3, nil, refilling: true).first == .respond(.answered(nil)))
+        // A refilling replica's value counts like any other.
+        var found = ReadCoordination(requirement: try r(.count(1)), replicas: targets(), timeoutMillis: 1000)
+        _ = found.start(down: [:])
+        #expect(found.replied(n3, a, refilling: true).first == .respond(.answered(a)))
+    }
+
+    @Test func aRefillingMissWithAPrimaryDownIsNotReachedAndSaysWhy() throws {
+        // n1 (which may hold the key) is down; n2 missed the write; n3 lost its disk.
+        var m = ReadCoordination(requirement: try r(.count(2)), replicas: targets(local: n2), timeoutMillis: 1000, sloppy: false)
+        #expect(m.start(down: [n1: "dead"]) == [.fetch(from: [n2, n3])])
+        #expect(m.replied(n2, nil) == [])
+        let d = m.replied(n3, nil, refilling: true)
+        guard case .respond(.quorumFailed(let f)) = d.first else { Issue.record("expected not reached, got \(d)"); return }
+        #expect(f.kind == .notReached && f.achieved == 1)
+        #expect(f.description.contains("refilling"))
+        // The same in a blocking read.
+        var b = ReadCoordination(requirement: try r(.count(2)), replicas: targets(local: n2), timeoutMillis: 1000, sloppy: false, repair: .blocking)
+        _ = b.start(down: [n1: "dead"])
+        _ = b.replied(n2, nil)
+        guard case .respond(.quorumFailed(let g))? = b.replied(n3, nil, refilling: true).first else { Issue.record("blocking read answered"); return }
+        #expect(g.kind == .notReached)
+        // With R=1, the healthy replica's miss alone is an answer.
+        var one = ReadCoordination(requirement: try r(.count(1)), replicas: targets(local: n2), timeoutMillis: 1000, sloppy: false)
+        _ = one.start(down: [n1: "dead"])
+        _ = one.replied(n3, nil, refilling: true)
+        #expect(one.replied(n2, nil).first == .respond(.answered(nil)))
+    }
+
     @Test func aBlockingReadAnswersOnlyOnceRReplicasHoldTheMerge() throws {
         let a = try object("a", actor: "n1")
         var m = ReadCoordination(requirement: try r(.count(2)), replicas: targets(), timeoutMillis: 1000, repair: .blocking)

@@ -1,0 +1,825 @@
+public import CairnAntiEntropy
+import CairnCore
+import CairnRing
+import CairnStorage
+import CairnWire
+import Logging
+
+/// How anti-entropy is paced and bounded (`aae.*`, Docs/configuration.md).
+public struct AntiEntropySettings: Sendable {
+    /// Whether vnodes keep trees and replicas exchange them (`aae.enabled`).
+    public var enabled = true
+    /// The trees' shape, the same on every node (`aae.tree_depth`: 16^depth segments).
+    public var shape = TreeShape.standard
+    /// Each partition is exchanged about this often, with jitter of ±25% (`aae.exchange_interval`).
+    public var exchangeInterval: Duration = .seconds(480)
+    /// Exchanges this node runs at once, timer and `cairn repair` together (`aae.max_concurrent_exchanges`).
+    public var maxConcurrentExchanges = 2
+    /// Bounds of one exchange (`aae.max_segments_per_exchange`, `aae.keys_per_page`, `aae.max_parents_per_query`).
+    public var exchange = ExchangeSettings()
+    /// Objects in one fetch or push of a repair (`aae.repair_batch_keys`).
+    public var repairBatchKeys = 256
+    /// A key page or object batch stops growing past this many bytes (`aae.max_reply_bytes`).
+    public var maxReplyBytes = 1 << 20
+    /// A ready tree is rebuilt from storage this often (`aae.rebuild_interval`, 7 days): a rebuild
+    /// catches a tree that drifted from the data (a bug, damaged bytes).
+    public var rebuildInterval: Duration = .seconds(7 * 86_400)
+    /// Tree builds running at once (`aae.max_concurrent_builds`).
+    public var maxConcurrentBuilds = 1
+    /// Bytes per second all builds together read (`aae.build_bytes_per_second`).
+    public var buildBytesPerSecond = 32 << 20
+    public init() {}
+}
+
+/// Anti-entropy state that outlives vnodes: whether each partition's copy is refilling, and the
+/// trees saved at the last clean shutdown (each taken once, by the vnode that starts with it).
+///
+/// Refilling (Docs/anti-entropy.md, "Refilling"): a store created by this run (`createdFresh`:
+/// a new node, or a known name whose disk was lost) marks itself refilling; from then on each
+/// partition's copy is refilling until an exchange of it with another replica completes (not
+/// truncated). The mark and the partitions settled are kept in the store's metadata, so a
+/// restart in the middle of a refill goes on refilling. Thread-safe.
+final class AntiEntropyState: Sendable {
+    private struct Refill {
+        var pending = false
+        var settled: Set<PartitionID> = []
+    }
+    private let refill = Locked(Refill())
+    private let saved = Locked<[PartitionID: SegmentTree]>([:])
+
+    static let refillKey = "refill"
+    static let settledKey = "refill-settled"
+    /// The side file holding the trees saved at a clean shutdown.
+    static let treeFile = "aae-trees"
+
+    /// Reads the refill mark (setting it first for a store this run created) and, after a clean
+    /// shutdown, the saved trees. A tree that does not decode is logged and built anew.
+    func load(from store: any PartitionStore, logger: Logger) async throws {
+        if store.createdFresh { try await store.setMetadata([(Self.refillKey, [1])]) }
+        // A mark in a damaged table block is unknown: assume the worst (refilling) for the
+        // refill mark, and nothing settled; exchanges settle the partitions again.
+        func read(_ name: String) throws -> (value: [UInt8]?, known: Bool) {
+            do { return (try store.metadata(name), true) } catch let e as StorageError {
+                guard case .corruption = e else { throw e }
+                logger.error("anti-entropy metadata unreadable; assuming this node's copies need refilling", metadata: [
+                    "name": "\(name)", "error": "\(e)"])
+                return (nil, false)
+            }
+        }
+        let mark = try read(Self.refillKey)
+        let pending = mark.value != nil || !mark.known
+        let settled = Set(Self.decodePartitions(try read(Self.settledKey).value ?? []))
+        refill.withLock { $0 = Refill(pending: pending, settled: settled) }
+        if pending {
+            logger.warning("this node's store is new: its partitions count as refilling until an anti-entropy exchange of each completes",
+                           metadata: ["settled": "\(settled.count)"])
+        }
+        // Taken (removed) whatever happens: a file found at a later start is that run's own.
+        guard let file = try await store.takeSideFile(Self.treeFile), store.openedAfterCleanShutdown else { return }
+        do {
+            saved.withLock { $0 = [:] }
+            let trees = try Self.decodeTrees(file)
+            saved.withLock { $0 = trees }
+        } catch {
+            logger.warning("saved anti-entropy trees unreadable; they will be built from storage", metadata: ["error": "\(error)"])
+        }
+    }
+
+    /// The tree saved for `p` at the last clean shutdown, once.
+    func takeSavedTree(_ p: PartitionID) -> SegmentTree? { saved.withLock { $0.removeValue(forKey: p) } }
+
+    func isRefilling(_ p: PartitionID) -> Bool { refill.withLock { $0.pending && !$0.settled.contains(p) } }
+
+    var refillPending: Bool { refill.withLock { $0.pending } }
+
+    /// Records that `p`'s copy completed an exchange (durably), so it no longer counts as refilling.
+    func settle(_ p: PartitionID, store: any PartitionStore) async throws {
+        guard let list = refill.withLock({ r -> [PartitionID]? in
+            guard r.pending, r.settled.insert(p).inserted else { return nil }
+            return r.settled.sorted()
+        }) else { return }
+        try await store.setMetadata([(Self.settledKey, Self.encodePartitions(list))])
+    }
+
+    /// Saves `trees` (replacing what was saved before) for the next start after a clean shutdown.
+    static func save(_ trees: [PartitionID: SegmentTree], to store: any PartitionStore) async throws {
+        try await store.saveSideFile(treeFile, encodeTrees(trees))
+    }
+
+    /// `trees-file = %x01 count:u32be (partition:u32be tree:blob)* check:u64be` (check: XXH64 of
+    /// what precedes; each tree as `SegmentTree.encoded`).
+    static func encodeTrees(_ trees: [PartitionID: SegmentTree]) -> [UInt8] {
+        var w = ByteWriter(capacity: trees.count * (trees.first?.value.shape.segments ?? 0) * 8 + 16)
+        w.writeU8(1)
+        w.writeU32(UInt32(truncatingIfNeeded: trees.count))
+        for p in trees.keys.sorted() {
+            w.writeU32(p.index)
+            w.writeBlob(trees[p]?.encoded() ?? [])
+        }
+        w.writeU64(KeyHash.hash(w.bytes))
+        return w.bytes
+    }
+
+    static func decodeTrees(_ bytes: [UInt8]) throws(DecodeError) -> [PartitionID: SegmentTree] {
+        guard bytes.count >= 13, KeyHash.hash(Array(bytes[..<(bytes.count - 8)])) == bytes.suffix(8).reduce(UInt64(0), { $0 << 8 | UInt64($1) })
+        else { throw DecodeError("trees file fails its check") }
+        var r = ByteReader(Array(bytes[..<(bytes.count - 8)]))
+        guard try r.readU8("trees format") == 1 else { throw DecodeError("unknown trees file format") }
+        let n = try r.readCount("tree count", limit: r.remaining / 5)
+        var out: [PartitionID: SegmentTree] = [:]
+        for _ in 0..<n {
+            let p = PartitionID(try r.readU32("partition"))
+            out[p] = try SegmentTree.decode(try r.readBlob("tree", limit: r.remaining))
+        }
+        try r.expectEnd("trees file")
+        return out
+    }
+
+    static func encodePartitions(_ ps: [PartitionID]) -> [UInt8] {
+        var w = ByteWriter(capacity: ps.count * 4)
+        for p in ps { w.writeU32(p.index) }
+        return w.bytes
+    }
+
+    static func decodePartitions(_ bytes: [UInt8]) -> [PartitionID] {
+        var r = ByteReader(bytes)
+        var out: [PartitionID] = []
+        while r.remaining >= 4, let i = try? r.readU32() { out.append(PartitionID(i)) }
+        return out
+    }
+}
+
+/// What one exchange did, for `cairn repair` and `--status`.
+struct ExchangeRecord: Sendable {
+    var partition: PartitionID
+    var peer: NodeName
+    /// `in_sync`, `repaired`, `truncated` or `failed`.
+    var outcome: String
+    var summary: ExchangeSummary
+    var bytesSent = 0
+    var bytesReceived = 0
+    var error: String?
+    /// The failure may pass by itself soon (a tree not built yet).
+    var retryable = false
+    var finishedAt: ContinuousClock.Instant
+    var wallMillis: UInt64
+    var tookMillis: Int
+}
+
+/// Runs this node's side of anti-entropy: builds the trees vnodes lack (and rebuilds ready ones
+/// on `aae.rebuild_interval`), exchanges each partition it holds with its other primaries on a
+/// jittered timer and on demand (`cairn repair`), and answers other replicas' exchanges.
+///
+/// Isolation: thread-safe (its books behind locks); `run()` is a child of the node's supervisor
+/// and owns every background build and exchange as child tasks. Bounds: at most
+/// `maxConcurrentExchanges` exchanges (timer and on demand together) and `maxConcurrentBuilds`
+/// builds at once; builds read at most `buildBytesPerSecond`.
+final class AntiEntropyManager: SupervisedChild {
+    struct Environment: Sendable {
+        let me: NodeName
+        let settings: AntiEntropySettings
+        let limits: Limits
+        let transport: any Transport
+        let clock: any NodeClock
+        let metrics: NodeMetrics
+        let logger: Logger
+        let requestTimeoutMillis: UInt32
+        let vnodes: VnodeTable
+        let state: AntiEntropyState
+        let storage: @Sendable () -> (any PartitionStore)?
+        let ring: @Sendable () -> RingState?
+        let reachable: @Sendable (NodeName) -> Bool
+        /// Seeds the timers' jitter (deterministic in simulations).
+        let seed: UInt64
+    }
+
+    let childName = "anti-entropy"
+    let env: Environment
+    private struct Book {
+        var nextDue: [PartitionID: ContinuousClock.Instant] = [:]
+        var peerCursor: [PartitionID: Int] = [:]
+        var last: [PartitionID: ExchangeRecord] = [:]
+        var builtAt: [PartitionID: ContinuousClock.Instant] = [:]
+        var exchanging: Set<PartitionID> = []
+        var building: Set<PartitionID> = []
+        var rng: SplitMix64
+    }
+    private let book: Locked<Book>
+    /// Notified when a build or an exchange ends.
+    private let slotsFree = Condition()
+    private let woken = Locked(false)
+    private let pacer: Pacer
+
+    init(env: Environment) {
+        self.env = env
+        book = Locked(Book(rng: SplitMix64(seed: env.seed)))
+        pacer = Pacer(bytesPerSecond: env.settings.buildBytesPerSecond, clock: env.clock)
+    }
+
+    func run() async throws {
+        guard env.settings.enabled else { return }
+        await withDiscardingTaskGroup { group in
+            while !Task.isCancelled {
+                for p in await buildsDue() {
+                    group.addTask {
+                        await self.build(p)
+                        self.wake()
+                    }
+                }
+                for (p, peer) in exchangesDue() {
+                    group.addTask {
+                        _ = await self.exchange(p, with: peer)
+                        self.release(p)
+                    }
+                }
+                publish()
+                // Once a second, or at once when a build or exchange ends (its slot is free).
+                _ = await slotsFree.wait(until: { woken.withLock { w in defer { w = false }; return w } },
+                                         deadline: env.clock.now() + .seconds(1), clock: env.clock)
+            }
+            group.cancelAll()
+        }
+    }
+
+    // MARK: Trees
+
+    /// Partitions whose vnode needs a tree built (none yet) or rebuilt (older than the rebuild
+    /// interval), as many as free build slots allow; each is marked building.
+    private func buildsDue() async -> [PartitionID] {
+        let now = env.clock.now()
+        var candidates: [PartitionID] = []
+        var pending = 0
+        for p in env.vnodes.partitions {
+            guard let v = env.vnodes.vnode(for: p), v.keepsTree else { continue }
+            if v.needsTreeBuild {
+                pending += 1
+                if await v.isServing { candidates.append(p) }
+            } else if let at = book.withLock({ $0.builtAt[p] }), at.duration(to: now) >= env.settings.rebuildInterval {
+                candidates.append(p)
+            } else if book.withLock({ $0.builtAt[p] == nil }) {
+                // A tree loaded from the last clean shutdown: its rebuild is due an interval from now.
+                book.withLock { $0.builtAt[p] = now }
+            }
+        }
+        env.metrics.aaeBuildsPending.record(pending)
+        return book.withLock { b in
+            var out: [PartitionID] = []
+            for p in candidates where !b.building.contains(p) && b.building.count < env.settings.maxConcurrentBuilds {
+                b.building.insert(p)
+                out.append(p)
+            }
+            return out
+        }
+    }
+
+    /// Builds `p`'s tree from a snapshot of its storage, paced, while writes go on (the vnode
+    /// records them in a delta); a rebuild of a ready tree reports drift.
+    func build(_ p: PartitionID) async {
+        defer { book.withLock { b in _ = b.building.remove(p) } }
+        guard let v = env.vnodes.vnode(for: p) else { return }
+        let shape = env.settings.shape
+        let begun: (snapshot: PartitionSnapshot, generation: UInt64)?
+        do { begun = try await v.beginTreeBuild(shape: shape) } catch {
+            env.metrics.aaeTreeBuilds.increment(outcome: "failed")
+            env.logger.error("anti-entropy tree build could not start", metadata: ["partition": "\(p.index)", "error": "\(error)"])
+            book.withLock { $0.builtAt[p] = env.clock.now() }
+            return
+        }
+        guard let (snapshot, generation) = begun else { return }
+        let rebuild = await v.treeRoot() != nil
+        let started = env.clock.now()
+        var tree = SegmentTree(shape: shape)
+        var after: [UInt8]?
+        var keys = 0
+        do {
+            while !Task.isCancelled {
+                let page = try await snapshot.page(after, 1024)
+                var bytes = 0
+                for (key, value) in page {
+                    bytes += key.count + value.count
+                    // An object that does not decode is not served either: it has no version.
+                    guard let o = try? VersionedObject.decode(value, limits: env.limits) else { continue }
+                    tree.update(key: key, old: 0, new: KeyVersionHash.hash(key: key, object: o))
+                }
+                keys += page.count
+                await pacer.pace(bytes)
+                guard page.count == 1024, let last = page.last else { break }
+                after = last.key
+            }
+        } catch {
+            await v.abandonTreeBuild(generation: generation)
+            env.metrics.aaeTreeBuilds.increment(outcome: "failed")
+            env.logger.error("anti-entropy tree build failed", metadata: ["partition": "\(p.index)", "error": "\(error)"])
+            book.withLock { $0.builtAt[p] = env.clock.now() }
+            return
+        }
+        if Task.isCancelled {
+            await v.abandonTreeBuild(generation: generation)
+            return
+        }
+        guard let drifted = await v.finishTreeBuild(tree, generation: generation) else { return }
+        book.withLock { $0.builtAt[p] = env.clock.now() }
+        env.metrics.aaeTreeBuilds.increment(outcome: rebuild ? "rebuild" : "build")
+        if drifted {
+            env.metrics.aaeTreeDrift.increment()
+            env.logger.warning("anti-entropy tree rebuilt from storage differed from the tree kept by writes; the rebuilt one is used",
+                               metadata: ["partition": "\(p.index)"])
+        }
+        env.logger.debug("anti-entropy tree built", metadata: [
+            "partition": "\(p.index)", "keys": "\(keys)", "took": "\(started.duration(to: env.clock.now()))", "rebuild": "\(rebuild)"])
+    }
+
+    /// The trees of every primary vnode that has one ready, to save at a clean shutdown.
+    func readyTrees() async -> [PartitionID: SegmentTree] {
+        var out: [PartitionID: SegmentTree] = [:]
+        for p in env.vnodes.partitions {
+            if let t = await env.vnodes.vnode(for: p)?.readyTree { out[p] = t }
+        }
+        return out
+    }
+
+    // MARK: Scheduling
+
+    /// The other primaries of `p` this node may exchange with now (reachable).
+    private func peers(of p: PartitionID) -> [NodeName] {
+        (env.ring()?.replicas(of: p) ?? []).filter { $0 != env.me && env.reachable($0) }
+    }
+
+    /// Partitions due for a timer exchange, with the peer each goes to (peers taken in turn), as
+    /// many as free slots allow; each is marked exchanging. A refilling partition is due at once.
+    private func exchangesDue() -> [(PartitionID, NodeName)] {
+        let now = env.clock.now()
+        let mine = env.vnodes.partitions
+        let ring = env.ring()
+        return book.withLock { b in
+            var out: [(PartitionID, NodeName)] = []
+            for p in mine {
+                guard b.exchanging.count < env.settings.maxConcurrentExchanges else { break }
+                if b.nextDue[p] == nil {
+                    // First sight: spread partitions over the interval (refilling ones at once).
+                    let spread = env.state.isRefilling(p) ? 0 : b.rng.next(below: UInt64(max(1, env.settings.exchangeInterval / .milliseconds(1))))
+                    b.nextDue[p] = now + .milliseconds(Int64(spread))
+                }
+                guard let due = b.nextDue[p], due <= now, !b.exchanging.contains(p) else { continue }
+                // No tree here yet: due once it is built.
+                guard let v = env.vnodes.vnode(for: p), !v.needsTreeBuild, !b.building.contains(p) else { continue }
+                let candidates = (ring?.replicas(of: p) ?? []).filter { $0 != env.me && env.reachable($0) }
+                guard !candidates.isEmpty else { continue }
+                let cursor = b.peerCursor[p, default: 0]
+                b.peerCursor[p] = cursor &+ 1
+                b.exchanging.insert(p)
+                b.nextDue[p] = now + jitter(env.settings.exchangeInterval, &b.rng)
+                out.append((p, candidates[cursor % candidates.count]))
+            }
+            return out
+        }
+    }
+
+    private func jitter(_ d: Duration, _ rng: inout SplitMix64) -> Duration {
+        let ms = max(4, d / .milliseconds(1))
+        let quarter = ms / 4
+        return .milliseconds(Int64(ms - quarter) + Int64(rng.next(below: UInt64(2 * quarter + 1))))
+    }
+
+    private func release(_ p: PartitionID) {
+        book.withLock { _ = $0.exchanging.remove(p) }
+        wake()
+    }
+
+    /// Wakes the scheduling loop (and waiters for an exchange slot).
+    private func wake() {
+        woken.withLock { $0 = true }
+        slotsFree.notifyAll()
+    }
+
+    /// Takes an exchange slot for `p` (waiting for one), false if `p` is already exchanging and
+    /// did not finish within `wait`.
+    private func acquire(_ p: PartitionID, wait: Duration) async -> Bool {
+        let deadline = env.clock.now() + wait
+        return await slotsFree.wait(until: {
+            book.withLock { b in
+                guard !b.exchanging.contains(p), b.exchanging.count < env.settings.maxConcurrentExchanges else { return false }
+                b.exchanging.insert(p)
+                return true
+            }
+        }, deadline: deadline, clock: env.clock)
+    }
+
+    private func publish() {
+        let now = env.clock.now()
+        let (mine, refilling) = (env.vnodes.partitions, env.state.refillPending)
+        let oldest = book.withLock { b in
+            mine.map { p in b.last[p].map { $0.finishedAt.duration(to: now) } ?? .zero }.max() ?? .zero
+        }
+        env.metrics.aaeOldestExchangeSeconds.record(Int(oldest / .seconds(1)))
+        env.metrics.aaeRefilling.record(refilling ? mine.count { env.state.isRefilling($0) } : 0)
+    }
+
+    // MARK: On demand (`cairn repair`)
+
+    /// Exchanges every partition in `partitions` (nil: every one this node holds as a primary)
+    /// with each of its other reachable primaries, at most `maxConcurrentExchanges` at once
+    /// (shared with the timer), and returns every exchange's record. A partition with no tree
+    /// ready yet has it built first.
+    func repair(_ partitions: [PartitionID]?) async -> (records: [ExchangeRecord], skipped: [(PartitionID, String)]) {
+        let mine = Set(env.vnodes.partitions)
+        let wanted = partitions ?? mine.sorted()
+        var skipped: [(PartitionID, String)] = []
+        var jobs: [(PartitionID, NodeName)] = []
+        for p in wanted {
+            guard mine.contains(p) else {
+                skipped.append((p, "node \(env.me) holds no primary copy of partition \(p.index)"))
+                continue
+            }
+            let others = (env.ring()?.replicas(of: p) ?? []).filter { $0 != env.me }
+            let reachable = others.filter(env.reachable)
+            if reachable.isEmpty { skipped.append((p, others.isEmpty ? "no other replica" : "no other replica reachable")) }
+            for peer in reachable { jobs.append((p, peer)) }
+        }
+        return (await withTaskGroup(of: ExchangeRecord?.self) { group in
+            var records: [ExchangeRecord] = []
+            var next = jobs.makeIterator()
+            func launch(_ group: inout TaskGroup<ExchangeRecord?>) {
+                guard let (p, peer) = next.next() else { return }
+                group.addTask {
+                    guard await self.acquire(p, wait: .seconds(3600)) else { return nil }
+                    defer { self.release(p) }
+                    if let v = self.env.vnodes.vnode(for: p), v.needsTreeBuild {
+                        await self.buildNow(p)
+                    }
+                    // A peer still building its tree (it just started) is asked again, for a while.
+                    var record = await self.exchange(p, with: peer)
+                    var waits = 0
+                    while record.retryable, waits < Self.maxNotReadyWaits, !Task.isCancelled {
+                        try? await self.env.clock.sleep(for: .milliseconds(250))
+                        record = await self.exchange(p, with: peer)
+                        waits += 1
+                    }
+                    // A truncated exchange left segments for the next: go on until none is left.
+                    var rounds = 1
+                    while record.outcome == "truncated", rounds < Self.maxRepairRounds, !Task.isCancelled {
+                        let next = await self.exchange(p, with: peer)
+                        record = Self.combined(record, next)
+                        rounds += 1
+                    }
+                    return record
+                }
+            }
+            for _ in 0..<max(1, env.settings.maxConcurrentExchanges) { launch(&group) }
+            while let r = await group.next() {
+                if let r { records.append(r) }
+                launch(&group)
+            }
+            return records
+        }, skipped)
+    }
+
+    /// Exchanges `cairn repair` runs for one partition and peer at most, one after another while
+    /// each ends truncated.
+    static let maxRepairRounds = 4096
+    /// Times `cairn repair` asks a peer again whose tree is not ready yet (every 250 ms: a minute).
+    static let maxNotReadyWaits = 240
+
+    /// Two exchanges of one partition and peer, one after the other, as one record.
+    static func combined(_ a: ExchangeRecord, _ b: ExchangeRecord) -> ExchangeRecord {
+        var r = b
+        r.summary.segmentsDiffering += a.summary.segmentsDiffering
+        r.summary.keysCompared += a.summary.keysCompared
+        r.summary.keysToLocal += a.summary.keysToLocal
+        r.summary.keysToRemote += a.summary.keysToRemote
+        r.summary.treeHashes += a.summary.treeHashes
+        r.summary.inSync = a.summary.inSync && b.summary.inSync
+        r.bytesSent += a.bytesSent
+        r.bytesReceived += a.bytesReceived
+        r.tookMillis += a.tookMillis
+        if r.outcome == "in_sync", a.outcome != "in_sync" { r.outcome = "repaired" }
+        return r
+    }
+
+    /// Builds `p`'s tree now unless a build of it is running; waits for a running one.
+    private func buildNow(_ p: PartitionID) async {
+        let mine = book.withLock { b in b.building.insert(p).inserted }
+        if mine { return await build(p) }
+        while book.withLock({ $0.building.contains(p) }) { try? await env.clock.sleep(for: .milliseconds(50)) }
+    }
+
+    /// The last exchange of every partition this node holds (nil: none yet).
+    func status() -> [(PartitionID, ExchangeRecord?, refilling: Bool)] {
+        let mine = env.vnodes.partitions
+        return book.withLock { b in mine.map { ($0, b.last[$0], env.state.isRefilling($0)) } }
+    }
+
+    // MARK: One exchange
+
+    /// Runs one exchange of `p` with `peer` to its end and records it. The caller holds `p`'s slot.
+    func exchange(_ p: PartitionID, with peer: NodeName) async -> ExchangeRecord {
+        let started = env.clock.now()
+        var run = ExchangeRun(manager: self, partition: p, peer: peer)
+        let result = await run.perform()
+        let summary: ExchangeSummary
+        let outcome: String
+        var error: String?
+        var retryable = false
+        switch result {
+        case .success(let s):
+            summary = s
+            outcome = s.inSync ? "in_sync" : s.truncated ? "truncated" : "repaired"
+        case .failure(let e):
+            summary = run.summary
+            outcome = "failed"
+            error = e.reason
+            retryable = e.retryable
+        }
+        let now = env.clock.now()
+        var record = ExchangeRecord(partition: p, peer: peer, outcome: outcome, summary: summary, bytesSent: run.bytesSent,
+                                    bytesReceived: run.bytesReceived, error: error, finishedAt: now, wallMillis: env.clock.wallMillis(),
+                                    tookMillis: Int(started.duration(to: now) / .milliseconds(1)))
+        record.retryable = retryable
+        book.withLock { $0.last[p] = record }
+        let m = env.metrics
+        m.aaeExchanges.increment(outcome: outcome)
+        m.aaeKeysRepaired.increment(outcome: "local", by: run.keysToLocal)
+        m.aaeKeysRepaired.increment(outcome: "remote", by: run.keysToRemote)
+        m.aaeBytes.increment(outcome: "sent", by: run.bytesSent)
+        m.aaeBytes.increment(outcome: "received", by: run.bytesReceived)
+        if let error {
+            env.logger.info("anti-entropy exchange failed", metadata: ["partition": "\(p.index)", "peer": "\(peer)", "error": "\(error)"])
+        } else {
+            if outcome != "truncated", env.state.isRefilling(p), let store = env.storage() {
+                do {
+                    try await env.state.settle(p, store: store)
+                    env.logger.info("partition refilled by anti-entropy", metadata: ["partition": "\(p.index)", "peer": "\(peer)"])
+                } catch {
+                    env.logger.error("could not record a refilled partition", metadata: ["partition": "\(p.index)", "error": "\(error)"])
+                }
+            }
+            if outcome == "truncated" {
+                // More to repair: go on soon instead of an interval later.
+                book.withLock { $0.nextDue[p] = now + .seconds(1) }
+            }
+            if run.keysToLocal + run.keysToRemote > 0 {
+                env.logger.info("anti-entropy repaired keys", metadata: [
+                    "partition": "\(p.index)", "peer": "\(peer)", "to_local": "\(run.keysToLocal)", "to_remote": "\(run.keysToRemote)",
+                    "bytes_sent": "\(run.bytesSent)", "bytes_received": "\(run.bytesReceived)"])
+            }
+        }
+        return record
+    }
+
+    /// Asks `peer` one anti-entropy question.
+    fileprivate func ask(_ peer: NodeName, _ request: AntiEntropyRequest, bytesSent: inout Int, bytesReceived: inout Int)
+        async throws(ExchangeFailure) -> AntiEntropyReply {
+        let payload = AntiEntropyCodec.encode(request)
+        bytesSent += payload.count
+        let answer: Message
+        do {
+            answer = try await env.transport.send(to: peer, .antiEntropy(payload), timeoutMillis: env.requestTimeoutMillis)
+        } catch {
+            throw ExchangeFailure("\(peer) did not answer: \(error)")
+        }
+        switch answer {
+        case .antiEntropyReply(let bytes):
+            bytesReceived += bytes.count
+            do { return try AntiEntropyCodec.decodeReply(bytes, limits: env.limits) } catch {
+                throw ExchangeFailure("\(peer) answered with a malformed reply: \(error)")
+            }
+        case .error(let e): throw ExchangeFailure("\(peer) refused: \(e.message)", retryable: e.code == .notReady)
+        default: throw ExchangeFailure("\(peer) answered with \(answer.type)")
+        }
+    }
+
+    // MARK: Serving other replicas
+
+    /// Answers another replica's exchange question about this node's primary copy of a partition.
+    func serve(_ request: AntiEntropyRequest) async -> Result<AntiEntropyReply, ErrorReply> {
+        let p = request.partition
+        guard env.settings.enabled else { return .failure(ErrorReply(code: .notReady, message: "anti-entropy is off on node \(env.me) (aae.enabled)")) }
+        guard request.shape == env.settings.shape else {
+            return .failure(ErrorReply(code: .invalidArgument, message:
+                "node \(env.me) keeps trees of \(env.settings.shape), not \(request.shape): set aae.tree_depth alike on every node"))
+        }
+        guard let v = env.vnodes.vnode(for: p) else {
+            return .failure(ErrorReply(code: .notAReplica, message: "node \(env.me) holds no primary copy of partition \(p.index)"))
+        }
+        let notReady = ErrorReply(code: .notReady, message: "node \(env.me) has no tree of partition \(p.index) ready yet")
+        switch request.body {
+        case .root:
+            guard let root = await v.treeRoot() else { return .failure(notReady) }
+            return .success(.root(root, refilling: env.state.isRefilling(p)))
+        case .children(let level, let parents):
+            guard parents.count <= AntiEntropyCodec.maxEntries / TreeShape.fanout else {
+                return .failure(ErrorReply(code: .invalidArgument, message: "too many parents in one tree query"))
+            }
+            guard let hashes = await v.treeChildren(level: level, of: parents) else { return .failure(notReady) }
+            return .success(.hashes(hashes))
+        case .keys(let query):
+            guard let store = env.storage() else { return .failure(notReady) }
+            do {
+                return .success(.keys(try await Self.listKeys(store, partition: p, query: query, shape: request.shape, withObjects: true,
+                                                              maxBytes: env.settings.maxReplyBytes, limits: env.limits)))
+            } catch {
+                return .failure(ErrorReply(code: .storage, message: "node \(env.me) could not list partition \(p.index): \(error)"))
+            }
+        case .fetch(let keys):
+            do throws(VnodeError) {
+                return .success(.objects(try await v.getAll(keys)))
+            } catch {
+                return .failure(ErrorReply(code: .storage, message: error.description))
+            }
+        case .push(let entries):
+            do throws(VnodeError) {
+                try await v.mergeAll(entries)
+                return .success(.pushed(entries.count))
+            } catch {
+                return .failure(ErrorReply(code: .storage, message: error.description))
+            }
+        }
+    }
+
+    /// A page of `query` over this node's copy of `p`: keys of the asked segments after
+    /// `query.after`, in key order, with their version hashes (and objects, for `objectsFor`
+    /// segments when `withObjects`). Stops at `query.limit` keys, `maxBytes` bytes, or after
+    /// scanning `64 × limit` keys (a page of a large partition with few keys asked for), and then
+    /// says where (`through`). Objects that do not decode are left out (not served either).
+    static func listKeys(_ store: any PartitionStore, partition p: PartitionID, query: KeyQuery, shape: TreeShape, withObjects: Bool,
+                         maxBytes: Int, limits: Limits) async throws -> KeyPage {
+        struct Page: Sendable {
+            var entries: [KeyEntry] = []
+            var bytes = 0
+            var scanned = 0
+        }
+        let segments = Set(query.segments), objectSegments = withObjects ? Set(query.objectsFor) : []
+        let limit = max(1, query.limit), scanLimit = max(1, query.limit) * 64
+        let fold = try await store.fold(partition: p, after: query.after, into: Page()) { page, key, value in
+            page.scanned += 1
+            let segment = KeyVersionHash.segment(of: key, shape: shape)
+            if segments.contains(segment), let o = try? VersionedObject.decode(value, limits: limits) {
+                let withObject = objectSegments.contains(segment)
+                page.entries.append(KeyEntry(key: key, hash: KeyVersionHash.hash(key: key, object: o), object: withObject ? o : nil))
+                page.bytes += key.count + 12 + (withObject ? value.count : 0)
+            }
+            return page.entries.count >= limit || page.bytes >= maxBytes || page.scanned >= scanLimit ? .stop : .continue
+        }
+        return KeyPage(entries: fold.accumulator.entries, through: fold.resumeAfter)
+    }
+}
+
+struct ExchangeFailure: Error, Sendable {
+    var reason: String
+    /// The peer was not ready (its tree is being built): asking again soon may succeed.
+    var retryable: Bool
+    init(_ reason: String, retryable: Bool = false) {
+        self.reason = reason
+        self.retryable = retryable
+    }
+}
+
+/// The shell of one exchange: performs `ExchangeMachine`'s steps against this node's vnode and
+/// store (local) and the peer's answers (remote), and the repairs it names, in batches.
+private struct ExchangeRun {
+    let manager: AntiEntropyManager
+    let partition: PartitionID
+    let peer: NodeName
+    var bytesSent = 0
+    var bytesReceived = 0
+    var keysToLocal = 0
+    var keysToRemote = 0
+    var summary = ExchangeSummary()
+
+    init(manager: AntiEntropyManager, partition: PartitionID, peer: NodeName) {
+        self.manager = manager
+        self.partition = partition
+        self.peer = peer
+    }
+
+    private var env: AntiEntropyManager.Environment { manager.env }
+
+    mutating func perform() async -> Result<ExchangeSummary, ExchangeFailure> {
+        do throws(ExchangeFailure) {
+            return .success(try await steps())
+        } catch {
+            return .failure(error)
+        }
+    }
+
+    private mutating func steps() async throws(ExchangeFailure) -> ExchangeSummary {
+        guard let vnode = env.vnodes.vnode(for: partition) else { throw ExchangeFailure("no primary copy of partition \(partition.index) here") }
+        guard let store = env.storage() else { throw ExchangeFailure("storage is not open") }
+        let shape = env.settings.shape
+        var machine = ExchangeMachine(shape: shape, settings: env.settings.exchange)
+        var step = machine.start()
+        while true {
+            summary = machine.summary
+            switch step {
+            case .compareRoots:
+                guard let local = await vnode.treeRoot() else {
+                    throw ExchangeFailure("no tree of partition \(partition.index) ready here", retryable: true)
+                }
+                guard case .root(let remote, _) = try await ask(.root) else { throw ExchangeFailure("\(peer) answered a root query with another reply") }
+                step = machine.roots(local: local, remote: remote)
+            case .compareChildren(let level, let parents):
+                guard let local = await vnode.treeChildren(level: level, of: parents) else { throw ExchangeFailure("tree of partition \(partition.index) gone") }
+                guard case .hashes(let remote) = try await ask(.children(level: level, parents: parents)) else {
+                    throw ExchangeFailure("\(peer) answered a tree query with another reply")
+                }
+                step = machine.children(local: local, remote: remote)
+            case .listKeys(let query):
+                let local: KeyPage
+                do {
+                    local = try await AntiEntropyManager.listKeys(store, partition: partition, query: query, shape: shape, withObjects: false,
+                                                                  maxBytes: env.settings.maxReplyBytes, limits: env.limits)
+                } catch {
+                    throw ExchangeFailure("could not list partition \(partition.index) here: \(error)")
+                }
+                guard case .keys(let remote) = try await ask(.keys(query)) else { throw ExchangeFailure("\(peer) answered a key query with another reply") }
+                step = machine.keys(local: local, remote: remote)
+            case .repair(let repairs):
+                try await repair(repairs, vnode: vnode)
+                step = machine.repaired()
+            case .finished(let s):
+                summary = s
+                return s
+            case .failed(let reason):
+                throw ExchangeFailure(reason)
+            }
+        }
+    }
+
+    private mutating func ask(_ body: AntiEntropyRequest.Body) async throws(ExchangeFailure) -> AntiEntropyReply {
+        try await manager.ask(peer, AntiEntropyRequest(partition: partition, shape: env.settings.shape, body: body),
+                              bytesSent: &bytesSent, bytesReceived: &bytesReceived)
+    }
+
+    /// Performs the repairs: objects the listing carried are merged here; objects this node lacks
+    /// or holds older are fetched and merged here; objects the peer lacks or holds older (the
+    /// merge, for a key both held) are pushed to it. Every step is a DVV merge.
+    private mutating func repair(_ repairs: [KeyRepair], vnode: Vnode) async throws(ExchangeFailure) {
+        var take: [(key: [UInt8], object: VersionedObject)] = []
+        var fetch: [[UInt8]] = []
+        var reconcile: Set<[UInt8]> = []
+        var push: [[UInt8]] = []
+        for r in repairs {
+            switch r {
+            case .take(let k, let o): take.append((k, o))
+            case .pull(let k): fetch.append(k)
+            case .reconcile(let k):
+                fetch.append(k)
+                reconcile.insert(k)
+            case .push(let k): push.append(k)
+            }
+        }
+        let batch = max(1, env.settings.repairBatchKeys)
+        var outgoing: [(key: [UInt8], object: VersionedObject)] = []
+        do {
+            for chunk in take.chunks(of: batch) {
+                try await vnode.mergeAll(Array(chunk))
+                keysToLocal += chunk.count
+            }
+            for chunk in fetch.chunks(of: batch) {
+                guard case .objects(let objects) = try await ask(.fetch(Array(chunk))), objects.count == chunk.count else {
+                    throw ExchangeFailure("\(peer) answered a fetch with another reply")
+                }
+                let found = zip(chunk, objects).compactMap { k, o in o.map { (key: k, object: $0) } }
+                let merged = try await vnode.mergeAll(found)
+                keysToLocal += found.count
+                for (entry, m) in zip(found, merged) where reconcile.contains(entry.key) && m != entry.object {
+                    outgoing.append((entry.key, m))
+                }
+                // A key the peer listed but no longer holds (collected meanwhile): push ours.
+                for (k, o) in zip(chunk, objects) where o == nil && reconcile.contains(k) { push.append(k) }
+            }
+            for chunk in push.chunks(of: batch) {
+                let objects = try await vnode.getAll(Array(chunk))
+                for (k, o) in zip(chunk, objects) { if let o { outgoing.append((k, o)) } }
+            }
+        } catch let e as ExchangeFailure {
+            throw e
+        } catch {
+            throw ExchangeFailure("local copy of partition \(partition.index): \(error)")
+        }
+        var pending: [(key: [UInt8], object: VersionedObject)] = []
+        var pendingBytes = 0
+        for entry in outgoing {
+            pending.append(entry)
+            pendingBytes += entry.key.count + entry.object.encodedSize
+            if pending.count >= batch || pendingBytes >= env.settings.maxReplyBytes {
+                try await send(pending)
+                pending = []
+                pendingBytes = 0
+            }
+        }
+        if !pending.isEmpty { try await send(pending) }
+    }
+
+    private mutating func send(_ entries: [(key: [UInt8], object: VersionedObject)]) async throws(ExchangeFailure) {
+        guard case .pushed = try await ask(.push(entries)) else { throw ExchangeFailure("\(peer) answered a push with another reply") }
+        keysToRemote += entries.count
+    }
+}
+
+extension Array {
+    /// Consecutive slices of at most `size` elements.
+    func chunks(of size: Int) -> [ArraySlice<Element>] {
+        stride(from: 0, to: count, by: Swift.max(1, size)).map { self[$0..<Swift.min($0 + Swift.max(1, size), count)] }
+    }
+}
