@@ -43,6 +43,8 @@ final class AntiEntropyState: Sendable {
     private struct Refill {
         var pending = false
         var settled: Set<PartitionID> = []
+        /// Settled partitions not yet written to the store.
+        var unsaved = false
     }
     private let refill = Locked(Refill())
     private let saved = Locked<[PartitionID: SegmentTree]>([:])
@@ -55,6 +57,7 @@ final class AntiEntropyState: Sendable {
     /// Reads the refill mark (setting it first for a store this run created) and, after a clean
     /// shutdown, the saved trees. A tree that does not decode is logged and built anew.
     func load(from store: any PartitionStore, logger: Logger) async throws {
+        emptyStart.withLock { $0 = store.openedEmpty }
         if store.createdFresh { try await store.setMetadata([(Self.refillKey, [1])]) }
         // A mark in a damaged table block is unknown: assume the worst (refilling) for the
         // refill mark, and nothing settled; exchanges settle the partitions again.
@@ -85,20 +88,48 @@ final class AntiEntropyState: Sendable {
         }
     }
 
-    /// The tree saved for `p` at the last clean shutdown, once.
-    func takeSavedTree(_ p: PartitionID) -> SegmentTree? { saved.withLock { $0.removeValue(forKey: p) } }
+    /// The tree saved for `p` at the last clean shutdown, once; while `emptyStart` holds (the
+    /// store opened empty and the node has not started serving), an empty one.
+    func takeSavedTree(_ p: PartitionID, shape: TreeShape) -> SegmentTree? {
+        if emptyStart.value { return SegmentTree(shape: shape) }
+        return saved.withLock { $0.removeValue(forKey: p) }
+    }
+
+    /// Set while the store is as it opened, empty: the vnodes started then need no tree build.
+    /// Ended (`endEmptyStart`) once the first view's vnodes are started, before any write.
+    private let emptyStart = Locked(false)
+
+    func endEmptyStart() { emptyStart.withLock { $0 = false } }
 
     func isRefilling(_ p: PartitionID) -> Bool { refill.withLock { $0.pending && !$0.settled.contains(p) } }
 
     var refillPending: Bool { refill.withLock { $0.pending } }
 
-    /// Records that `p`'s copy completed an exchange (durably), so it no longer counts as refilling.
-    func settle(_ p: PartitionID, store: any PartitionStore) async throws {
+    /// Records that `p`'s copy completed an exchange, so it no longer counts as refilling. True
+    /// if it was refilling. Kept durably by the next `persistSettled` (a crash before that only
+    /// makes the partition refill once more).
+    @discardableResult
+    func settle(_ p: PartitionID) -> Bool {
+        refill.withLock { r in
+            guard r.pending, r.settled.insert(p).inserted else { return false }
+            r.unsaved = true
+            return true
+        }
+    }
+
+    /// Writes the partitions settled since the last call (one synced write), if any.
+    func persistSettled(store: any PartitionStore) async throws {
         guard let list = refill.withLock({ r -> [PartitionID]? in
-            guard r.pending, r.settled.insert(p).inserted else { return nil }
+            guard r.unsaved else { return nil }
+            r.unsaved = false
             return r.settled.sorted()
         }) else { return }
-        try await store.setMetadata([(Self.settledKey, Self.encodePartitions(list))])
+        do {
+            try await store.setMetadata([(Self.settledKey, Self.encodePartitions(list))])
+        } catch {
+            refill.withLock { $0.unsaved = true }
+            throw error
+        }
     }
 
     /// Saves `trees` (replacing what was saved before) for the next start after a clean shutdown.
@@ -202,6 +233,12 @@ final class AntiEntropyManager: SupervisedChild {
         var builtAt: [PartitionID: ContinuousClock.Instant] = [:]
         var exchanging: Set<PartitionID> = []
         var building: Set<PartitionID> = []
+        /// Builds that failed, in a row, with the last failure's time and reason (their backoff).
+        var buildFailures: [PartitionID: (count: Int, at: ContinuousClock.Instant, reason: String)] = [:]
+        /// Partitions refilling at the last look (nil: none yet).
+        var refillingSeen: Int?
+        /// Failed exchanges in a row of refilling partitions (their retry backoff).
+        var refillFailures: [PartitionID: Int] = [:]
         var rng: SplitMix64
     }
     private let book: Locked<Book>
@@ -220,19 +257,25 @@ final class AntiEntropyManager: SupervisedChild {
         guard env.settings.enabled else { return }
         await withDiscardingTaskGroup { group in
             while !Task.isCancelled {
-                for p in await buildsDue() {
+                let mine = env.vnodes.partitions
+                for p in await buildsDue(mine) {
                     group.addTask {
                         await self.build(p)
                         self.wake()
                     }
                 }
-                for (p, peer) in exchangesDue() {
+                for (p, peer) in exchangesDue(mine) {
                     group.addTask {
                         _ = await self.exchange(p, with: peer)
                         self.release(p)
                     }
                 }
-                publish()
+                publish(mine)
+                if let store = env.storage() {
+                    do { try await env.state.persistSettled(store: store) } catch {
+                        env.logger.error("could not record refilled partitions; retrying", metadata: ["error": "\(error)"])
+                    }
+                }
                 // Once a second, or at once when a build or exchange ends (its slot is free).
                 _ = await slotsFree.wait(until: { woken.withLock { w in defer { w = false }; return w } },
                                          deadline: env.clock.now() + .seconds(1), clock: env.clock)
@@ -245,14 +288,17 @@ final class AntiEntropyManager: SupervisedChild {
 
     /// Partitions whose vnode needs a tree built (none yet) or rebuilt (older than the rebuild
     /// interval), as many as free build slots allow; each is marked building.
-    private func buildsDue() async -> [PartitionID] {
+    private func buildsDue(_ mine: [PartitionID]) async -> [PartitionID] {
         let now = env.clock.now()
         var candidates: [PartitionID] = []
         var pending = 0
-        for p in env.vnodes.partitions {
+        for p in mine {
             guard let v = env.vnodes.vnode(for: p), v.keepsTree else { continue }
             if v.needsTreeBuild {
                 pending += 1
+                // A build that failed waits 2^n seconds (at most 5 minutes) before the next try.
+                if let f = book.withLock({ $0.buildFailures[p] }),
+                   f.at.duration(to: now) < .seconds(min(300, 1 << min(f.count, 9))) { continue }
                 if await v.isServing { candidates.append(p) }
             } else if let at = book.withLock({ $0.builtAt[p] }), at.duration(to: now) >= env.settings.rebuildInterval {
                 candidates.append(p)
@@ -280,9 +326,7 @@ final class AntiEntropyManager: SupervisedChild {
         let shape = env.settings.shape
         let begun: (snapshot: PartitionSnapshot, generation: UInt64)?
         do { begun = try await v.beginTreeBuild(shape: shape) } catch {
-            env.metrics.aaeTreeBuilds.increment(outcome: "failed")
-            env.logger.error("anti-entropy tree build could not start", metadata: ["partition": "\(p.index)", "error": "\(error)"])
-            book.withLock { $0.builtAt[p] = env.clock.now() }
+            buildFailed(p, "\(error)")
             return
         }
         guard let (snapshot, generation) = begun else { return }
@@ -308,9 +352,7 @@ final class AntiEntropyManager: SupervisedChild {
             }
         } catch {
             await v.abandonTreeBuild(generation: generation)
-            env.metrics.aaeTreeBuilds.increment(outcome: "failed")
-            env.logger.error("anti-entropy tree build failed", metadata: ["partition": "\(p.index)", "error": "\(error)"])
-            book.withLock { $0.builtAt[p] = env.clock.now() }
+            buildFailed(p, "\(error)")
             return
         }
         if Task.isCancelled {
@@ -318,7 +360,10 @@ final class AntiEntropyManager: SupervisedChild {
             return
         }
         guard let drifted = await v.finishTreeBuild(tree, generation: generation) else { return }
-        book.withLock { $0.builtAt[p] = env.clock.now() }
+        book.withLock { b in
+            b.builtAt[p] = env.clock.now()
+            b.buildFailures[p] = nil
+        }
         env.metrics.aaeTreeBuilds.increment(outcome: rebuild ? "rebuild" : "build")
         if drifted {
             env.metrics.aaeTreeDrift.increment()
@@ -327,6 +372,26 @@ final class AntiEntropyManager: SupervisedChild {
         }
         env.logger.debug("anti-entropy tree built", metadata: [
             "partition": "\(p.index)", "keys": "\(keys)", "took": "\(started.duration(to: env.clock.now()))", "rebuild": "\(rebuild)"])
+    }
+
+    /// Why the last build of `p`'s tree failed (nil: none failed since its last success).
+    func buildFailure(_ p: PartitionID) -> String? { book.withLock { $0.buildFailures[p]?.reason } }
+
+    /// Counts and logs a failed build, and backs its partition off.
+    private func buildFailed(_ p: PartitionID, _ reason: String) {
+        env.metrics.aaeTreeBuilds.increment(outcome: "failed")
+        let now = env.clock.now()
+        let count = book.withLock { b in
+            let n = (b.buildFailures[p]?.count ?? 0) + 1
+            b.buildFailures[p] = (n, now, reason)
+            if b.builtAt[p] != nil { b.builtAt[p] = now }
+            return n
+        }
+        // Once, then every tenth time: a store that cannot build keeps failing.
+        if count == 1 || count % 10 == 0 {
+            env.logger.error("anti-entropy tree build failed; retrying with backoff", metadata: [
+                "partition": "\(p.index)", "failures": "\(count)", "error": "\(reason)"])
+        }
     }
 
     /// The trees of every primary vnode that has one ready, to save at a clean shutdown.
@@ -347,9 +412,8 @@ final class AntiEntropyManager: SupervisedChild {
 
     /// Partitions due for a timer exchange, with the peer each goes to (peers taken in turn), as
     /// many as free slots allow; each is marked exchanging. A refilling partition is due at once.
-    private func exchangesDue() -> [(PartitionID, NodeName)] {
+    private func exchangesDue(_ mine: [PartitionID]) -> [(PartitionID, NodeName)] {
         let now = env.clock.now()
-        let mine = env.vnodes.partitions
         let ring = env.ring()
         return book.withLock { b in
             var out: [(PartitionID, NodeName)] = []
@@ -396,23 +460,37 @@ final class AntiEntropyManager: SupervisedChild {
     /// did not finish within `wait`.
     private func acquire(_ p: PartitionID, wait: Duration) async -> Bool {
         let deadline = env.clock.now() + wait
-        return await slotsFree.wait(until: {
-            book.withLock { b in
-                guard !b.exchanging.contains(p), b.exchanging.count < env.settings.maxConcurrentExchanges else { return false }
-                b.exchanging.insert(p)
-                return true
-            }
-        }, deadline: deadline, clock: env.clock)
+        while !Task.isCancelled {
+            let now = env.clock.now()
+            guard now < deadline else { return false }
+            // A second at a time: the slot is looked at again at least that often.
+            let took = await slotsFree.wait(until: {
+                book.withLock { b in
+                    guard !b.exchanging.contains(p), b.exchanging.count < env.settings.maxConcurrentExchanges else { return false }
+                    b.exchanging.insert(p)
+                    return true
+                }
+            }, deadline: min(deadline, now + .seconds(1)), clock: env.clock)
+            if took { return true }
+        }
+        return false
     }
 
-    private func publish() {
+    private func publish(_ mine: [PartitionID]) {
         let now = env.clock.now()
-        let (mine, refilling) = (env.vnodes.partitions, env.state.refillPending)
         let oldest = book.withLock { b in
             mine.map { p in b.last[p].map { $0.finishedAt.duration(to: now) } ?? .zero }.max() ?? .zero
         }
         env.metrics.aaeOldestExchangeSeconds.record(Int(oldest / .seconds(1)))
-        env.metrics.aaeRefilling.record(refilling ? mine.count { env.state.isRefilling($0) } : 0)
+        let refilling = env.state.refillPending ? mine.count { env.state.isRefilling($0) } : 0
+        env.metrics.aaeRefilling.record(refilling)
+        let was = book.withLock { b in
+            defer { b.refillingSeen = refilling }
+            return b.refillingSeen
+        }
+        if let was, was > 0, refilling == 0, !mine.isEmpty {
+            env.logger.info("every partition of this node refilled by anti-entropy", metadata: ["partitions": "\(mine.count)"])
+        }
     }
 
     // MARK: On demand (`cairn repair`)
@@ -436,7 +514,7 @@ final class AntiEntropyManager: SupervisedChild {
             if reachable.isEmpty { skipped.append((p, others.isEmpty ? "no other replica" : "no other replica reachable")) }
             for peer in reachable { jobs.append((p, peer)) }
         }
-        return (await withTaskGroup(of: ExchangeRecord?.self) { group in
+        let records = await withTaskGroup(of: ExchangeRecord?.self) { group in
             var records: [ExchangeRecord] = []
             var next = jobs.makeIterator()
             func launch(_ group: inout TaskGroup<ExchangeRecord?>) {
@@ -471,7 +549,14 @@ final class AntiEntropyManager: SupervisedChild {
                 launch(&group)
             }
             return records
-        }, skipped)
+        }
+        // What `cairn repair` refilled is on disk when it answers.
+        if let store = env.storage() {
+            do { try await env.state.persistSettled(store: store) } catch {
+                env.logger.error("could not record refilled partitions; retrying", metadata: ["error": "\(error)"])
+            }
+        }
+        return (records, skipped)
     }
 
     /// Exchanges `cairn repair` runs for one partition and peer at most, one after another while
@@ -544,14 +629,18 @@ final class AntiEntropyManager: SupervisedChild {
         m.aaeBytes.increment(outcome: "received", by: run.bytesReceived)
         if let error {
             env.logger.info("anti-entropy exchange failed", metadata: ["partition": "\(p.index)", "peer": "\(peer)", "error": "\(error)"])
-        } else {
-            if outcome != "truncated", env.state.isRefilling(p), let store = env.storage() {
-                do {
-                    try await env.state.settle(p, store: store)
-                    env.logger.info("partition refilled by anti-entropy", metadata: ["partition": "\(p.index)", "peer": "\(peer)"])
-                } catch {
-                    env.logger.error("could not record a refilled partition", metadata: ["partition": "\(p.index)", "error": "\(error)"])
+            if env.state.isRefilling(p) {
+                // A refilling partition tries again soon (with another peer), not an interval later.
+                book.withLock { b in
+                    let failures = b.refillFailures[p, default: 0] + 1
+                    b.refillFailures[p] = failures
+                    b.nextDue[p] = now + .milliseconds(min(30_000, 250 << min(failures, 7)))
                 }
+            }
+        } else {
+            book.withLock { _ = $0.refillFailures.removeValue(forKey: p) }
+            if outcome != "truncated", env.state.settle(p) {
+                env.logger.debug("partition refilled by anti-entropy", metadata: ["partition": "\(p.index)", "peer": "\(peer)"])
             }
             if outcome == "truncated" {
                 // More to repair: go on soon instead of an interval later.
@@ -601,7 +690,10 @@ final class AntiEntropyManager: SupervisedChild {
         guard let v = env.vnodes.vnode(for: p) else {
             return .failure(ErrorReply(code: .notAReplica, message: "node \(env.me) holds no primary copy of partition \(p.index)"))
         }
-        let notReady = ErrorReply(code: .notReady, message: "node \(env.me) has no tree of partition \(p.index) ready yet")
+        // A tree whose build keeps failing is no reason to wait: say so (not retryable).
+        let notReady = book.withLock { $0.buildFailures[p] }.map {
+            ErrorReply(code: .storage, message: "node \(env.me) could not build its tree of partition \(p.index): \($0.reason)")
+        } ?? ErrorReply(code: .notReady, message: "node \(env.me) has no tree of partition \(p.index) ready yet")
         switch request.body {
         case .root:
             guard let root = await v.treeRoot() else { return .failure(notReady) }
@@ -713,6 +805,10 @@ private struct ExchangeRun {
             switch step {
             case .compareRoots:
                 guard let local = await vnode.treeRoot() else {
+                    // Worth waiting for only while a build can still succeed.
+                    if let failure = manager.buildFailure(partition) {
+                        throw ExchangeFailure("no tree of partition \(partition.index) here: its build failed: \(failure)")
+                    }
                     throw ExchangeFailure("no tree of partition \(partition.index) ready here", retryable: true)
                 }
                 guard case .root(let remote, _) = try await ask(.root) else { throw ExchangeFailure("\(peer) answered a root query with another reply") }

@@ -194,7 +194,11 @@ public final class CairnNode: Service, Sendable {
     /// Opens (recovering) the disk engine under the locked data directory, reporting progress to
     /// the service manager ("recovering storage: N%", with EXTEND_TIMEOUT_USEC).
     private func openStorage() async throws {
-        guard core.opened == nil, let dir = config.dataDirectory else { return }
+        guard core.opened == nil, let dir = config.dataDirectory else {
+            // A store given at init (in memory, or a test's): its anti-entropy state.
+            if let backend = core.backend { try await core.antiEntropyState.load(from: backend, logger: core.logger) }
+            return
+        }
         let notifier = notifier
         let started = ContinuousClock.now
         let backend: DiskBackend
@@ -360,14 +364,18 @@ public final class CairnNode: Service, Sendable {
         }
         let (backend, limits, logger, epochs) = (storage.backend, config.limits, core.logger, core.epochs)
         let partitionCount = view.state?.partitionCount ?? 0
-        let (aaeState, treeShape) = (core.antiEntropyState, config.antiEntropy.enabled ? config.antiEntropy.shape : nil)
+        let (aaeState, treeShape, shape) = (core.antiEntropyState, config.antiEntropy.enabled ? config.antiEntropy.shape : nil,
+                                            config.antiEntropy.shape)
         let manager = VnodeManager(table: core.vnodes, supervisor: vnodeSupervisor, views: views, logger: logger, metrics: metrics,
                                    probeFallbacks: { await Self.fallbackCopies(in: backend, partitions: partitionCount, logger: logger) }) { key in
             Vnode(partition: key.partition, role: key.role, backend: backend, limits: limits, metrics: metrics, logger: logger,
                   stampActor: key.role == .fallback ? ActorID(node: storage.actor.node, epoch: epochs.next()) : nil,
-                  treeShape: treeShape, savedTree: key.role == .primary ? aaeState.takeSavedTree(key.partition) : nil)
+                  treeShape: treeShape, savedTree: key.role == .primary && treeShape != nil
+                    ? aaeState.takeSavedTree(key.partition, shape: shape) : nil)
         }
         manager.apply(view)
+        // Vnodes started from now on may meet data written since the store opened.
+        aaeState.endEmptyStart()
         core.vnodeManager = manager
         let handoffStore: any HandoffStore
         if let dir = config.dataDirectory, config.storageKind == .disk {

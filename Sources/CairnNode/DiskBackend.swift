@@ -48,6 +48,7 @@ public final class DiskBackend: PartitionStore {
 
     public let createdFresh: Bool
     public let openedAfterCleanShutdown: Bool
+    public var openedEmpty: Bool { createdFresh }
 
     private let fs: any FileSystem
     private let directory: String

@@ -77,6 +77,22 @@ extension CairnNode {
         return try await vnode.get(key)
     }
 
+    /// Runs anti-entropy exchanges now, as `cairn repair` does: every partition this node holds
+    /// with each other reachable primary, until none ends truncated. Returns how many exchanges
+    /// ran and how many failed (none when anti-entropy is off).
+    public func repairNow() async -> (exchanges: Int, failed: Int) {
+        guard let manager = core.antiEntropy, config.antiEntropy.enabled else { return (0, 0) }
+        let records = await manager.repair(nil).records
+        return (records.count, records.count { $0.outcome == "failed" })
+    }
+
+    /// The root of this node's anti-entropy tree of `key`'s partition (nil: it holds no primary
+    /// copy of it, or no tree is ready).
+    public func treeRoot(ofKey key: [UInt8]) async -> UInt64? {
+        guard let p = core.view?.partition(forKey: key), let vnode = core.vnodes.vnode(for: p) else { return nil }
+        return await vnode.treeRoot()
+    }
+
     /// How this node's failure detector holds each member now (`alive`, `suspect`, `dead`).
     public func livenessTable() -> [NodeName: String] {
         guard let ring = core.membership?.ring else { return [:] }

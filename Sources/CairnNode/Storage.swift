@@ -94,6 +94,9 @@ public protocol PartitionStore: Sendable {
     var createdFresh: Bool { get }
     /// The previous run of this store shut down cleanly (what it saved at close is current).
     var openedAfterCleanShutdown: Bool { get }
+    /// The store held no data when it opened (a new store, or one that keeps nothing across
+    /// restarts): every partition's anti-entropy tree starts empty, with nothing to build.
+    var openedEmpty: Bool { get }
 }
 
 /// A partition's keys as of one moment, read page by page (`PartitionStore.snapshot`). Holding it
@@ -123,6 +126,7 @@ extension PartitionStore {
     public var acknowledgesDurably: Bool { false }
     public var createdFresh: Bool { false }
     public var openedAfterCleanShutdown: Bool { false }
+    public var openedEmpty: Bool { false }
 
     /// A store without snapshots of its own (test doubles): the partition's pairs read at once.
     public func snapshot(partition: PartitionID) throws -> PartitionSnapshot {
@@ -199,6 +203,8 @@ public final class MemoryBackend: PartitionStore {
     public init() {}
 
     public var isPersistent: Bool { false }
+    /// Nothing survives a restart: every start is empty.
+    public var openedEmpty: Bool { true }
 
     public func executor(for partition: PartitionID) -> (any SerialExecutor)? { nil }
 

@@ -248,6 +248,13 @@ public struct SetAddScenario: Sendable {
                 let catchUp = await Self.checkPrimaries(cluster, keys: keys, attempts: log.current.attempts, diskWiped: nemesis.wipedAny)
                 violations += catchUp.violations
                 for n in catchUp.notes { note(n) }
+                // Then anti-entropy: after one round of exchanges every replica of every key
+                // holds the same object (a wiped one refilled), and every primary every add.
+                let converged = await Self.checkReplicasAgree(cluster, keys: keys, note: note)
+                violations += converged
+                if nemesis.wipedAny, converged.isEmpty {
+                    violations += await Self.checkPrimaries(cluster, keys: keys, attempts: log.current.attempts, diskWiped: false).violations
+                }
                 var finals: [String: FinalRead] = [:]
                 let readers = cluster.present.filter { cluster.isUp($0) }
                 for key in 0..<keys where !readers.isEmpty {
@@ -707,6 +714,41 @@ public struct SetAddScenario: Sendable {
         return (out + gaps, [])
     }
 
+    /// Anti-entropy's end state: runs one round of exchanges on every up node (`repairNow`),
+    /// then compares, for every key, its primaries' own copies (the whole object: values and
+    /// clock) and their trees' roots of its partition. Any difference is a violation.
+    static func checkReplicasAgree(_ cluster: SimulatedCluster, keys: Int, note: (String) -> Void) async -> [String] {
+        let nodes = cluster.present.filter { cluster.isUp($0) }.compactMap { cluster.node($0) }
+        var failed = 0
+        for node in nodes {
+            let r = await node.repairNow()
+            failed += r.failed
+            note("\(node.config.name) anti-entropy round: \(r.exchanges) exchanges, \(r.failed) failed")
+        }
+        guard let view = nodes.first else { return [] }
+        var out: [String] = []
+        if failed > 0 { out.append("\(failed) anti-entropy exchanges failed in the quiet period") }
+        for key in 0..<keys {
+            let k = Array(keyName(key).utf8)
+            var copies: [(NodeName, VersionedObject?)] = []
+            var roots: [(NodeName, UInt64?)] = []
+            for name in view.replicas(ofKey: k) {
+                guard let node = nodes.first(where: { $0.config.name == name }) else { continue }
+                copies.append((name, try? await node.localCopy(of: k)))
+                roots.append((name, await node.treeRoot(ofKey: k)))
+            }
+            if let first = copies.first, copies.contains(where: { $0.1 != first.1 }) {
+                out.append("\(keyName(key)): replicas differ after anti-entropy: "
+                           + copies.map { "\($0.0) \($0.1.map { "\($0.values.count) values, clock \($0.context)" } ?? "none")" }.joined(separator: "; "))
+            }
+            if let first = roots.first, roots.contains(where: { $0.1 != first.1 }) {
+                out.append("\(keyName(key)): its partition's trees differ after anti-entropy: "
+                           + roots.map { "\($0.0) \($0.1.map { String($0, radix: 16) } ?? "none")" }.joined(separator: "; "))
+            }
+        }
+        return out
+    }
+
     /// Every partition on exactly N replicas, the ring's owners: each owner runs its vnode and
     /// holds its keys (as many as the other owners, after the final reads' repair), no node
     /// that is not an owner still holds any of them; no transfer running, none ever older than
@@ -847,6 +889,14 @@ public final class AcknowledgesAndDrops: PartitionStore {
     public var isPersistent: Bool { inner.isPersistent }
     public var persistentEpoch: UInt64? { inner.persistentEpoch }
     public var storageStatistics: Database.Statistics? { inner.storageStatistics }
+    public func snapshot(partition: PartitionID) throws -> PartitionSnapshot { try inner.snapshot(partition: partition) }
+    public func metadata(_ name: String) throws -> [UInt8]? { try inner.metadata(name) }
+    public func setMetadata(_ values: [(name: String, value: [UInt8]?)]) async throws { try await inner.setMetadata(values) }
+    public func saveSideFile(_ name: String, _ bytes: [UInt8]) async throws { try await inner.saveSideFile(name, bytes) }
+    public func takeSideFile(_ name: String) async throws -> [UInt8]? { try await inner.takeSideFile(name) }
+    public var createdFresh: Bool { inner.createdFresh }
+    public var openedAfterCleanShutdown: Bool { inner.openedAfterCleanShutdown }
+    public var openedEmpty: Bool { inner.openedEmpty }
 }
 
 extension Duration {

@@ -168,7 +168,6 @@ public final class SimulatedCluster: Sendable {
         c.ringSize = settings.ringSize
         c.nVal = settings.nVal
         c.requestTimeoutMillis = settings.requestTimeoutMillis
-        if getenv("CAIRN_SIM_AAE_OFF") != nil { c.antiEntropy.enabled = false }
         // Small buffers: flushes and compactions happen within a short run.
         c.storage.writeBufferBytes = 256 << 10
         c.storage.blockCacheBytes = 1 << 20

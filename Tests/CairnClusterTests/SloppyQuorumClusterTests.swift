@@ -186,7 +186,11 @@ struct SloppyQuorumClusterTests {
     }
 
     @Test func readRepairConvergesAStaleReplicaInOneReadAndLeavesAHealthyOneAlone() async throws {
-        let cluster = try await TestCluster.start { $0.hints.enabled = false }
+        // Neither hints nor anti-entropy: only reads repair here.
+        let cluster = try await TestCluster.start {
+            $0.hints.enabled = false
+            $0.antiEntropy.enabled = false
+        }
         let client = try await cluster.client([0])
         await cluster.crash(2)
         let keys = (0..<100).map { "repair-\($0)" }

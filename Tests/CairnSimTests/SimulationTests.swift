@@ -120,7 +120,9 @@ private func run(seed: UInt64) throws -> [String] {
         s.selfTest = true
         let scenario = s
         let r = await offPool { scenario.run(seed: 3) }
-        #expect(r.violations.contains { $0.contains("acknowledged") && $0.contains("lost") })
+        // Lost at the final read, or (when anti-entropy already spread the one copy left) missing
+        // from a primary's own copy.
+        #expect(r.violations.contains { $0.contains("acknowledged") && ($0.contains("lost") || $0.contains("lacks")) }, "\(r.violations)")
     }
 
     @Test func theSameSeedGivesTheSameTraceHashTwiceInOneProcess() async throws {
