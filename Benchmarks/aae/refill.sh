@@ -77,8 +77,11 @@ KEEP_ON_FAILURE=1
 source "$ROOT/Benchmarks/lib/processes.sh"
 # shellcheck source=../lib/binaries.sh
 source "$ROOT/Benchmarks/lib/binaries.sh"
+# shellcheck source=../lib/load.sh
+source "$ROOT/Benchmarks/lib/load.sh"
 
 declare -A NODE_PID=()
+LOAD_CONCURRENCY=32
 RING=64
 TREE_DEPTH=3
 AAE_ENABLED=true
@@ -147,33 +150,6 @@ aae_bytes() { echo $(($(metric 'cairn_aae_bytes_total{direction="sent"}') + $(me
 
 refilling() {
     "$BIN/cairn" --node "$(addr 3)" --timeout 5000 repair --status --json 2>/dev/null | jq -r '.refilling' 2>/dev/null || echo "?"
-}
-
-run_load() {   # run_load NAME TARGET RECORDS EXTRA...
-    local name=$1 target=$2 records=$3 rc=0
-    shift 3
-    "$BIN/cairn-load" load --target "$target" --records "$records" --value-size "$VALUE_SIZE" --concurrency 32 \
-        --seed "$SEED" --json "$WORK/json/$name.json" "$@" >"$WORK/logs/$name.out" 2>&1 </dev/null || rc=$?
-    ((rc == 0)) || die "cairn-load load ($name) exited $rc: $(tail -n 5 "$WORK/logs/$name.out")"
-}
-
-workload() {   # workload NAME DURATION: in the background; WORKLOAD_PID
-    start "cairn-load ($1)" "$WORK/logs/$1.out" "$BIN/cairn-load" run --target "$TARGET" --records "$RECORDS" \
-        --workload "$WORKLOAD" --rate "$RATE" --concurrency 32 --value-size "$VALUE_SIZE" --seed "$SEED" \
-        --duration "$2" --json "$WORK/json/$1.json"
-    WORKLOAD_PID=$STARTED_PID
-}
-
-finish_workload() {   # finish_workload [stop]
-    local pid=$WORKLOAD_PID n=0
-    if [[ "${1:-}" == stop ]] && alive "$pid"; then kill -INT "$pid" 2>/dev/null || true; fi
-    while alive "$pid"; do
-        n=$((n + 1))
-        ((n < 300)) || { kill -KILL "$pid" 2>/dev/null || true; }
-        sleep 0.2
-    done
-    wait "$pid" 2>/dev/null || true
-    unset "RUNNING[$pid]"
 }
 
 cpu_seconds() {   # utime + stime of n1..n3, in seconds

@@ -75,6 +75,8 @@ source "$ROOT/Benchmarks/lib/processes.sh"
 
 # shellcheck source=../lib/binaries.sh
 source "$ROOT/Benchmarks/lib/binaries.sh"
+# shellcheck source=../lib/load.sh
+source "$ROOT/Benchmarks/lib/load.sh"
 
 declare -A NODE_PID=()
 
@@ -120,33 +122,6 @@ repairs_sent() {
         total=$(awk -v a="$total" -v b="${v:-0}" 'BEGIN { printf "%d", a + b }')
     done
     echo "$total"
-}
-
-run_load() {   # run_load NAME TARGET RECORDS EXTRA...
-    local name=$1 target=$2 records=$3 rc=0
-    shift 3
-    "$BIN/cairn-load" load --target "$target" --records "$records" --value-size "$VALUE_SIZE" --concurrency 16 \
-        --seed "$SEED" --json "$WORK/json/$name.json" "$@" >"$WORK/logs/$name.out" 2>&1 </dev/null || rc=$?
-    ((rc == 0)) || die "cairn-load load ($name) exited $rc: $(tail -n 5 "$WORK/logs/$name.out")"
-}
-
-workload() {   # workload NAME DURATION: in the background; WORKLOAD_PID
-    start "cairn-load ($1)" "$WORK/logs/$1.out" "$BIN/cairn-load" run --target "$TARGET" --records "$RECORDS" \
-        --workload "$WORKLOAD" --rate "$RATE" --concurrency 32 --value-size "$VALUE_SIZE" --seed "$SEED" \
-        --duration "$2" --json "$WORK/json/$1.json"
-    WORKLOAD_PID=$STARTED_PID
-}
-
-finish_workload() {   # finish_workload [stop]
-    local pid=$WORKLOAD_PID n=0
-    if [[ "${1:-}" == stop ]] && alive "$pid"; then kill -INT "$pid" 2>/dev/null || true; fi
-    while alive "$pid"; do
-        n=$((n + 1))
-        ((n < 300)) || { kill -KILL "$pid" 2>/dev/null || true; }
-        sleep 0.2
-    done
-    wait "$pid" 2>/dev/null || true
-    unset "RUNNING[$pid]"
 }
 
 main() {

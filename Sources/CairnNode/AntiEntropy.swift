@@ -206,22 +206,17 @@ struct ExchangeRecord: Sendable {
 /// `maxConcurrentExchanges` exchanges (timer and on demand together) and `maxConcurrentBuilds`
 /// builds at once; builds read at most `buildBytesPerSecond`.
 final class AntiEntropyManager: SupervisedChild {
+    /// The node's services (`env.me`, `env.transport`, … read through), the bounds, the vnodes
+    /// and the refill state.
+    @dynamicMemberLookup
     struct Environment: Sendable {
-        let me: NodeName
+        let services: NodeServices
         let settings: AntiEntropySettings
-        let limits: Limits
-        let transport: any Transport
-        let clock: any NodeClock
-        let metrics: NodeMetrics
-        let logger: Logger
-        let requestTimeoutMillis: UInt32
         let vnodes: VnodeTable
         let state: AntiEntropyState
-        let storage: @Sendable () -> (any PartitionStore)?
-        let ring: @Sendable () -> RingState?
-        let reachable: @Sendable (NodeName) -> Bool
         /// Seeds the timers' jitter (deterministic in simulations).
         let seed: UInt64
+        subscript<T>(dynamicMember path: KeyPath<NodeServices, T>) -> T { services[keyPath: path] }
     }
 
     let childName = "anti-entropy"
@@ -427,7 +422,10 @@ final class AntiEntropyManager: SupervisedChild {
                 guard let due = b.nextDue[p], due <= now, !b.exchanging.contains(p) else { continue }
                 // No tree here yet: due once it is built.
                 guard let v = env.vnodes.vnode(for: p), !v.needsTreeBuild, !b.building.contains(p) else { continue }
-                let candidates = (ring?.replicas(of: p) ?? []).filter { $0 != env.me && env.reachable($0) }
+                // Only a replica exchanges: a copy still being handed in is filled by its transfer.
+                let replicas = ring?.replicas(of: p) ?? []
+                guard replicas.contains(env.me) else { continue }
+                let candidates = replicas.filter { $0 != env.me && env.reachable($0) }
                 guard !candidates.isEmpty else { continue }
                 let cursor = b.peerCursor[p, default: 0]
                 b.peerCursor[p] = cursor &+ 1
@@ -509,7 +507,12 @@ final class AntiEntropyManager: SupervisedChild {
                 skipped.append((p, "node \(env.me) holds no primary copy of partition \(p.index)"))
                 continue
             }
-            let others = (env.ring()?.replicas(of: p) ?? []).filter { $0 != env.me }
+            let replicas = env.ring()?.replicas(of: p) ?? []
+            guard replicas.contains(env.me) else {
+                skipped.append((p, "node \(env.me) is not yet a replica of partition \(p.index): its copy is being handed in"))
+                continue
+            }
+            let others = replicas.filter { $0 != env.me }
             let reachable = others.filter(env.reachable)
             if reachable.isEmpty { skipped.append((p, others.isEmpty ? "no other replica" : "no other replica reachable")) }
             for peer in reachable { jobs.append((p, peer)) }

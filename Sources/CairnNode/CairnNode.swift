@@ -400,21 +400,18 @@ public final class CairnNode: Service, Sendable {
                                      metrics: metrics, logger: core.logger, clock: core.clock, liveness: core.liveness)
         ctx.afterLocalWrite = { p, key, object in await core.handoff?.forward(partition: p, key: key, object: object) ?? true }
         ctx.fallbackVnode = { p in await core.fallbackVnode(p) }
-        let hints = HintManager(env: HintManager.Environment(
-            me: config.name, settings: config.hints, limits: config.limits, transport: transport, clock: core.clock, metrics: metrics,
-            logger: core.logger, requestTimeoutMillis: config.requestTimeoutMillis, storage: { core.backend },
-            ring: { core.membership?.ring },
-            reachable: { n in core.liveness.status(of: n) != .dead && transport.downReasons([n]).isEmpty }))
+        let services = NodeServices(
+            me: config.name, limits: config.limits, transport: transport, clock: core.clock, metrics: metrics, logger: core.logger,
+            requestTimeoutMillis: config.requestTimeoutMillis, storage: { core.backend }, ring: { core.membership?.ring },
+            reachable: { n in core.liveness.status(of: n) != .dead && transport.downReasons([n]).isEmpty })
+        let hints = HintManager(env: HintManager.Environment(services: services, settings: config.hints))
         core.hints = hints
         ctx.keepHints = { targets, p, key, object in await hints.keep(for: targets, partition: p, key: key, object: object) }
         ctx.acknowledgesDurably = storage.backend.acknowledgesDurably
         ctx.readRepairs = ReadRepairLimiter(limit: config.readRepairMaxInflight)
         ctx.isRefilling = { p in aaeState.isRefilling(p) }
         let antiEntropy = AntiEntropyManager(env: AntiEntropyManager.Environment(
-            me: config.name, settings: config.antiEntropy, limits: config.limits, transport: transport, clock: core.clock, metrics: metrics,
-            logger: core.logger, requestTimeoutMillis: config.requestTimeoutMillis, vnodes: core.vnodes, state: aaeState,
-            storage: { core.backend }, ring: { core.membership?.ring },
-            reachable: { n in core.liveness.status(of: n) != .dead && transport.downReasons([n]).isEmpty }, seed: core.epochs.next()))
+            services: services, settings: config.antiEntropy, vnodes: core.vnodes, state: aaeState, seed: core.epochs.next()))
         core.antiEntropy = antiEntropy
         var membershipSettings = MembershipAgent.Settings()
         membershipSettings.swim = config.membership

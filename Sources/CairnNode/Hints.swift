@@ -193,19 +193,12 @@ struct HintBook: Sendable {
 final class HintManager: SupervisedChild {
     let childName = "hints"
 
+    /// The node's services (`env.me`, `env.transport`, … read through) and the hint bounds.
+    @dynamicMemberLookup
     struct Environment: Sendable {
-        let me: NodeName
+        let services: NodeServices
         let settings: HintSettings
-        let limits: Limits
-        let transport: any Transport
-        let clock: any NodeClock
-        let metrics: NodeMetrics
-        let logger: Logger
-        let requestTimeoutMillis: UInt32
-        let storage: @Sendable () -> (any PartitionStore)?
-        let ring: @Sendable () -> RingState?
-        /// Whether the failure detector holds `node` alive and the transport reaches it.
-        let reachable: @Sendable (NodeName) -> Bool
+        subscript<T>(dynamicMember path: KeyPath<NodeServices, T>) -> T { services[keyPath: path] }
     }
 
     /// One target's state as `cairn transfers` shows it.

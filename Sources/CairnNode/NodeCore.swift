@@ -12,6 +12,23 @@ struct Activation: Sendable {
     let coordinatorContext: CoordinatorContext
 }
 
+/// What the node's background services (hints, anti-entropy) share: who they are, how they
+/// reach peers, the store and the ring, and where they report. Thread-safe; the closures read
+/// the node's current state each call.
+struct NodeServices: Sendable {
+    let me: NodeName
+    let limits: Limits
+    let transport: any Transport
+    let clock: any NodeClock
+    let metrics: NodeMetrics
+    let logger: Logger
+    let requestTimeoutMillis: UInt32
+    let storage: @Sendable () -> (any PartitionStore)?
+    let ring: @Sendable () -> RingState?
+    /// Whether the failure detector holds `node` alive and the transport reaches it.
+    let reachable: @Sendable (NodeName) -> Bool
+}
+
 /// The parts of the node that exist only after `CairnNode.start`.
 struct Wiring: Sendable {
     let views: ClusterViews
