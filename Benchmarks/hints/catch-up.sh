@@ -65,9 +65,6 @@ HTTP_PORT=8401
 
 log() { printf '%s\n' "$*" >&2; }
 die() { log "catch-up.sh: $*"; exit 1; }
-now() { date +%s.%N; }
-addr() { echo "${HOSTS[$(($1 - 1))]}:$PORT"; }
-elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }
 
 KEEP_ON_FAILURE=1
 # shellcheck source=../lib/processes.sh

@@ -1,6 +1,14 @@
 # cairn-load phases shared by the cluster benchmark scripts (sourced, not run). The caller
 # defines BIN, WORK (with json/ and logs/), VALUE_SIZE and SEED, and for `workload` TARGET,
-# RECORDS, WORKLOAD and RATE; processes.sh is sourced first (`start`, `alive`, RUNNING).
+# RECORDS, WORKLOAD and RATE, and for `addr` HOSTS and PORT; processes.sh is sourced first
+# (`start`, `alive`, RUNNING).
+
+# now: seconds since the epoch (nanoseconds); elapsed A B: B - A to a tenth of a second.
+now() { date +%s.%N; }
+elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }
+
+# addr I: node I's client address (1-based, from HOSTS and PORT).
+addr() { echo "${HOSTS[$(($1 - 1))]}:$PORT"; }
 
 # run_load NAME TARGET RECORDS EXTRA...: cairn-load load in the foreground (LOAD_CONCURRENCY
 # workers, default 16); dies with the report's tail when it fails.
