@@ -562,6 +562,9 @@ final class AntiEntropyManager: SupervisedChild {
         return (records, skipped)
     }
 
+    /// Objects one fetch may ask for (the largest `aae.repair_batch_keys`): a reply stays bounded.
+    static let maxKeysPerQuestion = 1 << 16
+
     /// Exchanges `cairn repair` runs for one partition and peer at most, one after another while
     /// each ends truncated.
     static let maxRepairRounds = 4096
@@ -707,8 +710,10 @@ final class AntiEntropyManager: SupervisedChild {
             }
             guard let hashes = await v.treeChildren(level: level, of: parents) else { return .failure(notReady) }
             return .success(.hashes(hashes))
-        case .keys(let query):
+        case .keys(var query):
             guard let store = env.storage() else { return .failure(notReady) }
+            // The asker's page size is a wish: this node scans and answers at most its own.
+            query.limit = min(query.limit, env.settings.exchange.keysPerPage)
             do {
                 return .success(.keys(try await Self.listKeys(store, partition: p, query: query, shape: request.shape, withObjects: true,
                                                               maxBytes: env.settings.maxReplyBytes, limits: env.limits)))
@@ -716,6 +721,9 @@ final class AntiEntropyManager: SupervisedChild {
                 return .failure(ErrorReply(code: .storage, message: "node \(env.me) could not list partition \(p.index): \(error)"))
             }
         case .fetch(let keys):
+            guard keys.count <= Self.maxKeysPerQuestion else {
+                return .failure(ErrorReply(code: .invalidArgument, message: "a fetch of \(keys.count) keys exceeds \(Self.maxKeysPerQuestion)"))
+            }
             do throws(VnodeError) {
                 return .success(.objects(try await v.getAll(keys)))
             } catch {
