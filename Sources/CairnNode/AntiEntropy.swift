@@ -43,6 +43,11 @@ final class AntiEntropyState: Sendable {
     private struct Refill {
         var pending = false
         var settled: Set<PartitionID> = []
+        /// Partitions whose copy lost keys to damaged storage (`markDamaged`): refilling until an
+        /// exchange completes, whatever `pending` says.
+        var damaged: Set<PartitionID> = []
+        /// Damaged tables already handled (their partitions marked).
+        var handledTables: Set<UInt64> = []
         /// Settled partitions not yet written to the store.
         var unsaved = false
     }
@@ -51,6 +56,8 @@ final class AntiEntropyState: Sendable {
 
     static let refillKey = "refill"
     static let settledKey = "refill-settled"
+    static let damagedKey = "refill-damaged"
+    static let handledTablesKey = "damage-handled"
     /// The side file holding the trees saved at a clean shutdown.
     static let treeFile = "aae-trees"
 
@@ -72,7 +79,13 @@ final class AntiEntropyState: Sendable {
         let mark = try read(Self.refillKey)
         let pending = mark.value != nil || !mark.known
         let settled = Set(Self.decodePartitions(try read(Self.settledKey).value ?? []))
-        refill.withLock { $0 = Refill(pending: pending, settled: settled) }
+        let damaged = Set(Self.decodePartitions(try read(Self.damagedKey).value ?? []))
+        let handled = Set(Self.decodeTables(try read(Self.handledTablesKey).value ?? []))
+        refill.withLock { $0 = Refill(pending: pending, settled: settled, damaged: damaged, handledTables: handled) }
+        if !damaged.isEmpty {
+            logger.warning("partitions that lost keys to damaged storage are still refilling", metadata: [
+                "partitions": "\(damaged.sorted().map(\.index))"])
+        }
         if pending {
             logger.warning("this node's store is new: its partitions count as refilling until an anti-entropy exchange of each completes",
                            metadata: ["settled": "\(settled.count)"])
@@ -101,9 +114,28 @@ final class AntiEntropyState: Sendable {
 
     func endEmptyStart() { emptyStart.withLock { $0 = false } }
 
-    func isRefilling(_ p: PartitionID) -> Bool { refill.withLock { $0.pending && !$0.settled.contains(p) } }
+    func isRefilling(_ p: PartitionID) -> Bool { refill.withLock { ($0.pending && !$0.settled.contains(p)) || $0.damaged.contains(p) } }
 
-    var refillPending: Bool { refill.withLock { $0.pending } }
+    var refillPending: Bool { refill.withLock { $0.pending || !$0.damaged.isEmpty } }
+
+    /// Partitions refilling because damaged storage cost them keys, in order.
+    var damagedPartitions: [PartitionID] { refill.withLock { $0.damaged.sorted() } }
+
+    /// Whether damaged table `table` was handled (`markDamaged`).
+    func damageHandled(_ table: UInt64) -> Bool { refill.withLock { $0.handledTables.contains(table) } }
+
+    /// Records that damaged table `table` cost `partitions` keys: each refills until an exchange
+    /// of it completes. Synced before returning, so a restart goes on refilling them.
+    func markDamaged(table: UInt64, partitions: [PartitionID], liveTables: Set<UInt64>, store: any PartitionStore) async throws {
+        let (damaged, handled) = refill.withLock { r in
+            r.damaged.formUnion(partitions)
+            r.handledTables.insert(table)
+            // Tables gone from the store need no memory.
+            r.handledTables.formIntersection(liveTables.union([table]))
+            return (r.damaged.sorted(), r.handledTables.sorted())
+        }
+        try await store.setMetadata([(Self.damagedKey, Self.encodePartitions(damaged)), (Self.handledTablesKey, Self.encodeTables(handled))])
+    }
 
     /// Records that `p`'s copy completed an exchange, so it no longer counts as refilling. True
     /// if it was refilling. Kept durably by the next `persistSettled` (a crash before that only
@@ -111,7 +143,9 @@ final class AntiEntropyState: Sendable {
     @discardableResult
     func settle(_ p: PartitionID) -> Bool {
         refill.withLock { r in
-            guard r.pending, r.settled.insert(p).inserted else { return false }
+            let wasDamaged = r.damaged.remove(p) != nil
+            let wasRefilling = r.pending && r.settled.insert(p).inserted
+            guard wasDamaged || wasRefilling else { return false }
             r.unsaved = true
             return true
         }
@@ -119,13 +153,13 @@ final class AntiEntropyState: Sendable {
 
     /// Writes the partitions settled since the last call (one synced write), if any.
     func persistSettled(store: any PartitionStore) async throws {
-        guard let list = refill.withLock({ r -> [PartitionID]? in
+        guard let (settled, damaged) = refill.withLock({ r -> ([PartitionID], [PartitionID])? in
             guard r.unsaved else { return nil }
             r.unsaved = false
-            return r.settled.sorted()
+            return (r.settled.sorted(), r.damaged.sorted())
         }) else { return }
         do {
-            try await store.setMetadata([(Self.settledKey, Self.encodePartitions(list))])
+            try await store.setMetadata([(Self.settledKey, Self.encodePartitions(settled)), (Self.damagedKey, Self.encodePartitions(damaged))])
         } catch {
             refill.withLock { $0.unsaved = true }
             throw error
@@ -170,6 +204,19 @@ final class AntiEntropyState: Sendable {
         var w = ByteWriter(capacity: ps.count * 4)
         for p in ps { w.writeU32(p.index) }
         return w.bytes
+    }
+
+    static func encodeTables(_ ts: [UInt64]) -> [UInt8] {
+        var w = ByteWriter(capacity: ts.count * 8)
+        for t in ts { w.writeU64(t) }
+        return w.bytes
+    }
+
+    static func decodeTables(_ bytes: [UInt8]) -> [UInt64] {
+        var r = ByteReader(bytes)
+        var out: [UInt64] = []
+        while r.remaining >= 8, let t = try? r.readU64() { out.append(t) }
+        return out
     }
 
     static func decodePartitions(_ bytes: [UInt8]) -> [PartitionID] {
@@ -253,6 +300,7 @@ final class AntiEntropyManager: SupervisedChild {
         await withDiscardingTaskGroup { group in
             while !Task.isCancelled {
                 let mine = env.vnodes.partitions
+                await handleDamage(mine)
                 for p in await buildsDue(mine) {
                     group.addTask {
                         await self.build(p)
@@ -277,6 +325,45 @@ final class AntiEntropyManager: SupervisedChild {
             }
             group.cancelAll()
         }
+    }
+
+    // MARK: Damage
+
+    /// Handles each damaged table the store reports for the first time: sets it aside, marks
+    /// the partitions of this node its key range covers as refilling (durably), and drops their
+    /// trees. The rebuilds leave out what the damage hides, and the refilling partitions are
+    /// exchanged as soon as their trees are ready, so replicas send the lost keys back.
+    private func handleDamage(_ mine: [PartitionID]) async {
+        guard let store = env.storage() else { return }
+        let found = store.damagedTables().filter { !env.state.damageHandled($0.table) }
+        guard !found.isEmpty else { return }
+        let live = Set(store.tables().map(\.table))
+        for d in found {
+            var setAside = false
+            if !d.quarantined {
+                do { setAside = try await store.quarantine(table: d.table) } catch {
+                    env.logger.error("could not set a damaged table aside; retrying", metadata: ["table": "\(d.table)", "error": "\(error)"])
+                    continue
+                }
+            }
+            let hit = mine.filter { p in d.partitions?.contains(p.index) ?? false }
+            do {
+                try await env.state.markDamaged(table: d.table, partitions: hit, liveTables: live, store: store)
+            } catch {
+                env.logger.error("could not record damaged partitions; retrying", metadata: ["table": "\(d.table)", "error": "\(error)"])
+                continue
+            }
+            for p in hit {
+                await env.vnodes.vnode(for: p)?.invalidateTree()
+                book.withLock { $0.nextDue[p] = env.clock.now() }
+            }
+            env.metrics.aaeDamagedTables.increment()
+            env.logger.error("damaged table quarantined; the keys it held are being refilled from replicas", metadata: [
+                "table": "\(d.table)", "bytes": "\(d.bytes)", "set_aside_now": "\(setAside)",
+                "partitions": "\(hit.map(\.index))",
+            ])
+        }
+        wake()
     }
 
     // MARK: Trees
@@ -753,7 +840,7 @@ final class AntiEntropyManager: SupervisedChild {
         }
         let segments = Set(query.segments), objectSegments = withObjects ? Set(query.objectsFor) : []
         let limit = max(1, query.limit), scanLimit = max(1, query.limit) * 64
-        let fold = try await store.fold(partition: p, after: query.after, into: Page()) { page, key, value in
+        let fold = try await store.foldReadable(partition: p, after: query.after, into: Page()) { page, key, value in
             page.scanned += 1
             let segment = KeyVersionHash.segment(of: key, shape: shape)
             if segments.contains(segment), let o = try? VersionedObject.decode(value, limits: limits) {

@@ -369,9 +369,11 @@ public final class CairnNode: Service, Sendable {
         let manager = VnodeManager(table: core.vnodes, supervisor: vnodeSupervisor, views: views, logger: logger, metrics: metrics,
                                    probeFallbacks: { await Self.fallbackCopies(in: backend, partitions: partitionCount, logger: logger) }) { key in
             Vnode(partition: key.partition, role: key.role, backend: backend, limits: limits, metrics: metrics, logger: logger,
-                  stampActor: key.role == .fallback ? ActorID(node: storage.actor.node, epoch: epochs.next()) : nil,
+                  stampActor: key.role == .fallback ? ActorID(node: storage.actor.node, epoch: epochs.next())
+                    : Vnode.savedStampActor(in: backend, partition: key.partition, node: storage.actor.node),
                   treeShape: treeShape, savedTree: key.role == .primary && treeShape != nil
-                    ? aaeState.takeSavedTree(key.partition, shape: shape) : nil)
+                    ? aaeState.takeSavedTree(key.partition, shape: shape) : nil,
+                  freshActor: { ActorID(node: storage.actor.node, epoch: epochs.next()) })
         }
         manager.apply(view)
         // Vnodes started from now on may meet data written since the store opened.
@@ -429,6 +431,7 @@ public final class CairnNode: Service, Sendable {
         supervisor.spawn(handoff)
         supervisor.spawn(hints)
         supervisor.spawn(antiEntropy)
+        supervisor.spawn(Scrubber(settings: config.scrub, storage: { core.backend }, clock: core.clock, metrics: metrics, logger: core.logger))
         core.logger.info("cluster view built", metadata: [
             "members": "\(initial?.members.count ?? 0)", "ring_size": "\(view.state?.partitionCount ?? 0)", "n_val": "\(view.state?.nVal ?? 0)",
             "vnodes": "\(core.vnodes.count)", "ring_version": "\(view.state?.version ?? 0)",

@@ -60,6 +60,8 @@ public struct NodeConfig: Sendable {
     public var hints = HintSettings()
     // aae.*
     public var antiEntropy = AntiEntropySettings()
+    /// The storage scrub (`storage.scrub_*`).
+    public var scrub = ScrubSettings()
     // read_repair.*
     /// Asynchronous read repairs in flight on this node at most (`read_repair.max_inflight`);
     /// past it a read skips its repair (counted as `skipped_overload`).

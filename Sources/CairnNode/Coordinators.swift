@@ -236,9 +236,8 @@ actor WriteCoordinator {
                 guard let vnode = await ctx.localVnode(partition, fallback: fallback, start: true) else {
                     return .localFailed("this node has no \(fallback ? "fallback " : "")vnode for partition \(partition.index)")
                 }
-                let writer = vnode.stampActor ?? actor
                 do throws(VnodeError) {
-                    let object = try await vnode.coordinate(key: key, sibling: sibling, context: context, actor: writer)
+                    let (object, writer) = try await vnode.coordinateStamped(key: key, sibling: sibling, context: context, actor: actor)
                     guard await hook?(fallback ? partition.fallbackSpace : partition, key, object) != false else {
                         return .localFailed("partition \(partition.index) moved away from this node during the write and its new replicas did not take it")
                     }

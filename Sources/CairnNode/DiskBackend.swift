@@ -161,6 +161,12 @@ public final class DiskBackend: PartitionStore {
         if !batch.ops.isEmpty { try await write(batch) }
     }
 
+    public func applyMetadata(_ name: String, _ value: [UInt8]) throws -> DurabilityToken {
+        var b = WriteBatch()
+        b.put(Self.metadataKey(name), value)
+        return DurabilityToken(sequence: try database.apply(b))
+    }
+
     /// `<storage dir>/<name>`, through the store's file system, on the bulk executor.
     public func saveSideFile(_ name: String, _ bytes: [UInt8]) async throws {
         let (fs, directory) = (fs, directory)
@@ -178,14 +184,15 @@ public final class DiskBackend: PartitionStore {
         }
     }
 
-    /// Takes the engine snapshot at once; pages read it on the bulk executor.
+    /// Takes the engine snapshot at once; pages read it on the bulk executor, passing over
+    /// damage (`foldReadable`): it feeds anti-entropy trees, which must hold what reads can serve.
     public func snapshot(partition: PartitionID) throws -> PartitionSnapshot {
         let (snapshot, bulk) = (database.snapshot(), bulk)
         let end = Self.partitionEnd(partition)
         return PartitionSnapshot { after, limit in
             try await bulk.run {
                 let lower = after.map { Self.dataKey(partition, $0) + [0] } ?? Self.dataKey(partition, [])
-                let entries = try snapshot.iterator(from: lower, to: end)
+                let entries = try snapshot.iterator(from: lower, to: end, damage: .passOver)
                 var out: [(key: [UInt8], value: [UInt8])] = []
                 while out.count < max(limit, 1), let (k, value) = try entries.nextEntry() {
                     out.append((Array(k[Self.dataKeyPrefixBytes...]), value))
@@ -253,17 +260,64 @@ public final class DiskBackend: PartitionStore {
     public func fold<Accumulator: Sendable>(partition: PartitionID, after: [UInt8]?, into initial: Accumulator,
                                             _ visit: @Sendable (inout Accumulator, _ key: [UInt8], _ value: [UInt8]) throws -> FoldStep)
         async throws -> PartitionFold<Accumulator> {
+        try await fold(partition: partition, after: after, into: initial, damage: .fail, visit)
+    }
+
+    public func foldReadable<Accumulator: Sendable>(partition: PartitionID, after: [UInt8]?, into initial: Accumulator,
+                                                    _ visit: @Sendable (inout Accumulator, _ key: [UInt8], _ value: [UInt8]) throws -> FoldStep)
+        async throws -> PartitionFold<Accumulator> {
+        try await fold(partition: partition, after: after, into: initial, damage: .passOver, visit)
+    }
+
+    private func fold<Accumulator: Sendable>(partition: PartitionID, after: [UInt8]?, into initial: Accumulator, damage: DamagePolicy,
+                                             _ visit: @Sendable (inout Accumulator, _ key: [UInt8], _ value: [UInt8]) throws -> FoldStep)
+        async throws -> PartitionFold<Accumulator> {
         let database = database
         return try await bulk.run {
             // The smallest key after `after` is `after` + %x00.
             let lower = after.map { Self.dataKey(partition, $0) + [0] } ?? Self.dataKey(partition, [])
-            let entries = try database.snapshot().iterator(from: lower, to: Self.partitionEnd(partition))
+            let entries = try database.snapshot().iterator(from: lower, to: Self.partitionEnd(partition), damage: damage)
             var accumulator = initial
             while let (k, value) = try entries.nextEntry() {
                 let key = Array(k[Self.dataKeyPrefixBytes...])
                 if try visit(&accumulator, key, value) == .stop { return PartitionFold(accumulator: accumulator, resumeAfter: key) }
             }
             return PartitionFold(accumulator: accumulator, resumeAfter: nil)
+        }
+    }
+
+    public func damagedTables() -> [StoreDamage] {
+        database.damagedTables.map { d in
+            StoreDamage(table: d.meta.number, partitions: Self.primaryPartitions(from: d.meta.smallest, through: d.meta.largest),
+                        quarantined: d.quarantined, bytes: d.meta.size)
+        }
+    }
+
+    /// The primary partitions whose data keys (`dataKey`) can lie in `[smallest, largest]`.
+    static func primaryPartitions(from smallest: [UInt8], through largest: [UInt8]) -> ClosedRange<UInt32>? {
+        // A data key is %x01 index:u32be key; metadata keys sort before, nothing after.
+        func index(_ k: [UInt8], fill: UInt8) -> UInt32 {
+            (1...4).reduce(UInt32(0)) { acc, i in acc << 8 | UInt32(i < k.count ? k[i] : fill) }
+        }
+        let last = UInt32.max >> 1   // fallback copies have bit 31 set
+        let low: UInt32 = smallest.first.map { $0 < 1 ? 0 : ($0 > 1 ? UInt32.max : index(smallest, fill: 0)) } ?? 0
+        let high: UInt32 = largest.first.map { $0 < 1 ? 0 : ($0 > 1 ? UInt32.max : index(largest, fill: 0xFF)) } ?? 0
+        guard largest.first ?? 0 >= 1, low <= last, low <= high else { return nil }
+        return low...min(high, last)
+    }
+
+    public func quarantine(table: UInt64) async throws -> Bool {
+        let database = database
+        return try await bulk.run { try database.quarantine(table: table) }
+    }
+
+    public func tables() -> [(table: UInt64, bytes: UInt64)] { database.liveTables.map { ($0.number, $0.size) } }
+
+    public func verify(table: UInt64) async throws -> (bytes: Int, damaged: Int) {
+        let database = database
+        return try await bulk.run {
+            let (bytes, damage) = try database.verify(table: table)
+            return (bytes, damage.count)
         }
     }
 

@@ -45,9 +45,11 @@ final class HTTPHandler: ChannelInboundHandler {
     private func storageDamage() -> String {
         guard let s = core.backend?.storageStatistics, !s.corruptTables.isEmpty else { return "" }
         let names = s.corruptTables.map(Database.tableName)
+        let refilling = core.antiEntropyState.damagedPartitions
         return "storage: corrupt tables \(names.joined(separator: ", "))" +
             (s.quarantinedTables.isEmpty ? "" : " (\(s.quarantinedTables.count) set aside from compaction)") +
             "; reads of keys in bad blocks fail on this node and are answered by replicas\n" +
+            (refilling.isEmpty ? "" : "storage: partitions refilling from replicas after the damage: \(refilling.map(\.index))\n") +
             (s.lastCorruption.map { "storage: last corruption: \($0)\n" } ?? "")
     }
 

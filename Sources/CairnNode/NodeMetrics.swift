@@ -47,6 +47,8 @@ public final class NodeMetrics: Sendable {
     let readPauses: CoreMetrics.Counter
     /// Reads that met a corrupt storage block (checksum mismatch): the key was not served here.
     let corruptReads: CoreMetrics.Counter
+    /// Keys whose damaged stored copy a write (a replica's object, a client's value) replaced.
+    let damagedKeysReplaced: CoreMetrics.Counter
     /// Streams open now, to peers (`out`) and from peers (`in`).
     let streamsOut: StreamGauge
     let streamsIn: StreamGauge
@@ -89,6 +91,12 @@ public final class NodeMetrics: Sendable {
     let aaeTreeDrift: CoreMetrics.Counter
     let aaeOldestExchangeSeconds: CoreMetrics.Gauge
     let aaeRefilling: CoreMetrics.Gauge
+    /// Damaged tables set aside and their partitions marked for refilling.
+    let aaeDamagedTables: CoreMetrics.Counter
+    /// Bytes of tables the scrub read and checked; passes it completed; damaged blocks it found.
+    let scrubBytes: CoreMetrics.Counter
+    let scrubPasses: CoreMetrics.Counter
+    let scrubDamage: CoreMetrics.Counter
     let aaeBuildsPending: CoreMetrics.Gauge
     /// Writes this node took as a fallback (sloppy quorum), and fallback vnodes it runs now.
     let fallbackWrites: CoreMetrics.Counter
@@ -136,6 +144,7 @@ public final class NodeMetrics: Sendable {
         corruptObjects = CoreMetrics.Counter(label: "cairn_corrupt_objects_total", factory: f)
         readPauses = CoreMetrics.Counter(label: "cairn_connection_read_pauses_total", factory: f)
         corruptReads = CoreMetrics.Counter(label: "cairn_storage_corrupt_reads_total", factory: f)
+        damagedKeysReplaced = CoreMetrics.Counter(label: "cairn_damaged_keys_replaced_total", factory: f)
         streamsOut = StreamGauge(CoreMetrics.Gauge(label: "cairn_streams_open", dimensions: [("direction", "out")], factory: f))
         streamsIn = StreamGauge(CoreMetrics.Gauge(label: "cairn_streams_open", dimensions: [("direction", "in")], factory: f))
         streamWindowWaits = CoreMetrics.Counter(label: "cairn_stream_window_waits_total", factory: f)
@@ -160,6 +169,10 @@ public final class NodeMetrics: Sendable {
         aaeTreeDrift = CoreMetrics.Counter(label: "cairn_aae_tree_drift_total", factory: f)
         aaeOldestExchangeSeconds = CoreMetrics.Gauge(label: "cairn_aae_oldest_exchange_seconds", factory: f)
         aaeRefilling = CoreMetrics.Gauge(label: "cairn_aae_refilling_partitions", factory: f)
+        aaeDamagedTables = CoreMetrics.Counter(label: "cairn_aae_damaged_tables_total", factory: f)
+        scrubBytes = CoreMetrics.Counter(label: "cairn_storage_scrub_bytes_total", factory: f)
+        scrubPasses = CoreMetrics.Counter(label: "cairn_storage_scrub_passes_total", factory: f)
+        scrubDamage = CoreMetrics.Counter(label: "cairn_storage_scrub_damage_total", factory: f)
         aaeBuildsPending = CoreMetrics.Gauge(label: "cairn_aae_tree_builds_pending", factory: f)
         fallbackWrites = CoreMetrics.Counter(label: "cairn_fallback_writes_total", factory: f)
         fallbackVnodes = CoreMetrics.Gauge(label: "cairn_fallback_vnodes", factory: f)

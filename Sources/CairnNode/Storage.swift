@@ -83,6 +83,9 @@ public protocol PartitionStore: Sendable {
     func metadata(_ name: String) throws -> [UInt8]?
     /// Sets (nil: removes) metadata values, synced before returning, whatever the sync mode.
     func setMetadata(_ values: [(name: String, value: [UInt8]?)]) async throws
+    /// Sets a metadata value as a point call (`apply`): ordered with the partitions' writes, so
+    /// a write applied after it is never durable without it.
+    func applyMetadata(_ name: String, _ value: [UInt8]) throws -> DurabilityToken
     /// Replaces the store's side file `name` (beside its data, not in it) with `bytes`,
     /// atomically and synced: state saved at a clean shutdown for the next start.
     func saveSideFile(_ name: String, _ bytes: [UInt8]) async throws
@@ -97,6 +100,44 @@ public protocol PartitionStore: Sendable {
     /// The store held no data when it opened (a new store, or one that keeps nothing across
     /// restarts): every partition's anti-entropy tree starts empty, with nothing to build.
     var openedEmpty: Bool { get }
+    /// As `fold`, but a stretch of storage that cannot be read (a block that fails its checksum)
+    /// is passed over instead of failing the fold: its keys are left out, exactly as a point read
+    /// (`get`) cannot answer them. The damage is reported by `damagedTables()`.
+    func foldReadable<Accumulator: Sendable>(partition: PartitionID, after: [UInt8]?, into initial: Accumulator,
+                                             _ visit: @Sendable (inout Accumulator, _ key: [UInt8], _ value: [UInt8]) throws -> FoldStep)
+        async throws -> PartitionFold<Accumulator>
+    /// Tables of the store known to be damaged, with the partitions their key ranges cover.
+    func damagedTables() -> [StoreDamage]
+    /// Sets damaged table `table` aside (out of compaction; its readable blocks still serve).
+    /// Returns false if it was already set aside or is gone.
+    func quarantine(table: UInt64) async throws -> Bool
+    /// The store's tables and their sizes, for verification (`verify(table:)`); empty for a
+    /// store without any.
+    func tables() -> [(table: UInt64, bytes: UInt64)]
+    /// Reads table `table` through and checks every block, recording damage (`damagedTables()`).
+    /// Returns the bytes read and the number of damaged blocks (or tables) found.
+    func verify(table: UInt64) async throws -> (bytes: Int, damaged: Int)
+}
+
+/// A damaged table and what it covers (`PartitionStore.damagedTables`).
+public struct StoreDamage: Sendable, Hashable {
+    /// The table's file number (the name of `NNNNNN.sst`).
+    public var table: UInt64
+    /// The ring partitions (primary copies) whose keys lie in the table's key range, as an
+    /// inclusive range of indexes; nil when it holds none (only fallback copies, hints or
+    /// metadata). The caller clamps it to its ring.
+    public var partitions: ClosedRange<UInt32>?
+    /// Whether the table is already set aside.
+    public var quarantined: Bool
+    /// The table's size on disk.
+    public var bytes: UInt64
+
+    public init(table: UInt64, partitions: ClosedRange<UInt32>?, quarantined: Bool, bytes: UInt64) {
+        self.table = table
+        self.partitions = partitions
+        self.quarantined = quarantined
+        self.bytes = bytes
+    }
 }
 
 /// A partition's keys as of one moment, read page by page (`PartitionStore.snapshot`). Holding it
@@ -127,6 +168,19 @@ extension PartitionStore {
     public var createdFresh: Bool { false }
     public var openedAfterCleanShutdown: Bool { false }
     public var openedEmpty: Bool { false }
+
+    /// A store without damage detection reads as `fold` does.
+    public func foldReadable<Accumulator: Sendable>(partition: PartitionID, after: [UInt8]?, into initial: Accumulator,
+                                                    _ visit: @Sendable (inout Accumulator, _ key: [UInt8], _ value: [UInt8]) throws -> FoldStep)
+        async throws -> PartitionFold<Accumulator> {
+        try await fold(partition: partition, after: after, into: initial, visit)
+    }
+    public func damagedTables() -> [StoreDamage] { [] }
+    /// A store that keeps nothing across restarts needs no record.
+    public func applyMetadata(_ name: String, _ value: [UInt8]) throws -> DurabilityToken { lastApplied }
+    public func quarantine(table: UInt64) async throws -> Bool { false }
+    public func tables() -> [(table: UInt64, bytes: UInt64)] { [] }
+    public func verify(table: UInt64) async throws -> (bytes: Int, damaged: Int) { (0, 0) }
 
     /// A store without snapshots of its own (test doubles): the partition's pairs read at once.
     public func snapshot(partition: PartitionID) throws -> PartitionSnapshot {

@@ -75,18 +75,28 @@ public actor Vnode: SupervisedChild {
         }
     }
 
-    /// The actor that stamps writes this vnode coordinates, when it is not the node's: a
-    /// fallback vnode's own, drawn fresh (a new epoch) for every fallback vnode started. Its copy
-    /// starts empty each time and is dropped once handed home, so it cannot know which dots the
-    /// node's actor issued for a key (through its primary copy, or an earlier fallback copy);
-    /// stamping with the node's actor could issue a dot again for another value, and a replica
-    /// that already holds that dot would discard the new value as seen.
-    public nonisolated let stampActor: ActorID?
+    /// The actor that stamps writes this vnode coordinates, when it is not the node's (nil).
+    ///
+    /// - A fallback vnode's own, drawn fresh (a new epoch) for every fallback vnode started. Its
+    ///   copy starts empty each time and is dropped once handed home, so it cannot know which
+    ///   dots the node's actor issued for a key (through its primary copy, or an earlier fallback
+    ///   copy); stamping with the node's actor could issue a dot again for another value, and a
+    ///   replica that already holds that dot would discard the new value as seen.
+    /// - A primary's, from the first time it replaced a key whose stored copy was damaged (the
+    ///   same reason: the lost copy may have held dots of the node's actor that no replica gave
+    ///   back). Kept in the store's metadata (`stamp/<partition>`, written before the object), so
+    ///   a restart keeps it.
+    public nonisolated var stampActor: ActorID? { stamp.withLock { $0 } }
+    private nonisolated let stamp: Mutex<ActorID?>
+    /// Draws a fresh actor (a new epoch of this node); nil: a damaged key is not replaced.
+    private let freshActor: (@Sendable () -> ActorID)?
 
     /// `treeShape`: keep an anti-entropy tree of that shape (primaries only; nil: none);
-    /// `savedTree`: the tree saved at the last clean shutdown (else one is built from storage).
+    /// `savedTree`: the tree saved at the last clean shutdown (else one is built from storage);
+    /// `freshActor`: draws the actor a primary stamps with once it replaced a damaged key.
     public init(partition: PartitionID, role: VnodeRole = .primary, backend: any PartitionStore, limits: Limits, metrics: NodeMetrics,
-                logger: Logger, stampActor: ActorID? = nil, treeShape: TreeShape? = nil, savedTree: SegmentTree? = nil) {
+                logger: Logger, stampActor: ActorID? = nil, treeShape: TreeShape? = nil, savedTree: SegmentTree? = nil,
+                freshActor: (@Sendable () -> ActorID)? = nil) {
         if role == .primary, let treeShape {
             let saved = savedTree.flatMap { $0.shape == treeShape ? TreeState.ready($0) : nil }
             tree = saved ?? .missing
@@ -98,7 +108,8 @@ public actor Vnode: SupervisedChild {
         }
         self.partition = partition
         self.role = role
-        self.stampActor = stampActor
+        stamp = Mutex(stampActor)
+        self.freshActor = freshActor
         self.childName = VnodeKey(partition: partition, role: role).description
         self.space = VnodeKey(partition: partition, role: role).space
         self.backend = backend
@@ -150,9 +161,16 @@ public actor Vnode: SupervisedChild {
     /// what `context` covers. Returns the stored object once durable; its newest value of `actor`
     /// is the one written (pruning never drops it).
     public nonisolated func coordinate(key: [UInt8], sibling: Sibling, context: VersionVector, actor: ActorID) async throws(VnodeError) -> VersionedObject {
-        let (object, token) = try await stamp(key: key, sibling: sibling, context: context, actor: actor)
+        try await coordinateStamped(key: key, sibling: sibling, context: context, actor: actor).object
+    }
+
+    /// `coordinate`, also returning the actor that stamped the write: `actor`, unless this vnode
+    /// stamps with its own (`stampActor`, which may be taken during this very write).
+    public nonisolated func coordinateStamped(key: [UInt8], sibling: Sibling, context: VersionVector, actor: ActorID) async throws(VnodeError)
+        -> (object: VersionedObject, writer: ActorID) {
+        let (object, token, writer) = try await stamp(key: key, sibling: sibling, context: context, actor: actor)
         try await durable(token)
-        return object
+        return (object, writer)
     }
 
     /// Merges a replica's object into ours (DVVSet sync). Returns the stored object once it is
@@ -209,9 +227,11 @@ public actor Vnode: SupervisedChild {
     public func treeChildren(level: Int, of parents: [Int]) -> [UInt64]? { readyTree?.children(level: level, of: parents) }
 
     /// `coordinate`'s read-modify-write: one isolated step that never suspends.
-    private func stamp(key: [UInt8], sibling: Sibling, context: VersionVector, actor: ActorID) throws(VnodeError) -> (VersionedObject, DurabilityToken) {
+    private func stamp(key: [UInt8], sibling: Sibling, context: VersionVector, actor: ActorID) throws(VnodeError)
+        -> (VersionedObject, DurabilityToken, ActorID) {
         try ensureServing()
-        let previous = try load(key)
+        let previous = try loadReplacingDamage(key)
+        let actor = stampActor ?? actor
         var object = previous ?? VersionedObject()
         // Only this coordinator issues `actor`'s dots, so a context claiming more of them than
         // stored is forged or corrupt; trusting it could push the counter to overflow.
@@ -229,14 +249,15 @@ public actor Vnode: SupervisedChild {
             throw .rejected(error.description)
         }
         try checkClock(object)
-        return try store(key, object, previous: previous, protecting: object.newestDot(of: actor).map { [$0] } ?? [])
+        let (stored, token) = try store(key, object, previous: previous, protecting: object.newestDot(of: actor).map { [$0] } ?? [])
+        return (stored, token, actor)
     }
 
     /// `merge`'s read-modify-write: one isolated step that never suspends. When nothing changes,
     /// the token covers every write applied so far (among them the one holding `current`).
     private func mergeLocally(key: [UInt8], object incoming: VersionedObject) throws(VnodeError) -> (VersionedObject, DurabilityToken) {
         try ensureServing()
-        let current = try load(key)
+        let current = try loadReplacingDamage(key)
         let merged = current.map { VersionedObject.sync($0, incoming) } ?? incoming
         try checkClock(merged)
         if merged == current, let current { return (current, backend.lastApplied) }
@@ -262,12 +283,66 @@ public actor Vnode: SupervisedChild {
         }
     }
 
+    /// What storage holds for a key.
+    private enum Stored {
+        case absent
+        case object(VersionedObject)
+        /// The bytes cannot be read (a block failing its checksum) or decoded.
+        case damaged(String)
+    }
+
     /// Reads and decodes the key's object: the newest version, or (`durableOnly`) the newest
     /// durable one. Data errors (a corrupt object, a checksum failure in the block holding the
     /// key) fail this key only: the vnode keeps serving, since restarting cannot fix the bytes
     /// and replicas answer meanwhile. Any other read error fails the vnode (its supervisor
     /// restarts it).
     private func load(_ key: [UInt8], durableOnly: Bool = false) throws(VnodeError) -> VersionedObject? {
+        switch try read(key, durableOnly: durableOnly) {
+        case .absent: return nil
+        case .object(let o): return o
+        case .damaged(let why): throw .storage(partition: partition, reason: why)
+        }
+    }
+
+    /// `load` for a write: a damaged copy reads as absent, so the write (a replica's object, a
+    /// client's value) replaces it. The first time, a primary takes a fresh stamp actor (see
+    /// `stampActor`), recorded before the write is applied. Without `freshActor` (or on a
+    /// fallback vnode) a damaged copy fails the write as `load` does.
+    private func loadReplacingDamage(_ key: [UInt8]) throws(VnodeError) -> VersionedObject? {
+        switch try read(key, durableOnly: false) {
+        case .absent: return nil
+        case .object(let o): return o
+        case .damaged(let why):
+            guard role == .primary, let freshActor else { throw .storage(partition: partition, reason: why) }
+            if stampActor == nil {
+                let actor = freshActor()
+                do {
+                    _ = try backend.applyMetadata(Self.stampMetadataName(partition), Self.encodeEpoch(actor.epoch))
+                } catch {
+                    throw fail("could not record a new stamp actor: \(error)")
+                }
+                stamp.withLock { $0 = actor }
+                logger.warning("replacing a damaged key; this vnode stamps its writes with a new actor from now on", metadata: [
+                    "partition": "\(partition.index)", "actor": "\(actor)",
+                ])
+            }
+            metrics.damagedKeysReplaced.increment()
+            return nil
+        }
+    }
+
+    /// The metadata name holding a primary's stamp actor epoch (`stampActor`).
+    static func stampMetadataName(_ p: PartitionID) -> String { "stamp/\(p.index)" }
+
+    static func encodeEpoch(_ epoch: UInt64) -> [UInt8] { (0..<8).map { UInt8(truncatingIfNeeded: epoch >> (56 - 8 * $0)) } }
+
+    /// The stamp actor a primary of `p` recorded in `backend` (nil: none, or unreadable).
+    public static func savedStampActor(in backend: any PartitionStore, partition p: PartitionID, node: String) -> ActorID? {
+        guard let bytes = try? backend.metadata(stampMetadataName(p)), bytes.count == 8 else { return nil }
+        return ActorID(node: node, epoch: bytes.reduce(UInt64(0)) { $0 << 8 | UInt64($1) })
+    }
+
+    private func read(_ key: [UInt8], durableOnly: Bool) throws(VnodeError) -> Stored {
         let raw: [UInt8]?
         do {
             raw = durableOnly ? try backend.getDurable(partition: space, key: key) : try backend.get(partition: space, key: key)
@@ -281,22 +356,22 @@ public actor Vnode: SupervisedChild {
                         "partition": "\(partition.index)", "error": "\(error)",
                     ])
                 }
-                throw .storage(partition: partition, reason: "this replica cannot serve the key: \(error)")
+                return .damaged("this replica cannot serve the key: \(error)")
             }
             throw fail("read failed: \(error)")
         } catch {
             throw fail("read failed: \(error)")
         }
-        guard let raw else { return nil }
+        guard let raw else { return .absent }
         do {
-            return try VersionedObject.decode(raw, limits: limits)
+            return .object(try VersionedObject.decode(raw, limits: limits))
         } catch {
             // A corrupt object is never served or spread. It fails requests for this key only
             // (restarting would not fix it and would take the whole partition down); replicas
             // answer reads meanwhile.
             metrics.corruptObjects.increment()
             logger.error("corrupt stored object", metadata: ["partition": "\(partition.index)", "error": "\(error)"])
-            throw .storage(partition: partition, reason: "stored object is corrupt: \(error)")
+            return .damaged("stored object is corrupt: \(error)")
         }
     }
 
@@ -401,6 +476,15 @@ public actor Vnode: SupervisedChild {
         result.merge(delta)
         tree = .ready(result)
         return live.map { $0 != result } ?? false
+    }
+
+    /// Drops the tree, so one is built from storage again (storage under it lost keys: the new
+    /// tree leaves them out, and exchanges bring them back). A build under way is abandoned.
+    public func invalidateTree() {
+        switch tree {
+        case .off, .missing: return
+        case .building, .ready: tree = .missing
+        }
     }
 
     /// Abandons a build that failed (its snapshot could not be read): back to the tree that

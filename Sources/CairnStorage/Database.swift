@@ -197,6 +197,7 @@ public final class Database: Sendable {
         var version: Version
         var readers: [UInt64: TableReader]
         var level0: [TableReader] = []
+        var level0Smallest: [[UInt8]] = []
         var levels: [[LiveTable]] = []
         var quarantined: [LiveTable] = []
         /// The memtables a reader consults, newest first (kept so a read allocates nothing here).
@@ -216,7 +217,9 @@ public final class Database: Sendable {
         /// Rebuilds the read path's table lists from the version.
         mutating func relink() {
             memtables = [memtable] + (immutable.map { [$0.table] } ?? [])
-            level0 = (version.tables[0] ?? []).compactMap { readers[$0.number] }
+            let l0 = (version.tables[0] ?? []).compactMap { m in readers[m.number].map { (m.smallest, $0) } }
+            level0 = l0.map(\.1)
+            level0Smallest = l0.map(\.0)
             levels = (1..<CompactionPolicy.levels).map { level in
                 (version.tables[level] ?? []).compactMap { m in readers[m.number].map { LiveTable(meta: m, reader: $0) } }
             }
@@ -227,7 +230,7 @@ public final class Database: Sendable {
 
         /// The read view as of `sequence` (≤ the current one).
         func view(at sequence: UInt64) -> ReadView {
-            ReadView(memtables: memtables, level0: level0, levels: levels, quarantined: quarantined,
+            ReadView(memtables: memtables, level0: level0, level0Smallest: level0Smallest, levels: levels, quarantined: quarantined,
                      tombstones: version.tombstones, sequence: sequence, corruption: corruption)
         }
     }
@@ -748,8 +751,8 @@ public final class Database: Sendable {
     /// Quarantines table `t` (a compaction met `error` in it): one manifest edit moves it out of
     /// its level into `Version.quarantined`, where it stays readable, weighed by sequence, and no
     /// compaction touches it. Writes go on. No-op if the table is no longer in its level.
-    private func setAside(_ t: TableMeta, because error: StorageError) throws(StorageError) {
-        corruption.note(error)
+    private func setAside(_ t: TableMeta, because error: StorageError?) throws(StorageError) {
+        if let error { corruption.note(error) }
         try state.withLock { s throws(StorageError) in
             guard s.version.tables[t.level]?.contains(where: { $0.number == t.number }) == true else { return }
             var e = VersionEdit()
@@ -1104,6 +1107,71 @@ public final class Database: Sendable {
         st.lastCorruption = log.last
         st.blockCache = cache.counters
         return st
+    }
+
+    // MARK: Damage
+
+    /// A live table known to be corrupt: its manifest entry, and whether it is set aside.
+    public struct DamagedTable: Sendable, Hashable {
+        public var meta: TableMeta
+        public var quarantined: Bool
+    }
+
+    /// Live tables a read, a scan, a compaction, a verification or the open found corrupt, in
+    /// file-number order.
+    public var damagedTables: [DamagedTable] {
+        let corrupt = corruption.counts.tables
+        guard !corrupt.isEmpty else { return [] }
+        return state.withLock { s in
+            let quarantined = Set(s.version.quarantined.map(\.number))
+            return s.version.allTables.filter { corrupt.contains($0.number) }.sorted { $0.number < $1.number }
+                .map { DamagedTable(meta: $0, quarantined: quarantined.contains($0.number)) }
+        }
+    }
+
+    /// Sets table `number` aside (`Version.quarantined`, one manifest edit) once it is known to
+    /// be corrupt, without waiting for a compaction to meet the damage. Returns false when the
+    /// table is not in a level (already set aside, or no longer live). Writes go on.
+    @discardableResult
+    public func quarantine(table number: UInt64) throws(StorageError) -> Bool {
+        try compactionLock.withLock { _ throws(StorageError) -> Bool in
+            guard let meta = state.withLock({ s in s.version.tables.values.joined().first { $0.number == number } }) else { return false }
+            corruption.mark([number])
+            try setAside(meta, because: nil)
+            return true
+        }
+    }
+
+    /// Live tables (levels and set-aside), in file-number order: what `verify(table:)` walks.
+    public var liveTables: [TableMeta] {
+        state.withLock { s in s.version.allTables.sorted { $0.number < $1.number } }
+    }
+
+    /// Reads every block of table `number` from its file (not through the cache) and checks it;
+    /// a damaged one is recorded (`damagedTables`) and the walk goes on. Returns the bytes read
+    /// and the damage found (empty: the table is sound or no longer live). `pace` is called
+    /// with each block's size before it is read. A read that fails for another reason throws.
+    public func verify(table number: UInt64, pace: (Int) -> Void = { _ in }) throws(StorageError) -> (bytes: Int, damage: [StorageError]) {
+        guard let reader = state.withLock({ $0.readers[number] }) else { return (0, []) }
+        if let damage = reader.damage {
+            corruption.note(damage)
+            return (0, [damage])
+        }
+        var bytes = 0
+        var damage: [StorageError] = []
+        for i in 0..<reader.blockCount {
+            let h = reader.index[i].handle
+            pace(Int(clamping: h.size))
+            do {
+                _ = try reader.verifyBlock(h)
+            } catch {
+                guard case .corruption = error else { throw error }
+                corruption.note(error)
+                damage.append(error)
+            }
+            bytes += Int(clamping: h.size)
+        }
+        return (bytes, damage)
     }
 
     /// Writes the memtable as a table (so the next open replays nothing: a fast restart with a

@@ -49,14 +49,44 @@ final class MemtableSource: EntrySource {
     func advance() throws(StorageError) { current = cursor.next() }
 }
 
+/// Key ranges an iteration passed over because they could not be read: a damaged block (from
+/// the block before it, exclusive, through its last key) or a damaged table (its stated range).
+/// Shared by the sources of one iteration; single consumer.
+final class DamageHoles {
+    struct Hole {
+        var low: [UInt8]
+        var lowInclusive: Bool
+        var high: [UInt8]
+
+        func contains(_ key: [UInt8]) -> Bool {
+            !high.isBefore(key) && (lowInclusive ? !key.isBefore(low) : low.isBefore(key))
+        }
+    }
+    private(set) var holes: [Hole] = []
+    let corruption: CorruptionLog?
+
+    init(corruption: CorruptionLog?) { self.corruption = corruption }
+
+    func add(_ hole: Hole, because error: StorageError) {
+        holes.append(hole)
+        corruption?.note(error)
+    }
+
+    func contains(_ key: [UInt8]) -> Bool { holes.contains { $0.contains(key) } }
+}
+
 /// The entries of a run of tables with disjoint, increasing key spans (one table, or one level ≥ 1).
 /// Decodes one entry at a time straight from the cached block: a key buffer reused for prefix
 /// decompression, and one allocation each for the key and the value it hands out.
 ///
-/// A damaged table (no index) cannot be iterated: reaching it throws its error, unless the
-/// iteration ends (`upper`) before the table's range begins.
+/// A damaged table (no index) or block cannot be iterated: reaching it throws its error, unless
+/// the iteration ends (`upper`) before the table's range begins, or `holes` is given: then the
+/// damaged stretch is recorded there and passed over.
 final class TableRunSource: EntrySource {
     private let tables: [TableReader]
+    /// Each table's smallest key (from the manifest; bounds a hole in its first block).
+    private let smallest: [[UInt8]]
+    private let holes: DamageHoles?
     private var table: Int
     private var blockIndex = 0
     /// Over `Block.empty` when no block is loaded (so it is advanced in place, never copied).
@@ -65,8 +95,11 @@ final class TableRunSource: EntrySource {
     private let upper: [UInt8]?
     private(set) var current: Memtable.Entry?
 
-    init(_ tables: [TableReader], from lower: [UInt8], upper: [UInt8]? = nil, fillCache: Bool = true) throws(StorageError) {
+    init(_ tables: [TableReader], smallest: [[UInt8]] = [], from lower: [UInt8], upper: [UInt8]? = nil, fillCache: Bool = true,
+         holes: DamageHoles? = nil) throws(StorageError) {
         self.tables = tables
+        self.smallest = smallest
+        self.holes = holes
         self.fillCache = fillCache
         self.upper = upper
         // The first table whose last key is ≥ lower.
@@ -79,38 +112,60 @@ final class TableRunSource: EntrySource {
         while let e = current, e.key.isBefore(lower) { try advance() }
     }
 
+    /// Loads block `blockIndex` of table `table`, or the first readable one after it when
+    /// passing over damage; on return the cursor is over it, or the run is exhausted.
     private func load() throws(StorageError) {
-        let t = tables[table]
-        if let damage = t.damage {
-            // Tables of a run are in key order: if this one starts at or past `upper`, so do the rest.
-            if let upper, let smallest = t.damagedSmallest, !smallest.isBefore(upper) {
-                table = tables.count
-                cursor = BlockCursor(Block.empty)
-                return
+        while table < tables.count {
+            let t = tables[table]
+            if let damage = t.damage {
+                // Tables of a run are in key order: if this one starts at or past `upper`, so do the rest.
+                if let upper, let smallest = t.damagedSmallest, !smallest.isBefore(upper) { break }
+                guard let holes else { throw damage }
+                holes.add(.init(low: t.damagedSmallest ?? [], lowInclusive: true, high: t.largestKey ?? []), because: damage)
+            } else if blockIndex < t.blockCount {
+                do {
+                    cursor = BlockCursor(try t.readBlock(t.index[blockIndex].handle, fillCache: fillCache))
+                    return
+                } catch {
+                    try passOver(error)
+                    blockIndex += 1
+                    continue
+                }
             }
-            throw damage
+            table += 1
+            blockIndex = 0
         }
-        cursor = BlockCursor(blockIndex < t.blockCount ? try t.readBlock(t.index[blockIndex].handle, fillCache: fillCache) : Block.empty)
+        table = tables.count
+        cursor = BlockCursor(Block.empty)
+    }
+
+    /// Records block `blockIndex` of table `table` as a hole (rethrows unless passing over damage).
+    private func passOver(_ error: StorageError) throws(StorageError) {
+        guard let holes, case .corruption = error else { throw error }
+        let t = tables[table]
+        let first = blockIndex == 0
+        let low = first ? (table < smallest.count ? smallest[table] : []) : t.index[blockIndex - 1].lastKey
+        holes.add(.init(low: low, lowInclusive: first, high: t.index[blockIndex].lastKey), because: error)
     }
 
     func advance() throws(StorageError) {
         while table < tables.count {
             let t = tables[table]
-            if t.damage != nil {
-                try load()   // throws, or ends the run before the table
-                continue
-            }
             let blockOffset = blockIndex < t.blockCount ? t.index[blockIndex].handle.offset : 0
-            if let value = try cursor.next(path: t.path, offset: blockOffset) {
-                current = try InternalValue.decode(key: cursor.key, cursor.block.data, from: value.lowerBound, to: value.upperBound,
-                                                   path: t.path, offset: blockOffset)
-                return
+            do {
+                if let value = try cursor.next(path: t.path, offset: blockOffset) {
+                    current = try InternalValue.decode(key: cursor.key, cursor.block.data, from: value.lowerBound, to: value.upperBound,
+                                                       path: t.path, offset: blockOffset)
+                    return
+                }
+            } catch {
+                // A malformed entry in a block that passed its checksum: the rest of it is a hole.
+                try passOver(error)
             }
             blockIndex += 1
-            if blockIndex >= tables[table].blockCount {
+            if blockIndex >= t.blockCount {
                 table += 1
                 blockIndex = 0
-                if table >= tables.count { break }
             }
             try load()
         }
@@ -142,30 +197,45 @@ struct MergingCursor {
     }
 }
 
+/// What an iteration does when it meets a damaged block or table.
+public enum DamagePolicy: Sendable {
+    /// Throw the damage's `.corruption` error (the iteration stops there).
+    case fail
+    /// Pass over the damaged stretch and leave out every key it may hide: each key in it is
+    /// yielded only as a point read (`Snapshot.get`) answers it, so the iteration holds exactly
+    /// the keys a reader can read, and never an older version the damage may hide. The damage is
+    /// recorded (`Database.Statistics.corruptTables`).
+    case passOver
+}
+
 /// An ordered iteration over `[lower, upper)` as of a snapshot: live values only (deletions and
 /// range-deleted entries are skipped). Single consumer; not thread-safe. Holds the snapshot's
 /// memtables and tables open while alive.
 public final class DatabaseIterator: Sequence, IteratorProtocol {
     private var merged: MergingCursor
     private let upper: [UInt8]?
-    private let tombstones: [RangeTombstone]
-    private let snapshot: UInt64
-    private let corruption: CorruptionLog?
+    private let view: ReadView
+    /// Damage passed over so far (`DamagePolicy.passOver` only).
+    private let holes: DamageHoles?
     /// The first error met (the iteration stops there).
     public private(set) var error: StorageError?
 
-    init(view: ReadView, lower: [UInt8], upper: [UInt8]?) throws(StorageError) {
+    init(view: ReadView, lower: [UInt8], upper: [UInt8]?, damage: DamagePolicy = .fail) throws(StorageError) {
+        let holes = damage == .passOver ? DamageHoles(corruption: view.corruption) : nil
         do {
             var sources: [any EntrySource] = view.memtables.map { MemtableSource($0, from: lower, snapshot: view.sequence) }
-            for t in view.level0 { sources.append(try TableRunSource([t], from: lower, upper: upper)) }
+            for (i, t) in view.level0.enumerated() {
+                let smallest = i < view.level0Smallest.count ? [view.level0Smallest[i]] : []
+                sources.append(try TableRunSource([t], smallest: smallest, from: lower, upper: upper, holes: holes))
+            }
             for level in view.levels where !level.isEmpty {
                 let from = level.firstIndex { !$0.meta.largest.isBefore(lower) } ?? level.count
                 let run = level[from...].prefix { t in upper.map { t.meta.smallest.isBefore($0) } ?? true }
-                sources.append(try TableRunSource(run.map(\.reader), from: lower, upper: upper))
+                sources.append(try TableRunSource(run.map(\.reader), smallest: run.map(\.meta.smallest), from: lower, upper: upper, holes: holes))
             }
             // Set-aside tables join the merge like any source: it keeps the highest sequence per key.
             for q in view.quarantined where q.meta.overlaps(lower, upper) {
-                sources.append(try TableRunSource([q.reader], from: lower, upper: upper))
+                sources.append(try TableRunSource([q.reader], smallest: [q.meta.smallest], from: lower, upper: upper, holes: holes))
             }
             merged = MergingCursor(sources: sources)
         } catch {
@@ -173,22 +243,34 @@ public final class DatabaseIterator: Sequence, IteratorProtocol {
             throw error
         }
         self.upper = upper
-        tombstones = view.tombstones
-        snapshot = view.sequence
-        corruption = view.corruption
+        self.view = view
+        self.holes = holes
     }
 
-    /// The next live pair; nil at the end of the range. Throws on corruption.
+    /// The next live pair; nil at the end of the range. Throws on corruption (unless passing
+    /// over damage).
     public func nextEntry() throws(StorageError) -> (key: [UInt8], value: [UInt8])? {
+        try nextVersion().map { ($0.key, $0.value) }
+    }
+
+    /// `nextEntry`, with the sequence the pair was written at.
+    public func nextVersion() throws(StorageError) -> (key: [UInt8], value: [UInt8], sequence: UInt64)? {
         do {
-            while let e = try merged.next() {
+            while var e = try merged.next() {
                 if let upper, !e.key.isBefore(upper) { return nil }
-                if e.kind == .deletion || tombstones.contains(where: { $0.hides(e.key, e.sequence, snapshot: snapshot) }) { continue }
-                return (e.key, e.value)
+                // A hole is recorded before the merge reaches its keys (a source reads a block once
+                // every key before it is consumed), so checking here catches every key in one.
+                if let holes, !holes.holes.isEmpty, holes.contains(e.key) {
+                    // Exactly what a point read answers: a damaged block it must consult hides the key.
+                    guard let found = try? view.entry(e.key) else { continue }
+                    e = found
+                }
+                if e.kind == .deletion || view.tombstones.contains(where: { $0.hides(e.key, e.sequence, snapshot: view.sequence) }) { continue }
+                return (e.key, e.value, e.sequence)
             }
             return nil
         } catch {
-            corruption?.note(error)
+            view.corruption?.note(error)
             throw error
         }
     }
@@ -229,6 +311,8 @@ struct LiveTable: Sendable {
 struct ReadView: Sendable {
     var memtables: [Memtable]
     var level0: [TableReader]
+    /// The smallest key of each level-0 table (as `level0`).
+    var level0Smallest: [[UInt8]] = []
     var levels: [[LiveTable]]
     var quarantined: [LiveTable] = []
     var tombstones: [RangeTombstone]
@@ -298,9 +382,10 @@ public final class Snapshot: Sendable {
 
     public func get(_ key: [UInt8]) throws(StorageError) -> [UInt8]? { try view.get(key) }
 
-    /// Live pairs with `lower ≤ key < upper` (nil upper: to the end), in key order.
-    public func iterator(from lower: [UInt8] = [], to upper: [UInt8]? = nil) throws(StorageError) -> DatabaseIterator {
-        try DatabaseIterator(view: view, lower: lower, upper: upper)
+    /// Live pairs with `lower ≤ key < upper` (nil upper: to the end), in key order; `damage`
+    /// says what meeting a damaged block does.
+    public func iterator(from lower: [UInt8] = [], to upper: [UInt8]? = nil, damage: DamagePolicy = .fail) throws(StorageError) -> DatabaseIterator {
+        try DatabaseIterator(view: view, lower: lower, upper: upper, damage: damage)
     }
 
     /// Live pairs whose key starts with `prefix`, in key order.

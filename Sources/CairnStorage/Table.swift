@@ -201,6 +201,13 @@ public final class TableReader: Sendable {
         return b
     }
 
+    /// Reads the block at `h` from the file and checks it (checksum and entries), bypassing the
+    /// cache: a verification of what is on disk.
+    func verifyBlock(_ h: Table.Handle) throws(StorageError) {
+        guard let file else { throw damage ?? .corruption(path: path, offset: h.offset, reason: "table has no file") }
+        _ = try Block(try file.file.read(at: h.offset, count: Int(h.size)), path: path, offset: h.offset).entries(path: path, offset: h.offset)
+    }
+
     /// The index of the first block whose last key is ≥ `key` (`blockCount` if none).
     func blockIndex(atOrAfter key: [UInt8]) -> Int {
         var lo = 0

@@ -61,6 +61,70 @@ extension MembershipProcessTests {
         await d.stopAll()
     }
 
+    /// Bit rot: 2,000 keys at W=all; n3 stopped cleanly and two blocks of each of its large
+    /// tables flipped; n3 restarted. With no operator action its scrub finds the damage, the
+    /// tables are set aside (logs, metrics, `/health`), the partitions they cover refill from
+    /// the replicas, and then n3 alone serves every key correctly.
+    @Test func aCorruptTableIsSetAsideAndItsKeysRefilledWithoutTheOperator() async throws {
+        let d = try MembershipNodes()
+        try d.startCluster(extra: ["aae.exchange_interval = 1h", "hints.enabled = false"])
+        try await d.waitAllAlive([1, 2, 3])
+        let writer = try await client(d, [1, 2])
+        let keys = (0..<2000).map { "rot-\($0)" }
+        func value(_ k: String) -> [UInt8] { Array("v-\(k)-".utf8) + [UInt8](repeating: 0x61, count: 100) }
+        for k in keys { try await writer.put(Array(k.utf8), value: value(k), options: RequestOptions(w: .all)) }
+        writer.close()
+        await d.stop(3)   // a clean stop flushes the memtable into a table
+        let storage = d.dir.appendingPathComponent("n3/storage")
+        var flipped = 0
+        for t in try FileManager.default.contentsOfDirectory(atPath: storage.path) where t.hasSuffix(".sst") {
+            let url = storage.appendingPathComponent(t)
+            var bytes = try [UInt8](Data(contentsOf: url))
+            guard bytes.count >= 64 << 10 else { continue }
+            // Inside data blocks: tables are mostly data, the filter and index at the end.
+            for offset in [bytes.count / 3, bytes.count / 2] { bytes[offset] ^= 0x5A }
+            try Data(bytes).write(to: url)
+            flipped += 1
+        }
+        try #require(flipped > 0, "no table large enough to damage")
+        try d.restart(3)
+        try await d.waitAllAlive([1, 2, 3])
+        func metric(_ name: String) async throws -> Double {
+            let m = try await runProcess("/usr/bin/curl", ["-s", "http://127.0.0.53:8401/metrics"])
+            let line = m.stdout.split(separator: "\n").first { $0.hasPrefix(name + " ") }
+            return (line?.split(separator: " ").last).flatMap { Double($0) } ?? 0
+        }
+        try await eventually("n3 finds and sets aside the damaged tables\n\(d.logTail(3))", within: 60) {
+            try await metric("cairn_aae_damaged_tables_total") >= Double(flipped)
+        }
+        #expect(d.log(3).contains("scrub found a damaged table"))
+        #expect(d.log(3).contains("damaged table quarantined"))
+        let health = try await runProcess("/usr/bin/curl", ["-s", "-w", "\n%{http_code}", "http://127.0.0.53:8401/health"])
+        #expect(health.stdout.hasPrefix("serving") && health.stdout.hasSuffix("200"), "\(health.stdout)")
+        #expect(health.stdout.contains("corrupt tables"), "/health names the damage: \(health.stdout)")
+        try await eventually("n3's damaged partitions refill\n\(d.logTail(3))", within: 120) {
+            let status = try await d.cairn(3, ["repair", "--status", "--json"])
+            return jsonObject(status.stdout)?.int("refilling") == 0
+        }
+        #expect(try await metric("cairn_damaged_keys_replaced_total") > 0, "refilled keys replace the damaged copies")
+        await d.stop(1)
+        await d.stop(2)
+        let alone = try await client(d, [3])
+        var wrong: [String] = []
+        for k in keys {
+            do {
+                let got = try await alone.get(Array(k.utf8), options: RequestOptions(r: .count(1), sloppy: false))
+                if got.values != [value(k)] { wrong.append("\(k): \(got.values.count) values") }
+            } catch {
+                wrong.append("\(k): \(error)")
+            }
+        }
+        alone.close()
+        #expect(wrong.isEmpty, "n3 alone serves \(wrong.count) of \(keys.count) keys wrongly, e.g. \(wrong.prefix(3))")
+        #expect(d.processes[3]?.isRunning == true)
+        await d.stopAll()
+    }
+
     /// With hints off, a replica that was down while 100 keys were written at W=2 gets them from
     /// the timer's exchanges alone (no read touches them, no `cairn repair`).
     @Test func aReplicaThatMissedWritesCatchesUpFromTimedExchanges() async throws {

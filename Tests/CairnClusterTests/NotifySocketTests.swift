@@ -85,7 +85,7 @@ struct NotifySocketTests {
         env["WATCHDOG_USEC"] = "600000"
         p.environment = env
         let log = dir.appendingPathComponent("cairnd.log")
-        FileManager.default.createFile(atPath: log.path, contents: nil)
+        _ = FileManager.default.createFile(atPath: log.path, contents: nil)
         let logHandle = try FileHandle(forWritingTo: log)
         defer { try? logHandle.close() }
         p.standardOutput = FileHandle.nullDevice

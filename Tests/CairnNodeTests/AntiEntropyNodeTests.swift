@@ -1,5 +1,6 @@
 import Testing
 @testable import CairnNode
+@testable import CairnStorage
 import CairnAntiEntropy
 import CairnCore
 import Logging
@@ -10,9 +11,10 @@ import Logging
     let shape = TreeShape.standard
 
     /// A vnode keeping a tree, serving under a supervisor.
-    private func vnode(_ backend: any PartitionStore) async throws -> (Vnode, Supervisor, Task<Void, any Error>) {
+    private func vnode(_ backend: any PartitionStore, stampActor: ActorID? = nil,
+                       freshActor: (@Sendable () -> ActorID)? = nil) async throws -> (Vnode, Supervisor, Task<Void, any Error>) {
         let v = Vnode(partition: PartitionID(3), backend: backend, limits: Limits(), metrics: NodeMetrics(maxInflight: 10), logger: Logger(label: "t"),
-                      treeShape: shape)
+                      stampActor: stampActor, treeShape: shape, freshActor: freshActor)
         let sup = Supervisor(name: "t", policy: RestartPolicy(), logger: Logger(label: "t"))
         sup.spawn(v)
         let task = Task { try await sup.run() }
@@ -92,6 +94,72 @@ import Logging
         if let first { await tv.abandonTreeBuild(generation: first.generation) }
         #expect(await tv.readyTree == (try await fromScratch(backend)))
         sup.finish(); task.cancel(); try await task.value
+    }
+
+    /// A block of the vnode's table fails its checksum. The tree built from storage leaves out
+    /// exactly the keys reads cannot serve; a replica's object for a damaged key replaces it (the
+    /// tree kept equal), and so does a client's write; from the first replacement the vnode
+    /// stamps with a fresh actor, recorded in the store, so a restart keeps it.
+    @Test func aDamagedKeyIsReplacedUnderAFreshStampActorAndTheTreeLeavesItOut() async throws {
+        let disk = FaultyFileSystem()
+        let p = PartitionID(3)
+        var store = try await openStore(.disk, disk: disk)
+        let (v0, sup0, task0) = try await vnode(store)
+        var written: [[UInt8]: VersionedObject] = [:]
+        for i in 0..<300 {
+            let k = Array("key-\(1000 + i)".utf8)
+            written[k] = try await v0.coordinate(key: k, sibling: Sibling(value: [UInt8](repeating: UInt8(i & 0xFF), count: 100), timestampMillis: 1),
+                                                 context: VersionVector(), actor: actor)
+        }
+        sup0.finish(); task0.cancel(); try await task0.value
+        try store.flushIfDisk()
+        try await store.close()
+        // The largest table holds the partition's keys (a smaller one, the store's metadata).
+        let tables = try disk.list("/db").filter { $0.hasSuffix(".sst") }.map { "/db/" + $0 }
+        let path = try #require(tables.max { (disk.contents($0)?.count ?? 0) < (disk.contents($1)?.count ?? 0) })
+        let reader = try TableReader(fs: disk, path: path)
+        try #require(reader.blockCount >= 4)
+        disk.flipBit(path, byte: Int(reader.index[reader.blockCount / 2].handle.offset) + 9, bit: 1)
+
+        store = try await openStore(.disk, disk: disk)
+        let fresh = ActorID(node: "n1", epoch: 77)
+        let (v, sup, task) = try await vnode(store, freshActor: { fresh })
+        var damaged: [[UInt8]] = []
+        var expected = SegmentTree(shape: shape)
+        for (k, o) in written {
+            do {
+                #expect(try await v.get(k) == o)
+                expected.update(key: k, old: 0, new: KeyVersionHash.hash(key: k, object: o))
+            } catch {
+                damaged.append(k)
+            }
+        }
+        try #require(damaged.count >= 2, "the damaged block hides keys")
+        #expect(try await build(v) { _ in } == false)
+        #expect(await v.readyTree == expected, "the tree holds exactly the readable keys")
+        #expect(v.stampActor == nil)
+
+        // A replica's copy of a damaged key replaces it; the tree gains it.
+        let k1 = damaged[0]
+        let original = try #require(written[k1])
+        #expect(try await v.merge(key: k1, object: original) == original)
+        #expect(try await v.get(k1) == original)
+        expected.update(key: k1, old: 0, new: KeyVersionHash.hash(key: k1, object: original))
+        #expect(await v.readyTree == expected)
+        #expect(v.stampActor == fresh)
+
+        // A client's write over another damaged key: stamped by the fresh actor, not the node's.
+        let k2 = damaged[1]
+        let (object, writer) = try await v.coordinateStamped(key: k2, sibling: Sibling(value: [42], timestampMillis: 2), context: VersionVector(), actor: actor)
+        #expect(writer == fresh)
+        #expect(object.context[fresh] == 1 && object.context[actor] == 0)
+        sup.finish(); task.cancel(); try await task.value
+        try await store.close()
+
+        let back = try await openStore(.disk, disk: disk)
+        #expect(Vnode.savedStampActor(in: back, partition: p, node: "n1") == fresh)
+        #expect(Vnode.savedStampActor(in: back, partition: PartitionID(4), node: "n1") == nil)
+        try await back.close()
     }
 
     @Test func keyListingsPageThroughTheAskedSegmentsOnly() async throws {
