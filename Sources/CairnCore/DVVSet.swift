@@ -84,15 +84,25 @@ public struct DVVSet<Value: Hashable & Sendable>: Hashable, Sendable {
     /// as siblings.
     ///
     /// Throws only if the actor's counter would overflow 64 bits.
-    public mutating func update(context: VersionVector, value: Value, actor: ActorID) throws(VersionError) {
+    ///
+    /// `floor`: the new dot's counter is at least this when `actor` has no live value here (see
+    /// `event(actor:value:floor:)`).
+    public mutating func update(context: VersionVector, value: Value, actor: ActorID, floor: UInt64 = 0) throws(VersionError) {
         let proposal = DVVSet(entries: context.dots.map { Entry(actor: $0.actor, counter: $0.counter, values: []) },
                               anonymous: []) ?? DVVSet()
         self = Self.sync(proposal, self)
-        try event(actor: actor, value: value)
+        try event(actor: actor, value: value, floor: floor)
     }
 
-    /// Adds one event of `actor` carrying `value` (the new dot is the actor's counter + 1).
-    public mutating func event(actor: ActorID, value: Value) throws(VersionError) {
+    /// Adds one event of `actor` carrying `value`: the new dot is the actor's counter + 1, or
+    /// `floor` if that is greater and the actor has no live value here (its entry then records
+    /// that it issued dots up to `floor`, none of them live but the new one).
+    ///
+    /// The floor is how a coordinator avoids reissuing a dot after this key's history was dropped
+    /// (a collected tombstone): a copy of the dropped history may still exist somewhere, and a
+    /// new dot it already covers would be discarded as seen there. With a live value of `actor`
+    /// here the history is this one, and counter + 1 is new.
+    public mutating func event(actor: ActorID, value: Value, floor: UInt64 = 0) throws(VersionError) {
         var lo = 0
         var hi = entries.count
         while lo < hi {
@@ -102,10 +112,10 @@ public struct DVVSet<Value: Hashable & Sendable>: Hashable, Sendable {
         if lo < entries.count && entries[lo].actor == actor {
             let (next, overflow) = entries[lo].counter.addingReportingOverflow(1)
             if overflow { throw VersionError.counterOverflow(actor) }
-            entries[lo].counter = next
+            entries[lo].counter = entries[lo].values.isEmpty ? max(next, floor) : next
             entries[lo].values.insert(value, at: 0)
         } else {
-            entries.insert(Entry(actor: actor, counter: 1, values: [value]), at: lo)
+            entries.insert(Entry(actor: actor, counter: max(1, floor), values: [value]), at: lo)
         }
     }
 

@@ -121,6 +121,48 @@ private let histories = Gen.int(in: 0...200).array(of: 0...40)
 }
 
 @Suite struct DVVSetCases {
+    /// A counter floor starts an actor's history past any dot it issued for a dropped history
+    /// (a collected tombstone), and never renumbers live values.
+    @Test func aFloorAppliesOnlyWhereTheActorHasNoLiveValue() throws {
+        var fresh = DVVSet<String>()
+        try fresh.update(context: VersionVector(), value: "w", actor: a, floor: 40)
+        #expect(fresh.context[a] == 40)
+        // An entry with no live value (superseded by another actor) jumps to the floor.
+        var superseded = DVVSet<String>()
+        try superseded.update(context: VersionVector(), value: "x", actor: a)
+        try superseded.update(context: superseded.context, value: "y", actor: b)
+        try superseded.update(context: superseded.context, value: "z", actor: a, floor: 40)
+        #expect(superseded.context[a] == 40 && superseded.values == ["z"])
+        // A live value of the actor keeps counting from it: its dot must keep its number.
+        var live = DVVSet<String>()
+        try live.update(context: VersionVector(), value: "x", actor: a)
+        try live.update(context: VersionVector(), value: "sibling", actor: a, floor: 40)
+        #expect(live.context[a] == 2 && Set(live.values) == ["x", "sibling"])
+        // Below the counter a floor changes nothing.
+        var high = DVVSet<String>()
+        for i in 0..<5 { try high.update(context: high.context, value: "v\(i)", actor: a) }
+        try high.update(context: high.context, value: "next", actor: a, floor: 3)
+        #expect(high.context[a] == 6)
+    }
+
+    /// The doomstone sequence (riak_kv#679) on clocks: a tombstone {a:5} is collected, a new
+    /// write of the key starts a fresh history at `a`, and an old copy of the tombstone comes
+    /// back (a fallback, a lagging replica). Without a floor the new write's dot (a,1) is covered
+    /// by the tombstone and the write is lost; with the floor it survives.
+    @Test func aWriteAfterACollectedTombstoneSurvivesTheOldTombstoneWithAFloor() throws {
+        var old = DVVSet<String>()
+        for i in 0..<5 { try old.update(context: old.context, value: "v\(i)", actor: a) }
+        try old.update(context: old.context, value: "<deleted>", actor: a)
+        let tombstone = old   // {a:6}, its one value the deletion
+        var reused = DVVSet<String>()
+        try reused.update(context: VersionVector(), value: "new", actor: a)
+        #expect(!DVVSet.sync(tombstone, reused).values.contains("new"), "without a floor the new write is discarded")
+        var floored = DVVSet<String>()
+        try floored.update(context: VersionVector(), value: "new", actor: a, floor: tombstone.context[a] + 1)
+        #expect(DVVSet.sync(tombstone, floored).values.contains("new"))
+        #expect(DVVSet.sync(floored, tombstone).values.contains("new"))
+    }
+
     /// riak_kv#746: two clients alternately write through the same coordinator, each with the
     /// context of its own previous write. With per-actor vector clocks this grows siblings without
     /// bound; with DVV the sibling count stays at the number of truly concurrent writers (2).
