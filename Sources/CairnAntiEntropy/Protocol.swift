@@ -15,6 +15,9 @@ public struct AntiEntropyRequest: Hashable, Sendable {
         case fetch([[UInt8]])
         /// Merge these objects (DVV sync; never a new version).
         case push([(key: [UInt8], object: VersionedObject)])
+        /// Which partitions the replica holds hints or fallback copies for (the partition field
+        /// is unused): the tombstone rule asks every member before collecting.
+        case pending
 
         public static func == (a: Body, b: Body) -> Bool {
             switch (a, b) {
@@ -23,6 +26,7 @@ public struct AntiEntropyRequest: Hashable, Sendable {
             case (.keys(let q1), .keys(let q2)): q1 == q2
             case (.fetch(let k1), .fetch(let k2)): k1 == k2
             case (.push(let e1), .push(let e2)): e1.count == e2.count && zip(e1, e2).allSatisfy { $0.key == $1.key && $0.object == $1.object }
+            case (.pending, .pending): true
             default: false
             }
         }
@@ -34,6 +38,7 @@ public struct AntiEntropyRequest: Hashable, Sendable {
             case .keys(let q): h.combine(q)
             case .fetch(let k): h.combine(k)
             case .push(let e): for x in e { h.combine(x.key); h.combine(x.object) }
+            case .pending: h.combine(6)
             }
         }
     }
@@ -59,6 +64,9 @@ public enum AntiEntropyReply: Hashable, Sendable {
     case objects([VersionedObject?])
     /// Objects merged.
     case pushed(Int)
+    /// The replica's pending handoff data: the nodes it holds hints for, and the partitions it
+    /// holds fallback copies of (ascending indexes).
+    case pending(hintTargets: [String], fallbacks: [Int])
 }
 
 /// Encoding of requests and replies (pure). Decoding checks every count against what remains and
@@ -97,6 +105,8 @@ public enum AntiEntropyCodec {
                 w.writeBlob(e.key)
                 w.writeBlob(e.object.encoded())
             }
+        case .pending:
+            w.writeU8(6)
         }
         return w.bytes
     }
@@ -138,6 +148,8 @@ public enum AntiEntropyCodec {
                 entries.append((key, object))
             }
             body = .push(entries)
+        case 6:
+            body = .pending
         case let k:
             throw DecodeError("unknown anti-entropy request \(k)")
         }
@@ -162,7 +174,8 @@ public enum AntiEntropyCodec {
             for e in page.entries {
                 w.writeBlob(e.key)
                 w.writeU64(e.hash)
-                writeOptionalBlob(e.object?.encoded(), &w)
+                w.writeU8((e.object == nil ? 0 : 1) | (e.collectable ? 2 : 0))
+                if let o = e.object { w.writeBlob(o.encoded()) }
             }
             writeOptionalBlob(page.through, &w)
         case .objects(let objects):
@@ -172,6 +185,11 @@ public enum AntiEntropyCodec {
         case .pushed(let n):
             w.writeU8(5)
             w.writeVarint(n)
+        case .pending(let targets, let fallbacks):
+            w.writeU8(6)
+            w.writeVarint(targets.count)
+            for t in targets { w.writeBlob(Array(t.utf8)) }
+            writeAscending(fallbacks, &w)
         }
         return w.bytes
     }
@@ -195,10 +213,10 @@ public enum AntiEntropyCodec {
             for _ in 0..<n {
                 let key = try r.readBlob("key", limit: limits.maxKeyBytes)
                 let hash = try r.readU64("version hash")
-                let object = try readOptionalBlob(&r, limit: limits.maxFrameBytes).map { raw throws(DecodeError) in
-                    try VersionedObject.decode(raw, limits: limits)
-                }
-                entries.append(KeyEntry(key: key, hash: hash, object: object))
+                let flags = try r.readU8("entry flags")
+                guard flags & ~3 == 0 else { throw DecodeError("unknown key entry flags \(flags)") }
+                let object = flags & 1 == 0 ? nil : try VersionedObject.decode(try r.readBlob("object", limit: limits.maxFrameBytes), limits: limits)
+                entries.append(KeyEntry(key: key, hash: hash, object: object, collectable: flags & 2 != 0))
             }
             reply = .keys(KeyPage(entries: entries, through: try readOptionalBlob(&r, limit: limits.maxKeyBytes)))
         case 4:
@@ -212,6 +230,11 @@ public enum AntiEntropyCodec {
             reply = .objects(objects)
         case 5:
             reply = .pushed(try r.readCount("merged", limit: maxEntries))
+        case 6:
+            let n = try r.readCount("hint target count", limit: min(maxEntries, r.remaining))
+            var targets: [String] = []
+            for _ in 0..<n { targets.append(String(decoding: try r.readBlob("hint target", limit: 255), as: UTF8.self)) }
+            reply = .pending(hintTargets: targets, fallbacks: try readAscending(&r, below: Int(Int32.max)))
         case let k:
             throw DecodeError("unknown anti-entropy reply \(k)")
         }

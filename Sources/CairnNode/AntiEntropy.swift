@@ -26,8 +26,15 @@ public struct AntiEntropySettings: Sendable {
     public var rebuildInterval: Duration = .seconds(7 * 86_400)
     /// Tree builds running at once (`aae.max_concurrent_builds`).
     public var maxConcurrentBuilds = 1
-    /// Bytes per second all builds together read (`aae.build_bytes_per_second`).
+    /// Bytes per second all builds together read (`aae.build_bytes_per_second`); tombstone
+    /// sweeps share the budget.
     public var buildBytesPerSecond = 32 << 20
+    /// A tombstone is collected no sooner than this after its deletion (`tombstones.grace`),
+    /// and only when `TombstoneRule` allows.
+    public var tombstoneGrace: Duration = .seconds(3600)
+    /// Each partition's tombstones are looked at this often (`tombstones.sweep_interval`;
+    /// zero: tombstones are kept forever).
+    public var tombstoneSweepInterval: Duration = .seconds(3600)
     public init() {}
 }
 
@@ -57,13 +64,23 @@ final class AntiEntropyState: Sendable {
     static let refillKey = "refill"
     static let settledKey = "refill-settled"
     static let damagedKey = "refill-damaged"
+    /// The wall time (ms) this node last recorded itself alive (`heartbeat`).
+    static let aliveKey = "alive-at"
+    /// Set when the node came back from longer than the hint window away: its refilling
+    /// partitions may hold stale values, not only lack keys.
+    static let staleKey = "refill-stale"
     static let handledTablesKey = "damage-handled"
     /// The side file holding the trees saved at a clean shutdown.
     static let treeFile = "aae-trees"
 
     /// Reads the refill mark (setting it first for a store this run created) and, after a clean
     /// shutdown, the saved trees. A tree that does not decode is logged and built anew.
-    func load(from store: any PartitionStore, logger: Logger) async throws {
+    ///
+    /// A node whose last recorded heartbeat is more than `awayLimitMillis` (`hints.max_age`)
+    /// before `nowMillis` was away longer than the hint window: hints for it may have expired,
+    /// so deletes and writes it missed may reach it only through exchanges, and every partition
+    /// counts as refilling until an exchange of it completes (its old data is not authoritative).
+    func load(from store: any PartitionStore, logger: Logger, nowMillis: UInt64 = 0, awayLimitMillis: UInt64 = 0) async throws {
         emptyStart.withLock { $0 = store.openedEmpty }
         if store.createdFresh { try await store.setMetadata([(Self.refillKey, [1])]) }
         // A mark in a damaged table block is unknown: assume the worst (refilling) for the
@@ -77,8 +94,20 @@ final class AntiEntropyState: Sendable {
             }
         }
         let mark = try read(Self.refillKey)
-        let pending = mark.value != nil || !mark.known
-        let settled = Set(Self.decodePartitions(try read(Self.settledKey).value ?? []))
+        var pending = mark.value != nil || !mark.known
+        var settled = Set(Self.decodePartitions(try read(Self.settledKey).value ?? []))
+        if let bytes = try read(Self.aliveKey).value, bytes.count == 8, awayLimitMillis > 0 {
+            let aliveAt = bytes.reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
+            if nowMillis > aliveAt, nowMillis - aliveAt > awayLimitMillis {
+                try await store.setMetadata([(Self.refillKey, [1]), (Self.settledKey, []), (Self.staleKey, [1])])
+                logger.warning("this node was away longer than hints.max_age; its partitions count as refilling until an exchange of each completes",
+                               metadata: ["away_seconds": "\((nowMillis - aliveAt) / 1000)"])
+                pending = true
+                settled = []
+            }
+        }
+        let staleMark = try read(Self.staleKey).value != nil
+        stale.withLock { $0 = staleMark }
         let damaged = Set(Self.decodePartitions(try read(Self.damagedKey).value ?? []))
         let handled = Set(Self.decodeTables(try read(Self.handledTablesKey).value ?? []))
         refill.withLock { $0 = Refill(pending: pending, settled: settled, damaged: damaged, handledTables: handled) }
@@ -113,6 +142,12 @@ final class AntiEntropyState: Sendable {
     private let emptyStart = Locked(false)
 
     func endEmptyStart() { emptyStart.withLock { $0 = false } }
+
+    private let stale = Locked(false)
+
+    /// Whether `p`'s copy may hold stale values: refilling after the node was away longer than
+    /// the hint window.
+    func isStale(_ p: PartitionID) -> Bool { stale.value && refill.withLock { $0.pending && !$0.settled.contains(p) } }
 
     func isRefilling(_ p: PartitionID) -> Bool { refill.withLock { ($0.pending && !$0.settled.contains(p)) || $0.damaged.contains(p) } }
 
@@ -149,6 +184,22 @@ final class AntiEntropyState: Sendable {
             r.unsaved = true
             return true
         }
+    }
+
+    private let lastHeartbeat = Locked<UInt64?>(nil)
+
+    /// Records that this node is alive now (`aliveKey`), at most once a minute: how a later start
+    /// knows how long it was away.
+    func heartbeat(store: any PartitionStore, nowMillis: UInt64) async throws {
+        let due = lastHeartbeat.withLock { last in
+            guard last.map({ nowMillis < $0 || nowMillis - $0 >= 60_000 }) ?? true else { return false }
+            last = nowMillis
+            return true
+        }
+        guard due else { return }
+        var w = ByteWriter(capacity: 8)
+        w.writeU64(nowMillis)
+        try await store.setMetadata([(Self.aliveKey, w.bytes)])
     }
 
     /// Writes the partitions settled since the last call (one synced write), if any.
@@ -263,6 +314,11 @@ final class AntiEntropyManager: SupervisedChild {
         let state: AntiEntropyState
         /// Seeds the timers' jitter (deterministic in simulations).
         let seed: UInt64
+        /// The node's own actor (what a primary vnode stamps with unless it has its own).
+        let nodeActor: ActorID
+        /// What this node holds for others: nodes it keeps hints for, partitions it keeps
+        /// fallback copies of (indexes).
+        let pendingHandoff: @Sendable () async -> (targets: [String], fallbacks: [Int])
         subscript<T>(dynamicMember path: KeyPath<NodeServices, T>) -> T { services[keyPath: path] }
     }
 
@@ -274,6 +330,13 @@ final class AntiEntropyManager: SupervisedChild {
         var last: [PartitionID: ExchangeRecord] = [:]
         var builtAt: [PartitionID: ContinuousClock.Instant] = [:]
         var exchanging: Set<PartitionID> = []
+        /// Each partition's next tombstone sweep; whether one runs; what each last found.
+        var nextSweep: [PartitionID: ContinuousClock.Instant] = [:]
+        var sweeping = false
+        var tombstones: [PartitionID: TombstoneTally] = [:]
+        /// Per partition and peer: the store's last applied sequence when the newest exchange
+        /// with that peer that completed untruncated began (`TombstoneRule.Partition.exchangedAt`).
+        var exchangedAt: [PartitionID: [NodeName: UInt64]] = [:]
         var building: Set<PartitionID> = []
         /// Builds that failed, in a row, with the last failure's time and reason (their backoff).
         var buildFailures: [PartitionID: (count: Int, at: ContinuousClock.Instant, reason: String)] = [:]
@@ -307,6 +370,12 @@ final class AntiEntropyManager: SupervisedChild {
                         self.wake()
                     }
                 }
+                if let p = sweepDue(mine) {
+                    group.addTask {
+                        await self.sweep(p)
+                        self.wake()   // the next due partition at once, not a tick later
+                    }
+                }
                 for (p, peer) in exchangesDue(mine) {
                     group.addTask {
                         _ = await self.exchange(p, with: peer)
@@ -317,6 +386,9 @@ final class AntiEntropyManager: SupervisedChild {
                 if let store = env.storage() {
                     do { try await env.state.persistSettled(store: store) } catch {
                         env.logger.error("could not record refilled partitions; retrying", metadata: ["error": "\(error)"])
+                    }
+                    do { try await env.state.heartbeat(store: store, nowMillis: env.clock.wallMillis()) } catch {
+                        env.logger.warning("could not record this node's heartbeat", metadata: ["error": "\(error)"])
                     }
                 }
                 // Once a second, or at once when a build or exchange ends (its slot is free).
@@ -364,6 +436,158 @@ final class AntiEntropyManager: SupervisedChild {
             ])
         }
         wake()
+    }
+
+    // MARK: Tombstones
+
+    static func millis(_ d: Duration) -> UInt64 {
+        let (seconds, atto) = d.components
+        guard seconds >= 0 else { return 0 }
+        return UInt64(seconds).multipliedReportingOverflow(by: 1000).partialValue &+ UInt64(atto / 1_000_000_000_000_000)
+    }
+
+    /// Tombstones deleted at or before this wall time (ms) may have been collected by another
+    /// replica (`KeyEntry.collectable`); 0 when this node collects none.
+    func collectableBefore() -> UInt64 {
+        guard env.settings.enabled, env.settings.tombstoneSweepInterval > .zero else { return 0 }
+        let now = env.clock.wallMillis(), grace = Self.millis(env.settings.tombstoneGrace)
+        return now > grace ? now - grace : 0
+    }
+
+    /// What one sweep of a partition found: tombstones held after it, and why each was kept.
+    struct TombstoneTally: Sendable {
+        var held = 0
+        var blocked: [TombstoneRule.Block: Int] = [:]
+    }
+
+    /// The partition whose tombstone sweep is due, if no sweep runs (one at a time); its next
+    /// sweep is set an interval (±25 %) later. The first sweep of each is spread over the first
+    /// interval.
+    private func sweepDue(_ mine: [PartitionID]) -> PartitionID? {
+        let interval = env.settings.tombstoneSweepInterval
+        guard interval > .zero, env.settings.enabled else { return nil }
+        let now = env.clock.now()
+        return book.withLock { b in
+            guard !b.sweeping else { return nil }
+            var due: PartitionID?
+            for p in mine {
+                guard let at = b.nextSweep[p] else {
+                    b.nextSweep[p] = now + .milliseconds(b.rng.next(below: UInt64(max(1, interval / .milliseconds(1)))))
+                    continue
+                }
+                if at <= now, due == nil { due = p }
+            }
+            guard let p = due else { return nil }
+            b.nextSweep[p] = now + jitter(interval, &b.rng)
+            b.sweeping = true
+            return p
+        }
+    }
+
+    /// Sweeps `p`'s tombstones: decides each by `TombstoneRule` and has the vnode collect those
+    /// it allows, reading the partition paced with the tree builds' budget.
+    func sweep(_ p: PartitionID) async {
+        defer { book.withLock { $0.sweeping = false } }
+        guard let store = env.storage(), let v = env.vnodes.vnode(for: p), let ring = env.ring() else { return }
+        let primaries = ring.replicas(of: p)
+        guard primaries.contains(env.me) else { return }
+        let here = await env.pendingHandoff()
+        let elsewhere = await askPending(ring)
+        let exchanged = book.withLock { $0.exchangedAt[p] ?? [:] }
+        let state = TombstoneRule.Partition(
+            otherPrimaries: primaries.filter { $0 != env.me }.map(\.description),
+            exchangedAt: Dictionary(uniqueKeysWithValues: exchanged.map { ($0.key.description, $0.value) }),
+            pendingHere: here.fallbacks.contains(Int(p.index)) || primaries.contains { here.targets.contains($0.description) },
+            pendingElsewhere: elsewhere.fallbacks.contains(Int(p.index)) || primaries.contains { elsewhere.targets.contains($0.description) },
+            memberUnknown: elsewhere.unknown,
+            refilling: env.state.isRefilling(p),
+            transferring: ring.pendingTransfers.contains { $0.partition == p })
+        let rule = TombstoneRule(graceMillis: Self.millis(env.settings.tombstoneGrace))
+        let horizon = rule.horizon(state)
+        let now = env.clock.wallMillis()
+        let limits = env.limits
+        struct Page: Sendable {
+            var scanned = 0
+            var bytes = 0
+            var tally = TombstoneTally()
+            var doomed: [(key: [UInt8], hash: UInt64)] = []
+        }
+        var tally = TombstoneTally()
+        var collected = 0
+        var after: [UInt8]?
+        do {
+            repeat {
+                let fold = try await store.foldVersions(partition: p, after: after, into: Page()) { page, key, value, sequence in
+                    page.scanned += 1
+                    page.bytes += key.count + value.count
+                    if let o = try? VersionedObject.decode(value, limits: limits), o.isDeleted {
+                        let newest = o.values.map(\.timestampMillis).max() ?? 0
+                        if let why = rule.decide(sequence: sequence, newestMillis: newest, nowMillis: now, horizon: horizon) {
+                            page.tally.held += 1
+                            page.tally.blocked[why, default: 0] += 1
+                        } else {
+                            page.doomed.append((key, KeyVersionHash.hash(key: key, object: o)))
+                        }
+                    }
+                    return page.scanned >= 1024 ? .stop : .continue
+                }
+                await pacer.pace(fold.accumulator.bytes)
+                let page = fold.accumulator
+                tally.held += page.tally.held
+                for (why, n) in page.tally.blocked { tally.blocked[why, default: 0] += n }
+                var rest = page.doomed[...]
+                while !rest.isEmpty {
+                    let batch = Array(rest.prefix(env.settings.repairBatchKeys))
+                    rest = rest.dropFirst(batch.count)
+                    let n = try await v.collect(batch, nodeActor: env.nodeActor)
+                    collected += n
+                    tally.held += batch.count - n   // a write came since: no longer a candidate, or kept
+                }
+                after = fold.resumeAfter
+            } while after != nil
+        } catch {
+            env.logger.warning("tombstone sweep failed; the next one tries again", metadata: ["partition": "\(p.index)", "error": "\(error)"])
+            return
+        }
+        env.metrics.tombstonesCollected.increment(by: collected)
+        let totals = book.withLock { b in
+            b.tombstones[p] = tally
+            return b.tombstones.values.reduce(into: TombstoneTally()) { sum, t in
+                sum.held += t.held
+                for (why, n) in t.blocked { sum.blocked[why, default: 0] += n }
+            }
+        }
+        env.metrics.tombstonesHeld.record(totals.held)
+        for why in TombstoneRule.Block.allCases { env.metrics.tombstonesBlocked[why]?.record(totals.blocked[why] ?? 0) }
+        if collected > 0 {
+            env.logger.info("tombstones collected", metadata: ["partition": "\(p.index)", "collected": "\(collected)", "held": "\(tally.held)"])
+        }
+    }
+
+    /// Asks every other member what hints and fallback copies it holds. `unknown` when one
+    /// could not say (down, unreachable, or refusing): it may hold some.
+    private func askPending(_ ring: RingState) async -> (targets: Set<String>, fallbacks: Set<Int>, unknown: Bool) {
+        let others = ring.members.map(\.name).filter { $0 != env.me }
+        let request = AntiEntropyCodec.encode(AntiEntropyRequest(partition: PartitionID(0), shape: env.settings.shape, body: .pending))
+        return await withTaskGroup(of: AntiEntropyReply?.self) { group in
+            for m in others {
+                group.addTask { [env] in
+                    guard let answer = try? await env.transport.send(to: m, .antiEntropy(request), timeoutMillis: env.requestTimeoutMillis),
+                          case .antiEntropyReply(let bytes) = answer else { return nil }
+                    return try? AntiEntropyCodec.decodeReply(bytes, limits: env.limits)
+                }
+            }
+            var out: (targets: Set<String>, fallbacks: Set<Int>, unknown: Bool) = ([], [], false)
+            for await reply in group {
+                guard case .pending(let targets, let fallbacks) = reply else {
+                    out.unknown = true
+                    continue
+                }
+                out.targets.formUnion(targets)
+                out.fallbacks.formUnion(fallbacks)
+            }
+            return out
+        }
     }
 
     // MARK: Trees
@@ -692,6 +916,9 @@ final class AntiEntropyManager: SupervisedChild {
     /// Runs one exchange of `p` with `peer` to its end and records it. The caller holds `p`'s slot.
     func exchange(_ p: PartitionID, with peer: NodeName) async -> ExchangeRecord {
         let started = env.clock.now()
+        // What this copy held when the exchange began: a completed exchange proves the peer
+        // holds it too (the tombstone rule's horizon).
+        let startSequence = env.storage()?.lastApplied.sequence
         var run = ExchangeRun(manager: self, partition: p, peer: peer)
         let result = await run.perform()
         let summary: ExchangeSummary
@@ -731,7 +958,10 @@ final class AntiEntropyManager: SupervisedChild {
                 }
             }
         } else {
-            book.withLock { _ = $0.refillFailures.removeValue(forKey: p) }
+            book.withLock { b in
+                b.refillFailures[p] = nil
+                if outcome != "truncated", let startSequence { b.exchangedAt[p, default: [:]][peer] = startSequence }
+            }
             if outcome != "truncated", env.state.settle(p) {
                 env.logger.debug("partition refilled by anti-entropy", metadata: ["partition": "\(p.index)", "peer": "\(peer)"])
             }
@@ -775,6 +1005,11 @@ final class AntiEntropyManager: SupervisedChild {
     /// Answers another replica's exchange question about this node's primary copy of a partition.
     func serve(_ request: AntiEntropyRequest) async -> Result<AntiEntropyReply, ErrorReply> {
         let p = request.partition
+        if case .pending = request.body {
+            // Any member answers this one, replica or not, anti-entropy on or off.
+            let held = await env.pendingHandoff()
+            return .success(.pending(hintTargets: held.targets, fallbacks: held.fallbacks))
+        }
         guard env.settings.enabled else { return .failure(ErrorReply(code: .notReady, message: "anti-entropy is off on node \(env.me) (aae.enabled)")) }
         guard request.shape == env.settings.shape else {
             return .failure(ErrorReply(code: .invalidArgument, message:
@@ -788,6 +1023,8 @@ final class AntiEntropyManager: SupervisedChild {
             ErrorReply(code: .storage, message: "node \(env.me) could not build its tree of partition \(p.index): \($0.reason)")
         } ?? ErrorReply(code: .notReady, message: "node \(env.me) has no tree of partition \(p.index) ready yet")
         switch request.body {
+        case .pending:
+            return .failure(ErrorReply(code: .invalidArgument, message: "unreachable"))
         case .root:
             guard let root = await v.treeRoot() else { return .failure(notReady) }
             return .success(.root(root, refilling: env.state.isRefilling(p)))
@@ -803,7 +1040,8 @@ final class AntiEntropyManager: SupervisedChild {
             query.limit = min(query.limit, env.settings.exchange.keysPerPage)
             do {
                 return .success(.keys(try await Self.listKeys(store, partition: p, query: query, shape: request.shape, withObjects: true,
-                                                              maxBytes: env.settings.maxReplyBytes, limits: env.limits)))
+                                                              maxBytes: env.settings.maxReplyBytes, limits: env.limits,
+                                                              collectableBefore: collectableBefore())))
             } catch {
                 return .failure(ErrorReply(code: .storage, message: "node \(env.me) could not list partition \(p.index): \(error)"))
             }
@@ -831,8 +1069,10 @@ final class AntiEntropyManager: SupervisedChild {
     /// segments when `withObjects`). Stops at `query.limit` keys, `maxBytes` bytes, or after
     /// scanning `64 × limit` keys (a page of a large partition with few keys asked for), and then
     /// says where (`through`). Objects that do not decode are left out (not served either).
+    /// A tombstone whose newest deletion is at or before `collectableBefore` (wall ms; 0: none)
+    /// is marked `collectable`.
     static func listKeys(_ store: any PartitionStore, partition p: PartitionID, query: KeyQuery, shape: TreeShape, withObjects: Bool,
-                         maxBytes: Int, limits: Limits) async throws -> KeyPage {
+                         maxBytes: Int, limits: Limits, collectableBefore: UInt64 = 0) async throws -> KeyPage {
         struct Page: Sendable {
             var entries: [KeyEntry] = []
             var bytes = 0
@@ -845,7 +1085,9 @@ final class AntiEntropyManager: SupervisedChild {
             let segment = KeyVersionHash.segment(of: key, shape: shape)
             if segments.contains(segment), let o = try? VersionedObject.decode(value, limits: limits) {
                 let withObject = objectSegments.contains(segment)
-                page.entries.append(KeyEntry(key: key, hash: KeyVersionHash.hash(key: key, object: o), object: withObject ? o : nil))
+                let collectable = collectableBefore > 0 && o.isDeleted && (o.values.map(\.timestampMillis).max() ?? 0) <= collectableBefore
+                page.entries.append(KeyEntry(key: key, hash: KeyVersionHash.hash(key: key, object: o), object: withObject ? o : nil,
+                                             collectable: collectable))
                 page.bytes += key.count + 12 + (withObject ? value.count : 0)
             }
             return page.entries.count >= limit || page.bytes >= maxBytes || page.scanned >= scanLimit ? .stop : .continue
@@ -921,7 +1163,8 @@ private struct ExchangeRun {
                 let local: KeyPage
                 do {
                     local = try await AntiEntropyManager.listKeys(store, partition: partition, query: query, shape: shape, withObjects: false,
-                                                                  maxBytes: env.settings.maxReplyBytes, limits: env.limits)
+                                                                  maxBytes: env.settings.maxReplyBytes, limits: env.limits,
+                                                                  collectableBefore: manager.collectableBefore())
                 } catch {
                     throw ExchangeFailure("could not list partition \(partition.index) here: \(error)")
                 }

@@ -196,7 +196,10 @@ public final class CairnNode: Service, Sendable {
     private func openStorage() async throws {
         guard core.opened == nil, let dir = config.dataDirectory else {
             // A store given at init (in memory, or a test's): its anti-entropy state.
-            if let backend = core.backend { try await core.antiEntropyState.load(from: backend, logger: core.logger) }
+            if let backend = core.backend {
+                try await core.antiEntropyState.load(from: backend, logger: core.logger, nowMillis: core.clock.wallMillis(),
+                                                     awayLimitMillis: config.antiEntropy.enabled ? AntiEntropyManager.millis(config.hints.maxAge) : 0)
+            }
             return
         }
         let notifier = notifier
@@ -215,7 +218,8 @@ public final class CairnNode: Service, Sendable {
             throw error
         }
         core.adopt(decorateBackend?(backend) ?? backend)
-        try await core.antiEntropyState.load(from: backend, logger: core.logger)
+        try await core.antiEntropyState.load(from: backend, logger: core.logger, nowMillis: core.clock.wallMillis(),
+                                             awayLimitMillis: config.antiEntropy.enabled ? AntiEntropyManager.millis(config.hints.maxAge) : 0)
         let stats = backend.database.statistics
         core.logger.info("storage open", metadata: [
             "directory": "\(dir)/storage", "recovered_records": "\(stats.recoveredRecords)",
@@ -412,8 +416,13 @@ public final class CairnNode: Service, Sendable {
         ctx.acknowledgesDurably = storage.backend.acknowledgesDurably
         ctx.readRepairs = ReadRepairLimiter(limit: config.readRepairMaxInflight)
         ctx.isRefilling = { p in aaeState.isRefilling(p) }
+        ctx.isStale = { p in aaeState.isStale(p) }
         let antiEntropy = AntiEntropyManager(env: AntiEntropyManager.Environment(
-            services: services, settings: config.antiEntropy, vnodes: core.vnodes, state: aaeState, seed: core.epochs.next()))
+            services: services, settings: config.antiEntropy, vnodes: core.vnodes, state: aaeState, seed: core.epochs.next(),
+            nodeActor: storage.actor, pendingHandoff: {
+                let targets = hints.status().filter { $0.hints > 0 }.map(\.target.description)
+                return (targets, core.vnodes.fallbackPartitions.map { Int($0.index) })
+            }))
         core.antiEntropy = antiEntropy
         var membershipSettings = MembershipAgent.Settings()
         membershipSettings.swim = config.membership

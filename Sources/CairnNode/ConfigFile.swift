@@ -70,6 +70,8 @@ extension NodeConfig {
         case "aae.max_reply_bytes": antiEntropy.maxReplyBytes = try Self.bytes(value, (4 << 10)...(1 << 30))
         case "aae.rebuild_interval": antiEntropy.rebuildInterval = .milliseconds(max(1, try Self.millis(value)))
         case "aae.max_concurrent_builds": antiEntropy.maxConcurrentBuilds = try Self.int(value, 1...64)
+        case "tombstones.grace": antiEntropy.tombstoneGrace = .milliseconds(try Self.millis(value))
+        case "tombstones.sweep_interval": antiEntropy.tombstoneSweepInterval = .milliseconds(try Self.millis(value))
         case "aae.build_bytes_per_second": antiEntropy.buildBytesPerSecond = try Self.bytes(value, (64 << 10)...(1 << 40))
         case "hints.enabled": hints.enabled = try Self.bool(value)
         case "hints.max_bytes_per_target": hints.maxBytesPerTarget = try Self.bytes(value, (64 << 10)...(1 << 40))

@@ -350,6 +350,8 @@ public struct ReadCoordination: Sendable {
     private var answers: [NodeName: VersionedObject?] = [:]
     /// Primaries that answered while refilling (Docs/anti-entropy.md, "Refilling").
     private var refilling: Set<NodeName> = []
+    /// Of those, the ones that may hold stale values (away past the hint window).
+    private var stale: Set<NodeName> = []
     private var responded = false
     private var finished = false
     /// Repairs sent and not yet reported; nil before the repair decision.
@@ -385,10 +387,13 @@ public struct ReadCoordination: Sendable {
 
     /// `refilling`: the replica lost its data and has not completed an exchange for the
     /// partition since (its "not found" is weighed like a fallback's, below).
-    public mutating func replied(_ node: NodeName, _ object: VersionedObject?, refilling isRefilling: Bool = false) -> [Directive] {
+    /// `stale`: the replica was away past the hint window and has not completed an exchange
+    /// since: none of its answers is evidence until every primary is in.
+    public mutating func replied(_ node: NodeName, _ object: VersionedObject?, refilling isRefilling: Bool = false, stale isStale: Bool = false) -> [Directive] {
         guard !finished, repairing == nil, tally.record(node, .acknowledged) else { return [] }
         answers[node] = .some(object)
-        if isRefilling { refilling.insert(node) }
+        if isRefilling || isStale { refilling.insert(node) }
+        if isStale { stale.insert(node) }
         return evaluate()
     }
 
@@ -428,20 +433,23 @@ public struct ReadCoordination: Sendable {
         tally.replicas.count { r in !r.isPrimary && answers[r.node].map { $0 == nil } ?? false }
     }
 
-    /// Refilling primaries that answered "not found": a replica refilled by anti-entropy after
-    /// losing its disk may simply not have the key yet. Such a miss counts towards R and PR
-    /// only once every primary asked has answered (not failed, not timed out): with all of them
-    /// in, a key none holds is truly absent (a new cluster, whose nodes all start refilling); with
-    /// one missing, it may be the one holding the key.
-    private var refillingMisses: Int {
-        refilling.count { answers[$0].map { $0 == nil } ?? false }
+    /// Refilling primaries that answered "not found", and stale ones that answered at all
+    /// (`valuesToo`): a replica refilled by anti-entropy after losing its disk or data may not
+    /// have the key yet; one away past the hint window may hold an old version whose deletion it
+    /// missed. Such an answer counts towards R and PR only once every primary asked has answered
+    /// (not failed, not timed out): with all of them in, the merge is right (a key none holds is
+    /// truly absent, as in a new cluster whose nodes all start refilling); with one missing, it
+    /// may be the one holding the key. A blocking read repairs stale values, so there only
+    /// misses are held back.
+    private func refillingAnswers(valuesToo: Bool) -> Int {
+        refilling.count { n in answers[n].map { $0 == nil || (valuesToo && stale.contains(n)) } ?? false }
     }
 
     /// R (and PR) met, counting fallback misses only once the primaries are all in, and
-    /// refilling misses only once every primary answered.
+    /// refilling replicas' answers only once every primary answered.
     private var satisfied: Bool {
         guard tally.satisfied else { return false }
-        let refillMisses = tally.primaryAcks < tally.primaries ? refillingMisses : 0
+        let refillMisses = tally.primaryAcks < tally.primaries ? refillingAnswers(valuesToo: true) : 0
         let fallback = tally.pendingPrimaries > 0 ? fallbackMisses : 0
         guard refillMisses + fallback > 0 else { return true }
         return tally.acks - fallback - refillMisses >= tally.requirement.required
@@ -454,7 +462,7 @@ public struct ReadCoordination: Sendable {
             if satisfied {
                 responded = true
                 out.append(.respond(.answered(merged)))
-            } else if let failure = tally.impossible() ?? (tally.pending == 0 ? refillingFailure() : nil) {
+            } else if let failure = tally.impossible() ?? (tally.pending == 0 ? refillingFailure(valuesToo: true) : nil) {
                 responded = true
                 out.append(.respond(.quorumFailed(failure)))
             }
@@ -492,15 +500,15 @@ public struct ReadCoordination: Sendable {
         return out
     }
 
-    /// Every answer is in and R (PR) is met only by counting refilling replicas' misses while
+    /// Every answer is in and R (PR) is met only by counting refilling replicas' answers while
     /// some primary did not answer: not reached, naming the refilling replicas.
-    private func refillingFailure() -> QuorumFailure? {
-        let misses = tally.primaryAcks < tally.primaries ? refillingMisses : 0
+    private func refillingFailure(valuesToo: Bool) -> QuorumFailure? {
+        let misses = tally.primaryAcks < tally.primaries ? refillingAnswers(valuesToo: valuesToo) : 0
         let req = tally.requirement
         guard misses > 0, tally.acks - misses < req.required || tally.primaryAcks - misses < req.primaryRequired else { return nil }
         var holding = tally
-        holding.override(Dictionary(uniqueKeysWithValues: refilling.filter { answers[$0].map { $0 == nil } ?? false }.map {
-            ($0, ReplicaOutcome.failed("refilling: lost its data and has not completed an anti-entropy exchange since; its not-found is no evidence"))
+        holding.override(Dictionary(uniqueKeysWithValues: refilling.filter { n in answers[n].map { $0 == nil || (valuesToo && stale.contains(n)) } ?? false }.map {
+            ($0, ReplicaOutcome.failed("refilling: has not completed an anti-entropy exchange since it lost data or was away; its answer is no evidence yet"))
         }))
         if tally.acks - misses < req.required {
             return holding.failure(.notReached, name: req.name, required: req.required, achieved: tally.acks - misses,
@@ -515,7 +523,7 @@ public struct ReadCoordination: Sendable {
     private func blockingOutcome() -> ReadOutcome {
         // A refilling replica repaired with the merge holds it; with nothing found, no repair
         // went out and its miss is still no evidence.
-        if final == nil, let failure = refillingFailure() { return .quorumFailed(failure) }
+        if final == nil, let failure = refillingFailure(valuesToo: false) { return .quorumFailed(failure) }
         var holding = tally
         var reasons: [NodeName: ReplicaOutcome] = [:]
         for n in divergent where !repaired.contains(n) {

@@ -28,6 +28,9 @@ struct CoordinatorContext: Sendable {
     /// Whether this node's copy of a partition is refilling (lost with its disk, no exchange
     /// completed since): its "not found" is no evidence (`ReadCoordination`).
     var isRefilling: @Sendable (PartitionID) -> Bool = { _ in false }
+    /// Whether this node's copy of a partition may hold stale values (the node was away past
+    /// the hint window, no exchange completed since): none of its answers is evidence.
+    var isStale: @Sendable (PartitionID) -> Bool = { _ in false }
 }
 
 /// Counts asynchronous read repairs in flight against `read_repair.max_inflight`. Thread-safe.
@@ -283,7 +286,7 @@ actor WriteCoordinator {
 /// passed) and every repair it sent reported.
 actor ReadCoordinator {
     private enum Event: Sendable {
-        case replied(NodeName, VersionedObject?, refilling: Bool)
+        case replied(NodeName, VersionedObject?, refilling: Bool, stale: Bool = false)
         case failed(NodeName, ReplicaOutcome)
         case repaired(NodeName)
         case repairFailed(NodeName, String)
@@ -322,7 +325,7 @@ actor ReadCoordinator {
                 if machine.isFinished { break }
                 guard let event = await group.next() else { break }
                 switch event {
-                case .replied(let n, let o, let refilling): directives = machine.replied(n, o, refilling: refilling)
+                case .replied(let n, let o, let refilling, let stale): directives = machine.replied(n, o, refilling: refilling, stale: stale)
                 case .failed(let n, let outcome):
                     if n != ctx.me { ctx.metrics.replicaFailures.increment() }
                     directives = machine.replicaFailed(n, outcome)
@@ -360,8 +363,8 @@ actor ReadCoordinator {
                             if fallback { return .replied(node, nil, refilling: false) }
                             return .failed(node, .failed("no local vnode for partition \(partition.index)"))
                         }
-                        let refilling = !fallback && ctx.isRefilling(partition)
-                        do throws(VnodeError) { return .replied(node, try await vnode.get(key), refilling: refilling) } catch {
+                        let (refilling, stale) = (!fallback && ctx.isRefilling(partition), !fallback && ctx.isStale(partition))
+                        do throws(VnodeError) { return .replied(node, try await vnode.get(key), refilling: refilling, stale: stale) } catch {
                             return .failed(node, .failed(error.description))
                         }
                     }
@@ -370,7 +373,7 @@ actor ReadCoordinator {
                     let (ctx, ms) = (ctx, timeoutMillis)
                     group.addTask {
                         switch await ctx.ask(node, message, timeoutMillis: ms) {
-                        case .success(.replicaGetReply(let r)): .replied(node, r.object, refilling: r.refilling && !fallback)
+                        case .success(.replicaGetReply(let r)): .replied(node, r.object, refilling: r.refilling && !fallback, stale: r.stale && !fallback)
                         case .success(let other): .failed(node, .failed("unexpected reply \(other.type)"))
                         case .failure(let outcome): .failed(node, outcome)
                         }

@@ -269,6 +269,22 @@ public final class DiskBackend: PartitionStore {
         try await fold(partition: partition, after: after, into: initial, damage: .passOver, visit)
     }
 
+    public func foldVersions<Accumulator: Sendable>(partition: PartitionID, after: [UInt8]?, into initial: Accumulator,
+                                                    _ visit: @Sendable (inout Accumulator, _ key: [UInt8], _ value: [UInt8], _ sequence: UInt64) throws -> FoldStep)
+        async throws -> PartitionFold<Accumulator> {
+        let database = database
+        return try await bulk.run {
+            let lower = after.map { Self.dataKey(partition, $0) + [0] } ?? Self.dataKey(partition, [])
+            let entries = try database.snapshot().iterator(from: lower, to: Self.partitionEnd(partition), damage: .passOver)
+            var accumulator = initial
+            while let (k, value, sequence) = try entries.nextVersion() {
+                let key = Array(k[Self.dataKeyPrefixBytes...])
+                if try visit(&accumulator, key, value, sequence) == .stop { return PartitionFold(accumulator: accumulator, resumeAfter: key) }
+            }
+            return PartitionFold(accumulator: accumulator, resumeAfter: nil)
+        }
+    }
+
     private func fold<Accumulator: Sendable>(partition: PartitionID, after: [UInt8]?, into initial: Accumulator, damage: DamagePolicy,
                                              _ visit: @Sendable (inout Accumulator, _ key: [UInt8], _ value: [UInt8]) throws -> FoldStep)
         async throws -> PartitionFold<Accumulator> {

@@ -196,7 +196,8 @@ final class NodeCore: Sendable {
             guard let vnode = await vnodeCatchingUp(r.partition) else { return await relay(message, partition: r.partition, a, responder) }
             do throws(VnodeError) {
                 responder.reply(.replicaGetReply(ReplicaGetReply(object: try await vnode.get(r.key),
-                                                                 refilling: antiEntropyState.isRefilling(r.partition))))
+                                                                 refilling: antiEntropyState.isRefilling(r.partition),
+                                                                 stale: antiEntropyState.isStale(r.partition))))
             } catch {
                 responder.fail(ErrorReply(code: .storage, message: error.description))
             }

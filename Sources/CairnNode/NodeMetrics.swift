@@ -4,6 +4,7 @@ public import Prometheus
 
 
 import CairnCore
+import CairnAntiEntropy
 import CairnStorage
 import Synchronization
 
@@ -91,6 +92,11 @@ public final class NodeMetrics: Sendable {
     let aaeTreeDrift: CoreMetrics.Counter
     let aaeOldestExchangeSeconds: CoreMetrics.Gauge
     let aaeRefilling: CoreMetrics.Gauge
+    /// Tombstones found by the last sweep of each partition (not yet collected); collected;
+    /// kept by each reason (`TombstoneRule.Block`).
+    let tombstonesHeld: CoreMetrics.Gauge
+    let tombstonesCollected: CoreMetrics.Counter
+    let tombstonesBlocked: [TombstoneRule.Block: CoreMetrics.Gauge]
     /// Damaged tables set aside and their partitions marked for refilling.
     let aaeDamagedTables: CoreMetrics.Counter
     /// Bytes of tables the scrub read and checked; passes it completed; damaged blocks it found.
@@ -170,6 +176,11 @@ public final class NodeMetrics: Sendable {
         aaeOldestExchangeSeconds = CoreMetrics.Gauge(label: "cairn_aae_oldest_exchange_seconds", factory: f)
         aaeRefilling = CoreMetrics.Gauge(label: "cairn_aae_refilling_partitions", factory: f)
         aaeDamagedTables = CoreMetrics.Counter(label: "cairn_aae_damaged_tables_total", factory: f)
+        tombstonesHeld = CoreMetrics.Gauge(label: "cairn_tombstones_held", factory: f)
+        tombstonesCollected = CoreMetrics.Counter(label: "cairn_tombstones_collected_total", factory: f)
+        tombstonesBlocked = Dictionary(uniqueKeysWithValues: TombstoneRule.Block.allCases.map {
+            ($0, CoreMetrics.Gauge(label: "cairn_tombstones_blocked", dimensions: [("reason", $0.rawValue)], factory: f))
+        })
         scrubBytes = CoreMetrics.Counter(label: "cairn_storage_scrub_bytes_total", factory: f)
         scrubPasses = CoreMetrics.Counter(label: "cairn_storage_scrub_passes_total", factory: f)
         scrubDamage = CoreMetrics.Counter(label: "cairn_storage_scrub_damage_total", factory: f)

@@ -106,6 +106,11 @@ public protocol PartitionStore: Sendable {
     func foldReadable<Accumulator: Sendable>(partition: PartitionID, after: [UInt8]?, into initial: Accumulator,
                                              _ visit: @Sendable (inout Accumulator, _ key: [UInt8], _ value: [UInt8]) throws -> FoldStep)
         async throws -> PartitionFold<Accumulator>
+    /// As `foldReadable`, with the store sequence each pair was written at (`lastApplied` order:
+    /// a pair at or below a `lastApplied` taken earlier was already there then).
+    func foldVersions<Accumulator: Sendable>(partition: PartitionID, after: [UInt8]?, into initial: Accumulator,
+                                             _ visit: @Sendable (inout Accumulator, _ key: [UInt8], _ value: [UInt8], _ sequence: UInt64) throws -> FoldStep)
+        async throws -> PartitionFold<Accumulator>
     /// Tables of the store known to be damaged, with the partitions their key ranges cover.
     func damagedTables() -> [StoreDamage]
     /// Sets damaged table `table` aside (out of compaction; its readable blocks still serve).
@@ -176,6 +181,13 @@ extension PartitionStore {
         try await fold(partition: partition, after: after, into: initial, visit)
     }
     public func damagedTables() -> [StoreDamage] { [] }
+    /// A store that keeps no sequences reports every pair as written just now (`UInt64.max`):
+    /// nothing is ever known to predate anything.
+    public func foldVersions<Accumulator: Sendable>(partition: PartitionID, after: [UInt8]?, into initial: Accumulator,
+                                                    _ visit: @Sendable (inout Accumulator, _ key: [UInt8], _ value: [UInt8], _ sequence: UInt64) throws -> FoldStep)
+        async throws -> PartitionFold<Accumulator> {
+        try await foldReadable(partition: partition, after: after, into: initial) { acc, key, value in try visit(&acc, key, value, .max) }
+    }
     /// A store that keeps nothing across restarts needs no record.
     public func applyMetadata(_ name: String, _ value: [UInt8]) throws -> DurabilityToken { lastApplied }
     public func quarantine(table: UInt64) async throws -> Bool { false }
@@ -246,8 +258,14 @@ actor ExecutorLane {
 /// A fold copies the partition's keys after `after` under the lock (its snapshot) and sorts
 /// them: O(n log n) per call, fine for the sizes this store serves.
 public final class MemoryBackend: PartitionStore {
+    /// A stored value and the sequence of the write that stored it.
+    private struct Stored {
+        var value: [UInt8]
+        var sequence: UInt64
+    }
+
     private struct State {
-        var partitions: [PartitionID: [[UInt8]: [UInt8]]] = [:]
+        var partitions: [PartitionID: [[UInt8]: Stored]] = [:]
         var metadata: [String: [UInt8]] = [:]
         var sequence: UInt64 = 0
     }
@@ -263,7 +281,7 @@ public final class MemoryBackend: PartitionStore {
     public func executor(for partition: PartitionID) -> (any SerialExecutor)? { nil }
 
     public func get(partition: PartitionID, key: [UInt8]) throws -> [UInt8]? {
-        state.withLock { $0.partitions[partition]?[key] }
+        state.withLock { $0.partitions[partition]?[key]?.value }
     }
 
     /// Nothing here survives a restart, so everything applied is as durable as it gets.
@@ -274,18 +292,14 @@ public final class MemoryBackend: PartitionStore {
     public var lastApplied: DurabilityToken { DurabilityToken(sequence: state.withLock { $0.sequence }) }
 
     public func apply(partition: PartitionID, key: [UInt8], value: [UInt8]) throws -> DurabilityToken {
-        state.withLock { s in
-            s.partitions[partition, default: [:]][key] = value
-            s.sequence &+= 1
-            return DurabilityToken(sequence: s.sequence)
-        }
+        try apply(partition: partition, batch: [(key, value)])
     }
 
     public func apply(partition: PartitionID, batch: [(key: [UInt8], value: [UInt8])]) throws -> DurabilityToken {
         state.withLock { s in
             guard !batch.isEmpty else { return DurabilityToken(sequence: s.sequence) }
-            for (key, value) in batch { s.partitions[partition, default: [:]][key] = value }
             s.sequence &+= 1
+            for (key, value) in batch { s.partitions[partition, default: [:]][key] = Stored(value: value, sequence: s.sequence) }
             return DurabilityToken(sequence: s.sequence)
         }
     }
@@ -299,12 +313,19 @@ public final class MemoryBackend: PartitionStore {
         }
     }
 
+    public func applyMetadata(_ name: String, _ value: [UInt8]) throws -> DurabilityToken {
+        state.withLock { s in
+            s.metadata[name] = value
+            s.sequence &+= 1
+            return DurabilityToken(sequence: s.sequence)
+        }
+    }
+
     public func waitDurable(_ token: DurabilityToken) async throws {}
 
     /// Copies and sorts the partition under the lock: O(n log n).
     public func snapshot(partition: PartitionID) throws -> PartitionSnapshot {
-        let entries = state.withLock { $0.partitions[partition] ?? [:] }.sorted { $0.key.lexicographicallyPrecedes($1.key) }
-        return PartitionSnapshot(sorted: entries.map { (key: $0.key, value: $0.value) })
+        PartitionSnapshot(sorted: sorted(partition, after: nil).map { (key: $0.key, value: $0.value.value) })
     }
 
     public func metadata(_ name: String) throws -> [UInt8]? { state.withLock { $0.metadata[name] } }
@@ -313,15 +334,25 @@ public final class MemoryBackend: PartitionStore {
         state.withLock { s in for (name, value) in values { s.metadata[name] = value } }
     }
 
+    /// The partition's pairs after `after`, copied under the lock and sorted.
+    private func sorted(_ partition: PartitionID, after: [UInt8]?) -> [(key: [UInt8], value: Stored)] {
+        state.withLock { s in
+            (s.partitions[partition] ?? [:]).filter { after?.lexicographicallyPrecedes($0.key) ?? true }
+        }.sorted { $0.key.lexicographicallyPrecedes($1.key) }.map { ($0.key, $0.value) }
+    }
+
     public func fold<Accumulator: Sendable>(partition: PartitionID, after: [UInt8]?, into initial: Accumulator,
                                             _ visit: @Sendable (inout Accumulator, _ key: [UInt8], _ value: [UInt8]) throws -> FoldStep)
         async throws -> PartitionFold<Accumulator> {
-        let entries = state.withLock { s in
-            (s.partitions[partition] ?? [:]).filter { after?.lexicographicallyPrecedes($0.key) ?? true }
-        }.sorted { $0.key.lexicographicallyPrecedes($1.key) }
+        try await foldVersions(partition: partition, after: after, into: initial) { acc, key, value, _ in try visit(&acc, key, value) }
+    }
+
+    public func foldVersions<Accumulator: Sendable>(partition: PartitionID, after: [UInt8]?, into initial: Accumulator,
+                                                    _ visit: @Sendable (inout Accumulator, _ key: [UInt8], _ value: [UInt8], _ sequence: UInt64) throws -> FoldStep)
+        async throws -> PartitionFold<Accumulator> {
         var accumulator = initial
-        for (key, value) in entries {
-            if try visit(&accumulator, key, value) == .stop { return PartitionFold(accumulator: accumulator, resumeAfter: key) }
+        for (key, stored) in sorted(partition, after: after) {
+            if try visit(&accumulator, key, stored.value, stored.sequence) == .stop { return PartitionFold(accumulator: accumulator, resumeAfter: key) }
         }
         return PartitionFold(accumulator: accumulator, resumeAfter: nil)
     }

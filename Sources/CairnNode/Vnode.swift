@@ -90,6 +90,11 @@ public actor Vnode: SupervisedChild {
     private nonisolated let stamp: Mutex<ActorID?>
     /// Draws a fresh actor (a new epoch of this node); nil: a damaged key is not replaced.
     private let freshActor: (@Sendable () -> ActorID)?
+    /// The counter floor of the actor this vnode stamps with, raised past every counter of it
+    /// in a tombstone collected here (`collect`); kept in the store's metadata (`gc-floor/<p>`)
+    /// before the tombstones are deleted. A new dot of that actor on a key with no live value of
+    /// it starts at the floor, so it is never one a dropped history already holds.
+    private var counterFloor: (epoch: UInt64, counter: UInt64)?
 
     /// `treeShape`: keep an anti-entropy tree of that shape (primaries only; nil: none);
     /// `savedTree`: the tree saved at the last clean shutdown (else one is built from storage);
@@ -110,6 +115,7 @@ public actor Vnode: SupervisedChild {
         self.role = role
         stamp = Mutex(stampActor)
         self.freshActor = freshActor
+        counterFloor = role == .primary ? Self.savedCounterFloor(in: backend, partition: partition) : nil
         self.childName = VnodeKey(partition: partition, role: role).description
         self.space = VnodeKey(partition: partition, role: role).space
         self.backend = backend
@@ -244,13 +250,67 @@ public actor Vnode: SupervisedChild {
         }
         let sane = VersionVector(context.dots.map { ($0.actor, $0.actor == actor ? min($0.counter, issued) : $0.counter) })
         do {
-            try object.update(context: sane, value: sibling, actor: actor)
+            try object.update(context: sane, value: sibling, actor: actor, floor: floor(of: actor))
         } catch {
             throw .rejected(error.description)
         }
         try checkClock(object)
         let (stored, token) = try store(key, object, previous: previous, protecting: object.newestDot(of: actor).map { [$0] } ?? [])
         return (stored, token, actor)
+    }
+
+    /// The counter floor of `actor` here (0: none).
+    private func floor(of actor: ActorID) -> UInt64 {
+        guard let f = counterFloor, f.epoch == actor.epoch else { return 0 }
+        return f.counter
+    }
+
+    static func counterFloorMetadataName(_ p: PartitionID) -> String { "gc-floor/\(p.index)" }
+
+    static func savedCounterFloor(in backend: any PartitionStore, partition p: PartitionID) -> (epoch: UInt64, counter: UInt64)? {
+        guard let b = try? backend.metadata(counterFloorMetadataName(p)), b.count == 16 else { return nil }
+        let epoch = b[0..<8].reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
+        return (epoch, b[8..<16].reduce(UInt64(0)) { $0 << 8 | UInt64($1) })
+    }
+
+    /// Collects tombstones `TombstoneRule` allows: each key whose stored object is still a pure
+    /// tombstone with version hash `hash` (`KeyVersionHash`) is deleted and taken out of the
+    /// tree; any other key is left (a write came since). Before deleting, the counter floor of
+    /// the actor this vnode stamps with (`stampActor`, else `nodeActor`) is raised past its
+    /// counters in the dropped objects and recorded. Returns the number of keys collected, once
+    /// durable.
+    public nonisolated func collect(_ candidates: [(key: [UInt8], hash: UInt64)], nodeActor: ActorID) async throws(VnodeError) -> Int {
+        let (count, token) = try await collectLocally(candidates, nodeActor: nodeActor)
+        if let token { try await durable(token) }
+        return count
+    }
+
+    private func collectLocally(_ candidates: [(key: [UInt8], hash: UInt64)], nodeActor: ActorID) throws(VnodeError) -> (Int, DurabilityToken?) {
+        try ensureServing()
+        let actor = stampActor ?? nodeActor
+        var doomed: [(key: [UInt8], object: VersionedObject)] = []
+        var top: UInt64 = 0
+        for c in candidates {
+            guard case .object(let o) = try read(c.key, durableOnly: false), o.isDeleted,
+                  KeyVersionHash.hash(key: c.key, object: o) == c.hash else { continue }
+            doomed.append((c.key, o))
+            top = max(top, o.context[actor])
+        }
+        guard !doomed.isEmpty else { return (0, nil) }
+        do {
+            if top >= floor(of: actor) {
+                let (next, overflow) = top.addingReportingOverflow(1)
+                if !overflow {
+                    _ = try backend.applyMetadata(Self.counterFloorMetadataName(partition), Self.encodeEpoch(actor.epoch) + Self.encodeEpoch(next))
+                    counterFloor = (actor.epoch, next)
+                }
+            }
+            let token = try backend.delete(partition: space, keys: doomed.map(\.key))
+            for d in doomed { recordInTree(d.key, old: d.object, new: nil) }
+            return (doomed.count, token)
+        } catch {
+            throw fail("could not collect tombstones: \(error)")
+        }
     }
 
     /// `merge`'s read-modify-write: one isolated step that never suspends. When nothing changes,

@@ -176,7 +176,7 @@ public enum WireCodec {
             w.writeU8(g.fallback ? 1 : 0)
             w.writeBlob(g.key)
         case .replicaGetReply(let r):
-            w.writeU8((r.object == nil ? 0 : 1) | (r.refilling ? 2 : 0))
+            w.writeU8((r.object == nil ? 0 : 1) | (r.refilling ? 2 : 0) | (r.stale ? 4 : 0))
             if let o = r.object { w.writeBlob(o.encoded()) }
         case .replicaPut(let p):
             w.writeU32(p.partition.index)
@@ -373,13 +373,13 @@ public enum WireCodec {
             return .replicaGet(ReplicaGet(partition: p, key: try readKey(&r, limits), fallback: fallback))
         case .replicaGetReply:
             let flags = try r.readU8("replica-get-reply flags")
-            guard flags & ~3 == 0 else { throw DecodeError("unknown replica-get-reply flags \(flags)") }
-            let refilling = flags & 2 != 0
+            guard flags & ~7 == 0 else { throw DecodeError("unknown replica-get-reply flags \(flags)") }
+            let (refilling, stale) = (flags & 2 != 0, flags & 4 != 0)
             if flags & 1 != 0 {
                 let raw = try r.readBlob("object", limit: limits.maxFrameBytes)
-                return .replicaGetReply(ReplicaGetReply(object: try VersionedObject.decode(raw, limits: limits), refilling: refilling))
+                return .replicaGetReply(ReplicaGetReply(object: try VersionedObject.decode(raw, limits: limits), refilling: refilling, stale: stale))
             }
-            return .replicaGetReply(ReplicaGetReply(object: nil, refilling: refilling))
+            return .replicaGetReply(ReplicaGetReply(object: nil, refilling: refilling, stale: stale))
         case .replicaPut:
             let p = PartitionID(try r.readU32("partition"))
             let fallback = try readReplicaFlags(&r)

@@ -350,9 +350,14 @@ public struct ReplicaGetReply: Hashable, Sendable {
     /// The replica lost its data and has not completed an anti-entropy exchange for the
     /// partition since: its "not found" is no evidence (Docs/anti-entropy.md, "Refilling").
     public var refilling: Bool
-    public init(object: VersionedObject?, refilling: Bool = false) {
+    /// The replica was away longer than the hint window and has not completed an exchange for
+    /// the partition since: its values may be versions whose deletion or overwrite it missed,
+    /// so none of its answers is evidence yet.
+    public var stale: Bool
+    public init(object: VersionedObject?, refilling: Bool = false, stale: Bool = false) {
         self.object = object
         self.refilling = refilling
+        self.stale = stale
     }
 }
 

@@ -271,6 +271,69 @@ func key(_ i: Int) -> [UInt8] { Array("k\(i)".utf8) }
         #expect(rounds > 5)
     }
 
+    /// An old tombstone one side holds and the other lacks is left alone (that side collected
+    /// it, or never had the key): collected tombstones do not come back. Everything else still
+    /// converges, and a tombstone both sides hold differently is still reconciled.
+    @Test func collectableTombstonesAreNotCopiedToASideThatLacksTheKey() {
+        var a = Replica(shape: .standard, name: "a"), b = Replica(shape: .standard, name: "b")
+        for i in 0..<20 {
+            a.write(key(i), 1, millis: 1)
+            b.merge(key(i), a.objects[key(i)] ?? VersionedObject())
+        }
+        var tomb = a.objects[key(0)] ?? VersionedObject()
+        try? tomb.update(context: tomb.context, value: .tombstone(timestampMillis: 5), actor: a.actor)
+        a.store(key(0), tomb)              // a holds the old tombstone, b collected it
+        b.store(key(0), nil)
+        var other = b.objects[key(1)] ?? VersionedObject()
+        try? other.update(context: other.context, value: .tombstone(timestampMillis: 5), actor: b.actor)
+        b.store(key(1), other)             // b holds it, a collected it
+        a.store(key(1), nil)
+        b.write(key(2), 9, millis: 6)      // an ordinary difference
+        func run() -> ExchangeSummary? {
+            var m = ExchangeMachine(shape: a.tree.shape)
+            var step = m.start()
+            for _ in 0..<10_000 {
+                switch step {
+                case .compareRoots: step = m.roots(local: a.tree.root, remote: b.tree.root)
+                case .compareChildren(let l, let p): step = m.children(local: a.tree.children(level: l, of: p), remote: b.tree.children(level: l, of: p))
+                case .listKeys(let q):
+                    func marked(_ page: KeyPage, _ r: Replica) -> KeyPage {
+                        var page = page
+                        for i in page.entries.indices where r.objects[page.entries[i].key]?.isDeleted == true { page.entries[i].collectable = true }
+                        return page
+                    }
+                    step = m.keys(local: marked(a.page(q, withObjects: false), a), remote: marked(b.page(q, withObjects: true), b))
+                case .repair(let rs):
+                    for r in rs {
+                        switch r {
+                        case .push(let k): if let o = a.objects[k] { b.merge(k, o) }
+                        case .take(let k, let o): a.merge(k, o)
+                        case .pull(let k): if let o = b.objects[k] { a.merge(k, o) }
+                        case .reconcile(let k):
+                            if let o = b.objects[k] { a.merge(k, o) }
+                            if let o = a.objects[k] { b.merge(k, o) }
+                        }
+                    }
+                    step = m.repaired()
+                case .finished(let s): return s
+                case .failed: return nil
+                }
+            }
+            return nil
+        }
+        let s = run()
+        #expect(s?.collectableSkipped == 2)
+        #expect(a.objects[key(0)] != nil && b.objects[key(0)] == nil, "the tombstone is not copied to the side that collected it")
+        #expect(b.objects[key(1)] != nil && a.objects[key(1)] == nil)
+        #expect(a.objects[key(2)] == b.objects[key(2)], "other differences are repaired")
+        // A tombstone both sides hold, differently, is still reconciled.
+        var t2 = a.objects[key(3)] ?? VersionedObject()
+        try? t2.update(context: t2.context, value: .tombstone(timestampMillis: 7), actor: a.actor)
+        a.store(key(3), t2)
+        _ = run()
+        #expect(a.objects[key(3)] == b.objects[key(3)])
+    }
+
     @Test func aMalformedRemoteAnswerFailsTheExchange() {
         var a = Replica(shape: .standard, name: "a"), b = Replica(shape: .standard, name: "b")
         for i in 0..<50 { b.write(key(i), 1, millis: 1) }
@@ -305,7 +368,7 @@ func key(_ i: Int) -> [UInt8] { Array("k\(i)".utf8) }
             .root, .children(level: 1, parents: [0, 3, 15]),
             .keys(KeyQuery(segments: [1, 7, 4000], objectsFor: [7], after: [9, 9], limit: 10)),
             .keys(KeyQuery(segments: [], objectsFor: [], after: nil, limit: 1)),
-            .fetch([[1], [2, 3]]), .push([(key: [4], object: o)]),
+            .fetch([[1], [2, 3]]), .push([(key: [4], object: o)]), .pending,
         ]
         for body in requests {
             let r = AntiEntropyRequest(partition: PartitionID(12), shape: .standard, body: body)
@@ -315,6 +378,9 @@ func key(_ i: Int) -> [UInt8] { Array("k\(i)".utf8) }
             .root(77, refilling: true), .hashes([1, 2, 3]),
             .keys(KeyPage(entries: [KeyEntry(key: [1], hash: 5, object: o), KeyEntry(key: [2], hash: 6)], through: [2])),
             .keys(KeyPage(entries: [], through: nil)), .objects([o, nil]), .pushed(4),
+            .keys(KeyPage(entries: [KeyEntry(key: [3], hash: 7, object: o, collectable: true), KeyEntry(key: [4], hash: 8, collectable: true)],
+                          through: nil)),
+            .pending(hintTargets: ["n2", "n3"], fallbacks: [0, 5, 63]), .pending(hintTargets: [], fallbacks: []),
         ]
         for reply in replies {
             #expect(try AntiEntropyCodec.decodeReply(AntiEntropyCodec.encode(reply), limits: Limits()) == reply)

@@ -125,6 +125,103 @@ extension MembershipProcessTests {
         await d.stopAll()
     }
 
+    /// Node `i`'s own primary copy of `key`: its siblings' values ("<deleted>" for a tombstone
+    /// sibling); empty when it holds none (never written, or its tombstone collected).
+    private func localCopy(_ d: MembershipNodes, _ i: Int, _ key: String) async throws -> [String] {
+        let own = try await d.cairn(i, ["get", key, "--local", "--json"])
+        let primary = jsonObject(own.stdout)?["primary"] as? [String: Any]
+        return (primary?["siblings"] as? [[String: Any]] ?? []).map { ($0["deleted"] as? Bool ?? false) ? "<deleted>" : $0.string("value") }
+    }
+
+    private func metric(_ i: Int, _ line: String) async throws -> Double {
+        let m = try await runProcess("/usr/bin/curl", ["-s", "http://127.0.0.\(50 + i):8401/metrics"])
+        let found = m.stdout.split(separator: "\n").first { $0.hasPrefix(line + " ") }
+        return (found?.split(separator: " ").last).flatMap { Double($0) } ?? 0
+    }
+
+    static let fastTombstones = ["tombstones.grace = 2s", "tombstones.sweep_interval = 1s", "aae.exchange_interval = 1s", "hints.enabled = false"]
+
+    /// Cassandra's gc_grace sequence: a replica is down past the grace period while a key is
+    /// deleted. Its peers keep the tombstone (they cannot exchange with it, and it may hold
+    /// data), the returning replica's old value is superseded, and only then is the tombstone
+    /// collected everywhere; the key stays deleted.
+    @Test func aTombstoneOutlivesAReplicaDownPastTheGraceAndTheKeyStaysDeleted() async throws {
+        let d = try MembershipNodes()
+        try d.startCluster(extra: Self.fastTombstones)
+        try await d.waitAllAlive([1, 2, 3])
+        let c = try await client(d, [1])
+        try await c.put(Array("gc-key".utf8), value: Array("old".utf8), options: RequestOptions(w: .all))
+        await d.stop(3)
+        let got = try await c.get(Array("gc-key".utf8))
+        try await c.delete(Array("gc-key".utf8), context: got.context, options: RequestOptions(w: .count(2)))
+        try await Task.sleep(for: .seconds(6))   // three grace periods, several sweeps and exchanges
+        for i in [1, 2] {
+            #expect(try await localCopy(d, i, "gc-key") == ["<deleted>"], "n\(i) kept the tombstone while n3 was away")
+            #expect(try await metric(i, "cairn_tombstones_collected_total") == 0)
+        }
+        #expect(try await metric(1, "cairn_tombstones_blocked{reason=\"member_unreachable\"}") >= 1, "blocked while n3 cannot be asked")
+        try d.restart(3)
+        try await d.waitAllAlive([1, 2, 3])
+        try await eventually("every replica collects the tombstone once n3 is back and exchanged\n\(d.logTail(3))", within: 90) {
+            for i in 1...3 where try await !localCopy(d, i, "gc-key").isEmpty { return false }
+            return true
+        }
+        for i in 1...3 { #expect(try await metric(i, "cairn_tombstones_collected_total") >= 1, "n\(i)") }
+        // Exchanges go on: the old value never comes back.
+        try await Task.sleep(for: .seconds(4))
+        for i in 1...3 { #expect(try await localCopy(d, i, "gc-key") == [], "n\(i) holds the key again") }
+        do {
+            let again = try await c.get(Array("gc-key".utf8), options: RequestOptions(r: .all))
+            Issue.record("the deleted key reads \(again.values.map { String(decoding: $0, as: UTF8.self) })")
+        } catch {
+            guard case .notFound = error else { throw error }
+        }
+        c.close()
+        await d.stopAll()
+    }
+
+    /// riak_kv#679's doomstone: a key is deleted and its tombstone collected everywhere; the key
+    /// is written again through the same coordinator; then an old copy of the tombstone comes
+    /// back (here n3's data directory from before the collection). The new write survives: its
+    /// dot starts past the collected history (the counter floor), so the old clock does not
+    /// cover it.
+    @Test func anOldTombstoneReturningAfterCollectionDoesNotEraseANewerWrite() async throws {
+        let d = try MembershipNodes()
+        try d.startCluster(extra: Self.fastTombstones)
+        try await d.waitAllAlive([1, 2, 3])
+        let c = try await client(d, [1])   // n1 coordinates every write: one actor throughout
+        let k = Array("doom-key".utf8)
+        try await c.put(k, value: Array("v1".utf8), options: RequestOptions(w: .all))
+        let got = try await c.get(k, options: RequestOptions(r: .all))
+        try await c.delete(k, context: got.context, options: RequestOptions(w: .all))
+        await d.stop(3)
+        let n3 = d.dir.appendingPathComponent("n3"), saved = d.dir.appendingPathComponent("n3-with-tombstone")
+        try FileManager.default.copyItem(at: n3, to: saved)
+        try d.restart(3)
+        try await d.waitAllAlive([1, 2, 3])
+        try await eventually("every replica collects the tombstone\n\(d.logTail(1))", within: 90) {
+            for i in 1...3 where try await !localCopy(d, i, "doom-key").isEmpty { return false }
+            return true
+        }
+        try await c.put(k, value: Array("v2".utf8), options: RequestOptions(w: .all))
+        await d.stop(3)
+        try FileManager.default.removeItem(at: n3)
+        try FileManager.default.moveItem(at: saved, to: n3)
+        try d.restart(3)
+        try await d.waitAllAlive([1, 2, 3])
+        // n3 is back with the old tombstone (unless an exchange already replaced it).
+        let back = try await localCopy(d, 3, "doom-key")
+        #expect(back == ["<deleted>"] || back == ["v2"], "\(back)")
+        try await eventually("n3 takes the new write over its old tombstone\n\(d.logTail(3))", within: 60) {
+            try await localCopy(d, 3, "doom-key") == ["v2"]
+        }
+        try await Task.sleep(for: .seconds(3))
+        for i in 1...3 { #expect(try await localCopy(d, i, "doom-key") == ["v2"], "n\(i)") }
+        #expect(try await c.get(k, options: RequestOptions(r: .all)).values == [Array("v2".utf8)])
+        c.close()
+        await d.stopAll()
+    }
+
     /// With hints off, a replica that was down while 100 keys were written at W=2 gets them from
     /// the timer's exchanges alone (no read touches them, no `cairn repair`).
     @Test func aReplicaThatMissedWritesCatchesUpFromTimedExchanges() async throws {

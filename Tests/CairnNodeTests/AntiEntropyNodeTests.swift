@@ -162,6 +162,66 @@ import Logging
         try await back.close()
     }
 
+    /// `collect` drops a tombstone whose version is still the one swept, keeps the tree equal to
+    /// the storage, raises the counter floor (kept in metadata, so a new vnode has it), and the
+    /// key's next write is never covered by the dropped clock: an old copy of the tombstone
+    /// arriving afterwards (riak_kv#679's doomstone) does not erase it.
+    @Test func collectingATombstoneKeepsTheTreeAndAFloorSoALaterWriteSurvivesTheOldTombstone() async throws {
+        let backend = MemoryBackend()
+        let (tv, sup, task) = try await vnode(backend)
+        #expect(try await build(tv) { _ in } == false)
+        let k: [UInt8] = [7]
+        var object = try await tv.coordinate(key: k, sibling: Sibling(value: [1], timestampMillis: 1), context: VersionVector(), actor: actor)
+        for i in 2...4 {
+            object = try await tv.coordinate(key: k, sibling: Sibling(value: [UInt8(i)], timestampMillis: UInt64(i)), context: object.context, actor: actor)
+        }
+        let tombstone = try await tv.coordinate(key: k, sibling: .tombstone(timestampMillis: 5), context: object.context, actor: actor)
+        _ = try await tv.coordinate(key: [8], sibling: Sibling(value: [1], timestampMillis: 1), context: VersionVector(), actor: actor)
+        // A stale hash (a write came since the sweep) collects nothing.
+        #expect(try await tv.collect([(k, 12345)], nodeActor: actor) == 0)
+        #expect(try await tv.get(k) == tombstone)
+        #expect(try await tv.collect([(k, KeyVersionHash.hash(key: k, object: tombstone))], nodeActor: actor) == 1)
+        #expect(try await tv.get(k) == nil)
+        #expect(await tv.readyTree == (try await fromScratch(backend)), "the tree no longer holds the collected key")
+        // A new write of the key starts past every counter of the dropped history.
+        let fresh = try await tv.coordinate(key: k, sibling: Sibling(value: [42], timestampMillis: 9), context: VersionVector(), actor: actor)
+        #expect(fresh.context[actor] > tombstone.context[actor])
+        // The old tombstone comes back (a fallback, an old replica): the new write stays.
+        let merged = try await tv.merge(key: k, object: tombstone)
+        #expect(merged.liveValues.map(\.value) == [[42]])
+        sup.finish(); task.cancel(); try await task.value
+        // The floor outlives the vnode: a new one on the same store starts from it.
+        let floor = try #require(Vnode.savedCounterFloor(in: backend, partition: PartitionID(3)))
+        #expect(floor.epoch == actor.epoch && floor.counter > tombstone.context[actor])
+        let (again, sup2, task2) = try await vnode(backend)
+        let other = try await again.coordinate(key: [10], sibling: Sibling(value: [1], timestampMillis: 10), context: VersionVector(), actor: actor)
+        #expect(other.context[actor] == floor.counter)
+        sup2.finish(); task2.cancel(); try await task2.value
+    }
+
+    /// A node that comes back from longer than the hint window (its last heartbeat older than
+    /// `hints.max_age`) counts every partition as refilling *and* stale until an exchange of it
+    /// completes; one back sooner does not.
+    @Test func aNodeAwayPastTheHintWindowRefillsAndItsAnswersAreStaleUntilExchanged() async throws {
+        let hour: UInt64 = 3_600_000
+        func store(aliveAt: UInt64) async throws -> MemoryBackend {
+            let b = MemoryBackend()
+            let state = AntiEntropyState()
+            try await state.load(from: b, logger: Logger(label: "t"))
+            try await state.heartbeat(store: b, nowMillis: aliveAt)
+            return b
+        }
+        let away = AntiEntropyState()
+        try await away.load(from: try await store(aliveAt: 10 * hour), logger: Logger(label: "t"), nowMillis: 14 * hour, awayLimitMillis: 3 * hour)
+        #expect(away.isRefilling(PartitionID(5)) && away.isStale(PartitionID(5)))
+        away.settle(PartitionID(5))
+        #expect(!away.isRefilling(PartitionID(5)) && !away.isStale(PartitionID(5)))
+        #expect(away.isStale(PartitionID(6)))
+        let back = AntiEntropyState()
+        try await back.load(from: try await store(aliveAt: 10 * hour), logger: Logger(label: "t"), nowMillis: 12 * hour, awayLimitMillis: 3 * hour)
+        #expect(!back.isRefilling(PartitionID(5)) && !back.isStale(PartitionID(5)))
+    }
+
     @Test func keyListingsPageThroughTheAskedSegmentsOnly() async throws {
         let backend = MemoryBackend()
         var o = VersionedObject()

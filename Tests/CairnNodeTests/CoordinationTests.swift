@@ -320,10 +320,23 @@ private func acked(_ d: [WriteCoordination.Directive]) -> Bool { d.contains(.res
         _ = fresh.replied(n1, nil, refilling: true)
         #expect(fresh.replied(n2, nil, refilling: true) == [])
         #expect(fresh.replied(n3, nil, refilling: true).first == .respond(.answered(nil)))
-        // A refilling replica's value counts like any other.
+        // A refilling replica's value counts like any other (it arrived after the loss).
         var found = ReadCoordination(requirement: try r(.count(1)), replicas: targets(), timeoutMillis: 1000)
         _ = found.start(down: [:])
         #expect(found.replied(n3, a, refilling: true).first == .respond(.answered(a)))
+        // A stale replica's (away past the hint window) does not: it may be an old version whose
+        // deletion it missed. Merged with the others', it is answered.
+        var old = ReadCoordination(requirement: try r(.count(1)), replicas: targets(), timeoutMillis: 1000)
+        _ = old.start(down: [:])
+        #expect(old.replied(n3, a, stale: true) == [])
+        #expect(old.replied(n1, a).first == .respond(.answered(a)))
+        // With a primary down and the other failing, its value alone is not reached.
+        var alone = ReadCoordination(requirement: try r(.count(1)), replicas: targets(local: n2), timeoutMillis: 1000, sloppy: false)
+        _ = alone.start(down: [n1: "dead"])
+        #expect(alone.replied(n3, a, stale: true) == [])
+        let d = alone.replicaFailed(n2, .failed("disk"))
+        guard case .respond(.quorumFailed(let f)) = d.first else { Issue.record("expected not reached, got \(d)"); return }
+        #expect(f.kind == .notReached)
     }
 
     @Test func aRefillingMissWithAPrimaryDownIsNotReachedAndSaysWhy() throws {
