@@ -241,7 +241,8 @@ final class AntiEntropyState: Sendable {
         else { throw DecodeError("trees file fails its check") }
         var r = ByteReader(Array(bytes[..<(bytes.count - 8)]))
         guard try r.readU8("trees format") == 1 else { throw DecodeError("unknown trees file format") }
-        let n = try r.readCount("tree count", limit: r.remaining / 5)
+        let n = Int(try r.readU32("tree count"))
+        guard n <= r.remaining / 5 else { throw DecodeError("tree count \(n) exceeds what the file holds") }
         var out: [PartitionID: SegmentTree] = [:]
         for _ in 0..<n {
             let p = PartitionID(try r.readU32("partition"))

@@ -456,7 +456,7 @@ public final class CairnNode: Service, Sendable {
         for i in 0..<UInt32(clamping: partitions) {
             let p = PartitionID(i)
             do {
-                let fold = try await backend.fold(partition: p.fallbackSpace, after: nil, into: false) { found, _, _ in
+                let fold = try await backend.foldReadable(partition: p.fallbackSpace, after: nil, into: false) { found, _, _ in
                     found = true
                     return .stop
                 }

@@ -262,7 +262,7 @@ actor TransferShell {
             guard let backend = env.backend else { return [.streamFailed(stream: n, reason: "storage is not open")] }
             let fold: PartitionFold<[(key: [UInt8], object: [UInt8])]>
             do {
-                fold = try await backend.fold(partition: transfer.partition, after: after, into: []) { acc, key, value in
+                fold = try await backend.foldReadable(partition: transfer.partition, after: after, into: []) { acc, key, value in
                     acc.append((key, value))
                     let bytes = acc.reduce(0) { $0 + $1.key.count + $1.object.count }
                     return bytes >= maxBytes || acc.count >= maxKeys ? .stop : .continue

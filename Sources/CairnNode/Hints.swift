@@ -322,7 +322,7 @@ final class HintManager: SupervisedChild {
         guard let store = env.storage() else { return }
         loaded.withLock { $0 = false }
         let limits = env.limits
-        let found = try await store.fold(partition: .hintSpace, after: nil, into: [(NodeName, UInt64, Int, UInt64)]()) { acc, key, value in
+        let found = try await store.foldReadable(partition: .hintSpace, after: nil, into: [(NodeName, UInt64, Int, UInt64)]()) { acc, key, value in
             guard let (target, sequence) = HintRecord.parse(storageKey: key) else { return .continue }
             let created = (try? HintRecord(decoding: value, limits: limits))?.createdMillis ?? 0
             acc.append((target, sequence, key.count + value.count, created))
@@ -379,7 +379,7 @@ final class HintManager: SupervisedChild {
         let (limit, limits) = (max(env.settings.replayBatch, 1), env.limits)
         let entries: [(key: [UInt8], value: [UInt8])]
         do {
-            entries = try await store.fold(partition: .hintSpace, after: prefix, into: []) { acc, key, value in
+            entries = try await store.foldReadable(partition: .hintSpace, after: prefix, into: []) { acc, key, value in
                 guard key.starts(with: prefix) else { return .stop }
                 acc.append((key, value))
                 return acc.count >= limit ? .stop : .continue
