@@ -18,6 +18,13 @@ public enum Fault: Sendable, Hashable, CustomStringConvertible {
     case kill(Int)
     /// `SIGSTOP`, `SIGCONT` when healed.
     case pause(Int)
+    /// `kill -9` and the node's data directory deleted (a lost disk); restarted under its name
+    /// when healed, then `cairn repair` on it, as an operator would after replacing the disk.
+    case wipeDisk(Int)
+    /// The node is stopped (SIGTERM) and bytes of its largest table flipped (bit rot);
+    /// restarted when healed, with nothing more done: it must find the damage, keep serving and
+    /// refill the keys from replicas by itself (the heal waits until it has).
+    case corruptTable(Int)
     /// The node's outgoing internode messages wait this long (the fault-injecting transport).
     case delay(node: Int, millis: Int)
     /// This share of the node's outgoing internode messages (or their replies) is lost.
@@ -67,6 +74,8 @@ public enum Fault: Sendable, Hashable, CustomStringConvertible {
         case .oneWay(let f, let t): "one-way cut n\(f + 1) -> n\(t + 1)"
         case .kill(let n): "kill -9 n\(n + 1)"
         case .pause(let n): "SIGSTOP n\(n + 1)"
+        case .wipeDisk(let n): "wipe n\(n + 1)'s disk (kill -9, data directory deleted)"
+        case .corruptTable(let n): "corrupt a table of n\(n + 1) (stopped, bytes flipped)"
         case .delay(let n, let ms): "delay n\(n + 1) outgoing by \(ms) ms"
         case .drop(let n, let p): "drop \(p)% of n\(n + 1)'s messages"
         case .join(let n): "join n\(n + 1)"
@@ -108,6 +117,10 @@ public enum FaultKind: String, CaseIterable, Sendable, Hashable {
     case clientSplit = "client-split"
     /// Joins, leaves and removes (`--joins`, `--leaves`, `--removes` of them).
     case membership
+    /// `Fault.wipeDisk`, `Fault.corruptTable`: opted into (`--faults default,wipe-disk,corrupt-table`),
+    /// so the default schedules stay as they were.
+    case wipeDisk = "wipe-disk"
+    case corruptTable = "corrupt-table"
 
     /// The first eight kinds, in the order the schedule numbers them: a seed's schedule with
     /// these is the same as before the kinds were selectable.
@@ -190,7 +203,7 @@ public struct NemesisSchedule: Sendable, Hashable {
         // A generator of its own for membership choices: the other faults' draws stay as they
         // would be without them.
         var memberRNG = SplitMix64(seed: seed ^ 0x6D65_6D62_6572_7368)
-        let regular = FaultKind.standard.filter { kinds.contains($0) }
+        let regular = (FaultKind.standard + [.wipeDisk, .corruptTable]).filter { kinds.contains($0) }
         let changes = kinds.contains(.membership) ? membership.order(nodes: nodes, minimum: Self.minimumMembers) : []
         let changeTimes = changes.indices.map { k in durationMillis * 8 / 10 * (k + 1) / (changes.count + 1) }
         var members = Array(0..<nodes)
@@ -260,6 +273,8 @@ public struct NemesisSchedule: Sendable, Hashable {
             var minority = Set<Int>()
             while minority.count < size { minority.insert(members[Int(rng.next(below: UInt64(count)))]) }
             return .clientSplit(minority: minority.sorted())
+        case .wipeDisk: return .wipeDisk(node)
+        case .corruptTable: return .corruptTable(node)
         case .drop, .membership: return .drop(node: node, percent: 10 + Int(rng.next(below: 40)))
         }
     }

@@ -202,6 +202,14 @@ public final class Torture: @unchecked Sendable {
             try lab.cut(f.fault.blocked(members: f.members), running: running)
             clientSides.withLock { $0 = (Set(minority), Set(f.members).subtracting(minority), f.members) }
         case .kill(let n): killNode(n)
+        case .wipeDisk(let n):
+            killNode(n)
+            try FileManager.default.removeItem(atPath: config.workDir + "/n\(n + 1)")
+        case .corruptTable(let n):
+            signal(n, SIGTERM)   // a clean stop writes the memtable into a table
+            processes[n]?.waitUntilExit()
+            processes[n] = nil
+            try corruptLargestTable(of: n)
         case .pause(let n):
             signal(n, SIGSTOP)
             paused.insert(n)
@@ -209,6 +217,65 @@ public final class Torture: @unchecked Sendable {
         case .drop(let n, let p): try setTransportFaults(lab.httpAddress(n), "drop=\(p)")
         case .join, .leave, .remove: break   // changeMembership
         }
+    }
+
+    /// Flips two bytes inside the data blocks of node `n`'s largest table (a third and half way
+    /// in: tables hold their filter and index at the end).
+    func corruptLargestTable(of n: Int) throws {
+        let dir = config.workDir + "/n\(n + 1)/storage"
+        let tables = try FileManager.default.contentsOfDirectory(atPath: dir).filter { $0.hasSuffix(".sst") }.map { dir + "/" + $0 }
+        let sizes = tables.map { ($0, (try? FileManager.default.attributesOfItem(atPath: $0)[.size] as? Int) ?? 0) }
+        guard let (path, size) = sizes.max(by: { $0.1 < $1.1 }), size >= 4096,
+              let file = FileHandle(forUpdatingAtPath: path) else { return say("nemesis: n\(n + 1) has no table large enough to corrupt") }
+        defer { try? file.close() }
+        for offset in [size / 3, size / 2] {
+            try file.seek(toOffset: UInt64(offset))
+            let byte = try file.read(upToCount: 1)?.first ?? 0
+            try file.seek(toOffset: UInt64(offset))
+            try file.write(contentsOf: Data([byte ^ 0x5A]))
+        }
+        try file.synchronize()
+        say("nemesis: flipped 2 bytes of \(path) (\(size) bytes)")
+    }
+
+    /// After a lost disk or a corrupt table is healed (the node restarted): the wiped node is
+    /// repaired as an operator would (`cairn repair`); the corrupted one is left to itself. Either
+    /// way the nemesis goes on only once the node refilled (`cairn repair --status`), so two
+    /// faults never take two copies of a key at once.
+    func awaitRefill(_ fault: Fault) async throws {
+        let n: Int
+        switch fault {
+        case .wipeDisk(let node):
+            n = node
+            let out = try await shAsync([config.cairn, "--node", lab.address(n), "--timeout", "300000", "repair", "--json"], allowFailure: true)
+            say("nemesis: cairn repair on n\(n + 1): \(out.replacingOccurrences(of: "\n", with: " ").prefix(300))")
+        case .corruptTable(let node):
+            n = node
+            // First the node must find the damage (its scrub reads every table at start).
+            let found = Date().addingTimeInterval(60)
+            var seen = false
+            while !seen && Date() < found {
+                let metrics = (try? await shAsync(["curl", "-s", "--max-time", "2", "http://\(lab.httpAddress(n))/metrics"])) ?? ""
+                seen = metrics.split(separator: "\n").contains { $0.hasPrefix("cairn_aae_damaged_tables_total ") && !$0.hasSuffix(" 0") }
+                if !seen { try await Task.sleep(for: .milliseconds(500)) }
+            }
+            say(seen ? "nemesis: n\(n + 1) found and set aside the damaged table" : "nemesis: n\(n + 1) reported no damaged table within 60 s")
+        default: return
+        }
+        let deadline = Date().addingTimeInterval(300)
+        var last = ""
+        while Date() < deadline {
+            if let out = try? await cairn(n, ["repair", "--status"]) {
+                last = out
+                if let o = (try? JSONSerialization.jsonObject(with: Data(out.utf8))) as? [String: Any],
+                   (o["refilling"] as? NSNumber)?.intValue == 0 {
+                    say("nemesis: n\(n + 1) refilled")
+                    return
+                }
+            }
+            try await Task.sleep(for: .milliseconds(500))
+        }
+        throw TortureError("n\(n + 1) did not refill within 300 s after \(fault); last status: \(last.prefix(300))")
     }
 
     /// Heals everything: links, transport faults, paused and killed members.
@@ -242,6 +309,7 @@ public final class Torture: @unchecked Sendable {
             try await Task.sleep(for: .milliseconds(f.durationMillis))
             say("nemesis: heal (\(f.fault))")
             try healAll()
+            try await awaitRefill(f.fault)
             timeline.append((begin, elapsedMillis, "\(f.fault)"))
         }
         await finishInFlight()

@@ -19,7 +19,7 @@ usage: cairn-torture [--quick] [--nodes N] [--duration 120s] [--seed N] [--clien
                    membership changes the `membership` kind makes (default 2, 2 and 0); at least
                    3 members remain at all times; joiners are named after the first nodes
   --no-namespaces  loopback only (no root): partitions through the nodes' fault-injecting transport
-  --cairn PATH     the cairn CLI that makes membership changes (default: next to cairn-torture)
+  --cairn PATH     the cairn CLI that makes membership changes and checks refills (default: next to cairn-torture)
 exit status: 0 no defect found; 1 lost, phantom or failed-but-present elements, an unreadable key, a primary gap,
              or a membership change that did not complete; 2 harness error
 """
@@ -116,7 +116,8 @@ if config.cairnd.isEmpty {
     config.cairnd = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("cairnd").path
 }
 guard FileManager.default.isExecutableFile(atPath: config.cairnd) else { fail("no cairnd at \(config.cairnd) (--cairnd PATH)") }
-if config.membershipEnabled {
+// The membership and disk nemeses drive the cluster through the CLI.
+if config.membershipEnabled || config.kinds.contains(.wipeDisk) || config.kinds.contains(.corruptTable) {
     if config.cairn.isEmpty {
         config.cairn = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("cairn").path
     }

@@ -80,6 +80,25 @@ import Foundation
         #expect(MembershipPlan(joins: 2).order(nodes: 3, minimum: 3) == [.join, .join])
     }
 
+    /// The disk nemeses are drawn only when selected, among the members, and selecting them
+    /// leaves no other kind out; the default schedules are as they were without them.
+    @Test func diskFaultsAreDrawnOnlyWhenSelected() {
+        func isDisk(_ f: Fault) -> Bool {
+            switch f {
+            case .wipeDisk, .corruptTable: true
+            default: false
+            }
+        }
+        let plain = NemesisSchedule(seed: 3, nodes: 5, durationMillis: 300_000)
+        #expect(!plain.faults.contains { isDisk($0.fault) })
+        let disk = NemesisSchedule(seed: 3, nodes: 5, durationMillis: 300_000, kinds: FaultKind.standard + [.wipeDisk, .corruptTable])
+        #expect(disk.faults.contains { if case .wipeDisk = $0.fault { true } else { false } })
+        #expect(disk.faults.contains { if case .corruptTable = $0.fault { true } else { false } })
+        #expect(disk.faults.contains { !isDisk($0.fault) })
+        let only = NemesisSchedule(seed: 3, nodes: 3, durationMillis: 60_000, kinds: [.wipeDisk, .corruptTable])
+        #expect(!only.faults.isEmpty && only.faults.allSatisfy { isDisk($0.fault) })
+    }
+
     @Test func theMembershipNemesisJoinsNewNodesAndNeverLeavesFewerThanThree() {
         let s = NemesisSchedule(seed: 9, nodes: 5, durationMillis: 600_000, kinds: FaultKind.classic + [.membership],
                                 membership: MembershipPlan(joins: 2, leaves: 2, removes: 1))
@@ -97,7 +116,8 @@ import Foundation
             case .leave(let n), .remove(let n):
                 #expect(n != 0 && members.contains(n), "n1 stays; only members go")
                 members.remove(n)
-            case .isolate(let n), .kill(let n), .pause(let n), .delay(let n, _), .drop(let n, _), .bridge(let n): #expect(members.contains(n))
+            case .isolate(let n), .kill(let n), .pause(let n), .delay(let n, _), .drop(let n, _), .bridge(let n), .wipeDisk(let n),
+                 .corruptTable(let n): #expect(members.contains(n))
             case .oneWay(let a, let b): #expect(members.contains(a) && members.contains(b))
             case .split(let minority), .clientSplit(let minority): #expect(Set(minority).isSubset(of: members))
             }

@@ -81,6 +81,17 @@ struct TortureRunTests {
         #expect(run.output.contains("loopback, transport partitions"))
     }
 
+    /// The disk nemeses alone: a node's disk is wiped (then `cairn repair`), a node's table is
+    /// corrupted (it must find and refill it by itself); nothing acknowledged may be lost.
+    @Test func theDiskNemesesLoseNothing() async throws {
+        let run = try await Self.torture(["--quick", "--duration", "40s", "--seed", "7", "--faults", "wipe-disk,corrupt-table"])
+        let s = run.summary
+        #expect(run.status == 0, "\(run.output.suffix(4000))")
+        #expect(s["lost"] == 0 && s["phantom"] == 0 && s["failed_but_present"] == 0, "\(s)")
+        #expect(run.output.contains("nemesis: wipe n") && run.output.contains("nemesis: corrupt a table of n"), "\(run.output.suffix(3000))")
+        #expect(run.output.contains("refilled"), "\(run.output.suffix(3000))")
+    }
+
     /// The membership nemesis on top of the quick mode's faults: n4 joins through the `cairn` CLI,
     /// then a member leaves (its cairnd must exit 0); nothing acknowledged may be lost.
     @Test func theMembershipNemesisJoinsAndLeavesWithoutLosingWrites() async throws {
