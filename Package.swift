@@ -58,7 +58,7 @@ let package = Package(
         // Shells: vnodes, coordinators, transport, supervisor, config, HTTP, systemd notify.
         // Deterministic simulation: a seeded executor driving real nodes on virtual time.
         .target(name: "CairnSim", dependencies: [
-            "CairnNode", "CairnCore", "CairnWire", "CairnClient", "CairnTorture", "CairnMembership",
+            "CairnNode", "CairnCore", "CairnWire", "CairnClient", "CairnTorture", "CairnMembership", "CairnAntiEntropy",
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: strict),
         .target(name: "CairnNode", dependencies: [

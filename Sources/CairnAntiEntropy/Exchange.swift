@@ -20,16 +20,11 @@ public struct KeyEntry: Hashable, Sendable {
     public var key: [UInt8]
     public var hash: UInt64
     public var object: VersionedObject?
-    /// The lister holds a tombstone older than its grace period (`tombstones.grace`): one the
-    /// other side may already have collected. Not copied to a side that lacks the key (that
-    /// side collected it, or never held the key), so a collected tombstone is not brought back.
-    public var collectable: Bool
 
-    public init(key: [UInt8], hash: UInt64, object: VersionedObject? = nil, collectable: Bool = false) {
+    public init(key: [UInt8], hash: UInt64, object: VersionedObject? = nil) {
         self.key = key
         self.hash = hash
         self.object = object
-        self.collectable = collectable
     }
 }
 
@@ -93,8 +88,6 @@ public struct ExchangeSummary: Hashable, Sendable {
     public var keysToLocal = 0
     /// Hashes the tree queries carried (both sides): the tree's share of the traffic.
     public var treeHashes = 0
-    /// Old tombstones one side held and the other lacked, left alone (`KeyEntry.collectable`).
-    public var collectableSkipped = 0
     /// More segments differed than `maxSegmentsPerExchange`: the next exchange goes on.
     public var truncated = false
     /// The roots matched at the first look: the partitions were in sync.
@@ -248,20 +241,12 @@ public struct ExchangeMachine: Sendable {
         while i < mine.endIndex || j < theirs.endIndex {
             summary.keysCompared += 1
             if j == theirs.endIndex || (i < mine.endIndex && mine[i].key.lexicographicallyPrecedes(theirs[j].key)) {
-                if mine[i].collectable {
-                    summary.collectableSkipped += 1
-                } else {
-                    repairs.append(.push(mine[i].key))
-                    summary.keysToRemote += 1
-                }
+                repairs.append(.push(mine[i].key))
+                summary.keysToRemote += 1
                 i += 1
             } else if i == mine.endIndex || theirs[j].key.lexicographicallyPrecedes(mine[i].key) {
-                if theirs[j].collectable {
-                    summary.collectableSkipped += 1
-                } else {
-                    repairs.append(theirs[j].object.map { .take(theirs[j].key, $0) } ?? .pull(theirs[j].key))
-                    summary.keysToLocal += 1
-                }
+                repairs.append(theirs[j].object.map { .take(theirs[j].key, $0) } ?? .pull(theirs[j].key))
+                summary.keysToLocal += 1
                 j += 1
             } else {
                 if mine[i].hash != theirs[j].hash {

@@ -174,7 +174,7 @@ public enum AntiEntropyCodec {
             for e in page.entries {
                 w.writeBlob(e.key)
                 w.writeU64(e.hash)
-                w.writeU8((e.object == nil ? 0 : 1) | (e.collectable ? 2 : 0))
+                w.writeU8(e.object == nil ? 0 : 1)
                 if let o = e.object { w.writeBlob(o.encoded()) }
             }
             writeOptionalBlob(page.through, &w)
@@ -214,9 +214,9 @@ public enum AntiEntropyCodec {
                 let key = try r.readBlob("key", limit: limits.maxKeyBytes)
                 let hash = try r.readU64("version hash")
                 let flags = try r.readU8("entry flags")
-                guard flags & ~3 == 0 else { throw DecodeError("unknown key entry flags \(flags)") }
+                guard flags & ~1 == 0 else { throw DecodeError("unknown key entry flags \(flags)") }
                 let object = flags & 1 == 0 ? nil : try VersionedObject.decode(try r.readBlob("object", limit: limits.maxFrameBytes), limits: limits)
-                entries.append(KeyEntry(key: key, hash: hash, object: object, collectable: flags & 2 != 0))
+                entries.append(KeyEntry(key: key, hash: hash, object: object))
             }
             reply = .keys(KeyPage(entries: entries, through: try readOptionalBlob(&r, limit: limits.maxKeyBytes)))
         case 4:

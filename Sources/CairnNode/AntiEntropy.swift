@@ -336,8 +336,11 @@ final class AntiEntropyManager: SupervisedChild {
         var sweeping = false
         var tombstones: [PartitionID: TombstoneTally] = [:]
         /// Per partition and peer: the store's last applied sequence when the newest exchange
-        /// with that peer that completed untruncated began (`TombstoneRule.Partition.exchangedAt`).
-        var exchangedAt: [PartitionID: [NodeName: UInt64]] = [:]
+        /// with that peer that completed untruncated began (`TombstoneRule.Partition.exchangedAt`),
+        /// and the ring version it ran under (start to end). Only exchanges under the current
+        /// ring count: a ring change moves copies (a departing owner's old data reaches the new
+        /// one by handoff), so what an earlier exchange proved no longer holds.
+        var exchangedAt: [PartitionID: [NodeName: (sequence: UInt64, ring: UInt64)]] = [:]
         var building: Set<PartitionID> = []
         /// Builds that failed, in a row, with the last failure's time and reason (their backoff).
         var buildFailures: [PartitionID: (count: Int, at: ContinuousClock.Instant, reason: String)] = [:]
@@ -447,13 +450,6 @@ final class AntiEntropyManager: SupervisedChild {
         return UInt64(seconds).multipliedReportingOverflow(by: 1000).partialValue &+ UInt64(atto / 1_000_000_000_000_000)
     }
 
-    /// Tombstones deleted at or before this wall time (ms) may have been collected by another
-    /// replica (`KeyEntry.collectable`); 0 when this node collects none.
-    func collectableBefore() -> UInt64 {
-        guard env.settings.enabled, env.settings.tombstoneSweepInterval > .zero else { return 0 }
-        let now = env.clock.wallMillis(), grace = Self.millis(env.settings.tombstoneGrace)
-        return now > grace ? now - grace : 0
-    }
 
     /// What one sweep of a partition found: tombstones held after it, and why each was kept.
     struct TombstoneTally: Sendable {
@@ -494,12 +490,14 @@ final class AntiEntropyManager: SupervisedChild {
         guard primaries.contains(env.me) else { return }
         let here = await env.pendingHandoff()
         let elsewhere = await askPending(ring)
-        let exchanged = book.withLock { $0.exchangedAt[p] ?? [:] }
+        let exchanged = (book.withLock { $0.exchangedAt[p] ?? [:] }).compactMapValues { $0.ring == ring.version ? $0.sequence : nil }
         let state = TombstoneRule.Partition(
             otherPrimaries: primaries.filter { $0 != env.me }.map(\.description),
             exchangedAt: Dictionary(uniqueKeysWithValues: exchanged.map { ($0.key.description, $0.value) }),
-            pendingHere: here.fallbacks.contains(Int(p.index)) || primaries.contains { here.targets.contains($0.description) },
-            pendingElsewhere: elsewhere.fallbacks.contains(Int(p.index)) || primaries.contains { elsewhere.targets.contains($0.description) },
+            // Any hint at all blocks: a hint's target may no longer be a primary of the partition
+            // (the ring changed), and its replay still reaches the partition's owners.
+            pendingHere: here.fallbacks.contains(Int(p.index)) || !here.targets.isEmpty,
+            pendingElsewhere: elsewhere.fallbacks.contains(Int(p.index)) || !elsewhere.targets.isEmpty,
             memberUnknown: elsewhere.unknown,
             refilling: env.state.isRefilling(p),
             transferring: ring.pendingTransfers.contains { $0.partition == p })
@@ -920,6 +918,7 @@ final class AntiEntropyManager: SupervisedChild {
         // What this copy held when the exchange began: a completed exchange proves the peer
         // holds it too (the tombstone rule's horizon).
         let startSequence = env.storage()?.lastApplied.sequence
+        let startRing = env.ring()?.version
         var run = ExchangeRun(manager: self, partition: p, peer: peer)
         let result = await run.perform()
         let summary: ExchangeSummary
@@ -961,7 +960,9 @@ final class AntiEntropyManager: SupervisedChild {
         } else {
             book.withLock { b in
                 b.refillFailures[p] = nil
-                if outcome != "truncated", let startSequence { b.exchangedAt[p, default: [:]][peer] = startSequence }
+                if outcome != "truncated", let startSequence, let startRing, startRing == env.ring()?.version {
+                    b.exchangedAt[p, default: [:]][peer] = (startSequence, startRing)
+                }
             }
             if outcome != "truncated", env.state.settle(p) {
                 env.logger.debug("partition refilled by anti-entropy", metadata: ["partition": "\(p.index)", "peer": "\(peer)"])
@@ -1041,8 +1042,7 @@ final class AntiEntropyManager: SupervisedChild {
             query.limit = min(query.limit, env.settings.exchange.keysPerPage)
             do {
                 return .success(.keys(try await Self.listKeys(store, partition: p, query: query, shape: request.shape, withObjects: true,
-                                                              maxBytes: env.settings.maxReplyBytes, limits: env.limits,
-                                                              collectableBefore: collectableBefore())))
+                                                              maxBytes: env.settings.maxReplyBytes, limits: env.limits)))
             } catch {
                 return .failure(ErrorReply(code: .storage, message: "node \(env.me) could not list partition \(p.index): \(error)"))
             }
@@ -1070,10 +1070,8 @@ final class AntiEntropyManager: SupervisedChild {
     /// segments when `withObjects`). Stops at `query.limit` keys, `maxBytes` bytes, or after
     /// scanning `64 × limit` keys (a page of a large partition with few keys asked for), and then
     /// says where (`through`). Objects that do not decode are left out (not served either).
-    /// A tombstone whose newest deletion is at or before `collectableBefore` (wall ms; 0: none)
-    /// is marked `collectable`.
     static func listKeys(_ store: any PartitionStore, partition p: PartitionID, query: KeyQuery, shape: TreeShape, withObjects: Bool,
-                         maxBytes: Int, limits: Limits, collectableBefore: UInt64 = 0) async throws -> KeyPage {
+                         maxBytes: Int, limits: Limits) async throws -> KeyPage {
         struct Page: Sendable {
             var entries: [KeyEntry] = []
             var bytes = 0
@@ -1086,9 +1084,7 @@ final class AntiEntropyManager: SupervisedChild {
             let segment = KeyVersionHash.segment(of: key, shape: shape)
             if segments.contains(segment), let o = try? VersionedObject.decode(value, limits: limits) {
                 let withObject = objectSegments.contains(segment)
-                let collectable = collectableBefore > 0 && o.isDeleted && (o.values.map(\.timestampMillis).max() ?? 0) <= collectableBefore
-                page.entries.append(KeyEntry(key: key, hash: KeyVersionHash.hash(key: key, object: o), object: withObject ? o : nil,
-                                             collectable: collectable))
+                page.entries.append(KeyEntry(key: key, hash: KeyVersionHash.hash(key: key, object: o), object: withObject ? o : nil))
                 page.bytes += key.count + 12 + (withObject ? value.count : 0)
             }
             return page.entries.count >= limit || page.bytes >= maxBytes || page.scanned >= scanLimit ? .stop : .continue
@@ -1164,8 +1160,7 @@ private struct ExchangeRun {
                 let local: KeyPage
                 do {
                     local = try await AntiEntropyManager.listKeys(store, partition: partition, query: query, shape: shape, withObjects: false,
-                                                                  maxBytes: env.settings.maxReplyBytes, limits: env.limits,
-                                                                  collectableBefore: manager.collectableBefore())
+                                                                  maxBytes: env.settings.maxReplyBytes, limits: env.limits)
                 } catch {
                     throw ExchangeFailure("could not list partition \(partition.index) here: \(error)")
                 }

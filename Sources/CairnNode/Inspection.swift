@@ -28,15 +28,20 @@ public struct PlacementSnapshot: Sendable {
 }
 
 extension CairnNode {
-    /// This node's placement snapshot (nil before `start`). Counts every partition's keys in
-    /// storage, so it costs a pass over the partition table: for tests and the simulator.
+    /// This node's placement snapshot (nil before `start`). Counts every partition's live keys
+    /// in storage (tombstones left out: replicas collect them each at its own pace), so it
+    /// costs a pass over the partition table: for tests and the simulator.
     public func placement() async -> PlacementSnapshot? {
         guard let agent = core.membership else { return nil }
         let ring = agent.ring
         var stored: [UInt32: Int] = [:]
         if let backend = core.backend, let ring {
+            let limits = config.limits
             for i in 0..<ring.partitionCount {
-                let n = (try? await backend.count(partition: PartitionID(UInt32(i)))) ?? 0
+                let n = (try? await backend.fold(partition: PartitionID(UInt32(i)), after: nil, into: 0) { n, _, value in
+                    if let o = try? VersionedObject.decode(value, limits: limits), !o.isDeleted { n += 1 }
+                    return .continue
+                }.accumulator) ?? 0
                 if n > 0 { stored[UInt32(i)] = n }
             }
         }
@@ -92,6 +97,9 @@ extension CairnNode {
         guard let p = core.view?.partition(forKey: key), let vnode = core.vnodes.vnode(for: p) else { return nil }
         return await vnode.treeRoot()
     }
+
+    /// The partition `key` belongs to in this node's ring (nil before joining).
+    public func partition(ofKey key: [UInt8]) -> PartitionID? { core.view?.partition(forKey: key) }
 
     /// How this node's failure detector holds each member now (`alive`, `suspect`, `dead`).
     public func livenessTable() -> [NodeName: String] {

@@ -96,6 +96,9 @@ public final class NodeMetrics: Sendable {
     /// kept by each reason (`TombstoneRule.Block`).
     let tombstonesHeld: CoreMetrics.Gauge
     let tombstonesCollected: CoreMetrics.Counter
+    /// Copies of collected history (a collected tombstone, or older) that arrived again and
+    /// were not stored.
+    let tombstonesReturned: CoreMetrics.Counter
     let tombstonesBlocked: [TombstoneRule.Block: CoreMetrics.Gauge]
     /// Damaged tables set aside and their partitions marked for refilling.
     let aaeDamagedTables: CoreMetrics.Counter
@@ -178,6 +181,7 @@ public final class NodeMetrics: Sendable {
         aaeDamagedTables = CoreMetrics.Counter(label: "cairn_aae_damaged_tables_total", factory: f)
         tombstonesHeld = CoreMetrics.Gauge(label: "cairn_tombstones_held", factory: f)
         tombstonesCollected = CoreMetrics.Counter(label: "cairn_tombstones_collected_total", factory: f)
+        tombstonesReturned = CoreMetrics.Counter(label: "cairn_tombstones_returned_total", factory: f)
         tombstonesBlocked = Dictionary(uniqueKeysWithValues: TombstoneRule.Block.allCases.map {
             ($0, CoreMetrics.Gauge(label: "cairn_tombstones_blocked", dimensions: [("reason", $0.rawValue)], factory: f))
         })

@@ -95,6 +95,15 @@ public actor Vnode: SupervisedChild {
     /// before the tombstones are deleted. A new dot of that actor on a key with no live value of
     /// it starts at the floor, so it is never one a dropped history already holds.
     private var counterFloor: (epoch: UInt64, counter: UInt64)?
+    /// Tombstones this vnode collected lately, key → the clock collected, oldest first out past
+    /// `collectedMemory`. The other replicas collect at their own pace and an exchange copies
+    /// theirs back; a copy of history this clock covers (that tombstone, or anything older) is
+    /// not stored again. Forgetting one only costs a second collection.
+    private var collected: [[UInt8]: VersionVector] = [:]
+    private var collectedOrder: [[UInt8]] = []
+    private var collectedStart = 0
+    /// Collected tombstones a vnode remembers (`collected`).
+    public static let collectedMemory = 65_536
 
     /// `treeShape`: keep an anti-entropy tree of that shape (primaries only; nil: none);
     /// `savedTree`: the tree saved at the last clean shutdown (else one is built from storage);
@@ -267,6 +276,18 @@ public actor Vnode: SupervisedChild {
 
     static func counterFloorMetadataName(_ p: PartitionID) -> String { "gc-floor/\(p.index)" }
 
+    private func remember(_ key: [UInt8], _ clock: VersionVector) {
+        if collected.updateValue(clock, forKey: key) == nil { collectedOrder.append(key) }
+        while collected.count > Self.collectedMemory, collectedStart < collectedOrder.count {
+            collected[collectedOrder[collectedStart]] = nil
+            collectedStart += 1
+        }
+        if collectedStart > 4096, collectedStart * 2 > collectedOrder.count {
+            collectedOrder.removeFirst(collectedStart)
+            collectedStart = 0
+        }
+    }
+
     static func savedCounterFloor(in backend: any PartitionStore, partition p: PartitionID) -> (epoch: UInt64, counter: UInt64)? {
         guard let b = try? backend.metadata(counterFloorMetadataName(p)), b.count == 16 else { return nil }
         let epoch = b[0..<8].reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
@@ -306,7 +327,10 @@ public actor Vnode: SupervisedChild {
                 }
             }
             let token = try backend.delete(partition: space, keys: doomed.map(\.key))
-            for d in doomed { recordInTree(d.key, old: d.object, new: nil) }
+            for d in doomed {
+                recordInTree(d.key, old: d.object, new: nil)
+                remember(d.key, d.object.context)
+            }
             return (doomed.count, token)
         } catch {
             throw fail("could not collect tombstones: \(error)")
@@ -318,6 +342,10 @@ public actor Vnode: SupervisedChild {
     private func mergeLocally(key: [UInt8], object incoming: VersionedObject) throws(VnodeError) -> (VersionedObject, DurabilityToken) {
         try ensureServing()
         let current = try loadReplacingDamage(key)
+        if current == nil, let seen = collected[key], incoming.context.dots.allSatisfy({ $0.counter <= seen[$0.actor] }) {
+            metrics.tombstonesReturned.increment()
+            return (incoming, backend.lastApplied)
+        }
         let merged = current.map { VersionedObject.sync($0, incoming) } ?? incoming
         try checkClock(merged)
         if merged == current, let current { return (current, backend.lastApplied) }

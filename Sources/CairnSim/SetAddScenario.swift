@@ -4,6 +4,7 @@ public import CairnStorage
 import CairnWire
 import CairnClient
 import CairnTorture
+import CairnAntiEntropy
 import Logging
 import Synchronization
 
@@ -132,6 +133,9 @@ public struct SetAddScenario: Sendable {
         var injected: [String: Int] = [:]
         /// Elements whose write certainly was not applied (never to be seen by anyone).
         var failed: Set<UInt64> = []
+        /// Keys written once and then deleted, both acknowledged: they must read as absent at
+        /// the end, on every replica (a tombstone collected too early brings them back).
+        var deleted: [String] = []
         /// Violations seen while the clients ran (at most `maxContinuous`).
         var continuous: [String] = []
         var continuousCount = 0
@@ -236,6 +240,27 @@ public struct SetAddScenario: Sendable {
                             }
                         }
                     }
+                    // One more client writes keys once and deletes them with the write's context,
+                    // through one of the key's primaries: a put forwarded to a coordinator could
+                    // be duplicated by the network (`dup`), and a late copy is a new write made
+                    // without seeing the delete (a sibling, rightly), not a resurrection.
+                    clientsGroup.addTask {
+                        var rng = SplitMix64(seed: seed ^ 0xde1e7e)
+                        var n = 0
+                        while clock.now() < end {
+                            let present = cluster.present.filter { cluster.isUp($0) }
+                            n += 1
+                            let key = Array("gone-\(n)".utf8)
+                            let any = present.isEmpty ? nil : cluster.node(present[Int(rng.next(below: UInt64(present.count)))])
+                            let primaries = any?.replicas(ofKey: key) ?? []
+                            let coordinator = present.compactMap { cluster.node($0) }.first { primaries.contains($0.config.name) }
+                            if let node = coordinator, let key = await Self.writeThenDelete(n, via: node) {
+                                log.update { $0.deleted.append(key) }
+                                note("\(node.config.name) wrote and deleted \(key)")
+                            }
+                            try? await clock.sleep(for: .milliseconds(Int64(100 + rng.next(below: 200))))
+                        }
+                    }
                 }
                 try await group.waitForAll()
                 // Quiet period: every fault off, every node up, in-flight work settles.
@@ -250,7 +275,7 @@ public struct SetAddScenario: Sendable {
                 for n in catchUp.notes { note(n) }
                 // Then anti-entropy: after one round of exchanges every replica of every key
                 // holds the same object (a wiped one refilled), and every primary every add.
-                let converged = await Self.checkReplicasAgree(cluster, keys: keys, note: note)
+                let converged = await Self.checkReplicasAgree(cluster, keys: keys, deleted: log.current.deleted, note: note)
                 violations += converged
                 if nemesis.wipedAny, converged.isEmpty {
                     violations += await Self.checkPrimaries(cluster, keys: keys, attempts: log.current.attempts, diskWiped: false).violations
@@ -264,6 +289,7 @@ public struct SetAddScenario: Sendable {
                     if case .elements(let e) = read { note("final \(Self.keyName(key)): \(e.count) elements") }
                 }
                 let current = log.current
+                violations += await Self.checkDeleted(cluster, keys: current.deleted, note: note)
                 violations += current.continuous
                 if current.continuousCount > current.continuous.count {
                     violations.append("\(current.continuousCount - current.continuous.count) more violations seen by client reads")
@@ -717,7 +743,10 @@ public struct SetAddScenario: Sendable {
     /// Anti-entropy's end state: runs one round of exchanges on every up node (`repairNow`),
     /// then compares, for every key, its primaries' own copies (the whole object: values and
     /// clock) and their trees' roots of its partition. Any difference is a violation.
-    static func checkReplicasAgree(_ cluster: SimulatedCluster, keys: Int, note: (String) -> Void) async -> [String] {
+    /// Trees may differ by tombstones one replica collected and another has not yet (collection
+    /// is each replica's own): a root is compared with the version hashes of the tombstones of
+    /// `deleted` keys it still holds taken out.
+    static func checkReplicasAgree(_ cluster: SimulatedCluster, keys: Int, deleted: [String] = [], note: (String) -> Void) async -> [String] {
         let nodes = cluster.present.filter { cluster.isUp($0) }.compactMap { cluster.node($0) }
         var failed = 0
         for node in nodes {
@@ -735,7 +764,12 @@ public struct SetAddScenario: Sendable {
             for name in view.replicas(ofKey: k) {
                 guard let node = nodes.first(where: { $0.config.name == name }) else { continue }
                 copies.append((name, try? await node.localCopy(of: k)))
-                roots.append((name, await node.treeRoot(ofKey: k)))
+                var root = await node.treeRoot(ofKey: k)
+                let p = node.partition(ofKey: k)
+                for g in deleted.map({ Array($0.utf8) }) where node.partition(ofKey: g) == p {
+                    if let o = try? await node.localCopy(of: g), o.isDeleted { root = root.map { $0 ^ KeyVersionHash.hash(key: g, object: o) } }
+                }
+                roots.append((name, root))
             }
             if let first = copies.first, copies.contains(where: { $0.1 != first.1 }) {
                 out.append("\(keyName(key)): replicas differ after anti-entropy: "
@@ -826,6 +860,49 @@ public struct SetAddScenario: Sendable {
         case let other:
             return .unknown("unexpected reply \(other.type)")
         }
+    }
+
+    /// Writes `gone-n` once and deletes it with the write's own context; the key when both
+    /// were acknowledged (nil otherwise: nothing to check).
+    static func writeThenDelete(_ n: Int, via node: CairnNode) async -> String? {
+        let key = "gone-\(n)"
+        guard case .writeReply(let written) = await node.answer(.put(PutRequest(key: Array(key.utf8), value: [1, 2, 3]))) else { return nil }
+        guard case .writeReply = await node.answer(.delete(DeleteRequest(key: Array(key.utf8), context: written.context))) else { return nil }
+        return key
+    }
+
+    /// Every deleted key reads as absent at R=all, and no primary holds a live value of it.
+    static func checkDeleted(_ cluster: SimulatedCluster, keys: [String], note: (String) -> Void) async -> [String] {
+        var out: [String] = []
+        let readers = cluster.present.filter { cluster.isUp($0) }
+        guard !readers.isEmpty else { return [] }
+        for (i, key) in keys.enumerated() {
+            guard let node = cluster.node(readers[i % readers.count]) else { continue }
+            let options = RequestOptions(r: .all, timeoutMillis: 5000)
+            switch await node.answer(.get(GetRequest(key: Array(key.utf8), options: options))) {
+            case .getReply(let r) where r.siblings.contains { !$0.isTombstone }:
+                var holders: [String] = []
+                for j in readers {
+                    guard let n = cluster.node(j), let o = try? await n.localCopy(of: Array(key.utf8)) else { continue }
+                    holders.append("\(n.config.name): \(o.isDeleted ? "tombstone" : "live") \(o.context)")
+                }
+                out.append("\(key): deleted (acknowledged) but read back with \(r.siblings.count { !$0.isTombstone }) live values; "
+                           + "partition \(node.partition(ofKey: Array(key.utf8))?.index ?? 0); copies: \(holders.joined(separator: ", "))")
+            case .getReply:
+                break
+            case .error(let e):
+                out.append("\(key): the final read of a deleted key at R=all failed: \(e.message)")
+            case let other:
+                out.append("\(key): unexpected reply \(other.type)")
+            }
+        }
+        var collected = 0
+        for i in readers {
+            guard let node = cluster.node(i) else { continue }
+            for key in keys where (try? await node.localCopy(of: Array(key.utf8))) == nil { collected += 1 }
+        }
+        note("deleted keys checked: \(keys.count); copies collected \(collected) of \(keys.count * readers.count) (any replica)")
+        return out
     }
 
     static func readAll(_ key: Int, via node: CairnNode) async -> FinalRead {

@@ -78,6 +78,11 @@ public final class SimulatedCluster: Sendable {
         public var syncMode: SyncMode = .always
         /// Every node's `handoff.transfer_timeout` (the bound the scenario holds transfers to).
         public var transferTimeout: Duration = .seconds(60)
+        /// Tombstones are collected this soon and swept this often, and partitions exchanged
+        /// this often: short, so exchanges and collection happen while the faults run.
+        public var tombstoneGrace: Duration = .seconds(2)
+        public var tombstoneSweepInterval: Duration = .seconds(1)
+        public var exchangeInterval: Duration = .seconds(2)
         /// Wraps node `i`'s backend once it is open (the self-test's lossy node).
         public var decorate: (@Sendable (Int, any PartitionStore) -> any PartitionStore)?
         public init() {}
@@ -168,6 +173,9 @@ public final class SimulatedCluster: Sendable {
         c.ringSize = settings.ringSize
         c.nVal = settings.nVal
         c.requestTimeoutMillis = settings.requestTimeoutMillis
+        c.antiEntropy.tombstoneGrace = settings.tombstoneGrace
+        c.antiEntropy.tombstoneSweepInterval = settings.tombstoneSweepInterval
+        c.antiEntropy.exchangeInterval = settings.exchangeInterval
         // Small buffers: flushes and compactions happen within a short run.
         c.storage.writeBufferBytes = 256 << 10
         c.storage.blockCacheBytes = 1 << 20

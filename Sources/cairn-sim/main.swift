@@ -126,6 +126,7 @@ struct CairnSimCommand: ParsableCommand {
                 failed += 1
                 print("seed \(s): FAILED: \(first) (\(report.violations.count) violations; \(report.acknowledged) acknowledged, \(report.unknown) unknown, \(report.refused) not applied)")
                 print("  reproduce: \(reproduce(s))")
+                if trace { for v in report.violations.dropFirst() { print("  also: \(v)") } }
             }
         }
         let wall = Date().timeIntervalSince(started)

@@ -51,10 +51,8 @@ struct Replica {
 }
 
 /// Runs one exchange between `a` (local) and `b` (remote) to its end, performing every repair.
-/// `listed` may change a replica's key page before the machine sees it.
 @discardableResult
-func exchange(_ a: inout Replica, _ b: inout Replica, settings: ExchangeSettings = .init(),
-              listed: (KeyPage, Replica) -> KeyPage = { page, _ in page }) -> (ExchangeSummary?, String?) {
+func exchange(_ a: inout Replica, _ b: inout Replica, settings: ExchangeSettings = .init()) -> (ExchangeSummary?, String?) {
     var m = ExchangeMachine(shape: a.tree.shape, settings: settings)
     var step = m.start()
     for _ in 0..<100_000 {
@@ -64,7 +62,7 @@ func exchange(_ a: inout Replica, _ b: inout Replica, settings: ExchangeSettings
         case .compareChildren(let level, let parents):
             step = m.children(local: a.tree.children(level: level, of: parents), remote: b.tree.children(level: level, of: parents))
         case .listKeys(let q):
-            step = m.keys(local: listed(a.page(q, withObjects: false), a), remote: listed(b.page(q, withObjects: true), b))
+            step = m.keys(local: a.page(q, withObjects: false), remote: b.page(q, withObjects: true))
         case .repair(let repairs):
             for r in repairs {
                 switch r {
@@ -273,44 +271,6 @@ func key(_ i: Int) -> [UInt8] { Array("k\(i)".utf8) }
         #expect(rounds > 5)
     }
 
-    /// An old tombstone one side holds and the other lacks is left alone (that side collected
-    /// it, or never had the key): collected tombstones do not come back. Everything else still
-    /// converges, and a tombstone both sides hold differently is still reconciled.
-    @Test func collectableTombstonesAreNotCopiedToASideThatLacksTheKey() {
-        var a = Replica(shape: .standard, name: "a"), b = Replica(shape: .standard, name: "b")
-        for i in 0..<20 {
-            a.write(key(i), 1, millis: 1)
-            b.merge(key(i), a.objects[key(i)] ?? VersionedObject())
-        }
-        var tomb = a.objects[key(0)] ?? VersionedObject()
-        try? tomb.update(context: tomb.context, value: .tombstone(timestampMillis: 5), actor: a.actor)
-        a.store(key(0), tomb)              // a holds the old tombstone, b collected it
-        b.store(key(0), nil)
-        var other = b.objects[key(1)] ?? VersionedObject()
-        try? other.update(context: other.context, value: .tombstone(timestampMillis: 5), actor: b.actor)
-        b.store(key(1), other)             // b holds it, a collected it
-        a.store(key(1), nil)
-        b.write(key(2), 9, millis: 6)      // an ordinary difference
-        // Each side marks its tombstones collectable, as a lister past the grace period does.
-        func marked(_ page: KeyPage, _ r: Replica) -> KeyPage {
-            var page = page
-            for i in page.entries.indices where r.objects[page.entries[i].key]?.isDeleted == true { page.entries[i].collectable = true }
-            return page
-        }
-        func run() -> ExchangeSummary? { exchange(&a, &b, listed: marked).0 }
-        let s = run()
-        #expect(s?.collectableSkipped == 2)
-        #expect(a.objects[key(0)] != nil && b.objects[key(0)] == nil, "the tombstone is not copied to the side that collected it")
-        #expect(b.objects[key(1)] != nil && a.objects[key(1)] == nil)
-        #expect(a.objects[key(2)] == b.objects[key(2)], "other differences are repaired")
-        // A tombstone both sides hold, differently, is still reconciled.
-        var t2 = a.objects[key(3)] ?? VersionedObject()
-        try? t2.update(context: t2.context, value: .tombstone(timestampMillis: 7), actor: a.actor)
-        a.store(key(3), t2)
-        _ = run()
-        #expect(a.objects[key(3)] == b.objects[key(3)])
-    }
-
     @Test func aMalformedRemoteAnswerFailsTheExchange() {
         var a = Replica(shape: .standard, name: "a"), b = Replica(shape: .standard, name: "b")
         for i in 0..<50 { b.write(key(i), 1, millis: 1) }
@@ -355,8 +315,6 @@ func key(_ i: Int) -> [UInt8] { Array("k\(i)".utf8) }
             .root(77, refilling: true), .hashes([1, 2, 3]),
             .keys(KeyPage(entries: [KeyEntry(key: [1], hash: 5, object: o), KeyEntry(key: [2], hash: 6)], through: [2])),
             .keys(KeyPage(entries: [], through: nil)), .objects([o, nil]), .pushed(4),
-            .keys(KeyPage(entries: [KeyEntry(key: [3], hash: 7, object: o, collectable: true), KeyEntry(key: [4], hash: 8, collectable: true)],
-                          through: nil)),
             .pending(hintTargets: ["n2", "n3"], fallbacks: [0, 5, 63]), .pending(hintTargets: [], fallbacks: []),
         ]
         for reply in replies {

@@ -189,13 +189,28 @@ import Logging
         // The old tombstone comes back (a fallback, an old replica): the new write stays.
         let merged = try await tv.merge(key: k, object: tombstone)
         #expect(merged.liveValues.map(\.value) == [[42]])
+        // On a key collected and not written since, a returning copy of the collected history
+        // (the tombstone, or an older value it deleted) is not stored again; newer history is.
+        let other: [UInt8] = [11]
+        var old = try await tv.coordinate(key: other, sibling: Sibling(value: [5], timestampMillis: 1), context: VersionVector(), actor: actor)
+        let oldValue = old
+        old = try await tv.coordinate(key: other, sibling: .tombstone(timestampMillis: 2), context: old.context, actor: actor)
+        #expect(try await tv.collect([(other, KeyVersionHash.hash(key: other, object: old))], nodeActor: actor) == 1)
+        _ = try await tv.merge(key: other, object: old)
+        _ = try await tv.merge(key: other, object: oldValue)
+        #expect(try await tv.get(other) == nil, "collected history does not come back")
+        var newer = VersionedObject()
+        try newer.update(context: VersionVector(), value: Sibling(value: [6], timestampMillis: 3), actor: ActorID(node: "n2", epoch: 1))
+        _ = try await tv.merge(key: other, object: newer)
+        #expect(try await tv.get(other)?.liveValues.map(\.value) == [[6]])
+        #expect(await tv.readyTree == (try await fromScratch(backend)))
         sup.finish(); task.cancel(); try await task.value
         // The floor outlives the vnode: a new one on the same store starts from it.
         let floor = try #require(Vnode.savedCounterFloor(in: backend, partition: PartitionID(3)))
         #expect(floor.epoch == actor.epoch && floor.counter > tombstone.context[actor])
         let (again, sup2, task2) = try await vnode(backend)
-        let other = try await again.coordinate(key: [10], sibling: Sibling(value: [1], timestampMillis: 10), context: VersionVector(), actor: actor)
-        #expect(other.context[actor] == floor.counter)
+        let started = try await again.coordinate(key: [10], sibling: Sibling(value: [1], timestampMillis: 10), context: VersionVector(), actor: actor)
+        #expect(started.context[actor] == floor.counter)
         sup2.finish(); task2.cancel(); try await task2.value
     }
 

@@ -17,7 +17,7 @@ import CairnMembership
         var injected: [String: Int] = [:]
         var acknowledged = 0
         // Between them: joins, leaves, a removal, crashes, splits and cuts (the trace of each).
-        for seed: UInt64 in [3, 5, 6] {
+        for seed: UInt64 in [3, 4, 6] {
             let r = await offPool { s.run(seed: seed) }
             injected.merge(r.injected, uniquingKeysWith: +)
             acknowledged += r.acknowledged
