@@ -82,6 +82,7 @@ final class AntiEntropyState: Sendable {
     /// counts as refilling until an exchange of it completes (its old data is not authoritative).
     func load(from store: any PartitionStore, logger: Logger, nowMillis: UInt64 = 0, awayLimitMillis: UInt64 = 0) async throws {
         emptyStart.withLock { $0 = store.openedEmpty }
+        heartbeatEvery.withLock { $0 = Self.heartbeatInterval(awayLimitMillis: awayLimitMillis) }
         if store.createdFresh { try await store.setMetadata([(Self.refillKey, [1])]) }
         // A mark in a damaged table block is unknown: assume the worst (refilling) for the
         // refill mark, and nothing settled; exchanges settle the partitions again.
@@ -144,6 +145,15 @@ final class AntiEntropyState: Sendable {
     func endEmptyStart() { emptyStart.withLock { $0 = false } }
 
     private let stale = Locked(false)
+    /// Partitions of this node a set-aside damaged table covers (`setDamageHandled`).
+    private let setAside = Locked<Set<PartitionID>>([])
+
+    /// Records the partitions that set-aside damaged tables cover now: a vnode of one may drop
+    /// a key the damage hides when it is read (`Vnode.get`).
+    func setDamageHandled(_ partitions: Set<PartitionID>) { setAside.withLock { $0 = partitions } }
+
+    /// Whether damage covering `p` was handled: its table set aside, its partitions marked.
+    func mayForgetDamaged(_ p: PartitionID) -> Bool { setAside.withLock { $0.contains(p) } }
 
     /// Whether `p`'s copy may hold stale values: refilling after the node was away longer than
     /// the hint window.
@@ -187,12 +197,19 @@ final class AntiEntropyState: Sendable {
     }
 
     private let lastHeartbeat = Locked<UInt64?>(nil)
+    private let heartbeatEvery = Locked<UInt64>(60_000)
 
-    /// Records that this node is alive now (`aliveKey`), at most once a minute: how a later start
-    /// knows how long it was away.
+    /// How often the heartbeat is recorded: a quarter of the away limit, between 1 s and 1 min,
+    /// so a start measures its absence to within that (a shorter absence is never taken for a
+    /// longer one by more than it).
+    static func heartbeatInterval(awayLimitMillis: UInt64) -> UInt64 { min(60_000, max(1_000, awayLimitMillis / 4)) }
+
+    /// Records that this node is alive now (`aliveKey`), at most every `heartbeatInterval`: how a
+    /// later start knows how long it was away.
     func heartbeat(store: any PartitionStore, nowMillis: UInt64) async throws {
+        let every = heartbeatEvery.value
         let due = lastHeartbeat.withLock { last in
-            guard last.map({ nowMillis < $0 || nowMillis - $0 >= 60_000 }) ?? true else { return false }
+            guard last.map({ nowMillis < $0 || nowMillis - $0 >= every }) ?? true else { return false }
             last = nowMillis
             return true
         }
@@ -411,7 +428,13 @@ final class AntiEntropyManager: SupervisedChild {
     /// exchanged as soon as their trees are ready, so replicas send the lost keys back.
     private func handleDamage(_ mine: [PartitionID]) async {
         guard let store = env.storage() else { return }
-        let found = store.damagedTables().filter { !env.state.damageHandled($0.table) }
+        let damaged = store.damagedTables()
+        defer {
+            // Tables handled (this run or an earlier one) and set aside.
+            let handled = damaged.filter { $0.quarantined && env.state.damageHandled($0.table) }
+            env.state.setDamageHandled(Set(mine.filter { p in handled.contains { $0.partitions?.contains(p.index) ?? false } }))
+        }
+        let found = damaged.filter { !env.state.damageHandled($0.table) }
         guard !found.isEmpty else { return }
         let live = Set(store.tables().map(\.table))
         for d in found {
@@ -443,12 +466,6 @@ final class AntiEntropyManager: SupervisedChild {
     }
 
     // MARK: Tombstones
-
-    static func millis(_ d: Duration) -> UInt64 {
-        let (seconds, atto) = d.components
-        guard seconds >= 0 else { return 0 }
-        return UInt64(seconds).multipliedReportingOverflow(by: 1000).partialValue &+ UInt64(atto / 1_000_000_000_000_000)
-    }
 
 
     /// What one sweep of a partition found: tombstones held after it, and why each was kept.
@@ -501,7 +518,7 @@ final class AntiEntropyManager: SupervisedChild {
             memberUnknown: elsewhere.unknown,
             refilling: env.state.isRefilling(p),
             transferring: ring.pendingTransfers.contains { $0.partition == p })
-        let rule = TombstoneRule(graceMillis: Self.millis(env.settings.tombstoneGrace))
+        let rule = TombstoneRule(graceMillis: env.settings.tombstoneGrace.wholeMilliseconds)
         let horizon = rule.horizon(state)
         let now = env.clock.wallMillis()
         let limits = env.limits
@@ -560,6 +577,10 @@ final class AntiEntropyManager: SupervisedChild {
         for why in TombstoneRule.Block.allCases { env.metrics.tombstonesBlocked[why]?.record(totals.blocked[why] ?? 0) }
         if collected > 0 {
             env.logger.info("tombstones collected", metadata: ["partition": "\(p.index)", "collected": "\(collected)", "held": "\(tally.held)"])
+        } else if tally.held > 0 {
+            env.logger.debug("tombstones held", metadata: [
+                "partition": "\(p.index)", "held": "\(tally.held)",
+                "blocked": "\(tally.blocked.sorted { $0.key.rawValue < $1.key.rawValue }.map { "\($0.key.rawValue)=\($0.value)" }.joined(separator: ","))"])
         }
     }
 
@@ -1200,6 +1221,12 @@ private struct ExchangeRun {
                 reconcile.insert(k)
             case .push(let k): push.append(k)
             }
+        }
+        if env.logger.logLevel <= .trace {
+            func names(_ keys: [[UInt8]]) -> String { keys.prefix(8).map { String(decoding: $0, as: UTF8.self) }.joined(separator: ",") }
+            env.logger.trace("anti-entropy repairs", metadata: [
+                "partition": "\(partition.index)", "peer": "\(peer)", "take": "\(names(take.map(\.key)))", "fetch": "\(names(fetch))",
+                "reconcile": "\(names(Array(reconcile)))", "push": "\(names(push))"])
         }
         let batch = max(1, env.settings.repairBatchKeys)
         var outgoing: [(key: [UInt8], object: VersionedObject)] = []

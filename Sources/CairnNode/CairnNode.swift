@@ -198,7 +198,7 @@ public final class CairnNode: Service, Sendable {
             // A store given at init (in memory, or a test's): its anti-entropy state.
             if let backend = core.backend {
                 try await core.antiEntropyState.load(from: backend, logger: core.logger, nowMillis: core.clock.wallMillis(),
-                                                     awayLimitMillis: config.antiEntropy.enabled ? AntiEntropyManager.millis(config.hints.maxAge) : 0)
+                                                     awayLimitMillis: config.antiEntropy.enabled ? config.hints.maxAge.wholeMilliseconds : 0)
             }
             return
         }
@@ -219,7 +219,7 @@ public final class CairnNode: Service, Sendable {
         }
         core.adopt(decorateBackend?(backend) ?? backend)
         try await core.antiEntropyState.load(from: backend, logger: core.logger, nowMillis: core.clock.wallMillis(),
-                                             awayLimitMillis: config.antiEntropy.enabled ? AntiEntropyManager.millis(config.hints.maxAge) : 0)
+                                             awayLimitMillis: config.antiEntropy.enabled ? config.hints.maxAge.wholeMilliseconds : 0)
         let stats = backend.database.statistics
         core.logger.info("storage open", metadata: [
             "directory": "\(dir)/storage", "recovered_records": "\(stats.recoveredRecords)",
@@ -377,7 +377,8 @@ public final class CairnNode: Service, Sendable {
                     : Vnode.savedStampActor(in: backend, partition: key.partition, node: storage.actor.node),
                   treeShape: treeShape, savedTree: key.role == .primary && treeShape != nil
                     ? aaeState.takeSavedTree(key.partition, shape: shape) : nil,
-                  freshActor: { ActorID(node: storage.actor.node, epoch: epochs.next()) })
+                  freshActor: { ActorID(node: storage.actor.node, epoch: epochs.next()) },
+                  mayForgetDamaged: { aaeState.mayForgetDamaged($0) })
         }
         manager.apply(view)
         // Vnodes started from now on may meet data written since the store opened.

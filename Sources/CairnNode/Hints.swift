@@ -225,6 +225,8 @@ final class HintManager: SupervisedChild {
     /// Wakes the replay loop early (a keep): `woken` is the flag its wait checks.
     private let wake = Condition()
     private let woken = Locked(false)
+    /// Hints dropped since this manager started, whatever the reason (`dropped`).
+    private let droppedCount = Locked(0)
 
     init(env: Environment) {
         self.env = env
@@ -244,7 +246,7 @@ final class HintManager: SupervisedChild {
         if !loaded.value {
             let ready = await loadedSignal.wait(until: { loaded.value }, deadline: env.clock.now() + .seconds(2), clock: env.clock)
             guard ready else {
-                env.metrics.hintsDropped.increment(outcome: "not_ready", by: targets.count)
+                dropped("not_ready", targets.count)
                 env.logger.warning("hints not kept: the hint store is still loading", metadata: ["targets": "\(targets)"])
                 return
             }
@@ -260,7 +262,7 @@ final class HintManager: SupervisedChild {
                 batch.append((HintRecord.storageKey(target, sequence), value))
                 admitted.append(target)
             case .refuse(let reason):
-                env.metrics.hintsDropped.increment(outcome: reason)
+                dropped(reason)
                 env.logger.warning("hint not kept: bound reached; the key is left to read repair and anti-entropy", metadata: [
                     "target": "\(target)", "reason": "\(reason)", "partition": "\(partition.index)",
                 ])
@@ -341,7 +343,7 @@ final class HintManager: SupervisedChild {
     /// Drops every hint past `hints.max_age` (oldest first per target, so each scan stops at
     /// the first young one) and notes each target's oldest.
     private func sweep() async {
-        let cutoff = Self.minus(env.clock.wallMillis(), Self.millis(env.settings.maxAge))
+        let cutoff = Self.minus(env.clock.wallMillis(), env.settings.maxAge.wholeMilliseconds)
         for target in book.withLock({ $0.targets.keys.sorted() }) {
             _ = await pass(target) { record in record.createdMillis < cutoff ? .expire : .stop }
         }
@@ -351,7 +353,7 @@ final class HintManager: SupervisedChild {
     private func replay(_ target: NodeName) async {
         replaying.withLock { _ = $0.insert(target) }
         defer { replaying.withLock { _ = $0.remove(target) } }
-        let cutoff = Self.minus(env.clock.wallMillis(), Self.millis(env.settings.maxAge))
+        let cutoff = Self.minus(env.clock.wallMillis(), env.settings.maxAge.wholeMilliseconds)
         while !Task.isCancelled, (book.withLock { $0.targets[target]?.count ?? 0 }) > 0 {
             let outcome = await pass(target) { record in record.createdMillis < cutoff ? .expire : .send }
             if outcome == .failed {
@@ -428,8 +430,8 @@ final class HintManager: SupervisedChild {
             env.metrics.hintsReplayed.increment(by: delivered.count { $0 })
             replayed.withLock { $0[target, default: 0] += UInt64(delivered.count { $0 }) }
         }
-        if expired > 0 { env.metrics.hintsDropped.increment(outcome: "expired", by: expired) }
-        if unreadable > 0 { env.metrics.hintsDropped.increment(outcome: "unreadable", by: unreadable) }
+        dropped("expired", expired)
+        dropped("unreadable", unreadable)
         if !remove.isEmpty {
             do {
                 let keys = remove.map(\.key)
@@ -478,6 +480,17 @@ final class HintManager: SupervisedChild {
     /// Hints held for every target.
     var total: Int { book.withLock { $0.count } }
 
+    /// Hints dropped (not kept, expired or unreadable) since this node started: each is a copy
+    /// of a write that only read repair and anti-entropy can now bring to its target.
+    var droppedTotal: Int { droppedCount.value }
+
+    /// Counts `n` hints dropped for `reason` (`cairn_hints_dropped_total`).
+    private func dropped(_ reason: String, _ n: Int = 1) {
+        guard n > 0 else { return }
+        droppedCount.withLock { $0 += n }
+        env.metrics.hintsDropped.increment(outcome: reason, by: n)
+    }
+
     /// Per target, for `cairn transfers`.
     func status() -> [TargetStatus] {
         let now = env.clock.wallMillis()
@@ -499,11 +512,6 @@ final class HintManager: SupervisedChild {
                                 oldestSeconds: s.oldestMillis.map { Double(Self.minus(now, $0)) / 1000 }, state: state,
                                 replayed: done[t] ?? 0)
         }
-    }
-
-    private static func millis(_ d: Duration) -> UInt64 {
-        let c = d.components
-        return UInt64(clamping: c.seconds) &* 1000 &+ UInt64(clamping: c.attoseconds / 1_000_000_000_000_000)
     }
 
     private static func minus(_ a: UInt64, _ b: UInt64) -> UInt64 { a > b ? a - b : 0 }

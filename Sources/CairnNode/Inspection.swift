@@ -38,7 +38,7 @@ extension CairnNode {
         if let backend = core.backend, let ring {
             let limits = config.limits
             for i in 0..<ring.partitionCount {
-                let n = (try? await backend.fold(partition: PartitionID(UInt32(i)), after: nil, into: 0) { n, _, value in
+                let n = (try? await backend.foldReadable(partition: PartitionID(UInt32(i)), after: nil, into: 0) { n, _, value in
                     if let o = try? VersionedObject.decode(value, limits: limits), !o.isDeleted { n += 1 }
                     return .continue
                 }.accumulator) ?? 0
@@ -83,13 +83,23 @@ extension CairnNode {
     }
 
     /// Runs anti-entropy exchanges now, as `cairn repair` does: every partition this node holds
-    /// with each other reachable primary, until none ends truncated. Returns how many exchanges
-    /// ran and how many failed (none when anti-entropy is off).
-    public func repairNow() async -> (exchanges: Int, failed: Int) {
-        guard let manager = core.antiEntropy, config.antiEntropy.enabled else { return (0, 0) }
-        let records = await manager.repair(nil).records
-        return (records.count, records.count { $0.outcome == "failed" })
+    /// (or those of `partitions`) with each other reachable primary, until none ends truncated.
+    /// Returns how many exchanges ran, the partitions of those that failed, and how many
+    /// partitions were skipped (no other replica reachable, or not yet this node's); all empty
+    /// when anti-entropy is off.
+    public func repairNow(partitions: [PartitionID]? = nil) async -> (exchanges: Int, failed: [PartitionID], skipped: Int) {
+        guard let manager = core.antiEntropy, config.antiEntropy.enabled else { return (0, [], 0) }
+        let (records, skipped) = await manager.repair(partitions)
+        let failed = Set(records.filter { $0.outcome == "failed" }.map(\.partition))
+        return (records.count, failed.sorted(), skipped.count)
     }
+
+    /// Hints this node dropped since it started (not kept, expired or unreadable).
+    public var hintsDropped: Int { core.hints?.droppedTotal ?? 0 }
+
+    /// Partitions of this node whose copy is refilling (after a lost disk, damaged storage or
+    /// a long absence) until an exchange of each completes.
+    public var refillingPartitions: Int { core.vnodes.partitions.count { core.antiEntropyState.isRefilling($0) } }
 
     /// The root of this node's anti-entropy tree of `key`'s partition (nil: it holds no primary
     /// copy of it, or no tree is ready).

@@ -90,6 +90,9 @@ public actor Vnode: SupervisedChild {
     private nonisolated let stamp: Mutex<ActorID?>
     /// Draws a fresh actor (a new epoch of this node); nil: a damaged key is not replaced.
     private let freshActor: (@Sendable () -> ActorID)?
+    /// Whether a read of a key damaged storage hides may drop what this replica holds of it
+    /// (`get`): true once the damage is handled (the table set aside, the partition refilling).
+    private let mayForgetDamaged: @Sendable (PartitionID) -> Bool
     /// The counter floor of the actor this vnode stamps with, raised past every counter of it
     /// in a tombstone collected here (`collect`); kept in the store's metadata (`gc-floor/<p>`)
     /// before the tombstones are deleted. A new dot of that actor on a key with no live value of
@@ -107,10 +110,11 @@ public actor Vnode: SupervisedChild {
 
     /// `treeShape`: keep an anti-entropy tree of that shape (primaries only; nil: none);
     /// `savedTree`: the tree saved at the last clean shutdown (else one is built from storage);
-    /// `freshActor`: draws the actor a primary stamps with once it replaced a damaged key.
+    /// `freshActor`: draws the actor a primary stamps with once it replaced a damaged key;
+    /// `mayForgetDamaged`: whether `get` may drop a damaged key of a partition (see `get`).
     public init(partition: PartitionID, role: VnodeRole = .primary, backend: any PartitionStore, limits: Limits, metrics: NodeMetrics,
                 logger: Logger, stampActor: ActorID? = nil, treeShape: TreeShape? = nil, savedTree: SegmentTree? = nil,
-                freshActor: (@Sendable () -> ActorID)? = nil) {
+                freshActor: (@Sendable () -> ActorID)? = nil, mayForgetDamaged: @escaping @Sendable (PartitionID) -> Bool = { _ in false }) {
         if role == .primary, let treeShape {
             let saved = savedTree.flatMap { $0.shape == treeShape ? TreeState.ready($0) : nil }
             tree = saved ?? .missing
@@ -124,6 +128,7 @@ public actor Vnode: SupervisedChild {
         self.role = role
         stamp = Mutex(stampActor)
         self.freshActor = freshActor
+        self.mayForgetDamaged = mayForgetDamaged
         counterFloor = role == .primary ? Self.savedCounterFloor(in: backend, partition: partition) : nil
         self.childName = VnodeKey(partition: partition, role: role).description
         self.space = VnodeKey(partition: partition, role: role).space
@@ -167,9 +172,34 @@ public actor Vnode: SupervisedChild {
     /// The key's object as of the newest durable write: a write still waiting for its log sync
     /// is not visible, so no dot is ever shown to anyone before it is durable (a dot lost to a
     /// power cut could otherwise be reissued for another value under the same epoch).
+    ///
+    /// A key damaged storage hides fails the read, unless the damage is handled
+    /// (`mayForgetDamaged`): then this replica drops what it holds of the key (a delete of it
+    /// here, no tombstone; with a fresh stamp actor, as a replaced key takes; counted in
+    /// `cairn_damaged_keys_replaced_total`) and answers not found, as a replica that lost the key
+    /// does: not authoritative while the partition refills; what the other replicas hold of the
+    /// key comes back by exchange. Without this, a key no replica holds any more (a tombstone
+    /// the others collected) would stay unreadable here for good.
     public func get(_ key: [UInt8]) throws(VnodeError) -> VersionedObject? {
         try ensureServing()
-        return try load(key, durableOnly: true)
+        do throws(VnodeError) {
+            return try load(key, durableOnly: true)
+        } catch {
+            guard case .storage = error, role == .primary, freshActor != nil, mayForgetDamaged(partition) else { throw error }
+            switch try read(key, durableOnly: false) {
+            case .damaged: break
+            case .absent: return nil   // dropped already, not yet durable
+            case .object: throw error  // replaced by a write not yet durable
+            }
+            _ = try loadReplacingDamage(key)
+            do {
+                _ = try backend.delete(partition: space, keys: [key])
+            } catch {
+                throw fail("could not drop a damaged key: \(error)")
+            }
+            logger.debug("dropped a key damaged storage hid", metadata: ["partition": "\(partition.index)"])
+            return nil
+        }
     }
 
     /// Stamps a client write with `actor` as the coordinator: the new value supersedes exactly

@@ -46,10 +46,20 @@ public struct SetAddScenario: Sendable {
         case crash
         /// A node shuts down gracefully (drains) and starts again.
         case restart
-        /// A node crashes and comes back with an empty disk under its name. At most N−W = 1
-        /// distinct node per run: without anti-entropy, a second wipe can lose acknowledged
-        /// writes for real.
+        /// A node crashes and comes back with an empty disk under its name: a lost copy. The
+        /// nemesis takes a copy (disk-wipe, corrupt-table, remove) only while every earlier lost
+        /// copy is repaired, as a careful operator replaces a disk: a full round of exchanges on
+        /// every node since, all of them up, no transfer running, no hint dropped since. Two lost
+        /// copies of a write acknowledged at W = 2 lose it for real.
         case diskWipe = "disk-wipe"
+        /// A node stops gracefully, two bits flip in one of its tables, and it starts again: it
+        /// must find the damage, set the table aside, keep serving, and refill what the damage
+        /// hid from the other replicas. A lost copy, as disk-wipe.
+        case corruptTable = "corrupt-table"
+        /// In half the runs (drawn from the seed) hints expire after 3 s (`hints.max_age`): a
+        /// replica down or cut off longer catches up through anti-entropy only, and one down
+        /// longer restarts stale (refilling every partition).
+        case hintExpiry = "hint-expiry"
         /// A node's wall clock jumps by up to ±10 minutes (write timestamps must decide nothing).
         case clockSkew = "clock-skew"
         /// A node stops (SIGSTOP) for 0.2–4 s: none of its code runs (requests, timers, disk
@@ -62,8 +72,8 @@ public struct SetAddScenario: Sendable {
         /// and exits.
         case leave
         /// A member loses power for good and its removal is staged, planned and committed: no
-        /// handoff from it; its partitions are rebuilt from the other replicas. Counts as a lost
-        /// disk (at most one with disk-wipe per run).
+        /// handoff from it; its partitions are rebuilt from the other replicas. A lost copy,
+        /// as disk-wipe.
         case remove
     }
 
@@ -205,6 +215,11 @@ public struct SetAddScenario: Sendable {
         var violations: [String] = []
         var settings = SimulatedCluster.Settings()
         if selfTest { settings.decorate = { i, b in i == 0 ? AcknowledgesAndDrops(b) : b } }
+        var coin = SplitMix64(seed: seed ^ 0x41e7)
+        if faults.contains(.hintExpiry), coin.next(below: 2) == 0 {
+            settings.hintMaxAge = .seconds(3)
+            note("hints expire after 3 s")
+        }
         do {
             let cluster = try SimulatedCluster(count: nodes, clock: clock, network: network, executor: executor, seed: seed, settings: settings)
             for i in 0..<cluster.count { try await cluster.start(i) }
@@ -269,16 +284,23 @@ public struct SetAddScenario: Sendable {
                 if membership { violations += await Self.settle(cluster, log: log) }
                 try await clock.sleep(for: .seconds(5))
                 // Before the final reads (which repair): hints and fallback copies alone must have
-                // brought every primary every acknowledged add.
-                let catchUp = await Self.checkPrimaries(cluster, keys: keys, attempts: log.current.attempts, diskWiped: nemesis.wipedAny)
+                // brought every primary every acknowledged add, unless a copy was lost or a hint
+                // dropped: then anti-entropy must.
+                let dropped = cluster.hintsDropped
+                if dropped > 0 {
+                    log.update { $0.injected["hint-expiry", default: 0] += dropped }
+                    note("\(dropped) hints dropped")
+                }
+                let lossy = nemesis.lostAny || dropped > 0
+                let catchUp = await Self.checkPrimaries(cluster, keys: keys, attempts: log.current.attempts, lossy: lossy)
                 violations += catchUp.violations
                 for n in catchUp.notes { note(n) }
                 // Then anti-entropy: after one round of exchanges every replica of every key
                 // holds the same object (a wiped one refilled), and every primary every add.
                 let converged = await Self.checkReplicasAgree(cluster, keys: keys, deleted: log.current.deleted, note: note)
                 violations += converged
-                if nemesis.wipedAny, converged.isEmpty {
-                    violations += await Self.checkPrimaries(cluster, keys: keys, attempts: log.current.attempts, diskWiped: false).violations
+                if lossy, converged.isEmpty {
+                    violations += await Self.checkPrimaries(cluster, keys: keys, attempts: log.current.attempts, lossy: false).violations
                 }
                 var finals: [String: FinalRead] = [:]
                 let readers = cluster.present.filter { cluster.isUp($0) }
@@ -304,7 +326,7 @@ public struct SetAddScenario: Sendable {
                     // Read repair of the final reads lands first.
                     try await clock.sleep(for: .seconds(2))
                     let placement = await Self.checkPlacement(cluster, bound: settings.transferTimeout, oldest: nemesis.oldestTransfer,
-                                                              diskWiped: nemesis.wipedAny)
+                                                              lostCopy: nemesis.lostAny)
                     violations += placement.violations
                     for n in placement.notes { note(n) }
                 }
@@ -324,7 +346,12 @@ public struct SetAddScenario: Sendable {
             var rng: SplitMix64
             /// Undo actions due at an instant, in order.
             var due: [(at: ContinuousClock.Instant, index: Int, action: Undo)] = []
-            var wiped: Set<Int> = []
+            /// Whether any node lost a copy (disk-wipe, corrupt-table, remove) in the run.
+            var lostAny = false
+            /// The node whose lost copy no full repair has restored yet.
+            var unrepaired: Int?
+            /// Hints dropped cluster-wide when the last full repair began.
+            var droppedAtRepair = 0
             var sequence = 0
             /// The oldest transfer age sampled while the faults ran, and where.
             var oldest: (age: Duration, what: String)?
@@ -345,7 +372,7 @@ public struct SetAddScenario: Sendable {
             self.faults = faults
             self.log = log
             state = Mutex(State(rng: SplitMix64(seed: seed ^ 0xfa17)))
-            kinds = Fault.allCases.filter { faults.contains($0) && ![.loss, .delay, .dup].contains($0) }
+            kinds = Fault.allCases.filter { faults.contains($0) && ![.loss, .delay, .dup, .hintExpiry].contains($0) }
         }
 
         var hasWork: Bool { !kinds.isEmpty }
@@ -362,8 +389,71 @@ public struct SetAddScenario: Sendable {
 
         /// The oldest transfer age seen by `sampleTransfers`.
         var oldestTransfer: (age: Duration, what: String)? { state.withLock { $0.oldest } }
-        /// Whether a disk was wiped during the run.
-        var wipedAny: Bool { state.withLock { !$0.wiped.isEmpty } }
+        /// Whether a node lost a copy (disk-wipe, corrupt-table, remove) during the run.
+        var lostAny: Bool { state.withLock { $0.lostAny } }
+
+        /// Whether `n(i+1)` may lose its copy now; if so, records that it did. Yes while no other
+        /// node's lost copy is unrepaired and no hint was dropped since the last full repair
+        /// (a dropped hint may have left one copy of a write); otherwise only after a full repair
+        /// (`fullRepair`) succeeds now.
+        private func mayLoseCopy(_ i: Int) async -> Bool {
+            let dropped = cluster.hintsDropped
+            let ready = state.withLock { s in (s.unrepaired == nil || s.unrepaired == i) && s.droppedAtRepair == dropped }
+            var allowed = ready
+            if !allowed { allowed = await fullRepair() }
+            guard allowed else {
+                log.note("\(name(i)) keeps its copy: an earlier lost copy or dropped hint is not repaired yet")
+                return false
+            }
+            state.withLock { s in
+                s.lostAny = true
+                s.unrepaired = i
+            }
+            return true
+        }
+
+        /// A round of exchanges on every node (`repairNow`), as an operator runs `cairn repair`
+        /// everywhere before replacing a disk. Counts only if every present node is up and
+        /// running, no ring change or transfer is under way, every partition was exchanged with
+        /// every other replica without a failure, and no hint was dropped meanwhile: then every
+        /// write acknowledged before it began is on every primary again.
+        private func fullRepair() async -> Bool {
+            let nodes = cluster.present
+            if let i = nodes.first(where: { !cluster.isUp($0) || cluster.isPaused($0) }) {
+                log.note("no full repair: \(name(i)) is down or paused")
+                return false
+            }
+            for i in nodes {
+                guard let p = await cluster.node(i)?.placement(), !p.planInProgress, p.staged == 0, p.pendingTransfers == 0, p.running.isEmpty else {
+                    log.note("no full repair: a ring change or transfer is under way (seen on \(name(i)))")
+                    return false
+                }
+            }
+            let dropped = cluster.hintsDropped
+            var exchanges = 0
+            for i in nodes {
+                guard let node = cluster.node(i) else { return false }
+                // Lost messages fail an exchange now and then: the partitions that failed are
+                // repaired again, as an operator reruns `cairn repair --partition`, up to 5 times.
+                var r = await node.repairNow()
+                exchanges += r.exchanges
+                for _ in 0..<5 where !r.failed.isEmpty && r.skipped == 0 {
+                    r = await node.repairNow(partitions: r.failed)
+                    exchanges += r.exchanges
+                }
+                guard r.failed.isEmpty, r.skipped == 0, cluster.isUp(i) else {
+                    log.note("full repair incomplete on \(name(i)): partitions \(r.failed.map(\.index)) failed, \(r.skipped) skipped")
+                    return false
+                }
+            }
+            guard cluster.hintsDropped == dropped else { return false }
+            state.withLock { s in
+                s.unrepaired = nil
+                s.droppedAtRepair = dropped
+            }
+            log.note("full repair: \(exchanges) exchanges on \(nodes.count) nodes")
+            return true
+        }
 
         /// Records the age of the oldest transfer running on any node now.
         func sampleTransfers() async {
@@ -471,15 +561,7 @@ public struct SetAddScenario: Sendable {
             case .crash, .diskWipe:
                 guard !anyDown, cluster.isUp(i) else { return }
                 let wipe = fault == .diskWipe
-                if wipe {
-                    // N−W = 1 distinct node may lose its disk in a run.
-                    let allowed: Bool = state.withLock { s in
-                        guard s.wiped.isEmpty || s.wiped.contains(i) else { return false }
-                        s.wiped.insert(i)
-                        return true
-                    }
-                    guard allowed else { return }
-                }
+                if wipe { guard await mayLoseCopy(i), cluster.isUp(i), !anyDown else { return } }
                 var rng = SplitMix64(seed: draw(UInt64.max))
                 if cluster.isPaused(i) { log.fault("pause \(n)", ended: true) }
                 await cluster.crash(i, tearing: true, rng: &rng)
@@ -487,6 +569,21 @@ public struct SetAddScenario: Sendable {
                 log.fault("down \(n)", kind: fault.rawValue)
                 log.note(wipe ? "crashed \(n) and wiped its disk" : "crashed \(n) (power cut)")
                 schedule(after: .milliseconds(500 + Int64(draw(4500))), .restart(i))
+            case .corruptTable:
+                guard !anyDown, cluster.isUp(i), await mayLoseCopy(i), cluster.isUp(i), !anyDown else { return }
+                log.fault("corrupt \(n)", kind: fault.rawValue)
+                if cluster.isPaused(i) { log.fault("pause \(n)", ended: true) }
+                // A clean stop writes the memtable into a table first.
+                cluster.node(i)?.shutdown()
+                await cluster.stopped(i)
+                var rng = SplitMix64(seed: draw(UInt64.max))
+                if let t = cluster.corruptTable(i, rng: &rng) {
+                    log.note("flipped 2 bits of \(t.path) (\(t.bytes) bytes)")
+                } else {
+                    log.note("\(n) has no table to corrupt")
+                }
+                try await cluster.start(i)
+                log.fault("corrupt \(n)", ended: true)
             case .restart:
                 guard !anyDown, cluster.isUp(i) else { return }
                 log.fault("restart \(n)", kind: fault.rawValue)
@@ -504,7 +601,7 @@ public struct SetAddScenario: Sendable {
                 cluster.pause(i)
                 log.fault("pause \(n)", kind: fault.rawValue)
                 schedule(after: .milliseconds(200 + Int64(draw(3800))), .resume(i))
-            case .loss, .delay, .dup, .join, .leave, .remove:
+            case .loss, .delay, .dup, .hintExpiry, .join, .leave, .remove:
                 return
             }
         }
@@ -581,13 +678,7 @@ public struct SetAddScenario: Sendable {
                 let candidates = up.filter { $0 != claimant && $0 != via }
                 guard !candidates.isEmpty else { return }
                 let i = candidates[Int(draw(UInt64(candidates.count)))]
-                // A lost disk: N−W = 1 distinct node per run, shared with disk-wipe.
-                let allowed: Bool = state.withLock { s in
-                    guard s.wiped.isEmpty else { return false }
-                    s.wiped.insert(i)
-                    return true
-                }
-                guard allowed else { return }
+                guard await mayLoseCopy(i), !anyDown, cluster.isUp(i) else { return }
                 var rng = SplitMix64(seed: draw(UInt64.max))
                 if cluster.isPaused(i) { log.fault("pause \(name(i))", ended: true) }
                 await cluster.crash(i, tearing: true, rng: &rng)
@@ -702,8 +793,8 @@ public struct SetAddScenario: Sendable {
     /// Catch-up without anti-entropy: waits (at most 60 s of virtual time) until no up node holds
     /// a hint or a fallback copy, then reads each key's primaries' own copies
     /// (`CairnNode.localCopy`): each must hold every acknowledged add (`CheckResult.primaryGaps`).
-    /// After a disk wipe the gaps are notes: a wiped replica is refilled by anti-entropy.
-    static func checkPrimaries(_ cluster: SimulatedCluster, keys: Int, attempts: [Attempt], diskWiped: Bool) async -> (violations: [String], notes: [String]) {
+    /// With `lossy` (a copy was lost, or a hint dropped) the gaps are notes: anti-entropy fills them.
+    static func checkPrimaries(_ cluster: SimulatedCluster, keys: Int, attempts: [Attempt], lossy: Bool) async -> (violations: [String], notes: [String]) {
         let clock = cluster.clock
         let nodes = cluster.present.filter { cluster.isUp($0) }.compactMap { cluster.node($0) }
         var out: [String] = []
@@ -736,7 +827,7 @@ public struct SetAddScenario: Sendable {
             }
         }
         let gaps = CheckResult.primaryGaps(attempts: attempts, copies: copies).map(\.description)
-        if diskWiped { return (out, gaps.map { $0 + "; a disk was wiped: left to anti-entropy" }) }
+        if lossy { return (out, gaps.map { $0 + "; a copy was lost or a hint dropped: left to anti-entropy" }) }
         return (out + gaps, [])
     }
 
@@ -751,8 +842,8 @@ public struct SetAddScenario: Sendable {
         var failed = 0
         for node in nodes {
             let r = await node.repairNow()
-            failed += r.failed
-            note("\(node.config.name) anti-entropy round: \(r.exchanges) exchanges, \(r.failed) failed")
+            failed += r.failed.count
+            note("\(node.config.name) anti-entropy round: \(r.exchanges) exchanges, \(r.failed.count) partitions failed")
         }
         guard let view = nodes.first else { return [] }
         var out: [String] = []
@@ -788,12 +879,12 @@ public struct SetAddScenario: Sendable {
     /// that is not an owner still holds any of them; no transfer running, none ever older than
     /// `bound`.
     ///
-    /// After a disk wipe the owners' key counts are notes, not violations: a wiped replica (or
+    /// After a lost copy the owners' key counts are notes, not violations: a wiped replica (or
     /// one a wiped leaver handed its empty copy to) is refilled only by anti-entropy or read
     /// repair, which these runs do not wait for. Nothing acknowledged is lost that way (the
     /// final reads check that); the partition is under-replicated until then.
     static func checkPlacement(_ cluster: SimulatedCluster, bound: Duration, oldest: (age: Duration, what: String)?,
-                               diskWiped: Bool) async -> (violations: [String], notes: [String]) {
+                               lostCopy: Bool) async -> (violations: [String], notes: [String]) {
         var out: [String] = []
         var notes: [String] = []
         let up = cluster.present.filter { cluster.isUp($0) }
@@ -813,13 +904,13 @@ public struct SetAddScenario: Sendable {
                 if !s.vnodes.contains(p) { out.append("partition \(p): owner \(o) runs no vnode for it") }
                 if !holders.isEmpty, (s.stored[p] ?? 0) == 0 {
                     let problem = "partition \(p): owner \(o) holds none of its keys (held by \(holders.keys.map(\.value).sorted()))"
-                    if diskWiped { notes.append(problem + "; a disk was wiped: left to anti-entropy") } else { out.append(problem) }
+                    if lostCopy { notes.append(problem + "; a copy was lost: left to anti-entropy") } else { out.append(problem) }
                 }
             }
             let counts = Set(owners.compactMap { snaps[$0]?.stored[p] ?? 0 })
             if counts.count > 1 {
                 let problem = "partition \(p): its owners hold different key counts \(owners.map { "\($0)=\(snaps[$0]?.stored[p] ?? 0)" })"
-                if diskWiped { notes.append(problem + "; a disk was wiped: left to anti-entropy") } else { out.append(problem) }
+                if lostCopy { notes.append(problem + "; a copy was lost: left to anti-entropy") } else { out.append(problem) }
             }
             for (n, s) in snaps.sorted(by: { $0.key < $1.key }) where !owners.contains(n) && (s.stored[p] ?? 0) > 0 {
                 out.append("partition \(p): \(n) still holds \(s.stored[p] ?? 0) keys of it but is no owner (owners \(owners.map(\.value)))")

@@ -53,6 +53,8 @@ public final class SimulatedCluster: Sendable {
         var run: Task<Void, Never>?
         /// Set when the current run ends, whether the node was stopped or exited on its own.
         var ended = RunEnded()
+        /// Hints dropped by this slot's earlier runs (`hintsDropped`).
+        var droppedBefore = 0
         let skew = WallOffset()
         var incarnation = 0
         /// Left or removed for good: never started again.
@@ -83,6 +85,8 @@ public final class SimulatedCluster: Sendable {
         public var tombstoneGrace: Duration = .seconds(2)
         public var tombstoneSweepInterval: Duration = .seconds(1)
         public var exchangeInterval: Duration = .seconds(2)
+        /// Every node's `hints.max_age` (nil: the default, 3 h).
+        public var hintMaxAge: Duration?
         /// Wraps node `i`'s backend once it is open (the self-test's lossy node).
         public var decorate: (@Sendable (Int, any PartitionStore) -> any PartitionStore)?
         public init() {}
@@ -176,6 +180,7 @@ public final class SimulatedCluster: Sendable {
         c.antiEntropy.tombstoneGrace = settings.tombstoneGrace
         c.antiEntropy.tombstoneSweepInterval = settings.tombstoneSweepInterval
         c.antiEntropy.exchangeInterval = settings.exchangeInterval
+        if let age = settings.hintMaxAge { c.hints.maxAge = age }
         // Small buffers: flushes and compactions happen within a short run.
         c.storage.writeBufferBytes = 256 << 10
         c.storage.blockCacheBytes = 1 << 20
@@ -208,6 +213,7 @@ public final class SimulatedCluster: Sendable {
             }
         }
         slots.withLock { s in
+            s[i].droppedBefore += s[i].node?.hintsDropped ?? 0
             s[i].node = node
             s[i].run = run
         }
@@ -248,6 +254,28 @@ public final class SimulatedCluster: Sendable {
     /// with no data and a fresh actor epoch.
     public func wipe(_ i: Int) {
         slots.withLock { $0[i].disk = FaultyFileSystem() }
+    }
+
+    /// Flips two bits, at offsets drawn from `rng`, of one of `n(i+1)`'s tables (drawn among
+    /// them; stop it first): bit rot in a data block, or in the filter, index or footer, which
+    /// damages the whole table. Returns the table's path and size; nil when it has none.
+    public func corruptTable(_ i: Int, rng: inout SplitMix64) -> (path: String, bytes: Int)? {
+        let (disk, name) = slots.withLock { ($0[i].disk, $0[i].name) }
+        let directory = "/\(name)/storage"
+        let tables = ((try? disk.list(directory)) ?? []).filter { $0.hasSuffix(".sst") }.map { directory + "/" + $0 }
+            .compactMap { path in disk.contents(path).map { (path: path, bytes: $0.count) } }.filter { $0.bytes > 0 }
+        guard !tables.isEmpty else { return nil }
+        let table = tables[Int(rng.next(below: UInt64(tables.count)))]
+        for _ in 0..<2 {
+            disk.flipBit(table.path, byte: Int(rng.next(below: UInt64(table.bytes))), bit: Int(rng.next(below: 8)))
+        }
+        return table
+    }
+
+    /// Hints every run of every node has dropped (not kept, expired or unreadable), the runs
+    /// that ended included.
+    public var hintsDropped: Int {
+        slots.withLock { s in s.reduce(0) { $0 + $1.droppedBefore + ($1.node?.hintsDropped ?? 0) } }
     }
 
     /// Sets `n(i+1)`'s wall-clock offset (at once, and for its later incarnations).

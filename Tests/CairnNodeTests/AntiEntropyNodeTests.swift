@@ -11,10 +11,10 @@ import Logging
     let shape = TreeShape.standard
 
     /// A vnode keeping a tree, serving under a supervisor.
-    private func vnode(_ backend: any PartitionStore, stampActor: ActorID? = nil,
-                       freshActor: (@Sendable () -> ActorID)? = nil) async throws -> (Vnode, Supervisor, Task<Void, any Error>) {
+    private func vnode(_ backend: any PartitionStore, stampActor: ActorID? = nil, freshActor: (@Sendable () -> ActorID)? = nil,
+                       mayForgetDamaged: @escaping @Sendable (PartitionID) -> Bool = { _ in false }) async throws -> (Vnode, Supervisor, Task<Void, any Error>) {
         let v = Vnode(partition: PartitionID(3), backend: backend, limits: Limits(), metrics: NodeMetrics(maxInflight: 10), logger: Logger(label: "t"),
-                      stampActor: stampActor, treeShape: shape, freshActor: freshActor)
+                      stampActor: stampActor, treeShape: shape, freshActor: freshActor, mayForgetDamaged: mayForgetDamaged)
         let sup = Supervisor(name: "t", policy: RestartPolicy(), logger: Logger(label: "t"))
         sup.spawn(v)
         let task = Task { try await sup.run() }
@@ -99,7 +99,9 @@ import Logging
     /// A block of the vnode's table fails its checksum. The tree built from storage leaves out
     /// exactly the keys reads cannot serve; a replica's object for a damaged key replaces it (the
     /// tree kept equal), and so does a client's write; from the first replacement the vnode
-    /// stamps with a fresh actor, recorded in the store, so a restart keeps it.
+    /// stamps with a fresh actor, recorded in the store, so a restart keeps it. Once the damage
+    /// is handled, a read of a damaged key drops it here and answers not found, and keeps doing
+    /// so; before, it fails.
     @Test func aDamagedKeyIsReplacedUnderAFreshStampActorAndTheTreeLeavesItOut() async throws {
         let disk = FaultyFileSystem()
         let p = PartitionID(3)
@@ -123,7 +125,8 @@ import Logging
 
         store = try await openStore(.disk, disk: disk)
         let fresh = ActorID(node: "n1", epoch: 77)
-        let (v, sup, task) = try await vnode(store, freshActor: { fresh })
+        let handled = Locked(false)
+        let (v, sup, task) = try await vnode(store, freshActor: { fresh }, mayForgetDamaged: { p in p == PartitionID(3) && handled.value })
         var damaged: [[UInt8]] = []
         var expected = SegmentTree(shape: shape)
         for (k, o) in written {
@@ -134,7 +137,7 @@ import Logging
                 damaged.append(k)
             }
         }
-        try #require(damaged.count >= 2, "the damaged block hides keys")
+        try #require(damaged.count >= 3, "the damaged block hides keys")
         #expect(try await build(v) { _ in } == false)
         #expect(await v.readyTree == expected, "the tree holds exactly the readable keys")
         #expect(v.stampActor == nil)
@@ -153,6 +156,17 @@ import Logging
         let (object, writer) = try await v.coordinateStamped(key: k2, sibling: Sibling(value: [42], timestampMillis: 2), context: VersionVector(), actor: actor)
         #expect(writer == fresh)
         #expect(object.context[fresh] == 1 && object.context[actor] == 0)
+
+        // A read of a third damaged key fails until the damage is handled; then it is dropped:
+        // not found, now and on every read after (durable or not yet), and the tree unchanged.
+        let k3 = damaged[2]
+        await #expect(throws: VnodeError.self) { try await v.get(k3) }
+        handled.withLock { $0 = true }
+        let before = await v.readyTree
+        #expect(try await v.get(k3) == nil)
+        #expect(try await v.get(k3) == nil)
+        #expect(try await v.getAll([k3]) == [nil])
+        #expect(await v.readyTree == before)
         sup.finish(); task.cancel(); try await task.value
         try await store.close()
 

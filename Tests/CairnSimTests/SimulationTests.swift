@@ -109,7 +109,7 @@ private func run(seed: UInt64) throws -> [String] {
         // The faults bite: some outcomes are unknown or refused, most are acknowledged.
         #expect(acknowledged > 1000 && unknown > 0 && refused > 0)
         // Every node and link fault was injected somewhere in the set.
-        for kind in ["partition", "crash", "restart", "disk-wipe", "clock-skew", "pause", "join", "leave", "remove"] {
+        for kind in ["partition", "crash", "restart", "disk-wipe", "corrupt-table", "hint-expiry", "clock-skew", "pause", "join", "leave", "remove"] {
             #expect(injected[kind, default: 0] > 0, "no \(kind) in 50 seeds: \(injected)")
         }
     }
