@@ -12,7 +12,8 @@
 #             (MODE=repair) or by the exchanges' timer alone (MODE=timer), until n3 reports no
 #             partition refilling; seconds from n3's start = recovery time
 #   Reports: recovery time; anti-entropy bytes of every node's exchanges (cairn_aae_bytes_total,
-#   sent + received) against the data n3 lacked (RECORDS × (key + value bytes)); keys repaired;
+#   sent + received) against the data n3 lacked (RECORDS × (key + value bytes)) and against the keys
+#   and stored objects the exchanges repaired (cairn_aae_repaired_bytes_total); keys repaired;
 #   p99 during the refill against the baseline (goal: within 1.5x).
 #
 # SCENARIO=diverge: RECORDS keys in four partitions (ring_size 4: the fewest (a power of two) that place n_val 3
@@ -145,6 +146,7 @@ metric() {
 }
 
 aae_bytes() { echo $(($(metric 'cairn_aae_bytes_total{direction="sent"}') + $(metric 'cairn_aae_bytes_total{direction="received"}'))); }
+repaired_bytes() { echo $(($(metric 'cairn_aae_repaired_bytes_total{direction="local"}') + $(metric 'cairn_aae_repaired_bytes_total{direction="remote"}'))); }
 
 refilling() {
     "$BIN/cairn" --node "$(addr 3)" --timeout 5000 repair --status --json 2>/dev/null | jq -r '.refilling' 2>/dev/null || echo "?"
@@ -172,8 +174,9 @@ scenario_wipe() {
     finish_workload
     stop_node 3
     rm -rf "$WORK/data/n3"
-    local b0 l0 r0
+    local b0 d0
     b0="$(aae_bytes)"
+    d0="$(repaired_bytes)"
     start_node 3
     local back
     back="$(now)"
@@ -191,10 +194,11 @@ scenario_wipe() {
     t1="$(now)"
     while awk -v a="$back" -v b="$(now)" -v d="${BASELINE%s}" 'BEGIN { exit !(b - a < d) }'; do sleep 0.5; done
     finish_workload stop
-    local bytes repaired
+    local bytes repaired data
     bytes=$(($(aae_bytes) - b0))
+    data=$(($(repaired_bytes) - d0))
     repaired=$(($(metric 'cairn_aae_keys_repaired_total{direction="local"}') + $(metric 'cairn_aae_keys_repaired_total{direction="remote"}')))
-    printf '%s\t%s\t%s\n' "$(elapsed "$back" "$t1")" "$bytes" "$repaired" >"$WORK/json/refill.tsv"
+    printf '%s\t%s\t%s\t%s\n' "$(elapsed "$back" "$t1")" "$bytes" "$repaired" "$data" >"$WORK/json/refill.tsv"
     python3 - "$WORK/json" "$RECORDS" "$VALUE_SIZE" "$MODE" <<'PY'
 import json, os, sys
 d, records, vsize, mode = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
@@ -204,12 +208,13 @@ def load(n):
 def p99(r, op):
     v = (((r or {}).get("operations") or {}).get(op) or {}).get("p99_us")
     return None if v is None else v / 1000.0
-secs, nbytes, repaired = open(os.path.join(d, "refill.tsv")).read().split("\t")
+secs, nbytes, repaired, data = open(os.path.join(d, "refill.tsv")).read().split("\t")
 base, during = load("baseline"), load("refill")
 keylen = 13  # cairn-load's keys: "k" and 12 digits
 lacked = records * (keylen + vsize)
 print(f"recovery ({'cairn repair on n3' if mode == 'repair' else 'exchange timer only'}): {secs} s from n3's start until no partition refilling")
 print(f"anti-entropy bytes (every node, sent + received): {int(nbytes):,} = {int(nbytes) / lacked:.2f}x the {lacked:,} B of keys and values n3 lacked (goal <= 1.2x)")
+print(f"  against the keys and stored objects (clocks included) the exchanges repaired, {int(data):,} B: {int(nbytes) / max(1, int(data)):.2f}x")
 print(f"keys repaired (local + remote, every node): {int(repaired):,}")
 rows = []
 for name, r in (("baseline (healthy)", base), ("during refill", during)):

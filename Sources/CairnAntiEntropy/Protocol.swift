@@ -173,9 +173,14 @@ public enum AntiEntropyCodec {
             w.writeVarint(page.entries.count)
             for e in page.entries {
                 w.writeBlob(e.key)
-                w.writeU64(e.hash)
-                w.writeU8(e.object == nil ? 0 : 1)
-                if let o = e.object { w.writeBlob(o.encoded()) }
+                // An object carries its version hash: the receiver computes it.
+                if let o = e.object {
+                    w.writeU8(1)
+                    w.writeBlob(o.encoded())
+                } else {
+                    w.writeU8(0)
+                    w.writeU64(e.hash)
+                }
             }
             writeOptionalBlob(page.through, &w)
         case .objects(let objects):
@@ -208,15 +213,18 @@ public enum AntiEntropyCodec {
             for _ in 0..<n { hashes.append(try r.readU64("hash")) }
             reply = .hashes(hashes)
         case 3:
-            let n = try r.readCount("key count", limit: min(maxEntries, r.remaining / 10))
+            let n = try r.readCount("key count", limit: min(maxEntries, r.remaining / 3))
             var entries: [KeyEntry] = []
             for _ in 0..<n {
                 let key = try r.readBlob("key", limit: limits.maxKeyBytes)
-                let hash = try r.readU64("version hash")
                 let flags = try r.readU8("entry flags")
                 guard flags & ~1 == 0 else { throw DecodeError("unknown key entry flags \(flags)") }
-                let object = flags & 1 == 0 ? nil : try VersionedObject.decode(try r.readBlob("object", limit: limits.maxFrameBytes), limits: limits)
-                entries.append(KeyEntry(key: key, hash: hash, object: object))
+                if flags & 1 == 0 {
+                    entries.append(KeyEntry(key: key, hash: try r.readU64("version hash")))
+                } else {
+                    let object = try VersionedObject.decode(try r.readBlob("object", limit: limits.maxFrameBytes), limits: limits)
+                    entries.append(KeyEntry(key: key, hash: KeyVersionHash.hash(key: key, object: object), object: object))
+                }
             }
             reply = .keys(KeyPage(entries: entries, through: try readOptionalBlob(&r, limit: limits.maxKeyBytes)))
         case 4:

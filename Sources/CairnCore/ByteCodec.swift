@@ -159,3 +159,26 @@ public struct ByteReader: Sendable {
         if !isAtEnd { throw DecodeError("\(remaining) trailing bytes after \(what)") }
     }
 }
+
+/// Fixed-width values stored alone (metadata entries): consecutive big-endian u64s.
+public enum BigEndianWords {
+    /// `values`, 8 bytes each.
+    public static func encode(_ values: UInt64...) -> [UInt8] {
+        var w = ByteWriter(capacity: 8 * values.count)
+        for v in values { w.writeU64(v) }
+        return w.bytes
+    }
+
+    /// Exactly `count` u64s; nil when `bytes` is any other length.
+    public static func decode(_ bytes: [UInt8], count: Int) -> [UInt64]? {
+        guard count >= 0, bytes.count == 8 * count else { return nil }
+        var r = ByteReader(bytes)
+        var out: [UInt64] = []
+        out.reserveCapacity(count)
+        for _ in 0..<count {
+            guard let v = try? r.readU64() else { return nil }
+            out.append(v)
+        }
+        return out
+    }
+}

@@ -29,12 +29,19 @@ public struct AntiEntropySettings: Sendable {
     /// Bytes per second all builds together read (`aae.build_bytes_per_second`); tombstone
     /// sweeps share the budget.
     public var buildBytesPerSecond = 32 << 20
+    /// Bytes per second the exchanges this node begins send and receive together, trees, key
+    /// pages and objects (`aae.exchange_bytes_per_second`): a refill takes longer, the requests
+    /// it runs beside keep their latency.
+    public var exchangeBytesPerSecond = 8 << 20
     /// A tombstone is collected no sooner than this after its deletion (`tombstones.grace`),
     /// and only when `TombstoneRule` allows.
     public var tombstoneGrace: Duration = .seconds(3600)
     /// Each partition's tombstones are looked at this often (`tombstones.sweep_interval`;
     /// zero: tombstones are kept forever).
     public var tombstoneSweepInterval: Duration = .seconds(3600)
+    /// Clocks of collected tombstones each primary vnode remembers, newest kept
+    /// (`tombstones.remembered_per_vnode`): a copy of history one covers is not stored again.
+    public var rememberedPerVnode = 65_536
     public init() {}
 }
 
@@ -97,8 +104,7 @@ final class AntiEntropyState: Sendable {
         let mark = try read(Self.refillKey)
         var pending = mark.value != nil || !mark.known
         var settled = Set(Self.decodePartitions(try read(Self.settledKey).value ?? []))
-        if let bytes = try read(Self.aliveKey).value, bytes.count == 8, awayLimitMillis > 0 {
-            let aliveAt = bytes.reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
+        if let bytes = try read(Self.aliveKey).value, let aliveAt = BigEndianWords.decode(bytes, count: 1)?.first, awayLimitMillis > 0 {
             if nowMillis > aliveAt, nowMillis - aliveAt > awayLimitMillis {
                 try await store.setMetadata([(Self.refillKey, [1]), (Self.settledKey, []), (Self.staleKey, [1])])
                 logger.warning("this node was away longer than hints.max_age; its partitions count as refilling until an exchange of each completes",
@@ -214,9 +220,7 @@ final class AntiEntropyState: Sendable {
             return true
         }
         guard due else { return }
-        var w = ByteWriter(capacity: 8)
-        w.writeU64(nowMillis)
-        try await store.setMetadata([(Self.aliveKey, w.bytes)])
+        try await store.setMetadata([(Self.aliveKey, BigEndianWords.encode(nowMillis))])
     }
 
     /// Writes the partitions settled since the last call (one synced write), if any.
@@ -343,14 +347,11 @@ final class AntiEntropyManager: SupervisedChild {
     let childName = "anti-entropy"
     let env: Environment
     private struct Book {
-        var nextDue: [PartitionID: ContinuousClock.Instant] = [:]
-        var peerCursor: [PartitionID: Int] = [:]
+        /// When exchanges and sweeps are due, and which run.
+        var schedule: AntiEntropySchedule
         var last: [PartitionID: ExchangeRecord] = [:]
         var builtAt: [PartitionID: ContinuousClock.Instant] = [:]
-        var exchanging: Set<PartitionID> = []
-        /// Each partition's next tombstone sweep; whether one runs; what each last found.
-        var nextSweep: [PartitionID: ContinuousClock.Instant] = [:]
-        var sweeping = false
+        /// What each partition's last sweep found.
         var tombstones: [PartitionID: TombstoneTally] = [:]
         /// Per partition and peer: the store's last applied sequence when the newest exchange
         /// with that peer that completed untruncated began (`TombstoneRule.Partition.exchangedAt`),
@@ -363,20 +364,23 @@ final class AntiEntropyManager: SupervisedChild {
         var buildFailures: [PartitionID: (count: Int, at: ContinuousClock.Instant, reason: String)] = [:]
         /// Partitions refilling at the last look (nil: none yet).
         var refillingSeen: Int?
-        /// Failed exchanges in a row of refilling partitions (their retry backoff).
-        var refillFailures: [PartitionID: Int] = [:]
-        var rng: SplitMix64
     }
     private let book: Locked<Book>
     /// Notified when a build or an exchange ends.
     private let slotsFree = Condition()
     private let woken = Locked(false)
     private let pacer: Pacer
+    /// Paces the traffic of the exchanges this node begins (`exchangeBytesPerSecond`).
+    let exchangePacer: Pacer
 
     init(env: Environment) {
         self.env = env
-        book = Locked(Book(rng: SplitMix64(seed: env.seed)))
+        let settings = AntiEntropySchedule.Settings(exchangeInterval: env.settings.exchangeInterval,
+                                                    maxConcurrentExchanges: env.settings.maxConcurrentExchanges,
+                                                    sweepInterval: env.settings.enabled ? env.settings.tombstoneSweepInterval : .zero)
+        book = Locked(Book(schedule: AntiEntropySchedule(settings: settings, seed: env.seed)))
         pacer = Pacer(bytesPerSecond: env.settings.buildBytesPerSecond, clock: env.clock)
+        exchangePacer = Pacer(bytesPerSecond: env.settings.exchangeBytesPerSecond, clock: env.clock)
     }
 
     func run() async throws {
@@ -454,7 +458,7 @@ final class AntiEntropyManager: SupervisedChild {
             }
             for p in hit {
                 await env.vnodes.vnode(for: p)?.invalidateTree()
-                book.withLock { $0.nextDue[p] = env.clock.now() }
+                book.withLock { $0.schedule.dueNow(p, now: env.clock.now()) }
             }
             env.metrics.aaeDamagedTables.increment()
             env.logger.error("damaged table quarantined; the keys it held are being refilled from replicas", metadata: [
@@ -478,47 +482,34 @@ final class AntiEntropyManager: SupervisedChild {
     /// sweep is set an interval (±25 %) later. The first sweep of each is spread over the first
     /// interval.
     private func sweepDue(_ mine: [PartitionID]) -> PartitionID? {
-        let interval = env.settings.tombstoneSweepInterval
-        guard interval > .zero, env.settings.enabled else { return nil }
         let now = env.clock.now()
-        return book.withLock { b in
-            guard !b.sweeping else { return nil }
-            var due: PartitionID?
-            for p in mine {
-                guard let at = b.nextSweep[p] else {
-                    b.nextSweep[p] = now + .milliseconds(b.rng.next(below: UInt64(max(1, interval / .milliseconds(1)))))
-                    continue
-                }
-                if at <= now, due == nil { due = p }
-            }
-            guard let p = due else { return nil }
-            b.nextSweep[p] = now + jitter(interval, &b.rng)
-            b.sweeping = true
-            return p
-        }
+        return book.withLock { $0.schedule.sweepDue(now: now, mine) }
     }
 
     /// Sweeps `p`'s tombstones: decides each by `TombstoneRule` and has the vnode collect those
     /// it allows, reading the partition paced with the tree builds' budget.
     func sweep(_ p: PartitionID) async {
-        defer { book.withLock { $0.sweeping = false } }
+        defer { book.withLock { $0.schedule.sweepEnded() } }
         guard let store = env.storage(), let v = env.vnodes.vnode(for: p), let ring = env.ring() else { return }
         let primaries = ring.replicas(of: p)
         guard primaries.contains(env.me) else { return }
         let here = await env.pendingHandoff()
-        let elsewhere = await askPending(ring)
         let exchanged = (book.withLock { $0.exchangedAt[p] ?? [:] }).compactMapValues { $0.ring == ring.version ? $0.sequence : nil }
-        let state = TombstoneRule.Partition(
+        var state = TombstoneRule.Partition(
             otherPrimaries: primaries.filter { $0 != env.me }.map(\.description),
             exchangedAt: Dictionary(uniqueKeysWithValues: exchanged.map { ($0.key.description, $0.value) }),
             // Any hint at all blocks: a hint's target may no longer be a primary of the partition
             // (the ring changed), and its replay still reaches the partition's owners.
             pendingHere: here.fallbacks.contains(Int(p.index)) || !here.targets.isEmpty,
-            pendingElsewhere: elsewhere.fallbacks.contains(Int(p.index)) || !elsewhere.targets.isEmpty,
-            memberUnknown: elsewhere.unknown,
             refilling: env.state.isRefilling(p),
             transferring: ring.pendingTransfers.contains { $0.partition == p })
         let rule = TombstoneRule(graceMillis: env.settings.tombstoneGrace.wholeMilliseconds)
+        // The other members are asked only when nothing known here blocks already.
+        if case .success = rule.horizon(state) {
+            let elsewhere = await askPending(ring)
+            state.pendingElsewhere = elsewhere.fallbacks.contains(Int(p.index)) || !elsewhere.targets.isEmpty
+            state.memberUnknown = elsewhere.unknown
+        }
         let horizon = rule.horizon(state)
         let now = env.clock.wallMillis()
         let limits = env.limits
@@ -741,41 +732,19 @@ final class AntiEntropyManager: SupervisedChild {
     private func exchangesDue(_ mine: [PartitionID]) -> [(PartitionID, NodeName)] {
         let now = env.clock.now()
         let ring = env.ring()
-        return book.withLock { b in
-            var out: [(PartitionID, NodeName)] = []
-            for p in mine {
-                guard b.exchanging.count < env.settings.maxConcurrentExchanges else { break }
-                if b.nextDue[p] == nil {
-                    // First sight: spread partitions over the interval (refilling ones at once).
-                    let spread = env.state.isRefilling(p) ? 0 : b.rng.next(below: UInt64(max(1, env.settings.exchangeInterval / .milliseconds(1))))
-                    b.nextDue[p] = now + .milliseconds(Int64(spread))
-                }
-                guard let due = b.nextDue[p], due <= now, !b.exchanging.contains(p) else { continue }
-                // No tree here yet: due once it is built.
-                guard let v = env.vnodes.vnode(for: p), !v.needsTreeBuild, !b.building.contains(p) else { continue }
-                // Only a replica exchanges: a copy still being handed in is filled by its transfer.
-                let replicas = ring?.replicas(of: p) ?? []
-                guard replicas.contains(env.me) else { continue }
-                let candidates = replicas.filter { $0 != env.me && env.reachable($0) }
-                guard !candidates.isEmpty else { continue }
-                let cursor = b.peerCursor[p, default: 0]
-                b.peerCursor[p] = cursor &+ 1
-                b.exchanging.insert(p)
-                b.nextDue[p] = now + jitter(env.settings.exchangeInterval, &b.rng)
-                out.append((p, candidates[cursor % candidates.count]))
-            }
-            return out
+        let building = book.withLock { $0.building }
+        let facts = mine.map { p in
+            let replicas = ring?.replicas(of: p) ?? []
+            return AntiEntropySchedule.Partition(
+                id: p, refilling: env.state.isRefilling(p),
+                treeReady: !(env.vnodes.vnode(for: p)?.needsTreeBuild ?? true) && !building.contains(p),
+                replica: replicas.contains(env.me), peers: replicas.filter { $0 != env.me && env.reachable($0) })
         }
-    }
-
-    private func jitter(_ d: Duration, _ rng: inout SplitMix64) -> Duration {
-        let ms = max(4, d / .milliseconds(1))
-        let quarter = ms / 4
-        return .milliseconds(Int64(ms - quarter) + Int64(rng.next(below: UInt64(2 * quarter + 1))))
+        return book.withLock { $0.schedule.exchangesDue(now: now, facts) }
     }
 
     private func release(_ p: PartitionID) {
-        book.withLock { _ = $0.exchanging.remove(p) }
+        book.withLock { $0.schedule.release(p) }
         wake()
     }
 
@@ -794,11 +763,7 @@ final class AntiEntropyManager: SupervisedChild {
             guard now < deadline else { return false }
             // A second at a time: the slot is looked at again at least that often.
             let took = await slotsFree.wait(until: {
-                book.withLock { b in
-                    guard !b.exchanging.contains(p), b.exchanging.count < env.settings.maxConcurrentExchanges else { return false }
-                    b.exchanging.insert(p)
-                    return true
-                }
+                book.withLock { $0.schedule.take(p) }
             }, deadline: min(deadline, now + .seconds(1)), clock: env.clock)
             if took { return true }
         }
@@ -966,31 +931,25 @@ final class AntiEntropyManager: SupervisedChild {
         m.aaeExchanges.increment(outcome: outcome)
         m.aaeKeysRepaired.increment(outcome: "local", by: run.keysToLocal)
         m.aaeKeysRepaired.increment(outcome: "remote", by: run.keysToRemote)
+        m.aaeDataRepaired.increment(outcome: "local", by: run.dataToLocal)
+        m.aaeDataRepaired.increment(outcome: "remote", by: run.dataToRemote)
         m.aaeBytes.increment(outcome: "sent", by: run.bytesSent)
         m.aaeBytes.increment(outcome: "received", by: run.bytesReceived)
         if let error {
             env.logger.info("anti-entropy exchange failed", metadata: ["partition": "\(p.index)", "peer": "\(peer)", "error": "\(error)"])
-            if env.state.isRefilling(p) {
-                // A refilling partition tries again soon (with another peer), not an interval later.
-                book.withLock { b in
-                    let failures = b.refillFailures[p, default: 0] + 1
-                    b.refillFailures[p] = failures
-                    b.nextDue[p] = now + .milliseconds(min(30_000, 250 << min(failures, 7)))
-                }
-            }
+            // A refilling partition tries again soon (with another peer), not an interval later.
+            let refilling = env.state.isRefilling(p)
+            book.withLock { $0.schedule.ended(p, .failed, refilling: refilling, now: now) }
         } else {
             book.withLock { b in
-                b.refillFailures[p] = nil
+                // A truncated one goes on soon: more to repair.
+                b.schedule.ended(p, outcome == "truncated" ? .truncated : .completed, refilling: false, now: now)
                 if outcome != "truncated", let startSequence, let startRing, startRing == env.ring()?.version {
                     b.exchangedAt[p, default: [:]][peer] = (startSequence, startRing)
                 }
             }
             if outcome != "truncated", env.state.settle(p) {
                 env.logger.debug("partition refilled by anti-entropy", metadata: ["partition": "\(p.index)", "peer": "\(peer)"])
-            }
-            if outcome == "truncated" {
-                // More to repair: go on soon instead of an interval later.
-                book.withLock { $0.nextDue[p] = now + .seconds(1) }
             }
             if run.keysToLocal + run.keysToRemote > 0 {
                 env.logger.info("anti-entropy repaired keys", metadata: [
@@ -1134,6 +1093,9 @@ private struct ExchangeRun {
     var bytesReceived = 0
     var keysToLocal = 0
     var keysToRemote = 0
+    /// Bytes of the keys and objects repaired each way (what the traffic was for).
+    var dataToLocal = 0
+    var dataToRemote = 0
     var summary = ExchangeSummary()
 
     init(manager: AntiEntropyManager, partition: PartitionID, peer: NodeName) {
@@ -1199,9 +1161,13 @@ private struct ExchangeRun {
         }
     }
 
+    /// Asks the peer; then waits until the bytes both ways fit in `exchangeBytesPerSecond`.
     private mutating func ask(_ body: AntiEntropyRequest.Body) async throws(ExchangeFailure) -> AntiEntropyReply {
-        try await manager.ask(peer, AntiEntropyRequest(partition: partition, shape: env.settings.shape, body: body),
-                              bytesSent: &bytesSent, bytesReceived: &bytesReceived)
+        let before = bytesSent + bytesReceived
+        let reply = try await manager.ask(peer, AntiEntropyRequest(partition: partition, shape: env.settings.shape, body: body),
+                                          bytesSent: &bytesSent, bytesReceived: &bytesReceived)
+        await manager.exchangePacer.pace(bytesSent + bytesReceived - before)
+        return reply
     }
 
     /// Performs the repairs: objects the listing carried are merged here; objects this node lacks
@@ -1234,6 +1200,7 @@ private struct ExchangeRun {
             for chunk in take.chunks(of: batch) {
                 try await vnode.mergeAll(Array(chunk))
                 keysToLocal += chunk.count
+                dataToLocal += chunk.reduce(0) { $0 + $1.key.count + $1.object.encodedSize }
             }
             for chunk in fetch.chunks(of: batch) {
                 guard case .objects(let objects) = try await ask(.fetch(Array(chunk))), objects.count == chunk.count else {
@@ -1242,6 +1209,7 @@ private struct ExchangeRun {
                 let found = zip(chunk, objects).compactMap { k, o in o.map { (key: k, object: $0) } }
                 let merged = try await vnode.mergeAll(found)
                 keysToLocal += found.count
+                dataToLocal += found.reduce(0) { $0 + $1.key.count + $1.object.encodedSize }
                 for (entry, m) in zip(found, merged) where reconcile.contains(entry.key) && m != entry.object {
                     outgoing.append((entry.key, m))
                 }
@@ -1274,6 +1242,7 @@ private struct ExchangeRun {
     private mutating func send(_ entries: [(key: [UInt8], object: VersionedObject)]) async throws(ExchangeFailure) {
         guard case .pushed = try await ask(.push(entries)) else { throw ExchangeFailure("\(peer) answered a push with another reply") }
         keysToRemote += entries.count
+        dataToRemote += entries.reduce(0) { $0 + $1.key.count + $1.object.encodedSize }
     }
 }
 

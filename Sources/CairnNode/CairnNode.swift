@@ -368,6 +368,7 @@ public final class CairnNode: Service, Sendable {
         }
         let (backend, limits, logger, epochs) = (storage.backend, config.limits, core.logger, core.epochs)
         let partitionCount = view.state?.partitionCount ?? 0
+        let remembered = config.antiEntropy.rememberedPerVnode
         let (aaeState, treeShape, shape) = (core.antiEntropyState, config.antiEntropy.enabled ? config.antiEntropy.shape : nil,
                                             config.antiEntropy.shape)
         let manager = VnodeManager(table: core.vnodes, supervisor: vnodeSupervisor, views: views, logger: logger, metrics: metrics,
@@ -378,7 +379,7 @@ public final class CairnNode: Service, Sendable {
                   treeShape: treeShape, savedTree: key.role == .primary && treeShape != nil
                     ? aaeState.takeSavedTree(key.partition, shape: shape) : nil,
                   freshActor: { ActorID(node: storage.actor.node, epoch: epochs.next()) },
-                  mayForgetDamaged: { aaeState.mayForgetDamaged($0) })
+                  mayForgetDamaged: { aaeState.mayForgetDamaged($0) }, rememberedLimit: remembered)
         }
         manager.apply(view)
         // Vnodes started from now on may meet data written since the store opened.

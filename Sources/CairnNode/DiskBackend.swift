@@ -102,7 +102,7 @@ public final class DiskBackend: PartitionStore {
         // them: if that block is corrupt, a value is unknown and the worst is assumed (a fresh
         // epoch never reissues a dot). The corruption is in the database's statistics; the
         // keys rewritten below shadow the bad block from now on.
-        let stored = try readMetadata(db, epochKey).value.flatMap { $0.count == 8 ? $0.reduce(UInt64(0)) { $0 << 8 | UInt64($1) } : nil }
+        let stored = try readMetadata(db, epochKey).value.flatMap { BigEndianWords.decode($0, count: 1)?.first }
         let cleanMark = try readMetadata(db, cleanKey)
         let clean: Bool? = cleanMark.known ? cleanMark.value != nil : nil
         // What the previous run promised decides, not this run's setting: a crash under
@@ -118,7 +118,7 @@ public final class DiskBackend: PartitionStore {
         var batch = WriteBatch()
         if epoch == 0 || salvaged || (clean != true && !previousRunSyncedAlways) {
             epoch = epochs.next()
-            batch.put(epochKey, (0..<8).map { UInt8(truncatingIfNeeded: epoch >> UInt64(56 - 8 * $0)) })
+            batch.put(epochKey, BigEndianWords.encode(epoch))
         }
         batch.put(runSyncModeKey, [Self.syncModeCode(options.syncMode)])
         // From here on a crash is an unclean shutdown.

@@ -87,6 +87,8 @@ public final class NodeMetrics: Sendable {
     /// age, partitions refilling and builds waiting.
     let aaeExchanges: LabelledCounter
     let aaeKeysRepaired: LabelledCounter
+    /// Bytes of the keys and objects those repairs moved (what `aaeBytes` was spent on).
+    let aaeDataRepaired: LabelledCounter
     let aaeBytes: LabelledCounter
     let aaeTreeBuilds: LabelledCounter
     let aaeTreeDrift: CoreMetrics.Counter
@@ -99,6 +101,8 @@ public final class NodeMetrics: Sendable {
     /// Copies of collected history (a collected tombstone, or older) that arrived again and
     /// were not stored.
     let tombstonesReturned: CoreMetrics.Counter
+    /// Collected tombstones' clocks the vnodes remember (`tombstones.remembered_per_vnode` each).
+    let tombstonesRemembered: StreamGauge
     let tombstonesBlocked: [TombstoneRule.Block: CoreMetrics.Gauge]
     /// Damaged tables set aside and their partitions marked for refilling.
     let aaeDamagedTables: CoreMetrics.Counter
@@ -172,6 +176,8 @@ public final class NodeMetrics: Sendable {
                                        values: ["in_sync", "repaired", "truncated", "failed"], factory: f)
         aaeKeysRepaired = LabelledCounter(label: "cairn_aae_keys_repaired_total", dimension: "direction",
                                           values: ["local", "remote"], factory: f)
+        aaeDataRepaired = LabelledCounter(label: "cairn_aae_repaired_bytes_total", dimension: "direction",
+                                          values: ["local", "remote"], factory: f)
         aaeBytes = LabelledCounter(label: "cairn_aae_bytes_total", dimension: "direction", values: ["sent", "received"], factory: f)
         aaeTreeBuilds = LabelledCounter(label: "cairn_aae_tree_builds_total", dimension: "kind",
                                         values: ["build", "rebuild", "failed"], factory: f)
@@ -182,6 +188,7 @@ public final class NodeMetrics: Sendable {
         tombstonesHeld = CoreMetrics.Gauge(label: "cairn_tombstones_held", factory: f)
         tombstonesCollected = CoreMetrics.Counter(label: "cairn_tombstones_collected_total", factory: f)
         tombstonesReturned = CoreMetrics.Counter(label: "cairn_tombstones_returned_total", factory: f)
+        tombstonesRemembered = StreamGauge(CoreMetrics.Gauge(label: "cairn_tombstones_remembered", factory: f))
         tombstonesBlocked = Dictionary(uniqueKeysWithValues: TombstoneRule.Block.allCases.map {
             ($0, CoreMetrics.Gauge(label: "cairn_tombstones_blocked", dimensions: [("reason", $0.rawValue)], factory: f))
         })
@@ -279,6 +286,11 @@ final class StreamGauge: Sendable {
     var value: Int { count.load(ordering: .relaxed) }
     func opened() { gauge.record(count.wrappingAdd(1, ordering: .relaxed).newValue) }
     func closed() { gauge.record(count.wrappingSubtract(1, ordering: .relaxed).newValue) }
+    /// Adds `n` (negative: takes away) at once.
+    func adjust(by n: Int) {
+        guard n != 0 else { return }
+        gauge.record(count.wrappingAdd(n, ordering: .relaxed).newValue)
+    }
 }
 
 extension CoreMetrics.Timer {

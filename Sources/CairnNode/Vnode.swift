@@ -99,14 +99,14 @@ public actor Vnode: SupervisedChild {
     /// it starts at the floor, so it is never one a dropped history already holds.
     private var counterFloor: (epoch: UInt64, counter: UInt64)?
     /// Tombstones this vnode collected lately, key → the clock collected, oldest first out past
-    /// `collectedMemory`. The other replicas collect at their own pace and an exchange copies
+    /// `rememberedLimit` (`tombstones.remembered_per_vnode`). The other replicas collect at their own pace and an exchange copies
     /// theirs back; a copy of history this clock covers (that tombstone, or anything older) is
     /// not stored again. Forgetting one only costs a second collection.
     private var collected: [[UInt8]: VersionVector] = [:]
     private var collectedOrder: [[UInt8]] = []
     private var collectedStart = 0
-    /// Collected tombstones a vnode remembers (`collected`).
-    public static let collectedMemory = 65_536
+    /// Collected tombstones this vnode remembers at most (`collected`).
+    private let rememberedLimit: Int
 
     /// `treeShape`: keep an anti-entropy tree of that shape (primaries only; nil: none);
     /// `savedTree`: the tree saved at the last clean shutdown (else one is built from storage);
@@ -114,7 +114,8 @@ public actor Vnode: SupervisedChild {
     /// `mayForgetDamaged`: whether `get` may drop a damaged key of a partition (see `get`).
     public init(partition: PartitionID, role: VnodeRole = .primary, backend: any PartitionStore, limits: Limits, metrics: NodeMetrics,
                 logger: Logger, stampActor: ActorID? = nil, treeShape: TreeShape? = nil, savedTree: SegmentTree? = nil,
-                freshActor: (@Sendable () -> ActorID)? = nil, mayForgetDamaged: @escaping @Sendable (PartitionID) -> Bool = { _ in false }) {
+                freshActor: (@Sendable () -> ActorID)? = nil, mayForgetDamaged: @escaping @Sendable (PartitionID) -> Bool = { _ in false },
+                rememberedLimit: Int = AntiEntropySettings().rememberedPerVnode) {
         if role == .primary, let treeShape {
             let saved = savedTree.flatMap { $0.shape == treeShape ? TreeState.ready($0) : nil }
             tree = saved ?? .missing
@@ -129,6 +130,7 @@ public actor Vnode: SupervisedChild {
         stamp = Mutex(stampActor)
         self.freshActor = freshActor
         self.mayForgetDamaged = mayForgetDamaged
+        self.rememberedLimit = max(0, rememberedLimit)
         counterFloor = role == .primary ? Self.savedCounterFloor(in: backend, partition: partition) : nil
         self.childName = VnodeKey(partition: partition, role: role).description
         self.space = VnodeKey(partition: partition, role: role).space
@@ -166,6 +168,8 @@ public actor Vnode: SupervisedChild {
         if status == .serving { return }
         await withCheckedContinuation { servingWaiters.append($0) }
     }
+
+    deinit { metrics.tombstonesRemembered.adjust(by: -collected.count) }
 
     // MARK: Operations
 
@@ -307,11 +311,13 @@ public actor Vnode: SupervisedChild {
     static func counterFloorMetadataName(_ p: PartitionID) -> String { "gc-floor/\(p.index)" }
 
     private func remember(_ key: [UInt8], _ clock: VersionVector) {
+        let before = collected.count
         if collected.updateValue(clock, forKey: key) == nil { collectedOrder.append(key) }
-        while collected.count > Self.collectedMemory, collectedStart < collectedOrder.count {
+        while collected.count > rememberedLimit, collectedStart < collectedOrder.count {
             collected[collectedOrder[collectedStart]] = nil
             collectedStart += 1
         }
+        metrics.tombstonesRemembered.adjust(by: collected.count - before)
         if collectedStart > 4096, collectedStart * 2 > collectedOrder.count {
             collectedOrder.removeFirst(collectedStart)
             collectedStart = 0
@@ -319,9 +325,8 @@ public actor Vnode: SupervisedChild {
     }
 
     static func savedCounterFloor(in backend: any PartitionStore, partition p: PartitionID) -> (epoch: UInt64, counter: UInt64)? {
-        guard let b = try? backend.metadata(counterFloorMetadataName(p)), b.count == 16 else { return nil }
-        let epoch = b[0..<8].reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
-        return (epoch, b[8..<16].reduce(UInt64(0)) { $0 << 8 | UInt64($1) })
+        guard let b = try? backend.metadata(counterFloorMetadataName(p)), let w = BigEndianWords.decode(b, count: 2) else { return nil }
+        return (w[0], w[1])
     }
 
     /// Collects tombstones `TombstoneRule` allows: each key whose stored object is still a pure
@@ -352,7 +357,7 @@ public actor Vnode: SupervisedChild {
             if top >= floor(of: actor) {
                 let (next, overflow) = top.addingReportingOverflow(1)
                 if !overflow {
-                    _ = try backend.applyMetadata(Self.counterFloorMetadataName(partition), Self.encodeEpoch(actor.epoch) + Self.encodeEpoch(next))
+                    _ = try backend.applyMetadata(Self.counterFloorMetadataName(partition), BigEndianWords.encode(actor.epoch, next))
                     counterFloor = (actor.epoch, next)
                 }
             }
@@ -435,7 +440,7 @@ public actor Vnode: SupervisedChild {
             if stampActor == nil {
                 let actor = freshActor()
                 do {
-                    _ = try backend.applyMetadata(Self.stampMetadataName(partition), Self.encodeEpoch(actor.epoch))
+                    _ = try backend.applyMetadata(Self.stampMetadataName(partition), BigEndianWords.encode(actor.epoch))
                 } catch {
                     throw fail("could not record a new stamp actor: \(error)")
                 }
@@ -452,12 +457,10 @@ public actor Vnode: SupervisedChild {
     /// The metadata name holding a primary's stamp actor epoch (`stampActor`).
     static func stampMetadataName(_ p: PartitionID) -> String { "stamp/\(p.index)" }
 
-    static func encodeEpoch(_ epoch: UInt64) -> [UInt8] { (0..<8).map { UInt8(truncatingIfNeeded: epoch >> (56 - 8 * $0)) } }
-
     /// The stamp actor a primary of `p` recorded in `backend` (nil: none, or unreadable).
     public static func savedStampActor(in backend: any PartitionStore, partition p: PartitionID, node: String) -> ActorID? {
-        guard let bytes = try? backend.metadata(stampMetadataName(p)), bytes.count == 8 else { return nil }
-        return ActorID(node: node, epoch: bytes.reduce(UInt64(0)) { $0 << 8 | UInt64($1) })
+        guard let bytes = try? backend.metadata(stampMetadataName(p)), let epoch = BigEndianWords.decode(bytes, count: 1)?.first else { return nil }
+        return ActorID(node: node, epoch: epoch)
     }
 
     private func read(_ key: [UInt8], durableOnly: Bool) throws(VnodeError) -> Stored {

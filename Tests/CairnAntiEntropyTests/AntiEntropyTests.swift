@@ -313,7 +313,7 @@ func key(_ i: Int) -> [UInt8] { Array("k\(i)".utf8) }
         }
         let replies: [AntiEntropyReply] = [
             .root(77, refilling: true), .hashes([1, 2, 3]),
-            .keys(KeyPage(entries: [KeyEntry(key: [1], hash: 5, object: o), KeyEntry(key: [2], hash: 6)], through: [2])),
+            .keys(KeyPage(entries: [KeyEntry(key: [1], hash: KeyVersionHash.hash(key: [1], object: o), object: o), KeyEntry(key: [2], hash: 6)], through: [2])),
             .keys(KeyPage(entries: [], through: nil)), .objects([o, nil]), .pushed(4),
             .pending(hintTargets: ["n2", "n3"], fallbacks: [0, 5, 63]), .pending(hintTargets: [], fallbacks: []),
         ]
