@@ -37,6 +37,7 @@
 #   WORKLOAD [a]        cairn-load workload
 #   BASELINE [30s]
 #   EXCHANGE_INTERVAL [8m]
+#   EXCHANGE_RATE       aae.exchange_bytes_per_second (the node's default unless set)
 #   DEPTH [4]           aae.tree_depth for diverge (3 elsewhere: the default)
 #   DIVERGE [1,100,10000]
 #   SEED [42]
@@ -104,6 +105,7 @@ hints.enabled = false
 aae.enabled = $AAE_ENABLED
 aae.tree_depth = $TREE_DEPTH
 aae.exchange_interval = $EXCHANGE_INTERVAL
+${EXCHANGE_RATE:+aae.exchange_bytes_per_second = $EXCHANGE_RATE}
 CONF
 }
 

@@ -32,7 +32,7 @@ public struct AntiEntropySettings: Sendable {
     /// Bytes per second the exchanges this node begins send and receive together, trees, key
     /// pages and objects (`aae.exchange_bytes_per_second`): a refill takes longer, the requests
     /// it runs beside keep their latency.
-    public var exchangeBytesPerSecond = 8 << 20
+    public var exchangeBytesPerSecond = 2 << 20
     /// A tombstone is collected no sooner than this after its deletion (`tombstones.grace`),
     /// and only when `TombstoneRule` allows.
     public var tombstoneGrace: Duration = .seconds(3600)
