@@ -732,7 +732,9 @@ final class AntiEntropyManager: SupervisedChild {
     private func exchangesDue(_ mine: [PartitionID]) -> [(PartitionID, NodeName)] {
         let now = env.clock.now()
         let ring = env.ring()
-        let building = book.withLock { $0.building }
+        // No free slot: nothing to start, so nothing to look at.
+        let (building, full) = book.withLock { ($0.building, $0.schedule.exchanging.count >= env.settings.maxConcurrentExchanges) }
+        guard !full else { return [] }
         let facts = mine.map { p in
             let replicas = ring?.replicas(of: p) ?? []
             return AntiEntropySchedule.Partition(
@@ -1200,7 +1202,7 @@ private struct ExchangeRun {
             for chunk in take.chunks(of: batch) {
                 try await vnode.mergeAll(Array(chunk))
                 keysToLocal += chunk.count
-                dataToLocal += chunk.reduce(0) { $0 + $1.key.count + $1.object.encodedSize }
+                dataToLocal += Self.dataBytes(chunk)
             }
             for chunk in fetch.chunks(of: batch) {
                 guard case .objects(let objects) = try await ask(.fetch(Array(chunk))), objects.count == chunk.count else {
@@ -1209,7 +1211,7 @@ private struct ExchangeRun {
                 let found = zip(chunk, objects).compactMap { k, o in o.map { (key: k, object: $0) } }
                 let merged = try await vnode.mergeAll(found)
                 keysToLocal += found.count
-                dataToLocal += found.reduce(0) { $0 + $1.key.count + $1.object.encodedSize }
+                dataToLocal += Self.dataBytes(found)
                 for (entry, m) in zip(found, merged) where reconcile.contains(entry.key) && m != entry.object {
                     outgoing.append((entry.key, m))
                 }
@@ -1242,7 +1244,12 @@ private struct ExchangeRun {
     private mutating func send(_ entries: [(key: [UInt8], object: VersionedObject)]) async throws(ExchangeFailure) {
         guard case .pushed = try await ask(.push(entries)) else { throw ExchangeFailure("\(peer) answered a push with another reply") }
         keysToRemote += entries.count
-        dataToRemote += entries.reduce(0) { $0 + $1.key.count + $1.object.encodedSize }
+        dataToRemote += Self.dataBytes(entries)
+    }
+
+    /// The bytes of keys and stored objects a repair batch moves (`cairn_aae_repaired_bytes_total`).
+    private static func dataBytes(_ entries: some Sequence<(key: [UInt8], object: VersionedObject)>) -> Int {
+        entries.reduce(0) { $0 + $1.key.count + $1.object.encodedSize }
     }
 }
 
