@@ -101,7 +101,8 @@ let package = Package(
 
         // The LSM storage engine: standalone, knows nothing of the cluster; file I/O behind `FileSystem`.
         .target(name: "CairnStorage", dependencies: ["CStorageSupport"], swiftSettings: strict),
-        // C helpers: CRC-32C with the CPU's CRC32 instruction (SSE 4.2, checked at run time), malloc_trim.
+        // C helpers: CRC-32C with the CPU's CRC32 instruction (SSE 4.2, checked at run time), malloc_trim,
+        // thread names and timer slack.
         .target(name: "CStorageSupport"),
         .testTarget(name: "CairnStorageTests", dependencies: ["CairnStorage"], swiftSettings: strict),
         // db_bench's language over CairnStorage (Benchmarks/storage/compare-rocksdb.sh).
@@ -113,7 +114,7 @@ let package = Package(
 
         // The traffic generator: workloads, key choosers, targets (cairn, redis, etcd), reports.
         .target(name: "CairnLoad", dependencies: [
-            "CairnClient", "CairnCore", "CairnRing",
+            "CairnClient", "CairnCore", "CairnRing", "CStorageSupport",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"),

@@ -42,6 +42,8 @@ void cairn_release_free_memory(void) {}
 #if defined(__linux__)
 #include <sys/prctl.h>
 void cairn_set_thread_name(const char *name) { prctl(PR_SET_NAME, name, 0, 0, 0); }
+void cairn_precise_timers(void) { prctl(PR_SET_TIMERSLACK, 1UL, 0, 0, 0); }
 #else
 void cairn_set_thread_name(const char *name) { (void)name; }
+void cairn_precise_timers(void) {}
 #endif

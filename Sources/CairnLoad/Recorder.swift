@@ -2,29 +2,35 @@ public import Histogram
 import Synchronization
 
 /// Latencies (µs) of one operation type: the whole run, and the current progress interval.
+///
+/// Every sample goes into both. The interval histogram is small (2 significant digits, up to
+/// 60 s: about 18 KiB against the total's 170 KiB), so the once-a-second progress drain holds the
+/// worker's lock for microseconds; merging full-size histograms there held it for milliseconds,
+/// stalled completions behind it and starved the open loop of free sessions.
 public struct LatencyStats: Sendable {
     /// Up to 10 minutes, 3 significant digits.
     public static let highestMicros: UInt64 = 600_000_000
+    /// The progress interval's range: longer samples count as 60 s there (never in the total).
+    public static let highestIntervalMicros: UInt64 = 60_000_000
     public var total = Histogram<UInt64>(highestTrackableValue: LatencyStats.highestMicros, numberOfSignificantValueDigits: .three)
-    public var interval = Histogram<UInt64>(highestTrackableValue: LatencyStats.highestMicros, numberOfSignificantValueDigits: .three)
+    public var interval = LatencyStats.emptyInterval()
 
     public init() {}
 
-    /// Records into the interval only; `rollInterval` folds it into the total once a second.
+    static func emptyInterval() -> Histogram<UInt64> {
+        Histogram<UInt64>(highestTrackableValue: highestIntervalMicros, numberOfSignificantValueDigits: .two)
+    }
+
     mutating func record(_ micros: UInt64) {
-        _ = interval.record(min(max(micros, 1), Self.highestMicros))
+        let v = min(max(micros, 1), Self.highestMicros)
+        _ = total.record(v)
+        _ = interval.record(min(v, Self.highestIntervalMicros))
     }
 
-    mutating func rollInterval() {
-        total.add(interval)
-        interval.reset()
-    }
-
-    /// Everything recorded so far, including the current interval.
-    var all: Histogram<UInt64> {
-        var h = total
-        h.add(interval)
-        return h
+    /// The interval so far; starts a new one.
+    mutating func takeInterval() -> Histogram<UInt64> {
+        defer { interval = Self.emptyInterval() }
+        return interval
     }
 }
 
@@ -68,17 +74,20 @@ public final class WorkerStats: Sendable {
         samples[kind, default: []].append(String(message.prefix(300)))
     }
 
-    /// Adds this worker's interval histograms into `into` and resets them.
+    /// Adds this worker's interval histograms into `into` and starts new ones. The merge runs
+    /// outside the lock.
     func drainInterval(into: inout [String: Histogram<UInt64>], errors: inout Int) {
-        state.withLock { s in
-            for i in s.ops.indices {
-                guard s.ops[i] != nil, let interval = s.ops[i]?.interval else { continue }
-                into[Self.names[i], default: Histogram<UInt64>(highestTrackableValue: LatencyStats.highestMicros, numberOfSignificantValueDigits: .three)]
-                    .add(interval)
-                s.ops[i]?.rollInterval()
+        let (taken, errorCount) = state.withLock { s -> ([(Int, Histogram<UInt64>)], Int) in
+            var taken: [(Int, Histogram<UInt64>)] = []
+            for i in s.ops.indices where s.ops[i] != nil {
+                if let h = s.ops[i]?.takeInterval() { taken.append((i, h)) }
             }
-            errors += s.errors.values.reduce(0, +)
+            return (taken, s.errors.values.reduce(0, +))
         }
+        for (i, h) in taken {
+            into[Self.names[i], default: LatencyStats.emptyInterval()].add(h)
+        }
+        errors += errorCount
     }
 
     func totals(into: inout [String: Histogram<UInt64>], errors: inout [String: Int], samples: inout [String: [String]]) {
@@ -86,7 +95,7 @@ public final class WorkerStats: Sendable {
             for (i, stats) in s.ops.enumerated() {
                 guard let stats else { continue }
                 into[Self.names[i], default: Histogram<UInt64>(highestTrackableValue: LatencyStats.highestMicros, numberOfSignificantValueDigits: .three)]
-                    .add(stats.all)
+                    .add(stats.total)
             }
             for (k, v) in s.errors { errors[k, default: 0] += v }
             for (k, messages) in s.samples.sorted(by: { $0.key < $1.key }) {

@@ -245,33 +245,53 @@ final class RESPConnection: EventLoopDrivenSession {
                     return done.succeed()
                 }
                 current = plan
-                var buf = self.channel.allocator.buffer(capacity: plan.key.count + (plan.value?.count ?? 0) + 48)
-                if let v = plan.value {
-                    RESP.write([Self.set, plan.key, v], into: &buf)
-                } else {
-                    RESP.write([Self.get, plan.key], into: &buf)
-                }
-                if let onReply { handler.value.sendDirect(buf, reply: onReply) }
+                if let onReply { handler.value.sendDirect(self.encode(plan), reply: onReply) }
             }
             onReply = { result in
                 guard let plan = current else { return }
-                switch result {
-                case .success(.bulk(let v)) where plan.value == nil: driver.finish(plan, values: v.map { [$0] } ?? [], error: nil)
-                case .success(.simple("OK")) where plan.value != nil: driver.finish(plan, values: nil, error: nil)
-                case .success(.error(let e)): driver.finish(plan, values: nil, error: TargetError("server", e))
-                case .success(let other): driver.finish(plan, values: nil, error: TargetError("server", "unexpected reply \(other)"))
-                case .failure(let e):
-                    driver.finish(plan, values: nil, error: e)
-                    if !self.channel.isActive {
-                        onReply = nil
-                        return done.succeed()
-                    }
+                let (values, error) = Self.outcome(of: plan, result)
+                driver.finish(plan, values: values, error: error)
+                if error != nil, !self.channel.isActive {
+                    onReply = nil
+                    return done.succeed()
                 }
                 issue()
             }
             issue()
         }
         try? await done.futureResult.get()
+    }
+
+    /// Sends one plan from the connection's event loop; `finish` runs there with the outcome.
+    func start(_ plan: ClosedLoopDriver.Plan, then finish: @escaping @Sendable ([[UInt8]]?, TargetError?) -> Void) {
+        let handler = self.handler
+        channel.eventLoop.execute {
+            handler.value.sendDirect(self.encode(plan)) { result in
+                let (values, error) = Self.outcome(of: plan, result)
+                finish(values, error)
+            }
+        }
+    }
+
+    private func encode(_ plan: ClosedLoopDriver.Plan) -> ByteBuffer {
+        var buf = channel.allocator.buffer(capacity: plan.key.count + (plan.value?.count ?? 0) + 48)
+        if let v = plan.value {
+            RESP.write([Self.set, plan.key, v], into: &buf)
+        } else {
+            RESP.write([Self.get, plan.key], into: &buf)
+        }
+        return buf
+    }
+
+    /// The values a GET returned (nil for a SET), or why the request failed.
+    private static func outcome(of plan: ClosedLoopDriver.Plan, _ result: Result<RESPValue, TargetError>) -> ([[UInt8]]?, TargetError?) {
+        switch result {
+        case .success(.bulk(let v)) where plan.value == nil: (v.map { [$0] } ?? [], nil)
+        case .success(.simple("OK")) where plan.value != nil: (nil, nil)
+        case .success(.error(let e)): (nil, TargetError("server", e))
+        case .success(let other): (nil, TargetError("server", "unexpected reply \(other)"))
+        case .failure(let e): (nil, e)
+        }
     }
 
     static let get = Array("GET".utf8)

@@ -2,6 +2,7 @@ import Foundation
 import CairnCore
 import Histogram
 import Synchronization
+import CStorageSupport
 
 /// Everything one `load` or `run` needs.
 public struct RunConfig: Sendable {
@@ -161,25 +162,54 @@ public final class Runner: Sendable {
         }
     }
 
+    /// Open loop: one thread of its own keeps the timetable (an absolute `clock_nanosleep` per
+    /// start with no timer slack, so its own lateness stays in the tens of microseconds and is not
+    /// charged to the system under test), takes a free session (waiting for one counts in the latency, which runs
+    /// from the intended start) and hands the request over: straight to the session's event loop
+    /// when it can be driven, else to a task.
     private func runOpenLoop(_ sessions: [any TargetSession], schedule: OpenLoopSchedule) async {
-        let (free, freeSink) = AsyncStream.makeStream(of: Int.self)
-        for i in sessions.indices { freeSink.yield(i) }
-        var freeSessions = free.makeAsyncIterator()
-        var rng = SplitMix64(seed: config.seed)
-        await withDiscardingTaskGroup { group in
-            while true {
-                // This loop is the only planner, so the next index is `claimed`.
-                let intended = schedule.intendedStartNanos(claimed.load(ordering: .relaxed))
-                let now = elapsedNanos
-                if intended > now { try? await Task.sleep(for: .nanoseconds(Int64(clamping: intended - now))) }
-                guard let s = await freeSessions.next(), let plan = planNext(&rng, intendedStart: intended) else { break }
-                group.addTask { [self] in
-                    await execute(plan, sessions[s], stats: workers[s])
-                    freeSink.yield(s)
+        let driven = drivenSessions(sessions)
+        let pool = SessionPool(count: sessions.count)
+        let base = startedAtNanos
+        await withCheckedContinuation { (finished: CheckedContinuation<Void, Never>) in
+            let pacer = Thread { [self] in
+                var rng = SplitMix64(seed: config.seed)
+                cairn_precise_timers()
+                while true {
+                    // This thread is the only planner, so the next index is `claimed`.
+                    let intended = schedule.intendedStartNanos(claimed.load(ordering: .relaxed))
+                    Self.sleep(untilMonotonicNanos: base &+ intended)
+                    let s = pool.take()
+                    guard let plan = planNext(&rng, intendedStart: intended) else {
+                        pool.give(s)
+                        break
+                    }
+                    let stats = workers[s]
+                    if let driven {
+                        driven[s].start(plan) { values, error in
+                            self.complete(plan, values: values, error: error, stats: stats)
+                            pool.give(s)
+                        }
+                    } else {
+                        Task {
+                            await self.execute(plan, sessions[s], stats: stats)
+                            pool.give(s)
+                        }
+                    }
                 }
+                pool.awaitAll()
+                finished.resume()
             }
-            freeSink.finish()
+            pacer.name = "cairn-load pacer"
+            pacer.start()
         }
+    }
+
+    /// Blocks the calling thread until CLOCK_MONOTONIC reads `deadline` (ns); returns at once if
+    /// it has passed.
+    static func sleep(untilMonotonicNanos deadline: UInt64) {
+        var ts = timespec(tv_sec: Int(clamping: deadline / 1_000_000_000), tv_nsec: Int(deadline % 1_000_000_000))
+        while clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, nil) == EINTR {}
     }
 
     private func budgetExhausted(_ i: UInt64) -> Bool {
@@ -337,5 +367,35 @@ public final class ClosedLoopDriver: @unchecked Sendable {
 
     public func finish(_ plan: Plan, values: [[UInt8]]?, error: TargetError?) {
         runner.complete(plan, values: values, error: error, stats: stats)
+    }
+}
+
+/// The sessions free to take a request in the open loop. `take` blocks the pacer thread until one
+/// is free; completions `give` theirs back from any thread.
+final class SessionPool: Sendable {
+    private let free: Mutex<[Int]>
+    private let available: DispatchSemaphore
+    private let count: Int
+
+    init(count: Int) {
+        self.count = count
+        free = Mutex(Array((0..<count).reversed()))
+        available = DispatchSemaphore(value: count)
+    }
+
+    func take() -> Int {
+        available.wait()
+        return free.withLock { $0.popLast() } ?? 0
+    }
+
+    func give(_ s: Int) {
+        free.withLock { $0.append(s) }
+        available.signal()
+    }
+
+    /// Blocks until every session has been given back (nothing in flight).
+    func awaitAll() {
+        for _ in 0..<count { available.wait() }
+        for _ in 0..<count { available.signal() }
     }
 }

@@ -36,6 +36,9 @@ public protocol TargetSession: Sendable {
 /// generator does). The driver decides what to send and records what came back.
 public protocol EventLoopDrivenSession: TargetSession {
     func runClosedLoop(_ driver: ClosedLoopDriver) async
+    /// Sends one request (callable from any thread); `finish` gets the values read (nil for a
+    /// write) or the error, on the connection's event loop, as soon as the reply is decoded.
+    func start(_ plan: ClosedLoopDriver.Plan, then finish: @escaping @Sendable ([[UInt8]]?, TargetError?) -> Void)
 }
 
 /// A system under test: `cairn://`, `redis://` or `etcd://`.

@@ -55,4 +55,26 @@ struct LoadIntegrationTests {
         #expect(!report.failed)
         _ = tasks
     }
+
+    /// The open loop over async sessions (the pacer thread starts a task per request): every
+    /// request runs and is verified, none before its slot in the timetable.
+    @Test func openLoopRunsEveryScheduledRequest() async throws {
+        let (nodes, tasks, url) = try await cluster()
+        defer { for n in nodes { n.shutdown() } }
+        let consistency = ConsistencyOptions(r: .quorum, w: .quorum)
+        let load = RunConfig(phase: .load, target: url, records: 100, concurrency: 4, verify: true, consistency: consistency)
+        let loadTarget = try await makeTarget(url, consistency: consistency, concurrency: 4, timeoutMillis: 10_000)
+        #expect(try await Runner(config: load, target: loadTarget) { _ in }.run().totalOperations == 100)
+        await loadTarget.close()
+        let run = RunConfig(phase: .run, target: url, records: 100, operations: 300, rate: 1000, concurrency: 8, verify: true,
+                            seed: 5, consistency: consistency, timeoutMillis: 10_000)
+        let target = try await makeTarget(url, consistency: consistency, concurrency: 8, timeoutMillis: 10_000)
+        let report = try await Runner(config: run, target: target) { _ in }.run()
+        await target.close()
+        #expect(report.totalOperations == 300 && report.totalErrors == 0, "\(report.errors)")
+        #expect((report.verification?.readsChecked ?? 0) > 50)
+        #expect(!report.failed, "\(report.firstFailures)")
+        #expect(report.elapsed >= .milliseconds(299))
+        _ = tasks
+    }
 }

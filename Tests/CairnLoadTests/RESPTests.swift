@@ -62,4 +62,38 @@ struct RedisTargetTests {
         #expect(try await s.read(recordKey(3)).values.isEmpty)
         await s.close()
     }
+
+    /// The open loop over driven sessions (the pacer thread hands each request to its
+    /// connection's event loop): every request runs and is verified, and none starts before its
+    /// slot in the timetable, so the run lasts at least (operations - 1) / rate.
+    @Test func openLoopKeepsItsTimetableAgainstRedis() async throws {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/redis-server")
+        p.arguments = ["--bind", "127.0.0.81", "--port", "6380", "--save", "", "--appendonly", "no"]
+        p.standardOutput = FileHandle.nullDevice
+        p.standardError = FileHandle.nullDevice
+        try p.run()
+        defer { kill(p.processIdentifier, SIGKILL); p.waitUntilExit() }
+        let url = "redis://127.0.0.81:6380"
+        var ready = false
+        for _ in 0..<100 where !ready {
+            if let t = try? RedisTarget(endpoints: ["127.0.0.81:6380"]), let s = try? await t.session(index: 0) {
+                await s.close()
+                ready = true
+            } else {
+                try await Task.sleep(for: .milliseconds(50))
+            }
+        }
+        #expect(ready)
+        let load = RunConfig(phase: .load, target: url, records: 200, concurrency: 4, verify: true)
+        let loaded = try await Runner(config: load, target: try await makeTarget(url, consistency: .init(), concurrency: 4, timeoutMillis: 5000)) { _ in }.run()
+        #expect(loaded.totalOperations == 200)
+        let run = RunConfig(phase: .run, target: url, records: 200, operations: 400, rate: 2000, concurrency: 4, verify: true, seed: 3)
+        let target = try await makeTarget(url, consistency: .init(), concurrency: 4, timeoutMillis: 5000)
+        let report = try await Runner(config: run, target: target) { _ in }.run()
+        #expect(report.totalOperations == 400 && report.totalErrors == 0, "\(report.errors)")
+        #expect((report.verification?.readsChecked ?? 0) > 100)
+        #expect(!report.failed, "\(report.firstFailures)")
+        #expect(report.elapsed >= .milliseconds(199))
+    }
 }
