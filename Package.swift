@@ -62,7 +62,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: strict),
         .target(name: "CairnNode", dependencies: [
-            "CairnCore", "CairnRing", "CairnMembership", "CairnWire", "CSystemd", "CairnStorage", "CairnAntiEntropy",
+            "CairnCore", "CairnRing", "CairnMembership", "CairnWire", "CSystemd", "CairnStorage", "CairnAntiEntropy", "CStorageSupport",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"),

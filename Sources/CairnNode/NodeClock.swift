@@ -29,8 +29,10 @@ public struct SystemClock: NodeClock {
 
     public func now() -> ContinuousClock.Instant { .now }
 
+    /// On the process's `TimerQueue`: one thread and one heap for every sleep, not a Dispatch
+    /// timer per sleep (request deadlines are armed and cancelled at the request rate).
     public func sleep(until deadline: ContinuousClock.Instant) async throws {
-        try await Task.sleep(until: deadline, clock: .continuous)
+        try await TimerQueue.shared.sleep(until: deadline)
     }
 
     public func wallMillis() -> UInt64 {

@@ -144,3 +144,46 @@ final class SilentTransport: Transport {
         _ = await run.result
     }
 }
+
+/// `SystemClock`'s sleeps: one thread and one heap for the process.
+@Suite(.timeLimit(.minutes(1))) struct TimerQueueTests {
+    @Test func sleepersWakeAtOrAfterTheirDeadlineWhateverOrderTheyArriveIn() async throws {
+        let timers = TimerQueue(name: "test.timers")
+        let order = Shared<[Int]>([])
+        let start = ContinuousClock.now
+        // A later deadline arrives first, then earlier ones: the thread must re-arm each time.
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for (tag, ms) in [(3, 60), (2, 40), (1, 20)] {
+                group.addTask {
+                    try await timers.sleep(until: start.advanced(by: .milliseconds(ms)))
+                    #expect(ContinuousClock.now >= start.advanced(by: .milliseconds(ms)))
+                    order.update { $0.append(tag) }
+                }
+                try await Task.sleep(for: .milliseconds(1))
+            }
+            try await group.waitForAll()
+        }
+        #expect(order.current == [1, 2, 3])
+        #expect(timers.pending == 0)
+        // A deadline already passed returns at once.
+        try await timers.sleep(until: start)
+    }
+
+    @Test func cancelledSleepersThrowAtOnceAndLeaveNothingBehind() async throws {
+        let timers = TimerQueue(name: "test.timers")
+        let far = ContinuousClock.now.advanced(by: .seconds(3600))
+        let sleepers = (0..<500).map { _ in Task { try await timers.sleep(until: far) } }
+        // Cancelled before, while, and after registering: each throws CancellationError.
+        for (i, t) in sleepers.enumerated() {
+            if i % 50 == 0 { await Task.yield() }
+            t.cancel()
+        }
+        for t in sleepers {
+            await #expect(throws: CancellationError.self) { try await t.value }
+        }
+        #expect(timers.pending == 0)
+        // The queue keeps serving after the churn.
+        try await timers.sleep(until: ContinuousClock.now.advanced(by: .milliseconds(5)))
+        #expect(timers.pending == 0)
+    }
+}

@@ -1,0 +1,185 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CStorageSupport
+import Dispatch
+import Foundation
+import Synchronization
+
+/// Every `SystemClock` sleep of the process, on one thread: sleepers in a min-heap by deadline,
+/// woken when it passes. A request's deadline is one of these sleeps, and nearly every one is
+/// cancelled long before it fires (the request answered first); a `Task.sleep` per request
+/// armed and disarmed a Dispatch timer source each time, through Dispatch's manager thread.
+/// Here arming is a heap push under a lock, cancelling a dictionary removal, and the thread
+/// wakes only for the earliest live deadline.
+///
+/// Invariants: every sleeper is resumed exactly once, at or after its deadline, or with
+/// `CancellationError` when its task is cancelled. Cancelled sleepers leave their heap entry
+/// behind; the thread drops such entries when they reach the top, and the heap is rebuilt from
+/// the live sleepers once it holds more than `2 × live + 1024` entries (its bound; the live
+/// sleepers are bounded by the tasks that sleep: `pending`). Thread-safe.
+public final class TimerQueue: Sendable {
+    /// The process's queue (its thread starts with the first sleep).
+    public static let shared = TimerQueue(name: "cairn.timers")
+
+    private struct Entry {
+        let deadline: ContinuousClock.Instant
+        let id: UInt64
+    }
+
+    private enum Sleeper {
+        /// Its id is drawn, its continuation not registered yet.
+        case arriving
+        case waiting(CheckedContinuation<Void, any Error>)
+        /// Cancelled before its continuation was registered.
+        case cancelled
+    }
+
+    private struct State {
+        var heap: [Entry] = []
+        var sleepers: [UInt64: Sleeper] = [:]
+        var nextID: UInt64 = 0
+        /// The deadline the thread sleeps until (nil: no thread yet, or it sleeps with no deadline).
+        var armed: ContinuousClock.Instant?
+        var started = false
+
+        mutating func push(_ e: Entry) {
+            heap.append(e)
+            var i = heap.count - 1
+            while i > 0 {
+                let parent = (i - 1) / 2
+                guard heap[i].deadline < heap[parent].deadline else { break }
+                heap.swapAt(i, parent)
+                i = parent
+            }
+        }
+
+        mutating func popTop() {
+            guard let last = heap.popLast(), !heap.isEmpty else { return }
+            heap[0] = last
+            var i = 0
+            while true {
+                let l = 2 * i + 1, r = l + 1
+                var m = i
+                if l < heap.count && heap[l].deadline < heap[m].deadline { m = l }
+                if r < heap.count && heap[r].deadline < heap[m].deadline { m = r }
+                if m == i { return }
+                heap.swapAt(i, m)
+                i = m
+            }
+        }
+
+        /// Drops entries of sleepers no longer waiting from the top, and rebuilds the heap from
+        /// the live sleepers when stale entries dominate.
+        mutating func prune() {
+            while let top = heap.first, sleepers[top.id] == nil { popTop() }
+            if heap.count > 2 * sleepers.count + 1024 {
+                let live = heap.filter { sleepers[$0.id] != nil }
+                heap = []
+                heap.reserveCapacity(live.count)
+                for e in live { push(e) }
+            }
+        }
+    }
+
+    private let state = Mutex(State())
+    private let wake = DispatchSemaphore(value: 0)
+    private let name: String
+
+    init(name: String) { self.name = name }
+
+    /// Sleepers waiting.
+    public var pending: Int { state.withLock { $0.sleepers.count } }
+
+    /// Returns at or after `deadline`; throws `CancellationError` promptly when the calling task
+    /// is cancelled (also when it already was).
+    public func sleep(until deadline: ContinuousClock.Instant) async throws {
+        try Task.checkCancellation()
+        if deadline <= .now { return }
+        let id = state.withLock { s -> UInt64 in
+            s.nextID &+= 1
+            s.sleepers[s.nextID] = .arriving
+            return s.nextID
+        }
+        try await withTaskCancellationHandler {
+            try await withCheckedThrowingContinuation { (c: CheckedContinuation<Void, any Error>) in
+                let (signal, start, refused) = state.withLock { s -> (Bool, Bool, Bool) in
+                    if case .cancelled = s.sleepers[id] {
+                        s.sleepers[id] = nil
+                        return (false, false, true)
+                    }
+                    s.sleepers[id] = .waiting(c)
+                    s.push(Entry(deadline: deadline, id: id))
+                    let start = !s.started
+                    s.started = true
+                    // The thread needs a new deadline only when this one comes first.
+                    let signal = !start && (s.armed.map { deadline < $0 } ?? true)
+                    if signal || start { s.armed = deadline }
+                    return (signal, start, false)
+                }
+                if refused { return c.resume(throwing: CancellationError()) }
+                if start { startThread() } else if signal { wake.signal() }
+            }
+        } onCancel: {
+            let c: CheckedContinuation<Void, any Error>? = state.withLock { s in
+                switch s.sleepers[id] {
+                case .waiting(let c)?:
+                    s.sleepers[id] = nil
+                    return c
+                case .arriving?:
+                    s.sleepers[id] = .cancelled
+                    return nil
+                case .cancelled?, nil:
+                    return nil  // marked already, or resumed already
+                }
+            }
+            c?.resume(throwing: CancellationError())
+        }
+    }
+
+    private func startThread() {
+        let thread = Thread { [self] in
+            cairn_set_thread_name(name)
+            cairn_precise_timers()
+            run()
+        }
+        thread.start()
+    }
+
+    /// The thread: resumes every sleeper whose deadline passed, then sleeps until the earliest
+    /// live deadline (or until a sleeper with an earlier one signals).
+    private func run() {
+        while true {
+            let now = ContinuousClock.now
+            let (due, next) = state.withLock { s -> ([CheckedContinuation<Void, any Error>], ContinuousClock.Instant?) in
+                var due: [CheckedContinuation<Void, any Error>] = []
+                while let top = s.heap.first, top.deadline <= now {
+                    s.popTop()
+                    if case .waiting(let c)? = s.sleepers.removeValue(forKey: top.id) { due.append(c) }
+                }
+                s.prune()
+                s.armed = s.heap.first?.deadline
+                return (due, s.armed)
+            }
+            for c in due { c.resume() }
+            if let next {
+                let wait = now.duration(to: next)
+                _ = wake.wait(timeout: .now() + .nanoseconds(Int(clamping: wait.wholeNanoseconds)))
+            } else {
+                wake.wait()
+            }
+        }
+    }
+}
+
+extension Duration {
+    /// Whole nanoseconds, saturating (negative durations give 0).
+    var wholeNanoseconds: Int64 {
+        let (s, a) = components
+        guard s >= 0 else { return 0 }
+        let (ns, overflow) = s.multipliedReportingOverflow(by: 1_000_000_000)
+        guard !overflow else { return .max }
+        let (sum, over) = ns.addingReportingOverflow(max(a, 0) / 1_000_000_000)
+        return over ? .max : sum
+    }
+}
