@@ -2,18 +2,26 @@
 # Measures Cairn against its peers in one run on this machine, with the same generator
 # (cairn-load) and the same workload for every system:
 #
-#   redis     Redis, one node                      redis://127.0.0.1:6399
-#   cairn-1   Cairn, one node (n_val = 1)          cairn://127.0.0.61:7401
-#   etcd-3    etcd 3.4, three nodes (Raft)         etcd://127.0.0.1:23791,23792,23793
-#   cairn-3   Cairn, three nodes (n_val = 3, R = W = 2)
-#                                                  cairn://127.0.0.62-64:7401
+#   redis           Redis, one node, no persistence            redis://127.0.0.1:6399
+#   redis-aof       Redis, one node, appendfsync always         redis://127.0.0.1:6399
+#   cairn-1         Cairn, one node (n_val = 1, sync always)   cairn://127.0.0.61:7401
+#   cairn-1-nosync  Cairn, one node (n_val = 1, sync none)     cairn://127.0.0.61:7401
+#   etcd-3          etcd 3.4, three nodes (Raft)               etcd://127.0.0.1:23791,23792,23793
+#   cairn-3         Cairn, three nodes (n_val = 3, R = W = 2, sync always)
+#                                                              cairn://127.0.0.62-64:7401
 #
 # For each system, one after the other: start it (loopback only, data in a fresh temp dir),
 # wait until it is ready, `cairn-load load`, `cairn-load run --workload a`, `--workload c`,
-# stop it. Then one table from the JSON reports, and the ops/s ratios Cairn/Redis (one node)
-# and Cairn/etcd (three nodes). The table's "cpu µs/op" column is the server CPU each operation
-# cost: utime+stime of every server process of the system (from /proc/PID/stat, before and
-# after the cairn-load run) divided by the operations cairn-load completed (errors included). Everything started is stopped by pid on exit, pass or fail.
+# stop it. Then one table from the JSON reports, and the ops/s ratios against the peers:
+# cairn-1 / redis-aof (both durable), cairn-1-nosync / redis (neither), cairn-3 / etcd-3.
+# Columns beside throughput and latency:
+#   cpu µs/op    server CPU per operation: utime+stime of every server process of the system
+#                (/proc/PID/stat, before and after the cairn-load run) / operations cairn-load
+#                completed (errors included), all nodes summed
+#   switches/op  context switches per operation, every thread of every server process summed
+#                (voluntary + involuntary, /proc/PID/task/*/status): each is a thread that went
+#                to sleep or was preempted, so it counts the thread crossings a request makes
+# Everything started is stopped by pid on exit, pass or fail.
 #
 #   Benchmarks/cluster/compare.sh                 install what is missing, build (release), run
 #   Benchmarks/cluster/compare.sh report DIR      print the table again from the JSON files in DIR
@@ -23,7 +31,7 @@
 #   OPERATIONS        if set, each run does this many operations instead of running DURATION
 #   SEED [42]         same seed for every system
 #   REDIS_PORT [6399] Redis port on 127.0.0.1 (when 6399 is taken)
-#   SYSTEMS ["redis cairn-1 etcd-3 cairn-3"]  a subset to run, in this order
+#   SYSTEMS ["redis redis-aof cairn-1 cairn-1-nosync etcd-3 cairn-3"]  a subset to run, in this order
 #   KEEP=1            keep the JSON reports and logs (the data dirs are removed either way)
 #   RUN_TIMEOUT [900] seconds after which one cairn-load invocation is stopped and counted failed
 #   BIN_DIR           directory holding cairnd and cairn-load: no build (default: build them)
@@ -41,7 +49,7 @@ CONCURRENCY="${CONCURRENCY:-64}"
 DURATION="${DURATION:-20s}"
 OPERATIONS="${OPERATIONS:-}"
 SEED="${SEED:-42}"
-SYSTEMS="${SYSTEMS:-redis cairn-1 etcd-3 cairn-3}"
+SYSTEMS="${SYSTEMS:-redis redis-aof cairn-1 cairn-1-nosync etcd-3 cairn-3}"
 KEEP="${KEEP:-0}"
 RUN_TIMEOUT="${RUN_TIMEOUT:-900}"
 
@@ -65,8 +73,9 @@ report() {
 import json, os, sys
 
 d = sys.argv[1]
-systems = [("redis", "Redis, 1 node"), ("cairn-1", "Cairn, 1 node, N=1"),
-           ("etcd-3", "etcd 3.4, 3 nodes (Raft)"), ("cairn-3", "Cairn, 3 nodes, N=3, R=W=2")]
+systems = [("redis", "Redis, 1 node, no persistence"), ("redis-aof", "Redis, 1 node, appendfsync always"),
+           ("cairn-1", "Cairn, 1 node, N=1, sync always"), ("cairn-1-nosync", "Cairn, 1 node, N=1, sync none"),
+           ("etcd-3", "etcd 3.4, 3 nodes (Raft)"), ("cairn-3", "Cairn, 3 nodes, N=3, R=W=2, sync always")]
 phases = ["load", "a", "c"]
 # Latency columns: the read operation (workloads a and c), the insert operation (load).
 lat_op = {"load": "insert", "a": "read", "c": "read"}
@@ -116,7 +125,7 @@ def errors_of(r):
     return sum(kinds.values()), kinds
 
 rows, notes, tput = [], [], {}
-header = ("system", "workload", "ops/s", "cpu µs/op", "p50 µs", "p99 µs", "p99.9 µs", "errors")
+header = ("system", "workload", "ops/s", "cpu µs/op", "switches/op", "p50 µs", "p99 µs", "p99.9 µs", "errors")
 
 def cpu_per_op(sysname, ph, r):
     """Server CPU µs per operation from SYSTEM-PHASE.cpu ("ticks ticks_per_second"), or None."""
@@ -128,13 +137,26 @@ def cpu_per_op(sysname, ph, r):
     if not total or hz <= 0:
         return None
     return ticks / hz * 1e6 / total
+
+def switches_per_op(sysname, ph, r):
+    """Context switches per operation from SYSTEM-PHASE.switches, or None."""
+    try:
+        n = int(open(os.path.join(d, f"{sysname}-{ph}.switches")).read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    total = num((r.get("totals") or {}).get("operations"))
+    return n / total if total else None
+
+def fmt_1(v):
+    return "-" if v is None else f"{v:,.1f}"
+
 for sysname, _ in systems:
     for ph in phases:
         r, note = load(sysname, ph)
         if r is None and note is None:
             continue
         if r is None:
-            rows.append((sysname, ph, "FAILED", "-", "-", "-", "-", "-"))
+            rows.append((sysname, ph, "FAILED", "-", "-", "-", "-", "-", "-"))
             notes.append(f"{sysname} {ph}: {note}")
             continue
         t = num(r.get("throughput_ops_per_s"))
@@ -143,7 +165,8 @@ for sysname, _ in systems:
         st = st or {}
         nerr, kinds = errors_of(r)
         wl = ph if name in (None, lat_op[ph]) else f"{ph} ({name})"
-        rows.append((sysname, wl, fmt_int(t), fmt_int(cpu_per_op(sysname, ph, r)), fmt_int(st.get("p50_us")), fmt_int(st.get("p99_us")),
+        rows.append((sysname, wl, fmt_int(t), fmt_int(cpu_per_op(sysname, ph, r)), fmt_1(switches_per_op(sysname, ph, r)),
+                     fmt_int(st.get("p50_us")), fmt_int(st.get("p99_us")),
                      fmt_int(st.get("p999_us")), f"{nerr:,}" + (" !" if note else "")))
         if kinds:
             notes.append(f"{sysname} {ph}: errors " + ", ".join(f"{k}={v:,}" for k, v in sorted(kinds.items())))
@@ -168,7 +191,8 @@ def table(header, rows):
 
 print("ops/s over the whole run; p50/p99/p99.9 are of the READ operation for workloads a and c,")
 print("of the INSERT operation for load; errors = all error kinds counted by cairn-load;")
-print("cpu µs/op = server processes' utime+stime over the run / operations (all nodes summed).")
+print("cpu µs/op = server processes' utime+stime over the run / operations (all nodes summed);")
+print("switches/op = context switches of every server thread over the run / operations (thread crossings).")
 print()
 table(header, rows)
 
@@ -201,8 +225,9 @@ def ratio(a, b):
 
 print()
 print("ops/s ratios (this run only):")
-for label, c, p in (("Cairn 1 node / Redis      ", "cairn-1", "redis"),
-                    ("Cairn 3 nodes / etcd 3    ", "cairn-3", "etcd-3")):
+for label, c, p in (("Cairn 1 node / Redis AOF always    ", "cairn-1", "redis-aof"),
+                    ("Cairn 1 node no sync / Redis      ", "cairn-1-nosync", "redis"),
+                    ("Cairn 3 nodes / etcd 3            ", "cairn-3", "etcd-3")):
     print("  " + label + "  ".join(f"{ph}: {ratio((c, ph), (p, ph)):>7}" for ph in phases))
 PY
 }
@@ -263,21 +288,23 @@ machine() {
 # ---------------------------------------------------------------------------------------------
 # The systems. start_<system> starts it and waits until ready; sets TARGET, RUN_EXTRA, SYS_PIDS.
 
+# start_redis [aof]: no persistence, or an append-only file synced before every reply.
 start_redis() {
     require_free "127.0.0.1:$REDIS_PORT"
-    local dir="$WORK/data/redis"
+    local dir="$WORK/data/redis${1:+-$1}" persist=(--appendonly no)
+    [[ "${1:-}" == aof ]] && persist=(--appendonly yes --appendfsync always)
     mkdir -p "$dir"
-    start redis "$WORK/logs/redis.log" redis-server --bind 127.0.0.1 --port "$REDIS_PORT" \
-        --save '' --appendonly no --daemonize no --dir "$dir" --protected-mode yes
+    start "redis${1:+-$1}" "$WORK/logs/redis${1:+-$1}.log" redis-server --bind 127.0.0.1 --port "$REDIS_PORT" \
+        --save '' "${persist[@]}" --daemonize no --dir "$dir" --protected-mode yes
     SYS_PIDS=("$STARTED_PID")
     wait_ready redis "$STARTED_PID" "$WORK/logs/redis.log" 100 redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping
     TARGET="redis://127.0.0.1:$REDIS_PORT"
     RUN_EXTRA=()
 }
 
-# cairn_config NAME HOST N_VAL MEMBERS
+# cairn_config NAME HOST N_VAL MEMBERS [SYNC]
 cairn_config() {
-    local name=$1 host=$2 nval=$3 members=$4 dir="$WORK/data/$1"
+    local name=$1 host=$2 nval=$3 members=$4 sync=${5:-always} dir="$WORK/data/$1"
     mkdir -p "$dir" "$WORK/conf"
     cat >"$WORK/conf/$name.conf" <<CONF
 # Generated by Benchmarks/cluster/compare.sh; see Docs/configuration.md.
@@ -290,16 +317,18 @@ cluster.ring_size = 256
 cluster.n_val = $nval
 cluster.members = $members
 request.timeout = 2s
+storage.sync = $sync
 CONF
     "$BIN/cairnd" --config "$WORK/conf/$name.conf" --check-config >&2
 }
 
 cairn_healthy() { curl -fsS --max-time 1 "http://$1:$CAIRN_HTTP_PORT/health"; }
 
+# start_cairn_1 [SYNC]
 start_cairn_1() {
     local h=$CAIRN1_HOST
     require_free "$h:$CAIRN_PORT" "$h:$CAIRN_HTTP_PORT"
-    cairn_config c1 "$h" 1 "c1@$h:$CAIRN_PORT"
+    cairn_config c1 "$h" 1 "c1@$h:$CAIRN_PORT" "${1:-always}"
     start cairnd-c1 "$WORK/logs/cairnd-c1.log" "$BIN/cairnd" --config "$WORK/conf/c1.conf"
     SYS_PIDS=("$STARTED_PID")
     wait_ready cairnd-c1 "$STARTED_PID" "$WORK/logs/cairnd-c1.log" 150 cairn_healthy "$h"
@@ -393,13 +422,24 @@ cpu_ticks() {
     echo "$total"
 }
 
-# cairn_load SYSTEM PHASE ARGS...: run the generator, JSON to $WORK/json/SYSTEM-PHASE.json, and
-# the server CPU it cost (ticks and ticks per second) to SYSTEM-PHASE.cpu.
+# ctx_switches PID...: voluntary + involuntary context switches of every thread of the processes.
+ctx_switches() {
+    local pid
+    for pid in "$@"; do
+        cat /proc/"$pid"/task/*/status 2>/dev/null || true
+    done | awk '/^(voluntary|nonvoluntary)_ctxt_switches:/ { n += $2 } END { print n + 0 }'
+}
+
+# cairn_load SYSTEM PHASE ARGS...: run the generator, JSON to $WORK/json/SYSTEM-PHASE.json, the
+# server CPU it cost (ticks and ticks per second) to SYSTEM-PHASE.cpu and the servers' context
+# switches to SYSTEM-PHASE.switches.
 cairn_load() {
     local sys=$1 phase=$2 rc=0 pid before
     shift 2
     local json="$WORK/json/$sys-$phase.json"
     before="$(cpu_ticks "${SYS_PIDS[@]}")"
+    local switches_before
+    switches_before="$(ctx_switches "${SYS_PIDS[@]}")"
     echo "-- $sys $phase: cairn-load $* --json $json"
     # RUN_TIMEOUT bounds a generator that hangs; SIGTERM to `timeout` reaches cairn-load too.
     timeout --kill-after=10 "$RUN_TIMEOUT" "$BIN/cairn-load" "$@" --json "$json" </dev/null &
@@ -408,6 +448,7 @@ cairn_load() {
     wait "$pid" || rc=$?
     unset "RUNNING[$pid]"
     echo "$(($(cpu_ticks "${SYS_PIDS[@]}") - before)) $(getconf CLK_TCK)" >"$WORK/json/$sys-$phase.cpu"
+    echo "$(($(ctx_switches "${SYS_PIDS[@]}") - switches_before))" >"$WORK/json/$sys-$phase.switches"
     echo "$rc" >"$WORK/json/$sys-$phase.rc"
     if ((rc == 124)); then
         echo "-- $sys $phase: cairn-load did not finish within RUN_TIMEOUT=$RUN_TIMEOUT; stopped"
@@ -426,10 +467,12 @@ measure() {
     echo "== $sys"
     case "$sys" in
     redis) start_redis ;;
+    redis-aof) start_redis aof ;;
     cairn-1) start_cairn_1 ;;
+    cairn-1-nosync) start_cairn_1 none ;;
     cairn-3) start_cairn_3 ;;
     etcd-3) start_etcd_3 ;;
-    *) die "unknown system '$sys' (known: redis cairn-1 etcd-3 cairn-3)" ;;
+    *) die "unknown system '$sys' (known: redis redis-aof cairn-1 cairn-1-nosync etcd-3 cairn-3)" ;;
     esac
     cairn_load "$sys" load load --target "$TARGET" "${common[@]}"
     local w
@@ -446,7 +489,7 @@ main() {
     [[ "$DURATION" =~ ^[0-9]+$ ]] && DURATION="${DURATION}s"
     local s
     for s in $SYSTEMS; do
-        case "$s" in redis | cairn-1 | etcd-3 | cairn-3) ;; *) die "unknown system '$s' in SYSTEMS" ;; esac
+        case "$s" in redis | redis-aof | cairn-1 | cairn-1-nosync | etcd-3 | cairn-3) ;; *) die "unknown system '$s' in SYSTEMS" ;; esac
     done
     install_deps
     build

@@ -52,19 +52,40 @@ public struct DVVSet<Value: Hashable & Sendable>: Hashable, Sendable {
     // MARK: Reading
 
     /// Every live value: anonymous ones first, then per actor, newest first.
+    ///
+    /// The readers and `sync` are `@inlinable` (with the helpers they call): every request reads
+    /// or merges clocks from other modules, where an unspecialized generic call went through
+    /// runtime metadata look-ups for each step.
+    @inlinable
     public var values: [Value] {
-        anonymous + entries.flatMap(\.values)
+        var out: [Value] = []
+        out.reserveCapacity(valueCount)
+        out.append(contentsOf: anonymous)
+        for e in entries { out.append(contentsOf: e.values) }
+        return out
     }
 
+    @inlinable
     public var valueCount: Int {
-        entries.reduce(anonymous.count) { $0 + $1.values.count }
+        var n = anonymous.count
+        for e in entries { n += e.values.count }
+        return n
     }
 
+    @inlinable
     public var isEmpty: Bool { entries.isEmpty && anonymous.isEmpty }
 
     /// The causal context a reader passes back on its next write: the join of all entries.
+    @inlinable
     public var context: VersionVector {
         VersionVector(sortedDots: entries.map { Dot(actor: $0.actor, counter: $0.counter) })
+    }
+
+    /// Parts known to keep the invariants (built by `sync`).
+    @usableFromInline
+    init(validEntries: [Entry], anonymous: [Value]) {
+        self.entries = validEntries
+        self.anonymous = anonymous
     }
 
     /// `a.strictlyPrecedes(b)`: b's history contains all of a's and more.
@@ -122,6 +143,7 @@ public struct DVVSet<Value: Hashable & Sendable>: Hashable, Sendable {
     /// The replica merge: the union of both histories, keeping every value neither side has seen
     /// superseded. Commutative, associative and idempotent up to the order of `anonymous` (see
     /// `isEquivalent(to:)`); server-side clocks hold no anonymous values, so there it is exact.
+    @inlinable
     public static func sync(_ a: DVVSet, _ b: DVVSet) -> DVVSet {
         let anonymous: [Value]
         if Self.greater(b.entries, a.entries) {
@@ -144,13 +166,11 @@ public struct DVVSet<Value: Hashable & Sendable>: Hashable, Sendable {
                 out.append(merge(a.entries[i], b.entries[j])); i += 1; j += 1
             }
         }
-        var result = DVVSet()
-        result.entries = out
-        result.anonymous = anonymous
-        return result
+        return DVVSet(validEntries: out, anonymous: anonymous)
     }
 
     /// Merges several replicas' answers into one.
+    @inlinable
     public static func sync<S: Sequence>(_ clocks: S) -> DVVSet where S.Element == DVVSet {
         clocks.reduce(DVVSet()) { sync($0, $1) }
     }
@@ -206,6 +226,7 @@ public struct DVVSet<Value: Hashable & Sendable>: Hashable, Sendable {
 
     /// Merge of one actor's entry from two replicas: the larger counter wins; values the other
     /// side has already seen superseded are dropped.
+    @inlinable
     static func merge(_ x: Entry, _ y: Entry) -> Entry {
         let (hi, lo) = x.counter >= y.counter ? (x, y) : (y, x)
         // First live dot on each side: counter - count + 1. Invariant keeps these non-negative.
@@ -219,6 +240,7 @@ public struct DVVSet<Value: Hashable & Sendable>: Hashable, Sendable {
     }
 
     /// `greater(a, b)`: a's join dominates b's and differs.
+    @inlinable
     static func greater(_ a: [Entry], _ b: [Entry]) -> Bool {
         var strict = false
         var i = 0
@@ -240,6 +262,7 @@ public struct DVVSet<Value: Hashable & Sendable>: Hashable, Sendable {
         }
     }
 
+    @inlinable
     static func union(_ a: [Value], _ b: [Value]) -> [Value] {
         var seen = Set<Value>()
         var out: [Value] = []
@@ -255,6 +278,7 @@ public struct VersionVector: Hashable, Sendable {
     public init() { dots = [] }
 
     /// `sortedDots` must be sorted strictly by actor.
+    @usableFromInline
     init(sortedDots: [Dot]) { dots = sortedDots }
 
     public init(_ pairs: [(ActorID, UInt64)]) {

@@ -29,7 +29,10 @@ extension DVVSet where Value == Sibling {
     public var liveValues: [Sibling] { values.filter { !$0.isTombstone } }
 
     /// True when every value is a tombstone (the key reads as not found) or there is none.
-    public var isDeleted: Bool { values.allSatisfy(\.isTombstone) }
+    @inlinable
+    public var isDeleted: Bool {
+        anonymous.allSatisfy(\.isTombstone) && entries.allSatisfy { $0.values.allSatisfy(\.isTombstone) }
+    }
 
     /// Applies both caps, dropping the oldest siblings first (by write timestamp, see
     /// `DVVSet.prune`) and never a value whose dot is in `protected`: at most `maxSiblings` values

@@ -443,7 +443,9 @@ final class HandoffManager: SupervisedChild {
     /// partition's new replicas instead. Returns false when that failed: the write must then not
     /// be acknowledged as this node's copy.
     func forward(partition: PartitionID, key: [UInt8], object: VersionedObject) async -> Bool {
-        let shells = running.withLock { $0.filter { $0.key.partition == partition }.sorted { $0.key < $1.key }.map(\.value.shell) }
+        let shells = running.withLock { r in
+            r.isEmpty ? [] : r.filter { $0.key.partition == partition }.sorted { $0.key < $1.key }.map(\.value.shell)
+        }
         var carried = !shells.isEmpty
         for shell in shells where await !shell.forward(key: key, object: object) { carried = false }
         if partition.isFallbackSpace { owedAgain(partition.home, except: shells) }
@@ -452,7 +454,7 @@ final class HandoffManager: SupervisedChild {
         // the write only if every shell carried it. Primaries whose copy was acknowledged before
         // this write (their shell has ended) are owed the copy again.
         if partition.isFallbackSpace { return shells.isEmpty }
-        guard let ring = env.ring(), !ring.vnodePartitions(of: env.me).contains(partition) else { return true }
+        guard let ring = env.ring(), !ring.runsVnode(of: env.me, for: partition) else { return true }
         let known = vnodes.successors(of: partition)
         let targets = (known.isEmpty ? ring.replicas(of: partition) : known).filter { $0 != env.me }
         guard !targets.isEmpty else { return false }

@@ -213,6 +213,13 @@ public struct RingState: Hashable, Sendable {
         return out
     }
 
+    /// Whether `vnodePartitions(of: name)` holds `p`, at the cost of one preference list (on
+    /// every write's path).
+    public func runsVnode(of name: NodeName, for p: PartitionID) -> Bool {
+        if replicas(of: p).contains(name) { return true }
+        return transfers.contains { $0.partition == p && $0.to == name && !completed.contains($0) }
+    }
+
     // MARK: Claimant operations (each makes the next version)
 
     /// Adds `name` as a joining member and stages its join. Asking again with the same address

@@ -64,7 +64,17 @@ private func checkPlacementSafety(_ s: RingState, before: RingState, done: Set<P
         for t in s.transfers { #expect(s.vnodePartitions(of: name("n4")).contains(t.partition)) }
         let first = try #require(s.transfers.first)
         let sameP = s.transfers.filter { $0.partition == first.partition }
+        // The per-partition check agrees with the whole set, for every member and partition,
+        // before and after some transfers complete.
+        func agree(_ s: RingState) {
+            for m in s.members.map(\.name) {
+                let all = s.vnodePartitions(of: m)
+                for p in s.ring.partitions { #expect(s.runsVnode(of: m, for: p) == all.contains(p)) }
+            }
+        }
+        agree(s)
         for t in sameP { s = s.completing(t) }
+        agree(s)
         #expect(s.hasFlipped(first.partition))
         #expect(s.replicas(of: first.partition).contains(name("n4")))
         s = try completeAll(s)

@@ -40,7 +40,12 @@ import Testing
             var seq: UInt64 = 0
             for _ in 0..<Int.random(in: 1...400, using: &rng) {
                 seq += 1
-                let key = (0..<Int.random(in: 0...3, using: &rng)).map { _ in UInt8.random(in: 0...3, using: &rng) }
+                // Short keys, and long ones sharing their first 7 bytes with zeros among the rest:
+                // comparisons across both 8-byte prefix words and their zero padding.
+                let long = Bool.random(using: &rng)
+                let key = (0..<Int.random(in: long ? 6...20 : 0...3, using: &rng)).map { i in
+                    long && i < 7 ? UInt8(1) : UInt8.random(in: 0...(long ? 2 : 3), using: &rng)
+                }
                 let kind: EntryKind = Int.random(in: 0...4, using: &rng) == 0 ? .deletion : .value
                 let value: [UInt8] = kind == .value ? [UInt8(truncatingIfNeeded: seq)] : []
                 m.add(key: key, sequence: seq, kind: kind, value: value)
