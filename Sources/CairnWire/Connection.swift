@@ -47,7 +47,7 @@ public enum ConnectionError: Error, Sendable, Hashable, CustomStringConvertible 
 
 /// A request on its way into the multiplexer; without a reply promise, a one-way message
 /// (request id 0: the receiver never answers it).
-struct OutboundRequest {
+struct OutboundRequest: Sendable {
     let message: Message
     let timeoutMillis: UInt32
     let promise: EventLoopPromise<Message>?
@@ -200,10 +200,18 @@ public final class Connection: Sendable {
     public let channel: any Channel
     /// "host:port" of the remote end, for messages.
     public let remote: String
+    /// Requests handed over within one event-loop tick share one flush.
+    private let outbound: OutboundBatch<OutboundRequest>
 
     init(channel: any Channel, remote: String) {
         self.channel = channel
         self.remote = remote
+        outbound = OutboundBatch(channel: channel) { channel, request in
+            channel.write(request).whenFailure { error in
+                // Failed before the multiplexer took it (channel already closed): not delivered.
+                request.promise?.fail((error as? ConnectionError) ?? ConnectionError.notSent(Connection.describe(error)))
+            }
+        }
     }
 
     /// - Parameter oneWay: receives the one-way messages (request id 0) the peer sends, on the
@@ -237,11 +245,9 @@ public final class Connection: Sendable {
         if Task.isCancelled { throw .notSent("the caller was cancelled before sending") }
         let promise = channel.eventLoop.makePromise(of: Message.self)
         let request = OutboundRequest(message: message, timeoutMillis: max(timeoutMillis, 1), promise: promise)
-        channel.writeAndFlush(request).whenFailure { error in
-            // Failed before the multiplexer took it (channel already closed): not delivered.
-            promise.fail((error as? ConnectionError) ?? ConnectionError.notSent(Self.describe(error)))
-        }
-        // The abandon event is enqueued after the write above, so the multiplexer sees them in order.
+        outbound.send(request)
+        // The abandon event is enqueued after the batch that writes the request (scheduled by
+        // this request, or by an earlier one and not yet run), so the multiplexer sees them in order.
         let (channel, future) = (channel, ObjectIdentifier(promise.futureResult))
         do {
             return try await withTaskCancellationHandler {

@@ -52,6 +52,9 @@ extension RequestDispatcher {
 public struct Responder: Sendable {
     private enum Route: Sendable {
         case channel(any Channel, maxFrameBytes: Int)
+        /// The connection's reply batch (`ServerConnectionHandler`): replies sent within one
+        /// event-loop tick share one flush.
+        case batch(OutboundBatch<ByteBuffer>, any Channel, maxFrameBytes: Int)
         case deliver(@Sendable (Message) -> Void)
     }
 
@@ -65,6 +68,11 @@ public struct Responder: Sendable {
         route = .channel(channel, maxFrameBytes: maxFrameBytes)
     }
 
+    init(batch: OutboundBatch<ByteBuffer>, channel: any Channel, requestID: UInt64, maxFrameBytes: Int) {
+        self.requestID = requestID
+        route = .batch(batch, channel, maxFrameBytes: maxFrameBytes)
+    }
+
     /// Replies by handing the message to `deliver` (a network without sockets).
     public init(requestID: UInt64, deliver: @escaping @Sendable (Message) -> Void) {
         self.requestID = requestID
@@ -76,8 +84,10 @@ public struct Responder: Sendable {
 
     /// The connection the request came on, when it came on one.
     public var channel: (any Channel)? {
-        if case .channel(let c, _) = route { return c }
-        return nil
+        switch route {
+        case .channel(let c, _), .batch(_, let c, _): c
+        case .deliver: nil
+        }
     }
 
     public func reply(_ message: Message) {
@@ -85,13 +95,18 @@ public struct Responder: Sendable {
         case .deliver(let deliver):
             deliver(message)
         case .channel(let channel, let maxFrameBytes):
-            var frame = WireCodec.encodeFrame(Envelope(requestID: requestID, message: message))
-            if frame.count - WireCodec.lengthBytes > maxFrameBytes {
-                frame = WireCodec.encodeFrame(Envelope(requestID: requestID, message: .error(ErrorReply(
-                    code: .internalError, message: "reply of \(frame.count) bytes exceeds limits.max_frame_bytes \(maxFrameBytes)"))))
-            }
-            channel.writeAndFlush(channel.allocator.buffer(frame), promise: nil)
+            channel.writeAndFlush(channel.allocator.buffer(frame(message, maxFrameBytes)), promise: nil)
+        case .batch(let batch, let channel, let maxFrameBytes):
+            batch.send(channel.allocator.buffer(frame(message, maxFrameBytes)))
         }
+    }
+
+    /// The reply's frame; an error in its place when it would exceed `maxFrameBytes`.
+    private func frame(_ message: Message, _ maxFrameBytes: Int) -> [UInt8] {
+        let frame = WireCodec.encodeFrame(Envelope(requestID: requestID, message: message))
+        guard frame.count - WireCodec.lengthBytes > maxFrameBytes else { return frame }
+        return WireCodec.encodeFrame(Envelope(requestID: requestID, message: .error(ErrorReply(
+            code: .internalError, message: "reply of \(frame.count) bytes exceeds limits.max_frame_bytes \(maxFrameBytes)"))))
     }
 
     public func fail(_ error: ErrorReply) { reply(.error(error)) }
@@ -152,6 +167,8 @@ public final class ServerConnectionHandler: ChannelDuplexHandler {
     private var held = CircularBuffer<Envelope>()
     /// Requests dispatched and not yet answered.
     private var unanswered = 0
+    /// This connection's replies, flushed once per batch (made with the first request).
+    private var replies: OutboundBatch<ByteBuffer>?
     /// A read the pipeline asked for while paused; issued when the pause ends.
     private var readDeferred = false
 
@@ -225,7 +242,9 @@ public final class ServerConnectionHandler: ChannelDuplexHandler {
             return dispatcher.dispatch(envelope, fromPeer: isPeer, responder: .discarding)
         }
         unanswered += 1
-        dispatcher.dispatch(envelope, fromPeer: isPeer, responder: Responder(channel: context.channel, requestID: envelope.requestID,
+        let batch = replies ?? OutboundBatch(channel: context.channel) { channel, frame in channel.write(frame, promise: nil) }
+        replies = batch
+        dispatcher.dispatch(envelope, fromPeer: isPeer, responder: Responder(batch: batch, channel: context.channel, requestID: envelope.requestID,
                                                                               maxFrameBytes: limits.maxFrameBytes))
     }
 

@@ -55,6 +55,8 @@ private func send(_ channel: EmbeddedChannel, _ bytes: [UInt8]) throws {
 
 /// Every reply frame written so far, decoded.
 private func replies(_ channel: EmbeddedChannel) throws -> [Envelope] {
+    // Replies sent through a responder are written by a task on the loop (one flush per batch).
+    channel.embeddedEventLoop.run()
     var out: [Envelope] = []
     while var buf = try channel.readOutbound(as: ByteBuffer.self) {
         while buf.readableBytes >= 4 {
@@ -216,5 +218,36 @@ private func errorCode(_ e: Envelope) -> ErrorCode? {
         try send(ch, WireCodec.encodeFrame(Envelope(requestID: 4, message: .pong)))
         #expect(try replies(ch).map(errorCode) == [.unknownMessage])
         #expect(d.dispatched.isEmpty)
+    }
+}
+
+/// Counts the flushes that pass it.
+private final class FlushCounter: ChannelOutboundHandler, @unchecked Sendable {
+    typealias OutboundIn = ByteBuffer
+    var flushes = 0
+    func flush(context: ChannelHandlerContext) {
+        flushes += 1
+        context.flush()
+    }
+}
+
+@Suite struct OutboundBatchTests {
+    /// Items handed over before the loop runs go out in order with one flush; a later item
+    /// starts a new batch.
+    @Test func itemsOfOneTickShareAFlushAndKeepTheirOrder() throws {
+        let counter = FlushCounter()
+        let ch = EmbeddedChannel(handler: counter)
+        let batch = OutboundBatch<ByteBuffer>(channel: ch) { channel, b in channel.write(b, promise: nil) }
+        for i in 1...3 { batch.send(ByteBuffer(bytes: [UInt8(i)])) }
+        #expect(try ch.readOutbound(as: ByteBuffer.self) == nil)  // nothing before the loop runs
+        ch.embeddedEventLoop.run()
+        var seen: [UInt8] = []
+        while let b = try ch.readOutbound(as: ByteBuffer.self) { seen += Array(b.readableBytesView) }
+        #expect(seen == [1, 2, 3])
+        #expect(counter.flushes == 1)
+        batch.send(ByteBuffer(bytes: [4]))
+        ch.embeddedEventLoop.run()
+        #expect(try ch.readOutbound(as: ByteBuffer.self) == ByteBuffer(bytes: [4]))
+        #expect(counter.flushes == 2)
     }
 }
