@@ -96,11 +96,7 @@ public final class TimerQueue: Sendable {
     public func sleep(until deadline: ContinuousClock.Instant) async throws {
         try Task.checkCancellation()
         if deadline <= .now { return }
-        let id = state.withLock { s -> UInt64 in
-            s.nextID &+= 1
-            s.sleepers[s.nextID] = .arriving
-            return s.nextID
-        }
+        let id = arrive()
         try await withTaskCancellationHandler {
             try await withCheckedThrowingContinuation { (c: CheckedContinuation<Void, any Error>) in
                 let (signal, start, refused) = state.withLock { s -> (Bool, Bool, Bool) in
@@ -134,6 +130,16 @@ public final class TimerQueue: Sendable {
                 }
             }
             c?.resume(throwing: CancellationError())
+        }
+    }
+
+    /// Draws a sleeper's id. A synchronous method on purpose: the lock is never taken in the
+    /// body of an async function (see `Locked`).
+    private func arrive() -> UInt64 {
+        state.withLock { s in
+            s.nextID &+= 1
+            s.sleepers[s.nextID] = .arriving
+            return s.nextID
         }
     }
 
