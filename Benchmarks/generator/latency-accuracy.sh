@@ -40,27 +40,8 @@ die() { log "latency-accuracy.sh: $*"; exit 1; }
 # shellcheck source=../lib/processes.sh
 source "$ROOT/Benchmarks/lib/processes.sh"
 
-install_deps() {
-    # shellcheck source=../../Deploy/lib/packages.sh
-    source "$ROOT/Deploy/lib/packages.sh"
-    local build=()
-    [[ -z "${BIN_DIR:-}" ]] && build=(pkg-config pkg-config pkg:libsystemd libsystemd-dev)
-    ensure_packages redis-server redis-server redis-cli redis-tools python3 python3 "${build[@]}"
-}
-
-build() {
-    if [[ -n "${BIN_DIR:-}" ]]; then
-        BIN="$BIN_DIR"
-    else
-        command -v swift >/dev/null || die "swift not found (expected at /opt/swift/usr/bin)"
-        if [[ "${SKIP_BUILD:-0}" != "1" ]]; then
-            log "building cairn-load (release)..."
-            (cd "$ROOT" && swift build -c release --product cairn-load >&2)
-        fi
-        BIN="$(cd "$ROOT" && swift build -c release --show-bin-path)"
-    fi
-    [[ -x "$BIN/cairn-load" ]] || die "no cairn-load in $BIN"
-}
+# shellcheck source=../lib/generator.sh
+source "$ROOT/Benchmarks/lib/generator.sh"
 
 # bounded CMD...: run CMD in the background (so the traps fire at once), at most 5 minutes.
 bounded() {
@@ -76,8 +57,8 @@ bounded() {
 main() {
     [[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive integer"
     [[ "$DURATION" =~ ^[1-9][0-9]*$ ]] || die "DURATION is whole seconds"
-    install_deps
-    build
+    install_generator_deps redis-cli redis-tools
+    build_generator
     WORK="$(mktemp -d "${TMPDIR:-/tmp}/cairn-gen-acc.XXXXXX")"
     mkdir -p "$WORK/data" "$WORK/json"
 

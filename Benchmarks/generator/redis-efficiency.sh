@@ -54,27 +54,8 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-install_deps() {
-    # shellcheck source=../../Deploy/lib/packages.sh
-    source "$ROOT/Deploy/lib/packages.sh"
-    local build=()
-    [[ -z "${BIN_DIR:-}" ]] && build=(pkg-config pkg-config pkg:libsystemd libsystemd-dev)
-    ensure_packages redis-server redis-server redis-benchmark redis-tools python3 python3 "${build[@]}"
-}
-
-build() {
-    if [[ -n "${BIN_DIR:-}" ]]; then
-        BIN="$BIN_DIR"
-    else
-        command -v swift >/dev/null || die "swift not found (expected at /opt/swift/usr/bin)"
-        if [[ "${SKIP_BUILD:-0}" != "1" ]]; then
-            log "building cairn-load (release)..."
-            (cd "$ROOT" && swift build -c release --product cairn-load >&2)
-        fi
-        BIN="$(cd "$ROOT" && swift build -c release --show-bin-path)"
-    fi
-    [[ -x "$BIN/cairn-load" ]] || die "no cairn-load in $BIN"
-}
+# shellcheck source=../lib/generator.sh
+source "$ROOT/Benchmarks/lib/generator.sh"
 
 # shellcheck disable=SC2016  # $0/$1 expand in the inner bash
 listening() { timeout 1 bash -c 'exec 3<>"/dev/tcp/$0/$1"' "$1" "$2" 2>/dev/null; }
@@ -108,8 +89,8 @@ gen() {
 
 main() {
     [[ "$DURATION" =~ ^[0-9]+$ ]] && DURATION="${DURATION}s"
-    install_deps
-    build
+    install_generator_deps redis-benchmark redis-tools
+    build_generator
     WORK="$(mktemp -d "${TMPDIR:-/tmp}/cairn-gen-eff.XXXXXX")"
 
     echo "== cairn-load efficiency against Redis, $(date -u '+%Y-%m-%d %H:%M:%S UTC')"

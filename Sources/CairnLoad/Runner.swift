@@ -171,14 +171,19 @@ public final class Runner: Sendable {
         let driven = drivenSessions(sessions)
         let pool = SessionPool(count: sessions.count)
         let base = startedAtNanos
+        // The timetable starts now, with every session connected: connecting is not charged to
+        // the first requests.
+        let offset = elapsedNanos
         await withCheckedContinuation { (finished: CheckedContinuation<Void, Never>) in
             let pacer = Thread { [self] in
                 var rng = SplitMix64(seed: config.seed)
                 cairn_precise_timers()
                 while true {
                     // This thread is the only planner, so the next index is `claimed`.
-                    let intended = schedule.intendedStartNanos(claimed.load(ordering: .relaxed))
-                    Self.sleep(untilMonotonicNanos: base &+ intended)
+                    let slot = offset.addingReportingOverflow(schedule.intendedStartNanos(claimed.load(ordering: .relaxed)))
+                    let intended = slot.overflow ? UInt64.max : slot.partialValue
+                    let deadline = base.addingReportingOverflow(intended)
+                    Self.sleep(untilMonotonicNanos: deadline.overflow ? .max : deadline.partialValue)
                     let s = pool.take()
                     guard let plan = planNext(&rng, intendedStart: intended) else {
                         pool.give(s)

@@ -34,15 +34,26 @@ private func decodeAll(_ bytes: [UInt8]) throws -> [RESPValue] {
 /// Against a real redis-server (Tests/run-all.sh installs it) on 127.0.0.81:6379.
 @Suite(.serialized, .enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/redis-server"), "needs redis-server"))
 struct RedisTargetTests {
-    @Test func setGetAndMissAgainstRedis() async throws {
+    /// A redis-server on 127.0.0.81:`port`, no persistence.
+    private func startRedis(port: Int) throws -> Process {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: "/usr/bin/redis-server")
-        p.arguments = ["--bind", "127.0.0.81", "--port", "6379", "--save", "", "--appendonly", "no"]
+        p.arguments = ["--bind", "127.0.0.81", "--port", "\(port)", "--save", "", "--appendonly", "no"]
         p.standardOutput = FileHandle.nullDevice
         p.standardError = FileHandle.nullDevice
         try p.run()
-        // SIGKILL: a child spawned from a test thread can inherit a mask that blocks SIGTERM.
-        defer { kill(p.processIdentifier, SIGKILL); p.waitUntilExit() }
+        return p
+    }
+
+    /// SIGKILL: a child spawned from a test thread can inherit a mask that blocks SIGTERM.
+    private func stop(_ p: Process) {
+        kill(p.processIdentifier, SIGKILL)
+        p.waitUntilExit()
+    }
+
+    @Test func setGetAndMissAgainstRedis() async throws {
+        let p = try startRedis(port: 6379)
+        defer { stop(p) }
         let target = try RedisTarget(endpoints: ["127.0.0.81:6379"])
         var session: (any TargetSession)?
         for _ in 0..<100 where session == nil {
@@ -67,13 +78,8 @@ struct RedisTargetTests {
     /// connection's event loop): every request runs and is verified, and none starts before its
     /// slot in the timetable, so the run lasts at least (operations - 1) / rate.
     @Test func openLoopKeepsItsTimetableAgainstRedis() async throws {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/usr/bin/redis-server")
-        p.arguments = ["--bind", "127.0.0.81", "--port", "6380", "--save", "", "--appendonly", "no"]
-        p.standardOutput = FileHandle.nullDevice
-        p.standardError = FileHandle.nullDevice
-        try p.run()
-        defer { kill(p.processIdentifier, SIGKILL); p.waitUntilExit() }
+        let p = try startRedis(port: 6380)
+        defer { stop(p) }
         let url = "redis://127.0.0.81:6380"
         var ready = false
         for _ in 0..<100 where !ready {
