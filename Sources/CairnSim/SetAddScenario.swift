@@ -146,6 +146,8 @@ public struct SetAddScenario: Sendable {
         /// Keys written once and then deleted, both acknowledged: they must read as absent at
         /// the end, on every replica (a tombstone collected too early brings them back).
         var deleted: [String] = []
+        /// What each delete superseded: the context of the write it followed.
+        var deletedContexts: [String: VersionVector] = [:]
         /// Violations seen while the clients ran (at most `maxContinuous`).
         var continuous: [String] = []
         var continuousCount = 0
@@ -269,8 +271,11 @@ public struct SetAddScenario: Sendable {
                             let any = present.isEmpty ? nil : cluster.node(present[Int(rng.next(below: UInt64(present.count)))])
                             let primaries = any?.replicas(ofKey: key) ?? []
                             let coordinator = present.compactMap { cluster.node($0) }.first { primaries.contains($0.config.name) }
-                            if let node = coordinator, let key = await Self.writeThenDelete(n, via: node) {
-                                log.update { $0.deleted.append(key) }
+                            if let node = coordinator, let (key, covered) = await Self.writeThenDelete(n, via: node) {
+                                log.update {
+                                    $0.deleted.append(key)
+                                    $0.deletedContexts[key] = covered
+                                }
                                 note("\(node.config.name) wrote and deleted \(key)")
                             }
                             try? await clock.sleep(for: .milliseconds(Int64(100 + rng.next(below: 200))))
@@ -311,7 +316,7 @@ public struct SetAddScenario: Sendable {
                     if case .elements(let e) = read { note("final \(Self.keyName(key)): \(e.count) elements") }
                 }
                 let current = log.current
-                violations += await Self.checkDeleted(cluster, keys: current.deleted, note: note)
+                violations += await Self.checkDeleted(cluster, keys: current.deleted, covered: current.deletedContexts, note: note)
                 violations += current.continuous
                 if current.continuousCount > current.continuous.count {
                     violations.append("\(current.continuousCount - current.continuous.count) more violations seen by client reads")
@@ -955,15 +960,32 @@ public struct SetAddScenario: Sendable {
 
     /// Writes `gone-n` once and deletes it with the write's own context; the key when both
     /// were acknowledged (nil otherwise: nothing to check).
-    static func writeThenDelete(_ n: Int, via node: CairnNode) async -> String? {
+    /// Returns the key and the context the delete was sent with (what it supersedes).
+    static func writeThenDelete(_ n: Int, via node: CairnNode) async -> (String, VersionVector)? {
         let key = "gone-\(n)"
         guard case .writeReply(let written) = await node.answer(.put(PutRequest(key: Array(key.utf8), value: [1, 2, 3]))) else { return nil }
         guard case .writeReply = await node.answer(.delete(DeleteRequest(key: Array(key.utf8), context: written.context))) else { return nil }
-        return key
+        return (key, written.context.vector)
+    }
+
+    /// The dots of `object`'s live (not tombstone) values: `values[i]` of an entry carries
+    /// `(actor, counter - i)`.
+    static func liveValueDots(_ object: VersionedObject) -> [Dot] {
+        object.entries.flatMap { e in
+            e.values.enumerated().compactMap { i, v in v.isTombstone ? nil : Dot(actor: e.actor, counter: e.counter - UInt64(i)) }
+        }
     }
 
     /// Every deleted key reads as absent at R=all, and no primary holds a live value of it.
-    static func checkDeleted(_ cluster: SimulatedCluster, keys: [String], note: (String) -> Void) async -> [String] {
+    ///
+    /// A live value is a violation when its dot is one the delete superseded (`covered`: the
+    /// context the delete was sent with), i.e. the deleted write came back. A live value with a
+    /// dot the delete never saw is a later write: the network's `dup` can deliver a forwarded
+    /// put twice (the client routes through a primary, but during a ring change that node may
+    /// forward), and the copy is stamped as a new write, concurrent with the delete: a sibling,
+    /// rightly. Those are noted, not counted.
+    static func checkDeleted(_ cluster: SimulatedCluster, keys: [String], covered: [String: VersionVector] = [:],
+                             note: (String) -> Void) async -> [String] {
         var out: [String] = []
         let readers = cluster.present.filter { cluster.isUp($0) }
         guard !readers.isEmpty else { return [] }
@@ -973,9 +995,17 @@ public struct SetAddScenario: Sendable {
             switch await node.answer(.get(GetRequest(key: Array(key.utf8), options: options))) {
             case .getReply(let r) where r.siblings.contains { !$0.isTombstone }:
                 var holders: [String] = []
+                var liveDots = Set<Dot>()
                 for j in readers {
                     guard let n = cluster.node(j), let o = try? await n.localCopy(of: Array(key.utf8)) else { continue }
                     holders.append("\(n.config.name): \(o.isDeleted ? "tombstone" : "live") \(o.context)")
+                    liveDots.formUnion(liveValueDots(o))
+                }
+                let superseded = covered[key].map { c in liveDots.filter { $0.counter <= c[$0.actor] } } ?? Array(liveDots)
+                if !liveDots.isEmpty && superseded.isEmpty, let c = covered[key] {
+                    note("\(key): a later write lives beside the delete (dots \(liveDots.map { "\($0.actor):\($0.counter)" }.sorted()) "
+                         + "not in the delete's context \(c.dots.map { "\($0.actor):\($0.counter)" })): a duplicated put, a sibling")
+                    continue
                 }
                 out.append("\(key): deleted (acknowledged) but read back with \(r.siblings.count { !$0.isTombstone }) live values; "
                            + "partition \(node.partition(ofKey: Array(key.utf8))?.index ?? 0); copies: \(holders.joined(separator: ", "))")

@@ -1,5 +1,6 @@
 import Testing
 @testable import CairnSim
+import CairnCore
 import CairnMembership
 
 /// Ring changes on the simulator: real nodes join (knowing only seeds), leave (handing off
@@ -39,5 +40,26 @@ import CairnMembership
         let f = try e.run(seeds: seeds)
         #expect(f.failures(e.settings).isEmpty, "\(members) members: \(f.failures(e.settings))")
         #expect(f.crashDetection.count == e.trials * seeds.count)
+    }
+}
+
+/// The deleted-key check tells a deleted write that came back from a later write beside it.
+@Suite struct DeletedKeyCheckTests {
+    @Test func liveValueDotsNameEachLiveValueAndSkipTombstones() throws {
+        let a = ActorID(node: "n1", epoch: 7)
+        let b = ActorID(node: "n2", epoch: 9)
+        let live = Sibling(value: [1], timestampMillis: 1)
+        let tomb = Sibling.tombstone(timestampMillis: 2)
+        // Entry values are newest first: values[i] carries (actor, counter - i).
+        let object = try #require(VersionedObject(entries: [
+            .init(actor: a, counter: 3, values: [live, tomb]),
+            .init(actor: b, counter: 1, values: [tomb]),
+        ].sorted { $0.actor < $1.actor }, anonymous: []))
+        #expect(SetAddScenario.liveValueDots(object) == [Dot(actor: a, counter: 3)])
+        // Covered by a delete's context {a: 3}: the deleted write came back (a violation);
+        // with context {a: 2} it is a later write beside the delete.
+        let dots = SetAddScenario.liveValueDots(object)
+        #expect(dots.allSatisfy { $0.counter <= VersionVector([(a, 3)])[$0.actor] })
+        #expect(dots.allSatisfy { $0.counter > VersionVector([(a, 2)])[$0.actor] })
     }
 }
