@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import CairnCore
 import CStorageSupport
 import Dispatch
 import Foundation
@@ -175,17 +176,5 @@ public final class TimerQueue: Sendable {
                 wake.wait()
             }
         }
-    }
-}
-
-extension Duration {
-    /// Whole nanoseconds, saturating (negative durations give 0).
-    var wholeNanoseconds: Int64 {
-        let (s, a) = components
-        guard s >= 0 else { return 0 }
-        let (ns, overflow) = s.multipliedReportingOverflow(by: 1_000_000_000)
-        guard !overflow else { return .max }
-        let (sum, over) = ns.addingReportingOverflow(max(a, 0) / 1_000_000_000)
-        return over ? .max : sum
     }
 }
