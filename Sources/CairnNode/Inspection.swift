@@ -1,4 +1,5 @@
 public import CairnCore
+import CairnAntiEntropy
 import CairnRing
 
 /// What a node holds and believes about placement, for the simulator's end-of-run checks
@@ -106,6 +107,19 @@ extension CairnNode {
     public func treeRoot(ofKey key: [UInt8]) async -> UInt64? {
         guard let p = core.view?.partition(forKey: key), let vnode = core.vnodes.vnode(for: p) else { return nil }
         return await vnode.treeRoot()
+    }
+
+    /// Every key this node stores in `key`'s partition: its version hash (what a tree build
+    /// from storage sums: damaged storage and objects that do not decode are passed over, as a
+    /// build passes over them) and whether only a tombstone is left of it. Nil: no primary copy
+    /// of the partition here.
+    public func storedVersions(ofKey key: [UInt8]) async throws -> [[UInt8]: (hash: UInt64, deleted: Bool)]? {
+        guard let p = core.view?.partition(forKey: key), core.vnodes.vnode(for: p) != nil, let backend = core.backend else { return nil }
+        let limits = config.limits
+        return try await backend.foldReadable(partition: p, after: nil, into: [[UInt8]: (hash: UInt64, deleted: Bool)]()) { versions, k, value in
+            if let o = try? VersionedObject.decode(value, limits: limits) { versions[k] = (KeyVersionHash.hash(key: k, object: o), o.isDeleted) }
+            return .continue
+        }.accumulator
     }
 
     /// The partition `key` belongs to in this node's ring (nil before joining).

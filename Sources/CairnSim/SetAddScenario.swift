@@ -302,7 +302,7 @@ public struct SetAddScenario: Sendable {
                 for n in catchUp.notes { note(n) }
                 // Then anti-entropy: after one round of exchanges every replica of every key
                 // holds the same object (a wiped one refilled), and every primary every add.
-                let converged = await Self.checkReplicasAgree(cluster, keys: keys, deleted: log.current.deleted, note: note)
+                let converged = await Self.checkReplicasAgree(cluster, keys: keys, note: note)
                 violations += converged
                 if lossy, converged.isEmpty {
                     violations += await Self.checkPrimaries(cluster, keys: keys, attempts: log.current.attempts, lossy: false).violations
@@ -840,9 +840,11 @@ public struct SetAddScenario: Sendable {
     /// then compares, for every key, its primaries' own copies (the whole object: values and
     /// clock) and their trees' roots of its partition. Any difference is a violation.
     /// Trees may differ by tombstones one replica collected and another has not yet (collection
-    /// is each replica's own): a root is compared with the version hashes of the tombstones of
-    /// `deleted` keys it still holds taken out.
-    static func checkReplicasAgree(_ cluster: SimulatedCluster, keys: Int, deleted: [String] = [], note: (String) -> Void) async -> [String] {
+    /// is each replica's own, and a delete whose acknowledgement was lost leaves tombstones as
+    /// well): a root is compared with the version hashes of every tombstone its replica still
+    /// stores in the partition taken out. Each root is also checked against what its replica's
+    /// storage sums to (a tree untrue to its data is a violation of its own).
+    static func checkReplicasAgree(_ cluster: SimulatedCluster, keys: Int, note: (String) -> Void) async -> [String] {
         let nodes = cluster.present.filter { cluster.isUp($0) }.compactMap { cluster.node($0) }
         var failed = 0
         for node in nodes {
@@ -857,26 +859,70 @@ public struct SetAddScenario: Sendable {
             let k = Array(keyName(key).utf8)
             var copies: [(NodeName, VersionedObject?)] = []
             var roots: [(NodeName, UInt64?)] = []
+            var stored: [NodeName: [[UInt8]: UInt64]] = [:]
             for name in view.replicas(ofKey: k) {
                 guard let node = nodes.first(where: { $0.config.name == name }) else { continue }
                 copies.append((name, try? await node.localCopy(of: k)))
-                var root = await node.treeRoot(ofKey: k)
-                let p = node.partition(ofKey: k)
-                for g in deleted.map({ Array($0.utf8) }) where node.partition(ofKey: g) == p {
-                    if let o = try? await node.localCopy(of: g), o.isDeleted { root = root.map { $0 ^ KeyVersionHash.hash(key: g, object: o) } }
+                let kept = await node.treeRoot(ofKey: k)
+                let versions: [[UInt8]: (hash: UInt64, deleted: Bool)]
+                do {
+                    guard let v = try await node.storedVersions(ofKey: k) else {
+                        roots.append((name, kept))
+                        continue
+                    }
+                    versions = v
+                } catch {
+                    out.append("\(keyName(key)): \(name)'s storage of its partition could not be read: \(error)")
+                    continue
                 }
-                roots.append((name, root))
+                let fromStorage = versions.values.reduce(0) { $0 ^ $1.hash }
+                if let kept, kept != fromStorage {
+                    out.append("\(keyName(key)): \(name)'s tree of its partition is untrue to its storage: root \(String(kept, radix: 16)), "
+                               + "storage sums to \(String(fromStorage, radix: 16))")
+                }
+                let tombstones = versions.values.reduce(0) { $0 ^ ($1.deleted ? $1.hash : 0) }
+                roots.append((name, kept.map { $0 ^ tombstones }))
+                stored[name] = versions.filter { !$0.value.deleted }.mapValues(\.hash)
             }
             if let first = copies.first, copies.contains(where: { $0.1 != first.1 }) {
                 out.append("\(keyName(key)): replicas differ after anti-entropy: "
                            + copies.map { "\($0.0) \($0.1.map { "\($0.values.count) values, clock \($0.context)" } ?? "none")" }.joined(separator: "; "))
             }
             if let first = roots.first, roots.contains(where: { $0.1 != first.1 }) {
-                out.append("\(keyName(key)): its partition's trees differ after anti-entropy: "
-                           + roots.map { "\($0.0) \($0.1.map { String($0, radix: 16) } ?? "none")" }.joined(separator: "; "))
+                out.append("\(keyName(key)): its partition's trees differ after anti-entropy (tombstones aside): "
+                           + roots.map { "\($0.0) \($0.1.map { String($0, radix: 16) } ?? "none")" }.joined(separator: "; ")
+                           + (await Self.storedDifferences(stored, nodes: nodes)))
             }
         }
         return out
+    }
+
+    /// The keys whose stored versions (tombstones aside) differ between replicas (at most
+    /// five), each with what every replica's own copy reads as, for a report.
+    static func storedDifferences(_ stored: [NodeName: [[UInt8]: UInt64]], nodes: [CairnNode]) async -> String {
+        let keys = Set(stored.values.flatMap(\.keys))
+        let differing = keys.filter { k in Set(stored.values.map { $0[k] }).count > 1 }.sorted { $0.lexicographicallyPrecedes($1) }
+        guard !differing.isEmpty else { return "" }
+        var parts: [String] = []
+        for k in differing.prefix(5) {
+            var copies: [String] = []
+            for name in stored.keys.sorted() {
+                guard let node = nodes.first(where: { $0.config.name == name }) else { continue }
+                let copy: String
+                do {
+                    if let o = try await node.localCopy(of: k) {
+                        copy = "\(o.isDeleted ? "tombstone" : "live") \(o.context)"
+                    } else {
+                        copy = stored[name]?[k] == nil ? "absent" : "stored, not durable"
+                    }
+                } catch {
+                    copy = "unreadable: \(error)"
+                }
+                copies.append("\(name) \(copy)")
+            }
+            parts.append(String(decoding: k, as: UTF8.self) + " (" + copies.joined(separator: ", ") + ")")
+        }
+        return "; keys stored differently: " + parts.joined(separator: "; ")
     }
 
     /// Every partition on exactly N replicas, the ring's owners: each owner runs its vnode and
