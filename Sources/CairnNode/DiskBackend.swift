@@ -256,6 +256,10 @@ public final class DiskBackend: PartitionStore {
         try await database.waitForRoom()
     }
 
+    public func whenDurable(_ token: DurabilityToken, _ done: @escaping @Sendable ((any Error)?) -> Void) {
+        database.whenDurable(upTo: token.sequence, done)
+    }
+
     /// On the bulk executor, over one engine snapshot.
     public func fold<Accumulator: Sendable>(partition: PartitionID, after: [UInt8]?, into initial: Accumulator,
                                             _ visit: @Sendable (inout Accumulator, _ key: [UInt8], _ value: [UInt8]) throws -> FoldStep)

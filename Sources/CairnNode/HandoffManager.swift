@@ -443,6 +443,7 @@ final class HandoffManager: SupervisedChild {
     /// partition's new replicas instead. Returns false when that failed: the write must then not
     /// be acknowledged as this node's copy.
     func forward(partition: PartitionID, key: [UInt8], object: VersionedObject) async -> Bool {
+        if forwardsNothing(partition: partition) { return true }
         let shells = running.withLock { r in
             r.isEmpty ? [] : r.filter { $0.key.partition == partition }.sorted { $0.key < $1.key }.map(\.value.shell)
         }
@@ -461,6 +462,16 @@ final class HandoffManager: SupervisedChild {
         let message = Message.replicaPut(ReplicaPut(partition: partition, key: key, object: object))
         let answers = await env.transport.sendToAll(targets, message, timeoutMillis: env.requestTimeoutMillis)
         return answers.allSatisfy { if case .success(.replicaPutAck) = $0 { true } else { false } }
+    }
+
+    /// Whether `forward` of a write to primary `partition`, applied before this call, has
+    /// nothing to do: no transfer of the partition runs from this node and the ring still runs
+    /// its vnode here. Synchronous (an event loop's fast path asks it).
+    func forwardsNothing(partition: PartitionID) -> Bool {
+        guard !partition.isFallbackSpace else { return false }
+        guard !running.withLock({ r in r.keys.contains { $0.partition == partition } }) else { return false }
+        guard let ring = env.ring() else { return true }
+        return ring.runsVnode(of: env.me, for: partition)
     }
 
     /// Transfers running from this node now, for `cairn transfers` and metrics.

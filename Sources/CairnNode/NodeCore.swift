@@ -220,6 +220,70 @@ final class NodeCore: Sendable {
         }
     }
 
+    /// Serves an ordinary replica get or put straight from the event loop, without a task: the
+    /// partition's store thread reads or merges and answers (`Vnode.getSoon`, `mergeSoon`), and
+    /// a put's acknowledgement leaves from the thread that ended its durability wait. Counted
+    /// in flight like any request. False: not an ordinary case (a fallback copy, no vnode here,
+    /// another partition, a store that runs no closures, the bound reached); `handle` serves it.
+    func serveReplicaDirectly(_ message: Message, responder: Responder) -> Bool {
+        switch message {
+        case .replicaGet(let r) where !r.fallback:
+            guard let vnode = directVnode(r.partition, key: r.key), requests.begin() else { return false }
+            let (requests, state) = (requests, antiEntropyState)
+            let started = vnode.getSoon(r.key) { result in
+                switch result {
+                case .success(let object):
+                    responder.reply(.replicaGetReply(ReplicaGetReply(object: object, refilling: state.isRefilling(r.partition),
+                                                                     stale: state.isStale(r.partition))))
+                case .failure(let error):
+                    responder.fail(ErrorReply(code: .storage, message: error.description))
+                }
+                requests.end()
+            }
+            if started { metrics.directReplicaRequests.increment() } else { requests.end() }
+            return started
+        case .replicaPut(let r) where !r.fallback:
+            guard let vnode = directVnode(r.partition, key: r.key), requests.begin() else { return false }
+            let (requests, handoff, durable, executor) = (requests, handoff, backend?.acknowledgesDurably ?? false, taskExecutor)
+            let me = config.name
+            let started = vnode.mergeSoon(key: r.key, object: r.object) { result in
+                let merged: VersionedObject
+                switch result {
+                case .success(let m): merged = m
+                case .failure(let error):
+                    responder.fail(ErrorReply(code: .storage, message: error.description))
+                    return requests.end()
+                }
+                guard let handoff, !handoff.forwardsNothing(partition: r.partition) else {
+                    responder.reply(.replicaPutAck(durable: durable))
+                    return requests.end()
+                }
+                // Handing this partition off: the receiver gets the write too before the ack.
+                Task(executorPreference: executor) {
+                    if await handoff.forward(partition: r.partition, key: r.key, object: merged) {
+                        responder.reply(.replicaPutAck(durable: durable))
+                    } else {
+                        responder.fail(ErrorReply(code: .notAReplica, message:
+                            "node \(me) handed partition \(r.partition.index) away during the write, and its new replicas did not all take it"))
+                    }
+                    requests.end()
+                }
+            }
+            if started { metrics.directReplicaRequests.increment() } else { requests.end() }
+            return started
+        default:
+            return false
+        }
+    }
+
+    /// The primary vnode a direct replica request uses: present, serving without tasks, and
+    /// the key in `partition` under the current view of a member; nil otherwise.
+    private func directVnode(_ partition: PartitionID, key: [UInt8]) -> Vnode? {
+        guard let vnode = vnodes.vnode(for: partition), vnode.servesWithoutTasks,
+              let view, view.isMember, view.partition(forKey: key) == partition else { return nil }
+        return vnode
+    }
+
     /// Refill marks and saved trees (loaded when storage opens).
     let antiEntropyState = AntiEntropyState()
     private let antiEntropyBox = Locked<AntiEntropyManager?>(nil)

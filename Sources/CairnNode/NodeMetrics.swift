@@ -38,6 +38,8 @@ public final class NodeMetrics: Sendable {
     let forwarded: CoreMetrics.Counter
     /// Replica requests for a partition this node handed away, relayed to its successors.
     let relayedReplicaRequests: CoreMetrics.Counter
+    /// Replica gets and puts served from the event loop on the store's thread, without a task.
+    let directReplicaRequests: CoreMetrics.Counter
     let peersUp: CoreMetrics.Gauge
     let replicaRequests: CoreMetrics.Counter
     let replicaFailures: CoreMetrics.Counter
@@ -150,6 +152,7 @@ public final class NodeMetrics: Sendable {
         supervisorRestarts = CoreMetrics.Counter(label: "cairn_supervisor_restarts_total", factory: f)
         forwarded = CoreMetrics.Counter(label: "cairn_forwarded_requests_total", factory: f)
         relayedReplicaRequests = CoreMetrics.Counter(label: "cairn_relayed_replica_requests_total", factory: f)
+        directReplicaRequests = CoreMetrics.Counter(label: "cairn_replica_requests_served_direct_total", factory: f)
         peersUp = CoreMetrics.Gauge(label: "cairn_peers_up", factory: f)
         replicaRequests = CoreMetrics.Counter(label: "cairn_replica_requests_total", factory: f)
         replicaFailures = CoreMetrics.Counter(label: "cairn_replica_request_failures_total", factory: f)

@@ -37,19 +37,32 @@ final class RequestService: Sendable {
     /// Notified whenever the in-flight count drops to zero.
     let drained = Condition()
 
-    /// Queues `job`; false if the bound is reached or the service finished.
-    func submit(_ job: @escaping Job) -> Bool {
+    /// Counts a request in flight, within the bound; false (nothing counted) when it is reached.
+    /// A request served outside the group (`NodeCore.serveReplicaDirectly`) counts itself so,
+    /// and calls `end` once answered.
+    func begin() -> Bool {
         let now = inflight.wrappingAdd(1, ordering: .relaxed).newValue
         if now > limit {
             inflight.wrappingSubtract(1, ordering: .relaxed)
             return false
         }
         metrics.inflight.record(now)
+        return true
+    }
+
+    /// Ends a request `begin` counted.
+    func end() {
+        let left = inflight.wrappingSubtract(1, ordering: .relaxed).newValue
+        metrics.inflight.record(left)
+        if left == 0 { drained.notifyAll() }
+    }
+
+    /// Queues `job`; false if the bound is reached or the service finished.
+    func submit(_ job: @escaping Job) -> Bool {
+        guard begin() else { return false }
         let wrapped: Job = { [self] in
             await job()
-            let left = inflight.wrappingSubtract(1, ordering: .relaxed).newValue
-            metrics.inflight.record(left)
-            if left == 0 { drained.notifyAll() }
+            end()
         }
         if case .terminated = continuation.yield(wrapped) {
             inflight.wrappingSubtract(1, ordering: .relaxed)
@@ -187,6 +200,7 @@ final class Router: RequestDispatcher {
         case .starting: return responder.fail(ErrorReply(code: .notReady, message: "node \(core.config.name) is starting"))
         case .draining, .stopped: return responder.fail(ErrorReply(code: .shuttingDown, message: "node \(core.config.name) is shutting down"))
         }
+        if fromPeer, core.serveReplicaDirectly(envelope.message, responder: responder) { return }
         let accepted = core.requests.submit { [core] in
             await core.handle(envelope.message, fromPeer: fromPeer, responder: responder)
         }

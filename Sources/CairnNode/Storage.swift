@@ -50,6 +50,10 @@ public protocol PartitionStore: Sendable {
     /// Removes these keys of `partition` atomically (one log record); absent keys are ignored.
     func delete(partition: PartitionID, keys: [[UInt8]]) throws -> DurabilityToken
     func waitDurable(_ token: DurabilityToken) async throws
+    /// `waitDurable` for callers that must not suspend: `done` gets nil once `token` is durable,
+    /// else the error; exactly once, on whichever thread ends the wait (the caller's when it
+    /// already is).
+    func whenDurable(_ token: DurabilityToken, _ done: @escaping @Sendable ((any Error)?) -> Void)
     /// Visits, in key order, every key of `partition` after `after` (nil: from the first) with
     /// its value, from one snapshot, until `visit` returns `.stop`. `visit` runs on the store's
     /// executor: it must be short and must not wait for the store's other work. Returns the
@@ -166,6 +170,14 @@ public struct PartitionSnapshot: Sendable {
 }
 
 extension PartitionStore {
+    /// In a task that awaits `waitDurable`.
+    public func whenDurable(_ token: DurabilityToken, _ done: @escaping @Sendable ((any Error)?) -> Void) {
+        Task {
+            do { try await waitDurable(token) } catch { return done(error) }
+            done(nil)
+        }
+    }
+
     public func abandon() async {}
     public var persistentEpoch: UInt64? { nil }
     public var storageStatistics: Database.Statistics? { nil }

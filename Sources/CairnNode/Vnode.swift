@@ -27,6 +27,9 @@ public actor Vnode: SupervisedChild {
     private nonisolated let backend: any PartitionStore
     /// Where the actor runs: the store's executor for the partition, or a default actor's.
     private nonisolated let home: Home
+    /// The store's executor when it also runs closures: `getSoon` and `mergeSoon` hand work to
+    /// it without a task.
+    private nonisolated let runner: (any ClosureExecutor)?
     private let limits: Limits
     private let metrics: NodeMetrics
     private let logger: Logger
@@ -135,7 +138,9 @@ public actor Vnode: SupervisedChild {
         self.childName = VnodeKey(partition: partition, role: role).description
         self.space = VnodeKey(partition: partition, role: role).space
         self.backend = backend
-        self.home = backend.executor(for: space).map(Home.store) ?? .lane(DefaultLane())
+        let executor = backend.executor(for: space)
+        self.home = executor.map(Home.store) ?? .lane(DefaultLane())
+        self.runner = executor as? any ClosureExecutor
         self.limits = limits
         self.metrics = metrics
         self.logger = logger
@@ -204,6 +209,43 @@ public actor Vnode: SupervisedChild {
             logger.debug("dropped a key damaged storage hid", metadata: ["partition": "\(partition.index)"])
             return nil
         }
+    }
+
+    // MARK: Without a task
+
+    /// Whether `getSoon` and `mergeSoon` serve here (the store's executor runs closures).
+    public nonisolated var servesWithoutTasks: Bool { runner != nil }
+
+    /// `get` for a caller that must not suspend (an event loop): runs on the store's thread and
+    /// calls `done` there. False, `done` never called: the store's executor runs no closures
+    /// (`servesWithoutTasks`); use `get`.
+    public nonisolated func getSoon(_ key: [UInt8], _ done: @escaping @Sendable (Result<VersionedObject?, VnodeError>) -> Void) -> Bool {
+        guard let runner else { return false }
+        runner.execute { [self] in
+            done(assumeIsolated { v in Result { () throws(VnodeError) in try v.get(key) } })
+        }
+        return true
+    }
+
+    /// `merge` for a caller that must not suspend: the read-modify-write runs on the store's
+    /// thread; `done` is called once the result is durable (on the thread that ended the wait:
+    /// the store's, or the log sync's), or with the error. A failed sync fails the vnode, as
+    /// `merge`'s does. False, `done` never called: use `merge` (`servesWithoutTasks`).
+    public nonisolated func mergeSoon(key: [UInt8], object: VersionedObject,
+                                      _ done: @escaping @Sendable (Result<VersionedObject, VnodeError>) -> Void) -> Bool {
+        guard let runner else { return false }
+        runner.execute { [self] in
+            let step = assumeIsolated { v in Result { () throws(VnodeError) in try v.mergeLocally(key: key, object: object) } }
+            switch step {
+            case .failure(let e): done(.failure(e))
+            case .success(let (merged, token)):
+                backend.whenDurable(token) { [self] error in
+                    guard let error else { return done(.success(merged)) }
+                    runner.execute { [self] in done(.failure(assumeIsolated { $0.fail("write failed: \(error)") })) }
+                }
+            }
+        }
+        return true
     }
 
     /// Stamps a client write with `actor` as the coordinator: the new value supersedes exactly

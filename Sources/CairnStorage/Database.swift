@@ -856,22 +856,7 @@ public final class Database: Sendable {
         var delayed = false
         while true {
             let seen = room.current
-            let admission: Admission = try state.withLock { s throws(StorageError) in
-                if let f = s.writeFailure { throw Self.refusal(f) }
-                if let e = s.backgroundError { throw .writesRefused("a background job failed (\(e))") }
-                if s.closed { throw .writesRefused("the database is closed") }
-                let l0 = s.version.tables[0]?.count ?? 0
-                if l0 >= options.compaction.level0Stop || (s.immutable != nil && s.memtable.approximateBytes >= options.writeBufferBytes / 2) {
-                    s.stats.stalledWrites += 1
-                    return .wait
-                }
-                if l0 >= options.compaction.level0Slowdown && !delayed {
-                    s.stats.delayedWrites += 1
-                    return .delay
-                }
-                return .go
-            }
-            switch admission {
+            switch try admission(delayed: delayed) {
             case .go: return
             case .delay:
                 delayed = true
@@ -881,6 +866,26 @@ public final class Database: Sendable {
                 compactionSignal.notify()
                 await room.wait(after: seen)
             }
+        }
+    }
+
+    /// `admit`'s decision now (`delayed`: this write was delayed once already; `counting`: count
+    /// a stall or delay in the statistics, as `admit` does once it acts on it).
+    private func admission(delayed: Bool, counting: Bool = true) throws(StorageError) -> Admission {
+        try state.withLock { s throws(StorageError) in
+            if let f = s.writeFailure { throw Self.refusal(f) }
+            if let e = s.backgroundError { throw .writesRefused("a background job failed (\(e))") }
+            if s.closed { throw .writesRefused("the database is closed") }
+            let l0 = s.version.tables[0]?.count ?? 0
+            if l0 >= options.compaction.level0Stop || (s.immutable != nil && s.memtable.approximateBytes >= options.writeBufferBytes / 2) {
+                if counting { s.stats.stalledWrites += 1 }
+                return .wait
+            }
+            if l0 >= options.compaction.level0Slowdown && !delayed {
+                if counting { s.stats.delayedWrites += 1 }
+                return .delay
+            }
+            return .go
         }
     }
 
@@ -977,6 +982,27 @@ public final class Database: Sendable {
 
     /// Returns once everything up to `sequence` is durable, if `sync` (default: the database's
     /// mode) is `always`; at once otherwise. Throws if a log sync failed.
+    /// `waitDurable(upTo:)` then `waitForRoom()`, for callers that must not suspend: `done` gets
+    /// nil once both hold, else the error, exactly once. It runs on the caller's thread when
+    /// nothing needs waiting for, on the sync queue after a sync, or in a task when flow control
+    /// holds the write back.
+    public func whenDurable(upTo sequence: UInt64, _ done: @escaping @Sendable ((any Error)?) -> Void) {
+        let admitted: @Sendable ((any Error)?) -> Void = { [self] error in
+            if let error { return done(error) }
+            do throws(StorageError) {
+                if case .go = try admission(delayed: false, counting: false) { return done(nil) }
+            } catch {
+                return done(error)
+            }
+            _ = environment.spawn {
+                do { try await self.admit() } catch { return done(error) }
+                done(nil)
+            }
+        }
+        guard options.syncMode == .always else { return admitted(nil) }
+        state.withLock { $0.committer }.whenDurable(upTo: sequence, admitted)
+    }
+
     public func waitDurable(upTo sequence: UInt64, sync: SyncMode? = nil) async throws {
         guard (sync ?? options.syncMode) == .always else { return }
         // A log switch syncs the old log first; the current log's committer covers the rest.

@@ -14,7 +14,8 @@ import Synchronization
 public final class GroupCommitter: Sendable {
     struct Waiter {
         let sequence: UInt64
-        let continuation: CheckedContinuation<Void, any Error>
+        /// Called once, outside the lock: nil when durable, else why not.
+        let done: @Sendable ((any Error)?) -> Void
     }
 
     struct State {
@@ -53,7 +54,7 @@ public final class GroupCommitter: Sendable {
             s.waiters.removeAll { $0.sequence <= s.durable }
             return ready
         }
-        for w in ready { w.continuation.resume() }
+        for w in ready { w.done(nil) }
     }
 
     public var durableSequence: UInt64 { state.withLock { $0.durable } }
@@ -83,21 +84,29 @@ public final class GroupCommitter: Sendable {
             }
         }
         try await withCheckedThrowingContinuation { (c: CheckedContinuation<Void, any Error>) in
-            let start: Bool = state.withLock { s in
-                if let f = s.failure {
-                    c.resume(throwing: StorageError.writesRefused("an earlier log sync failed (\(f))"))
-                    return false
-                }
-                if s.durable >= sequence {
-                    c.resume()
-                    return false
-                }
-                s.waiters.append(Waiter(sequence: sequence, continuation: c))
-                if s.syncing { return false }
-                s.syncing = true
-                return true
+            whenDurable(upTo: sequence) { error in
+                if let error { c.resume(throwing: error) } else { c.resume() }
             }
-            if start { queue.async { self.runSyncs() } }
+        }
+    }
+
+    /// Calls `done` once everything up to `sequence` is durable (nil), or a sync failed (the
+    /// error): at once on the caller's thread when it already is, else on the sync queue after
+    /// the sync that covers it. For callers that must not suspend (an event loop's fast path).
+    public func whenDurable(upTo sequence: UInt64, _ done: @escaping @Sendable ((any Error)?) -> Void) {
+        enum Next { case now((any Error)?), wait, lead }
+        let next: Next = state.withLock { s in
+            if let f = s.failure { return .now(StorageError.writesRefused("an earlier log sync failed (\(f))")) }
+            if s.durable >= sequence { return .now(nil) }
+            s.waiters.append(Waiter(sequence: sequence, done: done))
+            if s.syncing { return .wait }
+            s.syncing = true
+            return .lead
+        }
+        switch next {
+        case .now(let error): done(error)
+        case .wait: break
+        case .lead: queue.async { self.runSyncs() }
         }
     }
 
@@ -122,9 +131,7 @@ public final class GroupCommitter: Sendable {
                 if s.waiters.isEmpty { s.syncing = false }
                 return (ready, !s.waiters.isEmpty)
             }
-            for w in ready {
-                if let error { w.continuation.resume(throwing: error) } else { w.continuation.resume() }
-            }
+            for w in ready { w.done(error) }
             if !more { return }
         }
     }

@@ -5,6 +5,13 @@ import CStorageSupport
 import Dispatch
 import Synchronization
 
+/// A serial executor that also runs plain closures, serialized with its jobs: a closure it runs
+/// is isolated to every actor on the executor (`Actor.assumeIsolated` holds in it).
+public protocol ClosureExecutor: SerialExecutor {
+    /// Runs `work` on the executor, after the jobs and closures queued before it.
+    func execute(_ work: @escaping @Sendable () -> Void)
+}
+
 /// A serial executor with one thread of its own, outside Swift's cooperative pool and Dispatch's:
 /// its jobs run one at a time, in enqueue order, on that thread. Actors that make blocking engine
 /// calls on the request path (a partition store's vnodes) run on it, so a read that misses the
@@ -12,12 +19,18 @@ import Synchronization
 ///
 /// The thread parks on a semaphore when idle (a wake-up is one futex call) and exits once the
 /// executor is released and its queue is empty. `isIsolatingCurrentContext()` answers whether
-/// the caller runs on the thread (so `Actor.assumeIsolated` works there). Thread-safe.
-public final class ThreadExecutor: SerialExecutor {
+/// the caller runs on the thread (so `Actor.assumeIsolated` works there). It also runs plain
+/// closures (`execute`), in one order with its jobs: an event loop hands a vnode's work straight
+/// to the vnode's thread without making a task. Thread-safe.
+public final class ThreadExecutor: ClosureExecutor {
     /// What the thread and the enqueuers share; the thread holds it, not the executor.
     private final class Core: Sendable {
+        enum Work {
+            case job(UnownedJob)
+            case closure(@Sendable () -> Void)
+        }
         struct State {
-            var jobs: [UnownedJob] = []
+            var jobs: [Work] = []
             var sleeping = false
             var stopping = false
             var thread: pthread_t?
@@ -34,7 +47,7 @@ public final class ThreadExecutor: SerialExecutor {
             cairn_set_thread_name(name)
             state.withLock { $0.thread = pthread_self() }
             while true {
-                let next: [UnownedJob]? = state.withLock { s in
+                let next: [Work]? = state.withLock { s in
                     if s.jobs.isEmpty {
                         if s.stopping { return [] }
                         s.sleeping = true
@@ -49,12 +62,17 @@ public final class ThreadExecutor: SerialExecutor {
                 }
                 if next.isEmpty { return }
                 guard let executor = executor.withLock({ $0 }) else { continue }
-                for job in next { job.runSynchronously(on: executor) }
+                for work in next {
+                    switch work {
+                    case .job(let job): job.runSynchronously(on: executor)
+                    case .closure(let body): body()
+                    }
+                }
             }
         }
 
         /// Queues `job`; wakes the thread if it sleeps.
-        func push(_ job: UnownedJob) {
+        func push(_ job: Work) {
             let signal: Bool = state.withLock { s in
                 s.jobs.append(job)
                 defer { s.sleeping = false }
@@ -104,7 +122,9 @@ public final class ThreadExecutor: SerialExecutor {
 
     deinit { core.stop() }
 
-    public func enqueue(_ job: consuming ExecutorJob) { core.push(UnownedJob(job)) }
+    public func enqueue(_ job: consuming ExecutorJob) { core.push(.job(UnownedJob(job))) }
+
+    public func execute(_ work: @escaping @Sendable () -> Void) { core.push(.closure(work)) }
 
     public func asUnownedSerialExecutor() -> UnownedSerialExecutor { UnownedSerialExecutor(ordinary: self) }
 

@@ -135,6 +135,23 @@ struct InProcessClusterTests {
         await cluster.stop()
     }
 
+    /// A disk store's replicas serve replica gets and puts from the event loop on the store's
+    /// thread (no task), with the same answers: every replica holds the write and reads it back.
+    @Test func replicaRequestsAreServedOnTheStoreThread() async throws {
+        let cluster = try await TestCluster.start()
+        let c = try await cluster.client([0])
+        let all = RequestOptions(r: .count(3), w: .count(3))
+        for i in 0..<10 { try await c.put(Array("direct\(i)".utf8), value: [UInt8(i)], options: all) }
+        for i in 0..<10 { #expect(try await c.get(Array("direct\(i)".utf8), options: all).values == [[UInt8(i)]]) }
+        for n in 1...2 {
+            // Node 0 coordinated: each other node took 10 replica puts and 10 replica gets.
+            let direct = metricValue(cluster.nodes[n].metrics.exposition(), "cairn_replica_requests_served_direct_total")
+            #expect(direct == 20, "node \(n) served \(direct) replica requests directly")
+        }
+        c.close()
+        await cluster.stop()
+    }
+
     @Test func membersListsEveryNodeWithPartitionCounts() async throws {
         let cluster = try await TestCluster.start()
         let c = try await cluster.client([1])

@@ -195,6 +195,11 @@ final class GatedBackend: PartitionStore {
     }
     private let state = Mutex(State())
     struct SyncFailed: Error {}
+    /// Where the vnode runs (nil: a default actor's executor); a thread runs closures too, so
+    /// the vnode serves `getSoon` and `mergeSoon`.
+    let thread: ThreadExecutor?
+
+    init(thread: ThreadExecutor? = nil) { self.thread = thread }
 
     var isPersistent: Bool { false }
     var waiting: Int { state.withLock { $0.waiters.count } }
@@ -259,7 +264,7 @@ final class GatedBackend: PartitionStore {
         }
     }
 
-    func executor(for partition: PartitionID) -> (any SerialExecutor)? { nil }
+    func executor(for partition: PartitionID) -> (any SerialExecutor)? { thread }
     func fold<A: Sendable>(partition: PartitionID, after: [UInt8]?, into initial: A,
                            _ visit: @Sendable (inout A, [UInt8], [UInt8]) throws -> FoldStep) async throws -> PartitionFold<A> {
         PartitionFold(accumulator: initial, resumeAfter: nil)
@@ -370,6 +375,50 @@ final class GatedBackend: PartitionStore {
         sup.finish(); task.cancel(); try await task.value
     }
 
+    /// The event loop's path (`mergeSoon`, `getSoon`) keeps `merge`'s and `get`'s promises: no
+    /// acknowledgement before the sync, nothing shown before it is durable, a failed sync fails
+    /// the request and restarts the vnode.
+    @Test func mergeSoonAcknowledgesOnlyDurableWritesAndGetSoonShowsOnlyThose() async throws {
+        let backend = GatedBackend(thread: ThreadExecutor(label: "t-store"))
+        let (v, sup, task) = try await runningVnode(backend)
+        #expect(v.servesWithoutTasks)
+        let o = try object(1, ts: 1, by: n2)
+        let merged = Answer<Result<VersionedObject, VnodeError>>()
+        #expect(v.mergeSoon(key: [1], object: o) { merged.set($0) })
+        try await settle("the merge waits for its sync") { backend.waiting == 1 }
+        #expect(merged.value == nil, "acknowledged before anything was durable")
+        let before = Answer<Result<VersionedObject?, VnodeError>>()
+        #expect(v.getSoon([1]) { before.set($0) })
+        try await settle("the read answered") { before.value != nil }
+        #expect(try before.value?.get() == .some(nil))
+        backend.sync()
+        try await settle("the merge answered") { merged.value != nil }
+        #expect(try merged.value?.get() == o)
+        let after = Answer<Result<VersionedObject?, VnodeError>>()
+        #expect(v.getSoon([1]) { after.set($0) })
+        try await settle("the read answered") { after.value != nil }
+        #expect(try after.value?.get() == o)
+        #expect(try await v.get([1]) == o)
+
+        let failing = Answer<Result<VersionedObject, VnodeError>>()
+        #expect(v.mergeSoon(key: [2], object: try object(2, ts: 2, by: n2)) { failing.set($0) })
+        try await settle("the next merge waits for its sync") { backend.waiting == 1 }
+        backend.sync(failing: true)
+        try await settle("the merge answered") { failing.value != nil }
+        #expect(throws: VnodeError.self) { try failing.value?.get() }
+        try await settle("the vnode restarted") { await v.isServing }
+        sup.finish(); task.cancel(); try await task.value
+    }
+
+    /// A vnode whose store names no thread has no event-loop path: the callers take `get`.
+    @Test func aVnodeWithoutAStoreThreadServesOnlyThroughTasks() async throws {
+        let (v, sup, task) = try await runningVnode(GatedBackend())
+        #expect(!v.servesWithoutTasks)
+        #expect(!v.getSoon([1]) { _ in Issue.record("answered without a store thread") })
+        #expect(!v.mergeSoon(key: [1], object: try object(1, ts: 1, by: n2)) { _ in Issue.record("answered without a store thread") })
+        sup.finish(); task.cancel(); try await task.value
+    }
+
     /// Item 6: at max_siblings = 1, a replica merge never prunes the values it acknowledges:
     /// every incoming live value that survives the plain DVV merge is stored. Blind writes by
     /// three coordinators, replicated in a seeded random order (late, reordered, duplicated).
@@ -427,6 +476,13 @@ final class GatedBackend: PartitionStore {
         #expect(try await v.get([2])?.values.map(\.value) == [[2]])
         sup.finish(); task.cancel(); try await task.value
     }
+}
+
+/// A value delivered once from another thread.
+final class Answer<T: Sendable>: Sendable {
+    private let box = Mutex<T?>(nil)
+    func set(_ v: T) { box.withLock { $0 = v } }
+    var value: T? { box.withLock { $0 } }
 }
 
 final class Flag: Sendable {

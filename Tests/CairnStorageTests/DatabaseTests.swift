@@ -30,6 +30,28 @@ import Foundation
         #expect(try third.get([2]) == [21])
     }
 
+    /// The callback wait (`whenDurable`): each write it reported durable survives a crash that
+    /// drops everything unsynced.
+    @Test func whatWhenDurableReportsSurvivesACrash() async throws {
+        let fs = FaultyFileSystem()
+        let db = try Database.open(fs: fs, directory: "/db")
+        let reported = Shared<[UInt8]>([])
+        for k in UInt8(1)...20 {
+            var b = WriteBatch()
+            b.put([k], [k, k])
+            let sequence = try db.apply(b)
+            db.whenDurable(upTo: sequence) { error in
+                if error == nil { reported.value.withLock { $0.append(k) } }
+            }
+        }
+        try await settleStorage("every write reported") { reported.value.withLock { $0.count } == 20 }
+        await db.abandon()
+        var rng = Seeded(state: 11)
+        fs.crash(tearing: true, rng: &rng)
+        let back = try Database.open(fs: fs, directory: "/db")
+        for k in reported.value.withLock({ $0 }) { #expect(try back.get([k]) == [k, k]) }
+    }
+
     /// For many seeds: concurrent writers put unique keys, some acknowledged under `always`,
     /// some written with no sync; then a crash drops (or tears) everything unsynced. After reopen,
     /// every acknowledged key holds its exact value, every key present was written, and each batch

@@ -59,11 +59,53 @@ import Synchronization
         #expect(committer.durableSequence == 0)
     }
 
+    /// The callback form: at once, on the caller's thread, when already durable; otherwise once
+    /// a sync covered the sequence (never before); a failed sync fails it and every later one.
+    @Test func whenDurableCallsBackOnceCoveredOrFailed() async throws {
+        let fails = Shared<Bool>(false)
+        let syncs = Shared<Int>(0)
+        let committer = GroupCommitter(durable: 2) { () throws(StorageError) in
+            syncs.value.withLock { $0 += 1 }
+            if fails.value.withLock({ $0 }) { throw StorageError.syncFailed(path: "/db/log", errno: 5) }
+        }
+        let answers = Shared<[String]>([])
+        func record(_ name: String) -> @Sendable ((any Error)?) -> Void {
+            { error in answers.value.withLock { $0.append("\(name) \(error == nil ? "durable" : "failed")") } }
+        }
+        committer.whenDurable(upTo: 2, record("a"))
+        #expect(answers.value.withLock { $0 } == ["a durable"], "already durable: answered on the caller's thread")
+        #expect(syncs.value.withLock { $0 } == 0)
+
+        committer.noteAppended(upTo: 5)
+        committer.whenDurable(upTo: 5, record("b"))
+        try await settleStorage("b answered") { answers.value.withLock { $0.count } == 2 }
+        #expect(answers.value.withLock { $0 }.last == "b durable")
+        #expect(committer.durableSequence >= 5)
+
+        fails.value.withLock { $0 = true }
+        committer.noteAppended(upTo: 6)
+        committer.whenDurable(upTo: 6, record("c"))
+        try await settleStorage("c answered") { answers.value.withLock { $0.count } == 3 }
+        fails.value.withLock { $0 = false }
+        committer.whenDurable(upTo: 6, record("d"))
+        #expect(answers.value.withLock { $0 } == ["a durable", "b durable", "c failed", "d failed"])
+        #expect(committer.durableSequence == 5)
+    }
+
     @Test func alreadyDurableReturnsAtOnce() async throws {
         let committer = GroupCommitter(durable: 10) { () throws(StorageError) in Issue.record("no sync needed") }
         try await committer.waitDurable(upTo: 7)
         #expect(committer.syncCount == 0)
     }
+}
+
+/// Polls `condition` (every millisecond, at most 10 s) until it holds.
+func settleStorage(_ what: String, _ condition: () -> Bool) async throws {
+    for _ in 0..<10_000 {
+        if condition() { return }
+        try await Task.sleep(for: .milliseconds(1))
+    }
+    Issue.record("timed out waiting: \(what)")
 }
 
 /// A mutex-guarded value shared by reference between tasks.
