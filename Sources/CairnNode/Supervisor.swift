@@ -81,7 +81,8 @@ public actor Supervisor: SupervisedChild {
 
     /// What `run()` hears about while it runs.
     private enum Event: Sendable {
-        case spawned(any SupervisedChild)
+        /// A child registered, with the signal that terminates this registration of it.
+        case spawned(any SupervisedChild, StopSignal)
         case ended(String)
     }
 
@@ -110,9 +111,10 @@ public actor Supervisor: SupervisedChild {
         let id = child.childName
         let added: Bool = registry.withLock { r in
             guard r.children[id] == nil else { return false }
+            let stop = StopSignal()
             r.order.append(id)
-            r.children[id] = (child, StopSignal())
-            r.sink?.yield(.spawned(child))
+            r.children[id] = (child, stop)
+            r.sink?.yield(.spawned(child, stop))
             return true
         }
         if !added { logger.error("a child with this id is running already; not spawned", metadata: ["supervisor": "\(name)", "child": "\(id)"]) }
@@ -141,10 +143,10 @@ public actor Supervisor: SupervisedChild {
 
     public func run() async throws {
         let (events, sink) = AsyncStream.makeStream(of: Event.self)
-        let initial: [any SupervisedChild] = registry.withLock { r in
+        let initial: [(any SupervisedChild, StopSignal)] = registry.withLock { r in
             r.sink = sink
             if r.finished { sink.finish() }
-            return r.order.compactMap { r.children[$0]?.child }
+            return r.order.compactMap { id in r.children[id].map { ($0.child, $0.stop) } }
         }
         defer { registry.withLock { $0.sink = nil } }
         intensity = RestartTracker(policy: policy)
@@ -152,25 +154,33 @@ public actor Supervisor: SupervisedChild {
         // ends this loop, so the group then rethrows the escalation.
         try await withThrowingDiscardingTaskGroup { group in
             var running = Set<String>()
-            func start(_ child: any SupervisedChild) {
-                guard running.insert(child.childName).inserted else { return }
-                group.addTask { try await self.supervise(child, sink: sink) }
+            // A child spawned again under an id whose previous run is still ending (terminated,
+            // not yet returned): it starts once that run has ended, never beside it.
+            var waiting: [String: (any SupervisedChild, StopSignal)] = [:]
+            func start(_ child: any SupervisedChild, _ stop: StopSignal) {
+                guard running.insert(child.childName).inserted else {
+                    waiting[child.childName] = (child, stop)
+                    return
+                }
+                group.addTask { try await self.supervise(child, stop: stop, sink: sink) }
             }
-            for child in initial { start(child) }
+            for (child, stop) in initial { start(child, stop) }
             for await event in events {
                 switch event {
-                case .spawned(let child): start(child)
-                case .ended(let id): running.remove(id)
+                case .spawned(let child, let stop): start(child, stop)
+                case .ended(let id):
+                    running.remove(id)
+                    if let (child, stop) = waiting.removeValue(forKey: id), !stop.isStopped { start(child, stop) }
                 }
             }
         }
     }
 
-    /// Runs `child` until it returns, is terminated, or escalates.
-    private func supervise(_ child: any SupervisedChild, sink: AsyncStream<Event>.Continuation) async throws {
+    /// Runs `child` until it returns, is terminated (`stop`), or escalates.
+    private func supervise(_ child: any SupervisedChild, stop: StopSignal, sink: AsyncStream<Event>.Continuation) async throws {
         let id = child.childName
         defer { sink.yield(.ended(id)) }
-        guard let stop = registry.withLock({ $0.children[id]?.stop }) else { return }
+        if stop.isStopped { return }
         try await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask { try await self.restartLoop(child, sink: sink) }
             group.addTask { await stop.wait() }

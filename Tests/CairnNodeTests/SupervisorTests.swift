@@ -57,6 +57,36 @@ final class FlakyChild: SupervisedChild {
     struct TestFailure: Error { let run: Int }
 }
 
+/// A child that, once cancelled, keeps running until `finishLingering` (a vnode finishing its
+/// last request while it retires).
+final class LingeringChild: SupervisedChild {
+    let childName: String
+    let runs = Atomic<Int>(0)
+    let lingering = Atomic<Bool>(false)
+    private let release = Mutex<CheckedContinuation<Void, Never>?>(nil)
+    init(name: String) { childName = name }
+
+    func run() async throws {
+        runs.wrappingAdd(1, ordering: .relaxed)
+        try? await Task.sleep(for: .seconds(3600))
+        await withCheckedContinuation { c in
+            release.withLock { $0 = c }
+            lingering.store(true, ordering: .relaxed)
+        }
+    }
+
+    func finishLingering() { release.withLock { $0.take() }?.resume() }
+}
+
+/// Polls `condition` every millisecond, at most 10 s.
+func poll(_ what: String, _ condition: () -> Bool) async throws {
+    for _ in 0..<10_000 {
+        if condition() { return }
+        try await Task.sleep(for: .milliseconds(1))
+    }
+    Issue.record("timed out waiting: \(what)")
+}
+
 @Suite struct SupervisorTests {
     private func policy(max: Int) -> RestartPolicy {
         var p = RestartPolicy()
@@ -119,6 +149,29 @@ final class FlakyChild: SupervisedChild {
         let again = FlakyChild(failures: 0, name: "a")
         #expect(sup.spawn(again))
         while again.runs.load(ordering: .relaxed) < 1 { try await Task.sleep(for: .milliseconds(1)) }
+        sup.finish()
+        task.cancel()
+        try await task.value
+    }
+
+    /// A vnode retired by one view and started again by the next: the new child shares the old
+    /// one's id while the old run is still ending. It starts once that run has ended (never
+    /// beside it), and is not dropped (it used to be: the vnode stayed "starting" for good).
+    @Test func aChildSpawnedAgainWhileItsPreviousRunEndsStartsAfterIt() async throws {
+        let sup = Supervisor(name: "test", policy: policy(max: 5), logger: Logger(label: "test"))
+        let old = LingeringChild(name: "v")
+        sup.spawn(old)
+        let task = Task { try await sup.run() }
+        try await poll("the first run started") { old.runs.load(ordering: .relaxed) == 1 }
+        sup.terminate("v")
+        let new = FlakyChild(failures: 0, name: "v")
+        #expect(sup.spawn(new))
+        try await poll("the first run is ending") { old.lingering.load(ordering: .relaxed) }
+        try await Task.sleep(for: .milliseconds(20))
+        #expect(new.runs.load(ordering: .relaxed) == 0, "started beside the previous run")
+        old.finishLingering()
+        try await poll("the new child started") { new.runs.load(ordering: .relaxed) == 1 }
+        #expect(sup.children == ["v"])
         sup.finish()
         task.cancel()
         try await task.value
