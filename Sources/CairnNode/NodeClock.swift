@@ -136,13 +136,16 @@ public final class ManualClock: NodeClock {
         }
         try await withTaskCancellationHandler {
             try await withCheckedThrowingContinuation { (c: CheckedContinuation<Void, any Error>) in
-                let resumeNow: Bool = state.withLock { s in
-                    if deadline <= s.now { return true }
+                // A task cancelled before this point ran `onCancel` with nothing to resume: it
+                // must not go to sleep (it would sleep to its deadline, however far).
+                let (resumeNow, cancelled): (Bool, Bool) = state.withLock { s in
+                    if Task.isCancelled { return (false, true) }
+                    if deadline <= s.now { return (true, false) }
                     s.waiting[id] = c
                     s.push((deadline, id))
-                    return false
+                    return (false, false)
                 }
-                if resumeNow { c.resume() }
+                if cancelled { c.resume(throwing: CancellationError()) } else if resumeNow { c.resume() }
             }
         } onCancel: {
             state.withLock { $0.waiting.removeValue(forKey: id) }?.resume(throwing: CancellationError())

@@ -39,6 +39,24 @@ final class Shared<Value: Sendable>: Sendable {
         #expect(clock.elapsed == .milliseconds(30))
     }
 
+    /// A task already cancelled when it goes to sleep does not sleep (its cancellation handler
+    /// ran before there was a sleeper to resume). A node's scrub used to sleep to its next pass
+    /// this way when shutdown cancelled it mid-pass, and the node never stopped.
+    @Test func aTaskCancelledBeforeItSleepsDoesNotSleep() async throws {
+        let clock = ManualClock()
+        let sleeper = Task {
+            withUnsafeCurrentTask { $0?.cancel() }
+            do {
+                try await clock.sleep(for: .seconds(3600))
+                return false
+            } catch {
+                return error is CancellationError
+            }
+        }
+        #expect(await sleeper.value)
+        #expect(clock.sleeping == 0)
+    }
+
     @Test func aPastDeadlineReturnsAtOnceAndCancellationEndsASleep() async throws {
         let clock = ManualClock()
         try await clock.sleep(until: clock.now())
