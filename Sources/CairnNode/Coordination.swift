@@ -160,11 +160,14 @@ struct QuorumTally: Sendable {
 /// The write coordinator's protocol, as a pure state machine.
 ///
 /// The coordinator is always one of the write's replicas: a primary (other nodes forward to
-/// one), or, when no primary could be reached, a fallback. It applies the write to its own vnode
-/// first (stamping the new version), then replicates the resulting object to the other reachable
-/// replicas and answers once W acknowledgements (PW from primaries) are in. Under sloppy quorum a
-/// primary that is down is replaced by a fallback (`ReplicaSelection`). It keeps listening until
-/// every replica answered or the deadline passed.
+/// one), or, when no primary could be reached, a fallback. It stamps the write on its own vnode
+/// first (the new version), then replicates the resulting object to the other reachable replicas
+/// while its own copy becomes durable (`localStamped`, then `localApplied` or `localFailed`), and
+/// answers once W acknowledgements (PW from primaries) are in. Replicating before the local sync
+/// shows a dot before it is durable here; a node therefore takes a fresh actor epoch after every
+/// unclean shutdown (`DiskBackend`), so a dot lost with an unsynced write is never reissued.
+/// Under sloppy quorum a primary that is down is replaced by a fallback (`ReplicaSelection`). It
+/// keeps listening until every replica answered or the deadline passed.
 ///
 /// Hints: every primary that will miss the write — down with no fallback, or sent to and failed
 /// or silent, or whose fallback failed — is named once in a `keepHint` directive, after the local
@@ -172,10 +175,12 @@ struct QuorumTally: Sendable {
 /// fallback's copy reaches it by handoff.
 ///
 /// Truthfulness: `unavailable` is only ever reported before anything is applied; once the local
-/// vnode applied the write, every failure is `notReached` (the outcome is unknown).
+/// vnode stamped the write, every failure is `notReached` (the outcome is unknown), the local
+/// copy's failure included (it counts as that replica's).
 public struct WriteCoordination: Sendable {
     public enum Directive: Hashable, Sendable {
-        /// Stamp and store the write on the local vnode; report with `localApplied` / `localFailed`.
+        /// Stamp and store the write on the local vnode; report `localStamped` once stored (not
+        /// yet durable), then `localApplied` once durable, or `localFailed` / `localRejected`.
         case applyLocally
         /// Send the stamped object to these replicas; report each with `replicaAcked` / `replicaFailed`.
         case replicate(to: [NodeName])
@@ -207,7 +212,10 @@ public struct WriteCoordination: Sendable {
     private let timeoutMillis: UInt32
     private var responded = false
     private var finished = false
-    private var applied = false
+    /// The local vnode stamped the write: there is an object, and it went to the replicas.
+    private var stamped = false
+    /// The local copy is durable (acknowledged), or failed after stamping.
+    private var localDone = false
     private var unplaced: [NodeName] = []
     private var hinted: Set<NodeName> = []
 
@@ -241,31 +249,47 @@ public struct WriteCoordination: Sendable {
         return [.applyLocally]
     }
 
-    public mutating func localApplied(durable: Bool = false) -> [Directive] {
-        guard !finished, !applied, let me = tally.replicas.first(where: \.isLocal) else { return [] }
-        applied = true
-        _ = tally.record(me.node, .acknowledged, durable: durable)
-        let others = tally.pendingNodes
-        return (others.isEmpty ? [] : [.replicate(to: others)]) + hints(for: unplaced) + evaluate()
+    /// The local vnode stored the stamped write (not yet durable): it goes to the other replicas
+    /// now, and hints are kept for the primaries that cannot get it.
+    public mutating func localStamped() -> [Directive] {
+        guard !finished, !stamped else { return [] }
+        stamped = true
+        let others = tally.pendingNodes.filter { n in !tally.replicas.contains { $0.node == n && $0.isLocal } }
+        return (others.isEmpty ? [] : [.replicate(to: others)]) + hints(for: unplaced)
     }
 
+    /// The local copy is durable: it counts. Reported without `localStamped` first, it stands for
+    /// both (stored and durable at once).
+    public mutating func localApplied(durable: Bool = false) -> [Directive] {
+        guard !finished, !localDone, let me = tally.replicas.first(where: \.isLocal) else { return [] }
+        let sent = localStamped()
+        localDone = true
+        _ = tally.record(me.node, .acknowledged, durable: durable)
+        return sent + evaluate()
+    }
+
+    /// The local vnode failed. Before stamping nothing went anywhere: the coordinator failed.
+    /// After, the write is out with the replicas: the local copy counts as a failed replica.
     public mutating func localFailed(_ reason: String) -> [Directive] {
-        guard !finished, !applied else { return [] }
-        return conclude(.coordinatorFailed(reason))
+        guard !finished, !localDone else { return [] }
+        guard stamped, let me = tally.replicas.first(where: \.isLocal) else { return conclude(.coordinatorFailed(reason)) }
+        localDone = true
+        guard tally.record(me.node, .failed(reason)) else { return [] }
+        return evaluate()
     }
 
     public mutating func localRejected(_ reason: String) -> [Directive] {
-        guard !finished, !applied else { return [] }
+        guard !finished, !stamped else { return [] }
         return conclude(.rejected(reason))
     }
 
     public mutating func replicaAcked(_ node: NodeName, durable: Bool = false) -> [Directive] {
-        guard !finished, applied, tally.record(node, .acknowledged, durable: durable) else { return [] }
+        guard !finished, stamped, tally.record(node, .acknowledged, durable: durable) else { return [] }
         return evaluate()
     }
 
     public mutating func replicaFailed(_ node: NodeName, _ outcome: ReplicaOutcome) -> [Directive] {
-        guard !finished, applied, tally.record(node, outcome) else { return [] }
+        guard !finished, stamped, tally.record(node, outcome) else { return [] }
         let home = tally.replicas.first { $0.node == node }?.home
         return hints(for: home.map { [$0] } ?? []) + evaluate()
     }
@@ -274,7 +298,7 @@ public struct WriteCoordination: Sendable {
         guard !finished else { return [] }
         let silent = tally.replicas.indices.filter { tally.outcomes[$0] == nil }.compactMap { tally.replicas[$0].home }
         tally.expire(afterMillis: timeoutMillis)
-        if !applied { return conclude(.coordinatorTimedOut(afterMillis: timeoutMillis)) }
+        if !stamped { return conclude(.coordinatorTimedOut(afterMillis: timeoutMillis)) }
         return hints(for: silent) + evaluate()
     }
 

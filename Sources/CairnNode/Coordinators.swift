@@ -124,6 +124,8 @@ extension ReplicaOutcome {
 /// node's request group.
 actor WriteCoordinator {
     private enum Event: Sendable {
+        /// Stored, not yet durable: replicate now; the local copy counts once durable.
+        case localStamped(VersionedObject, writer: ActorID, vnode: Vnode, token: DurabilityToken, space: PartitionID)
         case localApplied(VersionedObject, writer: ActorID)
         case localFailed(String)
         case localRejected(String)
@@ -197,6 +199,18 @@ actor WriteCoordinator {
                 if machine.isFinished && held == nil { break }
                 guard let event = await group.next() else { break }
                 switch event {
+                case .localStamped(let o, let w, let vnode, let token, let space):
+                    object = o
+                    writer = w
+                    directives = machine.localStamped()
+                    let (hook, key) = (ctx.afterLocalWrite, key)
+                    group.addTask {
+                        do throws(VnodeError) { try await vnode.untilDurable(token) } catch { return .localFailed(error.description) }
+                        guard await hook?(space, key, o) != false else {
+                            return .localFailed("partition \(space.home.index) moved away from this node during the write and its new replicas did not take it")
+                        }
+                        return .localApplied(o, writer: w)
+                    }
                 case .localApplied(let o, let w):
                     object = o
                     writer = w
@@ -234,17 +248,14 @@ actor WriteCoordinator {
         switch d {
         case .applyLocally:
             let fallback = !(machine.replicas.first(where: \.isLocal)?.isPrimary ?? true)
-            let (key, sibling, context, actor, hook, partition, ctx) = (key, sibling, context, ctx.actor, ctx.afterLocalWrite, partition, ctx)
+            let (key, sibling, context, actor, partition, ctx) = (key, sibling, context, ctx.actor, partition, ctx)
             group.addTask {
                 guard let vnode = await ctx.localVnode(partition, fallback: fallback, start: true) else {
                     return .localFailed("this node has no \(fallback ? "fallback " : "")vnode for partition \(partition.index)")
                 }
                 do throws(VnodeError) {
-                    let (object, writer) = try await vnode.coordinateStamped(key: key, sibling: sibling, context: context, actor: actor)
-                    guard await hook?(fallback ? partition.fallbackSpace : partition, key, object) != false else {
-                        return .localFailed("partition \(partition.index) moved away from this node during the write and its new replicas did not take it")
-                    }
-                    return .localApplied(object, writer: writer)
+                    let (object, writer, token) = try await vnode.stampWithoutWaiting(key: key, sibling: sibling, context: context, actor: actor)
+                    return .localStamped(object, writer: writer, vnode: vnode, token: token, space: fallback ? partition.fallbackSpace : partition)
                 } catch {
                     if case .rejected(let why) = error { return .localRejected(why) }
                     return .localFailed(error.description)

@@ -16,14 +16,14 @@ public import CairnStorage
 /// (`makeWorkerExecutor`), so a scan never queues ahead of a vnode's requests. Log syncs run on
 /// the engine's group-commit queue. No engine call blocks the cooperative pool.
 ///
-/// The actor epoch lives with the data. It is kept across restarts when no dot this node issued
-/// and showed can have been lost: after a clean shutdown, or after a crash of a run that used the
-/// `always` sync mode (a dot is shown to nobody — reads see only synced writes, replicas get it
-/// after the local sync — before it is durable). Otherwise (a crash of a run under `interval` or
-/// `none`, whatever this run uses) the node takes a fresh epoch, so it never reissues a dot a
-/// peer or client may already hold. If the epoch, the clean mark or the recorded sync mode
-/// cannot be read because its table block is corrupt, or salvage dropped log records at open,
-/// the node assumes the worst (a fresh epoch).
+/// The actor epoch lives with the data. It is kept across restarts only when no dot this node
+/// issued and showed can have been lost: after a clean shutdown. After any crash the node takes a
+/// fresh epoch, so it never reissues a dot a peer or client may already hold: whatever the sync
+/// mode, a coordinator sends its stamped write to the other replicas while its own log syncs
+/// (`WriteCoordination`), so a dot may be out before it is durable here. If the epoch or the
+/// clean mark cannot be read because its table block is corrupt, or salvage dropped log records
+/// at open, the node assumes the worst (a fresh epoch). Stamp actors recorded under an older
+/// epoch retire with it (`Vnode.savedStampActor`).
 /// Thread-safe.
 public final class DiskBackend: PartitionStore {
     public let database: Database
@@ -105,10 +105,7 @@ public final class DiskBackend: PartitionStore {
         let stored = try readMetadata(db, epochKey).value.flatMap { BigEndianWords.decode($0, count: 1)?.first }
         let cleanMark = try readMetadata(db, cleanKey)
         let clean: Bool? = cleanMark.known ? cleanMark.value != nil : nil
-        // What the previous run promised decides, not this run's setting: a crash under
-        // `interval` or `none` may have lost dots this node had already shown.
         let runSyncMode = try readMetadata(db, runSyncModeKey)
-        let previousRunSyncedAlways = runSyncMode.value == [Self.syncModeCode(.always)]
         // Every run writes its sync mode at open: none recorded (and readable) is a first run.
         let fresh = runSyncMode.known && runSyncMode.value == nil && stored == nil
         // Salvage may have dropped synced, acknowledged records: dots this node showed.
@@ -116,7 +113,7 @@ public final class DiskBackend: PartitionStore {
         let salvaged = stats.salvagedBytes > 0 || stats.salvagedRegions > 0
         var epoch = stored ?? 0
         var batch = WriteBatch()
-        if epoch == 0 || salvaged || (clean != true && !previousRunSyncedAlways) {
+        if epoch == 0 || salvaged || clean != true {
             epoch = epochs.next()
             batch.put(epochKey, BigEndianWords.encode(epoch))
         }

@@ -264,6 +264,20 @@ public actor Vnode: SupervisedChild {
         return (object, writer)
     }
 
+    /// `coordinateStamped` in two steps, for a coordinator that replicates while its own copy
+    /// syncs: stores the stamped write and returns at once (not yet durable: not visible to
+    /// `get`, not to be counted), with the token `untilDurable` takes.
+    public nonisolated func stampWithoutWaiting(key: [UInt8], sibling: Sibling, context: VersionVector, actor: ActorID) async throws(VnodeError)
+        -> (object: VersionedObject, writer: ActorID, token: DurabilityToken) {
+        let (object, token, writer) = try await stamp(key: key, sibling: sibling, context: context, actor: actor)
+        return (object, writer, token)
+    }
+
+    /// Returns once the write of `token` is durable; a failed sync fails the vnode and throws.
+    public nonisolated func untilDurable(_ token: DurabilityToken) async throws(VnodeError) {
+        try await durable(token)
+    }
+
     /// Merges a replica's object into ours (DVVSet sync). Returns the stored object once it is
     /// durable here, so an acknowledgement always means "what you sent is durable on this
     /// replica": when the merge changes nothing, it still waits until the write that already
@@ -482,7 +496,7 @@ public actor Vnode: SupervisedChild {
             if stampActor == nil {
                 let actor = freshActor()
                 do {
-                    _ = try backend.applyMetadata(Self.stampMetadataName(partition), BigEndianWords.encode(actor.epoch))
+                    _ = try backend.applyMetadata(Self.stampMetadataName(partition), Self.encodeStamp(actor, backend: backend))
                 } catch {
                     throw fail("could not record a new stamp actor: \(error)")
                 }
@@ -500,9 +514,24 @@ public actor Vnode: SupervisedChild {
     static func stampMetadataName(_ p: PartitionID) -> String { "stamp/\(p.index)" }
 
     /// The stamp actor a primary of `p` recorded in `backend` (nil: none, or unreadable).
+    /// The stamp actor this vnode recorded (`stamp/<p>`), if it is still safe to stamp with: it
+    /// was recorded under the node's current actor epoch. A new epoch (drawn after an unclean
+    /// shutdown, when a dot shown before its sync may be lost) retires every stamp actor with it:
+    /// the node's fresh actor has issued nothing. A record from before epochs were kept with it
+    /// (8 bytes) counts only after a clean shutdown.
     public static func savedStampActor(in backend: any PartitionStore, partition p: PartitionID, node: String) -> ActorID? {
-        guard let bytes = try? backend.metadata(stampMetadataName(p)), let epoch = BigEndianWords.decode(bytes, count: 1)?.first else { return nil }
+        guard let bytes = try? backend.metadata(stampMetadataName(p)) else { return nil }
+        if let words = BigEndianWords.decode(bytes, count: 2) {
+            guard let nodeEpoch = backend.persistentEpoch, words[1] == nodeEpoch else { return nil }
+            return ActorID(node: node, epoch: words[0])
+        }
+        guard backend.openedAfterCleanShutdown, let epoch = BigEndianWords.decode(bytes, count: 1)?.first else { return nil }
         return ActorID(node: node, epoch: epoch)
+    }
+
+    /// `stamp/<p>`'s value: the stamp actor's epoch, then the node epoch it was taken under.
+    static func encodeStamp(_ actor: ActorID, backend: any PartitionStore) -> [UInt8] {
+        BigEndianWords.encode(actor.epoch, backend.persistentEpoch ?? 0)
     }
 
     private func read(_ key: [UInt8], durableOnly: Bool) throws(VnodeError) -> Stored {

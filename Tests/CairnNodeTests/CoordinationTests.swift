@@ -31,6 +31,67 @@ private func failure(_ d: [WriteCoordination.Directive]) -> QuorumFailure? {
         #expect(m.deadlinePassed() == [])
     }
 
+    /// The stamped write goes out while the local copy syncs; the local copy counts once
+    /// durable. W = 2 is met by the two other replicas alone.
+    @Test func theStampedWriteIsReplicatedWhileTheLocalCopySyncs() throws {
+        var m = WriteCoordination(operation: .put, requirement: try w(.count(2)), replicas: targets(), timeoutMillis: 1000)
+        #expect(m.start(down: [:]) == [.applyLocally])
+        #expect(m.localStamped() == [.replicate(to: [n2, n3])])
+        #expect(m.localStamped() == [])                       // once
+        #expect(m.replicaAcked(n2) == [])
+        #expect(m.replicaAcked(n3) == [.respond(.acknowledged)])
+        #expect(m.receipt.map(\.node) == ["n2", "n3"])
+        #expect(m.localApplied(durable: true) == [.finish])
+        #expect(m.localApplied(durable: true) == [])          // once
+        #expect(m.isFinished)
+    }
+
+    /// W = 3: the answer waits for the local sync too.
+    @Test func wAllWaitsForTheLocalSync() throws {
+        var m = WriteCoordination(operation: .put, requirement: try w(.all), replicas: targets(), timeoutMillis: 1000)
+        _ = m.start(down: [:])
+        _ = m.localStamped()
+        #expect(m.replicaAcked(n2) == [])
+        #expect(m.replicaAcked(n3) == [])
+        #expect(m.localApplied() == [.respond(.acknowledged), .finish])
+        #expect(m.receipt.map(\.node) == ["n2", "n3", "n1"])
+    }
+
+    /// A local sync that fails after the stamp: the write is out with the replicas, so it is
+    /// that replica's failure (not the coordinator's), and W may still be met without it.
+    @Test func aLocalFailureAfterTheStampCountsAsThatReplicasFailure() throws {
+        var all = WriteCoordination(operation: .put, requirement: try w(.all), replicas: targets(), timeoutMillis: 1000)
+        _ = all.start(down: [:])
+        _ = all.localStamped()
+        _ = all.replicaAcked(n2)
+        let d = all.localFailed("sync failed")   // W = 3 is impossible now
+        let f = try #require(failure(d))
+        #expect(f.kind == .notReached)
+        #expect(f.replicas.first { $0.node == "n1" }?.outcome == .failed("sync failed"))
+        #expect(all.replicaAcked(n3) == [.finish])
+
+        var two = WriteCoordination(operation: .put, requirement: try w(.count(2)), replicas: targets(), timeoutMillis: 1000)
+        _ = two.start(down: [:])
+        _ = two.localStamped()
+        #expect(two.localFailed("sync failed") == [])
+        #expect(two.localRejected("too late") == [])           // only before the stamp
+        #expect(two.replicaAcked(n2) == [])
+        #expect(two.replicaAcked(n3) == [.respond(.acknowledged), .finish])
+    }
+
+    /// Past the deadline with the stamp out but the local sync not done: not a coordinator
+    /// timeout (the write went out), the replicas' answers decide.
+    @Test func theDeadlineAfterTheStampIsDecidedByTheReplicas() throws {
+        var m = WriteCoordination(operation: .put, requirement: try w(.count(2)), replicas: targets(), timeoutMillis: 1000)
+        _ = m.start(down: [:])
+        _ = m.localStamped()
+        _ = m.replicaAcked(n2)
+        let d = m.deadlinePassed()
+        let f = try #require(failure(d))
+        #expect(f.kind == .notReached && f.achieved == 1)
+        #expect(!d.contains(.respond(.coordinatorTimedOut(afterMillis: 1000))))
+    }
+
     @Test func tooFewReachableIsUnavailableAndNothingIsApplied() throws {
         var m = WriteCoordination(operation: .put, requirement: try w(.all), replicas: targets(), timeoutMillis: 1000)
         let d = m.start(down: [n3: "connection refused"])
