@@ -50,12 +50,15 @@ struct SimTestError: Error, CustomStringConvertible {
 /// The simulator's node faults do what a real machine's would: a power cut keeps exactly what
 /// was synced, a wiped disk keeps nothing, and the kv679 rule picks the epoch.
 @Suite struct SimulatedClusterTests {
+    /// Under `always` the acknowledged write survives the cut; the node still takes a fresh epoch
+    /// (a coordinator replicates while its own log syncs, so a dot may have been out before it
+    /// was durable here).
     @Test func aPowerCutKeepsEveryWriteSyncedUnderAlways() async throws {
         let s = try await offPool { try survival(sync: .always) { c in
             var rng = SplitMix64(seed: 1)
             await c.crash(0, tearing: true, rng: &rng)
         } }
-        #expect(s == Survival(value: "v", epochKept: true))
+        #expect(s == Survival(value: "v", epochKept: false))
     }
 
     /// Under `none` nothing is synced: the acknowledged write is gone after the cut, and the
