@@ -185,7 +185,7 @@ final class NodeCore: Sendable {
                         "node \(config.name) was handing its fallback copy of partition \(r.partition.index) to the primaries during the write"))
                 }
                 metrics.fallbackWrites.increment()
-                responder.reply(.replicaPutAck(durable: backend?.acknowledgesDurably ?? false))
+                responder.reply(replicaPutAck)
             } catch {
                 responder.fail(ErrorReply(code: .storage, message: error.description))
             }
@@ -195,9 +195,7 @@ final class NodeCore: Sendable {
             guard a.view.partition(forKey: r.key) == r.partition else { return responder.fail(wrongPartition(r.partition)) }
             guard let vnode = await vnodeCatchingUp(r.partition) else { return await relay(message, partition: r.partition, a, responder) }
             do throws(VnodeError) {
-                responder.reply(.replicaGetReply(ReplicaGetReply(object: try await vnode.get(r.key),
-                                                                 refilling: antiEntropyState.isRefilling(r.partition),
-                                                                 stale: antiEntropyState.isStale(r.partition))))
+                answerReplicaGet(r.partition, try await vnode.get(r.key), responder)
             } catch {
                 responder.fail(ErrorReply(code: .storage, message: error.description))
             }
@@ -205,13 +203,7 @@ final class NodeCore: Sendable {
             guard a.view.partition(forKey: r.key) == r.partition else { return responder.fail(wrongPartition(r.partition)) }
             guard let vnode = await vnodeCatchingUp(r.partition) else { return await relay(message, partition: r.partition, a, responder) }
             do throws(VnodeError) {
-                let merged = try await vnode.merge(key: r.key, object: r.object)
-                // Handing this partition off: the receiver gets the write too before the ack.
-                guard await handoff?.forward(partition: r.partition, key: r.key, object: merged) != false else {
-                    return responder.fail(ErrorReply(code: .notAReplica, message:
-                        "node \(config.name) handed partition \(r.partition.index) away during the write, and its new replicas did not all take it"))
-                }
-                responder.reply(.replicaPutAck(durable: backend?.acknowledgesDurably ?? false))
+                await acknowledgeReplicaPut(r, merged: try await vnode.merge(key: r.key, object: r.object), responder)
             } catch {
                 responder.fail(ErrorReply(code: .storage, message: error.description))
             }
@@ -226,54 +218,60 @@ final class NodeCore: Sendable {
     /// in flight like any request. False: not an ordinary case (a fallback copy, no vnode here,
     /// another partition, a store that runs no closures, the bound reached); `handle` serves it.
     func serveReplicaDirectly(_ message: Message, responder: Responder) -> Bool {
+        let started: Bool
         switch message {
         case .replicaGet(let r) where !r.fallback:
             guard let vnode = directVnode(r.partition, key: r.key), requests.begin() else { return false }
-            let (requests, state) = (requests, antiEntropyState)
-            let started = vnode.getSoon(r.key) { result in
+            started = vnode.getSoon(r.key) { [self] result in
                 switch result {
-                case .success(let object):
-                    responder.reply(.replicaGetReply(ReplicaGetReply(object: object, refilling: state.isRefilling(r.partition),
-                                                                     stale: state.isStale(r.partition))))
-                case .failure(let error):
-                    responder.fail(ErrorReply(code: .storage, message: error.description))
+                case .success(let object): answerReplicaGet(r.partition, object, responder)
+                case .failure(let error): responder.fail(ErrorReply(code: .storage, message: error.description))
                 }
                 requests.end()
             }
-            if started { metrics.directReplicaRequests.increment() } else { requests.end() }
-            return started
         case .replicaPut(let r) where !r.fallback:
             guard let vnode = directVnode(r.partition, key: r.key), requests.begin() else { return false }
-            let (requests, handoff, durable, executor) = (requests, handoff, backend?.acknowledgesDurably ?? false, taskExecutor)
-            let me = config.name
-            let started = vnode.mergeSoon(key: r.key, object: r.object) { result in
-                let merged: VersionedObject
+            started = vnode.mergeSoon(key: r.key, object: r.object) { [self] result in
                 switch result {
-                case .success(let m): merged = m
                 case .failure(let error):
                     responder.fail(ErrorReply(code: .storage, message: error.description))
-                    return requests.end()
-                }
-                guard let handoff, !handoff.forwardsNothing(partition: r.partition) else {
-                    responder.reply(.replicaPutAck(durable: durable))
-                    return requests.end()
-                }
-                // Handing this partition off: the receiver gets the write too before the ack.
-                Task(executorPreference: executor) {
-                    if await handoff.forward(partition: r.partition, key: r.key, object: merged) {
-                        responder.reply(.replicaPutAck(durable: durable))
-                    } else {
-                        responder.fail(ErrorReply(code: .notAReplica, message:
-                            "node \(me) handed partition \(r.partition.index) away during the write, and its new replicas did not all take it"))
-                    }
                     requests.end()
+                case .success where handoff?.forwardsNothing(partition: r.partition) ?? true:
+                    responder.reply(replicaPutAck)
+                    requests.end()
+                case .success(let merged):
+                    // The partition is being handed off: forwarding waits on the network.
+                    Task(executorPreference: taskExecutor) { [self] in
+                        await acknowledgeReplicaPut(r, merged: merged, responder)
+                        requests.end()
+                    }
                 }
             }
-            if started { metrics.directReplicaRequests.increment() } else { requests.end() }
-            return started
         default:
             return false
         }
+        if started { metrics.directReplicaRequests.increment() } else { requests.end() }
+        return started
+    }
+
+    /// A replica put's acknowledgement: whether this node's copies are on stable storage.
+    private var replicaPutAck: Message { .replicaPutAck(durable: backend?.acknowledgesDurably ?? false) }
+
+    /// A primary's answer to a replica get: its copy, and whether the partition is refilling or
+    /// may be stale here (then the coordinator does not count "not found" as evidence).
+    private func answerReplicaGet(_ p: PartitionID, _ object: VersionedObject?, _ responder: Responder) {
+        responder.reply(.replicaGetReply(ReplicaGetReply(object: object, refilling: antiEntropyState.isRefilling(p),
+                                                         stale: antiEntropyState.isStale(p))))
+    }
+
+    /// Acknowledges a replica put merged (durably) into this node's primary copy; while the
+    /// partition is handed off, only once the receiver took the write too.
+    private func acknowledgeReplicaPut(_ r: ReplicaPut, merged: VersionedObject, _ responder: Responder) async {
+        guard await handoff?.forward(partition: r.partition, key: r.key, object: merged) != false else {
+            return responder.fail(ErrorReply(code: .notAReplica, message:
+                "node \(config.name) handed partition \(r.partition.index) away during the write, and its new replicas did not all take it"))
+        }
+        responder.reply(replicaPutAck)
     }
 
     /// The primary vnode a direct replica request uses: present, serving without tasks, and

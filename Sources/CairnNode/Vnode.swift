@@ -513,12 +513,12 @@ public actor Vnode: SupervisedChild {
     /// The metadata name holding a primary's stamp actor epoch (`stampActor`).
     static func stampMetadataName(_ p: PartitionID) -> String { "stamp/\(p.index)" }
 
-    /// The stamp actor a primary of `p` recorded in `backend` (nil: none, or unreadable).
-    /// The stamp actor this vnode recorded (`stamp/<p>`), if it is still safe to stamp with: it
-    /// was recorded under the node's current actor epoch. A new epoch (drawn after an unclean
-    /// shutdown, when a dot shown before its sync may be lost) retires every stamp actor with it:
-    /// the node's fresh actor has issued nothing. A record from before epochs were kept with it
-    /// (8 bytes) counts only after a clean shutdown.
+    /// The stamp actor a primary of `p` recorded in `backend` (`stamp/<p>`), if it is still safe
+    /// to stamp with (nil: none, unreadable, or retired): it was recorded under the node's
+    /// current actor epoch. A new epoch (drawn after an unclean shutdown, when a dot shown before
+    /// its sync may be lost) retires every stamp actor with it: the node's fresh actor has issued
+    /// nothing. A record from before epochs were kept with it (8 bytes) counts only after a clean
+    /// shutdown.
     public static func savedStampActor(in backend: any PartitionStore, partition p: PartitionID, node: String) -> ActorID? {
         guard let bytes = try? backend.metadata(stampMetadataName(p)) else { return nil }
         if let words = BigEndianWords.decode(bytes, count: 2) {
