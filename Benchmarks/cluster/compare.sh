@@ -245,29 +245,17 @@ fi
 source "$ROOT/Benchmarks/lib/processes.sh"
 
 # ---------------------------------------------------------------------------------------------
-install_deps() {
-    # shellcheck source=../../Deploy/lib/packages.sh
-    source "$ROOT/Deploy/lib/packages.sh"
-    local build=()
-    [[ -z "${BIN_DIR:-}" ]] && build=(pkg-config pkg-config pkg:libsystemd libsystemd-dev)
-    ensure_packages redis-server redis-server redis-cli redis-tools etcd etcd-server etcdctl etcd-client \
-        curl curl python3 python3 "${build[@]}"
+# shellcheck source=../lib/binaries.sh
+source "$ROOT/Benchmarks/lib/binaries.sh"
+
+install_compare_deps() {
+    install_packages redis-server redis-server redis-cli redis-tools etcd etcd-server etcdctl etcd-client \
+        curl curl python3 python3
 }
 
-build() {
-    if [[ -n "${BIN_DIR:-}" ]]; then
-        BIN="$BIN_DIR"
-    else
-        command -v swift >/dev/null || die "swift not found (expected at /opt/swift/usr/bin)"
-        if [[ "${SKIP_BUILD:-0}" != "1" ]]; then
-            log "building cairnd and cairn-load (release)..."
-            (cd "$ROOT" && swift build -c release --product cairnd >&2 &&
-                swift build -c release --product cairn-load >&2)
-        fi
-        BIN="$(cd "$ROOT" && swift build -c release --show-bin-path)"
-    fi
-    [[ -x "$BIN/cairn-load" ]] || die "no cairn-load in $BIN"
-    if [[ " $SYSTEMS " == *" cairn-"* ]]; then [[ -x "$BIN/cairnd" ]] || die "no cairnd in $BIN"; fi
+# build_compare: cairn-load, and cairnd when a Cairn system is measured.
+build_compare() {
+    if [[ " $SYSTEMS " == *" cairn-"* ]]; then release_binaries cairn-load cairnd; else release_binaries cairn-load; fi
 }
 
 machine() {
@@ -494,8 +482,8 @@ main() {
     for s in $SYSTEMS; do
         case "$s" in redis | redis-aof | cairn-1 | cairn-1-nosync | etcd-3 | cairn-3) ;; *) die "unknown system '$s' in SYSTEMS" ;; esac
     done
-    install_deps
-    build
+    install_compare_deps
+    build_compare
     WORK="$(mktemp -d "${TMPDIR:-/tmp}/cairn-compare.XXXXXX")"
     mkdir -p "$WORK/json" "$WORK/logs" "$WORK/data"
     machine

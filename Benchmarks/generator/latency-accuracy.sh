@@ -40,8 +40,8 @@ die() { log "latency-accuracy.sh: $*"; exit 1; }
 # shellcheck source=../lib/processes.sh
 source "$ROOT/Benchmarks/lib/processes.sh"
 
-# shellcheck source=../lib/generator.sh
-source "$ROOT/Benchmarks/lib/generator.sh"
+# shellcheck source=../lib/binaries.sh
+source "$ROOT/Benchmarks/lib/binaries.sh"
 
 # bounded CMD...: run CMD in the background (so the traps fire at once), at most 5 minutes.
 bounded() {
@@ -57,8 +57,8 @@ bounded() {
 main() {
     [[ "$ROUNDS" =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive integer"
     [[ "$DURATION" =~ ^[1-9][0-9]*$ ]] || die "DURATION is whole seconds"
-    install_generator_deps redis-cli redis-tools
-    build_generator
+    install_packages redis-server redis-server python3 python3 redis-cli redis-tools
+    release_binaries cairn-load
     WORK="$(mktemp -d "${TMPDIR:-/tmp}/cairn-gen-acc.XXXXXX")"
     mkdir -p "$WORK/data" "$WORK/json"
 

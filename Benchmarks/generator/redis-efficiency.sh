@@ -54,8 +54,8 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# shellcheck source=../lib/generator.sh
-source "$ROOT/Benchmarks/lib/generator.sh"
+# shellcheck source=../lib/binaries.sh
+source "$ROOT/Benchmarks/lib/binaries.sh"
 
 # shellcheck disable=SC2016  # $0/$1 expand in the inner bash
 listening() { timeout 1 bash -c 'exec 3<>"/dev/tcp/$0/$1"' "$1" "$2" 2>/dev/null; }
@@ -89,8 +89,8 @@ gen() {
 
 main() {
     [[ "$DURATION" =~ ^[0-9]+$ ]] && DURATION="${DURATION}s"
-    install_generator_deps redis-benchmark redis-tools
-    build_generator
+    install_packages redis-server redis-server python3 python3 redis-benchmark redis-tools
+    release_binaries cairn-load
     WORK="$(mktemp -d "${TMPDIR:-/tmp}/cairn-gen-eff.XXXXXX")"
 
     echo "== cairn-load efficiency against Redis, $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
