@@ -46,7 +46,9 @@ public final class GroupCommitter: Sendable {
     }
 
     /// Records that everything up to `sequence` was made durable by a sync outside this committer
-    /// (the engine syncs a log before switching to a new one), releasing its waiters.
+    /// (the engine syncs a log before switching to a new one), releasing its waiters. Their
+    /// callbacks run on the sync queue, never on this caller's thread: the engine calls this
+    /// holding its own locks, and a callback may take them (`Database.whenDurable` does).
     public func markDurable(upTo sequence: UInt64) {
         let ready: [Waiter] = state.withLock { s in
             s.durable = max(s.durable, sequence)
@@ -54,7 +56,8 @@ public final class GroupCommitter: Sendable {
             s.waiters.removeAll { $0.sequence <= s.durable }
             return ready
         }
-        for w in ready { w.done(nil) }
+        guard !ready.isEmpty else { return }
+        queue.async { for w in ready { w.done(nil) } }
     }
 
     public var durableSequence: UInt64 { state.withLock { $0.durable } }

@@ -92,6 +92,26 @@ import Synchronization
         #expect(committer.durableSequence == 5)
     }
 
+    /// The engine marks a log durable while it holds its own locks; a waiter's callback may take
+    /// them (Database.whenDurable checks flow control under the state lock), so it must not run
+    /// on the marking thread. It did, and a log switch under load trapped: "Recursive call to
+    /// lock Mutex" (cairn-torture, membership nemesis).
+    @Test func markDurableNeverRunsCallbacksOnTheMarkingThread() async throws {
+        let committer = GroupCommitter { () throws(StorageError) in }
+        committer.noteAppended(upTo: 3)
+        let marking = Atomic<Bool>(false)
+        let ranWhileMarking = Shared<[Bool]>([])
+        for s in UInt64(1)...3 {
+            committer.whenDurable(upTo: s + 10) { _ in ranWhileMarking.value.withLock { $0.append(marking.load(ordering: .relaxed)) } }
+        }
+        // Held by sequence 13 > 3: nothing runs until the mark covers them.
+        marking.store(true, ordering: .relaxed)
+        committer.markDurable(upTo: 20)
+        marking.store(false, ordering: .relaxed)
+        try await settleStorage("every callback ran") { ranWhileMarking.value.withLock { $0.count } == 3 }
+        #expect(ranWhileMarking.value.withLock { $0 } == [false, false, false])
+    }
+
     @Test func alreadyDurableReturnsAtOnce() async throws {
         let committer = GroupCommitter(durable: 10) { () throws(StorageError) in Issue.record("no sync needed") }
         try await committer.waitDurable(upTo: 7)
