@@ -13,6 +13,11 @@ import Logging
 ///   was dropped (the node crashed in between). Such a shell runs on, before pending ones, until
 ///   the kept keys are acknowledged and the copy dropped; a restarted node finds them by its
 ///   stored checkpoints. A leaver exits only once none is left (`drained`).
+/// - as a holder of a *leftover* copy: a partition this node stopped replicating with no
+///   transfer of the plan to hand it on (its vnode took writes while the node ran on an older
+///   ring: a restart from the configured members, a late view), or found on disk at start. The
+///   copy goes to a current replica as a lingering transfer does, then is dropped
+///   (`handOffLeftovers`).
 /// - as a receiver, accepts `handoff` streams of transfers the ring plans into this node, and
 ///   late ones for partitions it now replicates, and merges each batch into the partition's
 ///   vnode (durable before the chunk is acknowledged; a merge by DVV, so a re-send is harmless).
@@ -89,6 +94,13 @@ final class HandoffManager: SupervisedChild {
     /// The id of each fallback transfer this node started and has not finished (found by its
     /// checkpoint after a restart), so a resumed run keeps its id and checkpoint.
     private let fallbackIDs = Locked<[PartitionTransfer: TransferID]>([:])
+    /// The partitions the last ring looked at asked this node to run (nil before the first look
+    /// of a run), to find those it stopped running.
+    private let desiredBefore = Locked<Set<PartitionID>?>(nil)
+    /// Partitions to look at for a leftover copy (at most Q), and the wake-up of the task that
+    /// looks (`handOffLeftovers`).
+    private let leftoverCandidates = Locked<Set<PartitionID>>([])
+    private let leftoverWake = Locked<AsyncStream<Void>.Continuation?>(nil)
 
     init(env: Environment, views: ClusterViews, vnodes: VnodeTable, limits: Limits) {
         self.env = env
@@ -101,12 +113,24 @@ final class HandoffManager: SupervisedChild {
     func run() async throws {
         stopped.withLock { $0 = false }
         checkpointsScanned.withLock { $0 = false }
+        desiredBefore.withLock { $0 = nil }
+        let (wakes, wake) = AsyncStream.makeStream(of: Void.self, bufferingPolicy: .bufferingNewest(1))
+        leftoverWake.withLock { $0 = wake }
+        if !leftoverCandidates.value.isEmpty { wake.yield() }
         defer {
+            leftoverWake.withLock { $0 = nil }
+            wake.finish()
             stopped.withLock { $0 = true }
             for r in running.withLock({ t in defer { t = [:] }; return t.sorted { $0.key < $1.key }.map(\.value) }) { r.task.cancel() }
         }
         await withTaskGroup(of: Void.self) { group in
             group.addTask { for await view in self.views.updates() { self.reconcile(view.state) } }
+            group.addTask {
+                for await _ in wakes {
+                    if Task.isCancelled { return }
+                    await self.handOffLeftovers()
+                }
+            }
             group.addTask {
                 // Liveness is not a view: look for primaries that came back every second.
                 while !Task.isCancelled {
@@ -175,6 +199,7 @@ final class HandoffManager: SupervisedChild {
             return done
         }
         if !scanned { loadCheckpoints() }
+        noteStoppedRunning(ring)
         let target = ring.target?.fingerprint ?? 0
         let mine = ring.transfers.filter { $0.from == env.me }
         let pending = mine.filter { !ring.completed.contains($0) }
@@ -219,6 +244,71 @@ final class HandoffManager: SupervisedChild {
         env.metrics.handoffActive.record(running.withLock { $0.count })
         env.metrics.handoffPending.record(pending.count + owed.count)
         reconcileFallbacks()
+    }
+
+    // MARK: Leftover copies
+
+    /// Queues for a look (`handOffLeftovers`) every partition `ring` no longer asks this node to
+    /// run, and on the first ring of a run every partition it does not ask it to run.
+    private func noteStoppedRunning(_ ring: RingState) {
+        let desired = ring.vnodePartitions(of: env.me)
+        let stopped: Set<PartitionID> = desiredBefore.withLock { before in
+            defer { before = desired }
+            guard let before else { return Set(ring.ring.partitions).subtracting(desired) }
+            return before.subtracting(desired)
+        }
+        guard !stopped.isEmpty else { return }
+        leftoverCandidates.withLock { $0.formUnion(stopped) }
+        leftoverWake.withLock { _ = $0?.yield() }
+    }
+
+    /// Looks at each queued partition, in order: one this node does not run on the current ring,
+    /// with no transfer of the plan from this node, none running or lingering, whose vnode has
+    /// stopped serving here, and whose storage still holds a key, is owed to a current replica
+    /// as a lingering transfer (a full copy, merged there; the copy here is dropped once it is
+    /// acknowledged). A partition whose vnode still serves after the wait is left (the ring gave
+    /// it back). One whose storage cannot be read is looked at again with the next change.
+    func handOffLeftovers() async {
+        let queued = leftoverCandidates.withLock { c in defer { c = [] }; return c.sorted() }
+        var owed = 0
+        for p in queued {
+            guard !stopped.value, let ring = env.ring(), !Self.plansOrRuns(p, for: env.me, ring) else { continue }
+            guard await env.vnodeRetired(p), let store = env.storage() else { continue }
+            let holds: Bool
+            do {
+                holds = try await store.foldReadable(partition: p, after: nil, into: false) { found, _, _ in
+                    found = true
+                    return .stop
+                }.accumulator
+            } catch {
+                env.logger.error("could not look for a leftover copy", metadata: ["partition": "\(p.index)", "error": "\(error)"])
+                continue
+            }
+            guard holds, let now = env.ring(), !Self.plansOrRuns(p, for: env.me, now),
+                  let to = now.replicas(of: p).first(where: { $0 != env.me }) else { continue }
+            let t = PartitionTransfer(partition: p, from: env.me, to: to)
+            let added: Bool = running.withLock { table in
+                guard !table.keys.contains(where: { $0.partition == p }) else { return false }
+                return lingering.withLock { l in
+                    guard !l.keys.contains(where: { $0.partition == p }) else { return false }
+                    l[t] = HandoffWire.id(of: t, targetFingerprint: env.drawID())
+                    return true
+                }
+            }
+            guard added else { continue }
+            owed += 1
+            env.metrics.handoffLeftovers.increment()
+            env.logger.notice("a partition this node no longer replicates still holds data: handing it to a replica", metadata: [
+                "partition": "\(p.index)", "to": "\(to)", "ring_version": "\(now.version)",
+            ])
+        }
+        if owed > 0 { reconcile(views.current.state) }
+    }
+
+    /// Whether `ring` has `me` run `p`'s vnode, or plans a transfer of `p` from `me` (its shell
+    /// hands the copy on).
+    private static func plansOrRuns(_ p: PartitionID, for me: NodeName, _ ring: RingState) -> Bool {
+        ring.runsVnode(of: me, for: p) || ring.transfers.contains { $0.partition == p && $0.from == me }
     }
 
     // MARK: Fallback copies

@@ -74,6 +74,7 @@ public final class NodeMetrics: Sendable {
     let handoffPending: CoreMetrics.Gauge
     let handoffOldestSeconds: CoreMetrics.Gauge
     let handoffTimeouts: CoreMetrics.Counter
+    let handoffLeftovers: CoreMetrics.Counter
     /// Read repairs by outcome: sent, acknowledged, failed, skipped_overload.
     let readRepairs: LabelledCounter
     let readRepairsInflight: CoreMetrics.Gauge
@@ -148,6 +149,7 @@ public final class NodeMetrics: Sendable {
         handoffPending = CoreMetrics.Gauge(label: "cairn_handoff_pending_transfers", factory: f)
         handoffOldestSeconds = CoreMetrics.Gauge(label: "cairn_handoff_oldest_transfer_seconds", factory: f)
         handoffTimeouts = CoreMetrics.Counter(label: "cairn_handoff_timeouts_total", factory: f)
+        handoffLeftovers = CoreMetrics.Counter(label: "cairn_handoff_leftover_copies_total", factory: f)
         siblingsPruned = CoreMetrics.Counter(label: "cairn_siblings_pruned_total", factory: f)
         supervisorRestarts = CoreMetrics.Counter(label: "cairn_supervisor_restarts_total", factory: f)
         forwarded = CoreMetrics.Counter(label: "cairn_forwarded_requests_total", factory: f)

@@ -38,9 +38,8 @@ public struct VnodeKey: Hashable, Sendable, Comparable, CustomStringConvertible 
 /// The pure half of the vnode manager: which vnodes a view asks this node to run, and what to
 /// do to get from the running set to that one.
 ///
-/// A vnode the view no longer assigns is retired: it stops serving and its data stays on disk.
-/// (Moving that data to the new owners first — handoff — arrives with living membership; with
-/// the static member list of today, no view ever retires a vnode.)
+/// A vnode the view no longer assigns is retired: it stops serving; its data stays on disk until
+/// the handoff manager has handed it on (the plan's transfer, or a leftover copy) and drops it.
 struct VnodePlan: Hashable, Sendable {
     enum Directive: Hashable, Sendable {
         case start(VnodeKey)

@@ -240,6 +240,45 @@ extension HandoffClusterTests {
 }
 
 extension HandoffClusterTests {
+    /// A node holding data of a partition it does not replicate, with no transfer or checkpoint
+    /// to hand it on (it took writes while on an older ring), hands it to a current replica when
+    /// it starts and drops its copy: nothing is kept where no owner knows of it.
+    @Test func aLeftoverCopyFoundAtStartGoesToAReplicaAndIsDropped() async throws {
+        let cluster = try await TestCluster.start(count: 4)
+        let n1 = cluster.nodes[0]
+        let ring = try #require(n1.core.membership?.ring)
+        let writer = try await cluster.client([1, 2, 3])
+        let seed = try #require((0..<1000).map { Array("seed-\($0)".utf8) }.first {
+            !ring.replicas(of: ring.partition(forKey: $0)).contains(n1.config.name)
+        })
+        let p = ring.partition(forKey: seed)
+        _ = try await writer.put(seed, value: Array("v".utf8), options: RequestOptions(w: .all))
+        let replicas = ring.replicas(of: p).compactMap { name in cluster.nodes.first { $0.config.name == name } }
+        let object = try #require(try replicas.first?.core.backend?.get(partition: p, key: seed))
+        // The leftover: a key of `p` in n1's store only.
+        let left = try #require((0..<100_000).map { Array("left-\($0)".utf8) }.first { ring.partition(forKey: $0) == p })
+        await cluster.crash(0)
+        let restartedBackend = try await DiskBackend.open(directory: try #require(n1.config.dataDirectory) + "/storage", options: n1.config.storage)
+        try await restartedBackend.waitDurable(try restartedBackend.apply(partition: p, key: left, value: object))
+        try await restartedBackend.close()
+
+        let (restarted, run) = try await cluster.startAgain(0)
+        try await cluster.waitUntil("a replica took the leftover key and n1 dropped its copy", seconds: 60) {
+            let delivered = replicas.contains { (try? $0.core.backend?.get(partition: p, key: left)) != nil }
+            let dropped = (try? restarted.core.backend?.get(partition: p, key: left)) == .some(nil)
+            return delivered && dropped
+        }
+        #expect(try restarted.core.backend?.get(partition: p, key: seed) == nil, "the whole copy is dropped")
+        for v in replicas { #expect(try v.core.backend?.get(partition: p, key: seed) == object, "the replicas keep their own") }
+
+        writer.close()
+        restarted.shutdown()
+        _ = try? await run.value
+        await cluster.stop()
+    }
+}
+
+extension HandoffClusterTests {
     /// A node removed while it was down, started again with its old data, learns from its peers
     /// that the ring no longer lists it and stops by itself: its copies were rebuilt elsewhere,
     /// and serving them (or staying up as a non-member) would only mislead.
