@@ -12,6 +12,9 @@ public enum EntryKind: UInt8, Sendable, Hashable {
 ///
 /// A skip list of our own (swift-collections' sorted containers are not production-ready), with
 /// the probabilistic balance of Pugh's original (p = 1/4, 12 levels: fine up to ~16 M entries).
+/// Beside the list, a hash index from each key to its newest entry answers a point read in one
+/// probe (a key the table does not hold, the common case once keys live in tables, costs no walk
+/// at all); the list orders scans, and serves a read at a snapshot older than the key's newest entry.
 /// Isolation: thread-safe; writers and readers take a short lock (the engine has one writer, the
 /// commit path). Bound: `approximateBytes` grows with every insert; the engine swaps in a fresh
 /// memtable when it passes `write_buffer_bytes`.
@@ -89,9 +92,18 @@ public final class Memtable: Sendable {
         return x
     }
 
+    /// A key of the hash index: hashed as one run of bytes (an array's own hashing feeds the
+    /// hasher byte by byte).
+    struct IndexKey: Hashable {
+        let bytes: [UInt8]
+        func hash(into h: inout Hasher) { bytes.withUnsafeBytes { h.combine(bytes: $0) } }
+    }
+
     struct State {
         let head = Node(key: [], sequence: 0, kind: .deletion, value: [], height: Memtable.maxHeight)
         var nodes: [Node] = []
+        /// Each key's entry of highest sequence (nodes are owned by `nodes`).
+        var newest: [IndexKey: Unmanaged<Node>] = [:]
         var height = 1
         var count = 0
         var bytes = 0
@@ -143,6 +155,14 @@ public final class Memtable: Sendable {
             s.count += 1
             // Key, value, the node, its tower and the owner slot: close to what the heap holds.
             s.bytes += key.count + value.count + 144 + 8 * height
+            let indexed = IndexKey(bytes: key)
+            if let current = s.newest[indexed] {
+                if current._withUnsafeGuaranteedRef({ $0.sequence }) < sequence { s.newest[indexed] = link }
+            } else {
+                s.newest[indexed] = link
+                // An index slot (key reference and node pointer) at the dictionary's load factor.
+                s.bytes += 32
+            }
             s.smallestSequence = min(s.smallestSequence, sequence)
         }
     }
@@ -151,6 +171,8 @@ public final class Memtable: Sendable {
     /// the memtable says nothing about the key at that snapshot.
     public func get(_ key: [UInt8], snapshot: UInt64 = .max) -> Entry? {
         state.withLock { s in
+            guard let newest = s.newest[IndexKey(bytes: key)] else { return nil }
+            if let e = newest._withUnsafeGuaranteedRef({ $0.sequence <= snapshot ? $0.entry : nil }) { return e }
             guard let n = Self.seek(s, key, snapshot), n.key == key else { return nil }
             return n.entry
         }

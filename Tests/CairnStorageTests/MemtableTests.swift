@@ -17,6 +17,16 @@ import Testing
         #expect(m.get([]) == nil)
     }
 
+    /// The point index keeps a key's entry of highest sequence, whatever order entries arrive in.
+    @Test func anOlderEntryAddedLaterDoesNotHideTheNewest() {
+        let m = Memtable()
+        m.add(key: [7], sequence: 9, kind: .value, value: [9])
+        m.add(key: [7], sequence: 4, kind: .value, value: [4])
+        #expect(m.get([7])?.value == [9])
+        #expect(m.get([7], snapshot: 8)?.value == [4])
+        #expect(m.get([7], snapshot: 3) == nil)
+    }
+
     @Test func scansInKeyOrderWithOneVersionPerKey() {
         let m = Memtable()
         for (k, seq) in [([5], 1), ([1], 2), ([3], 3), ([1], 4), ([9], 5), ([3, 0], 6)] as [([UInt8], UInt64)] {
