@@ -404,21 +404,20 @@ public final class CairnNode: Service, Sendable {
         let handoff = HandoffManager(env: handoffEnv, views: views, vnodes: core.vnodes, limits: config.limits)
         core.handoff = handoff
         acceptStreams(of: .handoff) { handoff.accept($0) }
-        var ctx = CoordinatorContext(me: config.name, actor: storage.actor, vnodes: core.vnodes, transport: transport,
-                                     metrics: metrics, logger: core.logger, clock: core.clock, liveness: core.liveness)
-        ctx.afterLocalWrite = { p, key, object in await core.handoff?.forward(partition: p, key: key, object: object) ?? true }
-        ctx.fallbackVnode = { p in await core.fallbackVnode(p) }
         let services = NodeServices(
             me: config.name, limits: config.limits, transport: transport, clock: core.clock, metrics: metrics, logger: core.logger,
             requestTimeoutMillis: config.requestTimeoutMillis, storage: { core.backend }, ring: { core.membership?.ring },
             reachable: { n in core.liveness.status(of: n) != .dead && transport.downReasons([n]).isEmpty })
         let hints = HintManager(env: HintManager.Environment(services: services, settings: config.hints))
         core.hints = hints
-        ctx.keepHints = { targets, p, key, object in await hints.keep(for: targets, partition: p, key: key, object: object) }
-        ctx.acknowledgesDurably = storage.backend.acknowledgesDurably
-        ctx.readRepairs = ReadRepairLimiter(limit: config.readRepairMaxInflight)
-        ctx.isRefilling = { p in aaeState.isRefilling(p) }
-        ctx.isStale = { p in aaeState.isStale(p) }
+        let ctx = CoordinatorContext(
+            me: config.name, actor: storage.actor, vnodes: core.vnodes, transport: transport, metrics: metrics, logger: core.logger,
+            clock: core.clock, liveness: core.liveness,
+            afterLocalWrite: { p, key, object in await core.handoff?.forward(partition: p, key: key, object: object) ?? true },
+            fallbackVnode: { p in await core.fallbackVnode(p) },
+            keepHints: { targets, p, key, object in await hints.keep(for: targets, partition: p, key: key, object: object) },
+            acknowledgesDurably: storage.backend.acknowledgesDurably, readRepairs: ReadRepairLimiter(limit: config.readRepairMaxInflight),
+            isRefilling: { p in aaeState.isRefilling(p) }, isStale: { p in aaeState.isStale(p) })
         let antiEntropy = AntiEntropyManager(env: AntiEntropyManager.Environment(
             services: services, settings: config.antiEntropy, vnodes: core.vnodes, state: aaeState, seed: core.epochs.next(),
             nodeActor: storage.actor, pendingHandoff: {

@@ -4,8 +4,9 @@ import CairnWire
 
 /// What this node knows of the cluster at one local `version`: the gossiped `RingState` (nil
 /// while the node has not joined a cluster) and every member's address. Immutable; a newer state
-/// publishes a new view with a higher version (`ClusterViews`).
-struct ClusterView: Sendable {
+/// publishes a new view with a higher version (`ClusterViews`). A class: every request takes
+/// the current view, and a reference is one retain.
+final class ClusterView: Sendable {
     /// This node's publish sequence (grows with every view it publishes; not the ring's version,
     /// which is `state.version`).
     let version: UInt64
@@ -23,7 +24,7 @@ struct ClusterView: Sendable {
     }
 
     /// A view of a cluster bootstrapped from `members` (`cluster.members`, tests).
-    init(config: NodeConfig, members: [MemberAddress], version: UInt64 = 1) throws {
+    convenience init(config: NodeConfig, members: [MemberAddress], version: UInt64 = 1) throws {
         let state = try RingState.bootstrap(cluster: config.clusterName, partitionCount: config.ringSize, nVal: config.nVal,
                                             members: members.map { ($0.name, $0.address) })
         self.init(state: state, me: config.name, clusterName: config.clusterName, version: version)

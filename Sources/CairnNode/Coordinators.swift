@@ -2,8 +2,10 @@ import CairnCore
 import CairnWire
 import Logging
 
-/// What a coordinator needs from its node. Immutable; thread-safe.
-struct CoordinatorContext: Sendable {
+/// What a coordinator needs from its node. Immutable; thread-safe. A class: every request
+/// carries it, and a reference costs one retain where a struct of closures and existentials
+/// costs one per field.
+final class CoordinatorContext: Sendable {
     let me: NodeName
     let actor: ActorID
     let vnodes: VnodeTable
@@ -12,25 +14,50 @@ struct CoordinatorContext: Sendable {
     let logger: Logger
     let clock: any NodeClock
     /// The failure detector's view: a dead replica is not sent to.
-    var liveness = Liveness()
+    let liveness: Liveness
     /// Runs after a write is applied locally and before it counts (handoff's forward); false:
     /// the local copy must not count (the partition moved away and its new replicas did not
     /// take the write).
-    var afterLocalWrite: (@Sendable (PartitionID, [UInt8], VersionedObject) async -> Bool)?
+    let afterLocalWrite: (@Sendable (PartitionID, [UInt8], VersionedObject) async -> Bool)?
     /// This node's fallback vnode for a partition, started if it runs none (sloppy quorum).
-    var fallbackVnode: (@Sendable (PartitionID) async -> Vnode?)?
+    let fallbackVnode: (@Sendable (PartitionID) async -> Vnode?)?
     /// Keeps a durable hint of a write for each primary that missed it.
-    var keepHints: (@Sendable (_ for: [NodeName], PartitionID, [UInt8], VersionedObject) async -> Void)?
+    let keepHints: (@Sendable (_ for: [NodeName], PartitionID, [UInt8], VersionedObject) async -> Void)?
     /// Whether this node's acknowledgements mean a synced copy (`PartitionStore.acknowledgesDurably`).
-    var acknowledgesDurably = false
+    let acknowledgesDurably: Bool
     /// Bounds the asynchronous read repairs in flight (`read_repair.max_inflight`).
-    var readRepairs = ReadRepairLimiter(limit: 256)
+    let readRepairs: ReadRepairLimiter
     /// Whether this node's copy of a partition is refilling (lost with its disk, no exchange
     /// completed since): its "not found" is no evidence (`ReadCoordination`).
-    var isRefilling: @Sendable (PartitionID) -> Bool = { _ in false }
+    let isRefilling: @Sendable (PartitionID) -> Bool
     /// Whether this node's copy of a partition may hold stale values (the node was away past
     /// the hint window, no exchange completed since): none of its answers is evidence.
-    var isStale: @Sendable (PartitionID) -> Bool = { _ in false }
+    let isStale: @Sendable (PartitionID) -> Bool
+
+    init(me: NodeName, actor: ActorID, vnodes: VnodeTable, transport: any Transport, metrics: NodeMetrics, logger: Logger,
+         clock: any NodeClock, liveness: Liveness = Liveness(),
+         afterLocalWrite: (@Sendable (PartitionID, [UInt8], VersionedObject) async -> Bool)? = nil,
+         fallbackVnode: (@Sendable (PartitionID) async -> Vnode?)? = nil,
+         keepHints: (@Sendable (_ for: [NodeName], PartitionID, [UInt8], VersionedObject) async -> Void)? = nil,
+         acknowledgesDurably: Bool = false, readRepairs: ReadRepairLimiter = ReadRepairLimiter(limit: 256),
+         isRefilling: @escaping @Sendable (PartitionID) -> Bool = { _ in false },
+         isStale: @escaping @Sendable (PartitionID) -> Bool = { _ in false }) {
+        self.me = me
+        self.actor = actor
+        self.vnodes = vnodes
+        self.transport = transport
+        self.metrics = metrics
+        self.logger = logger
+        self.clock = clock
+        self.liveness = liveness
+        self.afterLocalWrite = afterLocalWrite
+        self.fallbackVnode = fallbackVnode
+        self.keepHints = keepHints
+        self.acknowledgesDurably = acknowledgesDurably
+        self.readRepairs = readRepairs
+        self.isRefilling = isRefilling
+        self.isStale = isStale
+    }
 }
 
 /// Counts asynchronous read repairs in flight against `read_repair.max_inflight`. Thread-safe.
