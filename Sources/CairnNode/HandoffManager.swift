@@ -13,11 +13,11 @@ import Logging
 ///   was dropped (the node crashed in between). Such a shell runs on, before pending ones, until
 ///   the kept keys are acknowledged and the copy dropped; a restarted node finds them by its
 ///   stored checkpoints. A leaver exits only once none is left (`drained`).
-/// - as a holder of a *leftover* copy: a partition this node stopped replicating with no
-///   transfer of the plan to hand it on (its vnode took writes while the node ran on an older
-///   ring: a restart from the configured members, a late view), or found on disk at start. The
-///   copy goes to a current replica as a lingering transfer does, then is dropped
-///   (`handOffLeftovers`).
+/// - as a holder of a *leftover* copy: on a settled ring, a partition this node no longer runs
+///   that still holds data with no transfer to hand it on (its vnode took writes while the node
+///   ran on an older ring: a restart from the configured members, a late view; or a plan left
+///   this replica out without making it a source). The copy goes to a current replica as a
+///   lingering transfer does, then is dropped (`handOffLeftovers`).
 /// - as a receiver, accepts `handoff` streams of transfers the ring plans into this node, and
 ///   late ones for partitions it now replicates, and merges each batch into the partition's
 ///   vnode (durable before the chunk is acknowledged; a merge by DVV, so a re-send is harmless).
@@ -94,8 +94,8 @@ final class HandoffManager: SupervisedChild {
     /// The id of each fallback transfer this node started and has not finished (found by its
     /// checkpoint after a restart), so a resumed run keeps its id and checkpoint.
     private let fallbackIDs = Locked<[PartitionTransfer: TransferID]>([:])
-    /// The partitions the last ring looked at asked this node to run (nil before the first look
-    /// of a run), to find those it stopped running.
+    /// The partitions the last settled ring asked this node to run (nil before the first one of
+    /// a run), to find those it stopped running.
     private let desiredBefore = Locked<Set<PartitionID>?>(nil)
     /// Partitions to look at for a leftover copy (at most Q), and the wake-up of the task that
     /// looks (`handOffLeftovers`).
@@ -248,9 +248,14 @@ final class HandoffManager: SupervisedChild {
 
     // MARK: Leftover copies
 
-    /// Queues for a look (`handOffLeftovers`) every partition `ring` no longer asks this node to
-    /// run, and on the first ring of a run every partition it does not ask it to run.
+    /// Queues for a look (`handOffLeftovers`) every partition a settled `ring` (no plan in
+    /// progress) does not ask this node to run but the previous settled ring did, and on the
+    /// first settled ring of a run every partition it does not ask it to run. Rings with a plan
+    /// in progress are passed over: the plan's transfers carry its copies, its flips come one
+    /// partition at a time, and a replica it leaves in place for now may still be a source or
+    /// a target of the plan (or of the next one), so only the settled end says what is left over.
     private func noteStoppedRunning(_ ring: RingState) {
+        guard !ring.isPlanInProgress else { return }
         let desired = ring.vnodePartitions(of: env.me)
         let stopped: Set<PartitionID> = desiredBefore.withLock { before in
             defer { before = desired }
@@ -262,8 +267,9 @@ final class HandoffManager: SupervisedChild {
         leftoverWake.withLock { _ = $0?.yield() }
     }
 
-    /// Looks at each queued partition, in order: one this node does not run on the current ring,
-    /// with no transfer of the plan from this node, none running or lingering, whose vnode has
+    /// Looks at each queued partition, in order: one this node does not run on the current ring
+    /// (settled: no plan in progress; else it is left for the next settled ring), with no
+    /// transfer of the plan from this node, none running or lingering, whose vnode has
     /// stopped serving here, and whose storage still holds a key, is owed to a current replica
     /// as a lingering transfer (a full copy, merged there; the copy here is dropped once it is
     /// acknowledged). A partition whose vnode still serves after the wait is left (the ring gave
@@ -272,7 +278,7 @@ final class HandoffManager: SupervisedChild {
         let queued = leftoverCandidates.withLock { c in defer { c = [] }; return c.sorted() }
         var owed = 0
         for p in queued {
-            guard !stopped.value, let ring = env.ring(), !Self.plansOrRuns(p, for: env.me, ring) else { continue }
+            guard !stopped.value, let ring = env.ring(), !ring.isPlanInProgress, !Self.plansOrRuns(p, for: env.me, ring) else { continue }
             guard await env.vnodeRetired(p), let store = env.storage() else { continue }
             let holds: Bool
             do {
@@ -284,7 +290,7 @@ final class HandoffManager: SupervisedChild {
                 env.logger.error("could not look for a leftover copy", metadata: ["partition": "\(p.index)", "error": "\(error)"])
                 continue
             }
-            guard holds, let now = env.ring(), !Self.plansOrRuns(p, for: env.me, now),
+            guard holds, let now = env.ring(), !now.isPlanInProgress, !Self.plansOrRuns(p, for: env.me, now),
                   let to = now.replicas(of: p).first(where: { $0 != env.me }) else { continue }
             let t = PartitionTransfer(partition: p, from: env.me, to: to)
             let added: Bool = running.withLock { table in
