@@ -1,7 +1,41 @@
 import CairnCore
 import CairnWire
 import Logging
+import NIOCore
+import NIOPosix
 import Synchronization
+
+/// Runs the jobs of tasks that prefer it on one NIO event loop: a request that arrived on a
+/// loop runs there, and so do its coordinator's sends and the replies it writes, without a hop
+/// to the cooperative pool and back. Work that blocks goes to the store threads (vnodes' own
+/// executors), never here.
+final class EventLoopTaskExecutor: TaskExecutor {
+    let loop: any EventLoop
+
+    init(_ loop: any EventLoop) { self.loop = loop }
+
+    func enqueue(_ job: consuming ExecutorJob) {
+        let job = UnownedJob(job)
+        loop.execute { job.runSynchronously(on: self.asUnownedTaskExecutor()) }
+    }
+}
+
+/// One `EventLoopTaskExecutor` per event loop, made on first use. Thread-safe.
+final class LoopExecutors: Sendable {
+    private let table = Locked<[ObjectIdentifier: EventLoopTaskExecutor]>([:])
+
+    /// The executor of the event loop running the caller (nil off every NIO loop).
+    func current() -> EventLoopTaskExecutor? {
+        guard let loop = MultiThreadedEventLoopGroup.currentEventLoop else { return nil }
+        let id = ObjectIdentifier(loop as AnyObject)
+        return table.withLock { t in
+            if let e = t[id] { return e }
+            let e = EventLoopTaskExecutor(loop)
+            t[id] = e
+            return e
+        }
+    }
+}
 
 /// The node's lifecycle as clients see it.
 public enum NodeState: String, Sendable {
@@ -17,13 +51,26 @@ public enum NodeState: String, Sendable {
 ///
 /// Bound: at most `limit` requests queued or running (`limits.max_inflight_requests`, gauge
 /// `cairn_inflight_requests`); beyond it requests are refused with `overloaded` at once.
-/// Supervision: every request (and the coordinator actor it creates) is a child task of `run()`,
-/// which returns after `finish()` once the last one has ended.
+/// Supervision: a request runs as a task of this service: queued ones as children of `run()`'s
+/// group (on the cooperative pool), those `start(on:)` begins on their connection's event loop as
+/// tasks it registers. `run()` returns after `finish()` once the last of either has ended;
+/// cancelling it cancels them all.
 final class RequestService: Sendable {
     typealias Job = @Sendable () async -> Void
     private let jobs: AsyncStream<Job>
     private let continuation: AsyncStream<Job>.Continuation
     private let inflight = Atomic<Int>(0)
+    private struct Started {
+        var next: UInt64 = 0
+        /// Requests `start(on:)` began and not yet ended, by serial id. At most `limit` (each
+        /// is counted in flight).
+        var tasks: [UInt64: Task<Void, Never>] = [:]
+        /// Set by `finish()`: nothing starts after that.
+        var closed = false
+    }
+    private let started = Locked(Started())
+    /// Notified whenever a started request ends.
+    private let startedEnded = Condition()
     let limit: Int
     private let metrics: NodeMetrics
 
@@ -71,7 +118,33 @@ final class RequestService: Sendable {
         return true
     }
 
-    func finish() { continuation.finish() }
+    /// Starts `job` at once as a task preferring `executor` (a connection's event loop), counted
+    /// in flight like a queued one; false if the bound is reached or the service finished.
+    func start(on executor: any TaskExecutor, _ job: @escaping Job) -> Bool {
+        guard begin() else { return false }
+        let registered: Bool = started.withLock { s in
+            guard !s.closed else { return false }
+            let id = s.next
+            s.next &+= 1
+            // Enqueued on the loop: it runs after this returns (and takes the lock only then).
+            s.tasks[id] = Task(executorPreference: executor) { [self] in
+                await job()
+                started.withLock { _ = $0.tasks.removeValue(forKey: id) }
+                startedEnded.notifyAll()
+                end()
+            }
+            return true
+        }
+        if !registered { end() }
+        return registered
+    }
+
+    private var startedCount: Int { started.withLock { $0.tasks.count } }
+
+    func finish() {
+        started.withLock { $0.closed = true }
+        continuation.finish()
+    }
 
     /// True once a no-op job ran through the group (false if the service has finished).
     /// Not counted against the bound: it checks the group is alive, not that it has room.
@@ -82,10 +155,25 @@ final class RequestService: Sendable {
     }
 
     func run() async {
-        await withDiscardingTaskGroup { group in
-            for await job in jobs {
-                group.addTask { await job() }
+        await withTaskCancellationHandler {
+            await withDiscardingTaskGroup { group in
+                for await job in jobs {
+                    group.addTask { await job() }
+                }
             }
+            // The queue is finished (so is `start`, or run() was cancelled): wait for the
+            // requests started on loops, as a group waits for its children, cancelled or not.
+            started.withLock { $0.closed = true }
+            if startedCount > 0 {
+                // Not cancellable: a cancelled run() still waits for them (they are cancelled).
+                await Task { _ = await startedEnded.wait(until: { self.startedCount == 0 }) }.value
+            }
+        } onCancel: {
+            let running = started.withLock { s in
+                s.closed = true
+                return s.tasks.sorted { $0.key < $1.key }.map(\.value)
+            }
+            for t in running { t.cancel() }
         }
     }
 }
@@ -99,6 +187,7 @@ final class Router: RequestDispatcher {
     let core: NodeCore
     /// Built from the config alone (cluster name, node name, secret), not from the cluster view.
     let handshake: ClusterHandshake
+    private let loopExecutors = LoopExecutors()
 
     init(core: NodeCore) {
         self.core = core
@@ -201,8 +290,15 @@ final class Router: RequestDispatcher {
         case .draining, .stopped: return responder.fail(ErrorReply(code: .shuttingDown, message: "node \(core.config.name) is shutting down"))
         }
         if fromPeer, core.serveReplicaDirectly(envelope.message, responder: responder) { return }
-        let accepted = core.requests.submit { [core] in
-            await core.handle(envelope.message, fromPeer: fromPeer, responder: responder)
+        let accepted: Bool
+        if core.taskExecutor == nil, envelope.message.runsOnItsLoop, let loop = loopExecutors.current() {
+            accepted = core.requests.start(on: loop) { [core] in
+                await core.handle(envelope.message, fromPeer: fromPeer, responder: responder)
+            }
+        } else {
+            accepted = core.requests.submit { [core] in
+                await core.handle(envelope.message, fromPeer: fromPeer, responder: responder)
+            }
         }
         if !accepted {
             if let op = envelope.message.operation { core.metrics.count(op, .overloaded) }
@@ -213,6 +309,16 @@ final class Router: RequestDispatcher {
 }
 
 extension Message {
+    /// Key requests and replica requests: they block on nothing (storage work runs on the
+    /// vnodes' store threads), so their tasks run on the connection's event loop. Admin verbs,
+    /// anti-entropy and the rest may sync files or scan: the cooperative pool.
+    var runsOnItsLoop: Bool {
+        switch self {
+        case .get, .put, .delete, .replicaGet, .replicaPut: true
+        default: false
+        }
+    }
+
     var operation: OperationKind? {
         switch self {
         case .get: .get

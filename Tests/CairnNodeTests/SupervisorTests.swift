@@ -1,7 +1,7 @@
 import Testing
 @testable import CairnNode
 import Logging
-import Synchronization
+import NIOPosix
 import Synchronization
 
 @Suite struct RestartTrackerTests {
@@ -206,6 +206,59 @@ func poll(_ what: String, _ condition: () -> Bool) async throws {
         #expect(service.submit {})
         service.finish()
         await runner.value
+    }
+}
+
+@Suite struct RequestsOnEventLoopsTests {
+    /// A request started on an event loop runs there, counts in flight within the bound, and
+    /// keeps `run()` from returning after `finish()` until it ends; nothing starts after `finish()`.
+    @Test func startedRequestsRunOnTheirLoopAndAreWaitedFor() async throws {
+        let group = MultiThreadedEventLoopGroup.singleton
+        let loop = group.next()
+        let executor = EventLoopTaskExecutor(loop)
+        let service = RequestService(limit: 2, metrics: NodeMetrics(maxInflight: 2))
+        let runner = Task { await service.run() }
+        let (gate, open) = AsyncStream.makeStream(of: Void.self)
+        let box = GateBox(gate)
+        let onLoop = Atomic<Int>(0)
+        for _ in 0..<2 {
+            #expect(service.start(on: executor) {
+                if loop.inEventLoop { onLoop.add(1, ordering: .relaxed) }
+                await box.wait()
+                if loop.inEventLoop { onLoop.add(1, ordering: .relaxed) }
+            })
+        }
+        #expect(!service.start(on: executor) {}, "a third is refused: the bound is 2")
+        #expect(service.inflightCount == 2)
+        service.finish()
+        #expect(!service.start(on: executor) {}, "nothing starts after finish")
+        let ended = Atomic<Bool>(false)
+        let watcher = Task { await runner.value; ended.store(true, ordering: .relaxed) }
+        try await Task.sleep(for: .milliseconds(50))
+        let endedEarly = ended.load(ordering: .relaxed)
+        #expect(!endedEarly, "run() waits for the started requests")
+        open.finish()
+        await watcher.value
+        #expect(service.inflightCount == 0)
+        let ranOnLoop = onLoop.load(ordering: .relaxed)
+        #expect(ranOnLoop == 4, "both ran on the loop before and after suspending")
+    }
+
+    /// Cancelling `run()` cancels the requests started on loops.
+    @Test func cancellingTheServiceCancelsStartedRequests() async throws {
+        let group = MultiThreadedEventLoopGroup.singleton
+        let service = RequestService(limit: 4, metrics: NodeMetrics(maxInflight: 4))
+        let runner = Task { await service.run() }
+        let cancelled = Atomic<Bool>(false)
+        #expect(service.start(on: EventLoopTaskExecutor(group.next())) {
+            do { try await Task.sleep(for: .seconds(600)) } catch { cancelled.store(true, ordering: .relaxed) }
+        })
+        service.finish()
+        runner.cancel()
+        await runner.value
+        let wasCancelled = cancelled.load(ordering: .relaxed)
+        #expect(wasCancelled)
+        #expect(service.inflightCount == 0)
     }
 }
 
