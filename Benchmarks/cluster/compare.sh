@@ -21,6 +21,10 @@
 #   switches/op  context switches per operation, every thread of every server process summed
 #                (voluntary + involuntary, /proc/PID/task/*/status): each is a thread that went
 #                to sleep or was preempted, so it counts the thread crossings a request makes
+# With LATENCY=1, each system then also runs workload a in an open loop (`--rate`, CONCURRENCY
+# connections, DURATION) at RATE ops/s and at half the ops/s its closed-loop workload a reached
+# (its peak on this machine), and a second table gives read and update latency at both rates,
+# with the latency goals checked for cairn-3.
 # Everything started is stopped by pid on exit, pass or fail.
 #
 #   Benchmarks/cluster/compare.sh                 install what is missing, build (release), run
@@ -33,6 +37,7 @@
 #   REDIS_PORT [6399] Redis port on 127.0.0.1 (when 6399 is taken)
 #   SYSTEMS ["redis redis-aof cairn-1 cairn-1-nosync etcd-3 cairn-3"]  a subset to run, in this order
 #   KEEP=1            keep the JSON reports and logs (the data dirs are removed either way)
+#   LATENCY=1         also the open-loop runs above; RATE [1000] their fixed rate
 #   RUN_TIMEOUT [900] seconds after which one cairn-load invocation is stopped and counted failed
 #   BIN_DIR           directory holding cairnd and cairn-load: no build (default: build them)
 #   SKIP_BUILD=1      do not build; use `swift build -c release --show-bin-path`
@@ -51,6 +56,8 @@ OPERATIONS="${OPERATIONS:-}"
 SEED="${SEED:-42}"
 SYSTEMS="${SYSTEMS:-redis redis-aof cairn-1 cairn-1-nosync etcd-3 cairn-3}"
 KEEP="${KEEP:-0}"
+LATENCY="${LATENCY:-0}"
+RATE="${RATE:-1000}"
 RUN_TIMEOUT="${RUN_TIMEOUT:-900}"
 
 REDIS_PORT="${REDIS_PORT:-6399}"
@@ -217,6 +224,46 @@ for n in notes:
 if any(r[-1].endswith("!") or r[2] == "FAILED" for r in rows):
     print("! or FAILED: cairn-load exited non-zero or left no readable report; see its output above")
 
+# Open-loop runs (LATENCY=1): latency at a fixed rate and at half the closed-loop peak.
+open_phases = [("a-rate", "fixed rate"), ("a-half", "half of peak")]
+lat, goals = [], []
+def ms(v):
+    v = num(v)
+    return "-" if v is None else f"{v / 1000:,.2f}"
+for sysname, _ in systems:
+    for ph, what in open_phases:
+        r, note = load(sysname, ph)
+        if r is None:
+            if note:
+                lat.append((sysname, what, "FAILED") + ("-",) * 7)
+            continue
+        asked = num((r.get("config") or {}).get("rate"))
+        ops = r.get("operations") or {}
+        rd, up = ops.get("read") or {}, ops.get("update") or {}
+        nerr, _k = errors_of(r)
+        lat.append((sysname, what, fmt_int(asked), fmt_int(r.get("throughput_ops_per_s")),
+                    " / ".join(ms(rd.get(k)) for k in ("p50_us", "p99_us", "p999_us")),
+                    " / ".join(ms(up.get(k)) for k in ("p50_us", "p99_us", "p999_us")), f"{nerr:,}" + (" !" if note else ""),
+                    "", "", ""))
+        if sysname == "cairn-3":
+            worst99 = max(num(rd.get("p99_us")) or 0, num(up.get("p99_us")) or 0) / 1000
+            worst999 = max(num(rd.get("p999_us")) or 0, num(up.get("p999_us")) or 0) / 1000
+            if ph == "a-rate":
+                ok = worst99 <= 5 and worst999 <= 20 and nerr == 0
+                goals.append(f"cairn-3 at {fmt_int(asked)} ops/s: worst p99 {worst99:.2f} ms (goal <= 5), "
+                             f"worst p99.9 {worst999:.2f} ms (goal <= 20): {'PASS' if ok else 'FAIL'}")
+            else:
+                ok = worst99 <= 10 and nerr == 0
+                goals.append(f"cairn-3 at half of peak ({fmt_int(asked)} ops/s): worst p99 {worst99:.2f} ms (goal <= 10): "
+                             f"{'PASS' if ok else 'FAIL'}")
+if lat:
+    print()
+    print("open loop, workload a (latency from each request's intended start; ms):")
+    table(("system", "rate", "asked ops/s", "done ops/s", "read p50 / p99 / p99.9", "update p50 / p99 / p99.9", "errors"),
+          [r[:7] for r in lat])
+    for g in goals:
+        print("  " + g)
+
 def ratio(a, b):
     ta, tb = tput.get(a), tput.get(b)
     if not ta or not tb:
@@ -250,7 +297,7 @@ source "$ROOT/Benchmarks/lib/binaries.sh"
 
 install_compare_deps() {
     install_packages redis-server redis-server redis-cli redis-tools etcd etcd-server etcdctl etcd-client \
-        curl curl python3 python3
+        curl curl python3 python3 jq jq
 }
 
 # build_compare: cairn-load, and cairnd when a Cairn system is measured.
@@ -471,6 +518,19 @@ measure() {
         cairn_load "$sys" "$w" run --target "$TARGET" --workload "$w" "${common[@]}" "${how[@]}" \
             ${RUN_EXTRA[@]+"${RUN_EXTRA[@]}"}
     done
+    if [[ "$LATENCY" == "1" ]]; then
+        local peak half
+        peak="$(jq -r '.throughput_ops_per_s // 0' "$WORK/json/$sys-a.json" 2>/dev/null || echo 0)"
+        half="$(awk -v p="$peak" 'BEGIN { printf "%d", p / 2 }')"
+        cairn_load "$sys" a-rate run --target "$TARGET" --workload a "${common[@]}" --duration "$DURATION" --rate "$RATE" \
+            ${RUN_EXTRA[@]+"${RUN_EXTRA[@]}"}
+        if ((half > 0)); then
+            cairn_load "$sys" a-half run --target "$TARGET" --workload a "${common[@]}" --duration "$DURATION" --rate "$half" \
+                ${RUN_EXTRA[@]+"${RUN_EXTRA[@]}"}
+        else
+            echo "-- $sys a-half: no peak measured (workload a failed); skipped"
+        fi
+    fi
     # Stop it before the next system, so every system has the machine to itself.
     stop_pids "${SYS_PIDS[@]}"
     echo
