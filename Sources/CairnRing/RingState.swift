@@ -205,11 +205,13 @@ public struct RingState: Hashable, Sendable {
         ring.partitions.count { effectiveRing(for: $0).owner(of: $0) == name }
     }
 
-    /// Partitions whose vnodes `name` runs now: those it replicates, and those a pending transfer
-    /// copies into it (it must accept the copy and the writes forwarded during it).
+    /// Partitions whose vnodes `name` runs now: those it replicates, and those a transfer of the
+    /// plan in progress copies into it, complete or not (it must accept the copy and the writes
+    /// forwarded during it, and keep both until the partition flips: a partition with several
+    /// transfers flips only when the last completes).
     public func vnodePartitions(of name: NodeName) -> Set<PartitionID> {
         var out = Set(ring.partitions.filter { replicas(of: $0).contains(name) })
-        for t in pendingTransfers where t.to == name { out.insert(t.partition) }
+        for t in transfers where t.to == name { out.insert(t.partition) }
         return out
     }
 
@@ -217,7 +219,7 @@ public struct RingState: Hashable, Sendable {
     /// every write's path).
     public func runsVnode(of name: NodeName, for p: PartitionID) -> Bool {
         if replicas(of: p).contains(name) { return true }
-        return transfers.contains { $0.partition == p && $0.to == name && !completed.contains($0) }
+        return transfers.contains { $0.partition == p && $0.to == name }
     }
 
     // MARK: Claimant operations (each makes the next version)

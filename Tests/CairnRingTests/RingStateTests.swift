@@ -84,6 +84,23 @@ private func checkPlacementSafety(_ s: RingState, before: RingState, done: Set<P
         #expect(s.ring.members == [name("n1"), name("n2"), name("n3"), name("n4")])
     }
 
+    /// A partition copied to two new nodes flips when both copies are complete: the node whose
+    /// copy completed first keeps running its vnode meanwhile (a vnode stopped and started again
+    /// would refuse the forwarded writes in between, and its copy would look left over).
+    @Test func aReceiverWhoseCopyCompletedKeepsItsVnodeUntilThePartitionFlips() throws {
+        var s = try cluster(3).joining(name("n4"), at: address(4)).joining(name("n5"), at: address(5)).committing()
+        let byPartition = Dictionary(grouping: s.transfers, by: \.partition)
+        let (p, pair) = try #require(byPartition.sorted { $0.key < $1.key }.first { Set($0.value.map(\.to)).count >= 2 })
+        let first = try #require(pair.first)
+        s = s.completing(first)
+        #expect(!s.hasFlipped(p))
+        #expect(s.vnodePartitions(of: first.to).contains(p))
+        #expect(s.runsVnode(of: first.to, for: p))
+        s = try completeAll(s)
+        #expect(!s.isPlanInProgress)
+        #expect(s.vnodePartitions(of: first.to).contains(p) == s.replicas(of: p).contains(first.to))
+    }
+
     @Test func aLeaveHandsTheLeaversDataOverThenItExitsAndIsForgotten() throws {
         var s = try cluster(4).stagingLeave(name("n2"))
         let plan = try s.plan()
