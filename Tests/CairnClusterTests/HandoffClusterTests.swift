@@ -190,6 +190,20 @@ extension HandoffClusterTests {
 }
 
 extension HandoffClusterTests {
+    /// Writes (W = all, through the other nodes) a key of a partition the cluster's first node
+    /// does not replicate: its stored object is what that node would hold as an old owner.
+    func writeKeyNotOnFirstNode(_ cluster: TestCluster) async throws -> (RingState, CairnClient, [UInt8], PartitionID) {
+        let n1 = cluster.nodes[0]
+        let ring = try #require(n1.core.membership?.ring)
+        let writer = try await cluster.client([1, 2, 3])
+        let seed = try #require((0..<1000).map { Array("seed-\($0)".utf8) }.first {
+            !ring.replicas(of: ring.partition(forKey: $0)).contains(n1.config.name)
+        })
+        let p = ring.partition(forKey: seed)
+        _ = try await writer.put(seed, value: Array("v".utf8), options: RequestOptions(w: .all))
+        return (ring, writer, seed, p)
+    }
+
     /// A write whose forward failed is kept for a later batch; the flip can come first (the
     /// receiver had reported the copy complete). A sender that crashed then still owes that key
     /// and the drop of its copy, though the ring has finished with the transfer: restarted, it
@@ -198,15 +212,7 @@ extension HandoffClusterTests {
     @Test func aTransferTheRingFinishedWithStillDeliversItsKeptKeysAfterARestart() async throws {
         let cluster = try await TestCluster.start(count: 4)
         let n1 = cluster.nodes[0]
-        let ring = try #require(n1.core.membership?.ring)
-        let writer = try await cluster.client([1, 2, 3])
-        // A key of a partition n1 does not replicate, written through the cluster: its stored
-        // object is what n1 would have held as the partition's old owner.
-        let seed = try #require((0..<1000).map { Array("seed-\($0)".utf8) }.first {
-            !ring.replicas(of: ring.partition(forKey: $0)).contains(n1.config.name)
-        })
-        let p = ring.partition(forKey: seed)
-        _ = try await writer.put(seed, value: Array("v".utf8), options: RequestOptions(w: .all))
+        let (ring, writer, seed, p) = try await writeKeyNotOnFirstNode(cluster)
         let to = ring.replicas(of: p)[0]
         let receiver = try #require(cluster.nodes.first { $0.config.name == to })
         let object = try #require(try receiver.core.backend?.get(partition: p, key: seed))
@@ -246,13 +252,7 @@ extension HandoffClusterTests {
     @Test func aLeftoverCopyFoundAtStartGoesToAReplicaAndIsDropped() async throws {
         let cluster = try await TestCluster.start(count: 4)
         let n1 = cluster.nodes[0]
-        let ring = try #require(n1.core.membership?.ring)
-        let writer = try await cluster.client([1, 2, 3])
-        let seed = try #require((0..<1000).map { Array("seed-\($0)".utf8) }.first {
-            !ring.replicas(of: ring.partition(forKey: $0)).contains(n1.config.name)
-        })
-        let p = ring.partition(forKey: seed)
-        _ = try await writer.put(seed, value: Array("v".utf8), options: RequestOptions(w: .all))
+        let (ring, writer, seed, p) = try await writeKeyNotOnFirstNode(cluster)
         let replicas = ring.replicas(of: p).compactMap { name in cluster.nodes.first { $0.config.name == name } }
         let object = try #require(try replicas.first?.core.backend?.get(partition: p, key: seed))
         // The leftover: a key of `p` in n1's store only.
@@ -343,8 +343,13 @@ extension HandoffClusterTests {
         guard case .writeReply = try await conn.request(forwarded, timeoutMillis: 10_000) else {
             Issue.record("the forwarded write was refused by the node that handed the partition away"); return
         }
-        let stored = try #require(try n4.core.backend?.get(partition: partition, key: key))
-        #expect(try VersionedObject.decode(stored, limits: Limits()).values.map(\.value).contains([8]))
+        // n4 coordinated it; W = 2 can be met by the other two replicas before n4's own copy is
+        // durable (its sync overlaps the replication), and a store read shows durable data only.
+        try await cluster.waitUntil("n4 holds the forwarded write durably", seconds: 10) {
+            guard let stored = try? n4.core.backend?.get(partition: partition, key: key),
+                  let object = try? VersionedObject.decode(stored, limits: Limits()) else { return false }
+            return object.values.map(\.value).contains([8])
+        }
     }
 }
 
