@@ -69,7 +69,7 @@ final class RequestService: Sendable {
         var closed = false
     }
     private let started = Locked(Started())
-    /// Notified whenever a started request ends.
+    /// Notified when the last started request ends after the service closed.
     private let startedEnded = Condition()
     let limit: Int
     private let metrics: NodeMetrics
@@ -129,8 +129,12 @@ final class RequestService: Sendable {
             // Enqueued on the loop: it runs after this returns (and takes the lock only then).
             s.tasks[id] = Task(executorPreference: executor) { [self] in
                 await job()
-                started.withLock { _ = $0.tasks.removeValue(forKey: id) }
-                startedEnded.notifyAll()
+                // Only `run()` waits, and only once closed: no notify on an ordinary request's path.
+                let last = started.withLock { s in
+                    s.tasks.removeValue(forKey: id)
+                    return s.closed && s.tasks.isEmpty
+                }
+                if last { startedEnded.notifyAll() }
                 end()
             }
             return true
