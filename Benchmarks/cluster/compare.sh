@@ -19,8 +19,10 @@
 #                (/proc/PID/stat, before and after the cairn-load run) / operations cairn-load
 #                completed (errors included), all nodes summed
 #   switches/op  context switches per operation, every thread of every server process summed
-#                (voluntary + involuntary, /proc/PID/task/*/status): each is a thread that went
-#                to sleep or was preempted, so it counts the thread crossings a request makes
+#                (voluntary + involuntary, /proc/PID/task/*/status, sampled each second so a
+#                thread that exits during the run keeps what it counted until its last second):
+#                each is a thread that went to sleep or was preempted, so it counts the thread
+#                crossings a request makes
 # With LATENCY=1, each system then also runs workload a in an open loop (`--rate`, CONCURRENCY
 # connections, DURATION) at RATE ops/s and at half the ops/s its closed-loop workload a reached
 # (its peak on this machine), and a second table gives read and update latency at both rates,
@@ -460,12 +462,33 @@ cpu_ticks() {
     echo "$total"
 }
 
-# ctx_switches PID...: voluntary + involuntary context switches of every thread of the processes.
-ctx_switches() {
+# switch_snapshot PID...: "tid switches" (voluntary + involuntary) for every thread of the processes.
+switch_snapshot() {
     local pid
     for pid in "$@"; do
-        cat /proc/"$pid"/task/*/status 2>/dev/null || true
-    done | awk '/^(voluntary|nonvoluntary)_ctxt_switches:/ { n += $2 } END { print n + 0 }'
+        awk 'FNR == 1 { n = split(FILENAME, part, "/"); tid = part[n - 1] }
+             /^(voluntary|nonvoluntary)_ctxt_switches:/ { s[tid] += $2 }
+             END { for (t in s) print t, s[t] }' /proc/"$pid"/task/*/status 2>/dev/null || true
+    done
+}
+
+# switch_sampler FILE PID...: appends a snapshot to FILE every second until killed. A thread's
+# counts vanish with it (runtimes retire idle pool threads), so the phase's switches are summed
+# per thread from its last snapshot: a thread that exits loses at most its last second.
+switch_sampler() {
+    local file=$1
+    shift
+    while :; do
+        switch_snapshot "$@" >>"$file"
+        sleep 1
+    done
+}
+
+# switches_between START SAMPLES: switches per thread from START (0 for threads born later) to
+# the thread's last line in SAMPLES, summed.
+switches_between() {
+    awk 'FNR == NR { start[$1] = $2; next } { last[$1] = $2 }
+         END { for (t in last) { d = last[t] - start[t]; if (d > 0) n += d }; print n + 0 }' "$1" "$2"
 }
 
 # cairn_load SYSTEM PHASE ARGS...: run the generator, JSON to $WORK/json/SYSTEM-PHASE.json, the
@@ -476,8 +499,12 @@ cairn_load() {
     shift 2
     local json="$WORK/json/$sys-$phase.json"
     before="$(cpu_ticks "${SYS_PIDS[@]}")"
-    local switches_before
-    switches_before="$(ctx_switches "${SYS_PIDS[@]}")"
+    local switches_start="$WORK/json/$sys-$phase.switches-start" switches_samples="$WORK/json/$sys-$phase.switches-samples" sampler
+    switch_snapshot "${SYS_PIDS[@]}" >"$switches_start"
+    : >"$switches_samples"
+    switch_sampler "$switches_samples" "${SYS_PIDS[@]}" &
+    sampler=$!
+    RUNNING[$sampler]="switch sampler ($sys $phase)"
     echo "-- $sys $phase: cairn-load $* --json $json"
     # RUN_TIMEOUT bounds a generator that hangs; SIGTERM to `timeout` reaches cairn-load too.
     timeout --kill-after=10 "$RUN_TIMEOUT" "$BIN/cairn-load" "$@" --json "$json" </dev/null &
@@ -486,7 +513,11 @@ cairn_load() {
     wait "$pid" || rc=$?
     unset "RUNNING[$pid]"
     echo "$(($(cpu_ticks "${SYS_PIDS[@]}") - before)) $(getconf CLK_TCK)" >"$WORK/json/$sys-$phase.cpu"
-    echo "$(($(ctx_switches "${SYS_PIDS[@]}") - switches_before))" >"$WORK/json/$sys-$phase.switches"
+    kill "$sampler" 2>/dev/null || true
+    wait "$sampler" 2>/dev/null || true
+    unset "RUNNING[$sampler]"
+    switch_snapshot "${SYS_PIDS[@]}" >>"$switches_samples"
+    switches_between "$switches_start" "$switches_samples" >"$WORK/json/$sys-$phase.switches"
     echo "$rc" >"$WORK/json/$sys-$phase.rc"
     if ((rc == 124)); then
         echo "-- $sys $phase: cairn-load did not finish within RUN_TIMEOUT=$RUN_TIMEOUT; stopped"

@@ -341,6 +341,9 @@ actor ReadCoordinator {
     private let mode: ReadRepairMode
     /// Limiter slots this request holds for asynchronous repairs.
     private var held = 0
+    /// Events that happened while directives were performed (a local read memory answered),
+    /// taken before waiting on the group.
+    private var ready: [Event] = []
 
     init(ctx: CoordinatorContext, requirement: QuorumRequirement, partition: PartitionID, replicas: [ReplicaTarget],
          key: [UInt8], timeoutMillis: UInt32, sloppy: Bool, repair: ReadRepairMode) {
@@ -361,8 +364,14 @@ actor ReadCoordinator {
             while true {
                 for d in directives { perform(d, group: &group, respond: respond) }
                 if machine.isFinished { break }
-                guard let event = await group.next() else { break }
-                switch event {
+                let next: Event
+                if ready.isEmpty {
+                    guard let event = await group.next() else { break }
+                    next = event
+                } else {
+                    next = ready.removeFirst()
+                }
+                switch next {
                 case .replied(let n, let o, let refilling, let stale): directives = machine.replied(n, o, refilling: refilling, stale: stale)
                 case .failed(let n, let outcome):
                     if n != ctx.me { ctx.metrics.replicaFailures.increment() }
@@ -394,6 +403,12 @@ actor ReadCoordinator {
             for node in nodes {
                 let fallback = !(machine.replicas.first { $0.node == node }?.isPrimary ?? true)
                 if node == ctx.me {
+                    // Memory answers most reads of a primary copy: no hop to the store's thread.
+                    if !fallback, let vnode = ctx.vnodes.vnode(for: partition), case .answered(let object) = vnode.getInMemory(key) {
+                        ctx.metrics.memoryReadsCoordinator.increment()
+                        ready.append(.replied(node, object, refilling: ctx.isRefilling(partition), stale: ctx.isStale(partition)))
+                        continue
+                    }
                     let (ctx, partition, key) = (ctx, partition, key)
                     group.addTask {
                         guard let vnode = await ctx.localVnode(partition, fallback: fallback, start: false) else {

@@ -226,6 +226,10 @@ public final class DiskBackend: PartitionStore {
         try database.getDurable(Self.dataKey(partition, key))
     }
 
+    public func getDurableInMemory(partition: PartitionID, key: [UInt8]) -> InMemoryRead {
+        database.getDurableInMemory(Self.dataKey(partition, key))
+    }
+
     public var lastApplied: DurabilityToken { DurabilityToken(sequence: database.lastSequence) }
 
     public func apply(partition: PartitionID, key: [UInt8], value: [UInt8]) throws -> DurabilityToken {

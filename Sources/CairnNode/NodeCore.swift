@@ -212,7 +212,8 @@ final class NodeCore: Sendable {
         }
     }
 
-    /// Serves an ordinary replica get or put straight from the event loop, without a task: the
+    /// Serves an ordinary replica get or put straight from the event loop, without a task: a get
+    /// that memory answers is answered here (`Vnode.getInMemory`); otherwise the
     /// partition's store thread reads or merges and answers (`Vnode.getSoon`, `mergeSoon`), and
     /// a put's acknowledgement leaves from the thread that ended its durability wait. Counted
     /// in flight like any request. False: not an ordinary case (a fallback copy, no vnode here,
@@ -222,6 +223,13 @@ final class NodeCore: Sendable {
         switch message {
         case .replicaGet(let r) where !r.fallback:
             guard let vnode = directVnode(r.partition, key: r.key), requests.begin() else { return false }
+            if case .answered(let object) = vnode.getInMemory(r.key) {
+                answerReplicaGet(r.partition, object, responder)
+                requests.end()
+                metrics.memoryReadsReplica.increment()
+                metrics.directReplicaRequests.increment()
+                return true
+            }
             started = vnode.getSoon(r.key) { [self] result in
                 switch result {
                 case .success(let object): answerReplicaGet(r.partition, object, responder)

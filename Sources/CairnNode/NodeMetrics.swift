@@ -40,6 +40,10 @@ public final class NodeMetrics: Sendable {
     let relayedReplicaRequests: CoreMetrics.Counter
     /// Replica gets and puts served from the event loop on the store's thread, without a task.
     let directReplicaRequests: CoreMetrics.Counter
+    /// Local reads answered from memory on the thread that asked, without the store's thread:
+    /// by a coordinator for its own copy, and for another node's replica get.
+    let memoryReadsCoordinator: CoreMetrics.Counter
+    let memoryReadsReplica: CoreMetrics.Counter
     let peersUp: CoreMetrics.Gauge
     let replicaRequests: CoreMetrics.Counter
     let replicaFailures: CoreMetrics.Counter
@@ -155,6 +159,8 @@ public final class NodeMetrics: Sendable {
         forwarded = CoreMetrics.Counter(label: "cairn_forwarded_requests_total", factory: f)
         relayedReplicaRequests = CoreMetrics.Counter(label: "cairn_relayed_replica_requests_total", factory: f)
         directReplicaRequests = CoreMetrics.Counter(label: "cairn_replica_requests_served_direct_total", factory: f)
+        memoryReadsCoordinator = CoreMetrics.Counter(label: "cairn_reads_from_memory_total", dimensions: [("role", "coordinator")], factory: f)
+        memoryReadsReplica = CoreMetrics.Counter(label: "cairn_reads_from_memory_total", dimensions: [("role", "replica")], factory: f)
         peersUp = CoreMetrics.Gauge(label: "cairn_peers_up", factory: f)
         replicaRequests = CoreMetrics.Counter(label: "cairn_replica_requests_total", factory: f)
         replicaFailures = CoreMetrics.Counter(label: "cairn_replica_request_failures_total", factory: f)

@@ -41,6 +41,10 @@ public protocol PartitionStore: Sendable {
     func get(partition: PartitionID, key: [UInt8]) throws -> [UInt8]?
     /// The newest durable value of the key (see the contract above).
     func getDurable(partition: PartitionID, key: [UInt8]) throws -> [UInt8]?
+    /// `getDurable` answered without blocking on I/O, from any thread (an event loop's), or
+    /// `.needsDisk`: then call `getDurable` on the partition's executor. Any error also answers
+    /// `.needsDisk`, for `getDurable` to report. Default: always `.needsDisk`.
+    func getDurableInMemory(partition: PartitionID, key: [UInt8]) -> InMemoryRead
     /// A token covering every write applied so far.
     var lastApplied: DurabilityToken { get }
     func apply(partition: PartitionID, key: [UInt8], value: [UInt8]) throws -> DurabilityToken
@@ -179,6 +183,7 @@ extension PartitionStore {
     }
 
     public func abandon() async {}
+    public func getDurableInMemory(partition: PartitionID, key: [UInt8]) -> InMemoryRead { .needsDisk }
     public var persistentEpoch: UInt64? { nil }
     public var storageStatistics: Database.Statistics? { nil }
     public var acknowledgesDurably: Bool { false }

@@ -30,10 +30,14 @@ public actor Vnode: SupervisedChild {
     /// The store's executor when it also runs closures: `getSoon` and `mergeSoon` hand work to
     /// it without a task.
     private nonisolated let runner: (any ClosureExecutor)?
-    private let limits: Limits
+    private nonisolated let limits: Limits
     private let metrics: NodeMetrics
     private let logger: Logger
-    private var status: Status = .starting
+    private var status: Status = .starting {
+        didSet { serving.store(status == .serving, ordering: .releasing) }
+    }
+    /// `status == .serving`, readable without a hop (`getInMemory`).
+    private nonisolated let serving = Atomic<Bool>(false)
     private var failureSignal: AsyncStream<String>.Continuation?
     private var servingWaiters: [CheckedContinuation<Void, Never>] = []
     /// The last corruption error logged (reads of one damaged block log it once).
@@ -212,6 +216,27 @@ public actor Vnode: SupervisedChild {
     }
 
     // MARK: Without a task
+
+    /// What `getInMemory` could answer.
+    public enum MemoryRead: Sendable {
+        /// The key's newest durable object, or nil: absent.
+        case answered(VersionedObject?)
+        /// Answering needs the store's thread: the disk, or handling something irregular.
+        case needsStoreThread
+    }
+
+    /// `get` on the caller's thread, for a caller that must not block (an event loop): answered
+    /// from memory (memtables, Bloom filters, cached blocks) or not at all. `.needsStoreThread`
+    /// when the vnode is not serving, the answer needs a block read, or anything is irregular
+    /// (damage, an object that does not decode): `get` or `getSoon` then serves or reports it.
+    /// A caller may rely on an answer being what `get` would return at that instant.
+    public nonisolated func getInMemory(_ key: [UInt8]) -> MemoryRead {
+        guard serving.load(ordering: .acquiring),
+              case .answered(let raw) = backend.getDurableInMemory(partition: space, key: key) else { return .needsStoreThread }
+        guard let raw else { return .answered(nil) }
+        guard let object = try? VersionedObject.decode(raw, limits: limits) else { return .needsStoreThread }
+        return .answered(object)
+    }
 
     /// Whether `getSoon` and `mergeSoon` serve here (the store's executor runs closures).
     public nonisolated var servesWithoutTasks: Bool { runner != nil }

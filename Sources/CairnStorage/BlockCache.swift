@@ -73,10 +73,12 @@ public final class BlockCache: Sendable {
     }
 
     /// The cached block, marking it most recently used.
-    public func get(_ key: Key) -> Block? {
+    /// The cached block, made most recent. `countMiss` false: a miss is not counted (a probe
+    /// that falls back to a read which will count it).
+    public func get(_ key: Key, countMiss: Bool = true) -> Block? {
         shards[shard(key)].withLock { s in
             guard let i = s.index[key] else {
-                s.counters.misses += 1
+                if countMiss { s.counters.misses += 1 }
                 return nil
             }
             s.counters.hits += 1

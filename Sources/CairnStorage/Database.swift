@@ -1070,15 +1070,28 @@ public final class Database: Sendable {
     /// and compactions drop what it hides at once), so range tombstones apply here at the current
     /// sequence, even while the deletion's log record is not yet synced. Thread-safe.
     public func getDurable(_ key: [UInt8]) throws(StorageError) -> [UInt8]? {
+        try durableView().get(key)
+    }
+
+    /// `getDurable` answered without touching a file (memtables, Bloom filters, indexes and the
+    /// block cache), or `.needsDisk`: then ask `getDurable` on a thread that may block. Never
+    /// blocks on I/O, so an event loop may call it; errors (damage included) also answer
+    /// `.needsDisk`, for `getDurable` to report. Thread-safe.
+    public func getDurableInMemory(_ key: [UInt8]) -> InMemoryRead {
+        durableView().getInMemory(key)
+    }
+
+    /// The view `getDurable` reads.
+    private func durableView() -> ReadView {
         // The committer is replaced at a log switch; the view and the committer are taken together
         // (its durable sequence is then read outside the engine's lock: it only grows, and the
         // `min` keeps it within the view).
         let (view, committer) = state.withLock { s in (s.view, s.committer) }
-        guard options.syncMode == .always else { return try view.get(key) }
+        guard options.syncMode == .always else { return view }
         var durable = view
         durable.sequence = min(view.sequence, committer.durableSequence)
         durable.tombstoneSequence = view.sequence
-        return try durable.get(key)
+        return durable
     }
 
     /// A consistent view as of now; see `Snapshot`.

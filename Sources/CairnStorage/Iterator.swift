@@ -332,7 +332,8 @@ struct ReadView: Sendable {
         for m in memtables {
             if let e = m.get(key, snapshot: sequence) { return e }
         }
-        var found = try tableEntry(key)
+        var found: Memtable.Entry?
+        if case .entry(let e) = try tableEntry(key, inMemoryOnly: false) { found = e }
         for q in quarantined where !key.isBefore(q.meta.smallest) && !q.meta.largest.isBefore(key) {
             if let f = found, q.meta.largestSequence <= f.sequence { continue }
             if let e = try q.reader.entry(key), found.map({ e.sequence > $0.sequence }) ?? true { found = e }
@@ -340,10 +341,13 @@ struct ReadView: Sendable {
         return found
     }
 
-    /// The newest entry for `key` in the leveled tables.
-    private func tableEntry(_ key: [UInt8]) throws(StorageError) -> Memtable.Entry? {
+    /// The newest entry for `key` in the leveled tables; with `inMemoryOnly`, `.needsDisk` as
+    /// soon as a table on the path would have to read a block the cache does not hold.
+    private func tableEntry(_ key: [UInt8], inMemoryOnly: Bool) throws(StorageError) -> TableReader.Probe {
         for t in level0 {
-            if let e = try t.entry(key) { return e }
+            let p = try t.probe(key, inMemoryOnly: inMemoryOnly)
+            if case .absent = p { continue }
+            return p
         }
         for level in levels where !level.isEmpty {
             var lo = 0
@@ -353,22 +357,55 @@ struct ReadView: Sendable {
                 if level[mid].meta.largest.isBefore(key) { lo = mid + 1 } else { hi = mid }
             }
             guard lo < level.count, !key.isBefore(level[lo].meta.smallest) else { continue }
-            if let e = try level[lo].reader.entry(key) { return e }
+            let p = try level[lo].reader.probe(key, inMemoryOnly: inMemoryOnly)
+            if case .absent = p { continue }
+            return p
         }
-        return nil
+        return .absent
     }
 
     func get(_ key: [UInt8]) throws(StorageError) -> [UInt8]? {
         do {
-            guard let e = try entry(key), e.kind == .value else { return nil }
-            let tombstonesAt = tombstoneSequence ?? sequence
-            if !tombstones.isEmpty, tombstones.contains(where: { $0.hides(key, e.sequence, snapshot: tombstonesAt) }) { return nil }
-            return e.value
+            return visible(try entry(key), key)
         } catch {
             corruption?.note(error)
             throw error
         }
     }
+
+    /// `get` without touching a file: memtables, filters, indexes and cached blocks. `.needsDisk`
+    /// when the answer needs a block read, a set-aside table, or meets an error (a read that
+    /// may block, or must report damage, belongs on a store thread).
+    func getInMemory(_ key: [UInt8]) -> InMemoryRead {
+        for m in memtables {
+            if let e = m.get(key, snapshot: sequence) { return .answered(visible(e, key)) }
+        }
+        guard quarantined.isEmpty else { return .needsDisk }
+        do {
+            switch try tableEntry(key, inMemoryOnly: true) {
+            case .entry(let e): return .answered(visible(e, key))
+            case .absent: return .answered(nil)
+            case .needsDisk: return .needsDisk
+            }
+        } catch {
+            return .needsDisk
+        }
+    }
+
+    /// The value `e` gives `key`: none for a deletion, or a value a range tombstone hides.
+    private func visible(_ e: Memtable.Entry?, _ key: [UInt8]) -> [UInt8]? {
+        guard let e, e.kind == .value else { return nil }
+        let tombstonesAt = tombstoneSequence ?? sequence
+        if !tombstones.isEmpty, tombstones.contains(where: { $0.hides(key, e.sequence, snapshot: tombstonesAt) }) { return nil }
+        return e.value
+    }
+}
+
+/// A point read answered from memory, or the word that it needs the disk (`Database.getDurableInMemory`).
+public enum InMemoryRead: Sendable, Equatable {
+    /// The value, or nil: absent or deleted.
+    case answered([UInt8]?)
+    case needsDisk
 }
 
 /// A consistent, read-only view of the database at one sequence number: later writes, flushes and

@@ -220,26 +220,60 @@ public final class TableReader: Sendable {
     }
 
     /// The value stored under exactly `key`, or nil. Consults the Bloom filter first.
-    public func get(_ key: [UInt8]) throws(StorageError) -> [UInt8]? { try lookup(key)?.value }
+    public func get(_ key: [UInt8]) throws(StorageError) -> [UInt8]? {
+        guard case .found(let value, _) = try lookup(key, inMemoryOnly: false) else { return nil }
+        return value
+    }
 
     /// The engine's entry (kind, sequence, value) stored under exactly `key`, or nil.
     func entry(_ key: [UInt8]) throws(StorageError) -> Memtable.Entry? {
-        guard let (value, blockOffset) = try lookup(key) else { return nil }
-        return try InternalValue.decode(key: key, value, path: path, offset: blockOffset)
+        guard case .entry(let e) = try probe(key, inMemoryOnly: false) else { return nil }
+        return e
     }
 
-    /// The stored value and the offset of the block holding it.
-    private func lookup(_ key: [UInt8]) throws(StorageError) -> (value: [UInt8], blockOffset: UInt64)? {
+    /// What a probe of one table for a key found.
+    enum Probe {
+        case entry(Memtable.Entry)
+        case absent
+        /// Answering needs a block the cache does not hold (only when `inMemoryOnly`).
+        case needsDisk
+    }
+
+    /// `entry`; with `inMemoryOnly`, without reading the file: the filter, the index and cached
+    /// blocks only.
+    func probe(_ key: [UInt8], inMemoryOnly: Bool) throws(StorageError) -> Probe {
+        switch try lookup(key, inMemoryOnly: inMemoryOnly) {
+        case .found(let value, let blockOffset): .entry(try InternalValue.decode(key: key, value, path: path, offset: blockOffset))
+        case .absent: .absent
+        case .needsDisk: .needsDisk
+        }
+    }
+
+    private enum Lookup {
+        /// The stored value and the offset of the block holding it.
+        case found([UInt8], blockOffset: UInt64)
+        case absent
+        case needsDisk
+    }
+
+    private func lookup(_ key: [UInt8], inMemoryOnly: Bool) throws(StorageError) -> Lookup {
         if let d = damaged {
-            guard !key.isBefore(d.smallest), !d.largest.isBefore(key) else { return nil }
+            guard !key.isBefore(d.smallest), !d.largest.isBefore(key) else { return .absent }
             throw d.error
         }
-        guard filter.mayContain(key) else { return nil }
+        guard filter.mayContain(key) else { return .absent }
         let i = blockIndex(atOrAfter: key)
-        guard i < index.count else { return nil }
+        guard i < index.count else { return .absent }
         let h = index[i].handle
-        guard let e = try readBlock(h).seek(key, path: path, offset: h.offset), e.key == key else { return nil }
-        return (e.value, h.offset)
+        let block: Block
+        if inMemoryOnly {
+            guard let cached = cache?.get(BlockCache.Key(file: number, offset: h.offset), countMiss: false) else { return .needsDisk }
+            block = cached
+        } else {
+            block = try readBlock(h)
+        }
+        guard let e = try block.seek(key, path: path, offset: h.offset), e.key == key else { return .absent }
+        return .found(e.value, blockOffset: h.offset)
     }
 
     /// The entries of block `i`, in order.

@@ -137,6 +137,8 @@ struct InProcessClusterTests {
 
     /// A disk store's replicas serve replica gets and puts from the event loop on the store's
     /// thread (no task), with the same answers: every replica holds the write and reads it back.
+    /// Reads of durable keys in the memtable are answered on the loop itself, by the replicas and
+    /// by the coordinator for its own copy.
     @Test func replicaRequestsAreServedOnTheStoreThread() async throws {
         let cluster = try await TestCluster.start()
         let c = try await cluster.client([0])
@@ -147,7 +149,11 @@ struct InProcessClusterTests {
             // Node 0 coordinated: each other node took 10 replica puts and 10 replica gets.
             let direct = metricValue(cluster.nodes[n].metrics.exposition(), "cairn_replica_requests_served_direct_total")
             #expect(direct == 20, "node \(n) served \(direct) replica requests directly")
+            let fromMemory = metricValue(cluster.nodes[n].metrics.exposition(), #"cairn_reads_from_memory_total{role="replica"}"#)
+            #expect(fromMemory == 10, "node \(n) answered \(fromMemory) replica gets from memory")
         }
+        let own = metricValue(cluster.nodes[0].metrics.exposition(), #"cairn_reads_from_memory_total{role="coordinator"}"#)
+        #expect(own == 10, "the coordinator read its own copy from memory \(own) times")
         c.close()
         await cluster.stop()
     }
