@@ -306,6 +306,11 @@ public final class MemoryBackend: PartitionStore {
         try get(partition: partition, key: key)
     }
 
+    /// Everything here is in memory: always answered.
+    public func getDurableInMemory(partition: PartitionID, key: [UInt8]) -> InMemoryRead {
+        .answered(state.withLock { $0.partitions[partition]?[key]?.value })
+    }
+
     public var lastApplied: DurabilityToken { DurabilityToken(sequence: state.withLock { $0.sequence }) }
 
     public func apply(partition: PartitionID, key: [UInt8], value: [UInt8]) throws -> DurabilityToken {
