@@ -457,11 +457,7 @@ public final class CairnNode: Service, Sendable {
         for i in 0..<UInt32(clamping: partitions) {
             let p = PartitionID(i)
             do {
-                let fold = try await backend.foldReadable(partition: p.fallbackSpace, after: nil, into: false) { found, _, _ in
-                    found = true
-                    return .stop
-                }
-                if fold.accumulator { out.append(p) }
+                if try await backend.holdsAnyKey(partition: p.fallbackSpace) { out.append(p) }
             } catch {
                 logger.error("could not look for fallback copies", metadata: ["partition": "\(i)", "error": "\(error)"])
             }

@@ -268,8 +268,8 @@ final class HandoffManager: SupervisedChild {
     }
 
     /// Looks at each queued partition, in order: one this node does not run on the current ring
-    /// (settled: no plan in progress; else it is left for the next settled ring), with no
-    /// transfer of the plan from this node, none running or lingering, whose vnode has
+    /// (settled: no plan in progress, so no transfer of a plan carries it; else it is left for
+    /// the next settled ring), with no transfer running or lingering, whose vnode has
     /// stopped serving here, and whose storage still holds a key, is owed to a current replica
     /// as a lingering transfer (a full copy, merged there; the copy here is dropped once it is
     /// acknowledged). A partition whose vnode still serves after the wait is left (the ring gave
@@ -278,19 +278,16 @@ final class HandoffManager: SupervisedChild {
         let queued = leftoverCandidates.withLock { c in defer { c = [] }; return c.sorted() }
         var owed = 0
         for p in queued {
-            guard !stopped.value, let ring = env.ring(), !ring.isPlanInProgress, !Self.plansOrRuns(p, for: env.me, ring) else { continue }
+            guard !stopped.value, let ring = env.ring(), !ring.isPlanInProgress, !ring.runsVnode(of: env.me, for: p) else { continue }
             guard await env.vnodeRetired(p), let store = env.storage() else { continue }
             let holds: Bool
             do {
-                holds = try await store.foldReadable(partition: p, after: nil, into: false) { found, _, _ in
-                    found = true
-                    return .stop
-                }.accumulator
+                holds = try await store.holdsAnyKey(partition: p)
             } catch {
                 env.logger.error("could not look for a leftover copy", metadata: ["partition": "\(p.index)", "error": "\(error)"])
                 continue
             }
-            guard holds, let now = env.ring(), !now.isPlanInProgress, !Self.plansOrRuns(p, for: env.me, now),
+            guard holds, let now = env.ring(), !now.isPlanInProgress, !now.runsVnode(of: env.me, for: p),
                   let to = now.replicas(of: p).first(where: { $0 != env.me }) else { continue }
             let t = PartitionTransfer(partition: p, from: env.me, to: to)
             let added: Bool = running.withLock { table in
@@ -313,10 +310,6 @@ final class HandoffManager: SupervisedChild {
 
     /// Whether `ring` has `me` run `p`'s vnode, or plans a transfer of `p` from `me` (its shell
     /// hands the copy on).
-    private static func plansOrRuns(_ p: PartitionID, for me: NodeName, _ ring: RingState) -> Bool {
-        ring.runsVnode(of: me, for: p) || ring.transfers.contains { $0.partition == p && $0.from == me }
-    }
-
     // MARK: Fallback copies
 
     /// How often the manager looks for primaries of its fallback copies that came back.

@@ -183,6 +183,14 @@ extension PartitionStore {
     }
 
     public func abandon() async {}
+
+    /// Whether `partition` holds a key storage can read: a fold that stops at the first.
+    public func holdsAnyKey(partition: PartitionID) async throws -> Bool {
+        try await foldReadable(partition: partition, after: nil, into: false) { found, _, _ in
+            found = true
+            return .stop
+        }.accumulator
+    }
     public func getDurableInMemory(partition: PartitionID, key: [UInt8]) -> InMemoryRead { .needsDisk }
     public var persistentEpoch: UInt64? { nil }
     public var storageStatistics: Database.Statistics? { nil }
