@@ -112,6 +112,11 @@ public struct DatabaseOptions: Sendable {
     public var writeBufferBytes = 64 << 20
     /// The block cache's capacity (`block_cache_bytes`).
     public var blockCacheBytes = 64 << 20
+    /// The write-ahead log is extended ahead of its appends by zeroed chunks of this size
+    /// (`log_preallocate_bytes`; 0: never), so a sync need not record a new file size: on ext4
+    /// and XFS one device write per `fdatasync` instead of two. Costs at most this much disk per
+    /// log, and the zeros are written once.
+    public var logPreallocateBytes = 1 << 20
     /// Background write budget for compaction (`compaction_bytes_per_second`; 0: unlimited).
     public var compactionBytesPerSecond: UInt64 = 128 << 20
     public var compaction = CompactionPolicy()
@@ -404,7 +409,7 @@ public final class Database: Sendable {
         }
         let manifestNumber = logNumber + 1
         let logPath = directory + "/" + logName(logNumber)
-        let file = try fs.openAppendable(logPath, create: true)
+        let file = try fs.createLog(logPath, preallocateBytes: options.logPreallocateBytes)
         try file.sync()
         try fs.syncDirectory(directory)
         // The replayed logs stay until a flush covers them: the new manifest keeps the old log number.
@@ -505,7 +510,7 @@ public final class Database: Sendable {
             return (s.version.nextFile, s.writer)
         }) else { return false }
         let logPath = path(Self.logName(number))
-        let file = try fs.openAppendable(logPath, create: true)
+        let file = try fs.createLog(logPath, preallocateBytes: options.logPreallocateBytes)
         do throws(StorageError) {
             try file.sync()
             try fs.syncDirectory(directory)

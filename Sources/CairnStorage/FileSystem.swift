@@ -4,6 +4,8 @@
 public protocol FileSystem: Sendable {
     /// Opens `path` for appending, creating it empty if `create` and it does not exist.
     func openAppendable(_ path: String, create: Bool) throws(StorageError) -> any AppendableFile
+    /// See the extension's default.
+    func createLog(_ path: String, preallocateBytes: Int) throws(StorageError) -> any AppendableFile
     func openReadable(_ path: String) throws(StorageError) -> any ReadableFile
     func rename(_ from: String, to: String) throws(StorageError)
     func remove(_ path: String) throws(StorageError)
@@ -17,6 +19,14 @@ public protocol FileSystem: Sendable {
 }
 
 extension FileSystem {
+    /// Creates `path` for a write-ahead log (as `openAppendable(create: true)`). A file system
+    /// may extend the file ahead of its appends with zeroed chunks of `preallocateBytes` (0:
+    /// never), so a sync after an append need not also record a new file size; a reader of a
+    /// log must then accept zero bytes after its last record. Default: no preallocation.
+    public func createLog(_ path: String, preallocateBytes: Int) throws(StorageError) -> any AppendableFile {
+        try openAppendable(path, create: true)
+    }
+
     /// Replaces `directory/name` with `bytes` crash-safely: write `name.tmp`, sync it, rename it
     /// over the old file, sync the directory (creating the directory if missing). A crash at any
     /// point leaves the old or the new file, never a torn one.

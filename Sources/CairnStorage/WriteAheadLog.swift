@@ -3,7 +3,7 @@ import Synchronization
 /// The write-ahead log: a file of checksummed, length-prefixed records (Docs/storage-format.md).
 ///
 /// ```
-/// log     = *record
+/// log     = *record *%x00   ; zeros written ahead of appends (`FileSystem.createLog`)
 /// record  = checksum:u32be length:u32be type:u8 payload
 /// checksum = masked CRC32C over type and payload
 /// length  = payload bytes, <= WAL.maxRecordBytes
@@ -38,14 +38,17 @@ public enum WAL {
         public var validEnd: UInt64
         /// Bytes after `validEnd` that were a torn (incomplete or half-written) last record.
         public var tornTailBytes: UInt64
+        /// Zero bytes after `validEnd`: space written ahead of appends, not a torn record.
+        public var zeroTailBytes: UInt64 = 0
         /// Records skipped by `salvage` because they were corrupt, and the bytes they spanned.
         public var salvagedBytes: UInt64
         /// Corrupt stretches `salvage` skipped (each from a bad record to the next valid one).
         public var salvagedRegions = 0
     }
 
-    /// Reads every record of `file`. A bad record is a torn tail when nothing valid follows it (a
-    /// crash during the last append): recovery stops there and reports the bytes to truncate.
+    /// Reads every record of `file`. Zero bytes after the last record end the log (space written
+    /// ahead of appends; `zeroTailBytes`). A bad record is a torn tail when nothing valid follows
+    /// it (a crash during the last append): recovery stops there and reports the bytes to truncate.
     /// A bad record followed by valid ones is corruption: it throws `.corruption` naming the file
     /// and offset, unless `salvage`, which skips to the next valid record and counts the bytes.
     public static func recover(_ file: any ReadableFile, path: String, salvage: Bool = false) throws(StorageError) -> Recovery {
@@ -71,7 +74,12 @@ public enum WAL {
                 offset = next
                 continue
             }
-            // Bad record at `offset`: torn tail, or corruption with good records after it?
+            // Bad record at `offset`: the zeroed space ahead of appends, a torn tail, or
+            // corruption with good records after it?
+            if data[offset...].allSatisfy({ $0 == 0 }) {
+                return Recovery(records: [], validEnd: UInt64(offset), tornTailBytes: 0, zeroTailBytes: UInt64(data.count - offset),
+                                salvagedBytes: salvaged, salvagedRegions: regions)
+            }
             guard let resume = nextValidRecord(after: offset, in: data) else {
                 return Recovery(records: [], validEnd: UInt64(offset), tornTailBytes: UInt64(data.count - offset),
                                 salvagedBytes: salvaged, salvagedRegions: regions)

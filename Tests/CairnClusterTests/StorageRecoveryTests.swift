@@ -52,7 +52,9 @@ final class CapturedLogs: Sendable {
         await backend.database.abandon()
         let log = try #require(try FileManager.default.contentsOfDirectory(atPath: dir + "/storage").first { $0.hasSuffix(".log") })
         var bytes = try Data(contentsOf: URL(fileURLWithPath: dir + "/storage/" + log))
-        bytes[bytes.count / 2] ^= 0x10
+        // The middle of the records: the file ends in zeros written ahead of appends.
+        let end = (bytes.lastIndex { $0 != 0 } ?? 0) + 1
+        bytes[end / 2] ^= 0x10
         try bytes.write(to: URL(fileURLWithPath: dir + "/storage/" + log))
 
         let refusing = CapturedLogs()

@@ -195,6 +195,38 @@ import Foundation
         try await back.close()
     }
 
+    /// A log on the real disk is written ahead in zeroed chunks: its file is a whole number of
+    /// chunks longer than its records, and every record written comes back from it, before and
+    /// after a reopen (which replays a log with a zero tail as a clean one).
+    @Test func theRealDiskLogIsZeroedAheadAndReadsBack() async throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("cairn-log-\(getpid())-\(UInt32.random(in: 0...UInt32.max))").path
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let fs = PosixFileSystem()
+        try fs.createDirectory(dir)
+        let path = dir + "/000001.log"
+        let writer = WALWriter(file: try fs.createLog(path, preallocateBytes: 4096), path: path)
+        let payloads = (0..<100).map { i in [UInt8](repeating: UInt8(i), count: 100 + i) }
+        for p in payloads { try writer.append([p], sync: true) }
+        let logical = writer.size
+        try writer.close()
+        let file = try fs.openReadable(path)
+        #expect(file.size % 4096 == 0 && file.size > logical, "\(file.size) bytes on disk for \(logical) appended")
+        let r = try WAL.recover(file, path: path)
+        #expect(r.records == payloads)
+        #expect(r.validEnd == logical && r.tornTailBytes == 0 && r.zeroTailBytes == file.size - logical)
+        file.close()
+
+        var o = DatabaseOptions()
+        o.logPreallocateBytes = 8192
+        let db = try Database.open(fs: fs, directory: dir + "/db", options: o)
+        for i in 0..<300 { try await db.put(Array("k\(i)".utf8), Array("v\(i)".utf8)) }
+        await db.abandon()   // no flush: the reopen replays the log
+        let back = try Database.open(fs: fs, directory: dir + "/db", options: o)
+        for i in 0..<300 { #expect(try back.get(Array("k\(i)".utf8)) == Array("v\(i)".utf8)) }
+        #expect(back.statistics.tornTailBytes == 0)
+        try await back.close()
+    }
+
     @Test func flushedTablesAnswerAndTombstonesShadowThem() async throws {
         let fs = FaultyFileSystem()
         var rng = Seeded(state: 8)

@@ -88,6 +88,29 @@ private func payload(_ i: Int, _ rng: inout Seeded) -> [UInt8] {
         #expect(salvaged.salvagedBytes == UInt64(WAL.frame(payloads[2]).count))
     }
 
+    /// Zeros written ahead of appends end the log: not torn, not corrupt. A torn record in
+    /// front of them is still torn, and a zeroed stretch with records after it is corruption.
+    @Test func aZeroTailEndsTheLogAndIsNotTorn() throws {
+        var rng = Seeded(state: 5)
+        let payloads = (0..<6).map { payload($0, &rng) + [7] }
+        let whole = log(payloads)
+        let zeros = [UInt8](repeating: 0, count: 4096)
+        let r = try WAL.recover(FaultyReadableFile(bytes: whole + zeros), path: "log")
+        #expect(r.records == payloads)
+        #expect(r.validEnd == UInt64(whole.count) && r.tornTailBytes == 0 && r.zeroTailBytes == 4096)
+
+        let lastStart = log(Array(payloads.dropLast())).count
+        let torn = Array(whole.prefix(lastStart + 5)) + zeros
+        let t = try WAL.recover(FaultyReadableFile(bytes: torn), path: "log")
+        #expect(t.records == Array(payloads.dropLast()))
+        #expect(t.validEnd == UInt64(lastStart) && t.tornTailBytes == UInt64(5 + zeros.count) && t.zeroTailBytes == 0)
+
+        var hole = whole
+        let second = log(Array(payloads.prefix(1))).count
+        for i in second..<log(Array(payloads.prefix(2))).count { hole[i] = 0 }
+        #expect(throws: StorageError.self) { try WAL.recover(FaultyReadableFile(bytes: hole), path: "log") }
+    }
+
     @Test func aFlippedBitInTheLastRecordIsNeverReturnedAsData() throws {
         var rng = Seeded(state: 4)
         let payloads = (0..<3).map { payload($0, &rng) + [9] }
