@@ -770,10 +770,12 @@ public final class VnodeTable: Sendable {
 
     public func vnode(for key: VnodeKey) -> Vnode? { table.withLock { $0[key] } }
 
+    /// Adds `v`. A primary makes this node a replica of its partition again (its successors are
+    /// forgotten); a fallback does not: requests for the primary copy still go to the successors.
     public func insert(_ v: Vnode) {
         removed.withLock { _ = $0.removeValue(forKey: v.key) }
         table.withLock { $0[v.key] = v }
-        successors.withLock { _ = $0.removeValue(forKey: v.key.partition) }
+        if v.role == .primary { successors.withLock { _ = $0.removeValue(forKey: v.key.partition) } }
     }
 
     @discardableResult

@@ -64,6 +64,24 @@ private func view(_ n: Int, version: UInt64, me: String = "n1") throws -> Cluste
         #expect(manager.apply(first).isEmpty, "an older view changes nothing")
     }
 
+    /// A node that handed a partition away relays its replica requests to the successors until
+    /// it runs the partition's primary vnode again; standing in for a down primary of it (a
+    /// fallback vnode) does not make it a replica.
+    @Test func successorsStayUntilThePrimaryVnodeReturns() throws {
+        let table = VnodeTable()
+        let backend = MemoryBackend()
+        let p = PartitionID(5)
+        func vnode(_ role: VnodeRole) -> Vnode {
+            Vnode(partition: p, role: role, backend: backend, limits: Limits(), metrics: NodeMetrics(maxInflight: 1), logger: Logger(label: "t"))
+        }
+        let successors = [try NodeName("n4"), try NodeName("n5")]
+        table.movedAway(p, to: successors)
+        table.insert(vnode(.fallback))
+        #expect(table.successors(of: p) == successors)
+        table.insert(vnode(.primary))
+        #expect(table.successors(of: p).isEmpty)
+    }
+
     @Test func theSocketTransportAddsAndRemovesLinksWithTheViews() throws {
         let first = try view(3, version: 1)
         let views = ClusterViews(first)
