@@ -27,11 +27,17 @@ import Testing
         await db.abandon()
     }
 
-    @Test func aTableAnswersOnlyFromCachedBlocksAndNeverReadsItsFile() async throws {
-        let fs = FaultyFileSystem()
-        let db = try Database.open(fs: fs, directory: "/db", options: Self.options())
+    /// A database whose keys 0..<100 (value: the key's number) are in one table, none cached.
+    static func oneTable(_ fs: FaultyFileSystem) async throws -> Database {
+        let db = try Database.open(fs: fs, directory: "/db", options: options())
         for i in 0..<100 { try await db.put(key(i), [UInt8(i)]) }
         try db.flush()
+        return db
+    }
+
+    @Test func aTableAnswersOnlyFromCachedBlocksAndNeverReadsItsFile() async throws {
+        let fs = FaultyFileSystem()
+        let db = try await Self.oneTable(fs)
         let missesBefore = db.statistics.blockCache.misses
         #expect(db.getDurableInMemory(key(5)) == .needsDisk, "its block was never read")
         #expect(db.statistics.blockCache.misses == missesBefore, "a probe counts no miss")
@@ -52,10 +58,7 @@ import Testing
 
     @Test func aDamagedTableIsLeftToGetDurableToReport() async throws {
         let fs = FaultyFileSystem()
-        let db = try Database.open(fs: fs, directory: "/db", options: Self.options())
-        for i in 0..<100 { try await db.put(key(i), [UInt8(i)]) }
-        try db.flush()
-        try await db.close()
+        try await Self.oneTable(fs).close()
         let table = try #require(try fs.list("/db").first { $0.hasSuffix(".sst") })
         // The footer's magic number: the table cannot be opened at all.
         let size = try #require(fs.contents("/db/" + table)?.count)
