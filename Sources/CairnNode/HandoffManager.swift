@@ -308,8 +308,6 @@ final class HandoffManager: SupervisedChild {
         if owed > 0 { reconcile(views.current.state) }
     }
 
-    /// Whether `ring` has `me` run `p`'s vnode, or plans a transfer of `p` from `me` (its shell
-    /// hands the copy on).
     // MARK: Fallback copies
 
     /// How often the manager looks for primaries of its fallback copies that came back.

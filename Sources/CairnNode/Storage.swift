@@ -183,6 +183,7 @@ extension PartitionStore {
     }
 
     public func abandon() async {}
+    public func getDurableInMemory(partition: PartitionID, key: [UInt8]) -> InMemoryRead { .needsDisk }
 
     /// Whether `partition` holds a key storage can read: a fold that stops at the first.
     public func holdsAnyKey(partition: PartitionID) async throws -> Bool {
@@ -191,7 +192,7 @@ extension PartitionStore {
             return .stop
         }.accumulator
     }
-    public func getDurableInMemory(partition: PartitionID, key: [UInt8]) -> InMemoryRead { .needsDisk }
+
     public var persistentEpoch: UInt64? { nil }
     public var storageStatistics: Database.Statistics? { nil }
     public var acknowledgesDurably: Bool { false }

@@ -72,7 +72,6 @@ public final class BlockCache: Sendable {
         return Int(truncatingIfNeeded: h & 15)
     }
 
-    /// The cached block, marking it most recently used.
     /// The cached block, made most recent. `countMiss` false: a miss is not counted (a probe
     /// that falls back to a read which will count it).
     public func get(_ key: Key, countMiss: Bool = true) -> Block? {

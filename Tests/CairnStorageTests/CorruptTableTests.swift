@@ -7,11 +7,7 @@ import Testing
 @Suite(.serialized) struct CorruptTableTests {
     static func value(_ i: Int) -> [UInt8] { Array("value-\(i)-".utf8) + [UInt8](repeating: UInt8(i & 0xFF), count: 12) }
 
-    static func options() -> DatabaseOptions {
-        var o = smallOptions()
-        o.writeBufferBytes = 8 << 20   // only explicit flushes
-        return o
-    }
+    static func options() -> DatabaseOptions { explicitFlushOptions() }
 
     /// The table holding keys 0..<100 (and nothing else), written and closed; returns its path.
     static func oneTable(_ fs: FaultyFileSystem) async throws -> String {

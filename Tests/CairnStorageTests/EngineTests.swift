@@ -17,6 +17,13 @@ func smallOptions() -> DatabaseOptions {
     return o
 }
 
+/// `smallOptions` with memtables large enough that only explicit flushes write tables.
+func explicitFlushOptions() -> DatabaseOptions {
+    var o = smallOptions()
+    o.writeBufferBytes = 8 << 20
+    return o
+}
+
 func key(_ i: Int) -> [UInt8] { Array(String(format: "key%06d", i).utf8) }
 
 /// What the database should hold: a sorted dictionary model.

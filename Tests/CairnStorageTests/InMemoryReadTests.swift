@@ -4,11 +4,7 @@ import Testing
 /// `getDurableInMemory` answers what `getDurable` would, from memtables, filters and cached
 /// blocks only; anything that would read a file, or meets damage, is `.needsDisk`.
 @Suite struct InMemoryReadTests {
-    static func options() -> DatabaseOptions {
-        var o = smallOptions()
-        o.writeBufferBytes = 8 << 20   // only explicit flushes
-        return o
-    }
+    static func options() -> DatabaseOptions { explicitFlushOptions() }
 
     @Test func memtableEntriesAnswerAsGetDurableDoes() async throws {
         let fs = FaultyFileSystem()
