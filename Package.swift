@@ -101,7 +101,7 @@ let package = Package(
 
         // The LSM storage engine: standalone, knows nothing of the cluster; file I/O behind `FileSystem`.
         .target(name: "CairnStorage", dependencies: ["CStorageSupport"], swiftSettings: strict),
-        // C helpers: CRC-32C with the CPU's CRC32 instruction (SSE 4.2, checked at run time), malloc_trim,
+        // C helpers: CRC-32C with the CPU's CRC32 instruction (SSE 4.2, checked at run time), malloc_trim, sync_file_range,
         // thread names and timer slack.
         .target(name: "CStorageSupport"),
         .testTarget(name: "CairnStorageTests", dependencies: ["CairnStorage"], swiftSettings: strict),

@@ -1,6 +1,8 @@
 // C helpers for CairnStorage. CRC-32C with the SSE 4.2 CRC32 instruction: 8 bytes per instruction. The Swift side keeps a
 // table-driven fallback for CPUs without it (CairnStorage/CRC32C.swift).
+#define _GNU_SOURCE
 #include "cstoragesupport.h"
+#include <errno.h>
 #include <string.h>
 
 #if defined(__x86_64__)
@@ -46,4 +48,18 @@ void cairn_precise_timers(void) { prctl(PR_SET_TIMERSLACK, 1UL, 0, 0, 0); }
 #else
 void cairn_set_thread_name(const char *name) { (void)name; }
 void cairn_precise_timers(void) {}
+#endif
+
+#if defined(__linux__)
+#include <fcntl.h>
+int cairn_write_out(int fd, int64_t offset, int64_t count) {
+    int r;
+    do {
+        r = sync_file_range(fd, offset, count,
+                            SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER);
+    } while (r != 0 && errno == EINTR);
+    return r;
+}
+#else
+int cairn_write_out(int fd, int64_t offset, int64_t count) { (void)fd; (void)offset; (void)count; return 0; }
 #endif

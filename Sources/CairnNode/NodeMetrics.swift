@@ -251,6 +251,7 @@ public final class NodeMetrics: Sendable {
             ("cairn_storage_compactions", [], Double(s.compactions)),
             ("cairn_storage_compaction_written_bytes", [], Double(s.compactionWrittenBytes)),
             ("cairn_storage_compaction_throttled_seconds", [], Double(s.compactionThrottledMicros) / 1e6),
+            ("cairn_storage_table_write_outs", [], Double(s.tableWriteOuts)),
             ("cairn_storage_delayed_writes", [], Double(s.delayedWrites)),
             ("cairn_storage_stalled_writes", [], Double(s.stalledWrites)),
             ("cairn_storage_background_failures", [], Double(s.backgroundFailures)),

@@ -117,6 +117,11 @@ public struct DatabaseOptions: Sendable {
     /// and XFS one device write per `fdatasync` instead of two. Costs at most this much disk per
     /// log, and the zeros are written once.
     public var logPreallocateBytes = 1 << 20
+    /// A table being written (flush, compaction) is written out to the device every this many
+    /// bytes, and the writer waits for it (`bytes_per_sync`; 0: only the final sync). Bounds how
+    /// much of a table the device queue holds ahead of a log sync: without it a flush's whole
+    /// table reaches the device at its final sync, and every write's log sync waits behind it.
+    public var bytesPerSync = 1 << 20
     /// Background write budget for compaction (`compaction_bytes_per_second`; 0: unlimited).
     public var compactionBytesPerSecond: UInt64 = 128 << 20
     public var compaction = CompactionPolicy()
@@ -165,6 +170,8 @@ public final class Database: Sendable {
         public var writtenBytes: UInt64 = 0
         public var flushes = 0
         public var flushedBytes: UInt64 = 0
+        /// Times a flush or compaction wrote its table out mid-way (`DatabaseOptions.bytesPerSync`).
+        public var tableWriteOuts = 0
         public var compactions = 0
         public var trivialMoves = 0
         public var compactionReadBytes: UInt64 = 0
@@ -559,28 +566,39 @@ public final class Database: Sendable {
             edit.lastSequence = lastSequence
             var reader: TableReader?
             var written: UInt64 = 0
-            let entries = frozen.scan().filter { e in !tombstones.contains { $0.hides(e.key, e.sequence) } }
+            var writeOuts = 0
             let tablePath = path(Self.tableName(number))
-            if let first = entries.first, let last = entries.last {
-                do throws(StorageError) {
-                    let builder = try TableBuilder(fs: fs, path: tablePath, blockSize: options.blockSize, bitsPerKey: options.bloomBitsPerKey)
-                    var low = UInt64.max
-                    var high: UInt64 = 0
-                    for e in entries {
-                        try builder.add(key: e.key, value: InternalValue.encode(e))
-                        low = min(low, e.sequence)
-                        high = max(high, e.sequence)
+            // A cursor, not a scan: it takes the memtable's lock one entry at a time, so reads of
+            // the frozen memtable (from event loops among others) go on while it is written.
+            let cursor = frozen.cursor(from: [], snapshot: .max)
+            do throws(StorageError) {
+                var table: (builder: TableBuilder, smallest: [UInt8], largest: [UInt8], low: UInt64, high: UInt64)?
+                while let e = cursor.next() {
+                    if tombstones.contains(where: { $0.hides(e.key, e.sequence) }) { continue }
+                    if table == nil {
+                        let builder = try TableBuilder(fs: fs, path: tablePath, blockSize: options.blockSize,
+                                                       bitsPerKey: options.bloomBitsPerKey, bytesPerSync: options.bytesPerSync)
+                        table = (builder, e.key, e.key, e.sequence, e.sequence)
                     }
-                    written = try builder.finish()
-                    try fs.syncDirectory(directory)
-                    edit.added = [TableMeta(number: number, level: 0, size: written, smallest: first.key, largest: last.key,
-                                            smallestSequence: low, largestSequence: high, filteredThrough: filteredThrough)]
-                    reader = try TableReader(fs: fs, path: tablePath, number: number, cache: cache)
-                } catch {
-                    // A partial table (a full disk, say) would hold its space until the next open.
-                    if fs.exists(tablePath) { try? fs.remove(tablePath) }
-                    throw error
+                    try table?.builder.add(key: e.key, value: InternalValue.encode(e))
+                    table?.largest = e.key
+                    if let t = table {
+                        table?.low = min(t.low, e.sequence)
+                        table?.high = max(t.high, e.sequence)
+                    }
                 }
+                if let t = table {
+                    written = try t.builder.finish()
+                    writeOuts = t.builder.writeOuts
+                    try fs.syncDirectory(directory)
+                    edit.added = [TableMeta(number: number, level: 0, size: written, smallest: t.smallest, largest: t.largest,
+                                            smallestSequence: t.low, largestSequence: t.high, filteredThrough: filteredThrough)]
+                    reader = try TableReader(fs: fs, path: tablePath, number: number, cache: cache)
+                }
+            } catch {
+                // A partial table (a full disk, say) would hold its space until the next open.
+                if fs.exists(tablePath) { try? fs.remove(tablePath) }
+                throw error
             }
             var recorded = false
             var appended = false
@@ -594,6 +612,7 @@ public final class Database: Sendable {
                     s.immutable = nil
                     s.stats.flushes += 1
                     s.stats.flushedBytes += written
+                    s.stats.tableWriteOuts += writeOuts
                     try retireTombstones(&s)
                     s.relink()
                 }
@@ -606,6 +625,10 @@ public final class Database: Sendable {
                 }
                 throw error
             }
+            // The frozen memtable is freed here, on this thread, once the lock is released: its
+            // entries are a hundred thousand allocations, and freeing them where the old read
+            // view lost its last reference (under the state lock) held every write and read.
+            withExtendedLifetime(frozen) {}
             for name in try fs.list(directory) where name.hasSuffix(".log") {
                 if let n = UInt64(name.dropLast(4)), n < nextLog { try fs.remove(path(name)) }
             }
@@ -791,11 +814,13 @@ public final class Database: Sendable {
         var builder: TableBuilder?
         var current: (number: UInt64, smallest: [UInt8], largest: [UInt8], low: UInt64, high: UInt64)?
         var dropped = 0
+        var writeOuts = 0
         var sinceCharge: UInt64 = 0
 
         func finishOutput() throws(StorageError) {
             guard let b = builder, let c = current else { return }
             let size = try b.finish()
+            writeOuts += b.writeOuts
             limiter.spent(sinceCharge)
             sinceCharge = 0
             outputs.append(TableMeta(number: c.number, level: plan.outputLevel, size: size, smallest: c.smallest, largest: c.largest,
@@ -818,7 +843,7 @@ public final class Database: Sendable {
                         return s.version.nextFile
                     }
                     builder = try TableBuilder(fs: fs, path: path(Self.tableName(number)), blockSize: options.blockSize,
-                                               bitsPerKey: options.bloomBitsPerKey)
+                                               bitsPerKey: options.bloomBitsPerKey, bytesPerSync: options.bytesPerSync)
                     current = (number, e.key, e.key, e.sequence, e.sequence)
                 }
                 let value = InternalValue.encode(e)
@@ -846,6 +871,7 @@ public final class Database: Sendable {
         }
         state.withLock {
             $0.stats.droppedEntries += dropped
+            $0.stats.tableWriteOuts += writeOuts
             $0.stats.compactionThrottledMicros += limiter.sleptNanoseconds / 1000
         }
         return outputs
@@ -1284,12 +1310,11 @@ actor BackgroundWorker {
         while true {
             await signal.wait()
             do {
-                while !db.isClosed, try job(db) {
-                    failures = 0
-                    // A flush or merge frees megabytes of small allocations; hand the free pages
-                    // back to the OS so the process's footprint tracks the configured bounds.
-                    environment.releaseFreeMemory()
-                }
+                // No malloc_trim after a job: it holds each malloc arena's lock while it walks it,
+                // the event loops' arenas included (a 60 ms stall of every request after each
+                // flush), and the pages a flush frees are the next memtable's anyway: the peak
+                // footprint is the same without it (Benchmarks/README.md, flush latency).
+                while !db.isClosed, try job(db) { failures = 0 }
             } catch {
                 failures += 1
                 if db.backgroundFailed(error, failures: failures) { return }

@@ -28,7 +28,8 @@ public protocol StorageEnvironment: Sendable {
     func spawn(_ body: @escaping @Sendable () async -> Void) -> Task<Void, Never>
     /// Suspends the calling task (retry backoff, the level-0 slowdown, the interval-sync timer).
     func sleep(for duration: Duration) async throws
-    /// Hands freed heap pages back to the OS after a flush or a merge.
+    /// Hands freed heap pages back to the OS (once, after `open` replayed the logs). Blocks every
+    /// thread's allocations while it runs: never on a hot path.
     func releaseFreeMemory()
 }
 

@@ -29,6 +29,8 @@ public final class FaultyFileSystem: FileSystem, Sendable {
         var failSyncs = 0
         var skipBeforeFailing = 0
         var syncCount = 0
+        /// `AppendableFile.writeOut` calls (they make nothing durable here, as on a real disk).
+        var writeOutCount = 0
         /// Bytes appends may still add (nil: unlimited).
         var freeSpace: Int?
         /// An armed short write (see `failNextWrite`).
@@ -81,6 +83,8 @@ public final class FaultyFileSystem: FileSystem, Sendable {
     }
 
     public var syncCount: Int { state.withLock { $0.syncCount } }
+    /// Write-outs requested so far; they leave appended data as undurable as it was.
+    public var writeOutCount: Int { state.withLock { $0.writeOutCount } }
 
     /// From now on every file sync blocks its calling thread, before it does anything, until
     /// `releaseSyncs` (a slow `fdatasync`, held open for as long as a test needs). Directory
@@ -304,6 +308,13 @@ public final class FaultyFileSystem: FileSystem, Sendable {
     }
 
     func size(_ path: String) -> UInt64 { state.withLock { UInt64($0.entries[path]?.count ?? 0) } }
+
+    func writeOut(_ path: String, generation: Int?) throws(StorageError) {
+        try state.withLock { s throws(StorageError) in
+            try Self.alive(s, generation, path)
+            s.writeOutCount += 1
+        }
+    }
 }
 
 final class FaultyAppendableFile: AppendableFile {
@@ -320,6 +331,7 @@ final class FaultyAppendableFile: AppendableFile {
     var size: UInt64 { fs.size(path) }
     func append(_ bytes: [UInt8]) throws(StorageError) { try fs.append(path, bytes, generation: generation) }
     func sync() throws(StorageError) { try fs.sync(path, generation: generation) }
+    func writeOut() throws(StorageError) { try fs.writeOut(path, generation: generation) }
     func close() throws(StorageError) {}
 }
 

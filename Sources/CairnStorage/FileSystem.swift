@@ -63,7 +63,15 @@ public protocol AppendableFile: AnyObject {
     func append(_ bytes: [UInt8]) throws(StorageError)
     /// `fdatasync`: everything appended so far is durable when this returns.
     func sync() throws(StorageError)
+    /// Starts writing what was appended since the last call to the device and waits until it is
+    /// written: it then no longer queues ahead of another file's sync. Promises no durability
+    /// (neither metadata nor the device's cache): only `sync` does. Default: nothing.
+    func writeOut() throws(StorageError)
     func close() throws(StorageError)
+}
+
+extension AppendableFile {
+    public func writeOut() throws(StorageError) {}
 }
 
 /// A file read at explicit offsets. Thread-safe for concurrent reads.

@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import CStorageSupport
 import Synchronization
 
 /// The real disk: plain POSIX calls (`fdatasync` for `sync`, an `fsync` of the directory for
@@ -107,6 +108,8 @@ final class PosixAppendableFile: AppendableFile {
     private var preallocateBytes: Int
     /// Where the zeros written ahead end (≥ `size`).
     private var zeroedEnd: UInt64
+    /// Where the last `writeOut` ended.
+    private var writtenOut: UInt64 = 0
 
     init(fd: Int32, path: String, size: UInt64, preallocateBytes: Int = 0) {
         descriptor = Descriptor(fd)
@@ -164,6 +167,16 @@ final class PosixAppendableFile: AppendableFile {
 
     func sync() throws(StorageError) {
         guard fdatasync(fd) == 0 else { throw .syncFailed(path: path, errno: errno) }
+    }
+
+    /// `sync_file_range` over what was appended since the last call. A failure is reported as a
+    /// failed sync: the kernel may have dropped the pages it could not write (as after fsync).
+    func writeOut() throws(StorageError) {
+        guard size > writtenOut else { return }
+        guard cairn_write_out(fd, Int64(clamping: writtenOut), Int64(clamping: size - writtenOut)) == 0 else {
+            throw .syncFailed(path: path, errno: errno)
+        }
+        writtenOut = size
     }
 
     func close() throws(StorageError) {

@@ -44,14 +44,24 @@ public final class TableBuilder {
     private var keyHashes: [UInt64] = []
     private var lastKey: [UInt8]?
     private var offset: UInt64 = 0
+    /// 0: never. Else the blocks are written out (`AppendableFile.writeOut`) every this many bytes.
+    let bytesPerSync: UInt64
+    /// Where the last write-out ended.
+    private var writtenOut: UInt64 = 0
     public private(set) var entries = 0
+    /// Write-outs performed so far (see `bytesPerSync`).
+    public private(set) var writeOuts = 0
 
-    public init(fs: any FileSystem, path: String, blockSize: Int = 4096, bitsPerKey: Int = 10, restartInterval: Int = 16) throws(StorageError) {
+    /// `bytesPerSync`: write what was appended out to the device every this many bytes and wait
+    /// for it (0: only `finish` syncs), so a table never floods the device queue ahead of a log sync.
+    public init(fs: any FileSystem, path: String, blockSize: Int = 4096, bitsPerKey: Int = 10, restartInterval: Int = 16,
+                bytesPerSync: Int = 0) throws(StorageError) {
         file = try fs.openAppendable(path, create: true)
         guard file.size == 0 else { throw .invalidArgument("\(path) already exists") }
         self.path = path
         self.blockSize = max(blockSize, 256)
         self.bitsPerKey = bitsPerKey
+        self.bytesPerSync = UInt64(max(bytesPerSync, 0))
         block = BlockBuilder(restartInterval: restartInterval)
     }
 
@@ -74,6 +84,11 @@ public final class TableBuilder {
         try index.add(key: lastKey, value: Table.Handle(offset: offset, size: UInt64(bytes.count)).encoded())
         offset += UInt64(bytes.count)
         block = BlockBuilder(restartInterval: block.restartInterval)
+        if bytesPerSync > 0, offset - writtenOut >= bytesPerSync {
+            try file.writeOut()
+            writtenOut = offset
+            writeOuts += 1
+        }
     }
 
     /// Finishes and syncs the table; returns its size in bytes.

@@ -64,6 +64,13 @@ import CairnCore
         #expect(throws: NodeConfig.ParseError.self) { try parse("storage.salvage = yes\n") }
     }
 
+    @Test func tableWriteOutsAreOnAtOneMiBAndCanBeTurnedOff() throws {
+        #expect(try parse("").storage.bytesPerSync == 1 << 20)
+        #expect(try parse("storage.bytes_per_sync = 256KiB\n").storage.bytesPerSync == 256 << 10)
+        #expect(try parse("storage.bytes_per_sync = 0\n").storage.bytesPerSync == 0)
+        #expect(throws: NodeConfig.ParseError.self) { try parse("storage.bytes_per_sync = 2GiB\n") }
+    }
+
     @Test func crlfFilesParse() throws {
         let c = try NodeConfig.parse("node.name = n1\r\ncluster.members = n1@h:1\r\nrequest.timeout = 3s\r\n")
         #expect(c.requestTimeoutMillis == 3000)

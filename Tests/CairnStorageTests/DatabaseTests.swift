@@ -227,6 +227,42 @@ import Foundation
         try await back.close()
     }
 
+    /// A flush writes its table out every `bytesPerSync` bytes (and not at all with 0); a
+    /// write-out makes nothing durable, so a crash before the table's sync still loses nothing
+    /// acknowledged — the log replays it.
+    @Test func flushesWriteTheirTablesOutEveryBytesPerSync() async throws {
+        let value = [UInt8](repeating: 7, count: 1000)
+        for (bytesPerSync, expected) in [(64 << 10, 4...8), (0, 0...0)] {
+            let fs = FaultyFileSystem()
+            var o = explicitFlushOptions()
+            o.bytesPerSync = bytesPerSync
+            let db = try Database.open(fs: fs, directory: "/db", options: o)
+            for i in 0..<300 { try await db.put(key(i), value) }
+            let before = fs.writeOutCount
+            try db.flush()
+            // About 300 KB of table: one write-out per 64 KiB of blocks.
+            #expect(expected.contains(fs.writeOutCount - before), "\(fs.writeOutCount - before) write-outs at \(bytesPerSync)")
+            #expect(db.statistics.tableWriteOuts == fs.writeOutCount - before)
+            for i in 0..<300 { #expect(try db.get(key(i)) == value) }
+            try await db.close()
+        }
+    }
+
+    /// The real disk's write-out (`sync_file_range`) covers what was appended since the last one.
+    @Test func theRealDiskWritesATableOutAndReadsItBack() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("cairn-writeout-\(getpid())-\(UInt32.random(in: 0...UInt32.max))").path
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let fs = PosixFileSystem()
+        try fs.createDirectory(dir)
+        let b = try TableBuilder(fs: fs, path: dir + "/1.sst", blockSize: 4096, bytesPerSync: 16 << 10)
+        for i in 0..<10_000 { try b.add(key: key(i), value: Array("value \(i)".utf8)) }
+        try b.finish()
+        #expect(b.writeOuts >= 5, "\(b.writeOuts) write-outs of 16 KiB for \(b.estimatedSize) bytes")
+        let r = try TableReader(fs: fs, path: dir + "/1.sst", number: 1, cache: BlockCache(capacityBytes: 1 << 20))
+        for i in stride(from: 0, to: 10_000, by: 97) { #expect(try r.get(key(i)) == Array("value \(i)".utf8)) }
+        r.close()
+    }
+
     @Test func flushedTablesAnswerAndTombstonesShadowThem() async throws {
         let fs = FaultyFileSystem()
         var rng = Seeded(state: 8)
