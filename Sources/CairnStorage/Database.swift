@@ -539,6 +539,7 @@ public final class Database: Sendable {
         }
         state.withLock { s in
             s.committer.markDurable(upTo: s.sequence)
+            s.memtable.freeze()
             s.immutable = (s.memtable, number, s.sequence)
             s.memtable = Memtable()
             s.writer = WALWriter(file: file, path: logPath)
@@ -568,12 +569,12 @@ public final class Database: Sendable {
             var written: UInt64 = 0
             var writeOuts = 0
             let tablePath = path(Self.tableName(number))
-            // A cursor, not a scan: it takes the memtable's lock one entry at a time, so reads of
-            // the frozen memtable (from event loops among others) go on while it is written.
-            let cursor = frozen.cursor(from: [], snapshot: .max)
+            // Walked without the memtable's lock (it takes no adds once frozen), so reads of it,
+            // the event loops' in-memory reads among them, never wait for the flush.
+            guard var entries = frozen.frozenEntries() else { preconditionFailure("flushing a memtable that was not frozen") }
             do throws(StorageError) {
                 var table: (builder: TableBuilder, smallest: [UInt8], largest: [UInt8], low: UInt64, high: UInt64)?
-                while let e = cursor.next() {
+                while let e = entries.next() {
                     if tombstones.contains(where: { $0.hides(e.key, e.sequence) }) { continue }
                     if table == nil {
                         let builder = try TableBuilder(fs: fs, path: tablePath, blockSize: options.blockSize,

@@ -107,6 +107,8 @@ public final class Memtable: Sendable {
         var height = 1
         var count = 0
         var bytes = 0
+        /// Set by `freeze`: no add follows, so the links are read without the lock.
+        var frozen = false
         var rng: UInt64 = 0x2545_F491_4F6C_DD1D
         var smallestSequence: UInt64 = .max
     }
@@ -123,6 +125,7 @@ public final class Memtable: Sendable {
     /// Adds an entry. (key, sequence) pairs are unique: the engine issues each sequence once.
     public func add(key: [UInt8], sequence: UInt64, kind: EntryKind, value: [UInt8]) {
         state.withLock { s in
+            precondition(!s.frozen, "an add to a frozen memtable")
             let head = Unmanaged.passUnretained(s.head)
             var update = [Unmanaged<Node>](repeating: head, count: Self.maxHeight)
             var x = head
@@ -236,6 +239,33 @@ public final class Memtable: Sendable {
                 }
                 return nil
             }
+        }
+    }
+
+    /// Ends the table's adds (the engine freezes a memtable when it swaps in a new one, under the
+    /// lock that orders its adds): its links never change again, so `frozenEntries` may walk
+    /// them without the lock. An add after this is a programming error and traps.
+    public func freeze() { state.withLock { $0.frozen = true } }
+
+    /// The newest entry of each key in key order, deletions included, of a frozen table (nil if
+    /// `freeze` was not called). Walks the list without taking the lock, so a flush writing the
+    /// table out never holds up a reader of it.
+    public func frozenEntries() -> FrozenEntries? {
+        state.withLock { s in s.frozen ? FrozenEntries(memtable: self, node: s.head.successor(0)) : nil }
+    }
+
+    /// See `frozenEntries`. Keeps the memtable (and so its nodes) alive while it walks.
+    public struct FrozenEntries: IteratorProtocol {
+        let memtable: Memtable
+        var node: Node?
+
+        public mutating func next() -> Entry? {
+            guard let n = node else { return nil }
+            // The first node of a key is its newest entry (sequence descending within a key).
+            var after = n.successor(0)
+            while let a = after, a.key == n.key { after = a.successor(0) }
+            node = after
+            return n.entry
         }
     }
 
