@@ -51,6 +51,15 @@ void cairn_precise_timers(void) {}
 #endif
 
 #if defined(__linux__)
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+int cairn_set_thread_nice(int nice) { return setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), nice); }
+#else
+int cairn_set_thread_nice(int nice) { (void)nice; return 0; }
+#endif
+
+#if defined(__linux__)
 #include <fcntl.h>
 int cairn_write_out(int fd, int64_t offset, int64_t count) {
     int r;

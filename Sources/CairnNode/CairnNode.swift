@@ -77,7 +77,8 @@ public final class CairnNode: Service, Sendable {
     ///     instead of sockets (tests and the simulator).
     ///   - fileSystem, storageEnvironment: the disk engine's file seam (when given, the data
     ///     directory is a path in it and is not locked) and where its work runs (request
-    ///     executors, on which the vnodes run, and background work).
+    ///     executors, on which the vnodes run, and background work; default: threads, the
+    ///     workers at `storage.background_nice`).
     ///   - epochs: where actor epochs are drawn (seeded in simulations).
     ///   - taskExecutor: where the node's unstructured tasks run (a simulated node's lane; nil:
     ///     the global pool).
@@ -85,11 +86,11 @@ public final class CairnNode: Service, Sendable {
                 notify: (any NotifySink)? = nil, watchdogInterval: Duration?? = .none, transportFaults: TransportFaults? = nil,
                 decorateBackend: (@Sendable (any PartitionStore) -> any PartitionStore)? = nil, clock: any NodeClock = SystemClock(),
                 network: InMemoryNetwork? = nil, fileSystem: (any FileSystem)? = nil,
-                storageEnvironment: any StorageEnvironment = ThreadEnvironment(), epochs: EpochSource = EpochSource(),
+                storageEnvironment: (any StorageEnvironment)? = nil, epochs: EpochSource = EpochSource(),
                 taskExecutor: (any TaskExecutor)? = nil) {
         self.network = network
         self.fileSystem = fileSystem
-        self.storageEnvironment = storageEnvironment
+        self.storageEnvironment = storageEnvironment ?? ThreadEnvironment(backgroundNice: config.storageBackgroundNice)
         self.watchdogInterval = watchdogInterval ?? SystemdNotifySink.watchdogInterval()
         var log = logger ?? Logger(label: "cairn.node")
         log[metadataKey: "node"] = "\(config.name)"

@@ -35,6 +35,9 @@ public struct NodeConfig: Sendable {
     /// cache, compaction budget, level-0 bounds, and `storage.salvage` (`cairnd --salvage`: open
     /// even if a log is corrupt before its tail, dropping the corrupt records).
     public var storage = DatabaseOptions()
+    /// `storage.background_nice`: the nice value (0…19) of the engine's worker threads (flush,
+    /// compaction, bulk scans), so requests get the CPU first while a flush or merge runs.
+    public var storageBackgroundNice: Int32 = 10
     // cluster.*
     public var clusterName = "cairn"
     public var ringSize = Ring.defaultPartitionCount

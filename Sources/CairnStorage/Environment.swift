@@ -43,13 +43,19 @@ public protocol BlockingQueue: Sendable {
 public struct ThreadEnvironment: StorageEnvironment {
     /// Request executors made by `makeRequestExecutors` (each a thread).
     public let requestThreads: Int
+    /// The nice value of the worker threads (`makeWorkerExecutor`: flush, compaction, bulk scans).
+    public let backgroundNice: Int32
 
-    /// `requestThreads`: default one per online core, at most four.
-    public init(requestThreads: Int? = nil) {
+    /// `requestThreads`: default one per online core, at most four. `backgroundNice`: 0…19,
+    /// the worker threads' nice value (`storage.background_nice`): on a busy machine the
+    /// scheduler then gives request threads the CPU first, and a flush or merge takes longer.
+    public init(requestThreads: Int? = nil, backgroundNice: Int32 = 0) {
         self.requestThreads = max(1, requestThreads ?? min(4, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))))
+        self.backgroundNice = min(max(backgroundNice, 0), 19)
     }
 
-    public func makeWorkerExecutor(label: String) -> any SerialExecutor { QueueExecutor(label: label) }
+    /// A thread of its own per worker, at `backgroundNice`.
+    public func makeWorkerExecutor(label: String) -> any SerialExecutor { ThreadExecutor(label: label, nice: backgroundNice) }
 
     public func makeRequestExecutors(label: String) -> [any SerialExecutor] {
         (0..<requestThreads).map { ThreadExecutor(label: "\(label).\($0)") }
@@ -69,19 +75,4 @@ struct DispatchBlockingQueue: BlockingQueue {
     let queue: DispatchQueue
     init(label: String) { queue = DispatchQueue(label: label) }
     func async(_ work: @escaping @Sendable () -> Void) { queue.async(execute: work) }
-}
-
-/// A serial executor on its own dispatch queue (a thread outside Swift's cooperative pool), so a
-/// background actor's blocking file I/O and fsyncs never starve request handling.
-final class QueueExecutor: SerialExecutor {
-    let queue: DispatchQueue
-    init(label: String) { queue = DispatchQueue(label: label, qos: .utility) }
-
-    func enqueue(_ job: consuming ExecutorJob) {
-        let job = UnownedJob(job)
-        let executor = asUnownedSerialExecutor()
-        queue.async { job.runSynchronously(on: executor) }
-    }
-
-    func asUnownedSerialExecutor() -> UnownedSerialExecutor { UnownedSerialExecutor(ordinary: self) }
 }

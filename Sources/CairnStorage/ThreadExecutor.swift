@@ -40,11 +40,20 @@ public final class ThreadExecutor: ClosureExecutor {
         /// The executor the jobs run on; set once, before the first job can be enqueued.
         let executor = Mutex<UnownedSerialExecutor?>(nil)
         let name: String
+        /// The thread's nice value (0: as the process).
+        let nice: Int32
 
-        init(name: String) { self.name = name }
+        init(name: String, nice: Int32) {
+            self.name = name
+            self.nice = nice
+        }
 
-        func loop() {
+        /// `ownThread`: the loop runs on a thread made for it (not one borrowed from Dispatch,
+        /// which would keep a lowered priority after the loop ends).
+        func loop(ownThread: Bool) {
             cairn_set_thread_name(name)
+            // Best effort: a refused change (a container's limits) leaves the thread as it was.
+            if ownThread, nice != 0 { _ = cairn_set_thread_nice(nice) }
             state.withLock { $0.thread = pthread_self() }
             while true {
                 let next: [Work]? = state.withLock { s in
@@ -98,15 +107,16 @@ public final class ThreadExecutor: ClosureExecutor {
 
     private let core: Core
 
-    /// Starts the thread, named `label` (truncated to 15 bytes in the OS's thread list).
-    public init(label: String) {
-        core = Core(name: label)
+    /// Starts the thread, named `label` (truncated to 15 bytes in the OS's thread list), at
+    /// `nice` (0: the process's priority; higher: the scheduler favours other threads).
+    public init(label: String, nice: Int32 = 0) {
+        core = Core(name: label, nice: nice)
         core.executor.withLock { $0 = UnownedSerialExecutor(ordinary: self) }
         let box = Unmanaged.passRetained(core).toOpaque()
         var thread = pthread_t()
         let started = pthread_create(&thread, nil, { arg in
             guard let arg else { return nil }
-            Unmanaged<Core>.fromOpaque(arg).takeRetainedValue().loop()
+            Unmanaged<Core>.fromOpaque(arg).takeRetainedValue().loop(ownThread: true)
             return nil
         }, box)
         if started == 0 {
@@ -116,7 +126,7 @@ public final class ThreadExecutor: ClosureExecutor {
             // still one at a time, still off the cooperative pool.
             Unmanaged<Core>.fromOpaque(box).release()
             let core = core
-            DispatchQueue(label: label).async { core.loop() }
+            DispatchQueue(label: label).async { core.loop(ownThread: false) }
         }
     }
 

@@ -71,6 +71,12 @@ import CairnCore
         #expect(throws: NodeConfig.ParseError.self) { try parse("storage.bytes_per_sync = 2GiB\n") }
     }
 
+    @Test func backgroundThreadsAreNicedTenByDefault() throws {
+        #expect(try parse("").storageBackgroundNice == 10)
+        #expect(try parse("storage.background_nice = 0\n").storageBackgroundNice == 0)
+        #expect(throws: NodeConfig.ParseError.self) { try parse("storage.background_nice = 20\n") }
+    }
+
     @Test func crlfFilesParse() throws {
         let c = try NodeConfig.parse("node.name = n1\r\ncluster.members = n1@h:1\r\nrequest.timeout = 3s\r\n")
         #expect(c.requestTimeoutMillis == 3000)

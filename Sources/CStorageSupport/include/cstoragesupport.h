@@ -20,6 +20,10 @@ void cairn_set_thread_name(const char *name);
 /// 50 µs late (Linux's default slack); a no-op elsewhere.
 void cairn_precise_timers(void);
 
+/// Sets the calling thread's nice value (Linux: per thread; 0 = normal, 19 = lowest priority).
+/// 0, or -1 with errno set; a no-op returning 0 elsewhere.
+int cairn_set_thread_nice(int nice);
+
 /// Writes the file's dirty pages in [offset, offset + count) to the device and waits for them
 /// (Linux's sync_file_range with WAIT_BEFORE | WRITE | WAIT_AFTER). Not a durability barrier: no
 /// metadata, no device cache flush. 0, or -1 with errno set; a no-op returning 0 elsewhere.
