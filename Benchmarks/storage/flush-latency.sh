@@ -12,8 +12,9 @@
 #            MARGIN of the flush point (cairn_storage_memtable_bytes, polled between steps)
 #   measure  cairn-load run --workload WORKLOAD --rate RATE for DURATION (one progress line a
 #            second), while every node's cairn_storage_immutable_memtable_bytes (non-zero from
-#            the memtable's freeze until its table is installed) is polled every 0.25 s; a
-#            flush second is one a flush overlapped, or the one after it
+#            the memtable's freeze until its table is installed) and cairn_storage_flushes are
+#            polled every 0.25 s (a flush shorter than a poll shows in the count); a flush
+#            second is one a flush overlapped, or the one after it
 # Then one table: p99 of reads and updates in the flush seconds and in the calm seconds, their
 # ratio (the peer: the same cluster a few seconds earlier or later), and the worst second.
 # Everything started is stopped by pid on exit, pass or fail.
@@ -89,12 +90,19 @@ fullest_memtable() {
     echo "$max"
 }
 
-# flush_poller FILE T0: appends "seconds-since-T0 frozen(n1) frozen(n2) frozen(n3)" every 0.25 s,
-# frozen = bytes of the memtable being flushed (0: none).
+# node_state I: "frozen/flushes" of node I: bytes of the memtable being flushed (0: none) and
+# the flushes so far.
+node_state() {
+    curl -fsS --max-time 2 "http://${HOSTS[$(($1 - 1))]}:$HTTP_PORT/metrics" 2>/dev/null |
+        awk '$1 == "cairn_storage_immutable_memtable_bytes" { f = $2 } $1 == "cairn_storage_flushes" { n = $2 }
+             END { printf "%d/%d", f + 0, n + 0 }'
+}
+
+# flush_poller FILE T0: appends "seconds-since-T0 state(n1) state(n2) state(n3)" every 0.25 s.
 flush_poller() {
-    local file=$1 t0=$2 m=cairn_storage_immutable_memtable_bytes
+    local file=$1 t0=$2
     while :; do
-        echo "$(elapsed "$t0" "$(now)") $(metric 1 $m) $(metric 2 $m) $(metric 3 $m)" >>"$file"
+        echo "$(elapsed "$t0" "$(now)") $(node_state 1) $(node_state 2) $(node_state 3)" >>"$file"
         sleep 0.25
     done
 }
@@ -187,19 +195,23 @@ for line in open(progress):
     s = int(m.group(1))
     ops = {op: (int(p50), int(p99)) for op, p50, p99 in re.findall(r"(\w+) p50 (\d+)µs p99 (\d+)µs", m.group(3))}
     seconds[s] = (int(m.group(2)), ops)
-# Flushes: (node, first poll that saw a frozen memtable, first poll after that saw none).
-# Progress second s covers (s-1, s]; a flush overlaps every second from its start to its end.
-flushes_seen, started = [], {}
+# Flushes: (node, first poll that saw a frozen memtable — or, for one no poll saw, the poll
+# before its count rose —, the poll at which its count rose). Progress second s covers
+# (s-1, s]; a flush overlaps every second from its start to its end.
+flushes_seen, started, count, last_t = [], {}, {}, 0.0
 for line in open(flushes):
     parts = line.split()
     if len(parts) != 4:
         continue
     t = float(parts[0])
     for node, v in enumerate(parts[1:], 1):
-        if int(v) > 0 and node not in started:
+        frozen, n = (int(x) for x in v.split("/"))
+        if node in count and n > count[node]:
+            flushes_seen.append((node, started.pop(node, last_t), t))
+        count[node] = n
+        if frozen > 0 and node not in started:
             started[node] = t
-        elif int(v) == 0 and node in started:
-            flushes_seen.append((node, started.pop(node), t))
+    last_t = t
 flushes_seen += [(node, t, None) for node, t in started.items()]
 flush_seconds = set()
 for _, a, b in flushes_seen:
