@@ -25,8 +25,8 @@
 #                crossings a request makes
 # With LATENCY=1, each system then also runs workload a in an open loop (`--rate`, CONCURRENCY
 # connections, DURATION) at RATE ops/s and at half the ops/s its closed-loop workload a reached
-# (its peak on this machine), and a second table gives read and update latency at both rates,
-# with the latency goals checked for cairn-3.
+# (its peak on this machine), and a second table gives read and update latency and server CPU per
+# operation at both rates, with the latency goals checked for cairn-3.
 # Everything started is stopped by pid on exit, pass or fail.
 #
 #   Benchmarks/cluster/compare.sh                 install what is missing, build (release), run
@@ -237,16 +237,16 @@ for sysname, _ in systems:
         r, note = load(sysname, ph)
         if r is None:
             if note:
-                lat.append((sysname, what, "FAILED") + ("-",) * 7)
+                lat.append((sysname, what, "FAILED") + ("-",) * 5)
             continue
         asked = num((r.get("config") or {}).get("rate"))
         ops = r.get("operations") or {}
         rd, up = ops.get("read") or {}, ops.get("update") or {}
         nerr, _k = errors_of(r)
-        lat.append((sysname, what, fmt_int(asked), fmt_int(r.get("throughput_ops_per_s")),
+        cpu = cpu_per_op(sysname, ph, r)
+        lat.append((sysname, what, fmt_int(asked), fmt_int(r.get("throughput_ops_per_s")), "-" if cpu is None else f"{cpu:,.0f}",
                     " / ".join(ms(rd.get(k)) for k in ("p50_us", "p99_us", "p999_us")),
-                    " / ".join(ms(up.get(k)) for k in ("p50_us", "p99_us", "p999_us")), f"{nerr:,}" + (" !" if note else ""),
-                    "", "", ""))
+                    " / ".join(ms(up.get(k)) for k in ("p50_us", "p99_us", "p999_us")), f"{nerr:,}" + (" !" if note else "")))
         if sysname == "cairn-3":
             worst99 = max(num(rd.get("p99_us")) or 0, num(up.get("p99_us")) or 0) / 1000
             worst999 = max(num(rd.get("p999_us")) or 0, num(up.get("p999_us")) or 0) / 1000
@@ -261,8 +261,8 @@ for sysname, _ in systems:
 if lat:
     print()
     print("open loop, workload a (latency from each request's intended start; ms):")
-    table(("system", "rate", "asked ops/s", "done ops/s", "read p50 / p99 / p99.9", "update p50 / p99 / p99.9", "errors"),
-          [r[:7] for r in lat])
+    table(("system", "rate", "asked ops/s", "done ops/s", "cpu µs/op", "read p50 / p99 / p99.9", "update p50 / p99 / p99.9", "errors"),
+          lat)
     for g in goals:
         print("  " + g)
 
