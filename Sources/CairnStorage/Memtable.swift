@@ -16,7 +16,8 @@ public enum EntryKind: UInt8, Sendable, Hashable {
 /// probe (a key the table does not hold, the common case once keys live in tables, costs no walk
 /// at all); the list orders scans, and serves a read at a snapshot older than the key's newest entry.
 /// Isolation: thread-safe; writers and readers take a short lock (the engine has one writer, the
-/// commit path). Bound: `approximateBytes` grows with every insert; the engine swaps in a fresh
+/// commit path). Once frozen (`freeze`) the table takes no adds and a flush walks it without the
+/// lock (`frozenEntries`). Bound: `approximateBytes` grows with every insert; the engine swaps in a fresh
 /// memtable when it passes `write_buffer_bytes`.
 public final class Memtable: Sendable {
     public struct Entry: Sendable, Hashable {
