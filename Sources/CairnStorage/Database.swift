@@ -569,9 +569,9 @@ public final class Database: Sendable {
             var written: UInt64 = 0
             var writeOuts = 0
             let tablePath = path(Self.tableName(number))
-            // Walked without the memtable's lock (it takes no adds once frozen), so reads of it,
-            // the event loops' in-memory reads among them, never wait for the flush.
-            guard var entries = frozen.frozenEntries() else { preconditionFailure("flushing a memtable that was not frozen") }
+            // Walked without the memtable's lock (the log switch froze it: no add follows), so
+            // reads of it, the event loops' in-memory reads among them, never wait for the flush.
+            var entries = frozen.frozenEntries()
             do throws(StorageError) {
                 var table: (builder: TableBuilder, smallest: [UInt8], largest: [UInt8], low: UInt64, high: UInt64)?
                 while let e = entries.next() {

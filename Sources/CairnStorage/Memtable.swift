@@ -245,14 +245,18 @@ public final class Memtable: Sendable {
 
     /// Ends the table's adds (the engine freezes a memtable when it swaps in a new one, under the
     /// lock that orders its adds): its links never change again, so `frozenEntries` may walk
-    /// them without the lock. An add after this is a programming error and traps.
+    /// them without the lock. An add after this is an engine bug and traps (writes only ever
+    /// reach the active memtable, which is never frozen).
     public func freeze() { state.withLock { $0.frozen = true } }
 
-    /// The newest entry of each key in key order, deletions included, of a frozen table (nil if
-    /// `freeze` was not called). Walks the list without taking the lock, so a flush writing the
-    /// table out never holds up a reader of it.
-    public func frozenEntries() -> FrozenEntries? {
-        state.withLock { s in s.frozen ? FrozenEntries(memtable: self, node: s.head.successor(0)) : nil }
+    /// The newest entry of each key in key order, deletions included. Freezes the table first
+    /// (a no-op for one the engine froze already), then walks the list without taking the lock,
+    /// so a flush writing the table out never holds up a reader of it.
+    public func frozenEntries() -> FrozenEntries {
+        state.withLock { s in
+            s.frozen = true
+            return FrozenEntries(memtable: self, node: s.head.successor(0))
+        }
     }
 
     /// See `frozenEntries`. Keeps the memtable (and so its nodes) alive while it walks.
@@ -273,7 +277,8 @@ public final class Memtable: Sendable {
     /// The smallest sequence number in the table (nil when empty).
     public var smallestSequence: UInt64? { state.withLock { $0.count == 0 ? nil : $0.smallestSequence } }
 
-    /// Every entry in table order (all versions): what a flush writes.
+    /// Every entry in table order, all versions (tests and diagnostics; a flush writes only the
+    /// newest entry of each key, `frozenEntries`).
     public func allEntries() -> [Entry] {
         state.withLock { s in
             var out: [Entry] = []

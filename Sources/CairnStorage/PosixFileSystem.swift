@@ -110,6 +110,8 @@ final class PosixAppendableFile: AppendableFile {
     private var zeroedEnd: UInt64
     /// Where the last `writeOut` ended.
     private var writtenOut: UInt64 = 0
+    /// False once the file system refused `sync_file_range` as unsupported.
+    private var writeOutSupported = true
 
     init(fd: Int32, path: String, size: UInt64, preallocateBytes: Int = 0) {
         descriptor = Descriptor(fd)
@@ -169,12 +171,19 @@ final class PosixAppendableFile: AppendableFile {
         guard fdatasync(fd) == 0 else { throw .syncFailed(path: path, errno: errno) }
     }
 
-    /// `sync_file_range` over what was appended since the last call. A failure is reported as a
-    /// failed sync: the kernel may have dropped the pages it could not write (as after fsync).
+    /// `sync_file_range` over what was appended since the last call. A file system that does not
+    /// support it (EINVAL, ENOSYS, EOPNOTSUPP, ESPIPE) turns write-outs off for this file: they
+    /// were only pacing. Any other failure is reported as a failed sync: the kernel may have
+    /// dropped the pages it could not write (as after fsync).
     func writeOut() throws(StorageError) {
-        guard size > writtenOut else { return }
+        guard writeOutSupported, size > writtenOut else { return }
         guard cairn_write_out(fd, Int64(clamping: writtenOut), Int64(clamping: size - writtenOut)) == 0 else {
-            throw .syncFailed(path: path, errno: errno)
+            let e = errno
+            if [EINVAL, ENOSYS, EOPNOTSUPP, ESPIPE].contains(e) {
+                writeOutSupported = false
+                return
+            }
+            throw .syncFailed(path: path, errno: e)
         }
         writtenOut = size
     }
