@@ -41,6 +41,10 @@
 #   KEEP=1            keep the JSON reports and logs (the data dirs are removed either way)
 #   LATENCY=1         also the open-loop runs above; RATE [1000] their fixed rate
 #   RUN_TIMEOUT [900] seconds after which one cairn-load invocation is stopped and counted failed
+#   SHARE [cores/3, at least 1]  threads each server of a three-node system gets, sized to its
+#                     share of the machine as an operator co-locating three nodes would: Cairn's
+#                     node.event_loops and storage.request_threads, etcd's GOMAXPROCS; 0: both at
+#                     their defaults (one per core)
 #   BIN_DIR           directory holding cairnd and cairn-load: no build (default: build them)
 #   SKIP_BUILD=1      do not build; use `swift build -c release --show-bin-path`
 #
@@ -61,6 +65,9 @@ KEEP="${KEEP:-0}"
 LATENCY="${LATENCY:-0}"
 RATE="${RATE:-1000}"
 RUN_TIMEOUT="${RUN_TIMEOUT:-900}"
+CORES="$(nproc)"
+SHARE="${SHARE:-$((CORES / 3 > 0 ? CORES / 3 : 1))}"
+[[ "$SHARE" =~ ^[0-9]+$ ]] || { echo "compare.sh: SHARE must be a whole number" >&2; exit 1; }
 
 REDIS_PORT="${REDIS_PORT:-6399}"
 CAIRN1_HOST=127.0.0.61
@@ -318,6 +325,7 @@ machine() {
     local how="--duration $DURATION"
     [[ -n "$OPERATIONS" ]] && how="--operations $OPERATIONS"
     echo "settings: --records $RECORDS --value-size $VALUE_SIZE --concurrency $CONCURRENCY $how --seed $SEED"
+    echo "three-node systems: $( ((SHARE > 0)) && echo "$SHARE thread(s) each (node.event_loops, storage.request_threads; GOMAXPROCS)" || echo "default threads (one per core each)")"
     echo "systems: $SYSTEMS"
     echo
 }
@@ -339,10 +347,11 @@ start_redis() {
     RUN_EXTRA=()
 }
 
-# cairn_config NAME HOST N_VAL MEMBERS [SYNC]: writes $WORK/conf/NAME-SYNC.conf (data, logs and
-# configuration per sync mode, so cairn-1 and cairn-1-nosync never share a directory).
+# cairn_config NAME HOST N_VAL MEMBERS [SYNC] [THREADS]: writes $WORK/conf/NAME-SYNC.conf (data,
+# logs and configuration per sync mode, so cairn-1 and cairn-1-nosync never share a directory);
+# THREADS > 0 sets node.event_loops and storage.request_threads.
 cairn_config() {
-    local name=$1 host=$2 nval=$3 members=$4 sync=${5:-always}
+    local name=$1 host=$2 nval=$3 members=$4 sync=${5:-always} threads=${6:-0}
     local dir="$WORK/data/$name-$sync"
     mkdir -p "$dir" "$WORK/conf"
     cat >"$WORK/conf/$name-$sync.conf" <<CONF
@@ -358,6 +367,9 @@ cluster.members = $members
 request.timeout = 2s
 storage.sync = $sync
 CONF
+    if ((threads > 0)); then
+        printf 'node.event_loops = %s\nstorage.request_threads = %s\n' "$threads" "$threads" >>"$WORK/conf/$name-$sync.conf"
+    fi
     "$BIN/cairnd" --config "$WORK/conf/$name-$sync.conf" --check-config >&2
 }
 
@@ -389,7 +401,7 @@ start_cairn_3() {
     target_list="$(join_by , "${targets[@]}")"
     SYS_PIDS=()
     for i in 0 1 2; do
-        cairn_config "n$((i + 1))" "${CAIRN3_HOSTS[$i]}" 3 "$member_list"
+        cairn_config "n$((i + 1))" "${CAIRN3_HOSTS[$i]}" 3 "$member_list" always "$SHARE"
     done
     for i in 0 1 2; do
         start "cairnd-n$((i + 1))" "$WORK/logs/cairnd-n$((i + 1)).log" \
@@ -430,7 +442,9 @@ start_etcd_3() {
         local name="e$((i + 1))" client="http://127.0.0.1:${ETCD_CLIENT_PORTS[$i]}"
         local peer="http://127.0.0.1:${ETCD_PEER_PORTS[$i]}"
         mkdir -p "$WORK/data/$name"
-        start "etcd-$name" "$WORK/logs/etcd-$name.log" etcd --name "$name" \
+        local procs=()
+        ((SHARE > 0)) && procs=(env "GOMAXPROCS=$SHARE")
+        start "etcd-$name" "$WORK/logs/etcd-$name.log" "${procs[@]}" etcd --name "$name" \
             --data-dir "$WORK/data/$name" \
             --listen-client-urls "$client" --advertise-client-urls "$client" \
             --listen-peer-urls "$peer" --initial-advertise-peer-urls "$peer" \

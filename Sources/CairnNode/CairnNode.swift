@@ -51,6 +51,9 @@ public final class CairnNode: Service, Sendable {
     private let watchdogInterval: Duration?
     private let decorateBackend: (@Sendable (any PartitionStore) -> any PartitionStore)?
     private let group: any EventLoopGroup
+    /// The group made for `node.event_loops` (nil when the caller gave one or the node uses the
+    /// shared singleton): shut down when `run` returns.
+    private let ownedGroup: MultiThreadedEventLoopGroup?
     var eventLoopGroup: any EventLoopGroup { group }
     private let runtime = Locked(Runtime())
     private let connections = ConnectionRegistry()
@@ -62,7 +65,7 @@ public final class CairnNode: Service, Sendable {
     private let supervisor: Supervisor
     /// The disk seam for the storage engine (nil: the machine's, under a locked data directory).
     private let fileSystem: (any FileSystem)?
-    private let storageEnvironment: any StorageEnvironment
+    let storageEnvironment: any StorageEnvironment
     private let events: AsyncStream<LifecycleEvent>
     private let eventSink: AsyncStream<LifecycleEvent>.Continuation
 
@@ -82,6 +85,8 @@ public final class CairnNode: Service, Sendable {
     ///   - epochs: where actor epochs are drawn (seeded in simulations).
     ///   - taskExecutor: where the node's unstructured tasks run (a simulated node's lane; nil:
     ///     the global pool).
+    ///   - group: the event loops (nil: `node.event_loops` threads of the node's own when set,
+    ///     else NIO's shared singleton group).
     public init(config: NodeConfig, backend: (any PartitionStore)? = nil, logger: Logger? = nil, group: (any EventLoopGroup)? = nil,
                 notify: (any NotifySink)? = nil, watchdogInterval: Duration?? = .none, transportFaults: TransportFaults? = nil,
                 decorateBackend: (@Sendable (any PartitionStore) -> any PartitionStore)? = nil, clock: any NodeClock = SystemClock(),
@@ -90,7 +95,8 @@ public final class CairnNode: Service, Sendable {
                 taskExecutor: (any TaskExecutor)? = nil) {
         self.network = network
         self.fileSystem = fileSystem
-        self.storageEnvironment = storageEnvironment ?? ThreadEnvironment(backgroundNice: config.storageBackgroundNice)
+        self.storageEnvironment = storageEnvironment ?? ThreadEnvironment(requestThreads: config.storageRequestThreads,
+                                                                           backgroundNice: config.storageBackgroundNice)
         self.watchdogInterval = watchdogInterval ?? SystemdNotifySink.watchdogInterval()
         var log = logger ?? Logger(label: "cairn.node")
         log[metadataKey: "node"] = "\(config.name)"
@@ -100,7 +106,17 @@ public final class CairnNode: Service, Sendable {
         self.decorateBackend = decorateBackend
         self.core = NodeCore(config: config, backend: initial.map { decorateBackend?($0) ?? $0 }, logger: log, faults: transportFaults,
                              clock: clock, epochs: epochs, notify: notify ?? SystemdNotifySink(), taskExecutor: taskExecutor)
-        self.group = group ?? MultiThreadedEventLoopGroup.singleton
+        if let group {
+            self.group = group
+            ownedGroup = nil
+        } else if let loops = config.eventLoops {
+            let own = MultiThreadedEventLoopGroup(numberOfThreads: loops)
+            self.group = own
+            ownedGroup = own
+        } else {
+            self.group = MultiThreadedEventLoopGroup.singleton
+            ownedGroup = nil
+        }
         self.router = Router(core: core)
         let (me, limits, eventLoops) = (config.name, config.limits, self.group)
         if let network {
@@ -468,8 +484,19 @@ public final class CairnNode: Service, Sendable {
 
     /// Serves until a graceful shutdown (SIGTERM via ServiceGroup, or `shutdown()`), then drains
     /// in-flight requests (at most `shutdown.drain_timeout`), closes listeners and storage, and
-    /// returns. Throws if the supervisor escalated.
+    /// returns. Throws if the supervisor escalated. The event loops of `node.event_loops` stop
+    /// with it.
     public func run() async throws {
+        do {
+            try await serve()
+        } catch {
+            try? await ownedGroup?.shutdownGracefully()
+            throw error
+        }
+        try? await ownedGroup?.shutdownGracefully()
+    }
+
+    private func serve() async throws {
         try await bind()
         try start()
         let (supervisor, requests, sink) = (supervisor, core.requests, eventSink)

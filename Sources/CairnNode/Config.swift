@@ -26,6 +26,10 @@ public struct NodeConfig: Sendable {
     /// engine keeps its files in `storage/` under it. `nil` (tests only) skips it and keeps data
     /// in memory.
     public var dataDirectory: String? = "./data"
+    /// `node.event_loops`: the threads that run the node's sockets, its request handling and the
+    /// coordinators. nil: one per core, shared by every node of the process (NIO's singleton
+    /// group). Set: a group of this many threads of the node's own, stopped when `run` returns.
+    public var eventLoops: Int?
     // storage.*
     public enum StorageKind: String, Sendable { case disk, memory }
     /// `disk` (default): the CairnStorage engine under the data directory; `memory`: nothing
@@ -38,6 +42,9 @@ public struct NodeConfig: Sendable {
     /// `storage.background_nice`: the nice value (0…19) of the engine's worker threads (flush,
     /// compaction, bulk scans), so requests get the CPU first while a flush or merge runs.
     public var storageBackgroundNice: Int32 = 10
+    /// `storage.request_threads`: the store threads the vnodes run on (partition p on thread
+    /// p mod count). nil: one per core, at most four.
+    public var storageRequestThreads: Int?
     // cluster.*
     public var clusterName = "cairn"
     public var ringSize = Ring.defaultPartitionCount

@@ -43,6 +43,7 @@ extension NodeConfig {
         case "node.name": name = try NodeName(value)
         case "node.listen": listen = try HostPort(parsing: value)
         case "node.http": http = value == "off" ? nil : try HostPort(parsing: value)
+        case "node.event_loops": eventLoops = try Self.int(value, 1...256)
         case "node.data_dir":
             guard !value.isEmpty else { throw ValidationError("node.data_dir must not be empty") }
             dataDirectory = value
@@ -138,6 +139,7 @@ extension NodeConfig {
         case "storage.write_buffer_bytes": storage.writeBufferBytes = try Self.bytes(value, (1 << 20)...(16 << 30))
         case "storage.block_cache_bytes": storage.blockCacheBytes = try Self.bytes(value, 0...(1 << 40))
         case "storage.log_preallocate_bytes": storage.logPreallocateBytes = try Self.bytes(value, 0...(1 << 30))
+        case "storage.request_threads": storageRequestThreads = try Self.int(value, 1...64)
         case "storage.background_nice": storageBackgroundNice = Int32(try Self.int(value, 0...19))
         case "storage.bytes_per_sync": storage.bytesPerSync = try Self.bytes(value, 0...(1 << 30))
         case "storage.scrub_interval": scrub.interval = .milliseconds(try Self.millis(value))

@@ -1,5 +1,6 @@
 import Testing
-import CairnNode
+@testable import CairnNode
+import CairnStorage
 import CairnClient
 import CairnCore
 import CairnWire
@@ -156,6 +157,45 @@ struct InProcessClusterTests {
         #expect(own == 10, "the coordinator read its own copy from memory \(own) times")
         c.close()
         await cluster.stop()
+    }
+
+    /// `node.event_loops` and `storage.request_threads` (nodes sharing a machine, each sized to
+    /// its share): each node serves on a group of its own with that many loops, its vnodes on that
+    /// many store threads, and its loops stop when the node does.
+    @Test func aNodeServesOnTheLoopsAndStoreThreadsItIsConfiguredWith() async throws {
+        let cluster = try await TestCluster.start { c in
+            c.eventLoops = 1
+            c.storageRequestThreads = 1
+        }
+        let c = try await cluster.client([0])
+        let all = RequestOptions(r: .count(3), w: .count(3))
+        for i in 0..<10 { try await c.put(Array("sized\(i)".utf8), value: [UInt8(i)], options: all) }
+        for i in 0..<10 { #expect(try await c.get(Array("sized\(i)".utf8), options: all).values == [[UInt8(i)]]) }
+        let shared = ObjectIdentifier(MultiThreadedEventLoopGroup.singleton)
+        var loopThreads: [String] = []
+        for node in cluster.nodes {
+            let group = try #require(node.eventLoopGroup as? MultiThreadedEventLoopGroup)
+            #expect(ObjectIdentifier(group) != shared)
+            let own = Array(group.makeIterator())
+            #expect(own.count == 1)
+            for loop in own { loopThreads.append(try await loop.submit { Self.threadName() }.get()) }
+            #expect((node.storageEnvironment as? ThreadEnvironment)?.requestThreads == 1)
+        }
+        #expect(Set(loopThreads).count == 3)
+        c.close()
+        await cluster.stop()
+        try await cluster.waitUntil("the nodes' loop threads ended") { Set(Self.threadNames()).isDisjoint(with: loopThreads) }
+    }
+
+    /// The calling thread's name (Linux: /proc/thread-self/comm).
+    private static func threadName() -> String {
+        ((try? String(contentsOfFile: "/proc/thread-self/comm", encoding: .utf8)) ?? "").trimmingCharacters(in: .whitespacesAndNewlines)
+    }
+
+    /// The names of this process's threads (Linux: /proc/self/task/*/comm).
+    private static func threadNames() -> [String] {
+        let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/task")) ?? []
+        return tasks.compactMap { try? String(contentsOfFile: "/proc/self/task/\($0)/comm", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines) }
     }
 
     @Test func membersListsEveryNodeWithPartitionCounts() async throws {

@@ -77,6 +77,15 @@ import CairnCore
         #expect(throws: NodeConfig.ParseError.self) { try parse("storage.background_nice = 20\n") }
     }
 
+    @Test func threadCountsDefaultToTheCoresAndCanBeSet() throws {
+        #expect(try parse("").eventLoops == nil)
+        #expect(try parse("").storageRequestThreads == nil)
+        #expect(try parse("node.event_loops = 1\nstorage.request_threads = 2\n").eventLoops == 1)
+        #expect(try parse("node.event_loops = 1\nstorage.request_threads = 2\n").storageRequestThreads == 2)
+        #expect(throws: NodeConfig.ParseError.self) { try parse("node.event_loops = 0\n") }
+        #expect(throws: NodeConfig.ParseError.self) { try parse("storage.request_threads = 65\n") }
+    }
+
     @Test func crlfFilesParse() throws {
         let c = try NodeConfig.parse("node.name = n1\r\ncluster.members = n1@h:1\r\nrequest.timeout = 3s\r\n")
         #expect(c.requestTimeoutMillis == 3000)
