@@ -31,6 +31,8 @@ public final class ThreadExecutor: ClosureExecutor {
         }
         struct State {
             var jobs: [Work] = []
+            /// `runWhenIdle` work: runs once `jobs` is empty.
+            var idle: [@Sendable () -> Void] = []
             var sleeping = false
             var stopping = false
             var thread: pthread_t?
@@ -42,10 +44,13 @@ public final class ThreadExecutor: ClosureExecutor {
         let name: String
         /// The thread's nice value (0: as the process).
         let nice: Int32
+        /// Whether `runWhenIdle` may queue work here (request executors: a log sync led here).
+        let takesIdleWork: Bool
 
-        init(name: String, nice: Int32) {
+        init(name: String, nice: Int32, takesIdleWork: Bool) {
             self.name = name
             self.nice = nice
+            self.takesIdleWork = takesIdleWork
         }
 
         /// `ownThread`: the loop runs on a thread made for it (not one borrowed from Dispatch,
@@ -55,21 +60,36 @@ public final class ThreadExecutor: ClosureExecutor {
             // Best effort: a refused change (a container's limits) leaves the thread as it was.
             if ownThread, nice != 0 { _ = cairn_set_thread_nice(nice) }
             state.withLock { $0.thread = pthread_self() }
+            if takesIdleWork { pthread_setspecific(ThreadExecutor.currentKey, Unmanaged.passUnretained(self).toOpaque()) }
+            defer { if takesIdleWork { pthread_setspecific(ThreadExecutor.currentKey, nil) } }
             while true {
-                let next: [Work]? = state.withLock { s in
+                enum Step { case work([Work]), idle([@Sendable () -> Void]), sleep, stop }
+                let step: Step = state.withLock { s in
                     if s.jobs.isEmpty {
-                        if s.stopping { return [] }
+                        if !s.idle.isEmpty {
+                            defer { s.idle = [] }
+                            return .idle(s.idle)
+                        }
+                        if s.stopping { return .stop }
                         s.sleeping = true
-                        return nil
+                        return .sleep
                     }
                     defer { s.jobs = [] }
-                    return s.jobs
+                    return .work(s.jobs)
                 }
-                guard let next else {
+                let next: [Work]
+                switch step {
+                case .sleep:
                     wake.wait()
                     continue
+                case .stop:
+                    return
+                case .idle(let work):
+                    for w in work { w() }
+                    continue
+                case .work(let w):
+                    next = w
                 }
-                if next.isEmpty { return }
                 guard let executor = executor.withLock({ $0 }) else { continue }
                 for work in next {
                     switch work {
@@ -107,10 +127,30 @@ public final class ThreadExecutor: ClosureExecutor {
 
     private let core: Core
 
+    /// The thread-specific slot that names the `Core` whose loop runs on the thread (set only
+    /// for executors that take idle work).
+    fileprivate static let currentKey: pthread_key_t = {
+        var key = pthread_key_t()
+        _ = pthread_key_create(&key, nil)
+        return key
+    }()
+
+    /// Queues `work` to run on the calling thread once its executor's queue is empty — after
+    /// every job queued by then, and any queued meanwhile — when the caller runs on a
+    /// `ThreadExecutor` made with `takesIdleWork`; returns false (and does nothing) anywhere else.
+    /// Group commit uses it so the thread that appended a batch of log records syncs them itself
+    /// after the batch, with no hand-off to a sync thread and back.
+    public static func runWhenIdle(_ work: @escaping @Sendable () -> Void) -> Bool {
+        guard let slot = pthread_getspecific(currentKey) else { return false }
+        Unmanaged<Core>.fromOpaque(slot).takeUnretainedValue().state.withLock { $0.idle.append(work) }
+        return true
+    }
+
     /// Starts the thread, named `label` (truncated to 15 bytes in the OS's thread list), at
     /// `nice` (0: the process's priority; higher: the scheduler favours other threads).
-    public init(label: String, nice: Int32 = 0) {
-        core = Core(name: label, nice: nice)
+    /// `takesIdleWork`: `runWhenIdle` called on the thread queues its work here.
+    public init(label: String, nice: Int32 = 0, takesIdleWork: Bool = false) {
+        core = Core(name: label, nice: nice, takesIdleWork: takesIdleWork)
         core.executor.withLock { $0 = UnownedSerialExecutor(ordinary: self) }
         let box = Unmanaged.passRetained(core).toOpaque()
         var thread = pthread_t()

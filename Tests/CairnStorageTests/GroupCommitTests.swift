@@ -46,6 +46,44 @@ import Synchronization
         #expect(r.records.count >= 64 * 20)
     }
 
+    /// Writers on a request thread: the first to wait leads, and its sync runs on that thread
+    /// once the writes queued behind it have run — one sync for all of them, no sync thread.
+    @Test func writersOnARequestThreadShareOneSyncRunOnThatThread() async throws {
+        let syncThreads = Shared<[String]>([])
+        let committer = GroupCommitter { () throws(StorageError) in
+            let name = (try? String(contentsOfFile: "/proc/thread-self/comm", encoding: .utf8)) ?? "?"
+            syncThreads.value.withLock { $0.append(name.trimmingCharacters(in: .whitespacesAndNewlines)) }
+        }
+        let executor = ThreadExecutor(label: "t-leader", takesIdleWork: true)
+        let gate = DispatchSemaphore(value: 0)
+        executor.execute { gate.wait() }   // holds the thread until every writer is queued
+        let acks = Shared<[(sequence: UInt64, durable: UInt64)]>([])
+        await withCheckedContinuation { (all: CheckedContinuation<Void, Never>) in
+            for sequence in UInt64(1)...10 {
+                executor.execute {
+                    committer.noteAppended(upTo: sequence)
+                    committer.whenDurable(upTo: sequence) { error in
+                        #expect(error == nil)
+                        let done = acks.value.withLock { a in
+                            a.append((sequence, committer.durableSequence))
+                            return a.count == 10
+                        }
+                        if done { all.resume() }
+                    }
+                }
+            }
+            gate.signal()
+        }
+        #expect(syncThreads.value.withLock { $0 } == ["t-leader"])
+        #expect(committer.syncCount == 1)
+        #expect(acks.value.withLock { $0 }.allSatisfy { $0.durable >= $0.sequence })
+        // Elsewhere (a plain thread, an executor that takes no idle work) nothing is queued.
+        #expect(!ThreadExecutor.runWhenIdle {})
+        let plain = ThreadExecutor(label: "t-plain")
+        let queuedThere = await withCheckedContinuation { c in plain.execute { c.resume(returning: ThreadExecutor.runWhenIdle {}) } }
+        #expect(!queuedThere)
+    }
+
     @Test func aFailedSyncFailsEveryWaiterAndRefusesLaterOnes() async throws {
         let fails = Shared<Bool>(true)
         let committer = GroupCommitter { () throws(StorageError) in
