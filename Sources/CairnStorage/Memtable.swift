@@ -128,44 +128,44 @@ public final class Memtable: Sendable {
         state.withLock { s in
             precondition(!s.frozen, "an add to a frozen memtable")
             let head = Unmanaged.passUnretained(s.head)
-            var update = [Unmanaged<Node>](repeating: head, count: Self.maxHeight)
-            var x = head
-            let prefix = (Node.prefix(of: key, from: 0), Node.prefix(of: key, from: 8))
-            for level in stride(from: s.height - 1, through: 0, by: -1) {
-                // Advance while the next entry comes before the new one in table order.
-                x = Self.advance(x, level: level, key, prefix, sequence)
-                update[level] = x
-            }
-            // Random height: each level with probability 1/4 (xorshift; deterministic per table).
-            var height = 1
-            while height < Self.maxHeight {
-                s.rng ^= s.rng << 13
-                s.rng ^= s.rng >> 7
-                s.rng ^= s.rng << 17
-                if s.rng & 3 != 0 { break }
-                height += 1
-            }
-            if height > s.height {
-                for level in s.height..<height { update[level] = head }
-                s.height = height
-            }
-            let node = Node(key: key, sequence: sequence, kind: kind, value: value, height: height)
-            s.nodes.append(node)
-            let link = Unmanaged.passUnretained(node)
-            for level in 0..<height {
-                node.next[level] = update[level]._withUnsafeGuaranteedRef { $0.next[level] }
-                update[level]._withUnsafeGuaranteedRef { $0.next[level] = link }
-            }
-            s.count += 1
-            // Key, value, the node, its tower and the owner slot: close to what the heap holds.
-            s.bytes += key.count + value.count + 144 + 8 * height
-            let indexed = IndexKey(bytes: key)
-            if let current = s.newest[indexed] {
-                if current._withUnsafeGuaranteedRef({ $0.sequence }) < sequence { s.newest[indexed] = link }
-            } else {
-                s.newest[indexed] = link
-                // An index slot (key reference and node pointer) at the dictionary's load factor.
-                s.bytes += 32
+            // The predecessors at each level, on the stack (an add allocates only its node).
+            withUnsafeTemporaryAllocation(of: Unmanaged<Node>.self, capacity: Self.maxHeight) { update in
+                update.initialize(repeating: head)
+                var x = head
+                let prefix = (Node.prefix(of: key, from: 0), Node.prefix(of: key, from: 8))
+                for level in stride(from: s.height - 1, through: 0, by: -1) {
+                    // Advance while the next entry comes before the new one in table order.
+                    x = Self.advance(x, level: level, key, prefix, sequence)
+                    update[level] = x
+                }
+                // Random height: each level with probability 1/4 (xorshift; deterministic per table).
+                var height = 1
+                while height < Self.maxHeight {
+                    s.rng ^= s.rng << 13
+                    s.rng ^= s.rng >> 7
+                    s.rng ^= s.rng << 17
+                    if s.rng & 3 != 0 { break }
+                    height += 1
+                }
+                if height > s.height { s.height = height }
+                let node = Node(key: key, sequence: sequence, kind: kind, value: value, height: height)
+                s.nodes.append(node)
+                let link = Unmanaged.passUnretained(node)
+                for level in 0..<height {
+                    node.next[level] = update[level]._withUnsafeGuaranteedRef { $0.next[level] }
+                    update[level]._withUnsafeGuaranteedRef { $0.next[level] = link }
+                }
+                s.count += 1
+                // Key, value, the node, its tower and the owner slot: close to what the heap holds.
+                s.bytes += key.count + value.count + 144 + 8 * height
+                let indexed = IndexKey(bytes: key)
+                if let current = s.newest[indexed] {
+                    if current._withUnsafeGuaranteedRef({ $0.sequence }) < sequence { s.newest[indexed] = link }
+                } else {
+                    s.newest[indexed] = link
+                    // An index slot (key reference and node pointer) at the dictionary's load factor.
+                    s.bytes += 32
+                }
             }
             s.smallestSequence = min(s.smallestSequence, sequence)
         }
