@@ -67,6 +67,12 @@ public struct ByteReader: Sendable {
         self.offset = 0
     }
 
+    /// Reads `bytes` from `offset` on (a frame's body past its header, without copying it).
+    public init(_ bytes: [UInt8], from offset: Int) {
+        self.bytes = bytes
+        self.offset = min(max(offset, 0), bytes.count)
+    }
+
     public var remaining: Int { bytes.count - offset }
     public var isAtEnd: Bool { offset >= bytes.count }
 
@@ -155,8 +161,9 @@ public struct ByteReader: Sendable {
         return Array(bytes[offset...])
     }
 
-    public func expectEnd(_ what: String) throws(DecodeError) {
-        if !isAtEnd { throw DecodeError("\(remaining) trailing bytes after \(what)") }
+    /// `what` is evaluated only for the error (a decoder names the message it read).
+    public func expectEnd(_ what: @autoclosure () -> String) throws(DecodeError) {
+        if !isAtEnd { throw DecodeError("\(remaining) trailing bytes after \(what())") }
     }
 }
 

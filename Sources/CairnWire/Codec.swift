@@ -263,7 +263,7 @@ public enum WireCodec {
         let id = body[2..<headerBytes].reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
         guard version == protocolVersion else { throw .unsupportedVersion(version, requestID: id) }
         guard let type = MessageType(rawValue: rawType) else { throw .unknownType(rawType, requestID: id) }
-        var r = ByteReader(Array(body[headerBytes...]))
+        var r = ByteReader(body, from: headerBytes)
         do {
             let message = try decodePayload(type, &r, limits)
             try r.expectEnd("\(type) message")
