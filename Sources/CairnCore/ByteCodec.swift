@@ -76,12 +76,13 @@ public struct ByteReader: Sendable {
     public var remaining: Int { bytes.count - offset }
     public var isAtEnd: Bool { offset >= bytes.count }
 
-    private mutating func need(_ n: Int, _ what: String) throws(DecodeError) {
-        if n < 0 || n > remaining { throw DecodeError("truncated \(what): need \(n) bytes, have \(remaining)") }
+    // The `what` of a read names it in an error; evaluated only then.
+    private mutating func need(_ n: Int, _ what: @autoclosure () -> String) throws(DecodeError) {
+        if n < 0 || n > remaining { throw DecodeError("truncated \(what()): need \(n) bytes, have \(remaining)") }
     }
 
-    public mutating func readU8(_ what: String = "u8") throws(DecodeError) -> UInt8 {
-        try need(1, what)
+    public mutating func readU8(_ what: @autoclosure () -> String = "u8") throws(DecodeError) -> UInt8 {
+        try need(1, what())
         defer { offset += 1 }
         return bytes[offset]
     }
@@ -117,28 +118,28 @@ public struct ByteReader: Sendable {
         return v
     }
 
-    public mutating func readVarint(_ what: String = "varint") throws(DecodeError) -> UInt64 {
+    public mutating func readVarint(_ what: @autoclosure () -> String = "varint") throws(DecodeError) -> UInt64 {
         var result: UInt64 = 0
         var shift: UInt64 = 0
         while true {
-            let byte = try readU8(what)
-            if shift == 63 && byte > 1 { throw DecodeError("\(what) overflows 64 bits") }
+            let byte = try readU8(what())
+            if shift == 63 && byte > 1 { throw DecodeError("\(what()) overflows 64 bits") }
             result |= UInt64(byte & 0x7F) << shift
             if byte & 0x80 == 0 {
                 // A final zero group after the first byte is an over-long encoding: every value has
                 // exactly one encoding, so equal objects have equal bytes.
-                if byte == 0 && shift > 0 { throw DecodeError("\(what) is not minimally encoded") }
+                if byte == 0 && shift > 0 { throw DecodeError("\(what()) is not minimally encoded") }
                 return result
             }
             shift += 7
-            if shift > 63 { throw DecodeError("\(what) longer than 10 bytes") }
+            if shift > 63 { throw DecodeError("\(what()) longer than 10 bytes") }
         }
     }
 
     /// A varint that must be a count or length no greater than `limit`.
-    public mutating func readCount(_ what: String, limit: Int) throws(DecodeError) -> Int {
-        let raw = try readVarint(what)
-        guard raw <= UInt64(max(limit, 0)) else { throw DecodeError("\(what) \(raw) exceeds limit \(limit)") }
+    public mutating func readCount(_ what: @autoclosure () -> String, limit: Int) throws(DecodeError) -> Int {
+        let raw = try readVarint(what())
+        guard raw <= UInt64(max(limit, 0)) else { throw DecodeError("\(what()) \(raw) exceeds limit \(limit)") }
         return Int(raw)
     }
 
