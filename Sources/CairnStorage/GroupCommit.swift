@@ -5,9 +5,9 @@ import Synchronization
 /// Writers append to the log (cheap, in order) and call `noteAppended(upTo:)`; a writer that must
 /// not be acknowledged before its record is durable awaits `waitDurable(upTo:)`. The first waiter
 /// starts a sync, never on Swift's cooperative pool (`fdatasync` blocks for 0.1–0.2 ms here): on
-/// its own thread when that is a request `ThreadExecutor`'s, once the work queued there has run
-/// (`ThreadExecutor.runWhenIdle`: the appends queued behind it join the same sync, and no thread
-/// is woken for it), else on the sync queue. Everything appended before the sync started becomes
+/// its own thread when that is a request `ThreadExecutor`'s, once the batch of work that thread
+/// is running ends (`ThreadExecutor.runAfterBatch`: the appends of the rest of the batch join
+/// the same sync, and no thread is woken for it), else on the sync queue. Everything appended before the sync started becomes
 /// durable with it, and writers that arrive while it runs are covered by the next one. So N
 /// concurrent writers cost about log2-to-1 syncs instead of N.
 ///
@@ -113,7 +113,7 @@ public final class GroupCommitter: Sendable {
         case .wait: break
         case .lead:
             // On a request thread, the sync runs there once the thread's queued work is done.
-            if !ThreadExecutor.runWhenIdle({ self.runSyncs() }) { queue.async { self.runSyncs() } }
+            if !ThreadExecutor.runAfterBatch({ self.runSyncs() }) { queue.async { self.runSyncs() } }
         }
     }
 

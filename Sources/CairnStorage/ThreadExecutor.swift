@@ -31,7 +31,7 @@ public final class ThreadExecutor: ClosureExecutor {
         }
         struct State {
             var jobs: [Work] = []
-            /// `runWhenIdle` work: runs once `jobs` is empty.
+            /// `runAfterBatch` work: runs once the batch being run ends, before the next one.
             var idle: [@Sendable () -> Void] = []
             var sleeping = false
             var stopping = false
@@ -44,7 +44,7 @@ public final class ThreadExecutor: ClosureExecutor {
         let name: String
         /// The thread's nice value (0: as the process).
         let nice: Int32
-        /// Whether `runWhenIdle` may queue work here (request executors: a log sync led here).
+        /// Whether `runAfterBatch` may queue work here (request executors: a log sync led here).
         let takesIdleWork: Bool
 
         init(name: String, nice: Int32, takesIdleWork: Bool) {
@@ -65,11 +65,13 @@ public final class ThreadExecutor: ClosureExecutor {
             while true {
                 enum Step { case work([Work]), idle([@Sendable () -> Void]), sleep, stop }
                 let step: Step = state.withLock { s in
+                    // Work queued by `runAfterBatch` runs before the next batch: it waits for at
+                    // most the batch that queued it, never for a queue that keeps filling.
+                    if !s.idle.isEmpty {
+                        defer { s.idle = [] }
+                        return .idle(s.idle)
+                    }
                     if s.jobs.isEmpty {
-                        if !s.idle.isEmpty {
-                            defer { s.idle = [] }
-                            return .idle(s.idle)
-                        }
                         if s.stopping { return .stop }
                         s.sleeping = true
                         return .sleep
@@ -135,12 +137,13 @@ public final class ThreadExecutor: ClosureExecutor {
         return key
     }()
 
-    /// Queues `work` to run on the calling thread once its executor's queue is empty — after
-    /// every job queued by then, and any queued meanwhile — when the caller runs on a
-    /// `ThreadExecutor` made with `takesIdleWork`; returns false (and does nothing) anywhere else.
-    /// Group commit uses it so the thread that appended a batch of log records syncs them itself
-    /// after the batch, with no hand-off to a sync thread and back.
-    public static func runWhenIdle(_ work: @escaping @Sendable () -> Void) -> Bool {
+    /// Queues `work` to run on the calling thread as soon as the batch of jobs it is running
+    /// ends (the jobs that were queued when the batch began), before any job queued since —
+    /// when the caller runs on a `ThreadExecutor` made with `takesIdleWork`; returns false (and
+    /// does nothing) anywhere else. Group commit uses it so the thread that appended a batch of
+    /// log records syncs them itself after the batch, with no hand-off to a sync thread and back;
+    /// a queue that keeps filling never postpones it past one batch.
+    public static func runAfterBatch(_ work: @escaping @Sendable () -> Void) -> Bool {
         guard let slot = pthread_getspecific(currentKey) else { return false }
         Unmanaged<Core>.fromOpaque(slot).takeUnretainedValue().state.withLock { $0.idle.append(work) }
         return true
@@ -148,7 +151,7 @@ public final class ThreadExecutor: ClosureExecutor {
 
     /// Starts the thread, named `label` (truncated to 15 bytes in the OS's thread list), at
     /// `nice` (0: the process's priority; higher: the scheduler favours other threads).
-    /// `takesIdleWork`: `runWhenIdle` called on the thread queues its work here.
+    /// `takesIdleWork`: `runAfterBatch` called on the thread queues its work here.
     public init(label: String, nice: Int32 = 0, takesIdleWork: Bool = false) {
         core = Core(name: label, nice: nice, takesIdleWork: takesIdleWork)
         core.executor.withLock { $0 = UnownedSerialExecutor(ordinary: self) }

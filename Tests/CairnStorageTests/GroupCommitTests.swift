@@ -78,9 +78,9 @@ import Synchronization
         #expect(committer.syncCount == 1)
         #expect(acks.value.withLock { $0 }.allSatisfy { $0.durable >= $0.sequence })
         // Elsewhere (a plain thread, an executor that takes no idle work) nothing is queued.
-        #expect(!ThreadExecutor.runWhenIdle {})
+        #expect(!ThreadExecutor.runAfterBatch {})
         let plain = ThreadExecutor(label: "t-plain")
-        let queuedThere = await withCheckedContinuation { c in plain.execute { c.resume(returning: ThreadExecutor.runWhenIdle {}) } }
+        let queuedThere = await withCheckedContinuation { c in plain.execute { c.resume(returning: ThreadExecutor.runAfterBatch {}) } }
         #expect(!queuedThere)
     }
 

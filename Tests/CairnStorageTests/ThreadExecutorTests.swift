@@ -31,4 +31,22 @@ import Testing
         #expect(await Self.niceOn(ThreadExecutor(label: "t-plain")) == own)
         #expect(ThreadEnvironment(backgroundNice: 40).backgroundNice == 19)
     }
+
+    /// Work queued with `runAfterBatch` runs when the batch that queued it ends, before jobs
+    /// queued since: a queue that keeps filling cannot postpone it (a log sync led there).
+    @Test func workAfterABatchRunsBeforeJobsQueuedSince() async {
+        let executor = ThreadExecutor(label: "t-batch", takesIdleWork: true)
+        let order = Shared<[String]>([])
+        await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
+            executor.execute {
+                order.value.withLock { $0.append("first") }
+                #expect(ThreadExecutor.runAfterBatch { order.value.withLock { $0.append("after the batch") } })
+                executor.execute {
+                    order.value.withLock { $0.append("queued during the batch") }
+                    done.resume()
+                }
+            }
+        }
+        #expect(order.value.withLock { $0 } == ["first", "after the batch", "queued during the batch"])
+    }
 }
