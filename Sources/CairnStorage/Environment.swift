@@ -58,7 +58,7 @@ public struct ThreadEnvironment: StorageEnvironment {
     public func makeWorkerExecutor(label: String) -> any SerialExecutor { ThreadExecutor(label: label, nice: backgroundNice) }
 
     public func makeRequestExecutors(label: String) -> [any SerialExecutor] {
-        (0..<requestThreads).map { ThreadExecutor(label: "\(label).\($0)", takesIdleWork: true) }
+        (0..<requestThreads).map { ThreadExecutor(label: "\(label).\($0)", runsAfterBatchWork: true) }
     }
 
     public func makeQueue(label: String) -> any BlockingQueue { DispatchBlockingQueue(label: label) }

@@ -7,9 +7,9 @@ import Synchronization
 /// starts a sync, never on Swift's cooperative pool (`fdatasync` blocks for 0.1–0.2 ms here): on
 /// its own thread when that is a request `ThreadExecutor`'s, once the batch of work that thread
 /// is running ends (`ThreadExecutor.runAfterBatch`: the appends of the rest of the batch join
-/// the same sync, and no thread is woken for it), else on the sync queue. Everything appended before the sync started becomes
-/// durable with it, and writers that arrive while it runs are covered by the next one. So N
-/// concurrent writers cost about log2-to-1 syncs instead of N.
+/// the same sync, and no thread is woken for it), else on the sync queue. Everything appended
+/// before the sync started becomes durable with it, and writers that arrive while it runs are
+/// covered by the next one. So N concurrent writers cost about log2-to-1 syncs instead of N.
 ///
 /// After a failed sync every current and future waiter fails with `writesRefused` (fsyncgate).
 /// Thread-safe.
@@ -112,7 +112,7 @@ public final class GroupCommitter: Sendable {
         case .now(let error): done(error)
         case .wait: break
         case .lead:
-            // On a request thread, the sync runs there once the thread's queued work is done.
+            // On a request thread, the sync runs there once its current batch of work ends.
             if !ThreadExecutor.runAfterBatch({ self.runSyncs() }) { queue.async { self.runSyncs() } }
         }
     }

@@ -32,7 +32,9 @@ public final class ThreadExecutor: ClosureExecutor {
         struct State {
             var jobs: [Work] = []
             /// `runAfterBatch` work: runs once the batch being run ends, before the next one.
-            var idle: [@Sendable () -> Void] = []
+            /// Bounded by its callers: group commit queues at most one sync per log committer
+            /// (a committer leads one sync at a time).
+            var afterBatch: [@Sendable () -> Void] = []
             var sleeping = false
             var stopping = false
             var thread: pthread_t?
@@ -45,12 +47,12 @@ public final class ThreadExecutor: ClosureExecutor {
         /// The thread's nice value (0: as the process).
         let nice: Int32
         /// Whether `runAfterBatch` may queue work here (request executors: a log sync led here).
-        let takesIdleWork: Bool
+        let runsAfterBatchWork: Bool
 
-        init(name: String, nice: Int32, takesIdleWork: Bool) {
+        init(name: String, nice: Int32, runsAfterBatchWork: Bool) {
             self.name = name
             self.nice = nice
-            self.takesIdleWork = takesIdleWork
+            self.runsAfterBatchWork = runsAfterBatchWork
         }
 
         /// `ownThread`: the loop runs on a thread made for it (not one borrowed from Dispatch,
@@ -60,16 +62,16 @@ public final class ThreadExecutor: ClosureExecutor {
             // Best effort: a refused change (a container's limits) leaves the thread as it was.
             if ownThread, nice != 0 { _ = cairn_set_thread_nice(nice) }
             state.withLock { $0.thread = pthread_self() }
-            if takesIdleWork { pthread_setspecific(ThreadExecutor.currentKey, Unmanaged.passUnretained(self).toOpaque()) }
-            defer { if takesIdleWork { pthread_setspecific(ThreadExecutor.currentKey, nil) } }
+            if runsAfterBatchWork { pthread_setspecific(ThreadExecutor.currentKey, Unmanaged.passUnretained(self).toOpaque()) }
+            defer { if runsAfterBatchWork { pthread_setspecific(ThreadExecutor.currentKey, nil) } }
             while true {
-                enum Step { case work([Work]), idle([@Sendable () -> Void]), sleep, stop }
+                enum Step { case work([Work]), afterBatch([@Sendable () -> Void]), sleep, stop }
                 let step: Step = state.withLock { s in
                     // Work queued by `runAfterBatch` runs before the next batch: it waits for at
                     // most the batch that queued it, never for a queue that keeps filling.
-                    if !s.idle.isEmpty {
-                        defer { s.idle = [] }
-                        return .idle(s.idle)
+                    if !s.afterBatch.isEmpty {
+                        defer { s.afterBatch = [] }
+                        return .afterBatch(s.afterBatch)
                     }
                     if s.jobs.isEmpty {
                         if s.stopping { return .stop }
@@ -86,7 +88,7 @@ public final class ThreadExecutor: ClosureExecutor {
                     continue
                 case .stop:
                     return
-                case .idle(let work):
+                case .afterBatch(let work):
                     for w in work { w() }
                     continue
                 case .work(let w):
@@ -130,7 +132,7 @@ public final class ThreadExecutor: ClosureExecutor {
     private let core: Core
 
     /// The thread-specific slot that names the `Core` whose loop runs on the thread (set only
-    /// for executors that take idle work).
+    /// for executors that run after-batch work).
     fileprivate static let currentKey: pthread_key_t = {
         var key = pthread_key_t()
         _ = pthread_key_create(&key, nil)
@@ -139,21 +141,21 @@ public final class ThreadExecutor: ClosureExecutor {
 
     /// Queues `work` to run on the calling thread as soon as the batch of jobs it is running
     /// ends (the jobs that were queued when the batch began), before any job queued since —
-    /// when the caller runs on a `ThreadExecutor` made with `takesIdleWork`; returns false (and
+    /// when the caller runs on a `ThreadExecutor` made with `runsAfterBatchWork`; returns false (and
     /// does nothing) anywhere else. Group commit uses it so the thread that appended a batch of
     /// log records syncs them itself after the batch, with no hand-off to a sync thread and back;
     /// a queue that keeps filling never postpones it past one batch.
     public static func runAfterBatch(_ work: @escaping @Sendable () -> Void) -> Bool {
         guard let slot = pthread_getspecific(currentKey) else { return false }
-        Unmanaged<Core>.fromOpaque(slot).takeUnretainedValue().state.withLock { $0.idle.append(work) }
+        Unmanaged<Core>.fromOpaque(slot).takeUnretainedValue().state.withLock { $0.afterBatch.append(work) }
         return true
     }
 
     /// Starts the thread, named `label` (truncated to 15 bytes in the OS's thread list), at
     /// `nice` (0: the process's priority; higher: the scheduler favours other threads).
-    /// `takesIdleWork`: `runAfterBatch` called on the thread queues its work here.
-    public init(label: String, nice: Int32 = 0, takesIdleWork: Bool = false) {
-        core = Core(name: label, nice: nice, takesIdleWork: takesIdleWork)
+    /// `runsAfterBatchWork`: `runAfterBatch` called on the thread queues its work here.
+    public init(label: String, nice: Int32 = 0, runsAfterBatchWork: Bool = false) {
+        core = Core(name: label, nice: nice, runsAfterBatchWork: runsAfterBatchWork)
         core.executor.withLock { $0 = UnownedSerialExecutor(ordinary: self) }
         let box = Unmanaged.passRetained(core).toOpaque()
         var thread = pthread_t()

@@ -54,7 +54,7 @@ import Synchronization
             let name = (try? String(contentsOfFile: "/proc/thread-self/comm", encoding: .utf8)) ?? "?"
             syncThreads.value.withLock { $0.append(name.trimmingCharacters(in: .whitespacesAndNewlines)) }
         }
-        let executor = ThreadExecutor(label: "t-leader", takesIdleWork: true)
+        let executor = ThreadExecutor(label: "t-leader", runsAfterBatchWork: true)
         let gate = DispatchSemaphore(value: 0)
         executor.execute { gate.wait() }   // holds the thread until every writer is queued
         let acks = Shared<[(sequence: UInt64, durable: UInt64)]>([])
@@ -77,7 +77,7 @@ import Synchronization
         #expect(syncThreads.value.withLock { $0 } == ["t-leader"])
         #expect(committer.syncCount == 1)
         #expect(acks.value.withLock { $0 }.allSatisfy { $0.durable >= $0.sequence })
-        // Elsewhere (a plain thread, an executor that takes no idle work) nothing is queued.
+        // Elsewhere (a plain thread, an executor that runs no after-batch work) nothing is queued.
         #expect(!ThreadExecutor.runAfterBatch {})
         let plain = ThreadExecutor(label: "t-plain")
         let queuedThere = await withCheckedContinuation { c in plain.execute { c.resume(returning: ThreadExecutor.runAfterBatch {}) } }

@@ -35,7 +35,7 @@ import Testing
     /// Work queued with `runAfterBatch` runs when the batch that queued it ends, before jobs
     /// queued since: a queue that keeps filling cannot postpone it (a log sync led there).
     @Test func workAfterABatchRunsBeforeJobsQueuedSince() async {
-        let executor = ThreadExecutor(label: "t-batch", takesIdleWork: true)
+        let executor = ThreadExecutor(label: "t-batch", runsAfterBatchWork: true)
         let order = Shared<[String]>([])
         await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
             executor.execute {
