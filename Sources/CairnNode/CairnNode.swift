@@ -431,6 +431,7 @@ public final class CairnNode: Service, Sendable {
             me: config.name, actor: storage.actor, vnodes: core.vnodes, transport: transport, metrics: metrics, logger: core.logger,
             clock: core.clock, liveness: core.liveness,
             afterLocalWrite: { p, key, object in await core.handoff?.forward(partition: p, key: key, object: object) ?? true },
+            forwardsNothing: { p in core.handoff?.forwardsNothing(partition: p) ?? true },
             fallbackVnode: { p in await core.fallbackVnode(p) },
             keepHints: { targets, p, key, object in await hints.keep(for: targets, partition: p, key: key, object: object) },
             acknowledgesDurably: storage.backend.acknowledgesDurably, readRepairs: ReadRepairLimiter(limit: config.readRepairMaxInflight),

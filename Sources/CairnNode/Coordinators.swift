@@ -19,6 +19,9 @@ final class CoordinatorContext: Sendable {
     /// the local copy must not count (the partition moved away and its new replicas did not
     /// take the write).
     let afterLocalWrite: (@Sendable (PartitionID, [UInt8], VersionedObject) async -> Bool)?
+    /// Whether `afterLocalWrite` has nothing to do for a partition now (no handoff of it
+    /// running): a write served from callbacks then counts its local copy without a task.
+    let forwardsNothing: @Sendable (PartitionID) -> Bool
     /// This node's fallback vnode for a partition, started if it runs none (sloppy quorum).
     let fallbackVnode: (@Sendable (PartitionID) async -> Vnode?)?
     /// Keeps a durable hint of a write for each primary that missed it.
@@ -37,6 +40,7 @@ final class CoordinatorContext: Sendable {
     init(me: NodeName, actor: ActorID, vnodes: VnodeTable, transport: any Transport, metrics: NodeMetrics, logger: Logger,
          clock: any NodeClock, liveness: Liveness = Liveness(),
          afterLocalWrite: (@Sendable (PartitionID, [UInt8], VersionedObject) async -> Bool)? = nil,
+         forwardsNothing: @escaping @Sendable (PartitionID) -> Bool = { _ in false },
          fallbackVnode: (@Sendable (PartitionID) async -> Vnode?)? = nil,
          keepHints: (@Sendable (_ for: [NodeName], PartitionID, [UInt8], VersionedObject) async -> Void)? = nil,
          acknowledgesDurably: Bool = false, readRepairs: ReadRepairLimiter = ReadRepairLimiter(limit: 256),
@@ -51,6 +55,7 @@ final class CoordinatorContext: Sendable {
         self.clock = clock
         self.liveness = liveness
         self.afterLocalWrite = afterLocalWrite
+        self.forwardsNothing = forwardsNothing
         self.fallbackVnode = fallbackVnode
         self.keepHints = keepHints
         self.acknowledgesDurably = acknowledgesDurably

@@ -430,28 +430,31 @@ final class NodeCore: Sendable {
         let coordinator = ReadCoordinator(ctx: a.coordinatorContext, requirement: requirement, partition: partition,
                                           replicas: candidates, key: g.key, timeoutMillis: timeout(g.options),
                                           sloppy: g.options.sloppy ?? config.sloppyQuorum, repair: g.options.readRepair ?? .async)
-        let (metrics, limits) = (metrics, config.limits)
-        await coordinator.run { outcome in
-            switch outcome {
-            case .answered(var object):
-                // Replicas each keep their object within max_object_bytes, but their merge may
-                // not be: bound it so the reply fits in a frame.
-                if let dropped = object?.prune(maxSiblings: limits.maxSiblingsOnDecode, maxBytes: limits.maxObjectBytes), dropped > 0 {
-                    metrics.siblingsPruned.increment(by: dropped)
-                }
-                if let object, CausalContext(object.context).bytes.count > limits.maxContextBytes {
-                    metrics.record(.get, .error, since: start)
-                    return responder.fail(ErrorReply(code: .internalError, message:
-                        "the merged context of the replicas' answers exceeds limits.max_context_bytes; the replicas disagree about too many actors"))
-                }
-                let siblings = object?.values ?? []
-                let found = !(object?.isDeleted ?? true)
-                metrics.record(.get, found ? .ok : .notFound, since: start)
-                responder.reply(.getReply(GetReply(found: found, siblings: siblings, context: CausalContext(object?.context ?? VersionVector()))))
-            case .quorumFailed(let f):
-                metrics.record(.get, f.kind == .unavailable ? .unavailable : .notReached, since: start)
-                responder.fail(ErrorReply(f))
+        await coordinator.run { [self] outcome in answerGet(outcome, since: start, responder) }
+    }
+
+    /// Answers a client get with its coordination's outcome.
+    private func answerGet(_ outcome: ReadCoordination.ReadOutcome, since start: ContinuousClock.Instant, _ responder: Responder) {
+        let limits = config.limits
+        switch outcome {
+        case .answered(var object):
+            // Replicas each keep their object within max_object_bytes, but their merge may
+            // not be: bound it so the reply fits in a frame.
+            if let dropped = object?.prune(maxSiblings: limits.maxSiblingsOnDecode, maxBytes: limits.maxObjectBytes), dropped > 0 {
+                metrics.siblingsPruned.increment(by: dropped)
             }
+            if let object, CausalContext(object.context).bytes.count > limits.maxContextBytes {
+                metrics.record(.get, .error, since: start)
+                return responder.fail(ErrorReply(code: .internalError, message:
+                    "the merged context of the replicas' answers exceeds limits.max_context_bytes; the replicas disagree about too many actors"))
+            }
+            let siblings = object?.values ?? []
+            let found = !(object?.isDeleted ?? true)
+            metrics.record(.get, found ? .ok : .notFound, since: start)
+            responder.reply(.getReply(GetReply(found: found, siblings: siblings, context: CausalContext(object?.context ?? VersionVector()))))
+        case .quorumFailed(let f):
+            metrics.record(.get, f.kind == .unavailable ? .unavailable : .notReached, since: start)
+            responder.fail(ErrorReply(f))
         }
     }
 
@@ -512,35 +515,109 @@ final class NodeCore: Sendable {
         let coordinator = WriteCoordinator(ctx: a.coordinatorContext, operation: op, requirement: requirement, partition: partition,
                                            replicas: coordinateAsFallback ? candidates : replicas + fallbacks.filter { !$0.isLocal },
                                            key: key, sibling: sibling, context: context.vector, timeoutMillis: ms, sloppy: sloppy)
-        let (metrics, me) = (metrics, config.name)
-        await coordinator.run { outcome, written in
-            switch outcome {
-            case .acknowledged:
-                // The reply shows the writer every value its new context covers (never a context
-                // alone: it would let the writer supersede siblings it was never shown).
-                guard let writer = written.writer, let ack = written.object?.acknowledgement(of: writer) else {
-                    metrics.record(op, .error, since: start)
-                    return responder.fail(ErrorReply(code: .internalError, message:
-                        "coordinator \(me) acknowledged the \(op) but its stored object lacks the written value; outcome unknown"))
-                }
-                metrics.record(op, .ok, since: start)
-                responder.reply(.writeReply(WriteReply(ack, acks: written.receipt)))
-            case .quorumFailed(let f):
-                metrics.record(op, f.kind == .unavailable ? .unavailable : .notReached, since: start)
-                responder.fail(ErrorReply(f))
-            case .coordinatorFailed(let why):
+        await coordinator.run { [self] outcome, written in answerWrite(op, outcome, written, since: start, responder) }
+    }
+
+    /// Answers a client put or delete with its coordination's outcome.
+    private func answerWrite(_ op: OperationKind, _ outcome: WriteCoordination.WriteOutcome, _ written: WriteCoordinator.Written,
+                             since start: ContinuousClock.Instant, _ responder: Responder) {
+        let me = config.name
+        switch outcome {
+        case .acknowledged:
+            // The reply shows the writer every value its new context covers (never a context
+            // alone: it would let the writer supersede siblings it was never shown).
+            guard let writer = written.writer, let ack = written.object?.acknowledgement(of: writer) else {
                 metrics.record(op, .error, since: start)
-                responder.fail(ErrorReply(code: .storage, message:
-                    "coordinator \(me) failed while applying the \(op): \(why); it was not replicated and its local outcome is unknown"))
-            case .coordinatorTimedOut(let ms):
-                metrics.record(op, .timeout, since: start)
-                responder.fail(ErrorReply(code: .timeout, message:
-                    "coordinator \(me) did not finish applying the \(op) within \(ms) ms; it was not replicated and may still be applied locally"))
-            case .rejected(let why):
-                metrics.record(op, .invalid, since: start)
-                responder.fail(ErrorReply(code: .invalidArgument, message: "\(op) rejected: \(why); nothing was written"))
+                return responder.fail(ErrorReply(code: .internalError, message:
+                    "coordinator \(me) acknowledged the \(op) but its stored object lacks the written value; outcome unknown"))
             }
+            metrics.record(op, .ok, since: start)
+            responder.reply(.writeReply(WriteReply(ack, acks: written.receipt)))
+        case .quorumFailed(let f):
+            metrics.record(op, f.kind == .unavailable ? .unavailable : .notReached, since: start)
+            responder.fail(ErrorReply(f))
+        case .coordinatorFailed(let why):
+            metrics.record(op, .error, since: start)
+            responder.fail(ErrorReply(code: .storage, message:
+                "coordinator \(me) failed while applying the \(op): \(why); it was not replicated and its local outcome is unknown"))
+        case .coordinatorTimedOut(let ms):
+            metrics.record(op, .timeout, since: start)
+            responder.fail(ErrorReply(code: .timeout, message:
+                "coordinator \(me) did not finish applying the \(op) within \(ms) ms; it was not replicated and may still be applied locally"))
+        case .rejected(let why):
+            metrics.record(op, .invalid, since: start)
+            responder.fail(ErrorReply(code: .invalidArgument, message: "\(op) rejected: \(why); nothing was written"))
         }
+    }
+
+    // MARK: Without a task
+
+    /// Whether client requests may take the direct path (`coordinateDirectly`): real time and
+    /// no task executor of the node's own (a simulated node keeps its seeded order).
+    var coordinatesDirectly: Bool { taskExecutor == nil && clock is SystemClock }
+
+    /// Coordinates a client get, put or delete from callbacks, without a task or an actor
+    /// (`DirectRead`, `DirectWrite`), when it starts on the common path: this node a primary of
+    /// the key with a vnode whose store runs closures, every other primary reachable, the
+    /// requirement valid, room in flight. Counted in flight like any request. False (nothing
+    /// done): `handle` serves it, as before — forwarding, fallbacks, hints kept up front,
+    /// invalid requests and the overload answer all stay there.
+    func coordinateDirectly(_ message: Message, responder: Responder) -> Bool {
+        guard coordinatesDirectly else { return false }
+        switch message {
+        case .get(let g):
+            return readDirectly(g, responder)
+        case .put(let p):
+            return writeDirectly(.put, key: p.key, sibling: Sibling(value: p.value, timestampMillis: clock.wallMillis()),
+                                 context: p.context, options: p.options, responder)
+        case .delete(let d):
+            return writeDirectly(.delete, key: d.key, sibling: .tombstone(timestampMillis: clock.wallMillis()),
+                                 context: d.context, options: d.options, responder)
+        default:
+            return false
+        }
+    }
+
+    /// The activation, local primary vnode and primaries of a direct request for `key`; nil
+    /// when it does not start on the common path.
+    private func directStart(_ key: [UInt8]) -> (Activation, PartitionID, Vnode, [ReplicaTarget])? {
+        guard let a = current, a.view.isMember else { return nil }
+        let (partition, candidates) = a.view.candidates(forKey: key)
+        let primaries = candidates.filter(\.isPrimary)
+        guard primaries.contains(where: \.isLocal), let vnode = vnodes.vnode(for: partition), vnode.servesWithoutTasks,
+              a.coordinatorContext.unreachable(primaries.filter { !$0.isLocal }.map(\.node)).isEmpty else { return nil }
+        return (a, partition, vnode, primaries)
+    }
+
+    private func readDirectly(_ g: GetRequest, _ responder: Responder) -> Bool {
+        let start = ContinuousClock.now
+        guard let (a, partition, vnode, primaries) = directStart(g.key),
+              let requirement = try? QuorumRequirement(name: "R", quorum: g.options.r ?? config.defaultR,
+                                                       primary: g.options.pr ?? config.defaultPR, n: primaries.count),
+              requests.begin() else { return false }
+        metrics.directCoordinations.increment()
+        DirectRead(ctx: a.coordinatorContext, vnode: vnode, requirement: requirement, partition: partition, replicas: primaries,
+                   key: g.key, timeoutMillis: timeout(g.options), sloppy: g.options.sloppy ?? config.sloppyQuorum,
+                   repair: g.options.readRepair ?? .async,
+                   respond: { [self] outcome in answerGet(outcome, since: start, responder) },
+                   ended: { [requests] in requests.end() }).start()
+        return true
+    }
+
+    private func writeDirectly(_ op: OperationKind, key: [UInt8], sibling: Sibling, context: CausalContext, options: RequestOptions,
+                               _ responder: Responder) -> Bool {
+        let start = ContinuousClock.now
+        guard let (a, partition, vnode, primaries) = directStart(key),
+              let requirement = try? QuorumRequirement(name: "W", quorum: options.w ?? config.defaultW,
+                                                       primary: options.pw ?? config.defaultPW, n: primaries.count),
+              requests.begin() else { return false }
+        metrics.directCoordinations.increment()
+        DirectWrite(ctx: a.coordinatorContext, vnode: vnode, operation: op, requirement: requirement, partition: partition,
+                    replicas: primaries, key: key, sibling: sibling, context: context.vector, timeoutMillis: timeout(options),
+                    sloppy: options.sloppy ?? config.sloppyQuorum,
+                    respond: { [self] outcome, written in answerWrite(op, outcome, written, since: start, responder) },
+                    ended: { [requests] in requests.end() }).start()
+        return true
     }
 
     /// Sends a write to the first reachable primary, which coordinates it; relays its answer.

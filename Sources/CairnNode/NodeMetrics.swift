@@ -40,6 +40,8 @@ public final class NodeMetrics: Sendable {
     let relayedReplicaRequests: CoreMetrics.Counter
     /// Replica gets and puts served from the event loop on the store's thread, without a task.
     let directReplicaRequests: CoreMetrics.Counter
+    /// Client gets, puts and deletes coordinated from callbacks, without a task (`NodeCore.coordinateDirectly`).
+    let directCoordinations: CoreMetrics.Counter
     /// Local reads answered from memory on the thread that asked, without the store's thread:
     /// by a coordinator for its own copy, and for another node's replica get.
     let memoryReadsCoordinator: CoreMetrics.Counter
@@ -159,6 +161,7 @@ public final class NodeMetrics: Sendable {
         forwarded = CoreMetrics.Counter(label: "cairn_forwarded_requests_total", factory: f)
         relayedReplicaRequests = CoreMetrics.Counter(label: "cairn_relayed_replica_requests_total", factory: f)
         directReplicaRequests = CoreMetrics.Counter(label: "cairn_replica_requests_served_direct_total", factory: f)
+        directCoordinations = CoreMetrics.Counter(label: "cairn_requests_coordinated_direct_total", factory: f)
         memoryReadsCoordinator = CoreMetrics.Counter(label: "cairn_reads_from_memory_total", dimensions: [("role", "coordinator")], factory: f)
         memoryReadsReplica = CoreMetrics.Counter(label: "cairn_reads_from_memory_total", dimensions: [("role", "replica")], factory: f)
         peersUp = CoreMetrics.Gauge(label: "cairn_peers_up", factory: f)

@@ -89,12 +89,24 @@ final class PeerLink: SupervisedChild {
     var attempts: Int { state.withLock { $0.machine.attempts } }
 
     func send(_ message: Message, timeoutMillis: UInt32) async throws(ConnectionError) -> Message {
-        let (connection, reason): (Connection?, String?) = state.withLock { s in
-            if let c = Self.usable(s) { return (c, nil) }
-            return (nil, Self.downReason(s))
+        try await usableConnection().get().request(message, timeoutMillis: timeoutMillis)
+    }
+
+    /// `send` for a caller that must not suspend: `done` is called exactly once, at once when
+    /// the link is down, else on the connection's event loop (`Connection.requestSoon`).
+    func sendSoon(_ message: Message, timeoutMillis: UInt32, _ done: @escaping @Sendable (Result<Message, ConnectionError>) -> Void) {
+        switch usableConnection() {
+        case .success(let connection): connection.requestSoon(message, timeoutMillis: timeoutMillis, done)
+        case .failure(let error): done(.failure(error))
         }
-        guard let connection else { throw .notSent("\(peer) is down: \(reason ?? "connection closed")") }
-        return try await connection.request(message, timeoutMillis: timeoutMillis)
+    }
+
+    /// The handshaken connection, or why a request cannot be sent (certainly not delivered).
+    private func usableConnection() -> Result<Connection, ConnectionError> {
+        state.withLock { s in
+            if let c = Self.usable(s) { return .success(c) }
+            return .failure(.notSent("\(peer) is down: \(Self.downReason(s) ?? "connection closed")"))
+        }
     }
 
     /// Sends `message` one-way over the handshaken connection; dropped when there is none.

@@ -294,6 +294,7 @@ final class Router: RequestDispatcher {
         case .draining, .stopped: return responder.fail(ErrorReply(code: .shuttingDown, message: "node \(core.config.name) is shutting down"))
         }
         if fromPeer, core.serveReplicaDirectly(envelope.message, responder: responder) { return }
+        if core.coordinateDirectly(envelope.message, responder: responder) { return }
         let accepted: Bool
         if core.taskExecutor == nil, envelope.message.runsOnItsLoop, let loop = loopExecutors.current() {
             accepted = core.requests.start(on: loop) { [core] in

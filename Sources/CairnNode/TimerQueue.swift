@@ -7,15 +7,16 @@ import Dispatch
 import Foundation
 import Synchronization
 
-/// Every `SystemClock` sleep of the process, on one thread: sleepers in a min-heap by deadline,
-/// woken when it passes. A request's deadline is one of these sleeps, and nearly every one is
+/// Every `SystemClock` sleep of the process, and every deadline callback (`schedule`), on one
+/// thread: sleepers in a min-heap by deadline, woken (or called) when it passes. A request's deadline is one of these sleeps, and nearly every one is
 /// cancelled long before it fires (the request answered first); a `Task.sleep` per request
 /// armed and disarmed a Dispatch timer source each time, through Dispatch's manager thread.
 /// Here arming is a heap push under a lock, cancelling a dictionary removal, and the thread
 /// wakes only for the earliest live deadline.
 ///
 /// Invariants: every sleeper is resumed exactly once, at or after its deadline, or with
-/// `CancellationError` when its task is cancelled. Cancelled sleepers leave their heap entry
+/// `CancellationError` when its task is cancelled; every callback is called once, unless
+/// `cancel` withdrew it first. Cancelled sleepers leave their heap entry
 /// behind; the thread drops such entries when they reach the top, and the heap is rebuilt from
 /// the live sleepers once it holds more than `2 × live + 1024` entries (its bound; the live
 /// sleepers are bounded by the tasks that sleep: `pending`). Thread-safe.
@@ -32,6 +33,8 @@ public final class TimerQueue: Sendable {
         /// Its id is drawn, its continuation not registered yet.
         case arriving
         case waiting(CheckedContinuation<Void, any Error>)
+        /// A callback deadline (`schedule`): called on the queue's thread once it passes.
+        case callback(@Sendable () -> Void)
         /// Cancelled before its continuation was registered.
         case cancelled
     }
@@ -70,6 +73,18 @@ public final class TimerQueue: Sendable {
             }
         }
 
+        /// Pushes `e`; says whether the thread must be started, or signalled (its deadline is
+        /// later than this one).
+        mutating func arm(_ e: Entry) -> (signal: Bool, start: Bool) {
+            push(e)
+            let start = !started
+            started = true
+            // The thread needs a new deadline only when this one comes first.
+            let signal = !start && (armed.map { e.deadline < $0 } ?? true)
+            if signal || start { armed = e.deadline }
+            return (signal, start)
+        }
+
         /// Drops entries of sleepers no longer waiting from the top, and rebuilds the heap from
         /// the live sleepers when stale entries dominate.
         mutating func prune() {
@@ -106,12 +121,7 @@ public final class TimerQueue: Sendable {
                         return (false, false, true)
                     }
                     s.sleepers[id] = .waiting(c)
-                    s.push(Entry(deadline: deadline, id: id))
-                    let start = !s.started
-                    s.started = true
-                    // The thread needs a new deadline only when this one comes first.
-                    let signal = !start && (s.armed.map { deadline < $0 } ?? true)
-                    if signal || start { s.armed = deadline }
+                    let (signal, start) = s.arm(Entry(deadline: deadline, id: id))
                     return (signal, start, false)
                 }
                 if refused { return c.resume(throwing: CancellationError()) }
@@ -126,11 +136,35 @@ public final class TimerQueue: Sendable {
                 case .arriving?:
                     s.sleepers[id] = .cancelled
                     return nil
-                case .cancelled?, nil:
-                    return nil  // marked already, or resumed already
+                case .cancelled?, .callback?, nil:
+                    return nil  // marked already, or resumed already (a callback's id is never a sleep's)
                 }
             }
             c?.resume(throwing: CancellationError())
+        }
+    }
+
+    /// Calls `fire` once, on the queue's thread, at or after `deadline`, unless `cancel` with the
+    /// returned id comes first. For callers that must not suspend (a request served from an event
+    /// loop); `fire` must not block.
+    public func schedule(at deadline: ContinuousClock.Instant, _ fire: @escaping @Sendable () -> Void) -> UInt64 {
+        let (id, signal, start) = state.withLock { s -> (UInt64, Bool, Bool) in
+            s.nextID &+= 1
+            s.sleepers[s.nextID] = .callback(fire)
+            let (signal, start) = s.arm(Entry(deadline: deadline, id: s.nextID))
+            return (s.nextID, signal, start)
+        }
+        if start { startThread() } else if signal { wake.signal() }
+        return id
+    }
+
+    /// Withdraws a `schedule`d callback; true if it had not fired (it never will now).
+    @discardableResult
+    public func cancel(_ id: UInt64) -> Bool {
+        state.withLock { s in
+            guard case .callback? = s.sleepers[id] else { return false }
+            s.sleepers[id] = nil
+            return true
         }
     }
 
@@ -158,17 +192,23 @@ public final class TimerQueue: Sendable {
     private func run() {
         while true {
             let now = ContinuousClock.now
-            let (due, next) = state.withLock { s -> ([CheckedContinuation<Void, any Error>], ContinuousClock.Instant?) in
-                var due: [CheckedContinuation<Void, any Error>] = []
+            let (due, next) = state.withLock { s -> ([Sleeper], ContinuousClock.Instant?) in
+                var due: [Sleeper] = []
                 while let top = s.heap.first, top.deadline <= now {
                     s.popTop()
-                    if case .waiting(let c)? = s.sleepers.removeValue(forKey: top.id) { due.append(c) }
+                    if let sleeper = s.sleepers.removeValue(forKey: top.id) { due.append(sleeper) }
                 }
                 s.prune()
                 s.armed = s.heap.first?.deadline
                 return (due, s.armed)
             }
-            for c in due { c.resume() }
+            for sleeper in due {
+                switch sleeper {
+                case .waiting(let c): c.resume()
+                case .callback(let fire): fire()
+                case .arriving, .cancelled: break
+                }
+            }
             if let next {
                 let wait = now.duration(to: next)
                 _ = wake.wait(timeout: .now() + .nanoseconds(Int(clamping: wait.wholeNanoseconds)))

@@ -15,6 +15,12 @@ protocol Transport: Sendable {
     /// Sends one request to `node` and returns its reply, waiting at most `timeoutMillis`.
     /// Cancelling the caller ends the wait (`ConnectionError.abandoned`).
     func send(to node: NodeName, _ message: Message, timeoutMillis: UInt32) async throws(ConnectionError) -> Message
+    /// `send` for a caller that must not suspend: `done` is called exactly once, with the reply or
+    /// the failure, on whatever thread ended the request (at once when it cannot be sent). False,
+    /// `done` never called: this transport serves only `send` (it runs on a task executor of its
+    /// own, or injects faults that wait), and the caller uses `send`.
+    func sendSoon(to node: NodeName, _ message: Message, timeoutMillis: UInt32,
+                  _ done: @escaping @Sendable (Result<Message, ConnectionError>) -> Void) -> Bool
     /// Sends one message to `node` one-way: the receiver dispatches it as a request whose answer
     /// is dropped, and nothing comes back. Fire and forget: no delivery is reported; a message to
     /// an unreachable peer is dropped at once. It takes the same path (and faults) as a request.
@@ -71,6 +77,10 @@ extension Transport {
             return .failure(error)
         }
     }
+
+    /// For transports that serve only `send`.
+    func sendSoon(to node: NodeName, _ message: Message, timeoutMillis: UInt32,
+                  _ done: @escaping @Sendable (Result<Message, ConnectionError>) -> Void) -> Bool { false }
 
     /// For transports whose every peer counts as tried from the start: never notified.
     var reachabilityChanged: Condition { Condition() }
@@ -181,6 +191,18 @@ final class SocketTransport: Transport, SupervisedChild {
     func dropConnections() {
         for l in links.values { l.closeConnection() }
         dropDataConnections()
+    }
+
+    func sendSoon(to node: NodeName, _ message: Message, timeoutMillis: UInt32,
+                  _ done: @escaping @Sendable (Result<Message, ConnectionError>) -> Void) -> Bool {
+        // Injected faults delay and drop by sleeping: those requests take `send`.
+        guard faults == nil else { return false }
+        guard let link = linkTable.withLock({ $0[node] }) else {
+            done(.failure(.notSent("\(node) is not a known peer")))
+            return true
+        }
+        link.sendSoon(message, timeoutMillis: timeoutMillis, done)
+        return true
     }
 
     func send(to node: NodeName, _ message: Message, timeoutMillis: UInt32) async throws(ConnectionError) -> Message {

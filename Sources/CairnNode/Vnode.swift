@@ -264,13 +264,53 @@ public actor Vnode: SupervisedChild {
             switch step {
             case .failure(let e): done(.failure(e))
             case .success(let (merged, token)):
-                backend.whenDurable(token) { [self] error in
-                    guard let error else { return done(.success(merged)) }
-                    runner.execute { [self] in done(.failure(assumeIsolated { $0.fail("write failed: \(error)") })) }
-                }
+                whenDurable(token, runner) { error in done(error.map { .failure($0) } ?? .success(merged)) }
             }
         }
         return true
+    }
+
+    /// A client write stamped and stored by `stampSoon`, not yet durable.
+    public struct Stamped: Sendable {
+        public let object: VersionedObject
+        /// The actor that stamped it (`coordinateStamped`).
+        public let writer: ActorID
+        public let token: DurabilityToken
+    }
+
+    /// `stampWithoutWaiting` for a caller that must not suspend: stamps and stores on the
+    /// store's thread and calls `stamped` there. False, `stamped` never called: use
+    /// `stampWithoutWaiting` (`servesWithoutTasks`).
+    public nonisolated func stampSoon(key: [UInt8], sibling: Sibling, context: VersionVector, actor: ActorID,
+                                      _ stamped: @escaping @Sendable (Result<Stamped, VnodeError>) -> Void) -> Bool {
+        guard let runner else { return false }
+        runner.execute { [self] in
+            stamped(assumeIsolated { v in
+                Result { () throws(VnodeError) in
+                    let (object, token, writer) = try v.stamp(key: key, sibling: sibling, context: context, actor: actor)
+                    return Stamped(object: object, writer: writer, token: token)
+                }
+            })
+        }
+        return true
+    }
+
+    /// `untilDurable` for a caller that must not suspend: `done` is called once the write of
+    /// `token` is durable (nil; on the thread that ended the wait) or its sync failed (the vnode
+    /// fails, as in `untilDurable`; on the store's thread). False, `done` never called: use
+    /// `untilDurable` (`servesWithoutTasks`).
+    public nonisolated func whenDurable(_ token: DurabilityToken, _ done: @escaping @Sendable (VnodeError?) -> Void) -> Bool {
+        guard let runner else { return false }
+        whenDurable(token, runner, done)
+        return true
+    }
+
+    private nonisolated func whenDurable(_ token: DurabilityToken, _ runner: any ClosureExecutor,
+                                         _ done: @escaping @Sendable (VnodeError?) -> Void) {
+        backend.whenDurable(token) { [self] error in
+            guard let error else { return done(nil) }
+            runner.execute { [self] in done(assumeIsolated { $0.fail("write failed: \(error)") }) }
+        }
     }
 
     /// Stamps a client write with `actor` as the coordinator: the new value supersedes exactly

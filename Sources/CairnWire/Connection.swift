@@ -262,6 +262,21 @@ public final class Connection: Sendable {
         }
     }
 
+    /// `request` for a caller that must not suspend: `done` is called exactly once, on the
+    /// connection's event loop, with the reply or the failure (timeout, connection loss, a
+    /// request the multiplexer refused). Nothing cancels it; the timeout bounds it.
+    public func requestSoon(_ message: Message, timeoutMillis: UInt32,
+                            _ done: @escaping @Sendable (Result<Message, ConnectionError>) -> Void) {
+        let promise = channel.eventLoop.makePromise(of: Message.self)
+        outbound.send(OutboundRequest(message: message, timeoutMillis: max(timeoutMillis, 1), promise: promise))
+        promise.futureResult.whenComplete { result in
+            switch result {
+            case .success(let reply): done(.success(reply))
+            case .failure(let error): done(.failure((error as? ConnectionError) ?? .lost(Self.describe(error))))
+            }
+        }
+    }
+
     /// Sends `message` one-way (request id 0): the peer never answers it. The future fails if it
     /// could not be written (connection closed, frame over `limits.max_frame_bytes`): certainly
     /// not delivered; success means written to the socket, not received.
