@@ -112,6 +112,9 @@ final class DirectWrite: Sendable {
         run(steps)
     }
 
+    /// Whether an acknowledgement is decided and waits for hints to be kept (for tests).
+    var isHoldingAnswer: Bool { state.withLock { $0.held != nil } }
+
     private func handle(_ event: Event) {
         let steps = state.withLock { s -> [Step] in
             guard !s.ended else { return [] }

@@ -52,7 +52,9 @@ final class TestCluster: Sendable {
         self.tasks = tasks
     }
 
-    static func start(count: Int = 3, nVal: Int = 3, configure: (inout NodeConfig) -> Void = { _ in }) async throws -> TestCluster {
+    /// `faults`: by node index, the transport faults that node injects into what it sends.
+    static func start(count: Int = 3, nVal: Int = 3, faults: [Int: TransportFaults] = [:],
+                      configure: (inout NodeConfig) -> Void = { _ in }) async throws -> TestCluster {
         var nodes: [CairnNode] = []
         var members: [MemberAddress] = []
         var name = "test-\(UInt64.random(in: 0...UInt64.max))"
@@ -72,7 +74,7 @@ final class TestCluster: Sendable {
             c.dataDirectory = scratch + "/n\(i)"
             configure(&c)
             name = c.clusterName
-            let node = CairnNode(config: c, logger: quietLogger)
+            let node = CairnNode(config: c, logger: quietLogger, transportFaults: faults[i - 1])
             let bound = try await node.bind()
             nodes.append(node)
             members.append(MemberAddress(name: c.name, address: bound.client))

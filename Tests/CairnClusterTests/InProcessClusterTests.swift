@@ -159,6 +159,59 @@ struct InProcessClusterTests {
         await cluster.stop()
     }
 
+    /// Client gets, puts and deletes coordinated by a primary with every replica up take the
+    /// direct path (callbacks, no task or actor) with the task path's answers: a receipt naming
+    /// every durable copy, siblings for concurrent writes, a delete that hides them all.
+    @Test func clientRequestsOnTheCommonPathAreCoordinatedWithoutATask() async throws {
+        let cluster = try await TestCluster.start()
+        let c = try await cluster.client([0])
+        let all = RequestOptions(r: .count(3), w: .count(3))
+        let k = Array("direct-coordination".utf8)
+        let first = try await c.put(k, value: [1], options: all)
+        #expect(Set(first.acks.map(\.node)) == ["n1", "n2", "n3"] && first.acks.allSatisfy(\.durable))
+        // No context: concurrent with the first, both kept.
+        let second = try await c.put(k, value: [2], options: all)
+        #expect(Set(second.siblings.map(\.value)) == [[1], [2]])
+        let got = try await c.get(k, options: all)
+        #expect(Set(got.values) == [[1], [2]])
+        _ = try await c.delete(k, context: got.context, options: all)
+        let e = await failure("reading the deleted key") { () async throws(CairnError) in try await c.get(k, options: all) }
+        guard case .notFound? = e else { Issue.record("expected not found, got \(String(describing: e))"); return }
+        let direct = metricValue(cluster.nodes[0].metrics.exposition(), "cairn_requests_coordinated_direct_total")
+        #expect(direct == 5, "\(direct) of 5 requests coordinated directly")
+        try await cluster.waitUntil("every request ended") { cluster.nodes[0].core.requests.inflightCount == 0 }
+        c.close()
+        await cluster.stop()
+    }
+
+    /// A replica that fails during a direct write (node 1 cut off from node 3 by injected
+    /// faults, the link itself up, so the write starts on the direct path) gets a hint; the
+    /// write is acknowledged by the other two, and once the cut heals the hint brings node 3
+    /// the write.
+    @Test func aReplicaFailingDuringADirectWriteGetsAHint() async throws {
+        let faults = TransportFaults()
+        let cluster = try await TestCluster.start(faults: [0: faults])
+        let c = try await cluster.client([0])
+        let n3 = try NodeName("n3")
+        var cut = TransportFaults.Rules()
+        cut.blocked = [n3]
+        faults.set(cut)
+        let k = Array("direct-hinted".utf8)
+        let written = try await c.put(k, value: [9], options: RequestOptions(w: .count(2)))
+        #expect(Set(written.acks.map(\.node)) == ["n1", "n2"])
+        #expect(metricValue(cluster.nodes[0].metrics.exposition(), "cairn_requests_coordinated_direct_total") == 1)
+        let hints = try #require(cluster.nodes[0].core.hints)
+        try await cluster.waitUntil("a hint kept for n3") { hints.status().contains { $0.target == n3 && $0.hints == 1 } }
+        faults.set(TransportFaults.Rules())
+        let partition = try #require(cluster.nodes[2].core.view?.partition(forKey: k))
+        try await cluster.waitUntil("the hint brought n3 the write", seconds: 60) {
+            guard let vnode = cluster.nodes[2].core.vnodes.vnode(for: partition) else { return false }
+            return (try? await vnode.get(k))??.values.map(\.value) == [[9]]
+        }
+        c.close()
+        await cluster.stop()
+    }
+
     /// `node.event_loops` and `storage.request_threads` (nodes sharing a machine, each sized to
     /// its share): each node serves on a group of its own with that many loops, its vnodes on that
     /// many store threads, and its loops stop when the node does.
