@@ -46,13 +46,24 @@ public struct ByteWriter: Sendable {
 
     public mutating func writeVarint(_ v: Int) { writeVarint(UInt64(clamping: v)) }
 
+    /// How many bytes `writeVarint(v)` appends.
+    public static func varintCount(_ v: UInt64) -> Int {
+        var n = 1
+        var rest = v
+        while rest >= 0x80 {
+            n += 1
+            rest >>= 7
+        }
+        return n
+    }
+
     /// `varint(length) bytes`.
     public mutating func writeBlob(_ blob: some Collection<UInt8>) {
         writeVarint(blob.count)
         bytes.append(contentsOf: blob)
     }
 
-    public mutating func writeString(_ s: String) { writeBlob(Array(s.utf8)) }
+    public mutating func writeString(_ s: String) { writeBlob(s.utf8) }
 
     public mutating func writeRaw(_ raw: some Sequence<UInt8>) { bytes.append(contentsOf: raw) }
 }

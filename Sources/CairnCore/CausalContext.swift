@@ -12,14 +12,36 @@ public struct CausalContext: Hashable, Sendable, CustomStringConvertible {
     public static let empty = CausalContext(VersionVector())
 
     public var bytes: [UInt8] {
-        var w = ByteWriter(capacity: 4 + vector.dots.count * 16)
+        var w = ByteWriter(capacity: encodedCount)
+        encode(into: &w)
+        return w.bytes
+    }
+
+    /// `bytes.count`, without encoding.
+    public var encodedCount: Int {
+        var n = 1 + ByteWriter.varintCount(UInt64(vector.dots.count))
+        for d in vector.dots {
+            let name = d.actor.node.utf8.count
+            n += ByteWriter.varintCount(UInt64(name)) + name + 8 + ByteWriter.varintCount(d.counter)
+        }
+        return n
+    }
+
+    /// Appends `bytes` as a blob (`varint(length) bytes`; the empty context is the empty blob)
+    /// without building them apart first.
+    public func writeBlob(into w: inout ByteWriter) {
+        guard !vector.isEmpty else { return w.writeVarint(0) }
+        w.writeVarint(encodedCount)
+        encode(into: &w)
+    }
+
+    private func encode(into w: inout ByteWriter) {
         w.writeU8(Self.formatVersion)
         w.writeVarint(vector.dots.count)
         for d in vector.dots {
             d.actor.encode(into: &w)
             w.writeVarint(d.counter)
         }
-        return w.bytes
     }
 
     /// Decodes a context; an empty byte string is the empty context.

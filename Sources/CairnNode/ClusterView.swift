@@ -14,13 +14,43 @@ final class ClusterView: Sendable {
     let clusterName: String
     let state: RingState?
     let addresses: [NodeName: HostPort]
+    /// Every partition's `Placement`, by index, for rings of at most `precomputedPartitions`
+    /// partitions (nil above: computed per request). Shared by every request that takes this view.
+    private let placements: [Placement]?
+
+    /// Rings up to this many partitions have their placements computed once per view.
+    static let precomputedPartitions = 4096
+
+    /// Where a partition's copies live under this view.
+    struct Placement: Sendable {
+        let partition: PartitionID
+        /// In preference-list order.
+        let primaries: [ReplicaTarget]
+        /// `primaries`, then up to N fallback candidates in ring order.
+        let candidates: [ReplicaTarget]
+    }
 
     init(state: RingState?, me: NodeName, clusterName: String, version: UInt64) {
         self.version = version
         self.me = me
         self.clusterName = state?.cluster ?? clusterName
         self.state = state
-        addresses = Dictionary(state?.members.map { ($0.name, $0.address) } ?? [], uniquingKeysWith: { a, _ in a })
+        let addresses = Dictionary(state?.members.map { ($0.name, $0.address) } ?? [], uniquingKeysWith: { a, _ in a })
+        self.addresses = addresses
+        if let state, state.ring.partitionCount <= Self.precomputedPartitions {
+            placements = state.ring.partitions.map { Self.computePlacement($0, state, me, addresses) }
+        } else {
+            placements = nil
+        }
+    }
+
+    private static func computePlacement(_ p: PartitionID, _ state: RingState, _ me: NodeName, _ addresses: [NodeName: HostPort]) -> Placement {
+        func target(_ n: NodeName, primary: Bool) -> ReplicaTarget {
+            ReplicaTarget(node: n, address: addresses[n]?.description ?? n.value, isPrimary: primary, isLocal: n == me)
+        }
+        let primaries = state.replicas(of: p).map { target($0, primary: true) }
+        return Placement(partition: p, primaries: primaries,
+                         candidates: primaries + state.fallbacks(of: p, count: state.nVal).map { target($0, primary: false) })
     }
 
     /// A view of a cluster bootstrapped from `members` (`cluster.members`, tests).
@@ -40,22 +70,22 @@ final class ClusterView: Sendable {
     /// The key's partition, its primaries in preference-list order, then up to N fallback
     /// candidates in ring order (the next distinct members; none before joining).
     func candidates(forKey key: [UInt8]) -> (PartitionID, [ReplicaTarget]) {
-        guard let state else { return (PartitionID(0), []) }
-        let (p, primaries) = placement(forKey: key)
-        let fallbacks = state.fallbacks(of: p, count: state.nVal).map {
-            ReplicaTarget(node: $0, address: address($0), isPrimary: false, isLocal: $0 == me)
-        }
-        return (p, primaries + fallbacks)
+        let placement = replicas(forKey: key)
+        return (placement.partition, placement.candidates)
     }
 
     /// The key's partition and its replicas in preference-list order (none before joining).
     func placement(forKey key: [UInt8]) -> (PartitionID, [ReplicaTarget]) {
-        guard let state else { return (PartitionID(0), []) }
+        let placement = replicas(forKey: key)
+        return (placement.partition, placement.primaries)
+    }
+
+    /// The key's `Placement` (empty before joining).
+    func replicas(forKey key: [UInt8]) -> Placement {
+        guard let state else { return Placement(partition: PartitionID(0), primaries: [], candidates: []) }
         let p = state.partition(forKey: key)
-        let targets = state.replicas(of: p).map {
-            ReplicaTarget(node: $0, address: address($0), isPrimary: true, isLocal: $0 == me)
-        }
-        return (p, targets)
+        if let placements, Int(p.index) < placements.count { return placements[Int(p.index)] }
+        return Self.computePlacement(p, state, me, addresses)
     }
 }
 

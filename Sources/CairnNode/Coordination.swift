@@ -500,8 +500,7 @@ public struct ReadCoordination: Sendable {
         let all = merged
         final = all
         divergent = answers.filter { $0.value != all }.map(\.key).sorted()
-        let primaries = Set(tally.replicas.filter(\.isPrimary).map(\.node))
-        let stale = divergent.filter { primaries.contains($0) }
+        let stale = divergent.filter { n in tally.replicas.contains { $0.node == n && $0.isPrimary } }
         if let all, !stale.isEmpty {
             repairing = Set(stale)
             out.append(.repair(targets: stale, object: all))

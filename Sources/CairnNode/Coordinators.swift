@@ -93,6 +93,12 @@ extension CoordinatorContext {
         transport.downReasons(nodes).merging(liveness.downReasons(nodes)) { link, _ in link }
     }
 
+    /// Whether `unreachable` names none of the replicas other than this node's (without
+    /// building the reasons).
+    func reachesAll(_ replicas: [ReplicaTarget]) -> Bool {
+        replicas.allSatisfy { $0.isLocal || (transport.reaches($0.node) && liveness.status(of: $0.node) != .dead) }
+    }
+
     /// Sends one internode request and returns the reply, or what to record for that replica:
     /// an error reply becomes `.failed`, a connection failure keeps its delivery certainty.
     func ask(_ node: NodeName, _ message: Message, timeoutMillis: UInt32) async -> ReplicaAnswer {

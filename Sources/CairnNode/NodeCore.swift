@@ -443,7 +443,8 @@ final class NodeCore: Sendable {
             if let dropped = object?.prune(maxSiblings: limits.maxSiblingsOnDecode, maxBytes: limits.maxObjectBytes), dropped > 0 {
                 metrics.siblingsPruned.increment(by: dropped)
             }
-            if let object, CausalContext(object.context).bytes.count > limits.maxContextBytes {
+            let context = CausalContext(object?.context ?? VersionVector())
+            if context.encodedCount > limits.maxContextBytes {
                 metrics.record(.get, .error, since: start)
                 return responder.fail(ErrorReply(code: .internalError, message:
                     "the merged context of the replicas' answers exceeds limits.max_context_bytes; the replicas disagree about too many actors"))
@@ -451,7 +452,7 @@ final class NodeCore: Sendable {
             let siblings = object?.values ?? []
             let found = !(object?.isDeleted ?? true)
             metrics.record(.get, found ? .ok : .notFound, since: start)
-            responder.reply(.getReply(GetReply(found: found, siblings: siblings, context: CausalContext(object?.context ?? VersionVector()))))
+            responder.reply(.getReply(GetReply(found: found, siblings: siblings, context: context)))
         case .quorumFailed(let f):
             metrics.record(.get, f.kind == .unavailable ? .unavailable : .notReached, since: start)
             responder.fail(ErrorReply(f))
@@ -582,11 +583,10 @@ final class NodeCore: Sendable {
     /// when it does not start on the common path.
     private func directStart(_ key: [UInt8]) -> (Activation, PartitionID, Vnode, [ReplicaTarget])? {
         guard let a = current, a.view.isMember else { return nil }
-        let (partition, candidates) = a.view.candidates(forKey: key)
-        let primaries = candidates.filter(\.isPrimary)
-        guard primaries.contains(where: \.isLocal), let vnode = vnodes.vnode(for: partition), vnode.servesWithoutTasks,
-              a.coordinatorContext.unreachable(primaries.filter { !$0.isLocal }.map(\.node)).isEmpty else { return nil }
-        return (a, partition, vnode, primaries)
+        let placement = a.view.replicas(forKey: key)
+        guard placement.primaries.contains(where: \.isLocal), let vnode = vnodes.vnode(for: placement.partition), vnode.servesWithoutTasks,
+              a.coordinatorContext.reachesAll(placement.primaries) else { return nil }
+        return (a, placement.partition, vnode, placement.primaries)
     }
 
     private func readDirectly(_ g: GetRequest, _ responder: Responder) -> Bool {

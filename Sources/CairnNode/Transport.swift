@@ -33,6 +33,8 @@ protocol Transport: Sendable {
     /// Why each of `nodes` is unreachable now; a node absent from the result is reachable.
     /// Nodes the transport does not know count as unreachable.
     func downReasons(_ nodes: [NodeName]) -> [NodeName: String]
+    /// Whether `downReasons([node])` is empty.
+    func reaches(_ node: NodeName) -> Bool
     /// The peers this transport knows (this node excluded).
     var peerCount: Int { get }
     /// Peers reachable now.
@@ -77,6 +79,8 @@ extension Transport {
             return .failure(error)
         }
     }
+
+    func reaches(_ node: NodeName) -> Bool { downReasons([node]).isEmpty }
 
     /// For transports that serve only `send`.
     func sendSoon(to node: NodeName, _ message: Message, timeoutMillis: UInt32,
@@ -191,6 +195,10 @@ final class SocketTransport: Transport, SupervisedChild {
     func dropConnections() {
         for l in links.values { l.closeConnection() }
         dropDataConnections()
+    }
+
+    func reaches(_ node: NodeName) -> Bool {
+        linkTable.withLock { $0[node] }.map { $0.downReason == nil } ?? false
     }
 
     func sendSoon(to node: NodeName, _ message: Message, timeoutMillis: UInt32,

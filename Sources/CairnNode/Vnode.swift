@@ -646,7 +646,7 @@ public actor Vnode: SupervisedChild {
         guard object.entries.count <= limits.maxActorsPerObject else {
             throw .rejected("the key's clock would hold \(object.entries.count) actors, over limits.max_actors_per_object \(limits.maxActorsPerObject)")
         }
-        let contextBytes = CausalContext(object.context).bytes.count
+        let contextBytes = CausalContext(object.context).encodedCount
         guard contextBytes <= limits.maxContextBytes else {
             throw .rejected("the key's context would take \(contextBytes) bytes, over limits.max_context_bytes \(limits.maxContextBytes)")
         }

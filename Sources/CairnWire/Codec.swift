@@ -88,13 +88,13 @@ public enum WireCodec {
         case .put(let p):
             w.writeU8(p.forwarded ? 1 : 0)
             w.writeBlob(p.key)
-            w.writeBlob(p.context.vector.isEmpty ? [] : p.context.bytes)
+            p.context.writeBlob(into: &w)
             w.writeBlob(p.value)
             encode(p.options, into: &w)
         case .delete(let d):
             w.writeU8(d.forwarded ? 1 : 0)
             w.writeBlob(d.key)
-            w.writeBlob(d.context.vector.isEmpty ? [] : d.context.bytes)
+            d.context.writeBlob(into: &w)
             encode(d.options, into: &w)
         case .members, .ping, .pong, .streamAccept, .clusterStatePull:
             break
@@ -127,10 +127,10 @@ public enum WireCodec {
             w.writeU8(a.final ? 1 : 0)
         case .getReply(let r):
             w.writeU8(r.found ? 1 : 0)
-            w.writeBlob(r.context.vector.isEmpty ? [] : r.context.bytes)
+            r.context.writeBlob(into: &w)
             writeSiblings(r.siblings, into: &w)
         case .writeReply(let r):
-            w.writeBlob(r.context.vector.isEmpty ? [] : r.context.bytes)
+            r.context.writeBlob(into: &w)
             w.writeVarint(r.writtenTimestampMillis)
             writeSiblings(r.concurrent, into: &w)
             let acks = r.acks.prefix(maxAcks)
@@ -468,16 +468,7 @@ public enum WireCodec {
     }
 
     static func decodeOptions(_ r: inout ByteReader) throws(DecodeError) -> RequestOptions {
-        var qs: [Quorum?] = []
-        for name in ["r", "w", "pr", "pw"] {
-            switch try r.readU8(name) {
-            case 0: qs.append(nil)
-            case 1: qs.append(.quorum)
-            case 2: qs.append(.all)
-            case 3: qs.append(.count(Int(try r.readU8(name))))
-            case let t: throw DecodeError("unknown quorum tag \(t) for \(name)")
-            }
-        }
+        let (rq, wq, prq, pwq) = (try readQuorum(&r, "r"), try readQuorum(&r, "w"), try readQuorum(&r, "pr"), try readQuorum(&r, "pw"))
         let timeout = try r.readU32("timeout")
         let sloppy: Bool?
         switch try r.readU8("sloppy") {
@@ -488,8 +479,18 @@ public enum WireCodec {
         }
         let tag = try r.readU8("read repair")
         guard let repair = ReadRepairMode(rawValue: tag) else { throw DecodeError("unknown read repair mode \(tag)") }
-        return RequestOptions(r: qs[0], w: qs[1], pr: qs[2], pw: qs[3], timeoutMillis: timeout == 0 ? nil : timeout,
+        return RequestOptions(r: rq, w: wq, pr: prq, pw: pwq, timeoutMillis: timeout == 0 ? nil : timeout,
                               sloppy: sloppy, readRepair: repair == .async ? nil : repair)
+    }
+
+    private static func readQuorum(_ r: inout ByteReader, _ name: StaticString) throws(DecodeError) -> Quorum? {
+        switch try r.readU8("\(name)") {
+        case 0: return nil
+        case 1: return .quorum
+        case 2: return .all
+        case 3: return .count(Int(try r.readU8("\(name)")))
+        case let t: throw DecodeError("unknown quorum tag \(t) for \(name)")
+        }
     }
 
     static func decodeQuorumFailure(_ r: inout ByteReader) throws(DecodeError) -> QuorumFailure {

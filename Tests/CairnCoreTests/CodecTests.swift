@@ -91,6 +91,29 @@ import PropertyBased
         #expect(try CausalContext(token: "") == .empty)
     }
 
+    /// The size and the blob written without an intermediate array are those of `bytes`, for
+    /// counters and names across varint boundaries.
+    @Test func encodedCountAndBlobMatchTheBytes() {
+        let name = String(repeating: "n", count: 130)
+        let vectors = [VersionVector(), VersionVector([(ActorID(node: "a", epoch: 1), 1)]),
+                       VersionVector([(ActorID(node: "n1", epoch: 9), 127), (ActorID(node: name, epoch: .max), 128),
+                                      (ActorID(node: "z", epoch: 0), 1 << 35)])]
+        for v in vectors {
+            let ctx = CausalContext(v)
+            #expect(ctx.encodedCount == ctx.bytes.count)
+            var direct = ByteWriter()
+            ctx.writeBlob(into: &direct)
+            var viaBytes = ByteWriter()
+            viaBytes.writeBlob(v.isEmpty ? [] : ctx.bytes)
+            #expect(direct.bytes == viaBytes.bytes)
+        }
+        for v: UInt64 in [0, 1, 127, 128, 16_383, 16_384, .max] {
+            var w = ByteWriter()
+            w.writeVarint(v)
+            #expect(ByteWriter.varintCount(v) == w.bytes.count)
+        }
+    }
+
     @Test func malformedTokensAreErrors() {
         #expect(throws: DecodeError.self) { try CausalContext(token: "not base64!") }
         #expect(throws: DecodeError.self) { try CausalContext(token: "AgE") }  // format 2

@@ -27,6 +27,23 @@ private func view(_ n: Int, version: UInt64, me: String = "n1") throws -> Cluste
         #expect(views.current.version == 2)
     }
 
+    /// A view's precomputed placements are what the ring computes for each partition: primaries
+    /// in preference-list order, then the fallback candidates, this node marked local.
+    @Test func precomputedPlacementsAreTheRingsOwn() throws {
+        let v = try view(5, version: 1, me: "n2")
+        let state = try #require(v.state)
+        for p in state.ring.partitions {
+            let key = try #require((0..<100_000).lazy.map { Array("k\($0)".utf8) }.first { state.partition(forKey: $0) == p })
+            let placement = v.replicas(forKey: key)
+            #expect(placement.partition == p)
+            #expect(placement.primaries.map(\.node) == state.replicas(of: p))
+            #expect(placement.candidates.map(\.node) == state.replicas(of: p) + state.fallbacks(of: p, count: state.nVal))
+            let marked = placement.candidates.allSatisfy { $0.isLocal == ($0.node.value == "n2") && $0.address == v.address($0.node) }
+            let roles = placement.candidates.map(\.isPrimary) == placement.primaries.map { _ in true } + Array(repeating: false, count: placement.candidates.count - placement.primaries.count)
+            #expect(marked && roles)
+        }
+    }
+
     @Test func aSlowSubscriberSkipsToTheNewestView() async throws {
         let views = ClusterViews(try view(3, version: 1))
         var updates = views.updates().makeAsyncIterator()
