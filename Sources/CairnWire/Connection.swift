@@ -59,8 +59,69 @@ struct AbandonRequest: Sendable {
     let future: ObjectIdentifier
 }
 
+/// The reply deadlines of one connection's waiting requests, earliest first, so one timer serves
+/// them all: a request answered in time costs no timer of its own. Entries of requests no longer
+/// waiting are dropped lazily (when they reach the front, or in a rebuild once they outnumber
+/// the live ones: at most `2 × live + 1024` entries). Pure; owned by `RequestMultiplexer` on its
+/// event loop.
+struct DeadlineQueue {
+    struct Entry: Equatable {
+        let id: UInt64
+        let deadline: NIODeadline
+    }
+    private var entries: [Entry] = []
+    private var head = 0
+
+    /// Entries held, live or not (for tests and the bound).
+    var count: Int { entries.count - head }
+
+    /// The earliest deadline held (possibly of a request no longer waiting).
+    var earliest: NIODeadline? { head < entries.count ? entries[head].deadline : nil }
+
+    /// Adds a request's deadline (in order: appended when no earlier than the last, the common
+    /// case of equal timeouts; else inserted where it belongs).
+    mutating func add(_ id: UInt64, _ deadline: NIODeadline) {
+        let e = Entry(id: id, deadline: deadline)
+        guard let last = entries.last, head < entries.count, deadline < last.deadline else { return entries.append(e) }
+        var lo = head, hi = entries.count
+        while lo < hi {
+            let mid = (lo + hi) / 2
+            if entries[mid].deadline <= deadline { lo = mid + 1 } else { hi = mid }
+        }
+        entries.insert(e, at: lo)
+    }
+
+    /// Drops entries of requests no longer waiting from the front, and rebuilds from the live
+    /// ones when dead entries dominate.
+    mutating func trim(live: Int, isLive: (UInt64) -> Bool) {
+        while head < entries.count, !isLive(entries[head].id) { head += 1 }
+        if head == entries.count {
+            entries.removeAll(keepingCapacity: true)
+            head = 0
+        } else if count > 2 * live + 1024 {
+            entries = entries[head...].filter { isLive($0.id) }
+            head = 0
+        } else if head > 1024, head > entries.count / 2 {
+            entries.removeFirst(head)
+            head = 0
+        }
+    }
+
+    /// Removes and returns the ids of live requests whose deadline is at or before `now`, in
+    /// deadline order (dropping dead entries on the way).
+    mutating func expire(at now: NIODeadline, isLive: (UInt64) -> Bool) -> [UInt64] {
+        var due: [UInt64] = []
+        while head < entries.count, entries[head].deadline <= now || !isLive(entries[head].id) {
+            if isLive(entries[head].id) { due.append(entries[head].id) }
+            head += 1
+        }
+        return due
+    }
+}
+
 /// Assigns request ids, writes frames, and matches replies to waiting requests by id; fails each
-/// waiting request exactly once on timeout or connection loss. One-way messages go out with
+/// waiting request exactly once on timeout or connection loss. One timer per connection, armed
+/// for the earliest deadline (`DeadlineQueue`). One-way messages go out with
 /// request id 0 (never assigned to a request); frames that arrive with id 0 are one-way messages
 /// from the peer (stream acknowledgements) and go to `oneWay`.
 ///
@@ -73,11 +134,14 @@ final class RequestMultiplexer: ChannelDuplexHandler {
 
     private struct Waiting {
         let promise: EventLoopPromise<Message>
-        let timeout: Scheduled<Void>
+        let timeoutMillis: UInt32
         var future: ObjectIdentifier { ObjectIdentifier(promise.futureResult) }
     }
 
     private var waiting: [UInt64: Waiting] = [:]
+    private var deadlines = DeadlineQueue()
+    /// The timer and the deadline it is armed for (nil: none armed).
+    private var armed: (timer: Scheduled<Void>, at: NIODeadline)?
     private var nextID: UInt64 = 1
     private let maxPending: Int
     private let limits: Limits
@@ -116,15 +180,12 @@ final class RequestMultiplexer: ChannelDuplexHandler {
         nextID &+= 1  // 2^64 requests per connection will not happen; id 0 is one-way, so skip it.
         if nextID == 0 { nextID = 1 }
         let ms = request.timeoutMillis
-        let loop = context.eventLoop.assumeIsolated()
-        let timeout = loop.scheduleTask(in: .milliseconds(Int64(ms))) {
-            if let w = self.waiting.removeValue(forKey: id) { w.promise.fail(ConnectionError.timedOut(afterMillis: ms)) }
-        }
-        waiting[id] = Waiting(promise: replyPromise, timeout: timeout)
+        waiting[id] = Waiting(promise: replyPromise, timeoutMillis: ms)
+        deadlines.add(id, context.eventLoop.now + .milliseconds(Int64(ms)))
+        arm(context.eventLoop)
         let written = context.eventLoop.makePromise(of: Void.self)
         written.futureResult.assumeIsolated().whenComplete { result in
             if case .failure(let error) = result, let w = self.waiting.removeValue(forKey: id) {
-                w.timeout.cancel()
                 w.promise.fail((error as? ConnectionError) ?? ConnectionError.notSent("\(error)"))
             }
             promise?.completeWith(result)
@@ -145,7 +206,6 @@ final class RequestMultiplexer: ChannelDuplexHandler {
         // Rare (only cancelled callers), so a scan of at most `maxPending` entries is fine.
         if let (id, w) = waiting.first(where: { $0.value.future == abandon.future }) {
             waiting.removeValue(forKey: id)
-            w.timeout.cancel()
             w.promise.fail(ConnectionError.abandoned)
         }
         promise?.succeed()
@@ -162,13 +222,12 @@ final class RequestMultiplexer: ChannelDuplexHandler {
                 return
             }
             if let w = waiting.removeValue(forKey: envelope.requestID) {
-                w.timeout.cancel()
+                deadlines.trim(live: waiting.count) { waiting[$0] != nil }
                 w.promise.succeed(envelope.message)
             }
             // A reply for an id no longer waiting arrived after its timeout: dropped.
         } catch {
             if let id = error.requestID, let w = waiting.removeValue(forKey: id) {
-                w.timeout.cancel()
                 w.promise.fail(ConnectionError.protocolViolation(error.description))
             } else {
                 context.close(promise: nil)
@@ -180,8 +239,10 @@ final class RequestMultiplexer: ChannelDuplexHandler {
         closed = true
         let all = waiting
         waiting = [:]
+        armed?.timer.cancel()
+        armed = nil
+        deadlines = DeadlineQueue()
         for w in all.values {
-            w.timeout.cancel()
             w.promise.fail(ConnectionError.lost("connection closed"))
         }
         context.fireChannelInactive()
@@ -189,6 +250,27 @@ final class RequestMultiplexer: ChannelDuplexHandler {
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         context.close(promise: nil)
+    }
+
+    /// Arms the timer for the earliest deadline held, unless it is armed for that one or an
+    /// earlier one (then it fires early, finds nothing due, and re-arms).
+    private func arm(_ loop: any EventLoop) {
+        guard let next = deadlines.earliest else { return }
+        if let armed {
+            guard next < armed.at else { return }
+            armed.timer.cancel()
+        }
+        let timer = loop.assumeIsolated().scheduleTask(deadline: next) { self.deadlinePassed(loop) }
+        armed = (timer, next)
+    }
+
+    /// Fails every waiting request whose deadline passed, then re-arms.
+    private func deadlinePassed(_ loop: any EventLoop) {
+        armed = nil
+        for id in deadlines.expire(at: loop.now, isLive: { waiting[$0] != nil }) {
+            if let w = waiting.removeValue(forKey: id) { w.promise.fail(ConnectionError.timedOut(afterMillis: w.timeoutMillis)) }
+        }
+        if !closed { arm(loop) }
     }
 }
 

@@ -3,6 +3,7 @@ import NIOCore
 import NIOEmbedded
 @testable import CairnWire
 import CairnCore
+import Synchronization
 
 /// Records what the server handler passes on; answers every request with `pong`-like replies.
 final class RecordingDispatcher: RequestDispatcher, @unchecked Sendable {
@@ -249,5 +250,78 @@ private final class FlushCounter: ChannelOutboundHandler, @unchecked Sendable {
         ch.embeddedEventLoop.run()
         #expect(try ch.readOutbound(as: ByteBuffer.self) == ByteBuffer(bytes: [4]))
         #expect(counter.flushes == 2)
+    }
+}
+
+/// One timer per connection: requests time out at their own deadlines, in order, whatever order
+/// they were sent in; answered requests leave nothing behind.
+@Suite struct RequestDeadlineTests {
+    private func at(_ ms: Int64) -> NIODeadline { .uptimeNanoseconds(0) + .milliseconds(ms) }
+
+    @Test func deadlinesComeOutInOrderAndOnlyForRequestsStillWaiting() {
+        var q = DeadlineQueue()
+        q.add(1, at(100))
+        q.add(2, at(100))
+        q.add(3, at(50))    // shorter timeout, sent later: goes first
+        q.add(4, at(200))
+        var live: Set<UInt64> = [1, 2, 3, 4]
+        #expect(q.earliest == at(50))
+        live.remove(2)
+        #expect(q.expire(at: at(99), isLive: live.contains) == [3])
+        live.remove(3)
+        #expect(q.expire(at: at(150), isLive: live.contains) == [1])
+        live.remove(1)
+        #expect(q.earliest == at(200))
+        #expect(q.expire(at: at(199), isLive: live.contains) == [])
+        #expect(q.expire(at: at(200), isLive: live.contains) == [4])
+        #expect(q.count == 0 && q.earliest == nil)
+    }
+
+    @Test func answeredRequestsDoNotAccumulateBehindAWaitingOne() {
+        var q = DeadlineQueue()
+        let live: Set<UInt64> = [0]
+        q.add(0, at(10_000))
+        for id in UInt64(1)...20_000 {
+            q.add(id, at(10_000 + Int64(id)))
+            q.trim(live: live.count, isLive: live.contains)   // answered at once
+            #expect(q.count <= 2 * live.count + 1024 + 1)
+        }
+        #expect(q.expire(at: at(100_000), isLive: live.contains) == [0])
+        #expect(q.count == 0)
+    }
+
+    @Test func theMultiplexerFailsEachRequestAtItsDeadlineAndDeliversTheRest() throws {
+        let ch = EmbeddedChannel()
+        try ch.pipeline.syncOperations.addHandler(RequestMultiplexer(maxPending: 16, limits: Limits()))
+        let loop = ch.embeddedEventLoop
+        let box = Mutex<[Int: Result<Message, any Error>]>([:])
+        var results: [Int: Result<Message, any Error>] { box.withLock { $0 } }
+        func request(_ n: Int, _ ms: UInt32) {
+            let p = loop.makePromise(of: Message.self)
+            p.futureResult.whenComplete { r in box.withLock { $0[n] = r } }
+            ch.write(OutboundRequest(message: .ping, timeoutMillis: ms, promise: p), promise: nil)
+        }
+        request(1, 100)
+        request(2, 100)
+        request(3, 50)
+        ch.flush()
+        let frame = WireCodec.encodeFrame(Envelope(requestID: 1, message: .pong))
+        try ch.writeInbound(ByteBuffer(bytes: frame.dropFirst(WireCodec.lengthBytes)))
+        #expect(try results[1]?.get() == .pong)
+        loop.advanceTime(by: .milliseconds(49))
+        #expect(results[3] == nil)
+        loop.advanceTime(by: .milliseconds(1))
+        #expect(Self.error(results[3]) == .timedOut(afterMillis: 50))
+        #expect(results[2] == nil)
+        loop.advanceTime(by: .milliseconds(50))
+        #expect(Self.error(results[2]) == .timedOut(afterMillis: 100))
+        request(4, 100)
+        _ = try? ch.close().wait()
+        #expect(Self.error(results[4]) == .lost("connection closed"))
+    }
+
+    private static func error(_ r: Result<Message, any Error>?) -> ConnectionError? {
+        guard case .failure(let e)? = r else { return nil }
+        return e as? ConnectionError
     }
 }
