@@ -100,6 +100,9 @@ public struct DVVSet<Value: Hashable & Sendable>: Hashable, Sendable {
 
     // MARK: Updating
 
+    // `update`, `event` and `prune` (the write path's, called from CairnNode) are compiled for
+    // `Sibling` here as well: callers in other modules use that copy instead of the generic one.
+
     /// The coordinator's update: record `value` as a new event of `actor`, superseding exactly the
     /// values covered by `context` (what the client read). Values the client had not seen survive
     /// as siblings.
@@ -108,6 +111,7 @@ public struct DVVSet<Value: Hashable & Sendable>: Hashable, Sendable {
     ///
     /// `floor`: the new dot's counter is at least this when `actor` has no live value here (see
     /// `event(actor:value:floor:)`).
+    @_specialize(exported: true, where Value == Sibling)
     public mutating func update(context: VersionVector, value: Value, actor: ActorID, floor: UInt64 = 0) throws(VersionError) {
         let proposal = DVVSet(entries: context.dots.map { Entry(actor: $0.actor, counter: $0.counter, values: []) },
                               anonymous: []) ?? DVVSet()
@@ -123,6 +127,7 @@ public struct DVVSet<Value: Hashable & Sendable>: Hashable, Sendable {
     /// (a collected tombstone): a copy of the dropped history may still exist somewhere, and a
     /// new dot it already covers would be discarded as seen there. With a live value of `actor`
     /// here the history is this one, and counter + 1 is new.
+    @_specialize(exported: true, where Value == Sibling)
     public mutating func event(actor: ActorID, value: Value, floor: UInt64 = 0) throws(VersionError) {
         var lo = 0
         var hi = entries.count
@@ -183,6 +188,7 @@ public struct DVVSet<Value: Hashable & Sendable>: Hashable, Sendable {
     /// Anonymous values are kept. Dropped values are treated as superseded by every replica that
     /// syncs with the result; the choice is deterministic, so replicas pruning the same object
     /// with the same protection agree. Returns how many values were dropped.
+    @_specialize(exported: true, where Value == Sibling)
     @discardableResult
     public mutating func prune(toAtMost limit: Int, protecting protected: Set<Dot> = [],
                                rank: (Value) -> UInt64 = { _ in 0 }) -> Int {
