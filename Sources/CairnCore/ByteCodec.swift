@@ -30,6 +30,13 @@ public struct ByteWriter: Sendable {
         for shift in stride(from: 24, through: 0, by: -8) { bytes.append(UInt8(truncatingIfNeeded: v >> UInt32(shift))) }
     }
 
+    /// Overwrites the four bytes at `offset` (written earlier, e.g. by `writeU32(0)` as a
+    /// placeholder) with `v`, big-endian. `offset + 4` must not exceed what was written.
+    public mutating func overwriteU32(at offset: Int, _ v: UInt32) {
+        guard offset >= 0, offset + 4 <= bytes.count else { return }
+        for i in 0..<4 { bytes[offset + i] = UInt8(truncatingIfNeeded: v >> UInt32(24 - 8 * i)) }
+    }
+
     public mutating func writeU64(_ v: UInt64) {
         for shift in stride(from: 56, through: 0, by: -8) { bytes.append(UInt8(truncatingIfNeeded: v >> UInt64(shift))) }
     }

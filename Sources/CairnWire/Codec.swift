@@ -63,21 +63,30 @@ public enum WireCodec {
     // MARK: Encoding
 
     /// The whole frame: `length:u32be` then the body.
+    /// The length prefix and the body, encoded in one buffer (the length written last).
     public static func encodeFrame(_ envelope: Envelope) -> [UInt8] {
-        let body = encodeBody(envelope)
-        var w = ByteWriter(capacity: body.count + lengthBytes)
-        w.writeU32(UInt32(clamping: body.count))
-        w.writeRaw(body)
+        var w = ByteWriter(capacity: frameCapacity)
+        w.writeU32(0)
+        writeBody(envelope, into: &w)
+        w.overwriteU32(at: 0, UInt32(clamping: w.bytes.count - lengthBytes))
         return w.bytes
     }
 
     public static func encodeBody(_ envelope: Envelope) -> [UInt8] {
-        var w = ByteWriter(capacity: 64)
+        var w = ByteWriter(capacity: frameCapacity)
+        writeBody(envelope, into: &w)
+        return w.bytes
+    }
+
+    /// What a frame's buffer starts with: room for a key request or reply with a small value,
+    /// so most frames are encoded without growing it.
+    static let frameCapacity = 512
+
+    private static func writeBody(_ envelope: Envelope, into w: inout ByteWriter) {
         w.writeU8(protocolVersion)
         w.writeU8(envelope.message.type.rawValue)
         w.writeU64(envelope.requestID)
         encodePayload(envelope.message, into: &w)
-        return w.bytes
     }
 
     static func encodePayload(_ m: Message, into w: inout ByteWriter) {

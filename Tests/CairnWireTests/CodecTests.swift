@@ -92,6 +92,17 @@ func allMessages() throws -> [Message] {
         }
     }
 
+    /// A frame is its body's length (4 bytes, big-endian) and the body, small messages and
+    /// those past the initial buffer alike.
+    @Test func aFrameIsTheBodyLengthThenTheBody() throws {
+        for m in try allMessages() + [.put(PutRequest(key: [1], value: Array(repeating: 9, count: 70_000)))] {
+            let envelope = Envelope(requestID: 42, message: m)
+            let body = WireCodec.encodeBody(envelope)
+            let n = UInt32(body.count)
+            #expect(WireCodec.encodeFrame(envelope) == [UInt8(n >> 24), UInt8(n >> 16 & 0xFF), UInt8(n >> 8 & 0xFF), UInt8(n & 0xFF)] + body)
+        }
+    }
+
     @Test func everyTruncationOfEveryMessageIsAnErrorNotATrap() throws {
         for m in try allMessages() {
             let body = WireCodec.encodeBody(Envelope(requestID: 7, message: m))
