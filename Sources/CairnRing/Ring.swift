@@ -108,6 +108,29 @@ public struct Ring: Hashable, Sendable {
         return picked.map { members[$0] }
     }
 
+    /// `preferenceList(for: p, n: n).contains(name)`, without building the list (a check on every
+    /// write's path).
+    public func preferenceList(for p: PartitionID, n: Int, contains name: NodeName) -> Bool {
+        guard !owners.isEmpty, let target = members.firstIndex(of: name) else { return false }
+        let want = min(n, members.count)
+        return withUnsafeTemporaryAllocation(of: Int.self, capacity: max(want, 1)) { picked in
+            var count = 0
+            var i = Int(p.index) % partitionCount
+            var steps = 0
+            while count < want && steps < partitionCount {
+                let o = owners[i]
+                if !picked[..<count].contains(o) {
+                    if o == target { return true }
+                    picked[count] = o
+                    count += 1
+                }
+                i = (i + 1) % partitionCount
+                steps += 1
+            }
+            return false
+        }
+    }
+
     /// Up to `count` fallbacks: the next distinct nodes after the primaries.
     public func fallbacks(for p: PartitionID, n: Int, count: Int) -> [NodeName] { Array(walk(from: p).dropFirst(n).prefix(count)) }
 

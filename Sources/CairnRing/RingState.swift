@@ -215,10 +215,10 @@ public struct RingState: Hashable, Sendable {
         return out
     }
 
-    /// Whether `vnodePartitions(of: name)` holds `p`, at the cost of one preference list (on
+    /// Whether `vnodePartitions(of: name)` holds `p`, without building a preference list (on
     /// every write's path).
     public func runsVnode(of name: NodeName, for p: PartitionID) -> Bool {
-        if replicas(of: p).contains(name) { return true }
+        if effectiveRing(for: p).preferenceList(for: p, n: nVal, contains: name) { return true }
         return transfers.contains { $0.partition == p && $0.to == name }
     }
 

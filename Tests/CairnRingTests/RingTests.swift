@@ -10,6 +10,22 @@ private func counts(_ ring: Ring) -> [NodeName: Int] {
     return c
 }
 
+/// The allocation-free membership test agrees with the list, for every partition, member, N and
+/// a name that is not a member.
+@Test func preferenceListContainsAgreesWithTheList() throws {
+    for count in [1, 3, 5, 8] {
+        let ring = try Ring(partitionCount: 64, members: names(count))
+        for p in ring.partitions {
+            for n in 1...4 {
+                let list = ring.preferenceList(for: p, n: n)
+                for m in names(count) + [try NodeName("stranger")] {
+                    #expect(ring.preferenceList(for: p, n: n, contains: m) == list.contains(m))
+                }
+            }
+        }
+    }
+}
+
 @Suite struct KeyHashTests {
     /// Reference XXH64 (seed 0) values, computed with the `xxhash` Python package.
     @Test func matchesReferenceVectors() {
