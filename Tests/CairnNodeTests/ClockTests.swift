@@ -186,6 +186,29 @@ final class SilentTransport: Transport {
         try await timers.sleep(until: start)
     }
 
+    /// A callback fires once, at or after its deadline, and cannot be cancelled after; callbacks
+    /// cancelled long before their deadline do not pile up until the thread next wakes (the heap
+    /// stays within 2 × live + 1024 entries).
+    @Test func callbacksFireOnceAndCancelledOnesDoNotPileUp() async throws {
+        let timers = TimerQueue(name: "test.timers")
+        let fired = Tally()
+        let deadline = ContinuousClock.now.advanced(by: .milliseconds(10))
+        let soon = timers.schedule(at: deadline) { fired.add() }
+        try await settle("the callback fired") { fired.count == 1 }
+        #expect(ContinuousClock.now >= deadline)
+        #expect(!timers.cancel(soon))
+
+        let far = ContinuousClock.now.advanced(by: .seconds(3600))
+        let kept = timers.schedule(at: far) { fired.add() }
+        var withdrawn = 0
+        for _ in 0..<50_000 where timers.cancel(timers.schedule(at: far) { fired.add() }) { withdrawn += 1 }
+        #expect(withdrawn == 50_000)
+        #expect(timers.pending == 1)
+        #expect(timers.heapEntries <= 2 * 1 + 1024 + 1)
+        #expect(timers.cancel(kept))
+        #expect(fired.count == 1)
+    }
+
     @Test func cancelledSleepersThrowAtOnceAndLeaveNothingBehind() async throws {
         let timers = TimerQueue(name: "test.timers")
         let far = ContinuousClock.now.advanced(by: .seconds(3600))
