@@ -34,6 +34,12 @@ private func askSoon(_ ctx: CoordinatorContext, _ node: NodeName, _ message: Mes
     }
 }
 
+/// Arms a direct request's deadline on the process's timer thread (armed under the request's
+/// lock, so the callback, which takes that lock, cannot run before the id is stored).
+private func scheduleDeadline(afterMillis ms: UInt32, _ fire: @escaping @Sendable () -> Void) -> UInt64 {
+    TimerQueue.shared.schedule(at: ContinuousClock.now.advanced(by: .milliseconds(Int64(ms))), fire)
+}
+
 /// One client write (put or delete) on the direct path: performs `WriteCoordination`'s
 /// directives as `WriteCoordinator` does, with the same answers, hints and receipts.
 ///
@@ -104,9 +110,8 @@ final class DirectWrite: Sendable {
 
     /// Starts the request with no replica known down (the caller checked).
     func start() {
-        let deadline = ContinuousClock.now.advanced(by: .milliseconds(Int64(timeoutMillis)))
         let steps = state.withLock { s in
-            s.timer = TimerQueue.shared.schedule(at: deadline) { [self] in handle(.deadline) }
+            s.timer = scheduleDeadline(afterMillis: timeoutMillis) { [self] in handle(.deadline) }
             return Self.settle(&s, s.machine.start(down: [:]))
         }
         run(steps)
@@ -298,9 +303,8 @@ final class DirectRead: Sendable {
 
     /// Starts the request with no replica known down (the caller checked).
     func start() {
-        let deadline = ContinuousClock.now.advanced(by: .milliseconds(Int64(timeoutMillis)))
         let steps = state.withLock { s in
-            s.timer = TimerQueue.shared.schedule(at: deadline) { [self] in handle(.deadline) }
+            s.timer = scheduleDeadline(afterMillis: timeoutMillis) { [self] in handle(.deadline) }
             return settle(&s, s.machine.start(down: [:]))
         }
         run(steps)
