@@ -172,7 +172,11 @@ struct QuorumTally: Sendable {
 /// Hints: every primary that will miss the write — down with no fallback, or sent to and failed
 /// or silent, or whose fallback failed — is named once in a `keepHint` directive, after the local
 /// apply (there is an object to keep). A primary whose fallback acknowledged gets no hint: the
-/// fallback's copy reaches it by handoff.
+/// fallback's copy reaches it by handoff. The shell reports each kept with `hintKept`. An
+/// acknowledgement waits for the hints asked for before it (a coordinator that crashes right after
+/// answering still replays them: a primary that missed an acknowledged write always has a hint
+/// or a fallback copy coming), unless the deadline passed (the W copies are what was promised);
+/// the machine finishes only once every hint is kept.
 ///
 /// Truthfulness: `unavailable` is only ever reported before anything is applied; once the local
 /// vnode stamped the write, every failure is `notReached` (the outcome is unknown), the local
@@ -184,7 +188,8 @@ public struct WriteCoordination: Sendable {
         case applyLocally
         /// Send the stamped object to these replicas; report each with `replicaAcked` / `replicaFailed`.
         case replicate(to: [NodeName])
-        /// Keep a durable hint of the stamped object for each of these primaries.
+        /// Keep a durable hint of the stamped object for each of these primaries; report
+        /// `hintKept` once done.
         case keepHint(for: [NodeName])
         case respond(WriteOutcome)
         /// Nothing more will happen; the shell may release the request.
@@ -218,6 +223,11 @@ public struct WriteCoordination: Sendable {
     private var localDone = false
     private var unplaced: [NodeName] = []
     private var hinted: Set<NodeName> = []
+    /// `keepHint` directives not yet reported kept.
+    private var hintsPending = 0
+    /// W is met and the acknowledgement waits for `hintsPending` to reach zero.
+    private var acknowledgementHeld = false
+    private var pastDeadline = false
 
     /// `replicas`: the key's primaries in preference order, then its fallback candidates in ring
     /// order (used only under `sloppy`, for primaries that are down). When the local one is a
@@ -232,6 +242,8 @@ public struct WriteCoordination: Sendable {
     }
 
     public var isFinished: Bool { finished }
+    /// W is met and the acknowledgement waits for hints to be kept.
+    public var isHoldingAcknowledgement: Bool { acknowledgementHeld }
     public var outcomes: [ReplicaOutcome?] { tally.outcomes }
     /// The replicas taking part (chosen at `start`).
     public var replicas: [ReplicaTarget] { tally.replicas }
@@ -294,8 +306,17 @@ public struct WriteCoordination: Sendable {
         return hints(for: home.map { [$0] } ?? []) + evaluate()
     }
 
+    /// A `keepHint` directive was performed (the hints are durable, or keeping them failed and was
+    /// reported elsewhere).
+    public mutating func hintKept() -> [Directive] {
+        guard hintsPending > 0 else { return [] }
+        hintsPending -= 1
+        return evaluate()
+    }
+
     public mutating func deadlinePassed() -> [Directive] {
         guard !finished else { return [] }
+        pastDeadline = true
         let silent = tally.replicas.indices.filter { tally.outcomes[$0] == nil }.compactMap { tally.replicas[$0].home }
         tally.expire(afterMillis: timeoutMillis)
         if !stamped { return conclude(.coordinatorTimedOut(afterMillis: timeoutMillis)) }
@@ -306,7 +327,9 @@ public struct WriteCoordination: Sendable {
     private mutating func hints(for nodes: [NodeName]) -> [Directive] {
         let me = tally.replicas.first(where: \.isLocal)?.node
         let new = nodes.filter { $0 != me && hinted.insert($0).inserted }
-        return new.isEmpty ? [] : [.keepHint(for: new)]
+        guard !new.isEmpty else { return [] }
+        hintsPending += 1
+        return [.keepHint(for: new)]
     }
 
     private mutating func evaluate() -> [Directive] {
@@ -314,19 +337,24 @@ public struct WriteCoordination: Sendable {
         if !responded {
             if tally.satisfied {
                 responded = true
-                out.append(.respond(.acknowledged))
+                acknowledgementHeld = true
             } else if let failure = tally.impossible() {
                 responded = true
                 out.append(.respond(.quorumFailed(failure)))
             }
         }
-        if tally.pending == 0 {
+        if acknowledgementHeld, hintsPending == 0 || pastDeadline {
+            acknowledgementHeld = false
+            out.append(.respond(.acknowledged))
+        }
+        if tally.pending == 0, hintsPending == 0, !finished {
             finished = true
             out.append(.finish)
         }
         return out
     }
 
+    /// An outcome decided before anything was stamped (so no hint is pending).
     private mutating func conclude(_ outcome: WriteOutcome) -> [Directive] {
         finished = true
         if responded { return [.finish] }

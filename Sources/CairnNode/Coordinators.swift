@@ -104,11 +104,9 @@ extension CoordinatorContext {
     func ask(_ node: NodeName, _ message: Message, timeoutMillis: UInt32) async -> ReplicaAnswer {
         metrics.replicaRequests.increment()
         do throws(ConnectionError) {
-            let reply = try await transport.send(to: node, message, timeoutMillis: timeoutMillis)
-            if case .error(let e) = reply { return .failure(.failed(e.message)) }
-            return .success(reply)
+            return ReplicaAnswer(.success(try await transport.send(to: node, message, timeoutMillis: timeoutMillis)))
         } catch {
-            return .failure(ReplicaOutcome(error))
+            return ReplicaAnswer(.failure(error))
         }
     }
 }
@@ -123,10 +121,44 @@ extension CoordinatorContext {
     }
 }
 
+/// A replica's expected reply, or what to record for it.
+enum ReplicaResult<Value: Sendable>: Sendable {
+    case success(Value)
+    case failure(ReplicaOutcome)
+}
+
 /// A replica's reply, or what to record for it.
 enum ReplicaAnswer: Sendable {
     case success(Message)
     case failure(ReplicaOutcome)
+
+    /// What a request's result records: an error reply is `.failed`, a connection failure keeps
+    /// its delivery certainty.
+    init(_ result: Result<Message, ConnectionError>) {
+        switch result {
+        case .success(.error(let e)): self = .failure(.failed(e.message))
+        case .success(let reply): self = .success(reply)
+        case .failure(let error): self = .failure(ReplicaOutcome(error))
+        }
+    }
+
+    /// A replica put's acknowledgement (whether its copy is durable), or what to record.
+    var putAck: ReplicaResult<Bool> {
+        switch self {
+        case .success(.replicaPutAck(let durable)): .success(durable)
+        case .success(let other): .failure(.failed("unexpected reply \(other.type)"))
+        case .failure(let outcome): .failure(outcome)
+        }
+    }
+
+    /// A replica get's answer, or what to record.
+    var getReply: ReplicaResult<ReplicaGetReply> {
+        switch self {
+        case .success(.replicaGetReply(let r)): .success(r)
+        case .success(let other): .failure(.failed("unexpected reply \(other.type)"))
+        case .failure(let outcome): .failure(outcome)
+        }
+    }
 }
 
 extension TaskGroup {
@@ -170,7 +202,7 @@ actor WriteCoordinator {
         case acked(NodeName, durable: Bool)
         case failed(NodeName, ReplicaOutcome)
         case deadline
-        case done
+        case hintKept
     }
 
     private var machine: WriteCoordination
@@ -207,34 +239,23 @@ actor WriteCoordinator {
         var receipt: [ReplicaAck]
     }
 
-    /// Runs the request to its end; `respond` is called exactly once, as soon as the outcome is known.
-    /// An acknowledgement waits for the hints kept before it (those of primaries known down at
-    /// the start), so a coordinator that crashes right after answering still replays them: a
-    /// primary that missed an acknowledged write always has a hint or a fallback copy coming.
-    /// Past the deadline it answers anyway (the W copies are what was promised).
+    /// Runs the request to its end (every replica answered or the deadline passed, every hint
+    /// kept); `respond` is called exactly once, when the machine decides the outcome (an
+    /// acknowledgement waits for the hints asked for before it: `WriteCoordination`).
     func run(respond: @escaping @Sendable (WriteCoordination.WriteOutcome, Written) -> Void) async {
         let deadline = ctx.clock.now().advanced(by: .milliseconds(Int64(timeoutMillis)))
         var directives = machine.start(down: ctx.unreachable(candidates.filter { !$0.isLocal }.map(\.node)))
-        var held: WriteCoordination.WriteOutcome?
-        func answer(_ outcome: WriteCoordination.WriteOutcome) {
-            respond(outcome, Written(object: object, writer: writer, receipt: machine.receipt))
-        }
         await withTaskGroup(of: Event.self) { group in
             group.addDeadline(at: deadline, .deadline, on: ctx.clock)
-            var pastDeadline = false
             while true {
                 for d in directives {
                     if case .respond(let outcome) = d {
-                        if case .acknowledged = outcome, hintsWriting > 0, !pastDeadline { held = outcome } else { answer(outcome) }
+                        respond(outcome, Written(object: object, writer: writer, receipt: machine.receipt))
                     } else {
                         perform(d, group: &group)
                     }
                 }
-                if let h = held, hintsWriting == 0 || pastDeadline {
-                    held = nil
-                    answer(h)
-                }
-                if machine.isFinished && held == nil { break }
+                if machine.isFinished { break }
                 guard let event = await group.next() else { break }
                 switch event {
                 case .localStamped(let o, let w, let vnode, let token, let space):
@@ -259,26 +280,11 @@ actor WriteCoordinator {
                 case .failed(let n, let outcome):
                     ctx.metrics.replicaFailures.increment()
                     directives = machine.replicaFailed(n, outcome)
-                case .deadline:
-                    pastDeadline = true
-                    directives = machine.deadlinePassed()
-                case .done:
-                    hintsWriting -= 1
-                    directives = []
+                case .deadline: directives = machine.deadlinePassed()
+                case .hintKept: directives = machine.hintKept()
                 }
             }
-            if let h = held { answer(h) }
-            // Hints being written finish (they are durable state, not part of the answer).
-            await drainHints(&group)
             group.cancelAll()
-        }
-    }
-
-    private var hintsWriting = 0
-
-    private func drainHints(_ group: inout TaskGroup<Event>) async {
-        while hintsWriting > 0, let e = await group.next() {
-            if case .done = e { hintsWriting -= 1 }
         }
     }
 
@@ -306,20 +312,17 @@ actor WriteCoordinator {
                 let message = Message.replicaPut(ReplicaPut(partition: partition, key: key, object: object, fallback: fallback))
                 let (ctx, ms) = (ctx, timeoutMillis)
                 group.addTask {
-                    switch await ctx.ask(node, message, timeoutMillis: ms) {
-                    case .success(.replicaPutAck(let durable)): .acked(node, durable: durable)
-                    case .success(let other): .failed(node, .failed("unexpected reply \(other.type)"))
+                    switch await ctx.ask(node, message, timeoutMillis: ms).putAck {
+                    case .success(let durable): .acked(node, durable: durable)
                     case .failure(let outcome): .failed(node, outcome)
                     }
                 }
             }
         case .keepHint(let nodes):
-            guard let object, let keep = ctx.keepHints else { return }
-            hintsWriting += 1
-            let (partition, key) = (partition, key)
+            let (partition, key, object, keep) = (partition, key, object, ctx.keepHints)
             group.addTask {
-                await keep(nodes, partition, key, object)
-                return .done
+                if let object, let keep { await keep(nodes, partition, key, object) }
+                return .hintKept
             }
         case .respond:
             break   // answered by `run`
@@ -436,9 +439,8 @@ actor ReadCoordinator {
                     let message = Message.replicaGet(ReplicaGet(partition: partition, key: key, fallback: fallback))
                     let (ctx, ms) = (ctx, timeoutMillis)
                     group.addTask {
-                        switch await ctx.ask(node, message, timeoutMillis: ms) {
-                        case .success(.replicaGetReply(let r)): .replied(node, r.object, refilling: r.refilling && !fallback, stale: r.stale && !fallback)
-                        case .success(let other): .failed(node, .failed("unexpected reply \(other.type)"))
+                        switch await ctx.ask(node, message, timeoutMillis: ms).getReply {
+                        case .success(let r): .replied(node, r.object, refilling: r.refilling && !fallback, stale: r.stale && !fallback)
                         case .failure(let outcome): .failed(node, outcome)
                         }
                     }
@@ -473,9 +475,8 @@ actor ReadCoordinator {
                     let message = Message.replicaPut(ReplicaPut(partition: partition, key: key, object: object))
                     let (ctx, ms) = (ctx, timeoutMillis)
                     group.addTask {
-                        switch await ctx.ask(node, message, timeoutMillis: ms) {
-                        case .success(.replicaPutAck): .repaired(node)
-                        case .success(let other): .repairFailed(node, "unexpected reply \(other.type)")
+                        switch await ctx.ask(node, message, timeoutMillis: ms).putAck {
+                        case .success: .repaired(node)
                         case .failure(let outcome): .repairFailed(node, "\(outcome)")
                         }
                     }

@@ -20,13 +20,7 @@ import Synchronization
 /// only `send`) a task that asks. Counted as `ask` counts.
 private func askSoon(_ ctx: CoordinatorContext, _ node: NodeName, _ message: Message, timeoutMillis: UInt32,
                      _ done: @escaping @Sendable (ReplicaAnswer) -> Void) {
-    let sent = ctx.transport.sendSoon(to: node, message, timeoutMillis: timeoutMillis) { result in
-        switch result {
-        case .success(.error(let e)): done(.failure(.failed(e.message)))
-        case .success(let reply): done(.success(reply))
-        case .failure(let error): done(.failure(ReplicaOutcome(error)))
-        }
-    }
+    let sent = ctx.transport.sendSoon(to: node, message, timeoutMillis: timeoutMillis) { done(ReplicaAnswer($0)) }
     if sent {
         ctx.metrics.replicaRequests.increment()
     } else {
@@ -45,8 +39,8 @@ private func scheduleDeadline(afterMillis ms: UInt32, _ fire: @escaping @Sendabl
 ///
 /// Isolation: a lock around the machine; events arrive on any thread, and directives are
 /// performed outside the lock (a step that completes at once re-enters `handle`). The
-/// instance lives until the machine finished and every hint it asked for is kept; `ended` is
-/// called exactly once then, and `respond` exactly once before or at that moment.
+/// instance lives until the machine finished (which waits for every hint it asked for);
+/// `ended` is called exactly once then, and `respond` exactly once before or at that moment.
 final class DirectWrite: Sendable {
     private enum Event: Sendable {
         case localStamped(Vnode.Stamped)
@@ -71,10 +65,6 @@ final class DirectWrite: Sendable {
         var machine: WriteCoordination
         var object: VersionedObject?
         var writer: ActorID?
-        /// An acknowledgement waiting for the hints kept before it.
-        var held: WriteCoordination.WriteOutcome?
-        var hintsWriting = 0
-        var pastDeadline = false
         var timer: UInt64?
         var ended = false
     }
@@ -118,7 +108,7 @@ final class DirectWrite: Sendable {
     }
 
     /// Whether an acknowledgement is decided and waits for hints to be kept (for tests).
-    var isHoldingAnswer: Bool { state.withLock { $0.held != nil } }
+    var isHoldingAnswer: Bool { state.withLock { $0.machine.isHoldingAcknowledgement } }
 
     private func handle(_ event: Event) {
         let steps = state.withLock { s -> [Step] in
@@ -135,40 +125,25 @@ final class DirectWrite: Sendable {
             case .failed(let n, let outcome):
                 ctx.metrics.replicaFailures.increment()
                 return Self.settle(&s, s.machine.replicaFailed(n, outcome))
-            case .deadline:
-                s.pastDeadline = true
-                return Self.settle(&s, s.machine.deadlinePassed())
-            case .hintKept:
-                s.hintsWriting -= 1
-                return Self.settle(&s, [])
+            case .deadline: return Self.settle(&s, s.machine.deadlinePassed())
+            case .hintKept: return Self.settle(&s, s.machine.hintKept())
             }
         }
         run(steps)
     }
 
-    /// The steps `directives` call for, with `WriteCoordinator.run`'s rule for answers: an
-    /// acknowledgement waits for the hints kept before it, unless the deadline passed.
+    /// The steps `directives` call for; the end once the machine finished (every replica
+    /// reported or timed out, every hint kept).
     private static func settle(_ s: inout State, _ directives: [WriteCoordination.Directive]) -> [Step] {
         var steps: [Step] = []
-        func written() -> WriteCoordinator.Written { .init(object: s.object, writer: s.writer, receipt: s.machine.receipt) }
         for d in directives {
             switch d {
-            case .respond(let outcome):
-                if case .acknowledged = outcome, s.hintsWriting > 0, !s.pastDeadline { s.held = outcome } else { steps.append(.answer(outcome, written())) }
-            case .keepHint:
-                s.hintsWriting += 1
-                steps.append(.perform(d, s.object))
-            case .finish:
-                break
-            default:
-                steps.append(.perform(d, s.object))
+            case .respond(let outcome): steps.append(.answer(outcome, .init(object: s.object, writer: s.writer, receipt: s.machine.receipt)))
+            case .finish: break
+            default: steps.append(.perform(d, s.object))
             }
         }
-        if let h = s.held, s.hintsWriting == 0 || s.pastDeadline {
-            s.held = nil
-            steps.append(.answer(h, written()))
-        }
-        if s.machine.isFinished, s.held == nil, s.hintsWriting == 0 {
+        if s.machine.isFinished {
             s.ended = true
             steps.append(.end(timer: s.timer))
         }
@@ -205,9 +180,8 @@ final class DirectWrite: Sendable {
             let message = Message.replicaPut(ReplicaPut(partition: partition, key: key, object: object, fallback: false))
             for node in nodes {
                 askSoon(ctx, node, message, timeoutMillis: timeoutMillis) { [self] answer in
-                    switch answer {
-                    case .success(.replicaPutAck(let durable)): handle(.acked(node, durable: durable))
-                    case .success(let other): handle(.failed(node, .failed("unexpected reply \(other.type)")))
+                    switch answer.putAck {
+                    case .success(let durable): handle(.acked(node, durable: durable))
                     case .failure(let outcome): handle(.failed(node, outcome))
                     }
                 }
@@ -384,9 +358,8 @@ final class DirectRead: Sendable {
         guard node == ctx.me else {
             let message = Message.replicaGet(ReplicaGet(partition: partition, key: key, fallback: false))
             return askSoon(ctx, node, message, timeoutMillis: timeoutMillis) { [self] answer in
-                switch answer {
-                case .success(.replicaGetReply(let r)): handle(.replied(node, r.object, refilling: r.refilling, stale: r.stale))
-                case .success(let other): handle(.failed(node, .failed("unexpected reply \(other.type)")))
+                switch answer.getReply {
+                case .success(let r): handle(.replied(node, r.object, refilling: r.refilling, stale: r.stale))
                 case .failure(let outcome): handle(.failed(node, outcome))
                 }
             }
@@ -411,9 +384,8 @@ final class DirectRead: Sendable {
         guard node == ctx.me else {
             let message = Message.replicaPut(ReplicaPut(partition: partition, key: key, object: object))
             return askSoon(ctx, node, message, timeoutMillis: timeoutMillis) { [self] answer in
-                switch answer {
-                case .success(.replicaPutAck): handle(.repaired(node))
-                case .success(let other): handle(.repairFailed(node, "unexpected reply \(other.type)"))
+                switch answer.putAck {
+                case .success: handle(.repaired(node))
                 case .failure(let outcome): handle(.repairFailed(node, "\(outcome)"))
                 }
             }

@@ -103,6 +103,7 @@ final class NodeCore: Sendable {
          taskExecutor: (any TaskExecutor)? = nil) {
         self.config = config
         self.taskExecutor = taskExecutor
+        coordinatesDirectly = taskExecutor == nil && clock is SystemClock
         lifecycle = ServiceNotifier(sink: notify)
         self.epochs = epochs
         self.clock = clock
@@ -554,8 +555,8 @@ final class NodeCore: Sendable {
     // MARK: Without a task
 
     /// Whether client requests may take the direct path (`coordinateDirectly`): real time and
-    /// no task executor of the node's own (a simulated node keeps its seeded order).
-    var coordinatesDirectly: Bool { taskExecutor == nil && clock is SystemClock }
+    /// no task executor of the node's own (a simulated node keeps its seeded order). Fixed at init.
+    let coordinatesDirectly: Bool
 
     /// Coordinates a client get, put or delete from callbacks, without a task or an actor
     /// (`DirectRead`, `DirectWrite`), when it starts on the common path: this node a primary of

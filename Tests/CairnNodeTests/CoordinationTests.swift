@@ -114,7 +114,9 @@ private func failure(_ d: [WriteCoordination.Directive]) -> QuorumFailure? {
         #expect(f.achieved == 2)
         #expect(f.replicas.first { $0.node == "n3" }?.outcome == .timedOut(afterMillis: 1000))
         #expect(f.description.contains("n3:1 timed out after 1000 ms"))
-        #expect(d.last == .finish)
+        // n3 gets a hint; the request finishes once it is kept.
+        #expect(d.contains(.keepHint(for: [n3])) && !d.contains(.finish) && !m.isFinished)
+        #expect(m.hintKept() == [.finish])
     }
 
     @Test func failsAsSoonAsWCannotBeReached() throws {
@@ -124,7 +126,8 @@ private func failure(_ d: [WriteCoordination.Directive]) -> QuorumFailure? {
         let d = m.replicaFailed(n2, .connectionLost("reset"))
         #expect(failure(d)?.kind == .notReached)
         #expect(!m.isFinished)                                 // still waiting for n3
-        #expect(m.replicaAcked(n3) == [.finish])
+        #expect(m.replicaAcked(n3) == [])                      // and for n2's hint
+        #expect(m.hintKept() == [.finish])
     }
 
     @Test func pwCountsOnlyPrimaries() throws {
@@ -150,8 +153,26 @@ private func failure(_ d: [WriteCoordination.Directive]) -> QuorumFailure? {
     @Test func wOfOneAnswersRightAfterTheLocalApply() throws {
         var m = WriteCoordination(operation: .put, requirement: try w(.count(1)), replicas: targets(), timeoutMillis: 1000)
         _ = m.start(down: [n2: "down"])
-        // No fallback among the candidates: n2 gets a hint.
-        #expect(m.localApplied() == [.replicate(to: [n3]), .keepHint(for: [n2]), .respond(.acknowledged)])
+        // No fallback among the candidates: n2 gets a hint, and the acknowledgement waits for it
+        // (a coordinator crashing right after answering still replays it).
+        #expect(m.localApplied() == [.replicate(to: [n3]), .keepHint(for: [n2])])
+        #expect(m.isHoldingAcknowledgement)
+        #expect(m.hintKept() == [.respond(.acknowledged)])
+        #expect(m.replicaAcked(n3) == [.finish])
+    }
+
+    /// Past the deadline a held acknowledgement goes out without waiting for its hints (the W
+    /// copies are what was promised); the machine still finishes only once they are kept.
+    @Test func theDeadlineReleasesAHeldAcknowledgement() throws {
+        var m = WriteCoordination(operation: .put, requirement: try w(.count(1)), replicas: targets(), timeoutMillis: 1000)
+        _ = m.start(down: [n2: "down"])
+        #expect(m.localApplied() == [.replicate(to: [n3]), .keepHint(for: [n2])])
+        let d = m.deadlinePassed()
+        #expect(d == [.keepHint(for: [n3]), .respond(.acknowledged)])
+        #expect(!m.isFinished)
+        #expect(m.hintKept() == [])
+        #expect(m.hintKept() == [.finish])
+        #expect(m.hintKept() == [])
     }
 }
 
