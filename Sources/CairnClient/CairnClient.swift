@@ -139,7 +139,7 @@ public final class CairnClient: Sendable {
         var errors: [String] = []
         for i in parsed.indices {
             do throws(ConnectionError) {
-                let c = try await client.connection(i)
+                let c = try await client.connection(i, pick: 0)
                 if case .pong = try await c.request(.ping, timeoutMillis: UInt32(clamping: configuration.connectTimeoutMillis)) { return client }
             } catch {
                 errors.append("\(parsed[i]): \(error)")
@@ -160,10 +160,7 @@ public final class CairnClient: Sendable {
     // MARK: Operations
 
     public func get(_ key: [UInt8], options: RequestOptions = .init()) async throws(CairnError) -> GetResult {
-        let reply = try await send(.get(GetRequest(key: key, options: options)), options: options, idempotent: true)
-        guard case .getReply(let r) = reply else { throw unexpected(reply) }
-        guard r.found else { throw .notFound(context: r.context) }
-        return GetResult(siblings: r.siblings, context: r.context)
+        try Self.getResult(try await send(.get(GetRequest(key: key, options: options)), options: options, idempotent: true))
     }
 
     /// Writes `value`, superseding exactly the siblings `context` covers (pass the context of the
@@ -174,8 +171,7 @@ public final class CairnClient: Sendable {
     public func put(_ key: [UInt8], value: [UInt8], context: CausalContext = .empty,
                     options: RequestOptions = RequestOptions()) async throws(CairnError) -> WriteResult {
         let reply = try await send(.put(PutRequest(key: key, value: value, context: context, options: options)), options: options, idempotent: false)
-        guard case .writeReply(let r) = reply else { throw unexpected(reply) }
-        return WriteResult(r, written: Sibling(value: value, timestampMillis: r.writtenTimestampMillis))
+        return try Self.writeResult(reply, written: value)
     }
 
     /// Writes a tombstone superseding what `context` covers. Returns the new context and what it
@@ -184,13 +180,56 @@ public final class CairnClient: Sendable {
     public func delete(_ key: [UInt8], context: CausalContext = .empty,
                        options: RequestOptions = RequestOptions()) async throws(CairnError) -> WriteResult {
         let reply = try await send(.delete(DeleteRequest(key: key, context: context, options: options)), options: options, idempotent: false)
+        return try Self.writeResult(reply, written: nil)
+    }
+
+    // MARK: Operations with a completion handler
+
+    /// `get` for a caller that must not suspend (an event-loop-driven load generator, a server
+    /// written with callbacks). `done` is called exactly once with the outcome `get` would have
+    /// returned or thrown: on the event loop of the connection that answered, or on the calling
+    /// thread when the request fails before it is sent. It must not block. Not cancellable; the
+    /// timeout bounds it. Costs no task when a connection to the chosen node is already open.
+    public func get(_ key: [UInt8], options: RequestOptions = .init(),
+                    then done: @escaping @Sendable (Result<GetResult, CairnError>) -> Void) {
+        sendSoon(.get(GetRequest(key: key, options: options)), options: options, idempotent: true) { outcome in
+            done(outcome.flatMap { reply in Result { () throws(CairnError) in try Self.getResult(reply) } })
+        }
+    }
+
+    /// `put` with a completion handler; see `get(_:options:then:)` for when and where `done` runs.
+    public func put(_ key: [UInt8], value: [UInt8], context: CausalContext = .empty, options: RequestOptions = RequestOptions(),
+                    then done: @escaping @Sendable (Result<WriteResult, CairnError>) -> Void) {
+        sendSoon(.put(PutRequest(key: key, value: value, context: context, options: options)), options: options, idempotent: false) { outcome in
+            done(outcome.flatMap { reply in Result { () throws(CairnError) in try Self.writeResult(reply, written: value) } })
+        }
+    }
+
+    /// `delete` with a completion handler; see `get(_:options:then:)` for when and where `done` runs.
+    public func delete(_ key: [UInt8], context: CausalContext = .empty, options: RequestOptions = RequestOptions(),
+                       then done: @escaping @Sendable (Result<WriteResult, CairnError>) -> Void) {
+        sendSoon(.delete(DeleteRequest(key: key, context: context, options: options)), options: options, idempotent: false) { outcome in
+            done(outcome.flatMap { reply in Result { () throws(CairnError) in try Self.writeResult(reply, written: nil) } })
+        }
+    }
+
+    /// A get reply as `get` returns it: the siblings, or `notFound` with the context.
+    private static func getResult(_ reply: Message) throws(CairnError) -> GetResult {
+        guard case .getReply(let r) = reply else { throw unexpected(reply) }
+        guard r.found else { throw .notFound(context: r.context) }
+        return GetResult(siblings: r.siblings, context: r.context)
+    }
+
+    /// A write reply as `put` (`written` the value) or `delete` (nil: a tombstone) returns it.
+    private static func writeResult(_ reply: Message, written value: [UInt8]?) throws(CairnError) -> WriteResult {
         guard case .writeReply(let r) = reply else { throw unexpected(reply) }
-        return WriteResult(r, written: .tombstone(timestampMillis: r.writtenTimestampMillis))
+        let written = value.map { Sibling(value: $0, timestampMillis: r.writtenTimestampMillis) } ?? .tombstone(timestampMillis: r.writtenTimestampMillis)
+        return WriteResult(r, written: written)
     }
 
     public func members() async throws(CairnError) -> [MemberInfo] {
         let reply = try await send(.members, options: .init(), idempotent: true)
-        guard case .membersReply(let m) = reply else { throw unexpected(reply) }
+        guard case .membersReply(let m) = reply else { throw Self.unexpected(reply) }
         return m
     }
 
@@ -202,13 +241,13 @@ public final class CairnClient: Sendable {
         let readOnly = ["status", "plan", "transfers", "preflist"].contains(verb)
         let reply = try await send(.admin(AdminRequest(verb: verb, arguments: arguments)),
                                    options: RequestOptions(timeoutMillis: timeoutMillis), idempotent: readOnly)
-        guard case .adminReply(let bytes) = reply else { throw unexpected(reply) }
+        guard case .adminReply(let bytes) = reply else { throw Self.unexpected(reply) }
         return String(decoding: bytes, as: UTF8.self)
     }
 
     // MARK: Plumbing
 
-    private func unexpected(_ m: Message) -> CairnError {
+    private static func unexpected(_ m: Message) -> CairnError {
         if case .error(let e) = m { return CairnError(e) }
         return .server(code: ErrorCode.internalError.rawValue, message: "unexpected reply \(m.type)")
     }
@@ -234,44 +273,103 @@ public final class CairnClient: Sendable {
         guard key.count <= limits.maxKeyBytes else { throw .invalidArgument("key of \(key.count) bytes exceeds the \(limits.maxKeyBytes)-byte limit") }
     }
 
-    private func send(_ message: Message, options: RequestOptions, idempotent: Bool) async throws(CairnError) -> Message {
+    /// One request on its way: the message as sent, how long to wait for its reply, and where its
+    /// candidates start. Candidate k is seed (first + k) % count: requests rotate over the seeds,
+    /// and `pick` spreads each seed's share over its connections.
+    struct Attempting {
+        let message: Message
+        let waitMillis: UInt32
+        let first: Int
+        let seedCount: Int
+        func seed(_ k: Int) -> Int { (first % seedCount + k) % seedCount }
+        var pick: Int { first / seedCount }
+    }
+
+    private func prepare(_ message: Message, options: RequestOptions) throws(CairnError) -> Attempting {
         try validate(message)
         let timeout = (options.timeoutMillis ?? configuration.defaultTimeoutMillis)
         let wait = timeout.addingReportingOverflow(configuration.replyMarginMillis).partialValue
-        var message = message
-        if options.timeoutMillis == nil { message = Self.withTimeout(message, timeout) }
-        // Candidate k is seed (first + k) % count: requests rotate over the seeds.
-        let first = cursor.wrappingAdd(1, ordering: .relaxed).oldValue & Int.max
-        func seed(_ k: Int) -> Int { (first % seeds.count + k) % seeds.count }
+        let sent = options.timeoutMillis == nil ? Self.withTimeout(message, timeout) : message
+        return Attempting(message: sent, waitMillis: wait, first: cursor.wrappingAdd(1, ordering: .relaxed).oldValue & Int.max, seedCount: seeds.count)
+    }
+
+    private func send(_ message: Message, options: RequestOptions, idempotent: Bool) async throws(CairnError) -> Message {
+        let request = try prepare(message, options: options)
         var failover = Failover(candidates: seeds.count, idempotent: idempotent)
         var directive = failover.directive
-        while true {
-            switch directive {
-            case .tryCandidate(let k):
-                do throws(ConnectionError) {
-                    let c = try await connection(seed(k))
-                    directive = failover.received(try await c.request(message, timeoutMillis: wait))
-                } catch {
-                    directive = failover.failed(error)
-                }
-            case .deliver(let reply):
-                return reply
-            case .giveUp(.undecodableReply(let k, let why)):
-                throw .server(code: ErrorCode.malformed.rawValue, message: "\(seeds[seed(k)]) sent a reply this client cannot decode: \(why)")
-            case .giveUp(.maybeApplied(let k, let error)):
-                throw .timeout("\(seeds[seed(k)]): \(error); the write may have been applied")
-            case .exhausted(let summary):
-                let detail = summary.attempts.map { a in
-                    switch a.outcome {
-                    case .refused(let e): "\(seeds[seed(a.candidate)]): \(e.message)"
-                    case .notDelivered(let error), .maybeDelivered(let error): "\(seeds[seed(a.candidate)]): \(error)"
+        while case .tryCandidate(let k) = directive {
+            do throws(ConnectionError) {
+                let c = try await connection(request.seed(k), pick: request.pick)
+                directive = failover.received(try await c.request(request.message, timeoutMillis: request.waitMillis))
+            } catch {
+                directive = failover.failed(error)
+            }
+        }
+        return try outcome(of: directive, request).get()
+    }
+
+    /// `send` without a task while the chosen connections are open: each attempt's reply
+    /// callback runs the failover machine's next directive. Opening a connection takes a task.
+    private func sendSoon(_ message: Message, options: RequestOptions, idempotent: Bool,
+                          _ done: @escaping @Sendable (Result<Message, CairnError>) -> Void) {
+        let request: Attempting
+        do { request = try prepare(message, options: options) } catch { return done(.failure(error)) }
+        let attempt = SoonAttempt(Failover(candidates: seeds.count, idempotent: idempotent))
+        @Sendable func perform(_ directive: Failover.Directive) {
+            guard case .tryCandidate(let k) = directive else { return done(outcome(of: directive, request)) }
+            let reported: @Sendable (Result<Message, ConnectionError>) -> Void = { result in
+                perform(attempt.machine.withLock { m in
+                    switch result {
+                    case .success(let reply): m.received(reply)
+                    case .failure(let error): m.failed(error)
                     }
-                }.joined(separator: "; ")
-                switch summary.kind {
-                case .timedOut: throw .timeout("no node answered in time: \(detail)")
-                case .overloaded: throw .overloaded("every node refused the request: \(detail)")
-                case .unreachable: throw .noNodeReachable("no node reachable: \(detail)")
+                })
+            }
+            if let c = openConnection(request.seed(k), pick: request.pick) {
+                c.requestSoon(request.message, timeoutMillis: request.waitMillis, reported)
+            } else {
+                Task {
+                    do throws(ConnectionError) {
+                        try await connection(request.seed(k), pick: request.pick)
+                            .requestSoon(request.message, timeoutMillis: request.waitMillis, reported)
+                    } catch {
+                        reported(.failure(error))
+                    }
                 }
+            }
+        }
+        perform(attempt.machine.withLock { $0.directive })
+    }
+
+    /// The failover machine of one `sendSoon` request; its callbacks run one after another.
+    private final class SoonAttempt: Sendable {
+        let machine: Mutex<Failover>
+        init(_ failover: Failover) { machine = Mutex(failover) }
+    }
+
+    /// What a final directive means for the caller (`.tryCandidate` is not final: passed one, it
+    /// answers an internal error).
+    private func outcome(of directive: Failover.Directive, _ request: Attempting) -> Result<Message, CairnError> {
+        switch directive {
+        case .tryCandidate:
+            return .failure(.server(code: ErrorCode.internalError.rawValue, message: "request ended before a final outcome"))
+        case .deliver(let reply):
+            return .success(reply)
+        case .giveUp(.undecodableReply(let k, let why)):
+            return .failure(.server(code: ErrorCode.malformed.rawValue, message: "\(seeds[request.seed(k)]) sent a reply this client cannot decode: \(why)"))
+        case .giveUp(.maybeApplied(let k, let error)):
+            return .failure(.timeout("\(seeds[request.seed(k)]): \(error); the write may have been applied"))
+        case .exhausted(let summary):
+            let detail = summary.attempts.map { a in
+                switch a.outcome {
+                case .refused(let e): "\(seeds[request.seed(a.candidate)]): \(e.message)"
+                case .notDelivered(let error), .maybeDelivered(let error): "\(seeds[request.seed(a.candidate)]): \(error)"
+                }
+            }.joined(separator: "; ")
+            switch summary.kind {
+            case .timedOut: return .failure(.timeout("no node answered in time: \(detail)"))
+            case .overloaded: return .failure(.overloaded("every node refused the request: \(detail)"))
+            case .unreachable: return .failure(.noNodeReachable("no node reachable: \(detail)"))
             }
         }
     }
@@ -285,15 +383,11 @@ public final class CairnClient: Sendable {
         }
     }
 
-    /// A live connection to seed `i`, connecting if needed.
-    private func connection(_ i: Int) async throws(ConnectionError) -> Connection {
-        let slot = cursor.load(ordering: .relaxed) % max(configuration.connectionsPerNode, 1)
-        let existing = pool.withLock { p -> Connection? in
-            let live = (p[i] ?? []).filter(\.isActive)
-            p[i] = live
-            return live.count >= configuration.connectionsPerNode ? live[abs(slot) % live.count] : nil
-        }
-        if let existing { return existing }
+    /// A live connection to seed `i`, connecting if needed; `pick` (the request's own number)
+    /// chooses among the node's connections, so consecutive requests use different ones however
+    /// the callers' tasks interleave.
+    private func connection(_ i: Int, pick: Int) async throws(ConnectionError) -> Connection {
+        if let existing = openConnection(i, pick: pick) { return existing }
         let seed = seeds[i]
         let c = try await Connection.connect(host: seed.host, port: seed.port, group: group, limits: configuration.limits,
                                              maxPending: configuration.maxPendingPerConnection,
@@ -308,6 +402,20 @@ public final class CairnClient: Sendable {
         }
         extra?.close()
         return use
+    }
+
+    /// Seed `i`'s connection number `pick` (modulo the open ones) when all `connectionsPerNode`
+    /// are open; nil when one must be opened. Closed connections are dropped from the pool.
+    private func openConnection(_ i: Int, pick: Int) -> Connection? {
+        pool.withLock { p -> Connection? in
+            guard let all = p[i] else { return nil }
+            if all.allSatisfy(\.isActive) {
+                return all.count >= configuration.connectionsPerNode ? all[(pick & Int.max) % all.count] : nil
+            }
+            let live = all.filter(\.isActive)
+            p[i] = live
+            return live.count >= configuration.connectionsPerNode ? live[(pick & Int.max) % live.count] : nil
+        }
     }
 
     /// A seed: `host:port` (IPv6 in brackets) with a port that can be connected to.

@@ -345,8 +345,9 @@ public final class Runner: Sendable {
     }
 }
 
-/// One driven worker's state. Used from one event loop at a time (its session's), so its random
-/// generator needs no lock; shared counters are atomics.
+/// One driven worker's state. Used by one request's completion at a time (a worker has one
+/// request in flight, and each completion starts the next), so its random generator needs no
+/// lock; shared counters are atomics.
 public final class ClosedLoopDriver: @unchecked Sendable {
     public struct Plan: Sendable {
         public let op: Int

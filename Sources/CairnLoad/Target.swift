@@ -171,33 +171,23 @@ public final class CairnTarget: LoadTarget {
     }
 }
 
-struct CairnSession: TargetSession {
+/// A worker's view of `CairnTarget`. Closed-loop and open-loop runs of single-request mixes drive
+/// it from the client's completion handlers (no task per request, as the Redis target's sessions
+/// are driven); read-modify-write and delete use the async calls.
+struct CairnSession: EventLoopDrivenSession {
     let target: CairnTarget
 
     func read(_ key: [UInt8]) async throws(TargetError) -> ReadResult {
-        do {
-            let r = try await target.client.get(key, options: target.options)
-            target.remember(key, r.context)
-            let values = r.values
-            if values.count > 1 { target.siblingReadCount.wrappingAdd(1, ordering: .relaxed) }
-            return ReadResult(values: values)
-        } catch {
-            if case .notFound(let ctx) = error {
-                target.remember(key, ctx)
-                return ReadResult(values: [])
-            }
-            throw CairnTarget.map(error)
-        }
+        let outcome: Result<GetResult, CairnError>
+        do { outcome = .success(try await target.client.get(key, options: target.options)) } catch { outcome = .failure(error) }
+        return try target.read(key, outcome).get()
     }
 
     func write(_ key: [UInt8], _ value: [UInt8]) async throws(TargetError) {
         let ctx = target.contexts.withLock { $0[key] } ?? .empty
-        do {
-            let result = try await target.client.put(key, value: value, context: ctx, options: target.options)
-            target.remember(key, result.context)
-        } catch {
-            throw CairnTarget.map(error)
-        }
+        let outcome: Result<WriteResult, CairnError>
+        do { outcome = .success(try await target.client.put(key, value: value, context: ctx, options: target.options)) } catch { outcome = .failure(error) }
+        try target.wrote(key, outcome).get()
     }
 
     /// Deletes what it has just read, as an application does: a tombstone supersedes exactly what
@@ -206,12 +196,76 @@ struct CairnSession: TargetSession {
     func delete(_ key: [UInt8]) async throws(TargetError) {
         _ = try await read(key)
         let ctx = target.contexts.withLock { $0[key] } ?? .empty
-        do {
-            target.remember(key, try await target.client.delete(key, context: ctx, options: target.options).context)
-        } catch {
-            throw CairnTarget.map(error)
-        }
+        let outcome: Result<WriteResult, CairnError>
+        do { outcome = .success(try await target.client.delete(key, context: ctx, options: target.options)) } catch { outcome = .failure(error) }
+        try target.wrote(key, outcome).get()
     }
 
     func close() async {}
+
+    /// One worker's closed loop: each completion plans and sends the next request.
+    func runClosedLoop(_ driver: ClosedLoopDriver) async {
+        await withCheckedContinuation { (finished: CheckedContinuation<Void, Never>) in
+            @Sendable func issue() {
+                guard let plan = driver.next() else { return finished.resume() }
+                start(plan) { values, error in
+                    driver.finish(plan, values: values, error: error)
+                    // A request that failed before it was sent completes on this stack: the next
+                    // one starts from an event loop, so repeated failures cannot nest.
+                    if error != nil { MultiThreadedEventLoopGroup.singleton.any().execute { issue() } } else { issue() }
+                }
+            }
+            issue()
+        }
+    }
+
+    /// Sends a read (`plan.value` nil) or a write with the key's last seen context.
+    func start(_ plan: ClosedLoopDriver.Plan, then finish: @escaping @Sendable ([[UInt8]]?, TargetError?) -> Void) {
+        let (target, key) = (self.target, plan.key)
+        if let value = plan.value {
+            let ctx = target.contexts.withLock { $0[key] } ?? .empty
+            target.client.put(key, value: value, context: ctx, options: target.options) { outcome in
+                switch target.wrote(key, outcome) {
+                case .success: finish(nil, nil)
+                case .failure(let e): finish(nil, e)
+                }
+            }
+        } else {
+            target.client.get(key, options: target.options) { outcome in
+                switch target.read(key, outcome) {
+                case .success(let r): finish(r.values, nil)
+                case .failure(let e): finish(nil, e)
+                }
+            }
+        }
+    }
+}
+
+extension CairnTarget {
+    /// A get's outcome as the generator counts it; remembers the context (a miss's too).
+    func read(_ key: [UInt8], _ outcome: Result<GetResult, CairnError>) -> Result<ReadResult, TargetError> {
+        switch outcome {
+        case .success(let r):
+            remember(key, r.context)
+            let values = r.values
+            if values.count > 1 { siblingReadCount.wrappingAdd(1, ordering: .relaxed) }
+            return .success(ReadResult(values: values))
+        case .failure(.notFound(let ctx)):
+            remember(key, ctx)
+            return .success(ReadResult(values: []))
+        case .failure(let e):
+            return .failure(Self.map(e))
+        }
+    }
+
+    /// A put's or delete's outcome as the generator counts it; remembers the new context.
+    func wrote(_ key: [UInt8], _ outcome: Result<WriteResult, CairnError>) -> Result<Void, TargetError> {
+        switch outcome {
+        case .success(let w):
+            remember(key, w.context)
+            return .success(())
+        case .failure(let e):
+            return .failure(Self.map(e))
+        }
+    }
 }

@@ -82,6 +82,78 @@ private let ok = Message.writeReply(WriteReply(context: CausalContext(VersionVec
         client.close(); await silent.stop(); await good.stop()
     }
 
+    /// With several connections per node, requests are spread over all of them however the
+    /// callers' tasks interleave (a batch of concurrent callers once all took the same one).
+    @Test func requestsSpreadOverEveryConnectionOfANode() async throws {
+        let server = ScriptedServer(.answer(ok))
+        var config = CairnClient.Configuration()
+        config.connectionsPerNode = 4
+        let client = try await CairnClient.connect(seeds: [try await server.start()], configuration: config)
+        try await withThrowingDiscardingTaskGroup { group in
+            for _ in 0..<64 { group.addTask { for _ in 0..<16 { try await client.put([1], value: [2]) } } }
+        }
+        let counts = server.receivedPerConnection.withLock { Array($0.values) }
+        // 1,024 puts: at most 64 of them on the first connection while the pool fills, the rest
+        // a quarter on each (the connect's ping is answered by the connection handler, uncounted).
+        #expect(counts.count == 4, "\(counts)")
+        #expect(counts.reduce(0, +) == 64 * 16)
+        #expect(counts.allSatisfy { $0 >= 200 }, "\(counts)")
+        client.close(); await server.stop()
+    }
+
+    /// Consecutive requests cover every (seed, connection) pair before repeating one.
+    @Test func requestNumbersCoverEverySeedAndConnection() {
+        for (seeds, perNode) in [(3, 3), (3, 4), (2, 2), (1, 4), (5, 1)] {
+            var seen = Set<[Int]>()
+            for first in 0..<(seeds * perNode) {
+                let a = CairnClient.Attempting(message: .ping, waitMillis: 1, first: first, seedCount: seeds)
+                seen.insert([a.seed(0), a.pick % perNode])
+            }
+            #expect(seen.count == seeds * perNode, "\(seeds) seeds × \(perNode) connections: \(seen.count) pairs")
+        }
+    }
+
+    /// The completion-handler forms: the same outcomes as the async calls, failover included.
+    @Test func completionHandlersGiveTheAsyncOutcomes() async throws {
+        let busy = ScriptedServer(.refuse(.overloaded)), good = ScriptedServer(.answer(ok))
+        var config = CairnClient.Configuration()
+        config.connectionsPerNode = 2   // the first calls open the second connections from a task
+        let client = try await CairnClient.connect(seeds: [try await busy.start(), try await good.start()], configuration: config)
+        for _ in 0..<4 {
+            let written = await withCheckedContinuation { c in client.put([1], value: [2]) { c.resume(returning: $0) } }
+            #expect(try written.get().siblings == [Sibling(value: [2], timestampMillis: 1)])
+        }
+        #expect(good.received.load(ordering: .relaxed) == 4, "refusals moved on to the good seed")
+        let deleted = await withCheckedContinuation { c in client.delete([1]) { c.resume(returning: $0) } }
+        #expect(try deleted.get().siblings == [.tombstone(timestampMillis: 1)])
+        let wrongReply = await withCheckedContinuation { c in client.get([1]) { c.resume(returning: $0) } }
+        guard case .failure(.server) = wrongReply else { Issue.record("a write reply to a get: \(wrongReply)"); return }
+        let invalid = await withCheckedContinuation { c in client.get([]) { c.resume(returning: $0) } }
+        guard case .failure(.invalidArgument) = invalid else { Issue.record("empty key: \(invalid)"); return }
+        client.close(); await busy.stop(); await good.stop()
+    }
+
+    /// A completion-handler get that finds nothing reports `notFound` with the context; one whose
+    /// first node is silent is retried on the next (reads are idempotent), and a write is not.
+    @Test func completionHandlersFailOverLikeTheAsyncCalls() async throws {
+        let missing = Message.getReply(GetReply(found: false, siblings: [], context: CausalContext(VersionVector([(ActorID(node: "n1", epoch: 1), 3)]))))
+        let silent = ScriptedServer(.silent), good = ScriptedServer(.answer(missing))
+        var config = CairnClient.Configuration()
+        config.replyMarginMillis = 100
+        let client = try await CairnClient.connect(seeds: [try await silent.start(), try await good.start()], configuration: config)
+        // Seeds rotate: the first get and the put start at the silent node, the get between them
+        // at the good one.
+        let read = await withCheckedContinuation { c in client.get([1], options: RequestOptions(timeoutMillis: 100)) { c.resume(returning: $0) } }
+        guard case .failure(.notFound(let ctx)) = read else { Issue.record("got \(read)"); return }
+        #expect(ctx.vector[ActorID(node: "n1", epoch: 1)] == 3)
+        #expect(good.received.load(ordering: .relaxed) == 1)
+        _ = await withCheckedContinuation { c in client.get([1], options: RequestOptions(timeoutMillis: 100)) { c.resume(returning: $0) } }
+        let write = await withCheckedContinuation { c in client.put([1], value: [1], options: RequestOptions(timeoutMillis: 100)) { c.resume(returning: $0) } }
+        guard case .failure(.timeout) = write else { Issue.record("expected a timeout, got \(write)"); return }
+        #expect(good.received.load(ordering: .relaxed) == 2, "the write was not sent to the good node")
+        client.close(); await silent.stop(); await good.stop()
+    }
+
     @Test func readsAreRetriedOnAnotherNodeAfterATimeout() async throws {
         let reply = Message.getReply(GetReply(found: true, siblings: [Sibling(value: [7], timestampMillis: 1)], context: .empty))
         let silent = ScriptedServer(.silent), good = ScriptedServer(.answer(reply))

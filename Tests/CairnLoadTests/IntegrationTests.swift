@@ -56,9 +56,11 @@ struct LoadIntegrationTests {
         _ = tasks
     }
 
-    /// The open loop over async sessions (the pacer thread starts a task per request): every
-    /// request runs and is verified, none before its slot in the timetable.
-    @Test func openLoopRunsEveryScheduledRequest() async throws {
+    /// The open loop, driven (workload a: the pacer hands each request to the client's completion
+    /// handlers) and over async sessions (a mix with deletes: a task per request): every request
+    /// runs and is verified, none before its slot in the timetable.
+    @Test(arguments: ["a", "read=0.5,update=0.3,delete=0.2"])
+    func openLoopRunsEveryScheduledRequest(workload: String) async throws {
         let (nodes, tasks, url) = try await cluster()
         defer { for n in nodes { n.shutdown() } }
         let consistency = ConsistencyOptions(r: .quorum, w: .quorum)
@@ -66,7 +68,8 @@ struct LoadIntegrationTests {
         let loadTarget = try await makeTarget(url, consistency: consistency, concurrency: 4, timeoutMillis: 10_000)
         #expect(try await Runner(config: load, target: loadTarget) { _ in }.run().totalOperations == 100)
         await loadTarget.close()
-        let run = RunConfig(phase: .run, target: url, records: 100, operations: 300, rate: 1000, concurrency: 8, verify: true,
+        let run = RunConfig(phase: .run, target: url, records: 100, operations: 300, rate: 1000, concurrency: 8,
+                            workload: try Workload.named(workload) ?? Workload.custom(workload), verify: true,
                             seed: 5, consistency: consistency, timeoutMillis: 10_000)
         let target = try await makeTarget(url, consistency: consistency, concurrency: 8, timeoutMillis: 10_000)
         let report = try await Runner(config: run, target: target) { _ in }.run()

@@ -19,6 +19,8 @@ public final class ScriptedServer: RequestDispatcher {
     public let behavior: Behavior
     /// Requests dispatched so far.
     public let received = Atomic<Int>(0)
+    /// Requests dispatched so far per client connection (keyed by its channel).
+    public let receivedPerConnection = Mutex<[ObjectIdentifier: Int]>([:])
     private let channel = Mutex<(any Channel)?>(nil)
 
     public init(_ behavior: Behavior) { self.behavior = behavior }
@@ -27,6 +29,7 @@ public final class ScriptedServer: RequestDispatcher {
 
     public func dispatch(_ envelope: Envelope, fromPeer: Bool, responder: Responder) {
         received.wrappingAdd(1, ordering: .relaxed)
+        if let channel = responder.channel { receivedPerConnection.withLock { $0[ObjectIdentifier(channel), default: 0] += 1 } }
         switch behavior {
         case .answer(let m): responder.reply(m)
         case .refuse(let code): responder.fail(ErrorReply(code: code, message: "scripted \(code)"))
