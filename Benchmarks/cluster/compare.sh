@@ -45,6 +45,9 @@
 #                     share of the machine as an operator co-locating three nodes would: Cairn's
 #                     node.event_loops and storage.request_threads, etcd's GOMAXPROCS; 0: both at
 #                     their defaults (one per core)
+#   SHARE1 [cores - 1, at least 1]  threads the one-node Cairn systems get: the machine less the
+#                     generator's one event loop (cairn-load --threads 1), by the same rule as
+#                     SHARE (Redis is single-threaded whatever this says); 0: their defaults
 #   BIN_DIR           directory holding cairnd and cairn-load: no build (default: build them)
 #   SKIP_BUILD=1      do not build; use `swift build -c release --show-bin-path`
 #
@@ -68,6 +71,8 @@ RUN_TIMEOUT="${RUN_TIMEOUT:-900}"
 CORES="$(nproc)"
 SHARE="${SHARE:-$((CORES / 3 > 0 ? CORES / 3 : 1))}"
 [[ "$SHARE" =~ ^[0-9]+$ ]] || { echo "compare.sh: SHARE must be a whole number" >&2; exit 1; }
+SHARE1="${SHARE1:-$((CORES > 1 ? CORES - 1 : 1))}"
+[[ "$SHARE1" =~ ^[0-9]+$ ]] || { echo "compare.sh: SHARE1 must be a whole number" >&2; exit 1; }
 
 REDIS_PORT="${REDIS_PORT:-6399}"
 CAIRN1_HOST=127.0.0.61
@@ -326,6 +331,7 @@ machine() {
     [[ -n "$OPERATIONS" ]] && how="--operations $OPERATIONS"
     echo "settings: --records $RECORDS --value-size $VALUE_SIZE --concurrency $CONCURRENCY $how --seed $SEED"
     echo "three-node systems: $( ((SHARE > 0)) && echo "$SHARE thread(s) each (node.event_loops, storage.request_threads; GOMAXPROCS)" || echo "default threads (one per core each)")"
+    echo "one-node Cairn:     $( ((SHARE1 > 0)) && echo "$SHARE1 thread(s) (node.event_loops, storage.request_threads)" || echo "default threads (one per core)")"
     echo "systems: $SYSTEMS"
     echo
 }
@@ -380,7 +386,7 @@ start_cairn_1() {
     local h=$CAIRN1_HOST
     require_free "$h:$CAIRN_PORT" "$h:$CAIRN_HTTP_PORT"
     local sync=${1:-always}
-    cairn_config c1 "$h" 1 "c1@$h:$CAIRN_PORT" "$sync"
+    cairn_config c1 "$h" 1 "c1@$h:$CAIRN_PORT" "$sync" "$SHARE1"
     start "cairnd-c1-$sync" "$WORK/logs/cairnd-c1-$sync.log" "$BIN/cairnd" --config "$WORK/conf/c1-$sync.conf"
     SYS_PIDS=("$STARTED_PID")
     wait_ready "cairnd-c1-$sync" "$STARTED_PID" "$WORK/logs/cairnd-c1-$sync.log" 150 cairn_healthy "$h"
