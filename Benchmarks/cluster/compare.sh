@@ -48,6 +48,8 @@
 #   SHARE1 [cores - 1, at least 1]  threads the one-node Cairn systems get: the machine less the
 #                     generator's one event loop (cairn-load --threads 1), by the same rule as
 #                     SHARE (Redis is single-threaded whatever this says); 0: their defaults
+#   CAIRN_CONF        extra lines ("key = value", newline-separated) for every Cairn node's
+#                     configuration (Docs/configuration.md), e.g. to measure a setting
 #   BIN_DIR           directory holding cairnd and cairn-load: no build (default: build them)
 #   SKIP_BUILD=1      do not build; use `swift build -c release --show-bin-path`
 #
@@ -332,6 +334,7 @@ machine() {
     echo "settings: --records $RECORDS --value-size $VALUE_SIZE --concurrency $CONCURRENCY $how --seed $SEED"
     echo "three-node systems: $( ((SHARE > 0)) && echo "$SHARE thread(s) each (node.event_loops, storage.request_threads; GOMAXPROCS)" || echo "default threads (one per core each)")"
     echo "one-node Cairn:     $( ((SHARE1 > 0)) && echo "$SHARE1 thread(s) (node.event_loops, storage.request_threads)" || echo "default threads (one per core)")"
+    if [[ -n "${CAIRN_CONF:-}" ]]; then echo "cairn configuration added: $(printf '%s' "$CAIRN_CONF" | tr '\n' ';')"; fi
     echo "systems: $SYSTEMS"
     echo
 }
@@ -376,6 +379,7 @@ CONF
     if ((threads > 0)); then
         printf 'node.event_loops = %s\nstorage.request_threads = %s\n' "$threads" "$threads" >>"$WORK/conf/$name-$sync.conf"
     fi
+    if [[ -n "${CAIRN_CONF:-}" ]]; then printf '%s\n' "$CAIRN_CONF" >>"$WORK/conf/$name-$sync.conf"; fi
     "$BIN/cairnd" --config "$WORK/conf/$name-$sync.conf" --check-config >&2
 }
 

@@ -263,8 +263,9 @@ public final class Database: Sendable {
     private let compactionLock = Mutex(())
     /// Serializes the log's writers: appends, log switches and the final close. Held around the
     /// `write(2)` and the switch's syncs instead of the state lock, so readers (who take only the
-    /// state lock) do not wait for a put's disk I/O. (Manifest edits — flushes, compactions,
-    /// range deletions — still sync under the state lock.) Order: `logLock`, then `state`.
+    /// state lock) do not wait for a put's disk I/O. (A flush's or compaction's manifest edit is
+    /// appended under the state lock and synced after it is released; a range deletion's, rare,
+    /// still syncs under it.) Order: `logLock`, then `state`.
     private let logLock = Mutex(())
     private let flushSignal = WakeSignal()
     private let compactionSignal = WakeSignal()
@@ -604,9 +605,9 @@ public final class Database: Sendable {
             var recorded = false
             var appended = false
             do throws(StorageError) {
-                try state.withLock { s throws(StorageError) in
+                let manifest = try state.withLock { s throws(StorageError) -> WALWriter in
                     edit.nextFile = s.version.nextFile
-                    try record(edit, &s, appended: &appended)
+                    let manifest = try appendEdit(edit, &s, appended: &appended)
                     recorded = true
                     s.version.apply(edit)
                     if let reader { s.readers[number] = reader }
@@ -616,7 +617,10 @@ public final class Database: Sendable {
                     s.stats.tableWriteOuts += writeOuts
                     try retireTombstones(&s)
                     s.relink()
+                    return manifest
                 }
+                // Reads and writes go on meanwhile; the logs the edit retires stay until it is durable.
+                try syncManifest(manifest)
             } catch {
                 // The table's edit never made it to the manifest: the table is an orphan. (An edit
                 // appended whole whose sync failed may be replayed by a reopen: keep its table.)
@@ -653,16 +657,49 @@ public final class Database: Sendable {
     /// then only its sync failed, the edit may still be (or become) durable, and a reopen may
     /// replay it — so files it adds must not be removed (an open removes them if it is not).
     private func record(_ edit: VersionEdit, _ s: inout State, appended: inout Bool) throws(StorageError) {
+        let manifest = try appendEdit(edit, &s, appended: &appended)
+        do {
+            try manifest.sync()
+        } catch {
+            stopAfterManifestFailure(error, &s)
+            throw error
+        }
+    }
+
+    /// Appends `edit` to the manifest without syncing it, for a caller that applies it under the
+    /// same hold of the lock and, once the lock is released, calls `syncManifest` with the writer
+    /// returned before anything that needs the edit durable (removing the files it retires,
+    /// returning). Reads and writes do not wait for that sync. Until it completes, a crash loses
+    /// the edit whole and nothing it retired has been removed, so the reopened database is the one
+    /// before it. A failed append stops the database as `record` does. Caller holds the lock.
+    private func appendEdit(_ edit: VersionEdit, _ s: inout State, appended: inout Bool) throws(StorageError) -> WALWriter {
         do {
             try s.manifest.append([edit.encoded()], sync: false)
             appended = true
-            try s.manifest.sync()
+            return s.manifest
         } catch {
-            if s.writeFailure == nil { s.writeFailure = error }
-            if s.backgroundError == nil { s.backgroundError = error }
-            room.notifyAll()
+            stopAfterManifestFailure(error, &s)
             throw error
         }
+    }
+
+    /// Makes the edits `appendEdit` wrote durable. Caller does not hold the lock. A failure stops
+    /// the database (the edit is applied in memory, and may or may not be on disk).
+    private func syncManifest(_ manifest: WALWriter) throws(StorageError) {
+        do {
+            try manifest.sync()
+        } catch {
+            state.withLock { s in stopAfterManifestFailure(error, &s) }
+            throw error
+        }
+    }
+
+    /// After a failed manifest append or sync: writes are refused and background work ends until
+    /// the database is reopened. Caller holds the lock.
+    private func stopAfterManifestFailure(_ error: StorageError, _ s: inout State) {
+        if s.writeFailure == nil { s.writeFailure = error }
+        if s.backgroundError == nil { s.backgroundError = error }
+        room.notifyAll()
     }
 
     /// The error every write meets after a log or manifest append failed.
@@ -681,7 +718,8 @@ public final class Database: Sendable {
         guard !retired.isEmpty else { return }
         var edit = VersionEdit()
         edit.removedTombstones = retired.map(\.sequence)
-        try record(edit, &s)
+        var appended = false
+        _ = try appendEdit(edit, &s, appended: &appended)
         s.version.apply(edit)
     }
 
@@ -695,15 +733,17 @@ public final class Database: Sendable {
     }
 
     private func compactLocked() throws(StorageError) -> Bool {
+        var moved: WALWriter?
         let picked: (CompactionPlan, [TableReader], Version, UInt64)? = try state.withLock { s throws(StorageError) in
             guard s.backgroundError == nil, !s.closed, let plan = options.compaction.pick(s.version, pointers: s.pointers) else { return nil }
             if plan.isTrivialMove, let t = plan.inputs.first {
                 var edit = VersionEdit()
                 edit.removed = [(plan.level, t.number)]
-                var moved = t
-                moved.level = plan.outputLevel
-                edit.added = [moved]
-                try record(edit, &s)
+                var relocated = t
+                relocated.level = plan.outputLevel
+                edit.added = [relocated]
+                var appended = false
+                moved = try appendEdit(edit, &s, appended: &appended)
                 s.version.apply(edit)
                 s.pointers[plan.level] = t.largest
                 s.stats.trivialMoves += 1
@@ -715,6 +755,7 @@ public final class Database: Sendable {
         }
         guard let (plan, readers, version, filteredThrough) = picked else { return false }
         if plan.isTrivialMove {
+            if let moved { try syncManifest(moved) }
             room.notifyAll()
             return true
         }
@@ -740,7 +781,7 @@ public final class Database: Sendable {
             for o in outputs {
                 opened[o.number] = try TableReader(fs: fs, path: path(Self.tableName(o.number)), number: o.number, cache: cache)
             }
-            try state.withLock { s throws(StorageError) in
+            let manifest = try state.withLock { s throws(StorageError) -> WALWriter in
                 defer { s.compacting = [] }
                 var edit = VersionEdit()
                 // A range deletion may have dropped an input meanwhile: remove only what is still live.
@@ -748,7 +789,7 @@ public final class Database: Sendable {
                 edit.removed = plan.all.filter { live.contains($0.number) }.map { ($0.level, $0.number) }
                 edit.added = outputs
                 edit.nextFile = s.version.nextFile
-                try record(edit, &s, appended: &appended)
+                let manifest = try appendEdit(edit, &s, appended: &appended)
                 recorded = true
                 s.version.apply(edit)
                 s.readers.merge(opened) { _, new in new }
@@ -759,7 +800,10 @@ public final class Database: Sendable {
                 s.stats.compactionWrittenBytes += outputs.totalSize
                 try retireTombstones(&s)
                 s.relink()
+                return manifest
             }
+            // Reads and writes go on meanwhile; the inputs stay until the edit is durable.
+            try syncManifest(manifest)
         } catch {
             state.withLock { $0.compacting = [] }
             // Outputs no edit references (a reopen would remove them too). An edit appended whole

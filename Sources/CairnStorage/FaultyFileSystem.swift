@@ -47,8 +47,10 @@ public final class FaultyFileSystem: FileSystem, Sendable {
     }
 
     private let state = Mutex(State())
-    /// While set, file syncs wait on it (`holdSyncs`); a semaphore because they block a thread.
-    private let syncGate = Mutex<DispatchSemaphore?>(nil)
+    /// While set, syncs of files whose path contains `match` wait on it (`holdSyncs`); a
+    /// semaphore because they block a thread.
+    private let syncGate = Mutex<(gate: DispatchSemaphore, match: String)?>(nil)
+    private let heldSyncCount = Atomic<Int>(0)
 
     public init() {}
 
@@ -86,17 +88,21 @@ public final class FaultyFileSystem: FileSystem, Sendable {
     /// Write-outs requested so far; they leave appended data as undurable as it was.
     public var writeOutCount: Int { state.withLock { $0.writeOutCount } }
 
-    /// From now on every file sync blocks its calling thread, before it does anything, until
-    /// `releaseSyncs` (a slow `fdatasync`, held open for as long as a test needs). Directory
-    /// syncs are not held. Never hold syncs a test thread itself performs.
-    public func holdSyncs() {
-        syncGate.withLock { g in if g == nil { g = DispatchSemaphore(value: 0) } }
+    /// From now on every sync of a file whose path contains `match` (every file: "") blocks its
+    /// calling thread, before it does anything, until `releaseSyncs` (a slow `fdatasync`, held
+    /// open for as long as a test needs). Directory syncs are not held. Never hold syncs a test
+    /// thread itself performs.
+    public func holdSyncs(toPathContaining match: String = "") {
+        syncGate.withLock { g in if g == nil { g = (DispatchSemaphore(value: 0), match) } }
     }
+
+    /// Syncs waiting in `holdSyncs` now.
+    public var heldSyncs: Int { heldSyncCount.load(ordering: .relaxed) }
 
     /// Lets every held sync, and every later one, proceed.
     public func releaseSyncs() {
         syncGate.withLock { g in
-            g?.signal()
+            g?.gate.signal()
             g = nil
         }
     }
@@ -284,9 +290,11 @@ public final class FaultyFileSystem: FileSystem, Sendable {
     }
 
     func sync(_ path: String, generation: Int? = nil) throws(StorageError) {
-        if let gate = syncGate.withLock({ $0 }) {
+        if let (gate, match) = syncGate.withLock({ $0 }), path.contains(match) {
+            heldSyncCount.wrappingAdd(1, ordering: .relaxed)
             gate.wait()
             gate.signal()   // pass the release on to the next held sync
+            heldSyncCount.wrappingSubtract(1, ordering: .relaxed)
         }
         try state.withLock { s throws(StorageError) in
             try Self.alive(s, generation, path)

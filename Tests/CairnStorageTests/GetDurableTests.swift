@@ -134,4 +134,49 @@ import Synchronization
         #expect(read.withLock { $0 } == .some([42]))
         await db.abandon()
     }
+
+    /// A flush appends its manifest edit under the state lock and syncs it after: while that sync
+    /// is slow, reads and writes go on, and the log the flush retires stays until the edit is
+    /// durable (a crash meanwhile reopens the database as it was before the flush).
+    @Test func readsAndWritesDoNotWaitForAFlushsManifestSync() async throws {
+        let fs = FaultyFileSystem()
+        var options = DatabaseOptions()
+        options.writeBufferBytes = 8 << 20
+        options.syncMode = .none
+        let db = try Database.open(fs: fs, directory: "/db", options: options)
+        var first = WriteBatch()
+        first.put([0], [42])
+        _ = try db.apply(first)
+        fs.holdSyncs(toPathContaining: "MANIFEST")
+        let flushed = Mutex<Bool?>(nil)
+        let flusher = Thread {
+            let ok = (try? db.flush()) != nil
+            flushed.withLock { $0 = ok }
+        }
+        flusher.start()
+        for _ in 0..<5000 where fs.heldSyncs == 0 { try await Task.sleep(for: .milliseconds(1)) }
+        #expect(fs.heldSyncs == 1, "the flush never reached its manifest sync")
+        #expect(try fs.list("/db").filter { $0.hasSuffix(".log") }.count == 2, "the retired log went before its edit was durable")
+        // The flush is stuck in the manifest's sync. A read and a write must still go through.
+        let done = Mutex<(read: [UInt8]??, wrote: Bool)>((nil, false))
+        let client = Thread {
+            let read = try? db.get([0])
+            done.withLock { $0.read = .some(read) }
+            var b = WriteBatch()
+            b.put([1], [7])
+            let wrote = (try? db.apply(b)) != nil
+            done.withLock { $0.wrote = wrote }
+        }
+        client.start()
+        for _ in 0..<5000 where !done.withLock({ $0.wrote }) { try await Task.sleep(for: .milliseconds(1)) }
+        #expect(done.withLock { $0.read } == .some([42]), "a read waited for the manifest's sync")
+        #expect(done.withLock { $0.wrote }, "a write waited for the manifest's sync")
+        #expect(flushed.withLock { $0 } == nil)
+        fs.releaseSyncs()
+        for _ in 0..<5000 where flushed.withLock({ $0 == nil }) { try await Task.sleep(for: .milliseconds(1)) }
+        #expect(flushed.withLock { $0 } == true)
+        #expect(try fs.list("/db").filter { $0.hasSuffix(".log") }.count == 1)
+        #expect(try db.get([0]) == [42] && db.get([1]) == [7])
+        await db.abandon()
+    }
 }
