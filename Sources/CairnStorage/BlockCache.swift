@@ -72,6 +72,11 @@ public final class BlockCache: Sendable {
         return Int(truncatingIfNeeded: h & 15)
     }
 
+    /// Whether `key` is cached; neither counted nor made more recent.
+    public func contains(_ key: Key) -> Bool {
+        shards[shard(key)].withLock { $0.index[key] != nil }
+    }
+
     /// The cached block, made most recent. `countMiss` false: a miss is not counted (a probe
     /// that falls back to a read which will count it).
     public func get(_ key: Key, countMiss: Bool = true) -> Block? {

@@ -112,6 +112,15 @@ public struct DatabaseOptions: Sendable {
     public var writeBufferBytes = 64 << 20
     /// The block cache's capacity (`block_cache_bytes`).
     public var blockCacheBytes = 64 << 20
+    /// A flush puts every data block it writes into the block cache: the newest writes are the
+    /// likeliest reads. Without it, every read of a key that was in the flushed memtable misses
+    /// the cache until its block is read back (for about a second after each flush under load,
+    /// each such read leaves the event loop for a store thread and a file read).
+    public var cacheFlushedBlocks = true
+    /// A compaction puts into the block cache each output block whose last key's block was
+    /// cached in an input table (readers were using that range); the rest would only push out
+    /// what readers use. Without it, the same cold second follows every compaction.
+    public var cacheCompactedBlocks = true
     /// The write-ahead log is extended ahead of its appends by zeroed chunks of this size
     /// (`log_preallocate_bytes`; 0: never), so a sync need not record a new file size: on ext4
     /// and XFS one device write per `fdatasync` instead of two. Costs at most this much disk per
@@ -579,7 +588,8 @@ public final class Database: Sendable {
                     if tombstones.contains(where: { $0.hides(e.key, e.sequence) }) { continue }
                     if table == nil {
                         let builder = try TableBuilder(fs: fs, path: tablePath, blockSize: options.blockSize,
-                                                       bitsPerKey: options.bloomBitsPerKey, bytesPerSync: options.bytesPerSync)
+                                                       bitsPerKey: options.bloomBitsPerKey, bytesPerSync: options.bytesPerSync,
+                                                       caching: options.cacheFlushedBlocks ? .init(cache: cache, number: number) : nil)
                         table = (builder, e.key, e.key, e.sequence, e.sequence)
                     }
                     try table?.builder.add(key: e.key, value: InternalValue.encode(e))
@@ -600,6 +610,7 @@ public final class Database: Sendable {
             } catch {
                 // A partial table (a full disk, say) would hold its space until the next open.
                 if fs.exists(tablePath) { try? fs.remove(tablePath) }
+                cache.evict(file: number)
                 throw error
             }
             var recorded = false
@@ -888,7 +899,10 @@ public final class Database: Sendable {
                         return s.version.nextFile
                     }
                     builder = try TableBuilder(fs: fs, path: path(Self.tableName(number)), blockSize: options.blockSize,
-                                               bitsPerKey: options.bloomBitsPerKey, bytesPerSync: options.bytesPerSync)
+                                               bitsPerKey: options.bloomBitsPerKey, bytesPerSync: options.bytesPerSync,
+                                               caching: options.cacheCompactedBlocks ? .init(cache: cache, number: number) { last in
+                                                   readers.contains { $0.cachesBlock(covering: last) }
+                                               } : nil)
                     current = (number, e.key, e.key, e.sequence, e.sequence)
                 }
                 let value = InternalValue.encode(e)
@@ -910,7 +924,10 @@ public final class Database: Sendable {
             try fs.syncDirectory(directory)
         } catch {
             // Unreferenced outputs; a reopen would remove them too.
-            for o in outputs { try? fs.remove(path(Self.tableName(o.number))) }
+            for o in outputs {
+                try? fs.remove(path(Self.tableName(o.number)))
+                cache.evict(file: o.number)
+            }
             if let c = current { try? fs.remove(path(Self.tableName(c.number))) }
             throw error
         }

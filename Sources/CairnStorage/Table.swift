@@ -51,13 +51,31 @@ public final class TableBuilder {
     public private(set) var entries = 0
     /// Write-outs performed so far (see `bytesPerSync`).
     public private(set) var writeOuts = 0
+    /// Where each data block goes as it is written, under the table's file number (see `init`).
+    let caching: Caching?
+
+    /// Data blocks put into `cache` as they are written, keyed as the table's reader (file
+    /// `number`) looks them up: every block, or those whose last key `admits` says is worth it.
+    public struct Caching {
+        public let cache: BlockCache
+        public let number: UInt64
+        public let admits: (([UInt8]) -> Bool)?
+        public init(cache: BlockCache, number: UInt64, admits: (([UInt8]) -> Bool)? = nil) {
+            self.cache = cache
+            self.number = number
+            self.admits = admits
+        }
+    }
 
     /// `bytesPerSync`: write what was appended out to the device every this many bytes and wait
     /// for it (0: only `finish` syncs), so a table never floods the device queue ahead of a log sync.
+    /// `caching`: data blocks put into the block cache as they are written (see `Caching`); the
+    /// caller evicts the file if the table is not kept.
     public init(fs: any FileSystem, path: String, blockSize: Int = 4096, bitsPerKey: Int = 10, restartInterval: Int = 16,
-                bytesPerSync: Int = 0) throws(StorageError) {
+                bytesPerSync: Int = 0, caching: Caching? = nil) throws(StorageError) {
         file = try fs.openAppendable(path, create: true)
         guard file.size == 0 else { throw .invalidArgument("\(path) already exists") }
+        self.caching = caching
         self.path = path
         self.blockSize = max(blockSize, 256)
         self.bitsPerKey = bitsPerKey
@@ -81,6 +99,10 @@ public final class TableBuilder {
         guard !block.isEmpty, let lastKey else { return }
         let bytes = block.finish()
         try file.append(bytes)
+        if let caching, caching.admits?(lastKey) ?? true {
+            let written = try Block(bytes, path: path, offset: offset)
+            caching.cache.insert(BlockCache.Key(file: caching.number, offset: offset), written, charge: written.charge)
+        }
         try index.add(key: lastKey, value: Table.Handle(offset: offset, size: UInt64(bytes.count)).encoded())
         offset += UInt64(bytes.count)
         block = BlockBuilder(restartInterval: block.restartInterval)
@@ -214,6 +236,14 @@ public final class TableReader: Sendable {
         let b = try Block(try file.file.read(at: h.offset, count: Int(h.size)), path: path, offset: h.offset)
         if fillCache { cache?.insert(key, b, charge: b.charge) }
         return b
+    }
+
+    /// Whether the block that would hold `key` is in the block cache (a key readers have asked
+    /// for lately). Neither counted nor made more recent.
+    func cachesBlock(covering key: [UInt8]) -> Bool {
+        guard let cache else { return false }
+        let i = blockIndex(atOrAfter: key)
+        return i < index.count && cache.contains(BlockCache.Key(file: number, offset: index[i].handle.offset))
     }
 
     /// Reads the block at `h` from the file and checks it (checksum and entries), bypassing the

@@ -21,13 +21,15 @@ struct Pair: Hashable, Sendable, CustomStringConvertible {
     var description: String { "\(key)=\(value)" }
 }
 
-func openStore(_ kind: StoreKind, disk: FaultyFileSystem = FaultyFileSystem(), fs: (any FileSystem)? = nil) async throws -> any PartitionStore {
+func openStore(_ kind: StoreKind, disk: FaultyFileSystem = FaultyFileSystem(), fs: (any FileSystem)? = nil,
+               cacheFlushedBlocks: Bool = true) async throws -> any PartitionStore {
     switch kind {
     case .memory:
         return MemoryBackend()
     case .disk:
         var options = DatabaseOptions()
         options.syncMode = .always
+        options.cacheFlushedBlocks = cacheFlushedBlocks
         return try await DiskBackend.open(directory: "/db", options: options, fs: fs ?? disk.session())
     }
 }
@@ -272,7 +274,7 @@ func bytewise(_ a: Pair, _ b: Pair) -> Bool { a.key.lexicographicallyPrecedes(b.
     /// on its partition's store executor: the vnode actor itself runs there.
     @Test func aVnodesEngineCallsRunOnTheStoresThread() async throws {
         let recorder = RecordingFileSystem(FaultyFileSystem().session())
-        let store = try await openStore(.disk, fs: recorder)
+        let store = try await openStore(.disk, fs: recorder, cacheFlushedBlocks: false)
         let (vnode, sup, task) = try await runningVnode(store)
         let executor = try #require(store.executor(for: vnode.partition))
         recorder.watch(executor)

@@ -25,7 +25,9 @@ import Testing
 
     /// A database whose keys 0..<100 (value: the key's number) are in one table, none cached.
     static func oneTable(_ fs: FaultyFileSystem) async throws -> Database {
-        let db = try Database.open(fs: fs, directory: "/db", options: options())
+        var o = options()
+        o.cacheFlushedBlocks = false
+        let db = try Database.open(fs: fs, directory: "/db", options: o)
         for i in 0..<100 { try await db.put(key(i), [UInt8(i)]) }
         try db.flush()
         return db
@@ -49,6 +51,36 @@ import Testing
         // A newer memtable version wins over the table's.
         try await db.put(key(5), [55])
         #expect(db.getDurableInMemory(key(5)) == .answered([55]))
+        await db.abandon()
+    }
+
+    /// A flush caches the blocks it writes: reads of what was just flushed stay in memory.
+    @Test func aFlushCachesTheBlocksItWrites() async throws {
+        let db = try Database.open(fs: FaultyFileSystem(), directory: "/db", options: Self.options())
+        for i in 0..<100 { try await db.put(key(i), [UInt8(i)]) }
+        try db.flush()
+        let misses = db.statistics.blockCache.misses
+        for i in 0..<100 { #expect(db.getDurableInMemory(key(i)) == .answered([UInt8(i)]), "key \(i)") }
+        #expect(db.statistics.blockCache.misses == misses)
+        await db.abandon()
+    }
+
+    /// A compaction caches the output blocks whose keys readers were using in its inputs, and
+    /// only those: a merge of everything would push out what readers use.
+    @Test func aCompactionCachesTheBlocksReadersWereUsing() async throws {
+        var o = Self.options()
+        o.cacheFlushedBlocks = false   // only what readers read is cached before the compaction
+        let db = try Database.open(fs: FaultyFileSystem(), directory: "/db", options: o)
+        let value = { (i: Int, round: UInt8) in [round] + Array(repeating: UInt8(i), count: 100) }
+        for i in 0..<100 { try await db.put(key(i), value(i, 1)) }
+        try db.flush()
+        for i in 0..<20 { #expect(try db.getDurable(key(i)) == value(i, 1)) }   // a reader's keys
+        #expect(db.getDurableInMemory(key(60)) == .needsDisk)
+        for i in 50..<100 { try await db.put(key(i), value(i, 2)) }
+        try db.compactUntilSettled()   // the second table makes level 0 compact (trigger 2)
+        #expect(db.statistics.compactions > 0)
+        for i in 0..<16 { #expect(db.getDurableInMemory(key(i)) == .answered(value(i, 1)), "read key \(i)") }
+        for i in 40..<100 { #expect(db.getDurableInMemory(key(i)) == .needsDisk, "never read: key \(i)") }
         await db.abandon()
     }
 
