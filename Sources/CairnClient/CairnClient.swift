@@ -314,11 +314,12 @@ public final class CairnClient: Sendable {
                           _ done: @escaping @Sendable (Result<Message, CairnError>) -> Void) {
         let request: Attempting
         do { request = try prepare(message, options: options) } catch { return done(.failure(error)) }
-        let attempt = SoonAttempt(Failover(candidates: seeds.count, idempotent: idempotent))
+        // The failover machine; its callbacks run one after another, on whichever thread ends each attempt.
+        let machine = Locked(Failover(candidates: seeds.count, idempotent: idempotent))
         @Sendable func perform(_ directive: Failover.Directive) {
             guard case .tryCandidate(let k) = directive else { return done(outcome(of: directive, request)) }
             let reported: @Sendable (Result<Message, ConnectionError>) -> Void = { result in
-                perform(attempt.machine.withLock { m in
+                perform(machine.withLock { m in
                     switch result {
                     case .success(let reply): m.received(reply)
                     case .failure(let error): m.failed(error)
@@ -338,13 +339,7 @@ public final class CairnClient: Sendable {
                 }
             }
         }
-        perform(attempt.machine.withLock { $0.directive })
-    }
-
-    /// The failover machine of one `sendSoon` request; its callbacks run one after another.
-    private final class SoonAttempt: Sendable {
-        let machine: Mutex<Failover>
-        init(_ failover: Failover) { machine = Mutex(failover) }
+        perform(machine.withLock { $0.directive })
     }
 
     /// What a final directive means for the caller (`.tryCandidate` is not final: passed one, it

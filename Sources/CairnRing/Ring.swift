@@ -94,40 +94,47 @@ public struct Ring: Hashable, Sendable {
     /// The `n` distinct primaries for partition `p` (fewer only if the ring has fewer members).
     /// On every request's path: stops at `n` and checks distinctness in the (short) result.
     public func preferenceList(for p: PartitionID, n: Int) -> [NodeName] {
-        guard !owners.isEmpty else { return [] }
-        let want = min(n, members.count)
-        var picked: [Int] = []
-        picked.reserveCapacity(want)
-        var i = Int(p.index) % partitionCount
-        var steps = 0
-        while picked.count < want && steps < partitionCount {
-            if !picked.contains(owners[i]) { picked.append(owners[i]) }
-            i = (i + 1) % partitionCount
-            steps += 1
+        var out: [NodeName] = []
+        out.reserveCapacity(max(min(n, members.count), 0))
+        visitPrimaries(for: p, n: n) { o in
+            out.append(members[o])
+            return true
         }
-        return picked.map { members[$0] }
+        return out
     }
 
     /// `preferenceList(for: p, n: n).contains(name)`, without building the list (a check on every
     /// write's path).
     public func preferenceList(for p: PartitionID, n: Int, contains name: NodeName) -> Bool {
-        guard !owners.isEmpty, let target = members.firstIndex(of: name) else { return false }
+        guard let target = members.firstIndex(of: name) else { return false }
+        var found = false
+        visitPrimaries(for: p, n: n) { o in
+            found = o == target
+            return !found
+        }
+        return found
+    }
+
+    /// Calls `visit` with the member index of each of `p`'s first `n` distinct owners, in
+    /// preference order, until it returns false. Distinctness is checked in a stack buffer of
+    /// the (short) result; the walk stops after one lap of the ring.
+    private func visitPrimaries(for p: PartitionID, n: Int, _ visit: (Int) -> Bool) {
         let want = min(n, members.count)
-        return withUnsafeTemporaryAllocation(of: Int.self, capacity: max(want, 1)) { picked in
+        guard !owners.isEmpty, want > 0 else { return }
+        withUnsafeTemporaryAllocation(of: Int.self, capacity: want) { picked in
             var count = 0
             var i = Int(p.index) % partitionCount
             var steps = 0
             while count < want && steps < partitionCount {
                 let o = owners[i]
                 if !picked[..<count].contains(o) {
-                    if o == target { return true }
                     picked[count] = o
                     count += 1
+                    if !visit(o) { return }
                 }
                 i = (i + 1) % partitionCount
                 steps += 1
             }
-            return false
         }
     }
 

@@ -719,7 +719,8 @@ public final class Database: Sendable {
     }
 
     /// Drops range tombstones that hide nothing any more: every memtable is newer than the
-    /// tombstone, and no table overlapping its range holds an older entry. Caller holds the lock.
+    /// tombstone, and no table overlapping its range holds an older entry. Caller holds the lock
+    /// and, after releasing it, syncs the manifest (`syncManifest`): the edit is only appended.
     private func retireTombstones(_ s: inout State) throws(StorageError) {
         let memtableOldest = [s.memtable.smallestSequence, s.immutable?.table.smallestSequence].compactMap { $0 }.min() ?? .max
         let retired = s.version.tombstones.filter { t in

@@ -62,8 +62,8 @@ public enum WireCodec {
 
     // MARK: Encoding
 
-    /// The whole frame: `length:u32be` then the body.
-    /// The length prefix and the body, encoded in one buffer (the length written last).
+    /// The whole frame: `length:u32be` then the body, encoded in one buffer (the length patched
+    /// in last).
     public static func encodeFrame(_ envelope: Envelope) -> [UInt8] {
         var w = ByteWriter(capacity: frameCapacity)
         w.writeU32(0)

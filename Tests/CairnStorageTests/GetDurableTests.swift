@@ -92,15 +92,21 @@ import Synchronization
 /// The request path does no disk I/O under the engine's state lock: a log switch whose syncs are
 /// slow holds up the next writer, never a reader.
 @Suite struct WritePathLockTests {
-    @Test func aReaderDoesNotWaitForALogSwitchsSyncs() async throws {
+    /// A database without log syncs whose key [0] holds [42].
+    static func holding42(writeBufferBytes: Int) throws -> (FaultyFileSystem, Database) {
         let fs = FaultyFileSystem()
         var options = DatabaseOptions()
-        options.writeBufferBytes = 64 << 10
+        options.writeBufferBytes = writeBufferBytes
         options.syncMode = .none
         let db = try Database.open(fs: fs, directory: "/db", options: options)
         var first = WriteBatch()
         first.put([0], [42])
         _ = try db.apply(first)
+        return (fs, db)
+    }
+
+    @Test func aReaderDoesNotWaitForALogSwitchsSyncs() async throws {
+        let (fs, db) = try Self.holding42(writeBufferBytes: 64 << 10)
         let logsBefore = try fs.list("/db").filter { $0.hasSuffix(".log") }.count
         fs.holdSyncs()
         // Writes until the memtable is half full: that apply switches logs and blocks in the
@@ -139,14 +145,7 @@ import Synchronization
     /// is slow, reads and writes go on, and the log the flush retires stays until the edit is
     /// durable (a crash meanwhile reopens the database as it was before the flush).
     @Test func readsAndWritesDoNotWaitForAFlushsManifestSync() async throws {
-        let fs = FaultyFileSystem()
-        var options = DatabaseOptions()
-        options.writeBufferBytes = 8 << 20
-        options.syncMode = .none
-        let db = try Database.open(fs: fs, directory: "/db", options: options)
-        var first = WriteBatch()
-        first.put([0], [42])
-        _ = try db.apply(first)
+        let (fs, db) = try Self.holding42(writeBufferBytes: 8 << 20)
         fs.holdSyncs(toPathContaining: "MANIFEST")
         let flushed = Mutex<Bool?>(nil)
         let flusher = Thread {
