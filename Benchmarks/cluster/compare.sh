@@ -23,8 +23,8 @@
 #                thread that exits during the run keeps what it counted until its last second):
 #                each is a thread that went to sleep or was preempted, so it counts the thread
 #                crossings a request makes
-# With LATENCY=1, each system then also runs workload a in an open loop (`--rate`, CONCURRENCY
-# connections, DURATION) at RATE ops/s and at half the ops/s its closed-loop workload a reached
+# With LATENCY=1, each system then also runs workload a in an open loop (`--rate`, OPEN_CONCURRENCY
+# sessions, DURATION) at RATE ops/s and at half the ops/s its closed-loop workload a reached
 # (its peak on this machine), and a second table gives read and update latency and server CPU per
 # operation at both rates, with the latency goals checked for cairn-3.
 # Everything started is stopped by pid on exit, pass or fail.
@@ -40,6 +40,8 @@
 #   SYSTEMS ["redis redis-aof cairn-1 cairn-1-nosync etcd-3 cairn-3"]  a subset to run, in this order
 #   KEEP=1            keep the JSON reports and logs (the data dirs are removed either way)
 #   LATENCY=1         also the open-loop runs above; RATE [1000] their fixed rate
+#   OPEN_CONCURRENCY [256]  requests the open-loop runs may have in flight: enough that the
+#                     generator's window is not what holds back requests a stalled server owes
 #   RUN_TIMEOUT [900] seconds after which one cairn-load invocation is stopped and counted failed
 #   SHARE [cores/3, at least 1]  threads each server of a three-node system gets, sized to its
 #                     share of the machine as an operator co-locating three nodes would: Cairn's
@@ -68,6 +70,7 @@ SEED="${SEED:-42}"
 SYSTEMS="${SYSTEMS:-redis redis-aof cairn-1 cairn-1-nosync etcd-3 cairn-3}"
 KEEP="${KEEP:-0}"
 LATENCY="${LATENCY:-0}"
+OPEN_CONCURRENCY="${OPEN_CONCURRENCY:-256}"
 RATE="${RATE:-1000}"
 RUN_TIMEOUT="${RUN_TIMEOUT:-900}"
 CORES="$(nproc)"
@@ -332,6 +335,7 @@ machine() {
     local how="--duration $DURATION"
     [[ -n "$OPERATIONS" ]] && how="--operations $OPERATIONS"
     echo "settings: --records $RECORDS --value-size $VALUE_SIZE --concurrency $CONCURRENCY $how --seed $SEED"
+    if [[ "$LATENCY" == "1" ]]; then echo "open loop: --concurrency $OPEN_CONCURRENCY --duration $DURATION, --rate $RATE and half of each peak"; fi
     echo "three-node systems: $( ((SHARE > 0)) && echo "$SHARE thread(s) each (node.event_loops, storage.request_threads; GOMAXPROCS)" || echo "default threads (one per core each)")"
     echo "one-node Cairn:     $( ((SHARE1 > 0)) && echo "$SHARE1 thread(s) (node.event_loops, storage.request_threads)" || echo "default threads (one per core)")"
     if [[ -n "${CAIRN_CONF:-}" ]]; then echo "cairn configuration added: $(printf '%s' "$CAIRN_CONF" | tr '\n' ';')"; fi
@@ -554,8 +558,9 @@ cairn_load() {
 }
 
 measure() {
-    local sys=$1 common how
+    local sys=$1 common how open
     common=(--records "$RECORDS" --value-size "$VALUE_SIZE" --concurrency "$CONCURRENCY" --seed "$SEED")
+    open=(--records "$RECORDS" --value-size "$VALUE_SIZE" --concurrency "$OPEN_CONCURRENCY" --seed "$SEED")
     if [[ -n "$OPERATIONS" ]]; then how=(--operations "$OPERATIONS"); else how=(--duration "$DURATION"); fi
     echo "== $sys"
     case "$sys" in
@@ -577,10 +582,10 @@ measure() {
         local peak half
         peak="$(jq -r '.throughput_ops_per_s // 0' "$WORK/json/$sys-a.json" 2>/dev/null || echo 0)"
         half="$(awk -v p="$peak" 'BEGIN { printf "%d", p / 2 }')"
-        cairn_load "$sys" a-rate run --target "$TARGET" --workload a "${common[@]}" --duration "$DURATION" --rate "$RATE" \
+        cairn_load "$sys" a-rate run --target "$TARGET" --workload a "${open[@]}" --duration "$DURATION" --rate "$RATE" \
             ${RUN_EXTRA[@]+"${RUN_EXTRA[@]}"}
         if ((half > 0)); then
-            cairn_load "$sys" a-half run --target "$TARGET" --workload a "${common[@]}" --duration "$DURATION" --rate "$half" \
+            cairn_load "$sys" a-half run --target "$TARGET" --workload a "${open[@]}" --duration "$DURATION" --rate "$half" \
                 ${RUN_EXTRA[@]+"${RUN_EXTRA[@]}"}
         else
             echo "-- $sys a-half: no peak measured (workload a failed); skipped"
