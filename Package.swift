@@ -104,7 +104,7 @@ let package = Package(
         // C helpers: CRC-32C with the CPU's CRC32 instruction (SSE 4.2, checked at run time), malloc_trim, sync_file_range,
         // thread names and timer slack.
         .target(name: "CStorageSupport"),
-        .testTarget(name: "CairnStorageTests", dependencies: ["CairnStorage"], swiftSettings: strict),
+        .testTarget(name: "CairnStorageTests", dependencies: ["CairnStorage", "CairnProcess"], swiftSettings: strict),
         // db_bench's language over CairnStorage (Benchmarks/storage/compare-rocksdb.sh).
         .executableTarget(name: "cairn-db-bench", dependencies: [
             "CairnStorage", "CairnCore", .product(name: "Histogram", package: "hdrhistogram-swift"),
@@ -129,11 +129,14 @@ let package = Package(
         ], swiftSettings: strict),
 
         // The fault harness: namespaces + nft partitions, nemesis, set workload, checker.
-        .target(name: "CairnTorture", dependencies: ["CairnClient", "CairnCore"], swiftSettings: strict),
+        // Child processes without Foundation's Process (see ChildProcess): harnesses and tests.
+        .target(name: "CairnProcess", dependencies: ["CStorageSupport"], swiftSettings: strict),
+        .target(name: "CairnTorture", dependencies: ["CairnClient", "CairnCore", "CairnProcess"], swiftSettings: strict),
         .executableTarget(name: "cairn-torture", dependencies: ["CairnTorture"], swiftSettings: strict),
-        .testTarget(name: "CairnTortureTests", dependencies: ["CairnTorture"], swiftSettings: strict),
+        .testTarget(name: "CairnTortureTests", dependencies: ["CairnTorture", "CairnProcess"], swiftSettings: strict),
 
         .testTarget(name: "CairnLoadTests", dependencies: [
+            "CairnProcess",
             "CairnLoad", "CairnNode", "CairnCore", "CairnClient",
             .product(name: "Logging", package: "swift-log"),
         ], swiftSettings: strict),
@@ -159,7 +162,7 @@ let package = Package(
         ], swiftSettings: strict),
         // Shared by test targets: a scripted node stand-in, and running the built binaries.
         .target(name: "CairnTestSupport", dependencies: [
-            "CairnCore", "CairnWire",
+            "CairnCore", "CairnWire", "CairnProcess",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
         ], path: "Tests/CairnTestSupport", swiftSettings: strict),
@@ -170,7 +173,7 @@ let package = Package(
         ], swiftSettings: strict),
         // Real nodes on loopback: in-process and as cairnd processes.
         .testTarget(name: "CairnClusterTests", dependencies: [
-            "CairnNode", "CairnClient", "CairnCore", "CairnWire", "CairnRing", "CairnTestSupport", "CairnSim",
+            "CairnNode", "CairnClient", "CairnCore", "CairnWire", "CairnRing", "CairnTestSupport", "CairnSim", "CairnProcess",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),

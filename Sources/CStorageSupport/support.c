@@ -72,3 +72,35 @@ int cairn_write_out(int fd, int64_t offset, int64_t count) {
 #else
 int cairn_write_out(int fd, int64_t offset, int64_t count) { (void)fd; (void)offset; (void)count; return 0; }
 #endif
+
+#include <spawn.h>
+#include <signal.h>
+
+int cairn_spawn(const char *path, char *const argv[], char *const envp[], int in_fd, int out_fd, int err_fd, int *pid_out) {
+    posix_spawn_file_actions_t actions;
+    posix_spawnattr_t attributes;
+    int r = posix_spawn_file_actions_init(&actions);
+    if (r != 0) return r;
+    r = posix_spawnattr_init(&attributes);
+    if (r != 0) { posix_spawn_file_actions_destroy(&actions); return r; }
+    int sources[3] = { in_fd, out_fd, err_fd };
+    for (int i = 0; i < 3 && r == 0; i++) {
+        // dup2 onto itself clears close-on-exec (glibc >= 2.29), so an inherited 0/1/2 stays open.
+        if (sources[i] >= 0) r = posix_spawn_file_actions_adddup2(&actions, sources[i], i);
+    }
+#if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 34))
+    if (r == 0) r = posix_spawn_file_actions_addclosefrom_np(&actions, 3);
+#endif
+    sigset_t none, all;
+    sigemptyset(&none);
+    sigfillset(&all);
+    if (r == 0) r = posix_spawnattr_setsigmask(&attributes, &none);
+    if (r == 0) r = posix_spawnattr_setsigdefault(&attributes, &all);
+    if (r == 0) r = posix_spawnattr_setflags(&attributes, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
+    pid_t pid = 0;
+    if (r == 0) r = posix_spawn(&pid, path, &actions, &attributes, argv, envp);
+    if (r == 0) *pid_out = (int)pid;
+    posix_spawnattr_destroy(&attributes);
+    posix_spawn_file_actions_destroy(&actions);
+    return r;
+}

@@ -1,6 +1,7 @@
 import Foundation
 #if canImport(Glibc)
 import Glibc
+import CairnProcess
 #endif
 
 /// A harness-side failure: setting up hosts, starting nodes, applying a fault.
@@ -21,7 +22,7 @@ func shAsync(_ args: [String], allowFailure: Bool = false) async throws -> Strin
 /// Runs a command to completion; throws with its output if it fails.
 @discardableResult
 func sh(_ args: [String], input: String? = nil, allowFailure: Bool = false) throws -> String {
-    let p = Process()
+    let p = ChildProcess()
     p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
     p.arguments = args
     let out = Pipe()

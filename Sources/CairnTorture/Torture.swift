@@ -4,6 +4,7 @@ import CairnCore
 import Synchronization
 #if canImport(Glibc)
 import Glibc
+import CairnProcess
 #endif
 
 /// Writes a line to standard output at once (unbuffered, so a long run can be followed live and
@@ -68,7 +69,7 @@ public final class Torture: @unchecked Sendable {
     let schedule: NemesisSchedule
     let lab: any Lab
     /// Every node that exists at some point of the run: the first `config.nodes` and the joiners.
-    var processes: [Process?]
+    var processes: [ChildProcess?]
     /// The nodes that are members now (and run, but while a fault has killed them).
     var active: Set<Int>
     var paused: Set<Int> = []
@@ -143,7 +144,7 @@ public final class Torture: @unchecked Sendable {
     }
 
     func start(_ i: Int, seeds: [Int]? = nil) throws {
-        let p = Process()
+        let p = ChildProcess()
         p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
         p.arguments = lab.command(i, cairnd: config.cairnd, config: try configPath(i, seeds: seeds))
         let logFile = config.workDir + "/n\(i + 1).log"

@@ -5,6 +5,7 @@ import CairnClient
 import CairnCore
 #if canImport(Glibc)
 import Glibc
+import CairnProcess
 #endif
 
 /// Membership changes under load and through a crash, with real `cairnd` processes and the
@@ -24,7 +25,7 @@ extension MembershipProcessTests {
 
         // Open loop at 150 ops/s: every key is read and written many times during the changes.
         let report = d.dir.appendingPathComponent("load.json")
-        let load = Process()
+        let load = ChildProcess()
         load.executableURL = URL(fileURLWithPath: try Repo.binary("cairn-load"))
         load.arguments = ["run", "--target", target, "--records", "500", "--workload", "a", "--rate", "150", "--duration", "90s",
                           "--concurrency", "8", "--value-size", "200", "--verify", "--json", report.path]

@@ -3,6 +3,7 @@ import CairnTestSupport
 import Foundation
 #if canImport(Glibc)
 import Glibc
+import CairnProcess
 #endif
 
 /// `cairnd` processes for the membership tests, started as an operator would: the first ones
@@ -13,7 +14,7 @@ import Glibc
 final class MembershipNodes {
     static let ringSize = 64
     let dir: URL
-    private(set) var processes: [Int: Process] = [:]
+    private(set) var processes: [Int: ChildProcess] = [:]
     private let secretFile: URL
 
     init() throws {
@@ -79,7 +80,7 @@ final class MembershipNodes {
     }
 
     private func spawn(_ i: Int) throws {
-        let p = Process()
+        let p = ChildProcess()
         p.executableURL = URL(fileURLWithPath: try Repo.binary("cairnd"))
         // CAIRN_TEST_LOG=<level> (e.g. debug, trace) makes the nodes' logs more verbose.
         let level = ProcessInfo.processInfo.environment["CAIRN_TEST_LOG"] ?? "info"
@@ -151,7 +152,7 @@ final class MembershipNodes {
     }
 
     /// Kills `p` if it still runs, and returns its exit status (negative: killed by that signal).
-    private static func reap(_ p: Process) -> Int32 {
+    private static func reap(_ p: ChildProcess) -> Int32 {
         if p.isRunning { kill(p.processIdentifier, SIGKILL); p.waitUntilExit() }
         return p.terminationReason == .exit ? p.terminationStatus : -p.terminationStatus
     }

@@ -3,6 +3,7 @@ import CairnTestSupport
 import Foundation
 #if canImport(Glibc)
 import Glibc
+import CairnProcess
 #endif
 
 /// An AF_UNIX datagram socket that records what arrives, with the arrival time, on its own thread.
@@ -77,7 +78,7 @@ struct NotifySocketTests {
         transport.connect_timeout = 300ms
         """.write(to: conf, atomically: true, encoding: .utf8)
 
-        let p = Process()
+        let p = ChildProcess()
         p.executableURL = URL(fileURLWithPath: try Repo.binary("cairnd"))
         p.arguments = ["--config", conf.path, "--log-level", "info"]
         var env = ProcessInfo.processInfo.environment

@@ -5,6 +5,7 @@ import CairnClient
 import CairnCore
 #if canImport(Glibc)
 import Glibc
+import CairnProcess
 #endif
 
 /// Three `cairnd` processes and the `cairn` CLI, as a user runs them. Nodes listen on
@@ -23,7 +24,7 @@ struct ProcessClusterTests {
     }
 
     final class Daemons {
-        var processes: [Process] = []
+        var processes: [ChildProcess] = []
         let dir: URL
         init() throws {
             dir = FileManager.default.temporaryDirectory.appendingPathComponent("cairn-proc-\(getpid())-\(UInt32.random(in: 0...UInt32.max))")
@@ -39,7 +40,7 @@ struct ProcessClusterTests {
         /// Starts node `i` (again: same configuration, same data directory).
         func restart(_ i: Int) throws { processes[i] = try launch(i) }
 
-        private func launch(_ i: Int) throws -> Process {
+        private func launch(_ i: Int) throws -> ChildProcess {
             let members = (0..<3).map { "n\($0 + 1)@\(address($0))" }.joined(separator: ",")
             let conf = dir.appendingPathComponent("n\(i + 1).conf")
             try """
@@ -53,7 +54,7 @@ struct ProcessClusterTests {
             transport.reconnect_min = 20ms
             transport.reconnect_max = 200ms
             """.write(to: conf, atomically: true, encoding: .utf8)
-            let p = Process()
+            let p = ChildProcess()
             p.executableURL = URL(fileURLWithPath: try ProcessClusterTests.binary("cairnd"))
             p.arguments = ["--config", conf.path, "--log-level", "warning"]
             p.standardOutput = FileHandle.nullDevice
@@ -100,7 +101,7 @@ struct ProcessClusterTests {
             return statuses
         }
 
-        private static func reap(_ p: Process) -> Int32 {
+        private static func reap(_ p: ChildProcess) -> Int32 {
             if p.isRunning { kill(p.processIdentifier, SIGKILL); p.waitUntilExit() }
             return p.terminationReason == .exit ? p.terminationStatus : -p.terminationStatus
         }
@@ -243,7 +244,7 @@ struct ProcessClusterTests {
         try d.start()
         try await d.waitHealthy()
         d.signal(1, SIGSTOP)   // a replica that never answers keeps a W=all write in flight on n1
-        let hung = Process()
+        let hung = ChildProcess()
         hung.executableURL = URL(fileURLWithPath: try Self.binary("cairn"))
         hung.arguments = ["--node", d.address(0), "put", "held", "v", "--w", "all", "--timeout", "30000"]
         hung.standardOutput = FileHandle.nullDevice

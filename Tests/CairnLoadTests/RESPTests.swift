@@ -3,6 +3,7 @@ import Foundation
 @testable import CairnLoad
 #if canImport(Glibc)
 import Glibc
+import CairnProcess
 #endif
 
 private func decodeAll(_ bytes: [UInt8]) throws -> [RESPValue] {
@@ -35,8 +36,8 @@ private func decodeAll(_ bytes: [UInt8]) throws -> [RESPValue] {
 @Suite(.serialized, .enabled(if: FileManager.default.isExecutableFile(atPath: "/usr/bin/redis-server"), "needs redis-server"))
 struct RedisTargetTests {
     /// A redis-server on 127.0.0.81:`port`, no persistence.
-    private func startRedis(port: Int) throws -> Process {
-        let p = Process()
+    private func startRedis(port: Int) throws -> ChildProcess {
+        let p = ChildProcess()
         p.executableURL = URL(fileURLWithPath: "/usr/bin/redis-server")
         p.arguments = ["--bind", "127.0.0.81", "--port", "\(port)", "--save", "", "--appendonly", "no"]
         p.standardOutput = FileHandle.nullDevice
@@ -46,7 +47,7 @@ struct RedisTargetTests {
     }
 
     /// SIGKILL: a child spawned from a test thread can inherit a mask that blocks SIGTERM.
-    private func stop(_ p: Process) {
+    private func stop(_ p: ChildProcess) {
         kill(p.processIdentifier, SIGKILL)
         p.waitUntilExit()
     }

@@ -4,6 +4,7 @@ import Synchronization
 @testable import CairnStorage
 #if canImport(Glibc)
 import Glibc
+import CairnProcess
 #endif
 
 /// The real crash loop: a child process (`cairn-crash-writer`) writes under `always` on the real
@@ -78,7 +79,7 @@ struct CrashLoopTests {
         var totalAcked = 0
         for round in 0..<kills {
             let start = round * 10_000_000
-            let p = Process()
+            let p = ChildProcess()
             p.executableURL = URL(fileURLWithPath: binary)
             p.arguments = [dir, String(start)]
             let pipe = Pipe()

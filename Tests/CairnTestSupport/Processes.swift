@@ -1,4 +1,5 @@
 public import Foundation
+import CairnProcess
 
 /// The outcome of a finished child process.
 public struct ProcessResult: Sendable {
@@ -23,7 +24,7 @@ public func runProcess(_ executable: String, _ args: [String], stdin: String? = 
 /// `runProcess`, waiting on the calling thread: only for code that is not async (a `deinit`,
 /// a cleanup that must finish before returning).
 public func runProcessBlocking(_ executable: String, _ args: [String], stdin: String? = nil) throws -> ProcessResult {
-    let p = Process()
+    let p = ChildProcess()
     p.executableURL = URL(fileURLWithPath: executable)
     p.arguments = args
     let out = Pipe(), err = Pipe(), input = Pipe()

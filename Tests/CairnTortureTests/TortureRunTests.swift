@@ -2,6 +2,7 @@ import Testing
 import Foundation
 #if canImport(Glibc)
 import Glibc
+import CairnProcess
 #endif
 
 /// `cairn-torture` end to end, as a process: the quick mode must find nothing wrong with the real
@@ -45,7 +46,7 @@ struct TortureRunTests {
     }
 
     static func runBlocking(_ args: [String]) throws -> Run {
-        let p = Process()
+        let p = ChildProcess()
         p.executableURL = URL(fileURLWithPath: try binary("cairn-torture"))
         p.arguments = args + (getuid() == 0 ? [] : ["--no-namespaces"])
         let pipe = Pipe()

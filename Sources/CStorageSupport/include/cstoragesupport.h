@@ -29,4 +29,11 @@ int cairn_set_thread_nice(int nice);
 /// metadata, no device cache flush. 0, or -1 with errno set; a no-op returning 0 elsewhere.
 int cairn_write_out(int fd, int64_t offset, int64_t count);
 
+/// Starts `path` with `argv` and `envp` (NULL-terminated), its standard input, output and error
+/// on `in_fd`, `out_fd`, `err_fd` (-1: the caller's own), every other descriptor closed (glibc
+/// 2.34 and later), the signal mask empty and every signal at its default. Unlike Foundation's
+/// `Process`, it never lists /proc/self/fd (swift-corelibs-foundation reads past a dirent there,
+/// an intermittent crash in processes with many descriptors). 0 with `*pid_out` set, else an errno.
+int cairn_spawn(const char *path, char *const argv[], char *const envp[], int in_fd, int out_fd, int err_fd, int *pid_out);
+
 #endif
