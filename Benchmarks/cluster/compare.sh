@@ -558,9 +558,10 @@ cairn_load() {
 }
 
 measure() {
-    local sys=$1 common how open
-    common=(--records "$RECORDS" --value-size "$VALUE_SIZE" --concurrency "$CONCURRENCY" --seed "$SEED")
-    open=(--records "$RECORDS" --value-size "$VALUE_SIZE" --concurrency "$OPEN_CONCURRENCY" --seed "$SEED")
+    local sys=$1 base common how open
+    base=(--records "$RECORDS" --value-size "$VALUE_SIZE" --seed "$SEED")
+    common=("${base[@]}" --concurrency "$CONCURRENCY")
+    open=("${base[@]}" --concurrency "$OPEN_CONCURRENCY")
     if [[ -n "$OPERATIONS" ]]; then how=(--operations "$OPERATIONS"); else how=(--duration "$DURATION"); fi
     echo "== $sys"
     case "$sys" in

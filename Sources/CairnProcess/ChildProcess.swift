@@ -36,7 +36,8 @@ public final class ChildProcess: @unchecked Sendable {
 
     public var processIdentifier: Int32 { state.withLock { $0.pid } }
 
-    /// Starts the child; throws if it could not be started (the executable missing, say).
+    /// Starts the child (once per instance); throws if it could not be started (the executable
+    /// missing, say).
     public func run() throws {
         guard let path = executableURL?.path else { throw SpawnError(description: "no executable set") }
         let inFD = Self.descriptor(standardInput, reading: true)
@@ -72,7 +73,8 @@ public final class ChildProcess: @unchecked Sendable {
         }
     }
 
-    /// The exit code, or the signal that ended it (as Foundation's `Process`); 0 while running.
+    /// The exit code, or the signal that ended it (as Foundation's `Process`); 0 while running,
+    /// -1 if another waiter in this process reaped it first.
     public var terminationStatus: Int32 { state.withLock { $0.exit?.status ?? 0 } }
     public var terminationReason: TerminationReason { state.withLock { $0.exit?.reason ?? .exit } }
 
@@ -88,7 +90,14 @@ public final class ChildProcess: @unchecked Sendable {
             if let e = s.exit { return e }
             var status: Int32 = 0
             let r = waitpid(s.pid, &status, WNOHANG)
-            guard r == s.pid else { return nil }
+            if r == -1, errno == ECHILD {
+                // Reaped by someone else (a waitpid(-1) elsewhere in the process): it has ended,
+                // how is unknown. Reported as exit status -1 rather than waited for forever.
+                let e = Exit(status: -1, reason: .exit)
+                s.exit = e
+                return e
+            }
+            guard r == s.pid else { return nil }   // 0: still running; -1 EINTR: ask again
             // WIFEXITED / WEXITSTATUS / WTERMSIG, spelled out (macros Swift does not import).
             let signal = status & 0x7f
             let e = signal == 0 ? Exit(status: (status >> 8) & 0xff, reason: .exit) : Exit(status: signal, reason: .uncaughtSignal)

@@ -1,7 +1,7 @@
 import Foundation
+import CairnProcess
 #if canImport(Glibc)
 import Glibc
-import CairnProcess
 #endif
 
 /// A harness-side failure: setting up hosts, starting nodes, applying a fault.

@@ -2,9 +2,9 @@ import Foundation
 import CairnClient
 import CairnCore
 import Synchronization
+import CairnProcess
 #if canImport(Glibc)
 import Glibc
-import CairnProcess
 #endif
 
 /// Writes a line to standard output at once (unbuffered, so a long run can be followed live and

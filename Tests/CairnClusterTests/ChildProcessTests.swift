@@ -70,6 +70,18 @@ import Glibc
         }
     }
 
+    /// A child someone else reaped (a stray waitpid) ends the wait instead of hanging it.
+    @Test(.timeLimit(.minutes(1))) func aChildReapedElsewhereStillEndsTheWait() throws {
+        let p = ChildProcess()
+        p.executableURL = URL(fileURLWithPath: "/bin/true")
+        try p.run()
+        var status: Int32 = 0
+        #expect(waitpid(p.processIdentifier, &status, 0) == p.processIdentifier)
+        p.waitUntilExit()
+        #expect(!p.isRunning)
+        #expect(p.terminationStatus == -1)
+    }
+
     @Test func aMissingExecutableIsAnError() {
         let p = ChildProcess()
         p.executableURL = URL(fileURLWithPath: "/nonexistent/cairn-binary")

@@ -3,9 +3,9 @@ import CairnTestSupport
 import Foundation
 import CairnClient
 import CairnCore
+import CairnProcess
 #if canImport(Glibc)
 import Glibc
-import CairnProcess
 #endif
 
 /// Membership changes under load and through a crash, with real `cairnd` processes and the

@@ -1,9 +1,9 @@
 import Testing
 import CairnTestSupport
 import Foundation
+import CairnProcess
 #if canImport(Glibc)
 import Glibc
-import CairnProcess
 #endif
 
 /// `cairnd` processes for the membership tests, started as an operator would: the first ones

@@ -1,9 +1,9 @@
 import Testing
 import CairnTestSupport
 import Foundation
+import CairnProcess
 #if canImport(Glibc)
 import Glibc
-import CairnProcess
 #endif
 
 /// An AF_UNIX datagram socket that records what arrives, with the arrival time, on its own thread.

@@ -3,9 +3,9 @@ import CairnTestSupport
 import Foundation
 import CairnClient
 import CairnCore
+import CairnProcess
 #if canImport(Glibc)
 import Glibc
-import CairnProcess
 #endif
 
 /// Three `cairnd` processes and the `cairn` CLI, as a user runs them. Nodes listen on

@@ -1,9 +1,9 @@
 import Testing
 import Foundation
 @testable import CairnLoad
+import CairnProcess
 #if canImport(Glibc)
 import Glibc
-import CairnProcess
 #endif
 
 private func decodeAll(_ bytes: [UInt8]) throws -> [RESPValue] {

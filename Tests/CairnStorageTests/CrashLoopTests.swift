@@ -2,9 +2,9 @@ import Testing
 import Foundation
 import Synchronization
 @testable import CairnStorage
+import CairnProcess
 #if canImport(Glibc)
 import Glibc
-import CairnProcess
 #endif
 
 /// The real crash loop: a child process (`cairn-crash-writer`) writes under `always` on the real

@@ -1,8 +1,8 @@
 import Testing
 import Foundation
+import CairnProcess
 #if canImport(Glibc)
 import Glibc
-import CairnProcess
 #endif
 
 /// `cairn-torture` end to end, as a process: the quick mode must find nothing wrong with the real
