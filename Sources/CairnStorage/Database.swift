@@ -547,11 +547,14 @@ public final class Database: Sendable {
             state.withLock { s in if s.writeFailure == nil { s.writeFailure = error } }
             throw error
         }
+        // Sized like the one it replaces (no append runs meanwhile: the caller holds `logLock`),
+        // and made before the state lock is taken.
+        let fresh = Memtable(expectedKeys: state.withLock { $0.memtable }.keyCount)
         state.withLock { s in
             s.committer.markDurable(upTo: s.sequence)
             s.memtable.freeze()
             s.immutable = (s.memtable, number, s.sequence)
-            s.memtable = Memtable()
+            s.memtable = fresh
             s.writer = WALWriter(file: file, path: logPath)
             s.committer = Self.makeCommitter(s.writer, durable: s.sequence, queue: syncQueue)
             s.relink()

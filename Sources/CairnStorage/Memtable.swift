@@ -48,7 +48,8 @@ public final class Memtable: Sendable {
     /// miss per node a search visits, where a tower of its own cost a second). Nodes are owned
     /// by `State.nodes` (so dropping a memtable frees them one by one, never by a recursive chain
     /// of releases) and linked by unowned pointers (no reference counting while a search walks
-    /// the list). Links are written only under the memtable's lock.
+    /// the list). Links and fields are written only under the memtable's lock, and never after
+    /// the table is frozen (fields change when an update takes a key's newest node: see `add`).
     final class Node: ManagedBuffer<NodeFields, Unmanaged<Node>?> {
         static func make(key: [UInt8], sequence: UInt64, kind: EntryKind, value: [UInt8], height: Int) -> Node {
             let fields = NodeFields(key: key, value: value, sequence: sequence, height: UInt8(truncatingIfNeeded: height), kind: kind,
@@ -126,16 +127,51 @@ public final class Memtable: Sendable {
     static let maxHeight = 12
     fileprivate let state = Mutex(State())
 
-    public init() {}
+    /// `expectedKeys`: distinct keys the table will likely hold (the engine passes its previous
+    /// memtable's), reserved in the index up front so filling it never rehashes the index.
+    public init(expectedKeys: Int = 0) {
+        if expectedKeys > 0 {
+            state.withLock { s in
+                s.newest.reserveCapacity(expectedKeys)
+                s.nodes.reserveCapacity(expectedKeys)
+            }
+        }
+    }
+
+    /// Distinct keys in the table.
+    public var keyCount: Int { state.withLock { $0.newest.count } }
 
     public var count: Int { state.withLock { $0.count } }
     /// Keys, values and per-entry overhead (a good estimate of the memory used).
     public var approximateBytes: Int { state.withLock { $0.bytes } }
 
     /// Adds an entry. (key, sequence) pairs are unique: the engine issues each sequence once.
+    ///
+    /// A key the table already holds at a lower sequence (an update: the common write once a key
+    /// is hot) takes no search: the key's newest node, found through the index, takes the new
+    /// version in place, and its previous contents move to a node of height one linked right after
+    /// it, which is exactly where table order puts them. A cursor parked on that node still
+    /// finds the version its snapshot sees (the new one is above any existing snapshot).
     public func add(key: [UInt8], sequence: UInt64, kind: EntryKind, value: [UInt8]) {
         state.withLock { s in
             precondition(!s.frozen, "an add to a frozen memtable")
+            let indexed = IndexKey(bytes: key)
+            let current = s.newest[indexed]
+            if let current, current._withUnsafeGuaranteedRef({ $0.sequence < sequence }) {
+                current._withUnsafeGuaranteedRef { newest in
+                    let previous = newest.header
+                    let moved = Node.make(key: previous.key, sequence: previous.sequence, kind: previous.kind, value: previous.value, height: 1)
+                    s.nodes.append(moved)
+                    moved.next[0] = newest.next[0]
+                    newest.next[0] = Unmanaged.passUnretained(moved)
+                    newest.header = NodeFields(key: previous.key, value: value, sequence: sequence, height: previous.height, kind: kind,
+                                               prefix: previous.prefix, prefix2: previous.prefix2)
+                }
+                s.count += 1
+                s.bytes += key.count + value.count + 144 + 8
+                s.smallestSequence = min(s.smallestSequence, sequence)
+                return
+            }
             let head = Unmanaged.passUnretained(s.head)
             // The predecessors at each level, on the stack (an add allocates only its node).
             withUnsafeTemporaryAllocation(of: Unmanaged<Node>.self, capacity: Self.maxHeight) { update in
@@ -167,10 +203,7 @@ public final class Memtable: Sendable {
                 s.count += 1
                 // Key, value, the node, its tower and the owner slot: close to what the heap holds.
                 s.bytes += key.count + value.count + 144 + 8 * height
-                let indexed = IndexKey(bytes: key)
-                if let current = s.newest[indexed] {
-                    if current._withUnsafeGuaranteedRef({ $0.sequence }) < sequence { s.newest[indexed] = link }
-                } else {
+                if current == nil {
                     s.newest[indexed] = link
                     // An index slot (key reference and node pointer) at the dictionary's load factor.
                     s.bytes += 32

@@ -127,3 +127,42 @@ import Testing
         #expect(done)
     }
 }
+
+@Suite struct MemtableUpdateTests {
+    /// An update takes the key's newest node in place and moves the previous version right after
+    /// it: every version stays readable at its snapshot, in table order.
+    @Test func anUpdateKeepsEveryVersionInTableOrder() {
+        let m = Memtable(expectedKeys: 4)
+        m.add(key: [2], sequence: 1, kind: .value, value: [1])
+        m.add(key: [1], sequence: 2, kind: .value, value: [2])
+        m.add(key: [3], sequence: 3, kind: .value, value: [3])
+        m.add(key: [2], sequence: 4, kind: .value, value: [4])
+        m.add(key: [2], sequence: 5, kind: .deletion, value: [])
+        m.add(key: [2], sequence: 6, kind: .value, value: [6])
+        #expect(m.allEntries().map(\.sequence) == [2, 6, 5, 4, 1, 3])
+        #expect(m.get([2])?.value == [6])
+        #expect(m.get([2], snapshot: 5)?.kind == .deletion)
+        #expect(m.get([2], snapshot: 4)?.value == [4])
+        #expect(m.get([2], snapshot: 3)?.value == [1])
+        #expect(m.get([2], snapshot: 0) == nil)
+        #expect(m.count == 6 && m.keyCount == 3)
+        #expect(m.scan(snapshot: 4).map(\.value) == [[2], [4], [3]])
+    }
+
+    /// A cursor parked on a key's newest node while an update takes that node still returns
+    /// the version its snapshot sees, once; one that has passed the key does not see it again.
+    @Test func aCursorParkedOnAnUpdatedKeySeesItsSnapshot() {
+        let m = Memtable()
+        for (i, k) in ([[1], [2], [3]] as [[UInt8]]).enumerated() { m.add(key: k, sequence: UInt64(i + 1), kind: .value, value: [UInt8(i)]) }
+        let cursor = m.cursor(from: [], snapshot: 3)
+        #expect(cursor.next()?.key == [1])          // parked on [2]'s node
+        m.add(key: [2], sequence: 4, kind: .value, value: [40])
+        m.add(key: [1], sequence: 5, kind: .value, value: [50])   // already passed
+        m.add(key: [2], sequence: 6, kind: .value, value: [60])
+        let rest = [cursor.next(), cursor.next(), cursor.next()]
+        #expect(rest.map { $0?.key } == [[2], [3], nil])
+        #expect(rest[0]?.value == [1] && rest[0]?.sequence == 2)
+        let fresh = m.cursor(from: [], snapshot: .max)
+        #expect([fresh.next(), fresh.next(), fresh.next()].map { $0?.value } == [[50], [60], [2]])
+    }
+}
