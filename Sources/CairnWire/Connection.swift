@@ -45,12 +45,39 @@ public enum ConnectionError: Error, Sendable, Hashable, CustomStringConvertible 
     }
 }
 
-/// A request on its way into the multiplexer; without a reply promise, a one-way message
+/// Where a request's reply goes: a promise (an awaiting caller), or a callback run on the event
+/// loop (`requestSoon`: no promise, no future, no extra closure per request).
+enum ReplySink: Sendable {
+    case promise(EventLoopPromise<Message>)
+    case callback(@Sendable (Result<Message, ConnectionError>) -> Void)
+
+    func succeed(_ reply: Message) {
+        switch self {
+        case .promise(let p): p.succeed(reply)
+        case .callback(let done): done(.success(reply))
+        }
+    }
+
+    func fail(_ error: ConnectionError) {
+        switch self {
+        case .promise(let p): p.fail(error)
+        case .callback(let done): done(.failure(error))
+        }
+    }
+
+    /// The waiting caller a cancellation names (`AbandonRequest`); callbacks are never abandoned.
+    var future: ObjectIdentifier? {
+        if case .promise(let p) = self { return ObjectIdentifier(p.futureResult) }
+        return nil
+    }
+}
+
+/// A request on its way into the multiplexer; without a reply sink, a one-way message
 /// (request id 0: the receiver never answers it).
 struct OutboundRequest: Sendable {
     let message: Message
     let timeoutMillis: UInt32
-    let promise: EventLoopPromise<Message>?
+    let reply: ReplySink?
 }
 
 /// An outbound user event: the caller waiting on the request whose reply future this names has
@@ -133,9 +160,8 @@ final class RequestMultiplexer: ChannelDuplexHandler {
     typealias OutboundOut = ByteBuffer
 
     private struct Waiting {
-        let promise: EventLoopPromise<Message>
+        let reply: ReplySink
         let timeoutMillis: UInt32
-        var future: ObjectIdentifier { ObjectIdentifier(promise.futureResult) }
     }
 
     private var waiting: [UInt64: Waiting] = [:]
@@ -157,11 +183,11 @@ final class RequestMultiplexer: ChannelDuplexHandler {
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
         let outbound = unwrapOutboundIn(data)
         if closed {
-            outbound.promise?.fail(ConnectionError.notSent("connection closed"))
+            outbound.reply?.fail(ConnectionError.notSent("connection closed"))
             promise?.fail(ConnectionError.notSent("connection closed"))
             return
         }
-        guard let replyPromise = outbound.promise else {
+        guard let reply = outbound.reply else {
             let bytes = WireCodec.encodeFrame(Envelope(requestID: 0, message: outbound.message))
             guard bytes.count - WireCodec.lengthBytes <= limits.maxFrameBytes else {
                 promise?.fail(ConnectionError.notSent("message of \(bytes.count) bytes exceeds limits.max_frame_bytes \(limits.maxFrameBytes)"))
@@ -172,7 +198,7 @@ final class RequestMultiplexer: ChannelDuplexHandler {
         }
         let request = outbound
         if waiting.count >= maxPending {
-            replyPromise.fail(ConnectionError.tooManyPending(waiting.count))
+            reply.fail(ConnectionError.tooManyPending(waiting.count))
             promise?.fail(ConnectionError.tooManyPending(waiting.count))
             return
         }
@@ -180,13 +206,13 @@ final class RequestMultiplexer: ChannelDuplexHandler {
         nextID &+= 1  // 2^64 requests per connection will not happen; id 0 is one-way, so skip it.
         if nextID == 0 { nextID = 1 }
         let ms = request.timeoutMillis
-        waiting[id] = Waiting(promise: replyPromise, timeoutMillis: ms)
+        waiting[id] = Waiting(reply: reply, timeoutMillis: ms)
         deadlines.add(id, context.eventLoop.now + .milliseconds(Int64(ms)))
         arm(context.eventLoop)
         let written = context.eventLoop.makePromise(of: Void.self)
         written.futureResult.assumeIsolated().whenComplete { result in
             if case .failure(let error) = result, let w = self.waiting.removeValue(forKey: id) {
-                w.promise.fail((error as? ConnectionError) ?? ConnectionError.notSent("\(error)"))
+                w.reply.fail((error as? ConnectionError) ?? ConnectionError.notSent("\(error)"))
             }
             promise?.completeWith(result)
         }
@@ -204,9 +230,9 @@ final class RequestMultiplexer: ChannelDuplexHandler {
             return context.triggerUserOutboundEvent(event, promise: promise)
         }
         // Rare (only cancelled callers), so a scan of at most `maxPending` entries is fine.
-        if let (id, w) = waiting.first(where: { $0.value.future == abandon.future }) {
+        if let (id, w) = waiting.first(where: { $0.value.reply.future == abandon.future }) {
             waiting.removeValue(forKey: id)
-            w.promise.fail(ConnectionError.abandoned)
+            w.reply.fail(ConnectionError.abandoned)
         }
         promise?.succeed()
     }
@@ -223,12 +249,12 @@ final class RequestMultiplexer: ChannelDuplexHandler {
             }
             if let w = waiting.removeValue(forKey: envelope.requestID) {
                 deadlines.trim(live: waiting.count) { waiting[$0] != nil }
-                w.promise.succeed(envelope.message)
+                w.reply.succeed(envelope.message)
             }
             // A reply for an id no longer waiting arrived after its timeout: dropped.
         } catch {
             if let id = error.requestID, let w = waiting.removeValue(forKey: id) {
-                w.promise.fail(ConnectionError.protocolViolation(error.description))
+                w.reply.fail(ConnectionError.protocolViolation(error.description))
             } else {
                 context.close(promise: nil)
             }
@@ -243,7 +269,7 @@ final class RequestMultiplexer: ChannelDuplexHandler {
         armed = nil
         deadlines = DeadlineQueue()
         for w in all.values {
-            w.promise.fail(ConnectionError.lost("connection closed"))
+            w.reply.fail(ConnectionError.lost("connection closed"))
         }
         context.fireChannelInactive()
     }
@@ -268,7 +294,7 @@ final class RequestMultiplexer: ChannelDuplexHandler {
     private func deadlinePassed(_ loop: any EventLoop) {
         armed = nil
         for id in deadlines.expire(at: loop.now, isLive: { waiting[$0] != nil }) {
-            if let w = waiting.removeValue(forKey: id) { w.promise.fail(ConnectionError.timedOut(afterMillis: w.timeoutMillis)) }
+            if let w = waiting.removeValue(forKey: id) { w.reply.fail(ConnectionError.timedOut(afterMillis: w.timeoutMillis)) }
         }
         if !closed { arm(loop) }
     }
@@ -289,10 +315,13 @@ public final class Connection: Sendable {
         self.channel = channel
         self.remote = remote
         outbound = OutboundBatch(channel: channel) { channel, request in
-            channel.write(request).whenFailure { error in
-                // Failed before the multiplexer took it (channel already closed): not delivered.
-                request.promise?.fail((error as? ConnectionError) ?? ConnectionError.notSent(Connection.describe(error)))
+            // On the event loop. An active channel's pipeline hands the write to the multiplexer,
+            // which answers the request whatever happens to it; a closed one would drop it.
+            guard channel.isActive else {
+                request.reply?.fail(.notSent("connection closed"))
+                return
             }
+            channel.write(request, promise: nil)
         }
     }
 
@@ -326,7 +355,7 @@ public final class Connection: Sendable {
     public func request(_ message: Message, timeoutMillis: UInt32) async throws(ConnectionError) -> Message {
         if Task.isCancelled { throw .notSent("the caller was cancelled before sending") }
         let promise = channel.eventLoop.makePromise(of: Message.self)
-        let request = OutboundRequest(message: message, timeoutMillis: max(timeoutMillis, 1), promise: promise)
+        let request = OutboundRequest(message: message, timeoutMillis: max(timeoutMillis, 1), reply: .promise(promise))
         outbound.send(request)
         // The abandon event is enqueued after the batch that writes the request (scheduled by
         // this request, or by an earlier one and not yet run), so the multiplexer sees them in order.
@@ -349,14 +378,7 @@ public final class Connection: Sendable {
     /// request the multiplexer refused). Nothing cancels it; the timeout bounds it.
     public func requestSoon(_ message: Message, timeoutMillis: UInt32,
                             _ done: @escaping @Sendable (Result<Message, ConnectionError>) -> Void) {
-        let promise = channel.eventLoop.makePromise(of: Message.self)
-        outbound.send(OutboundRequest(message: message, timeoutMillis: max(timeoutMillis, 1), promise: promise))
-        promise.futureResult.whenComplete { result in
-            switch result {
-            case .success(let reply): done(.success(reply))
-            case .failure(let error): done(.failure((error as? ConnectionError) ?? .lost(Self.describe(error))))
-            }
-        }
+        outbound.send(OutboundRequest(message: message, timeoutMillis: max(timeoutMillis, 1), reply: .callback(done)))
     }
 
     /// Sends `message` one-way (request id 0): the peer never answers it. The future fails if it
@@ -365,7 +387,7 @@ public final class Connection: Sendable {
     @discardableResult
     public func cast(_ message: Message) -> EventLoopFuture<Void> {
         let written = channel.eventLoop.makePromise(of: Void.self)
-        channel.writeAndFlush(OutboundRequest(message: message, timeoutMillis: 0, promise: nil), promise: written)
+        channel.writeAndFlush(OutboundRequest(message: message, timeoutMillis: 0, reply: nil), promise: written)
         return written.futureResult
     }
 

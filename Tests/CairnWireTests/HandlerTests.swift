@@ -296,10 +296,16 @@ private final class FlushCounter: ChannelOutboundHandler, @unchecked Sendable {
         let loop = ch.embeddedEventLoop
         let box = Mutex<[Int: Result<Message, any Error>]>([:])
         var results: [Int: Result<Message, any Error>] { box.withLock { $0 } }
+        // Odd requests wait on a promise, even ones on a callback (`requestSoon`'s sink).
         func request(_ n: Int, _ ms: UInt32) {
+            if n % 2 == 0 {
+                let sink = ReplySink.callback { r in box.withLock { $0[n] = r.mapError { $0 as any Error } } }
+                ch.write(OutboundRequest(message: .ping, timeoutMillis: ms, reply: sink), promise: nil)
+                return
+            }
             let p = loop.makePromise(of: Message.self)
             p.futureResult.whenComplete { r in box.withLock { $0[n] = r } }
-            ch.write(OutboundRequest(message: .ping, timeoutMillis: ms, promise: p), promise: nil)
+            ch.write(OutboundRequest(message: .ping, timeoutMillis: ms, reply: .promise(p)), promise: nil)
         }
         request(1, 100)
         request(2, 100)
