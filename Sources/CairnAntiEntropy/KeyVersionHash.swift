@@ -22,6 +22,13 @@ public enum KeyVersionHash {
     /// merge or delete that changes the history changes it. Never 0 (0 stands for "absent").
     public static func hash(key: [UInt8], object: VersionedObject) -> UInt64 {
         var w = ByteWriter(capacity: key.count + 16 + object.entries.count * 24)
+        return hash(key: key, object: object, using: &w)
+    }
+
+    /// `hash(key:object:)`, written through `scratch` (cleared first, its buffer kept): no
+    /// allocation once the buffer has grown to the objects' size.
+    public static func hash(key: [UInt8], object: VersionedObject, using w: inout ByteWriter) -> UInt64 {
+        w.removeAll()
         w.writeBlob(key)
         w.writeVarint(object.entries.count)
         for e in object.entries {

@@ -19,6 +19,9 @@ public struct ByteWriter: Sendable {
         bytes.reserveCapacity(capacity)
     }
 
+    /// Forgets what was written, keeping the buffer (a writer reused as scratch space).
+    public mutating func removeAll() { bytes.removeAll(keepingCapacity: true) }
+
     public mutating func writeU8(_ v: UInt8) { bytes.append(v) }
 
     public mutating func writeU16(_ v: UInt16) {
@@ -169,9 +172,12 @@ public struct ByteReader: Sendable {
         return Array(bytes[offset..<offset + n])
     }
 
+    /// Validated straight from the input (a short string, such as a node name, allocates nothing).
     public mutating func readString(_ what: String, limit: Int) throws(DecodeError) -> String {
-        let raw = try readBlob(what, limit: limit)
-        guard let s = String(validating: raw, as: UTF8.self) else { throw DecodeError("\(what) is not valid UTF-8") }
+        let n = try readCount("\(what) length", limit: limit)
+        try need(n, what)
+        guard let s = String(validating: bytes[offset..<offset + n], as: UTF8.self) else { throw DecodeError("\(what) is not valid UTF-8") }
+        offset += n
         return s
     }
 

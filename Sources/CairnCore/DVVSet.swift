@@ -180,6 +180,13 @@ public struct DVVSet<Value: Hashable & Sendable>: Hashable, Sendable {
         clocks.reduce(DVVSet()) { sync($0, $1) }
     }
 
+    /// `sync([first] + rest)`, without copying `first` when it is the only one (a clock with no
+    /// anonymous values is its own sync with the empty clock).
+    @inlinable
+    public static func sync<S: Sequence>(_ first: DVVSet, _ rest: S) -> DVVSet where S.Element == DVVSet {
+        rest.reduce(first.anonymous.isEmpty ? first : sync(DVVSet(), first)) { sync($0, $1) }
+    }
+
     /// Bounds the number of live values to `limit`. Only an entry's oldest value (its tail) can
     /// be dropped without breaking the DVV invariant, so each step drops the tail with the lowest
     /// `rank` (ties: the lowest actor). A value whose dot is in `protected` is never dropped (nor,

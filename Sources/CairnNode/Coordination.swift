@@ -36,6 +36,8 @@ public enum ReplicaSelection {
     public static func choose(_ candidates: [ReplicaTarget], down: [NodeName: String], sloppy: Bool, coordinatorIsFallback: Bool = false)
         -> (replicas: [ReplicaTarget], unplaced: [NodeName]) {
         let primaries = candidates.filter(\.isPrimary)
+        // The common case, nothing known down: the primaries, and no fallback to choose.
+        if down.isEmpty, !coordinatorIsFallback { return (primaries, []) }
         let downPrimaries = primaries.filter { !$0.isLocal && down[$0.node] != nil }.map(\.node)
         guard sloppy else { return (primaries, downPrimaries) }
         let forced = coordinatorIsFallback ? candidates.first { !$0.isPrimary && $0.isLocal } : nil
@@ -59,6 +61,20 @@ public enum ReplicaSelection {
         return (primaries + chosen, unplaced)
     }
 }
+
+extension Array {
+    /// Appends, reserving room for a few elements at the first append (one allocation where
+    /// appending one by one to an empty array would grow it twice).
+    @inline(__always)
+    mutating func appendReserving(_ element: Element) {
+        if capacity == 0 { reserveCapacity(4) }
+        append(element)
+    }
+}
+
+/// `a + b`, without building a new array when either is empty (most directive lists are).
+@inline(__always)
+func joined<T>(_ a: [T], _ b: [T]) -> [T] { a.isEmpty ? b : (b.isEmpty ? a : a + b) }
 
 /// Bookkeeping shared by the read and write machines: who was asked, who answered, and what
 /// the requirement needs. Pure.
@@ -103,7 +119,14 @@ struct QuorumTally: Sendable {
     var pending: Int { outcomes.count { $0 == nil } }
     var pendingPrimaries: Int { replicas.indices.count { replicas[$0].isPrimary && outcomes[$0] == nil } }
     var primaries: Int { replicas.count { $0.isPrimary } }
-    var pendingNodes: [NodeName] { replicas.indices.filter { outcomes[$0] == nil }.map { replicas[$0].node } }
+    var pendingNodes: [NodeName] { pendingNodes(includingLocal: true) }
+
+    /// The replicas yet to report (the local one left out unless `includingLocal`), in order.
+    func pendingNodes(includingLocal: Bool) -> [NodeName] {
+        var out: [NodeName] = []
+        for (i, r) in replicas.enumerated() where outcomes[i] == nil && (includingLocal || !r.isLocal) { out.append(r.node) }
+        return out
+    }
 
     var satisfied: Bool { acks >= requirement.required && primaryAcks >= requirement.primaryRequired }
 
@@ -266,8 +289,8 @@ public struct WriteCoordination: Sendable {
     public mutating func localStamped() -> [Directive] {
         guard !finished, !stamped else { return [] }
         stamped = true
-        let others = tally.pendingNodes.filter { n in !tally.replicas.contains { $0.node == n && $0.isLocal } }
-        return (others.isEmpty ? [] : [.replicate(to: others)]) + hints(for: unplaced)
+        let others = tally.pendingNodes(includingLocal: false)
+        return joined(others.isEmpty ? [] : [.replicate(to: others)], hints(for: unplaced))
     }
 
     /// The local copy is durable: it counts. Reported without `localStamped` first, it stands for
@@ -277,7 +300,7 @@ public struct WriteCoordination: Sendable {
         let sent = localStamped()
         localDone = true
         _ = tally.record(me.node, .acknowledged, durable: durable)
-        return sent + evaluate()
+        return joined(sent, evaluate())
     }
 
     /// The local vnode failed. Before stamping nothing went anywhere: the coordinator failed.
@@ -303,7 +326,7 @@ public struct WriteCoordination: Sendable {
     public mutating func replicaFailed(_ node: NodeName, _ outcome: ReplicaOutcome) -> [Directive] {
         guard !finished, stamped, tally.record(node, outcome) else { return [] }
         let home = tally.replicas.first { $0.node == node }?.home
-        return hints(for: home.map { [$0] } ?? []) + evaluate()
+        return joined(hints(for: home.map { [$0] } ?? []), evaluate())
     }
 
     /// A `keepHint` directive was performed (the hints are durable, or keeping them failed and was
@@ -320,11 +343,12 @@ public struct WriteCoordination: Sendable {
         let silent = tally.replicas.indices.filter { tally.outcomes[$0] == nil }.compactMap { tally.replicas[$0].home }
         tally.expire(afterMillis: timeoutMillis)
         if !stamped { return conclude(.coordinatorTimedOut(afterMillis: timeoutMillis)) }
-        return hints(for: silent) + evaluate()
+        return joined(hints(for: silent), evaluate())
     }
 
     /// A `keepHint` for those of `nodes` not hinted yet (never the coordinator itself).
     private mutating func hints(for nodes: [NodeName]) -> [Directive] {
+        guard !nodes.isEmpty else { return [] }
         let me = tally.replicas.first(where: \.isLocal)?.node
         let new = nodes.filter { $0 != me && hinted.insert($0).inserted }
         guard !new.isEmpty else { return [] }
@@ -340,16 +364,16 @@ public struct WriteCoordination: Sendable {
                 acknowledgementHeld = true
             } else if let failure = tally.impossible() {
                 responded = true
-                out.append(.respond(.quorumFailed(failure)))
+                out.appendReserving(.respond(.quorumFailed(failure)))
             }
         }
         if acknowledgementHeld, hintsPending == 0 || pastDeadline {
             acknowledgementHeld = false
-            out.append(.respond(.acknowledged))
+            out.appendReserving(.respond(.acknowledged))
         }
         if tally.pending == 0, hintsPending == 0, !finished {
             finished = true
-            out.append(.finish)
+            out.appendReserving(.finish)
         }
         return out
     }
@@ -473,8 +497,9 @@ public struct ReadCoordination: Sendable {
     }
 
     private var merged: VersionedObject? {
-        let objects = answers.values.compactMap { $0 }
-        return objects.isEmpty ? nil : VersionedObject.sync(objects)
+        var objects = answers.values.lazy.compactMap { $0 }.makeIterator()
+        guard let first = objects.next() else { return nil }
+        return VersionedObject.sync(first, IteratorSequence(objects))
     }
 
     /// Fallbacks that answered "not found". A fallback holds only what it took while standing
@@ -510,32 +535,39 @@ public struct ReadCoordination: Sendable {
 
     private mutating func evaluate() -> [Directive] {
         var out: [Directive] = []
+        // The merge, once computed here (answers do not change during one evaluation).
+        var mergedNow: VersionedObject?? = nil
         if !responded, mode == .async {
             if satisfied {
                 responded = true
-                out.append(.respond(.answered(merged)))
+                let m = merged
+                mergedNow = .some(m)
+                out.appendReserving(.respond(.answered(m)))
             } else if let failure = tally.impossible() ?? (tally.pending == 0 ? refillingFailure(valuesToo: true) : nil) {
                 responded = true
-                out.append(.respond(.quorumFailed(failure)))
+                out.appendReserving(.respond(.quorumFailed(failure)))
             }
         }
         if !responded, mode == .blocking, let failure = tally.impossible() {
             responded = true
-            out.append(.respond(.quorumFailed(failure)))
+            out.appendReserving(.respond(.quorumFailed(failure)))
         }
         guard tally.pending == 0 else { return out }
         // Every answer is in: decide the repair.
-        let all = merged
+        let all = mergedNow ?? merged
         final = all
-        divergent = answers.filter { $0.value != all }.map(\.key).sorted()
+        var differing: [NodeName] = []
+        for (node, answer) in answers where answer != all { differing.append(node) }
+        differing.sort()
+        divergent = differing
         let stale = divergent.filter { n in tally.replicas.contains { $0.node == n && $0.isPrimary } }
         if let all, !stale.isEmpty {
             repairing = Set(stale)
-            out.append(.repair(targets: stale, object: all))
+            out.appendReserving(.repair(targets: stale, object: all))
             return out
         }
         repairing = []
-        return out + concludeRepairs()
+        return joined(out, concludeRepairs())
     }
 
     /// Once no repair is outstanding: a blocking read answers, and the machine finishes.

@@ -117,7 +117,9 @@ final class DirectWrite: Sendable {
             case .localStamped(let stamped):
                 s.object = stamped.object
                 s.writer = stamped.writer
-                return Self.settle(&s, s.machine.localStamped()) + [.untilDurable(stamped)]
+                var steps = Self.settle(&s, s.machine.localStamped())
+                steps.append(.untilDurable(stamped))
+                return steps
             case .localApplied: return Self.settle(&s, s.machine.localApplied(durable: ctx.acknowledgesDurably))
             case .localFailed(let why): return Self.settle(&s, s.machine.localFailed(why))
             case .localRejected(let why): return Self.settle(&s, s.machine.localRejected(why))
@@ -136,6 +138,7 @@ final class DirectWrite: Sendable {
     /// reported or timed out, every hint kept).
     private static func settle(_ s: inout State, _ directives: [WriteCoordination.Directive]) -> [Step] {
         var steps: [Step] = []
+        if !directives.isEmpty { steps.reserveCapacity(directives.count + 1) }
         for d in directives {
             switch d {
             case .respond(let outcome): steps.append(.answer(outcome, .init(object: s.object, writer: s.writer, receipt: s.machine.receipt)))
@@ -308,6 +311,7 @@ final class DirectRead: Sendable {
 
     private func settle(_ s: inout State, _ directives: [ReadCoordination.Directive]) -> [Step] {
         var steps: [Step] = []
+        if !directives.isEmpty { steps.reserveCapacity(directives.count + 1) }
         for d in directives {
             switch d {
             case .fetch(let nodes): steps.append(.fetch(nodes))

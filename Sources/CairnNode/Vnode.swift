@@ -49,6 +49,8 @@ public actor Vnode: SupervisedChild {
         }
     }
     private var treeGeneration: UInt64 = 0
+    /// Where `versionHash` encodes (kept between writes: no allocation per hash).
+    private var hashScratch = ByteWriter(capacity: 256)
     /// Whether the vnode keeps a tree and has none (`needsTreeBuild`), readable without a hop
     /// (the anti-entropy scheduler looks at every vnode once a second).
     private nonisolated let treeMissing = Atomic<Bool>(false)
@@ -405,14 +407,15 @@ public actor Vnode: SupervisedChild {
         var object = previous ?? VersionedObject()
         // Only this coordinator issues `actor`'s dots, so a context claiming more of them than
         // stored is forged or corrupt; trusting it could push the counter to overflow.
-        let issued = object.context[actor]
+        let issued = object.entries.first { $0.actor == actor }?.counter ?? 0
         // A counter no replica can have reached (each takes one write of this key by one
         // coordinator) is forged: stored, it would push that actor's next dot past what an object
         // may hold (`limits.maxDotCounter`), and every replica would then read the key as corrupt.
         if let forged = context.dots.first(where: { $0.counter > Self.maxContextCounter(limits) }) {
             throw .rejected("context counter \(forged.counter) of \(forged.actor) is beyond any this store issues")
         }
-        let sane = VersionVector(context.dots.map { ($0.actor, $0.actor == actor ? min($0.counter, issued) : $0.counter) })
+        let clamped = context.dots.contains { $0.actor == actor && $0.counter > issued }
+        let sane = clamped ? VersionVector(context.dots.map { ($0.actor, $0.actor == actor ? min($0.counter, issued) : $0.counter) }) : context
         do {
             try object.update(context: sane, value: sibling, actor: actor, floor: floor(of: actor))
         } catch {
@@ -640,13 +643,14 @@ public actor Vnode: SupervisedChild {
 
     private func checkClock(_ object: VersionedObject) throws(VnodeError) {
         // What is stored must decode: never a counter past `limits.maxDotCounter`.
-        if let over = object.context.dots.first(where: { $0.counter > limits.maxDotCounter }) {
+        let context = object.context
+        if let over = context.dots.first(where: { $0.counter > limits.maxDotCounter }) {
             throw .rejected("the key's clock would reach counter \(over.counter) of \(over.actor), over \(limits.maxDotCounter)")
         }
         guard object.entries.count <= limits.maxActorsPerObject else {
             throw .rejected("the key's clock would hold \(object.entries.count) actors, over limits.max_actors_per_object \(limits.maxActorsPerObject)")
         }
-        let contextBytes = CausalContext(object.context).encodedCount
+        let contextBytes = CausalContext(context).encodedCount
         guard contextBytes <= limits.maxContextBytes else {
             throw .rejected("the key's context would take \(contextBytes) bytes, over limits.max_context_bytes \(limits.maxContextBytes)")
         }
@@ -678,17 +682,23 @@ public actor Vnode: SupervisedChild {
     // MARK: Anti-entropy tree
 
     /// XORs the key's version change into the tree (or the delta of a build in progress).
+    /// `KeyVersionHash` of a stored version (0: none), through the vnode's scratch buffer.
+    private func versionHash(_ key: [UInt8], _ object: VersionedObject?) -> UInt64 {
+        guard let object else { return 0 }
+        return KeyVersionHash.hash(key: key, object: object, using: &hashScratch)
+    }
+
     private func recordInTree(_ key: [UInt8], old: VersionedObject?, new: VersionedObject?) {
         switch tree {
         case .off, .missing: return
         case .ready(var t):
             tree = .off  // no copy-on-write of the tree while it changes
-            t.update(key: key, old: old.map { KeyVersionHash.hash(key: key, object: $0) } ?? 0,
-                     new: new.map { KeyVersionHash.hash(key: key, object: $0) } ?? 0)
+            let (o, n) = (versionHash(key, old), versionHash(key, new))
+            t.update(key: key, old: o, new: n)
             tree = .ready(t)
         case .building(var live, var delta, let generation):
             tree = .off
-            let (o, n) = (old.map { KeyVersionHash.hash(key: key, object: $0) } ?? 0, new.map { KeyVersionHash.hash(key: key, object: $0) } ?? 0)
+            let (o, n) = (versionHash(key, old), versionHash(key, new))
             live?.update(key: key, old: o, new: n)
             delta.update(key: key, old: o, new: n)
             tree = .building(live: live, delta: delta, generation: generation)

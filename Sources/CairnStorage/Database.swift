@@ -43,6 +43,8 @@ public struct WriteBatch: Sendable, Hashable {
 
     func encoded(firstSequence: UInt64) -> [UInt8] {
         var out: [UInt8] = []
+        // Header, payload, and per op a kind byte and two varint lengths: one allocation.
+        out.reserveCapacity(12 + payloadBytes + 21 * ops.count)
         for shift in stride(from: 56, through: 0, by: -8) { out.append(UInt8(truncatingIfNeeded: firstSequence >> UInt64(shift))) }
         Coding.putU32(&out, UInt32(ops.count))
         for op in ops {

@@ -17,13 +17,21 @@ public enum WAL {
     public static func frame(_ payload: [UInt8]) -> [UInt8] {
         var out = [UInt8]()
         out.reserveCapacity(headerBytes + payload.count)
-        let crc = CRC32C.mask(CRC32C.update(CRC32C.checksum([typeFull]), payload))
+        frame(payload, into: &out)
+        return out
+    }
+
+    /// Appends `payload`'s record to `out`.
+    static func frame(_ payload: [UInt8], into out: inout [UInt8]) {
+        let crc = CRC32C.mask(CRC32C.update(typeFullChecksum, payload))
         appendU32(&out, crc)
         appendU32(&out, UInt32(payload.count))
         out.append(typeFull)
         out += payload
-        return out
     }
+
+    /// The checksum of the type byte alone, where every full record's checksum starts.
+    private static let typeFullChecksum = CRC32C.checksum([typeFull])
 
     static func appendU32(_ out: inout [UInt8], _ v: UInt32) {
         for s in stride(from: 24, through: 0, by: -8) { out.append(UInt8(truncatingIfNeeded: v >> UInt32(s))) }
@@ -170,9 +178,10 @@ public final class WALWriter: @unchecked Sendable {
         }
         if let refused { throw refused }
         var bytes: [UInt8] = []
+        bytes.reserveCapacity(payloads.reduce(0) { $0 + WAL.headerBytes + $1.count })
         for p in payloads {
             guard p.count <= WAL.maxRecordBytes else { throw .invalidArgument("log record of \(p.count) bytes exceeds \(WAL.maxRecordBytes)") }
-            bytes += WAL.frame(p)
+            WAL.frame(p, into: &bytes)
         }
         do {
             try file.append(bytes)

@@ -73,6 +73,16 @@ private let histories = Gen.int(in: 0...200).array(of: 0...40)
         }
     }
 
+    /// The merge of a first answer and the rest is the merge of them all, exactly (the first
+    /// one, alone, is returned as it is).
+    @Test func syncOfAFirstAndTheRestIsSyncOfAll() async {
+        await propertyCheck(count: 300, input: histories, Gen.int(in: 0...999), Gen.int(in: 0...3)) { h, i, n in
+            let s = snapshots(h)
+            let all = (0..<(n + 1)).map { s[(i + 7 * $0) % s.count] }
+            #expect(DVVSet.sync(all[0], all.dropFirst()) == DVVSet.sync(all))
+        }
+    }
+
     @Test func invariantsHoldAfterAnyHistory() async {
         await propertyCheck(count: 300, input: histories) { h in
             for x in replay(h) {
