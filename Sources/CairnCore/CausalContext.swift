@@ -18,11 +18,15 @@ public struct CausalContext: Hashable, Sendable, CustomStringConvertible {
     }
 
     /// `bytes.count`, without encoding.
-    public var encodedCount: Int {
-        var n = 1 + ByteWriter.varintCount(UInt64(vector.dots.count))
-        for d in vector.dots {
-            let name = d.actor.node.utf8.count
-            n += ByteWriter.varintCount(UInt64(name)) + name + 8 + ByteWriter.varintCount(d.counter)
+    public var encodedCount: Int { Self.encodedCount(of: vector.dots.lazy.map { ($0.actor, $0.counter) }) }
+
+    /// `encodedCount` of the context whose vector holds these (actor, counter) dots (one per
+    /// actor), without building it.
+    public static func encodedCount(of dots: some Collection<(ActorID, UInt64)>) -> Int {
+        var n = 1 + ByteWriter.varintCount(UInt64(dots.count))
+        for (actor, counter) in dots {
+            let name = actor.node.utf8.count
+            n += ByteWriter.varintCount(UInt64(name)) + name + 8 + ByteWriter.varintCount(counter)
         }
         return n
     }

@@ -276,7 +276,8 @@ public struct WriteCoordination: Sendable {
     /// `down`: replicas the shell believes unreachable, with the reason.
     public mutating func start(down: [NodeName: String]) -> [Directive] {
         let (chosen, unplaced) = ReplicaSelection.choose(candidates, down: down, sloppy: sloppy, coordinatorIsFallback: coordinatorIsFallback)
-        tally = QuorumTally(operation: tally.operation, requirement: tally.requirement, replicas: chosen)
+        // Kept when it is the tally made at init, untouched (the primaries: the common case).
+        if chosen != tally.replicas || tally.pending != chosen.count { tally = QuorumTally(operation: tally.operation, requirement: tally.requirement, replicas: chosen) }
         self.unplaced = unplaced
         if let failure = tally.excludeDown(down) {
             return conclude(.quorumFailed(failure))
@@ -451,8 +452,8 @@ public struct ReadCoordination: Sendable {
     public var replicas: [ReplicaTarget] { tally.replicas }
 
     public mutating func start(down: [NodeName: String]) -> [Directive] {
-        tally = QuorumTally(operation: .get, requirement: tally.requirement,
-                            replicas: ReplicaSelection.choose(candidates, down: down, sloppy: sloppy).replicas)
+        let chosen = ReplicaSelection.choose(candidates, down: down, sloppy: sloppy).replicas
+        if chosen != tally.replicas || tally.pending != chosen.count { tally = QuorumTally(operation: .get, requirement: tally.requirement, replicas: chosen) }
         if let failure = tally.excludeDown(down) {
             finished = true
             responded = true

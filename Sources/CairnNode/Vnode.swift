@@ -643,14 +643,13 @@ public actor Vnode: SupervisedChild {
 
     private func checkClock(_ object: VersionedObject) throws(VnodeError) {
         // What is stored must decode: never a counter past `limits.maxDotCounter`.
-        let context = object.context
-        if let over = context.dots.first(where: { $0.counter > limits.maxDotCounter }) {
+        if let over = object.entries.first(where: { $0.counter > limits.maxDotCounter }) {
             throw .rejected("the key's clock would reach counter \(over.counter) of \(over.actor), over \(limits.maxDotCounter)")
         }
         guard object.entries.count <= limits.maxActorsPerObject else {
             throw .rejected("the key's clock would hold \(object.entries.count) actors, over limits.max_actors_per_object \(limits.maxActorsPerObject)")
         }
-        let contextBytes = CausalContext(context).encodedCount
+        let contextBytes = CausalContext.encodedCount(of: object.entries.lazy.map { ($0.actor, $0.counter) })
         guard contextBytes <= limits.maxContextBytes else {
             throw .rejected("the key's context would take \(contextBytes) bytes, over limits.max_context_bytes \(limits.maxContextBytes)")
         }

@@ -14,7 +14,8 @@ import Synchronization
 /// NIO's pending writes, bounded by the callers' own limits (requests in flight). Thread-safe.
 final class OutboundBatch<Item: Sendable>: Sendable {
     private let channel: any Channel
-    private let pending = Mutex<(items: [Item], scheduled: Bool)>(([], false))
+    /// `spare`: the last batch's array, emptied, so the next batch reuses its storage.
+    private let pending = Mutex<(items: [Item], spare: [Item], scheduled: Bool)>(([], [], false))
     /// Writes one item (on the event loop), without flushing.
     private let write: @Sendable (any Channel, Item) -> Void
 
@@ -35,14 +36,16 @@ final class OutboundBatch<Item: Sendable>: Sendable {
     }
 
     private func drain() {
-        let items = pending.withLock { p -> [Item] in
-            defer {
-                p.items = []
-                p.scheduled = false
-            }
-            return p.items
+        var items = pending.withLock { p -> [Item] in
+            let batch = p.items
+            p.items = p.spare
+            p.spare = []
+            p.scheduled = false
+            return batch
         }
         for item in items { write(channel, item) }
         channel.flush()
+        items.removeAll(keepingCapacity: true)
+        pending.withLock { p in if p.spare.capacity < items.capacity { p.spare = items } }
     }
 }
