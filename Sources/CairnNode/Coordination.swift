@@ -83,18 +83,19 @@ struct QuorumTally: Sendable {
     let requirement: QuorumRequirement
     let replicas: [ReplicaTarget]
     private(set) var outcomes: [ReplicaOutcome?]
-    /// Per replica: whether its acknowledgement said its copy was durable.
-    private(set) var durable: [Bool]
-    /// The order acknowledgements arrived in (indices), for the receipt.
-    private(set) var ackOrder: [Int] = []
+    /// The acknowledgements in the order they arrived (replica index, and whether it said its
+    /// copy was durable), for the receipt.
+    private var acked: [(index: Int, durable: Bool)] = []
 
     init(operation: OperationKind, requirement: QuorumRequirement, replicas: [ReplicaTarget]) {
         self.operation = operation
         self.requirement = requirement
         self.replicas = replicas
         self.outcomes = Array(repeating: nil, count: replicas.count)
-        self.durable = Array(repeating: false, count: replicas.count)
     }
+
+    /// Whether replica `i` acknowledged with a durable copy.
+    private func durable(_ i: Int) -> Bool { acked.first { $0.index == i }?.durable ?? false }
 
     func index(of node: NodeName) -> Int? { replicas.firstIndex { $0.node == node } }
 
@@ -102,16 +103,13 @@ struct QuorumTally: Sendable {
     mutating func record(_ node: NodeName, _ outcome: ReplicaOutcome, durable isDurable: Bool = false) -> Bool {
         guard let i = index(of: node), outcomes[i] == nil else { return false }
         outcomes[i] = outcome
-        if outcome == .acknowledged {
-            durable[i] = isDurable
-            ackOrder.append(i)
-        }
+        if outcome == .acknowledged { acked.appendReserving((i, isDurable)) }
         return true
     }
 
     /// Every acknowledgement so far, in arrival order: the durability receipt.
     var receipt: [ReplicaAck] {
-        ackOrder.map { ReplicaAck(node: replicas[$0].node.value, role: replicas[$0].role, durable: durable[$0]) }
+        acked.map { ReplicaAck(node: replicas[$0.index].node.value, role: replicas[$0.index].role, durable: $0.durable) }
     }
 
     var acks: Int { outcomes.count { $0 == .acknowledged } }
@@ -171,7 +169,7 @@ struct QuorumTally: Sendable {
     func failure(_ kind: QuorumFailure.Kind, name: String, required: Int, achieved: Int, candidates: Int) -> QuorumFailure {
         let reports = replicas.indices.map { i in
             ReplicaReport(node: replicas[i].node.value, address: replicas[i].address, role: replicas[i].role,
-                          outcome: outcomes[i] ?? (kind == .unavailable ? .acknowledged : .noAnswerYet), durable: durable[i])
+                          outcome: outcomes[i] ?? (kind == .unavailable ? .acknowledged : .noAnswerYet), durable: durable(i))
         }
         // For `unavailable`, reachable replicas were never contacted; list only the down ones.
         let shown = kind == .unavailable ? reports.filter { if case .notSent = $0.outcome { true } else { false } } : reports
@@ -568,20 +566,25 @@ public struct ReadCoordination: Sendable {
             return out
         }
         repairing = []
-        return joined(out, concludeRepairs())
+        concludeRepairs(into: &out)
+        return out
     }
 
     /// Once no repair is outstanding: a blocking read answers, and the machine finishes.
     private mutating func concludeRepairs() -> [Directive] {
-        guard let repairing, repairing.isEmpty else { return [] }
         var out: [Directive] = []
+        concludeRepairs(into: &out)
+        return out
+    }
+
+    private mutating func concludeRepairs(into out: inout [Directive]) {
+        guard let repairing, repairing.isEmpty else { return }
         if !responded {
             responded = true
-            out.append(.respond(blockingOutcome()))
+            out.appendReserving(.respond(blockingOutcome()))
         }
         finished = true
-        out.append(.finish(divergent: divergent))
-        return out
+        out.appendReserving(.finish(divergent: divergent))
     }
 
     /// Every answer is in and R (PR) is met only by counting refilling replicas' answers while
