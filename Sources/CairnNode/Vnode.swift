@@ -680,13 +680,13 @@ public actor Vnode: SupervisedChild {
 
     // MARK: Anti-entropy tree
 
-    /// XORs the key's version change into the tree (or the delta of a build in progress).
     /// `KeyVersionHash` of a stored version (0: none), through the vnode's scratch buffer.
     private func versionHash(_ key: [UInt8], _ object: VersionedObject?) -> UInt64 {
         guard let object else { return 0 }
         return KeyVersionHash.hash(key: key, object: object, using: &hashScratch)
     }
 
+    /// XORs the key's version change into the tree (or the delta of a build in progress).
     private func recordInTree(_ key: [UInt8], old: VersionedObject?, new: VersionedObject?) {
         switch tree {
         case .off, .missing: return

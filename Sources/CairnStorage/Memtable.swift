@@ -148,27 +148,38 @@ public final class Memtable: Sendable {
     /// Adds an entry. (key, sequence) pairs are unique: the engine issues each sequence once.
     ///
     /// A key the table already holds at a lower sequence (an update: the common write once a key
-    /// is hot) takes no search: the key's newest node, found through the index, takes the new
-    /// version in place, and its previous contents move to a node of height one linked right after
-    /// it, which is exactly where table order puts them. A cursor parked on that node still
-    /// finds the version its snapshot sees (the new one is above any existing snapshot).
+    /// is hot) usually takes no search: the new entry's random height is drawn first, and when it
+    /// is no taller than the key's newest node (found through the index), that node takes the new
+    /// version in place and its previous contents move to a node of the drawn height linked right
+    /// after it at each of its levels, which is exactly where table order puts them. Every node's
+    /// height stays drawn from the same distribution (a displaced version's only capped by the
+    /// node before it, with a taller draw taking the searching path), so runs of a hot key's old
+    /// versions are skipped over like any others and searches stay logarithmic. A cursor parked
+    /// on the rewritten node still finds the version its snapshot sees (the new one is above
+    /// every snapshot taken before the add).
     public func add(key: [UInt8], sequence: UInt64, kind: EntryKind, value: [UInt8]) {
         state.withLock { s in
             precondition(!s.frozen, "an add to a frozen memtable")
+            let height = Self.randomHeight(&s.rng)
             let indexed = IndexKey(bytes: key)
             let current = s.newest[indexed]
-            if let current, current._withUnsafeGuaranteedRef({ $0.sequence < sequence }) {
+            let supersedes = current?._withUnsafeGuaranteedRef { $0.sequence < sequence } ?? false
+            if supersedes, let current, current._withUnsafeGuaranteedRef({ height <= $0.height }) {
                 current._withUnsafeGuaranteedRef { newest in
                     let previous = newest.header
-                    let moved = Node.make(key: previous.key, sequence: previous.sequence, kind: previous.kind, value: previous.value, height: 1)
+                    let moved = Node.make(key: previous.key, sequence: previous.sequence, kind: previous.kind, value: previous.value,
+                                          height: height)
                     s.nodes.append(moved)
-                    moved.next[0] = newest.next[0]
-                    newest.next[0] = Unmanaged.passUnretained(moved)
+                    let link = Unmanaged.passUnretained(moved)
+                    for level in 0..<height {
+                        moved.next[level] = newest.next[level]
+                        newest.next[level] = link
+                    }
                     newest.header = NodeFields(key: previous.key, value: value, sequence: sequence, height: previous.height, kind: kind,
                                                prefix: previous.prefix, prefix2: previous.prefix2)
                 }
                 s.count += 1
-                s.bytes += key.count + value.count + 144 + 8
+                s.bytes += key.count + value.count + 144 + 8 * height
                 s.smallestSequence = min(s.smallestSequence, sequence)
                 return
             }
@@ -183,15 +194,6 @@ public final class Memtable: Sendable {
                     x = Self.advance(x, level: level, key, prefix, sequence)
                     update[level] = x
                 }
-                // Random height: each level with probability 1/4 (xorshift; deterministic per table).
-                var height = 1
-                while height < Self.maxHeight {
-                    s.rng ^= s.rng << 13
-                    s.rng ^= s.rng >> 7
-                    s.rng ^= s.rng << 17
-                    if s.rng & 3 != 0 { break }
-                    height += 1
-                }
                 if height > s.height { s.height = height }
                 let node = Node.make(key: key, sequence: sequence, kind: kind, value: value, height: height)
                 s.nodes.append(node)
@@ -204,13 +206,27 @@ public final class Memtable: Sendable {
                 // Key, value, the node, its tower and the owner slot: close to what the heap holds.
                 s.bytes += key.count + value.count + 144 + 8 * height
                 if current == nil {
-                    s.newest[indexed] = link
                     // An index slot (key reference and node pointer) at the dictionary's load factor.
                     s.bytes += 32
                 }
+                if current == nil || supersedes { s.newest[indexed] = link }
             }
             s.smallestSequence = min(s.smallestSequence, sequence)
         }
+    }
+
+    /// A node height: each level above the first with probability 1/4 (xorshift; deterministic
+    /// per table).
+    private static func randomHeight(_ rng: inout UInt64) -> Int {
+        var height = 1
+        while height < maxHeight {
+            rng ^= rng << 13
+            rng ^= rng >> 7
+            rng ^= rng << 17
+            if rng & 3 != 0 { break }
+            height += 1
+        }
+        return height
     }
 
     /// The newest entry for `key` with sequence ≤ `snapshot`: a value, a deletion, or nil when
@@ -313,6 +329,34 @@ public final class Memtable: Sendable {
             while let a = after, a.key == n.key { after = a.successor(0) }
             node = after
             return n.entry
+        }
+    }
+
+    /// Checks the skip list's shape (tests): each level in table order, every node of a level on
+    /// the one below it, each node linked at exactly its height's levels. Returns how many nodes
+    /// each height has (index 0: height 1).
+    func shape() -> (valid: Bool, heights: [Int]) {
+        state.withLock { s in
+            var heights = [Int](repeating: 0, count: Self.maxHeight)
+            var valid = true
+            var below: Set<ObjectIdentifier> = []
+            for level in 0..<Self.maxHeight {
+                var here: Set<ObjectIdentifier> = []
+                var previous: Node?
+                var node = s.head.successor(level)
+                while let n = node {
+                    if n.height <= level { valid = false }
+                    if level > 0 && !below.contains(ObjectIdentifier(n)) { valid = false }
+                    if let p = previous, !p.isBefore(n.key, (n.prefix, n.prefix2), n.sequence) { valid = false }
+                    if level == 0 { heights[n.height - 1] += 1 }
+                    here.insert(ObjectIdentifier(n))
+                    previous = n
+                    node = n.successor(level)
+                }
+                if level == 0 && here.count != s.nodes.count { valid = false }
+                below = here
+            }
+            return (valid, heights)
         }
     }
 

@@ -149,6 +149,32 @@ import Testing
         #expect(m.scan(snapshot: 4).map(\.value) == [[2], [4], [3]])
     }
 
+    /// Updates of hot keys keep the skip list's shape: every level ordered, each node on every
+    /// level of its height, and heights drawn as for any insert (about a quarter of the nodes
+    /// taller than one), so a hot key's old versions are skipped like any others.
+    @Test func hotKeyUpdatesKeepTheListBalanced() {
+        let m = Memtable()
+        var seq: UInt64 = 0
+        for k in 0..<500 {
+            seq += 1
+            m.add(key: [UInt8(k >> 8), UInt8(k & 255)], sequence: seq, kind: .value, value: [1])
+        }
+        var rng = Seeded(state: 3)
+        for _ in 0..<20_000 {
+            seq += 1
+            // Three hot keys take most updates; the rest spread over the others.
+            let k = rng.next() % 4 == 0 ? Int(rng.next() % 500) : [7, 250, 499][Int(rng.next() % 3)]
+            m.add(key: [UInt8(k >> 8), UInt8(k & 255)], sequence: seq, kind: .value, value: [UInt8(seq & 255)])
+        }
+        let (valid, heights) = m.shape()
+        #expect(valid)
+        let total = heights.reduce(0, +)
+        #expect(total == m.count)
+        let taller = Double(total - heights[0]) / Double(total)
+        #expect(taller > 0.2 && taller < 0.3, "share of nodes taller than one: \(taller)")
+        #expect(m.get([0, 7])?.sequence == m.allEntries().first { $0.key == [0, 7] }?.sequence)
+    }
+
     /// A cursor parked on a key's newest node while an update takes that node still returns
     /// the version its snapshot sees, once; one that has passed the key does not see it again.
     @Test func aCursorParkedOnAnUpdatedKeySeesItsSnapshot() {
