@@ -65,11 +65,7 @@ extension DVVSet where Value == Sibling {
 
     /// Encodes the object as in Docs/object-format.md.
     public func encoded() -> [UInt8] {
-        // Room for every part, so the encoding allocates once: an entry takes its actor's name and
-        // at most 30 bytes more, a value about 16 more than its bytes (flags, timestamp, length).
-        var capacity = 16 + anonymous.reduce(0) { $0 + $1.value.count + 16 }
-        for e in entries { capacity += e.actor.node.utf8.count + 32 + e.values.reduce(0) { $0 + $1.value.count + 16 } }
-        var w = ByteWriter(capacity: capacity)
+        var w = ByteWriter(capacity: encodedSize)   // exact: the encoding allocates once
         w.writeU8(Self.formatVersion)
         w.writeVarint(entries.count)
         for e in entries {

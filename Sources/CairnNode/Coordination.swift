@@ -275,7 +275,9 @@ public struct WriteCoordination: Sendable {
     public mutating func start(down: [NodeName: String]) -> [Directive] {
         let (chosen, unplaced) = ReplicaSelection.choose(candidates, down: down, sloppy: sloppy, coordinatorIsFallback: coordinatorIsFallback)
         // Kept when it is the tally made at init, untouched (the primaries: the common case).
-        if chosen != tally.replicas || tally.pending != chosen.count { tally = QuorumTally(operation: tally.operation, requirement: tally.requirement, replicas: chosen) }
+        if chosen != tally.replicas || tally.pending != chosen.count {
+            tally = QuorumTally(operation: tally.operation, requirement: tally.requirement, replicas: chosen)
+        }
         self.unplaced = unplaced
         if let failure = tally.excludeDown(down) {
             return conclude(.quorumFailed(failure))
@@ -451,7 +453,9 @@ public struct ReadCoordination: Sendable {
 
     public mutating func start(down: [NodeName: String]) -> [Directive] {
         let chosen = ReplicaSelection.choose(candidates, down: down, sloppy: sloppy).replicas
-        if chosen != tally.replicas || tally.pending != chosen.count { tally = QuorumTally(operation: .get, requirement: tally.requirement, replicas: chosen) }
+        if chosen != tally.replicas || tally.pending != chosen.count {
+            tally = QuorumTally(operation: .get, requirement: tally.requirement, replicas: chosen)
+        }
         if let failure = tally.excludeDown(down) {
             finished = true
             responded = true

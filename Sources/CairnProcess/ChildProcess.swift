@@ -39,6 +39,7 @@ public final class ChildProcess: @unchecked Sendable {
     /// Starts the child (once per instance); throws if it could not be started (the executable
     /// missing, say).
     public func run() throws {
+        guard processIdentifier == 0 else { throw SpawnError(description: "already started (pid \(processIdentifier))") }
         guard let path = executableURL?.path else { throw SpawnError(description: "no executable set") }
         let inFD = Self.descriptor(standardInput, reading: true)
         let outFD = Self.descriptor(standardOutput, reading: false)

@@ -42,6 +42,8 @@ import Glibc
         #expect(!p.isRunning)
         #expect(p.terminationReason == .uncaughtSignal)
         #expect(p.terminationStatus == SIGKILL)
+        // One child per instance: a second start is refused, not a second child.
+        #expect(throws: ChildProcess.SpawnError.self) { try p.run() }
     }
 
     /// With two thousand descriptors open in the parent (where Foundation's `Process` listed
