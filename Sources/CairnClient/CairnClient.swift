@@ -115,8 +115,18 @@ public final class CairnClient: Sendable {
     private let seeds: [HostPort]
     private let configuration: Configuration
     private let group: any EventLoopGroup
-    private let pool: Locked<[Int: [Connection]]>
+    /// Seed index → its `connectionsPerNode` slots. A slot holds one connection, or the one
+    /// connect under way for it: concurrent requests needing it wait for that connect instead of
+    /// each opening their own (no burst of connects when a loaded client starts).
+    private let pool: Locked<[Int: [Slot?]]>
     private let cursor = Atomic<Int>(0)
+    /// Names connect attempts, so a finishing connect fills only the slot it was started for.
+    private let attempts = Atomic<UInt64>(0)
+
+    enum Slot {
+        case connecting(attempt: UInt64, Task<Connection, any Error>)
+        case open(Connection)
+    }
 
     private init(seeds: [HostPort], configuration: Configuration, group: any EventLoopGroup) {
         self.seeds = seeds
@@ -150,9 +160,13 @@ public final class CairnClient: Sendable {
     }
 
     public func close() {
+        // Connects still under way find their slot gone and close what they opened.
         let all = pool.withLock { p in
             defer { p = [:] }
-            return p.values.flatMap { $0 }
+            return p.values.flatMap { slots in slots.compactMap { slot -> Connection? in
+                if case .open(let c)? = slot { return c }
+                return nil
+            } }
         }
         for c in all { c.close() }
     }
@@ -326,13 +340,13 @@ public final class CairnClient: Sendable {
                     }
                 })
             }
-            if let c = openConnection(request.seed(k), pick: request.pick) {
+            switch slotConnection(request.seed(k), pick: request.pick) {
+            case .ready(let c):
                 c.requestSoon(request.message, timeoutMillis: request.waitMillis, reported)
-            } else {
+            case .pending(let connecting):
                 Task {
                     do throws(ConnectionError) {
-                        try await connection(request.seed(k), pick: request.pick)
-                            .requestSoon(request.message, timeoutMillis: request.waitMillis, reported)
+                        try await Self.connected(connecting).requestSoon(request.message, timeoutMillis: request.waitMillis, reported)
                     } catch {
                         reported(.failure(error))
                     }
@@ -382,35 +396,107 @@ public final class CairnClient: Sendable {
     /// chooses among the node's connections, so consecutive requests use different ones however
     /// the callers' tasks interleave.
     private func connection(_ i: Int, pick: Int) async throws(ConnectionError) -> Connection {
-        if let existing = openConnection(i, pick: pick) { return existing }
-        let seed = seeds[i]
-        let c = try await Connection.connect(host: seed.host, port: seed.port, group: group, limits: configuration.limits,
-                                             maxPending: configuration.maxPendingPerConnection,
-                                             connectTimeout: .milliseconds(configuration.connectTimeoutMillis))
-        // Concurrent callers may all have connected: keep at most connectionsPerNode, close the rest.
-        let (use, extra): (Connection, Connection?) = pool.withLock { p in
-            var live = (p[i] ?? []).filter(\.isActive)
-            if live.count >= configuration.connectionsPerNode, let first = live.first { return (first, c) }
-            live.append(c)
-            p[i] = live
-            return (c, nil)
+        switch slotConnection(i, pick: pick) {
+        case .ready(let c): return c
+        case .pending(let connecting): return try await Self.connected(connecting)
         }
-        extra?.close()
-        return use
     }
 
-    /// Seed `i`'s connection number `pick` (modulo the open ones) when all `connectionsPerNode`
-    /// are open; nil when one must be opened. Closed connections are dropped from the pool.
-    private func openConnection(_ i: Int, pick: Int) -> Connection? {
-        pool.withLock { p -> Connection? in
-            guard let all = p[i] else { return nil }
-            if all.allSatisfy(\.isActive) {
-                return all.count >= configuration.connectionsPerNode ? all[(pick & Int.max) % all.count] : nil
-            }
-            let live = all.filter(\.isActive)
-            p[i] = live
-            return live.count >= configuration.connectionsPerNode ? live[(pick & Int.max) % live.count] : nil
+    enum SlotChoice {
+        case ready(Connection)
+        case pending(Task<Connection, any Error>)
+    }
+
+    /// The connection for a request to seed `i`: slot `pick` (modulo `connectionsPerNode`) when
+    /// it is open, else another open one of the seed's while that slot connects, else the slot's
+    /// connect to wait for.
+    private func slotConnection(_ i: Int, pick: Int) -> SlotChoice {
+        let s = (pick & Int.max) % max(1, configuration.connectionsPerNode)
+        return pool.withLock { p -> SlotChoice in
+            let own = slot(i, s, in: &p)
+            guard case .pending = own else { return own }
+            for case .open(let c)? in p[i] ?? [] where c.isActive { return .ready(c) }
+            return own
         }
+    }
+
+    /// Slot `s` of seed `i`: its open connection, or the connect under way for it — started here
+    /// when the slot is empty or its connection closed, so a slot has one connect at a time.
+    private func slot(_ i: Int, _ s: Int, in p: inout [Int: [Slot?]]) -> SlotChoice {
+        var slots = p[i] ?? Array(repeating: nil, count: max(1, configuration.connectionsPerNode))
+        switch slots[s] {
+        case .open(let c) where c.isActive: return .ready(c)
+        case .connecting(_, let task): return .pending(task)
+        case .open, nil:
+            let attempt = attempts.wrappingAdd(1, ordering: .relaxed).oldValue
+            let task = startConnect(seed: i, slot: s, attempt: attempt)
+            slots[s] = .connecting(attempt: attempt, task)
+            p[i] = slots
+            return .pending(task)
+        }
+    }
+
+    /// Connects seed `i`'s slot `s`. On success the connection takes the slot if the slot still
+    /// waits for this attempt (else the client was closed: the connection is closed and the
+    /// attempt fails); on failure the slot is emptied, so a later request tries again.
+    private func startConnect(seed i: Int, slot s: Int, attempt: UInt64) -> Task<Connection, any Error> {
+        let seed = seeds[i]
+        return Task { [self] in
+            let result: Result<Connection, ConnectionError>
+            do throws(ConnectionError) {
+                result = .success(try await Connection.connect(host: seed.host, port: seed.port, group: group, limits: configuration.limits,
+                                                               maxPending: configuration.maxPendingPerConnection,
+                                                               connectTimeout: .milliseconds(configuration.connectTimeoutMillis)))
+            } catch {
+                result = .failure(error)
+            }
+            let kept: Bool = pool.withLock { p in
+                guard var slots = p[i], s < slots.count, case .connecting(attempt, _)? = slots[s] else { return false }
+                switch result {
+                case .success(let c): slots[s] = .open(c)
+                case .failure: slots[s] = nil
+                }
+                p[i] = slots
+                return true
+            }
+            let c = try result.get()
+            guard kept else {
+                c.close()
+                throw ConnectionError.connectFailed("the client was closed")
+            }
+            return c
+        }
+    }
+
+    /// The outcome of a slot's connect, as the connection's own error.
+    private static func connected(_ connecting: Task<Connection, any Error>) async throws(ConnectionError) -> Connection {
+        do {
+            return try await connecting.value
+        } catch let e as ConnectionError {
+            throw e
+        } catch {
+            throw .connectFailed("\(error)")
+        }
+    }
+
+    /// Opens every connection to every seed (`connectionsPerNode` each) and returns once each
+    /// has connected or failed; returns how many are open. Optional: requests open connections
+    /// as they need them. For callers that must not charge connecting to their first requests
+    /// (a load generator's timetable). A seed that failed is tried again by later requests.
+    @discardableResult
+    public func openAllConnections() async -> Int {
+        var open = 0
+        var pending: [Task<Connection, any Error>] = []
+        for i in seeds.indices {
+            for s in 0..<max(1, configuration.connectionsPerNode) {
+                switch pool.withLock({ slot(i, s, in: &$0) }) {
+                case .ready: open += 1
+                case .pending(let task): pending.append(task)
+                }
+            }
+        }
+        for task in pending where (try? await task.value) != nil { open += 1 }
+        return open
     }
 
     /// A seed: `host:port` (IPv6 in brackets) with a port that can be connected to.

@@ -23,6 +23,8 @@ public struct RunConfig: Sendable {
     public var seed: UInt64
     public var consistency: ConsistencyOptions
     public var timeoutMillis: UInt32
+    /// Cairn: the client's connections to each node; nil derives them from `concurrency`.
+    public var connectionsPerNode: Int?
 
     public init(phase: Phase, target: String, records: UInt64, operations: UInt64? = nil, duration: Duration? = nil,
                 rate: Double? = nil, concurrency: Int = 16, valueSize: ClosedRange<Int> = 100...100,

@@ -69,13 +69,19 @@ public struct ConsistencyOptions: Sendable {
 }
 
 /// Parses `cairn://h:p,h:p`, `redis://h:p`, `etcd://h:p,h:p`.
-public func makeTarget(_ url: String, consistency: ConsistencyOptions, concurrency: Int, timeoutMillis: UInt32) async throws(TargetError) -> any LoadTarget {
+///
+/// `connectionsPerNode` (Cairn only): the client's connections to each node; nil derives it from
+/// `concurrency` (one per 16 workers per node, 1...8).
+public func makeTarget(_ url: String, consistency: ConsistencyOptions, concurrency: Int, timeoutMillis: UInt32,
+                       connectionsPerNode: Int? = nil) async throws(TargetError) -> any LoadTarget {
     guard let sep = url.range(of: "://") else { throw TargetError("invalid", "target '\(url)' is not scheme://host:port[,host:port]") }
     let scheme = url[..<sep.lowerBound].lowercased()
     let endpoints = url[sep.upperBound...].split(separator: ",").map { String($0).trimmingCharacters(in: CharacterSet(charactersIn: "/ ")) }
     guard !endpoints.isEmpty else { throw TargetError("invalid", "target '\(url)' names no host:port") }
     switch scheme {
-    case "cairn": return try await CairnTarget.connect(endpoints, consistency: consistency, concurrency: concurrency, timeoutMillis: timeoutMillis)
+    case "cairn":
+        return try await CairnTarget.connect(endpoints, consistency: consistency, concurrency: concurrency, timeoutMillis: timeoutMillis,
+                                             connectionsPerNode: connectionsPerNode)
     case "redis": return try RedisTarget(endpoints: endpoints)
     case "etcd": return try EtcdTarget(endpoints: endpoints)
     default: throw TargetError("invalid", "unknown target scheme '\(scheme)' (cairn, redis or etcd)")
@@ -131,12 +137,15 @@ public final class CairnTarget: LoadTarget {
         self.endpoints = endpoints
     }
 
-    static func connect(_ endpoints: [String], consistency c: ConsistencyOptions, concurrency: Int, timeoutMillis: UInt32) async throws(TargetError) -> CairnTarget {
+    static func connect(_ endpoints: [String], consistency c: ConsistencyOptions, concurrency: Int, timeoutMillis: UInt32,
+                        connectionsPerNode: Int? = nil) async throws(TargetError) -> CairnTarget {
         var config = CairnClient.Configuration()
         config.defaultTimeoutMillis = timeoutMillis
-        config.connectionsPerNode = max(1, min(8, concurrency / max(endpoints.count, 1) / 16))
+        config.connectionsPerNode = connectionsPerNode ?? max(1, min(8, concurrency / max(endpoints.count, 1) / 16))
         do {
             let client = try await CairnClient.connect(seeds: endpoints, configuration: config)
+            // Every connection open before the first request: connecting is not charged to it.
+            await client.openAllConnections()
             return CairnTarget(client: client, options: RequestOptions(r: c.r, w: c.w, pr: c.pr, pw: c.pw, timeoutMillis: timeoutMillis),
                                endpoints: endpoints)
         } catch {

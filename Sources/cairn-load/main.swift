@@ -19,10 +19,12 @@ struct Common: ParsableArguments {
     @Option(help: "Cairn: replicas that must acknowledge a write (number, quorum, all).") var w: String?
     @Option(help: "Cairn: of the W acknowledgements, how many must come from primaries.") var pw: String?
     @Option(help: "Event-loop threads of the generator (default 1, or $CAIRN_LOAD_THREADS).") var threads: Int?
+    @Option(help: "Cairn: connections to each node (default: one per 16 workers per node, 1-8).") var connections: Int?
 
     func validate() throws {
         guard records >= 1 else { throw ArgumentParser.ValidationError("--records must be at least 1") }
         guard (1...10_000).contains(concurrency) else { throw ArgumentParser.ValidationError("--concurrency must be 1...10000") }
+        if let c = connections, !(1...64).contains(c) { throw ArgumentParser.ValidationError("--connections must be 1...64") }
     }
 
     func valueRange() throws -> ClosedRange<Int> {
@@ -56,7 +58,8 @@ func quorum(_ s: String?) throws -> Quorum? {
 func execute(_ config: RunConfig, json: String?) async throws {
     let target: any LoadTarget
     do {
-        target = try await makeTarget(config.target, consistency: config.consistency, concurrency: config.concurrency, timeoutMillis: config.timeoutMillis)
+        target = try await makeTarget(config.target, consistency: config.consistency, concurrency: config.concurrency, timeoutMillis: config.timeoutMillis,
+                                    connectionsPerNode: config.connectionsPerNode)
     } catch {
         throw ArgumentParser.ValidationError("cannot use \(config.target): \(error.message)")
     }
@@ -119,9 +122,10 @@ struct Load: AsyncParsableCommand {
     @OptionGroup var common: Common
 
     func run() async throws {
-        let config = RunConfig(phase: .load, target: common.target, records: common.records, concurrency: common.concurrency,
+        var config = RunConfig(phase: .load, target: common.target, records: common.records, concurrency: common.concurrency,
                                valueSize: try common.valueRange(), verify: true, seed: common.seed,
                                consistency: ConsistencyOptions(w: try quorum(common.w), pw: try quorum(common.pw)), timeoutMillis: common.timeout)
+        config.connectionsPerNode = common.connections
         try await execute(config, json: common.json)
     }
 }
@@ -163,11 +167,12 @@ struct Run: AsyncParsableCommand {
         if let rate, !(rate > 0) { throw ArgumentParser.ValidationError("--rate must be positive") }
         let range = try common.valueRange()
         if verify && range.lowerBound < 32 { throw ArgumentParser.ValidationError("--verify needs values of at least 32 bytes") }
-        let config = RunConfig(phase: .run, target: common.target, records: common.records, operations: operations,
+        var config = RunConfig(phase: .run, target: common.target, records: common.records, operations: operations,
                                duration: try duration.map(parseDuration), rate: rate, concurrency: common.concurrency,
                                valueSize: range, workload: wl, distribution: dist, verify: verify, seed: common.seed,
                                consistency: ConsistencyOptions(r: try quorum(r), w: try quorum(common.w), pr: try quorum(pr), pw: try quorum(common.pw)),
                                timeoutMillis: common.timeout)
+        config.connectionsPerNode = common.connections
         try await execute(config, json: common.json)
     }
 }

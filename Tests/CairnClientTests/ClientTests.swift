@@ -101,6 +101,53 @@ private let ok = Message.writeReply(WriteReply(context: CausalContext(VersionVec
         client.close(); await server.stop()
     }
 
+    /// A fresh client under a burst of concurrent requests opens each of its connections once:
+    /// requests needing one that is still connecting wait for that connect (or use another open
+    /// connection of the node) instead of opening their own.
+    @Test func aBurstOfRequestsOpensEachConnectionOnce() async throws {
+        let servers = [ScriptedServer(.answer(ok)), ScriptedServer(.answer(ok)), ScriptedServer(.answer(ok))]
+        var seeds: [String] = []
+        for s in servers { seeds.append(try await s.start()) }
+        var config = CairnClient.Configuration()
+        config.connectionsPerNode = 3
+        let client = try await CairnClient.connect(seeds: seeds, configuration: config)
+        #expect(servers.map { $0.accepted.load(ordering: .relaxed) } == [1, 0, 0], "connect opens one connection to the first seed")
+        let done = await withTaskGroup(of: Bool.self) { group in
+            // Half through the completion-handler form (no task per request), half async.
+            for _ in 0..<150 {
+                group.addTask {
+                    let r = await withCheckedContinuation { c in client.put([1], value: [2]) { c.resume(returning: $0) } }
+                    if case .success = r { return true }
+                    return false
+                }
+                group.addTask { (try? await client.put([1], value: [2])) != nil }
+            }
+            return await group.reduce(0) { $0 + ($1 ? 1 : 0) }
+        }
+        #expect(done == 300)
+        #expect(servers.map { $0.accepted.load(ordering: .relaxed) } == [3, 3, 3])
+        #expect(servers.map { $0.received.load(ordering: .relaxed) }.reduce(0, +) == 300)
+        client.close()
+        for s in servers { await s.stop() }
+    }
+
+    /// `openAllConnections` opens every slot of every live seed before any request; a dead seed
+    /// counts as not open, and requests still work.
+    @Test func allConnectionsCanBeOpenedUpFront() async throws {
+        let a = ScriptedServer(.answer(ok)), b = ScriptedServer(.answer(ok))
+        var config = CairnClient.Configuration()
+        config.connectionsPerNode = 2
+        let client = try await CairnClient.connect(seeds: [try await a.start(), try await deadAddress(), try await b.start()],
+                                                   configuration: config)
+        #expect(await client.openAllConnections() == 4)
+        #expect([a.accepted.load(ordering: .relaxed), b.accepted.load(ordering: .relaxed)] == [2, 2])
+        #expect(await client.openAllConnections() == 4, "open ones are kept, the dead seed is tried again")
+        #expect([a.accepted.load(ordering: .relaxed), b.accepted.load(ordering: .relaxed)] == [2, 2])
+        for _ in 0..<6 { _ = try await client.put([1], value: [2]) }
+        #expect(a.received.load(ordering: .relaxed) + b.received.load(ordering: .relaxed) == 6)
+        client.close(); await a.stop(); await b.stop()
+    }
+
     /// Consecutive requests cover every (seed, connection) pair before repeating one.
     @Test func requestNumbersCoverEverySeedAndConnection() {
         for (seeds, perNode) in [(3, 3), (3, 4), (2, 2), (1, 4), (5, 1)] {

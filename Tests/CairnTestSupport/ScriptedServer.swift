@@ -21,6 +21,8 @@ public final class ScriptedServer: RequestDispatcher {
     public let received = Atomic<Int>(0)
     /// Requests dispatched so far per client connection (keyed by its channel).
     public let receivedPerConnection = Mutex<[ObjectIdentifier: Int]>([:])
+    /// Connections accepted so far.
+    public let accepted = Atomic<Int>(0)
     private let channel = Mutex<(any Channel)?>(nil)
 
     public init(_ behavior: Behavior) { self.behavior = behavior }
@@ -51,7 +53,8 @@ public final class ScriptedServer: RequestDispatcher {
         let limits = Limits()
         let ch = try await ServerBootstrap(group: MultiThreadedEventLoopGroup.singleton)
             .childChannelInitializer { c in
-                c.eventLoop.makeCompletedFuture {
+                self.accepted.wrappingAdd(1, ordering: .relaxed)
+                return c.eventLoop.makeCompletedFuture {
                     try c.pipeline.syncOperations.addHandler(FrameDecoder.handler(limits: limits))
                     try c.pipeline.syncOperations.addHandler(ServerConnectionHandler(dispatcher: self, limits: limits))
                 }
