@@ -173,10 +173,19 @@ public struct ByteReader: Sendable {
     }
 
     /// Validated straight from the input (a short string, such as a node name, allocates nothing).
+    /// ASCII, the common case, is decoded without the standard library's generic validation
+    /// (which looked up type metadata on every call).
     public mutating func readString(_ what: String, limit: Int) throws(DecodeError) -> String {
         let n = try readCount("\(what) length", limit: limit)
         try need(n, what)
-        guard let s = String(validating: bytes[offset..<offset + n], as: UTF8.self) else { throw DecodeError("\(what) is not valid UTF-8") }
+        let slice = bytes[offset..<offset + n]
+        let s: String
+        if slice.allSatisfy({ $0 < 0x80 }) {
+            s = String(decoding: slice, as: UTF8.self)
+        } else {
+            guard let valid = String(validating: slice, as: UTF8.self) else { throw DecodeError("\(what) is not valid UTF-8") }
+            s = valid
+        }
         offset += n
         return s
     }

@@ -21,7 +21,9 @@ public struct CausalContext: Hashable, Sendable, CustomStringConvertible {
     public var encodedCount: Int { Self.encodedCount(of: vector.dots.lazy.map { ($0.actor, $0.counter) }) }
 
     /// `encodedCount` of the context whose vector holds these (actor, counter) dots (one per
-    /// actor), without building it.
+    /// actor), without building it. Inlinable: specialized where called (a generic call across
+    /// modules looked up the lazy collection's metadata on every write).
+    @inlinable
     public static func encodedCount(of dots: some Collection<(ActorID, UInt64)>) -> Int {
         var n = 1 + ByteWriter.varintCount(UInt64(dots.count))
         for (actor, counter) in dots {

@@ -20,6 +20,29 @@ import PropertyBased
         #expect(throws: DecodeError.self) { try r2.readVarint() }
     }
 
+    /// ASCII (the fast path), other valid UTF-8, and invalid sequences: the last are errors,
+    /// never repaired; the reader moves past exactly the string.
+    @Test func stringsAreValidatedUTF8() throws {
+        for text in ["n1", "", "nœud-ü", "ノード", "a\u{10FFFF}b"] {
+            var w = ByteWriter()
+            w.writeString(text)
+            w.writeU8(7)
+            var r = ByteReader(w.bytes)
+            #expect(try r.readString("name", limit: 64) == text)
+            #expect(try r.readU8() == 7)
+        }
+        for bad: [UInt8] in [[0x80], [0x61, 0xFF], [0xC3], [0xED, 0xA0, 0x80], [0xF8, 0x88, 0x80, 0x80, 0x80], [0xC0, 0xAF]] {
+            var w = ByteWriter()
+            w.writeBlob(bad)
+            var r = ByteReader(w.bytes)
+            #expect(throws: DecodeError.self, "\(bad)") { try r.readString("name", limit: 64) }
+        }
+        var long = ByteWriter()
+        long.writeString("abcdef")
+        var r = ByteReader(long.bytes)
+        #expect(throws: DecodeError.self) { try r.readString("name", limit: 5) }
+    }
+
     @Test func blobLengthIsCheckedBeforeAllocating() {
         var w = ByteWriter()
         w.writeVarint(UInt64(1) << 40)   // claims a terabyte
