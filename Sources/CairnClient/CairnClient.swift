@@ -106,6 +106,7 @@ public final class CairnClient: Sendable {
         public var defaultTimeoutMillis: UInt32 = 2000
         /// Extra wait beyond the request timeout for the coordinator's answer.
         public var replyMarginMillis: UInt32 = 1500
+        /// Connections to each node, 1...`maxConnectionsPerNode` (values outside are clamped).
         public var connectionsPerNode = 1
         public var maxPendingPerConnection = 4096
         public var limits = Limits()
@@ -118,7 +119,11 @@ public final class CairnClient: Sendable {
     /// Seed index → its `connectionsPerNode` slots. A slot holds one connection, or the one
     /// connect under way for it: concurrent requests needing it wait for that connect instead of
     /// each opening their own (no burst of connects when a loaded client starts).
-    private let pool: Locked<[Int: [Slot?]]>
+    /// `closed`: set by `close()`; from then on no connect starts and requests fail as unreachable.
+    private let pool: Locked<(closed: Bool, slots: [Int: [Slot?]])>
+    /// `configuration.connectionsPerNode`, clamped to 1...`maxConnectionsPerNode`.
+    private let perNode: Int
+    public static let maxConnectionsPerNode = 1024
     private let cursor = Atomic<Int>(0)
     /// Names connect attempts, so a finishing connect fills only the slot it was started for.
     private let attempts = Atomic<UInt64>(0)
@@ -132,7 +137,8 @@ public final class CairnClient: Sendable {
         self.seeds = seeds
         self.configuration = configuration
         self.group = group
-        self.pool = Locked([:])
+        self.pool = Locked((false, [:]))
+        self.perNode = min(max(1, configuration.connectionsPerNode), Self.maxConnectionsPerNode)
     }
 
     /// Creates a client for `seeds` ("host:port" each). Succeeds if at least one seed answers;
@@ -159,11 +165,13 @@ public final class CairnClient: Sendable {
         throw .noNodeReachable("no seed answered: " + errors.joined(separator: "; "))
     }
 
+    /// Closes every connection. Later calls fail with `noNodeReachable` and open nothing; a
+    /// connect under way when it is called closes what it opened.
     public func close() {
         // Connects still under way find their slot gone and close what they opened.
         let all = pool.withLock { p in
-            defer { p = [:] }
-            return p.values.flatMap { slots in slots.compactMap { slot -> Connection? in
+            defer { p = (true, [:]) }
+            return p.slots.values.flatMap { slots in slots.compactMap { slot -> Connection? in
                 if case .open(let c)? = slot { return c }
                 return nil
             } }
@@ -351,6 +359,8 @@ public final class CairnClient: Sendable {
                         reported(.failure(error))
                     }
                 }
+            case .closed:
+                reported(.failure(Self.closedError))
             }
         }
         perform(machine.withLock { $0.directive })
@@ -399,31 +409,37 @@ public final class CairnClient: Sendable {
         switch slotConnection(i, pick: pick) {
         case .ready(let c): return c
         case .pending(let connecting): return try await Self.connected(connecting)
+        case .closed: throw Self.closedError
         }
     }
 
     enum SlotChoice {
         case ready(Connection)
         case pending(Task<Connection, any Error>)
+        /// The client was closed: nothing connects.
+        case closed
     }
+
+    static let closedError = ConnectionError.connectFailed("the client was closed")
 
     /// The connection for a request to seed `i`: slot `pick` (modulo `connectionsPerNode`) when
     /// it is open, else another open one of the seed's while that slot connects, else the slot's
     /// connect to wait for.
     private func slotConnection(_ i: Int, pick: Int) -> SlotChoice {
-        let s = (pick & Int.max) % max(1, configuration.connectionsPerNode)
+        let s = (pick & Int.max) % perNode
         return pool.withLock { p -> SlotChoice in
             let own = slot(i, s, in: &p)
             guard case .pending = own else { return own }
-            for case .open(let c)? in p[i] ?? [] where c.isActive { return .ready(c) }
+            for case .open(let c)? in p.slots[i] ?? [] where c.isActive { return .ready(c) }
             return own
         }
     }
 
     /// Slot `s` of seed `i`: its open connection, or the connect under way for it — started here
     /// when the slot is empty or its connection closed, so a slot has one connect at a time.
-    private func slot(_ i: Int, _ s: Int, in p: inout [Int: [Slot?]]) -> SlotChoice {
-        var slots = p[i] ?? Array(repeating: nil, count: max(1, configuration.connectionsPerNode))
+    private func slot(_ i: Int, _ s: Int, in p: inout (closed: Bool, slots: [Int: [Slot?]])) -> SlotChoice {
+        if p.closed { return .closed }
+        var slots = p.slots[i] ?? Array(repeating: nil, count: perNode)
         switch slots[s] {
         case .open(let c) where c.isActive: return .ready(c)
         case .connecting(_, let task): return .pending(task)
@@ -431,7 +447,7 @@ public final class CairnClient: Sendable {
             let attempt = attempts.wrappingAdd(1, ordering: .relaxed).oldValue
             let task = startConnect(seed: i, slot: s, attempt: attempt)
             slots[s] = .connecting(attempt: attempt, task)
-            p[i] = slots
+            p.slots[i] = slots
             return .pending(task)
         }
     }
@@ -451,18 +467,18 @@ public final class CairnClient: Sendable {
                 result = .failure(error)
             }
             let kept: Bool = pool.withLock { p in
-                guard var slots = p[i], s < slots.count, case .connecting(attempt, _)? = slots[s] else { return false }
+                guard !p.closed, var slots = p.slots[i], s < slots.count, case .connecting(attempt, _)? = slots[s] else { return false }
                 switch result {
                 case .success(let c): slots[s] = .open(c)
                 case .failure: slots[s] = nil
                 }
-                p[i] = slots
+                p.slots[i] = slots
                 return true
             }
             let c = try result.get()
             guard kept else {
                 c.close()
-                throw ConnectionError.connectFailed("the client was closed")
+                throw Self.closedError
             }
             return c
         }
@@ -488,10 +504,11 @@ public final class CairnClient: Sendable {
         var open = 0
         var pending: [Task<Connection, any Error>] = []
         for i in seeds.indices {
-            for s in 0..<max(1, configuration.connectionsPerNode) {
+            for s in 0..<perNode {
                 switch pool.withLock({ slot(i, s, in: &$0) }) {
                 case .ready: open += 1
                 case .pending(let task): pending.append(task)
+                case .closed: return 0
                 }
             }
         }

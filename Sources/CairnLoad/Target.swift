@@ -144,7 +144,8 @@ public final class CairnTarget: LoadTarget {
         config.connectionsPerNode = connectionsPerNode ?? max(1, min(8, concurrency / max(endpoints.count, 1) / 16))
         do {
             let client = try await CairnClient.connect(seeds: endpoints, configuration: config)
-            // Every connection open before the first request: connecting is not charged to it.
+            // Every reachable node's connections open before the first request: connecting is not
+            // charged to it.
             await client.openAllConnections()
             return CairnTarget(client: client, options: RequestOptions(r: c.r, w: c.w, pr: c.pr, pw: c.pw, timeoutMillis: timeoutMillis),
                                endpoints: endpoints)

@@ -125,9 +125,19 @@ private let ok = Message.writeReply(WriteReply(context: CausalContext(VersionVec
             return await group.reduce(0) { $0 + ($1 ? 1 : 0) }
         }
         #expect(done == 300)
+        // Every slot open (connects still under way are waited for), then one request on each:
+        // requests 300-308 cover every (seed, slot) pair, so each connection was accepted.
+        #expect(await client.openAllConnections() == 9)
+        for _ in 0..<9 { _ = try await client.put([1], value: [2]) }
         #expect(servers.map { $0.accepted.load(ordering: .relaxed) } == [3, 3, 3])
-        #expect(servers.map { $0.received.load(ordering: .relaxed) }.reduce(0, +) == 300)
+        #expect(servers.map { $0.received.load(ordering: .relaxed) }.reduce(0, +) == 309)
         client.close()
+        // Closed: calls fail without connecting again.
+        await #expect(throws: CairnError.self) { try await client.put([1], value: [2]) }
+        let failed = await withCheckedContinuation { c in client.put([1], value: [2]) { c.resume(returning: $0) } }
+        guard case .failure(.noNodeReachable) = failed else { Issue.record("after close: \(failed)"); return }
+        #expect(await client.openAllConnections() == 0)
+        #expect(servers.map { $0.accepted.load(ordering: .relaxed) } == [3, 3, 3])
         for s in servers { await s.stop() }
     }
 
@@ -140,10 +150,11 @@ private let ok = Message.writeReply(WriteReply(context: CausalContext(VersionVec
         let client = try await CairnClient.connect(seeds: [try await a.start(), try await deadAddress(), try await b.start()],
                                                    configuration: config)
         #expect(await client.openAllConnections() == 4)
-        #expect([a.accepted.load(ordering: .relaxed), b.accepted.load(ordering: .relaxed)] == [2, 2])
-        #expect(await client.openAllConnections() == 4, "open ones are kept, the dead seed is tried again")
-        #expect([a.accepted.load(ordering: .relaxed), b.accepted.load(ordering: .relaxed)] == [2, 2])
+        #expect(await client.openAllConnections() == 4, "open ones are kept; the dead seed fails again")
+        // Requests 0-5 reach every slot of both live seeds (the dead seed's go on to the next),
+        // so every connection the client opened was accepted by now.
         for _ in 0..<6 { _ = try await client.put([1], value: [2]) }
+        #expect([a.accepted.load(ordering: .relaxed), b.accepted.load(ordering: .relaxed)] == [2, 2])
         #expect(a.received.load(ordering: .relaxed) + b.received.load(ordering: .relaxed) == 6)
         client.close(); await a.stop(); await b.stop()
     }
