@@ -23,10 +23,12 @@
 #                thread that exits during the run keeps what it counted until its last second):
 #                each is a thread that went to sleep or was preempted, so it counts the thread
 #                crossings a request makes
+#   steal %      share of the machine's CPU time the hypervisor gave to other guests during the
+#                run (/proc/stat): on a shared VM, a run with a high figure ran on less machine
 # With LATENCY=1, each system then also runs workload a in an open loop (`--rate`, OPEN_CONCURRENCY
 # sessions, DURATION) at RATE ops/s and at half the ops/s its closed-loop workload a reached
-# (its peak on this machine), and a second table gives read and update latency and server CPU per
-# operation at both rates, with the latency goals checked for cairn-3.
+# (its peak on this machine), and a second table gives read and update latency and the servers'
+# and the generator's CPU per operation at each rate, with the latency goals checked for cairn-3.
 # Everything started is stopped by pid on exit, pass or fail.
 #
 #   Benchmarks/cluster/compare.sh                 install what is missing, build (release), run
@@ -40,6 +42,8 @@
 #   SYSTEMS ["redis redis-aof cairn-1 cairn-1-nosync etcd-3 cairn-3"]  a subset to run, in this order
 #   KEEP=1            keep the JSON reports and logs (the data dirs are removed either way)
 #   LATENCY=1         also the open-loop runs above; RATE [1000] their fixed rate
+#   EXTRA_RATES       more fixed rates for the open loop, e.g. "2000 4000": rows of the latency
+#                     table without goals, to see how CPU per operation and latency move with load
 #   OPEN_CONCURRENCY [256]  requests the open-loop runs may have in flight: enough that the
 #                     generator's window is not what holds back requests a stalled server owes
 #   RUN_TIMEOUT [900] seconds after which one cairn-load invocation is stopped and counted failed
@@ -72,6 +76,8 @@ KEEP="${KEEP:-0}"
 LATENCY="${LATENCY:-0}"
 OPEN_CONCURRENCY="${OPEN_CONCURRENCY:-256}"
 RATE="${RATE:-1000}"
+EXTRA_RATES="${EXTRA_RATES:-}"
+for r in $EXTRA_RATES; do [[ "$r" =~ ^[1-9][0-9]*$ ]] || { echo "compare.sh: EXTRA_RATES must be whole numbers of ops/s" >&2; exit 1; }; done
 RUN_TIMEOUT="${RUN_TIMEOUT:-900}"
 CORES="$(nproc)"
 SHARE="${SHARE:-$((CORES / 3 > 0 ? CORES / 3 : 1))}"
@@ -151,12 +157,13 @@ def errors_of(r):
     return sum(kinds.values()), kinds
 
 rows, notes, tput = [], [], {}
-header = ("system", "workload", "ops/s", "cpu µs/op", "switches/op", "p50 µs", "p99 µs", "p99.9 µs", "errors")
+header = ("system", "workload", "ops/s", "cpu µs/op", "switches/op", "steal %", "p50 µs", "p99 µs", "p99.9 µs", "errors")
 
-def cpu_per_op(sysname, ph, r):
-    """Server CPU µs per operation from SYSTEM-PHASE.cpu ("ticks ticks_per_second"), or None."""
+def cpu_per_op(sysname, ph, r, kind="cpu"):
+    """Server CPU µs per operation from SYSTEM-PHASE.cpu ("ticks ticks_per_second"), or None;
+    the generator's from SYSTEM-PHASE.gencpu with kind="gencpu"."""
     try:
-        ticks, hz = (int(x) for x in open(os.path.join(d, f"{sysname}-{ph}.cpu")).read().split())
+        ticks, hz = (int(x) for x in open(os.path.join(d, f"{sysname}-{ph}.{kind}")).read().split())
     except (OSError, ValueError):
         return None
     total = num((r.get("totals") or {}).get("operations"))
@@ -173,6 +180,14 @@ def switches_per_op(sysname, ph, r):
     total = num((r.get("totals") or {}).get("operations"))
     return n / total if total else None
 
+def steal_pct(sysname, ph):
+    """Share of the machine's CPU time the hypervisor took during the run (SYSTEM-PHASE.steal), or None."""
+    try:
+        stolen, total = (int(x) for x in open(os.path.join(d, f"{sysname}-{ph}.steal")).read().split())
+    except (OSError, ValueError):
+        return None
+    return 100 * stolen / total if total > 0 else None
+
 def fmt_1(v):
     return "-" if v is None else f"{v:,.1f}"
 
@@ -182,7 +197,7 @@ for sysname, _ in systems:
         if r is None and note is None:
             continue
         if r is None:
-            rows.append((sysname, ph, "FAILED", "-", "-", "-", "-", "-", "-"))
+            rows.append((sysname, ph, "FAILED", "-", "-", "-", "-", "-", "-", "-"))
             notes.append(f"{sysname} {ph}: {note}")
             continue
         t = num(r.get("throughput_ops_per_s"))
@@ -192,6 +207,7 @@ for sysname, _ in systems:
         nerr, kinds = errors_of(r)
         wl = ph if name in (None, lat_op[ph]) else f"{ph} ({name})"
         rows.append((sysname, wl, fmt_int(t), fmt_int(cpu_per_op(sysname, ph, r)), fmt_1(switches_per_op(sysname, ph, r)),
+                     fmt_1(steal_pct(sysname, ph)),
                      fmt_int(st.get("p50_us")), fmt_int(st.get("p99_us")),
                      fmt_int(st.get("p999_us")), f"{nerr:,}" + (" !" if note else "")))
         if kinds:
@@ -218,7 +234,8 @@ def table(header, rows):
 print("ops/s over the whole run; p50/p99/p99.9 are of the READ operation for workloads a and c,")
 print("of the INSERT operation for load; errors = all error kinds counted by cairn-load;")
 print("cpu µs/op = server processes' utime+stime over the run / operations (all nodes summed);")
-print("switches/op = context switches of every server thread over the run / operations (thread crossings).")
+print("switches/op = context switches of every server thread over the run / operations (thread crossings);")
+print("steal % = the machine's CPU time the hypervisor took during the run (/proc/stat; a shared VM runs slower then).")
 print()
 table(header, rows)
 
@@ -243,8 +260,11 @@ for n in notes:
 if any(r[-1].endswith("!") or r[2] == "FAILED" for r in rows):
     print("! or FAILED: cairn-load exited non-zero or left no readable report; see its output above")
 
-# Open-loop runs (LATENCY=1): latency at a fixed rate and at half the closed-loop peak.
-open_phases = [("a-rate", "fixed rate"), ("a-half", "half of peak")]
+# Open-loop runs (LATENCY=1): latency at a fixed rate, at any EXTRA_RATES (a-rate-R files), and at
+# half the closed-loop peak.
+extra_rates = sorted({int(f[len(s) + len("-a-rate-"):-len(".json")]) for s, _ in systems for f in os.listdir(d)
+                      if f.startswith(s + "-a-rate-") and f.endswith(".json") and f[len(s) + len("-a-rate-"):-len(".json")].isdigit()})
+open_phases = [("a-rate", "fixed rate")] + [(f"a-rate-{r}", f"{r:,} ops/s") for r in extra_rates] + [("a-half", "half of peak")]
 lat, goals = [], []
 def ms(v):
     v = num(v)
@@ -254,20 +274,24 @@ for sysname, _ in systems:
         r, note = load(sysname, ph)
         if r is None:
             if note:
-                lat.append((sysname, what, "FAILED") + ("-",) * 5)
+                lat.append((sysname, what, "FAILED") + ("-",) * 7)
             continue
         asked = num((r.get("config") or {}).get("rate"))
         ops = r.get("operations") or {}
         rd, up = ops.get("read") or {}, ops.get("update") or {}
         nerr, _k = errors_of(r)
         cpu = cpu_per_op(sysname, ph, r)
+        gen = cpu_per_op(sysname, ph, r, "gencpu")
         lat.append((sysname, what, fmt_int(asked), fmt_int(r.get("throughput_ops_per_s")), "-" if cpu is None else f"{cpu:,.0f}",
+                    "-" if gen is None else f"{gen:,.0f}", fmt_1(steal_pct(sysname, ph)),
                     " / ".join(ms(rd.get(k)) for k in ("p50_us", "p99_us", "p999_us")),
                     " / ".join(ms(up.get(k)) for k in ("p50_us", "p99_us", "p999_us")), f"{nerr:,}" + (" !" if note else "")))
         if sysname == "cairn-3":
             worst99 = max(num(rd.get("p99_us")) or 0, num(up.get("p99_us")) or 0) / 1000
             worst999 = max(num(rd.get("p999_us")) or 0, num(up.get("p999_us")) or 0) / 1000
-            if ph == "a-rate":
+            if ph.startswith("a-rate-"):
+                pass
+            elif ph == "a-rate":
                 ok = worst99 <= 5 and worst999 <= 20 and nerr == 0
                 goals.append(f"cairn-3 at {fmt_int(asked)} ops/s: worst p99 {worst99:.2f} ms (goal <= 5), "
                              f"worst p99.9 {worst999:.2f} ms (goal <= 20): {'PASS' if ok else 'FAIL'}")
@@ -278,7 +302,8 @@ for sysname, _ in systems:
 if lat:
     print()
     print("open loop, workload a (latency from each request's intended start; ms):")
-    table(("system", "rate", "asked ops/s", "done ops/s", "cpu µs/op", "read p50 / p99 / p99.9", "update p50 / p99 / p99.9", "errors"),
+    table(("system", "rate", "asked ops/s", "done ops/s", "cpu µs/op", "gen µs/op", "steal %", "read p50 / p99 / p99.9",
+           "update p50 / p99 / p99.9", "errors"),
           lat)
     for g in goals:
         print("  " + g)
@@ -335,7 +360,7 @@ machine() {
     local how="--duration $DURATION"
     [[ -n "$OPERATIONS" ]] && how="--operations $OPERATIONS"
     echo "settings: --records $RECORDS --value-size $VALUE_SIZE --concurrency $CONCURRENCY $how --seed $SEED"
-    if [[ "$LATENCY" == "1" ]]; then echo "open loop: --concurrency $OPEN_CONCURRENCY --duration $DURATION, --rate $RATE and half of each peak"; fi
+    if [[ "$LATENCY" == "1" ]]; then echo "open loop: --concurrency $OPEN_CONCURRENCY --duration $DURATION, --rate $RATE${EXTRA_RATES:+ (and $EXTRA_RATES)} and half of each peak"; fi
     echo "three-node systems: $( ((SHARE > 0)) && echo "$SHARE thread(s) each (node.event_loops, storage.request_threads; GOMAXPROCS)" || echo "default threads (one per core each)")"
     echo "one-node Cairn:     $( ((SHARE1 > 0)) && echo "$SHARE1 thread(s) (node.event_loops, storage.request_threads)" || echo "default threads (one per core)")"
     if [[ -n "${CAIRN_CONF:-}" ]]; then echo "cairn configuration added: $(printf '%s' "$CAIRN_CONF" | tr '\n' ';')"; fi
@@ -522,11 +547,25 @@ switches_between() {
 # cairn_load SYSTEM PHASE ARGS...: run the generator, JSON to $WORK/json/SYSTEM-PHASE.json, the
 # server CPU it cost (ticks and ticks per second) to SYSTEM-PHASE.cpu and the servers' context
 # switches to SYSTEM-PHASE.switches.
+# steal_ticks: the machine's CPU time stolen by the hypervisor and its total CPU time ("steal
+# total", in ticks, all CPUs; /proc/stat's first line). steal_since "STEAL TOTAL": the differences.
+steal_ticks() { awk '/^cpu / { print $9, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9; exit }' /proc/stat; }
+steal_since() {
+    local now
+    now="$(steal_ticks)"
+    awk -v a="$1" -v b="$now" 'BEGIN { split(a, x, " "); split(b, y, " "); print y[1] - x[1], y[2] - x[2] }'
+}
+
 cairn_load() {
-    local sys=$1 phase=$2 rc=0 pid before
+    local sys=$1 phase=$2 rc=0 pid before gen_before
     shift 2
     local json="$WORK/json/$sys-$phase.json"
     before="$(cpu_ticks "${SYS_PIDS[@]}")"
+    # The generator's CPU: what this shell's waited-for children used (cutime + cstime) across the
+    # run. `me` is taken here: inside $(...) BASHPID would be the substitution's own subshell.
+    local me=$BASHPID steal_before
+    gen_before="$(awk '{ print $16 + $17 }' "/proc/$me/stat")"
+    steal_before="$(steal_ticks)"
     local switches_start="$WORK/json/$sys-$phase.switches-start" switches_samples="$WORK/json/$sys-$phase.switches-samples" sampler
     switch_snapshot "${SYS_PIDS[@]}" >"$switches_start"
     : >"$switches_samples"
@@ -540,6 +579,8 @@ cairn_load() {
     RUNNING[$pid]="cairn-load ($sys $phase)"
     wait "$pid" || rc=$?
     unset "RUNNING[$pid]"
+    echo "$(($(awk '{ print $16 + $17 }' "/proc/$me/stat") - gen_before)) $(getconf CLK_TCK)" >"$WORK/json/$sys-$phase.gencpu"
+    steal_since "$steal_before" >"$WORK/json/$sys-$phase.steal"
     echo "$(($(cpu_ticks "${SYS_PIDS[@]}") - before)) $(getconf CLK_TCK)" >"$WORK/json/$sys-$phase.cpu"
     kill "$sampler" 2>/dev/null || true
     wait "$sampler" 2>/dev/null || true
@@ -585,6 +626,11 @@ measure() {
         half="$(awk -v p="$peak" 'BEGIN { printf "%d", p / 2 }')"
         cairn_load "$sys" a-rate run --target "$TARGET" --workload a "${open[@]}" --duration "$DURATION" --rate "$RATE" \
             ${RUN_EXTRA[@]+"${RUN_EXTRA[@]}"}
+        local extra
+        for extra in $EXTRA_RATES; do
+            cairn_load "$sys" "a-rate-$extra" run --target "$TARGET" --workload a "${open[@]}" --duration "$DURATION" --rate "$extra" \
+                ${RUN_EXTRA[@]+"${RUN_EXTRA[@]}"}
+        done
         if ((half > 0)); then
             cairn_load "$sys" a-half run --target "$TARGET" --workload a "${open[@]}" --duration "$DURATION" --rate "$half" \
                 ${RUN_EXTRA[@]+"${RUN_EXTRA[@]}"}
