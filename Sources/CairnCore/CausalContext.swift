@@ -153,3 +153,10 @@ public enum Base64URL {
         return out
     }
 }
+
+extension DVVSet {
+    /// `CausalContext(context).encodedCount`: the bytes of the context a reader of this clock
+    /// gets, without building the context.
+    @inlinable
+    public var contextEncodedCount: Int { CausalContext.encodedCount(of: entries.lazy.map { ($0.actor, $0.counter) }) }
+}

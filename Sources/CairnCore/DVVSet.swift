@@ -81,6 +81,10 @@ public struct DVVSet<Value: Hashable & Sendable>: Hashable, Sendable {
         VersionVector(sortedDots: entries.map { Dot(actor: $0.actor, counter: $0.counter) })
     }
 
+    /// `context[actor]`, without building the context.
+    @inlinable
+    public func counter(of actor: ActorID) -> UInt64 { entries.first { $0.actor == actor }?.counter ?? 0 }
+
     /// Parts known to keep the invariants (built by `sync`).
     @usableFromInline
     init(validEntries: [Entry], anonymous: [Value]) {

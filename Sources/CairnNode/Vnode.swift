@@ -407,7 +407,7 @@ public actor Vnode: SupervisedChild {
         var object = previous ?? VersionedObject()
         // Only this coordinator issues `actor`'s dots, so a context claiming more of them than
         // stored is forged or corrupt; trusting it could push the counter to overflow.
-        let issued = object.entries.first { $0.actor == actor }?.counter ?? 0
+        let issued = object.counter(of: actor)
         // A counter no replica can have reached (each takes one write of this key by one
         // coordinator) is forged: stored, it would push that actor's next dot past what an object
         // may hold (`limits.maxDotCounter`), and every replica would then read the key as corrupt.
@@ -649,7 +649,7 @@ public actor Vnode: SupervisedChild {
         guard object.entries.count <= limits.maxActorsPerObject else {
             throw .rejected("the key's clock would hold \(object.entries.count) actors, over limits.max_actors_per_object \(limits.maxActorsPerObject)")
         }
-        let contextBytes = CausalContext.encodedCount(of: object.entries.lazy.map { ($0.actor, $0.counter) })
+        let contextBytes = object.contextEncodedCount
         guard contextBytes <= limits.maxContextBytes else {
             throw .rejected("the key's context would take \(contextBytes) bytes, over limits.max_context_bytes \(limits.maxContextBytes)")
         }

@@ -116,7 +116,7 @@ import PropertyBased
 
     /// The size and the blob written without an intermediate array are those of `bytes`, for
     /// counters and names across varint boundaries.
-    @Test func encodedCountAndBlobMatchTheBytes() {
+    @Test func encodedCountAndBlobMatchTheBytes() throws {
         let name = String(repeating: "n", count: 130)
         let vectors = [VersionVector(), VersionVector([(ActorID(node: "a", epoch: 1), 1)]),
                        VersionVector([(ActorID(node: "n1", epoch: 9), 127), (ActorID(node: name, epoch: .max), 128),
@@ -135,6 +135,16 @@ import PropertyBased
             w.writeVarint(v)
             #expect(ByteWriter.varintCount(v) == w.bytes.count)
         }
+        // A clock's context, sized and read per actor without building it.
+        let a = ActorID(node: "n1", epoch: 1), b = ActorID(node: name, epoch: 2)
+        var clock = VersionedObject()
+        #expect(clock.contextEncodedCount == CausalContext(clock.context).encodedCount)
+        try clock.update(context: VersionVector(), value: Sibling(value: [1], timestampMillis: 1), actor: a)
+        try clock.update(context: clock.context, value: Sibling(value: [2], timestampMillis: 2), actor: b)
+        try clock.update(context: VersionVector(), value: Sibling(value: [3], timestampMillis: 3), actor: a)
+        #expect(clock.entries.count == 2)
+        #expect(clock.contextEncodedCount == CausalContext(clock.context).encodedCount)
+        for actor in [a, b, ActorID(node: "absent", epoch: 1)] { #expect(clock.counter(of: actor) == clock.context[actor]) }
     }
 
     @Test func malformedTokensAreErrors() {
