@@ -51,6 +51,9 @@
 #                     share of the machine as an operator co-locating three nodes would: Cairn's
 #                     node.event_loops and storage.request_threads, etcd's GOMAXPROCS; 0: both at
 #                     their defaults (one per core)
+#   SHARE_STORE [0]   storage.request_threads of each three-node Cairn node when SHARE > 0: 0
+#                     runs its vnodes on its event loop (no store thread; Benchmarks/README.md,
+#                     "Vnodes on the event loop"), a number gives it that many store threads
 #   SHARE1 [cores - 1, at least 1]  threads the one-node Cairn systems get: the machine less the
 #                     generator's one event loop (cairn-load --threads 1), by the same rule as
 #                     SHARE (Redis is single-threaded whatever this says); 0: their defaults
@@ -82,6 +85,8 @@ RUN_TIMEOUT="${RUN_TIMEOUT:-900}"
 CORES="$(nproc)"
 SHARE="${SHARE:-$((CORES / 3 > 0 ? CORES / 3 : 1))}"
 [[ "$SHARE" =~ ^[0-9]+$ ]] || { echo "compare.sh: SHARE must be a whole number" >&2; exit 1; }
+SHARE_STORE="${SHARE_STORE:-0}"
+[[ "$SHARE_STORE" =~ ^[0-9]+$ ]] || { echo "compare.sh: SHARE_STORE must be a whole number" >&2; exit 1; }
 SHARE1="${SHARE1:-$((CORES > 1 ? CORES - 1 : 1))}"
 [[ "$SHARE1" =~ ^[0-9]+$ ]] || { echo "compare.sh: SHARE1 must be a whole number" >&2; exit 1; }
 
@@ -361,7 +366,7 @@ machine() {
     [[ -n "$OPERATIONS" ]] && how="--operations $OPERATIONS"
     echo "settings: --records $RECORDS --value-size $VALUE_SIZE --concurrency $CONCURRENCY $how --seed $SEED"
     if [[ "$LATENCY" == "1" ]]; then echo "open loop: --concurrency $OPEN_CONCURRENCY --duration $DURATION, --rate $RATE${EXTRA_RATES:+ (and $EXTRA_RATES)} and half of each peak"; fi
-    echo "three-node systems: $( ((SHARE > 0)) && echo "$SHARE thread(s) each (node.event_loops, storage.request_threads; GOMAXPROCS)" || echo "default threads (one per core each)")"
+    echo "three-node systems: $( ((SHARE > 0)) && echo "$SHARE thread(s) each (node.event_loops; GOMAXPROCS), Cairn storage.request_threads = $SHARE_STORE" || echo "default threads (one per core each)")"
     echo "one-node Cairn:     $( ((SHARE1 > 0)) && echo "$SHARE1 thread(s) (node.event_loops, storage.request_threads)" || echo "default threads (one per core)")"
     if [[ -n "${CAIRN_CONF:-}" ]]; then echo "cairn configuration added: $(printf '%s' "$CAIRN_CONF" | tr '\n' ';')"; fi
     echo "systems: $SYSTEMS"
@@ -387,9 +392,9 @@ start_redis() {
 
 # cairn_config NAME HOST N_VAL MEMBERS [SYNC] [THREADS]: writes $WORK/conf/NAME-SYNC.conf (data,
 # logs and configuration per sync mode, so cairn-1 and cairn-1-nosync never share a directory);
-# THREADS > 0 sets node.event_loops and storage.request_threads.
+# THREADS > 0 sets node.event_loops to it and storage.request_threads to STORE (default THREADS).
 cairn_config() {
-    local name=$1 host=$2 nval=$3 members=$4 sync=${5:-always} threads=${6:-0}
+    local name=$1 host=$2 nval=$3 members=$4 sync=${5:-always} threads=${6:-0} store=${7:-${6:-0}}
     local dir="$WORK/data/$name-$sync"
     mkdir -p "$dir" "$WORK/conf"
     cat >"$WORK/conf/$name-$sync.conf" <<CONF
@@ -406,7 +411,7 @@ request.timeout = 2s
 storage.sync = $sync
 CONF
     if ((threads > 0)); then
-        printf 'node.event_loops = %s\nstorage.request_threads = %s\n' "$threads" "$threads" >>"$WORK/conf/$name-$sync.conf"
+        printf 'node.event_loops = %s\nstorage.request_threads = %s\n' "$threads" "$store" >>"$WORK/conf/$name-$sync.conf"
     fi
     if [[ -n "${CAIRN_CONF:-}" ]]; then printf '%s\n' "$CAIRN_CONF" >>"$WORK/conf/$name-$sync.conf"; fi
     "$BIN/cairnd" --config "$WORK/conf/$name-$sync.conf" --check-config >&2
@@ -440,7 +445,7 @@ start_cairn_3() {
     target_list="$(join_by , "${targets[@]}")"
     SYS_PIDS=()
     for i in 0 1 2; do
-        cairn_config "n$((i + 1))" "${CAIRN3_HOSTS[$i]}" 3 "$member_list" always "$SHARE"
+        cairn_config "n$((i + 1))" "${CAIRN3_HOSTS[$i]}" 3 "$member_list" always "$SHARE" "$SHARE_STORE"
     done
     for i in 0 1 2; do
         start "cairnd-n$((i + 1))" "$WORK/logs/cairnd-n$((i + 1)).log" \

@@ -95,8 +95,6 @@ public final class CairnNode: Service, Sendable {
                 taskExecutor: (any TaskExecutor)? = nil) {
         self.network = network
         self.fileSystem = fileSystem
-        self.storageEnvironment = storageEnvironment ?? ThreadEnvironment(requestThreads: config.storageRequestThreads,
-                                                                           backgroundNice: config.storageBackgroundNice)
         self.watchdogInterval = watchdogInterval ?? SystemdNotifySink.watchdogInterval()
         var log = logger ?? Logger(label: "cairn.node")
         log[metadataKey: "node"] = "\(config.name)"
@@ -116,6 +114,14 @@ public final class CairnNode: Service, Sendable {
         } else {
             self.group = MultiThreadedEventLoopGroup.singleton
             ownedGroup = nil
+        }
+        let threads = ThreadEnvironment(requestThreads: config.storageRequestThreads, backgroundNice: config.storageBackgroundNice)
+        if let storageEnvironment {
+            self.storageEnvironment = storageEnvironment
+        } else if config.storageRequestThreads == 0 {
+            self.storageEnvironment = EventLoopStorageEnvironment(base: threads, loops: Array(self.group.makeIterator()))
+        } else {
+            self.storageEnvironment = threads
         }
         self.router = Router(core: core)
         let (me, limits, eventLoops) = (config.name, config.limits, self.group)

@@ -43,7 +43,8 @@ public struct NodeConfig: Sendable {
     /// compaction, bulk scans), so requests get the CPU first while a flush or merge runs.
     public var storageBackgroundNice: Int32 = 10
     /// `storage.request_threads`: the store threads the vnodes run on (partition p on thread
-    /// p mod count). nil: one per core, at most four.
+    /// p mod count). nil: one per core, at most four. 0: none; the vnodes run on the node's
+    /// event loops (`EventLoopStorageEnvironment`).
     public var storageRequestThreads: Int?
     // cluster.*
     public var clusterName = "cairn"

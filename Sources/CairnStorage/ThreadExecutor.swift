@@ -146,9 +146,34 @@ public final class ThreadExecutor: ClosureExecutor {
     /// log records syncs them itself after the batch, with no hand-off to a sync thread and back;
     /// a queue that keeps filling never postpones it past one batch.
     public static func runAfterBatch(_ work: @escaping @Sendable () -> Void) -> Bool {
-        guard let slot = pthread_getspecific(currentKey) else { return false }
+        guard let slot = pthread_getspecific(currentKey) else {
+            guard let hook = pthread_getspecific(hookKey) else { return false }
+            Unmanaged<AfterBatchHook>.fromOpaque(hook).takeUnretainedValue().schedule(work)
+            return true
+        }
         Unmanaged<Core>.fromOpaque(slot).takeUnretainedValue().state.withLock { $0.afterBatch.append(work) }
         return true
+    }
+
+    /// Makes `runAfterBatch` on the calling thread, which is no `ThreadExecutor`'s, hand its work
+    /// to `schedule` (replacing an earlier hook of the thread). For a thread that runs request
+    /// executor work of its own, such as an event loop that vnodes run on: `schedule` must run the
+    /// work on this thread after the work it is running now (the loop's `execute`).
+    public static func installAfterBatch(onCurrentThread schedule: @escaping @Sendable (@escaping @Sendable () -> Void) -> Void) {
+        if let old = pthread_getspecific(hookKey) { Unmanaged<AfterBatchHook>.fromOpaque(old).release() }
+        pthread_setspecific(hookKey, Unmanaged.passRetained(AfterBatchHook(schedule)).toOpaque())
+    }
+
+    /// The thread-specific slot holding a thread's `installAfterBatch` hook.
+    private static let hookKey: pthread_key_t = {
+        var key = pthread_key_t()
+        _ = pthread_key_create(&key, nil)
+        return key
+    }()
+
+    private final class AfterBatchHook: Sendable {
+        let schedule: @Sendable (@escaping @Sendable () -> Void) -> Void
+        init(_ schedule: @escaping @Sendable (@escaping @Sendable () -> Void) -> Void) { self.schedule = schedule }
     }
 
     /// Starts the thread, named `label` (truncated to 15 bytes in the OS's thread list), at

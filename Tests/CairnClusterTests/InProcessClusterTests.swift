@@ -214,11 +214,12 @@ struct InProcessClusterTests {
 
     /// `node.event_loops` and `storage.request_threads` (nodes sharing a machine, each sized to
     /// its share): each node serves on a group of its own with that many loops, its vnodes on that
-    /// many store threads, and its loops stop when the node does.
-    @Test func aNodeServesOnTheLoopsAndStoreThreadsItIsConfiguredWith() async throws {
+    /// many store threads (0: on the loops themselves), and its loops stop when the node does.
+    @Test(arguments: [1, 0])
+    func aNodeServesOnTheLoopsAndStoreThreadsItIsConfiguredWith(storeThreads: Int) async throws {
         let cluster = try await TestCluster.start { c in
             c.eventLoops = 1
-            c.storageRequestThreads = 1
+            c.storageRequestThreads = storeThreads
         }
         let c = try await cluster.client([0])
         let all = RequestOptions(r: .count(3), w: .count(3))
@@ -232,8 +233,16 @@ struct InProcessClusterTests {
             let own = Array(group.makeIterator())
             #expect(own.count == 1)
             for loop in own { loopThreads.append(try await loop.submit { Self.threadName() }.get()) }
-            #expect((node.storageEnvironment as? ThreadEnvironment)?.requestThreads == 1)
+            if storeThreads == 0 {
+                let onLoops = try #require(node.storageEnvironment as? EventLoopStorageEnvironment)
+                #expect(onLoops.loops.map { ObjectIdentifier($0) } == own.map { ObjectIdentifier($0) })
+            } else {
+                #expect((node.storageEnvironment as? ThreadEnvironment)?.requestThreads == storeThreads)
+            }
         }
+        // Every replica request and every coordinated request took the path without a task.
+        for n in 1...2 { #expect(metricValue(cluster.nodes[n].metrics.exposition(), "cairn_replica_requests_served_direct_total") == 20) }
+        #expect(metricValue(cluster.nodes[0].metrics.exposition(), "cairn_requests_coordinated_direct_total") == 20)
         #expect(Set(loopThreads).count == 3)
         c.close()
         await cluster.stop()
