@@ -25,6 +25,14 @@ public struct RunConfig: Sendable {
     public var timeoutMillis: UInt32
     /// Cairn: the client's connections to each node; nil derives them from `concurrency`.
     public var connectionsPerNode: Int?
+    /// Where the open loop keeps its timetable (`--pacer`).
+    public enum Pacer: String, Sendable {
+        /// On the event loop, when every session is driven from its loop (`LoopPacer`); else as `thread`.
+        case loop
+        /// On a thread of its own that sleeps until each start and hands the request over.
+        case thread
+    }
+    public var pacer = Pacer.loop
 
     public init(phase: Phase, target: String, records: UInt64, operations: UInt64? = nil, duration: Duration? = nil,
                 rate: Double? = nil, concurrency: Int = 16, valueSize: ClosedRange<Int> = 100...100,
@@ -100,7 +108,7 @@ public final class Runner: Sendable {
     /// Ends the run early (SIGINT); the report covers what ran.
     public func requestStop() { stop.store(true, ordering: .relaxed) }
 
-    private let startedAtNanos = Runner.monotonicNanos()
+    let startedAtNanos = Runner.monotonicNanos()
 
     /// Nanoseconds since the runner was created (CLOCK_MONOTONIC, read directly: it is on every
     /// request's path).
@@ -164,11 +172,13 @@ public final class Runner: Sendable {
         }
     }
 
-    /// Open loop: one thread of its own keeps the timetable (an absolute `clock_nanosleep` per
-    /// start with no timer slack, so its own lateness stays in the tens of microseconds and is not
-    /// charged to the system under test), takes a free session (waiting for one counts in the latency, which runs
-    /// from the intended start) and hands the request over: straight to the session's event loop
-    /// when it can be driven, else to a task.
+    /// Open loop. Sessions driven from their event loop, by default, keep the timetable on the
+    /// loop (`LoopPacer`). Otherwise (`--pacer thread`, or sessions that need tasks) one thread
+    /// of its own keeps it (an absolute `clock_nanosleep` per start with no timer slack, so its
+    /// own lateness stays in the tens of microseconds and is not charged to the system under
+    /// test), takes a free session (waiting for one counts in the latency, which runs from the
+    /// intended start) and hands the request over: straight to the session's event loop when it
+    /// can be driven, else to a task.
     private func runOpenLoop(_ sessions: [any TargetSession], schedule: OpenLoopSchedule) async {
         let driven = drivenSessions(sessions)
         let pool = SessionPool(count: sessions.count)
@@ -176,6 +186,11 @@ public final class Runner: Sendable {
         // The timetable starts now, with every session connected: connecting is not charged to
         // the first requests.
         let offset = elapsedNanos
+        if config.pacer == .loop, let driven {
+            await LoopPacer(loop: LoopPacer.defaultLoop(), runner: self, sessions: driven, schedule: schedule,
+                            seed: config.seed, base: base, offset: offset).run()
+            return
+        }
         await withCheckedContinuation { (finished: CheckedContinuation<Void, Never>) in
             let pacer = Thread { [self] in
                 var rng = SplitMix64(seed: config.seed)

@@ -139,6 +139,7 @@ struct Run: AsyncParsableCommand {
     @Option(help: "Stop after this many operations.") var operations: UInt64?
     @Option(help: "Stop after this long (e.g. 30s, 2m).") var duration: String?
     @Option(help: "Open loop at this many operations per second (latency corrected for coordinated omission).") var rate: Double?
+    @Option(help: "Open loop: keep the timetable on the event loop (loop, default) or on a thread of its own (thread).") var pacer: String = "loop"
     @Option(help: "uniform, zipfian, latest, hotspot (default: the workload's).") var distribution: String?
     @Option(help: "Cairn: replicas that must answer a read.") var r: String?
     @Option(help: "Cairn: of the R answers, how many must come from primaries.") var pr: String?
@@ -165,6 +166,7 @@ struct Run: AsyncParsableCommand {
         }
         guard operations != nil || duration != nil else { throw ArgumentParser.ValidationError("give --operations or --duration (every run is bounded)") }
         if let rate, !(rate > 0) { throw ArgumentParser.ValidationError("--rate must be positive") }
+        guard let pacing = RunConfig.Pacer(rawValue: pacer) else { throw ArgumentParser.ValidationError("--pacer must be loop or thread") }
         let range = try common.valueRange()
         if verify && range.lowerBound < 32 { throw ArgumentParser.ValidationError("--verify needs values of at least 32 bytes") }
         var config = RunConfig(phase: .run, target: common.target, records: common.records, operations: operations,
@@ -173,6 +175,7 @@ struct Run: AsyncParsableCommand {
                                consistency: ConsistencyOptions(r: try quorum(r), w: try quorum(common.w), pr: try quorum(pr), pw: try quorum(common.pw)),
                                timeoutMillis: common.timeout)
         config.connectionsPerNode = common.connections
+        config.pacer = pacing
         try await execute(config, json: common.json)
     }
 }
