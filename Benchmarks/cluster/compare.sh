@@ -44,6 +44,9 @@
 #   LATENCY=1         also the open-loop runs above; RATE [1000] their fixed rate
 #   EXTRA_RATES       more fixed rates for the open loop, e.g. "2000 4000": rows of the latency
 #                     table without goals, to see how CPU per operation and latency move with load
+#   WARMUP [2s]       the open-loop runs first run this long uncounted (cairn-load --warmup, as
+#                     wrk2's calibration period): every system's and the generator's first moments
+#                     (connections, caches, page faults) are not charged to the rate; 0: none
 #   OPEN_CONCURRENCY [256]  requests the open-loop runs may have in flight: enough that the
 #                     generator's window is not what holds back requests a stalled server owes
 #   RUN_TIMEOUT [900] seconds after which one cairn-load invocation is stopped and counted failed
@@ -78,6 +81,7 @@ SYSTEMS="${SYSTEMS:-redis redis-aof cairn-1 cairn-1-nosync etcd-3 cairn-3}"
 KEEP="${KEEP:-0}"
 LATENCY="${LATENCY:-0}"
 OPEN_CONCURRENCY="${OPEN_CONCURRENCY:-256}"
+WARMUP="${WARMUP:-2s}"
 RATE="${RATE:-1000}"
 EXTRA_RATES="${EXTRA_RATES:-}"
 for r in $EXTRA_RATES; do [[ "$r" =~ ^[1-9][0-9]*$ ]] || { echo "compare.sh: EXTRA_RATES must be whole numbers of ops/s" >&2; exit 1; }; done
@@ -171,7 +175,9 @@ def cpu_per_op(sysname, ph, r, kind="cpu"):
         ticks, hz = (int(x) for x in open(os.path.join(d, f"{sysname}-{ph}.{kind}")).read().split())
     except (OSError, ValueError):
         return None
-    total = num((r.get("totals") or {}).get("operations"))
+    totals = r.get("totals") or {}
+    # The CPU of the whole run, the warm-up's requests included.
+    total = (num(totals.get("operations")) or 0) + (num(totals.get("warmup_operations")) or 0)
     if not total or hz <= 0:
         return None
     return ticks / hz * 1e6 / total
@@ -182,7 +188,8 @@ def switches_per_op(sysname, ph, r):
         n = int(open(os.path.join(d, f"{sysname}-{ph}.switches")).read().split()[0])
     except (OSError, ValueError, IndexError):
         return None
-    total = num((r.get("totals") or {}).get("operations"))
+    totals = r.get("totals") or {}
+    total = (num(totals.get("operations")) or 0) + (num(totals.get("warmup_operations")) or 0)
     return n / total if total else None
 
 def steal_pct(sysname, ph):
@@ -365,7 +372,7 @@ machine() {
     local how="--duration $DURATION"
     [[ -n "$OPERATIONS" ]] && how="--operations $OPERATIONS"
     echo "settings: --records $RECORDS --value-size $VALUE_SIZE --concurrency $CONCURRENCY $how --seed $SEED"
-    if [[ "$LATENCY" == "1" ]]; then echo "open loop: --concurrency $OPEN_CONCURRENCY --duration $DURATION, --rate $RATE${EXTRA_RATES:+ (and $EXTRA_RATES)} and half of each peak"; fi
+    if [[ "$LATENCY" == "1" ]]; then echo "open loop: --concurrency $OPEN_CONCURRENCY --duration $DURATION$([[ "$WARMUP" == "0" ]] || echo " after --warmup $WARMUP"), --rate $RATE${EXTRA_RATES:+ (and $EXTRA_RATES)} and half of each peak"; fi
     echo "three-node systems: $( ((SHARE > 0)) && echo "$SHARE thread(s) each (node.event_loops; GOMAXPROCS), Cairn storage.request_threads = $SHARE_STORE" || echo "default threads (one per core each)")"
     echo "one-node Cairn:     $( ((SHARE1 > 0)) && echo "$SHARE1 thread(s) (node.event_loops, storage.request_threads)" || echo "default threads (one per core)")"
     if [[ -n "${CAIRN_CONF:-}" ]]; then echo "cairn configuration added: $(printf '%s' "$CAIRN_CONF" | tr '\n' ';')"; fi
@@ -608,6 +615,7 @@ measure() {
     base=(--records "$RECORDS" --value-size "$VALUE_SIZE" --seed "$SEED")
     common=("${base[@]}" --concurrency "$CONCURRENCY")
     open=("${base[@]}" --concurrency "$OPEN_CONCURRENCY")
+    [[ "$WARMUP" == "0" ]] || open+=(--warmup "$WARMUP")
     if [[ -n "$OPERATIONS" ]]; then how=(--operations "$OPERATIONS"); else how=(--duration "$DURATION"); fi
     echo "== $sys"
     case "$sys" in

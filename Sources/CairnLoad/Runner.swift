@@ -33,6 +33,11 @@ public struct RunConfig: Sendable {
         case thread
     }
     public var pacer = Pacer.loop
+    /// Run phase: requests whose (intended) start falls in this first stretch of the run are
+    /// sent as any other but left out of the latency figures and the throughput (a client's and
+    /// a server's first moments: connections, caches, page faults), as wrk2's calibration period
+    /// is. The run lasts `warmup` + `duration`. Zero: none.
+    public var warmup: Duration = .zero
 
     public init(phase: Phase, target: String, records: UInt64, operations: UInt64? = nil, duration: Duration? = nil,
                 rate: Double? = nil, concurrency: Int = 16, valueSize: ClosedRange<Int> = 100...100,
@@ -109,6 +114,11 @@ public final class Runner: Sendable {
     public func requestStop() { stop.store(true, ordering: .relaxed) }
 
     let startedAtNanos = Runner.monotonicNanos()
+    /// Nanoseconds after `startedAtNanos` from which requests count (`RunConfig.warmup`); set once
+    /// the sessions are connected.
+    private let measuredFrom = Atomic<UInt64>(0)
+    /// Requests that completed without error in the warm-up.
+    private let warmupCompleted = Atomic<UInt64>(0)
 
     /// Nanoseconds since the runner was created (CLOCK_MONOTONIC, read directly: it is on every
     /// request's path).
@@ -126,7 +136,10 @@ public final class Runner: Sendable {
     public func run() async throws(TargetError) -> RunReport {
         var sessions: [any TargetSession] = []
         for i in 0..<config.concurrency { sessions.append(try await target.session(index: i)) }
+        let warmup = config.phase == .run ? max(config.warmup, .zero) : .zero
         let began = ContinuousClock.now
+        measuredFrom.store(elapsedNanos &+ UInt64(warmup.components.seconds) &* 1_000_000_000
+                           &+ UInt64(warmup.components.attoseconds / 1_000_000_000), ordering: .relaxed)
         let reporter = Task { await reportProgress() }
         if config.phase == .run, let rate = config.rate {
             await runOpenLoop(sessions, schedule: OpenLoopSchedule(rate: rate))
@@ -136,7 +149,7 @@ public final class Runner: Sendable {
         let elapsed = ContinuousClock.now - began
         reporter.cancel()
         for s in sessions { await s.close() }
-        return makeReport(elapsed: elapsed)
+        return makeReport(elapsed: max(elapsed - warmup, .zero))
     }
 
     // MARK: Phases
@@ -236,7 +249,7 @@ public final class Runner: Sendable {
 
     private func budgetExhausted(_ i: UInt64) -> Bool {
         if let ops = config.operations, i >= ops { return true }
-        if let d = config.duration, ContinuousClock.now - startedAt >= d { return true }
+        if let d = config.duration, ContinuousClock.now - startedAt >= d + (config.phase == .run ? max(config.warmup, .zero) : .zero) { return true }
         return false
     }
 
@@ -280,7 +293,11 @@ public final class Runner: Sendable {
             stats.error(error.kind, error.message)
             return
         }
-        stats.record(plan.op, micros: latency(since: plan.start))
+        if plan.start >= measuredFrom.load(ordering: .relaxed) {
+            stats.record(plan.op, micros: latency(since: plan.start))
+        } else {
+            warmupCompleted.wrappingAdd(1, ordering: .relaxed)
+        }
         if plan.op == OpIndex.read {
             verifier?.checkRead(key: plan.index, keyBytes: plan.key, started: plan.start, values: values ?? [])
         } else {
@@ -344,6 +361,10 @@ public final class Runner: Sendable {
                 }
             }
             line += "  errors \(errors)"
+            if interval.values.allSatisfy({ $0.totalCount == 0 }),
+               Runner.monotonicNanos() &- startedAtNanos < measuredFrom.load(ordering: .relaxed) &+ 1_500_000_000 {
+                line += "  (warm-up: not counted)"
+            }
             last = done
             progress(line)
         }
@@ -358,6 +379,7 @@ public final class Runner: Sendable {
         var report = RunReport(config: config, elapsed: elapsed, operations: totals.mapValues(OperationSummary.init), errors: errors,
                                verification: verifier?.result, firstFailures: verifier?.firstFailures ?? [], siblingReads: siblingReads)
         report.errorSamples = samples
+        report.warmupOperations = warmupCompleted.load(ordering: .relaxed)
         return report
     }
 }

@@ -138,6 +138,7 @@ struct Run: AsyncParsableCommand {
     @Option(help: "Custom mix from a file (same syntax, one per line, # comments).") var mixFile: String?
     @Option(help: "Stop after this many operations.") var operations: UInt64?
     @Option(help: "Stop after this long (e.g. 30s, 2m).") var duration: String?
+    @Option(help: "Run this long first without counting it (latency and throughput), then --duration (e.g. 2s).") var warmup: String?
     @Option(help: "Open loop at this many operations per second (latency corrected for coordinated omission).") var rate: Double?
     @Option(help: "Open loop: keep the timetable on the event loop (loop, default) or on a thread of its own (thread).") var pacer: String = "loop"
     @Option(help: "uniform, zipfian, latest, hotspot (default: the workload's).") var distribution: String?
@@ -176,6 +177,10 @@ struct Run: AsyncParsableCommand {
                                timeoutMillis: common.timeout)
         config.connectionsPerNode = common.connections
         config.pacer = pacing
+        if let warmup {
+            guard duration != nil else { throw ArgumentParser.ValidationError("--warmup needs --duration") }
+            config.warmup = try parseDuration(warmup)
+        }
         try await execute(config, json: common.json)
     }
 }

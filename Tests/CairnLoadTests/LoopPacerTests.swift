@@ -53,40 +53,59 @@ import Synchronization
         func close() async {}
     }
 
-    @Test(arguments: [RunConfig.Pacer.loop, .thread])
-    func everyScheduledRequestRunsOnceOnAFreeSessionAndNeverEarly(pacer: RunConfig.Pacer) async throws {
+    /// Runs `config` with `pacer` against slow sessions on a loop of their own: the report, what
+    /// the sessions saw, and the wall time of the run.
+    private func run(_ config: RunConfig, pacer: RunConfig.Pacer) async throws -> (RunReport, Tally, Duration) {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         let tally = Tally()
-        // 4 sessions at 2,000 ops/s, each busy 300 µs a request: at most 0.6 in flight on
-        // average, so the timetable, not the sessions, sets the pace.
-        var config = RunConfig(phase: .run, target: "slow", records: 100, operations: 400, rate: 2000, concurrency: 4, seed: 3)
+        var config = config
         config.pacer = pacer
         let runner = Runner(config: config, target: SlowTarget(loop: group.next(), tally: tally)) { _ in }
         tally.runStart.store(runner.startedAtNanos, ordering: .relaxed)
+        let began = ContinuousClock.now
         let report = try await runner.run()
+        let wall = ContinuousClock.now - began
+        try await group.shutdownGracefully()
+        return (report, tally, wall)
+    }
+
+    @Test(arguments: [RunConfig.Pacer.loop, .thread])
+    func everyScheduledRequestRunsOnceOnAFreeSessionAndNeverEarly(pacer: RunConfig.Pacer) async throws {
+        // 4 sessions at 2,000 ops/s, each busy 300 µs a request: at most 0.6 in flight on
+        // average, so the timetable, not the sessions, sets the pace.
+        let (report, tally, _) = try await run(RunConfig(phase: .run, target: "slow", records: 100, operations: 400, rate: 2000,
+                                                         concurrency: 4, seed: 3), pacer: pacer)
         #expect(report.totalOperations == 400 && report.totalErrors == 0)
         #expect(tally.sent.load(ordering: .relaxed) == 400)
         #expect(tally.overlaps.load(ordering: .relaxed) == 0, "a session was given a request while one was in flight")
         #expect(tally.early.load(ordering: .relaxed) == 0, "requests left before their slot")
         #expect(report.elapsed >= .milliseconds(199))
-        try await group.shutdownGracefully()
+    }
+
+    /// `--warmup`: the requests of the first stretch run but are not counted, and the report's
+    /// seconds leave that stretch out.
+    @Test(arguments: [RunConfig.Pacer.loop, .thread])
+    func warmUpRequestsRunButAreNotCounted(pacer: RunConfig.Pacer) async throws {
+        var config = RunConfig(phase: .run, target: "slow", records: 100, duration: .milliseconds(200), rate: 2000, concurrency: 4, seed: 5)
+        config.warmup = .milliseconds(100)
+        let (report, tally, wall) = try await run(config, pacer: pacer)
+        let sent = tally.sent.load(ordering: .relaxed)
+        // About 600 sent (300 ms at 2,000 ops/s), about 200 of them in the warm-up.
+        #expect(sent >= 500)
+        #expect(report.totalOperations > 0 && Int(report.totalOperations) <= sent - 150, "\(report.totalOperations) of \(sent) counted")
+        #expect(report.warmupOperations >= 150 && report.totalOperations + report.warmupOperations == UInt64(sent))
+        #expect(report.elapsed <= wall - .milliseconds(90))
     }
 
     /// One session busy far longer than the timetable's spacing: requests wait for it (counted
     /// from their intended start) instead of overlapping, and all of them still run.
     @Test(arguments: [RunConfig.Pacer.loop, .thread])
     func aBusySessionHoldsRequestsBackWithoutOverlap(pacer: RunConfig.Pacer) async throws {
-        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-        let tally = Tally()
-        var config = RunConfig(phase: .run, target: "slow", records: 100, operations: 50, rate: 20_000, concurrency: 1, seed: 4)
-        config.pacer = pacer
-        let runner = Runner(config: config, target: SlowTarget(loop: group.next(), tally: tally)) { _ in }
-        tally.runStart.store(runner.startedAtNanos, ordering: .relaxed)
-        let report = try await runner.run()
+        let (report, tally, _) = try await run(RunConfig(phase: .run, target: "slow", records: 100, operations: 50, rate: 20_000,
+                                                         concurrency: 1, seed: 4), pacer: pacer)
         #expect(report.totalOperations == 50 && report.totalErrors == 0)
         #expect(tally.overlaps.load(ordering: .relaxed) == 0)
         // 50 requests one after another, 300 µs each.
         #expect(report.elapsed >= .milliseconds(15))
-        try await group.shutdownGracefully()
     }
 }
