@@ -54,9 +54,10 @@
 #                     share of the machine as an operator co-locating three nodes would: Cairn's
 #                     node.event_loops and storage.request_threads, etcd's GOMAXPROCS; 0: both at
 #                     their defaults (one per core)
-#   SHARE_STORE [0]   storage.request_threads of each three-node Cairn node when SHARE > 0: 0
-#                     runs its vnodes on its event loop (no store thread; Benchmarks/README.md,
-#                     "Vnodes on the event loop"), a number gives it that many store threads
+#   SHARE_STORE [0 when SHARE is 1, else SHARE]  storage.request_threads of each three-node Cairn
+#                     node when SHARE > 0: 0 runs its vnodes on its one event loop (no store
+#                     thread; Benchmarks/README.md, "Vnodes on the event loop"), a number gives it
+#                     that many store threads
 #   SHARE1 [cores - 1, at least 1]  threads the one-node Cairn systems get: the machine less the
 #                     generator's one event loop (cairn-load --threads 1), by the same rule as
 #                     SHARE (Redis is single-threaded whatever this says); 0: their defaults
@@ -82,6 +83,7 @@ KEEP="${KEEP:-0}"
 LATENCY="${LATENCY:-0}"
 OPEN_CONCURRENCY="${OPEN_CONCURRENCY:-256}"
 WARMUP="${WARMUP:-2s}"
+[[ "$WARMUP" =~ ^0+(ms|s|m)?$ ]] && WARMUP=0
 RATE="${RATE:-1000}"
 EXTRA_RATES="${EXTRA_RATES:-}"
 for r in $EXTRA_RATES; do [[ "$r" =~ ^[1-9][0-9]*$ ]] || { echo "compare.sh: EXTRA_RATES must be whole numbers of ops/s" >&2; exit 1; }; done
@@ -89,7 +91,7 @@ RUN_TIMEOUT="${RUN_TIMEOUT:-900}"
 CORES="$(nproc)"
 SHARE="${SHARE:-$((CORES / 3 > 0 ? CORES / 3 : 1))}"
 [[ "$SHARE" =~ ^[0-9]+$ ]] || { echo "compare.sh: SHARE must be a whole number" >&2; exit 1; }
-SHARE_STORE="${SHARE_STORE:-0}"
+SHARE_STORE="${SHARE_STORE:-$((SHARE == 1 ? 0 : SHARE))}"
 [[ "$SHARE_STORE" =~ ^[0-9]+$ ]] || { echo "compare.sh: SHARE_STORE must be a whole number" >&2; exit 1; }
 SHARE1="${SHARE1:-$((CORES > 1 ? CORES - 1 : 1))}"
 [[ "$SHARE1" =~ ^[0-9]+$ ]] || { echo "compare.sh: SHARE1 must be a whole number" >&2; exit 1; }

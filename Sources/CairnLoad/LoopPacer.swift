@@ -13,8 +13,8 @@ import NIOPosix
 /// late start counts against it: no coordinated omission), and the run ends once the budget is
 /// spent and every request has answered.
 ///
-/// Isolation: all state lives on `loop` (`NIOLoopBoundBox`); completions arriving on another
-/// loop hop there. `run` is called once.
+/// Isolation: all state lives on `loop` (`NIOLoopBoundBox`); every completion hops there as a task
+/// of its own (one that comes back on `start`'s stack never nests). `run` is called once.
 final class LoopPacer: Sendable {
     private struct State {
         var rng: SplitMix64
@@ -84,7 +84,9 @@ final class LoopPacer: Sendable {
             let stats = runner.workers[s]
             sessions[s].start(plan) { [self] values, error in
                 runner.complete(plan, values: values, error: error, stats: stats)
-                if loop.inEventLoop { completed(s) } else { loop.execute { self.completed(s) } }
+                // Always a new task: a request that fails before it is sent completes on the
+                // stack of `start`, and nesting `fire` there would grow the stack per request.
+                loop.execute { self.completed(s) }
             }
         }
         finishIfDone()

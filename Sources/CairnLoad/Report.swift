@@ -34,8 +34,10 @@ public struct RunReport: Sendable {
     public var verification: Verifier.Summary?
     public var firstFailures: [String]
     public var siblingReads: Int
-    /// Requests that completed in the warm-up (`RunConfig.warmup`): sent, not counted.
+    /// Requests that completed in the warm-up (`RunConfig.warmup`): sent, not counted; and those
+    /// of them that failed (not in `errors`).
     public var warmupOperations: UInt64 = 0
+    public var warmupErrors: UInt64 = 0
 
     public var seconds: Double {
         let (s, a) = elapsed.components
@@ -52,7 +54,9 @@ public struct RunReport: Sendable {
     public var text: String {
         var lines = ["\(config.phase.rawValue) against \(config.target): \(totalOperations) operations in \(String(format: "%.1f", seconds)) s, "
             + "\(String(format: "%.0f", throughput)) ops/s, \(totalErrors) errors"]
-        if warmupOperations > 0 { lines.append("  and \(warmupOperations) operations of the warm-up, not counted") }
+        if warmupOperations + warmupErrors > 0 {
+            lines.append("  and \(warmupOperations) operations of the warm-up, not counted (\(warmupErrors) of its requests failed)")
+        }
         lines.append("  op        count       p50 µs    p90 µs    p99 µs  p99.9 µs    max µs")
         for (op, s) in operations.sorted(by: { $0.key < $1.key }) {
             lines.append(String(format: "  %-7@ %9llu %11llu %9llu %9llu %9llu %9llu", op as NSString, s.count, s.p50, s.p90, s.p99, s.p999, s.max))
@@ -87,7 +91,7 @@ public struct RunReport: Sendable {
         var root: [String: Any] = [
             "config": config,
             "totals": ["operations": totalOperations, "errors": totalErrors, "seconds": (seconds * 1000).rounded() / 1000,
-                       "sibling_reads": siblingReads, "warmup_operations": warmupOperations],
+                       "sibling_reads": siblingReads, "warmup_operations": warmupOperations, "warmup_errors": warmupErrors],
             "throughput_ops_per_s": (throughput * 10).rounded() / 10,
             "errors": errors,
             "error_samples": errorSamples,

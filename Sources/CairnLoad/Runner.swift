@@ -117,8 +117,9 @@ public final class Runner: Sendable {
     /// Nanoseconds after `startedAtNanos` from which requests count (`RunConfig.warmup`); set once
     /// the sessions are connected.
     private let measuredFrom = Atomic<UInt64>(0)
-    /// Requests that completed without error in the warm-up.
+    /// Requests that completed without error in the warm-up, and those that failed.
     private let warmupCompleted = Atomic<UInt64>(0)
+    private let warmupErrors = Atomic<UInt64>(0)
 
     /// Nanoseconds since the runner was created (CLOCK_MONOTONIC, read directly: it is on every
     /// request's path).
@@ -289,11 +290,12 @@ public final class Runner: Sendable {
     /// Records a request's outcome (latency from the plan's start, verification). Synchronous.
     func complete(_ plan: ClosedLoopDriver.Plan, values: [[UInt8]]?, error: TargetError?, stats: WorkerStats) {
         completed.wrappingAdd(1, ordering: .relaxed)
+        let counted = plan.start >= measuredFrom.load(ordering: .relaxed)
         if let error {
-            stats.error(error.kind, error.message)
+            if counted { stats.error(error.kind, error.message) } else { warmupErrors.wrappingAdd(1, ordering: .relaxed) }
             return
         }
-        if plan.start >= measuredFrom.load(ordering: .relaxed) {
+        if counted {
             stats.record(plan.op, micros: latency(since: plan.start))
         } else {
             warmupCompleted.wrappingAdd(1, ordering: .relaxed)
@@ -380,6 +382,7 @@ public final class Runner: Sendable {
                                verification: verifier?.result, firstFailures: verifier?.firstFailures ?? [], siblingReads: siblingReads)
         report.errorSamples = samples
         report.warmupOperations = warmupCompleted.load(ordering: .relaxed)
+        report.warmupErrors = warmupErrors.load(ordering: .relaxed)
         return report
     }
 }

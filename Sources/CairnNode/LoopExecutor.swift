@@ -12,7 +12,13 @@ final class LoopExecutor: ClosureExecutor {
 
     init(_ loop: any EventLoop) { self.loop = loop }
 
-    func enqueue(_ job: consuming ExecutorJob) { loop.enqueue(job) }
+    /// Runs the job as this executor's (not the loop's own), so the runtime sees a vnode's jobs
+    /// on the vnode's executor.
+    func enqueue(_ job: consuming ExecutorJob) {
+        let job = UnownedJob(job)
+        let me = asUnownedSerialExecutor()
+        loop.execute { job.runSynchronously(on: me) }
+    }
 
     func execute(_ work: @escaping @Sendable () -> Void) { loop.execute(work) }
 
@@ -34,7 +40,9 @@ final class LoopExecutor: ClosureExecutor {
 /// On each loop, a log sync a vnode leads (group commit) runs after the loop's current tasks
 /// (`ThreadExecutor.installAfterBatch`): the writes the loop read in one pass share one
 /// `fdatasync`, and no other thread is woken for it or for the replies. The loop serves nothing
-/// else while the sync runs.
+/// else while the sync runs. The hook stays with the loop's thread for its life: any group
+/// commit led there later syncs on it too. The vnodes must stop before the loops do (a job
+/// queued to a loop that has shut down never runs); `CairnNode.run` closes the store first.
 struct EventLoopStorageEnvironment: StorageEnvironment {
     let base: ThreadEnvironment
     let loops: [any EventLoop]

@@ -5,9 +5,10 @@ import Synchronization
 /// Writers append to the log (cheap, in order) and call `noteAppended(upTo:)`; a writer that must
 /// not be acknowledged before its record is durable awaits `waitDurable(upTo:)`. The first waiter
 /// starts a sync, never on Swift's cooperative pool (`fdatasync` blocks for 0.1–0.2 ms here): on
-/// its own thread when that is a request `ThreadExecutor`'s, once the batch of work that thread
-/// is running ends (`ThreadExecutor.runAfterBatch`: the appends of the rest of the batch join
-/// the same sync, and no thread is woken for it), else on the sync queue. Everything appended
+/// its own thread when that is a request `ThreadExecutor`'s or an event loop its vnodes run on,
+/// once the batch of work that thread is running ends (`ThreadExecutor.runAfterBatch`: the
+/// appends of the rest of the batch join the same sync, and no thread is woken for it), one sync
+/// per turn, else on the sync queue. Everything appended
 /// before the sync started becomes durable with it, and writers that arrive while it runs are
 /// covered by the next one. So N concurrent writers cost about log2-to-1 syncs instead of N.
 ///
@@ -112,34 +113,47 @@ public final class GroupCommitter: Sendable {
         case .now(let error): done(error)
         case .wait: break
         case .lead:
-            // On a request thread, the sync runs there once its current batch of work ends.
-            if !ThreadExecutor.runAfterBatch({ self.runSyncs() }) { queue.async { self.runSyncs() } }
+            // On a request thread (or a vnode loop), the sync runs there once its current batch
+            // of work ends.
+            if !ThreadExecutor.runAfterBatch({ self.runSyncsAfterBatch() }) { queue.async { self.runSyncs() } }
         }
     }
 
     /// Syncs until no waiter is left; runs on `queue`.
     private func runSyncs() {
-        while true {
-            let target = state.withLock { $0.appended }
-            var error: StorageError?
-            do { try sync() } catch let e { error = e }
-            let (ready, more): ([Waiter], Bool) = state.withLock { s in
-                s.syncs += 1
-                if let error {
-                    s.failure = error
-                    let all = s.waiters
-                    s.waiters = []
-                    s.syncing = false
-                    return (all, false)
-                }
-                s.durable = max(s.durable, target)
-                let ready = s.waiters.filter { $0.sequence <= s.durable }
-                s.waiters.removeAll { $0.sequence <= s.durable }
-                if s.waiters.isEmpty { s.syncing = false }
-                return (ready, !s.waiters.isEmpty)
+        while runSyncRound() {}
+    }
+
+    /// One sync on the thread that led it after its batch; while waiters remain, the next round
+    /// is queued the same way, so an event loop leading syncs for writers on other threads
+    /// serves its own tasks between rounds instead of syncing for as long as they keep writing.
+    private func runSyncsAfterBatch() {
+        guard runSyncRound() else { return }
+        if !ThreadExecutor.runAfterBatch({ self.runSyncsAfterBatch() }) { queue.async { self.runSyncs() } }
+    }
+
+    /// Makes everything appended so far durable and releases its waiters; true when waiters
+    /// remain (the caller runs another round; `syncing` stays set meanwhile).
+    private func runSyncRound() -> Bool {
+        let target = state.withLock { $0.appended }
+        var error: StorageError?
+        do { try sync() } catch let e { error = e }
+        let (ready, more): ([Waiter], Bool) = state.withLock { s in
+            s.syncs += 1
+            if let error {
+                s.failure = error
+                let all = s.waiters
+                s.waiters = []
+                s.syncing = false
+                return (all, false)
             }
-            for w in ready { w.done(error) }
-            if !more { return }
+            s.durable = max(s.durable, target)
+            let ready = s.waiters.filter { $0.sequence <= s.durable }
+            s.waiters.removeAll { $0.sequence <= s.durable }
+            if s.waiters.isEmpty { s.syncing = false }
+            return (ready, !s.waiters.isEmpty)
         }
+        for w in ready { w.done(error) }
+        return more
     }
 }

@@ -141,7 +141,8 @@ public final class ThreadExecutor: ClosureExecutor {
 
     /// Queues `work` to run on the calling thread as soon as the batch of jobs it is running
     /// ends (the jobs that were queued when the batch began), before any job queued since —
-    /// when the caller runs on a `ThreadExecutor` made with `runsAfterBatchWork`; returns false (and
+    /// when the caller runs on a `ThreadExecutor` made with `runsAfterBatchWork`, or hands it to the
+    /// calling thread's hook (`installAfterBatch`: an event loop vnodes run on); returns false (and
     /// does nothing) anywhere else. Group commit uses it so the thread that appended a batch of
     /// log records syncs them itself after the batch, with no hand-off to a sync thread and back;
     /// a queue that keeps filling never postpones it past one batch.
@@ -164,10 +165,14 @@ public final class ThreadExecutor: ClosureExecutor {
         pthread_setspecific(hookKey, Unmanaged.passRetained(AfterBatchHook(schedule)).toOpaque())
     }
 
-    /// The thread-specific slot holding a thread's `installAfterBatch` hook.
+    /// The thread-specific slot holding a thread's `installAfterBatch` hook (released when the
+    /// thread exits).
     private static let hookKey: pthread_key_t = {
         var key = pthread_key_t()
-        _ = pthread_key_create(&key, nil)
+        _ = pthread_key_create(&key) { hook in
+            guard let hook else { return }
+            Unmanaged<AfterBatchHook>.fromOpaque(hook).release()
+        }
         return key
     }()
 
