@@ -176,6 +176,7 @@ public final class Database: Sendable {
         /// Corrupt stretches and undecodable records `salvage` dropped at open.
         public var salvagedRegions = 0
         public var removedOrphanFiles = 0
+        /// Log syncs since open, every log's (`cairn_storage_log_syncs`).
         public var logSyncs = 0
         public var writes = 0
         public var writtenBytes: UInt64 = 0
@@ -558,6 +559,9 @@ public final class Database: Sendable {
             s.immutable = (s.memtable, number, s.sequence)
             s.memtable = fresh
             s.writer = WALWriter(file: file, path: logPath)
+            // The statistic counts every log's syncs: the retiring committer's so far are kept
+            // (a sync it still runs after this is not counted).
+            s.stats.logSyncs += s.committer.syncCount
             s.committer = Self.makeCommitter(s.writer, durable: s.sequence, queue: syncQueue)
             s.relink()
         }

@@ -3,6 +3,21 @@ import Foundation
 @testable import CairnStorage
 
 @Suite struct DatabaseTests {
+    /// `logSyncs` counts the syncs of every log since open: a memtable switch (a new log and its
+    /// committer) does not take it back.
+    @Test func logSyncsKeepCountingAcrossALogSwitch() async throws {
+        let db = try Database.open(fs: FaultyFileSystem(), directory: "/db")   // sync: always
+        for i in 0..<3 { try await db.put([UInt8(i)], [1]) }
+        let before = db.statistics.logSyncs
+        #expect(before >= 3)
+        try db.flush()   // switches to a new log
+        #expect(db.statistics.flushes == 1)
+        #expect(db.statistics.logSyncs >= before)
+        try await db.put([9], [1])
+        #expect(db.statistics.logSyncs > before)
+        try await db.close()
+    }
+
     @Test func putGetDeleteAndBatchesSurviveAReopen() async throws {
         let fs = FaultyFileSystem()
         let db = try Database.open(fs: fs, directory: "/db")
