@@ -68,8 +68,7 @@ final class LoopPacer: Sendable {
     /// one, or waits for a completion to free a session. On the loop.
     private func fire() {
         while !state.value.ended && !state.value.free.isEmpty {
-            let slot = offset.addingReportingOverflow(schedule.intendedStartNanos(runner.claimed.load(ordering: .relaxed)))
-            let intended = slot.overflow ? UInt64.max : slot.partialValue
+            let intended = schedule.intendedStartNanos(runner.claimed.load(ordering: .relaxed), after: offset)
             let now = Runner.monotonicNanos() &- base
             if intended > now {
                 arm(at: intended, now: now)

@@ -118,6 +118,13 @@ public struct OpenLoopSchedule: Sendable {
         return ns.isFinite && ns < 1.8e19 ? UInt64(max(ns, 0)) : .max
     }
 
+    /// `intendedStartNanos(i)` of a timetable that starts `offset` ns after the run (`.max` past
+    /// the end of the clock).
+    public func intendedStartNanos(_ i: UInt64, after offset: UInt64) -> UInt64 {
+        let (start, overflow) = offset.addingReportingOverflow(intendedStartNanos(i))
+        return overflow ? .max : start
+    }
+
     /// Latency (µs) of operation `i` that completed `completedNanos` after the run's start.
     public func correctedLatencyMicros(_ i: UInt64, completedNanos: UInt64) -> UInt64 {
         let intended = intendedStartNanos(i)

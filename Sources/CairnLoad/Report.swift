@@ -1,4 +1,5 @@
 import Foundation
+import CairnCore
 public import Histogram
 
 /// Percentiles of one operation type, in microseconds.
@@ -87,7 +88,7 @@ public struct RunReport: Sendable {
         ]
         if let r = self.config.rate { config["rate"] = r }
         if let o = self.config.operations { config["operations"] = o }
-        if self.config.warmup > .zero { config["warmup_seconds"] = Double(self.config.warmup.components.seconds) + Double(self.config.warmup.components.attoseconds) / 1e18 }
+        if self.config.warmup > .zero { config["warmup_seconds"] = Double(self.config.warmup.wholeNanoseconds) / 1e9 }
         var root: [String: Any] = [
             "config": config,
             "totals": ["operations": totalOperations, "errors": totalErrors, "seconds": (seconds * 1000).rounded() / 1000,

@@ -114,6 +114,8 @@ public final class Runner: Sendable {
     public func requestStop() { stop.store(true, ordering: .relaxed) }
 
     let startedAtNanos = Runner.monotonicNanos()
+    /// `config.warmup` where it applies (a run phase; never negative), else zero.
+    private var warmup: Duration { config.phase == .run ? max(config.warmup, .zero) : .zero }
     /// Nanoseconds after `startedAtNanos` from which requests count (`RunConfig.warmup`); set once
     /// the sessions are connected.
     private let measuredFrom = Atomic<UInt64>(0)
@@ -137,10 +139,9 @@ public final class Runner: Sendable {
     public func run() async throws(TargetError) -> RunReport {
         var sessions: [any TargetSession] = []
         for i in 0..<config.concurrency { sessions.append(try await target.session(index: i)) }
-        let warmup = config.phase == .run ? max(config.warmup, .zero) : .zero
         let began = ContinuousClock.now
-        measuredFrom.store(elapsedNanos &+ UInt64(warmup.components.seconds) &* 1_000_000_000
-                           &+ UInt64(warmup.components.attoseconds / 1_000_000_000), ordering: .relaxed)
+        let (from, overflow) = elapsedNanos.addingReportingOverflow(UInt64(warmup.wholeNanoseconds))
+        measuredFrom.store(overflow ? .max : from, ordering: .relaxed)
         let reporter = Task { await reportProgress() }
         if config.phase == .run, let rate = config.rate {
             await runOpenLoop(sessions, schedule: OpenLoopSchedule(rate: rate))
@@ -211,8 +212,7 @@ public final class Runner: Sendable {
                 cairn_precise_timers()
                 while true {
                     // This thread is the only planner, so the next index is `claimed`.
-                    let slot = offset.addingReportingOverflow(schedule.intendedStartNanos(claimed.load(ordering: .relaxed)))
-                    let intended = slot.overflow ? UInt64.max : slot.partialValue
+                    let intended = schedule.intendedStartNanos(claimed.load(ordering: .relaxed), after: offset)
                     let deadline = base.addingReportingOverflow(intended)
                     Self.sleep(untilMonotonicNanos: deadline.overflow ? .max : deadline.partialValue)
                     let s = pool.take()
@@ -250,7 +250,7 @@ public final class Runner: Sendable {
 
     private func budgetExhausted(_ i: UInt64) -> Bool {
         if let ops = config.operations, i >= ops { return true }
-        if let d = config.duration, ContinuousClock.now - startedAt >= d + (config.phase == .run ? max(config.warmup, .zero) : .zero) { return true }
+        if let d = config.duration, ContinuousClock.now - startedAt >= d + warmup { return true }
         return false
     }
 

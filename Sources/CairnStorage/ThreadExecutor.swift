@@ -62,8 +62,11 @@ public final class ThreadExecutor: ClosureExecutor {
             // Best effort: a refused change (a container's limits) leaves the thread as it was.
             if ownThread, nice != 0 { _ = cairn_set_thread_nice(nice) }
             state.withLock { $0.thread = pthread_self() }
-            if runsAfterBatchWork { pthread_setspecific(ThreadExecutor.currentKey, Unmanaged.passUnretained(self).toOpaque()) }
-            defer { if runsAfterBatchWork { pthread_setspecific(ThreadExecutor.currentKey, nil) } }
+            // After-batch work given on this thread joins `afterBatch`, run before the next batch.
+            if runsAfterBatchWork {
+                ThreadExecutor.installAfterBatch(onCurrentThread: { work in self.state.withLock { $0.afterBatch.append(work) } })
+            }
+            defer { if runsAfterBatchWork { ThreadExecutor.removeAfterBatch() } }
             while true {
                 enum Step { case work([Work]), afterBatch([@Sendable () -> Void]), sleep, stop }
                 let step: Step = state.withLock { s in
@@ -131,42 +134,37 @@ public final class ThreadExecutor: ClosureExecutor {
 
     private let core: Core
 
-    /// The thread-specific slot that names the `Core` whose loop runs on the thread (set only
-    /// for executors that run after-batch work).
-    fileprivate static let currentKey: pthread_key_t = {
-        var key = pthread_key_t()
-        _ = pthread_key_create(&key, nil)
-        return key
-    }()
-
     /// Queues `work` to run on the calling thread as soon as the batch of jobs it is running
     /// ends (the jobs that were queued when the batch began), before any job queued since —
-    /// when the caller runs on a `ThreadExecutor` made with `runsAfterBatchWork`, or hands it to the
-    /// calling thread's hook (`installAfterBatch`: an event loop vnodes run on); returns false (and
-    /// does nothing) anywhere else. Group commit uses it so the thread that appended a batch of
+    /// when the caller runs on a `ThreadExecutor` made with `runsAfterBatchWork` or on a thread
+    /// given a hook (`installAfterBatch`: an event loop vnodes run on); returns false (and does
+    /// nothing) anywhere else. Group commit uses it so the thread that appended a batch of
     /// log records syncs them itself after the batch, with no hand-off to a sync thread and back;
     /// a queue that keeps filling never postpones it past one batch.
     public static func runAfterBatch(_ work: @escaping @Sendable () -> Void) -> Bool {
-        guard let slot = pthread_getspecific(currentKey) else {
-            guard let hook = pthread_getspecific(hookKey) else { return false }
-            Unmanaged<AfterBatchHook>.fromOpaque(hook).takeUnretainedValue().schedule(work)
-            return true
-        }
-        Unmanaged<Core>.fromOpaque(slot).takeUnretainedValue().state.withLock { $0.afterBatch.append(work) }
+        guard let hook = pthread_getspecific(hookKey) else { return false }
+        Unmanaged<AfterBatchHook>.fromOpaque(hook).takeUnretainedValue().schedule(work)
         return true
     }
 
-    /// Makes `runAfterBatch` on the calling thread, which is no `ThreadExecutor`'s, hand its work
-    /// to `schedule` (replacing an earlier hook of the thread). For a thread that runs request
-    /// executor work of its own, such as an event loop that vnodes run on: `schedule` must run the
-    /// work on this thread after the work it is running now (the loop's `execute`).
+    /// Makes `runAfterBatch` on the calling thread hand its work to `schedule` (replacing an
+    /// earlier hook of the thread). A request `ThreadExecutor` sets its own while its loop runs;
+    /// an event loop that vnodes run on is given one: `schedule` must run the work on this thread
+    /// after the work it is running now (the loop's `execute`).
     public static func installAfterBatch(onCurrentThread schedule: @escaping @Sendable (@escaping @Sendable () -> Void) -> Void) {
-        if let old = pthread_getspecific(hookKey) { Unmanaged<AfterBatchHook>.fromOpaque(old).release() }
+        removeAfterBatch()
         pthread_setspecific(hookKey, Unmanaged.passRetained(AfterBatchHook(schedule)).toOpaque())
     }
 
-    /// The thread-specific slot holding a thread's `installAfterBatch` hook (released when the
-    /// thread exits).
+    /// Removes the calling thread's hook, if any.
+    static func removeAfterBatch() {
+        guard let old = pthread_getspecific(hookKey) else { return }
+        pthread_setspecific(hookKey, nil)
+        Unmanaged<AfterBatchHook>.fromOpaque(old).release()
+    }
+
+    /// The thread-specific slot holding a thread's after-batch hook (released when the thread
+    /// exits).
     private static let hookKey: pthread_key_t = {
         var key = pthread_key_t()
         _ = pthread_key_create(&key) { hook in
