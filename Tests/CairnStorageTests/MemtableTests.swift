@@ -110,6 +110,53 @@ import Testing
     }
 }
 
+@Suite struct MemtableArenaTests {
+    /// Entries live in the arena's blocks: 100,000 entries of 100-byte values are a few dozen
+    /// allocations (freed together when the table goes), and every entry reads back whole.
+    @Test func entriesShareTheArenasBlocks() {
+        let m = Memtable()
+        for i in 0..<100_000 {
+            let key: [UInt8] = [0x20, UInt8(truncatingIfNeeded: i >> 16), UInt8(truncatingIfNeeded: i >> 8), UInt8(truncatingIfNeeded: i)]
+            m.add(key: key, sequence: UInt64(i + 1), kind: .value, value: [UInt8](repeating: UInt8(truncatingIfNeeded: i), count: 100))
+        }
+        let blocks = m.arenaBlocks
+        #expect(blocks > 1 && blocks <= m.approximateBytes / Arena.blockBytes + 2, "\(blocks) blocks for \(m.approximateBytes) bytes")
+        #expect(m.get([0x20, 0, 0x30, 0x39])?.value == [UInt8](repeating: 0x39, count: 100))
+        #expect(m.keyCount == 100_000)
+    }
+
+    /// A value larger than a quarter block gets a block of its own; the blocks around it keep
+    /// filling, and an empty value or key takes no bytes.
+    @Test func largeAndEmptyValuesRoundTrip() {
+        let m = Memtable()
+        let big = (0..<(Arena.blockBytes / 2)).map { UInt8(truncatingIfNeeded: $0 &* 31) }
+        m.add(key: [1], sequence: 1, kind: .value, value: [7])
+        m.add(key: [2], sequence: 2, kind: .value, value: big)
+        m.add(key: [3], sequence: 3, kind: .deletion, value: [])
+        m.add(key: [], sequence: 4, kind: .value, value: [9])
+        m.add(key: [2], sequence: 5, kind: .value, value: [5])
+        #expect(m.arenaBlocks == 2)
+        #expect(m.get([1])?.value == [7])
+        #expect(m.get([2], snapshot: 4)?.value == big)
+        #expect(m.get([2])?.value == [5])
+        #expect(m.get([3])?.kind == .deletion && m.get([3])?.value == [])
+        #expect(m.get([])?.value == [9])
+        #expect(m.scan().map(\.key) == [[], [1], [2], [3]])
+    }
+
+    /// The index grows from its smallest size through many doublings and still finds every key;
+    /// keys that share long prefixes (the partition bytes every stored key starts with) differ
+    /// only past the index's hash-equal check.
+    @Test func theIndexGrowsAndFindsEveryKey() {
+        let m = Memtable(expectedKeys: 1)
+        let prefix = [UInt8](repeating: 0x20, count: 20)
+        for i in 0..<5_000 { m.add(key: prefix + [UInt8(i >> 8), UInt8(i & 255)], sequence: UInt64(i + 1), kind: .value, value: [UInt8(i & 255)]) }
+        #expect(m.keyCount == 5_000)
+        for i in stride(from: 0, to: 5_000, by: 7) { #expect(m.get(prefix + [UInt8(i >> 8), UInt8(i & 255)])?.sequence == UInt64(i + 1)) }
+        #expect(m.get(prefix + [0xff, 0xff]) == nil)
+    }
+}
+
 @Suite struct MemtableLifetimeTests {
     /// Nodes are owned by an array, not by a chain of links: dropping a large memtable on a
     /// small-stack thread frees them one by one (a recursive release would overflow the stack).
