@@ -80,7 +80,7 @@ final class LoopPacer: Sendable {
             }
             guard let s = state.value.free.popLast() else { break }
             state.value.inFlight += 1
-            let stats = runner.workers[s]
+            let stats = runner.stats(for: s)
             sessions[s].start(plan) { [self] values, error in
                 runner.complete(plan, values: values, error: error, stats: stats)
                 // Always a new task: a request that fails before it is sent completes on the

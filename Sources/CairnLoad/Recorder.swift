@@ -34,8 +34,8 @@ public struct LatencyStats: Sendable {
     }
 }
 
-/// One worker's counters. Uncontended: only its worker writes; the progress reporter takes the
-/// lock once a second.
+/// Counters of a few sessions (`Runner.stats(for:)`). Barely contended: its sessions write, the
+/// progress reporter takes the lock once a second.
 public final class WorkerStats: Sendable {
     /// The names operations are reported under; `record` takes an index into this list.
     static let names = ["read", "update", "insert", "rmw", "delete"]
@@ -52,7 +52,14 @@ public final class WorkerStats: Sendable {
 
     private let state = Mutex(State())
 
-    public init() {}
+    /// `preallocated`: every operation's histograms are made now, so recording never allocates
+    /// (a run's workers); otherwise on an operation's first sample.
+    public init(preallocated: Bool = false) {
+        if preallocated { state.withLock { s in s.ops = s.ops.map { _ in LatencyStats() } } }
+    }
+
+    /// Operation types whose histograms exist (tests).
+    var allocatedOperations: Int { state.withLock { s in s.ops.filter { $0 != nil }.count } }
 
     func record(_ op: Int, micros: UInt64) {
         state.withLock { s in
@@ -79,7 +86,7 @@ public final class WorkerStats: Sendable {
     func drainInterval(into: inout [String: Histogram<UInt64>], errors: inout Int) {
         let (taken, errorCount) = state.withLock { s -> ([(Int, Histogram<UInt64>)], Int) in
             var taken: [(Int, Histogram<UInt64>)] = []
-            for i in s.ops.indices where s.ops[i] != nil {
+            for i in s.ops.indices where (s.ops[i]?.interval.totalCount ?? 0) > 0 {
                 if let h = s.ops[i]?.takeInterval() { taken.append((i, h)) }
             }
             return (taken, s.errors.values.reduce(0, +))
@@ -93,7 +100,7 @@ public final class WorkerStats: Sendable {
     func totals(into: inout [String: Histogram<UInt64>], errors: inout [String: Int], samples: inout [String: [String]]) {
         state.withLock { s in
             for (i, stats) in s.ops.enumerated() {
-                guard let stats else { continue }
+                guard let stats, stats.total.totalCount > 0 else { continue }
                 into[Self.names[i], default: Histogram<UInt64>(highestTrackableValue: LatencyStats.highestMicros, numberOfSignificantValueDigits: .three)]
                     .add(stats.total)
             }

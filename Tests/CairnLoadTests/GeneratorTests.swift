@@ -186,4 +186,26 @@ import Histogram
         #expect((json["error_samples"] as? [String: [String]])?["timeout"] == ["after 2000 ms"])
         #expect(report.text.contains("server error: node n1 refused"))
     }
+
+    /// A run's sessions share a few stats, each with every operation's histograms made before
+    /// the run: nothing is allocated at the first counted sample (256 sessions once zeroed ~100 MB
+    /// there, on the generator's loop). Operations that saw no sample stay out of the totals and
+    /// the progress intervals.
+    @Test func sessionsShareAFewPreallocatedStats() {
+        let shards = Runner.statShards(concurrency: 256)
+        #expect(shards >= 8 && shards < 256)
+        #expect(Runner.statShards(concurrency: 3) == 3 && Runner.statShards(concurrency: 0) == 1)
+        let stats = WorkerStats(preallocated: true)
+        #expect(stats.allocatedOperations == WorkerStats.names.count)
+        #expect(WorkerStats().allocatedOperations == 0)
+        stats.record(0, micros: 250)
+        var interval: [String: Histogram<UInt64>] = [:], errors = 0
+        stats.drainInterval(into: &interval, errors: &errors)
+        #expect(Array(interval.keys) == ["read"] && interval["read"]?.totalCount == 1)
+        var totals: [String: Histogram<UInt64>] = [:], kinds: [String: Int] = [:], samples: [String: [String]] = [:]
+        stats.totals(into: &totals, errors: &kinds, samples: &samples)
+        #expect(Array(totals.keys) == ["read"])
+        let runner = Runner(config: RunConfig(phase: .run, target: "cairn://x:1", records: 1, concurrency: 256), target: LoopPacerTests.RefusingTarget()) { _ in }
+        #expect(runner.workers.count == shards && runner.stats(for: 300) === runner.workers[300 % shards])
+    }
 }
