@@ -47,7 +47,7 @@ public final class WorkerStats: Sendable {
         var samples: [String: [String]] = [:]
     }
 
-    /// Error messages kept per kind (per worker, and in the report).
+    /// Error messages kept per kind (per `WorkerStats`, and in the report).
     static let maxSamples = 3
 
     private let state = Mutex(State())

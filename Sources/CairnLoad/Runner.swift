@@ -98,12 +98,12 @@ public final class Runner: Sendable {
     /// (`stats(for:)`): a few, each holding every operation's histograms from the start.
     let workers: [WorkerStats]
 
-    /// How many `WorkerStats` a run keeps: twice the cores, at least 8, at most one per session.
+    /// How many `WorkerStats` a run keeps: twice the cores, 8 to 32, at most one per session.
     /// One per session allocated and zeroed ~190 KiB per operation type per session at its first
     /// counted sample: 256 sessions did ~100 MB of it in the first counted second of an open
     /// loop, on the generator's one event loop, and that second's p99 carried the stall.
     static func statShards(concurrency: Int) -> Int {
-        max(1, min(concurrency, max(8, 2 * ProcessInfo.processInfo.activeProcessorCount)))
+        max(1, min(concurrency, min(32, max(8, 2 * ProcessInfo.processInfo.activeProcessorCount))))
     }
 
     /// Where session `w` records.
@@ -402,7 +402,7 @@ public final class Runner: Sendable {
 
 /// One driven worker's state. Used by one request's completion at a time (a worker has one
 /// request in flight, and each completion starts the next), so its random generator needs no
-/// lock; shared counters are atomics.
+/// lock; shared counters are atomics, and its `WorkerStats` (shared with a few workers) locks.
 public final class ClosedLoopDriver: @unchecked Sendable {
     public struct Plan: Sendable {
         public let op: Int

@@ -551,8 +551,10 @@ public final class Database: Sendable {
             throw error
         }
         // Sized like the one it replaces (no append runs meanwhile: the caller holds `logLock`),
-        // and made before the state lock is taken.
-        let fresh = Memtable(expectedKeys: state.withLock { $0.memtable }.keyCount)
+        // but never reserving room for more keys than a full one could hold at 64 bytes each (a
+        // replayed log is not bounded by the write buffer), and made before the state lock is taken.
+        let expected = min(state.withLock { $0.memtable }.keyCount, options.writeBufferBytes / 2 / 64)
+        let fresh = Memtable(expectedKeys: expected)
         state.withLock { s in
             s.committer.markDurable(upTo: s.sequence)
             s.memtable.freeze()

@@ -17,7 +17,8 @@ public enum EntryKind: UInt8, Sendable, Hashable {
 /// at all); the list orders scans, and serves a read at a snapshot older than the key's newest entry.
 ///
 /// Memory: nodes, keys and values are copied into an arena of large blocks (`Arena`) and the
-/// index is one flat array, so a table of a hundred thousand entries is a few dozen allocations.
+/// index is one flat array, so a table of a hundred thousand entries is about a hundred
+/// allocations (one per 256 KiB of entries) rather than three per entry.
 /// A flush walks entries laid out in order of arrival rather than scattered over the heap, and
 /// dropping the table frees a few blocks: freeing one object per entry, from the flush thread,
 /// into the allocator arenas of the threads that made them, held those threads' every `malloc`
@@ -26,7 +27,7 @@ public enum EntryKind: UInt8, Sendable, Hashable {
 /// Isolation: thread-safe; writers and readers take a short lock (the engine has one writer, the
 /// commit path). Once frozen (`freeze`) the table takes no adds and a flush walks it without the
 /// lock (`frozenEntries`). Bound: `approximateBytes` (the arena's bytes in use and the index's
-/// slots) grows with every insert; the engine swaps in a fresh memtable when it passes
+/// slots in use; not the index's reserved room) grows with every insert; the engine swaps in a fresh memtable when it passes
 /// `write_buffer_bytes`. A node, and the bytes it points at, live until the table is freed:
 /// cursors and walks keep the table alive.
 public final class Memtable: Sendable {
@@ -74,12 +75,8 @@ public final class Memtable: Sendable {
 
         init(expectedKeys: Int) {
             index = MemtableIndex(expectedKeys: expectedKeys)
-            let raw = arena.allocate(Memtable.nodeBytes(height: Memtable.maxHeight))
-            head = raw.bindMemory(to: Node.self, capacity: 1)
-            let empty = UnsafePointer(UnsafeMutableRawPointer(raw).bindMemory(to: UInt8.self, capacity: 0))
-            head.initialize(to: Node(key: empty, value: empty, keyCount: 0, valueCount: 0, sequence: 0, kind: .deletion,
-                                     height: UInt8(Memtable.maxHeight), prefix: 0, prefix2: 0))
-            head.next.initialize(repeating: nil, count: Memtable.maxHeight)
+            head = Memtable.makeNode(&arena, Node(key: Memtable.noBytes, value: Memtable.noBytes, keyCount: 0, valueCount: 0, sequence: 0,
+                                                  kind: .deletion, height: UInt8(Memtable.maxHeight), prefix: 0, prefix2: 0))
         }
 
         /// The arena's bytes in use past the head node, and the index's slots at its average
@@ -88,6 +85,12 @@ public final class Memtable: Sendable {
     }
 
     static let maxHeight = 12
+    /// Where the head node's empty key and value point (never read: their length is 0).
+    nonisolated(unsafe) static let noBytes: UnsafePointer<UInt8> = {
+        let p = UnsafeMutablePointer<UInt8>.allocate(capacity: 1)
+        p.initialize(to: 0)
+        return UnsafePointer(p)
+    }()
     fileprivate let state: Mutex<State>
 
     /// `expectedKeys`: distinct keys the table will likely hold (the engine passes its previous
@@ -119,8 +122,10 @@ extension UnsafeMutablePointer where Pointee == Memtable.Node {
         UnsafeMutableRawPointer(self + 1).assumingMemoryBound(to: Memtable.NodePointer?.self)
     }
     @inline(__always) var keyBytes: UnsafeBufferPointer<UInt8> { UnsafeBufferPointer(start: pointee.key, count: Int(pointee.keyCount)) }
-    @inline(__always) var entry: Memtable.Entry {
-        Memtable.Entry(key: Array(keyBytes), sequence: pointee.sequence, kind: pointee.kind,
+    @inline(__always) var entry: Memtable.Entry { entry(key: Array(keyBytes)) }
+    /// The entry with `key`, which must equal this node's key.
+    @inline(__always) func entry(key: [UInt8]) -> Memtable.Entry {
+        Memtable.Entry(key: key, sequence: pointee.sequence, kind: pointee.kind,
                        value: Array(UnsafeBufferPointer(start: pointee.value, count: Int(pointee.valueCount))))
     }
     @inline(__always) func successor(_ level: Int) -> Memtable.NodePointer? { next[level] }
@@ -148,7 +153,8 @@ struct Arena {
     private(set) var blocks: [UnsafeMutableRawPointer] = []
     private var cursor: UnsafeMutableRawPointer?
     private var remaining = 0
-    /// Bytes handed out (alignment padding included), what the table's size is counted in.
+    /// Bytes handed out (alignment padding included) and block tails left unused: what the
+    /// table's size is counted in.
     private(set) var used = 0
 
     /// `count` bytes at an 8-byte boundary, uninitialized.
@@ -161,6 +167,7 @@ struct Arena {
             return block
         }
         if size > remaining || cursor == nil {
+            used += remaining   // the old block's tail, left unused
             let block = UnsafeMutableRawPointer.allocate(byteCount: Self.blockBytes, alignment: 16)
             blocks.append(block)
             cursor = block
@@ -301,6 +308,8 @@ extension Memtable {
     private static func add(_ s: inout State, key: UnsafeBufferPointer<UInt8>, sequence: UInt64, kind: EntryKind,
                             value: UnsafeBufferPointer<UInt8>) {
         precondition(!s.frozen, "an add to a frozen memtable")
+        // The engine never hands over more than a log record holds (`WAL.maxRecordBytes`).
+        precondition(key.count <= Int(UInt32.max) && value.count <= Int(UInt32.max), "a memtable entry over 4 GiB")
         let height = randomHeight(&s.rng)
         let hash = MemtableIndex.hash(key)
         let current = s.index.find(key, hash: hash)
@@ -372,25 +381,26 @@ extension Memtable {
     /// The newest entry for `key` with sequence ≤ `snapshot`: a value, a deletion, or nil when
     /// the memtable says nothing about the key at that snapshot.
     public func get(_ key: [UInt8], snapshot: UInt64 = .max) -> Entry? {
-        key.withUnsafeBufferPointer { key in
+        key.withUnsafeBufferPointer { bytes in
             state.withLock { s -> Entry? in
-                guard let newest = s.index.find(key, hash: MemtableIndex.hash(key)) else { return nil }
-                if newest.pointee.sequence <= snapshot { return newest.entry }
-                guard let n = Self.seek(s, key, snapshot), n.hasKey(key) else { return nil }
-                return n.entry
+                guard let newest = s.index.find(bytes, hash: MemtableIndex.hash(bytes)) else { return nil }
+                // The caller's key is the entry's: only the value is copied out.
+                if newest.pointee.sequence <= snapshot { return newest.entry(key: key) }
+                guard let n = Self.seek(s, bytes, snapshot), n.hasKey(bytes) else { return nil }
+                return n.entry(key: key)
             }
         }
     }
 
     /// The first node at or after (key, seq) in table order.
-    private static func seek(_ s: State, _ key: UnsafeBufferPointer<UInt8>, _ seq: UInt64) -> NodePointer? {
+    private static func seek(_ s: borrowing State, _ key: UnsafeBufferPointer<UInt8>, _ seq: UInt64) -> NodePointer? {
         var x = s.head
         let prefix = (Self.prefix(of: key, from: 0), Self.prefix(of: key, from: 8))
         for level in stride(from: s.height - 1, through: 0, by: -1) { x = advance(x, level: level, key, prefix, seq) }
         return x.successor(0)
     }
 
-    private static func seek(_ s: State, _ key: [UInt8], _ seq: UInt64) -> NodePointer? {
+    private static func seek(_ s: borrowing State, _ key: [UInt8], _ seq: UInt64) -> NodePointer? {
         key.withUnsafeBufferPointer { seek(s, $0, seq) }
     }
 

@@ -144,6 +144,15 @@ import Testing
         #expect(m.scan().map(\.key) == [[], [1], [2], [3]])
     }
 
+    /// A block's tail left unused when the next entry does not fit counts in the table's size:
+    /// five 60,000-byte values take two blocks, and the size covers the whole first one.
+    @Test func unusedBlockTailsCountInTheSize() {
+        let m = Memtable()
+        for i in 0..<5 { m.add(key: [UInt8(i)], sequence: UInt64(i + 1), kind: .value, value: [UInt8](repeating: 1, count: 60_000)) }
+        #expect(m.arenaBlocks == 2)
+        #expect(m.approximateBytes >= Arena.blockBytes - Memtable.nodeBytes(height: Memtable.maxHeight) + 60_000)
+    }
+
     /// The index grows from its smallest size through many doublings and still finds every key;
     /// keys that share long prefixes (the partition bytes every stored key starts with) differ
     /// only past the index's hash-equal check.
@@ -158,8 +167,8 @@ import Testing
 }
 
 @Suite struct MemtableLifetimeTests {
-    /// Nodes are owned by an array, not by a chain of links: dropping a large memtable on a
-    /// small-stack thread frees them one by one (a recursive release would overflow the stack).
+    /// Nodes live in the arena, not in a chain of owning links: dropping a large memtable on a
+    /// small-stack thread frees its blocks (a recursive release would overflow the stack).
     @Test func aLargeMemtableIsFreedWithoutRecursion() async {
         let done: Bool = await Task.detached {
             var m: Memtable? = Memtable()
