@@ -62,7 +62,7 @@ public final class Memtable: Sendable {
     typealias NodePointer = UnsafeMutablePointer<Node>
 
     /// Reached only under `state`'s lock (and, once frozen, read by walks without it).
-    struct State: @unchecked Sendable {
+    struct State: ~Copyable, @unchecked Sendable {
         var arena = Arena()
         var index: MemtableIndex
         var head: NodePointer
@@ -97,13 +97,6 @@ public final class Memtable: Sendable {
     /// memtable's), reserved in the index up front so filling it never rehashes the index.
     public init(expectedKeys: Int = 0) {
         state = Mutex(State(expectedKeys: max(expectedKeys, 0)))
-    }
-
-    deinit {
-        state.withLock { s in
-            s.index.release()
-            s.arena.release()
-        }
     }
 
     /// Bytes a node of `height` takes in the arena (fields and tower).
@@ -148,7 +141,8 @@ extension UnsafeMutablePointer where Pointee == Memtable.Node {
 
 /// Bump allocation from blocks of `blockBytes`, all freed together (`release`). A request larger
 /// than a quarter block gets a block of its own. Not thread-safe: the memtable's lock guards it.
-struct Arena {
+/// Not copyable: it owns its blocks, and frees them when it goes.
+struct Arena: ~Copyable {
     static let blockBytes = 256 << 10
     private(set) var blocks: [UnsafeMutableRawPointer] = []
     private var cursor: UnsafeMutableRawPointer?
@@ -186,19 +180,16 @@ struct Arena {
         return UnsafePointer(at)
     }
 
-    /// Frees every block; nothing the arena handed out may be used after.
-    mutating func release() {
+    deinit {
         for block in blocks { block.deallocate() }
-        blocks = []
-        cursor = nil
-        remaining = 0
     }
 }
 
 /// The memtable's point index: each key's newest node, by open addressing with linear probing
 /// over one flat array of (hash, node) slots, at most three quarters full. Not thread-safe: the
-/// memtable's lock guards it. Node pointers stay valid for the memtable's life.
-struct MemtableIndex {
+/// memtable's lock guards it. Node pointers stay valid for the memtable's life. Not copyable: it
+/// owns its slots.
+struct MemtableIndex: ~Copyable {
     struct Slot {
         var hash: Int
         var node: Memtable.NodePointer?
@@ -259,11 +250,7 @@ struct MemtableIndex {
         old.deallocate()
     }
 
-    mutating func release() {
-        slots.deallocate()
-        slots = UnsafeMutableBufferPointer(start: nil, count: 0)
-        count = 0
-    }
+    deinit { slots.deallocate() }
 }
 
 extension Memtable {
