@@ -86,4 +86,4 @@ for bench in fillseq fillrandom overwrite readrandom readseq fillsync; do
 done
 echo
 echo "readrandom found: RocksDB $(field rocks readrandom found), Cairn $(field cairn readrandom found)"
-echo "ratio = Cairn ops/s ÷ RocksDB ops/s (> 1: Cairn faster). RSS bound for Cairn: write buffer + cache + 64 MiB = $(((WRITE_BUFFER + CACHE) / 1048576 + 64)) MiB."
+echo "ratio = Cairn ops/s ÷ RocksDB ops/s (> 1: Cairn faster). Cairn's configured memory: write buffer + block cache = $(((WRITE_BUFFER + CACHE) / 1048576)) MiB (the process itself and allocator overhead come on top: ~30 MiB at start)."
