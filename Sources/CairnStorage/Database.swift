@@ -653,7 +653,7 @@ public final class Database: Sendable {
                 throw error
             }
             // The frozen memtable is freed here, on this thread, once the lock is released (its
-            // arena is a few dozen blocks; still not work to do under the state lock).
+            // arena is about a hundred blocks; still not work to do under the state lock).
             withExtendedLifetime(frozen) {}
             for name in try fs.list(directory) where name.hasSuffix(".log") {
                 if let n = UInt64(name.dropLast(4)), n < nextLog { try fs.remove(path(name)) }
