@@ -20,15 +20,15 @@ public enum EntryKind: UInt8, Sendable, Hashable {
 /// index is one flat array, so a table of a hundred thousand entries is about a hundred
 /// allocations (one per 256 KiB of entries) rather than three per entry.
 /// A flush walks entries laid out in order of arrival rather than scattered over the heap, and
-/// dropping the table frees a few blocks: freeing one object per entry, from the flush thread,
+/// dropping the table frees its blocks: freeing one object per entry, from the flush thread,
 /// into the allocator arenas of the threads that made them, held those threads' every `malloc`
 /// for tens of milliseconds after each flush.
 ///
 /// Isolation: thread-safe; writers and readers take a short lock (the engine has one writer, the
 /// commit path). Once frozen (`freeze`) the table takes no adds and a flush walks it without the
 /// lock (`frozenEntries`). Bound: `approximateBytes` (the arena's bytes in use and the index's
-/// slots in use; not the index's reserved room) grows with every insert; the engine swaps in a fresh memtable when it passes
-/// `write_buffer_bytes`. A node, and the bytes it points at, live until the table is freed:
+/// slots in use; not the index's reserved room) grows with every insert; the engine swaps in a
+/// fresh memtable when it passes `write_buffer_bytes`. A node, and the bytes it points at, live until the table is freed:
 /// cursors and walks keep the table alive.
 public final class Memtable: Sendable {
     public struct Entry: Sendable, Hashable {
@@ -47,8 +47,8 @@ public final class Memtable: Sendable {
     struct Node {
         var key: UnsafePointer<UInt8>
         var value: UnsafePointer<UInt8>
-        var keyCount: UInt32
-        var valueCount: UInt32
+        var keyCount: Int
+        var valueCount: Int
         var sequence: UInt64
         var kind: EntryKind
         var height: UInt8
@@ -114,16 +114,16 @@ extension UnsafeMutablePointer where Pointee == Memtable.Node {
     @inline(__always) var next: UnsafeMutablePointer<Memtable.NodePointer?> {
         UnsafeMutableRawPointer(self + 1).assumingMemoryBound(to: Memtable.NodePointer?.self)
     }
-    @inline(__always) var keyBytes: UnsafeBufferPointer<UInt8> { UnsafeBufferPointer(start: pointee.key, count: Int(pointee.keyCount)) }
+    @inline(__always) var keyBytes: UnsafeBufferPointer<UInt8> { UnsafeBufferPointer(start: pointee.key, count: pointee.keyCount) }
     @inline(__always) var entry: Memtable.Entry { entry(key: Array(keyBytes)) }
     /// The entry with `key`, which must equal this node's key.
     @inline(__always) func entry(key: [UInt8]) -> Memtable.Entry {
         Memtable.Entry(key: key, sequence: pointee.sequence, kind: pointee.kind,
-                       value: Array(UnsafeBufferPointer(start: pointee.value, count: Int(pointee.valueCount))))
+                       value: Array(UnsafeBufferPointer(start: pointee.value, count: pointee.valueCount)))
     }
     @inline(__always) func successor(_ level: Int) -> Memtable.NodePointer? { next[level] }
     @inline(__always) func hasKey(_ key: UnsafeBufferPointer<UInt8>) -> Bool {
-        pointee.key == key.baseAddress && Int(pointee.keyCount) == key.count || Coding.compare(keyBytes, key) == 0
+        pointee.key == key.baseAddress && pointee.keyCount == key.count || Coding.compare(keyBytes, key) == 0
     }
     @inline(__always) func sameKey(as other: Memtable.NodePointer) -> Bool { hasKey(other.keyBytes) }
 
@@ -160,17 +160,17 @@ struct Arena: ~Copyable {
             blocks.append(block)
             return block
         }
-        if size > remaining || cursor == nil {
-            used += remaining   // the old block's tail, left unused
-            let block = UnsafeMutableRawPointer.allocate(byteCount: Self.blockBytes, alignment: 16)
-            blocks.append(block)
-            cursor = block
-            remaining = Self.blockBytes
+        if size <= remaining, let at = cursor {
+            cursor = at + size
+            remaining -= size
+            return at
         }
-        guard let at = cursor else { preconditionFailure("an arena block was just allocated") }
-        cursor = at + size
-        remaining -= size
-        return at
+        used += remaining   // the old block's tail, left unused (0 before the first block)
+        let block = UnsafeMutableRawPointer.allocate(byteCount: Self.blockBytes, alignment: 16)
+        blocks.append(block)
+        cursor = block + size
+        remaining = Self.blockBytes - size
+        return block
     }
 
     /// Copies `bytes` into the arena.
@@ -198,8 +198,9 @@ struct MemtableIndex: ~Copyable {
     private(set) var count = 0
 
     init(expectedKeys: Int) {
+        let wanted = min(max(expectedKeys, 0), 1 << 40)   // far past any memtable; keeps the arithmetic in range
         var capacity = 16
-        while capacity * 3 < expectedKeys * 4 { capacity <<= 1 }
+        while capacity * 3 < wanted * 4 { capacity <<= 1 }
         slots = .allocate(capacity: capacity)
         slots.initialize(repeating: Slot(hash: 0, node: nil))
     }
@@ -295,8 +296,6 @@ extension Memtable {
     private static func add(_ s: inout State, key: UnsafeBufferPointer<UInt8>, sequence: UInt64, kind: EntryKind,
                             value: UnsafeBufferPointer<UInt8>) {
         precondition(!s.frozen, "an add to a frozen memtable")
-        // The engine never hands over more than a log record holds (`WAL.maxRecordBytes`).
-        precondition(key.count <= Int(UInt32.max) && value.count <= Int(UInt32.max), "a memtable entry over 4 GiB")
         let height = randomHeight(&s.rng)
         let hash = MemtableIndex.hash(key)
         let current = s.index.find(key, hash: hash)
@@ -313,7 +312,7 @@ extension Memtable {
                 newest.next[level] = moved
             }
             newest.pointee.value = valueCopy
-            newest.pointee.valueCount = UInt32(truncatingIfNeeded: value.count)
+            newest.pointee.valueCount = value.count
             newest.pointee.sequence = sequence
             newest.pointee.kind = kind
             return
@@ -321,8 +320,8 @@ extension Memtable {
         // A key the table holds shares its bytes; a new one is copied.
         let keyCopy = current.map { UnsafePointer($0.pointee.key) } ?? s.arena.copy(key)
         let prefix = (Self.prefix(of: key, from: 0), Self.prefix(of: key, from: 8))
-        let node = makeNode(&s.arena, Node(key: keyCopy, value: valueCopy, keyCount: UInt32(truncatingIfNeeded: key.count),
-                                           valueCount: UInt32(truncatingIfNeeded: value.count), sequence: sequence, kind: kind,
+        let node = makeNode(&s.arena, Node(key: keyCopy, value: valueCopy, keyCount: key.count,
+                                           valueCount: value.count, sequence: sequence, kind: kind,
                                            height: UInt8(truncatingIfNeeded: height), prefix: prefix.0, prefix2: prefix.1))
         // The predecessors at each level, on the stack.
         withUnsafeTemporaryAllocation(of: NodePointer.self, capacity: maxHeight) { update in
