@@ -25,6 +25,11 @@
 #                crossings a request makes
 #   steal %      share of the machine's CPU time the hypervisor gave to other guests during the
 #                run (/proc/stat): on a shared VM, a run with a high figure ran on less machine
+# Before the systems, the disk's log-sync latency is probed in the same directory as their data
+# (disk-sync.txt, printed with the tables): a 300-byte record written into a preallocated file and
+# `fdatasync`ed, as Cairn's log does, 1,000 times by one writer and then by three at once (the
+# three-node systems share this disk, and each node syncs its own log). Every durable system here
+# waits for these syncs, so the figures say how much of a run's latency is the disk's.
 # With LATENCY=1, each system then also runs workload a in an open loop (`--rate`, OPEN_CONCURRENCY
 # sessions, DURATION) at RATE ops/s and at half the ops/s its closed-loop workload a reached
 # (its peak on this machine), and a second table gives read and update latency and the servers'
@@ -251,6 +256,11 @@ print("cpu µs/op = server processes' utime+stime over the run / operations (all
 print("switches/op = context switches of every server thread over the run / operations (thread crossings);")
 print("steal % = the machine's CPU time the hypervisor took during the run (/proc/stat; a shared VM runs slower then).")
 print()
+probe = os.path.join(d, "disk-sync.txt")
+if os.path.exists(probe):
+    with open(probe) as f:
+        print(f.read().rstrip())
+    print()
 table(header, rows)
 
 # Updates matter in workload a (50% read, 50% update): show their latency too.
@@ -380,6 +390,48 @@ machine() {
     if [[ -n "${CAIRN_CONF:-}" ]]; then echo "cairn configuration added: $(printf '%s' "$CAIRN_CONF" | tr '\n' ';')"; fi
     echo "systems: $SYSTEMS"
     echo
+}
+
+# disk_sync_probe DIR OUT: the log-sync latency of the disk holding DIR (see the header) to OUT.
+disk_sync_probe() {
+    python3 - "$1" >"$2" <<'PY'
+import os, sys, time
+from multiprocessing import Pool
+
+DIR, RECORDS, RECORD = sys.argv[1], 1000, b"x" * 300
+
+def writer(k):
+    path = os.path.join(DIR, f"disk-sync-probe-{k}")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        # Preallocated and made durable first, as Cairn's log (storage.log_preallocate_bytes):
+        # each sync then writes the record's block alone, not also a new file size.
+        os.write(fd, b"\0" * (RECORDS * len(RECORD) + 4096))
+        os.fsync(fd)
+        os.lseek(fd, 0, os.SEEK_SET)
+        took = []
+        for _ in range(RECORDS):
+            os.write(fd, RECORD)
+            t = time.perf_counter()
+            os.fdatasync(fd)
+            took.append(time.perf_counter() - t)
+        return took
+    finally:
+        os.close(fd)
+        os.unlink(path)
+
+def summary(took):
+    took = sorted(took)
+    at = lambda q: took[min(len(took) - 1, int(q * len(took)))] * 1000
+    return f"p50 {at(0.5):.2f}  p99 {at(0.99):.2f}  mean {sum(took) / len(took) * 1000:.2f} ms"
+
+one = writer(0)
+with Pool(3) as pool:
+    three = [t for ts in pool.map(writer, range(1, 4)) for t in ts]
+print(f"disk log sync (300-byte record + fdatasync, preallocated file, {RECORDS} per writer; probed before the runs):")
+print(f"  1 writer:          {summary(one)}")
+print(f"  3 writers at once: {summary(three)}   (each of three nodes syncing its own log)")
+PY
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -669,6 +721,9 @@ main() {
     WORK="$(mktemp -d "${TMPDIR:-/tmp}/cairn-compare.XXXXXX")"
     mkdir -p "$WORK/json" "$WORK/logs" "$WORK/data"
     machine
+    disk_sync_probe "$WORK/data" "$WORK/json/disk-sync.txt" || echo "disk sync probe failed" >"$WORK/json/disk-sync.txt"
+    cat "$WORK/json/disk-sync.txt"
+    echo
     for s in $SYSTEMS; do measure "$s"; done
     echo "== results"
     report "$WORK/json"
