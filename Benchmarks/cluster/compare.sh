@@ -66,6 +66,8 @@
 #   SHARE1 [cores - 1, at least 1]  threads the one-node Cairn systems get: the machine less the
 #                     generator's one event loop (cairn-load --threads 1), by the same rule as
 #                     SHARE (Redis is single-threaded whatever this says); 0: their defaults
+#   SHARE1_STORE [SHARE1]  storage.request_threads of the one-node Cairn systems when SHARE1 > 0:
+#                     0 runs the vnodes on the node's event loop, as SHARE_STORE
 #   CAIRN_CONF        extra lines ("key = value", newline-separated) for every Cairn node's
 #                     configuration (Docs/configuration.md), e.g. to measure a setting
 #   BIN_DIR           directory holding cairnd and cairn-load: no build (default: build them)
@@ -100,6 +102,8 @@ SHARE_STORE="${SHARE_STORE:-$((SHARE == 1 ? 0 : SHARE))}"
 [[ "$SHARE_STORE" =~ ^[0-9]+$ ]] || { echo "compare.sh: SHARE_STORE must be a whole number" >&2; exit 1; }
 SHARE1="${SHARE1:-$((CORES > 1 ? CORES - 1 : 1))}"
 [[ "$SHARE1" =~ ^[0-9]+$ ]] || { echo "compare.sh: SHARE1 must be a whole number" >&2; exit 1; }
+SHARE1_STORE="${SHARE1_STORE:-$SHARE1}"
+[[ "$SHARE1_STORE" =~ ^[0-9]+$ ]] || { echo "compare.sh: SHARE1_STORE must be a whole number" >&2; exit 1; }
 
 REDIS_PORT="${REDIS_PORT:-6399}"
 CAIRN1_HOST=127.0.0.61
@@ -386,7 +390,7 @@ machine() {
     echo "settings: --records $RECORDS --value-size $VALUE_SIZE --concurrency $CONCURRENCY $how --seed $SEED"
     if [[ "$LATENCY" == "1" ]]; then echo "open loop: --concurrency $OPEN_CONCURRENCY --duration $DURATION$([[ "$WARMUP" == "0" ]] || echo " after --warmup $WARMUP"), --rate $RATE${EXTRA_RATES:+ (and $EXTRA_RATES)} and half of each peak"; fi
     echo "three-node systems: $( ((SHARE > 0)) && echo "$SHARE thread(s) each (node.event_loops; GOMAXPROCS), Cairn storage.request_threads = $SHARE_STORE" || echo "default threads (one per core each)")"
-    echo "one-node Cairn:     $( ((SHARE1 > 0)) && echo "$SHARE1 thread(s) (node.event_loops, storage.request_threads)" || echo "default threads (one per core)")"
+    echo "one-node Cairn:     $( ((SHARE1 > 0)) && echo "$SHARE1 thread(s) (node.event_loops), storage.request_threads = $SHARE1_STORE" || echo "default threads (one per core)")"
     if [[ -n "${CAIRN_CONF:-}" ]]; then echo "cairn configuration added: $(printf '%s' "$CAIRN_CONF" | tr '\n' ';')"; fi
     echo "systems: $SYSTEMS"
     echo
@@ -485,7 +489,7 @@ start_cairn_1() {
     local h=$CAIRN1_HOST
     require_free "$h:$CAIRN_PORT" "$h:$CAIRN_HTTP_PORT"
     local sync=${1:-always}
-    cairn_config c1 "$h" 1 "c1@$h:$CAIRN_PORT" "$sync" "$SHARE1"
+    cairn_config c1 "$h" 1 "c1@$h:$CAIRN_PORT" "$sync" "$SHARE1" "$SHARE1_STORE"
     start "cairnd-c1-$sync" "$WORK/logs/cairnd-c1-$sync.log" "$BIN/cairnd" --config "$WORK/conf/c1-$sync.conf"
     SYS_PIDS=("$STARTED_PID")
     wait_ready "cairnd-c1-$sync" "$STARTED_PID" "$WORK/logs/cairnd-c1-$sync.log" 150 cairn_healthy "$h"
