@@ -139,6 +139,7 @@ extension NodeConfig {
         case "storage.write_buffer_bytes": storage.writeBufferBytes = try Self.bytes(value, (1 << 20)...(16 << 30))
         case "storage.block_cache_bytes": storage.blockCacheBytes = try Self.bytes(value, 0...(1 << 40))
         case "storage.log_preallocate_bytes": storage.logPreallocateBytes = try Self.bytes(value, 0...(1 << 30))
+        case "storage.log_buffer_bytes": storage.logBufferBytes = try Self.bytes(value, 0...(64 << 20))
         case "storage.request_threads": storageRequestThreads = try Self.int(value, 0...64)
         case "storage.background_nice": storageBackgroundNice = Int32(try Self.int(value, 0...19))
         case "storage.bytes_per_sync": storage.bytesPerSync = try Self.bytes(value, 0...(1 << 30))

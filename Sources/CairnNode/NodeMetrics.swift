@@ -250,6 +250,7 @@ public final class NodeMetrics: Sendable {
             ("cairn_storage_block_cache_hits", [], Double(s.blockCache.hits)),
             ("cairn_storage_block_cache_misses", [], Double(s.blockCache.misses)),
             ("cairn_storage_log_syncs", [], Double(s.logSyncs)),
+            ("cairn_storage_log_writes", [], Double(s.logWrites)),
             ("cairn_storage_flushes", [], Double(s.flushes)),
             ("cairn_storage_compactions", [], Double(s.compactions)),
             ("cairn_storage_compaction_written_bytes", [], Double(s.compactionWrittenBytes)),

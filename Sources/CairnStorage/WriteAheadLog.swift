@@ -148,7 +148,8 @@ public enum SyncMode: Sendable, Hashable {
 ///
 /// Concurrency: `append` calls must be serialized by the caller (the engine's commit path);
 /// `sync` may run concurrently with `append` (group commit: `write` and `fdatasync` on one
-/// descriptor are safe together). The failure flags are lock-protected.
+/// descriptor are safe together). The failure flags and the buffer are lock-protected; the
+/// buffer is taken and written to the file under one lock, so file writes keep append order.
 public final class WALWriter: @unchecked Sendable {
     let file: any AppendableFile
     public let path: String
@@ -157,13 +158,43 @@ public final class WALWriter: @unchecked Sendable {
         var sync: StorageError?
     }
     private let failure = Mutex(Failures())
+    /// Framed records not yet written to the file (`bufferLimit` > 0), and the file writes made.
+    private let pending = Mutex<(bytes: [UInt8], writes: Int)>(([], 0))
+    /// Appended records are held in memory until a sync, the buffer reaching this many bytes,
+    /// `writeOut` or `close` writes them to the file in one write; 0: each append writes at once.
+    public let bufferLimit: Int
 
-    public init(file: any AppendableFile, path: String) {
+    /// `bufferLimit`: see the property. A writer whose caller acknowledges writes without a sync
+    /// must call `writeOut` first (or use 0), or a process crash loses what the buffer holds.
+    public init(file: any AppendableFile, path: String, bufferLimit: Int = 0) {
         self.file = file
         self.path = path
+        self.bufferLimit = max(0, bufferLimit)
     }
 
-    public var size: UInt64 { file.size }
+    /// Bytes appended so far, buffered ones included.
+    public var size: UInt64 { file.size + UInt64(pending.withLock { $0.bytes.count }) }
+
+    /// Writes to the file so far (one per append without a buffer; one per emptied buffer with one).
+    public var fileWrites: Int { pending.withLock { $0.writes } }
+
+    /// Writes the buffered records to the file (not synced). A failed write is a failed append:
+    /// the buffered records are dropped (their writers learn it from the sync that fails next)
+    /// and every later append is refused.
+    public func writeOut() throws(StorageError) {
+        try pending.withLock { p throws(StorageError) in
+            guard !p.bytes.isEmpty else { return }
+            do throws(StorageError) {
+                try file.append(p.bytes)
+                p.writes += 1
+                p.bytes.removeAll(keepingCapacity: true)
+            } catch {
+                failure.withLock { $0.write = $0.write ?? error }
+                p.bytes = []
+                throw error
+            }
+        }
+    }
 
     /// Why this writer refuses appends, if it does (a failed append or a failed sync).
     public var appendFailure: StorageError? { failure.withLock { $0.sync ?? $0.write } }
@@ -183,19 +214,33 @@ public final class WALWriter: @unchecked Sendable {
             guard p.count <= WAL.maxRecordBytes else { throw .invalidArgument("log record of \(p.count) bytes exceeds \(WAL.maxRecordBytes)") }
             WAL.frame(p, into: &bytes)
         }
-        do {
-            try file.append(bytes)
-        } catch {
-            failure.withLock { $0.write = $0.write ?? error }
-            throw error
+        if bufferLimit > 0 {
+            let full = pending.withLock { p in
+                p.bytes.append(contentsOf: bytes)
+                return p.bytes.count >= bufferLimit
+            }
+            if full { try writeOut() }
+        } else {
+            do {
+                try file.append(bytes)
+                pending.withLock { $0.writes += 1 }
+            } catch {
+                failure.withLock { $0.write = $0.write ?? error }
+                throw error
+            }
         }
         if sync { try self.sync() }
     }
 
     /// Makes everything appended so far durable (also after a failed append: what was appended
-    /// before it is whole). Refused after a failed sync.
+    /// before it is whole), writing out the buffer first; a failed write-out fails the sync.
+    /// Refused after a failed sync.
     public func sync() throws(StorageError) {
         if let f = failure.withLock({ $0.sync }) { throw .writesRefused("an earlier sync of \(path) failed (\(f))") }
+        do throws(StorageError) { try writeOut() } catch {
+            failure.withLock { $0.sync = $0.sync ?? error }
+            throw error
+        }
         do {
             try file.sync()
         } catch {
@@ -204,5 +249,12 @@ public final class WALWriter: @unchecked Sendable {
         }
     }
 
-    public func close() throws(StorageError) { try file.close() }
+    /// Writes out the buffer (not synced), then closes the file; the write's failure is thrown
+    /// after the close.
+    public func close() throws(StorageError) {
+        var failed: StorageError?
+        do throws(StorageError) { try writeOut() } catch { failed = error }
+        try file.close()
+        if let failed { throw failed }
+    }
 }

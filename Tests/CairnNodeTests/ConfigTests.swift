@@ -71,6 +71,13 @@ import CairnCore
         #expect(throws: NodeConfig.ParseError.self) { try parse("storage.bytes_per_sync = 2GiB\n") }
     }
 
+    @Test func theLogBufferIsSixtyFourKiBByDefaultAndCanBeTurnedOff() throws {
+        #expect(try parse("").storage.logBufferBytes == 64 << 10)
+        #expect(try parse("storage.log_buffer_bytes = 1MiB\n").storage.logBufferBytes == 1 << 20)
+        #expect(try parse("storage.log_buffer_bytes = 0\n").storage.logBufferBytes == 0)
+        #expect(throws: NodeConfig.ParseError.self) { try parse("storage.log_buffer_bytes = 65MiB\n") }
+    }
+
     @Test func backgroundThreadsAreNicedTenByDefault() throws {
         #expect(try parse("").storageBackgroundNice == 10)
         #expect(try parse("storage.background_nice = 0\n").storageBackgroundNice == 0)

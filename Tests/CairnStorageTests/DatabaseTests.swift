@@ -18,6 +18,33 @@ import Foundation
         try await db.close()
     }
 
+    /// Under `always` the log's buffer turns a group commit's records into one file write; a
+    /// write acknowledged without a sync (`sync: .none` for it) leaves the buffer at once, so a
+    /// reopen after it finds the record; with the buffer off every record is its own write.
+    @Test func theLogBufferWritesOncePerSyncAndNeverHoldsAnAcknowledgedWrite() async throws {
+        let fs = FaultyFileSystem()
+        let db = try Database.open(fs: fs, directory: "/db")   // sync: always, 64 KiB buffer
+        for i in 0..<5 { try await db.put([UInt8(i)], [1]) }
+        let synced = db.statistics
+        #expect(synced.logWrites == synced.logSyncs, "one write per sync: \(synced.logWrites) writes, \(synced.logSyncs) syncs")
+        try await db.put([42], [42], sync: SyncMode.none)
+        #expect(db.statistics.logWrites == synced.logWrites + 1 && db.statistics.logSyncs == synced.logSyncs)
+        await db.abandon()   // closed without a sync
+        let again = try Database.open(fs: fs, directory: "/db")
+        #expect(try again.get([42]) == [42])
+        try await again.close()
+
+        var options = DatabaseOptions()
+        options.logBufferBytes = 0
+        let unbuffered = try Database.open(fs: FaultyFileSystem(), directory: "/db", options: options)
+        var batch = WriteBatch()
+        batch.put([1], [1])
+        _ = try unbuffered.apply(batch)
+        _ = try unbuffered.apply(batch)
+        #expect(unbuffered.statistics.logWrites == 2 && unbuffered.statistics.logSyncs == 0)
+        try await unbuffered.close()
+    }
+
     @Test func putGetDeleteAndBatchesSurviveAReopen() async throws {
         let fs = FaultyFileSystem()
         let db = try Database.open(fs: fs, directory: "/db")

@@ -154,6 +154,77 @@ private func payload(_ i: Int, _ rng: inout Seeded) -> [UInt8] {
         }
     }
 
+    /// The crash property above with a log buffer of random size: a record may sit in memory
+    /// until a sync, a full buffer or `writeOut`, but an acknowledged one is on disk all the same.
+    @Test func acknowledgedRecordsSurviveEveryCrashWithABuffer() throws {
+        for seed in 1...300 {
+            var rng = Seeded(state: UInt64(seed) &* 7919)
+            let fs = FaultyFileSystem()
+            try fs.createDirectory("/db")
+            let file = try fs.openAppendable("/db/000001.log", create: true)
+            try fs.syncDirectory("/db")
+            let writer = WALWriter(file: file, path: "/db/000001.log", bufferLimit: Int.random(in: 1...600, using: &rng))
+            var written: [[UInt8]] = []
+            var acknowledged = 0
+            for i in 0..<Int.random(in: 1...60, using: &rng) {
+                let p = payload(i, &rng)
+                let sync = Bool.random(using: &rng)
+                try writer.append([p], sync: sync)
+                written.append(p)
+                if sync { acknowledged = written.count }
+                if Int.random(in: 0..<8, using: &rng) == 0 { try writer.writeOut() }
+            }
+            fs.crash(tearing: Bool.random(using: &rng), rng: &rng)
+            let r = try WAL.recover(try fs.openReadable("/db/000001.log"), path: "/db/000001.log")
+            #expect(r.records.count >= acknowledged, "seed \(seed): lost acknowledged records")
+            #expect(r.records == Array(written.prefix(r.records.count)), "seed \(seed): recovered records are not a prefix of what was written")
+        }
+    }
+
+    /// Buffered records reach the file at the sync, in one write; a full buffer goes at once;
+    /// `close` writes out what is left; `size` counts buffered bytes.
+    @Test func aBufferedWriterWritesOncePerSyncOrFullBuffer() throws {
+        let fs = FaultyFileSystem()
+        try fs.createDirectory("/db")
+        let writer = WALWriter(file: try fs.openAppendable("/db/log", create: true), path: "/db/log", bufferLimit: 100)
+        let records: [[UInt8]] = [[1, 2, 3], [4, 5], [6]]
+        for r in records { try writer.append([r], sync: false) }
+        #expect(fs.contents("/db/log") == [] && writer.fileWrites == 0)
+        #expect(writer.size == UInt64(records.map { WAL.frame($0).count }.reduce(0, +)))
+        try writer.sync()
+        #expect(fs.contents("/db/log") == records.flatMap(WAL.frame) && writer.fileWrites == 1)
+        try writer.sync()
+        #expect(writer.fileWrites == 1, "an empty buffer is not written")
+
+        let big = [UInt8](repeating: 7, count: 120)
+        try writer.append([big], sync: false)
+        #expect(writer.fileWrites == 2, "a record that fills the buffer goes at once")
+        try writer.append([[9]], sync: false)
+        try writer.close()
+        #expect(fs.contents("/db/log") == (records + [big, [9]]).flatMap(WAL.frame) && writer.fileWrites == 3)
+
+        let unbuffered = WALWriter(file: try fs.openAppendable("/db/log2", create: true), path: "/db/log2")
+        for r in records { try unbuffered.append([r], sync: false) }
+        #expect(fs.contents("/db/log2") == records.flatMap(WAL.frame) && unbuffered.fileWrites == 3)
+    }
+
+    /// A buffer that cannot be written (a full disk) fails the sync that writes it: its writers
+    /// learn it there, and the writer refuses everything after, as after a failed sync.
+    @Test func aFailedWriteOutFailsTheSyncAndRefusesLaterAppends() throws {
+        let fs = FaultyFileSystem()
+        try fs.createDirectory("/db")
+        let writer = WALWriter(file: try fs.openAppendable("/db/log", create: true), path: "/db/log", bufferLimit: 1 << 16)
+        try writer.append([[1, 1]], sync: true)
+        try writer.append([[2, 2, 2, 2]], sync: false)
+        fs.setFreeSpace(3)
+        #expect(throws: StorageError.io(path: "/db/log", operation: "write", errno: 28)) { try writer.sync() }
+        fs.setFreeSpace(nil)
+        #expect(throws: StorageError.self) { try writer.append([[3]], sync: false) }
+        #expect(throws: StorageError.self) { try writer.sync() }
+        let r = try WAL.recover(try fs.openReadable("/db/log"), path: "/db/log")
+        #expect(r.records == [[1, 1]], "the synced record stays; the fragment of the failed one is a torn tail")
+    }
+
     @Test func afterAFailedSyncTheWriterRefusesEverything() throws {
         let fs = FaultyFileSystem()
         try fs.createDirectory("/db")
