@@ -66,8 +66,9 @@
 #   SHARE1 [cores - 1, at least 1]  threads the one-node Cairn systems get: the machine less the
 #                     generator's one event loop (cairn-load --threads 1), by the same rule as
 #                     SHARE (Redis is single-threaded whatever this says); 0: their defaults
-#   SHARE1_STORE [SHARE1]  storage.request_threads of the one-node Cairn systems when SHARE1 > 0:
-#                     0 runs the vnodes on the node's event loop, as SHARE_STORE
+#   SHARE1_STORE [0 when SHARE1 is 1, else SHARE1]  storage.request_threads of the one-node Cairn
+#                     systems when SHARE1 > 0, by SHARE_STORE's rule: 0 runs the vnodes on the
+#                     node's one event loop
 #   CAIRN_CONF        extra lines ("key = value", newline-separated) for every Cairn node's
 #                     configuration (Docs/configuration.md), e.g. to measure a setting
 #   BIN_DIR           directory holding cairnd and cairn-load: no build (default: build them)
@@ -102,7 +103,7 @@ SHARE_STORE="${SHARE_STORE:-$((SHARE == 1 ? 0 : SHARE))}"
 [[ "$SHARE_STORE" =~ ^[0-9]+$ ]] || { echo "compare.sh: SHARE_STORE must be a whole number" >&2; exit 1; }
 SHARE1="${SHARE1:-$((CORES > 1 ? CORES - 1 : 1))}"
 [[ "$SHARE1" =~ ^[0-9]+$ ]] || { echo "compare.sh: SHARE1 must be a whole number" >&2; exit 1; }
-SHARE1_STORE="${SHARE1_STORE:-$SHARE1}"
+SHARE1_STORE="${SHARE1_STORE:-$((SHARE1 == 1 ? 0 : SHARE1))}"
 [[ "$SHARE1_STORE" =~ ^[0-9]+$ ]] || { echo "compare.sh: SHARE1_STORE must be a whole number" >&2; exit 1; }
 
 REDIS_PORT="${REDIS_PORT:-6399}"
