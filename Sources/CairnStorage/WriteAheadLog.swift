@@ -144,12 +144,16 @@ public enum SyncMode: Sendable, Hashable {
 ///   they are durable.
 /// - After a failed sync every later `append` and `sync` is refused: the data since the last good
 ///   sync may be gone, and a retried fsync could lie.
+/// - With a buffer, a failed write-out of it counts as both: the buffered records are lost, and
+///   their writers, waiting for a sync, must never be told they are durable.
 /// Either way the writer is done; the engine recovers by reopening (a new log or manifest).
 ///
 /// Concurrency: `append` calls must be serialized by the caller (the engine's commit path);
 /// `sync` may run concurrently with `append` (group commit: `write` and `fdatasync` on one
-/// descriptor are safe together). The failure flags and the buffer are lock-protected; the
-/// buffer is taken and written to the file under one lock, so file writes keep append order.
+/// descriptor are safe together). The failure flags and the buffer are lock-protected. A
+/// write-out takes the buffer under its lock and writes it under a second one (`fileWrite`):
+/// file writes keep append order, and an appender never waits for a write in progress unless
+/// its own append fills the buffer. Lock order: `fileWrite`, then `pending`, then `failure`.
 public final class WALWriter: @unchecked Sendable {
     let file: any AppendableFile
     public let path: String
@@ -158,8 +162,12 @@ public final class WALWriter: @unchecked Sendable {
         var sync: StorageError?
     }
     private let failure = Mutex(Failures())
-    /// Framed records not yet written to the file (`bufferLimit` > 0), and the file writes made.
-    private let pending = Mutex<(bytes: [UInt8], writes: Int)>(([], 0))
+    /// Framed records not yet written to the file (`bufferLimit` > 0), and the emptied array of
+    /// the last write-out (reused, so a steady buffer allocates nothing).
+    private let pending = Mutex<(bytes: [UInt8], spare: [UInt8])>(([], []))
+    /// Held while the buffer is written to the file.
+    private let fileWrite = Mutex(())
+    private let writes = Atomic<Int>(0)
     /// Appended records are held in memory until a sync, the buffer reaching this many bytes,
     /// `writeOut` or `close` writes them to the file in one write; 0: each append writes at once.
     public let bufferLimit: Int
@@ -172,27 +180,38 @@ public final class WALWriter: @unchecked Sendable {
         self.bufferLimit = max(0, bufferLimit)
     }
 
-    /// Bytes appended so far, buffered ones included.
-    public var size: UInt64 { file.size + UInt64(pending.withLock { $0.bytes.count }) }
+    /// Bytes appended so far, buffered ones included (waits for a write-out in progress).
+    public var size: UInt64 { fileWrite.withLock { _ in file.size + UInt64(pending.withLock { $0.bytes.count }) } }
 
     /// Writes to the file so far (one per append without a buffer; one per emptied buffer with one).
-    public var fileWrites: Int { pending.withLock { $0.writes } }
+    public var fileWrites: Int { writes.load(ordering: .relaxed) }
 
-    /// Writes the buffered records to the file (not synced). A failed write is a failed append:
-    /// the buffered records are dropped (their writers learn it from the sync that fails next)
-    /// and every later append is refused.
+    /// Writes the buffered records to the file (not synced). A failed write loses the buffered
+    /// records, whose writers may be waiting for a sync: the writer then refuses every later
+    /// append and sync, so none of them is ever reported durable.
     public func writeOut() throws(StorageError) {
-        try pending.withLock { p throws(StorageError) in
-            guard !p.bytes.isEmpty else { return }
+        try fileWrite.withLock { _ throws(StorageError) in
+            var out = pending.withLock { p -> [UInt8] in
+                let taken = p.bytes
+                p.bytes = p.spare
+                p.spare = []
+                return taken
+            }
+            guard !out.isEmpty else { return }
             do throws(StorageError) {
-                try file.append(p.bytes)
-                p.writes += 1
-                p.bytes.removeAll(keepingCapacity: true)
+                try file.append(out)
             } catch {
-                failure.withLock { $0.write = $0.write ?? error }
-                p.bytes = []
+                failure.withLock { f in
+                    f.write = f.write ?? error
+                    f.sync = f.sync ?? error
+                }
                 throw error
             }
+            writes.add(1, ordering: .relaxed)
+            // Reused unless a record far past the bound made it large.
+            guard out.capacity <= 2 * bufferLimit + (1 << 16) else { return }
+            out.removeAll(keepingCapacity: true)
+            pending.withLock { p in if p.spare.capacity < out.capacity { p.spare = out } }
         }
     }
 
@@ -208,22 +227,22 @@ public final class WALWriter: @unchecked Sendable {
             return nil
         }
         if let refused { throw refused }
-        var bytes: [UInt8] = []
-        bytes.reserveCapacity(payloads.reduce(0) { $0 + WAL.headerBytes + $1.count })
-        for p in payloads {
-            guard p.count <= WAL.maxRecordBytes else { throw .invalidArgument("log record of \(p.count) bytes exceeds \(WAL.maxRecordBytes)") }
-            WAL.frame(p, into: &bytes)
+        for p in payloads where p.count > WAL.maxRecordBytes {
+            throw .invalidArgument("log record of \(p.count) bytes exceeds \(WAL.maxRecordBytes)")
         }
         if bufferLimit > 0 {
-            let full = pending.withLock { p in
-                p.bytes.append(contentsOf: bytes)
-                return p.bytes.count >= bufferLimit
+            let full = pending.withLock { b in
+                for p in payloads { WAL.frame(p, into: &b.bytes) }
+                return b.bytes.count >= bufferLimit
             }
             if full { try writeOut() }
         } else {
+            var bytes: [UInt8] = []
+            bytes.reserveCapacity(payloads.reduce(0) { $0 + WAL.headerBytes + $1.count })
+            for p in payloads { WAL.frame(p, into: &bytes) }
             do {
                 try file.append(bytes)
-                pending.withLock { $0.writes += 1 }
+                writes.add(1, ordering: .relaxed)
             } catch {
                 failure.withLock { $0.write = $0.write ?? error }
                 throw error
@@ -232,15 +251,12 @@ public final class WALWriter: @unchecked Sendable {
         if sync { try self.sync() }
     }
 
-    /// Makes everything appended so far durable (also after a failed append: what was appended
-    /// before it is whole), writing out the buffer first; a failed write-out fails the sync.
-    /// Refused after a failed sync.
+    /// Makes everything appended so far durable, writing out the buffer first. Without a buffer,
+    /// also after a failed append (what was appended before it is whole); refused after a failed
+    /// sync or a failed write-out of the buffer.
     public func sync() throws(StorageError) {
-        if let f = failure.withLock({ $0.sync }) { throw .writesRefused("an earlier sync of \(path) failed (\(f))") }
-        do throws(StorageError) { try writeOut() } catch {
-            failure.withLock { $0.sync = $0.sync ?? error }
-            throw error
-        }
+        if let f = failure.withLock({ $0.sync }) { throw .writesRefused("an earlier sync or buffered write of \(path) failed (\(f))") }
+        try writeOut()
         do {
             try file.sync()
         } catch {
@@ -249,8 +265,9 @@ public final class WALWriter: @unchecked Sendable {
         }
     }
 
-    /// Writes out the buffer (not synced), then closes the file; the write's failure is thrown
-    /// after the close.
+    /// Writes out the buffer (not synced; `Database.abandon` closes this way too, so an abandoned
+    /// database leaves its buffered records in the file, unsynced), then closes the file; the
+    /// write's failure is thrown after the close.
     public func close() throws(StorageError) {
         var failed: StorageError?
         do throws(StorageError) { try writeOut() } catch { failed = error }

@@ -201,6 +201,24 @@ private func payload(_ i: Int, _ rng: inout Seeded) -> [UInt8] {
         #expect(r.records == [[1, 1]], "the synced record stays; the fragment of the failed one is a torn tail")
     }
 
+    /// A full buffer that cannot be written takes records whose writers still wait for a sync
+    /// with it: no later sync may succeed, or they would be told they are durable.
+    @Test func aFailedWriteOutOfAFullBufferFailsEveryLaterSync() throws {
+        let fs = FaultyFileSystem()
+        try fs.createDirectory("/db")
+        let writer = WALWriter(file: try fs.openAppendable("/db/log", create: true), path: "/db/log", bufferLimit: 20)
+        try writer.append([[1, 1]], sync: true)
+        try writer.append([[2, 2]], sync: false)       // waits in the buffer for a sync
+        fs.failNextWrite(keeping: 3)
+        #expect(throws: StorageError.io(path: "/db/log", operation: "write", errno: 5)) {
+            try writer.append([[UInt8](repeating: 3, count: 16)], sync: false)   // fills the buffer
+        }
+        #expect(throws: StorageError.self) { try writer.sync() }
+        #expect(throws: StorageError.self) { try writer.append([[4]], sync: true) }
+        let r = try WAL.recover(try fs.openReadable("/db/log"), path: "/db/log")
+        #expect(r.records == [[1, 1]])
+    }
+
     @Test func afterAFailedSyncTheWriterRefusesEverything() throws {
         let fs = FaultyFileSystem()
         try fs.createDirectory("/db")
