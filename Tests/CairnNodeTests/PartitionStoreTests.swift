@@ -22,7 +22,7 @@ struct Pair: Hashable, Sendable, CustomStringConvertible {
 }
 
 func openStore(_ kind: StoreKind, disk: FaultyFileSystem = FaultyFileSystem(), fs: (any FileSystem)? = nil,
-               cacheFlushedBlocks: Bool = true) async throws -> any PartitionStore {
+               cacheFlushedBlocks: Bool = true, logBufferBytes: Int = DatabaseOptions().logBufferBytes) async throws -> any PartitionStore {
     switch kind {
     case .memory:
         return MemoryBackend()
@@ -30,6 +30,7 @@ func openStore(_ kind: StoreKind, disk: FaultyFileSystem = FaultyFileSystem(), f
         var options = DatabaseOptions()
         options.syncMode = .always
         options.cacheFlushedBlocks = cacheFlushedBlocks
+        options.logBufferBytes = logBufferBytes
         return try await DiskBackend.open(directory: "/db", options: options, fs: fs ?? disk.session())
     }
 }
@@ -271,10 +272,12 @@ func bytewise(_ a: Pair, _ b: Pair) -> Bool { a.key.lexicographicallyPrecedes(b.
     }
 
     /// The vnode's log appends (a write) and table reads (a read missing the block cache) run
-    /// on its partition's store executor: the vnode actor itself runs there.
+    /// on its partition's store executor: the vnode actor itself runs there. Without the log
+    /// buffer: with it, a record reaches the file in the sync that makes it durable, which runs
+    /// where group commit puts it (after the store thread's batch, or on the sync queue).
     @Test func aVnodesEngineCallsRunOnTheStoresThread() async throws {
         let recorder = RecordingFileSystem(FaultyFileSystem().session())
-        let store = try await openStore(.disk, fs: recorder, cacheFlushedBlocks: false)
+        let store = try await openStore(.disk, fs: recorder, cacheFlushedBlocks: false, logBufferBytes: 0)
         let (vnode, sup, task) = try await runningVnode(store)
         let executor = try #require(store.executor(for: vnode.partition))
         recorder.watch(executor)
