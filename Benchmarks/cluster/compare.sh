@@ -26,8 +26,9 @@
 #   steal %      share of the machine's CPU time the hypervisor gave to other guests during the
 #                run (/proc/stat): on a shared VM, a run with a high figure ran on less machine
 # Before the systems, the disk's log-sync latency is probed in the same directory as their data
-# (disk-sync.txt, printed with the tables): a 300-byte record written into a preallocated file and
-# `fdatasync`ed, as Cairn's log does, 1,000 times by one writer and then by three at once (the
+# (disk-sync.txt, printed with the tables; Benchmarks/storage/log-sync.py probe): a 300-byte record
+# written into a file zeroed ahead and `fdatasync`ed, as Cairn's log does, 1,000 times by one
+# writer and then by three at once (the
 # three-node systems share this disk, and each node syncs its own log). Every durable system here
 # waits for these syncs, so the figures say how much of a run's latency is the disk's.
 # With LATENCY=1, each system then also runs workload a in an open loop (`--rate`, OPEN_CONCURRENCY
@@ -398,46 +399,7 @@ machine() {
 }
 
 # disk_sync_probe DIR OUT: the log-sync latency of the disk holding DIR (see the header) to OUT.
-disk_sync_probe() {
-    python3 - "$1" >"$2" <<'PY'
-import os, sys, time
-from multiprocessing import Pool
-
-DIR, RECORDS, RECORD = sys.argv[1], 1000, b"x" * 300
-
-def writer(k):
-    path = os.path.join(DIR, f"disk-sync-probe-{k}")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        # Preallocated and made durable first, as Cairn's log (storage.log_preallocate_bytes):
-        # each sync then writes the record's block alone, not also a new file size.
-        os.write(fd, b"\0" * (RECORDS * len(RECORD) + 4096))
-        os.fsync(fd)
-        os.lseek(fd, 0, os.SEEK_SET)
-        took = []
-        for _ in range(RECORDS):
-            os.write(fd, RECORD)
-            t = time.perf_counter()
-            os.fdatasync(fd)
-            took.append(time.perf_counter() - t)
-        return took
-    finally:
-        os.close(fd)
-        os.unlink(path)
-
-def summary(took):
-    took = sorted(took)
-    at = lambda q: took[min(len(took) - 1, int(q * len(took)))] * 1000
-    return f"p50 {at(0.5):.2f}  p99 {at(0.99):.2f}  mean {sum(took) / len(took) * 1000:.2f} ms"
-
-one = writer(0)
-with Pool(3) as pool:
-    three = [t for ts in pool.map(writer, range(1, 4)) for t in ts]
-print(f"disk log sync (300-byte record + fdatasync, preallocated file, {RECORDS} per writer; probed before the runs):")
-print(f"  1 writer:          {summary(one)}")
-print(f"  3 writers at once: {summary(three)}   (each of three nodes syncing its own log)")
-PY
-}
+disk_sync_probe() { DIR="$1" OPS=1000 python3 "$ROOT/Benchmarks/storage/log-sync.py" probe 3 >"$2"; }
 
 # ---------------------------------------------------------------------------------------------
 # The systems. start_<system> starts it and waits until ready; sets TARGET, RUN_EXTRA, SYS_PIDS.

@@ -7,11 +7,17 @@ chunk at a time (storage.log_preallocate_bytes; default 1 MiB) and writes record
 PosixFileSystem.createLog does. Alternates the two for ROUNDS rounds and prints latency and CPU
 per append+sync, and the ratio zeroed / growing.
 
+`log-sync.py probe N` instead measures the zeroed file alone, once by one writer and once by N
+writers at once (each its own file, as N nodes on one disk each sync their own log), and prints
+two lines: Benchmarks/cluster/compare.sh runs it before its systems.
+
 Environment: DIR (where the file goes; default: the current directory, so it measures the disk
 the data directory would be on), OPS (3000), RECORD (300 bytes), CHUNK (1048576), ROUNDS (3).
 """
 import os
+import sys
 import time
+from multiprocessing import Pool
 
 DIR = os.environ.get("DIR", ".")
 OPS = int(os.environ.get("OPS", "3000"))
@@ -42,16 +48,41 @@ def run(chunk):
     finally:
         os.close(fd)
         os.remove(path)
-    latencies.sort()
+    return latencies, cpu / OPS * 1e6
+
+
+def percentiles(latencies):
+    """p50, p99 and p99.9 of `latencies` (seconds), in ms."""
+    latencies = sorted(latencies)
     pick = lambda q: latencies[min(len(latencies) - 1, int(len(latencies) * q))] * 1e3
-    return pick(0.5), pick(0.99), pick(0.999), cpu / OPS * 1e6
+    return pick(0.5), pick(0.99), pick(0.999)
+
+
+def probe(writers):
+    one, _ = run(CHUNK)
+    with Pool(writers) as pool:
+        many = [t for latencies, _ in pool.map(run, [CHUNK] * writers) for t in latencies]
+    line = lambda lat: "p50 %.2f  p99 %.2f  mean %.2f ms" % (*percentiles(lat)[:2], sum(lat) / len(lat) * 1e3)
+    print("disk log sync (%d-byte record + fdatasync, zeroed ahead as the log is, %d per writer; "
+          "Benchmarks/storage/log-sync.py probe):" % (RECORD, OPS))
+    print("  1 writer:          %s" % line(one))
+    print("  %d writers at once: %s   (each of %d nodes syncing its own log)" % (writers, line(many), writers))
+
+
+def measured(chunk):
+    latencies, cpu = run(chunk)
+    return (*percentiles(latencies), cpu)
 
 
 def main():
+    if len(sys.argv) == 3 and sys.argv[1] == "probe" and sys.argv[2].isdigit() and int(sys.argv[2]) > 0:
+        return probe(int(sys.argv[2]))
+    if len(sys.argv) > 1:
+        sys.exit("usage: log-sync.py [probe N]")
     results = {"growing": [], "zeroed": []}
     for _ in range(ROUNDS):
-        results["growing"].append(run(0))
-        results["zeroed"].append(run(CHUNK))
+        results["growing"].append(measured(0))
+        results["zeroed"].append(measured(CHUNK))
     print("append %d B + fdatasync, %d per run, %d rounds, chunk %d B, in %s" % (RECORD, OPS, ROUNDS, CHUNK, os.path.abspath(DIR)))
     print("%-8s %8s %8s %9s %11s" % ("file", "p50 ms", "p99 ms", "p99.9 ms", "cpu µs/op"))
     mean = {}

@@ -198,21 +198,27 @@ public final class WALWriter: @unchecked Sendable {
                 return taken
             }
             guard !out.isEmpty else { return }
-            do throws(StorageError) {
-                try file.append(out)
-            } catch {
-                failure.withLock { f in
-                    f.write = f.write ?? error
-                    f.sync = f.sync ?? error
-                }
-                throw error
-            }
-            writes.add(1, ordering: .relaxed)
+            try write(out, losingWaiters: true)
             // Reused unless a record far past the bound made it large.
             guard out.capacity <= 2 * bufferLimit + (1 << 16) else { return }
             out.removeAll(keepingCapacity: true)
             pending.withLock { p in if p.spare.capacity < out.capacity { p.spare = out } }
         }
+    }
+
+    /// Writes `bytes` to the file, recording a failure by the failure rules: `losingWaiters`
+    /// (the buffer's records, which writers may be waiting to sync) refuses later syncs too.
+    private func write(_ bytes: [UInt8], losingWaiters: Bool) throws(StorageError) {
+        do throws(StorageError) {
+            try file.append(bytes)
+        } catch {
+            failure.withLock { f in
+                f.write = f.write ?? error
+                if losingWaiters { f.sync = f.sync ?? error }
+            }
+            throw error
+        }
+        writes.add(1, ordering: .relaxed)
     }
 
     /// Why this writer refuses appends, if it does (a failed append or a failed sync).
@@ -222,7 +228,7 @@ public final class WALWriter: @unchecked Sendable {
     /// writer refuses every later append (see the type's failure rules) and the error is thrown.
     public func append(_ payloads: [[UInt8]], sync: Bool) throws(StorageError) {
         let refused: StorageError? = failure.withLock { f in
-            if let e = f.sync { return .writesRefused("an earlier sync of \(path) failed (\(e))") }
+            if let e = f.sync { return .writesRefused("an earlier sync or buffered write of \(path) failed (\(e))") }
             if let e = f.write { return .writesRefused("an earlier write to \(path) failed (\(e)); nothing is appended after it") }
             return nil
         }
@@ -240,13 +246,7 @@ public final class WALWriter: @unchecked Sendable {
             var bytes: [UInt8] = []
             bytes.reserveCapacity(payloads.reduce(0) { $0 + WAL.headerBytes + $1.count })
             for p in payloads { WAL.frame(p, into: &bytes) }
-            do {
-                try file.append(bytes)
-                writes.add(1, ordering: .relaxed)
-            } catch {
-                failure.withLock { $0.write = $0.write ?? error }
-                throw error
-            }
+            try write(bytes, losingWaiters: false)
         }
         if sync { try self.sync() }
     }
