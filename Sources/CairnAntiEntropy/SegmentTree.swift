@@ -42,24 +42,32 @@ public struct TreeShape: Hashable, Sendable, CustomStringConvertible {
 /// Value type, pure. Invariant: every inner node is the XOR of its children.
 public struct SegmentTree: Hashable, Sendable {
     public let shape: TreeShape
-    /// `levels[l]` holds the `shape.width(of: l)` nodes of level l; `levels[shape.depth]` the leaves.
-    private var levels: [[UInt64]]
+    /// Every level's nodes in one array, the root first and the leaves last: level l's
+    /// `shape.width(of: l)` nodes start at `Self.start(of: l)`. One array, so a write's walk up
+    /// the tree checks one buffer's uniqueness once, not two per level.
+    private var nodes: [UInt64]
 
     public init(shape: TreeShape) {
         self.shape = shape
-        levels = (0...shape.depth).map { [UInt64](repeating: 0, count: shape.width(of: $0)) }
+        nodes = [UInt64](repeating: 0, count: shape.nodeCount)
     }
 
-    public var root: UInt64 { levels[0][0] }
-    public var isEmpty: Bool { root == 0 && levels[shape.depth].allSatisfy { $0 == 0 } }
+    /// Where level `level` starts in `nodes`: the nodes of the levels above it, (16^l − 1) / 15.
+    private static func start(of level: Int) -> Int { ((1 << (level * TreeShape.fanoutBits)) - 1) / (TreeShape.fanout - 1) }
+
+    public var root: UInt64 { nodes[0] }
+    public var isEmpty: Bool { nodes[Self.start(of: shape.depth)...].allSatisfy { $0 == 0 } }
 
     /// XORs `delta` into `segment` and every node above it.
     public mutating func apply(segment: Int, delta: UInt64) {
         guard delta != 0, segment >= 0, segment < shape.segments else { return }
-        var index = segment
-        for level in stride(from: shape.depth, through: 0, by: -1) {
-            levels[level][index] ^= delta
-            index >>= TreeShape.fanoutBits
+        let depth = shape.depth
+        nodes.withUnsafeMutableBufferPointer { n in
+            var index = segment
+            for level in stride(from: depth, through: 0, by: -1) {
+                n[Self.start(of: level) + index] ^= delta
+                index >>= TreeShape.fanoutBits
+            }
         }
     }
 
@@ -71,19 +79,17 @@ public struct SegmentTree: Hashable, Sendable {
     /// XORs every node of `other` (same shape) into this tree: the changes `other` recorded.
     public mutating func merge(_ other: SegmentTree) {
         guard other.shape == shape else { return }
-        for l in levels.indices {
-            other.levels[l].withUnsafeBufferPointer { theirs in
-                levels[l].withUnsafeMutableBufferPointer { mine in
-                    for i in 0..<min(mine.count, theirs.count) { mine[i] ^= theirs[i] }
-                }
+        other.nodes.withUnsafeBufferPointer { theirs in
+            nodes.withUnsafeMutableBufferPointer { mine in
+                for i in 0..<min(mine.count, theirs.count) { mine[i] ^= theirs[i] }
             }
         }
     }
 
     /// The hash of node `index` at `level` (0 for an index out of range).
     public func hash(level: Int, index: Int) -> UInt64 {
-        guard levels.indices.contains(level), levels[level].indices.contains(index) else { return 0 }
-        return levels[level][index]
+        guard (0...shape.depth).contains(level), (0..<shape.width(of: level)).contains(index) else { return 0 }
+        return nodes[Self.start(of: level) + index]
     }
 
     /// The children's hashes of each of `parents` (nodes of `level`), 16 per parent, in order.
@@ -106,7 +112,8 @@ public struct SegmentTree: Hashable, Sendable {
     /// leaves in order, each with the distance from the previous one's index (the first: its
     /// index); check is XXH64 of what precedes. A partition with few keys takes few bytes.
     public func encoded() -> [UInt8] {
-        let nonZero = levels[shape.depth].withUnsafeBufferPointer { leaves in
+        let leavesStart = Self.start(of: shape.depth)
+        let nonZero = nodes[leavesStart...].withUnsafeBufferPointer { leaves in
             var indexes: [Int] = []
             for i in 0..<leaves.count where leaves[i] != 0 { indexes.append(i) }
             return indexes
@@ -118,7 +125,7 @@ public struct SegmentTree: Hashable, Sendable {
         var previous = 0
         for i in nonZero {
             w.writeVarint(i - previous)
-            w.writeU64(levels[shape.depth][i])
+            w.writeU64(nodes[leavesStart + i])
             previous = i
         }
         w.writeU64(KeyHash.hash(w.bytes))

@@ -200,8 +200,14 @@ public final class DiskBackend: PartitionStore {
     }
 
     static func dataKey(_ p: PartitionID, _ key: [UInt8]) -> [UInt8] {
-        var k: [UInt8] = [1, UInt8(truncatingIfNeeded: p.index >> 24), UInt8(truncatingIfNeeded: p.index >> 16),
-                          UInt8(truncatingIfNeeded: p.index >> 8), UInt8(truncatingIfNeeded: p.index)]
+        // One allocation, sized for the whole key.
+        var k: [UInt8] = []
+        k.reserveCapacity(dataKeyPrefixBytes + key.count)
+        k.append(1)
+        k.append(UInt8(truncatingIfNeeded: p.index >> 24))
+        k.append(UInt8(truncatingIfNeeded: p.index >> 16))
+        k.append(UInt8(truncatingIfNeeded: p.index >> 8))
+        k.append(UInt8(truncatingIfNeeded: p.index))
         k.append(contentsOf: key)
         return k
     }
