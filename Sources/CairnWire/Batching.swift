@@ -13,15 +13,27 @@ import Synchronization
 /// Bound: a batch holds what arrived during one loop tick; what the socket cannot take waits in
 /// NIO's pending writes, bounded by the callers' own limits (requests in flight). Thread-safe.
 final class OutboundBatch<Item: Sendable>: Sendable {
+    private enum Writer: Sendable {
+        /// Writes one item (on the event loop), without flushing; the batch flushes once.
+        case each(@Sendable (any Channel, Item) -> Void)
+        /// Takes the whole batch (on the event loop), in order, and writes and flushes it.
+        case all(@Sendable ([Item]) -> Void)
+    }
+
     private let channel: any Channel
     /// `spare`: the last batch's array, emptied, so the next batch reuses its storage.
     private let pending = Mutex<(items: [Item], spare: [Item], scheduled: Bool)>(([], [], false))
-    /// Writes one item (on the event loop), without flushing.
-    private let write: @Sendable (any Channel, Item) -> Void
+    private let writer: Writer
 
     init(channel: any Channel, write: @escaping @Sendable (any Channel, Item) -> Void) {
         self.channel = channel
-        self.write = write
+        writer = .each(write)
+    }
+
+    /// A batch whose items `writeAll` writes together (replies coalesced into one buffer).
+    init(channel: any Channel, writeAll: @escaping @Sendable ([Item]) -> Void) {
+        self.channel = channel
+        writer = .all(writeAll)
     }
 
     /// Queues `item`; the first of a batch schedules the write on the event loop.
@@ -43,8 +55,13 @@ final class OutboundBatch<Item: Sendable>: Sendable {
             p.scheduled = false
             return batch
         }
-        for item in items { write(channel, item) }
-        channel.flush()
+        switch writer {
+        case .each(let write):
+            for item in items { write(channel, item) }
+            channel.flush()
+        case .all(let writeAll):
+            writeAll(items)
+        }
         items.removeAll(keepingCapacity: true)
         pending.withLock { p in if p.spare.capacity < items.capacity { p.spare = items } }
     }

@@ -52,9 +52,9 @@ extension RequestDispatcher {
 public struct Responder: Sendable {
     private enum Route: Sendable {
         case channel(any Channel, maxFrameBytes: Int)
-        /// The connection's reply batch (`ServerConnectionHandler`): replies sent within one
-        /// event-loop tick share one flush.
-        case batch(OutboundBatch<ByteBuffer>, any Channel, maxFrameBytes: Int)
+        /// The connection's reply batch (`ServerConnectionHandler`): the frames of replies sent
+        /// within one event-loop tick go out in one buffer and one flush.
+        case batch(OutboundBatch<[UInt8]>, any Channel, maxFrameBytes: Int)
         case deliver(@Sendable (Message) -> Void)
     }
 
@@ -68,7 +68,7 @@ public struct Responder: Sendable {
         route = .channel(channel, maxFrameBytes: maxFrameBytes)
     }
 
-    init(batch: OutboundBatch<ByteBuffer>, channel: any Channel, requestID: UInt64, maxFrameBytes: Int) {
+    init(batch: OutboundBatch<[UInt8]>, channel: any Channel, requestID: UInt64, maxFrameBytes: Int) {
         self.requestID = requestID
         route = .batch(batch, channel, maxFrameBytes: maxFrameBytes)
     }
@@ -96,8 +96,8 @@ public struct Responder: Sendable {
             deliver(message)
         case .channel(let channel, let maxFrameBytes):
             channel.writeAndFlush(channel.allocator.buffer(frame(message, maxFrameBytes)), promise: nil)
-        case .batch(let batch, let channel, let maxFrameBytes):
-            batch.send(channel.allocator.buffer(frame(message, maxFrameBytes)))
+        case .batch(let batch, _, let maxFrameBytes):
+            batch.send(frame(message, maxFrameBytes))
         }
     }
 
@@ -131,8 +131,9 @@ public struct Responder: Sendable {
 /// already read wait here, in order, and the handler stops asking the socket for more until both
 /// hold again; so a peer that pipelines requests without reading replies makes the node buffer at
 /// most about `max_requests_per_connection` replies plus `max_unflushed_reply_bytes`, plus one
-/// socket read of requests. Every reply a `Responder` writes passes through `write` here, which
-/// is how answered requests are counted.
+/// socket read of requests. Answered requests are counted as their replies are written: a
+/// batch of replies (`writeReplies`, one buffer for every frame of a loop tick) by its frames,
+/// any other reply a `Responder` writes as it passes through `write` here.
 ///
 /// One-way messages (request id 0, Docs/wire-protocol.md §2) are never answered, errors included:
 /// a one-way frame that fails to decode or may not be taken is counted
@@ -167,8 +168,9 @@ public final class ServerConnectionHandler: ChannelDuplexHandler {
     private var held = CircularBuffer<Envelope>()
     /// Requests dispatched and not yet answered.
     private var unanswered = 0
-    /// This connection's replies, flushed once per batch (made with the first request).
-    private var replies: OutboundBatch<ByteBuffer>?
+    /// This connection's replies, written and flushed once per batch (made with the first
+    /// request; it refers back to the handler until the handler is removed).
+    private var replies: OutboundBatch<[UInt8]>?
     /// A read the pipeline asked for while paused; issued when the pause ends.
     private var readDeferred = false
 
@@ -179,7 +181,10 @@ public final class ServerConnectionHandler: ChannelDuplexHandler {
     }
 
     public func handlerAdded(context: ChannelHandlerContext) { self.context = context }
-    public func handlerRemoved(context: ChannelHandlerContext) { self.context = nil }
+    public func handlerRemoved(context: ChannelHandlerContext) {
+        self.context = nil
+        replies = nil   // the batch's writer holds the handler
+    }
 
     private func mayDispatch(_ context: ChannelHandlerContext) -> Bool {
         context.channel.isWritable && unanswered < limits.maxRequestsPerConnection
@@ -242,7 +247,10 @@ public final class ServerConnectionHandler: ChannelDuplexHandler {
             return dispatcher.dispatch(envelope, fromPeer: isPeer, responder: .discarding)
         }
         unanswered += 1
-        let batch = replies ?? OutboundBatch(channel: context.channel) { channel, frame in channel.write(frame, promise: nil) }
+        let batch = replies ?? {
+            let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
+            return OutboundBatch(channel: context.channel) { frames in handler.value.writeReplies(frames) }
+        }()
         replies = batch
         dispatcher.dispatch(envelope, fromPeer: isPeer, responder: Responder(batch: batch, channel: context.channel, requestID: envelope.requestID,
                                                                               maxFrameBytes: limits.maxFrameBytes))
@@ -267,6 +275,20 @@ public final class ServerConnectionHandler: ChannelDuplexHandler {
     }
 
     /// Replies written by `Responder`s (one per dispatched request).
+    /// A batch of reply frames, written as one buffer (one allocation, one piece for the socket
+    /// write) and flushed, each counted as an answered request. Dropped when the handler is gone
+    /// (the connection closed). On the event loop.
+    private func writeReplies(_ frames: [[UInt8]]) {
+        guard let context else { return }
+        var bytes = 0
+        for f in frames { bytes += f.count }
+        var buffer = context.channel.allocator.buffer(capacity: bytes)
+        for f in frames { buffer.writeBytes(f) }
+        unanswered = max(0, unanswered - frames.count)
+        context.writeAndFlush(wrapOutboundOut(buffer), promise: nil)
+        if readDeferred || !held.isEmpty { resume(context) }
+    }
+
     public func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
         unanswered = max(0, unanswered - 1)
         context.write(data, promise: promise)

@@ -93,6 +93,38 @@ private func errorCode(_ e: Envelope) -> ErrorCode? {
         #expect(ch.isActive)
     }
 
+    /// The replies of one loop tick leave in one buffer and one flush, and each counts as an
+    /// answered request: with `max_requests_per_connection` requests answered that way, the next
+    /// ones are dispatched at once, not held.
+    @Test func repliesOfOneTickLeaveInOneBufferAndEachCountsAsAnswered() throws {
+        let d = RecordingDispatcher()
+        var limits = Limits()
+        limits.maxRequestsPerConnection = 3
+        let ch = try makeChannel(d, limits: limits)
+        let counter = FlushCounter()
+        try ch.pipeline.syncOperations.addHandler(counter, position: .first)
+        func frames(_ ids: ClosedRange<Int>) -> [UInt8] {
+            ids.flatMap { WireCodec.encodeFrame(Envelope(requestID: UInt64($0), message: .get(GetRequest(key: [UInt8($0)])))) }
+        }
+        try send(ch, frames(1...3))
+        #expect(d.dispatched.count == 3)
+        ch.embeddedEventLoop.run()
+        var buffers: [ByteBuffer] = []
+        while let b = try ch.readOutbound(as: ByteBuffer.self) { buffers.append(b) }
+        #expect(buffers.count == 1, "three replies, one buffer")
+        #expect(counter.flushes == 1)
+        var buf = try #require(buffers.first)
+        var ids: [UInt64] = []
+        while buf.readableBytes >= 4, let n = buf.readInteger(as: UInt32.self), let body = buf.readBytes(length: Int(n)) {
+            ids.append(try WireCodec.decodeBody(body, limits: Limits()).requestID)
+        }
+        #expect(ids == [1, 2, 3])
+        #expect(buf.readableBytes == 0)
+        try send(ch, frames(4...6))
+        #expect(d.dispatched.map(\.requestID) == [1, 2, 3, 4, 5, 6], "all three answered: nothing held")
+        #expect(try replies(ch).map(\.requestID) == [4, 5, 6])
+    }
+
     @Test func garbageInsideAFrameGetsAnErrorAndTheConnectionContinues() throws {
         let d = RecordingDispatcher()
         let ch = try makeChannel(d)
