@@ -28,6 +28,41 @@ private func askSoon(_ ctx: CoordinatorContext, _ node: NodeName, _ message: Mes
     }
 }
 
+/// The steps one event of a direct request calls for, in order: up to three inline (an event
+/// nearly always calls for one to three), any more in an array. Performed outside the request's
+/// lock; inline so that an event costs no allocation for them.
+struct Steps<Element>: Sequence {
+    private var first: Element?
+    private var second: Element?
+    private var third: Element?
+    private var more: [Element] = []
+
+    init() {}
+
+    mutating func append(_ e: Element) {
+        if first == nil { first = e } else if second == nil { second = e } else if third == nil { third = e } else { more.append(e) }
+    }
+
+    func makeIterator() -> Iterator { Iterator(steps: self) }
+
+    struct Iterator: IteratorProtocol {
+        let steps: Steps
+        var index = 0
+
+        mutating func next() -> Element? {
+            defer { index += 1 }
+            switch index {
+            case 0: return steps.first
+            case 1: return steps.second
+            case 2: return steps.third
+            default: return index - 3 < steps.more.count ? steps.more[index - 3] : nil
+            }
+        }
+    }
+}
+
+extension Steps: Sendable where Element: Sendable {}
+
 /// Arms a direct request's deadline on the process's timer thread (armed under the request's
 /// lock, so the callback, which takes that lock, cannot run before the id is stored).
 private func scheduleDeadline(afterMillis ms: UInt32, _ fire: @escaping @Sendable () -> Void) -> UInt64 {
@@ -111,8 +146,8 @@ final class DirectWrite: Sendable {
     var isHoldingAnswer: Bool { state.withLock { $0.machine.isHoldingAcknowledgement } }
 
     private func handle(_ event: Event) {
-        let steps = state.withLock { s -> [Step] in
-            guard !s.ended else { return [] }
+        let steps = state.withLock { s -> Steps<Step> in
+            guard !s.ended else { return Steps() }
             switch event {
             case .localStamped(let stamped):
                 s.object = stamped.object
@@ -136,9 +171,8 @@ final class DirectWrite: Sendable {
 
     /// The steps `directives` call for; the end once the machine finished (every replica
     /// reported or timed out, every hint kept).
-    private static func settle(_ s: inout State, _ directives: [WriteCoordination.Directive]) -> [Step] {
-        var steps: [Step] = []
-        if !directives.isEmpty { steps.reserveCapacity(directives.count + 1) }
+    private static func settle(_ s: inout State, _ directives: [WriteCoordination.Directive]) -> Steps<Step> {
+        var steps = Steps<Step>()
         for d in directives {
             switch d {
             case .respond(let outcome): steps.append(.answer(outcome, .init(object: s.object, writer: s.writer, receipt: s.machine.receipt)))
@@ -153,7 +187,7 @@ final class DirectWrite: Sendable {
         return steps
     }
 
-    private func run(_ steps: [Step]) {
+    private func run(_ steps: Steps<Step>) {
         for step in steps {
             switch step {
             case .perform(let d, let object): perform(d, object)
@@ -288,8 +322,8 @@ final class DirectRead: Sendable {
     }
 
     private func handle(_ event: Event) {
-        let steps = state.withLock { s -> [Step] in
-            guard !s.ended else { return [] }
+        let steps = state.withLock { s -> Steps<Step> in
+            guard !s.ended else { return Steps() }
             switch event {
             case .replied(let n, let o, let refilling, let stale): return settle(&s, s.machine.replied(n, o, refilling: refilling, stale: stale))
             case .failed(let n, let outcome):
@@ -309,9 +343,8 @@ final class DirectRead: Sendable {
         run(steps)
     }
 
-    private func settle(_ s: inout State, _ directives: [ReadCoordination.Directive]) -> [Step] {
-        var steps: [Step] = []
-        if !directives.isEmpty { steps.reserveCapacity(directives.count + 1) }
+    private func settle(_ s: inout State, _ directives: [ReadCoordination.Directive]) -> Steps<Step> {
+        var steps = Steps<Step>()
         for d in directives {
             switch d {
             case .fetch(let nodes): steps.append(.fetch(nodes))
@@ -340,7 +373,7 @@ final class DirectRead: Sendable {
         return steps
     }
 
-    private func run(_ steps: [Step]) {
+    private func run(_ steps: Steps<Step>) {
         for step in steps {
             switch step {
             case .fetch(let nodes): for n in nodes { fetch(n) }
