@@ -27,8 +27,8 @@ public actor Vnode: SupervisedChild {
     private nonisolated let backend: any PartitionStore
     /// Where the actor runs: the store's executor for the partition, or a default actor's.
     private nonisolated let home: Home
-    /// The store's executor when it also runs closures: `getSoon` and `mergeSoon` hand work to
-    /// it without a task.
+    /// The store's executor when it also runs closures: the `…Soon` calls hand work to it
+    /// without a task, or do it at once when already on it.
     private nonisolated let runner: (any ClosureExecutor)?
     private nonisolated let limits: Limits
     private let metrics: NodeMetrics
@@ -243,33 +243,52 @@ public actor Vnode: SupervisedChild {
     /// Whether `getSoon` and `mergeSoon` serve here (the store's executor runs closures).
     public nonisolated var servesWithoutTasks: Bool { runner != nil }
 
+    /// Whether the caller already runs on the store's executor (an event loop serving its own
+    /// vnodes): the `…Soon` calls then do their work at once, on the caller's stack, instead of
+    /// queueing it behind the loop's other tasks (no closure to allocate, no task to run).
+    private nonisolated func runsHere(_ runner: any ClosureExecutor) -> Bool { runner.isIsolatingCurrentContext() == true }
+
     /// `get` for a caller that must not suspend (an event loop): runs on the store's thread and
-    /// calls `done` there. False, `done` never called: the store's executor runs no closures
-    /// (`servesWithoutTasks`); use `get`.
+    /// calls `done` there (at once when the caller runs there). False, `done` never called: the
+    /// store's executor runs no closures (`servesWithoutTasks`); use `get`.
     public nonisolated func getSoon(_ key: [UInt8], _ done: @escaping @Sendable (Result<VersionedObject?, VnodeError>) -> Void) -> Bool {
         guard let runner else { return false }
-        runner.execute { [self] in
-            done(assumeIsolated { v in Result { () throws(VnodeError) in try v.get(key) } })
+        guard runsHere(runner) else {
+            runner.execute { [self] in done(getNow(key)) }
+            return true
         }
+        done(getNow(key))
         return true
+    }
+
+    private nonisolated func getNow(_ key: [UInt8]) -> Result<VersionedObject?, VnodeError> {
+        assumeIsolated { v in Result { () throws(VnodeError) in try v.get(key) } }
     }
 
     /// `merge` for a caller that must not suspend: the read-modify-write runs on the store's
     /// thread; `done` is called once the result is durable (on the thread that ended the wait:
     /// the store's, or the log sync's), or with the error. A failed sync fails the vnode, as
-    /// `merge`'s does. False, `done` never called: use `merge` (`servesWithoutTasks`).
+    /// `merge`'s does. The merge runs at once when the caller runs on the store's executor.
+    /// False, `done` never called: use `merge` (`servesWithoutTasks`).
     public nonisolated func mergeSoon(key: [UInt8], object: VersionedObject,
                                       _ done: @escaping @Sendable (Result<VersionedObject, VnodeError>) -> Void) -> Bool {
         guard let runner else { return false }
-        runner.execute { [self] in
-            let step = assumeIsolated { v in Result { () throws(VnodeError) in try v.mergeLocally(key: key, object: object) } }
-            switch step {
-            case .failure(let e): done(.failure(e))
-            case .success(let (merged, token)):
-                whenDurable(token, runner) { error in done(error.map { .failure($0) } ?? .success(merged)) }
-            }
+        guard runsHere(runner) else {
+            runner.execute { [self] in mergeNow(key: key, object: object, runner, done) }
+            return true
         }
+        mergeNow(key: key, object: object, runner, done)
         return true
+    }
+
+    private nonisolated func mergeNow(key: [UInt8], object: VersionedObject, _ runner: any ClosureExecutor,
+                                      _ done: @escaping @Sendable (Result<VersionedObject, VnodeError>) -> Void) {
+        let step = assumeIsolated { v in Result { () throws(VnodeError) in try v.mergeLocally(key: key, object: object) } }
+        switch step {
+        case .failure(let e): done(.failure(e))
+        case .success(let (merged, token)):
+            whenDurable(token, runner) { error in done(error.map { .failure($0) } ?? .success(merged)) }
+        }
     }
 
     /// A client write stamped and stored by `stampSoon`, not yet durable.
@@ -281,20 +300,26 @@ public actor Vnode: SupervisedChild {
     }
 
     /// `stampWithoutWaiting` for a caller that must not suspend: stamps and stores on the
-    /// store's thread and calls `stamped` there. False, `stamped` never called: use
-    /// `stampWithoutWaiting` (`servesWithoutTasks`).
+    /// store's thread and calls `stamped` there (at once when the caller runs there). False,
+    /// `stamped` never called: use `stampWithoutWaiting` (`servesWithoutTasks`).
     public nonisolated func stampSoon(key: [UInt8], sibling: Sibling, context: VersionVector, actor: ActorID,
                                       _ stamped: @escaping @Sendable (Result<Stamped, VnodeError>) -> Void) -> Bool {
         guard let runner else { return false }
-        runner.execute { [self] in
-            stamped(assumeIsolated { v in
-                Result { () throws(VnodeError) in
-                    let (object, token, writer) = try v.stamp(key: key, sibling: sibling, context: context, actor: actor)
-                    return Stamped(object: object, writer: writer, token: token)
-                }
-            })
+        guard runsHere(runner) else {
+            runner.execute { [self] in stamped(stampNow(key: key, sibling: sibling, context: context, actor: actor)) }
+            return true
         }
+        stamped(stampNow(key: key, sibling: sibling, context: context, actor: actor))
         return true
+    }
+
+    private nonisolated func stampNow(key: [UInt8], sibling: Sibling, context: VersionVector, actor: ActorID) -> Result<Stamped, VnodeError> {
+        assumeIsolated { v in
+            Result { () throws(VnodeError) in
+                let (object, token, writer) = try v.stamp(key: key, sibling: sibling, context: context, actor: actor)
+                return Stamped(object: object, writer: writer, token: token)
+            }
+        }
     }
 
     /// `untilDurable` for a caller that must not suspend: `done` is called once the write of
