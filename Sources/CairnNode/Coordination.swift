@@ -35,7 +35,7 @@ public struct ReplicaTarget: Hashable, Sendable {
 public enum ReplicaSelection {
     public static func choose(_ candidates: [ReplicaTarget], down: [NodeName: String], sloppy: Bool, coordinatorIsFallback: Bool = false)
         -> (replicas: [ReplicaTarget], unplaced: [NodeName]) {
-        let primaries = candidates.filter(\.isPrimary)
+        let primaries = candidates.primaries
         // The common case, nothing known down: the primaries, and no fallback to choose.
         if down.isEmpty, !coordinatorIsFallback { return (primaries, []) }
         let downPrimaries = primaries.filter { !$0.isLocal && down[$0.node] != nil }.map(\.node)
@@ -60,6 +60,12 @@ public enum ReplicaSelection {
         }
         return (primaries + chosen, unplaced)
     }
+}
+
+extension Array where Element == ReplicaTarget {
+    /// The primaries among these targets, in order: the array itself when every one is (the
+    /// common case, which then costs no copy).
+    var primaries: [ReplicaTarget] { allSatisfy(\.isPrimary) ? self : filter(\.isPrimary) }
 }
 
 extension Array {
@@ -258,7 +264,7 @@ public struct WriteCoordination: Sendable {
         candidates = replicas
         self.sloppy = sloppy
         coordinatorIsFallback = replicas.contains { $0.isLocal && !$0.isPrimary }
-        tally = QuorumTally(operation: operation, requirement: requirement, replicas: replicas.filter(\.isPrimary))
+        tally = QuorumTally(operation: operation, requirement: requirement, replicas: replicas.primaries)
         self.timeoutMillis = timeoutMillis
     }
 
@@ -443,7 +449,7 @@ public struct ReadCoordination: Sendable {
         candidates = replicas
         self.sloppy = sloppy
         mode = repair
-        tally = QuorumTally(operation: .get, requirement: requirement, replicas: replicas.filter(\.isPrimary))
+        tally = QuorumTally(operation: .get, requirement: requirement, replicas: replicas.primaries)
         self.timeoutMillis = timeoutMillis
     }
 

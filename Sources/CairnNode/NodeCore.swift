@@ -465,7 +465,7 @@ final class NodeCore: Sendable {
                                  caughtUp: Bool = false) async {
         let start = ContinuousClock.now
         let (partition, candidates) = a.view.candidates(forKey: key)
-        let replicas = candidates.filter(\.isPrimary)
+        let replicas = candidates.primaries
         let fallbacks = candidates.filter { !$0.isPrimary }
         let requirement: QuorumRequirement
         do {
