@@ -88,47 +88,71 @@ struct QuorumTally: Sendable {
     let operation: OperationKind
     let requirement: QuorumRequirement
     let replicas: [ReplicaTarget]
-    private(set) var outcomes: [ReplicaOutcome?]
-    /// The acknowledgements in the order they arrived (replica index, and whether it said its
-    /// copy was durable), for the receipt.
-    private var acked: [(index: Int, durable: Bool)] = []
+    /// One per replica, in `replicas`' order (one array for what the tally learns).
+    private var slots: [Slot]
+    /// Acknowledgements so far.
+    private var ackCount = 0
+
+    private struct Slot: Sendable {
+        var outcome: ReplicaOutcome?
+        /// The place of its acknowledgement in arrival order, from 1 (0: none), for the receipt.
+        var ackOrder = 0
+        /// Whether its acknowledgement said its copy was durable.
+        var durable = false
+    }
 
     init(operation: OperationKind, requirement: QuorumRequirement, replicas: [ReplicaTarget]) {
         self.operation = operation
         self.requirement = requirement
         self.replicas = replicas
-        self.outcomes = Array(repeating: nil, count: replicas.count)
+        slots = Array(repeating: Slot(), count: replicas.count)
     }
 
+    /// Each replica's outcome so far (nil: none yet), in `replicas`' order.
+    var outcomes: [ReplicaOutcome?] { slots.map(\.outcome) }
+
+    func outcome(at i: Int) -> ReplicaOutcome? { slots[i].outcome }
+
     /// Whether replica `i` acknowledged with a durable copy.
-    private func durable(_ i: Int) -> Bool { acked.first { $0.index == i }?.durable ?? false }
+    private func durable(_ i: Int) -> Bool { slots[i].durable }
 
     func index(of node: NodeName) -> Int? { replicas.firstIndex { $0.node == node } }
 
     /// Records the first outcome for `node`; later ones (duplicates, late replies) are ignored.
     mutating func record(_ node: NodeName, _ outcome: ReplicaOutcome, durable isDurable: Bool = false) -> Bool {
-        guard let i = index(of: node), outcomes[i] == nil else { return false }
-        outcomes[i] = outcome
-        if outcome == .acknowledged { acked.appendReserving((i, isDurable)) }
+        guard let i = index(of: node), slots[i].outcome == nil else { return false }
+        slots[i].outcome = outcome
+        if outcome == .acknowledged {
+            ackCount += 1
+            slots[i].ackOrder = ackCount
+            slots[i].durable = isDurable
+        }
         return true
     }
 
     /// Every acknowledgement so far, in arrival order: the durability receipt.
     var receipt: [ReplicaAck] {
-        acked.map { ReplicaAck(node: replicas[$0.index].node.value, role: replicas[$0.index].role, durable: $0.durable) }
+        var out: [ReplicaAck] = []
+        out.reserveCapacity(ackCount)
+        // A few replicas at most (n_val ≤ 16, plus fallbacks): a scan per place.
+        for place in stride(from: 1, through: ackCount, by: 1) {
+            guard let i = slots.firstIndex(where: { $0.ackOrder == place }) else { continue }
+            out.append(ReplicaAck(node: replicas[i].node.value, role: replicas[i].role, durable: slots[i].durable))
+        }
+        return out
     }
 
-    var acks: Int { outcomes.count { $0 == .acknowledged } }
-    var primaryAcks: Int { replicas.indices.count { replicas[$0].isPrimary && outcomes[$0] == .acknowledged } }
-    var pending: Int { outcomes.count { $0 == nil } }
-    var pendingPrimaries: Int { replicas.indices.count { replicas[$0].isPrimary && outcomes[$0] == nil } }
+    var acks: Int { slots.count { $0.outcome == .acknowledged } }
+    var primaryAcks: Int { replicas.indices.count { replicas[$0].isPrimary && slots[$0].outcome == .acknowledged } }
+    var pending: Int { slots.count { $0.outcome == nil } }
+    var pendingPrimaries: Int { replicas.indices.count { replicas[$0].isPrimary && slots[$0].outcome == nil } }
     var primaries: Int { replicas.count { $0.isPrimary } }
     var pendingNodes: [NodeName] { pendingNodes(includingLocal: true) }
 
     /// The replicas yet to report (the local one left out unless `includingLocal`), in order.
     func pendingNodes(includingLocal: Bool) -> [NodeName] {
         var out: [NodeName] = []
-        for (i, r) in replicas.enumerated() where outcomes[i] == nil && (includingLocal || !r.isLocal) { out.append(r.node) }
+        for (i, r) in replicas.enumerated() where slots[i].outcome == nil && (includingLocal || !r.isLocal) { out.append(r.node) }
         return out
     }
 
@@ -149,7 +173,7 @@ struct QuorumTally: Sendable {
     /// Marks every replica in `down` as not sent and reports `unavailable` if too few remain.
     mutating func excludeDown(_ down: [NodeName: String]) -> QuorumFailure? {
         for (i, r) in replicas.enumerated() where !r.isLocal {
-            if let why = down[r.node] { outcomes[i] = .notSent(why) }
+            if let why = down[r.node] { slots[i].outcome = .notSent(why) }
         }
         let reachable = pending
         let reachablePrimaries = pendingPrimaries
@@ -165,17 +189,17 @@ struct QuorumTally: Sendable {
 
     /// Replaces the recorded outcome of these replicas (a blocking read's stale answers).
     mutating func override(_ outcomes: [NodeName: ReplicaOutcome]) {
-        for (n, o) in outcomes { if let i = index(of: n) { self.outcomes[i] = o } }
+        for (n, o) in outcomes { if let i = index(of: n) { slots[i].outcome = o } }
     }
 
     mutating func expire(afterMillis ms: UInt32) {
-        for i in outcomes.indices where outcomes[i] == nil { outcomes[i] = .timedOut(afterMillis: ms) }
+        for i in slots.indices where slots[i].outcome == nil { slots[i].outcome = .timedOut(afterMillis: ms) }
     }
 
     func failure(_ kind: QuorumFailure.Kind, name: String, required: Int, achieved: Int, candidates: Int) -> QuorumFailure {
         let reports = replicas.indices.map { i in
             ReplicaReport(node: replicas[i].node.value, address: replicas[i].address, role: replicas[i].role,
-                          outcome: outcomes[i] ?? (kind == .unavailable ? .acknowledged : .noAnswerYet), durable: durable(i))
+                          outcome: slots[i].outcome ?? (kind == .unavailable ? .acknowledged : .noAnswerYet), durable: durable(i))
         }
         // For `unavailable`, reachable replicas were never contacted; list only the down ones.
         let shown = kind == .unavailable ? reports.filter { if case .notSent = $0.outcome { true } else { false } } : reports
@@ -347,7 +371,7 @@ public struct WriteCoordination: Sendable {
     public mutating func deadlinePassed() -> [Directive] {
         guard !finished else { return [] }
         pastDeadline = true
-        let silent = tally.replicas.indices.filter { tally.outcomes[$0] == nil }.compactMap { tally.replicas[$0].home }
+        let silent = tally.replicas.indices.filter { tally.outcome(at: $0) == nil }.compactMap { tally.replicas[$0].home }
         tally.expire(afterMillis: timeoutMillis)
         if !stamped { return conclude(.coordinatorTimedOut(afterMillis: timeoutMillis)) }
         return joined(hints(for: silent), evaluate())
