@@ -40,7 +40,10 @@ final class LoopExecutor: ClosureExecutor {
 /// On each loop, a log sync a vnode leads (group commit) runs after the loop's current tasks
 /// (`ThreadExecutor.installAfterBatch`): the writes the loop read in one pass share one
 /// `fdatasync`, and no other thread is woken for it or for the replies. The loop serves nothing
-/// else while the sync runs. The hook stays with the loop's thread for its life: any group
+/// else while the sync runs, so the sync waits one more hop: past every task queued before it
+/// ran, the reply batches of the whole pass among them (a write stamped early in a pass leads
+/// the sync, and the replies to reads read later in the same pass would otherwise wait for the
+/// disk). The hook stays with the loop's thread for its life: any group
 /// commit led there later syncs on it too. The vnodes must stop before the loops do (a job
 /// queued to a loop that has shut down never runs); `CairnNode.run` closes the store first.
 struct EventLoopStorageEnvironment: StorageEnvironment {
@@ -53,7 +56,7 @@ struct EventLoopStorageEnvironment: StorageEnvironment {
     /// an executor returned here can receive.
     func makeRequestExecutors(label: String) -> [any SerialExecutor] {
         loops.map { loop in
-            loop.execute { ThreadExecutor.installAfterBatch(onCurrentThread: { work in loop.execute(work) }) }
+            loop.execute { ThreadExecutor.installAfterBatch(onCurrentThread: { work in loop.execute { loop.execute(work) } }) }
             return LoopExecutor(loop)
         }
     }

@@ -73,6 +73,26 @@ import Synchronization
         try await group.shutdownGracefully()
     }
 
+    /// A log sync led on a loop waits for every task queued in the same pass (the reply batches
+    /// of reads answered after the write that led it), not only for those queued before it.
+    @Test func aSyncLedOnALoopRunsAfterTheTasksOfItsPass() async throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let loop = group.next()
+        let environment = EventLoopStorageEnvironment(base: ThreadEnvironment(), loops: [loop])
+        _ = environment.makeRequestExecutors(label: "test")   // queues the loop's hook first
+        let order = Box<[String]>([])
+        let hooked = try await loop.submit {
+            loop.execute { order.value.withLock { $0.append("queued before") } }
+            let hooked = ThreadExecutor.runAfterBatch { order.value.withLock { $0.append("sync") } }
+            loop.execute { order.value.withLock { $0.append("queued after") } }
+            return hooked
+        }.get()
+        #expect(hooked)
+        try await settle("every task ran") { order.value.withLock { $0.count } == 3 }
+        #expect(order.value.withLock { $0 } == ["queued before", "queued after", "sync"])
+        try await group.shutdownGracefully()
+    }
+
     /// A loop executor orders closures and actor jobs as queued, and answers isolation checks
     /// only on its own thread.
     @Test func aLoopExecutorRunsJobsAndClosuresInOrderOnItsThread() async throws {
