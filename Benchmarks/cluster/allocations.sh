@@ -8,7 +8,8 @@
 #
 #   one node     cairnd on 127.0.0.65:7401, n_val 1, R = W = 1
 #   three nodes  cairnd on 127.0.0.66-68:7401, n_val 3, R = W = 2
-#   (both with sync always, one event loop and one store thread, as compare.sh sizes them)
+#   (both with sync always and one event loop that also runs the vnodes, storage.request_threads
+#   = 0, as compare.sh sizes them on this machine kind; STORE_THREADS sets it otherwise)
 #
 # For each: start it, `cairn-load load` RECORDS records (not counted), then OPS operations of
 # `write-only` (updates of loaded keys, through each key's context) and OPS of workload c (reads),
@@ -23,6 +24,7 @@
 #   BIN_DIR       directory holding cairnd and cairn-load: no build
 #   BASE_BIN_DIR  a second set of binaries to count the same way (the "before" of a change)
 #   KEEP=1        keep the logs
+#   STORE_THREADS [0]  storage.request_threads of every node (0: the vnodes run on the event loop)
 # Needs root (uprobes) and perf (Debian package linux-perf).
 set -euo pipefail
 
@@ -35,6 +37,7 @@ VALUE_SIZE="${VALUE_SIZE:-100}"
 CONCURRENCY="${CONCURRENCY:-64}"
 SEED="${SEED:-42}"
 KEEP="${KEEP:-0}"
+STORE_THREADS="${STORE_THREADS:-0}"
 BASE_BIN_DIR="${BASE_BIN_DIR:-}"
 ONE_HOST=127.0.0.65
 THREE_HOSTS=(127.0.0.66 127.0.0.67 127.0.0.68)
@@ -81,7 +84,7 @@ cluster.members = $4
 request.timeout = 2s
 storage.sync = always
 node.event_loops = 1
-storage.request_threads = 1
+storage.request_threads = $STORE_THREADS
 EOF
     echo "$f"
 }
