@@ -274,7 +274,6 @@ public final class ServerConnectionHandler: ChannelDuplexHandler {
         }
     }
 
-    /// Replies written by `Responder`s (one per dispatched request).
     /// A batch of reply frames, written as one buffer (one allocation, one piece for the socket
     /// write) and flushed, each counted as an answered request. Dropped when the handler is gone
     /// (the connection closed). On the event loop.
@@ -289,6 +288,7 @@ public final class ServerConnectionHandler: ChannelDuplexHandler {
         if readDeferred || !held.isEmpty { resume(context) }
     }
 
+    /// Replies a `Responder` writes outside a batch (one per dispatched request).
     public func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
         unanswered = max(0, unanswered - 1)
         context.write(data, promise: promise)
