@@ -37,9 +37,11 @@ public final class ThreadExecutor: ClosureExecutor {
             var afterBatch: [@Sendable () -> Void] = []
             var sleeping = false
             var stopping = false
-            var thread: pthread_t?
         }
         let state = Mutex(State())
+        /// The thread's id once it runs (0 before): read by `isCurrent` on every `…Soon` call of
+        /// a vnode, so outside the lock every enqueue and dequeue takes.
+        let thread = Atomic<UInt>(0)
         let wake = DispatchSemaphore(value: 0)
         /// The executor the jobs run on; set once, before the first job can be enqueued.
         let executor = Mutex<UnownedSerialExecutor?>(nil)
@@ -61,7 +63,7 @@ public final class ThreadExecutor: ClosureExecutor {
             cairn_set_thread_name(name)
             // Best effort: a refused change (a container's limits) leaves the thread as it was.
             if ownThread, nice != 0 { _ = cairn_set_thread_nice(nice) }
-            state.withLock { $0.thread = pthread_self() }
+            thread.store(UInt(pthread_self()), ordering: .releasing)
             // After-batch work given on this thread joins `afterBatch`, run before the next batch.
             if runsAfterBatchWork {
                 ThreadExecutor.installAfterBatch(onCurrentThread: { work in self.state.withLock { $0.afterBatch.append(work) } })
@@ -127,8 +129,8 @@ public final class ThreadExecutor: ClosureExecutor {
         }
 
         var isCurrent: Bool {
-            guard let t = state.withLock({ $0.thread }) else { return false }
-            return pthread_equal(t, pthread_self()) != 0
+            let t = thread.load(ordering: .acquiring)
+            return t != 0 && pthread_equal(pthread_t(t), pthread_self()) != 0
         }
     }
 
