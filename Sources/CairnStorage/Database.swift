@@ -460,7 +460,7 @@ public final class Database: Sendable {
                           environment: environment, syncQueue: syncQueue)
         db.startBackground()
         // A replayed memtable is written as a table before open returns (as LevelDB and RocksDB
-        // do): reads then find the data in one table rather than a large skip list, and the
+        // do): reads then find the data in one table rather than a large memtable, and the
         // replayed logs go.
         if memtable.count > 0 {
             do { try db.flush() } catch {

@@ -6,30 +6,33 @@ public enum EntryKind: UInt8, Sendable, Hashable {
     case value = 1
 }
 
-/// The in-memory table: every write since the last flush, ordered by (key ascending, sequence
-/// descending), so the first entry of a key at or below a snapshot's sequence is what a reader at
-/// that snapshot sees.
+/// The in-memory table: every write since the last flush. Read by key (the newest entry at or
+/// below a snapshot), and in table order: key ascending, sequence descending, so the first entry
+/// of a key at or below a snapshot's sequence is what a reader at that snapshot sees.
 ///
-/// A skip list of our own (swift-collections' sorted containers are not production-ready), with
-/// the probabilistic balance of Pugh's original (p = 1/4, 12 levels: fine up to ~16 M entries).
-/// Beside the list, a hash index from each key to its newest entry answers a point read in one
-/// probe (a key the table does not hold, the common case once keys live in tables, costs no walk
-/// at all); the list orders scans, and serves a read at a snapshot older than the key's newest entry.
+/// A hash index from each key to its record, and each record's versions chained newest first:
+/// an add is one index probe and a link at the head of the chain, whatever the table's size; a
+/// point read is one probe. Order is made when asked for, not on every add: a walk (a flush,
+/// a scan, a cursor) sorts the keys that arrived since the last walk, by their 16-byte prefixes
+/// held beside each pointer, and merges them into the sorted view it keeps (`SortedView`). A
+/// sorted structure kept on every add (the skip list this replaced) paid a dozen cache misses per
+/// new key on the writer's path, under the engine's lock; a flush sorts its table once, on the
+/// flush thread (about a tenth of a microsecond per key in `cairn-db-bench --benchmarks=fillrandom`).
 ///
-/// Memory: nodes, keys and values are copied into an arena of large blocks (`Arena`) and the
-/// index is one flat array, so a table of a hundred thousand entries is about a hundred
-/// allocations (one per 256 KiB of entries) rather than three per entry.
-/// A flush walks entries laid out in order of arrival rather than scattered over the heap, and
-/// dropping the table frees its blocks: freeing one object per entry, from the flush thread,
-/// into the allocator arenas of the threads that made them, held those threads' every `malloc`
-/// for tens of milliseconds after each flush.
+/// Memory: records, versions, keys and values are copied into an arena of large blocks (`Arena`);
+/// the index is one flat array and the arrival list another, so a table of a hundred thousand
+/// entries is about a hundred allocations rather than three per entry. Dropping the table frees
+/// its blocks: freeing one object per entry, from the flush thread, into the allocator arenas of
+/// the threads that made them, held those threads' every `malloc` for tens of milliseconds
+/// after each flush.
 ///
 /// Isolation: thread-safe; writers and readers take a short lock (the engine has one writer, the
-/// commit path). Once frozen (`freeze`) the table takes no adds and a flush walks it without the
-/// lock (`frozenEntries`). Bound: `approximateBytes` (the arena's bytes in use and the index's
-/// slots in use; not the index's reserved room) grows with every insert; the engine swaps in a
-/// fresh memtable when it passes `write_buffer_bytes`. A node, and the bytes it points at, live until the table is freed:
-/// cursors and walks keep the table alive.
+/// commit path). A walk sorts outside the lock. Once frozen (`freeze`) the table takes no adds,
+/// and a flush walks it without the lock (`frozenEntries`). Bound: `approximateBytes` (the arena's
+/// bytes in use, the index's slots in use at their average load, the arrival list and the sorted
+/// view) grows with every insert; the engine swaps in a fresh memtable when it passes
+/// `write_buffer_bytes`. Records and versions, and the bytes they point at, live until the table is
+/// freed: cursors and walks keep the table alive.
 public final class Memtable: Sendable {
     public struct Entry: Sendable, Hashable {
         public let key: [UInt8]
@@ -38,69 +41,71 @@ public final class Memtable: Sendable {
         public let value: [UInt8]
     }
 
-    /// A skip-list node, in the arena: these fields, then its tower of `height` links (level 0
-    /// first). Key and value bytes are elsewhere in the arena; a key's nodes share one copy of
-    /// its bytes. Fields and links are written only under the memtable's lock, and never after
-    /// the table is frozen (fields change when an update takes a key's newest node: see `add`).
-    /// The prefixes sit next to the tower: a step of a search reads a node's prefix and then its
-    /// link at that level.
-    struct Node {
+    /// One key, in the arena, with its newest version inline (a point read, and a flush, touch
+    /// the record alone). The key and its prefixes are fixed when the record is made, and may be
+    /// read without the lock by whoever was handed the pointer under it; `newest` (and the
+    /// versions' `older` links) change only under the lock, and never once the table is frozen.
+    struct Record {
         var key: UnsafePointer<UInt8>
-        var value: UnsafePointer<UInt8>
         var keyCount: Int
-        var valueCount: Int
-        var sequence: UInt64
-        var kind: EntryKind
-        var height: UInt8
         /// The key's first 8 bytes and its next 8, big-endian, zero-padded: most comparisons end
         /// here without touching the key's bytes. Two words, because stored keys begin with a
-        /// space byte and a partition number: within a partition the first word alone leaves 3
-        /// bytes of the user's key.
+        /// partition prefix of 5 bytes: the first word alone leaves 3 bytes of the user's key.
         var prefix: UInt64
         var prefix2: UInt64
+        var newest: Version
     }
-    typealias NodePointer = UnsafeMutablePointer<Node>
+    typealias RecordPointer = UnsafeMutablePointer<Record>
+
+    /// One entry of a key. A key's versions are chained by sequence, descending: the newest inline
+    /// in its record, the older ones in the arena (an update moves the record's version there).
+    struct Version {
+        var value: UnsafePointer<UInt8>
+        var valueCount: Int
+        var sequence: UInt64
+        var older: VersionPointer?
+        var kind: EntryKind
+
+        /// The entry of this version, whose key is `key`.
+        @inline(__always) func entry(key: [UInt8]) -> Entry {
+            Entry(key: key, sequence: sequence, kind: kind, value: Array(UnsafeBufferPointer(start: value, count: valueCount)))
+        }
+    }
+    typealias VersionPointer = UnsafeMutablePointer<Version>
 
     /// Reached only under `state`'s lock (and, once frozen, read by walks without it).
     struct State: ~Copyable, @unchecked Sendable {
         var arena = Arena()
         var index: MemtableIndex
-        var head: NodePointer
-        var height = 1
+        /// Every record, in order of arrival: what a walk sorts the new part of.
+        var records: [RecordPointer] = []
         var count = 0
-        /// Set by `freeze`: no add follows, so the links are read without the lock.
+        /// Set by `freeze`: no add follows, so chains are read without the lock.
         var frozen = false
-        var rng: UInt64 = 0x2545_F491_4F6C_DD1D
         var smallestSequence: UInt64 = .max
+        /// The latest sorted view a walk made (covers `records[..<sorted.count]`).
+        var sorted: SortedView?
 
         init(expectedKeys: Int) {
             index = MemtableIndex(expectedKeys: expectedKeys)
-            head = Memtable.makeNode(&arena, Node(key: Memtable.noBytes, value: Memtable.noBytes, keyCount: 0, valueCount: 0, sequence: 0,
-                                                  kind: .deletion, height: UInt8(Memtable.maxHeight), prefix: 0, prefix2: 0))
+            records.reserveCapacity(expectedKeys)
         }
 
-        /// The arena's bytes in use past the head node, and the index's slots at its average
-        /// load (two thirds): an empty table counts 0, however large its index was reserved.
-        var bytes: Int { arena.used - Memtable.nodeBytes(height: Memtable.maxHeight) + index.count * MemoryLayout<MemtableIndex.Slot>.stride * 3 / 2 }
+        /// The arena's bytes in use, the index's slots at their average load (two thirds), the
+        /// arrival list and the sorted view: an empty table counts 0, however much room it reserved.
+        var bytes: Int {
+            arena.used + index.count * MemoryLayout<MemtableIndex.Slot>.stride * 3 / 2
+                + records.count * MemoryLayout<RecordPointer>.stride + (sorted?.count ?? 0) * MemoryLayout<SortKey>.stride
+        }
     }
 
-    static let maxHeight = 12
-    /// Where the head node's empty key and value point (never read: their length is 0).
-    nonisolated(unsafe) static let noBytes: UnsafePointer<UInt8> = {
-        let p = UnsafeMutablePointer<UInt8>.allocate(capacity: 1)
-        p.initialize(to: 0)
-        return UnsafePointer(p)
-    }()
     fileprivate let state: Mutex<State>
 
     /// `expectedKeys`: distinct keys the table will likely hold (the engine passes its previous
     /// memtable's), reserved in the index up front so filling it never rehashes the index.
     public init(expectedKeys: Int = 0) {
-        state = Mutex(State(expectedKeys: max(expectedKeys, 0)))
+        state = Mutex(State(expectedKeys: min(max(expectedKeys, 0), 1 << 32)))
     }
-
-    /// Bytes a node of `height` takes in the arena (fields and tower).
-    static func nodeBytes(height: Int) -> Int { MemoryLayout<Node>.stride + height * MemoryLayout<NodePointer?>.stride }
 
     static func prefix(of key: UnsafeBufferPointer<UInt8>, from start: Int) -> UInt64 {
         var p: UInt64 = 0
@@ -109,33 +114,86 @@ public final class Memtable: Sendable {
     }
 }
 
-extension UnsafeMutablePointer where Pointee == Memtable.Node {
-    /// The tower: `height` links, level 0 first. Valid while the memtable lives.
-    @inline(__always) var next: UnsafeMutablePointer<Memtable.NodePointer?> {
-        UnsafeMutableRawPointer(self + 1).assumingMemoryBound(to: Memtable.NodePointer?.self)
-    }
-    @inline(__always) var keyBytes: UnsafeBufferPointer<UInt8> { UnsafeBufferPointer(start: pointee.key, count: pointee.keyCount) }
-    @inline(__always) var entry: Memtable.Entry { entry(key: Array(keyBytes)) }
-    /// The entry with `key`, which must equal this node's key.
-    @inline(__always) func entry(key: [UInt8]) -> Memtable.Entry {
-        Memtable.Entry(key: key, sequence: pointee.sequence, kind: pointee.kind,
-                       value: Array(UnsafeBufferPointer(start: pointee.value, count: pointee.valueCount)))
-    }
-    @inline(__always) func successor(_ level: Int) -> Memtable.NodePointer? { next[level] }
-    @inline(__always) func hasKey(_ key: UnsafeBufferPointer<UInt8>) -> Bool {
-        pointee.key == key.baseAddress && pointee.keyCount == key.count || Coding.compare(keyBytes, key) == 0
-    }
-    @inline(__always) func sameKey(as other: Memtable.NodePointer) -> Bool { hasKey(other.keyBytes) }
+/// A record pointer with its key's prefixes beside it, so a sort compares most pairs without
+/// touching the records.
+struct SortKey {
+    var prefix: UInt64
+    var prefix2: UInt64
+    var record: Memtable.RecordPointer
 
-    /// Whether this node comes before `(key, seq)` (`prefixes` are the key's): key ascending,
-    /// sequence descending. Zero padding never inverts the order where the words differ: a
-    /// padded byte stands for "shorter", which sorts first.
+    init(_ record: Memtable.RecordPointer) {
+        prefix = record.pointee.prefix
+        prefix2 = record.pointee.prefix2
+        self.record = record
+    }
+
+    /// Key order. Zero padding never inverts it where the words differ: a padded byte stands for
+    /// "shorter", which sorts first. Two records of one table never share a key.
     @inline(__always)
-    func isBefore(_ key: UnsafeBufferPointer<UInt8>, _ prefixes: (UInt64, UInt64), _ seq: UInt64) -> Bool {
-        if pointee.prefix != prefixes.0 { return pointee.prefix < prefixes.0 }
-        if pointee.prefix2 != prefixes.1 { return pointee.prefix2 < prefixes.1 }
-        let c = Coding.compare(keyBytes, key)
-        return c < 0 || (c == 0 && pointee.sequence > seq)
+    static func precedes(_ a: SortKey, _ b: SortKey) -> Bool {
+        if a.prefix != b.prefix { return a.prefix < b.prefix }
+        if a.prefix2 != b.prefix2 { return a.prefix2 < b.prefix2 }
+        return Coding.compare(a.record.keyBytes, b.record.keyBytes) < 0
+    }
+}
+
+/// The first `count` records of a memtable's arrival list, in key order. Immutable once made;
+/// shared by the walks that use it and kept by the table for the next walk, which sorts only the
+/// records added since and merges them in.
+final class SortedView: @unchecked Sendable {   // immutable; its pointers live as long as the memtable its holder keeps
+    let keys: [SortKey]
+    var count: Int { keys.count }
+
+    init(keys: [SortKey]) { self.keys = keys }
+
+    /// The position of the first key ≥ `lower`.
+    func firstIndex(atOrAfter lower: UnsafeBufferPointer<UInt8>) -> Int {
+        let probe = (Memtable.prefix(of: lower, from: 0), Memtable.prefix(of: lower, from: 8))
+        var low = 0, high = keys.count
+        while low < high {
+            let mid = low + (high - low) / 2
+            let k = keys[mid]
+            let before = k.prefix != probe.0 ? k.prefix < probe.0
+                : k.prefix2 != probe.1 ? k.prefix2 < probe.1 : Coding.compare(k.record.keyBytes, lower) < 0
+            if before { low = mid + 1 } else { high = mid }
+        }
+        return low
+    }
+
+    /// This view with `fresh` (records of the same table, none of them in it) merged in.
+    func merging(_ fresh: [Memtable.RecordPointer]) -> SortedView {
+        var added = fresh.map(SortKey.init)
+        added.sort(by: SortKey.precedes)
+        if keys.isEmpty { return SortedView(keys: added) }
+        var merged: [SortKey] = []
+        merged.reserveCapacity(keys.count + added.count)
+        var i = 0, j = 0
+        while i < keys.count && j < added.count {
+            if SortKey.precedes(added[j], keys[i]) {
+                merged.append(added[j])
+                j += 1
+            } else {
+                merged.append(keys[i])
+                i += 1
+            }
+        }
+        merged.append(contentsOf: keys[i...])
+        merged.append(contentsOf: added[j...])
+        return SortedView(keys: merged)
+    }
+}
+
+extension UnsafeMutablePointer where Pointee == Memtable.Record {
+    @inline(__always) var keyBytes: UnsafeBufferPointer<UInt8> { UnsafeBufferPointer(start: pointee.key, count: pointee.keyCount) }
+    @inline(__always) func hasKey(_ key: UnsafeBufferPointer<UInt8>) -> Bool {
+        pointee.keyCount == key.count && Coding.compare(keyBytes, key) == 0
+    }
+    /// The key's newest version at or below `snapshot`. Under the lock, or on a frozen table.
+    @inline(__always) func version(atOrBelow snapshot: UInt64) -> Memtable.Version? {
+        if pointee.newest.sequence <= snapshot { return pointee.newest }
+        var v = pointee.newest.older
+        while let x = v, x.pointee.sequence > snapshot { v = x.pointee.older }
+        return v?.pointee
     }
 }
 
@@ -185,14 +243,14 @@ struct Arena: ~Copyable {
     }
 }
 
-/// The memtable's point index: each key's newest node, by open addressing with linear probing
-/// over one flat array of (hash, node) slots, at most three quarters full. Not thread-safe: the
-/// memtable's lock guards it. Node pointers stay valid for the memtable's life. Not copyable: it
+/// The memtable's point index: each key's record, by open addressing with linear probing
+/// over one flat array of (hash, record) slots, at most three quarters full. Not thread-safe: the
+/// memtable's lock guards it. Record pointers stay valid for the memtable's life. Not copyable: it
 /// owns its slots.
 struct MemtableIndex: ~Copyable {
     struct Slot {
         var hash: Int
-        var node: Memtable.NodePointer?
+        var node: Memtable.RecordPointer?
     }
     private(set) var slots: UnsafeMutableBufferPointer<Slot>
     private(set) var count = 0
@@ -223,10 +281,10 @@ struct MemtableIndex: ~Copyable {
         return i
     }
 
-    func find(_ key: UnsafeBufferPointer<UInt8>, hash: Int) -> Memtable.NodePointer? { slots[position(key, hash)].node }
+    func find(_ key: UnsafeBufferPointer<UInt8>, hash: Int) -> Memtable.RecordPointer? { slots[position(key, hash)].node }
 
-    /// Makes `node` the entry for `key` (inserting the key when new).
-    mutating func set(_ key: UnsafeBufferPointer<UInt8>, hash: Int, _ node: Memtable.NodePointer) {
+    /// Makes `node` the record for `key` (inserting the key when new).
+    mutating func set(_ key: UnsafeBufferPointer<UInt8>, hash: Int, _ node: Memtable.RecordPointer) {
         var i = position(key, hash)
         if slots[i].node == nil {
             if (count + 1) * 4 > slots.count * 3 {
@@ -255,36 +313,17 @@ struct MemtableIndex: ~Copyable {
 }
 
 extension Memtable {
-    /// Walks the list from `start` at `level` while the next node comes before `(key, seq)`;
-    /// returns the last node that does (or `start`).
-    @inline(__always)
-    static func advance(_ start: NodePointer, level: Int, _ key: UnsafeBufferPointer<UInt8>, _ prefix: (UInt64, UInt64),
-                        _ seq: UInt64) -> NodePointer {
-        var x = start
-        while let n = x.next[level], n.isBefore(key, prefix, seq) { x = n }
-        return x
-    }
-
     /// Distinct keys in the table.
     public var keyCount: Int { state.withLock { $0.index.count } }
 
     public var count: Int { state.withLock { $0.count } }
-    /// The arena's bytes in use (nodes, keys, values) and the index's slots: close to the memory
-    /// the table's entries hold (0 when empty).
+    /// The arena's bytes in use (records, versions, keys, values), the index's slots, the arrival
+    /// list and the sorted view: close to the memory the table holds (0 when empty).
     public var approximateBytes: Int { state.withLock { $0.bytes } }
 
-    /// Adds an entry. (key, sequence) pairs are unique: the engine issues each sequence once.
-    ///
-    /// A key the table already holds at a lower sequence (an update: the common write once a key
-    /// is hot) usually takes no search: the new entry's random height is drawn first, and when it
-    /// is no taller than the key's newest node (found through the index), that node takes the new
-    /// version in place and its previous contents move to a node of the drawn height linked right
-    /// after it at each of its levels, which is exactly where table order puts them. Every node's
-    /// height stays drawn from the same distribution (a displaced version's only capped by the
-    /// node before it, with a taller draw taking the searching path), so runs of a hot key's old
-    /// versions are skipped over like any others and searches stay logarithmic. A cursor parked
-    /// on the rewritten node still finds the version its snapshot sees (the new one is above
-    /// every snapshot taken before the add). The key's bytes are copied once per table.
+    /// Adds an entry. (key, sequence) pairs are unique: the engine issues each sequence once, in
+    /// order, so a new version normally heads its key's chain; one that arrives out of order is
+    /// linked where its sequence belongs. The key's bytes are copied once per table.
     public func add(key: [UInt8], sequence: UInt64, kind: EntryKind, value: [UInt8]) {
         key.withUnsafeBufferPointer { key in
             value.withUnsafeBufferPointer { value in
@@ -296,72 +335,40 @@ extension Memtable {
     private static func add(_ s: inout State, key: UnsafeBufferPointer<UInt8>, sequence: UInt64, kind: EntryKind,
                             value: UnsafeBufferPointer<UInt8>) {
         precondition(!s.frozen, "an add to a frozen memtable")
-        let height = randomHeight(&s.rng)
         let hash = MemtableIndex.hash(key)
-        let current = s.index.find(key, hash: hash)
-        let supersedes = current.map { $0.pointee.sequence < sequence } ?? false
-        let valueCopy = s.arena.copy(value)
+        let version = Version(value: s.arena.copy(value), valueCount: value.count, sequence: sequence, older: nil, kind: kind)
         s.smallestSequence = min(s.smallestSequence, sequence)
         s.count += 1
-        if supersedes, let newest = current, height <= Int(newest.pointee.height) {
-            var previous = newest.pointee
-            previous.height = UInt8(truncatingIfNeeded: height)
-            let moved = makeNode(&s.arena, previous)
-            for level in 0..<height {
-                moved.next[level] = newest.next[level]
-                newest.next[level] = moved
-            }
-            newest.pointee.value = valueCopy
-            newest.pointee.valueCount = value.count
-            newest.pointee.sequence = sequence
-            newest.pointee.kind = kind
+        guard let record = s.index.find(key, hash: hash) else {
+            let record = s.arena.allocate(MemoryLayout<Record>.stride).bindMemory(to: Record.self, capacity: 1)
+            record.initialize(to: Record(key: s.arena.copy(key), keyCount: key.count, prefix: prefix(of: key, from: 0),
+                                         prefix2: prefix(of: key, from: 8), newest: version))
+            s.index.set(key, hash: hash, record)
+            s.records.append(record)
             return
         }
-        // A key the table holds shares its bytes; a new one is copied.
-        let keyCopy = current.map { UnsafePointer($0.pointee.key) } ?? s.arena.copy(key)
-        let prefix = (Self.prefix(of: key, from: 0), Self.prefix(of: key, from: 8))
-        let node = makeNode(&s.arena, Node(key: keyCopy, value: valueCopy, keyCount: key.count,
-                                           valueCount: value.count, sequence: sequence, kind: kind,
-                                           height: UInt8(truncatingIfNeeded: height), prefix: prefix.0, prefix2: prefix.1))
-        // The predecessors at each level, on the stack.
-        withUnsafeTemporaryAllocation(of: NodePointer.self, capacity: maxHeight) { update in
-            update.initialize(repeating: s.head)
-            var x = s.head
-            for level in stride(from: s.height - 1, through: 0, by: -1) {
-                // Advance while the next entry comes before the new one in table order.
-                x = advance(x, level: level, key, prefix, sequence)
-                update[level] = x
-            }
-            if height > s.height { s.height = height }
-            for level in 0..<height {
-                node.next[level] = update[level].next[level]
-                update[level].next[level] = node
-            }
+        if record.pointee.newest.sequence < sequence {
+            record.pointee.newest = Version(value: version.value, valueCount: version.valueCount, sequence: sequence,
+                                            older: makeVersion(&s.arena, record.pointee.newest), kind: kind)
+            return
         }
-        if current == nil || supersedes { s.index.set(key, hash: hash, node) }
+        // Older than the key's newest (not how the engine adds): linked where its sequence belongs.
+        let node = makeVersion(&s.arena, version)
+        guard var after = record.pointee.newest.older, after.pointee.sequence > sequence else {
+            node.pointee.older = record.pointee.newest.older
+            record.pointee.newest.older = node
+            return
+        }
+        while let o = after.pointee.older, o.pointee.sequence > sequence { after = o }
+        node.pointee.older = after.pointee.older
+        after.pointee.older = node
     }
 
-    /// A node with `fields` (its `height` included) and an empty tower, in the arena.
-    private static func makeNode(_ arena: inout Arena, _ fields: Node) -> NodePointer {
-        let height = Int(fields.height)
-        let node = arena.allocate(nodeBytes(height: height)).bindMemory(to: Node.self, capacity: 1)
-        node.initialize(to: fields)
-        UnsafeMutableRawPointer(node + 1).bindMemory(to: NodePointer?.self, capacity: height).initialize(repeating: nil, count: height)
+    /// A copy of `version` in the arena.
+    private static func makeVersion(_ arena: inout Arena, _ version: Version) -> VersionPointer {
+        let node = arena.allocate(MemoryLayout<Version>.stride).bindMemory(to: Version.self, capacity: 1)
+        node.initialize(to: version)
         return node
-    }
-
-    /// A node height: each level above the first with probability 1/4 (xorshift; deterministic
-    /// per table).
-    private static func randomHeight(_ rng: inout UInt64) -> Int {
-        var height = 1
-        while height < maxHeight {
-            rng ^= rng << 13
-            rng ^= rng >> 7
-            rng ^= rng << 17
-            if rng & 3 != 0 { break }
-            height += 1
-        }
-        return height
     }
 
     /// The newest entry for `key` with sequence ≤ `snapshot`: a value, a deletion, or nil when
@@ -369,144 +376,116 @@ extension Memtable {
     public func get(_ key: [UInt8], snapshot: UInt64 = .max) -> Entry? {
         key.withUnsafeBufferPointer { bytes in
             state.withLock { s -> Entry? in
-                guard let newest = s.index.find(bytes, hash: MemtableIndex.hash(bytes)) else { return nil }
                 // The caller's key is the entry's: only the value is copied out.
-                if newest.pointee.sequence <= snapshot { return newest.entry(key: key) }
-                guard let n = Self.seek(s, bytes, snapshot), n.hasKey(bytes) else { return nil }
-                return n.entry(key: key)
+                s.index.find(bytes, hash: MemtableIndex.hash(bytes))?.version(atOrBelow: snapshot)?.entry(key: key)
             }
         }
     }
 
-    /// The first node at or after (key, seq) in table order.
-    private static func seek(_ s: borrowing State, _ key: UnsafeBufferPointer<UInt8>, _ seq: UInt64) -> NodePointer? {
-        var x = s.head
-        let prefix = (Self.prefix(of: key, from: 0), Self.prefix(of: key, from: 8))
-        for level in stride(from: s.height - 1, through: 0, by: -1) { x = advance(x, level: level, key, prefix, seq) }
-        return x.successor(0)
+    /// Every record so far, in key order: the kept view, with the records added since it was made
+    /// sorted and merged in outside the lock. The newest view made is kept for the next walk.
+    func sortedView() -> SortedView {
+        let (kept, fresh) = state.withLock { s -> (SortedView?, RecordList) in
+            let have = s.sorted?.count ?? 0
+            return (s.sorted, RecordList(records: have == s.records.count ? [] : Array(s.records[have...])))
+        }
+        if let kept, fresh.records.isEmpty { return kept }
+        let view = (kept ?? SortedView(keys: [])).merging(fresh.records)
+        state.withLock { s in if (s.sorted?.count ?? 0) < view.count { s.sorted = view } }
+        return view
     }
 
-    private static func seek(_ s: borrowing State, _ key: [UInt8], _ seq: UInt64) -> NodePointer? {
-        key.withUnsafeBufferPointer { seek(s, $0, seq) }
+    /// Record pointers carried out of the lock (the memtable they point into is kept alive by
+    /// the caller).
+    struct RecordList: @unchecked Sendable {
+        let records: [RecordPointer]
     }
 
     /// Entries with `lower ≤ key < upper` (nil: unbounded) as of `snapshot`: for each key only the
-    /// newest entry at or below the snapshot, deletions included, in key order. A consistent view:
-    /// entries added later carry larger sequences and are skipped.
+    /// newest entry at or below the snapshot, deletions included, in key order.
     public func scan(from lower: [UInt8] = [], to upper: [UInt8]? = nil, snapshot: UInt64 = .max) -> [Entry] {
-        state.withLock { s in
-            var out: [Entry] = []
-            var node = Self.seek(s, lower, .max)
-            var last: NodePointer?
-            while let n = node {
-                if let upper, !upper.withUnsafeBufferPointer({ Coding.compare(n.keyBytes, $0) < 0 }) { break }
-                if n.pointee.sequence <= snapshot && !(last.map { n.sameKey(as: $0) } ?? false) {
-                    out.append(n.entry)
-                    last = n
-                }
-                node = n.successor(0)
-            }
-            return out
+        let cursor = cursor(from: lower, snapshot: snapshot)
+        var out: [Entry] = []
+        while let e = cursor.next() {
+            if let upper, !e.key.isBefore(upper) { break }
+            out.append(e)
         }
+        return out
     }
 
     /// A forward cursor over the newest entry per key at or below `snapshot`, from the first key ≥
-    /// `lower`. Sees a consistent view: later inserts carry larger sequences and are skipped.
+    /// `lower`, over the keys the table holds when it is made. Entries added after carry larger
+    /// sequences than any snapshot taken before (the engine adds and advances its sequence under
+    /// one lock), so the cursor sees a consistent view.
     public func cursor(from lower: [UInt8], snapshot: UInt64) -> Cursor {
-        Cursor(memtable: self, node: state.withLock { NodeRef(pointer: Self.seek($0, lower, .max)) }.pointer, snapshot: snapshot)
+        let view = sortedView()
+        return Cursor(memtable: self, view: view, position: lower.withUnsafeBufferPointer { view.firstIndex(atOrAfter: $0) },
+                      snapshot: snapshot)
     }
 
-    /// A node pointer carried out of the lock (the memtable it points into is kept alive by its holder).
-    struct NodeRef: @unchecked Sendable {
-        let pointer: NodePointer?
-    }
-
-    /// Not thread-safe (one consumer); the memtable's lock guards each step. Keeps the memtable
-    /// (and so its nodes) alive.
+    /// Not thread-safe (one consumer); the memtable's lock guards each step's read of a key's
+    /// versions. Keeps the memtable (and so its records) alive.
     public final class Cursor {
         let memtable: Memtable
-        var node: NodePointer?
+        let view: SortedView
+        var position: Int
         let snapshot: UInt64
-        var last: NodePointer?
 
-        init(memtable: Memtable, node: NodePointer?, snapshot: UInt64) {
+        init(memtable: Memtable, view: SortedView, position: Int, snapshot: UInt64) {
             self.memtable = memtable
-            self.node = node
+            self.view = view
+            self.position = position
             self.snapshot = snapshot
         }
 
         public func next() -> Entry? {
-            memtable.state.withLock { _ in
-                while let n = node {
-                    node = n.successor(0)
-                    if n.pointee.sequence <= snapshot && !(last.map { n.sameKey(as: $0) } ?? false) {
-                        last = n
-                        return n.entry
-                    }
-                }
-                return nil
+            while position < view.count {
+                let record = view.keys[position].record
+                position += 1
+                let version = memtable.state.withLock { _ in VersionRef(version: record.version(atOrBelow: snapshot)) }.version
+                // The bytes a version points at never change: copied out without the lock.
+                if let version { return version.entry(key: Array(record.keyBytes)) }
             }
+            return nil
         }
     }
 
+    /// A version carried out of the lock (the memtable it points into is kept alive by its holder).
+    struct VersionRef: @unchecked Sendable {
+        let version: Version?
+    }
+
     /// Ends the table's adds (the engine freezes a memtable when it swaps in a new one, under the
-    /// lock that orders its adds): its links never change again, so `frozenEntries` may walk
+    /// lock that orders its adds): its chains never change again, so `frozenEntries` may read
     /// them without the lock. An add after this is an engine bug and traps (writes only ever
     /// reach the active memtable, which is never frozen).
     public func freeze() { state.withLock { $0.frozen = true } }
 
     /// The newest entry of each key in key order, deletions included. Freezes the table first
-    /// (a no-op for one the engine froze already), then walks the list without taking the lock,
-    /// so a flush writing the table out never holds up a reader of it.
+    /// (a no-op for one the engine froze already), sorts what no walk has sorted yet (on the
+    /// caller's thread, outside the lock), then reads the records without the lock, so a flush
+    /// writing the table out never holds up a reader of it.
     public func frozenEntries() -> FrozenEntries {
-        let first = state.withLock { s in
-            s.frozen = true
-            return NodeRef(pointer: s.head.successor(0))
-        }
-        return FrozenEntries(memtable: self, node: first.pointer)
+        state.withLock { $0.frozen = true }
+        return FrozenEntries(memtable: self, view: sortedView())
     }
 
-    /// See `frozenEntries`. Keeps the memtable (and so its nodes) alive while it walks.
+    /// See `frozenEntries`. Keeps the memtable (and so its records) alive while it walks.
     public struct FrozenEntries: IteratorProtocol {
         let memtable: Memtable
-        var node: NodePointer?
+        let view: SortedView
+        var position = 0
+
+        init(memtable: Memtable, view: SortedView) {
+            self.memtable = memtable
+            self.view = view
+        }
 
         public mutating func next() -> Entry? {
-            guard let n = node else { return nil }
-            // The first node of a key is its newest entry (sequence descending within a key).
-            var after = n.successor(0)
-            while let a = after, a.sameKey(as: n) { after = a.successor(0) }
-            node = after
-            return n.entry
-        }
-    }
-
-    /// Checks the skip list's shape (tests): each level in table order, every node of a level on
-    /// the one below it, each node linked at exactly its height's levels. Returns how many nodes
-    /// each height has (index 0: height 1).
-    func shape() -> (valid: Bool, heights: [Int]) {
-        state.withLock { s in
-            var heights = [Int](repeating: 0, count: Self.maxHeight)
-            var valid = true
-            var below: Set<NodePointer> = []
-            for level in 0..<Self.maxHeight {
-                var here: Set<NodePointer> = []
-                var previous: NodePointer?
-                var node = s.head.successor(level)
-                while let n = node {
-                    let height = Int(n.pointee.height)
-                    if height <= level { valid = false }
-                    if level > 0 && !below.contains(n) { valid = false }
-                    if let p = previous, !p.isBefore(n.keyBytes, (n.pointee.prefix, n.pointee.prefix2), n.pointee.sequence) { valid = false }
-                    if level == 0 { heights[height - 1] += 1 }
-                    here.insert(n)
-                    previous = n
-                    node = n.successor(level)
-                }
-                if level == 0 && here.count != s.count { valid = false }
-                below = here
-            }
-            return (valid, heights)
+            guard position < view.count else { return nil }
+            let record = view.keys[position].record
+            position += 1
+            return record.pointee.newest.entry(key: Array(record.keyBytes))
         }
     }
 
@@ -519,13 +498,17 @@ extension Memtable {
     /// Every entry in table order, all versions (tests and diagnostics; a flush writes only the
     /// newest entry of each key, `frozenEntries`).
     public func allEntries() -> [Entry] {
-        state.withLock { s in
+        let view = sortedView()
+        return state.withLock { _ in
             var out: [Entry] = []
-            out.reserveCapacity(s.count)
-            var node = s.head.successor(0)
-            while let n = node {
-                out.append(n.entry)
-                node = n.successor(0)
+            for k in view.keys {
+                let key = Array(k.record.keyBytes)
+                out.append(k.record.pointee.newest.entry(key: key))
+                var v = k.record.pointee.newest.older
+                while let x = v {
+                    out.append(x.pointee.entry(key: key))
+                    v = x.pointee.older
+                }
             }
             return out
         }
