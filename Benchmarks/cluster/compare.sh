@@ -672,8 +672,12 @@ measure() {
             echo "-- $sys a-half: no peak measured (workload a failed); skipped"
         fi
     fi
-    # Stop it before the next system, so every system has the machine to itself.
+    # Stop it before the next system, so every system has the machine to itself: its disk too.
+    # What it left dirty in the page cache (a system without sync leaves hundreds of MB) is
+    # written out now, not by the kernel's flusher 30 s later, during the next system's run,
+    # where it queues ahead of that system's log syncs.
     stop_pids "${SYS_PIDS[@]}"
+    sync
     echo
 }
 

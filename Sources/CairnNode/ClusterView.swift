@@ -82,9 +82,10 @@ final class ClusterView: Sendable {
 
     /// The key's `Placement` (empty before joining).
     func replicas(forKey key: [UInt8]) -> Placement {
+        // Reads the state in place: binding it would copy (retain) every field of the ring state.
+        guard let p = state?.partition(forKey: key) else { return Placement(partition: PartitionID(0), primaries: [], candidates: []) }
+        if Int(p.index) < placements?.count ?? 0, let placement = placements?[Int(p.index)] { return placement }
         guard let state else { return Placement(partition: PartitionID(0), primaries: [], candidates: []) }
-        let p = state.partition(forKey: key)
-        if let placements, Int(p.index) < placements.count { return placements[Int(p.index)] }
         return Self.computePlacement(p, state, me, addresses)
     }
 }
