@@ -454,7 +454,9 @@ public struct ReadCoordination: Sendable {
     private let mode: ReadRepairMode
     private var tally: QuorumTally
     private let timeoutMillis: UInt32
-    private var answers: [NodeName: VersionedObject?] = [:]
+    /// Each replica's answer, in arrival order: a few at most (n_val ≤ 16 plus fallbacks), so a
+    /// scan finds one (`answer(of:)`) without hashing node names.
+    private var answers: [(node: NodeName, object: VersionedObject?)] = []
     /// Primaries that answered while refilling (Docs/anti-entropy.md, "Refilling").
     private var refilling: Set<NodeName> = []
     /// Of those, the ones that may hold stale values (away past the hint window).
@@ -500,7 +502,7 @@ public struct ReadCoordination: Sendable {
     /// since: none of its answers is evidence until every primary is in.
     public mutating func replied(_ node: NodeName, _ object: VersionedObject?, refilling isRefilling: Bool = false, stale isStale: Bool = false) -> [Directive] {
         guard !finished, repairing == nil, tally.record(node, .acknowledged) else { return [] }
-        answers[node] = .some(object)
+        answers.append((node, object))
         if isRefilling || isStale { refilling.insert(node) }
         if isStale { stale.insert(node) }
         return evaluate()
@@ -529,8 +531,14 @@ public struct ReadCoordination: Sendable {
         return concludeRepairs()
     }
 
+    /// `node`'s answer: nil when it has not answered, `.some(nil)` when it holds nothing.
+    private func answer(of node: NodeName) -> VersionedObject?? {
+        for a in answers where a.node == node { return .some(a.object) }
+        return nil
+    }
+
     private var merged: VersionedObject? {
-        var objects = answers.values.lazy.compactMap { $0 }.makeIterator()
+        var objects = answers.lazy.compactMap(\.object).makeIterator()
         guard let first = objects.next() else { return nil }
         return VersionedObject.sync(first, IteratorSequence(objects))
     }
@@ -540,7 +548,7 @@ public struct ReadCoordination: Sendable {
     /// only once no primary asked is still to answer (a live primary's copy is never outvoted by
     /// fallbacks that never saw the key).
     private var fallbackMisses: Int {
-        tally.replicas.count { r in !r.isPrimary && answers[r.node].map { $0 == nil } ?? false }
+        tally.replicas.count { r in !r.isPrimary && answer(of: r.node).map { $0 == nil } ?? false }
     }
 
     /// Refilling primaries that answered "not found", and stale ones that answered at all
@@ -552,7 +560,7 @@ public struct ReadCoordination: Sendable {
     /// may be the one holding the key. A blocking read repairs stale values, so there only
     /// misses are held back.
     private func refillingAnswers(valuesToo: Bool) -> Int {
-        refilling.count { n in answers[n].map { $0 == nil || (valuesToo && stale.contains(n)) } ?? false }
+        refilling.count { n in answer(of: n).map { $0 == nil || (valuesToo && stale.contains(n)) } ?? false }
     }
 
     /// R (and PR) met, counting fallback misses only once the primaries are all in, and
@@ -590,7 +598,7 @@ public struct ReadCoordination: Sendable {
         let all = mergedNow ?? merged
         final = all
         var differing: [NodeName] = []
-        for (node, answer) in answers where answer != all { differing.append(node) }
+        for a in answers where a.object != all { differing.append(a.node) }
         differing.sort()
         divergent = differing
         let stale = divergent.filter { n in tally.replicas.contains { $0.node == n && $0.isPrimary } }
@@ -628,7 +636,7 @@ public struct ReadCoordination: Sendable {
         let req = tally.requirement
         guard misses > 0, tally.acks - misses < req.required || tally.primaryAcks - misses < req.primaryRequired else { return nil }
         var holding = tally
-        holding.override(Dictionary(uniqueKeysWithValues: refilling.filter { n in answers[n].map { $0 == nil || (valuesToo && stale.contains(n)) } ?? false }.map {
+        holding.override(Dictionary(uniqueKeysWithValues: refilling.filter { n in answer(of: n).map { $0 == nil || (valuesToo && stale.contains(n)) } ?? false }.map {
             ($0, ReplicaOutcome.failed("refilling: has not completed an anti-entropy exchange since it lost data or was away; its answer is no evidence yet"))
         }))
         if tally.acks - misses < req.required {
@@ -653,7 +661,7 @@ public struct ReadCoordination: Sendable {
         let req = tally.requirement
         var acks = 0
         var primaryAcks = 0
-        for r in tally.replicas where answers[r.node] != nil && reasons[r.node] == nil {
+        for r in tally.replicas where answer(of: r.node) != nil && reasons[r.node] == nil {
             acks += 1
             if r.isPrimary { primaryAcks += 1 }
         }
