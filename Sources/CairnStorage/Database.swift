@@ -45,6 +45,12 @@ public struct WriteBatch: Sendable, Hashable {
         var out: [UInt8] = []
         // Header, payload, and per op a kind byte and two varint lengths: one allocation.
         out.reserveCapacity(12 + payloadBytes + 21 * ops.count)
+        encode(firstSequence: firstSequence, into: &out)
+        return out
+    }
+
+    /// Appends the batch's log record payload (`encoded`) to `out`.
+    func encode(firstSequence: UInt64, into out: inout [UInt8]) {
         for shift in stride(from: 56, through: 0, by: -8) { out.append(UInt8(truncatingIfNeeded: firstSequence >> UInt64(shift))) }
         Coding.putU32(&out, UInt32(ops.count))
         for op in ops {
@@ -62,7 +68,6 @@ public struct WriteBatch: Sendable, Hashable {
                 Coding.putVarint(&out, UInt64(upper.count)); out += upper
             }
         }
-        return out
     }
 
     static func decode(_ b: [UInt8]) -> (UInt64, WriteBatch)? {
@@ -1043,7 +1048,8 @@ public final class Database: Sendable {
             return (first, s.writer)
         }
         do throws(StorageError) {
-            try writer.append([batch.encoded(firstSequence: first)], sync: false)
+            // Encoded straight into the log's buffer: no record array per write.
+            try writer.append(encoding: { batch.encode(firstSequence: first, into: &$0) }, sync: false)
         } catch {
             // The log may end in a fragment of this record now: no later record may follow it.
             switch error {

@@ -30,6 +30,29 @@ public enum WAL {
         out += payload
     }
 
+    /// Appends one record whose payload `encode` writes straight into `out` (no payload array of
+    /// its own): the header's room first, patched once the payload is in. A payload over
+    /// `maxRecordBytes` is taken back out (`out` as it was) and its size returned instead.
+    static func frame(into out: inout [UInt8], _ encode: (inout [UInt8]) -> Void) -> Int? {
+        let start = out.count
+        out.append(contentsOf: repeatElement(0, count: headerBytes))
+        encode(&out)
+        let count = out.count - start - headerBytes
+        guard count <= maxRecordBytes else {
+            out.removeSubrange(start...)
+            return count
+        }
+        let crc = out.withUnsafeBufferPointer { b in
+            CRC32C.mask(CRC32C.update(typeFullChecksum, buffer: UnsafeBufferPointer(rebasing: b[(start + headerBytes)...])))
+        }
+        for j in 0..<4 {
+            out[start + j] = UInt8(truncatingIfNeeded: crc >> UInt32(24 - 8 * j))
+            out[start + 4 + j] = UInt8(truncatingIfNeeded: UInt32(count) >> UInt32(24 - 8 * j))
+        }
+        out[start + 8] = typeFull
+        return nil
+    }
+
     /// The checksum of the type byte alone, where every full record's checksum starts.
     private static let typeFullChecksum = CRC32C.checksum([typeFull])
 
@@ -224,15 +247,41 @@ public final class WALWriter: @unchecked Sendable {
     /// Why this writer refuses appends, if it does (a failed append or a failed sync).
     public var appendFailure: StorageError? { failure.withLock { $0.sync ?? $0.write } }
 
-    /// Appends `payloads` as consecutive records, then syncs if `sync`. On a failed write the
-    /// writer refuses every later append (see the type's failure rules) and the error is thrown.
-    public func append(_ payloads: [[UInt8]], sync: Bool) throws(StorageError) {
-        let refused: StorageError? = failure.withLock { f in
+    /// The error an append throws after a failure (see the type's failure rules), if any.
+    private var refusal: StorageError? {
+        failure.withLock { f in
             if let e = f.sync { return .writesRefused("an earlier sync or buffered write of \(path) failed (\(e))") }
             if let e = f.write { return .writesRefused("an earlier write to \(path) failed (\(e)); nothing is appended after it") }
             return nil
         }
-        if let refused { throw refused }
+    }
+
+    /// Appends one record whose payload `encode` writes in place (into the buffer, when there is
+    /// one: no array per record), then syncs if `sync`. Failure rules as `append(_:sync:)`; a
+    /// payload over `WAL.maxRecordBytes` is refused and nothing is appended.
+    public func append(encoding encode: (inout [UInt8]) -> Void, sync: Bool) throws(StorageError) {
+        if let refused = refusal { throw refused }
+        if bufferLimit > 0 {
+            let (oversized, full) = pending.withLock { b in
+                let oversized = WAL.frame(into: &b.bytes, encode)
+                return (oversized, b.bytes.count >= bufferLimit)
+            }
+            if let oversized { throw .invalidArgument("log record of \(oversized) bytes exceeds \(WAL.maxRecordBytes)") }
+            if full { try writeOut() }
+        } else {
+            var bytes: [UInt8] = []
+            if let oversized = WAL.frame(into: &bytes, encode) {
+                throw .invalidArgument("log record of \(oversized) bytes exceeds \(WAL.maxRecordBytes)")
+            }
+            try write(bytes, losingWaiters: false)
+        }
+        if sync { try self.sync() }
+    }
+
+    /// Appends `payloads` as consecutive records, then syncs if `sync`. On a failed write the
+    /// writer refuses every later append (see the type's failure rules) and the error is thrown.
+    public func append(_ payloads: [[UInt8]], sync: Bool) throws(StorageError) {
+        if let refused = refusal { throw refused }
         for p in payloads where p.count > WAL.maxRecordBytes {
             throw .invalidArgument("log record of \(p.count) bytes exceeds \(WAL.maxRecordBytes)")
         }

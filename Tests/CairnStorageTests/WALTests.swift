@@ -184,6 +184,31 @@ private func payload(_ i: Int, _ rng: inout Seeded) -> [UInt8] {
         #expect(fs.contents("/db/log2") == records.flatMap(WAL.frame) && unbuffered.fileWrites == 3)
     }
 
+    /// A record encoded in place is the record its payload array would make, buffered or not;
+    /// one past the record bound is refused whole (the buffer as it was) and the writer goes on;
+    /// after a failed sync it is refused like any append.
+    @Test(arguments: [0, 100]) func aRecordEncodedInPlaceIsFramedAsAnArrayIs(bufferLimit: Int) throws {
+        let fs = FaultyFileSystem()
+        try fs.createDirectory("/db")
+        let writer = WALWriter(file: try fs.openAppendable("/db/log", create: true), path: "/db/log", bufferLimit: bufferLimit)
+        var rng = Seeded(state: 9)
+        let payloads = (0..<20).map { payload($0, &rng) } + [[]]
+        for (i, p) in payloads.enumerated() {
+            if i == 7 {
+                #expect(throws: StorageError.invalidArgument("log record of \(WAL.maxRecordBytes + 1) bytes exceeds \(WAL.maxRecordBytes)")) {
+                    try writer.append(encoding: { $0.append(contentsOf: repeatElement(5, count: WAL.maxRecordBytes + 1)) }, sync: false)
+                }
+            }
+            try writer.append(encoding: { $0 += p }, sync: i % 5 == 0)
+        }
+        try writer.sync()
+        #expect(fs.contents("/db/log") == payloads.flatMap(WAL.frame))
+        #expect(try WAL.recover(try fs.openReadable("/db/log"), path: "/db/log").records == payloads)
+        fs.failNextSyncs(1)
+        #expect(throws: StorageError.syncFailed(path: "/db/log", errno: 5)) { try writer.append(encoding: { $0 += [1] }, sync: true) }
+        #expect(throws: StorageError.self) { try writer.append(encoding: { $0 += [2] }, sync: false) }
+    }
+
     /// A buffer that cannot be written (a full disk) fails the sync that writes it: its writers
     /// learn it there, and the writer refuses everything after, as after a failed sync.
     @Test func aFailedWriteOutFailsTheSyncAndRefusesLaterAppends() throws {
