@@ -22,6 +22,19 @@ public struct ByteWriter: Sendable {
     /// Forgets what was written, keeping the buffer (a writer reused as scratch space).
     public mutating func removeAll() { bytes.removeAll(keepingCapacity: true) }
 
+    /// Bytes written so far.
+    public var count: Int { bytes.count }
+
+    /// Forgets what was written after the first `count` bytes.
+    public mutating func truncate(to count: Int) {
+        guard count >= 0, count < bytes.count else { return }
+        bytes.removeSubrange(count...)
+    }
+
+    /// Exchanges the written bytes with `other` (no copy): hands them out, taking `other` (an
+    /// emptied buffer, say) to write into next.
+    public mutating func swapBytes(with other: inout [UInt8]) { swap(&bytes, &other) }
+
     public mutating func writeU8(_ v: UInt8) { bytes.append(v) }
 
     public mutating func writeU16(_ v: UInt16) {

@@ -1,3 +1,4 @@
+import CairnCore
 import NIOCore
 import Synchronization
 
@@ -13,27 +14,15 @@ import Synchronization
 /// Bound: a batch holds what arrived during one loop tick; what the socket cannot take waits in
 /// NIO's pending writes, bounded by the callers' own limits (requests in flight). Thread-safe.
 final class OutboundBatch<Item: Sendable>: Sendable {
-    private enum Writer: Sendable {
-        /// Writes one item (on the event loop), without flushing; the batch flushes once.
-        case each(@Sendable (any Channel, Item) -> Void)
-        /// Takes the whole batch (on the event loop), in order, and writes and flushes it.
-        case all(@Sendable ([Item]) -> Void)
-    }
-
     private let channel: any Channel
     /// `spare`: the last batch's array, emptied, so the next batch reuses its storage.
     private let pending = Mutex<(items: [Item], spare: [Item], scheduled: Bool)>(([], [], false))
-    private let writer: Writer
+    /// Writes one item (on the event loop), without flushing.
+    private let write: @Sendable (any Channel, Item) -> Void
 
     init(channel: any Channel, write: @escaping @Sendable (any Channel, Item) -> Void) {
         self.channel = channel
-        writer = .each(write)
-    }
-
-    /// A batch whose items `writeAll` writes together (replies coalesced into one buffer).
-    init(channel: any Channel, writeAll: @escaping @Sendable ([Item]) -> Void) {
-        self.channel = channel
-        writer = .all(writeAll)
+        self.write = write
     }
 
     /// Queues `item`; the first of a batch schedules the write on the event loop.
@@ -55,14 +44,69 @@ final class OutboundBatch<Item: Sendable>: Sendable {
             p.scheduled = false
             return batch
         }
-        switch writer {
-        case .each(let write):
-            for item in items { write(channel, item) }
-            channel.flush()
-        case .all(let writeAll):
-            writeAll(items)
-        }
+        for item in items { write(channel, item) }
+        channel.flush()
         items.removeAll(keepingCapacity: true)
         pending.withLock { p in if p.spare.capacity < items.capacity { p.spare = items } }
+    }
+}
+
+/// A connection's replies of one event-loop tick, encoded as they are sent into one growing
+/// array (no array per reply), handed to `write` on the loop with the number of frames in it.
+/// A reply whose frame would exceed `maxFrameBytes` is replaced by an error frame for the same
+/// request (`WireCodec.appendFrame`).
+///
+/// Bound: the frames of one tick on one connection, each at most `maxFrameBytes` (the handler
+/// lets at most `max_requests_per_connection` requests be unanswered); the array is kept for the
+/// next tick unless one large reply made it large. Thread-safe: replies come from any thread,
+/// each encoded under the batch's lock.
+final class ReplyBatch: Sendable {
+    private struct Pending {
+        var writer = ByteWriter(capacity: 0)
+        var frames = 0
+        var scheduled = false
+        /// The last tick's array, emptied, for the next one to write into.
+        var spare: [UInt8] = []
+    }
+
+    private let channel: any Channel
+    private let maxFrameBytes: Int
+    private let pending = Mutex(Pending())
+    private let write: @Sendable (_ bytes: [UInt8], _ frames: Int) -> Void
+
+    /// Arrays above this many bytes are not kept for the next tick.
+    static let keptBytes = 1 << 16
+
+    init(channel: any Channel, maxFrameBytes: Int, write: @escaping @Sendable (_ bytes: [UInt8], _ frames: Int) -> Void) {
+        self.channel = channel
+        self.maxFrameBytes = maxFrameBytes
+        self.write = write
+    }
+
+    /// Encodes the reply into the tick's array; the first of a tick schedules the write.
+    func send(_ envelope: Envelope) {
+        let schedule = pending.withLock { p -> Bool in
+            WireCodec.appendFrame(envelope, maxFrameBytes: maxFrameBytes, into: &p.writer)
+            p.frames += 1
+            guard !p.scheduled else { return false }
+            p.scheduled = true
+            return true
+        }
+        if schedule { channel.eventLoop.execute { self.drain() } }
+    }
+
+    private func drain() {
+        var (bytes, frames) = pending.withLock { p -> ([UInt8], Int) in
+            var bytes = p.spare
+            p.spare = []
+            p.writer.swapBytes(with: &bytes)
+            defer { p.frames = 0 }
+            p.scheduled = false
+            return (bytes, p.frames)
+        }
+        write(bytes, frames)
+        guard bytes.capacity <= Self.keptBytes else { return }
+        bytes.removeAll(keepingCapacity: true)
+        pending.withLock { p in if p.spare.capacity < bytes.capacity { p.spare = bytes } }
     }
 }

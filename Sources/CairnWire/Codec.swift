@@ -72,6 +72,27 @@ public enum WireCodec {
         return w.bytes
     }
 
+    /// Appends `envelope`'s whole frame to `w`; when its body would exceed `maxFrameBytes`, an
+    /// error frame for the same request takes its place (the peer would refuse the frame).
+    /// Returns false then.
+    @discardableResult
+    public static func appendFrame(_ envelope: Envelope, maxFrameBytes: Int, into w: inout ByteWriter) -> Bool {
+        let start = w.count
+        w.writeU32(0)
+        writeBody(envelope, into: &w)
+        let body = w.count - start - lengthBytes
+        if body <= maxFrameBytes {
+            w.overwriteU32(at: start, UInt32(clamping: body))
+            return true
+        }
+        w.truncate(to: start)
+        w.writeU32(0)
+        writeBody(Envelope(requestID: envelope.requestID, message: .error(ErrorReply(
+            code: .internalError, message: "reply of \(body + lengthBytes) bytes exceeds limits.max_frame_bytes \(maxFrameBytes)"))), into: &w)
+        w.overwriteU32(at: start, UInt32(clamping: w.count - start - lengthBytes))
+        return false
+    }
+
     public static func encodeBody(_ envelope: Envelope) -> [UInt8] {
         var w = ByteWriter(capacity: frameCapacity)
         writeBody(envelope, into: &w)

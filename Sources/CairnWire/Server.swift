@@ -54,7 +54,7 @@ public struct Responder: Sendable {
         case channel(any Channel, maxFrameBytes: Int)
         /// The connection's reply batch (`ServerConnectionHandler`): the frames of replies sent
         /// within one event-loop tick go out in one buffer and one flush.
-        case batch(OutboundBatch<[UInt8]>, any Channel, maxFrameBytes: Int)
+        case batch(ReplyBatch, any Channel)
         case deliver(@Sendable (Message) -> Void)
     }
 
@@ -68,9 +68,9 @@ public struct Responder: Sendable {
         route = .channel(channel, maxFrameBytes: maxFrameBytes)
     }
 
-    init(batch: OutboundBatch<[UInt8]>, channel: any Channel, requestID: UInt64, maxFrameBytes: Int) {
+    init(batch: ReplyBatch, channel: any Channel, requestID: UInt64) {
         self.requestID = requestID
-        route = .batch(batch, channel, maxFrameBytes: maxFrameBytes)
+        route = .batch(batch, channel)
     }
 
     /// Replies by handing the message to `deliver` (a network without sockets).
@@ -85,7 +85,7 @@ public struct Responder: Sendable {
     /// The connection the request came on, when it came on one.
     public var channel: (any Channel)? {
         switch route {
-        case .channel(let c, _), .batch(_, let c, _): c
+        case .channel(let c, _), .batch(_, let c): c
         case .deliver: nil
         }
     }
@@ -95,18 +95,13 @@ public struct Responder: Sendable {
         case .deliver(let deliver):
             deliver(message)
         case .channel(let channel, let maxFrameBytes):
-            channel.writeAndFlush(channel.allocator.buffer(frame(message, maxFrameBytes)), promise: nil)
-        case .batch(let batch, _, let maxFrameBytes):
-            batch.send(frame(message, maxFrameBytes))
+            // The reply's frame; an error in its place when it would exceed `maxFrameBytes`.
+            var w = ByteWriter(capacity: WireCodec.frameCapacity)
+            WireCodec.appendFrame(Envelope(requestID: requestID, message: message), maxFrameBytes: maxFrameBytes, into: &w)
+            channel.writeAndFlush(channel.allocator.buffer(w.bytes), promise: nil)
+        case .batch(let batch, _):
+            batch.send(Envelope(requestID: requestID, message: message))
         }
-    }
-
-    /// The reply's frame; an error in its place when it would exceed `maxFrameBytes`.
-    private func frame(_ message: Message, _ maxFrameBytes: Int) -> [UInt8] {
-        let frame = WireCodec.encodeFrame(Envelope(requestID: requestID, message: message))
-        guard frame.count - WireCodec.lengthBytes > maxFrameBytes else { return frame }
-        return WireCodec.encodeFrame(Envelope(requestID: requestID, message: .error(ErrorReply(
-            code: .internalError, message: "reply of \(frame.count) bytes exceeds limits.max_frame_bytes \(maxFrameBytes)"))))
     }
 
     public func fail(_ error: ErrorReply) { reply(.error(error)) }
@@ -170,7 +165,7 @@ public final class ServerConnectionHandler: ChannelDuplexHandler {
     private var unanswered = 0
     /// This connection's replies, written and flushed once per batch (made with the first
     /// request; it refers back to the handler until the handler is removed).
-    private var replies: OutboundBatch<[UInt8]>?
+    private var replies: ReplyBatch?
     /// A read the pipeline asked for while paused; issued when the pause ends.
     private var readDeferred = false
 
@@ -249,11 +244,12 @@ public final class ServerConnectionHandler: ChannelDuplexHandler {
         unanswered += 1
         let batch = replies ?? {
             let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
-            return OutboundBatch(channel: context.channel) { frames in handler.value.writeReplies(frames) }
+            return ReplyBatch(channel: context.channel, maxFrameBytes: limits.maxFrameBytes) { bytes, frames in
+                handler.value.writeReplies(bytes, frames: frames)
+            }
         }()
         replies = batch
-        dispatcher.dispatch(envelope, fromPeer: isPeer, responder: Responder(batch: batch, channel: context.channel, requestID: envelope.requestID,
-                                                                              maxFrameBytes: limits.maxFrameBytes))
+        dispatcher.dispatch(envelope, fromPeer: isPeer, responder: Responder(batch: batch, channel: context.channel, requestID: envelope.requestID))
     }
 
     /// Dispatches held requests while allowed, then resumes reading if a read was deferred.
@@ -277,13 +273,11 @@ public final class ServerConnectionHandler: ChannelDuplexHandler {
     /// A batch of reply frames, written as one buffer (one allocation, one piece for the socket
     /// write) and flushed, each counted as an answered request. Dropped when the handler is gone
     /// (the connection closed). On the event loop.
-    private func writeReplies(_ frames: [[UInt8]]) {
+    private func writeReplies(_ bytes: [UInt8], frames: Int) {
         guard let context else { return }
-        var bytes = 0
-        for f in frames { bytes += f.count }
-        var buffer = context.channel.allocator.buffer(capacity: bytes)
-        for f in frames { buffer.writeBytes(f) }
-        unanswered = max(0, unanswered - frames.count)
+        var buffer = context.channel.allocator.buffer(capacity: bytes.count)
+        buffer.writeBytes(bytes)
+        unanswered = max(0, unanswered - frames)
         context.writeAndFlush(wrapOutboundOut(buffer), promise: nil)
         if readDeferred || !held.isEmpty { resume(context) }
     }

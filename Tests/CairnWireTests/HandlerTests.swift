@@ -15,7 +15,13 @@ final class RecordingDispatcher: RequestDispatcher, @unchecked Sendable {
     /// The proof this dispatcher accepts (the handshake's MACs are CairnNode's; here a stand-in).
     static let goodProof = HelloProof(mac: [7, 7, 7])
 
-    init(acceptHello: Bool = true) { self.acceptsHello = acceptHello }
+    /// What every request is answered with.
+    let reply: Message
+
+    init(acceptHello: Bool = true, reply: Message = .writeReply(WriteReply(context: .empty, writtenTimestampMillis: 0, concurrent: []))) {
+        self.acceptsHello = acceptHello
+        self.reply = reply
+    }
 
     func acceptHello(_ hello: Hello, remote: String?) -> Result<PendingHello, ErrorReply> {
         guard acceptsHello else { return .failure(ErrorReply(code: .handshakeRejected, message: "no")) }
@@ -33,7 +39,7 @@ final class RecordingDispatcher: RequestDispatcher, @unchecked Sendable {
 
     func dispatch(_ envelope: Envelope, fromPeer: Bool, responder: Responder) {
         dispatched.append(envelope)
-        responder.reply(.writeReply(WriteReply(context: .empty, writtenTimestampMillis: 0, concurrent: [])))
+        responder.reply(reply)
     }
 
     func recordProtocolError(_ error: WireError) { protocolErrors.append(error) }
@@ -123,6 +129,31 @@ private func errorCode(_ e: Envelope) -> ErrorCode? {
         try send(ch, frames(4...6))
         #expect(d.dispatched.map(\.requestID) == [1, 2, 3, 4, 5, 6], "all three answered: nothing held")
         #expect(try replies(ch).map(\.requestID) == [4, 5, 6])
+    }
+
+    /// A reply whose frame would exceed `max_frame_bytes` leaves as an error for the same
+    /// request, in the same buffer as its neighbours, and counts as answered.
+    @Test func anOversizedReplyIsReplacedByAnErrorInItsBatch() throws {
+        var limits = Limits()
+        limits.maxFrameBytes = 300
+        let d = RecordingDispatcher(reply: .error(ErrorReply(code: .storage, message: String(repeating: "x", count: 400))))
+        let ch = try makeChannel(d, limits: limits)
+        try send(ch, (1...2).flatMap { WireCodec.encodeFrame(Envelope(requestID: UInt64($0), message: .get(GetRequest(key: [1])))) })
+        ch.embeddedEventLoop.run()
+        var buffers: [ByteBuffer] = []
+        while let b = try ch.readOutbound(as: ByteBuffer.self) { buffers.append(b) }
+        #expect(buffers.count == 1)
+        var buf = try #require(buffers.first)
+        var answers: [Envelope] = []
+        while buf.readableBytes >= 4, let n = buf.readInteger(as: UInt32.self), let body = buf.readBytes(length: Int(n)) {
+            #expect(Int(n) <= limits.maxFrameBytes)
+            answers.append(try WireCodec.decodeBody(body, limits: limits))
+        }
+        #expect(answers.map(\.requestID) == [1, 2] && buf.readableBytes == 0)
+        for a in answers {
+            guard case .error(let e) = a.message else { Issue.record("not an error: \(a.message.type)"); continue }
+            #expect(e.code == .internalError && e.message.contains("exceeds limits.max_frame_bytes 300"))
+        }
     }
 
     @Test func garbageInsideAFrameGetsAnErrorAndTheConnectionContinues() throws {
