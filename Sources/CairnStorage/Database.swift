@@ -41,10 +41,13 @@ public struct WriteBatch: Sendable, Hashable {
         }
     }
 
+    /// At least the bytes `encode` appends: header, payload, and per op a kind byte and two
+    /// varint lengths (at most 10 bytes each).
+    var encodedBytesEstimate: Int { 12 + payloadBytes + 21 * ops.count }
+
     func encoded(firstSequence: UInt64) -> [UInt8] {
         var out: [UInt8] = []
-        // Header, payload, and per op a kind byte and two varint lengths: one allocation.
-        out.reserveCapacity(12 + payloadBytes + 21 * ops.count)
+        out.reserveCapacity(encodedBytesEstimate)
         encode(firstSequence: firstSequence, into: &out)
         return out
     }
@@ -1049,7 +1052,7 @@ public final class Database: Sendable {
         }
         do throws(StorageError) {
             // Encoded straight into the log's buffer: no record array per write.
-            try writer.append(encoding: { batch.encode(firstSequence: first, into: &$0) }, sync: false)
+            try writer.append(encoding: { batch.encode(firstSequence: first, into: &$0) }, estimatedBytes: batch.encodedBytesEstimate, sync: false)
         } catch {
             // The log may end in a fragment of this record now: no later record may follow it.
             switch error {

@@ -14,7 +14,9 @@ public enum EntryKind: UInt8, Sendable, Hashable {
 /// an add is one index probe and a link at the head of the chain, whatever the table's size; a
 /// point read is one probe. Order is made when asked for, not on every add: a walk (a flush,
 /// a scan, a cursor) sorts the keys that arrived since the last walk, by their 16-byte prefixes
-/// held beside each pointer, and merges them into the sorted view it keeps (`SortedView`). A
+/// held beside each pointer, and merges them into the sorted view it keeps (`SortedView`: a large
+/// sorted run and a small one of recent keys, so a walk after a few adds costs the small run, not
+/// the table). A
 /// sorted structure kept on every add (the skip list this replaced) paid a dozen cache misses per
 /// new key on the writer's path, under the engine's lock; a flush sorts its table once, on the
 /// flush thread (about a tenth of a microsecond per key in `cairn-db-bench --benchmarks=fillrandom`).
@@ -30,7 +32,7 @@ public enum EntryKind: UInt8, Sendable, Hashable {
 /// commit path). A walk sorts outside the lock. Once frozen (`freeze`) the table takes no adds,
 /// and a flush walks it without the lock (`frozenEntries`). Bound: `approximateBytes` (the arena's
 /// bytes in use, the index's slots in use at their average load, the arrival list and the sorted
-/// view) grows with every insert; the engine swaps in a fresh memtable when it passes
+/// view a walk of every key makes, counted from the first add) grows with every insert; the engine swaps in a fresh memtable when it passes
 /// `write_buffer_bytes`. Records and versions, and the bytes they point at, live until the table is
 /// freed: cursors and walks keep the table alive.
 public final class Memtable: Sendable {
@@ -83,6 +85,7 @@ public final class Memtable: Sendable {
         /// Set by `freeze`: no add follows, so chains are read without the lock.
         var frozen = false
         var smallestSequence: UInt64 = .max
+        var largestSequence: UInt64 = 0
         /// The latest sorted view a walk made (covers `records[..<sorted.count]`).
         var sorted: SortedView?
 
@@ -92,19 +95,30 @@ public final class Memtable: Sendable {
         }
 
         /// The arena's bytes in use, the index's slots at their average load (two thirds), the
-        /// arrival list and the sorted view: an empty table counts 0, however much room it reserved.
+        /// arrival list and a sorted view of every key (counted whether or not a walk made it yet,
+        /// so the count does not jump at the first walk): an empty table counts 0, however much
+        /// room it reserved.
         var bytes: Int {
             arena.used + index.count * MemoryLayout<MemtableIndex.Slot>.stride * 3 / 2
-                + records.count * MemoryLayout<RecordPointer>.stride + (sorted?.count ?? 0) * MemoryLayout<SortKey>.stride
+                + records.count * (MemoryLayout<RecordPointer>.stride + MemoryLayout<SortKey>.stride)
         }
     }
 
     fileprivate let state: Mutex<State>
 
+    /// A walk folds the sorted view's recent run into its large one once the recent run holds more
+    /// than this many keys and more than a sixteenth of the large one.
+    let recentKeysMinimum: Int
+
     /// `expectedKeys`: distinct keys the table will likely hold (the engine passes its previous
     /// memtable's), reserved in the index up front so filling it never rehashes the index.
-    public init(expectedKeys: Int = 0) {
+    public convenience init(expectedKeys: Int = 0) {
+        self.init(expectedKeys: expectedKeys, recentKeysMinimum: 4096)
+    }
+
+    init(expectedKeys: Int, recentKeysMinimum: Int) {
         state = Mutex(State(expectedKeys: min(max(expectedKeys, 0), 1 << 32)))
+        self.recentKeysMinimum = recentKeysMinimum
     }
 
     static func prefix(of key: UnsafeBufferPointer<UInt8>, from start: Int) -> UInt64 {
@@ -137,17 +151,28 @@ struct SortKey {
     }
 }
 
-/// The first `count` records of a memtable's arrival list, in key order. Immutable once made;
-/// shared by the walks that use it and kept by the table for the next walk, which sorts only the
-/// records added since and merges them in.
+/// The first `count` records of a memtable's arrival list, in key order, as two sorted runs of
+/// disjoint keys: `base` and `recent` (the keys sorted since `base` was last folded). Immutable
+/// once made; shared by the walks that use it and kept by the table for the next walk, which
+/// sorts only the records added since and merges them into `recent`, folding `recent` into
+/// `base` when it grows past its bound (`merging`): a walk after a few adds costs about the
+/// recent run, and each key is folded into `base` a few times at most.
 final class SortedView: @unchecked Sendable {   // immutable; its pointers live as long as the memtable its holder keeps
-    let keys: [SortKey]
-    var count: Int { keys.count }
+    let base: [SortKey]
+    let recent: [SortKey]
+    var count: Int { base.count + recent.count }
 
-    init(keys: [SortKey]) { self.keys = keys }
+    init(base: [SortKey], recent: [SortKey]) {
+        self.base = base
+        self.recent = recent
+    }
 
-    /// The position of the first key ≥ `lower`.
-    func firstIndex(atOrAfter lower: UnsafeBufferPointer<UInt8>) -> Int {
+    /// The walk from the first key ≥ `lower`.
+    func walk(from lower: UnsafeBufferPointer<UInt8>) -> Walk {
+        Walk(base: Self.firstIndex(in: base, atOrAfter: lower), recent: Self.firstIndex(in: recent, atOrAfter: lower))
+    }
+
+    private static func firstIndex(in keys: [SortKey], atOrAfter lower: UnsafeBufferPointer<UInt8>) -> Int {
         let probe = (Memtable.prefix(of: lower, from: 0), Memtable.prefix(of: lower, from: 8))
         var low = 0, high = keys.count
         while low < high {
@@ -160,26 +185,52 @@ final class SortedView: @unchecked Sendable {   // immutable; its pointers live 
         return low
     }
 
-    /// This view with `fresh` (records of the same table, none of them in it) merged in.
-    func merging(_ fresh: [Memtable.RecordPointer]) -> SortedView {
+    /// Positions in both runs; `next` yields the smaller key of the two.
+    struct Walk {
+        var base: Int
+        var recent: Int
+
+        mutating func next(in view: SortedView) -> Memtable.RecordPointer? {
+            if recent < view.recent.count, base >= view.base.count || SortKey.precedes(view.recent[recent], view.base[base]) {
+                recent += 1
+                return view.recent[recent - 1].record
+            }
+            guard base < view.base.count else { return nil }
+            base += 1
+            return view.base[base - 1].record
+        }
+    }
+
+    /// This view with `fresh` (records of the same table, none of them in it) sorted and merged
+    /// into the recent run; the recent run folded into the base when it holds more than
+    /// `recentMinimum` keys and more than a sixteenth of the base.
+    func merging(_ fresh: [Memtable.RecordPointer], recentMinimum: Int) -> SortedView {
         var added = fresh.map(SortKey.init)
         added.sort(by: SortKey.precedes)
-        if keys.isEmpty { return SortedView(keys: added) }
+        let recent = Self.merge(self.recent, added)
+        if recent.count > max(recentMinimum, base.count / 16) { return SortedView(base: Self.merge(base, recent), recent: []) }
+        return SortedView(base: base, recent: recent)
+    }
+
+    /// Two sorted runs of disjoint keys as one.
+    private static func merge(_ a: [SortKey], _ b: [SortKey]) -> [SortKey] {
+        if a.isEmpty { return b }
+        if b.isEmpty { return a }
         var merged: [SortKey] = []
-        merged.reserveCapacity(keys.count + added.count)
+        merged.reserveCapacity(a.count + b.count)
         var i = 0, j = 0
-        while i < keys.count && j < added.count {
-            if SortKey.precedes(added[j], keys[i]) {
-                merged.append(added[j])
+        while i < a.count && j < b.count {
+            if SortKey.precedes(b[j], a[i]) {
+                merged.append(b[j])
                 j += 1
             } else {
-                merged.append(keys[i])
+                merged.append(a[i])
                 i += 1
             }
         }
-        merged.append(contentsOf: keys[i...])
-        merged.append(contentsOf: added[j...])
-        return SortedView(keys: merged)
+        merged.append(contentsOf: a[i...])
+        merged.append(contentsOf: b[j...])
+        return merged
     }
 }
 
@@ -338,6 +389,7 @@ extension Memtable {
         let hash = MemtableIndex.hash(key)
         let version = Version(value: s.arena.copy(value), valueCount: value.count, sequence: sequence, older: nil, kind: kind)
         s.smallestSequence = min(s.smallestSequence, sequence)
+        s.largestSequence = max(s.largestSequence, sequence)
         s.count += 1
         guard let record = s.index.find(key, hash: hash) else {
             let record = s.arena.allocate(MemoryLayout<Record>.stride).bindMemory(to: Record.self, capacity: 1)
@@ -384,15 +436,19 @@ extension Memtable {
 
     /// Every record so far, in key order: the kept view, with the records added since it was made
     /// sorted and merged in outside the lock. The newest view made is kept for the next walk.
-    func sortedView() -> SortedView {
-        let (kept, fresh) = state.withLock { s -> (SortedView?, RecordList) in
+    func sortedView() -> SortedView { viewForWalk().view }
+
+    /// `sortedView`, and the largest sequence in the table when the records it covers were taken:
+    /// a walk reads no version above it, so it sees the table as it was at one moment.
+    private func viewForWalk() -> (view: SortedView, largest: UInt64) {
+        let (kept, fresh, largest) = state.withLock { s -> (SortedView?, RecordList, UInt64) in
             let have = s.sorted?.count ?? 0
-            return (s.sorted, RecordList(records: have == s.records.count ? [] : Array(s.records[have...])))
+            return (s.sorted, RecordList(records: have == s.records.count ? [] : Array(s.records[have...])), s.largestSequence)
         }
-        if let kept, fresh.records.isEmpty { return kept }
-        let view = (kept ?? SortedView(keys: [])).merging(fresh.records)
+        if let kept, fresh.records.isEmpty { return (kept, largest) }
+        let view = (kept ?? SortedView(base: [], recent: [])).merging(fresh.records, recentMinimum: recentKeysMinimum)
         state.withLock { s in if (s.sorted?.count ?? 0) < view.count { s.sorted = view } }
-        return view
+        return (view, largest)
     }
 
     /// Record pointers carried out of the lock (the memtable they point into is kept alive by
@@ -414,13 +470,13 @@ extension Memtable {
     }
 
     /// A forward cursor over the newest entry per key at or below `snapshot`, from the first key ≥
-    /// `lower`, over the keys the table holds when it is made. Entries added after carry larger
-    /// sequences than any snapshot taken before (the engine adds and advances its sequence under
-    /// one lock), so the cursor sees a consistent view.
+    /// `lower`, over the table as it is when the cursor is made: neither keys nor versions added
+    /// after are seen, whatever `snapshot` (the snapshot is clamped to the table's largest
+    /// sequence then).
     public func cursor(from lower: [UInt8], snapshot: UInt64) -> Cursor {
-        let view = sortedView()
-        return Cursor(memtable: self, view: view, position: lower.withUnsafeBufferPointer { view.firstIndex(atOrAfter: $0) },
-                      snapshot: snapshot)
+        let (view, largest) = viewForWalk()
+        return Cursor(memtable: self, view: view, walk: lower.withUnsafeBufferPointer { view.walk(from: $0) },
+                      snapshot: min(snapshot, largest))
     }
 
     /// Not thread-safe (one consumer); the memtable's lock guards each step's read of a key's
@@ -428,20 +484,18 @@ extension Memtable {
     public final class Cursor {
         let memtable: Memtable
         let view: SortedView
-        var position: Int
+        var walk: SortedView.Walk
         let snapshot: UInt64
 
-        init(memtable: Memtable, view: SortedView, position: Int, snapshot: UInt64) {
+        init(memtable: Memtable, view: SortedView, walk: SortedView.Walk, snapshot: UInt64) {
             self.memtable = memtable
             self.view = view
-            self.position = position
+            self.walk = walk
             self.snapshot = snapshot
         }
 
         public func next() -> Entry? {
-            while position < view.count {
-                let record = view.keys[position].record
-                position += 1
+            while let record = walk.next(in: view) {
                 let version = memtable.state.withLock { _ in VersionRef(version: record.version(atOrBelow: snapshot)) }.version
                 // The bytes a version points at never change: copied out without the lock.
                 if let version { return version.entry(key: Array(record.keyBytes)) }
@@ -474,7 +528,7 @@ extension Memtable {
     public struct FrozenEntries: IteratorProtocol {
         let memtable: Memtable
         let view: SortedView
-        var position = 0
+        var walk = SortedView.Walk(base: 0, recent: 0)
 
         init(memtable: Memtable, view: SortedView) {
             self.memtable = memtable
@@ -482,9 +536,7 @@ extension Memtable {
         }
 
         public mutating func next() -> Entry? {
-            guard position < view.count else { return nil }
-            let record = view.keys[position].record
-            position += 1
+            guard let record = walk.next(in: view) else { return nil }
             return record.pointee.newest.entry(key: Array(record.keyBytes))
         }
     }
@@ -501,10 +553,11 @@ extension Memtable {
         let view = sortedView()
         return state.withLock { _ in
             var out: [Entry] = []
-            for k in view.keys {
-                let key = Array(k.record.keyBytes)
-                out.append(k.record.pointee.newest.entry(key: key))
-                var v = k.record.pointee.newest.older
+            var walk = SortedView.Walk(base: 0, recent: 0)
+            while let record = walk.next(in: view) {
+                let key = Array(record.keyBytes)
+                out.append(record.pointee.newest.entry(key: key))
+                var v = record.pointee.newest.older
                 while let x = v {
                     out.append(x.pointee.entry(key: key))
                     v = x.pointee.older

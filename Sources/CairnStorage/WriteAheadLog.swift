@@ -256,12 +256,18 @@ public final class WALWriter: @unchecked Sendable {
         }
     }
 
-    /// Appends one record whose payload `encode` writes in place (into the buffer, when there is
-    /// one: no array per record), then syncs if `sync`. Failure rules as `append(_:sync:)`; a
-    /// payload over `WAL.maxRecordBytes` is refused and nothing is appended.
-    public func append(encoding encode: (inout [UInt8]) -> Void, sync: Bool) throws(StorageError) {
+    /// Records up to this many bytes (by the caller's estimate) are encoded straight into the
+    /// buffer, under its lock; larger ones into their own array first, so a large record's
+    /// encoding and checksum never hold up the syncer taking the buffer.
+    static let inPlaceRecordBytes = 8 << 10
+
+    /// Appends one record whose payload `encode` writes, then syncs if `sync`. A record of at
+    /// most `inPlaceRecordBytes` (by `estimatedBytes`, the payload's size or about it) is encoded
+    /// in place into the buffer, when there is one: no array per record. Failure rules as
+    /// `append(_:sync:)`; a payload over `WAL.maxRecordBytes` is refused and nothing is appended.
+    public func append(encoding encode: (inout [UInt8]) -> Void, estimatedBytes: Int, sync: Bool) throws(StorageError) {
         if let refused = refusal { throw refused }
-        if bufferLimit > 0 {
+        if bufferLimit > 0, estimatedBytes <= Self.inPlaceRecordBytes {
             let (oversized, full) = pending.withLock { b in
                 let oversized = WAL.frame(into: &b.bytes, encode)
                 return (oversized, b.bytes.count >= bufferLimit)
@@ -270,10 +276,19 @@ public final class WALWriter: @unchecked Sendable {
             if full { try writeOut() }
         } else {
             var bytes: [UInt8] = []
+            bytes.reserveCapacity(WAL.headerBytes + max(0, estimatedBytes))
             if let oversized = WAL.frame(into: &bytes, encode) {
                 throw .invalidArgument("log record of \(oversized) bytes exceeds \(WAL.maxRecordBytes)")
             }
-            try write(bytes, losingWaiters: false)
+            if bufferLimit > 0 {
+                let full = pending.withLock { b in
+                    b.bytes += bytes
+                    return b.bytes.count >= bufferLimit
+                }
+                if full { try writeOut() }
+            } else {
+                try write(bytes, losingWaiters: false)
+            }
         }
         if sync { try self.sync() }
     }

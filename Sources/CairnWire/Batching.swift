@@ -58,8 +58,10 @@ final class OutboundBatch<Item: Sendable>: Sendable {
 ///
 /// Bound: the frames of one tick on one connection, each at most `maxFrameBytes` (the handler
 /// lets at most `max_requests_per_connection` requests be unanswered); the array is kept for the
-/// next tick unless one large reply made it large. Thread-safe: replies come from any thread,
-/// each encoded under the batch's lock.
+/// next tick unless one large reply made it large; at most `keptScratch` scratch writers of at
+/// most `keptBytes` each are kept. Thread-safe: replies come from any thread; each is encoded
+/// outside the lock into a scratch writer and only copied into the tick's array under it, so
+/// the loop's drain never waits for an encoding.
 final class ReplyBatch: Sendable {
     private struct Pending {
         var writer = ByteWriter(capacity: 0)
@@ -67,6 +69,8 @@ final class ReplyBatch: Sendable {
         var scheduled = false
         /// The last tick's array, emptied, for the next one to write into.
         var spare: [UInt8] = []
+        /// Emptied writers for senders to encode into (one per concurrent sender, reused).
+        var scratch: [ByteWriter] = []
     }
 
     private let channel: any Channel
@@ -83,10 +87,18 @@ final class ReplyBatch: Sendable {
         self.write = write
     }
 
-    /// Encodes the reply into the tick's array; the first of a tick schedules the write.
+    /// Scratch writers kept for reuse (about one per thread that sends replies).
+    static let keptScratch = 4
+
+    /// Encodes the reply, then appends it to the tick's array; the first of a tick schedules
+    /// the write.
     func send(_ envelope: Envelope) {
+        var frame = pending.withLock { p in p.scratch.popLast() } ?? ByteWriter(capacity: WireCodec.frameCapacity)
+        WireCodec.appendFrame(envelope, maxFrameBytes: maxFrameBytes, into: &frame)
         let schedule = pending.withLock { p -> Bool in
-            WireCodec.appendFrame(envelope, maxFrameBytes: maxFrameBytes, into: &p.writer)
+            p.writer.writeRaw(frame.bytes)
+            frame.removeAll()
+            if p.scratch.count < Self.keptScratch, frame.bytes.capacity <= Self.keptBytes { p.scratch.append(frame) }
             p.frames += 1
             guard !p.scheduled else { return false }
             p.scheduled = true

@@ -209,9 +209,12 @@ import Testing
     }
 
     /// Walks between adds: each sorts only the keys that arrived since the last one and merges
-    /// them in; every walk agrees with a model, and a walk with nothing new reuses the view.
-    @Test func walksBetweenAddsMergeNewKeysInOrder() {
-        let m = Memtable()
+    /// them into the recent run, which is folded into the base past its bound; every walk (and
+    /// a flush's) agrees with a model whether the keys lie in one run or both, and a walk with
+    /// nothing new reuses the view.
+    @Test(arguments: [1, 50, 4096]) func walksBetweenAddsMergeNewKeysInOrder(recentKeysMinimum: Int) {
+        let m = Memtable(expectedKeys: 0, recentKeysMinimum: recentKeysMinimum)
+        var sawBothRuns = false, sawBase = false
         var model: [[UInt8]: UInt64] = [:]
         var rng = Seeded(state: 11)
         var seq: UInt64 = 0
@@ -227,14 +230,22 @@ import Testing
             #expect(m.scan().map(\.key) == expected)
             #expect(m.scan().map(\.sequence) == expected.compactMap { model[$0] })
             #expect(m.sortedView() === m.sortedView())
+            let view = m.sortedView()
+            #expect(view.count == model.count && view.recent.count <= max(recentKeysMinimum, view.base.count / 16))
+            if !view.base.isEmpty { sawBase = true }
+            if !view.base.isEmpty && !view.recent.isEmpty { sawBothRuns = true }
             let lower = expected[expected.count / 2]
             #expect(m.scan(from: lower).map(\.key) == Array(expected[(expected.count / 2)...]))
         }
         #expect(m.keyCount == model.count)
+        // Under 4096 keys stay in the recent run; with smaller bounds, walks use both runs.
+        #expect(recentKeysMinimum == 4096 ? !sawBase : sawBothRuns)
+        let flushed = Array(IteratorSequence(m.frozenEntries())).map(\.key)
+        #expect(flushed == model.keys.sorted { $0.lexicographicallyPrecedes($1) })
     }
 
-    /// A cursor walks the keys the table held when it was made; keys added later are not in its
-    /// view (they carry sequences above any snapshot taken before them).
+    /// A cursor walks the table as it was when made: keys added later are not in its view, and
+    /// versions added later are not seen even at the unbounded snapshot.
     @Test func aCursorWalksTheKeysHeldWhenItWasMade() {
         let m = Memtable()
         m.add(key: [2], sequence: 1, kind: .value, value: [1])
@@ -242,7 +253,7 @@ import Testing
         let cursor = m.cursor(from: [], snapshot: .max)
         m.add(key: [3], sequence: 3, kind: .value, value: [3])
         m.add(key: [4], sequence: 4, kind: .value, value: [4])
-        #expect([cursor.next(), cursor.next(), cursor.next()].map { $0?.value } == [[1], [4], nil])
+        #expect([cursor.next(), cursor.next(), cursor.next()].map { $0?.value } == [[1], [2], nil])
         let fresh = m.cursor(from: [3], snapshot: .max)
         #expect([fresh.next(), fresh.next(), fresh.next()].map { $0?.key } == [[3], [4], nil])
     }

@@ -184,9 +184,10 @@ private func payload(_ i: Int, _ rng: inout Seeded) -> [UInt8] {
         #expect(fs.contents("/db/log2") == records.flatMap(WAL.frame) && unbuffered.fileWrites == 3)
     }
 
-    /// A record encoded in place is the record its payload array would make, buffered or not;
-    /// one past the record bound is refused whole (the buffer as it was) and the writer goes on;
-    /// after a failed sync it is refused like any append.
+    /// A record encoded in place, or on its own first (a large estimate), is the record its
+    /// payload array would make, buffered or not; one past the record bound is refused whole
+    /// (the buffer as it was) either way and the writer goes on; after a failed sync it is
+    /// refused like any append.
     @Test(arguments: [0, 100]) func aRecordEncodedInPlaceIsFramedAsAnArrayIs(bufferLimit: Int) throws {
         let fs = FaultyFileSystem()
         try fs.createDirectory("/db")
@@ -194,19 +195,21 @@ private func payload(_ i: Int, _ rng: inout Seeded) -> [UInt8] {
         var rng = Seeded(state: 9)
         let payloads = (0..<20).map { payload($0, &rng) } + [[]]
         for (i, p) in payloads.enumerated() {
-            if i == 7 {
+            let large = WALWriter.inPlaceRecordBytes + 1
+            if i == 7 || i == 8 {
                 #expect(throws: StorageError.invalidArgument("log record of \(WAL.maxRecordBytes + 1) bytes exceeds \(WAL.maxRecordBytes)")) {
-                    try writer.append(encoding: { $0.append(contentsOf: repeatElement(5, count: WAL.maxRecordBytes + 1)) }, sync: false)
+                    try writer.append(encoding: { $0.append(contentsOf: repeatElement(5, count: WAL.maxRecordBytes + 1)) },
+                                      estimatedBytes: i == 7 ? 0 : large, sync: false)
                 }
             }
-            try writer.append(encoding: { $0 += p }, sync: i % 5 == 0)
+            try writer.append(encoding: { $0 += p }, estimatedBytes: i.isMultiple(of: 3) ? large : p.count, sync: i % 5 == 0)
         }
         try writer.sync()
         #expect(fs.contents("/db/log") == payloads.flatMap(WAL.frame))
         #expect(try WAL.recover(try fs.openReadable("/db/log"), path: "/db/log").records == payloads)
         fs.failNextSyncs(1)
-        #expect(throws: StorageError.syncFailed(path: "/db/log", errno: 5)) { try writer.append(encoding: { $0 += [1] }, sync: true) }
-        #expect(throws: StorageError.self) { try writer.append(encoding: { $0 += [2] }, sync: false) }
+        #expect(throws: StorageError.syncFailed(path: "/db/log", errno: 5)) { try writer.append(encoding: { $0 += [1] }, estimatedBytes: 1, sync: true) }
+        #expect(throws: StorageError.self) { try writer.append(encoding: { $0 += [2] }, estimatedBytes: 1, sync: false) }
     }
 
     /// A buffer that cannot be written (a full disk) fails the sync that writes it: its writers
