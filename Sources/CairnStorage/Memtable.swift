@@ -32,8 +32,8 @@ public enum EntryKind: UInt8, Sendable, Hashable {
 /// commit path). A walk sorts outside the lock. Once frozen (`freeze`) the table takes no adds,
 /// and a flush walks it without the lock (`frozenEntries`). Bound: `approximateBytes` (the arena's
 /// bytes in use, the index's slots in use at their average load, the arrival list and the sorted
-/// view a walk of every key makes, counted from the first add) grows with every insert; the engine swaps in a fresh memtable when it passes
-/// `write_buffer_bytes`. Records and versions, and the bytes they point at, live until the table is
+/// view a walk of every key makes, counted from the first add) grows with every insert; the
+/// engine swaps in a fresh memtable when it passes `write_buffer_bytes`. Records and versions, and the bytes they point at, live until the table is
 /// freed: cursors and walks keep the table alive.
 public final class Memtable: Sendable {
     public struct Entry: Sendable, Hashable {
@@ -156,7 +156,9 @@ struct SortKey {
 /// once made; shared by the walks that use it and kept by the table for the next walk, which
 /// sorts only the records added since and merges them into `recent`, folding `recent` into
 /// `base` when it grows past its bound (`merging`): a walk after a few adds costs about the
-/// recent run, and each key is folded into `base` a few times at most.
+/// recent run (at most a sixteenth of the table past its first 4,096 keys), and since `base`
+/// grows by at least a sixteenth at each fold, the folds of a table copy about 17 keys per key
+/// in all.
 final class SortedView: @unchecked Sendable {   // immutable; its pointers live as long as the memtable its holder keeps
     let base: [SortKey]
     let recent: [SortKey]
